@@ -1,0 +1,19 @@
+//! Code generation for `proto/` and nothing else.
+
+fn main() -> anyhow::Result<()> {
+    let protos = ["proto/tollgate/v1/tollgate.proto"];
+    let files = protox::compile(protos, ["proto"])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("tollgate_descriptor.bin"),
+        prost::Message::encode_to_vec(&files),
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(files)?;
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    Ok(())
+}

@@ -1,0 +1,7 @@
+//! The gRPC edge: translate proto ⇄ domain, validate input, call the limiter.
+//! Nothing else happens here, and nothing else knows proto types.
+
+pub mod tollgate;
+pub mod validate;
+
+pub use tollgate::RateLimiterApi;

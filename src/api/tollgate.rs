@@ -1,0 +1,135 @@
+//! `tollgate.v1.RateLimiter`: our own API.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use super::validate::{self, MAX_BATCH, MAX_IDENTITY_LEN, MAX_OPERATION_LEN, MAX_SCOPE_LEN};
+use crate::error::InvalidField;
+use crate::limiter::{self, Decision, Limiter};
+use crate::pb::tollgate::v1 as pb;
+use crate::store::Store;
+
+/// Serves `tollgate.v1.RateLimiter` over a shared limiter.
+#[derive(Debug)]
+pub struct RateLimiterApi<S> {
+    limiter: Arc<Limiter<S>>,
+}
+
+impl<S> RateLimiterApi<S> {
+    /// Serves `limiter`.
+    pub fn new(limiter: Arc<Limiter<S>>) -> Self {
+        Self { limiter }
+    }
+}
+
+/// Validates a request and borrows it as the limiter's request.
+fn to_domain<'a>(
+    req: &'a pb::ShouldAllowRequest,
+    at: &str,
+) -> Result<limiter::Request<'a>, InvalidField> {
+    validate::text(&format!("{at}scope"), &req.scope, MAX_SCOPE_LEN, true)?;
+    validate::text(
+        &format!("{at}identity"),
+        &req.identity,
+        MAX_IDENTITY_LEN,
+        false,
+    )?;
+    validate::text(
+        &format!("{at}operation"),
+        &req.operation,
+        MAX_OPERATION_LEN,
+        false,
+    )?;
+    validate::attributes(&format!("{at}attributes"), req.attributes.iter())?;
+    Ok(limiter::Request {
+        scope: &req.scope,
+        identity: &req.identity,
+        operation: &req.operation,
+        cost: u64::from(req.cost.max(1)),
+        dry_run: req.dry_run,
+        attributes: &req.attributes,
+    })
+}
+
+/// A std duration as a protobuf one.
+pub fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn to_proto(d: Decision) -> pb::ShouldAllowResponse {
+    let primary = d.primary().cloned();
+    pb::ShouldAllowResponse {
+        allowed: d.allowed,
+        retry_after: d.retry_after.map(duration),
+        limit: primary.as_ref().map_or(0, |b| b.limit),
+        remaining: primary.as_ref().map_or(0, |b| b.remaining),
+        reset_after: primary.as_ref().map(|b| duration(b.reset_after)),
+        rule: primary
+            .as_ref()
+            .map_or_else(String::new, |b| b.rule.to_string()),
+        degraded: d.degraded,
+        reason: d.reason.unwrap_or_default(),
+        buckets: d
+            .buckets
+            .into_iter()
+            .map(|b| pb::BucketStatus {
+                rule: b.rule.to_string(),
+                limit: b.limit,
+                remaining: b.remaining,
+                reset_after: Some(duration(b.reset_after)),
+                retry_after: b.retry_after.map(duration),
+                exhausted: b.exhausted,
+            })
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
+    async fn should_allow(
+        &self,
+        request: Request<pb::ShouldAllowRequest>,
+    ) -> Result<Response<pb::ShouldAllowResponse>, Status> {
+        let req = request.into_inner();
+        let domain = to_domain(&req, "")?;
+        let decision = self.limiter.decide(&domain).await?;
+        Ok(Response::new(to_proto(decision)))
+    }
+
+    async fn should_allow_batch(
+        &self,
+        request: Request<pb::ShouldAllowBatchRequest>,
+    ) -> Result<Response<pb::ShouldAllowBatchResponse>, Status> {
+        let batch = request.into_inner();
+        if batch.requests.len() > MAX_BATCH {
+            return Err(validate::invalid(
+                "requests",
+                format!(
+                    "has {} entries; the most allowed is {MAX_BATCH}",
+                    batch.requests.len()
+                ),
+            )
+            .into());
+        }
+        // Validate every entry before any takes tokens.
+        let domain = batch
+            .requests
+            .iter()
+            .enumerate()
+            .map(|(i, r)| to_domain(r, &format!("requests[{i}].")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let responses = self
+            .limiter
+            .decide_each(&domain)
+            .await
+            .into_iter()
+            .map(|d| d.map(to_proto))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Response::new(pb::ShouldAllowBatchResponse { responses }))
+    }
+}

@@ -1,0 +1,149 @@
+//! The command line: `serve`, `check-config` and the `allow` client.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::limiter::Rules;
+use crate::pb::tollgate::v1 as pb;
+
+/// Tollgate: a rate-limit decision service.
+#[derive(Debug, Parser)]
+#[command(name = "tollgate", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the gRPC API until SIGTERM or SIGINT; SIGHUP reloads the config.
+    Serve {
+        /// The YAML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file and print a summary of its scopes and rules.
+    CheckConfig {
+        /// The YAML config file.
+        file: PathBuf,
+    },
+    /// Ask a running Tollgate for one decision, and print it.
+    Allow {
+        /// The server, e.g. http://127.0.0.1:50051.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        addr: String,
+        /// The scope.
+        #[arg(long)]
+        scope: String,
+        /// The caller's identity.
+        #[arg(long, default_value = "")]
+        identity: String,
+        /// The operation.
+        #[arg(long, default_value = "")]
+        operation: String,
+        /// Tokens to take.
+        #[arg(long, default_value_t = 1)]
+        cost: u32,
+        /// Decide without taking.
+        #[arg(long)]
+        dry_run: bool,
+        /// An attribute, as key=value; repeat for more.
+        #[arg(long = "attr", value_parser = parse_attr)]
+        attrs: Vec<(String, String)>,
+    },
+}
+
+fn parse_attr(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))
+}
+
+/// A human summary of a validated config and its compiled rules.
+pub fn summary(config: &Config, rules: &Rules) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "listen {}, store {:?}, failure_mode {:?}, unknown scopes: {:?}",
+        config.listen, config.store.kind, config.failure_mode, config.unknown_scope
+    );
+    let mut scopes: Vec<_> = rules.scopes().collect();
+    scopes.sort_by(|a, b| a.name.cmp(&b.name));
+    for scope in scopes {
+        let _ = writeln!(
+            out,
+            "scope {} (failure_mode {:?}, {} limits)",
+            scope.name,
+            scope.failure_mode,
+            scope.limits.len()
+        );
+        for l in &scope.limits {
+            let period = humantime::format_duration(Duration::from_nanos(l.shape.period));
+            let mut extra = String::new();
+            if l.operations.is_some() {
+                extra.push_str(" for some operations");
+            }
+            for (k, v) in &l.when {
+                let _ = write!(extra, " when {k}={v}");
+            }
+            if l.shadow {
+                extra.push_str(" (shadow)");
+            }
+            let _ = writeln!(
+                out,
+                "  {}: {} per {} per {:?}{}",
+                l.name, l.shape.capacity, period, l.per, extra
+            );
+        }
+    }
+    out
+}
+
+/// Sends one `ShouldAllow` and renders the answer for a terminal.
+pub async fn allow(
+    addr: String,
+    request: pb::ShouldAllowRequest,
+) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    let mut client = pb::rate_limiter_client::RateLimiterClient::connect(addr).await?;
+    let r = client.should_allow(request).await?.into_inner();
+    let mut out = String::new();
+    let secs = |d: &Option<prost_types::Duration>| {
+        d.as_ref()
+            .map(|d| format!("{:.3}s", d.seconds as f64 + f64::from(d.nanos) / 1e9))
+    };
+    let _ = write!(out, "{}", if r.allowed { "ALLOWED" } else { "DENIED" });
+    if let Some(s) = secs(&r.retry_after) {
+        let _ = write!(out, " retry_after={s}");
+    }
+    if !r.rule.is_empty() {
+        let _ = write!(
+            out,
+            " rule={} limit={} remaining={}",
+            r.rule, r.limit, r.remaining
+        );
+        if let Some(s) = secs(&r.reset_after) {
+            let _ = write!(out, " reset_after={s}");
+        }
+    }
+    if r.degraded {
+        out.push_str(" degraded");
+    }
+    if !r.reason.is_empty() {
+        let _ = write!(out, " reason={:?}", r.reason);
+    }
+    out.push('\n');
+    for b in &r.buckets {
+        let _ = write!(out, "  {}: {}/{} left", b.rule, b.remaining, b.limit);
+        if let Some(s) = secs(&b.retry_after) {
+            let _ = write!(out, ", retry in {s}");
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}

@@ -1,0 +1,392 @@
+//! Typed configuration: parsed once, validated whole, before any port is bound.
+//!
+//! The source is a YAML file, overlaid with environment variables of the form
+//! `TOLLGATE_<PATH>` where nested keys are joined by `__`, for example
+//! `TOLLGATE_LISTEN=0.0.0.0:50051` or `TOLLGATE_STORE__KIND=memory`. The
+//! environment is passed in, never read here, so tests stay hermetic.
+//!
+//! Every error names the field it is about, as a path such as
+//! `scopes[0].limits[2].capacity`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where Tollgate listens when nothing says otherwise.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// The largest capacity a bucket may have. The Redis script keeps exact
+/// integers in Lua's doubles (53 bits); with `capacity² < 2^53` every
+/// intermediate value stays exact.
+pub const MAX_CAPACITY: u64 = 50_000_000;
+/// The shortest refill period.
+pub const MIN_REFILL_PERIOD: Duration = Duration::from_millis(1);
+/// The longest refill period.
+pub const MAX_REFILL_PERIOD: Duration = Duration::from_secs(366 * 24 * 3600);
+/// The longest scope or rule name.
+pub const MAX_NAME_LEN: usize = 128;
+/// The prefix of environment overrides.
+pub const ENV_PREFIX: &str = "TOLLGATE";
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The gRPC listen address, for `tollgate.v1` and Envoy's RLS alike.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Where bucket state lives.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// What to do when the store cannot answer; scopes may override it.
+    #[serde(default)]
+    pub failure_mode: FailureMode,
+    /// What to do with a request for a scope that is not configured.
+    #[serde(default)]
+    pub unknown_scope: UnknownScope,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// How long to keep answering, with health NOT_SERVING, after a shutdown
+    /// signal and before refusing new calls, so load balancers can drain.
+    #[serde(default, with = "humantime_serde")]
+    pub drain_delay: Option<Duration>,
+    /// envoyproxy/ratelimit YAML files or directories of them, whose domains
+    /// become scopes beside the ones below.
+    #[serde(default)]
+    pub envoy_ratelimit_configs: Vec<PathBuf>,
+    /// The rate-limited scopes.
+    #[serde(default)]
+    pub scopes: Vec<ScopeConfig>,
+}
+
+fn default_listen() -> String {
+    DEFAULT_LISTEN.to_owned()
+}
+
+/// Where bucket state lives.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Which backend.
+    #[serde(default)]
+    pub kind: StoreKind,
+    /// Tuning of the embedded store.
+    #[serde(default)]
+    pub memory: MemoryConfig,
+}
+
+/// The store backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// In-process; state is lost on restart and not shared between replicas.
+    #[default]
+    Memory,
+}
+
+/// Tuning of the embedded store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Number of lock shards; rounded up to a power of two.
+    #[serde(default = "default_shards")]
+    pub shards: usize,
+    /// How often full buckets are dropped.
+    #[serde(default = "default_sweep", with = "humantime_serde")]
+    pub sweep_interval: Duration,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            shards: default_shards(),
+            sweep_interval: default_sweep(),
+        }
+    }
+}
+
+fn default_shards() -> usize {
+    crate::store::memory::DEFAULT_SHARDS
+}
+
+fn default_sweep() -> Duration {
+    crate::store::memory::DEFAULT_SWEEP_INTERVAL
+}
+
+/// What a decision does when the store cannot answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Allow, and mark the response `degraded`.
+    #[default]
+    Open,
+    /// Refuse with gRPC UNAVAILABLE, which callers can tell from a denial.
+    Closed,
+}
+
+/// What to do with a request whose scope is not configured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownScope {
+    /// Allow, with an empty `rule`.
+    #[default]
+    Allow,
+    /// Deny, with no retry_after and a reason.
+    Deny,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `human` (default) or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `tollgate=debug`; `RUST_LOG` wins.
+    #[serde(default)]
+    pub level: Option<String>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// For people at a terminal.
+    #[default]
+    Human,
+    /// One JSON object per line, for collectors.
+    Json,
+}
+
+/// One scope: a tenant, MCP server or gateway domain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeConfig {
+    /// The scope's name, as callers send it.
+    pub name: String,
+    /// Overrides the top-level `failure_mode` for this scope.
+    #[serde(default)]
+    pub failure_mode: Option<FailureMode>,
+    /// The limits; every one that matches a request applies.
+    #[serde(default)]
+    pub limits: Vec<LimitConfig>,
+}
+
+/// One limit: a family of token buckets.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitConfig {
+    /// The rule name reported in responses; unique within the scope.
+    pub name: String,
+    /// What one bucket is kept per.
+    pub per: Per,
+    /// Operation globs (`*`, `?`, `[...]`); absent means every operation.
+    #[serde(default)]
+    pub operations: Option<Vec<String>>,
+    /// Applies only when the request's attributes hold all of these.
+    #[serde(default)]
+    pub when: BTreeMap<String, String>,
+    /// The burst: the most tokens the bucket holds.
+    pub capacity: u64,
+    /// Time for an empty bucket to refill; the rate is capacity/refill_period.
+    #[serde(with = "humantime_serde")]
+    pub refill_period: Duration,
+    /// Judge and count, but never deny because of this limit.
+    #[serde(default)]
+    pub shadow: bool,
+}
+
+/// What a bucket is kept per.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Per {
+    /// One bucket for the whole scope.
+    Scope,
+    /// One per identity.
+    Identity,
+    /// One per operation.
+    Operation,
+    /// One per identity and operation pair.
+    IdentityOperation,
+}
+
+/// A configuration that cannot be used, with every problem found.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// Each entry is `path: problem`.
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration: {}", self.problems.join("; "))
+    }
+}
+
+impl ConfigError {
+    fn one(problem: impl Into<String>) -> Self {
+        Self {
+            problems: vec![problem.into()],
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path` (YAML), overlays `env` (pairs such as
+    /// `("TOLLGATE_LISTEN", "0.0.0.0:50051")`; others are ignored) and
+    /// validates the result.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::one(format!("{}: cannot read: {e}", path.display())))?;
+        let mut config = Self::from_yaml_with_env(&text, env)?;
+        // Relative envoy config paths are relative to the file naming them.
+        if let Some(dir) = path.parent() {
+            for p in &mut config.envoy_ratelimit_configs {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    /// Parses YAML text and validates it.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_yaml_with_env(text, std::iter::empty())
+    }
+
+    /// Parses YAML text, overlays `env`, and validates.
+    pub fn from_yaml_with_env(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let prefix = format!("{ENV_PREFIX}_");
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .collect();
+        let raw = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Yaml))
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("_")
+                    .separator("__")
+                    .source(Some(env)),
+            )
+            .build()
+            .map_err(|e| ConfigError::one(e.to_string()))?;
+        let config: Config = raw
+            .try_deserialize()
+            .map_err(|e| ConfigError::one(dotted_paths(&e.to_string())))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The listen address, parsed.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen
+            .parse()
+            .map_err(|e| ConfigError::one(format!("listen: {e}: {:?}", self.listen)))
+    }
+
+    /// Checks everything serde cannot: ranges, uniqueness, globs.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if let Err(e) = self.listen_addr() {
+            problems.extend(e.problems);
+        }
+        if self.store.memory.shards == 0 || self.store.memory.shards > 65_536 {
+            problems.push("store.memory.shards: must be between 1 and 65536".to_owned());
+        }
+        if self.store.memory.sweep_interval < Duration::from_millis(10) {
+            problems.push("store.memory.sweep_interval: must be at least 10ms".to_owned());
+        }
+        let mut names = HashSet::new();
+        for (i, scope) in self.scopes.iter().enumerate() {
+            let at = format!("scopes[{i}]");
+            check_name(&mut problems, &format!("{at}.name"), &scope.name);
+            if !names.insert(scope.name.as_str()) {
+                problems.push(format!("{at}.name: duplicate scope {:?}", scope.name));
+            }
+            validate_limits(&mut problems, &at, &scope.limits);
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+}
+
+/// Validates a scope's limits, pushing `path: problem` entries.
+pub fn validate_limits(problems: &mut Vec<String>, at: &str, limits: &[LimitConfig]) {
+    let mut rules = HashSet::new();
+    for (j, limit) in limits.iter().enumerate() {
+        let at = format!("{at}.limits[{j}]");
+        check_name(problems, &format!("{at}.name"), &limit.name);
+        if !rules.insert(limit.name.as_str()) {
+            problems.push(format!("{at}.name: duplicate limit {:?}", limit.name));
+        }
+        if limit.capacity == 0 {
+            problems.push(format!("{at}.capacity: must be > 0"));
+        } else if limit.capacity > MAX_CAPACITY {
+            problems.push(format!("{at}.capacity: must be at most {MAX_CAPACITY}"));
+        }
+        let period = limit.refill_period;
+        if period < MIN_REFILL_PERIOD || period > MAX_REFILL_PERIOD {
+            problems.push(format!("{at}.refill_period: must be between 1ms and 366d"));
+        } else if period.subsec_nanos() % 1_000 != 0 {
+            problems.push(format!(
+                "{at}.refill_period: must be a whole number of microseconds"
+            ));
+        }
+        if let Some(ops) = &limit.operations {
+            if ops.is_empty() {
+                problems.push(format!(
+                    "{at}.operations: must not be empty (leave it out to match every operation)"
+                ));
+            }
+            for (k, op) in ops.iter().enumerate() {
+                if let Err(e) = globset::Glob::new(op) {
+                    problems.push(format!("{at}.operations[{k}]: {}", e.kind()));
+                }
+            }
+        }
+        for key in limit.when.keys() {
+            if key.is_empty() {
+                problems.push(format!("{at}.when: attribute names must not be empty"));
+            }
+        }
+    }
+}
+
+fn check_name(problems: &mut Vec<String>, at: &str, name: &str) {
+    if name.is_empty() {
+        problems.push(format!("{at}: must not be empty"));
+    } else if name.len() > MAX_NAME_LEN {
+        problems.push(format!("{at}: must be at most {MAX_NAME_LEN} bytes"));
+    } else if name.chars().any(char::is_control) {
+        problems.push(format!("{at}: must not contain control characters"));
+    }
+}
+
+/// The config crate writes paths as `scopes[0]limits[1]per`; we write
+/// `scopes[0].limits[1].per` everywhere else, so mend its messages.
+fn dotted_paths(message: &str) -> String {
+    let mut out = String::with_capacity(message.len() + 8);
+    let mut chars = message.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == ']' && chars.peek().is_some_and(|n| n.is_alphabetic() || *n == '_') {
+            out.push('.');
+        }
+    }
+    out
+}

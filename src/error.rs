@@ -1,0 +1,32 @@
+//! The one place where domain errors become gRPC statuses.
+
+use tonic::Status;
+
+use crate::limiter::DecideError;
+
+/// A request field that failed validation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct InvalidField {
+    /// The field's path in the request, such as `attributes["tier"]`.
+    pub field: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl From<InvalidField> for Status {
+    fn from(e: InvalidField) -> Self {
+        Status::invalid_argument(e.to_string())
+    }
+}
+
+impl From<DecideError> for Status {
+    fn from(e: DecideError) -> Self {
+        match e {
+            // UNAVAILABLE, not a denial: the caller can tell "the limiter is
+            // down" from "you are over your limit", and Envoy applies its
+            // failure_mode_deny.
+            DecideError::StoreUnavailable { .. } => Status::unavailable(e.to_string()),
+        }
+    }
+}

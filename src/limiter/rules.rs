@@ -1,0 +1,215 @@
+//! Compiled rules: which buckets apply to a request.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+
+use super::Request;
+use super::bucket::Shape;
+use crate::config::{Config, ConfigError, FailureMode, LimitConfig, Per, UnknownScope};
+use crate::store::{BucketCharge, BucketKey};
+
+/// The live rule set: every scope, compiled. Swapped whole on reload.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    scopes: HashMap<Arc<str>, ScopeRules>,
+    /// What happens to requests for scopes not listed.
+    pub unknown_scope: UnknownScope,
+    /// The failure mode of scopes that set none, and of unknown scopes.
+    pub failure_mode: FailureMode,
+}
+
+/// One scope's limits.
+#[derive(Debug, Clone)]
+pub struct ScopeRules {
+    /// The scope's name.
+    pub name: Arc<str>,
+    /// What decisions in this scope do when the store cannot answer.
+    pub failure_mode: FailureMode,
+    /// In config order; every one that matches applies.
+    pub limits: Vec<Limit>,
+}
+
+/// One limit, ready to match.
+#[derive(Debug, Clone)]
+pub struct Limit {
+    /// The rule name reported in responses.
+    pub name: Arc<str>,
+    /// What one bucket is kept per.
+    pub per: Per,
+    /// Matches the operation; `None` matches every operation.
+    pub operations: Option<GlobSet>,
+    /// Attributes the request must carry, all of them.
+    pub when: Vec<(String, String)>,
+    /// Capacity and refill period, in nanoseconds.
+    pub shape: Shape,
+    /// Never causes a denial.
+    pub shadow: bool,
+}
+
+impl Rules {
+    /// Compiles a validated config.
+    pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
+        let mut scopes = Vec::with_capacity(config.scopes.len());
+        for s in &config.scopes {
+            let mode = s.failure_mode.unwrap_or(config.failure_mode);
+            scopes.push(ScopeRules::compile(&s.name, mode, &s.limits)?);
+        }
+        Self::new(scopes, config.unknown_scope, config.failure_mode)
+    }
+
+    /// Builds a rule set; scope names must be unique.
+    pub fn new(
+        scopes: Vec<ScopeRules>,
+        unknown_scope: UnknownScope,
+        failure_mode: FailureMode,
+    ) -> Result<Self, ConfigError> {
+        let mut map = HashMap::with_capacity(scopes.len());
+        for scope in scopes {
+            let name = scope.name.clone();
+            if map.insert(name.clone(), scope).is_some() {
+                return Err(ConfigError {
+                    problems: vec![format!("scopes: scope {name:?} is defined twice")],
+                });
+            }
+        }
+        Ok(Self {
+            scopes: map,
+            unknown_scope,
+            failure_mode,
+        })
+    }
+
+    /// The rules of `scope`, if it is configured.
+    pub fn scope(&self, scope: &str) -> Option<&ScopeRules> {
+        self.scopes.get(scope)
+    }
+
+    /// Every scope, in no particular order.
+    pub fn scopes(&self) -> impl Iterator<Item = &ScopeRules> {
+        self.scopes.values()
+    }
+
+    /// The failure mode that governs `scope`.
+    pub fn failure_mode_of(&self, scope: &str) -> FailureMode {
+        self.scope(scope)
+            .map_or(self.failure_mode, |s| s.failure_mode)
+    }
+}
+
+impl ScopeRules {
+    /// Compiles one scope's limits (validated by `config`).
+    pub fn compile(
+        name: &str,
+        failure_mode: FailureMode,
+        limits: &[LimitConfig],
+    ) -> Result<Self, ConfigError> {
+        let mut problems = Vec::new();
+        crate::config::validate_limits(&mut problems, &format!("scope {name:?}"), limits);
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
+        let limits = limits
+            .iter()
+            .map(Limit::compile)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            name: name.into(),
+            failure_mode,
+            limits,
+        })
+    }
+
+    /// The buckets `req` draws on, in limit order, each charged `req.cost`.
+    pub fn buckets<'r, 'q>(&'r self, req: &Request<'q>, out: &mut Vec<Planned<'r, 'q>>)
+    where
+        'r: 'q,
+    {
+        for (index, limit) in self.limits.iter().enumerate() {
+            if !limit.matches(req) {
+                continue;
+            }
+            let (identity, operation) = match limit.per {
+                Per::Scope => (None, None),
+                Per::Identity => (Some(req.identity), None),
+                Per::Operation => (None, Some(req.operation)),
+                Per::IdentityOperation => (Some(req.identity), Some(req.operation)),
+            };
+            out.push(Planned {
+                limit: &self.limits[index],
+                charge: BucketCharge {
+                    key: BucketKey {
+                        scope: &self.name,
+                        rule: &limit.name,
+                        identity,
+                        operation,
+                    },
+                    shape: limit.shape,
+                    cost: req.cost,
+                    shadow: limit.shadow,
+                },
+            });
+        }
+    }
+}
+
+/// A bucket chosen for a request, with the limit it came from.
+#[derive(Debug, Clone, Copy)]
+pub struct Planned<'r, 'q> {
+    /// The limit.
+    pub limit: &'r Limit,
+    /// What to ask of the store.
+    pub charge: BucketCharge<'q>,
+}
+
+impl Limit {
+    fn compile(config: &LimitConfig) -> Result<Self, ConfigError> {
+        let operations = match &config.operations {
+            None => None,
+            Some(globs) => {
+                let mut set = GlobSetBuilder::new();
+                for g in globs {
+                    let glob = GlobBuilder::new(g)
+                        .literal_separator(false)
+                        .build()
+                        .map_err(|e| ConfigError {
+                            problems: vec![format!("limit {:?}: operations: {e}", config.name)],
+                        })?;
+                    set.add(glob);
+                }
+                Some(set.build().map_err(|e| ConfigError {
+                    problems: vec![format!("limit {:?}: operations: {e}", config.name)],
+                })?)
+            }
+        };
+        let period = u64::try_from(config.refill_period.as_nanos()).unwrap_or(u64::MAX);
+        Ok(Self {
+            name: config.name.as_str().into(),
+            per: config.per,
+            operations,
+            when: config
+                .when
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            shape: Shape {
+                capacity: config.capacity,
+                period,
+            },
+            shadow: config.shadow,
+        })
+    }
+
+    /// True when this limit applies to `req`.
+    pub fn matches(&self, req: &Request<'_>) -> bool {
+        if let Some(ops) = &self.operations
+            && !ops.is_match(req.operation)
+        {
+            return false;
+        }
+        self.when
+            .iter()
+            .all(|(k, v)| req.attributes.get(k).is_some_and(|have| have == v))
+    }
+}

@@ -1,0 +1,144 @@
+//! Builds the store and services from a config, and serves until shut down.
+//!
+//! [`run`] takes a bound listener and a control channel, so tests drive it on
+//! `127.0.0.1:0` exactly as `main` does on the configured address.
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::api::RateLimiterApi;
+use crate::config::{Config, ConfigError, StoreKind};
+use crate::limiter::{Limiter, Rules};
+use crate::pb;
+use crate::pb::tollgate::v1::rate_limiter_server::RateLimiterServer;
+use crate::store::AnyStore;
+use crate::store::memory::MemoryStore;
+
+/// The health service name that tracks readiness, besides the empty name.
+pub const HEALTH_SERVICE: &str = "tollgate.v1.RateLimiter";
+
+/// What a running server can be told.
+#[derive(Debug)]
+pub enum Control {
+    /// Swap in this configuration's rules. A config that fails to compile is
+    /// refused, and the old rules keep serving.
+    Reload(Box<Config>),
+    /// Stop: health goes NOT_SERVING, then after `drain_delay` new calls are
+    /// refused and in-flight calls complete.
+    Shutdown,
+}
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration cannot be used.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection could not be built from the descriptors.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Compiles a config's rules.
+pub fn compile_rules(config: &Config) -> Result<Rules, ConfigError> {
+    Rules::from_config(config)
+}
+
+/// Builds the store a config asks for. Needs a tokio runtime (for sweepers).
+pub fn build_store(config: &Config) -> AnyStore {
+    match config.store.kind {
+        StoreKind::Memory => {
+            let store = MemoryStore::new(config.store.memory.shards);
+            store.spawn_sweeper(config.store.memory.sweep_interval);
+            AnyStore::Memory(store)
+        }
+    }
+}
+
+/// Serves `config` on `listener` until [`Control::Shutdown`] arrives or the
+/// control channel closes.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    mut control: mpsc::Receiver<Control>,
+) -> Result<(), ServerError> {
+    let rules = compile_rules(&config)?;
+    let store = build_store(&config);
+    let limiter = Arc::new(Limiter::new(rules, store));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let drain_delay = config.drain_delay.unwrap_or_default();
+    let stop = {
+        let limiter = limiter.clone();
+        let health = health.clone();
+        async move {
+            while let Some(msg) = control.recv().await {
+                match msg {
+                    Control::Reload(new) => match compile_rules(&new) {
+                        Ok(rules) => {
+                            limiter.replace_rules(rules);
+                            tracing::info!(scopes = new.scopes.len(), "config reloaded");
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "config reload refused; the old config keeps serving")
+                        }
+                    },
+                    Control::Shutdown => break,
+                }
+            }
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            health
+                .set_service_status(HEALTH_SERVICE, ServingStatus::NotServing)
+                .await;
+            tracing::info!(?drain_delay, "draining");
+            tokio::time::sleep(drain_delay).await;
+        }
+    };
+
+    health.set_service_status("", ServingStatus::Serving).await;
+    health
+        .set_service_status(HEALTH_SERVICE, ServingStatus::Serving)
+        .await;
+    let addr = listener.local_addr().ok();
+    tracing::info!(?addr, "serving");
+
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(RateLimiterServer::new(RateLimiterApi::new(limiter)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Runs [`run`] on a background task, returning its control channel.
+pub fn spawn(
+    config: Config,
+    listener: TcpListener,
+) -> (
+    mpsc::Sender<Control>,
+    tokio::task::JoinHandle<Result<(), ServerError>>,
+) {
+    let (tx, rx) = mpsc::channel(4);
+    (tx, tokio::spawn(run(config, listener, rx)))
+}

@@ -1,0 +1,162 @@
+//! The store: where bucket state lives, behind one atomic operation.
+//!
+//! [`Store::check_and_take`] is the seam every backend implements. The
+//! embedded [`memory::MemoryStore`] is the default; the Redis store keeps the
+//! same contract for many replicas at once.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::limiter::bucket::Shape;
+
+pub mod memory;
+
+/// Names one bucket. Stores encode it into their own key format; every part
+/// that a caller controls (`identity`, `operation`) must be escaped or hashed
+/// there, so that no value can address another bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BucketKey<'a> {
+    /// The scope whose rule this bucket belongs to. Validated, not escaped.
+    pub scope: &'a str,
+    /// The rule (limit) name within the scope. From the config, not callers.
+    pub rule: &'a str,
+    /// The caller's identity, for per-identity buckets.
+    pub identity: Option<&'a str>,
+    /// The operation, for per-operation buckets.
+    pub operation: Option<&'a str>,
+}
+
+/// One bucket's part in a charge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketCharge<'a> {
+    /// Which bucket.
+    pub key: BucketKey<'a>,
+    /// Its capacity and refill period.
+    pub shape: Shape,
+    /// Tokens to take from it, at least 1.
+    pub cost: u64,
+    /// A shadow bucket is judged and, when it has room, charged, but it never
+    /// causes a denial. It lets operators try a limit before enforcing it.
+    pub shadow: bool,
+}
+
+/// A set of buckets to charge together: all of them or none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Charge<'a> {
+    /// The buckets, each key at most once.
+    pub buckets: Vec<BucketCharge<'a>>,
+    /// Judge, but take nothing.
+    pub dry_run: bool,
+}
+
+/// What a store reports about one bucket of a charge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketOutcome {
+    /// True when the bucket held its cost at the moment of decision.
+    pub conforms: bool,
+    /// Whole tokens left after the decision (after taking, if taken).
+    pub remaining: u64,
+    /// Until the bucket is full again.
+    pub reset_after: Duration,
+    /// Until the bucket holds its cost, when it does not now and ever can.
+    pub retry_after: Option<Duration>,
+}
+
+/// The outcome of one charge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChargeOutcome {
+    /// True when every non-shadow bucket conformed, and so (unless dry run)
+    /// the cost was taken from every one of them.
+    pub allowed: bool,
+    /// One per bucket, in the order of the charge.
+    pub buckets: Vec<BucketOutcome>,
+}
+
+/// Why a store could not decide.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct StoreError {
+    /// True when retrying later may succeed (a timeout, a lost connection, a
+    /// failover), false for errors that will recur (a script bug, bad auth).
+    pub transient: bool,
+    /// What went wrong, for logs. Never contains secrets.
+    pub message: Arc<str>,
+}
+
+impl StoreError {
+    /// A failure that may pass.
+    pub fn transient(message: impl fmt::Display) -> Self {
+        Self {
+            transient: true,
+            message: message.to_string().into(),
+        }
+    }
+
+    /// A failure that will recur until someone changes something.
+    pub fn permanent(message: impl fmt::Display) -> Self {
+        Self {
+            transient: false,
+            message: message.to_string().into(),
+        }
+    }
+}
+
+/// Where bucket state lives.
+///
+/// # The atomicity contract
+///
+/// For each [`Charge`], `check_and_take` judges every bucket against one
+/// instant of the store's own clock and then either takes each bucket's cost
+/// from every bucket of the charge, or from none of them:
+///
+/// - the charge is *allowed* when every non-shadow bucket holds its cost;
+///   then, unless `dry_run`, every non-shadow bucket is charged, and so is
+///   every shadow bucket that holds its cost;
+/// - otherwise nothing is taken from any bucket.
+///
+/// No other decision may observe a state between the check and the take. The
+/// charges of one call are independent of each other: each is atomic on its
+/// own, and they may be decided in any order. The result holds one outcome per
+/// charge, in order.
+///
+/// A bucket that is absent is full. A store may forget a bucket once it has
+/// refilled completely, so memory grows with active buckets only.
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// Atomically check and take, per charge. See the trait's contract.
+    fn check_and_take(
+        &self,
+        charges: &[Charge<'_>],
+    ) -> impl Future<Output = Result<Vec<ChargeOutcome>, StoreError>> + Send;
+
+    /// True while the store can answer: used for health reporting.
+    fn is_available(&self) -> bool {
+        true
+    }
+}
+
+/// The store chosen by configuration. An enum rather than a trait object, so
+/// the embedded store's calls stay static and allocation-free.
+#[derive(Debug, Clone)]
+pub enum AnyStore {
+    /// The embedded store.
+    Memory(memory::MemoryStore),
+}
+
+impl Store for AnyStore {
+    async fn check_and_take(
+        &self,
+        charges: &[Charge<'_>],
+    ) -> Result<Vec<ChargeOutcome>, StoreError> {
+        match self {
+            Self::Memory(s) => s.check_and_take(charges).await,
+        }
+    }
+
+    fn is_available(&self) -> bool {
+        match self {
+            Self::Memory(s) => s.is_available(),
+        }
+    }
+}
