@@ -1,0 +1,101 @@
+//! Shared test fixtures: a real Tollgate server on 127.0.0.1:0.
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tollgate::config::Config;
+use tollgate::pb::tollgate::v1::rate_limiter_client::RateLimiterClient;
+use tollgate::pb::tollgate::v1::{ShouldAllowRequest, ShouldAllowResponse};
+use tollgate::server::{self, Control, ServerError};
+use tonic::transport::Channel;
+
+/// A server running in this test's runtime; shut down on drop.
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    pub control: mpsc::Sender<Control>,
+    pub task: Option<tokio::task::JoinHandle<Result<(), ServerError>>>,
+}
+
+impl TestServer {
+    /// Starts a server with the YAML config `yaml` on a free port.
+    pub async fn start(yaml: &str) -> Self {
+        let config = Config::from_yaml(yaml).expect("test config is valid");
+        Self::start_config(config).await
+    }
+
+    pub async fn start_config(config: Config) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (control, task) = server::spawn(config, listener);
+        Self {
+            addr,
+            control,
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        // The server task may not have polled its listener yet; connecting
+        // still succeeds because the socket is already bound and listening.
+        Channel::from_shared(self.url())
+            .expect("url")
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn client(&self) -> RateLimiterClient<Channel> {
+        RateLimiterClient::new(self.channel().await)
+    }
+
+    /// Asks the server to stop and waits until it has.
+    pub async fn shutdown(mut self) {
+        let _ = self.control.send(Control::Shutdown).await;
+        if let Some(task) = self.task.take() {
+            task.await
+                .expect("server task")
+                .expect("server ran cleanly");
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A request of cost 1.
+pub fn req(scope: &str, identity: &str, operation: &str) -> ShouldAllowRequest {
+    ShouldAllowRequest {
+        scope: scope.into(),
+        identity: identity.into(),
+        operation: operation.into(),
+        ..Default::default()
+    }
+}
+
+pub async fn ask(
+    client: &mut RateLimiterClient<Channel>,
+    r: ShouldAllowRequest,
+) -> ShouldAllowResponse {
+    client
+        .should_allow(r)
+        .await
+        .expect("call succeeds")
+        .into_inner()
+}
+
+pub fn to_std(d: &Option<prost_types::Duration>) -> Option<Duration> {
+    d.as_ref()
+        .map(|d| Duration::new(d.seconds as u64, d.nanos as u32))
+}
