@@ -1,0 +1,270 @@
+//! The `tollgate` binary: check-config, allow, serve with signals.
+
+mod common;
+
+use std::io::Write as _;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{TestServer, ask, req};
+use tollgate::pb::tollgate::v1::rate_limiter_client::RateLimiterClient;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+fn config_file(dir: &tempfile::TempDir, yaml: &str) -> std::path::PathBuf {
+    let path = dir.path().join("tollgate.yaml");
+    std::fs::File::create(&path)
+        .and_then(|mut f| f.write_all(yaml.as_bytes()))
+        .expect("write config");
+    path
+}
+
+fn limits(capacity: u64) -> String {
+    format!(
+        "scopes:\n  - name: demo\n    limits:\n      - {{name: per-user, per: identity, capacity: {capacity}, refill_period: 1h}}\n"
+    )
+}
+
+/// A `tollgate serve` child process, killed on drop.
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+async fn connect(port: u16) -> RateLimiterClient<tonic::transport::Channel> {
+    for _ in 0..200 {
+        if let Ok(c) = RateLimiterClient::connect(format!("http://127.0.0.1:{port}")).await {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("server on port {port} never came up");
+}
+
+fn serve(path: &std::path::Path, port: u16) -> Serve {
+    Serve(
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(path)
+            // The environment override is part of what is tested here.
+            .env("TOLLGATE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tollgate"),
+    )
+}
+
+#[test]
+fn check_config_prints_a_summary_of_the_example() {
+    let out = Command::new(BIN)
+        .args(["check-config", "deploy/tollgate.example.yaml"])
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("scope github-mcp"), "{stdout}");
+    assert!(
+        stdout.contains("per-user-search: 5 per 1m per IdentityOperation"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_config_names_every_bad_field_and_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = config_file(
+        &dir,
+        "scopes:\n  - name: x\n    limits:\n      - {name: a, per: identity, capacity: 0, refill_period: 1s}\n      - {name: b, per: scope, capacity: 1, refill_period: 0s}\n",
+    );
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("scopes[0].limits[0].capacity: must be > 0"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("scopes[0].limits[1].refill_period: must be between"),
+        "{stderr}"
+    );
+
+    let path = config_file(
+        &dir,
+        "scopes:\n  - name: x\n    limits:\n      - {name: a, per: everyone, capacity: 1, refill_period: 1s}\n",
+    );
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("scopes[0].limits[0].per"), "{stderr}");
+}
+
+#[test]
+fn serve_refuses_a_bad_config_before_binding_any_port() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = config_file(&dir, "listen: 127.0.0.1:1\nscopes:\n  - name: \"\"\n");
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    // Port 1 would fail to bind as non-root; the error is the config's, not the bind's.
+    assert!(
+        stderr.contains("scopes[0].name: must not be empty"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("binding"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_prints_the_decision() {
+    let server = TestServer::start(&limits(1)).await;
+    let run = |identity: &str| {
+        Command::new(BIN)
+            .args([
+                "allow",
+                "--addr",
+                &server.url(),
+                "--scope",
+                "demo",
+                "--identity",
+                identity,
+                "--operation",
+                "read",
+            ])
+            .output()
+            .expect("run")
+    };
+    let first = tokio::task::block_in_place(|| run("kim"));
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(first.status.success(), "{stdout}");
+    assert!(
+        stdout.starts_with("ALLOWED rule=per-user limit=1 remaining=0"),
+        "{stdout}"
+    );
+    let second = tokio::task::block_in_place(|| run("kim"));
+    let stdout = String::from_utf8_lossy(&second.stdout);
+    assert!(stdout.starts_with("DENIED retry_after="), "{stdout}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_calls_and_exits_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = config_file(&dir, &format!("drain_delay: 500ms\n{}", limits(1_000_000)));
+    let port = free_port();
+    let mut child = serve(&path, port);
+    let client = connect(port).await;
+
+    // Callers keep calling through the signal. A call may be refused before
+    // it starts (UNAVAILABLE: no connection; CANCELLED: the connection said
+    // GOAWAY before the request went out), but none may fail any other way,
+    // and calls keep completing during the drain delay.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let signalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..8)
+        .map(|i| {
+            let mut c = client.clone();
+            let (stop, signalled) = (stop.clone(), signalled.clone());
+            tokio::spawn(async move {
+                let mut ok_after_signal = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let after = signalled.load(std::sync::atomic::Ordering::SeqCst);
+                    match c.should_allow(req("demo", &format!("u{i}"), "op")).await {
+                        Ok(r) => {
+                            assert!(r.into_inner().allowed);
+                            ok_after_signal += u32::from(after);
+                        }
+                        Err(s)
+                            if matches!(
+                                s.code(),
+                                tonic::Code::Unavailable | tonic::Code::Cancelled
+                            ) =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        Err(s) => panic!("a call failed: {s:?}"),
+                    }
+                }
+                ok_after_signal
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    signal(&child.0, "-TERM");
+    signalled.store(true, std::sync::atomic::Ordering::SeqCst);
+    let status = tokio::task::spawn_blocking(move || {
+        let status = child.0.wait().expect("wait");
+        (status, child)
+    });
+    let (status, _child) = tokio::time::timeout(Duration::from_secs(10), status)
+        .await
+        .expect("exits within 10s")
+        .expect("join");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut ok = 0;
+    for c in callers {
+        ok += c.await.expect("caller");
+    }
+    assert!(status.success(), "exit status {status:?}");
+    assert!(ok > 0, "calls are still served during the drain delay");
+}
+
+#[tokio::test]
+async fn sighup_reloads_a_good_config_and_refuses_a_bad_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = config_file(&dir, &limits(3));
+    let port = free_port();
+    let child = serve(&path, port);
+    let mut c = connect(port).await;
+    assert_eq!(ask(&mut c, req("demo", "lee", "op")).await.limit, 3);
+
+    // A bad file is refused; the old rules keep serving.
+    config_file(&dir, &limits(0));
+    signal(&child.0, "-HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ask(&mut c, req("demo", "lee", "op")).await.limit, 3);
+
+    config_file(&dir, &limits(7));
+    signal(&child.0, "-HUP");
+    let mut limit = 0;
+    for _ in 0..100 {
+        limit = ask(&mut c, req("demo", "lee", "op")).await.limit;
+        if limit == 7 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(limit, 7);
+}
