@@ -50,6 +50,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// How long to keep answering, with health NOT_SERVING, after a shutdown
     /// signal and before refusing new calls, so load balancers can drain.
     #[serde(default, with = "humantime_serde")]
@@ -149,6 +152,15 @@ pub struct LogConfig {
     /// A tracing filter such as `info` or `tollgate=debug`; `RUST_LOG` wins.
     #[serde(default)]
     pub level: Option<String>,
+}
+
+/// Prometheus metrics.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where to serve `GET /metrics`, such as `127.0.0.1:9464`. Absent: off.
+    #[serde(default)]
+    pub listen: Option<String>,
 }
 
 /// Log line format.
@@ -301,6 +313,11 @@ impl Config {
         let mut problems = Vec::new();
         if let Err(e) = self.listen_addr() {
             problems.extend(e.problems);
+        }
+        if let Some(m) = &self.metrics.listen
+            && let Err(e) = m.parse::<SocketAddr>()
+        {
+            problems.push(format!("metrics.listen: {e}: {m:?}"));
         }
         if self.store.memory.shards == 0 || self.store.memory.shards > 65_536 {
             problems.push("store.memory.shards: must be between 1 and 65536".to_owned());

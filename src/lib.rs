@@ -13,6 +13,8 @@
 //! - [`server`]: wires a config into a running gRPC server, with health and
 //!   reflection; [`shutdown`]: signals.
 //! - [`error`]: the one mapping from domain errors to gRPC statuses.
+//! - [`metrics`]: Prometheus metrics on their own port; [`audit`]: the
+//!   rate-limited denial log.
 //!
 //! # The request path
 //! 1. `api` validates the request and borrows it as a `limiter::Request`.
@@ -25,10 +27,12 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod limiter;
+pub mod metrics;
 pub mod pb;
 pub mod server;
 pub mod shutdown;

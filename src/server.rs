@@ -10,9 +10,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
-use crate::api::RateLimiterApi;
+use crate::api::{Observer, RateLimiterApi};
 use crate::config::{Config, ConfigError, StoreKind};
 use crate::limiter::{Limiter, Rules};
+use crate::metrics::{Instrumented, Metrics};
 use crate::pb;
 use crate::pb::tollgate::v1::rate_limiter_server::RateLimiterServer;
 use crate::store::AnyStore;
@@ -41,6 +42,9 @@ pub enum ServerError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// A listener could not be bound.
+    #[error("bind: {0}")]
+    Bind(std::io::Error),
     /// Reflection could not be built from the descriptors.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -70,8 +74,34 @@ pub async fn run(
     mut control: mpsc::Receiver<Control>,
 ) -> Result<(), ServerError> {
     let rules = compile_rules(&config)?;
-    let store = build_store(&config);
+    let metrics = Arc::new(Metrics::new());
+    let store = Instrumented::new(build_store(&config), metrics.clone());
     let limiter = Arc::new(Limiter::new(rules, store));
+    let observer = Arc::new(Observer::new(metrics.clone()));
+    let metrics_server = match &config.metrics.listen {
+        Some(addr) => {
+            let addr: std::net::SocketAddr = addr.parse().map_err(|e| ConfigError {
+                problems: vec![format!("metrics.listen: {e}")],
+            })?;
+            let listener = TcpListener::bind(addr).await.map_err(ServerError::Bind)?;
+            tracing::info!(addr = ?listener.local_addr().ok(), "serving metrics");
+            Some(listener)
+        }
+        None => None,
+    };
+    let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
+    if let Some(listener) = metrics_server {
+        let metrics = metrics.clone();
+        let mut stopped = stopped_rx.clone();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            if let Err(e) = crate::metrics::serve(listener, metrics, shutdown).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -86,6 +116,7 @@ pub async fn run(
     let drain_delay = config.drain_delay.unwrap_or_default();
     let stop = {
         let limiter = limiter.clone();
+        let metrics = metrics.clone();
         let health = health.clone();
         async move {
             while let Some(msg) = control.recv().await {
@@ -93,9 +124,11 @@ pub async fn run(
                     Control::Reload(new) => match compile_rules(&new) {
                         Ok(rules) => {
                             limiter.replace_rules(rules);
+                            metrics.reload(true);
                             tracing::info!(scopes = new.scopes.len(), "config reloaded");
                         }
                         Err(e) => {
+                            metrics.reload(false);
                             tracing::error!(error = %e, "config reload refused; the old config keeps serving")
                         }
                     },
@@ -124,9 +157,12 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(RateLimiterServer::new(RateLimiterApi::new(limiter)))
+        .add_service(RateLimiterServer::new(RateLimiterApi::new(
+            limiter, observer,
+        )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
         .await?;
+    let _ = stopped_tx.send(true);
     tracing::info!("stopped");
     Ok(())
 }

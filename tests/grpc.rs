@@ -442,3 +442,54 @@ async fn reload_swaps_rules_whole() {
     assert_eq!(limit, 5);
     server.shutdown().await;
 }
+
+async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+#[tokio::test]
+async fn metrics_count_decisions_by_scope_rule_and_result_but_never_identity() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let server = TestServer::start(&format!("metrics: {{listen: \"{addr}\"}}\n{CONFIG}")).await;
+    let mut c = server.client().await;
+    for _ in 0..3 {
+        ask(&mut c, req("demo", "secret-identity-7", "op")).await;
+    }
+    ask(&mut c, req("not-configured-scope", "x", "op")).await;
+    let body = http_get(&addr, "/metrics").await;
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(
+        body.contains(r#"tollgate_decisions_total{api="tollgate",scope="demo",rule="per-user",result="allowed"} 2"#),
+        "{body}"
+    );
+    assert!(
+        body.contains(r#"tollgate_decisions_total{api="tollgate",scope="demo",rule="per-user",result="denied"} 1"#),
+        "{body}"
+    );
+    assert!(body.contains(r#"scope="_unconfigured""#), "{body}");
+    assert!(
+        !body.contains("secret-identity"),
+        "identities never become labels"
+    );
+    assert!(
+        !body.contains("not-configured-scope"),
+        "unknown scopes never become labels"
+    );
+    assert!(
+        body.contains("tollgate_decision_duration_seconds_count 4"),
+        "{body}"
+    );
+    assert!(body.contains("tollgate_store_available 1"), "{body}");
+    server.shutdown().await;
+}

@@ -7,8 +7,14 @@ use tollgate::limiter::bucket::{Shape, Tat};
 use tollgate::store::memory::MemoryStore;
 use tollgate::store::{BucketCharge, BucketKey, Charge};
 
+/// Small shapes, and shapes near the configured maxima (50M tokens, 366 days
+/// in nanoseconds), whose products no longer fit 64 bits.
 fn shapes() -> impl Strategy<Value = Shape> {
-    (1u64..=1_000, 1u64..=10_000_000).prop_map(|(capacity, period)| Shape { capacity, period })
+    prop_oneof![
+        (1u64..=1_000, 1u64..=10_000_000),
+        (1u64..=50_000_000, 1u64..=31_622_400_000_000_000),
+    ]
+    .prop_map(|(capacity, period)| Shape { capacity, period })
 }
 
 /// A request stream: gaps between arrivals, and costs.

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
+use super::Observer;
 use super::validate::{self, MAX_BATCH, MAX_IDENTITY_LEN, MAX_OPERATION_LEN, MAX_SCOPE_LEN};
 use crate::error::InvalidField;
 use crate::limiter::{self, Decision, Limiter};
@@ -15,12 +16,13 @@ use crate::store::Store;
 #[derive(Debug)]
 pub struct RateLimiterApi<S> {
     limiter: Arc<Limiter<S>>,
+    observer: Arc<Observer>,
 }
 
 impl<S> RateLimiterApi<S> {
-    /// Serves `limiter`.
-    pub fn new(limiter: Arc<Limiter<S>>) -> Self {
-        Self { limiter }
+    /// Serves `limiter`, reporting to `observer`.
+    pub fn new(limiter: Arc<Limiter<S>>, observer: Arc<Observer>) -> Self {
+        Self { limiter, observer }
     }
 }
 
@@ -95,10 +97,14 @@ impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
         &self,
         request: Request<pb::ShouldAllowRequest>,
     ) -> Result<Response<pb::ShouldAllowResponse>, Status> {
+        let started = tokio::time::Instant::now();
         let req = request.into_inner();
         let domain = to_domain(&req, "")?;
-        let decision = self.limiter.decide(&domain).await?;
-        Ok(Response::new(to_proto(decision)))
+        let result = self.limiter.decide(&domain).await;
+        let rules = self.limiter.rules();
+        self.observer
+            .decided("tollgate", &rules, &domain, &result, started.elapsed());
+        Ok(Response::new(to_proto(result?)))
     }
 
     async fn should_allow_batch(
@@ -123,10 +129,14 @@ impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
             .enumerate()
             .map(|(i, r)| to_domain(r, &format!("requests[{i}].")))
             .collect::<Result<Vec<_>, _>>()?;
-        let responses = self
-            .limiter
-            .decide_each(&domain)
-            .await
+        let started = tokio::time::Instant::now();
+        let results = self.limiter.decide_each(&domain).await;
+        let took = started.elapsed();
+        let rules = self.limiter.rules();
+        for (req, result) in domain.iter().zip(&results) {
+            self.observer.decided("tollgate", &rules, req, result, took);
+        }
+        let responses = results
             .into_iter()
             .map(|d| d.map(to_proto))
             .collect::<Result<Vec<_>, _>>()?;

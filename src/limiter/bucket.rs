@@ -91,6 +91,14 @@ impl Shape {
     pub fn remaining(self, tat: Tat, now: u64) -> u64 {
         let tat = self.normalise(tat, now);
         // tokens = floor((now + P - tat) · C / P), with tat = ticks + frac/C.
+        // 64-bit when it fits (the usual case), 128-bit otherwise.
+        if let Some(full) = self.period.checked_mul(self.capacity)
+            && let Some(ahead) = (tat.ticks - now)
+                .checked_mul(self.capacity)
+                .and_then(|a| a.checked_add(tat.frac))
+        {
+            return (full.saturating_sub(ahead) / self.period).min(self.capacity);
+        }
         let ahead = u128::from(tat.ticks - now) * u128::from(self.capacity) + u128::from(tat.frac);
         let full = u128::from(self.period) * u128::from(self.capacity);
         let left = full.saturating_sub(ahead) / u128::from(self.period);
@@ -123,6 +131,16 @@ impl Shape {
 
     /// `tat + cost·P/C`, exactly.
     fn advance(self, tat: Tat, cost: u64) -> Tat {
+        // 64-bit when it fits (the usual case), 128-bit otherwise.
+        if let Some(total) = cost
+            .checked_mul(self.period)
+            .and_then(|t| t.checked_add(tat.frac))
+        {
+            return Tat {
+                ticks: tat.ticks.saturating_add(total / self.capacity),
+                frac: total % self.capacity,
+            };
+        }
         let c = u128::from(self.capacity);
         let total = u128::from(tat.frac) + u128::from(cost) * u128::from(self.period);
         let whole = u64::try_from(total / c).unwrap_or(u64::MAX);

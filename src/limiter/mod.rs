@@ -9,6 +9,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use smallvec::SmallVec;
 
 use crate::config::{FailureMode, UnknownScope};
 use crate::store::{BucketCharge, BucketOutcome, Charge, ChargeOutcome, Store, StoreError};
@@ -145,8 +146,26 @@ impl<S: Store> Limiter<S> {
 
     /// Decides one request.
     pub async fn decide(&self, req: &Request<'_>) -> Result<Decision, DecideError> {
-        let mut out = self.decide_each(std::slice::from_ref(req)).await;
-        out.pop().unwrap_or_else(|| Ok(Decision::default()))
+        let rules = self.rules.load();
+        let Some(scope) = rules.scope(req.scope) else {
+            return Ok(unknown_scope(&rules, req.scope));
+        };
+        let mut planned: SmallVec<[Planned<'_, '_>; 4]> = SmallVec::new();
+        scope.buckets(req, &mut planned);
+        if planned.is_empty() {
+            return Ok(Decision {
+                allowed: true,
+                ..Decision::default()
+            });
+        }
+        let charge = Charge {
+            buckets: planned.iter().map(|p| p.charge).collect(),
+            dry_run: req.dry_run,
+        };
+        match self.store.check_and_take_one(&charge).await {
+            Ok(outcome) => Ok(decision(&planned, &outcome)),
+            Err(e) => store_failed(&rules, req.scope, e),
+        }
     }
 
     /// Decides independent requests, each atomic on its own, with one call to

@@ -122,7 +122,7 @@ impl ScopeRules {
     }
 
     /// The buckets `req` draws on, in limit order, each charged `req.cost`.
-    pub fn buckets<'r, 'q>(&'r self, req: &Request<'q>, out: &mut Vec<Planned<'r, 'q>>)
+    pub fn buckets<'r, 'q>(&'r self, req: &Request<'q>, out: &mut impl Extend<Planned<'r, 'q>>)
     where
         'r: 'q,
     {
@@ -136,7 +136,7 @@ impl ScopeRules {
                 Per::Operation => (None, Some(req.operation)),
                 Per::IdentityOperation => (Some(req.identity), Some(req.operation)),
             };
-            out.push(Planned {
+            out.extend(std::iter::once(Planned {
                 limit: &self.limits[index],
                 charge: BucketCharge {
                     key: BucketKey {
@@ -149,7 +149,7 @@ impl ScopeRules {
                     cost: req.cost,
                     shadow: limit.shadow,
                 },
-            });
+            }));
         }
     }
 }

@@ -7,16 +7,17 @@
 //!
 //! Time comes from `tokio::time`, so tests can pause and advance it.
 
-use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use hashbrown::HashTable;
 use parking_lot::{Mutex, MutexGuard};
+use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::{BucketKey, BucketOutcome, Charge, ChargeOutcome, Store, StoreError};
-use crate::limiter::bucket::Tat;
+use crate::limiter::bucket::{Tat, Verdict};
 
 /// Default number of shards: enough that two cores never wait on each other,
 /// small enough that a sweep is cheap.
@@ -25,8 +26,18 @@ pub const DEFAULT_SHARDS: usize = 64;
 /// How often the sweeper drops buckets that have refilled completely.
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
-type Map = HashMap<Box<[u8]>, Tat>;
-type Shard = Mutex<Map>;
+/// Most decisions touch a handful of buckets; up to this many stay on the stack.
+const INLINE: usize = 4;
+
+/// One bucket's state, with its key's hash kept so the table never rehashes keys.
+#[derive(Debug)]
+struct Entry {
+    hash: u64,
+    key: Box<[u8]>,
+    tat: Tat,
+}
+
+type Table = HashTable<Entry>;
 
 /// The embedded, in-process store.
 #[derive(Debug, Clone)]
@@ -36,9 +47,9 @@ pub struct MemoryStore {
 
 #[derive(Debug)]
 struct Inner {
-    shards: Box<[Shard]>,
-    /// Picks a key's shard. Seeded per process, so callers cannot aim many
-    /// keys at one shard.
+    shards: Box<[Mutex<Table>]>,
+    /// Seeded per process (SipHash), so callers cannot aim many keys at one
+    /// shard or one probe chain.
     hasher: RandomState,
     /// The clock's zero: ticks are nanoseconds since this instant.
     epoch: Instant,
@@ -50,7 +61,7 @@ impl MemoryStore {
         let n = shards.max(1).next_power_of_two();
         Self {
             inner: Arc::new(Inner {
-                shards: (0..n).map(|_| Mutex::new(HashMap::new())).collect(),
+                shards: (0..n).map(|_| Mutex::new(HashTable::new())).collect(),
                 hasher: RandomState::new(),
                 epoch: Instant::now(),
             }),
@@ -100,6 +111,16 @@ impl Default for MemoryStore {
     }
 }
 
+/// Where one bucket of a charge lives.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    /// Its key: `buf[start..end]`.
+    start: usize,
+    end: usize,
+    hash: u64,
+    shard: usize,
+}
+
 impl Inner {
     fn now(&self) -> u64 {
         let ns = Instant::now().duration_since(self.epoch).as_nanos();
@@ -108,55 +129,79 @@ impl Inner {
         u64::try_from(ns).unwrap_or(u64::MAX) + 3_600_000_000_000
     }
 
-    fn shard_of(&self, key: &[u8]) -> usize {
-        (self.hasher.hash_one(key) as usize) & (self.shards.len() - 1)
-    }
-
     fn sweep(&self) -> usize {
         let now = self.now();
         let mut left = 0;
         for shard in self.shards.iter() {
-            let mut map = shard.lock();
-            map.retain(|_, tat| !tat.is_full_at(now));
-            left += map.len();
+            let mut table = shard.lock();
+            table.retain(|e| !e.tat.is_full_at(now));
+            left += table.len();
         }
         left
     }
 
     fn decide(&self, charge: &Charge<'_>) -> ChargeOutcome {
-        let keys: Vec<Box<[u8]>> = charge.buckets.iter().map(|b| encode(&b.key)).collect();
-        let shard_ids: Vec<usize> = keys.iter().map(|k| self.shard_of(k)).collect();
-        let mut order = shard_ids.clone();
+        // Encode every key into one buffer and hash each once.
+        let mut buf: SmallVec<[u8; 256]> = SmallVec::new();
+        let mut slots: SmallVec<[Slot; INLINE]> = SmallVec::new();
+        let mask = self.shards.len() - 1;
+        for bucket in &charge.buckets {
+            let start = buf.len();
+            encode(&mut buf, &bucket.key);
+            let hash = self.hasher.hash_one(&buf[start..]);
+            slots.push(Slot {
+                start,
+                end: buf.len(),
+                hash,
+                // The table uses the low bits; the shard takes higher ones.
+                shard: (hash >> 40) as usize & mask,
+            });
+        }
+        let mut order: SmallVec<[usize; INLINE]> = slots.iter().map(|s| s.shard).collect();
         order.sort_unstable();
         order.dedup();
         // Lock every shard the charge touches, in index order, before reading
-        // any state: the check and the take see no one else's writes between.
-        let mut guards: Vec<(usize, MutexGuard<'_, Map>)> =
+        // any state: no one else's write can land between the check and the take.
+        let mut guards: SmallVec<[(usize, MutexGuard<'_, Table>); INLINE]> =
             order.iter().map(|&i| (i, self.shards[i].lock())).collect();
         let now = self.now();
 
-        let mut verdicts = Vec::with_capacity(keys.len());
+        let mut verdicts: SmallVec<[Verdict; INLINE]> = SmallVec::new();
         let mut allowed = true;
-        for (bucket, (key, shard)) in charge.buckets.iter().zip(keys.iter().zip(&shard_ids)) {
-            let map = guard_for(&mut guards, *shard);
-            let stored = map.get(key).copied().unwrap_or_default();
+        for (bucket, slot) in charge.buckets.iter().zip(&slots) {
+            let key = &buf[slot.start..slot.end];
+            let table = guard_for(&mut guards, slot.shard);
+            let stored = table
+                .find(slot.hash, |e| *e.key == *key)
+                .map(|e| e.tat)
+                .unwrap_or_default();
             let verdict = bucket.shape.judge(stored, now, bucket.cost);
             allowed &= verdict.conforms || bucket.shadow;
             verdicts.push(verdict);
         }
 
         let take = allowed && !charge.dry_run;
-        let mut outcomes = Vec::with_capacity(keys.len());
-        for ((bucket, verdict), (key, shard)) in charge
-            .buckets
-            .iter()
-            .zip(&verdicts)
-            .zip(keys.into_iter().zip(shard_ids))
-        {
+        let mut outcomes = Vec::with_capacity(slots.len());
+        for ((bucket, verdict), slot) in charge.buckets.iter().zip(&verdicts).zip(&slots) {
             let taken = take && verdict.conforms;
             let state = if taken { verdict.after } else { verdict.before };
             if taken {
-                guard_for(&mut guards, shard).insert(key, state);
+                let key = &buf[slot.start..slot.end];
+                let table = guard_for(&mut guards, slot.shard);
+                match table.find_mut(slot.hash, |e| *e.key == *key) {
+                    Some(e) => e.tat = state,
+                    None => {
+                        table.insert_unique(
+                            slot.hash,
+                            Entry {
+                                hash: slot.hash,
+                                key: key.into(),
+                                tat: state,
+                            },
+                            |e| e.hash,
+                        );
+                    }
+                }
             }
             outcomes.push(BucketOutcome {
                 conforms: verdict.conforms,
@@ -172,28 +217,28 @@ impl Inner {
     }
 }
 
-fn guard_for<'g, 'm>(guards: &'g mut [(usize, MutexGuard<'m, Map>)], shard: usize) -> &'g mut Map {
+fn guard_for<'g, 'm>(
+    guards: &'g mut [(usize, MutexGuard<'m, Table>)],
+    shard: usize,
+) -> &'g mut Table {
     let at = guards.partition_point(|(i, _)| *i < shard);
     &mut guards[at].1
 }
 
-/// Encodes a key unambiguously: every part is length-prefixed, so no value of
-/// one part can spill into the next.
-fn encode(key: &BucketKey<'_>) -> Box<[u8]> {
-    let parts = [Some(key.scope), Some(key.rule), key.identity, key.operation];
-    let len: usize = parts.iter().map(|p| 5 + p.map_or(0, str::len)).sum();
-    let mut out = Vec::with_capacity(len);
-    for part in parts {
+/// Encodes a key unambiguously: every part is tagged and length-prefixed, so
+/// no value of one part can spill into the next.
+fn encode(out: &mut SmallVec<[u8; 256]>, key: &BucketKey<'_>) {
+    for part in [Some(key.scope), Some(key.rule), key.identity, key.operation] {
         match part {
             None => out.push(0),
             Some(s) => {
                 out.push(1);
+                // Parts are validated to far below 4 GiB.
                 out.extend_from_slice(&(s.len() as u32).to_le_bytes());
                 out.extend_from_slice(s.as_bytes());
             }
         }
     }
-    out.into_boxed_slice()
 }
 
 impl Store for MemoryStore {
@@ -202,5 +247,9 @@ impl Store for MemoryStore {
         charges: &[Charge<'_>],
     ) -> Result<Vec<ChargeOutcome>, StoreError> {
         Ok(charges.iter().map(|c| self.inner.decide(c)).collect())
+    }
+
+    async fn check_and_take_one(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
+        Ok(self.inner.decide(charge))
     }
 }

@@ -130,6 +130,20 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         charges: &[Charge<'_>],
     ) -> impl Future<Output = Result<Vec<ChargeOutcome>, StoreError>> + Send;
 
+    /// Checks and takes for a single charge. The default goes through
+    /// [`Store::check_and_take`]; stores may answer without the outer `Vec`.
+    fn check_and_take_one(
+        &self,
+        charge: &Charge<'_>,
+    ) -> impl Future<Output = Result<ChargeOutcome, StoreError>> + Send {
+        async move {
+            self.check_and_take(std::slice::from_ref(charge))
+                .await?
+                .pop()
+                .ok_or_else(|| StoreError::permanent("store returned no outcome"))
+        }
+    }
+
     /// True while the store can answer: used for health reporting.
     fn is_available(&self) -> bool {
         true
@@ -151,6 +165,12 @@ impl Store for AnyStore {
     ) -> Result<Vec<ChargeOutcome>, StoreError> {
         match self {
             Self::Memory(s) => s.check_and_take(charges).await,
+        }
+    }
+
+    async fn check_and_take_one(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
+        match self {
+            Self::Memory(s) => s.check_and_take_one(charge).await,
         }
     }
 

@@ -1,0 +1,75 @@
+//! The denial audit log: one line per denial, rate-limited by our own bucket
+//! math, so that an attacker hammering a limit cannot flood the log.
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use crate::limiter::Decision;
+use crate::limiter::bucket::{Shape, Tat};
+use crate::metrics::Metrics;
+
+/// Audit lines allowed per second, as a burst that refills over one second.
+pub const AUDIT_LINES_PER_SECOND: u64 = 20;
+
+/// Writes sampled audit lines for denials.
+#[derive(Debug)]
+pub struct Audit {
+    shape: Shape,
+    state: Mutex<Tat>,
+    epoch: Instant,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Self {
+            shape: Shape {
+                capacity: AUDIT_LINES_PER_SECOND,
+                period: 1_000_000_000,
+            },
+            state: Mutex::new(Tat::default()),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Audit {
+    /// Logs a denial at `tollgate::audit`, unless the audit budget is spent,
+    /// in which case it is only counted.
+    pub fn denied(
+        &self,
+        metrics: &Metrics,
+        api: &str,
+        scope: &str,
+        identity: &str,
+        operation: &str,
+        d: &Decision,
+    ) {
+        // One second in, so the first lines find the bucket full.
+        let now =
+            u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX) + 1_000_000_000;
+        let admitted = {
+            let mut tat = self.state.lock();
+            let v = self.shape.judge(*tat, now, 1);
+            if v.conforms {
+                *tat = v.after;
+            }
+            v.conforms
+        };
+        if !admitted {
+            metrics.audit_suppressed();
+            return;
+        }
+        let rule = d.primary().map_or("", |b| &*b.rule);
+        tracing::info!(
+            target: "tollgate::audit",
+            api,
+            scope,
+            identity,
+            operation,
+            rule,
+            retry_after_ms = d.retry_after.map(|r| r.as_millis() as u64),
+            reason = d.reason.as_deref().unwrap_or(""),
+            "denied"
+        );
+    }
+}

@@ -1,0 +1,296 @@
+//! Prometheus metrics, served over HTTP on a port of their own.
+//!
+//! Labels have bounded cardinality: `scope` is a configured scope name (or
+//! `_unconfigured`), `rule` a configured rule name; no label ever carries an
+//! identity, an operation, or any other caller-chosen string.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::time::Instant;
+
+use crate::limiter::{Decision, Rules};
+use crate::store::{Charge, ChargeOutcome, Store, StoreError};
+
+/// The `scope` label of requests for scopes that are not configured.
+pub const UNCONFIGURED: &str = "_unconfigured";
+
+/// How a decision ended: `allowed`, `denied`, `degraded` (allowed without
+/// the store, fail-open) or `unavailable` (the store failed, fail-closed).
+type Outcome = &'static str;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    api: &'static str,
+    scope: Arc<str>,
+    rule: Arc<str>,
+    result: Outcome,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreErrorLabels {
+    transient: bool,
+}
+
+/// Every metric Tollgate exports.
+pub struct Metrics {
+    registry: Registry,
+    decisions: Family<DecisionLabels, Counter>,
+    decision_seconds: Histogram,
+    store_seconds: Histogram,
+    store_errors: Family<StoreErrorLabels, Counter>,
+    store_available: Gauge<i64, AtomicI64>,
+    reloads: Family<ReloadLabels, Counter>,
+    audit_suppressed: Counter<u64, AtomicU64>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tollgate");
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "decisions",
+            "Decisions by API, scope, deciding rule and result",
+            decisions.clone(),
+        );
+        // 1µs .. ~4s: the embedded store answers in microseconds, Redis in
+        // fractions of a millisecond, a struggling Redis in its timeout.
+        let decision_seconds = Histogram::new(exponential_buckets(1e-6, 2.5, 17));
+        registry.register(
+            "decision_duration_seconds",
+            "Time to decide one request, input validation to answer",
+            decision_seconds.clone(),
+        );
+        let store_seconds = Histogram::new(exponential_buckets(1e-6, 2.5, 17));
+        registry.register(
+            "store_duration_seconds",
+            "Time of one call to the store",
+            store_seconds.clone(),
+        );
+        let store_errors = Family::<StoreErrorLabels, Counter>::default();
+        registry.register(
+            "store_errors",
+            "Store calls that failed",
+            store_errors.clone(),
+        );
+        let store_available = Gauge::default();
+        registry.register(
+            "store_available",
+            "1 while the store answers, 0 while it is down (circuit open)",
+            store_available.clone(),
+        );
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config reloads by result",
+            reloads.clone(),
+        );
+        let audit_suppressed = Counter::default();
+        registry.register(
+            "audit_lines_suppressed",
+            "Denial audit lines dropped by the audit log's own rate limit",
+            audit_suppressed.clone(),
+        );
+        Self {
+            registry,
+            decisions,
+            decision_seconds,
+            store_seconds,
+            store_errors,
+            store_available,
+            reloads,
+            audit_suppressed,
+        }
+    }
+
+    /// Counts one decision of `api` ("tollgate" or "envoy") and its latency.
+    pub fn decision(
+        &self,
+        api: &'static str,
+        rules: &Rules,
+        scope: &str,
+        decision: &Decision,
+        took: Duration,
+    ) {
+        let (scope, rule) = labels(rules, scope, decision);
+        let result = if decision.degraded {
+            "degraded"
+        } else if decision.allowed {
+            "allowed"
+        } else {
+            "denied"
+        };
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                api,
+                scope,
+                rule,
+                result,
+            })
+            .inc();
+        self.decision_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Counts a decision refused because the store failed in closed mode.
+    pub fn unavailable(&self, api: &'static str, rules: &Rules, scope: &str) {
+        let (scope, _) = labels(rules, scope, &Decision::default());
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                api,
+                scope,
+                rule: "".into(),
+                result: "unavailable",
+            })
+            .inc();
+    }
+
+    /// Counts a config reload.
+    pub fn reload(&self, accepted: bool) {
+        let result = if accepted { "accepted" } else { "refused" };
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
+    }
+
+    /// Counts an audit line that was not written.
+    pub fn audit_suppressed(&self) {
+        self.audit_suppressed.inc();
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The bounded labels of a decision: configured names only.
+fn labels(rules: &Rules, scope: &str, decision: &Decision) -> (Arc<str>, Arc<str>) {
+    match rules.scope(scope) {
+        Some(s) => (
+            s.name.clone(),
+            decision
+                .primary()
+                .map_or_else(|| "".into(), |b| b.rule.clone()),
+        ),
+        None => (UNCONFIGURED.into(), "".into()),
+    }
+}
+
+/// A store wrapped to time its calls and count its failures.
+#[derive(Debug, Clone)]
+pub struct Instrumented<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S: Store> Instrumented<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, metrics: Arc<Metrics>) -> Self {
+        metrics.store_available.set(i64::from(inner.is_available()));
+        Self { inner, metrics }
+    }
+
+    /// The wrapped store.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    fn observe<T>(&self, started: Instant, result: &Result<T, StoreError>) {
+        self.metrics
+            .store_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(e) = result {
+            self.metrics
+                .store_errors
+                .get_or_create(&StoreErrorLabels {
+                    transient: e.transient,
+                })
+                .inc();
+        }
+        self.metrics
+            .store_available
+            .set(i64::from(self.inner.is_available()));
+    }
+}
+
+impl<S: Store> Store for Instrumented<S> {
+    async fn check_and_take(
+        &self,
+        charges: &[Charge<'_>],
+    ) -> Result<Vec<ChargeOutcome>, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.check_and_take(charges).await;
+        self.observe(started, &result);
+        result
+    }
+
+    async fn check_and_take_one(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.check_and_take_one(charge).await;
+        self.observe(started, &result);
+        result
+    }
+
+    fn is_available(&self) -> bool {
+        self.inner.is_available()
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.encode(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Parses a metrics listen address.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, std::net::AddrParseError> {
+    s.parse()
+}

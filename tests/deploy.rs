@@ -1,0 +1,59 @@
+//! Static checks of what `deploy/` ships: every config in it validates, and
+//! the Dockerfile copies files that exist.
+
+use std::path::Path;
+
+use tollgate::config::Config;
+
+#[test]
+fn the_example_config_validates() {
+    Config::load(
+        Path::new("deploy/tollgate.example.yaml"),
+        std::iter::empty(),
+    )
+    .expect("valid");
+}
+
+/// The config embedded in the Kubernetes ConfigMap, de-indented.
+fn configmap_config(manifest: &str) -> String {
+    let mut lines = manifest
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("tollgate.yaml: |"));
+    let header = lines.next().expect("a tollgate.yaml key in the ConfigMap");
+    let outer = header.len() - header.trim_start().len();
+    lines
+        .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() > outer)
+        .map(|l| l.get(outer + 2..).unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn the_kubernetes_configmap_config_validates() {
+    let manifest = std::fs::read_to_string("deploy/kubernetes/tollgate.yaml").expect("manifest");
+    let yaml = configmap_config(&manifest);
+    let config = Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    assert_eq!(config.listen, "0.0.0.0:50051");
+    // The probe names the health service the server reports on.
+    assert!(manifest.contains(&format!("service: {}", tollgate::server::HEALTH_SERVICE)));
+}
+
+#[test]
+fn the_dockerfile_copies_files_that_exist() {
+    let dockerfile = std::fs::read_to_string("deploy/Dockerfile").expect("Dockerfile");
+    let mut copied = 0;
+    for line in dockerfile
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+    {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        for src in &parts[1..parts.len() - 1] {
+            assert!(
+                Path::new(src).exists(),
+                "Dockerfile copies {src}, which does not exist"
+            );
+            copied += 1;
+        }
+    }
+    assert!(copied >= 5, "found only {copied} COPY sources");
+}
