@@ -58,6 +58,10 @@ pub struct Config {
     /// become scopes beside the ones below.
     #[serde(default)]
     pub envoy_ratelimit_configs: Vec<PathBuf>,
+    /// Whether Envoy RLS answers carry `x-ratelimit-*` and `retry-after`
+    /// headers for Envoy to add to the client's response.
+    #[serde(default)]
+    pub envoy_response_headers: bool,
     /// The rate-limited scopes.
     #[serde(default)]
     pub scopes: Vec<ScopeConfig>,
@@ -174,6 +178,23 @@ pub struct ScopeConfig {
     /// The limits; every one that matches a request applies.
     #[serde(default)]
     pub limits: Vec<LimitConfig>,
+    /// For Envoy's RLS: which descriptor entries are the identity and the
+    /// operation. Absent: the whole descriptor is the identity.
+    #[serde(default)]
+    pub descriptor_keys: Option<DescriptorKeysConfig>,
+}
+
+/// Names the Envoy descriptor entries that a scope reads, such as
+/// `{ identity: user, operation: path }`. Every entry is also an attribute.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DescriptorKeysConfig {
+    /// The entry key whose value is the identity.
+    #[serde(default)]
+    pub identity: Option<String>,
+    /// The entry key whose value is the operation.
+    #[serde(default)]
+    pub operation: Option<String>,
 }
 
 /// One limit: a family of token buckets.

@@ -4,13 +4,16 @@
 //! `127.0.0.1:0` exactly as `main` does on the configured address.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
-use crate::api::RateLimiterApi;
+use crate::api::{EnvoyRateLimitApi, RateLimiterApi};
 use crate::config::{Config, ConfigError, StoreKind};
 use crate::limiter::{Limiter, Rules};
 use crate::pb;
@@ -46,9 +49,12 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// Compiles a config's rules.
+/// Compiles a config's rules, with the scopes of its envoyproxy/ratelimit
+/// files (read from disk here, so a reload rereads them).
 pub fn compile_rules(config: &Config) -> Result<Rules, ConfigError> {
-    Rules::from_config(config)
+    let mut rules = Rules::from_config(config)?;
+    rules.add_scopes(crate::envoy_config::load(config)?)?;
+    Ok(rules)
 }
 
 /// Builds the store a config asks for. Needs a tokio runtime (for sweepers).
@@ -72,6 +78,7 @@ pub async fn run(
     let rules = compile_rules(&config)?;
     let store = build_store(&config);
     let limiter = Arc::new(Limiter::new(rules, store));
+    let envoy_headers = Arc::new(AtomicBool::new(config.envoy_response_headers));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -87,12 +94,14 @@ pub async fn run(
     let stop = {
         let limiter = limiter.clone();
         let health = health.clone();
+        let envoy_headers = envoy_headers.clone();
         async move {
             while let Some(msg) = control.recv().await {
                 match msg {
                     Control::Reload(new) => match compile_rules(&new) {
                         Ok(rules) => {
                             limiter.replace_rules(rules);
+                            envoy_headers.store(new.envoy_response_headers, Ordering::Relaxed);
                             tracing::info!(scopes = new.scopes.len(), "config reloaded");
                         }
                         Err(e) => {
@@ -124,7 +133,11 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(RateLimiterServer::new(RateLimiterApi::new(limiter)))
+        .add_service(RateLimiterServer::new(RateLimiterApi::new(limiter.clone())))
+        .add_service(RateLimitServiceServer::new(EnvoyRateLimitApi::new(
+            limiter,
+            envoy_headers,
+        )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
         .await?;
     tracing::info!("stopped");

@@ -1,7 +1,9 @@
 //! The gRPC edge: translate proto ⇄ domain, validate input, call the limiter.
 //! Nothing else happens here, and nothing else knows proto types.
 
+pub mod envoy;
 pub mod tollgate;
 pub mod validate;
 
+pub use envoy::EnvoyRateLimitApi;
 pub use tollgate::RateLimiterApi;

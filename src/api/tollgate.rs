@@ -50,6 +50,7 @@ fn to_domain<'a>(
         cost: u64::from(req.cost.max(1)),
         dry_run: req.dry_run,
         attributes: &req.attributes,
+        entries: &[],
     })
 }
 

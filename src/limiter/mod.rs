@@ -14,6 +14,7 @@ use crate::config::{FailureMode, UnknownScope};
 use crate::store::{BucketCharge, BucketOutcome, Charge, ChargeOutcome, Store, StoreError};
 
 pub mod bucket;
+pub mod descriptors;
 pub mod rules;
 
 use rules::Planned;
@@ -34,6 +35,9 @@ pub struct Request<'a> {
     pub dry_run: bool,
     /// Selects tiered limits.
     pub attributes: &'a HashMap<String, String>,
+    /// An Envoy descriptor's entries, in order; empty for `tollgate.v1`.
+    /// They select a limit from the scope's descriptor rules.
+    pub entries: &'a [(&'a str, &'a str)],
 }
 
 static NO_ATTRIBUTES: LazyLock<HashMap<String, String>> = LazyLock::new(HashMap::new);
@@ -48,6 +52,7 @@ impl<'a> Request<'a> {
             cost: 1,
             dry_run: false,
             attributes: &NO_ATTRIBUTES,
+            entries: &[],
         }
     }
 }
