@@ -14,6 +14,8 @@ pub(crate) struct Tollgate {
     /// Where it listens.
     pub(crate) addr: SocketAddr,
     /// Its control channel, for reloads.
+    // Each test binary compiles this module; not all of them reload.
+    #[allow(dead_code)]
     pub(crate) control: mpsc::Sender<Control>,
 }
 
