@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use yaml_rust2::{Yaml, YamlLoader};
@@ -34,11 +35,7 @@ pub const UNITS: [(&str, Duration); 7] = [
 ];
 
 /// Fields we know of but do not implement: naming them beats "unknown field".
-const UNSUPPORTED: [(&str, &str); 4] = [
-    (
-        "replaces",
-        "is not supported: every matching descriptor's limit applies",
-    ),
+const UNSUPPORTED: [(&str, &str); 3] = [
     ("quota_mode", "is not supported"),
     (
         "value_to_metric",
@@ -137,6 +134,8 @@ pub fn parse(
     let mut walk = Walk {
         origin,
         problems: Vec::new(),
+        names: Vec::new(),
+        references: Vec::new(),
     };
     let scope = match YamlLoader::load_from_str(text) {
         Err(e) => {
@@ -164,6 +163,10 @@ pub fn parse(
 struct Walk<'a> {
     origin: &'a str,
     problems: Vec<String>,
+    /// Every rule name in the file.
+    names: Vec<String>,
+    /// Every `replaces` entry, with its path, to check once all names are in.
+    references: Vec<(String, String)>,
 }
 
 impl Walk<'_> {
@@ -219,6 +222,18 @@ impl Walk<'_> {
         }
     }
 
+    /// A list's items; absent or null is an empty list.
+    fn list<'y>(&mut self, at: &str, node: Option<&'y Yaml>) -> &'y [Yaml] {
+        match node {
+            None | Some(Yaml::Null) => &[],
+            Some(Yaml::Array(list)) => list,
+            Some(_) => {
+                self.problem(at, "must be a list");
+                &[]
+            }
+        }
+    }
+
     fn flag(&mut self, at: &str, node: Option<&&Yaml>) -> bool {
         match node {
             None | Some(Yaml::Null) => false,
@@ -243,6 +258,11 @@ impl Walk<'_> {
             self.name("domain", d);
         }
         let roots = self.descriptors("descriptors", fields.get("descriptors").copied(), &[]);
+        for (at, name) in std::mem::take(&mut self.references) {
+            if !self.names.contains(&name) {
+                self.problem(&at, format!("names no rate_limit of this file: {name:?}"));
+            }
+        }
         let domain = domain?;
         let mut scope = ScopeRules::compile(&domain, failure_mode, &[]).ok()?;
         scope.descriptor_tree = DescriptorTree { roots };
@@ -267,14 +287,10 @@ impl Walk<'_> {
         node: Option<&Yaml>,
         path: &[String],
     ) -> Vec<DescriptorNode> {
-        let list = match node {
-            None | Some(Yaml::Null) => return Vec::new(),
-            Some(Yaml::Array(list)) => list,
-            Some(_) => {
-                self.problem(at, "must be a list");
-                return Vec::new();
-            }
-        };
+        let list = self.list(at, node);
+        if list.is_empty() {
+            return Vec::new();
+        }
         if path.len() >= MAX_DEPTH {
             self.problem(at, format!("descriptors nest deeper than {MAX_DEPTH}"));
             return Vec::new();
@@ -364,7 +380,7 @@ impl Walk<'_> {
         let f = self.fields(
             at,
             node,
-            &["unit", "requests_per_unit", "name", "unlimited"],
+            &["unit", "requests_per_unit", "name", "unlimited", "replaces"],
         )?;
         let name = match f.get("name") {
             Some(n) => self.string(&join(at, "name"), n),
@@ -414,12 +430,40 @@ impl Walk<'_> {
                 None
             }
         };
+        let replaces = self.replaces(&join(at, "replaces"), f.get("replaces").copied());
         let (name, period, capacity) = (name?, period?, capacity?);
+        self.names.push(name.clone());
         let shape = Shape {
             capacity,
             period: u64::try_from(period.as_nanos()).unwrap_or(u64::MAX),
         };
-        Some(Limit::for_descriptor(&name, shape, shadow))
+        let mut limit = Limit::for_descriptor(&name, shape, shadow);
+        limit.replaces = replaces.into_iter().map(Arc::from).collect();
+        Some(limit)
+    }
+
+    /// `replaces: [{name: ...}, ...]`: the rule names this one stands in for.
+    fn replaces(&mut self, at: &str, node: Option<&Yaml>) -> Vec<String> {
+        let list = self.list(at, node);
+        let mut out = Vec::new();
+        for (i, item) in list.iter().enumerate() {
+            let here = format!("{at}[{i}]");
+            let Some(f) = self.fields(&here, item, &["name"]) else {
+                continue;
+            };
+            let name = match f.get("name") {
+                Some(n) => self.string(&join(&here, "name"), n),
+                None => {
+                    self.problem(&join(&here, "name"), "is required");
+                    None
+                }
+            };
+            if let Some(n) = name {
+                self.references.push((join(&here, "name"), n.clone()));
+                out.push(n);
+            }
+        }
+        out
     }
 }
 
@@ -445,11 +489,11 @@ mod tests {
     #[test]
     fn unsupported_and_unknown_fields_are_named_with_their_path() {
         let p = problems(
-            "domain: d\ndescriptors:\n  - key: a\n    descriptors:\n      - key: b\n        rate_limit: {unit: second, requests_per_unit: 1, replaces: [{name: x}]}\n        colour: red\n",
+            "domain: d\ndescriptors:\n  - key: a\n    descriptors:\n      - key: b\n        rate_limit: {unit: second, requests_per_unit: 1, quota_mode: true}\n        colour: red\n",
         );
         assert!(
             p.iter().any(|p| p.starts_with(
-                "f.yaml: descriptors[0].descriptors[0].rate_limit.replaces: is not supported"
+                "f.yaml: descriptors[0].descriptors[0].rate_limit.quota_mode: is not supported"
             )),
             "{p:?}"
         );

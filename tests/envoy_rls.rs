@@ -381,13 +381,13 @@ fn a_domain_defined_twice_is_refused_naming_both_files() {
     let d = write(
         dir.path(),
         "d.yaml",
-        "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: 1, replaces: [{name: x}]}\n",
+        "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: 1, quota_mode: true}\n",
     );
     let config = Config::from_yaml(&with_envoy_configs(&[&d])).expect("config");
     let err = compile_rules(&config).expect_err("unsupported").to_string();
     assert!(
         err.contains(&format!(
-            "{}: descriptors[0].rate_limit.replaces: is not supported",
+            "{}: descriptors[0].rate_limit.quota_mode: is not supported",
             d.display()
         )),
         "{err}"
@@ -420,4 +420,67 @@ async fn a_bad_envoy_file_on_reload_is_refused_and_the_old_rules_keep_serving() 
         Some("user")
     );
     assert_eq!(r.statuses[0].limit_remaining, 0);
+}
+
+const TIERS_YAML: &str = r#"
+domain: tiers
+descriptors:
+  - key: user
+    rate_limit: { unit: hour, requests_per_unit: 1, name: standard }
+  - key: plan
+    value: premium
+    rate_limit: { unit: hour, requests_per_unit: 3, name: premium, replaces: [{ name: standard }] }
+  - key: trial
+    rate_limit: { unit: hour, requests_per_unit: 1 }
+    shadow_mode: true
+"#;
+
+#[tokio::test]
+async fn replaces_drops_the_named_limit_and_shadow_mode_never_denies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = write(dir.path(), "tiers.yaml", TIERS_YAML);
+    let (_t, mut c) = client(&with_envoy_configs(&[&file])).await;
+    let amy = || descriptor(&[("user", "amy")]);
+    let premium = || descriptor(&[("plan", "premium")]);
+    for _ in 0..3 {
+        let r = ask(&mut c, request("tiers", vec![amy(), premium()])).await;
+        assert_eq!(codes(&r), [Code::Ok, Code::Ok]);
+        // amy's descriptor has no limit left to report: premium replaced it.
+        assert_eq!(r.statuses[0].current_limit, None);
+    }
+    let r = ask(&mut c, request("tiers", vec![amy(), premium()])).await;
+    assert_eq!(codes(&r), [Code::Ok, Code::OverLimit]);
+    // The standard limit was never charged while replaced.
+    let r = ask(&mut c, request("tiers", vec![amy()])).await;
+    assert_eq!(codes(&r), [Code::Ok]);
+    let r = ask(&mut c, request("tiers", vec![amy()])).await;
+    assert_eq!(codes(&r), [Code::OverLimit]);
+    for _ in 0..3 {
+        let r = ask(
+            &mut c,
+            request("tiers", vec![descriptor(&[("trial", "t1")])]),
+        )
+        .await;
+        assert_eq!(r.overall_code, Code::Ok as i32);
+    }
+}
+
+#[test]
+fn replaces_must_name_a_rate_limit_of_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = write(
+        dir.path(),
+        "bad.yaml",
+        "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: 1, replaces: [{name: nope}]}\n",
+    );
+    let config = Config::from_yaml(&with_envoy_configs(&[&file])).expect("config");
+    let err = compile_rules(&config)
+        .expect_err("dangling replaces")
+        .to_string();
+    assert!(
+        err.contains(
+            "descriptors[0].rate_limit.replaces[0].name: names no rate_limit of this file: \"nope\""
+        ),
+        "{err}"
+    );
 }

@@ -38,6 +38,7 @@ impl Limit {
             when: Vec::new(),
             shape,
             shadow,
+            replaces: Vec::new(),
         }
     }
 }

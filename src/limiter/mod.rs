@@ -243,6 +243,7 @@ impl<S: Store> Limiter<S> {
                 }
             }
         }
+        drop_replaced(&mut planned, &mut owner);
         if let Some(d) = denied_unknown {
             return Ok(vec![d; reqs.len()]);
         }
@@ -331,6 +332,26 @@ impl<S: Store> Limiter<S> {
         }
         Ok(decisions)
     }
+}
+
+/// Drops the buckets of rules that another planned rule of the same scope
+/// `replaces`, keeping `owner` in step.
+fn drop_replaced<'r, 'q>(planned: &mut Vec<Planned<'r, 'q>>, owner: &mut Vec<usize>) {
+    let replaced: Vec<(&'q str, &'r str)> = planned
+        .iter()
+        .flat_map(|p| {
+            let scope = p.charge.key.scope;
+            p.limit.replaces.iter().map(move |r| (scope, &**r))
+        })
+        .collect();
+    if replaced.is_empty() {
+        return;
+    }
+    (*planned, *owner) = std::mem::take(planned)
+        .into_iter()
+        .zip(std::mem::take(owner))
+        .filter(|(p, _)| !replaced.contains(&(p.charge.key.scope, &*p.limit.name)))
+        .unzip();
 }
 
 fn unknown_scope(rules: &Rules, scope: &str) -> Decision {

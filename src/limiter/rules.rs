@@ -52,6 +52,10 @@ pub struct Limit {
     pub shape: Shape,
     /// Never causes a denial.
     pub shadow: bool,
+    /// Rules of the same scope that this one stands in for: when a request
+    /// decided together draws on both, those are dropped (envoyproxy's
+    /// `replaces`).
+    pub replaces: Vec<Arc<str>>,
 }
 
 impl Rules {
@@ -224,6 +228,7 @@ impl Limit {
                 period,
             },
             shadow: config.shadow,
+            replaces: Vec::new(),
         })
     }
 
