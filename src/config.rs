@@ -337,6 +337,13 @@ impl Config {
                 problems.push(format!("{at}.name: duplicate scope {:?}", scope.name));
             }
             validate_limits(&mut problems, &at, &scope.limits);
+            if let Some(keys) = &scope.descriptor_keys {
+                for (field, key) in [("identity", &keys.identity), ("operation", &keys.operation)] {
+                    if let Some(key) = key {
+                        check_name(&mut problems, &format!("{at}.descriptor_keys.{field}"), key);
+                    }
+                }
+            }
         }
         if problems.is_empty() {
             Ok(())

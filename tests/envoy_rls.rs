@@ -484,3 +484,15 @@ fn replaces_must_name_a_rate_limit_of_the_file() {
         "{err}"
     );
 }
+
+#[test]
+fn descriptor_keys_must_be_names() {
+    let err =
+        Config::from_yaml("scopes:\n  - name: api\n    descriptor_keys: { identity: \"\" }\n")
+            .expect_err("empty key")
+            .to_string();
+    assert!(
+        err.contains("scopes[0].descriptor_keys.identity: must not be empty"),
+        "{err}"
+    );
+}

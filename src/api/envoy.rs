@@ -403,7 +403,86 @@ fn duration(d: Duration) -> PbDuration {
 
 #[cfg(test)]
 mod tests {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+
     use super::*;
+    use crate::config::Config;
+    use crate::store::memory::MemoryStore;
+    use crate::store::{Charge, ChargeOutcome, StoreError};
+
+    const CONFIG: &str = "
+failure_mode: closed
+scopes:
+  - name: api
+    descriptor_keys: { identity: user }
+    limits:
+      - { name: per-user, per: identity, capacity: 1, refill_period: 1h }
+      - { name: try-me, per: identity, capacity: 1, refill_period: 1h, shadow: true }
+";
+
+    fn api<S: Store>(config: &str, store: S) -> EnvoyRateLimitApi<S> {
+        let config = Config::from_yaml(config).unwrap();
+        let rules = crate::server::compile_rules(&config).unwrap();
+        EnvoyRateLimitApi::new(
+            Arc::new(Limiter::new(rules, store)),
+            Arc::new(AtomicBool::new(false)),
+        )
+    }
+
+    fn alice() -> Request<RateLimitRequest> {
+        Request::new(RateLimitRequest {
+            domain: "api".into(),
+            descriptors: vec![RateLimitDescriptor {
+                entries: vec![Entry {
+                    key: "user".into(),
+                    value: "alice".into(),
+                }],
+                ..RateLimitDescriptor::default()
+            }],
+            hits_addend: 0,
+        })
+    }
+
+    #[tokio::test]
+    async fn denials_are_counted_per_rule_and_shadow_ones_apart() {
+        let api = api(CONFIG, MemoryStore::new(1));
+        let code = async |api: &EnvoyRateLimitApi<MemoryStore>| {
+            api.should_rate_limit(alice())
+                .await
+                .unwrap()
+                .into_inner()
+                .overall_code
+        };
+        assert_eq!(code(&api).await, Code::Ok as i32);
+        assert_eq!(code(&api).await, Code::OverLimit as i32);
+        assert_eq!(code(&api).await, Code::OverLimit as i32);
+        let counts = api.denials();
+        assert_eq!(counts.get("api", "per-user").denied, 2);
+        assert_eq!(counts.get("api", "try-me").shadow_denied, 2);
+        assert_eq!(counts.get("api", "try-me").denied, 0);
+    }
+
+    /// A store that is down, to see the failure modes at the API edge.
+    #[derive(Debug)]
+    struct DownStore;
+
+    impl Store for DownStore {
+        async fn check_and_take(&self, _: &[Charge<'_>]) -> Result<Vec<ChargeOutcome>, StoreError> {
+            Err(StoreError::transient("connection refused"))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_down_store_is_unavailable_when_closed_and_ok_when_open() {
+        let closed = api(CONFIG, DownStore);
+        let status = closed.should_rate_limit(alice()).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+
+        let open = api(&CONFIG.replace("closed", "open"), DownStore);
+        let r = open.should_rate_limit(alice()).await.unwrap().into_inner();
+        assert_eq!(r.overall_code, Code::Ok as i32);
+        assert_eq!(r.statuses[0].code, Code::Ok as i32);
+    }
 
     fn bucket(limit: u64, period: Duration) -> BucketReport {
         BucketReport {
