@@ -100,9 +100,10 @@ pub async fn run(
                 match msg {
                     Control::Reload(new) => match compile_rules(&new) {
                         Ok(rules) => {
+                            let scopes = rules.scopes().count();
                             limiter.replace_rules(rules);
                             envoy_headers.store(new.envoy_response_headers, Ordering::Relaxed);
-                            tracing::info!(scopes = new.scopes.len(), "config reloaded");
+                            tracing::info!(scopes, "config reloaded");
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "config reload refused; the old config keeps serving")

@@ -94,6 +94,17 @@ impl DescriptorTree {
         self.roots.is_empty()
     }
 
+    /// How many nodes carry a limit.
+    pub fn limit_count(&self) -> usize {
+        fn count(nodes: &[DescriptorNode]) -> usize {
+            nodes
+                .iter()
+                .map(|n| usize::from(n.limit.is_some()) + count(&n.children))
+                .sum()
+        }
+        count(&self.roots)
+    }
+
     /// The limit for `entries`, if any. At each level the most specific node
     /// wins (exact value, then longest prefix, then any value) and the walk
     /// never backtracks, as in envoyproxy/ratelimit: a descriptor that leaves
