@@ -154,6 +154,17 @@ async fn hits_addend_counts_at_both_levels_and_zero_means_one() {
     let r = ask(&mut c, request("api", vec![d])).await;
     assert_eq!(r.overall_code, Code::OverLimit as i32);
     assert_eq!(header(&r, "retry-after"), None);
+    // Nothing overflows, however large: two huge hits on one shared bucket.
+    let huge = || {
+        let mut d = descriptor(&[("user", "dan")]);
+        d.hits_addend = Some(UInt64Value { value: u64::MAX });
+        d
+    };
+    let r = ask(&mut c, request("api", vec![huge(), huge()])).await;
+    assert_eq!(codes(&r), [Code::OverLimit, Code::OverLimit]);
+    let mut r = request("api", vec![descriptor(&[("user", "dan")])]);
+    r.hits_addend = u32::MAX;
+    assert_eq!(ask(&mut c, r).await.overall_code, Code::OverLimit as i32);
 }
 
 #[tokio::test]
