@@ -91,14 +91,17 @@ impl DenialCounts {
             .unwrap_or_default()
     }
 
-    fn add(&self, scope: &str, rule: &Arc<str>, shadow: bool) {
+    /// Adds one, and returns the new count.
+    fn add(&self, scope: &str, rule: &Arc<str>, shadow: bool) -> u64 {
         let mut counts = self.counts.lock();
         let c = counts.entry((scope.to_owned(), rule.clone())).or_default();
-        if shadow {
-            c.shadow_denied += 1;
+        let n = if shadow {
+            &mut c.shadow_denied
         } else {
-            c.denied += 1;
-        }
+            &mut c.denied
+        };
+        *n += 1;
+        *n
     }
 }
 
@@ -251,19 +254,23 @@ impl<S: Store> RateLimitService for EnvoyRateLimitApi<S> {
 }
 
 impl<S> EnvoyRateLimitApi<S> {
-    /// Counts and logs denials and the shadow limits that would have denied.
+    /// Counts denials and the shadow limits that would have denied, and logs
+    /// them sampled: the 1st, 2nd, 4th, 8th... of each rule, so a flood of
+    /// denials cannot flood the log.
     fn count(&self, scope: &str, decisions: &[Decision]) {
         let denied = decisions.iter().any(|d| !d.allowed);
         for b in decisions.iter().flat_map(|d| &d.buckets) {
-            if !b.exhausted {
+            if !b.exhausted || !(b.shadow || denied) {
                 continue;
             }
-            if b.shadow {
-                tracing::info!(scope, rule = %b.rule, "shadow limit would deny");
-                self.denials.add(scope, &b.rule, true);
-            } else if denied {
-                tracing::debug!(scope, rule = %b.rule, "denied");
-                self.denials.add(scope, &b.rule, false);
+            let n = self.denials.add(scope, &b.rule, b.shadow);
+            if n.is_power_of_two() {
+                let what = if b.shadow {
+                    "shadow limit would deny"
+                } else {
+                    "denied"
+                };
+                tracing::info!(scope, rule = %b.rule, count = n, "{what}");
             }
         }
     }
