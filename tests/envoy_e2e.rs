@@ -229,7 +229,7 @@ async fn envoy_enforces_tollgate_limits_end_to_end() {
         limits
     ))
     .expect("config");
-    let tollgate = common::start_tollgate(config).await;
+    let tollgate = common::tollgate::start_tollgate(config).await;
     let upstream = start_upstream().await;
     let envoy = Envoy::start(upstream, tollgate.addr, |y| y).await;
     let as_user = |user: &'static str| async move {

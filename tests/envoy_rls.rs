@@ -63,9 +63,9 @@ fn request(domain: &str, descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequ
     }
 }
 
-async fn client(config: &str) -> (common::Tollgate, RateLimitServiceClient<Channel>) {
+async fn client(config: &str) -> (common::tollgate::Tollgate, RateLimitServiceClient<Channel>) {
     let config = Config::from_yaml(config).expect("config");
-    let tollgate = common::start_tollgate(config).await;
+    let tollgate = common::tollgate::start_tollgate(config).await;
     let client = RateLimitServiceClient::connect(format!("http://{}", tollgate.addr))
         .await
         .expect("connect");

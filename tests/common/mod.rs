@@ -1,28 +1,4 @@
-//! Test harness shared by the over-the-wire tests: a real Tollgate server on
-//! `127.0.0.1:0`, stopped when its control channel is dropped.
+//! Shared test fixtures: real processes, started and stopped by the tests.
+#![allow(dead_code, unreachable_pub)]
 
-use std::net::SocketAddr;
-
-use tokio::net::TcpListener;
-use tokio::sync::mpsc;
-use tollgate::config::Config;
-use tollgate::server::{self, Control};
-
-/// A running Tollgate. Dropping it closes the control channel, which stops
-/// the server.
-pub(crate) struct Tollgate {
-    /// Where it listens.
-    pub(crate) addr: SocketAddr,
-    /// Its control channel, for reloads.
-    // Each test binary compiles this module; not all of them reload.
-    #[allow(dead_code)]
-    pub(crate) control: mpsc::Sender<Control>,
-}
-
-/// Starts Tollgate with `config` on a free port.
-pub(crate) async fn start_tollgate(config: Config) -> Tollgate {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("local addr");
-    let (control, _task) = server::spawn(config, listener);
-    Tollgate { addr, control }
-}
+pub mod tollgate;
