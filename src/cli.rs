@@ -78,10 +78,11 @@ pub fn summary(config: &Config, rules: &Rules) -> String {
     for scope in scopes {
         let _ = writeln!(
             out,
-            "scope {} (failure_mode {:?}, {} limits)",
+            "scope {} (failure_mode {:?}, {} limits, {} descriptor rules)",
             scope.name,
             scope.failure_mode,
-            scope.limits.len()
+            scope.limits.len(),
+            scope.descriptor_tree.limit_count()
         );
         for l in &scope.limits {
             let period = humantime::format_duration(Duration::from_nanos(l.shape.period));

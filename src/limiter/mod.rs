@@ -15,6 +15,7 @@ use crate::config::{FailureMode, UnknownScope};
 use crate::store::{BucketCharge, BucketOutcome, Charge, ChargeOutcome, Store, StoreError};
 
 pub mod bucket;
+pub mod descriptors;
 pub mod rules;
 
 use rules::Planned;
@@ -35,6 +36,9 @@ pub struct Request<'a> {
     pub dry_run: bool,
     /// Selects tiered limits.
     pub attributes: &'a HashMap<String, String>,
+    /// An Envoy descriptor's entries, in order; empty for `tollgate.v1`.
+    /// They select a limit from the scope's descriptor rules.
+    pub entries: &'a [(&'a str, &'a str)],
 }
 
 static NO_ATTRIBUTES: LazyLock<HashMap<String, String>> = LazyLock::new(HashMap::new);
@@ -49,6 +53,7 @@ impl<'a> Request<'a> {
             cost: 1,
             dry_run: false,
             attributes: &NO_ATTRIBUTES,
+            entries: &[],
         }
     }
 }
@@ -257,6 +262,7 @@ impl<S: Store> Limiter<S> {
                 }
             }
         }
+        drop_replaced(&mut planned, &mut owner);
         if let Some(d) = denied_unknown {
             return Ok(vec![d; reqs.len()]);
         }
@@ -345,6 +351,26 @@ impl<S: Store> Limiter<S> {
         }
         Ok(decisions)
     }
+}
+
+/// Drops the buckets of rules that another planned rule of the same scope
+/// `replaces`, keeping `owner` in step.
+fn drop_replaced<'r, 'q>(planned: &mut Vec<Planned<'r, 'q>>, owner: &mut Vec<usize>) {
+    let replaced: Vec<(&'q str, &'r str)> = planned
+        .iter()
+        .flat_map(|p| {
+            let scope = p.charge.key.scope;
+            p.limit.replaces.iter().map(move |r| (scope, &**r))
+        })
+        .collect();
+    if replaced.is_empty() {
+        return;
+    }
+    (*planned, *owner) = std::mem::take(planned)
+        .into_iter()
+        .zip(std::mem::take(owner))
+        .filter(|(p, _)| !replaced.contains(&(p.charge.key.scope, &*p.limit.name)))
+        .unzip();
 }
 
 fn unknown_scope(rules: &Rules, scope: &str) -> Decision {

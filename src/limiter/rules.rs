@@ -7,6 +7,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 use super::Request;
 use super::bucket::Shape;
+use super::descriptors::{DescriptorKeys, DescriptorTree};
 use crate::config::{Config, ConfigError, FailureMode, LimitConfig, Per, UnknownScope};
 use crate::store::{BucketCharge, BucketKey};
 
@@ -29,6 +30,11 @@ pub struct ScopeRules {
     pub failure_mode: FailureMode,
     /// In config order; every one that matches applies.
     pub limits: Vec<Limit>,
+    /// Envoy descriptor rules (scopes from envoyproxy/ratelimit YAML): the
+    /// one limit a descriptor's entries lead to applies as well.
+    pub descriptor_tree: DescriptorTree,
+    /// Which Envoy descriptor entries are the identity and the operation.
+    pub descriptor_keys: Option<DescriptorKeys>,
 }
 
 /// One limit, ready to match.
@@ -46,6 +52,10 @@ pub struct Limit {
     pub shape: Shape,
     /// Never causes a denial.
     pub shadow: bool,
+    /// Rules of the same scope that this one stands in for: when a request
+    /// decided together draws on both, those are dropped (envoyproxy's
+    /// `replaces`).
+    pub replaces: Vec<Arc<str>>,
 }
 
 impl Rules {
@@ -54,7 +64,12 @@ impl Rules {
         let mut scopes = Vec::with_capacity(config.scopes.len());
         for s in &config.scopes {
             let mode = s.failure_mode.unwrap_or(config.failure_mode);
-            scopes.push(ScopeRules::compile(&s.name, mode, &s.limits)?);
+            let mut scope = ScopeRules::compile(&s.name, mode, &s.limits)?;
+            scope.descriptor_keys = s.descriptor_keys.clone().map(|k| DescriptorKeys {
+                identity: k.identity,
+                operation: k.operation,
+            });
+            scopes.push(scope);
         }
         Self::new(scopes, config.unknown_scope, config.failure_mode)
     }
@@ -79,6 +94,20 @@ impl Rules {
             unknown_scope,
             failure_mode,
         })
+    }
+
+    /// Adds scopes compiled elsewhere (envoyproxy/ratelimit YAML); their
+    /// names must be new.
+    pub fn add_scopes(&mut self, scopes: Vec<ScopeRules>) -> Result<(), ConfigError> {
+        for scope in scopes {
+            let name = scope.name.clone();
+            if self.scopes.insert(name.clone(), scope).is_some() {
+                return Err(ConfigError {
+                    problems: vec![format!("scope {name:?} is defined twice")],
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The rules of `scope`, if it is configured.
@@ -118,6 +147,8 @@ impl ScopeRules {
             name: name.into(),
             failure_mode,
             limits,
+            descriptor_tree: DescriptorTree::default(),
+            descriptor_keys: None,
         })
     }
 
@@ -126,10 +157,9 @@ impl ScopeRules {
     where
         'r: 'q,
     {
-        for (index, limit) in self.limits.iter().enumerate() {
-            if !limit.matches(req) {
-                continue;
-            }
+        let matching = self.limits.iter().filter(|l| l.matches(req));
+        let by_descriptor = self.descriptor_tree.find(req.entries);
+        for limit in matching.chain(by_descriptor) {
             let (identity, operation) = match limit.per {
                 Per::Scope => (None, None),
                 Per::Identity => (Some(req.identity), None),
@@ -137,7 +167,7 @@ impl ScopeRules {
                 Per::IdentityOperation => (Some(req.identity), Some(req.operation)),
             };
             out.extend(std::iter::once(Planned {
-                limit: &self.limits[index],
+                limit,
                 charge: BucketCharge {
                     key: BucketKey {
                         scope: &self.name,
@@ -198,6 +228,7 @@ impl Limit {
                 period,
             },
             shadow: config.shadow,
+            replaces: Vec::new(),
         })
     }
 

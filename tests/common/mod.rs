@@ -1,14 +1,16 @@
 //! Shared test fixtures: a real Tollgate server on 127.0.0.1:0.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod tollgate;
+
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tollgate::config::Config;
-use tollgate::pb::tollgate::v1::rate_limiter_client::RateLimiterClient;
-use tollgate::pb::tollgate::v1::{ShouldAllowRequest, ShouldAllowResponse};
-use tollgate::server::{self, Control, ServerError};
+use ::tollgate::config::Config;
+use ::tollgate::pb::tollgate::v1::rate_limiter_client::RateLimiterClient;
+use ::tollgate::pb::tollgate::v1::{ShouldAllowRequest, ShouldAllowResponse};
+use ::tollgate::server::{self, Control, ServerError};
 use tonic::transport::Channel;
 
 /// A server running in this test's runtime; shut down on drop.

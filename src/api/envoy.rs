@@ -1,0 +1,477 @@
+//! `envoy.service.ratelimit.v3.RateLimitService`: Envoy's rate-limit API.
+//!
+//! The request's `domain` is the scope, and each descriptor becomes one
+//! limiter request:
+//! - its entries, in order, select a limit from the scope's descriptor rules
+//!   (scopes loaded from envoyproxy/ratelimit YAML);
+//! - the scope's `descriptor_keys` name the entries that are the identity and
+//!   the operation; without them the whole descriptor (`user=alice,path=/x`)
+//!   is the identity, so each distinct descriptor has its own buckets;
+//! - every entry is also an attribute, for `when`.
+//!
+//! All descriptors of a request are decided together: if any is over its
+//! limit, none takes tokens.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
+    Code, DescriptorStatus, RateLimit, rate_limit::Unit,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use envoy_types::pb::google::protobuf::Duration as PbDuration;
+use tonic::{Request, Response, Status};
+
+use super::Observer;
+use super::validate::{
+    self, MAX_DESCRIPTOR_ENTRIES, MAX_DESCRIPTOR_KEY_LEN, MAX_DESCRIPTOR_VALUE_LEN,
+    MAX_DESCRIPTORS, MAX_SCOPE_LEN,
+};
+use crate::error::InvalidField;
+use crate::limiter::descriptors::{DescriptorKeys, canonical};
+use crate::limiter::{self, BucketReport, Decision, Limiter};
+use crate::store::Store;
+
+/// Serves Envoy's RLS v3 over a shared limiter.
+#[derive(Debug)]
+pub struct EnvoyRateLimitApi<S> {
+    limiter: Arc<Limiter<S>>,
+    /// Whether answers carry rate-limit headers; the server flips it on
+    /// reload.
+    headers: Arc<AtomicBool>,
+    /// Counts, times and audits decisions, denials per rule included.
+    observer: Arc<Observer>,
+}
+
+impl<S> EnvoyRateLimitApi<S> {
+    /// Serves `limiter`; `headers` says whether to answer with rate-limit
+    /// headers.
+    pub fn new(
+        limiter: Arc<Limiter<S>>,
+        headers: Arc<AtomicBool>,
+        observer: Arc<Observer>,
+    ) -> Self {
+        Self {
+            limiter,
+            headers,
+            observer,
+        }
+    }
+}
+
+/// One descriptor, validated and translated; a limiter request borrows it.
+struct Described<'a> {
+    entries: Vec<(&'a str, &'a str)>,
+    identity: Cow<'a, str>,
+    operation: &'a str,
+    attributes: HashMap<String, String>,
+    cost: u64,
+}
+
+impl<'a> Described<'a> {
+    fn request(&'a self, scope: &'a str) -> limiter::Request<'a> {
+        limiter::Request {
+            scope,
+            identity: &self.identity,
+            operation: self.operation,
+            cost: self.cost,
+            dry_run: false,
+            attributes: &self.attributes,
+            entries: &self.entries,
+        }
+    }
+}
+
+/// Validates the request; translates each descriptor under `keys`.
+fn to_domain<'a>(
+    req: &'a RateLimitRequest,
+    keys: Option<&DescriptorKeys>,
+) -> Result<Vec<Described<'a>>, InvalidField> {
+    validate::text("domain", &req.domain, MAX_SCOPE_LEN, true)?;
+    if req.descriptors.is_empty() {
+        return Err(validate::invalid("descriptors", "must not be empty"));
+    }
+    if req.descriptors.len() > MAX_DESCRIPTORS {
+        return Err(validate::invalid(
+            "descriptors",
+            format!(
+                "has {} entries; the most allowed is {MAX_DESCRIPTORS}",
+                req.descriptors.len()
+            ),
+        ));
+    }
+    req.descriptors
+        .iter()
+        .enumerate()
+        .map(|(i, d)| describe(d, &format!("descriptors[{i}]"), req.hits_addend, keys))
+        .collect()
+}
+
+fn describe<'a>(
+    d: &'a RateLimitDescriptor,
+    at: &str,
+    request_hits: u32,
+    keys: Option<&DescriptorKeys>,
+) -> Result<Described<'a>, InvalidField> {
+    if d.limit.is_some() {
+        // Limits come from the operator's validated config only. A bucket's
+        // state is meaningful against one capacity and period; letting each
+        // request bring its own would break the never-over-admit promise.
+        return Err(validate::invalid(
+            &format!("{at}.limit"),
+            "per-descriptor limit overrides are not supported; \
+             configure the limit in Tollgate instead",
+        ));
+    }
+    if d.is_negative_hits {
+        return Err(validate::invalid(
+            &format!("{at}.is_negative_hits"),
+            "is not supported: Tollgate never gives tokens back on request",
+        ));
+    }
+    if d.entries.is_empty() {
+        return Err(validate::invalid(
+            &format!("{at}.entries"),
+            "must not be empty",
+        ));
+    }
+    if d.entries.len() > MAX_DESCRIPTOR_ENTRIES {
+        return Err(validate::invalid(
+            &format!("{at}.entries"),
+            format!(
+                "has {} entries; the most allowed is {MAX_DESCRIPTOR_ENTRIES}",
+                d.entries.len()
+            ),
+        ));
+    }
+    for (j, e) in d.entries.iter().enumerate() {
+        let here = format!("{at}.entries[{j}]");
+        validate::text(&format!("{here}.key"), &e.key, MAX_DESCRIPTOR_KEY_LEN, true)?;
+        validate::text(
+            &format!("{here}.value"),
+            &e.value,
+            MAX_DESCRIPTOR_VALUE_LEN,
+            false,
+        )?;
+    }
+    let entries: Vec<(&str, &str)> = d
+        .entries
+        .iter()
+        .map(|e| (e.key.as_str(), e.value.as_str()))
+        .collect();
+    let value_of = |key: &Option<String>| {
+        key.as_deref()
+            .and_then(|k| entries.iter().find(|(ek, _)| *ek == k))
+            .map(|(_, v)| *v)
+    };
+    let identity = match keys.and_then(|k| value_of(&k.identity)) {
+        Some(v) => Cow::Borrowed(v),
+        None => Cow::Owned(canonical(&entries)),
+    };
+    let operation = keys.and_then(|k| value_of(&k.operation)).unwrap_or("");
+    // Zero (or absent) means one, at either level.
+    let hits = match &d.hits_addend {
+        Some(h) => h.value,
+        None => u64::from(request_hits),
+    };
+    Ok(Described {
+        attributes: entries
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        entries,
+        identity,
+        operation,
+        cost: hits.max(1),
+    })
+}
+
+#[tonic::async_trait]
+impl<S: Store> RateLimitService for EnvoyRateLimitApi<S> {
+    async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
+        let started = tokio::time::Instant::now();
+        let req = request.into_inner();
+        let rules = self.limiter.rules();
+        let keys = rules
+            .scope(&req.domain)
+            .and_then(|s| s.descriptor_keys.as_ref());
+        let described = to_domain(&req, keys)?;
+        let requests: Vec<limiter::Request<'_>> =
+            described.iter().map(|d| d.request(&req.domain)).collect();
+        let result = self.limiter.decide_together(&requests).await;
+        let took = started.elapsed();
+        let decisions = match result {
+            Ok(decisions) => decisions,
+            Err(e) => {
+                if let Some(first) = requests.first() {
+                    self.observer.decided("envoy", &rules, first, Err(&e), took);
+                }
+                return Err(e.into());
+            }
+        };
+        for (r, d) in requests.iter().zip(&decisions) {
+            self.observer.decided("envoy", &rules, r, Ok(d), took);
+        }
+        let headers = self.headers.load(Ordering::Relaxed);
+        Ok(Response::new(to_proto(&decisions, headers)))
+    }
+}
+
+/// True when this descriptor's own limits (or its unknown scope) denied.
+fn over_limit(d: &Decision) -> bool {
+    !d.allowed
+        && (d.buckets.iter().any(|b| b.exhausted && !b.shadow)
+            || (d.buckets.is_empty() && d.reason.is_some()))
+}
+
+fn to_proto(decisions: &[Decision], with_headers: bool) -> RateLimitResponse {
+    let allowed = decisions.iter().all(|d| d.allowed);
+    let statuses = decisions
+        .iter()
+        .map(|d| {
+            let code = if over_limit(d) {
+                Code::OverLimit
+            } else {
+                Code::Ok
+            };
+            // A descriptor that did not deny, in a request that another one
+            // denied, has no primary bucket: report its tightest.
+            let primary = d.primary().or_else(|| {
+                d.buckets
+                    .iter()
+                    .filter(|b| !b.shadow)
+                    .min_by_key(|b| b.remaining)
+            });
+            DescriptorStatus {
+                code: code.into(),
+                current_limit: primary.map(current_limit),
+                limit_remaining: primary.map_or(0, |b| clamp_u32(b.remaining)),
+                duration_until_reset: primary.map(|b| duration(b.reset_after)),
+                ..DescriptorStatus::default()
+            }
+        })
+        .collect();
+    let response_headers_to_add = if with_headers {
+        headers(decisions, allowed)
+    } else {
+        Vec::new()
+    };
+    RateLimitResponse {
+        overall_code: if allowed { Code::Ok } else { Code::OverLimit }.into(),
+        statuses,
+        response_headers_to_add,
+        ..RateLimitResponse::default()
+    }
+}
+
+/// `x-ratelimit-*` from the most restrictive enforced bucket of the whole
+/// request, and `retry-after` on a denial that a retry can pass.
+fn headers(decisions: &[Decision], allowed: bool) -> Vec<HeaderValue> {
+    let enforced = || {
+        decisions
+            .iter()
+            .flat_map(|d| &d.buckets)
+            .filter(|b| !b.shadow)
+    };
+    let bucket = if allowed {
+        enforced().min_by_key(|b| b.remaining)
+    } else {
+        enforced()
+            .filter(|b| b.exhausted)
+            .max_by_key(|b| b.retry_after)
+    };
+    let mut out = Vec::new();
+    let mut add = |key: &str, value: String| {
+        out.push(HeaderValue {
+            key: key.to_owned(),
+            value,
+            ..HeaderValue::default()
+        });
+    };
+    if let Some(b) = bucket {
+        add(
+            "x-ratelimit-limit",
+            format!("{}, {};w={}", b.limit, b.limit, ceil_secs(b.period)),
+        );
+        add("x-ratelimit-remaining", b.remaining.to_string());
+        add("x-ratelimit-reset", ceil_secs(b.reset_after).to_string());
+    }
+    if !allowed {
+        let retry = decisions.iter().filter_map(|d| d.retry_after).max();
+        if let Some(r) = retry {
+            add("retry-after", ceil_secs(r).to_string());
+        }
+    }
+    out
+}
+
+/// Envoy's units, longest last.
+const UNITS: [(Unit, u64); 7] = [
+    (Unit::Second, 1),
+    (Unit::Minute, 60),
+    (Unit::Hour, 3600),
+    (Unit::Day, 86_400),
+    (Unit::Week, 7 * 86_400),
+    (Unit::Month, 30 * 86_400),
+    (Unit::Year, 365 * 86_400),
+];
+
+/// A bucket as Envoy's "requests per unit". Exact when the refill period is a
+/// unit; otherwise the rate over the next unit up, rounded down.
+fn current_limit(b: &BucketReport) -> RateLimit {
+    let period = b.period.as_nanos().max(1);
+    let (unit, secs) = UNITS
+        .iter()
+        .find(|(_, secs)| u128::from(*secs) * 1_000_000_000 >= period)
+        .copied()
+        .unwrap_or((Unit::Year, 365 * 86_400));
+    let per_unit = u128::from(b.limit) * u128::from(secs) * 1_000_000_000 / period;
+    RateLimit {
+        name: b.rule.to_string(),
+        requests_per_unit: u32::try_from(per_unit).unwrap_or(u32::MAX),
+        unit: unit.into(),
+    }
+}
+
+fn clamp_u32(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Whole seconds, rounded up: a client that waits this long is not early.
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+fn duration(d: Duration) -> PbDuration {
+    PbDuration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::store::memory::MemoryStore;
+    use crate::store::{Charge, ChargeOutcome, StoreError};
+
+    const CONFIG: &str = "
+failure_mode: closed
+scopes:
+  - name: api
+    descriptor_keys: { identity: user }
+    limits:
+      - { name: per-user, per: identity, capacity: 1, refill_period: 1h }
+      - { name: try-me, per: identity, capacity: 1, refill_period: 1h, shadow: true }
+";
+
+    fn api<S: Store>(config: &str, store: S) -> EnvoyRateLimitApi<S> {
+        let config = Config::from_yaml(config).unwrap();
+        let rules = crate::server::compile_rules(&config).unwrap();
+        EnvoyRateLimitApi::new(
+            Arc::new(Limiter::new(rules, store)),
+            Arc::new(AtomicBool::new(false)),
+            Arc::default(),
+        )
+    }
+
+    fn alice() -> Request<RateLimitRequest> {
+        Request::new(RateLimitRequest {
+            domain: "api".into(),
+            descriptors: vec![RateLimitDescriptor {
+                entries: vec![Entry {
+                    key: "user".into(),
+                    value: "alice".into(),
+                }],
+                ..RateLimitDescriptor::default()
+            }],
+            hits_addend: 0,
+        })
+    }
+
+    #[tokio::test]
+    async fn denials_are_counted_per_rule_and_shadow_ones_apart() {
+        let api = api(CONFIG, MemoryStore::new(1));
+        let code = async |api: &EnvoyRateLimitApi<MemoryStore>| {
+            api.should_rate_limit(alice())
+                .await
+                .unwrap()
+                .into_inner()
+                .overall_code
+        };
+        assert_eq!(code(&api).await, Code::Ok as i32);
+        assert_eq!(code(&api).await, Code::OverLimit as i32);
+        assert_eq!(code(&api).await, Code::OverLimit as i32);
+        let text = api.observer.metrics.encode();
+        let has = |line: &str| assert!(text.contains(line), "{line} not in\n{text}");
+        has(
+            r#"tollgate_decisions_total{api="envoy",scope="api",rule="per-user",result="denied"} 2"#,
+        );
+        has(r#"tollgate_shadow_denials_total{api="envoy",scope="api",rule="try-me"} 2"#);
+        assert!(!text.contains(r#"rule="try-me",result="denied""#), "{text}");
+    }
+
+    /// A store that is down, to see the failure modes at the API edge.
+    #[derive(Debug)]
+    struct DownStore;
+
+    impl Store for DownStore {
+        async fn check_and_take(&self, _: &[Charge<'_>]) -> Result<Vec<ChargeOutcome>, StoreError> {
+            Err(StoreError::transient("connection refused"))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_down_store_is_unavailable_when_closed_and_ok_when_open() {
+        let closed = api(CONFIG, DownStore);
+        let status = closed.should_rate_limit(alice()).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+
+        let open = api(&CONFIG.replace("closed", "open"), DownStore);
+        let r = open.should_rate_limit(alice()).await.unwrap().into_inner();
+        assert_eq!(r.overall_code, Code::Ok as i32);
+        assert_eq!(r.statuses[0].code, Code::Ok as i32);
+    }
+
+    fn bucket(limit: u64, period: Duration) -> BucketReport {
+        BucketReport {
+            rule: Arc::from("r"),
+            limit,
+            period,
+            remaining: 0,
+            reset_after: Duration::ZERO,
+            retry_after: None,
+            exhausted: false,
+            shadow: false,
+        }
+    }
+
+    #[test]
+    fn current_limit_is_exact_for_whole_units_and_rounded_down_otherwise() {
+        let l = current_limit(&bucket(10, Duration::from_secs(60)));
+        assert_eq!((l.requests_per_unit, l.unit), (10, Unit::Minute.into()));
+        let l = current_limit(&bucket(3, Duration::from_secs(10)));
+        assert_eq!((l.requests_per_unit, l.unit), (18, Unit::Minute.into()));
+        let l = current_limit(&bucket(5, Duration::from_millis(1500)));
+        assert_eq!((l.requests_per_unit, l.unit), (200, Unit::Minute.into()));
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        assert_eq!(ceil_secs(Duration::from_millis(1)), 1);
+        assert_eq!(ceil_secs(Duration::from_secs(2)), 2);
+        assert_eq!(ceil_secs(Duration::from_millis(2001)), 3);
+    }
+}

@@ -1,0 +1,389 @@
+//! End to end behind a real Envoy: Tollgate, a small upstream HTTP server and
+//! Envoy started from `deploy/envoy/envoy.yaml` with free ports filled in.
+//!
+//! Envoy comes from `ENVOY_BIN` (printed by
+//! `deploy/scripts/install-test-deps.sh`), else from where that script
+//! installs it, else `envoy` on PATH. A missing Envoy fails these tests: CI
+//! installs it, so a skip would hide a gap.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
+    RateLimitService, RateLimitServiceServer,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use http_body_util::Full;
+use hyper::body::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tollgate::config::Config;
+
+/// The template's ports, in the order `Envoy::start` fills them.
+const TEMPLATE_PORTS: [&str; 4] = [
+    "port_value: 10000",
+    "port_value: 8080",
+    "port_value: 50051",
+    "port_value: 9901",
+];
+
+fn envoy_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("ENVOY_BIN") {
+        return PathBuf::from(p);
+    }
+    let installed =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-deps/envoy-venv/bin/envoy");
+    if installed.is_file() {
+        return installed;
+    }
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("envoy"))
+            .find(|p| p.is_file())
+    });
+    on_path.unwrap_or_else(|| {
+        panic!(
+            "Envoy not found: set ENVOY_BIN to an envoy binary or put `envoy` on PATH \
+             (deploy/scripts/install-test-deps.sh installs one; deploy/scripts/test.sh runs it)"
+        )
+    })
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// A running Envoy, killed on drop.
+struct Envoy {
+    child: Child,
+    listen: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    /// Starts Envoy from the deploy template, pointing at `upstream` and
+    /// `rls`, after `edit` has had its way with the YAML.
+    async fn start(upstream: SocketAddr, rls: SocketAddr, edit: impl Fn(String) -> String) -> Self {
+        let template = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/envoy/envoy.yaml"),
+        )
+        .expect("read deploy/envoy/envoy.yaml");
+        let (listen_port, admin_port) = (free_port(), free_port());
+        let ports = [listen_port, upstream.port(), rls.port(), admin_port];
+        let mut yaml = template;
+        for (from, port) in TEMPLATE_PORTS.iter().zip(ports) {
+            assert_eq!(
+                yaml.matches(from).count(),
+                1,
+                "template must hold {from:?} once"
+            );
+            yaml = yaml.replace(from, &format!("port_value: {port}"));
+        }
+        let yaml = edit(yaml);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("envoy.yaml");
+        std::fs::write(&config, yaml).expect("write envoy.yaml");
+        let log = dir.path().join("envoy.log");
+        let child = Command::new(envoy_binary())
+            .arg("-c")
+            .arg(&config)
+            .args([
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "--log-level",
+                "warn",
+            ])
+            .arg("--log-path")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start Envoy ({}): {e}", envoy_binary().display()));
+        let mut envoy = Self {
+            child,
+            listen: SocketAddr::from(([127, 0, 0, 1], listen_port)),
+            log,
+            _dir: dir,
+        };
+        envoy.wait_ready(admin_port).await;
+        envoy
+    }
+
+    async fn wait_ready(&mut self, admin_port: u16) {
+        let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
+        for _ in 0..300 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("Envoy exited with {status}: {}", self.log_text());
+            }
+            if let Ok(r) = get(admin, "/ready", &[]).await
+                && r.status == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("Envoy not ready after 15s: {}", self.log_text());
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP response, as far as these tests care.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A minimal HTTP/1.1 GET: one request per connection.
+async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> std::io::Result<Reply> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let mut req = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes()).await?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw);
+    let head = text.split("\r\n\r\n").next().unwrap_or_default();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line in {text:?}")))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok(Reply { status, headers })
+}
+
+/// The upstream service: 200 "ok" to everything.
+async fn start_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+const EDGE_LIMITS: &str = r#"
+domain: edge
+descriptors:
+  - key: user
+    rate_limit: { unit: second, requests_per_unit: 3 }
+  - key: remote_address
+    rate_limit: { unit: minute, requests_per_unit: 1000 }
+  - key: api_key
+    rate_limit: { unit: minute, requests_per_unit: 1 }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_enforces_tollgate_limits_end_to_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limits = dir.path().join("edge.yaml");
+    std::fs::write(&limits, EDGE_LIMITS).expect("write limits");
+    let config = Config::from_yaml(&format!(
+        "envoy_response_headers: true\nenvoy_ratelimit_configs: [{:?}]\n",
+        limits
+    ))
+    .expect("config");
+    let tollgate = common::tollgate::start_tollgate(config).await;
+    let upstream = start_upstream().await;
+    let envoy = Envoy::start(upstream, tollgate.addr, |y| y).await;
+    let as_user = |user: &'static str| async move {
+        get(envoy.listen, "/", &[("x-user-id", user)])
+            .await
+            .expect("request through Envoy")
+    };
+
+    // Warm Envoy's connection to Tollgate, so that alice's burst below is
+    // not spread over the connection set-up while her bucket refills.
+    assert_eq!(as_user("warm-up").await.status, 200);
+    for left in ["2", "1", "0"] {
+        let r = as_user("alice").await;
+        assert_eq!(r.status, 200, "{r:?}\n{}", envoy.log_text());
+        // Envoy adds Tollgate's headers to allowed responses too.
+        assert_eq!(r.header("x-ratelimit-remaining"), Some(left), "{r:?}");
+        assert_eq!(r.header("retry-after"), None, "{r:?}");
+    }
+    let denied = as_user("alice").await;
+    assert_eq!(denied.status, 429, "{denied:?}");
+    assert_eq!(
+        denied.header("x-ratelimit-limit"),
+        Some("3, 3;w=1"),
+        "{denied:?}"
+    );
+    assert_eq!(
+        denied.header("x-ratelimit-remaining"),
+        Some("0"),
+        "{denied:?}"
+    );
+    assert!(denied.header("x-ratelimit-reset").is_some(), "{denied:?}");
+    let retry: u64 = denied
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no retry-after: {denied:?}"));
+    assert_eq!(retry, 1);
+
+    // Another user has buckets of their own.
+    assert_eq!(as_user("bob").await.status, 200);
+
+    tokio::time::sleep(Duration::from_secs(retry)).await;
+    assert_eq!(
+        as_user("alice").await.status,
+        200,
+        "alice after retry-after"
+    );
+
+    // Several descriptors: [user=dave], [remote_address], [api_key=k1]; the
+    // api_key limit (1 a minute) is the tightest and denies the second.
+    let with_key = || {
+        get(
+            envoy.listen,
+            "/",
+            &[("x-user-id", "dave"), ("x-api-key", "k1")],
+        )
+    };
+    assert_eq!(with_key().await.expect("request").status, 200);
+    let denied = with_key().await.expect("request");
+    assert_eq!(denied.status, 429, "{denied:?}");
+    assert_eq!(
+        denied.header("x-ratelimit-limit"),
+        Some("1, 1;w=60"),
+        "{denied:?}"
+    );
+    assert_eq!(
+        denied
+            .header("retry-after")
+            .map(|v| v.parse::<u64>().is_ok()),
+        Some(true)
+    );
+    // dave's own bucket was not charged by the denial: two more pass.
+    assert_eq!(as_user("dave").await.status, 200);
+    assert_eq!(as_user("dave").await.status, 200);
+}
+
+/// An RLS that answers as the `x-user-id` descriptor says: a gRPC status
+/// name, or `over` for OVER_LIMIT. It probes what Envoy does with each.
+#[derive(Debug)]
+struct ScriptedRls;
+
+#[tonic::async_trait]
+impl RateLimitService for ScriptedRls {
+    async fn should_rate_limit(
+        &self,
+        request: tonic::Request<RateLimitRequest>,
+    ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
+        let req = request.into_inner();
+        let user = req
+            .descriptors
+            .iter()
+            .flat_map(|d| &d.entries)
+            .find(|e| e.key == "user")
+            .map(|e| e.value.clone())
+            .unwrap_or_default();
+        let code = match user.as_str() {
+            "ok" => Code::Ok,
+            "over" => Code::OverLimit,
+            "unavailable" => return Err(tonic::Status::unavailable("store down")),
+            "invalid" => return Err(tonic::Status::invalid_argument("bad descriptor")),
+            "exhausted" => return Err(tonic::Status::resource_exhausted("busy")),
+            "internal" => return Err(tonic::Status::internal("bug")),
+            "slow" => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Code::Ok
+            }
+            other => panic!("unexpected user {other:?}"),
+        };
+        Ok(tonic::Response::new(RateLimitResponse {
+            overall_code: code.into(),
+            ..RateLimitResponse::default()
+        }))
+    }
+}
+
+async fn start_scripted_rls() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RateLimitServiceServer::new(ScriptedRls))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    addr
+}
+
+/// What the real Envoy answers clients for each RLS outcome, with
+/// `failure_mode_deny` false (the template's) and true. Every gRPC error and
+/// a timeout count as "the service failed": allowed, or 500 when denying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_applies_failure_mode_deny_to_every_grpc_error() {
+    let rls = start_scripted_rls().await;
+    let upstream = start_upstream().await;
+    let open = Envoy::start(upstream, rls, |y| y).await;
+    let closed = Envoy::start(upstream, rls, |y| {
+        y.replace("failure_mode_deny: false", "failure_mode_deny: true")
+    })
+    .await;
+    let expect = [
+        ("ok", 200, 200),
+        ("over", 429, 429),
+        ("unavailable", 200, 500),
+        ("invalid", 200, 500),
+        ("exhausted", 200, 500),
+        ("internal", 200, 500),
+        ("slow", 200, 500),
+    ];
+    for (user, when_open, when_closed) in expect {
+        let r = get(open.listen, "/", &[("x-user-id", user)])
+            .await
+            .expect("request");
+        assert_eq!(r.status, when_open, "{user} with failure_mode_deny: false");
+        let r = get(closed.listen, "/", &[("x-user-id", user)])
+            .await
+            .expect("request");
+        assert_eq!(r.status, when_closed, "{user} with failure_mode_deny: true");
+    }
+}
