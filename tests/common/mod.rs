@@ -5,12 +5,12 @@ pub mod tollgate;
 
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use ::tollgate::config::Config;
 use ::tollgate::pb::tollgate::v1::rate_limiter_client::RateLimiterClient;
 use ::tollgate::pb::tollgate::v1::{ShouldAllowRequest, ShouldAllowResponse};
 use ::tollgate::server::{self, Control, ServerError};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
 /// A server running in this test's runtime; shut down on drop.
