@@ -188,9 +188,8 @@ async fn sigterm_drains_in_flight_calls_and_exits_cleanly() {
     let client = connect(port).await;
 
     // Callers keep calling through the signal. A call may be refused before
-    // it starts (UNAVAILABLE: no connection; CANCELLED: the connection said
-    // GOAWAY before the request went out), but none may fail any other way,
-    // and calls keep completing during the drain delay.
+    // it starts, but none may fail any other way, and calls keep completing
+    // during the drain delay.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let signalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let callers: Vec<_> = (0..8)
@@ -206,12 +205,7 @@ async fn sigterm_drains_in_flight_calls_and_exits_cleanly() {
                             assert!(r.into_inner().allowed);
                             ok_after_signal += u32::from(after);
                         }
-                        Err(s)
-                            if matches!(
-                                s.code(),
-                                tonic::Code::Unavailable | tonic::Code::Cancelled
-                            ) =>
-                        {
+                        Err(s) if refused_before_start(&s) => {
                             tokio::time::sleep(Duration::from_millis(5)).await;
                         }
                         Err(s) => panic!("a call failed: {s:?}"),
@@ -239,6 +233,93 @@ async fn sigterm_drains_in_flight_calls_and_exits_cleanly() {
     }
     assert!(status.success(), "exit status {status:?}");
     assert!(ok > 0, "calls are still served during the drain delay");
+}
+
+/// How a call looks when the server refused it before starting it: no
+/// connection (UNAVAILABLE), or the connection's GOAWAY reached the client
+/// before the request went out (CANCELLED, or hyper's GoAway error for a
+/// stream above the server's last-stream-id, which it never processed).
+fn refused_before_start(s: &tonic::Status) -> bool {
+    match s.code() {
+        tonic::Code::Unavailable | tonic::Code::Cancelled => true,
+        tonic::Code::Internal => format!("{s:?}").contains("GoAway"),
+        _ => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_in_flight_when_sigterm_arrives_still_completes() {
+    use prost::Message as _;
+    use tollgate::pb::tollgate::v1::{ShouldAllowRequest, ShouldAllowResponse};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = config_file(&dir, &limits(10));
+    let port = free_port();
+    let mut child = serve(&path, port);
+    let _ready = connect(port).await;
+
+    // Open a raw HTTP/2 stream and send only the headers of a ShouldAllow:
+    // the call has started, and its body is still on its way.
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("tcp");
+    let (mut h2, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let request = http::Request::post(format!(
+        "http://127.0.0.1:{port}/tollgate.v1.RateLimiter/ShouldAllow"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .expect("request");
+    let (response, mut body) = h2.send_request(request, false).expect("send headers");
+
+    signal(&child.0, "-TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Now finish the request: the server must still answer it in full.
+    let message = ShouldAllowRequest {
+        scope: "demo".into(),
+        identity: "late".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    body.send_data(bytes::Bytes::from(frame), true)
+        .expect("send body");
+
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("answered")
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    let mut stream = response.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = stream.data().await {
+        let chunk = chunk.expect("data");
+        let _ = stream.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = stream
+        .trailers()
+        .await
+        .expect("trailers")
+        .expect("grpc trailers");
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"0"[..]),
+        "{trailers:?}"
+    );
+    let answer = ShouldAllowResponse::decode(&data[5..]).expect("a ShouldAllowResponse");
+    assert!(answer.allowed);
+    assert_eq!((answer.rule.as_str(), answer.remaining), ("per-user", 9));
+
+    let status = tokio::task::spawn_blocking(move || child.0.wait().expect("wait"))
+        .await
+        .expect("join");
+    assert!(status.success(), "exit status {status:?}");
 }
 
 #[tokio::test]
