@@ -115,9 +115,15 @@ impl Shape {
     /// reduced below the capacity (a reload may have changed the capacity).
     fn normalise(self, tat: Tat, now: u64) -> Tat {
         let c = self.capacity.max(1);
-        let tat = Tat {
-            ticks: tat.ticks.saturating_add(tat.frac / c),
-            frac: tat.frac % c,
+        // Only a capacity lowered by a reload leaves frac >= c: skip the
+        // division otherwise, as it is the costliest step on this path.
+        let tat = if tat.frac < c {
+            tat
+        } else {
+            Tat {
+                ticks: tat.ticks.saturating_add(tat.frac / c),
+                frac: tat.frac % c,
+            }
         };
         if tat.is_full_at(now) {
             Tat {
