@@ -9,17 +9,25 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use crate::api::RateLimiterApi;
 use crate::config::{Config, ConfigError, StoreKind};
 use crate::limiter::{Limiter, Rules};
 use crate::pb;
 use crate::pb::tollgate::v1::rate_limiter_server::RateLimiterServer;
-use crate::store::AnyStore;
 use crate::store::memory::MemoryStore;
+use crate::store::redis::{BuildError, RedisStore};
+use crate::store::{AnyStore, Store as _};
 
 /// The health service name that tracks readiness, besides the empty name.
+/// It is also NOT_SERVING while the store is unavailable (the Redis circuit
+/// is open); the empty name stays SERVING then, because Tollgate still
+/// answers, by each scope's failure mode.
 pub const HEALTH_SERVICE: &str = "tollgate.v1.RateLimiter";
+
+/// How often health re-reads the store's availability.
+pub const STORE_HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// What a running server can be told.
 #[derive(Debug)]
@@ -44,6 +52,10 @@ pub enum ServerError {
     /// Reflection could not be built from the descriptors.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The store could not be built (it is not connected yet, so this is
+    /// about settings, never about Redis being down).
+    #[error(transparent)]
+    Store(#[from] BuildError),
 }
 
 /// Compiles a config's rules.
@@ -51,13 +63,39 @@ pub fn compile_rules(config: &Config) -> Result<Rules, ConfigError> {
     Rules::from_config(config)
 }
 
-/// Builds the store a config asks for. Needs a tokio runtime (for sweepers).
-pub fn build_store(config: &Config) -> AnyStore {
-    match config.store.kind {
+/// Builds the store a config asks for. Needs a tokio runtime (for sweepers
+/// and the Redis prober).
+pub fn build_store(config: &Config) -> Result<AnyStore, BuildError> {
+    Ok(match config.store.kind {
         StoreKind::Memory => {
             let store = MemoryStore::new(config.store.memory.shards);
             store.spawn_sweeper(config.store.memory.sweep_interval);
             AnyStore::Memory(store)
+        }
+        StoreKind::Redis => {
+            let store = RedisStore::new(&config.store.redis)?;
+            store.spawn_prober(config.store.redis.breaker_cool_down);
+            AnyStore::Redis(store)
+        }
+    })
+}
+
+/// Keeps [`HEALTH_SERVICE`] in step with the store's availability, logging
+/// nothing itself: the store logs its own state changes.
+async fn watch_store(limiter: Arc<Limiter<AnyStore>>, health: HealthReporter) {
+    let mut tick = tokio::time::interval(STORE_HEALTH_INTERVAL);
+    let mut last = None;
+    loop {
+        tick.tick().await;
+        let up = limiter.store().is_available();
+        if last != Some(up) {
+            let status = if up {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status(HEALTH_SERVICE, status).await;
+            last = Some(up);
         }
     }
 }
@@ -70,7 +108,7 @@ pub async fn run(
     mut control: mpsc::Receiver<Control>,
 ) -> Result<(), ServerError> {
     let rules = compile_rules(&config)?;
-    let store = build_store(&config);
+    let store = build_store(&config)?;
     let limiter = Arc::new(Limiter::new(rules, store));
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -82,6 +120,12 @@ pub async fn run(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
+
+    health.set_service_status("", ServingStatus::Serving).await;
+    health
+        .set_service_status(HEALTH_SERVICE, ServingStatus::Serving)
+        .await;
+    let watcher = tokio::spawn(watch_store(limiter.clone(), health.clone()));
 
     let drain_delay = config.drain_delay.unwrap_or_default();
     let stop = {
@@ -102,6 +146,7 @@ pub async fn run(
                     Control::Shutdown => break,
                 }
             }
+            watcher.abort();
             health
                 .set_service_status("", ServingStatus::NotServing)
                 .await;
@@ -113,10 +158,6 @@ pub async fn run(
         }
     };
 
-    health.set_service_status("", ServingStatus::Serving).await;
-    health
-        .set_service_status(HEALTH_SERVICE, ServingStatus::Serving)
-        .await;
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, "serving");
 

@@ -1,0 +1,272 @@
+//! The Redis store: one Lua script decides each charge atomically, on
+//! standalone Redis, a Sentinel-managed primary, or Redis Cluster.
+//!
+//! # One round trip
+//! Each charge is one `EVALSHA` of `decide.lua`; the charges of one
+//! [`Store::check_and_take`] call go out as one pipeline, so a batch is one
+//! round trip too. On Cluster, the batch is split by hash tag and the pieces
+//! go to their nodes concurrently.
+//!
+//! # Atomicity, per topology
+//! Every key of a charge carries the scope as its hash tag (see [`keys`]), so
+//! a charge is always one script on one node: exactly atomic on standalone,
+//! on Sentinel and on Cluster. A charge can only span tags when it mixes
+//! scopes, which the limiter never builds from one request; on Cluster such
+//! a charge is refused with a permanent error rather than decided unsafely.
+//!
+//! # Scripts
+//! The script is called by SHA. A node that answers `NOSCRIPT` (a fresh
+//! Cluster node, a promoted replica, after `SCRIPT FLUSH`) gets `SCRIPT LOAD`
+//! (on Cluster, sent to every primary), and the charges it refused, which did
+//! not run, are sent again. Nothing is ever charged twice.
+//!
+//! # Failure
+//! A [`breaker`] sits in front: after a few failures in a row, calls fail at
+//! once for a short cool-down, then probe. A background prober also pings
+//! Redis while the breaker is open (and once at start), so the breaker closes
+//! and health recovers without traffic. Errors become [`StoreError`]s, and
+//! the limiter applies each scope's `failure_mode`.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use redis::{ErrorKind, RedisResult, ServerErrorKind, Value};
+
+use super::{Charge, ChargeOutcome, Store, StoreError};
+use crate::config::RedisConfig;
+
+pub mod breaker;
+pub mod keys;
+mod script;
+mod topology;
+
+pub use breaker::BreakerSettings;
+pub use keys::DEFAULT_PREFIX;
+pub use topology::{BuildError, check_url};
+
+use breaker::Breaker;
+use topology::{CallError, Request, Topology};
+
+/// The Redis store. Cheap to clone: clones share pools and breaker.
+#[derive(Debug, Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    topology: Topology,
+    /// The script's SHA1, for `EVALSHA`.
+    sha: String,
+    /// Every key starts with it: the schema version, or a test's namespace.
+    prefix: String,
+    /// Bounds each round trip.
+    response_timeout: Duration,
+    breaker: Breaker,
+}
+
+impl RedisStore {
+    /// Builds the store from its config. Does not connect: Tollgate starts
+    /// while Redis is down. Call [`RedisStore::spawn_prober`] to track it.
+    pub fn new(config: &RedisConfig) -> Result<Self, BuildError> {
+        Ok(Self {
+            inner: Arc::new(Inner {
+                topology: Topology::build(config)?,
+                sha: script::sha1(),
+                prefix: config.key_prefix.clone(),
+                response_timeout: config.response_timeout,
+                breaker: Breaker::new(BreakerSettings {
+                    threshold: config.breaker_threshold,
+                    cool_down: config.breaker_cool_down,
+                }),
+            }),
+        })
+    }
+
+    /// Starts the background prober: it pings Redis once now (opening the
+    /// breaker at once if Redis is down) and then, while the breaker is open,
+    /// once per cool-down, so the breaker closes without traffic. It stops
+    /// by itself once the store is dropped.
+    pub fn spawn_prober(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            if let Some(inner) = weak.upgrade()
+                && let Err(e) = inner.ping().await
+            {
+                inner.breaker.trip(&e);
+            }
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                if inner.breaker.is_open() && inner.breaker.admit() {
+                    match inner.ping().await {
+                        Ok(()) => inner.breaker.succeeded(),
+                        Err(e) => inner.breaker.failed(&e),
+                    }
+                }
+            }
+        })
+    }
+}
+
+impl Inner {
+    async fn ping(&self) -> Result<(), CallError> {
+        let ping = redis::cmd("PING");
+        self.topology
+            .call::<Value>(Request::Cmd(&ping), self.response_timeout)
+            .await
+            .map(|_| ())
+    }
+
+    async fn load_script(&self) -> Result<(), CallError> {
+        let mut load = redis::cmd("SCRIPT");
+        load.arg("LOAD").arg(script::SOURCE);
+        self.topology
+            .call::<Value>(Request::Cmd(&load), self.response_timeout)
+            .await
+            .map(|_| ())
+    }
+
+    async fn decide(&self, charges: &[Charge<'_>]) -> Result<Vec<ChargeOutcome>, StoreError> {
+        let mut outcomes: Vec<Option<ChargeOutcome>> = vec![None; charges.len()];
+        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+        for (i, charge) in charges.iter().enumerate() {
+            let Some(first) = charge.buckets.first() else {
+                outcomes[i] = Some(ChargeOutcome {
+                    allowed: true,
+                    buckets: Vec::new(),
+                });
+                continue;
+            };
+            // Standalone and Sentinel run any batch on one node: one group.
+            let tag = if self.topology.is_cluster() {
+                let tag = keys::hash_tag(&first.key);
+                if charge.buckets.iter().any(|b| keys::hash_tag(&b.key) != tag) {
+                    return Err(StoreError::permanent(
+                        "a charge spanning scopes cannot be decided atomically on Redis Cluster",
+                    ));
+                }
+                tag
+            } else {
+                String::new()
+            };
+            match groups.iter_mut().find(|(t, _)| *t == tag) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((tag, vec![i])),
+            }
+        }
+        let decided = join_all(
+            groups
+                .iter()
+                .map(|(_, members)| self.decide_group(charges, members)),
+        )
+        .await;
+        for (result, (_, members)) in decided.into_iter().zip(&groups) {
+            for (outcome, &i) in result?.into_iter().zip(members) {
+                outcomes[i] = Some(outcome);
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.ok_or_else(|| StoreError::permanent("Redis store lost a charge")))
+            .collect()
+    }
+
+    /// Decides charges that share a node, in one pipeline; reloads the
+    /// script and resends only what a node refused with `NOSCRIPT`.
+    async fn decide_group(
+        &self,
+        charges: &[Charge<'_>],
+        members: &[usize],
+    ) -> Result<Vec<ChargeOutcome>, StoreError> {
+        let mut outcomes: Vec<Option<ChargeOutcome>> = vec![None; members.len()];
+        let mut pending: Vec<usize> = (0..members.len()).collect();
+        for attempt in 0..2 {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for &p in &pending {
+                pipe.add_command(script::evalsha(
+                    &self.sha,
+                    &self.prefix,
+                    &charges[members[p]],
+                ));
+            }
+            let replies: Vec<RedisResult<Vec<i64>>> = self
+                .topology
+                .call(Request::Pipe(&pipe), self.response_timeout)
+                .await
+                .map_err(call_failed)?;
+            if replies.len() != pending.len() {
+                return Err(StoreError::permanent(format!(
+                    "Redis answered {} of {} script calls",
+                    replies.len(),
+                    pending.len()
+                )));
+            }
+            let mut refused = Vec::new();
+            for (reply, p) in replies.into_iter().zip(pending) {
+                match reply {
+                    Ok(ints) => {
+                        let outcome = script::outcome(&charges[members[p]], &ints)
+                            .map_err(StoreError::permanent)?;
+                        outcomes[p] = Some(outcome);
+                    }
+                    Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                        refused.push(p);
+                    }
+                    Err(e) => {
+                        if topology::poisons_connection(&e) {
+                            self.topology.forget_connections();
+                        }
+                        return Err(call_failed(CallError::Redis(e)));
+                    }
+                }
+            }
+            if refused.is_empty() {
+                break;
+            }
+            if attempt == 0 {
+                self.load_script().await.map_err(call_failed)?;
+            }
+            pending = refused;
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.ok_or_else(|| StoreError::transient("Redis kept answering NOSCRIPT")))
+            .collect()
+    }
+}
+
+/// Every failure to reach Redis may pass: a restart, a failover, a timeout.
+fn call_failed(e: CallError) -> StoreError {
+    StoreError::transient(e)
+}
+
+impl Store for RedisStore {
+    async fn check_and_take(
+        &self,
+        charges: &[Charge<'_>],
+    ) -> Result<Vec<ChargeOutcome>, StoreError> {
+        let inner = &self.inner;
+        if !inner.breaker.admit() {
+            return Err(StoreError::transient(
+                "Redis circuit open: not calling Redis during the cool-down",
+            ));
+        }
+        let result = inner.decide(charges).await;
+        match &result {
+            Ok(_) => inner.breaker.succeeded(),
+            Err(e) if e.transient => inner.breaker.failed(e),
+            // A permanent error is about the request, not Redis's health.
+            Err(_) => {}
+        }
+        result
+    }
+
+    fn is_available(&self) -> bool {
+        !self.inner.breaker.is_open()
+    }
+}
