@@ -111,10 +111,20 @@ impl Topology {
             .collect::<Result<Vec<_>, _>>()
             .map_err(BuildError::Url)?;
         let client = |e: RedisError| BuildError::Client(e.to_string());
-        let built = |e: deadpool_redis::BuildError| BuildError::Client(e.to_string());
-        let size = config.pool_size;
-        let wait = Some(config.wait_timeout);
         let connect = Some(config.connect_timeout);
+        // The same pool settings for each topology's builder type.
+        macro_rules! tuned {
+            ($builder:expr) => {
+                $builder
+                    .max_size(config.pool_size)
+                    .wait_timeout(Some(config.wait_timeout))
+                    .create_timeout(connect)
+                    .recycle_timeout(connect)
+                    .runtime(Runtime::Tokio1)
+                    .build()
+                    .map_err(|e| BuildError::Client(e.to_string()))?
+            };
+        }
         Ok(match config.mode {
             RedisMode::Standalone => {
                 let info = infos
@@ -126,16 +136,7 @@ impl Topology {
                     .set_response_timeout(Some(config.response_timeout));
                 let manager =
                     deadpool_redis::Manager::new_with_config(info, connection).map_err(client)?;
-                Self::Standalone(
-                    deadpool_redis::Pool::builder(manager)
-                        .max_size(size)
-                        .wait_timeout(wait)
-                        .create_timeout(connect)
-                        .recycle_timeout(connect)
-                        .runtime(Runtime::Tokio1)
-                        .build()
-                        .map_err(built)?,
-                )
+                Self::Standalone(tuned!(deadpool_redis::Pool::builder(manager)))
             }
             RedisMode::Sentinel => {
                 let node = deadpool_redis::sentinel::SentinelNodeConnectionInfo {
@@ -154,32 +155,14 @@ impl Topology {
                     deadpool_redis::sentinel::SentinelServerType::Master,
                 )
                 .map_err(client)?;
-                Self::Sentinel(
-                    deadpool_redis::sentinel::Pool::builder(manager)
-                        .max_size(size)
-                        .wait_timeout(wait)
-                        .create_timeout(connect)
-                        .recycle_timeout(connect)
-                        .runtime(Runtime::Tokio1)
-                        .build()
-                        .map_err(built)?,
-                )
+                Self::Sentinel(tuned!(deadpool_redis::sentinel::Pool::builder(manager)))
             }
             RedisMode::Cluster => {
                 // One cluster connection already multiplexes over every node;
                 // a few cover many concurrent decisions.
                 let manager =
                     deadpool_redis::cluster::Manager::new(infos, false).map_err(client)?;
-                Self::Cluster(
-                    deadpool_redis::cluster::Pool::builder(manager)
-                        .max_size(size)
-                        .wait_timeout(wait)
-                        .create_timeout(connect)
-                        .recycle_timeout(connect)
-                        .runtime(Runtime::Tokio1)
-                        .build()
-                        .map_err(built)?,
-                )
+                Self::Cluster(tuned!(deadpool_redis::cluster::Pool::builder(manager)))
             }
         })
     }
