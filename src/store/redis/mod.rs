@@ -23,9 +23,9 @@
 //! # Failure
 //! A [`breaker`] sits in front: after a few failures in a row, calls fail at
 //! once for a short cool-down, then probe. A background prober also pings
-//! Redis while the breaker is open (and once at start), so the breaker closes
-//! and health recovers without traffic. Errors become [`StoreError`]s, and
-//! the limiter applies each scope's `failure_mode`.
+//! Redis once per cool-down (and once at start), so the breaker opens and
+//! closes, and health follows Redis, even without traffic. Errors become
+//! [`StoreError`]s, and the limiter applies each scope's `failure_mode`.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -85,9 +85,10 @@ impl RedisStore {
     }
 
     /// Starts the background prober: it pings Redis once now (opening the
-    /// breaker at once if Redis is down) and then, while the breaker is open,
-    /// once per cool-down, so the breaker closes without traffic. It stops
-    /// by itself once the store is dropped.
+    /// breaker at once if Redis is down) and then every `every`, counting
+    /// like any call, so the breaker opens and closes without traffic and
+    /// health follows Redis on an idle replica. It stops by itself once the
+    /// store is dropped.
     pub fn spawn_prober(&self, every: Duration) -> tokio::task::JoinHandle<()> {
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
@@ -101,7 +102,9 @@ impl RedisStore {
             loop {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { return };
-                if inner.breaker.is_open() && inner.breaker.admit() {
+                // Closed, it pings anyway, so an idle replica notices a dead
+                // Redis too; open, it waits its turn to probe.
+                if inner.breaker.admit() {
                     match inner.ping().await {
                         Ok(()) => inner.breaker.succeeded(),
                         Err(e) => inner.breaker.failed(&e),
