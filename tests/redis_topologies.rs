@@ -11,8 +11,8 @@ use tokio::time::Instant;
 use tollgate::limiter::bucket::Shape;
 use tollgate::store::{BucketCharge, BucketKey, Charge, Store};
 
-/// A charge of 1 from a bucket of a million tokens per 10^6 s: the bucket
-/// outlives the test (each token takes 1 s to return) and never runs dry.
+/// A charge of 1 from a bucket of a million tokens per 10^7 s: the bucket
+/// outlives the test (each token takes 10 s to return) and never runs dry.
 fn charge<'a>(scope: &'a str, identity: &'a str) -> Charge<'a> {
     Charge {
         buckets: vec![BucketCharge {
@@ -24,7 +24,7 @@ fn charge<'a>(scope: &'a str, identity: &'a str) -> Charge<'a> {
             },
             shape: Shape {
                 capacity: 1_000_000,
-                period: 1_000_000_000_000_000,
+                period: 10_000_000_000_000_000,
             },
             cost: 1,
             shadow: false,
@@ -167,18 +167,42 @@ async fn cluster_spreads_scopes_over_slots_and_reloads_flushed_scripts() {
         "reloaded, and each charge taken exactly once"
     );
 
-    // A charge mixing scopes would span slots: refused, never half-taken.
-    let mut mixed = charge("scope-1", "bob");
-    mixed.buckets.push(charge("scope-2", "bob").buckets[0]);
-    let e = store.check_and_take(&[mixed]).await.unwrap_err();
-    assert!(!e.transient, "{e}");
-    assert!(
-        store.is_available(),
-        "a refused charge is not Redis's failure"
-    );
-    let alone = store
-        .check_and_take(&[charge("scope-1", "bob")])
+    // A charge mixing scopes spans slots: reserve in each, refund on denial.
+    let narrow = |scope| {
+        let mut c = charge(scope, "carol");
+        c.buckets[0].shape.capacity = 1;
+        c.buckets[0]
+    };
+    let wide = charge("scope-1", "carol").buckets[0];
+    let mixed = Charge {
+        buckets: vec![wide, narrow("scope-2"), narrow("scope-3")],
+        dry_run: false,
+    };
+    let out = store
+        .check_and_take(std::slice::from_ref(&mixed))
         .await
         .unwrap();
-    assert_eq!(alone[0].buckets[0].remaining, 999_999, "nothing was taken");
+    assert!(out[0].allowed);
+    let left: Vec<u64> = out[0].buckets.iter().map(|b| b.remaining).collect();
+    assert_eq!(left, [999_999, 0, 0]);
+    // Now the narrow buckets are empty: denied, and the wide one, reserved
+    // in its own slot first, is given back.
+    for _ in 0..3 {
+        let out = store
+            .check_and_take(std::slice::from_ref(&mixed))
+            .await
+            .unwrap();
+        assert!(!out[0].allowed);
+        assert!(out[0].buckets[0].conforms && !out[0].buckets[1].conforms);
+        assert!(out[0].buckets[1].retry_after.is_some());
+        assert_eq!(out[0].buckets[0].remaining, 999_999, "refunded");
+    }
+    let alone = store
+        .check_and_take(&[charge("scope-1", "carol")])
+        .await
+        .unwrap();
+    assert_eq!(
+        alone[0].buckets[0].remaining, 999_998,
+        "a denied cross-slot charge took nothing"
+    );
 }

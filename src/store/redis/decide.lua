@@ -3,7 +3,10 @@
 --
 -- KEYS[i]  the i-th bucket's key. Every key of one call shares one hash tag
 --          (the scope), so the call runs on one Cluster slot.
--- ARGV[1]  "1" for a dry run (judge, take nothing), else "0".
+-- ARGV[1]  the mode: "0" decide and take, "1" dry run (judge, take
+--          nothing), "2" refund: give back `cost` to every bucket, undoing
+--          an earlier take exactly (used when a Cluster charge spanning
+--          slots reserved in one slot and was denied in another).
 -- ARGV[2 + 4(i-1) .. 5 + 4(i-1)], for bucket i:
 --          capacity  C, tokens, 1 ..= 50,000,000
 --          period    P, microseconds for an empty bucket to refill, >= 1
@@ -28,7 +31,8 @@
 -- refilled bucket vanishes and memory follows active buckets only. A denied
 -- or dry-run charge writes nothing.
 --
--- Returns {allowed, now, then per bucket i: conforms, ticks, frac}:
+-- Returns {allowed, now, then per bucket i: conforms, ticks, frac}
+-- (a refund answers allowed = conforms = 1):
 --   allowed   1 when every non-shadow bucket held its cost, else 0
 --   now       the decision's instant, microseconds since the Unix epoch
 --   conforms  1 when bucket i held its cost
@@ -40,6 +44,59 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local dry = ARGV[1] == '1'
 local n = #KEYS
+
+-- Writes a bucket's state with its expiry, or forgets it when full.
+local function store(key, ticks, frac)
+  if ticks < now or (ticks == now and frac == 0) then
+    redis.call('DEL', key)
+    return
+  end
+  local until_full = ticks - now
+  if frac > 0 then
+    until_full = until_full + 1
+  end
+  redis.call('SET', key, string.format('%d:%d', ticks, frac),
+    'PX', math.max(1, math.ceil(until_full / 1000)))
+end
+
+if ARGV[1] == '2' then
+  local out = { 1, now }
+  for i = 1, n do
+    local a = 2 + (i - 1) * 4
+    local cap = tonumber(ARGV[a])
+    local period = tonumber(ARGV[a + 1])
+    local cost = tonumber(ARGV[a + 2])
+    local ticks, frac = now, 0
+    local v = redis.call('GET', KEYS[i])
+    local sep = v and string.find(v, ':', 1, true)
+    if sep then
+      local st = tonumber(string.sub(v, 1, sep - 1))
+      local sf = tonumber(string.sub(v, sep + 1))
+      if st and sf then
+        -- TAT - cost*P/C, exactly: whole ticks, then borrow for the fraction.
+        local q = math.floor(period / cap)
+        local d = cost * (period - q * cap)
+        st = st + math.floor(sf / cap) - cost * q
+        sf = sf % cap
+        if d > sf then
+          local borrow = math.floor((d - sf + cap - 1) / cap)
+          st = st - borrow
+          sf = sf + borrow * cap
+        end
+        sf = sf - d
+        store(KEYS[i], st, sf)
+        if st > now or (st == now and sf > 0) then
+          ticks, frac = st, sf
+        end
+      end
+    end
+    -- An absent bucket is full already: nothing to give back.
+    out[#out + 1] = 1
+    out[#out + 1] = ticks
+    out[#out + 1] = frac
+  end
+  return out
+end
 local allowed = 1
 local judged = {}
 
@@ -90,12 +147,7 @@ for i = 1, n do
   local ticks, frac = j[2], j[3]
   if allowed == 1 and not dry and j[1] then
     ticks, frac = j[4], j[5]
-    local until_full = ticks - now
-    if frac > 0 then
-      until_full = until_full + 1
-    end
-    redis.call('SET', KEYS[i], string.format('%d:%d', ticks, frac),
-      'PX', math.max(1, math.ceil(until_full / 1000)))
+    store(KEYS[i], ticks, frac)
   end
   out[#out + 1] = j[1] and 1 or 0
   out[#out + 1] = ticks

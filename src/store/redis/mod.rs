@@ -8,11 +8,14 @@
 //! go to their nodes concurrently.
 //!
 //! # Atomicity, per topology
-//! Every key of a charge carries the scope as its hash tag (see [`keys`]), so
-//! a charge is always one script on one node: exactly atomic on standalone,
-//! on Sentinel and on Cluster. A charge can only span tags when it mixes
-//! scopes, which the limiter never builds from one request; on Cluster such
-//! a charge is refused with a permanent error rather than decided unsafely.
+//! Every key carries its scope as the hash tag (see [`keys`]), so a charge
+//! from one request is always one script on one node: exactly atomic on
+//! standalone, on Sentinel and on Cluster. Only a charge that mixes scopes
+//! (the limiter never builds one from a single request) can span slots on
+//! Cluster; it is decided by *reserve and refund*: each slot's part is one
+//! atomic script, and if any part denies, the parts that took give their
+//! tokens back in a second round trip. Others may see the reservation
+//! meanwhile (admitting less, never more); a denied charge takes nothing.
 //!
 //! # Scripts
 //! The script is called by SHA. A node that answers `NOSCRIPT` (a fresh
@@ -33,7 +36,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use redis::{ErrorKind, RedisResult, ServerErrorKind, Value};
 
-use super::{Charge, ChargeOutcome, Store, StoreError};
+use super::{BucketOutcome, Charge, ChargeOutcome, Store, StoreError};
 use crate::config::RedisConfig;
 
 pub mod breaker;
@@ -46,7 +49,34 @@ pub use keys::DEFAULT_PREFIX;
 pub use topology::{BuildError, check_url};
 
 use breaker::Breaker;
+use script::Mode;
 use topology::{CallError, Request, Topology};
+
+/// How one charge maps onto script calls: `(work index, bucket indices)` per
+/// part. Empty for a charge with no buckets, one part unless a Cluster
+/// charge spans hash tags.
+type Plan = Vec<(usize, Vec<usize>)>;
+
+/// A bucket outcome not yet filled in; every one is overwritten.
+const UNSET: BucketOutcome = BucketOutcome {
+    conforms: false,
+    remaining: 0,
+    reset_after: Duration::ZERO,
+    retry_after: None,
+};
+
+/// A charge's bucket indices grouped by hash tag, in first-seen order.
+fn split_by_tag(charge: &Charge<'_>) -> Vec<Vec<usize>> {
+    let mut parts: Vec<(String, Vec<usize>)> = Vec::new();
+    for (i, b) in charge.buckets.iter().enumerate() {
+        let tag = keys::hash_tag(&b.key);
+        match parts.iter_mut().find(|(t, _)| *t == tag) {
+            Some((_, part)) => part.push(i),
+            None => parts.push((tag, vec![i])),
+        }
+    }
+    parts.into_iter().map(|(_, part)| part).collect()
+}
 
 /// The Redis store. Cheap to clone: clones share pools and breaker.
 #[derive(Debug, Clone)]
@@ -134,27 +164,88 @@ impl Inner {
     }
 
     async fn decide(&self, charges: &[Charge<'_>]) -> Result<Vec<ChargeOutcome>, StoreError> {
-        let mut outcomes: Vec<Option<ChargeOutcome>> = vec![None; charges.len()];
-        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
-        for (i, charge) in charges.iter().enumerate() {
-            let Some(first) = charge.buckets.first() else {
-                outcomes[i] = Some(ChargeOutcome {
-                    allowed: true,
-                    buckets: Vec::new(),
-                });
-                continue;
-            };
-            // Standalone and Sentinel run any batch on one node: one group.
-            let tag = if self.topology.is_cluster() {
-                let tag = keys::hash_tag(&first.key);
-                if charge.buckets.iter().any(|b| keys::hash_tag(&b.key) != tag) {
-                    return Err(StoreError::permanent(
-                        "a charge spanning scopes cannot be decided atomically on Redis Cluster",
-                    ));
-                }
-                tag
+        // The script calls to make: whole charges, or on Cluster the per-slot
+        // parts of a charge whose buckets span hash tags.
+        let mut work: Vec<Charge<'_>> = Vec::with_capacity(charges.len());
+        let mut plans: Vec<Plan> = Vec::with_capacity(charges.len());
+        for charge in charges {
+            let parts = if charge.buckets.is_empty() {
+                Vec::new()
+            } else if self.topology.is_cluster() {
+                split_by_tag(charge)
             } else {
-                String::new()
+                vec![(0..charge.buckets.len()).collect()]
+            };
+            let mut plan = Vec::with_capacity(parts.len());
+            for part in parts {
+                plan.push((work.len(), part.clone()));
+                work.push(Charge {
+                    buckets: part.iter().map(|&i| charge.buckets[i]).collect(),
+                    dry_run: charge.dry_run,
+                });
+            }
+            plans.push(plan);
+        }
+        let done = self.run(&work, Mode::Decide).await?;
+
+        let mut outcomes = Vec::with_capacity(charges.len());
+        let mut refunds: Vec<Charge<'_>> = Vec::new();
+        let mut refunded: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (c, (charge, plan)) in charges.iter().zip(&plans).enumerate() {
+            let allowed = plan.iter().all(|(w, _)| done[*w].allowed);
+            let mut buckets = vec![UNSET; charge.buckets.len()];
+            for (w, part) in plan {
+                for (k, &i) in part.iter().enumerate() {
+                    buckets[i] = done[*w].buckets[k];
+                }
+            }
+            // Reserve and refund: a part that took while another part denied
+            // gives its tokens back, so a denied charge takes nothing.
+            if !allowed && !charge.dry_run {
+                for (w, part) in plan.iter().filter(|(w, _)| done[*w].allowed) {
+                    let taken: Vec<usize> = part
+                        .iter()
+                        .enumerate()
+                        .filter(|&(k, &i)| {
+                            !charge.buckets[i].shadow || done[*w].buckets[k].conforms
+                        })
+                        .map(|(_, &i)| i)
+                        .collect();
+                    if !taken.is_empty() {
+                        refunds.push(Charge {
+                            buckets: taken.iter().map(|&i| charge.buckets[i]).collect(),
+                            dry_run: false,
+                        });
+                        refunded.push((c, taken));
+                    }
+                }
+            }
+            outcomes.push(ChargeOutcome { allowed, buckets });
+        }
+        if !refunds.is_empty() {
+            // If this fails, the reserved tokens stay taken: the limit errs
+            // towards admitting less, never more.
+            let given_back = self.run(&refunds, Mode::Refund).await?;
+            for ((c, taken), back) in refunded.iter().zip(given_back) {
+                for (k, &i) in taken.iter().enumerate() {
+                    let bucket = &mut outcomes[*c].buckets[i];
+                    bucket.remaining = back.buckets[k].remaining;
+                    bucket.reset_after = back.buckets[k].reset_after;
+                }
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Runs one script call per work item, grouped by node: one pipeline
+    /// per group, the groups concurrently. Outcomes are in work order.
+    async fn run(&self, work: &[Charge<'_>], mode: Mode) -> Result<Vec<ChargeOutcome>, StoreError> {
+        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+        for (i, charge) in work.iter().enumerate() {
+            // Standalone and Sentinel run any batch on one node: one group.
+            let tag = match charge.buckets.first() {
+                Some(first) if self.topology.is_cluster() => keys::hash_tag(&first.key),
+                _ => String::new(),
             };
             match groups.iter_mut().find(|(t, _)| *t == tag) {
                 Some((_, members)) => members.push(i),
@@ -164,9 +255,10 @@ impl Inner {
         let decided = join_all(
             groups
                 .iter()
-                .map(|(_, members)| self.decide_group(charges, members)),
+                .map(|(_, members)| self.decide_group(work, members, mode)),
         )
         .await;
+        let mut outcomes: Vec<Option<ChargeOutcome>> = vec![None; work.len()];
         for (result, (_, members)) in decided.into_iter().zip(&groups) {
             for (outcome, &i) in result?.into_iter().zip(members) {
                 outcomes[i] = Some(outcome);
@@ -184,6 +276,7 @@ impl Inner {
         &self,
         charges: &[Charge<'_>],
         members: &[usize],
+        mode: Mode,
     ) -> Result<Vec<ChargeOutcome>, StoreError> {
         let mut outcomes: Vec<Option<ChargeOutcome>> = vec![None; members.len()];
         let mut pending: Vec<usize> = (0..members.len()).collect();
@@ -195,6 +288,7 @@ impl Inner {
                     &self.sha,
                     &self.prefix,
                     &charges[members[p]],
+                    mode,
                 ));
             }
             let replies: Vec<RedisResult<Vec<i64>>> = self

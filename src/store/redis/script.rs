@@ -39,14 +39,27 @@ fn shape_us(shape: Shape) -> Shape {
     }
 }
 
+/// What the script does with a charge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Decide, and take unless the charge is a dry run.
+    Decide,
+    /// Give back each bucket's cost, undoing an earlier take exactly.
+    Refund,
+}
+
 /// `EVALSHA` for one charge. The charge must have at least one bucket.
-pub(crate) fn evalsha(sha: &str, prefix: &str, charge: &Charge<'_>) -> Cmd {
+pub(crate) fn evalsha(sha: &str, prefix: &str, charge: &Charge<'_>, mode: Mode) -> Cmd {
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(sha).arg(charge.buckets.len());
     for b in &charge.buckets {
         cmd.arg(bucket_key(prefix, &b.key));
     }
-    cmd.arg(if charge.dry_run { "1" } else { "0" });
+    cmd.arg(match (mode, charge.dry_run) {
+        (Mode::Refund, _) => "2",
+        (Mode::Decide, true) => "1",
+        (Mode::Decide, false) => "0",
+    });
     for b in &charge.buckets {
         let shape = shape_us(b.shape);
         cmd.arg(shape.capacity)
@@ -128,7 +141,7 @@ mod tests {
 
     #[test]
     fn arguments_are_keys_then_flags_then_shape_in_microseconds() {
-        let cmd = evalsha("abc", "tg1:", &charge(2));
+        let cmd = evalsha("abc", "tg1:", &charge(2), Mode::Decide);
         let args: Vec<String> = cmd
             .args_iter()
             .map(|a| match a {
