@@ -418,6 +418,11 @@ pub enum RedisMode {
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps a secret given in code rather than in the config file.
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
     /// The secret itself, for the one place that sends it.
     pub fn expose(&self) -> &str {
         &self.0

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::redis::{Standalone, conn, wait_until};
-use tollgate::config::Config;
+use common::redis::{Secured, Standalone, conn, store_config, wait_until};
+use tollgate::config::{Config, RedisMode, Secret};
 use tollgate::limiter::bucket::Shape;
 use tollgate::limiter::{DecideError, Limiter, Request, Rules};
 use tollgate::pb::tollgate::v1::ShouldAllowRequest;
@@ -315,4 +315,45 @@ async fn readiness(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     seen
+}
+
+#[tokio::test]
+async fn the_store_speaks_tls_and_authenticates() {
+    let redis = Secured::start();
+    let tls = |fragment: &str, password: Option<&str>| {
+        let mut config = store_config(
+            RedisMode::Standalone,
+            vec![format!("rediss://127.0.0.1:{}/{fragment}", redis.tls_port)],
+            "tls",
+        );
+        config.password = password.map(Secret::new);
+        RedisStore::new(&config).unwrap()
+    };
+    let c = charge("alice", 10, Duration::from_secs(60));
+
+    // The self-signed certificate is not trusted unless the URL says so.
+    let e = tls("", Some(Secured::PASSWORD))
+        .check_and_take(std::slice::from_ref(&c))
+        .await
+        .unwrap_err();
+    assert!(e.transient, "{e}");
+    // Without the password, Redis refuses; the message never carries it.
+    let e = tls("#insecure", None)
+        .check_and_take(std::slice::from_ref(&c))
+        .await
+        .unwrap_err();
+    assert!(!e.message.contains(Secured::PASSWORD));
+
+    let store = tls("#insecure", Some(Secured::PASSWORD));
+    let out = store
+        .check_and_take(std::slice::from_ref(&c))
+        .await
+        .unwrap();
+    assert!(out[0].allowed);
+    assert_eq!(out[0].buckets[0].remaining, 9);
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg("test:tls:{s}:r:alice:*")
+        .query(&mut redis.admin())
+        .unwrap();
+    assert_eq!(exists, 1, "the decision went over TLS to this server");
 }

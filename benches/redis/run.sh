@@ -36,7 +36,8 @@ trap 'exit 1' INT TERM
 ghz=$(command -v ghz || echo "$(go env GOPATH 2>/dev/null)/bin/ghz")
 if [ ! -x "$ghz" ]; then
   echo "bench: installing ghz" >&2
-  go install github.com/bojand/ghz/cmd/ghz@latest
+  # Pinned: @latest resolves to an old release without template functions.
+  go install github.com/bojand/ghz/cmd/ghz@v0.120.0
   ghz="$(go env GOPATH)/bin/ghz"
 fi
 

@@ -112,10 +112,12 @@ impl Server {
             });
         self.child = Some(child);
         let port = self.port;
+        // Any answer will do, NOAUTH included: the server is up.
         wait_until(Duration::from_secs(10), "redis to answer PING", || {
-            conn(port)
-                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-                .is_ok()
+            conn(port).is_ok_and(|mut c| match redis::cmd("PING").query::<String>(&mut c) {
+                Ok(_) => true,
+                Err(e) => !e.is_io_error() && !e.is_connection_refusal(),
+            })
         });
     }
 
@@ -309,5 +311,70 @@ impl Cluster {
 
     pub fn store(&self, prefix: &str) -> RedisStore {
         RedisStore::new(&store_config(RedisMode::Cluster, self.urls(), prefix)).unwrap()
+    }
+}
+
+/// A standalone server that also listens with TLS (a self-signed
+/// certificate) and requires a password on both ports.
+#[derive(Debug)]
+pub struct Secured {
+    pub server: Server,
+    pub tls_port: u16,
+    _dir: TempDir,
+}
+
+impl Secured {
+    pub const PASSWORD: &'static str = "s3cret:{not}logged";
+
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let status = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=127.0.0.1", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl runs");
+        assert!(status.success(), "openssl could not make a certificate");
+        let tls_port = free_port();
+        let server = Server::redis(
+            dir.path(),
+            free_port(),
+            &[
+                "--requirepass",
+                Self::PASSWORD,
+                "--tls-port",
+                &tls_port.to_string(),
+                "--tls-cert-file",
+                cert.to_str().unwrap(),
+                "--tls-key-file",
+                key.to_str().unwrap(),
+                "--tls-ca-cert-file",
+                cert.to_str().unwrap(),
+                "--tls-auth-clients",
+                "no",
+            ],
+        );
+        Self {
+            server,
+            tls_port,
+            _dir: dir,
+        }
+    }
+
+    /// An admin connection on the plain port.
+    pub fn admin(&self) -> redis::Connection {
+        let mut c = conn(self.server.port).unwrap();
+        let _: () = redis::cmd("AUTH")
+            .arg(Self::PASSWORD)
+            .query(&mut c)
+            .unwrap();
+        c
     }
 }

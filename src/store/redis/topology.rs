@@ -82,14 +82,8 @@ impl std::fmt::Debug for Topology {
 /// Checks that `url` is a Redis URL this build can use.
 pub fn check_url(url: &str) -> Result<(), String> {
     match url.split_once("://").map(|(scheme, _)| scheme) {
-        Some("redis") => {}
-        Some("rediss") => {
-            return Err(
-                "rediss:// (TLS) is not built into this Tollgate; terminate TLS in front of Redis or use redis://"
-                    .to_owned(),
-            );
-        }
-        _ => return Err("must start with redis://".to_owned()),
+        Some("redis" | "rediss") => {}
+        _ => return Err("must start with redis:// or rediss://".to_owned()),
     }
     url.into_connection_info()
         .map(|_| ())
@@ -139,8 +133,18 @@ impl Topology {
                 Self::Standalone(tuned!(deadpool_redis::Pool::builder(manager)))
             }
             RedisMode::Sentinel => {
+                // The data nodes speak TLS when the sentinels do.
+                let tls_mode = config.urls.iter().find_map(|u| {
+                    u.starts_with("rediss://").then(|| {
+                        if u.ends_with("#insecure") {
+                            deadpool_redis::sentinel::TlsMode::Insecure
+                        } else {
+                            deadpool_redis::sentinel::TlsMode::Secure
+                        }
+                    })
+                });
                 let node = deadpool_redis::sentinel::SentinelNodeConnectionInfo {
-                    tls_mode: None,
+                    tls_mode,
                     redis_connection_info: Some(deadpool_redis::RedisConnectionInfo {
                         db: 0,
                         username: config.username.clone(),
