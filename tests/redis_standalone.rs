@@ -357,3 +357,58 @@ async fn the_store_speaks_tls_and_authenticates() {
         .unwrap();
     assert_eq!(exists, 1, "the decision went over TLS to this server");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_decision_is_one_command_in_one_round_trip() {
+    let redis = Standalone::start();
+    let store = redis.store("one-trip");
+    // Warm up: connections open, the script loaded.
+    let warm = charge("warm", 10, Duration::from_secs(1));
+    store
+        .check_and_take(std::slice::from_ref(&warm))
+        .await
+        .unwrap();
+    let mut admin = conn(redis.server.port).unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut admin)
+        .unwrap();
+    let ids: Vec<String> = (0..200).map(|i| format!("user-{i}")).collect();
+    let tasks: Vec<_> = ids
+        .chunks(50)
+        .map(|chunk| {
+            let (store, chunk) = (store.clone(), chunk.to_vec());
+            tokio::spawn(async move {
+                for id in &chunk {
+                    let c = charge(id, 10, Duration::from_secs(1));
+                    assert!(store.check_and_take(&[c]).await.unwrap()[0].allowed);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut admin)
+        .unwrap();
+    let calls = |name: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    // Commandstats counts the script's own TIME, GET and SET too; every
+    // other command would be a client's.
+    let total: u64 = stats
+        .lines()
+        .filter_map(|l| l.strip_prefix("cmdstat_")?.split_once(":calls="))
+        .filter(|(name, _)| !["info", "config|resetstat", "time", "get", "set"].contains(name))
+        .filter_map(|(_, r)| r.split(',').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(calls("evalsha"), 200, "{stats}");
+    assert_eq!(total, 200, "no other command per decision:\n{stats}");
+}

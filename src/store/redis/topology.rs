@@ -11,9 +11,12 @@
 //!
 //! deadpool has no timeouts by default: the pool's wait and create timeouts
 //! bound getting a connection, and every call is bounded by the response
-//! timeout, so a slow Redis turns into a prompt error.
+//! timeout, so a slow Redis turns into a prompt error. Connections are held
+//! in [`Lanes`] rather than checked out per call, because deadpool pings
+//! each connection it hands out: that would be a second round trip.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use deadpool_redis::{PoolError, Runtime};
@@ -58,19 +61,19 @@ pub(crate) enum Request<'a> {
     Cmd(&'a Cmd),
 }
 
-/// A pool of connections to one of the three topologies.
+/// Connections to one of the three topologies.
 pub(crate) enum Topology {
-    Standalone(deadpool_redis::Pool),
-    Sentinel(deadpool_redis::sentinel::Pool),
-    Cluster(deadpool_redis::cluster::Pool),
+    Standalone(Lanes<deadpool_redis::Pool>),
+    Sentinel(Lanes<deadpool_redis::sentinel::Pool>),
+    Cluster(Lanes<deadpool_redis::cluster::Pool>),
 }
 
 impl std::fmt::Debug for Topology {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (mode, status) = match self {
-            Self::Standalone(p) => ("standalone", p.status()),
-            Self::Sentinel(p) => ("sentinel", p.status()),
-            Self::Cluster(p) => ("cluster", p.status()),
+            Self::Standalone(l) => ("standalone", l.pool.status()),
+            Self::Sentinel(l) => ("sentinel", l.pool.status()),
+            Self::Cluster(l) => ("cluster", l.pool.status()),
         };
         f.debug_struct("Topology")
             .field("mode", &mode)
@@ -106,6 +109,7 @@ impl Topology {
             .map_err(BuildError::Url)?;
         let client = |e: RedisError| BuildError::Client(e.to_string());
         let connect = Some(config.connect_timeout);
+        let lanes = config.pool_size.max(1);
         // The same pool settings for each topology's builder type.
         macro_rules! tuned {
             ($builder:expr) => {
@@ -130,7 +134,10 @@ impl Topology {
                     .set_response_timeout(Some(config.response_timeout));
                 let manager =
                     deadpool_redis::Manager::new_with_config(info, connection).map_err(client)?;
-                Self::Standalone(tuned!(deadpool_redis::Pool::builder(manager)))
+                Self::Standalone(Lanes::new(
+                    tuned!(deadpool_redis::Pool::builder(manager)),
+                    lanes,
+                ))
             }
             RedisMode::Sentinel => {
                 // The data nodes speak TLS when the sentinels do.
@@ -159,14 +166,20 @@ impl Topology {
                     deadpool_redis::sentinel::SentinelServerType::Master,
                 )
                 .map_err(client)?;
-                Self::Sentinel(tuned!(deadpool_redis::sentinel::Pool::builder(manager)))
+                Self::Sentinel(Lanes::new(
+                    tuned!(deadpool_redis::sentinel::Pool::builder(manager)),
+                    lanes,
+                ))
             }
             RedisMode::Cluster => {
                 // One cluster connection already multiplexes over every node;
                 // a few cover many concurrent decisions.
                 let manager =
                     deadpool_redis::cluster::Manager::new(infos, false).map_err(client)?;
-                Self::Cluster(tuned!(deadpool_redis::cluster::Pool::builder(manager)))
+                Self::Cluster(Lanes::new(
+                    tuned!(deadpool_redis::cluster::Pool::builder(manager)),
+                    lanes,
+                ))
             }
         })
     }
@@ -183,19 +196,19 @@ impl Topology {
         timeout: Duration,
     ) -> Result<T, CallError> {
         match self {
-            Self::Standalone(p) => call(p, request, timeout).await,
-            Self::Sentinel(p) => call(p, request, timeout).await,
-            Self::Cluster(p) => call(p, request, timeout).await,
+            Self::Standalone(l) => l.call(request, timeout).await,
+            Self::Sentinel(l) => l.call(request, timeout).await,
+            Self::Cluster(l) => l.call(request, timeout).await,
         }
     }
 
-    /// Drops every idle connection, after one said `READONLY`: they may all
+    /// Drops every connection, after one said `READONLY`: they may all
     /// point at a demoted primary. New ones ask the sentinels again.
     pub(crate) fn forget_connections(&self) {
         match self {
-            Self::Standalone(p) => p.forget_idle(),
-            Self::Sentinel(p) => p.forget_idle(),
-            Self::Cluster(p) => p.forget_idle(),
+            Self::Standalone(l) => l.forget_all(),
+            Self::Sentinel(l) => l.forget_all(),
+            Self::Cluster(l) => l.forget_all(),
         }
     }
 }
@@ -220,20 +233,28 @@ pub(crate) fn poisons_connection(e: &RedisError) -> bool {
 }
 
 /// What the three pools have in common.
-trait Pooled {
-    type Conn: ConnectionLike + Send;
+pub(crate) trait Pooled: Send + Sync {
+    /// A pooled connection, holding its place in the pool.
+    type Conn: Send;
+    /// A clone of the multiplexed connection inside, for one call.
+    type Handle: ConnectionLike + Clone + Send;
     fn checkout(&self) -> impl Future<Output = Result<Self::Conn, PoolError>> + Send;
+    fn handle(conn: &Self::Conn) -> Self::Handle;
     /// Takes a connection out of the pool for good.
     fn discard(conn: Self::Conn);
     fn forget_idle(&self);
 }
 
 macro_rules! pooled {
-    ($pool:ty, $conn:ty) => {
+    ($pool:ty, $conn:ty, $handle:ty) => {
         impl Pooled for $pool {
             type Conn = $conn;
+            type Handle = $handle;
             fn checkout(&self) -> impl Future<Output = Result<Self::Conn, PoolError>> + Send {
                 self.get()
+            }
+            fn handle(conn: &Self::Conn) -> Self::Handle {
+                <$handle>::clone(conn)
             }
             fn discard(conn: Self::Conn) {
                 drop(<$conn>::take(conn));
@@ -245,39 +266,136 @@ macro_rules! pooled {
     };
 }
 
-pooled!(deadpool_redis::Pool, deadpool_redis::Connection);
+pooled!(
+    deadpool_redis::Pool,
+    deadpool_redis::Connection,
+    redis::aio::MultiplexedConnection
+);
 pooled!(
     deadpool_redis::sentinel::Pool,
-    deadpool_redis::sentinel::Connection
+    deadpool_redis::sentinel::Connection,
+    redis::aio::MultiplexedConnection
 );
 pooled!(
     deadpool_redis::cluster::Pool,
-    deadpool_redis::cluster::Connection
+    deadpool_redis::cluster::Connection,
+    redis::cluster_async::ClusterConnection
 );
 
-async fn call<P: Pooled + Sync, T: FromRedisValue>(
-    pool: &P,
-    request: Request<'_>,
-    timeout: Duration,
-) -> Result<T, CallError> {
-    let mut conn = pool.checkout().await?;
-    let sent = async {
-        match request {
-            Request::Pipe(pipe) => pipe.query_async::<T>(&mut conn).await,
-            Request::Cmd(cmd) => cmd.query_async::<T>(&mut conn).await,
+/// Connections held out of the pool and shared.
+///
+/// deadpool-redis pings (`UNWATCH` + `PING`) every connection it hands out,
+/// which would make each decision two round trips. So each lane keeps one
+/// connection checked out, and every call clones its multiplexed handle:
+/// a decision is one round trip, and concurrent calls pipeline over the
+/// lanes' connections. The pool still creates connections, within its
+/// timeouts. A lane whose connection fails is emptied, discarding the
+/// connection, and refilled from the pool by the next call that lands on it.
+pub(crate) struct Lanes<P: Pooled> {
+    pool: P,
+    lanes: Box<[Lane<P>]>,
+    next: AtomicUsize,
+}
+
+struct Lane<P: Pooled> {
+    /// The held connection, its handle, and a generation that tells a
+    /// failing call whether the connection it used is still the held one.
+    held: parking_lot::Mutex<Option<Held<P>>>,
+    generation: AtomicU64,
+    /// Only one call refills a lane; the others wait for its connection
+    /// rather than take more from the pool. Held across a connect, so async.
+    filling: tokio::sync::Mutex<()>,
+}
+
+/// A lane's connection: `(generation, pooled connection, handle)`.
+type Held<P> = (u64, <P as Pooled>::Conn, <P as Pooled>::Handle);
+
+impl<P: Pooled> Lanes<P> {
+    fn new(pool: P, lanes: usize) -> Self {
+        Self {
+            pool,
+            lanes: (0..lanes)
+                .map(|_| Lane {
+                    held: parking_lot::Mutex::new(None),
+                    generation: AtomicU64::new(0),
+                    filling: tokio::sync::Mutex::new(()),
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
         }
-    };
-    match tokio::time::timeout(timeout, sent).await {
-        Ok(Ok(reply)) => Ok(reply),
-        Ok(Err(e)) => {
-            if poisons_connection(&e) {
-                P::discard(conn);
-                if e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly) {
-                    pool.forget_idle();
-                }
+    }
+
+    async fn call<T: FromRedisValue>(
+        &self,
+        request: Request<'_>,
+        timeout: Duration,
+    ) -> Result<T, CallError> {
+        let at = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        let lane = &self.lanes[at];
+        let (generation, mut conn) = match lane.current() {
+            Some(held) => held,
+            None => lane.fill(&self.pool).await?,
+        };
+        let sent = async {
+            match request {
+                Request::Pipe(pipe) => pipe.query_async::<T>(&mut conn).await,
+                Request::Cmd(cmd) => cmd.query_async::<T>(&mut conn).await,
             }
-            Err(CallError::Redis(e))
+        };
+        match tokio::time::timeout(timeout, sent).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(e)) => {
+                if e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly) {
+                    self.forget_all();
+                } else if poisons_connection(&e) {
+                    lane.empty(Some(generation));
+                }
+                Err(CallError::Redis(e))
+            }
+            // A slow answer is not a broken connection: keep it.
+            Err(_) => Err(CallError::Timeout(timeout)),
         }
-        Err(_) => Err(CallError::Timeout(timeout)),
+    }
+
+    fn forget_all(&self) {
+        for lane in self.lanes.iter() {
+            lane.empty(None);
+        }
+        self.pool.forget_idle();
+    }
+}
+
+impl<P: Pooled> Lane<P> {
+    fn current(&self) -> Option<(u64, P::Handle)> {
+        self.held
+            .lock()
+            .as_ref()
+            .map(|(generation, _, handle)| (*generation, handle.clone()))
+    }
+
+    async fn fill(&self, pool: &P) -> Result<(u64, P::Handle), CallError> {
+        let _filling = self.filling.lock().await;
+        if let Some(held) = self.current() {
+            return Ok(held);
+        }
+        let conn = pool.checkout().await?;
+        let handle = P::handle(&conn);
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        *self.held.lock() = Some((generation, conn, handle.clone()));
+        Ok((generation, handle))
+    }
+
+    /// Discards the held connection: any, or only the given generation.
+    fn empty(&self, generation: Option<u64>) {
+        let taken = {
+            let mut held = self.held.lock();
+            match (&*held, generation) {
+                (Some((current, _, _)), Some(g)) if *current != g => None,
+                _ => held.take(),
+            }
+        };
+        if let Some((_, conn, _)) = taken {
+            P::discard(conn);
+        }
     }
 }
