@@ -186,7 +186,17 @@ async fn cluster_spreads_scopes_over_slots_and_reloads_flushed_scripts() {
     let left: Vec<u64> = out[0].buckets.iter().map(|b| b.remaining).collect();
     assert_eq!(left, [999_999, 0, 0]);
     // Now the narrow buckets are empty: denied, and the wide one, reserved
-    // in its own slot first, is given back.
+    // in its own slot first, is given back, to its exact stored state.
+    let wide_state = || {
+        topo.nodes.iter().find_map(|n| {
+            redis::cmd("GET")
+                .arg("test:cluster:{scope-1}:r:carol:*")
+                .query::<Option<String>>(&mut conn(n.port).ok()?)
+                .ok()
+                .flatten()
+        })
+    };
+    let before = wide_state().expect("the wide bucket is stored");
     for _ in 0..3 {
         let out = store
             .check_and_take(std::slice::from_ref(&mixed))
@@ -197,6 +207,11 @@ async fn cluster_spreads_scopes_over_slots_and_reloads_flushed_scripts() {
         assert!(out[0].buckets[1].retry_after.is_some());
         assert_eq!(out[0].buckets[0].remaining, 999_999, "refunded");
     }
+    assert_eq!(
+        wide_state(),
+        Some(before),
+        "the refund undid the reservation exactly"
+    );
     let alone = store
         .check_and_take(&[charge("scope-1", "carol")])
         .await
