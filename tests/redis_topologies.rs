@@ -221,3 +221,80 @@ async fn cluster_spreads_scopes_over_slots_and_reloads_flushed_scripts() {
         "a denied cross-slot charge took nothing"
     );
 }
+
+/// `CLUSTER MYID` of the node on `port`.
+fn node_id(port: u16) -> String {
+    redis::cmd("CLUSTER")
+        .arg("MYID")
+        .query(&mut conn(port).unwrap())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_follows_a_slot_that_moves_between_nodes() {
+    let topo = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let store = topo.store("moving");
+    let c = charge("roaming", "dave");
+    let out = store
+        .check_and_take(std::slice::from_ref(&c))
+        .await
+        .unwrap();
+    assert_eq!(out[0].buckets[0].remaining, 999_999);
+
+    // Migrate the scope's slot, with its key, to another primary.
+    let key = "test:moving:{roaming}:r:dave:*";
+    let slot: i64 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query(&mut conn(topo.nodes[0].port).unwrap())
+        .unwrap();
+    let ports: Vec<u16> = topo.nodes.iter().map(|n| n.port).collect();
+    let from = *ports
+        .iter()
+        .find(|&&p| {
+            redis::cmd("EXISTS")
+                .arg(key)
+                .query::<i64>(&mut conn(p).unwrap())
+                .is_ok_and(|n| n == 1)
+        })
+        .expect("one node owns the key");
+    let to = *ports.iter().find(|&&p| p != from).unwrap();
+    let (from_id, to_id) = (node_id(from), node_id(to));
+    let setslot = |port: u16, args: &[&str]| {
+        let _: () = redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg(args)
+            .query(&mut conn(port).unwrap())
+            .unwrap();
+    };
+    setslot(to, &["IMPORTING", &from_id]);
+    setslot(from, &["MIGRATING", &to_id]);
+    let _: () = redis::cmd("MIGRATE")
+        .arg("127.0.0.1")
+        .arg(to)
+        .arg("")
+        .arg(0)
+        .arg(5000)
+        .arg("KEYS")
+        .arg(key)
+        .query(&mut conn(from).unwrap())
+        .unwrap();
+    for &p in &ports {
+        setslot(p, &["NODE", &to_id]);
+    }
+
+    // The store's slot map is stale: MOVED sends it to the new owner, and
+    // the bucket's state moved along with the key.
+    let out = store
+        .check_and_take(std::slice::from_ref(&c))
+        .await
+        .unwrap();
+    assert!(out[0].allowed);
+    assert_eq!(out[0].buckets[0].remaining, 999_998);
+    let moved: i64 = redis::cmd("EXISTS")
+        .arg(key)
+        .query(&mut conn(to).unwrap())
+        .unwrap();
+    assert_eq!(moved, 1, "written on the new owner");
+}
