@@ -436,7 +436,8 @@ impl fmt::Debug for Secret {
 }
 
 /// The Redis store: topology, credentials, timeouts and circuit breaker.
-#[derive(Debug, Clone, Deserialize)]
+/// Its Debug print redacts the password and any password inside a URL.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// Standalone, Sentinel or Cluster.
@@ -531,6 +532,43 @@ impl Default for RedisConfig {
             breaker_threshold: DEFAULT_BREAKER_THRESHOLD,
             breaker_cool_down: DEFAULT_BREAKER_COOL_DOWN,
         }
+    }
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `redis://user:secret@host` → `redis://user:<redacted>@host`.
+        let urls: Vec<String> = self
+            .urls
+            .iter()
+            .map(|u| {
+                let Some((scheme, rest)) = u.split_once("://") else {
+                    return u.clone();
+                };
+                let authority = rest.split('/').next().unwrap_or_default();
+                match authority.rsplit_once('@') {
+                    Some((userinfo, _)) => {
+                        let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                        format!("{scheme}://{user}:<redacted>{}", &rest[userinfo.len()..])
+                    }
+                    None => u.clone(),
+                }
+            })
+            .collect();
+        f.debug_struct("RedisConfig")
+            .field("mode", &self.mode)
+            .field("urls", &urls)
+            .field("master_name", &self.master_name)
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .field("response_timeout", &self.response_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("wait_timeout", &self.wait_timeout)
+            .field("pool_size", &self.pool_size)
+            .field("key_prefix", &self.key_prefix)
+            .field("breaker_threshold", &self.breaker_threshold)
+            .field("breaker_cool_down", &self.breaker_cool_down)
+            .finish()
     }
 }
 

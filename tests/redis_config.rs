@@ -70,3 +70,17 @@ fn the_password_is_never_printed() {
     assert!(shown.contains("<redacted>"));
     assert_eq!(c.store.redis.password.unwrap().expose(), "hunter2");
 }
+
+#[test]
+fn a_password_inside_a_url_is_never_printed_either() {
+    let c = Config::from_yaml(
+        "store: { kind: redis, redis: { urls: [\"redis://app:hunter2@127.0.0.1:6379/0\"] } }",
+    )
+    .unwrap();
+    let shown = format!("{:?}", c.store.redis);
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(
+        shown.contains("redis://app:<redacted>@127.0.0.1:6379/0"),
+        "{shown}"
+    );
+}
