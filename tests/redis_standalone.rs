@@ -412,3 +412,59 @@ async fn each_decision_is_one_command_in_one_round_trip() {
     assert_eq!(calls("evalsha"), 200, "{stats}");
     assert_eq!(total, 200, "no other command per decision:\n{stats}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_readonly_answer_drops_every_connection_and_the_store_recovers() {
+    let (primary, other) = (Standalone::start(), Standalone::start());
+    let store = primary.store("readonly");
+    // Fill every lane: each call lands on the next one.
+    for i in 0..20 {
+        let id = format!("user-{i}");
+        let c = charge(&id, 10, Duration::from_secs(60));
+        assert!(store.check_and_take(&[c]).await.unwrap()[0].allowed);
+    }
+    let mut admin = conn(primary.server.port).unwrap();
+    // Client connections, not counting the replication link (flags=M).
+    let clients = |admin: &mut redis::Connection| -> usize {
+        let list: String = redis::cmd("CLIENT").arg("LIST").query(admin).unwrap();
+        list.lines().filter(|l| !l.contains("flags=M")).count()
+    };
+    let before = clients(&mut admin);
+    assert!(before > 1, "the store holds connections");
+
+    // The server is demoted, as a failed-over primary would be.
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(other.server.port)
+        .query(&mut admin)
+        .unwrap();
+    let c = charge("after", 10, Duration::from_secs(60));
+    let e = store
+        .check_and_take(std::slice::from_ref(&c))
+        .await
+        .unwrap_err();
+    assert!(e.transient, "{e}");
+    assert!(e.message.to_lowercase().contains("read only"), "{e}");
+    // Only the admin connection is left.
+    let mut admin = tokio::task::spawn_blocking(move || {
+        wait_until(
+            Duration::from_secs(5),
+            "the store to drop its connections",
+            || clients(&mut admin) == 1,
+        );
+        admin
+    })
+    .await
+    .unwrap();
+
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query(&mut admin)
+        .unwrap();
+    let out = store
+        .check_and_take(std::slice::from_ref(&c))
+        .await
+        .unwrap();
+    assert!(out[0].allowed, "new connections write again");
+}
