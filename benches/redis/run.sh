@@ -11,7 +11,9 @@
 #   3. redis-benchmark calls the same script by EVALSHA at the same
 #      concurrency, over the same number of keys: the raw rate of the limit;
 #   4. the same ghz load against a Tollgate on the embedded memory store:
-#      the ceiling that the load generator and gRPC set on this machine.
+#      the ceiling that the load generator and gRPC set on this machine;
+#   5. Tollgate's own CPU time per decision (from /proc), which says what one
+#      Tollgate core could serve once the load generator is not in the way.
 # Prints decisions/s, p50, p99, commands per decision, and our throughput as
 # a ratio of the raw EVALSHA rate. Loopback only; bounded in count and time.
 # Needs redis-server, redis-cli, redis-benchmark, python3 and Go (for ghz).
@@ -73,6 +75,9 @@ for config in tollgate memory; do
   target/release/tollgate serve --config "$work/$config.yaml" >"$work/$config.log" 2>&1 &
   pids+=($!)
 done
+tg_pid=${pids[1]}
+# CPU seconds the Tollgate on Redis has used so far (user + system).
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$tg_pid/stat"; }
 for port in "$grpc_port" $((grpc_port + 1)); do
   for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 done
@@ -88,7 +93,9 @@ key='bench:{bench}:per-user:user-__rand_int__:*'
 
 for run in $(seq "$runs"); do
   rcli CONFIG RESETSTAT >/dev/null
+  cpu >"$work/cpu-$run.txt"
   load "$grpc_port" >"$work/ghz-$run.json"
+  cpu >>"$work/cpu-$run.txt"
   rcli INFO commandstats >"$work/stats-$run.txt"
   timeout 120 redis-benchmark -p "$redis_port" -c "$concurrency" -n "$requests" -r "$identities" -q \
     EVALSHA "$sha" 1 "$key" 0 1000 1000000 1 0 >"$work/raw-$run.txt" 2>&1
@@ -115,12 +122,15 @@ m = re.findall(r"([\d.]+) requests per second", raw)
 raw_rps = float(m[-1]) if m else float("nan")
 rps = g["rps"]
 mem_rps = json.load(open(f"{work}/memory-{run}.json"))["rps"]
+cpu0, cpu1 = (float(x) for x in open(f"{work}/cpu-{run}.txt").read().split())
+us_per_decision = (cpu1 - cpu0) * 1e6 / max(ok, 1)
 print(json.dumps({"run": int(run), "decisions_per_s": round(rps), "ok": ok, "count": g["count"],
                   "p50_ms": round(lat.get(50, float("nan")), 3), "p99_ms": round(lat.get(99, float("nan")), 3),
                   "redis_cmds_per_decision": round(calls / max(ok, 1), 3),
                   "script_inner_cmds_per_decision": round(inner / max(ok, 1), 3),
                   "raw_evalsha_per_s": round(raw_rps), "ratio": round(rps / raw_rps, 3),
-                  "memory_store_per_s": round(mem_rps), "ratio_to_memory": round(rps / mem_rps, 3)}))
+                  "memory_store_per_s": round(mem_rps), "ratio_to_memory": round(rps / mem_rps, 3),
+                  "tollgate_cpu_us_per_decision": round(us_per_decision, 1)}))
 PY
 done | tee "$work/results.jsonl"
 
@@ -135,4 +145,7 @@ print(f"  Redis cmds / decision  {med('redis_cmds_per_decision'):.3f}  (client c
 print(f"  raw EVALSHA/s          {med('raw_evalsha_per_s'):.0f}  (redis-benchmark, same script, same concurrency)")
 print(f"  ratio                  {med('ratio'):.3f}")
 print(f"  memory store, same load {med('memory_store_per_s'):.0f} decisions/s: Redis store at {med('ratio_to_memory'):.3f} of it")
+us = med('tollgate_cpu_us_per_decision')
+print(f"  Tollgate CPU/decision  {us:.1f} us, so one Tollgate core serves ~{1e6 / us:.0f} decisions/s "
+      f"({1e6 / us / med('raw_evalsha_per_s'):.2f} of the raw EVALSHA rate)")
 PY
