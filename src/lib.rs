@@ -9,8 +9,8 @@
 //!   envoyproxy/ratelimit YAML loaded as extra scopes.
 //! - [`api`]: the gRPC edge; proto ⇄ domain, input validation.
 //! - [`limiter`]: rules → buckets → [`limiter::Decision`]; pure, no I/O.
-//! - [`store`]: the [`store::Store`] trait (the atomicity contract) and the
-//!   embedded store.
+//! - [`store`]: the [`store::Store`] trait (the atomicity contract), the
+//!   embedded store, and the Redis store (one Lua script per decision).
 //! - [`server`]: wires a config into a running gRPC server, with health and
 //!   reflection; [`shutdown`]: signals.
 //! - [`error`]: the one mapping from domain errors to gRPC statuses.

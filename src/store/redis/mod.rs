@@ -1,0 +1,369 @@
+//! The Redis store: one Lua script decides each charge atomically, on
+//! standalone Redis, a Sentinel-managed primary, or Redis Cluster.
+//!
+//! # One round trip
+//! Each charge is one `EVALSHA` of `decide.lua`; the charges of one
+//! [`Store::check_and_take`] call go out as one pipeline, so a batch is one
+//! round trip too. On Cluster, the batch is split by hash tag and the pieces
+//! go to their nodes concurrently.
+//!
+//! # Atomicity, per topology
+//! Every key carries its scope as the hash tag (see [`keys`]), so a charge
+//! from one request is always one script on one node: exactly atomic on
+//! standalone, on Sentinel and on Cluster. Only a charge that mixes scopes
+//! (the limiter never builds one from a single request) can span slots on
+//! Cluster; it is decided by *reserve and refund*: each slot's part is one
+//! atomic script, and if any part denies, the parts that took give their
+//! tokens back in a second round trip. Others may see the reservation
+//! meanwhile (admitting less, never more); a denied charge takes nothing.
+//!
+//! # Scripts
+//! The script is called by SHA. A node that answers `NOSCRIPT` (a fresh
+//! Cluster node, a promoted replica, after `SCRIPT FLUSH`) gets `SCRIPT LOAD`
+//! (on Cluster, sent to every primary), and the charges it refused, which did
+//! not run, are sent again. Nothing is ever charged twice.
+//!
+//! # Failure
+//! A [`breaker`] sits in front: after a few failures in a row, calls fail at
+//! once for a short cool-down, then probe. A background prober also pings
+//! Redis once per cool-down (and once at start), so the breaker opens and
+//! closes, and health follows Redis, even without traffic. Errors become
+//! [`StoreError`]s, and the limiter applies each scope's `failure_mode`.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use redis::{ErrorKind, RedisResult, ServerErrorKind, Value};
+
+use super::{BucketOutcome, Charge, ChargeOutcome, Store, StoreError};
+use crate::config::RedisConfig;
+
+pub mod breaker;
+pub mod keys;
+mod script;
+mod topology;
+
+pub use breaker::BreakerSettings;
+pub use keys::DEFAULT_PREFIX;
+pub use topology::{BuildError, check_url};
+
+use breaker::Breaker;
+use script::Mode;
+use topology::{CallError, Request, Topology};
+
+/// How one charge maps onto script calls: `(work index, bucket indices)` per
+/// part. Empty for a charge with no buckets, one part unless a Cluster
+/// charge spans hash tags.
+type Plan = Vec<(usize, Vec<usize>)>;
+
+/// A bucket outcome not yet filled in; every one is overwritten.
+const UNSET: BucketOutcome = BucketOutcome {
+    conforms: false,
+    remaining: 0,
+    reset_after: Duration::ZERO,
+    retry_after: None,
+};
+
+/// A charge's bucket indices grouped by hash tag, in first-seen order.
+fn split_by_tag(charge: &Charge<'_>) -> Vec<Vec<usize>> {
+    let mut parts: Vec<(String, Vec<usize>)> = Vec::new();
+    for (i, b) in charge.buckets.iter().enumerate() {
+        let tag = keys::hash_tag(&b.key);
+        match parts.iter_mut().find(|(t, _)| *t == tag) {
+            Some((_, part)) => part.push(i),
+            None => parts.push((tag, vec![i])),
+        }
+    }
+    parts.into_iter().map(|(_, part)| part).collect()
+}
+
+/// The Redis store. Cheap to clone: clones share pools and breaker.
+#[derive(Debug, Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    topology: Topology,
+    /// The script's SHA1, for `EVALSHA`.
+    sha: String,
+    /// Every key starts with it: the schema version, or a test's namespace.
+    prefix: String,
+    /// Bounds each round trip.
+    response_timeout: Duration,
+    breaker: Breaker,
+}
+
+impl RedisStore {
+    /// Builds the store from its config. Does not connect: Tollgate starts
+    /// while Redis is down. Call [`RedisStore::spawn_prober`] to track it.
+    pub fn new(config: &RedisConfig) -> Result<Self, BuildError> {
+        Ok(Self {
+            inner: Arc::new(Inner {
+                topology: Topology::build(config)?,
+                sha: script::sha1(),
+                prefix: config.key_prefix.clone(),
+                response_timeout: config.response_timeout,
+                breaker: Breaker::new(BreakerSettings {
+                    threshold: config.breaker_threshold,
+                    cool_down: config.breaker_cool_down,
+                }),
+            }),
+        })
+    }
+
+    /// Starts the background prober: it pings Redis once now (opening the
+    /// breaker at once if Redis is down) and then every `every`, counting
+    /// like any call, so the breaker opens and closes without traffic and
+    /// health follows Redis on an idle replica. It stops by itself once the
+    /// store is dropped.
+    pub fn spawn_prober(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            if let Some(inner) = weak.upgrade()
+                && let Err(e) = inner.ping().await
+            {
+                inner.breaker.trip(&e);
+            }
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                // Closed, it pings anyway, so an idle replica notices a dead
+                // Redis too; open, it waits its turn to probe.
+                if inner.breaker.admit() {
+                    match inner.ping().await {
+                        Ok(()) => inner.breaker.succeeded(),
+                        Err(e) => inner.breaker.failed(&e),
+                    }
+                }
+            }
+        })
+    }
+}
+
+impl Inner {
+    async fn ping(&self) -> Result<(), CallError> {
+        let ping = redis::cmd("PING");
+        self.topology
+            .call::<Value>(Request::Cmd(&ping), self.response_timeout)
+            .await
+            .map(|_| ())
+    }
+
+    async fn load_script(&self) -> Result<(), CallError> {
+        let mut load = redis::cmd("SCRIPT");
+        load.arg("LOAD").arg(script::SOURCE);
+        self.topology
+            .call::<Value>(Request::Cmd(&load), self.response_timeout)
+            .await
+            .map(|_| ())
+    }
+
+    async fn decide(&self, charges: &[Charge<'_>]) -> Result<Vec<ChargeOutcome>, StoreError> {
+        // The script calls to make: whole charges, or on Cluster the per-slot
+        // parts of a charge whose buckets span hash tags.
+        let mut work: Vec<Charge<'_>> = Vec::with_capacity(charges.len());
+        let mut plans: Vec<Plan> = Vec::with_capacity(charges.len());
+        for charge in charges {
+            let parts = if charge.buckets.is_empty() {
+                Vec::new()
+            } else if self.topology.is_cluster() {
+                split_by_tag(charge)
+            } else {
+                vec![(0..charge.buckets.len()).collect()]
+            };
+            let mut plan = Vec::with_capacity(parts.len());
+            for part in parts {
+                plan.push((work.len(), part.clone()));
+                work.push(Charge {
+                    buckets: part.iter().map(|&i| charge.buckets[i]).collect(),
+                    dry_run: charge.dry_run,
+                });
+            }
+            plans.push(plan);
+        }
+        let done = self.run(&work, Mode::Decide).await?;
+
+        let mut outcomes = Vec::with_capacity(charges.len());
+        let mut refunds: Vec<Charge<'_>> = Vec::new();
+        let mut refunded: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (c, (charge, plan)) in charges.iter().zip(&plans).enumerate() {
+            let allowed = plan.iter().all(|(w, _)| done[*w].allowed);
+            let mut buckets = vec![UNSET; charge.buckets.len()];
+            for (w, part) in plan {
+                for (k, &i) in part.iter().enumerate() {
+                    buckets[i] = done[*w].buckets[k];
+                }
+            }
+            // Reserve and refund: a part that took while another part denied
+            // gives its tokens back, so a denied charge takes nothing.
+            if !allowed && !charge.dry_run {
+                for (w, part) in plan.iter().filter(|(w, _)| done[*w].allowed) {
+                    let taken: Vec<usize> = part
+                        .iter()
+                        .enumerate()
+                        .filter(|&(k, &i)| {
+                            !charge.buckets[i].shadow || done[*w].buckets[k].conforms
+                        })
+                        .map(|(_, &i)| i)
+                        .collect();
+                    if !taken.is_empty() {
+                        refunds.push(Charge {
+                            buckets: taken.iter().map(|&i| charge.buckets[i]).collect(),
+                            dry_run: false,
+                        });
+                        refunded.push((c, taken));
+                    }
+                }
+            }
+            outcomes.push(ChargeOutcome { allowed, buckets });
+        }
+        if !refunds.is_empty() {
+            // If this fails, the reserved tokens stay taken: the limit errs
+            // towards admitting less, never more.
+            let given_back = self.run(&refunds, Mode::Refund).await?;
+            for ((c, taken), back) in refunded.iter().zip(given_back) {
+                for (k, &i) in taken.iter().enumerate() {
+                    let bucket = &mut outcomes[*c].buckets[i];
+                    bucket.remaining = back.buckets[k].remaining;
+                    bucket.reset_after = back.buckets[k].reset_after;
+                }
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Runs one script call per work item, grouped by node: one pipeline
+    /// per group, the groups concurrently. Outcomes are in work order.
+    async fn run(&self, work: &[Charge<'_>], mode: Mode) -> Result<Vec<ChargeOutcome>, StoreError> {
+        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+        for (i, charge) in work.iter().enumerate() {
+            // Standalone and Sentinel run any batch on one node: one group.
+            let tag = match charge.buckets.first() {
+                Some(first) if self.topology.is_cluster() => keys::hash_tag(&first.key),
+                _ => String::new(),
+            };
+            match groups.iter_mut().find(|(t, _)| *t == tag) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((tag, vec![i])),
+            }
+        }
+        let decided = join_all(
+            groups
+                .iter()
+                .map(|(_, members)| self.decide_group(work, members, mode)),
+        )
+        .await;
+        let mut outcomes: Vec<Option<ChargeOutcome>> = vec![None; work.len()];
+        for (result, (_, members)) in decided.into_iter().zip(&groups) {
+            for (outcome, &i) in result?.into_iter().zip(members) {
+                outcomes[i] = Some(outcome);
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.ok_or_else(|| StoreError::permanent("Redis store lost a charge")))
+            .collect()
+    }
+
+    /// Decides charges that share a node, in one pipeline; reloads the
+    /// script and resends only what a node refused with `NOSCRIPT`.
+    async fn decide_group(
+        &self,
+        charges: &[Charge<'_>],
+        members: &[usize],
+        mode: Mode,
+    ) -> Result<Vec<ChargeOutcome>, StoreError> {
+        let mut outcomes: Vec<Option<ChargeOutcome>> = vec![None; members.len()];
+        let mut pending: Vec<usize> = (0..members.len()).collect();
+        for attempt in 0..2 {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for &p in &pending {
+                pipe.add_command(script::evalsha(
+                    &self.sha,
+                    &self.prefix,
+                    &charges[members[p]],
+                    mode,
+                ));
+            }
+            let replies: Vec<RedisResult<Vec<i64>>> = self
+                .topology
+                .call(Request::Pipe(&pipe), self.response_timeout)
+                .await
+                .map_err(call_failed)?;
+            if replies.len() != pending.len() {
+                return Err(StoreError::permanent(format!(
+                    "Redis answered {} of {} script calls",
+                    replies.len(),
+                    pending.len()
+                )));
+            }
+            let mut refused = Vec::new();
+            for (reply, p) in replies.into_iter().zip(pending) {
+                match reply {
+                    Ok(ints) => {
+                        let outcome = script::outcome(&charges[members[p]], &ints)
+                            .map_err(StoreError::permanent)?;
+                        outcomes[p] = Some(outcome);
+                    }
+                    Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                        refused.push(p);
+                    }
+                    Err(e) => {
+                        if topology::poisons_connection(&e) {
+                            self.topology.forget_connections();
+                        }
+                        return Err(call_failed(CallError::Redis(e)));
+                    }
+                }
+            }
+            if refused.is_empty() {
+                break;
+            }
+            if attempt == 0 {
+                self.load_script().await.map_err(call_failed)?;
+            }
+            pending = refused;
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.ok_or_else(|| StoreError::transient("Redis kept answering NOSCRIPT")))
+            .collect()
+    }
+}
+
+/// Every failure to reach Redis may pass: a restart, a failover, a timeout.
+fn call_failed(e: CallError) -> StoreError {
+    StoreError::transient(e)
+}
+
+impl Store for RedisStore {
+    async fn check_and_take(
+        &self,
+        charges: &[Charge<'_>],
+    ) -> Result<Vec<ChargeOutcome>, StoreError> {
+        let inner = &self.inner;
+        if !inner.breaker.admit() {
+            return Err(StoreError::transient(
+                "Redis circuit open: not calling Redis during the cool-down",
+            ));
+        }
+        let result = inner.decide(charges).await;
+        match &result {
+            Ok(_) => inner.breaker.succeeded(),
+            Err(e) if e.transient => inner.breaker.failed(e),
+            // A permanent error is about the request, not Redis's health.
+            Err(_) => {}
+        }
+        result
+    }
+
+    fn is_available(&self) -> bool {
+        !self.inner.breaker.is_open()
+    }
+}

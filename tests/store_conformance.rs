@@ -1,0 +1,252 @@
+//! One behavioural suite, the same expectations, for every store: the
+//! embedded one and Redis standalone, Sentinel and Cluster.
+//!
+//! Time is real (Redis keeps its own clock), so assertions about waits are
+//! bounds that a correct store meets however slow the machine, plus "sleep
+//! the retry_after and the same request is allowed".
+
+mod common;
+
+use std::time::Duration;
+
+use common::redis::{Cluster, Sentinel, Standalone};
+use tollgate::limiter::bucket::Shape;
+use tollgate::store::memory::MemoryStore;
+use tollgate::store::{BucketCharge, BucketKey, Charge, ChargeOutcome, Store};
+
+const MS: u64 = 1_000_000;
+
+fn bucket<'a>(scope: &'a str, rule: &'a str, capacity: u64, period_ms: u64) -> BucketCharge<'a> {
+    BucketCharge {
+        key: BucketKey {
+            scope,
+            rule,
+            identity: Some("alice"),
+            operation: None,
+        },
+        shape: Shape {
+            capacity,
+            period: period_ms * MS,
+        },
+        cost: 1,
+        shadow: false,
+    }
+}
+
+fn with_cost(mut b: BucketCharge<'_>, cost: u64) -> BucketCharge<'_> {
+    b.cost = cost;
+    b
+}
+
+async fn one(store: &impl Store, buckets: Vec<BucketCharge<'_>>, dry_run: bool) -> ChargeOutcome {
+    let mut out = store
+        .check_and_take(&[Charge { buckets, dry_run }])
+        .await
+        .expect("store answers");
+    out.pop().expect("one outcome")
+}
+
+async fn full_bucket_admits_its_capacity_then_denies(store: &impl Store) {
+    // 3 tokens per 30 s: one every 10 s, so the test never sees a refill.
+    let b = bucket("capacity", "r", 3, 30_000);
+    for left in [2, 1, 0] {
+        let o = one(store, vec![b], false).await;
+        assert!(o.allowed);
+        assert_eq!(o.buckets[0].remaining, left);
+        assert_eq!(o.buckets[0].retry_after, None);
+    }
+    let o = one(store, vec![b], false).await;
+    assert!(!o.allowed);
+    assert!(!o.buckets[0].conforms);
+    let wait = o.buckets[0].retry_after.expect("a retry_after");
+    // The next token comes at most one emission interval (10 s) away.
+    assert!(
+        wait > Duration::from_secs(9) && wait <= Duration::from_secs(10),
+        "{wait:?}"
+    );
+    let reset = o.buckets[0].reset_after;
+    assert!(
+        reset > Duration::from_secs(29) && reset <= Duration::from_secs(30),
+        "{reset:?}"
+    );
+}
+
+async fn sleeping_retry_after_makes_the_request_allowed(store: &impl Store) {
+    // One token every 100 ms.
+    let b = bucket("retry", "r", 2, 200);
+    assert!(one(store, vec![with_cost(b, 2)], false).await.allowed);
+    let o = one(store, vec![b], false).await;
+    assert!(!o.allowed);
+    let wait = o.buckets[0].retry_after.expect("a retry_after");
+    assert!(wait <= Duration::from_millis(100), "{wait:?}");
+    tokio::time::sleep(wait).await;
+    assert!(
+        one(store, vec![b], false).await.allowed,
+        "allowed after {wait:?}"
+    );
+}
+
+async fn multi_bucket_charges_are_all_or_nothing(store: &impl Store) {
+    let wide = bucket("multi", "wide", 5, 60_000);
+    let narrow = bucket("multi", "narrow", 1, 60_000);
+    let o = one(store, vec![wide, narrow], false).await;
+    assert!(o.allowed);
+    assert_eq!((o.buckets[0].remaining, o.buckets[1].remaining), (4, 0));
+    let o = one(store, vec![wide, narrow], false).await;
+    assert!(!o.allowed);
+    assert!(o.buckets[0].conforms && !o.buckets[1].conforms);
+    // The wide bucket held its token but gave nothing: still 4.
+    assert_eq!(o.buckets[0].remaining, 4);
+    let o = one(store, vec![wide], true).await;
+    assert_eq!(o.buckets[0].remaining, 4);
+}
+
+async fn denied_request_takes_no_tokens(store: &impl Store) {
+    let b = bucket("denied", "r", 3, 60_000);
+    assert_eq!(
+        one(store, vec![with_cost(b, 2)], false).await.buckets[0].remaining,
+        1
+    );
+    for _ in 0..3 {
+        let o = one(store, vec![with_cost(b, 2)], false).await;
+        assert!(!o.allowed);
+        assert_eq!(o.buckets[0].remaining, 1);
+    }
+    assert!(
+        one(store, vec![b], false).await.allowed,
+        "the last token is still there"
+    );
+}
+
+async fn dry_run_takes_nothing(store: &impl Store) {
+    let b = bucket("dry", "r", 2, 60_000);
+    for _ in 0..5 {
+        let o = one(store, vec![b], true).await;
+        assert!(o.allowed);
+        assert_eq!(o.buckets[0].remaining, 2);
+    }
+    assert_eq!(one(store, vec![b], false).await.buckets[0].remaining, 1);
+}
+
+async fn shadow_bucket_never_denies_but_is_charged_when_it_can_be(store: &impl Store) {
+    let enforced = bucket("shadow", "enforced", 10, 60_000);
+    let mut shadow = bucket("shadow", "shadow", 1, 60_000);
+    shadow.shadow = true;
+    let o = one(store, vec![enforced, shadow], false).await;
+    assert!(o.allowed);
+    assert_eq!(o.buckets[1].remaining, 0, "the shadow bucket was charged");
+    let o = one(store, vec![enforced, shadow], false).await;
+    assert!(o.allowed, "a shadow bucket never denies");
+    assert!(!o.buckets[1].conforms);
+    assert_eq!(o.buckets[0].remaining, 8);
+}
+
+async fn cost_over_capacity_is_denied_without_retry_after(store: &impl Store) {
+    let b = with_cost(bucket("over", "r", 5, 1_000), 6);
+    let o = one(store, vec![b], false).await;
+    assert!(!o.allowed);
+    assert_eq!(o.buckets[0].retry_after, None);
+    assert_eq!(o.buckets[0].remaining, 5, "nothing taken");
+}
+
+async fn a_refilled_bucket_is_the_same_as_a_new_one(store: &impl Store) {
+    let b = bucket("expiry", "r", 2, 100);
+    let o = one(store, vec![with_cost(b, 2)], false).await;
+    let reset = o.buckets[0].reset_after;
+    assert!(reset <= Duration::from_millis(100) && reset > Duration::ZERO);
+    tokio::time::sleep(reset + Duration::from_millis(5)).await;
+    let o = one(store, vec![b], true).await;
+    assert_eq!(o.buckets[0].remaining, 2);
+    assert_eq!(o.buckets[0].reset_after, Duration::ZERO);
+}
+
+async fn charges_in_one_call_are_independent(store: &impl Store) {
+    let a = bucket("batch", "a", 1, 60_000);
+    let b = bucket("batch", "b", 1, 60_000);
+    assert!(one(store, vec![a], false).await.allowed);
+    let out = store
+        .check_and_take(&[
+            Charge {
+                buckets: vec![a],
+                dry_run: false,
+            },
+            Charge {
+                buckets: vec![b],
+                dry_run: false,
+            },
+            Charge {
+                buckets: vec![],
+                dry_run: false,
+            },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 3);
+    assert!(!out[0].allowed);
+    assert!(out[1].allowed);
+    assert!(out[2].allowed);
+}
+
+async fn identities_and_operations_keep_their_own_buckets(store: &impl Store) {
+    let hostile = [
+        "alice", "alice:*", "alice}", "{alice}", "a:b", "a", "%41lice", "ålice", "",
+    ];
+    let long = "x".repeat(256);
+    for id in hostile.iter().copied().chain([long.as_str()]) {
+        let mut b = bucket("hostile", "r", 1, 60_000);
+        b.key.identity = Some(id);
+        let o = one(store, vec![b], false).await;
+        assert!(o.allowed, "identity {id:?} got someone else's empty bucket");
+    }
+    let mut b = bucket("hostile", "r", 1, 60_000);
+    b.key.identity = Some("a");
+    b.key.operation = Some("b");
+    assert!(one(store, vec![b], false).await.allowed, "a + b is not a:b");
+}
+
+/// Runs every case against `store`, naming each as it goes.
+async fn conforms(store: impl Store) {
+    macro_rules! cases {
+        ($($case:ident),* $(,)?) => {
+            $(
+                eprintln!("case {}", stringify!($case));
+                $case(&store).await;
+            )*
+        };
+    }
+    cases!(
+        full_bucket_admits_its_capacity_then_denies,
+        sleeping_retry_after_makes_the_request_allowed,
+        multi_bucket_charges_are_all_or_nothing,
+        denied_request_takes_no_tokens,
+        dry_run_takes_nothing,
+        shadow_bucket_never_denies_but_is_charged_when_it_can_be,
+        cost_over_capacity_is_denied_without_retry_after,
+        a_refilled_bucket_is_the_same_as_a_new_one,
+        charges_in_one_call_are_independent,
+        identities_and_operations_keep_their_own_buckets,
+    );
+}
+
+#[tokio::test]
+async fn memory_store_conforms() {
+    conforms(MemoryStore::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_standalone_conforms() {
+    let redis = Standalone::start();
+    conforms(redis.store("conformance")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_sentinel_conforms() {
+    let redis = tokio::task::spawn_blocking(Sentinel::start).await.unwrap();
+    conforms(redis.store("conformance")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_conforms() {
+    let redis = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    conforms(redis.store("conformance")).await;
+}
