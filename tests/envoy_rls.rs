@@ -507,3 +507,43 @@ fn descriptor_keys_must_be_names() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_descriptor_without_its_identity_entry_never_shares_a_callers_bucket() {
+    let (_t, mut c) = client(NATIVE).await;
+    // No `user` entry: the whole descriptor is the identity. A caller whose
+    // user value spells that descriptor out must not reach the same bucket.
+    let anonymous = || request("api", vec![descriptor(&[("path", "/login")])]);
+    let spoofing = || request("api", vec![descriptor(&[("user", "path=/login")])]);
+    for _ in 0..3 {
+        assert_eq!(codes(&ask(&mut c, spoofing()).await), [Code::Ok]);
+    }
+    assert_eq!(codes(&ask(&mut c, spoofing()).await), [Code::OverLimit]);
+    // The descriptor's own bucket is untouched: three more pass.
+    for _ in 0..3 {
+        assert_eq!(codes(&ask(&mut c, anonymous()).await), [Code::Ok]);
+    }
+    assert_eq!(codes(&ask(&mut c, anonymous()).await), [Code::OverLimit]);
+}
+
+#[tokio::test]
+async fn no_retry_after_when_one_descriptor_can_never_pass() {
+    let (_t, mut c) = client(NATIVE).await;
+    let search = || descriptor(&[("user", "gus"), ("path", "/search?q=1")]);
+    assert_eq!(
+        ask(&mut c, request("api", vec![search()]))
+            .await
+            .overall_code,
+        Code::Ok as i32
+    );
+    // Alone, the spent search bucket promises a retry...
+    let r = ask(&mut c, request("api", vec![search()])).await;
+    assert!(header(&r, "retry-after").is_some(), "{r:?}");
+    // ...but next to a descriptor whose cost exceeds its capacity, waiting
+    // can never help, so no retry-after is promised.
+    let mut over = descriptor(&[("user", "hal")]);
+    over.hits_addend = Some(UInt64Value { value: 4 });
+    let r = ask(&mut c, request("api", vec![search(), over])).await;
+    assert_eq!(r.overall_code, Code::OverLimit as i32);
+    assert_eq!(header(&r, "retry-after"), None, "{r:?}");
+}

@@ -305,7 +305,9 @@ fn headers(decisions: &[Decision], allowed: bool) -> Vec<HeaderValue> {
         add("x-ratelimit-remaining", b.remaining.to_string());
         add("x-ratelimit-reset", ceil_secs(b.reset_after).to_string());
     }
-    if !allowed {
+    // A denial with a reason (a cost over a capacity, an unknown scope) can
+    // never pass by waiting: promise no retry then.
+    if !allowed && decisions.iter().all(|d| d.reason.is_none()) {
         let retry = decisions.iter().filter_map(|d| d.retry_after).max();
         if let Some(r) = retry {
             add("retry-after", ceil_secs(r).to_string());

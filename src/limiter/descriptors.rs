@@ -126,11 +126,18 @@ impl DescriptorTree {
     }
 }
 
+/// Opens every canonical descriptor string; see [`canonical`].
+pub const CANONICAL_MARK: char = '\u{1}';
+
 /// The whole descriptor as one string, used as the identity of its buckets:
 /// `key=value` pairs joined by `,`, with `%`, `,` and `=` percent-escaped so
 /// that no two descriptors share a string.
+///
+/// It starts with [`CANONICAL_MARK`], a control character that validation
+/// refuses in every identity a caller sends, so a descriptor's buckets never
+/// share a key with a caller-chosen identity such as `"path=/login"`.
 pub fn canonical(entries: &[(&str, &str)]) -> String {
-    let mut out = String::new();
+    let mut out = String::from(CANONICAL_MARK);
     for (i, (k, v)) in entries.iter().enumerate() {
         if i > 0 {
             out.push(',');
@@ -235,11 +242,11 @@ mod tests {
 
     #[test]
     fn canonical_form_is_unambiguous() {
-        assert_eq!(canonical(&[("a", "b"), ("c", "d")]), "a=b,c=d");
+        assert_eq!(canonical(&[("a", "b"), ("c", "d")]), "\u{1}a=b,c=d");
         assert_ne!(
             canonical(&[("a", "b,c=d")]),
             canonical(&[("a", "b"), ("c", "d")])
         );
-        assert_eq!(canonical(&[("k", "50%")]), "k=50%25");
+        assert_eq!(canonical(&[("k", "50%")]), "\u{1}k=50%25");
     }
 }
