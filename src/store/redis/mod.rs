@@ -224,13 +224,20 @@ impl Inner {
         }
         if !refunds.is_empty() {
             // If this fails, the reserved tokens stay taken: the limit errs
-            // towards admitting less, never more.
-            let given_back = self.run(&refunds, Mode::Refund).await?;
-            for ((c, taken), back) in refunded.iter().zip(given_back) {
-                for (k, &i) in taken.iter().enumerate() {
-                    let bucket = &mut outcomes[*c].buckets[i];
-                    bucket.remaining = back.buckets[k].remaining;
-                    bucket.reset_after = back.buckets[k].reset_after;
+            // towards admitting less, never more. The denials stand either
+            // way: an error here must not become a fail-open allow.
+            match self.run(&refunds, Mode::Refund).await {
+                Ok(given_back) => {
+                    for ((c, taken), back) in refunded.iter().zip(given_back) {
+                        for (k, &i) in taken.iter().enumerate() {
+                            let bucket = &mut outcomes[*c].buckets[i];
+                            bucket.remaining = back.buckets[k].remaining;
+                            bucket.reset_after = back.buckets[k].reset_after;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "refund after a cross-slot denial failed; the reserved tokens stay taken")
                 }
             }
         }

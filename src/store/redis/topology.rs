@@ -40,6 +40,9 @@ pub(crate) enum CallError {
     /// Redis or the connection reported an error.
     #[error("Redis: {0}")]
     Redis(#[from] RedisError),
+    /// Another call's connect to this lane failed while this one waited.
+    #[error("no Redis connection: a connect attempt just failed")]
+    ConnectJustFailed,
 }
 
 /// Why the store could not be built from its config.
@@ -305,6 +308,11 @@ struct Lane<P: Pooled> {
     /// Only one call refills a lane; the others wait for its connection
     /// rather than take more from the pool. Held across a connect, so async.
     filling: tokio::sync::Mutex<()>,
+    /// Failed refills so far. A call that waited on `filling` while a refill
+    /// failed fails at once instead of trying its own connect: against a
+    /// dead Redis, a queue of waiters would otherwise pay one connect
+    /// timeout each, in turn, before the breaker could open.
+    fill_failures: AtomicU64,
 }
 
 /// A lane's connection: `(generation, pooled connection, handle)`.
@@ -319,6 +327,7 @@ impl<P: Pooled> Lanes<P> {
                     held: parking_lot::Mutex::new(None),
                     generation: AtomicU64::new(0),
                     filling: tokio::sync::Mutex::new(()),
+                    fill_failures: AtomicU64::new(0),
                 })
                 .collect(),
             next: AtomicUsize::new(0),
@@ -374,11 +383,21 @@ impl<P: Pooled> Lane<P> {
     }
 
     async fn fill(&self, pool: &P) -> Result<(u64, P::Handle), CallError> {
+        let failures = self.fill_failures.load(Ordering::Acquire);
         let _filling = self.filling.lock().await;
         if let Some(held) = self.current() {
             return Ok(held);
         }
-        let conn = pool.checkout().await?;
+        if self.fill_failures.load(Ordering::Acquire) != failures {
+            return Err(CallError::ConnectJustFailed);
+        }
+        let conn = match pool.checkout().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                self.fill_failures.fetch_add(1, Ordering::Release);
+                return Err(e.into());
+            }
+        };
         let handle = P::handle(&conn);
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         *self.held.lock() = Some((generation, conn, handle.clone()));
