@@ -110,6 +110,10 @@ pub struct MemoryConfig {
     /// How often full buckets are dropped.
     #[serde(default = "default_sweep", with = "humantime_serde")]
     pub sweep_interval: Duration,
+    /// The most buckets held at once. A decision that would create more
+    /// fails as a store error, so the scope's failure mode applies.
+    #[serde(default = "default_max_buckets")]
+    pub max_buckets: usize,
 }
 
 impl Default for MemoryConfig {
@@ -117,12 +121,17 @@ impl Default for MemoryConfig {
         Self {
             shards: default_shards(),
             sweep_interval: default_sweep(),
+            max_buckets: default_max_buckets(),
         }
     }
 }
 
 fn default_shards() -> usize {
     crate::store::memory::DEFAULT_SHARDS
+}
+
+fn default_max_buckets() -> usize {
+    crate::store::memory::DEFAULT_MAX_BUCKETS
 }
 
 fn default_sweep() -> Duration {
@@ -347,6 +356,9 @@ impl Config {
         }
         if self.store.memory.shards == 0 || self.store.memory.shards > 65_536 {
             problems.push("store.memory.shards: must be between 1 and 65536".to_owned());
+        }
+        if self.store.memory.max_buckets == 0 {
+            problems.push("store.memory.max_buckets: must be > 0".to_owned());
         }
         if self.store.memory.sweep_interval < Duration::from_millis(10) {
             problems.push("store.memory.sweep_interval: must be at least 10ms".to_owned());

@@ -77,7 +77,8 @@ pub fn compile_rules(config: &Config) -> Result<Rules, ConfigError> {
 pub fn build_store(config: &Config) -> Result<AnyStore, BuildError> {
     Ok(match config.store.kind {
         StoreKind::Memory => {
-            let store = MemoryStore::new(config.store.memory.shards);
+            let memory = &config.store.memory;
+            let store = MemoryStore::with_max_buckets(memory.shards, memory.max_buckets);
             store.spawn_sweeper(config.store.memory.sweep_interval);
             AnyStore::Memory(store)
         }

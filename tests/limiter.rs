@@ -166,3 +166,51 @@ async fn identities_that_look_alike_keep_separate_buckets() {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_full_embedded_store_applies_the_failure_mode_and_takes_nothing() {
+    let yaml = |mode: &str| {
+        format!(
+            "scopes:\n  - name: s\n    failure_mode: {mode}\n    limits:\n      - {{name: a, per: identity, capacity: 3, refill_period: 1s}}\n      - {{name: b, per: scope, capacity: 100, refill_period: 1h}}\n"
+        )
+    };
+    for mode in ["open", "closed"] {
+        let config = Config::from_yaml(&yaml(mode)).expect("valid");
+        // Room for the scope bucket and two identities.
+        let store = MemoryStore::with_max_buckets(4, 3);
+        let l = Limiter::new(Rules::from_config(&config).expect("rules"), store.clone());
+        for id in ["u1", "u2"] {
+            assert!(
+                l.decide(&Request::new("s", id, "op"))
+                    .await
+                    .expect("decide")
+                    .allowed
+            );
+        }
+        let third = l.decide(&Request::new("s", "u3", "op")).await;
+        match mode {
+            "open" => {
+                let d = third.expect("fails open");
+                assert!(d.allowed && d.degraded, "{d:?}");
+            }
+            _ => assert!(third.is_err(), "fails closed: {third:?}"),
+        }
+        assert_eq!(store.len(), 3, "the refused charge created nothing");
+        // It took nothing either: the scope bucket had 98, and u1's call now takes one.
+        let d = l
+            .decide(&Request::new("s", "u1", "op"))
+            .await
+            .expect("decide");
+        let scope_bucket = d.buckets.iter().find(|b| &*b.rule == "b").expect("b");
+        assert_eq!(scope_bucket.remaining, 97);
+        // Once identities' buckets refill and are swept, there is room again.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        store.sweep();
+        assert!(
+            l.decide(&Request::new("s", "u3", "op"))
+                .await
+                .expect("decide")
+                .allowed
+        );
+    }
+}

@@ -130,7 +130,7 @@ proptest! {
                     }).collect(),
                     dry_run: false,
                 };
-                let outcome = store.decide(&charge);
+                let outcome = store.decide(&charge).expect("room");
                 let fits = buckets.iter().all(|&i| left[i] >= cost);
                 prop_assert_eq!(outcome.allowed, fits);
                 if fits {

@@ -8,6 +8,7 @@
 //! Time comes from `tokio::time`, so tests can pause and advance it.
 
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -25,6 +26,10 @@ pub const DEFAULT_SHARDS: usize = 64;
 
 /// How often the sweeper drops buckets that have refilled completely.
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The most buckets held at once by default: about 670 MiB at the measured
+/// 134 bytes per bucket.
+pub const DEFAULT_MAX_BUCKETS: usize = 5_000_000;
 
 /// Most decisions touch a handful of buckets; up to this many stay on the stack.
 const INLINE: usize = 4;
@@ -53,17 +58,31 @@ struct Inner {
     hasher: RandomState,
     /// The clock's zero: ticks are nanoseconds since this instant.
     epoch: Instant,
+    /// Buckets held now, across shards.
+    held: AtomicUsize,
+    /// The most buckets held at once. A charge that would create buckets
+    /// beyond it fails as a store error (and the scope's failure mode
+    /// decides), so memory stays bounded even when every caller is new.
+    max_buckets: usize,
 }
 
 impl MemoryStore {
-    /// A store with `shards` shards (rounded up to a power of two).
+    /// A store with `shards` shards (rounded up to a power of two) and the
+    /// default bound on buckets.
     pub fn new(shards: usize) -> Self {
+        Self::with_max_buckets(shards, DEFAULT_MAX_BUCKETS)
+    }
+
+    /// A store that holds at most `max_buckets` buckets at once.
+    pub fn with_max_buckets(shards: usize, max_buckets: usize) -> Self {
         let n = shards.max(1).next_power_of_two();
         Self {
             inner: Arc::new(Inner {
                 shards: (0..n).map(|_| Mutex::new(HashTable::new())).collect(),
                 hasher: RandomState::new(),
                 epoch: Instant::now(),
+                held: AtomicUsize::new(0),
+                max_buckets,
             }),
         }
     }
@@ -100,7 +119,8 @@ impl MemoryStore {
     }
 
     /// Decides one charge. Synchronous: the embedded store never waits.
-    pub fn decide(&self, charge: &Charge<'_>) -> ChargeOutcome {
+    /// Fails only when the charge would create buckets beyond the bound.
+    pub fn decide(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
         self.inner.decide(charge)
     }
 }
@@ -134,13 +154,15 @@ impl Inner {
         let mut left = 0;
         for shard in self.shards.iter() {
             let mut table = shard.lock();
+            let before = table.len();
             table.retain(|e| !e.tat.is_full_at(now));
+            self.held.fetch_sub(before - table.len(), Ordering::Relaxed);
             left += table.len();
         }
         left
     }
 
-    fn decide(&self, charge: &Charge<'_>) -> ChargeOutcome {
+    fn decide(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
         // Encode every key into one buffer and hash each once.
         let mut buf: SmallVec<[u8; 256]> = SmallVec::new();
         let mut slots: SmallVec<[Slot; INLINE]> = SmallVec::new();
@@ -168,19 +190,31 @@ impl Inner {
 
         let mut verdicts: SmallVec<[Verdict; INLINE]> = SmallVec::new();
         let mut allowed = true;
+        let mut new_buckets = 0;
         for (bucket, slot) in charge.buckets.iter().zip(&slots) {
             let key = &buf[slot.start..slot.end];
             let table = guard_for(&mut guards, slot.shard);
-            let stored = table
-                .find(slot.hash, |e| *e.key == *key)
-                .map(|e| e.tat)
-                .unwrap_or_default();
+            let found = table.find(slot.hash, |e| *e.key == *key).map(|e| e.tat);
+            new_buckets += usize::from(found.is_none());
+            let stored = found.unwrap_or_default();
             let verdict = bucket.shape.judge(stored, now, bucket.cost);
             allowed &= verdict.conforms || bucket.shadow;
             verdicts.push(verdict);
         }
 
         let take = allowed && !charge.dry_run;
+        // Reserve room for new buckets before writing any, so a full store
+        // fails the whole charge and takes nothing.
+        if take && new_buckets > 0 {
+            let held = self.held.fetch_add(new_buckets, Ordering::Relaxed);
+            if held + new_buckets > self.max_buckets {
+                self.held.fetch_sub(new_buckets, Ordering::Relaxed);
+                return Err(StoreError::transient(format!(
+                    "embedded store full: {} buckets held, the most is {}",
+                    held, self.max_buckets
+                )));
+            }
+        }
         let mut outcomes = Vec::with_capacity(slots.len());
         for ((bucket, verdict), slot) in charge.buckets.iter().zip(&verdicts).zip(&slots) {
             let taken = take && verdict.conforms;
@@ -210,10 +244,10 @@ impl Inner {
                 retry_after: verdict.retry_after.map(Duration::from_nanos),
             });
         }
-        ChargeOutcome {
+        Ok(ChargeOutcome {
             allowed,
             buckets: outcomes,
-        }
+        })
     }
 }
 
@@ -246,10 +280,10 @@ impl Store for MemoryStore {
         &self,
         charges: &[Charge<'_>],
     ) -> Result<Vec<ChargeOutcome>, StoreError> {
-        Ok(charges.iter().map(|c| self.inner.decide(c)).collect())
+        charges.iter().map(|c| self.inner.decide(c)).collect()
     }
 
     async fn check_and_take_one(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
-        Ok(self.inner.decide(charge))
+        self.inner.decide(charge)
     }
 }
