@@ -468,3 +468,76 @@ async fn a_readonly_answer_drops_every_connection_and_the_store_recovers() {
         .unwrap();
     assert!(out[0].allowed, "new connections write again");
 }
+
+/// The ids of the clients connected to Redis, less `conn`'s own.
+fn client_ids(c: &mut redis::Connection) -> Vec<u64> {
+    let me: u64 = redis::cmd("CLIENT").arg("ID").query(c).unwrap();
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(c).unwrap();
+    list.lines()
+        .filter_map(|l| l.strip_prefix("id=")?.split(' ').next()?.parse().ok())
+        .filter(|id| *id != me)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_stops_answering_is_replaced() {
+    let s = Standalone::start();
+    let mut config = s.config("tg-stall:");
+    config.pool_size = 1;
+    config.response_timeout = Duration::from_millis(50);
+    let store = RedisStore::new(&config).unwrap();
+    let period = Duration::from_secs(60);
+    store
+        .check_and_take(&[charge("a", 1000, period)])
+        .await
+        .unwrap();
+    let mut admin = conn(s.server.port).unwrap();
+    let before = client_ids(&mut admin);
+    assert!(!before.is_empty());
+
+    // Redis stops answering (SIGSTOP): the calls time out.
+    let info: String = redis::cmd("INFO").arg("server").query(&mut admin).unwrap();
+    let pid = info
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let signal = |sig: &str| {
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    for _ in 0..3 {
+        let r = store.check_and_take(&[charge("a", 1000, period)]).await;
+        assert!(r.is_err(), "{r:?}");
+    }
+    signal("-CONT");
+
+    // Decisions resume, on a new connection: the stalled one was dropped.
+    let mut resumed = false;
+    for _ in 0..100 {
+        if store
+            .check_and_take(&[charge("a", 1000, period)])
+            .await
+            .is_ok()
+        {
+            resumed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(resumed);
+    let after = client_ids(&mut admin);
+    for id in &before {
+        assert!(
+            !after.contains(id),
+            "connection {id} was kept: {before:?} -> {after:?}"
+        );
+    }
+}
