@@ -214,3 +214,22 @@ async fn a_full_embedded_store_applies_the_failure_mode_and_takes_nothing() {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn requests_decided_together_report_the_summed_cost_of_a_shared_bucket() {
+    let l = limiter(THREE_PER_SECOND);
+    let two = Request {
+        cost: 2,
+        ..Request::new("s", "eve", "op")
+    };
+    // Each alone fits the 3-token bucket; together they need 4, which no
+    // wait can ever provide.
+    let d = l.decide_together(&[two, two]).await.expect("decide");
+    assert!(d.iter().all(|d| !d.allowed));
+    let reason = d[0].reason.as_deref().unwrap_or("");
+    assert!(
+        reason.starts_with("cost 4 exceeds the capacity 3"),
+        "{reason}"
+    );
+    assert_eq!(d[0].retry_after, None);
+}

@@ -285,6 +285,8 @@ impl<S: Store> Limiter<S> {
             }
         }
         let dry_run = reqs.iter().all(|r| r.dry_run);
+        // What each bucket was charged in all, for the reports below.
+        let slot_costs: Vec<u64> = slots.iter().map(|s| s.cost).collect();
         let outcome = if slots.is_empty() {
             ChargeOutcome {
                 allowed: true,
@@ -326,11 +328,17 @@ impl<S: Store> Limiter<S> {
 
         let mut decisions = Vec::with_capacity(reqs.len());
         for i in 0..reqs.len() {
+            // A shared bucket reports the summed cost it was judged on.
             let mine: Vec<Planned<'_, '_>> = planned
                 .iter()
                 .zip(&owner)
-                .filter(|(_, o)| **o == i)
-                .map(|(p, _)| *p)
+                .zip(&slot_of)
+                .filter(|((_, o), _)| **o == i)
+                .map(|((p, _), s)| {
+                    let mut p = *p;
+                    p.charge.cost = slot_costs[*s];
+                    p
+                })
                 .collect();
             if degraded {
                 decisions.push(degraded_decision());
