@@ -222,6 +222,13 @@ impl Inner {
             }
             outcomes.push(ChargeOutcome { allowed, buckets });
         }
+        // Known limit, unreachable today (the limiter never builds a charge
+        // that spans scopes, so no charge spans hash tags): a refund takes
+        // `cost·P/C` off the bucket's current TAT. If the reserved bucket
+        // refilled past its reservation before the refund lands, that gives
+        // back tokens later callers already took. The exact refund is
+        // `min(cost·P/C, max(0, T1 − now))`, with T1 the TAT the reservation
+        // returned; pass T1 to the script before making this path reachable.
         if !refunds.is_empty() {
             // If this fails, the reserved tokens stay taken: the limit errs
             // towards admitting less, never more. The denials stand either
