@@ -233,3 +233,36 @@ async fn requests_decided_together_report_the_summed_cost_of_a_shared_bucket() {
     );
     assert_eq!(d[0].retry_after, None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_full_embedded_store_refuses_new_single_buckets_too() {
+    let config = Config::from_yaml(
+        "failure_mode: closed\nscopes:\n  - name: s\n    limits:\n      - {name: a, per: identity, capacity: 3, refill_period: 1s}\n",
+    )
+    .expect("valid");
+    let store = MemoryStore::with_max_buckets(4, 1);
+    let l = Limiter::new(Rules::from_config(&config).expect("rules"), store.clone());
+    assert!(
+        l.decide(&Request::new("s", "u1", "op"))
+            .await
+            .expect("room")
+            .allowed
+    );
+    assert!(
+        l.decide(&Request::new("s", "u2", "op")).await.is_err(),
+        "no room for u2"
+    );
+    // Existing buckets keep working, and a dry run needs no room.
+    assert!(
+        l.decide(&Request::new("s", "u1", "op"))
+            .await
+            .expect("held")
+            .allowed
+    );
+    let dry = Request {
+        dry_run: true,
+        ..Request::new("s", "u2", "op")
+    };
+    assert!(l.decide(&dry).await.expect("dry run").allowed);
+    assert_eq!(store.len(), 1);
+}

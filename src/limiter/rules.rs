@@ -1,6 +1,5 @@
 //! Compiled rules: which buckets apply to a request.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
@@ -14,7 +13,9 @@ use crate::store::{BucketCharge, BucketKey};
 /// The live rule set: every scope, compiled. Swapped whole on reload.
 #[derive(Debug, Clone)]
 pub struct Rules {
-    scopes: HashMap<Arc<str>, ScopeRules>,
+    /// Keys come from the config only; callers look up but never insert, so
+    /// a fast non-keyed hash cannot be turned against it.
+    scopes: hashbrown::HashMap<Arc<str>, ScopeRules>,
     /// What happens to requests for scopes not listed.
     pub unknown_scope: UnknownScope,
     /// The failure mode of scopes that set none, and of unknown scopes.
@@ -80,7 +81,7 @@ impl Rules {
         unknown_scope: UnknownScope,
         failure_mode: FailureMode,
     ) -> Result<Self, ConfigError> {
-        let mut map = HashMap::with_capacity(scopes.len());
+        let mut map = hashbrown::HashMap::with_capacity(scopes.len());
         for scope in scopes {
             let name = scope.name.clone();
             if map.insert(name.clone(), scope).is_some() {

@@ -17,7 +17,7 @@ use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
-use super::{BucketKey, BucketOutcome, Charge, ChargeOutcome, Store, StoreError};
+use super::{BucketCharge, BucketKey, BucketOutcome, Charge, ChargeOutcome, Store, StoreError};
 use crate::limiter::bucket::{Tat, Verdict};
 
 /// Default number of shards: enough that two cores never wait on each other,
@@ -163,6 +163,9 @@ impl Inner {
     }
 
     fn decide(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
+        if let [bucket] = charge.buckets.as_slice() {
+            return self.decide_one(bucket, charge.dry_run);
+        }
         // Encode every key into one buffer and hash each once.
         let mut buf: SmallVec<[u8; 256]> = SmallVec::new();
         let mut slots: SmallVec<[Slot; INLINE]> = SmallVec::new();
@@ -209,10 +212,7 @@ impl Inner {
             let held = self.held.fetch_add(new_buckets, Ordering::Relaxed);
             if held + new_buckets > self.max_buckets {
                 self.held.fetch_sub(new_buckets, Ordering::Relaxed);
-                return Err(StoreError::transient(format!(
-                    "embedded store full: {} buckets held, the most is {}",
-                    held, self.max_buckets
-                )));
+                return Err(self.full());
             }
         }
         let mut outcomes = Vec::with_capacity(slots.len());
@@ -251,6 +251,76 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// The common case, one bucket: one key, one lock, no lists.
+    fn decide_one(
+        &self,
+        bucket: &BucketCharge<'_>,
+        dry_run: bool,
+    ) -> Result<ChargeOutcome, StoreError> {
+        // Most keys fit the stack; longer ones (long Envoy descriptors) go
+        // to the heap.
+        let len = encoded_len(&bucket.key);
+        let mut stack = [0u8; 256];
+        let mut heap = Vec::new();
+        let key: &mut [u8] = if len <= stack.len() {
+            &mut stack[..len]
+        } else {
+            heap.resize(len, 0);
+            &mut heap
+        };
+        encode_into(key, &bucket.key);
+        let key = &*key;
+        let hash = self.hasher.hash_one(key);
+        let mut table = self.shards[(hash >> 40) as usize & (self.shards.len() - 1)].lock();
+        let now = self.now();
+        let found = table.find_mut(hash, |e| *e.key == *key);
+        let is_new = found.is_none();
+        let stored = found.as_ref().map(|e| e.tat).unwrap_or_default();
+        let verdict = bucket.shape.judge(stored, now, bucket.cost);
+        let allowed = verdict.conforms || bucket.shadow;
+        let taken = allowed && !dry_run && verdict.conforms;
+        let state = if taken { verdict.after } else { verdict.before };
+        if taken {
+            match found {
+                Some(e) => e.tat = state,
+                None => {
+                    debug_assert!(is_new);
+                    if self.held.fetch_add(1, Ordering::Relaxed) + 1 > self.max_buckets {
+                        self.held.fetch_sub(1, Ordering::Relaxed);
+                        return Err(self.full());
+                    }
+                    table.insert_unique(
+                        hash,
+                        Entry {
+                            hash,
+                            key: key.into(),
+                            tat: state,
+                        },
+                        |e| e.hash,
+                    );
+                }
+            }
+        }
+        drop(table);
+        let buckets = vec![BucketOutcome {
+            conforms: verdict.conforms,
+            remaining: bucket.shape.remaining(state, now),
+            reset_after: Duration::from_nanos(bucket.shape.reset_after(state, now)),
+            retry_after: verdict.retry_after.map(Duration::from_nanos),
+        }];
+        Ok(ChargeOutcome { allowed, buckets })
+    }
+
+    fn full(&self) -> StoreError {
+        StoreError::transient(format!(
+            "embedded store full: {} buckets held, the most is {}",
+            self.held.load(Ordering::Relaxed),
+            self.max_buckets
+        ))
+    }
+}
+
 fn guard_for<'g, 'm>(
     guards: &'g mut [(usize, MutexGuard<'m, Table>)],
     shard: usize,
@@ -259,20 +329,44 @@ fn guard_for<'g, 'm>(
     &mut guards[at].1
 }
 
-/// Encodes a key unambiguously: every part is tagged and length-prefixed, so
-/// no value of one part can spill into the next.
-fn encode(out: &mut SmallVec<[u8; 256]>, key: &BucketKey<'_>) {
-    for part in [Some(key.scope), Some(key.rule), key.identity, key.operation] {
+fn key_parts<'k>(key: &BucketKey<'k>) -> [Option<&'k str>; 4] {
+    [Some(key.scope), Some(key.rule), key.identity, key.operation]
+}
+
+/// The length of [`encode`]'s output for `key`.
+fn encoded_len(key: &BucketKey<'_>) -> usize {
+    key_parts(key)
+        .iter()
+        .map(|p| p.map_or(1, |s| 5 + s.len()))
+        .sum()
+}
+
+/// [`encode`] into a slice of exactly [`encoded_len`] bytes.
+fn encode_into(out: &mut [u8], key: &BucketKey<'_>) {
+    let mut at = 0;
+    for part in key_parts(key) {
         match part {
-            None => out.push(0),
+            None => {
+                out[at] = 0;
+                at += 1;
+            }
             Some(s) => {
-                out.push(1);
+                out[at] = 1;
                 // Parts are validated to far below 4 GiB.
-                out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-                out.extend_from_slice(s.as_bytes());
+                out[at + 1..at + 5].copy_from_slice(&(s.len() as u32).to_le_bytes());
+                out[at + 5..at + 5 + s.len()].copy_from_slice(s.as_bytes());
+                at += 5 + s.len();
             }
         }
     }
+}
+
+/// Encodes a key unambiguously: every part is tagged and length-prefixed, so
+/// no value of one part can spill into the next.
+fn encode(out: &mut SmallVec<[u8; 256]>, key: &BucketKey<'_>) {
+    let start = out.len();
+    out.resize(start + encoded_len(key), 0);
+    encode_into(&mut out[start..], key);
 }
 
 impl Store for MemoryStore {
