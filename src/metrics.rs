@@ -5,7 +5,6 @@
 //! identity, an operation, or any other caller-chosen string.
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::time::Duration;
@@ -242,11 +241,6 @@ impl<S: Store> Instrumented<S> {
         Self { inner, metrics }
     }
 
-    /// The wrapped store.
-    pub fn inner(&self) -> &S {
-        &self.inner
-    }
-
     fn observe<T>(&self, started: Instant, result: &Result<T, StoreError>) {
         self.metrics
             .store_seconds
@@ -312,9 +306,4 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
-}
-
-/// Parses a metrics listen address.
-pub fn parse_listen(s: &str) -> Result<SocketAddr, std::net::AddrParseError> {
-    s.parse()
 }

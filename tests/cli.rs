@@ -91,6 +91,21 @@ fn check_config_prints_a_summary_of_the_example() {
     );
 }
 
+/// Runs `check-config` on `path`, asserts that it fails, and returns stderr.
+fn check_config_fails(path: &std::path::Path) -> String {
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(path)
+        .output()
+        .expect("run");
+    assert!(
+        !out.status.success(),
+        "check-config accepted {}",
+        path.display()
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn check_config_names_every_bad_field_and_fails() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -98,13 +113,7 @@ fn check_config_names_every_bad_field_and_fails() {
         &dir,
         "scopes:\n  - name: x\n    limits:\n      - {name: a, per: identity, capacity: 0, refill_period: 1s}\n      - {name: b, per: scope, capacity: 1, refill_period: 0s}\n",
     );
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .arg(&path)
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = check_config_fails(&path);
     assert!(
         stderr.contains("scopes[0].limits[0].capacity: must be > 0"),
         "{stderr}"
@@ -118,13 +127,7 @@ fn check_config_names_every_bad_field_and_fails() {
         &dir,
         "scopes:\n  - name: x\n    limits:\n      - {name: a, per: everyone, capacity: 1, refill_period: 1s}\n",
     );
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .arg(&path)
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = check_config_fails(&path);
     assert!(stderr.contains("scopes[0].limits[0].per"), "{stderr}");
 }
 
@@ -339,13 +342,5 @@ async fn sighup_reloads_a_good_config_and_refuses_a_bad_one() {
 
     config_file(&dir, &limits(7));
     signal(&child.0, "-HUP");
-    let mut limit = 0;
-    for _ in 0..100 {
-        limit = ask(&mut c, req("demo", "lee", "op")).await.limit;
-        if limit == 7 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(limit, 7);
+    assert_eq!(common::wait_for_limit(&mut c, "demo", "lee", 7).await, 7);
 }

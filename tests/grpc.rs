@@ -431,15 +431,7 @@ async fn reload_swaps_rules_whole() {
         .send(tollgate::server::Control::Reload(Box::new(config)))
         .await
         .expect("send");
-    let mut limit = 0;
-    for _ in 0..100 {
-        limit = ask(&mut c, req("demo", "judy", "op")).await.limit;
-        if limit == 5 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(limit, 5);
+    assert_eq!(common::wait_for_limit(&mut c, "demo", "judy", 5).await, 5);
     server.shutdown().await;
 }
 

@@ -102,3 +102,22 @@ pub fn to_std(d: &Option<prost_types::Duration>) -> Option<Duration> {
     d.as_ref()
         .map(|d| Duration::new(d.seconds as u64, d.nanos as u32))
 }
+
+/// Asks until `identity`'s answer reports capacity `want` (a reload has
+/// taken effect), for up to two seconds; returns the last limit seen.
+pub async fn wait_for_limit(
+    client: &mut RateLimiterClient<Channel>,
+    scope: &str,
+    identity: &str,
+    want: u64,
+) -> u64 {
+    let mut limit = 0;
+    for _ in 0..100 {
+        limit = ask(client, req(scope, identity, "op")).await.limit;
+        if limit == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    limit
+}
