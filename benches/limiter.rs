@@ -30,7 +30,7 @@ scopes:
 fn limiter() -> Limiter<MemoryStore> {
     let config = Config::from_yaml(RULES).expect("valid");
     Limiter::new(
-        Rules::from_config(&config).expect("rules"),
+        Rules::compile(&config).expect("rules"),
         MemoryStore::default(),
     )
 }

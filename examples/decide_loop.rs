@@ -26,7 +26,7 @@ fn ready<F: Future>(f: F) -> F::Output {
 fn main() -> anyhow::Result<()> {
     let yaml = "scopes:\n  - name: one\n    limits:\n      - {name: per-user, per: identity, capacity: 50000000, refill_period: 1s}\n";
     let config = Config::from_yaml(yaml)?;
-    let l = Limiter::new(Rules::from_config(&config)?, MemoryStore::default());
+    let l = Limiter::new(Rules::compile(&config)?, MemoryStore::default());
     let r = Request::new("one", "alice", "tools/call:search");
     let mut allowed = 0u64;
     for _ in 0..200_000 {

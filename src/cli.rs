@@ -1,27 +1,31 @@
 //! The command line: `serve`, `check-config` and the `allow` client.
+//!
+//! This module belongs to the binary, not the library: it is the one place
+//! outside `api` that speaks proto, as a client.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-
-use crate::config::Config;
-use crate::limiter::Rules;
-use crate::pb::tollgate::v1 as pb;
+use clap::{Args, Parser, Subcommand};
+use tollgate::config::{Config, ConfigSource};
+use tollgate::limiter::Rules;
+use tollgate::pb::tollgate::v1 as pb;
+use tollgate::server::Prepared;
 
 /// Tollgate: a rate-limit decision service.
 #[derive(Debug, Parser)]
 #[command(name = "tollgate", version, about)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// What to do.
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Serve the gRPC API until SIGTERM or SIGINT; SIGHUP reloads the config.
     Serve {
         /// The YAML config file.
@@ -34,29 +38,33 @@ pub enum Command {
         file: PathBuf,
     },
     /// Ask a running Tollgate for one decision, and print it.
-    Allow {
-        /// The server, e.g. http://127.0.0.1:50051.
-        #[arg(long, default_value = "http://127.0.0.1:50051")]
-        addr: String,
-        /// The scope.
-        #[arg(long)]
-        scope: String,
-        /// The caller's identity.
-        #[arg(long, default_value = "")]
-        identity: String,
-        /// The operation.
-        #[arg(long, default_value = "")]
-        operation: String,
-        /// Tokens to take.
-        #[arg(long, default_value_t = 1)]
-        cost: u32,
-        /// Decide without taking.
-        #[arg(long)]
-        dry_run: bool,
-        /// An attribute, as key=value; repeat for more.
-        #[arg(long = "attr", value_parser = parse_attr)]
-        attrs: Vec<(String, String)>,
-    },
+    Allow(AllowArgs),
+}
+
+/// The `allow` subcommand's flags.
+#[derive(Debug, Args)]
+pub(crate) struct AllowArgs {
+    /// The server, e.g. http://127.0.0.1:50051.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// The scope.
+    #[arg(long)]
+    scope: String,
+    /// The caller's identity.
+    #[arg(long, default_value = "")]
+    identity: String,
+    /// The operation.
+    #[arg(long, default_value = "")]
+    operation: String,
+    /// Tokens to take.
+    #[arg(long, default_value_t = 1)]
+    cost: u32,
+    /// Decide without taking.
+    #[arg(long)]
+    dry_run: bool,
+    /// An attribute, as key=value; repeat for more.
+    #[arg(long = "attr", value_parser = parse_attr)]
+    attrs: Vec<(String, String)>,
 }
 
 fn parse_attr(s: &str) -> Result<(String, String), String> {
@@ -65,8 +73,27 @@ fn parse_attr(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected key=value, got {s:?}"))
 }
 
+/// Validates a config file as `serve` would, printing a summary of its
+/// scopes and rules, or every problem found.
+pub(crate) fn check_config(file: &Path) -> ExitCode {
+    match Prepared::load(ConfigSource::new(file, std::env::vars())) {
+        Ok(p) => {
+            print!("{}", summary(&p.config, &p.rules));
+            println!("config OK");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: invalid configuration", file.display());
+            for p in &e.problems {
+                eprintln!("  {p}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// A human summary of a validated config and its compiled rules.
-pub fn summary(config: &Config, rules: &Rules) -> String {
+fn summary(config: &Config, rules: &Rules) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -107,11 +134,16 @@ pub fn summary(config: &Config, rules: &Rules) -> String {
 }
 
 /// Sends one `ShouldAllow` and renders the answer for a terminal.
-pub async fn allow(
-    addr: String,
-    request: pb::ShouldAllowRequest,
-) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
-    let mut client = pb::rate_limiter_client::RateLimiterClient::connect(addr).await?;
+pub(crate) async fn allow(args: AllowArgs) -> anyhow::Result<String> {
+    let request = pb::ShouldAllowRequest {
+        scope: args.scope,
+        identity: args.identity,
+        operation: args.operation,
+        cost: args.cost,
+        dry_run: args.dry_run,
+        attributes: args.attrs.into_iter().collect(),
+    };
+    let mut client = pb::rate_limiter_client::RateLimiterClient::connect(args.addr).await?;
     let r = client.should_allow(request).await?.into_inner();
     let mut out = String::new();
     let secs = |d: &Option<prost_types::Duration>| {

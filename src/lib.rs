@@ -5,17 +5,24 @@
 //! per scope, identity, operation, or identity and operation.
 //!
 //! # Module map
-//! - [`config`]: the typed, validated configuration; [`envoy_config`]:
-//!   envoyproxy/ratelimit YAML loaded as extra scopes.
-//! - [`api`]: the gRPC edge; proto ⇄ domain, input validation.
-//! - [`limiter`]: rules → buckets → [`limiter::Decision`]; pure, no I/O.
+//! Leaves first; each module imports only those above it.
+//! - [`bucket`]: GCRA bucket math in integers. Imports nothing from the crate.
+//! - [`config`]: the typed, validated configuration, envoyproxy/ratelimit
+//!   YAML included, as plain data. Imports nothing from the crate.
 //! - [`store`]: the [`store::Store`] trait (the atomicity contract), the
-//!   embedded store, and the Redis store (one Lua script per decision).
-//! - [`server`]: wires a config into a running gRPC server, with health and
-//!   reflection; [`shutdown`]: signals.
-//! - [`error`]: the one mapping from domain errors to gRPC statuses.
-//! - [`metrics`]: Prometheus metrics on their own port; [`audit`]: the
-//!   rate-limited denial log.
+//!   embedded store, and the Redis store (one Lua script per charge).
+//! - [`limiter`]: config → rules ([`limiter::compile`]), rules → buckets,
+//!   and the pure planner ([`limiter::plan`]) around one call to the store.
+//! - [`observe`]: metrics, the denial audit log, logs, and the `Observer`
+//!   every API reports to.
+//! - [`api`]: the gRPC edge; proto ⇄ domain, input validation. [`pb`] is
+//!   the generated code, and [`error`] maps domain errors to gRPC statuses.
+//! - [`server`]: prepares a config and serves it; [`shutdown`]: signals,
+//!   reload, and the stop sequence (drain, grace, cancel).
+//!
+//! The binary (`src/main.rs`, with its `cli` module) parses arguments, loads
+//! the config, and calls [`server::run`]; it is the one place besides `api`
+//! that speaks proto, as the `allow` client.
 //!
 //! # The request path
 //! 1. `api` validates the request and borrows it as a `limiter::Request`.
@@ -24,19 +31,33 @@
 //! 4. `limiter` turns the outcome into a `Decision` (retry-after, the most
 //!    restrictive bucket), or applies the failure mode if the store failed.
 //! 5. `api` answers with the proto response.
+//!
+//! # Architecture invariants
+//! `tests/it/architecture.rs` checks each of these on every CI run.
+//! - **The bucket math is a leaf.** `bucket` imports nothing from the crate,
+//!   and no float enters it.
+//! - **Config is data.** `config` imports nothing from the rest of the crate:
+//!   it parses and validates, and others read it. Only the store judges its
+//!   own settings (`store::check_settings`), before any port is bound.
+//! - **The layers point one way:** `config`, `bucket` ← `store` ← `limiter`
+//!   ← `observe` ← `api` ← `server`. No module imports one to its right.
+//! - **Only `api` knows proto types.** Nothing under `limiter`, `store`,
+//!   `config` or `observe` names `pb::`, `tonic::` or `prost`.
+//! - **Only the Redis store knows Redis.** `redis::` appears nowhere outside
+//!   `store/redis/`.
+//! - **The limiter does no I/O of its own.** Its one await is the call to
+//!   the `Store` trait; rules, planning and decisions are pure functions.
+//! - **Functions stay short.** No function in `src/` runs past 80 lines.
 
 #![warn(clippy::unwrap_used)]
 
 pub mod api;
-pub mod audit;
-pub mod cli;
+pub mod bucket;
 pub mod config;
-pub mod envoy_config;
 pub mod error;
 pub mod limiter;
-pub mod metrics;
+pub mod observe;
 pub mod pb;
 pub mod server;
 pub mod shutdown;
 pub mod store;
-pub mod telemetry;

@@ -1,14 +1,20 @@
-//! The `tollgate` binary: parse args → load config → telemetry → serve.
+//! The `tollgate` binary: parse args → load config → logs → serve.
+//!
+//! Everything that can refuse a config runs before the listener is bound,
+//! so a bad config exits without ever taking the port.
+
+mod cli;
 
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use tollgate::cli::{Cli, Command};
-use tollgate::config::Config;
-use tollgate::pb::tollgate::v1::ShouldAllowRequest;
-use tollgate::server::{self, Control};
-use tollgate::{shutdown, telemetry};
+use tollgate::config::ConfigSource;
+use tollgate::observe::logs;
+use tollgate::server::{self, Prepared};
+use tollgate::shutdown;
+
+use cli::{Cli, Command};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -23,73 +29,22 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::CheckConfig { file } => match Config::load(&file, std::env::vars()) {
-            Ok(config) => {
-                let rules = server::compile_rules(&config)?;
-                print!("{}", tollgate::cli::summary(&config, &rules));
-                println!("config OK");
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(e) => {
-                eprintln!("{}: invalid configuration", file.display());
-                for p in &e.problems {
-                    eprintln!("  {p}");
-                }
-                Ok(ExitCode::FAILURE)
-            }
-        },
-        Command::Allow {
-            addr,
-            scope,
-            identity,
-            operation,
-            cost,
-            dry_run,
-            attrs,
-        } => {
-            let request = ShouldAllowRequest {
-                scope,
-                identity,
-                operation,
-                cost,
-                dry_run,
-                attributes: attrs.into_iter().collect(),
-            };
-            let out = tollgate::cli::allow(addr, request)
-                .await
-                .map_err(|e| anyhow::anyhow!(e))?;
-            print!("{out}");
+        Command::CheckConfig { file } => Ok(cli::check_config(&file)),
+        Command::Allow(args) => {
+            print!("{}", cli::allow(args).await?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Serve { config: path } => {
-            // Validate everything, rules included, before binding any port.
-            let config = Config::load(&path, std::env::vars())?;
-            telemetry::init(&config.log, std::env::var("RUST_LOG").ok().as_deref());
-            server::compile_rules(&config)?;
-            let addr = config.listen_addr()?;
+        Command::Serve { config } => {
+            let prepared = Prepared::load(ConfigSource::new(config, std::env::vars()))?;
+            let log = &prepared.config.log;
+            logs::init(log, std::env::var("RUST_LOG").ok().as_deref());
+            let addr = prepared.config.listen_addr()?;
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding {addr}"))?;
-            let (control, serving) = server::spawn(config, listener);
-
-            let mut hangups = shutdown::hangups()?;
-            let signals = control.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = shutdown::terminate() => {
-                            let _ = signals.send(Control::Shutdown).await;
-                            return;
-                        }
-                        _ = hangups.recv() => match Config::load(&path, std::env::vars()) {
-                            Ok(c) => { let _ = signals.send(Control::Reload(Box::new(c))).await; }
-                            Err(e) => tracing::error!(error = %e, "config reload refused; the old config keeps serving"),
-                        },
-                    }
-                }
-            });
+            let (control, serving) = server::spawn(prepared, listener);
+            shutdown::forward_signals(control).context("installing signal handlers")?;
             serving.await??;
-            drop(control);
             Ok(ExitCode::SUCCESS)
         }
     }

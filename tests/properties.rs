@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use proptest::prelude::*;
-use tollgate::limiter::bucket::{Shape, Tat};
+use tollgate::bucket::{Shape, Tat};
 use tollgate::store::memory::MemoryStore;
 use tollgate::store::{BucketCharge, BucketKey, Charge};
 

@@ -28,7 +28,6 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimit
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
 use tonic::{Request, Response, Status};
 
-use super::Observer;
 use super::validate::{
     self, MAX_DESCRIPTOR_ENTRIES, MAX_DESCRIPTOR_KEY_LEN, MAX_DESCRIPTOR_VALUE_LEN,
     MAX_DESCRIPTORS, MAX_SCOPE_LEN,
@@ -36,6 +35,7 @@ use super::validate::{
 use crate::error::InvalidField;
 use crate::limiter::descriptors::{DescriptorKeys, canonical};
 use crate::limiter::{self, BucketReport, Decision, Limiter};
+use crate::observe::Observer;
 use crate::store::Store;
 
 /// Serves Envoy's RLS v3 over a shared limiter.
@@ -381,7 +381,7 @@ scopes:
 
     fn api<S: Store>(config: &str, store: S) -> EnvoyRateLimitApi<S> {
         let config = Config::from_yaml(config).unwrap();
-        let rules = crate::server::compile_rules(&config).unwrap();
+        let rules = crate::limiter::Rules::compile(&config).unwrap();
         EnvoyRateLimitApi::new(
             Arc::new(Limiter::new(rules, store)),
             Arc::new(AtomicBool::new(false)),

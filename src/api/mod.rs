@@ -1,5 +1,5 @@
 //! The gRPC edge: translate proto ⇄ domain, validate input, call the limiter.
-//! Nothing else happens here, and nothing else knows proto types.
+//! Nothing else happens here, and no other library module knows proto types.
 
 pub mod envoy;
 pub mod tollgate;
@@ -7,55 +7,3 @@ pub mod validate;
 
 pub use envoy::EnvoyRateLimitApi;
 pub use tollgate::RateLimiterApi;
-
-use std::sync::Arc;
-use std::time::Duration;
-
-use crate::audit::Audit;
-use crate::limiter::{DecideError, Decision, Request, Rules};
-use crate::metrics::Metrics;
-
-/// What every API does after a decision: count it, time it, audit denials.
-#[derive(Debug, Default)]
-pub struct Observer {
-    /// The process's metrics.
-    pub metrics: Arc<Metrics>,
-    audit: Audit,
-}
-
-impl Observer {
-    /// An observer reporting to `metrics`.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self {
-            metrics,
-            audit: Audit::default(),
-        }
-    }
-
-    /// Records the result of deciding `req` through `api`.
-    pub fn decided(
-        &self,
-        api: &'static str,
-        rules: &Rules,
-        req: &Request<'_>,
-        result: Result<&Decision, &DecideError>,
-        took: Duration,
-    ) {
-        match result {
-            Ok(d) => {
-                self.metrics.decision(api, rules, req.scope, d, took);
-                if !d.allowed {
-                    self.audit.denied(
-                        &self.metrics,
-                        api,
-                        req.scope,
-                        req.identity,
-                        req.operation,
-                        d,
-                    );
-                }
-            }
-            Err(_) => self.metrics.unavailable(api, rules, req.scope),
-        }
-    }
-}

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::Observer;
 use super::validate::{self, MAX_BATCH, MAX_IDENTITY_LEN, MAX_OPERATION_LEN, MAX_SCOPE_LEN};
 use crate::error::InvalidField;
 use crate::limiter::{self, Decision, Limiter};
+use crate::observe::Observer;
 use crate::pb::tollgate::v1 as pb;
 use crate::store::Store;
 

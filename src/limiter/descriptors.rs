@@ -9,11 +9,7 @@
 //!
 //! This module is pure data and matching: it knows no proto types.
 
-use std::sync::Arc;
-
-use super::bucket::Shape;
-use super::rules::Limit;
-use crate::config::Per;
+use super::limit::Limit;
 
 /// For a scope of Tollgate's own config: which descriptor entries carry the
 /// identity and the operation of the request that a descriptor becomes.
@@ -24,23 +20,6 @@ pub struct DescriptorKeys {
     pub identity: Option<String>,
     /// The entry whose value is the operation; absent or missing means "".
     pub operation: Option<String>,
-}
-
-impl Limit {
-    /// The limit of a descriptor rule. The API passes the whole descriptor as
-    /// the identity, so each distinct descriptor (user, path, ...) has its
-    /// own bucket.
-    pub fn for_descriptor(name: &str, shape: Shape, shadow: bool) -> Self {
-        Self {
-            name: Arc::from(name),
-            per: Per::Identity,
-            operations: None,
-            when: Vec::new(),
-            shape,
-            shadow,
-            replaces: Vec::new(),
-        }
-    }
 }
 
 /// How a node matches an entry's value.
@@ -163,6 +142,7 @@ fn escape_into(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bucket::Shape;
 
     fn limit(name: &str) -> Option<Limit> {
         let shape = Shape {

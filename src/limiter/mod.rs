@@ -1,25 +1,30 @@
 //! The limiter: rules → which buckets apply → one atomic charge → [`Decision`].
 //!
-//! It knows no proto types and no Redis types, and it does no I/O of its own:
-//! state lives behind the [`Store`] trait. Its rules are swapped whole on
-//! reload, and readers never block.
+//! It knows no proto types and no Redis types. Everything but the call to
+//! the store is pure and synchronous: [`compile`] turns config into
+//! [`Rules`], [`rules`] names the buckets a request draws on, and [`plan`]
+//! turns requests into charges and the store's outcomes into decisions.
+//! [`Limiter`] is the thin async shell that puts the [`Store`] call between
+//! the two halves; its rules are swapped whole on reload, and readers never
+//! block.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use smallvec::SmallVec;
 
-use crate::config::{FailureMode, UnknownScope};
-use crate::store::{BucketCharge, BucketOutcome, Charge, ChargeOutcome, Store, StoreError};
+use crate::store::{Store, StoreError};
 
-pub mod bucket;
+pub mod compile;
 pub mod descriptors;
+pub mod limit;
+pub(crate) mod plan;
 pub mod rules;
 
-use rules::Planned;
-pub use rules::{Limit, Rules, ScopeRules};
+pub use limit::Limit;
+use plan::{Joint, Plan};
+pub use rules::{Rules, ScopeRules};
 
 /// One question to the limiter. Validated by the caller (the API layer).
 #[derive(Debug, Clone, Copy)]
@@ -152,24 +157,14 @@ impl<S: Store> Limiter<S> {
     /// Decides one request.
     pub async fn decide(&self, req: &Request<'_>) -> Result<Decision, DecideError> {
         let rules = self.rules.load();
-        let Some(scope) = rules.scope(req.scope) else {
-            return Ok(unknown_scope(&rules, req.scope));
-        };
-        let mut planned: SmallVec<[Planned<'_, '_>; 4]> = SmallVec::new();
-        scope.buckets(req, &mut planned);
-        if planned.is_empty() {
-            return Ok(Decision {
-                allowed: true,
-                ..Decision::default()
-            });
+        let mut buckets = plan::Buckets::new();
+        if let Err(why) = plan::plan_into(&rules, req, &mut buckets) {
+            return Ok(why.decision(&rules, req.scope));
         }
-        let charge = Charge {
-            buckets: planned.iter().map(|p| p.charge).collect(),
-            dry_run: req.dry_run,
-        };
+        let charge = plan::charge(&buckets, req.dry_run);
         match self.store.check_and_take_one(&charge).await {
-            Ok(outcome) => Ok(decision(&planned, &outcome)),
-            Err(e) => store_failed(&rules, req.scope, e),
+            Ok(outcome) => Ok(plan::decision(&buckets, &outcome)),
+            Err(e) => plan::failed(&rules, req.scope, e),
         }
     }
 
@@ -177,63 +172,21 @@ impl<S: Store> Limiter<S> {
     /// the store for all of them. Results are in request order.
     pub async fn decide_each(&self, reqs: &[Request<'_>]) -> Vec<Result<Decision, DecideError>> {
         let rules = self.rules.load();
-        let mut plans: Vec<Vec<Planned<'_, '_>>> = Vec::with_capacity(reqs.len());
-        let mut charges = Vec::with_capacity(reqs.len());
-        let mut early: Vec<Option<Decision>> = Vec::with_capacity(reqs.len());
-        for req in reqs {
-            let mut planned = Vec::new();
-            match rules.scope(req.scope) {
-                Some(scope) => {
-                    scope.buckets(req, &mut planned);
-                    early.push(None);
-                }
-                None => early.push(Some(unknown_scope(&rules, req.scope))),
-            }
-            if early.last().is_some_and(Option::is_none) && !planned.is_empty() {
-                charges.push(Charge {
-                    buckets: planned.iter().map(|p| p.charge).collect(),
-                    dry_run: req.dry_run,
-                });
-            }
-            plans.push(planned);
-        }
-
+        let plans: Vec<Plan<'_, '_>> = reqs.iter().map(|r| plan::plan(&rules, r)).collect();
+        let charges: Vec<_> = plans
+            .iter()
+            .zip(reqs)
+            .filter_map(|(p, r)| match p {
+                Ok(buckets) => Some(plan::charge(buckets, r.dry_run)),
+                Err(_) => None,
+            })
+            .collect();
         let outcomes = if charges.is_empty() {
             Ok(Vec::new())
         } else {
             self.store.check_and_take(&charges).await
         };
-
-        let mut outcomes = match outcomes {
-            Ok(o) => Ok(o.into_iter()),
-            Err(e) => Err(e),
-        };
-        reqs.iter()
-            .zip(plans)
-            .zip(early)
-            .map(|((req, planned), early)| {
-                if let Some(d) = early {
-                    return Ok(d);
-                }
-                if planned.is_empty() {
-                    return Ok(Decision {
-                        allowed: true,
-                        ..Decision::default()
-                    });
-                }
-                match &mut outcomes {
-                    Ok(it) => match it.next() {
-                        Some(outcome) => Ok(decision(&planned, &outcome)),
-                        None => store_failed(
-                            &rules,
-                            req.scope,
-                            StoreError::permanent("store returned too few outcomes"),
-                        ),
-                    },
-                    Err(e) => store_failed(&rules, req.scope, e.clone()),
-                }
-            })
-            .collect()
+        plan::each(&rules, reqs, plans, outcomes)
     }
 
     /// Decides requests together, as one atomic charge: if any is denied,
@@ -244,227 +197,17 @@ impl<S: Store> Limiter<S> {
         reqs: &[Request<'_>],
     ) -> Result<Vec<Decision>, DecideError> {
         let rules = self.rules.load();
-        let mut planned: Vec<Planned<'_, '_>> = Vec::new();
-        let mut owner: Vec<usize> = Vec::new();
-        let mut denied_unknown = None;
-        for (i, req) in reqs.iter().enumerate() {
-            match rules.scope(req.scope) {
-                Some(scope) => {
-                    let before = planned.len();
-                    scope.buckets(req, &mut planned);
-                    owner.extend(std::iter::repeat_n(i, planned.len() - before));
-                }
-                None => {
-                    let d = unknown_scope(&rules, req.scope);
-                    if !d.allowed {
-                        denied_unknown = Some(d);
-                    }
-                }
-            }
-        }
-        drop_replaced(&mut planned, &mut owner);
-        if let Some(d) = denied_unknown {
-            return Ok(vec![d; reqs.len()]);
-        }
-
-        // One slot per distinct bucket; requests sharing it add their costs.
-        let mut slots: Vec<BucketCharge<'_>> = Vec::with_capacity(planned.len());
-        let mut slot_of = Vec::with_capacity(planned.len());
-        for p in &planned {
-            match slots.iter().position(|s| s.key == p.charge.key) {
-                Some(at) => {
-                    slots[at].cost = slots[at].cost.saturating_add(p.charge.cost);
-                    // A bucket enforced by any request is enforced.
-                    slots[at].shadow &= p.charge.shadow;
-                    slot_of.push(at);
-                }
-                None => {
-                    slot_of.push(slots.len());
-                    slots.push(p.charge);
-                }
-            }
-        }
-        let dry_run = reqs.iter().all(|r| r.dry_run);
-        // What each bucket was charged in all, for the reports below.
-        let slot_costs: Vec<u64> = slots.iter().map(|s| s.cost).collect();
-        let outcome = if slots.is_empty() {
-            ChargeOutcome {
-                allowed: true,
-                buckets: Vec::new(),
-            }
-        } else {
-            let charge = Charge {
-                buckets: slots,
-                dry_run,
-            };
-            match self
-                .store
-                .check_and_take(std::slice::from_ref(&charge))
-                .await
-            {
-                Ok(mut o) => o
-                    .pop()
-                    .ok_or_else(|| StoreError::permanent("store returned no outcome")),
-                Err(e) => Err(e),
-            }
-            .or_else(|e| {
-                // The strictest failure mode among the scopes involved rules.
-                let closed = reqs
-                    .iter()
-                    .find(|r| rules.failure_mode_of(r.scope) == FailureMode::Closed);
-                match closed {
-                    Some(r) => Err(DecideError::StoreUnavailable {
-                        scope: r.scope.to_owned(),
-                        source: e,
-                    }),
-                    None => Ok(ChargeOutcome {
-                        allowed: true,
-                        buckets: Vec::new(),
-                    }),
-                }
-            })?
+        let joint = match Joint::plan(&rules, reqs) {
+            Ok(joint) => joint,
+            Err(denied) => return Ok(vec![denied; reqs.len()]),
         };
-        let degraded = !planned.is_empty() && outcome.buckets.is_empty();
-
-        let mut decisions = Vec::with_capacity(reqs.len());
-        for i in 0..reqs.len() {
-            // A shared bucket reports the summed cost it was judged on.
-            let mine: Vec<Planned<'_, '_>> = planned
-                .iter()
-                .zip(&owner)
-                .zip(&slot_of)
-                .filter(|((_, o), _)| **o == i)
-                .map(|((p, _), s)| {
-                    let mut p = *p;
-                    p.charge.cost = slot_costs[*s];
-                    p
-                })
-                .collect();
-            if degraded {
-                decisions.push(degraded_decision());
-                continue;
-            }
-            let per_bucket = ChargeOutcome {
-                allowed: outcome.allowed,
-                buckets: slot_of
-                    .iter()
-                    .zip(&owner)
-                    .filter(|(_, o)| **o == i)
-                    .map(|(s, _)| outcome.buckets[*s])
-                    .collect(),
-            };
-            let mut d = decision(&mine, &per_bucket);
-            d.allowed = outcome.allowed;
-            decisions.push(d);
-        }
-        Ok(decisions)
-    }
-}
-
-/// Drops the buckets of rules that another planned rule of the same scope
-/// `replaces`, keeping `owner` in step.
-fn drop_replaced<'r, 'q>(planned: &mut Vec<Planned<'r, 'q>>, owner: &mut Vec<usize>) {
-    let replaced: Vec<(&'q str, &'r str)> = planned
-        .iter()
-        .flat_map(|p| {
-            let scope = p.charge.key.scope;
-            p.limit.replaces.iter().map(move |r| (scope, &**r))
-        })
-        .collect();
-    if replaced.is_empty() {
-        return;
-    }
-    (*planned, *owner) = std::mem::take(planned)
-        .into_iter()
-        .zip(std::mem::take(owner))
-        .filter(|(p, _)| !replaced.contains(&(p.charge.key.scope, &*p.limit.name)))
-        .unzip();
-}
-
-fn unknown_scope(rules: &Rules, scope: &str) -> Decision {
-    match rules.unknown_scope {
-        UnknownScope::Allow => Decision {
-            allowed: true,
-            ..Decision::default()
-        },
-        UnknownScope::Deny => Decision {
-            allowed: false,
-            reason: Some(format!("scope {scope:?} is not configured")),
-            ..Decision::default()
-        },
-    }
-}
-
-fn degraded_decision() -> Decision {
-    Decision {
-        allowed: true,
-        degraded: true,
-        ..Decision::default()
-    }
-}
-
-fn store_failed(rules: &Rules, scope: &str, e: StoreError) -> Result<Decision, DecideError> {
-    match rules.failure_mode_of(scope) {
-        FailureMode::Open => Ok(degraded_decision()),
-        FailureMode::Closed => Err(DecideError::StoreUnavailable {
-            scope: scope.to_owned(),
-            source: e,
-        }),
-    }
-}
-
-/// Builds the decision for one request from the store's outcome. Pure.
-fn decision(planned: &[Planned<'_, '_>], outcome: &ChargeOutcome) -> Decision {
-    let buckets: Vec<BucketReport> = planned
-        .iter()
-        .zip(&outcome.buckets)
-        .map(|(p, o)| report(p, o))
-        .collect();
-    let mut d = Decision {
-        allowed: outcome.allowed,
-        ..Decision::default()
-    };
-    if outcome.allowed {
-        // Least left among the enforced buckets (shadow ones only if alone).
-        d.primary = buckets
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| !b.shadow)
-            .min_by_key(|(_, b)| b.remaining)
-            .or_else(|| buckets.iter().enumerate().min_by_key(|(_, b)| b.remaining))
-            .map(|(i, _)| i);
-    } else {
-        let denying = || {
-            buckets
-                .iter()
-                .enumerate()
-                .filter(|(_, b)| b.exhausted && !b.shadow)
+        let Some(charge) = joint.charge() else {
+            return Ok(joint.nothing_to_charge());
         };
-        // A bucket whose cost exceeds its capacity can never allow: no retry.
-        if let Some((i, b)) = denying().find(|(_, b)| b.retry_after.is_none()) {
-            d.primary = Some(i);
-            d.reason = Some(format!(
-                "cost {} exceeds the capacity {} of rule {:?}",
-                planned[i].charge.cost, b.limit, b.rule
-            ));
-        } else if let Some((i, b)) = denying().max_by_key(|(_, b)| b.retry_after) {
-            d.primary = Some(i);
-            d.retry_after = b.retry_after;
+        let outcome = self.store.check_and_take_one(&charge).await;
+        match outcome {
+            Ok(outcome) => Ok(joint.decisions(&outcome)),
+            Err(e) => joint.failed(&rules, reqs, e),
         }
-    }
-    d.buckets = buckets;
-    d
-}
-
-fn report(p: &Planned<'_, '_>, o: &BucketOutcome) -> BucketReport {
-    BucketReport {
-        rule: p.limit.name.clone(),
-        limit: p.charge.shape.capacity,
-        period: Duration::from_nanos(p.charge.shape.period),
-        remaining: o.remaining,
-        reset_after: o.reset_after,
-        retry_after: o.retry_after,
-        exhausted: !o.conforms,
-        shadow: p.charge.shadow,
     }
 }

@@ -18,18 +18,8 @@ use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::{BucketCharge, BucketKey, BucketOutcome, Charge, ChargeOutcome, Store, StoreError};
-use crate::limiter::bucket::{Tat, Verdict};
-
-/// Default number of shards: enough that two cores never wait on each other,
-/// small enough that a sweep is cheap.
-pub const DEFAULT_SHARDS: usize = 64;
-
-/// How often the sweeper drops buckets that have refilled completely.
-pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
-
-/// The most buckets held at once by default: about 670 MiB at the measured
-/// 134 bytes per bucket.
-pub const DEFAULT_MAX_BUCKETS: usize = 5_000_000;
+use crate::bucket::{Tat, Verdict};
+use crate::config::{DEFAULT_MAX_BUCKETS, DEFAULT_SHARDS};
 
 /// Most decisions touch a handful of buckets; up to this many stay on the stack.
 const INLINE: usize = 4;
@@ -166,22 +156,8 @@ impl Inner {
         if let [bucket] = charge.buckets.as_slice() {
             return self.decide_one(bucket, charge.dry_run);
         }
-        // Encode every key into one buffer and hash each once.
         let mut buf: SmallVec<[u8; 256]> = SmallVec::new();
-        let mut slots: SmallVec<[Slot; INLINE]> = SmallVec::new();
-        let mask = self.shards.len() - 1;
-        for bucket in &charge.buckets {
-            let start = buf.len();
-            encode(&mut buf, &bucket.key);
-            let hash = self.hasher.hash_one(&buf[start..]);
-            slots.push(Slot {
-                start,
-                end: buf.len(),
-                hash,
-                // The table uses the low bits; the shard takes higher ones.
-                shard: (hash >> 40) as usize & mask,
-            });
-        }
+        let slots = self.slots(charge, &mut buf);
         let mut order: SmallVec<[usize; INLINE]> = slots.iter().map(|s| s.shard).collect();
         order.sort_unstable();
         order.dedup();
@@ -237,17 +213,47 @@ impl Inner {
                     }
                 }
             }
-            outcomes.push(BucketOutcome {
-                conforms: verdict.conforms,
-                remaining: bucket.shape.remaining(state, now),
-                reset_after: Duration::from_nanos(bucket.shape.reset_after(state, now)),
-                retry_after: verdict.retry_after.map(Duration::from_nanos),
-            });
+            outcomes.push(outcome(bucket, verdict, state, now));
         }
         Ok(ChargeOutcome {
             allowed,
             buckets: outcomes,
         })
+    }
+
+    /// Encodes every key of `charge` into `buf` and hashes each once.
+    fn slots(
+        &self,
+        charge: &Charge<'_>,
+        buf: &mut SmallVec<[u8; 256]>,
+    ) -> SmallVec<[Slot; INLINE]> {
+        let mask = self.shards.len() - 1;
+        charge
+            .buckets
+            .iter()
+            .map(|bucket| {
+                let start = buf.len();
+                encode(buf, &bucket.key);
+                let hash = self.hasher.hash_one(&buf[start..]);
+                Slot {
+                    start,
+                    end: buf.len(),
+                    hash,
+                    // The table uses the low bits; the shard takes higher ones.
+                    shard: (hash >> 40) as usize & mask,
+                }
+            })
+            .collect()
+    }
+}
+
+/// What the store reports of one bucket left in `state` at `now`.
+fn outcome(bucket: &BucketCharge<'_>, verdict: &Verdict, state: Tat, now: u64) -> BucketOutcome {
+    BucketOutcome {
+        conforms: verdict.conforms,
+        remaining: bucket.shape.remaining(state, now),
+        reset_after: Duration::from_nanos(bucket.shape.reset_after(state, now)),
+        retry_after: verdict.retry_after.map(Duration::from_nanos),
     }
 }
 
@@ -303,12 +309,7 @@ impl Inner {
             }
         }
         drop(table);
-        let buckets = vec![BucketOutcome {
-            conforms: verdict.conforms,
-            remaining: bucket.shape.remaining(state, now),
-            reset_after: Duration::from_nanos(bucket.shape.reset_after(state, now)),
-            retry_after: verdict.retry_after.map(Duration::from_nanos),
-        }];
+        let buckets = vec![outcome(bucket, &verdict, state, now)];
         Ok(ChargeOutcome { allowed, buckets })
     }
 

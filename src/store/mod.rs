@@ -9,10 +9,42 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::limiter::bucket::Shape;
+use crate::bucket::Shape;
+use crate::config::{ConfigError, StoreConfig, StoreKind};
 
 pub mod memory;
 pub mod redis;
+
+pub use redis::BuildError;
+
+/// Checks the store settings that only the store itself can judge (such as
+/// whether the Redis client can use a URL). Runs before any port is bound,
+/// after the config's own validation.
+pub fn check_settings(config: &StoreConfig) -> Result<(), ConfigError> {
+    let mut problems = Vec::new();
+    if config.kind == StoreKind::Redis {
+        redis::RedisStore::check_settings(&config.redis, &mut problems);
+    }
+    ConfigError::check(problems)
+}
+
+/// Builds the store a config asks for, with its background task (the
+/// embedded store's sweeper, or Redis's prober). Needs a tokio runtime.
+pub fn build(config: &StoreConfig) -> Result<AnyStore, BuildError> {
+    Ok(match config.kind {
+        StoreKind::Memory => {
+            let memory = &config.memory;
+            let store = memory::MemoryStore::with_max_buckets(memory.shards, memory.max_buckets);
+            store.spawn_sweeper(memory.sweep_interval);
+            AnyStore::Memory(store)
+        }
+        StoreKind::Redis => {
+            let store = redis::RedisStore::new(&config.redis)?;
+            store.spawn_prober(config.redis.breaker_cool_down);
+            AnyStore::Redis(store)
+        }
+    })
+}
 
 /// Names one bucket. Stores encode it into their own key format; every part
 /// that a caller controls (`identity`, `operation`) must be escaped or hashed

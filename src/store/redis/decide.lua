@@ -20,7 +20,7 @@
 -- arrival time TAT = ticks + frac/C microseconds (0 <= frac < C): the moment
 -- it is full again. An absent key is a full bucket. Taking n tokens moves the
 -- TAT by n*P/C exactly; a bucket conforms when the new TAT is at most P
--- ahead of now. This mirrors src/limiter/bucket.rs, which is the reference.
+-- ahead of now. This mirrors src/bucket.rs, which is the reference.
 --
 -- Exactness: Lua 5.1 numbers are doubles, exact below 2^53. With P split as
 -- q*C + r, n*P/C = n*q + n*r/C, where n*q <= P and n*r < C^2 < 2^53 (the

@@ -22,8 +22,8 @@ use std::fmt::Write as _;
 
 use crate::store::BucketKey;
 
-/// The default prefix; the number is the schema's version.
-pub const DEFAULT_PREFIX: &str = "tg1:";
+/// The default prefix (a config default); the number is the schema's version.
+pub use crate::config::DEFAULT_REDIS_KEY_PREFIX as DEFAULT_PREFIX;
 
 /// The key of one bucket.
 pub(crate) fn bucket_key(prefix: &str, key: &BucketKey<'_>) -> String {

@@ -46,7 +46,7 @@ mod topology;
 
 pub use breaker::BreakerSettings;
 pub use keys::DEFAULT_PREFIX;
-pub use topology::{BuildError, check_url};
+pub use topology::BuildError;
 
 use breaker::Breaker;
 use script::Mode;
@@ -97,6 +97,19 @@ struct Inner {
 }
 
 impl RedisStore {
+    /// Checks what only the Redis client can: that every URL is one it can
+    /// use. Pushes `store.redis.urls[i]: problem`; runs before any port is
+    /// bound, beside the config's own validation.
+    pub fn check_settings(config: &RedisConfig, problems: &mut Vec<String>) {
+        for (i, url) in config.urls.iter().enumerate() {
+            // A wrong scheme is the config's own finding; don't say it twice.
+            let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
+            if let (true, Err(e)) = (scheme_ok, topology::check_url(url)) {
+                problems.push(format!("store.redis.urls[{i}]: {e}"));
+            }
+        }
+    }
+
     /// Builds the store from its config. Does not connect: Tollgate starts
     /// while Redis is down. Call [`RedisStore::spawn_prober`] to track it.
     pub fn new(config: &RedisConfig) -> Result<Self, BuildError> {
@@ -163,10 +176,11 @@ impl Inner {
             .map(|_| ())
     }
 
-    async fn decide(&self, charges: &[Charge<'_>]) -> Result<Vec<ChargeOutcome>, StoreError> {
-        // The script calls to make: whole charges, or on Cluster the per-slot
-        // parts of a charge whose buckets span hash tags.
-        let mut work: Vec<Charge<'_>> = Vec::with_capacity(charges.len());
+    /// The script calls to make: whole charges, or on Cluster the per-slot
+    /// parts of a charge whose buckets span hash tags; and, per charge, its
+    /// parts.
+    fn work<'a>(&self, charges: &[Charge<'a>]) -> (Vec<Charge<'a>>, Vec<Plan>) {
+        let mut work: Vec<Charge<'a>> = Vec::with_capacity(charges.len());
         let mut plans: Vec<Plan> = Vec::with_capacity(charges.len());
         for charge in charges {
             let parts = if charge.buckets.is_empty() {
@@ -186,6 +200,11 @@ impl Inner {
             }
             plans.push(plan);
         }
+        (work, plans)
+    }
+
+    async fn decide(&self, charges: &[Charge<'_>]) -> Result<Vec<ChargeOutcome>, StoreError> {
+        let (work, plans) = self.work(charges);
         let done = self.run(&work, Mode::Decide).await?;
 
         let mut outcomes = Vec::with_capacity(charges.len());
@@ -230,25 +249,36 @@ impl Inner {
         // `min(cost·P/C, max(0, T1 − now))`, with T1 the TAT the reservation
         // returned; pass T1 to the script before making this path reachable.
         if !refunds.is_empty() {
-            // If this fails, the reserved tokens stay taken: the limit errs
-            // towards admitting less, never more. The denials stand either
-            // way: an error here must not become a fail-open allow.
-            match self.run(&refunds, Mode::Refund).await {
-                Ok(given_back) => {
-                    for ((c, taken), back) in refunded.iter().zip(given_back) {
-                        for (k, &i) in taken.iter().enumerate() {
-                            let bucket = &mut outcomes[*c].buckets[i];
-                            bucket.remaining = back.buckets[k].remaining;
-                            bucket.reset_after = back.buckets[k].reset_after;
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "refund after a cross-slot denial failed; the reserved tokens stay taken")
-                }
-            }
+            self.refund(&refunds, &refunded, &mut outcomes).await;
         }
         Ok(outcomes)
+    }
+
+    /// Gives back what the parts in `refunds` reserved, and reports the
+    /// buckets' state after it in `outcomes` (`refunded` says where). If this
+    /// fails, the reserved tokens stay taken: the limit errs towards
+    /// admitting less, never more. The denials stand either way: an error
+    /// here must not become a fail-open allow.
+    async fn refund(
+        &self,
+        refunds: &[Charge<'_>],
+        refunded: &[(usize, Vec<usize>)],
+        outcomes: &mut [ChargeOutcome],
+    ) {
+        match self.run(refunds, Mode::Refund).await {
+            Ok(given_back) => {
+                for ((c, taken), back) in refunded.iter().zip(given_back) {
+                    for (k, &i) in taken.iter().enumerate() {
+                        let bucket = &mut outcomes[*c].buckets[i];
+                        bucket.remaining = back.buckets[k].remaining;
+                        bucket.reset_after = back.buckets[k].reset_after;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "refund after a cross-slot denial failed; the reserved tokens stay taken")
+            }
+        }
     }
 
     /// Runs one script call per work item, grouped by node: one pipeline

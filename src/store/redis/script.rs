@@ -10,7 +10,7 @@ use std::time::Duration;
 use redis::Cmd;
 
 use super::keys::bucket_key;
-use crate::limiter::bucket::{Shape, Tat};
+use crate::bucket::{Shape, Tat};
 use crate::store::{BucketOutcome, Charge, ChargeOutcome};
 
 /// The script's source.

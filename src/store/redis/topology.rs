@@ -86,7 +86,7 @@ impl std::fmt::Debug for Topology {
 }
 
 /// Checks that `url` is a Redis URL this build can use.
-pub fn check_url(url: &str) -> Result<(), String> {
+pub(crate) fn check_url(url: &str) -> Result<(), String> {
     match url.split_once("://").map(|(scheme, _)| scheme) {
         Some("redis" | "rediss") => {}
         _ => return Err("must start with redis:// or rediss://".to_owned()),
@@ -94,6 +94,29 @@ pub fn check_url(url: &str) -> Result<(), String> {
     url.into_connection_info()
         .map(|_| ())
         .map_err(|e| e.to_string())
+}
+
+/// How to reach the data nodes that the sentinels name.
+fn sentinel_node(config: &RedisConfig) -> deadpool_redis::sentinel::SentinelNodeConnectionInfo {
+    // The data nodes speak TLS when the sentinels do.
+    let tls_mode = config.urls.iter().find_map(|u| {
+        u.starts_with("rediss://").then(|| {
+            if u.ends_with("#insecure") {
+                deadpool_redis::sentinel::TlsMode::Insecure
+            } else {
+                deadpool_redis::sentinel::TlsMode::Secure
+            }
+        })
+    });
+    deadpool_redis::sentinel::SentinelNodeConnectionInfo {
+        tls_mode,
+        redis_connection_info: Some(deadpool_redis::RedisConnectionInfo {
+            db: 0,
+            username: config.username.clone(),
+            password: config.password.as_ref().map(|p| p.expose().to_owned()),
+            protocol: deadpool_redis::ProtocolVersion::RESP2,
+        }),
+    }
 }
 
 impl Topology {
@@ -143,29 +166,10 @@ impl Topology {
                 ))
             }
             RedisMode::Sentinel => {
-                // The data nodes speak TLS when the sentinels do.
-                let tls_mode = config.urls.iter().find_map(|u| {
-                    u.starts_with("rediss://").then(|| {
-                        if u.ends_with("#insecure") {
-                            deadpool_redis::sentinel::TlsMode::Insecure
-                        } else {
-                            deadpool_redis::sentinel::TlsMode::Secure
-                        }
-                    })
-                });
-                let node = deadpool_redis::sentinel::SentinelNodeConnectionInfo {
-                    tls_mode,
-                    redis_connection_info: Some(deadpool_redis::RedisConnectionInfo {
-                        db: 0,
-                        username: config.username.clone(),
-                        password: config.password.as_ref().map(|p| p.expose().to_owned()),
-                        protocol: deadpool_redis::ProtocolVersion::RESP2,
-                    }),
-                };
                 let manager = deadpool_redis::sentinel::Manager::new(
                     config.urls.iter().map(String::as_str).collect(),
                     config.master_name.clone().unwrap_or_default(),
-                    Some(node),
+                    Some(sentinel_node(config)),
                     deadpool_redis::sentinel::SentinelServerType::Master,
                 )
                 .map_err(client)?;

@@ -1,12 +1,12 @@
 //! The `tollgate` binary: check-config, allow, serve with signals.
 
-mod common;
+use crate::common;
 
 use std::io::Write as _;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{TestServer, ask, req};
+use crate::common::{TestServer, ask, req};
 use tollgate::pb::tollgate::v1::rate_limiter_client::RateLimiterClient;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
@@ -250,19 +250,9 @@ fn refused_before_start(s: &tonic::Status) -> bool {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_in_flight_when_sigterm_arrives_still_completes() {
-    use prost::Message as _;
-    use tollgate::pb::tollgate::v1::{ShouldAllowRequest, ShouldAllowResponse};
-
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = config_file(&dir, &limits(10));
-    let port = free_port();
-    let mut child = serve(&path, port);
-    let _ready = connect(port).await;
-
-    // Open a raw HTTP/2 stream and send only the headers of a ShouldAllow:
-    // the call has started, and its body is still on its way.
+/// Opens a raw HTTP/2 stream to the server on `port` and sends only the
+/// headers of a `ShouldAllow`: the call has started, its body not yet sent.
+async fn start_call(port: u16) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("tcp");
@@ -275,7 +265,22 @@ async fn a_call_in_flight_when_sigterm_arrives_still_completes() {
     .header("te", "trailers")
     .body(())
     .expect("request");
-    let (response, mut body) = h2.send_request(request, false).expect("send headers");
+    h2.send_request(request, false).expect("send headers")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_in_flight_when_sigterm_arrives_still_completes() {
+    use prost::Message as _;
+    use tollgate::pb::tollgate::v1::{ShouldAllowRequest, ShouldAllowResponse};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = config_file(&dir, &limits(10));
+    let port = free_port();
+    let mut child = serve(&path, port);
+    let _ready = connect(port).await;
+
+    // The call has started, and its body is still on its way.
+    let (response, mut body) = start_call(port).await;
 
     signal(&child.0, "-TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -343,4 +348,38 @@ async fn sighup_reloads_a_good_config_and_refuses_a_bad_one() {
     config_file(&dir, &limits(7));
     signal(&child.0, "-HUP");
     assert_eq!(common::wait_for_limit(&mut c, "demo", "lee", 7).await, 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_still_running_when_the_shutdown_grace_ends_is_cancelled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = config_file(&dir, &format!("shutdown_grace: 500ms\n{}", limits(10)));
+    let port = free_port();
+    let mut child = serve(&path, port);
+    let _ready = connect(port).await;
+
+    // A call whose body never comes: without a bound, the server would wait
+    // for it forever after SIGTERM.
+    let (response, _body) = start_call(port).await;
+
+    let asked = tokio::time::Instant::now();
+    signal(&child.0, "-TERM");
+    let status = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || child.0.wait().expect("wait")),
+    )
+    .await
+    .expect("exits once the grace has run out, not never")
+    .expect("join");
+    let took = asked.elapsed();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        took >= Duration::from_millis(500),
+        "the call had its grace first: exited after {took:?}"
+    );
+    // The stuck call got no answer: its connection was closed under it.
+    let answer = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("the stream ends");
+    assert!(answer.is_err(), "cancelled, not answered: {answer:?}");
 }

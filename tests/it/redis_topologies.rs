@@ -1,14 +1,12 @@
 //! Sentinel failover and Redis Cluster, against real processes.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::redis::{Cluster, Sentinel, conn};
+use crate::common::redis::{Cluster, Sentinel, conn};
 use tokio::time::Instant;
-use tollgate::limiter::bucket::Shape;
+use tollgate::bucket::Shape;
 use tollgate::store::{BucketCharge, BucketKey, Charge, Store};
 
 /// A charge of 1 from a bucket of a million tokens per 10^7 s: the bucket

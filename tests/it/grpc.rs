@@ -1,10 +1,10 @@
 //! Over-the-wire tests: a real server on 127.0.0.1:0, a tonic client.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use common::{TestServer, ask, req, to_std};
+use crate::common::{TestServer, ask, req, to_std};
 use tollgate::pb::tollgate::v1::{ShouldAllowBatchRequest, ShouldAllowRequest};
 use tonic::Code;
 
@@ -353,7 +353,7 @@ async fn health_is_serving_when_ready_and_not_serving_while_draining() {
     }
     server
         .control
-        .send(tollgate::server::Control::Shutdown)
+        .send(tollgate::shutdown::Control::Shutdown)
         .await
         .expect("send");
     // During the drain delay the server still answers, but says NOT_SERVING.
@@ -425,12 +425,7 @@ async fn reload_swaps_rules_whole() {
     let mut c = server.client().await;
     assert_eq!(ask(&mut c, req("demo", "judy", "op")).await.limit, 2);
     let bigger = CONFIG.replace("capacity: 2\n", "capacity: 5\n");
-    let config = tollgate::config::Config::from_yaml(&bigger).expect("valid");
-    server
-        .control
-        .send(tollgate::server::Control::Reload(Box::new(config)))
-        .await
-        .expect("send");
+    server.reload(&bigger).await;
     assert_eq!(common::wait_for_limit(&mut c, "demo", "judy", 5).await, 5);
     server.shutdown().await;
 }

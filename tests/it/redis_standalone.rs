@@ -2,15 +2,13 @@
 //! expiry and memory, script reloads, Redis dying and returning, and the
 //! whole service over the wire.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::redis::{Secured, Standalone, conn, store_config, wait_until};
+use crate::common::redis::{Secured, Standalone, conn, store_config, wait_until};
+use tollgate::bucket::Shape;
 use tollgate::config::{Config, RedisMode, Secret};
-use tollgate::limiter::bucket::Shape;
 use tollgate::limiter::{DecideError, Limiter, Request, Rules};
 use tollgate::pb::tollgate::v1::ShouldAllowRequest;
 use tollgate::pb::tollgate::v1::rate_limiter_client::RateLimiterClient;
@@ -185,7 +183,7 @@ async fn redis_dying_fails_open_or_closed_as_configured_and_recovers() {
     let store = RedisStore::new(&config.store.redis).unwrap();
     let _prober = store.spawn_prober(config.store.redis.breaker_cool_down);
     let limiter = Limiter::new(
-        Rules::from_config(&config).unwrap(),
+        Rules::compile(&config).unwrap(),
         AnyStore::Redis(store.clone()),
     );
     let lenient = Request::new("lenient", "alice", "op");
@@ -236,7 +234,10 @@ async fn the_service_decides_on_redis_over_the_wire_and_health_follows_it() {
     let mut redis = Standalone::start();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (_control, _serving) = server::spawn(config(&redis.url(), "wire"), listener);
+    let (_control, _serving) = server::spawn(
+        server::Prepared::new(config(&redis.url(), "wire"), None).unwrap(),
+        listener,
+    );
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect_timeout(Duration::from_secs(5));

@@ -1,7 +1,7 @@
 //! `envoy.service.ratelimit.v3` over the wire, and envoyproxy/ratelimit YAML
 //! loaded from files: a real Tollgate on `127.0.0.1:0`, a tonic client.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
@@ -15,7 +15,6 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::R
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use envoy_types::pb::google::protobuf::UInt64Value;
 use tollgate::config::Config;
-use tollgate::server::{Control, compile_rules};
 use tonic::transport::Channel;
 
 const NATIVE: &str = r#"
@@ -64,8 +63,7 @@ fn request(domain: &str, descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequ
 }
 
 async fn client(config: &str) -> (common::tollgate::Tollgate, RateLimitServiceClient<Channel>) {
-    let config = Config::from_yaml(config).expect("config");
-    let tollgate = common::tollgate::start_tollgate(config).await;
+    let tollgate = common::tollgate::Tollgate::start(config).await;
     let client = RateLimitServiceClient::connect(format!("http://{}", tollgate.addr))
         .await
         .expect("connect");
@@ -366,8 +364,7 @@ fn a_domain_defined_twice_is_refused_naming_both_files() {
         "{}scopes:\n  - name: other\n",
         with_envoy_configs(&[&a, &b])
     );
-    let config = Config::from_yaml(&text).expect("config");
-    let err = compile_rules(&config).expect_err("duplicate").to_string();
+    let err = Config::from_yaml(&text).expect_err("duplicate").to_string();
     assert!(
         err.contains(&format!(
             "{}: domain: \"shop\" is already defined in {}",
@@ -378,12 +375,12 @@ fn a_domain_defined_twice_is_refused_naming_both_files() {
     );
     // A domain that is also a scope of Tollgate's own config.
     let c = write(dir.path(), "c.yaml", "domain: other\n");
-    let config = Config::from_yaml(&format!(
+    let err = Config::from_yaml(&format!(
         "{}scopes:\n  - name: other\n",
         with_envoy_configs(&[&c])
     ))
-    .expect("config");
-    let err = compile_rules(&config).expect_err("duplicate").to_string();
+    .expect_err("duplicate")
+    .to_string();
     assert!(
         err.contains("is already defined in scopes[0] of the Tollgate config"),
         "{err}"
@@ -394,8 +391,9 @@ fn a_domain_defined_twice_is_refused_naming_both_files() {
         "d.yaml",
         "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: 1, quota_mode: true}\n",
     );
-    let config = Config::from_yaml(&with_envoy_configs(&[&d])).expect("config");
-    let err = compile_rules(&config).expect_err("unsupported").to_string();
+    let err = Config::from_yaml(&with_envoy_configs(&[&d]))
+        .expect_err("unsupported")
+        .to_string();
     assert!(
         err.contains(&format!(
             "{}: descriptors[0].rate_limit.quota_mode: is not supported",
@@ -418,11 +416,7 @@ async fn a_bad_envoy_file_on_reload_is_refused_and_the_old_rules_keep_serving() 
         "shop.yaml",
         "domain: shop\ndescriptors:\n  - key: user\n    rate_limit: {unit: fortnight, requests_per_unit: 1}\n",
     );
-    let config = Config::from_yaml(&text).expect("config");
-    t.control
-        .send(Control::Reload(Box::new(config)))
-        .await
-        .expect("reload");
+    t.reload(&text).await;
     // The reload is handled on the server's control task; give it a moment.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let r = ask(&mut c, ann()).await;
@@ -484,8 +478,7 @@ fn replaces_must_name_a_rate_limit_of_the_file() {
         "bad.yaml",
         "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: 1, replaces: [{name: nope}]}\n",
     );
-    let config = Config::from_yaml(&with_envoy_configs(&[&file])).expect("config");
-    let err = compile_rules(&config)
+    let err = Config::from_yaml(&with_envoy_configs(&[&file]))
         .expect_err("dangling replaces")
         .to_string();
     assert!(

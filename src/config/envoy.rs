@@ -1,23 +1,20 @@
-//! Loads envoyproxy/ratelimit YAML (`envoy_ratelimit_configs`) into scopes.
+//! envoyproxy/ratelimit YAML (`envoy_ratelimit_configs`), read as plain data.
 //!
-//! Each file holds one `domain` and its nested `descriptors`; the domain
-//! becomes a scope beside those of Tollgate's own config, and every
-//! `rate_limit` becomes a token bucket with capacity `requests_per_unit` that
-//! refills completely in one `unit`. The YAML is walked by hand so that every
-//! problem names its file and exact field path, and any field we do not
-//! implement is refused rather than ignored.
+//! Each file holds one `domain` and its nested `descriptors`. The limiter's
+//! compiler turns a domain into a scope beside those of Tollgate's own config,
+//! and every `rate_limit` into a token bucket with capacity
+//! `requests_per_unit` that refills completely in one `unit`. The YAML is
+//! walked by hand so that every problem names its file and exact field path,
+//! and any field we do not implement is refused rather than ignored.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use yaml_rust2::{Yaml, YamlLoader};
 
-use crate::config::{Config, ConfigError, FailureMode, MAX_CAPACITY, MAX_NAME_LEN};
-use crate::limiter::bucket::Shape;
-use crate::limiter::descriptors::{DescriptorNode, DescriptorTree, ValueMatch};
-use crate::limiter::{Limit, ScopeRules};
+use super::ConfigError;
+use super::scopes::{MAX_CAPACITY, MAX_NAME_LEN};
 
 /// Deepest descriptor nesting accepted; real configs use two or three.
 pub const MAX_DEPTH: usize = 16;
@@ -44,59 +41,81 @@ const UNSUPPORTED: [(&str, &str); 3] = [
     ("share_threshold", "is not supported"),
 ];
 
-/// Loads every file (or every `.yaml`/`.yml` file of every directory) that
-/// `config.envoy_ratelimit_configs` names, as scopes failing as
-/// `config.failure_mode` does. A domain defined twice, or that is also one of
-/// `config.scopes`, is an error naming both places.
-pub fn load(config: &Config) -> Result<Vec<ScopeRules>, ConfigError> {
+/// One file: a domain and its descriptor rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvoyDomain {
+    /// The domain, which becomes a scope of this name.
+    pub name: String,
+    /// The file it came from, for messages that name it.
+    pub origin: String,
+    /// The descriptors that match a descriptor's first entry.
+    pub descriptors: Vec<EnvoyDescriptor>,
+}
+
+/// One `descriptors` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvoyDescriptor {
+    /// The entry key it matches.
+    pub key: String,
+    /// The entry values it matches.
+    pub value: EnvoyValue,
+    /// The limit of a descriptor that ends here; `None` for no limit (absent
+    /// or `unlimited: true`).
+    pub rate_limit: Option<EnvoyRateLimit>,
+    /// `shadow_mode`: judged and counted, never denies.
+    pub shadow: bool,
+    /// The descriptors that match the next entry.
+    pub children: Vec<EnvoyDescriptor>,
+}
+
+/// How a descriptor matches an entry's value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum EnvoyValue {
+    /// Any value (no `value`); each value gets its own bucket.
+    Any,
+    /// Exactly this value.
+    Exact(String),
+    /// Values that start with this (a `value` ending in `*`).
+    Prefix(String),
+}
+
+/// A `rate_limit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvoyRateLimit {
+    /// Its `name`, or the path of keys and values that leads to it.
+    pub name: String,
+    /// `requests_per_unit`: the bucket's capacity.
+    pub requests_per_unit: u64,
+    /// `unit`, as a length: the bucket's refill period.
+    pub unit: Duration,
+    /// The rule names of this file that it stands in for.
+    pub replaces: Vec<String>,
+}
+
+/// Reads every file (or every `.yaml`/`.yml` file of every directory) of
+/// `paths`. Uniqueness of the domains, among themselves and against the
+/// config's own scopes, is checked with the rest of the config.
+pub fn load_all(paths: &[PathBuf]) -> Result<Vec<EnvoyDomain>, ConfigError> {
     let mut problems = Vec::new();
     let mut files = Vec::new();
-    for (i, p) in config.envoy_ratelimit_configs.iter().enumerate() {
+    for (i, p) in paths.iter().enumerate() {
         if let Err(e) = expand(p, &mut files) {
             problems.push(format!("envoy_ratelimit_configs[{i}]: {e}"));
         }
     }
-    let mut seen: HashMap<String, String> = config
-        .scopes
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            (
-                s.name.clone(),
-                format!("scopes[{i}] of the Tollgate config"),
-            )
-        })
-        .collect();
-    let mut scopes = Vec::new();
+    let mut domains = Vec::new();
     for file in files {
         let origin = file.display().to_string();
-        let text = match std::fs::read_to_string(&file) {
-            Ok(t) => t,
-            Err(e) => {
-                problems.push(format!("{origin}: cannot read: {e}"));
-                continue;
-            }
-        };
-        match parse(&text, &origin, config.failure_mode) {
-            Ok(scope) => {
-                if let Some(first) = seen.get(&*scope.name) {
-                    problems.push(format!(
-                        "{origin}: domain: {:?} is already defined in {first}",
-                        scope.name
-                    ));
-                } else {
-                    seen.insert(scope.name.to_string(), origin);
-                    scopes.push(scope);
-                }
-            }
-            Err(e) => problems.extend(e.problems),
+        match std::fs::read_to_string(&file) {
+            Ok(text) => match parse(&text, &origin) {
+                Ok(domain) => domains.push(domain),
+                Err(e) => problems.extend(e.problems),
+            },
+            Err(e) => problems.push(format!("{origin}: cannot read: {e}")),
         }
     }
-    if problems.is_empty() {
-        Ok(scopes)
-    } else {
-        Err(ConfigError { problems })
-    }
+    ConfigError::check(problems)?;
+    Ok(domains)
 }
 
 /// A file as itself; a directory as its `.yaml` and `.yml` files, sorted, not
@@ -124,13 +143,9 @@ fn expand(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
     Ok(())
 }
 
-/// Parses one envoyproxy/ratelimit YAML document into a scope. `origin`
-/// prefixes every problem (usually the file's path).
-pub fn parse(
-    text: &str,
-    origin: &str,
-    failure_mode: FailureMode,
-) -> Result<ScopeRules, ConfigError> {
+/// Parses one envoyproxy/ratelimit YAML document. `origin` prefixes every
+/// problem (usually the file's path).
+pub fn parse(text: &str, origin: &str) -> Result<EnvoyDomain, ConfigError> {
     let mut walk = Walk {
         origin,
         problems: Vec::new(),
@@ -149,7 +164,7 @@ pub fn parse(
             );
             None
         }
-        Ok(docs) => walk.document(&docs[0], failure_mode),
+        Ok(docs) => walk.document(&docs[0]),
     };
     match scope {
         Some(s) if walk.problems.is_empty() => Ok(s),
@@ -245,7 +260,7 @@ impl Walk<'_> {
         }
     }
 
-    fn document(&mut self, doc: &Yaml, failure_mode: FailureMode) -> Option<ScopeRules> {
+    fn document(&mut self, doc: &Yaml) -> Option<EnvoyDomain> {
         let fields = self.fields("", doc, &["domain", "descriptors"])?;
         let domain = match fields.get("domain") {
             None => {
@@ -263,10 +278,11 @@ impl Walk<'_> {
                 self.problem(&at, format!("names no rate_limit of this file: {name:?}"));
             }
         }
-        let domain = domain?;
-        let mut scope = ScopeRules::compile(&domain, failure_mode, &[]).ok()?;
-        scope.descriptor_tree = DescriptorTree { roots };
-        Some(scope)
+        Some(EnvoyDomain {
+            name: domain?,
+            origin: self.origin.to_owned(),
+            descriptors: roots,
+        })
     }
 
     fn name(&mut self, at: &str, name: &str) {
@@ -286,7 +302,7 @@ impl Walk<'_> {
         at: &str,
         node: Option<&Yaml>,
         path: &[String],
-    ) -> Vec<DescriptorNode> {
+    ) -> Vec<EnvoyDescriptor> {
         let list = self.list(at, node);
         if list.is_empty() {
             return Vec::new();
@@ -310,7 +326,7 @@ impl Walk<'_> {
         out
     }
 
-    fn descriptor(&mut self, at: &str, node: &Yaml, path: &[String]) -> Option<DescriptorNode> {
+    fn descriptor(&mut self, at: &str, node: &Yaml, path: &[String]) -> Option<EnvoyDescriptor> {
         let f = self.fields(
             at,
             node,
@@ -334,12 +350,12 @@ impl Walk<'_> {
             self.name(&join(at, "key"), k);
         }
         let value = match f.get("value") {
-            None | Some(Yaml::Null) => Some(ValueMatch::Any),
+            None | Some(Yaml::Null) => Some(EnvoyValue::Any),
             Some(v) => self.string(&join(at, "value"), v).map(|v| {
                 // Only a trailing `*` is a wildcard, as in envoyproxy/ratelimit.
                 match v.strip_suffix('*') {
-                    Some(prefix) => ValueMatch::Prefix(prefix.to_owned()),
-                    None => ValueMatch::Exact(v),
+                    Some(prefix) => EnvoyValue::Prefix(prefix.to_owned()),
+                    None => EnvoyValue::Exact(v),
                 }
             }),
         };
@@ -349,34 +365,29 @@ impl Walk<'_> {
         let (key, value) = (key?, value?);
         let mut here = path.to_vec();
         here.push(match &value {
-            ValueMatch::Any => key.clone(),
-            ValueMatch::Exact(v) => format!("{key}_{v}"),
-            ValueMatch::Prefix(p) => format!("{key}_{p}*"),
+            EnvoyValue::Any => key.clone(),
+            EnvoyValue::Exact(v) => format!("{key}_{v}"),
+            EnvoyValue::Prefix(p) => format!("{key}_{p}*"),
         });
-        let limit = match f.get("rate_limit") {
+        let rate_limit = match f.get("rate_limit") {
             None | Some(Yaml::Null) => None,
-            Some(r) => self.rate_limit(&join(at, "rate_limit"), r, &here, shadow),
+            Some(r) => self.rate_limit(&join(at, "rate_limit"), r, &here),
         };
         let children = self.descriptors(
             &join(at, "descriptors"),
             f.get("descriptors").copied(),
             &here,
         );
-        Some(DescriptorNode {
+        Some(EnvoyDescriptor {
             key,
             value,
-            limit,
+            rate_limit,
+            shadow,
             children,
         })
     }
 
-    fn rate_limit(
-        &mut self,
-        at: &str,
-        node: &Yaml,
-        path: &[String],
-        shadow: bool,
-    ) -> Option<Limit> {
+    fn rate_limit(&mut self, at: &str, node: &Yaml, path: &[String]) -> Option<EnvoyRateLimit> {
         let f = self.fields(
             at,
             node,
@@ -431,15 +442,14 @@ impl Walk<'_> {
             }
         };
         let replaces = self.replaces(&join(at, "replaces"), f.get("replaces").copied());
-        let (name, period, capacity) = (name?, period?, capacity?);
+        let (name, unit, requests_per_unit) = (name?, period?, capacity?);
         self.names.push(name.clone());
-        let shape = Shape {
-            capacity,
-            period: u64::try_from(period.as_nanos()).unwrap_or(u64::MAX),
-        };
-        let mut limit = Limit::for_descriptor(&name, shape, shadow);
-        limit.replaces = replaces.into_iter().map(Arc::from).collect();
-        Some(limit)
+        Some(EnvoyRateLimit {
+            name,
+            requests_per_unit,
+            unit,
+            replaces,
+        })
     }
 
     /// `replaces: [{name: ...}, ...]`: the rule names this one stands in for.
@@ -480,7 +490,7 @@ mod tests {
     use super::*;
 
     fn problems(text: &str) -> Vec<String> {
-        match parse(text, "f.yaml", FailureMode::Open) {
+        match parse(text, "f.yaml") {
             Ok(_) => Vec::new(),
             Err(e) => e.problems,
         }
@@ -527,23 +537,20 @@ mod tests {
     }
 
     #[test]
-    fn units_become_refill_periods_and_names_default_to_the_path() {
-        let scope = parse(
+    fn units_become_lengths_and_names_default_to_the_path() {
+        let domain = parse(
             "domain: d\ndescriptors:\n  - key: user\n    value: vip*\n    rate_limit: {unit: MINUTE, requests_per_unit: 60}\n    descriptors:\n      - key: path\n        rate_limit: {unit: day, requests_per_unit: 5, name: daily}\n",
             "f.yaml",
-            FailureMode::Open,
         )
         .unwrap();
-        let minute = scope.descriptor_tree.find(&[("user", "vip-1")]).unwrap();
-        assert_eq!(&*minute.name, "user_vip*");
-        assert_eq!(minute.shape.capacity, 60);
-        assert_eq!(minute.shape.period, 60_000_000_000);
-        let daily = scope
-            .descriptor_tree
-            .find(&[("user", "vip-1"), ("path", "/x")])
-            .unwrap();
-        assert_eq!(&*daily.name, "daily");
-        assert_eq!(daily.shape.period, 86_400_000_000_000);
-        assert!(scope.descriptor_tree.find(&[("user", "bob")]).is_none());
+        let user = &domain.descriptors[0];
+        assert_eq!(user.value, EnvoyValue::Prefix("vip".into()));
+        let minute = user.rate_limit.as_ref().unwrap();
+        assert_eq!(minute.name, "user_vip*");
+        assert_eq!(minute.requests_per_unit, 60);
+        assert_eq!(minute.unit, Duration::from_secs(60));
+        let daily = user.children[0].rate_limit.as_ref().unwrap();
+        assert_eq!(daily.name, "daily");
+        assert_eq!(daily.unit, Duration::from_secs(86_400));
     }
 }

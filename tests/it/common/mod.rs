@@ -6,10 +6,11 @@ pub mod tollgate;
 
 use std::time::Duration;
 
-use ::tollgate::config::Config;
+use ::tollgate::config::{Config, ConfigSource};
 use ::tollgate::pb::tollgate::v1::rate_limiter_client::RateLimiterClient;
 use ::tollgate::pb::tollgate::v1::{ShouldAllowRequest, ShouldAllowResponse};
-use ::tollgate::server::{self, Control, ServerError};
+use ::tollgate::server::{self, Prepared, ServerError};
+use ::tollgate::shutdown::Control;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
@@ -19,24 +20,47 @@ pub struct TestServer {
     pub addr: std::net::SocketAddr,
     pub control: mpsc::Sender<Control>,
     pub task: Option<tokio::task::JoinHandle<Result<(), ServerError>>>,
+    /// The config file a reload reads, when started from YAML.
+    config_file: Option<tempfile::NamedTempFile>,
 }
 
 impl TestServer {
-    /// Starts a server with the YAML config `yaml` on a free port.
+    /// Starts a server on a free port with the YAML config `yaml`, written to
+    /// a file so that [`TestServer::reload`] works as SIGHUP does.
     pub async fn start(yaml: &str) -> Self {
-        let config = Config::from_yaml(yaml).expect("test config is valid");
-        Self::start_config(config).await
+        let file = tempfile::NamedTempFile::new().expect("temp config file");
+        std::fs::write(file.path(), yaml).expect("write config");
+        let source = ConfigSource::new(file.path(), std::iter::empty());
+        let prepared = Prepared::load(source).expect("test config is valid");
+        let mut server = Self::start_prepared(prepared).await;
+        server.config_file = Some(file);
+        server
     }
 
+    /// Starts a server with a config built in code; it cannot be reloaded.
     pub async fn start_config(config: Config) -> Self {
+        let prepared = Prepared::new(config, None).expect("test config is valid");
+        Self::start_prepared(prepared).await
+    }
+
+    async fn start_prepared(prepared: Prepared) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let (control, task) = server::spawn(config, listener);
+        let (control, task) = server::spawn(prepared, listener);
         Self {
             addr,
             control,
             task: Some(task),
+            config_file: None,
         }
+    }
+
+    /// Rewrites the config file with `yaml` and asks for a reload, as SIGHUP
+    /// does. The reload happens on the server's control task, soon after.
+    pub async fn reload(&self, yaml: &str) {
+        let file = self.config_file.as_ref().expect("started from YAML");
+        std::fs::write(file.path(), yaml).expect("write config");
+        self.control.send(Control::Reload).await.expect("reload");
     }
 
     pub fn url(&self) -> String {

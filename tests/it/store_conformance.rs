@@ -5,12 +5,10 @@
 //! bounds that a correct store meets however slow the machine, plus "sleep
 //! the retry_after and the same request is allowed".
 
-mod common;
-
 use std::time::Duration;
 
-use common::redis::{Cluster, Sentinel, Standalone};
-use tollgate::limiter::bucket::Shape;
+use crate::common::redis::{Cluster, Sentinel, Standalone};
+use tollgate::bucket::Shape;
 use tollgate::store::memory::MemoryStore;
 use tollgate::store::{BucketCharge, BucketKey, Charge, ChargeOutcome, Store};
 

@@ -6,7 +6,7 @@
 //! installs it, else `envoy` on PATH. A missing Envoy fails these tests: CI
 //! installs it, so a skip would hide a gap.
 
-mod common;
+use crate::common;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

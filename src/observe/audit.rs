@@ -4,9 +4,9 @@
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
+use super::metrics::Metrics;
+use crate::bucket::{Shape, Tat};
 use crate::limiter::Decision;
-use crate::limiter::bucket::{Shape, Tat};
-use crate::metrics::Metrics;
 
 /// Audit lines allowed per second, as a burst that refills over one second.
 pub const AUDIT_LINES_PER_SECOND: u64 = 20;

@@ -1,4 +1,4 @@
-//! Logging: tracing, human-readable or JSON.
+//! Logs: tracing, human-readable or JSON, to stderr.
 
 use tracing_subscriber::EnvFilter;
 

@@ -10,7 +10,7 @@ use tollgate::store::memory::MemoryStore;
 fn limiter(yaml: &str) -> Limiter<MemoryStore> {
     let config = Config::from_yaml(yaml).expect("valid config");
     Limiter::new(
-        Rules::from_config(&config).expect("rules"),
+        Rules::compile(&config).expect("rules"),
         MemoryStore::default(),
     )
 }
@@ -101,7 +101,7 @@ async fn several_windows_on_one_key_both_bind() {
 async fn full_buckets_are_swept_so_memory_follows_active_callers() {
     let store = MemoryStore::default();
     let config = Config::from_yaml(THREE_PER_SECOND).expect("valid");
-    let l = Limiter::new(Rules::from_config(&config).expect("rules"), store.clone());
+    let l = Limiter::new(Rules::compile(&config).expect("rules"), store.clone());
     for i in 0..1000 {
         let id = format!("user-{i}");
         l.decide(&Request::new("s", &id, "op"))
@@ -124,7 +124,7 @@ async fn the_sweeper_task_runs_by_itself() {
     let store = MemoryStore::default();
     let _sweeper = store.spawn_sweeper(Duration::from_secs(10));
     let config = Config::from_yaml(THREE_PER_SECOND).expect("valid");
-    let l = Limiter::new(Rules::from_config(&config).expect("rules"), store.clone());
+    let l = Limiter::new(Rules::compile(&config).expect("rules"), store.clone());
     l.decide(&Request::new("s", "dan", "op"))
         .await
         .expect("decide");
@@ -178,7 +178,7 @@ async fn a_full_embedded_store_applies_the_failure_mode_and_takes_nothing() {
         let config = Config::from_yaml(&yaml(mode)).expect("valid");
         // Room for the scope bucket and two identities.
         let store = MemoryStore::with_max_buckets(4, 3);
-        let l = Limiter::new(Rules::from_config(&config).expect("rules"), store.clone());
+        let l = Limiter::new(Rules::compile(&config).expect("rules"), store.clone());
         for id in ["u1", "u2"] {
             assert!(
                 l.decide(&Request::new("s", id, "op"))
@@ -241,7 +241,7 @@ async fn a_full_embedded_store_refuses_new_single_buckets_too() {
     )
     .expect("valid");
     let store = MemoryStore::with_max_buckets(4, 1);
-    let l = Limiter::new(Rules::from_config(&config).expect("rules"), store.clone());
+    let l = Limiter::new(Rules::compile(&config).expect("rules"), store.clone());
     assert!(
         l.decide(&Request::new("s", "u1", "op"))
             .await

@@ -1,0 +1,335 @@
+//! Typed configuration: parsed once, validated whole, before any port is bound.
+//!
+//! The source is a YAML file, overlaid with environment variables of the form
+//! `TOLLGATE_<PATH>` where nested keys are joined by `__`, for example
+//! `TOLLGATE_LISTEN=0.0.0.0:50051` or `TOLLGATE_STORE__KIND=memory`. The
+//! environment is passed in, never read here, so tests stay hermetic.
+//!
+//! Every error names the field it is about, as a path such as
+//! `scopes[0].limits[2].capacity`.
+//!
+//! This module is plain data and its validation: it imports nothing else
+//! from the crate. The limiter compiles it into rules; the stores read their
+//! own settings from it.
+//!
+//! - [`scopes`]: scopes and their limits;
+//! - [`store`]: the embedded store's and Redis's settings;
+//! - [`envoy`]: envoyproxy/ratelimit YAML files, read as extra scopes.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub mod envoy;
+pub mod scopes;
+pub mod store;
+
+pub use envoy::{EnvoyDescriptor, EnvoyDomain, EnvoyRateLimit, EnvoyValue};
+pub use scopes::{
+    DescriptorKeysConfig, FailureMode, LimitConfig, MAX_CAPACITY, MAX_NAME_LEN, MAX_REFILL_PERIOD,
+    MIN_REFILL_PERIOD, Per, ScopeConfig, UnknownScope,
+};
+pub use store::{
+    DEFAULT_BREAKER_COOL_DOWN, DEFAULT_BREAKER_THRESHOLD, DEFAULT_MAX_BUCKETS,
+    DEFAULT_REDIS_CONNECT_TIMEOUT, DEFAULT_REDIS_KEY_PREFIX, DEFAULT_REDIS_POOL_SIZE,
+    DEFAULT_REDIS_RESPONSE_TIMEOUT, DEFAULT_REDIS_WAIT_TIMEOUT, DEFAULT_SHARDS,
+    DEFAULT_SWEEP_INTERVAL, MemoryConfig, RedisConfig, RedisMode, Secret, StoreConfig, StoreKind,
+};
+
+/// Where Tollgate listens when nothing says otherwise.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// The prefix of environment overrides.
+pub const ENV_PREFIX: &str = "TOLLGATE";
+/// Default `shutdown_grace`: how long calls still in flight after the drain
+/// may run before they are cancelled. Kubernetes gives a pod 30 s in all by
+/// default; this leaves room for `drain_delay` within it.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The gRPC listen address, for `tollgate.v1` and Envoy's RLS alike.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Where bucket state lives.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// What to do when the store cannot answer; scopes may override it.
+    #[serde(default)]
+    pub failure_mode: FailureMode,
+    /// What to do with a request for a scope that is not configured.
+    #[serde(default)]
+    pub unknown_scope: UnknownScope,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// How long to keep answering, with health NOT_SERVING, after a shutdown
+    /// signal and before refusing new calls, so load balancers can drain.
+    #[serde(default, with = "humantime_serde")]
+    pub drain_delay: Option<Duration>,
+    /// After the drain, how long calls already in flight may run before they
+    /// are cancelled, so a stuck call cannot hold the process up forever.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// envoyproxy/ratelimit YAML files or directories of them, whose domains
+    /// become scopes beside the ones below.
+    #[serde(default)]
+    pub envoy_ratelimit_configs: Vec<PathBuf>,
+    /// The domains read from `envoy_ratelimit_configs` when the config was
+    /// loaded; a reload reads them again.
+    #[serde(skip)]
+    pub envoy_domains: Vec<EnvoyDomain>,
+    /// Whether Envoy RLS answers carry `x-ratelimit-*` and `retry-after`
+    /// headers for Envoy to add to the client's response.
+    #[serde(default)]
+    pub envoy_response_headers: bool,
+    /// The rate-limited scopes.
+    #[serde(default)]
+    pub scopes: Vec<ScopeConfig>,
+}
+
+fn default_listen() -> String {
+    DEFAULT_LISTEN.to_owned()
+}
+
+fn default_shutdown_grace() -> Duration {
+    DEFAULT_SHUTDOWN_GRACE
+}
+
+/// Logging.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `human` (default) or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `tollgate=debug`; `RUST_LOG` wins.
+    #[serde(default)]
+    pub level: Option<String>,
+}
+
+/// Prometheus metrics.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where to serve `GET /metrics`, such as `127.0.0.1:9464`. Absent: off.
+    #[serde(default)]
+    pub listen: Option<String>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// For people at a terminal.
+    #[default]
+    Human,
+    /// One JSON object per line, for collectors.
+    Json,
+}
+
+/// A configuration that cannot be used, with every problem found.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// Each entry is `path: problem`.
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration: {}", self.problems.join("; "))
+    }
+}
+
+impl ConfigError {
+    /// An error with a single `path: problem`.
+    pub fn one(problem: impl Into<String>) -> Self {
+        Self {
+            problems: vec![problem.into()],
+        }
+    }
+
+    /// `Ok` when `problems` is empty, else the error holding them all.
+    pub fn check(problems: Vec<String>) -> Result<(), Self> {
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Self { problems })
+        }
+    }
+}
+
+/// Where a running server's config comes from, so that a reload (SIGHUP, or
+/// a file change) reads it again the same way.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    /// The YAML file.
+    pub path: PathBuf,
+    /// The `TOLLGATE_*` overrides, captured once at start-up.
+    pub env: Vec<(String, String)>,
+}
+
+impl ConfigSource {
+    /// A source reading `path`, overlaid with the `TOLLGATE_*` pairs of `env`.
+    pub fn new(path: impl Into<PathBuf>, env: impl IntoIterator<Item = (String, String)>) -> Self {
+        let prefix = format!("{ENV_PREFIX}_");
+        Self {
+            path: path.into(),
+            env: env
+                .into_iter()
+                .filter(|(k, _)| k.starts_with(&prefix))
+                .collect(),
+        }
+    }
+
+    /// Reads and validates the config now.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        Config::load(&self.path, self.env.iter().cloned())
+    }
+}
+
+impl Config {
+    /// Reads `path` (YAML), overlays `env` (pairs such as
+    /// `("TOLLGATE_LISTEN", "0.0.0.0:50051")`; others are ignored), reads the
+    /// envoyproxy/ratelimit files it names, and validates the result.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::one(format!("{}: cannot read: {e}", path.display())))?;
+        let mut config = Self::parse(&text, env)?;
+        // Relative envoy config paths are relative to the file naming them.
+        if let Some(dir) = path.parent() {
+            for p in &mut config.envoy_ratelimit_configs {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
+                }
+            }
+        }
+        config.finish()
+    }
+
+    /// Parses YAML text and validates it.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_yaml_with_env(text, std::iter::empty())
+    }
+
+    /// Parses YAML text, overlays `env`, reads the envoyproxy/ratelimit files
+    /// it names (relative to the working directory), and validates.
+    pub fn from_yaml_with_env(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        Self::parse(text, env)?.finish()
+    }
+
+    /// YAML and environment into the typed config, not yet validated.
+    fn parse(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let prefix = format!("{ENV_PREFIX}_");
+        let env: ::config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .collect();
+        let raw = ::config::Config::builder()
+            .add_source(::config::File::from_str(text, ::config::FileFormat::Yaml))
+            .add_source(
+                ::config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("_")
+                    .separator("__")
+                    .source(Some(env)),
+            )
+            .build()
+            .map_err(|e| ConfigError::one(e.to_string()))?;
+        raw.try_deserialize()
+            .map_err(|e| ConfigError::one(dotted_paths(&e.to_string())))
+    }
+
+    /// Reads the envoyproxy/ratelimit files, then validates the whole.
+    fn finish(mut self) -> Result<Self, ConfigError> {
+        let mut problems = Vec::new();
+        match envoy::load_all(&self.envoy_ratelimit_configs) {
+            Ok(domains) => self.envoy_domains = domains,
+            Err(e) => problems.extend(e.problems),
+        }
+        if let Err(e) = self.validate() {
+            problems.extend(e.problems);
+        }
+        ConfigError::check(problems)?;
+        Ok(self)
+    }
+
+    /// The listen address, parsed.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen
+            .parse()
+            .map_err(|e| ConfigError::one(format!("listen: {e}: {:?}", self.listen)))
+    }
+
+    /// Checks everything serde cannot: ranges, uniqueness, globs. This is
+    /// the one place that refuses a scope defined twice, whether in
+    /// `scopes` or as an envoyproxy/ratelimit domain.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if let Err(e) = self.listen_addr() {
+            problems.extend(e.problems);
+        }
+        if let Some(m) = &self.metrics.listen
+            && let Err(e) = m.parse::<SocketAddr>()
+        {
+            problems.push(format!("metrics.listen: {e}: {m:?}"));
+        }
+        if self.shutdown_grace > Duration::from_secs(3600) {
+            problems.push("shutdown_grace: must be at most 1h".to_owned());
+        }
+        self.store.validate(&mut problems);
+        // Where each scope name was first defined, for the duplicate message.
+        let mut defined: HashMap<&str, String> = HashMap::new();
+        for (i, scope) in self.scopes.iter().enumerate() {
+            let at = format!("scopes[{i}]");
+            scopes::validate_scope(&mut problems, &at, scope);
+            if defined.contains_key(scope.name.as_str()) {
+                problems.push(format!("{at}.name: duplicate scope {:?}", scope.name));
+            } else {
+                defined.insert(&scope.name, format!("{at} of the Tollgate config"));
+            }
+        }
+        for domain in &self.envoy_domains {
+            match defined.get(domain.name.as_str()) {
+                Some(first) => problems.push(format!(
+                    "{}: domain: {:?} is already defined in {first}",
+                    domain.origin, domain.name
+                )),
+                None => {
+                    defined.insert(&domain.name, domain.origin.clone());
+                }
+            }
+        }
+        ConfigError::check(problems)
+    }
+}
+
+/// The config crate writes paths as `scopes[0]limits[1]per`; we write
+/// `scopes[0].limits[1].per` everywhere else, so mend its messages.
+fn dotted_paths(message: &str) -> String {
+    let mut out = String::with_capacity(message.len() + 8);
+    let mut chars = message.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == ']' && chars.peek().is_some_and(|n| n.is_alphabetic() || *n == '_') {
+            out.push('.');
+        }
+    }
+    out
+}

@@ -1,0 +1,163 @@
+//! The one compiler: validated config data → [`Rules`].
+//!
+//! Scopes from Tollgate's own config and domains from envoyproxy/ratelimit
+//! YAML both become [`ScopeRules`] here, and nowhere else. Validation is the
+//! config's job; the compiler checks again only what would otherwise panic
+//! or build a wrong rule (a config assembled in code skips the loader).
+
+use std::sync::Arc;
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+
+use super::descriptors::{DescriptorKeys, DescriptorNode, DescriptorTree, ValueMatch};
+use super::limit::Limit;
+use super::rules::{Rules, ScopeRules};
+use crate::bucket::Shape;
+use crate::config::{
+    Config, ConfigError, EnvoyDescriptor, EnvoyDomain, EnvoyValue, FailureMode, LimitConfig,
+};
+
+impl Rules {
+    /// Compiles a config: its scopes, and its envoyproxy/ratelimit domains
+    /// (read when the config was loaded). Refuses a config that does not
+    /// validate, naming every problem.
+    pub fn compile(config: &Config) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let mut scopes =
+            hashbrown::HashMap::with_capacity(config.scopes.len() + config.envoy_domains.len());
+        for s in &config.scopes {
+            let limits = s
+                .limits
+                .iter()
+                .map(compile_limit)
+                .collect::<Result<Vec<_>, _>>()?;
+            let scope = ScopeRules {
+                name: s.name.as_str().into(),
+                failure_mode: s.failure_mode.unwrap_or(config.failure_mode),
+                limits,
+                descriptor_tree: DescriptorTree::default(),
+                descriptor_keys: s.descriptor_keys.clone().map(|k| DescriptorKeys {
+                    identity: k.identity,
+                    operation: k.operation,
+                }),
+            };
+            scopes.insert(scope.name.clone(), scope);
+        }
+        for domain in &config.envoy_domains {
+            let scope = compile_domain(domain, config.failure_mode);
+            scopes.insert(scope.name.clone(), scope);
+        }
+        Ok(Self {
+            scopes,
+            unknown_scope: config.unknown_scope,
+            failure_mode: config.failure_mode,
+        })
+    }
+}
+
+fn compile_limit(config: &LimitConfig) -> Result<Limit, ConfigError> {
+    let operations =
+        match &config.operations {
+            None => None,
+            Some(globs) => Some(glob_set(globs).map_err(|e| {
+                ConfigError::one(format!("limit {:?}: operations: {e}", config.name))
+            })?),
+        };
+    Ok(Limit {
+        name: config.name.as_str().into(),
+        per: config.per,
+        operations,
+        when: config
+            .when
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        shape: Shape {
+            capacity: config.capacity,
+            period: nanos(config.refill_period),
+        },
+        shadow: config.shadow,
+        replaces: Vec::new(),
+    })
+}
+
+fn glob_set(globs: &[String]) -> Result<GlobSet, globset::Error> {
+    let mut set = GlobSetBuilder::new();
+    for g in globs {
+        // `*` crosses `/`: operations such as `tools/call:*` are not paths.
+        set.add(GlobBuilder::new(g).literal_separator(false).build()?);
+    }
+    set.build()
+}
+
+fn compile_domain(domain: &EnvoyDomain, failure_mode: FailureMode) -> ScopeRules {
+    ScopeRules {
+        name: domain.name.as_str().into(),
+        failure_mode,
+        limits: Vec::new(),
+        descriptor_tree: DescriptorTree {
+            roots: domain.descriptors.iter().map(compile_descriptor).collect(),
+        },
+        descriptor_keys: None,
+    }
+}
+
+fn compile_descriptor(d: &EnvoyDescriptor) -> DescriptorNode {
+    let limit = d.rate_limit.as_ref().map(|r| {
+        let shape = Shape {
+            capacity: r.requests_per_unit,
+            period: nanos(r.unit),
+        };
+        let mut limit = Limit::for_descriptor(&r.name, shape, d.shadow);
+        limit.replaces = r.replaces.iter().map(|n| Arc::from(n.as_str())).collect();
+        limit
+    });
+    DescriptorNode {
+        key: d.key.clone(),
+        value: match &d.value {
+            EnvoyValue::Any => ValueMatch::Any,
+            EnvoyValue::Exact(v) => ValueMatch::Exact(v.clone()),
+            EnvoyValue::Prefix(p) => ValueMatch::Prefix(p.clone()),
+        },
+        limit,
+        children: d.children.iter().map(compile_descriptor).collect(),
+    }
+}
+
+fn nanos(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_become_refill_periods_and_names_default_to_the_path() {
+        let domain = crate::config::envoy::parse(
+            "domain: d\ndescriptors:\n  - key: user\n    value: vip*\n    rate_limit: {unit: MINUTE, requests_per_unit: 60}\n    descriptors:\n      - key: path\n        rate_limit: {unit: day, requests_per_unit: 5, name: daily}\n",
+            "f.yaml",
+        )
+        .unwrap();
+        let scope = compile_domain(&domain, FailureMode::Open);
+        let minute = scope.descriptor_tree.find(&[("user", "vip-1")]).unwrap();
+        assert_eq!(&*minute.name, "user_vip*");
+        assert_eq!(minute.shape.capacity, 60);
+        assert_eq!(minute.shape.period, 60_000_000_000);
+        let daily = scope
+            .descriptor_tree
+            .find(&[("user", "vip-1"), ("path", "/x")])
+            .unwrap();
+        assert_eq!(&*daily.name, "daily");
+        assert_eq!(daily.shape.period, 86_400_000_000_000);
+        assert!(scope.descriptor_tree.find(&[("user", "bob")]).is_none());
+    }
+
+    #[test]
+    fn a_config_that_does_not_validate_is_not_compiled() {
+        let mut config = Config::from_yaml("scopes:\n  - name: a\n").unwrap();
+        config.scopes[0].name.clear();
+        let err = Rules::compile(&config).unwrap_err().to_string();
+        assert!(err.contains("scopes[0].name: must not be empty"), "{err}");
+    }
+}

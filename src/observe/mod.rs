@@ -1,0 +1,62 @@
+//! Observability: what Tollgate tells operators about itself.
+//!
+//! - [`metrics`]: Prometheus metrics on their own port, with bounded labels;
+//! - [`audit`]: the rate-limited denial log;
+//! - [`logs`]: the tracing subscriber;
+//! - [`Observer`]: what every API does after a decision.
+
+pub mod audit;
+pub mod logs;
+pub mod metrics;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::limiter::{DecideError, Decision, Request, Rules};
+use audit::Audit;
+use metrics::Metrics;
+
+/// What every API does after a decision: count it, time it, audit denials.
+#[derive(Debug, Default)]
+pub struct Observer {
+    /// The process's metrics.
+    pub metrics: Arc<Metrics>,
+    audit: Audit,
+}
+
+impl Observer {
+    /// An observer reporting to `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            audit: Audit::default(),
+        }
+    }
+
+    /// Records the result of deciding `req` through `api`.
+    pub fn decided(
+        &self,
+        api: &'static str,
+        rules: &Rules,
+        req: &Request<'_>,
+        result: Result<&Decision, &DecideError>,
+        took: Duration,
+    ) {
+        match result {
+            Ok(d) => {
+                self.metrics.decision(api, rules, req.scope, d, took);
+                if !d.allowed {
+                    self.audit.denied(
+                        &self.metrics,
+                        api,
+                        req.scope,
+                        req.identity,
+                        req.operation,
+                        d,
+                    );
+                }
+            }
+            Err(_) => self.metrics.unavailable(api, rules, req.scope),
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! Every over-the-wire and integration test, in one binary: each module
+//! used to be its own test binary linking the whole crate, which cost
+//! minutes of every CI run.
+
+mod architecture;
+mod cli;
+mod common;
+mod deploy;
+mod envoy_e2e;
+mod envoy_rls;
+mod grpc;
+mod limiter;
+mod redis_config;
+mod redis_standalone;
+mod redis_topologies;
+mod store_conformance;
