@@ -20,12 +20,15 @@ use tonic::transport::server::{Router, TcpIncoming};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::api::{EnvoyRateLimitApi, RateLimiterApi};
+use crate::api::{AdminApi, EnvoyRateLimitApi, RateLimiterApi};
 use crate::config::{Config, ConfigError, ConfigSource};
 use crate::limiter::{Limiter, Rules};
 use crate::observe::Observer;
+use crate::observe::hitters::{Hitters, Sizes};
 use crate::observe::metrics::{Instrumented, Metrics};
+use crate::observe::status::Board;
 use crate::pb;
+use crate::pb::tollgate::v1::admin_server::AdminServer;
 use crate::pb::tollgate::v1::rate_limiter_server::RateLimiterServer;
 use crate::shutdown::{self, Cancellable, Control};
 use crate::store::{self, AnyStore, BuildError, Store};
@@ -109,8 +112,17 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let store = Instrumented::new(store::build(&config.store)?, metrics.clone());
     let limiter = Arc::new(Limiter::new(rules, store));
+    let hitters = Arc::new(Hitters::new(Sizes {
+        counters: config.analytics.counters,
+        top_k: config.analytics.top_k,
+    }));
+    let board = Arc::new(Board::new(
+        hitters.clone(),
+        limiter.clone(),
+        store_kind(&config),
+    ));
     let stopped = CancellationToken::new();
-    serve_metrics(&config, &metrics, &stopped).await?;
+    serve_metrics(&config, &metrics, &board, &stopped).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
     health
@@ -122,8 +134,14 @@ pub async fn run(
         limiter: limiter.clone(),
         metrics: metrics.clone(),
         envoy_headers: Arc::new(AtomicBool::new(config.envoy_response_headers)),
+        board,
     };
-    let router = routes(&limiter, &metrics, &reloader.envoy_headers, health_service)?;
+    let router = routes(
+        &limiter,
+        Observer::with_hitters(metrics.clone(), hitters),
+        &reloader.envoy_headers,
+        health_service,
+    )?;
 
     let (stopping, cancel) = (CancellationToken::new(), CancellationToken::new());
     let stop = {
@@ -156,16 +174,28 @@ pub fn spawn(
     (tx, tokio::spawn(run(prepared, listener, rx)))
 }
 
-/// Every gRPC service on one port: ours, Envoy's RLS, health, reflection.
+/// The store's name on the status page: `memory`, or `redis (cluster)`.
+fn store_kind(config: &Config) -> String {
+    match config.store.kind {
+        crate::config::StoreKind::Memory => "memory".to_owned(),
+        crate::config::StoreKind::Redis => {
+            format!("redis ({:?})", config.store.redis.mode).to_lowercase()
+        }
+    }
+}
+
+/// Every gRPC service on one port: ours, Envoy's RLS, admin, health,
+/// reflection.
 fn routes(
     limiter: &SharedLimiter,
-    metrics: &Arc<Metrics>,
+    observer: Observer,
     envoy_headers: &Arc<AtomicBool>,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
 ) -> Result<Router, ServerError> {
-    let observer = Arc::new(Observer::new(metrics.clone()));
+    let observer = Arc::new(observer);
+    let admin = AdminApi::new(limiter.clone(), observer.hitters.clone());
     let descriptors = [
         pb::FILE_DESCRIPTOR_SET,
         tonic_health::pb::FILE_DESCRIPTOR_SET,
@@ -188,13 +218,15 @@ fn routes(
             limiter.clone(),
             envoy_headers.clone(),
             observer,
-        ))))
+        )))
+        .add_service(AdminServer::new(admin)))
 }
 
 /// Binds and serves the metrics port, if configured, until `stopped`.
 async fn serve_metrics(
     config: &Config,
     metrics: &Arc<Metrics>,
+    board: &Arc<Board>,
     stopped: &CancellationToken,
 ) -> Result<(), ServerError> {
     let Some(addr) = &config.metrics.listen else {
@@ -206,9 +238,10 @@ async fn serve_metrics(
     let listener = TcpListener::bind(addr).await.map_err(ServerError::Bind)?;
     tracing::info!(addr = ?listener.local_addr().ok(), "serving metrics");
     let (metrics, stopped) = (metrics.clone(), stopped.clone());
+    let status = crate::observe::status::routes(board.clone());
     tokio::spawn(async move {
         let shutdown = async move { stopped.cancelled().await };
-        if let Err(e) = crate::observe::metrics::serve(listener, metrics, shutdown).await {
+        if let Err(e) = crate::observe::metrics::serve(listener, metrics, status, shutdown).await {
             tracing::error!(error = %e, "metrics server failed");
         }
     });
@@ -241,6 +274,8 @@ struct Reloader {
     limiter: SharedLimiter,
     metrics: Arc<Metrics>,
     envoy_headers: Arc<AtomicBool>,
+    /// The status page's reload history and the heavy hitters to prune.
+    board: Arc<Board>,
 }
 
 impl Reloader {
@@ -256,14 +291,18 @@ impl Reloader {
         match prepared {
             Ok(p) => {
                 let scopes = p.rules.scopes().count();
+                self.board.hitters.retain(&p.rules);
                 self.limiter.replace_rules(p.rules);
                 self.envoy_headers
                     .store(p.config.envoy_response_headers, Ordering::Relaxed);
                 self.metrics.reload(true);
+                self.board
+                    .reloaded(true, format!("config reloaded: {scopes} scopes"));
                 tracing::info!(scopes, "config reloaded");
             }
             Err(e) => {
                 self.metrics.reload(false);
+                self.board.reloaded(false, e.to_string());
                 tracing::error!(error = %e, "config reload refused; the old config keeps serving");
             }
         }

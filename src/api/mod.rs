@@ -1,9 +1,11 @@
 //! The gRPC edge: translate proto ⇄ domain, validate input, call the limiter.
 //! Nothing else happens here, and no other library module knows proto types.
 
+pub mod admin;
 pub mod envoy;
 pub mod tollgate;
 pub mod validate;
 
+pub use admin::AdminApi;
 pub use envoy::EnvoyRateLimitApi;
 pub use tollgate::RateLimiterApi;

@@ -282,13 +282,15 @@ impl<S: Store> Store for Instrumented<S> {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+/// Serves `GET /metrics`, and the routes of `more` (the status page), on
+/// `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
+    more: axum::Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
+    let app = more.route(
         "/metrics",
         axum::routing::get(move || {
             let metrics = metrics.clone();
