@@ -18,7 +18,8 @@
 //! - [`api`]: the gRPC edge; proto ⇄ domain, input validation. [`pb`] is
 //!   the generated code, and [`error`] maps domain errors to gRPC statuses.
 //! - [`server`]: prepares a config and serves it; [`shutdown`]: signals,
-//!   reload, and the stop sequence (drain, grace, cancel).
+//!   reload, and the stop sequence (drain, grace, cancel); [`watch`]:
+//!   reload when the config's files change.
 //!
 //! The binary (`src/main.rs`, with its `cli` module) parses arguments, loads
 //! the config, and calls [`server::run`]; it is the one place besides `api`
@@ -61,3 +62,4 @@ pub mod pb;
 pub mod server;
 pub mod shutdown;
 pub mod store;
+pub mod watch;

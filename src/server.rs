@@ -32,6 +32,7 @@ use crate::pb::tollgate::v1::admin_server::AdminServer;
 use crate::pb::tollgate::v1::rate_limiter_server::RateLimiterServer;
 use crate::shutdown::{self, Cancellable, Control};
 use crate::store::{self, AnyStore, BuildError, Store};
+use crate::watch::FileWatch;
 
 /// The health service name that tracks readiness, besides the empty name.
 /// It is also NOT_SERVING while the store is unavailable (the Redis circuit
@@ -162,7 +163,9 @@ pub async fn run(
     Ok(())
 }
 
-/// Runs [`run`] on a background task, returning its control channel.
+/// Runs [`run`] on a background task, returning its control channel. When
+/// the config came from a file and `reload.watch` is on, a change to the
+/// config's files sends [`Control::Reload`] on the same channel.
 pub fn spawn(
     prepared: Prepared,
     listener: TcpListener,
@@ -171,7 +174,31 @@ pub fn spawn(
     tokio::task::JoinHandle<Result<(), ServerError>>,
 ) {
     let (tx, rx) = mpsc::channel(4);
-    (tx, tokio::spawn(run(prepared, listener, rx)))
+    let watch = watch_files(&prepared, &tx);
+    let serving = async move {
+        let _watch = watch;
+        run(prepared, listener, rx).await
+    };
+    (tx, tokio::spawn(serving))
+}
+
+/// Starts watching the config's files, if asked to. A watch that cannot
+/// start is logged, and SIGHUP still reloads.
+fn watch_files(prepared: &Prepared, control: &mpsc::Sender<Control>) -> Option<FileWatch> {
+    let source = prepared.source.as_ref()?;
+    let reload = &prepared.config.reload;
+    if !reload.watch {
+        return None;
+    }
+    let mut paths = vec![source.path.clone()];
+    paths.extend(prepared.config.envoy_ratelimit_configs.iter().cloned());
+    match crate::watch::spawn(paths, reload.debounce, control) {
+        Ok(watch) => Some(watch),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the config files; SIGHUP still reloads");
+            None
+        }
+    }
 }
 
 /// The store's name on the status page: `memory`, or `redis (cluster)`.

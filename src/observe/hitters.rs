@@ -404,9 +404,21 @@ impl Hitters {
 
     /// The top `k` identities of `scope`'s `rule` over `window`.
     pub fn top(&self, scope: &str, rule: &str, window: Window, by: RankBy, k: usize) -> TopList {
+        self.top_at(self.now(), scope, rule, (window, by), k)
+    }
+
+    /// [`Hitters::top`] at `now` nanoseconds since start.
+    pub fn top_at(
+        &self,
+        now: u64,
+        scope: &str,
+        rule: &str,
+        (window, by): (Window, RankBy),
+        k: usize,
+    ) -> TopList {
         let merged = self
             .stats(scope, rule)
-            .map(|s| s.lock().merged(self.now(), window, by))
+            .map(|s| s.lock().merged(now, window, by))
             .unwrap_or_default();
         TopList::new(scope, rule, window, by, merged, k)
     }

@@ -14,17 +14,27 @@
 //! sliding window) and keeps the same guarantees for the whole: each key's
 //! error is at most the sum of the parts' `min`, which is at most `N / m`.
 //!
-//! Memory is fixed by `m`: [`SpaceSaving::memory_bytes`] is at most
-//! `m × (ENTRY_BYTES + longest key)` plus the table's slack, whatever
-//! the stream (a property test holds it to that).
+//! Memory is bounded by `m`: [`SpaceSaving::memory_bytes`] is at most
+//! [`max_memory_bytes`]`(m, longest key)` = `m × (ENTRY_BYTES + longest
+//! key) + 64`, whatever the stream (a property test holds it to that). It
+//! grows with the keys seen, so an idle summary costs almost nothing.
 
 use std::collections::HashMap;
 
 use hashbrown::HashTable;
 
 /// Bytes per counter, besides the key's own bytes: the entry (key handle,
-/// hash, count, error, heap position), its heap slot and its index slot.
-pub const ENTRY_BYTES: usize = std::mem::size_of::<Entry>() + 4 + 8;
+/// hash, count, error, heap position), its heap slot, and its share of the
+/// index: 5 bytes per table slot, and a table at most 4.4 slots per key
+/// (at most 7/8 full, a power of two, and doubled once when replaced keys'
+/// tombstones fill it), so under 24 bytes.
+pub const ENTRY_BYTES: usize = std::mem::size_of::<Entry>() + 4 + 24;
+
+/// The most heap a summary of `counters` counters holds, when no key is
+/// longer than `longest_key` bytes.
+pub const fn max_memory_bytes(counters: usize, longest_key: usize) -> usize {
+    counters * (ENTRY_BYTES + longest_key) + 64
+}
 
 #[derive(Debug)]
 struct Entry {
@@ -89,6 +99,16 @@ impl SpaceSaving {
             self.sift_down(pos);
         } else if self.entries.len() < self.capacity {
             let i = self.entries.len() as u32;
+            if self.entries.len() == self.entries.capacity() {
+                // Grow by doubling, but never past `capacity`.
+                let more = self
+                    .entries
+                    .len()
+                    .max(4)
+                    .min(self.capacity - self.entries.len());
+                self.entries.reserve_exact(more);
+                self.heap.reserve_exact(more);
+            }
             self.entries.push(Entry {
                 key: key.to_owned(),
                 hash,
@@ -115,6 +135,8 @@ impl SpaceSaving {
         }
         let e = &mut self.entries[i as usize];
         e.key.clear();
+        // Exact, so a key buffer never holds more than the longest key.
+        e.key.reserve_exact(key.len());
         e.key.push_str(key);
         e.hash = hash;
         e.error = e.count;
