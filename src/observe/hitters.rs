@@ -347,15 +347,19 @@ impl Hitters {
         let hash = self.hasher.hash_one(identity);
         let table = self.rules.load();
         for b in &decision.buckets {
-            let stats = match table.get(&(scope, &*b.rule)) {
-                Some(s) => s.clone(),
-                None => self.add(scope, &b.rule),
+            let record = |stats: &Mutex<RuleStats>| {
+                let mut stats = stats.lock();
+                stats.capacity = b.limit;
+                stats.period = b.period;
+                let bin = fill_bin(b.remaining, b.limit);
+                stats.record(now, identity, hash, b.exhausted, bin);
             };
-            let bin = fill_bin(b.remaining, b.limit);
-            let mut stats = stats.lock();
-            stats.capacity = b.limit;
-            stats.period = b.period;
-            stats.record(now, identity, hash, b.exhausted, bin);
+            // Borrowed from the table, not cloned: no shared count to bounce
+            // between cores on every decision.
+            match table.get(&(scope, &*b.rule)) {
+                Some(stats) => record(stats),
+                None => record(&self.add(scope, &b.rule)),
+            }
         }
     }
 

@@ -2,6 +2,7 @@
 //! used to be its own test binary linking the whole crate, which cost
 //! minutes of every CI run.
 
+mod admin;
 mod architecture;
 mod cli;
 mod common;
