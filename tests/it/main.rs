@@ -15,3 +15,4 @@ mod redis_config;
 mod redis_standalone;
 mod redis_topologies;
 mod store_conformance;
+mod watch;
