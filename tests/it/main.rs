@@ -14,5 +14,6 @@ mod limiter;
 mod redis_config;
 mod redis_standalone;
 mod redis_topologies;
+mod status_page;
 mod store_conformance;
 mod watch;

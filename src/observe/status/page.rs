@@ -27,7 +27,7 @@ dt{color:#6a7480;font-size:12px}dd{margin:0;font-weight:600;font-size:16px;grid-
 .fill{display:flex;align-items:flex-end;gap:2px;height:32px;background:#f0f3f6;padding:0 2px}
 .fill span{flex:1;background:#7a9cc6;min-height:1px}
 .hints{margin:6px 0;padding-left:18px;color:#a4480a}
-.tops{display:grid;grid-template-columns:1fr 1fr;gap:8px}
+.tops{display:grid;grid-template-columns:1fr 1fr;gap:8px;align-items:start}
 table{border-collapse:collapse;width:100%}caption{text-align:left;font-size:12px;color:#6a7480}
 td,th{padding:2px 4px;border-bottom:1px solid #eef1f4;text-align:left;overflow-wrap:anywhere}
 td.n{text-align:right;white-space:nowrap}.none{color:#9aa3ad}

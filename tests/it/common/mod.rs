@@ -3,6 +3,7 @@
 
 pub mod redis;
 pub mod tollgate;
+pub mod webdriver;
 
 use std::time::Duration;
 
