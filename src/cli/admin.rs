@@ -208,6 +208,8 @@ fn recent(series: &[u32]) -> f64 {
     last.iter().map(|&n| f64::from(n)).sum::<f64>() / last.len().max(1) as f64
 }
 
+// The header's wall-clock time is for the person watching, as in top.
+#[allow(clippy::disallowed_methods)]
 fn render(
     args: &TopArgs,
     tops: &[pb::RuleTop],

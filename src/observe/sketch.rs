@@ -288,7 +288,7 @@ mod tests {
 
     #[test]
     fn exact_until_the_counters_run_out() {
-        let mut s = SpaceSaving::new(3);
+        let mut s = SpaceSaving::new(4);
         record_all(&mut s, &["a", "bb", "a", "ccc", "a"]);
         let m = merge([&s]);
         assert_eq!(m.error_bound, 0);

@@ -79,6 +79,9 @@ impl std::fmt::Debug for Board {
     }
 }
 
+// Wall-clock time for people reading the page (when a reload happened),
+// never for bucket math.
+#[allow(clippy::disallowed_methods)]
 fn rfc3339_now() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }

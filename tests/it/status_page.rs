@@ -95,13 +95,13 @@ fn traffic(server: &TestServer, identities: &'static [&'static str], stop: Arc<A
         while !stop.load(Ordering::Relaxed) && tokio::time::Instant::now() < deadline {
             n += 1;
             let who = identities[n % identities.len()];
-            let op = if n % 3 == 0 {
+            let op = if n.is_multiple_of(3) {
                 "tools/call:search"
             } else {
                 "tools/call:fetch"
             };
             let _ = c.should_allow(req("github-mcp", who, op)).await;
-            if n % 4 == 0 {
+            if n.is_multiple_of(4) {
                 let _ = c.should_allow(req("checkout", who, "pay")).await;
             }
             tokio::time::sleep(Duration::from_millis(4)).await;
