@@ -9,10 +9,11 @@ use std::future::Future;
 use std::hint::black_box;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group};
 use tollgate::config::Config;
-use tollgate::limiter::{Limiter, Request, Rules};
+use tollgate::limiter::{BucketReport, Decision, Limiter, Request, Rules};
 use tollgate::observe::hitters::Hitters;
 use tollgate::store::memory::MemoryStore;
 
@@ -133,6 +134,35 @@ fn recording(c: &mut Criterion) {
     g.finish();
 }
 
+/// The heavy hitters' most memory for one rule: a million distinct
+/// identities (16 bytes each) over an hour, every one denied, so every
+/// summary of every slot of every window is full.
+fn hitters_memory() {
+    let denied = Decision {
+        buckets: vec![BucketReport {
+            rule: "per-user".into(),
+            limit: 10,
+            period: Duration::from_secs(1),
+            remaining: 0,
+            reset_after: Duration::ZERO,
+            retry_after: None,
+            exhausted: true,
+            shadow: false,
+        }],
+        ..Decision::default()
+    };
+    let hitters = Hitters::default();
+    for i in 0..1_000_000u64 {
+        // Spread over an hour: 3.6 ms apart.
+        hitters.record_at(i * 3_600_000, "one", &format!("user-{i:011}"), &denied);
+    }
+    println!(
+        "hitters: one rule, 1,000,000 identities of 16 bytes over an hour: {} bytes ({} counters per summary)",
+        hitters.memory_bytes(),
+        hitters.sizes().counters
+    );
+}
+
 criterion_group!(benches, decisions, recording);
 
 fn main() {
@@ -140,6 +170,7 @@ fn main() {
     // bench once without it, in test mode. Keep that fast.
     if std::env::args().any(|a| a == "--bench") {
         memory_per_bucket();
+        hitters_memory();
     }
     benches();
     Criterion::default().configure_from_args().final_summary();

@@ -126,6 +126,9 @@ impl Slot {
 struct Ring {
     width: u64,
     epoch: u64,
+    /// When the current slot ends: until then, no division is needed to
+    /// find it (three of them per bucket showed in the recording bench).
+    ends: u64,
     slots: Vec<Slot>,
 }
 
@@ -135,6 +138,7 @@ impl Ring {
         Self {
             width,
             epoch: 0,
+            ends: width,
             slots: (0..=SLOTS).map(|_| Slot::new(counters)).collect(),
         }
     }
@@ -142,13 +146,14 @@ impl Ring {
     /// Moves the ring to `now`, clearing the slots that fell out of it, and
     /// returns the current slot.
     fn at(&mut self, now: u64) -> &mut Slot {
-        let epoch = now / self.width;
         let len = self.slots.len() as u64;
-        if epoch > self.epoch {
+        if now >= self.ends {
+            let epoch = now / self.width;
             for e in (self.epoch + 1..=epoch).take(len as usize) {
                 self.slots[(e % len) as usize].clear();
             }
             self.epoch = epoch;
+            self.ends = (epoch + 1).saturating_mul(self.width);
         }
         &mut self.slots[(self.epoch % len) as usize]
     }
