@@ -110,7 +110,7 @@ async fn screen(args: &TopArgs, clients: &mut Clients) -> String {
         match (top, usage) {
             (Ok(t), Ok(u)) => {
                 tops.push(t.into_inner().rules);
-                usages.push(u.into_inner().rules);
+                usages.push((addr.clone(), u.into_inner().rules));
             }
             (Err(e), _) | (_, Err(e)) => failed.push(format!("{addr}: {}", e.message())),
         }
@@ -173,16 +173,26 @@ fn merge_rule(parts: Vec<pb::RuleTop>) -> pb::RuleTop {
 
 /// Per (scope, rule): decisions and denials in the window, and the last
 /// complete second's rates, summed over replicas.
-fn merge_usage(replicas: Vec<Vec<pb::RuleUtilization>>) -> BTreeMap<(String, String), Summed> {
+fn merge_usage(
+    replicas: Vec<(String, Vec<pb::RuleUtilization>)>,
+) -> BTreeMap<(String, String), Summed> {
     let mut out: BTreeMap<(String, String), Summed> = BTreeMap::new();
-    for list in replicas {
+    let several = replicas.len() > 1;
+    for (addr, list) in replicas {
         for u in list {
             let s = out.entry((u.scope.clone(), u.rule.clone())).or_default();
             s.decisions += u.decisions;
             s.denials += u.denials;
             s.per_second += recent(&u.decisions_per_second);
             s.denied_per_second += recent(&u.denials_per_second);
-            s.hints.extend(u.hints.into_iter().map(|h| h.message));
+            // Hints are each replica's own: say whose when there are several.
+            s.hints.extend(u.hints.into_iter().map(|h| {
+                if several {
+                    format!("{addr}: {}", h.message)
+                } else {
+                    h.message
+                }
+            }));
         }
     }
     for s in out.values_mut() {
@@ -241,6 +251,7 @@ fn render(
         "\n{:<32} {:>9} {:>9} {:>8} {:>10}",
         "SCOPE/RULE", "DECIDED/s", "DENIED/s", "DENIED", "DECISIONS"
     );
+    let _ = writeln!(out, "    {:<36} {:>8}", "IDENTITY", by.to_uppercase());
     for ((scope, rule), u) in usage {
         let share = 100.0 * u.denials as f64 / u.decisions.max(1) as f64;
         let _ = writeln!(
@@ -262,7 +273,7 @@ fn render(
                 } else {
                     String::new()
                 };
-                let _ = writeln!(out, "    {:<40} {:>10}{bound}", c.identity, c.count);
+                let _ = writeln!(out, "    {:<36} {:>8}{bound}", c.identity, c.count);
             }
         }
     }
@@ -328,7 +339,14 @@ pub(crate) async fn explain(args: ExplainArgs) -> anyhow::Result<String> {
         out.push('\n');
     }
     for l in &e.limits {
-        let period = l.refill_period.as_ref().map(secs).unwrap_or_default();
+        let period = l
+            .refill_period
+            .as_ref()
+            .map(|d| {
+                let d = Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32);
+                humantime::format_duration(d).to_string()
+            })
+            .unwrap_or_default();
         let _ = write!(
             out,
             "  {:<20} per {:<18} {} per {}{}: ",
