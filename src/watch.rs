@@ -33,7 +33,8 @@ impl Drop for FileWatch {
     }
 }
 
-/// Watches `paths` (files, or directories of envoyproxy/ratelimit YAML) and
+/// Watches `paths` (the config file first, then files or directories of
+/// envoyproxy/ratelimit YAML) and
 /// sends [`Control::Reload`] to `control` once their contents have changed
 /// and stayed unchanged for `debounce`. Holds `control` weakly, so the
 /// watch never keeps a server from seeing its last sender go.
@@ -93,6 +94,13 @@ async fn debounced(
         // Wait for quiet: a save in several steps, or a ConfigMap swap,
         // is one change.
         while let Ok(Some(())) = tokio::time::timeout(debounce, woken.recv()).await {}
+        // An empty config file is a valid config with no scopes, and also
+        // what a reader sees halfway through a write that truncates first:
+        // take it as a write in progress, whose end will wake us again.
+        if paths.first().is_some_and(|p| is_empty_file(p)) {
+            tracing::warn!("config file is empty: waiting for it to be written");
+            continue;
+        }
         let now = fingerprint(&paths);
         if now == last {
             continue;
@@ -133,6 +141,10 @@ fn fingerprint(paths: &[PathBuf]) -> u64 {
         }
     }
     h.finish()
+}
+
+fn is_empty_file(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0)
 }
 
 fn hash_file(path: &Path, h: &mut DefaultHasher) {

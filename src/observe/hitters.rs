@@ -10,10 +10,11 @@
 //! error of every count is at most `N / counters`, where `N` is the
 //! decisions (or denials) in the window (see [`super::sketch`]).
 //!
-//! Memory per rule, fixed by `counters` (`m`): 3 windows × (`SLOTS` + 1)
-//! slots × 2 summaries × `m` × ([`ENTRY_BYTES`] + identity length), plus
-//! the per-second counters. With the default `m = 64` and 16-byte
-//! identities: 42 × 64 × 108 B ≈ 290 KB per rule at most.
+//! Memory per rule, bounded by `counters` (`m`): 3 windows × (`SLOTS` + 1)
+//! slots × 2 summaries, each at most `m × (ENTRY_BYTES + identity length)
+//! + 64` bytes ([`super::sketch::max_memory_bytes`]), plus the per-second
+//! counters. With the default `m = 64` and 16-byte identities: 42 × 6,464 B
+//! ≈ 265 KiB per rule at most (252,768 B measured with every summary full).
 
 use std::hash::BuildHasher as _;
 use std::sync::Arc;

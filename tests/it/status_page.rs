@@ -32,9 +32,16 @@ fn config(metrics: u16, per_user: u64) -> String {
 
 /// The body of `GET path` on the metrics port.
 async fn get(metrics: u16, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", metrics))
-        .await
-        .expect("metrics port");
+    // The server binds its metrics port as it starts: give it a moment.
+    let mut s = None;
+    for _ in 0..100 {
+        if let Ok(conn) = tokio::net::TcpStream::connect(("127.0.0.1", metrics)).await {
+            s = Some(conn);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut s = s.expect("metrics port");
     s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
         .await
         .expect("write");

@@ -24,9 +24,17 @@ fn config(capacity: u64, metrics: u16, extra: &str) -> String {
 /// `tollgate_config_reloads_total{result=...}` from the metrics port.
 async fn reloads(metrics: u16, result: &str) -> u64 {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", metrics))
-        .await
-        .expect("metrics port");
+    // The gRPC port is bound before the server starts, the metrics port
+    // only as it starts: give it a moment.
+    let mut s = None;
+    for _ in 0..100 {
+        if let Ok(conn) = tokio::net::TcpStream::connect(("127.0.0.1", metrics)).await {
+            s = Some(conn);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut s = s.expect("metrics port");
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
         .await
         .expect("write");
@@ -149,6 +157,11 @@ async fn a_bad_file_keeps_the_old_config_and_its_field_path_is_logged() {
     config_file(&dir, &config(0, metrics, ""));
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(reloads(metrics, "refused").await, 1);
+    // An empty file (a write caught halfway) is not loaded as "no scopes".
+    config_file(&dir, "");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(reloads(metrics, "accepted").await, 0);
+    assert_eq!(ask(&mut c, req("demo", "lou", "op")).await.limit, 3);
     config_file(&dir, &config(5, metrics, ""));
     assert_eq!(wait_for_limit(&mut c, "demo", "lou", 5).await, 5);
 
