@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test: installs the real parts the tests start (Redis, Envoy),
-# then the whole cargo test suite. Extra arguments go to `cargo test`.
+# then the whole cargo test suite, then the deploy checks (hadolint,
+# kubernetes-validate, helm, the dashboard against the built binary's metrics).
+# Extra arguments go to `cargo test`.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 while IFS='=' read -r k v; do export "$k=$v"; done < <(bash deploy/scripts/install-test-deps.sh)
 cargo test --all-targets "$@"
+TOLLGATE_BIN=target/debug/tollgate bash deploy/scripts/check-deploy.sh
