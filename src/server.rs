@@ -8,7 +8,6 @@
 //! configured address. The stop sequence itself lives in [`crate::shutdown`].
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
@@ -20,7 +19,7 @@ use tonic::transport::server::{Router, TcpIncoming};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::api::{EnvoyRateLimitApi, RateLimiterApi};
+use crate::api::{EnvoyRateLimitApi, HeaderSettings, RateLimiterApi};
 use crate::config::{Config, ConfigError, ConfigSource};
 use crate::limiter::{Limiter, Rules};
 use crate::observe::Observer;
@@ -121,7 +120,10 @@ pub async fn run(
         source,
         limiter: limiter.clone(),
         metrics: metrics.clone(),
-        envoy_headers: Arc::new(AtomicBool::new(config.envoy_response_headers)),
+        envoy_headers: Arc::new(HeaderSettings::new(
+            config.envoy_response_headers,
+            config.envoy_ratelimit_draft,
+        )),
     };
     let router = routes(&limiter, &metrics, &reloader.envoy_headers, health_service)?;
 
@@ -160,7 +162,7 @@ pub fn spawn(
 fn routes(
     limiter: &SharedLimiter,
     metrics: &Arc<Metrics>,
-    envoy_headers: &Arc<AtomicBool>,
+    envoy_headers: &Arc<HeaderSettings>,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
@@ -240,7 +242,7 @@ struct Reloader {
     source: Option<ConfigSource>,
     limiter: SharedLimiter,
     metrics: Arc<Metrics>,
-    envoy_headers: Arc<AtomicBool>,
+    envoy_headers: Arc<HeaderSettings>,
 }
 
 impl Reloader {
@@ -257,8 +259,10 @@ impl Reloader {
             Ok(p) => {
                 let scopes = p.rules.scopes().count();
                 self.limiter.replace_rules(p.rules);
-                self.envoy_headers
-                    .store(p.config.envoy_response_headers, Ordering::Relaxed);
+                self.envoy_headers.set(
+                    p.config.envoy_response_headers,
+                    p.config.envoy_ratelimit_draft,
+                );
                 self.metrics.reload(true);
                 tracing::info!(scopes, "config reloaded");
             }

@@ -2,8 +2,9 @@
 //! Nothing else happens here, and no other library module knows proto types.
 
 pub mod envoy;
+pub mod headers;
 pub mod tollgate;
 pub mod validate;
 
-pub use envoy::EnvoyRateLimitApi;
+pub use envoy::{EnvoyRateLimitApi, HeaderSettings};
 pub use tollgate::RateLimiterApi;

@@ -87,6 +87,7 @@ fn to_proto(d: Decision) -> pb::ShouldAllowResponse {
                 reset_after: Some(duration(b.reset_after)),
                 retry_after: b.retry_after.map(duration),
                 exhausted: b.exhausted,
+                refill_period: Some(duration(b.period)),
             })
             .collect(),
     }
@@ -136,7 +137,14 @@ impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
             .map(|(i, r)| to_domain(r, &format!("requests[{i}].")))
             .collect::<Result<Vec<_>, _>>()?;
         let started = tokio::time::Instant::now();
-        let results = self.limiter.decide_each(&domain).await;
+        let results = if batch.atomic {
+            match self.limiter.decide_together(&domain).await {
+                Ok(decisions) => decisions.into_iter().map(Ok).collect(),
+                Err(e) => vec![Err(e); domain.len()],
+            }
+        } else {
+            self.limiter.decide_each(&domain).await
+        };
         let took = started.elapsed();
         let rules = self.limiter.rules();
         for (req, result) in domain.iter().zip(&results) {

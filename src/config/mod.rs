@@ -87,10 +87,16 @@ pub struct Config {
     /// loaded; a reload reads them again.
     #[serde(skip)]
     pub envoy_domains: Vec<EnvoyDomain>,
-    /// Whether Envoy RLS answers carry `x-ratelimit-*` and `retry-after`
-    /// headers for Envoy to add to the client's response.
+    /// Whether Envoy RLS answers carry rate-limit headers (`x-ratelimit-*`,
+    /// `retry-after`, and the draft's fields below) for Envoy to add to the
+    /// client's response.
     #[serde(default)]
     pub envoy_response_headers: bool,
+    /// Which IETF `RateLimit` header draft to render beside the legacy
+    /// headers, when `envoy_response_headers` is on. A setting, because the
+    /// draft is still moving.
+    #[serde(default)]
+    pub envoy_ratelimit_draft: RateLimitDraft,
     /// The rate-limited scopes.
     #[serde(default)]
     pub scopes: Vec<ScopeConfig>,
@@ -123,6 +129,18 @@ pub struct MetricsConfig {
     /// Where to serve `GET /metrics`, such as `127.0.0.1:9464`. Absent: off.
     #[serde(default)]
     pub listen: Option<String>,
+}
+
+/// The IETF draft of the `RateLimit` and `RateLimit-Policy` header fields.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum RateLimitDraft {
+    /// Legacy `x-ratelimit-*` headers only.
+    #[serde(rename = "off")]
+    Off,
+    /// draft-ietf-httpapi-ratelimit-headers-11.
+    #[default]
+    #[serde(rename = "draft-11")]
+    Draft11,
 }
 
 /// Log line format.

@@ -261,6 +261,17 @@ async fn envoy_enforces_tollgate_limits_end_to_end() {
         "{denied:?}"
     );
     assert!(denied.header("x-ratelimit-reset").is_some(), "{denied:?}");
+    // The draft-11 fields reach the client through Envoy too, the bucket
+    // that denied first.
+    let draft = |name| denied.header(name).unwrap_or_default();
+    assert!(
+        draft("ratelimit-policy").starts_with(r#""user";q=3;w=1"#),
+        "{denied:?}"
+    );
+    assert!(
+        draft("ratelimit").starts_with(r#""user";r=0;t=1"#),
+        "{denied:?}"
+    );
     let retry: u64 = denied
         .header("retry-after")
         .and_then(|v| v.parse().ok())
