@@ -7,12 +7,15 @@
 //!   deadline on every call, the batch call, and a local [`FailureMode`]
 //!   (with a circuit breaker) for when Tollgate is unreachable, slow, or
 //!   answers `UNAVAILABLE`.
+//! - [`headers`]: every HTTP rendering of a decision, in one place
+//!   (draft-ietf-httpapi-ratelimit-headers-11, `Retry-After`, problem+json).
 //! - [`DecisionRequest`] and [`Decision`]: the question and the answer, as
 //!   plain Rust types; [`Error`]: what can go wrong instead.
 
 pub mod client;
 pub mod decision;
 pub mod error;
+pub mod headers;
 pub mod pb;
 
 pub use client::{Client, ClientBuilder, FailureMode};
