@@ -7,6 +7,7 @@
 #![allow(unreachable_pub)]
 
 mod client;
+mod latency;
 mod mcp;
 mod proxy;
 mod support;
