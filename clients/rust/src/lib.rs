@@ -37,3 +37,7 @@ pub use client::{Client, ClientBuilder, FailureMode};
 pub use decision::{BucketStatus, Decision, DecisionRequest, FailureCause};
 pub use error::Error;
 
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
