@@ -164,7 +164,9 @@ func TestTheClientRecoversWhenTollgateComesBack(t *testing.T) {
 	if d := decide(t, c, tollgate.Request{Scope: "demo", Identity: "alice"}); !d.Degraded {
 		t.Fatalf("with Tollgate stopped: %+v", d)
 	}
-	srv.Restart()
+	if err := srv.Restart(); err != nil {
+		t.Fatal(err)
+	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		d := decide(t, c, tollgate.Request{Scope: "demo", Identity: "alice"})

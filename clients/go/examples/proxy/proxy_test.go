@@ -299,7 +299,9 @@ func TestFailClosedAnswers503WhenTollgateIsStopped(t *testing.T) {
 	if n := len(up.received()); n != 1 {
 		t.Fatalf("the upstream saw %d requests, want 1", n)
 	}
-	srv.Restart()
+	if err := srv.Restart(); err != nil {
+		t.Fatal(err)
+	}
 	deadline := time.Now().Add(5 * time.Second)
 	for send(t, "GET", proxy+"/", "alice", "").status != 200 {
 		if time.Now().After(deadline) {

@@ -48,7 +48,6 @@ type Server struct {
 	// Addr is the host:port it serves gRPC on.
 	Addr string
 
-	t      testing.TB
 	bin    string
 	config string // path of the YAML file
 	mu     sync.Mutex
@@ -59,31 +58,38 @@ type Server struct {
 
 // Start serves scopesYAML (the `scopes:` list and any other top-level keys,
 // without `listen`) on a free port, and stops the process when the test
-// ends. It retries with another port if the one it picked was taken in the
-// meantime.
+// ends.
 func Start(t testing.TB, scopesYAML string) *Server {
 	t.Helper()
-	s := &Server{t: t, bin: Bin(t)}
-	dir := t.TempDir()
-	s.config = filepath.Join(dir, "tollgate.yaml")
+	s, err := Launch(Bin(t), t.TempDir(), scopesYAML)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Stop)
+	return s
+}
+
+// Launch is Start outside a test: it writes the config into dir, and the
+// caller stops the server. It retries with another port if the one it
+// picked was taken in the meantime.
+func Launch(bin, dir, scopesYAML string) (*Server, error) {
+	s := &Server{bin: bin, config: filepath.Join(dir, "tollgate.yaml")}
 	var lastErr error
 	for attempt := 0; attempt < 5; attempt++ {
 		addr, err := FreeAddr()
 		if err != nil {
-			t.Fatalf("finding a free port: %v", err)
+			return nil, fmt.Errorf("finding a free port: %w", err)
 		}
 		yaml := fmt.Sprintf("listen: %s\nlog:\n  level: warn\n%s", addr, scopesYAML)
 		if err := os.WriteFile(s.config, []byte(yaml), 0o600); err != nil {
-			t.Fatal(err)
+			return nil, err
 		}
 		s.Addr = addr
 		if lastErr = s.start(); lastErr == nil {
-			t.Cleanup(s.Stop)
-			return s
+			return s, nil
 		}
 	}
-	t.Fatalf("tollgate did not start: %v", lastErr)
-	return nil
+	return nil, fmt.Errorf("tollgate did not start: %w", lastErr)
 }
 
 // FreeAddr finds a free 127.0.0.1 port by binding :0 and closing it. The port
@@ -183,18 +189,17 @@ func (s *Server) Stop() {
 }
 
 // Restart starts the process again on the same port and config.
-func (s *Server) Restart() {
-	s.t.Helper()
+func (s *Server) Restart() error {
 	s.Stop()
 	var err error
 	// The old socket can linger for a moment after the kill.
 	for attempt := 0; attempt < 20; attempt++ {
 		if err = s.start(); err == nil {
-			return
+			return nil
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	s.t.Fatalf("restarting tollgate on %s: %v", s.Addr, err)
+	return fmt.Errorf("restarting tollgate on %s: %w", s.Addr, err)
 }
 
 // Log returns what the process printed so far, for failure messages.
