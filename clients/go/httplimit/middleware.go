@@ -64,6 +64,9 @@ type Config struct {
 	// charged under its own operation, a batch is refused whole if any of
 	// it is denied, and the body is handed on byte for byte.
 	MCP bool
+	// MCPPath, if set, limits MCP-aware extraction to POSTs to this exact
+	// path (the MCP endpoint); other requests are decided as plain ones.
+	MCPPath string
 	// MaxBodyBytes caps the body read with MCP on; 0 means
 	// DefaultMaxBodyBytes.
 	MaxBodyBytes int64
@@ -105,7 +108,7 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 
 	rpc := rpcBody{}
-	if h.cfg.MCP && r.Method == http.MethodPost {
+	if h.cfg.MCP && r.Method == http.MethodPost && (h.cfg.MCPPath == "" || r.URL.Path == h.cfg.MCPPath) {
 		body, status, err := readBody(r, h.cfg.MaxBodyBytes)
 		if err != nil {
 			writePlainProblem(w, status, http.StatusText(status), err.Error())

@@ -171,6 +171,38 @@ func TestMCPModeDecidesOtherMethodsAsPlainRequests(t *testing.T) {
 	}
 }
 
+func TestMCPPathLimitsJSONRPCReadingToTheMCPEndpoint(t *testing.T) {
+	tg := tollgatetest.Start(t, `
+scopes:
+  - name: demo
+    limits:
+      - name: calls
+        per: identity
+        capacity: 2
+        refill_period: 10s
+`)
+	srv, _ := serve(t, tg.Addr, httplimit.Config{
+		Scope:    httplimit.Static("demo"),
+		Identity: httplimit.Header("X-User"),
+		MCP:      true,
+		MCPPath:  "/mcp",
+	})
+	batch := `[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":2,"method":"ping"}]`
+	post := func(path string) *http.Response {
+		req, _ := http.NewRequest("POST", srv.URL+path, strings.NewReader(batch))
+		req.Header.Set("X-User", "alice")
+		return do(t, http.DefaultClient, req)
+	}
+	// Elsewhere, the batch is one plain request: one token of two.
+	if resp := post("/other"); resp.StatusCode != 204 || resp.Header.Get("RateLimit") != `"calls";r=1;t=5` {
+		t.Fatalf("POST /other: %d %q", resp.StatusCode, resp.Header.Get("RateLimit"))
+	}
+	// On the MCP endpoint, two calls need two tokens and one is left.
+	if resp := post("/mcp"); resp.StatusCode != 429 || resp.Header.Get("Content-Type") != "application/json" {
+		t.Fatalf("POST /mcp: %d %q", resp.StatusCode, resp.Header.Get("Content-Type"))
+	}
+}
+
 func TestTheMTLSPeerIsTheIdentity(t *testing.T) {
 	tg := tollgatetest.Start(t, oneEach)
 	c, err := tollgate.Dial(tg.Addr)

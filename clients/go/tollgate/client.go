@@ -51,10 +51,11 @@ func ParseFailureMode(s string) (FailureMode, error) {
 
 // Defaults, named so the README and the code agree.
 const (
-	// DefaultTimeout bounds every call. Tollgate answers from memory in well
-	// under a millisecond and from Redis in a few; 100ms leaves room for a
-	// busy network without letting a stuck Tollgate stall the caller.
-	DefaultTimeout = 100 * time.Millisecond
+	// DefaultDeadline bounds every call. Tollgate answers from memory in
+	// well under a millisecond and from Redis in a few; 50ms leaves room for
+	// a busy network without letting a stuck Tollgate stall the caller. The
+	// Rust client has the same default.
+	DefaultDeadline = 50 * time.Millisecond
 	// DefaultBreakerFailures is how many calls in a row must fail before the
 	// client stops calling for DefaultBreakerCooldown.
 	DefaultBreakerFailures = 3
@@ -70,17 +71,17 @@ const (
 type Option func(*config)
 
 type config struct {
-	timeout         time.Duration
+	deadline        time.Duration
 	failureMode     FailureMode
 	breakerFailures int
 	breakerCooldown time.Duration
 	dialOptions     []grpc.DialOption
 }
 
-// WithTimeout sets the deadline of every call (DefaultTimeout if unset). A
-// shorter deadline already on the caller's context wins.
-func WithTimeout(d time.Duration) Option {
-	return func(c *config) { c.timeout = d }
+// WithDeadline sets how long each call may take (DefaultDeadline if
+// unset). A shorter deadline already on the caller's context wins.
+func WithDeadline(d time.Duration) Option {
+	return func(c *config) { c.deadline = d }
 }
 
 // WithFailureMode sets what the client answers when Tollgate cannot.
@@ -110,12 +111,12 @@ func WithDialOptions(opts ...grpc.DialOption) Option {
 // which grpc-go multiplexes and reconnects. It is safe for concurrent use;
 // make one per process and share it.
 type Client struct {
-	rpc     tollgatev1.RateLimiterClient
-	conn    *grpc.ClientConn // nil when the caller owns the connection
-	timeout time.Duration
-	failure FailureMode
-	breaker *breaker
-	now     func() time.Time
+	rpc      tollgatev1.RateLimiterClient
+	conn     *grpc.ClientConn // nil when the caller owns the connection
+	deadline time.Duration
+	failure  FailureMode
+	breaker  *breaker
+	now      func() time.Time
 }
 
 // Dial makes a client for the Tollgate at target (host:port, or any grpc-go
@@ -155,7 +156,7 @@ func NewClient(conn grpc.ClientConnInterface, opts ...Option) *Client {
 
 func newConfig(opts []Option) config {
 	cfg := config{
-		timeout:         DefaultTimeout,
+		deadline:        DefaultDeadline,
 		failureMode:     FailOpen,
 		breakerFailures: DefaultBreakerFailures,
 		breakerCooldown: DefaultBreakerCooldown,
@@ -168,10 +169,10 @@ func newConfig(opts []Option) config {
 
 func newClient(conn grpc.ClientConnInterface, cfg config) *Client {
 	c := &Client{
-		rpc:     tollgatev1.NewRateLimiterClient(conn),
-		timeout: cfg.timeout,
-		failure: cfg.failureMode,
-		now:     time.Now,
+		rpc:      tollgatev1.NewRateLimiterClient(conn),
+		deadline: cfg.deadline,
+		failure:  cfg.failureMode,
+		now:      time.Now,
 	}
 	if cfg.breakerFailures > 0 {
 		c.breaker = &breaker{threshold: cfg.breakerFailures, cooldown: cfg.breakerCooldown}
@@ -256,7 +257,7 @@ func (c *Client) call(ctx context.Context, rpc func(context.Context) error) erro
 			return &UnavailableError{Cause: err}
 		}
 	}
-	callCtx, cancel := context.WithTimeout(ctx, c.timeout)
+	callCtx, cancel := context.WithTimeout(ctx, c.deadline)
 	err := rpc(callCtx)
 	cancel()
 	if err == nil {

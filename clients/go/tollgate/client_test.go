@@ -133,7 +133,7 @@ func TestFailOpenAllowsAndSaysWhyWhenTollgateIsStopped(t *testing.T) {
 		if err != nil || !d.Allowed || !d.Degraded || d.Unreachable == nil {
 			t.Fatalf("call %d: want an allowed, degraded decision with a cause, got %+v, %v", i, d, err)
 		}
-		if took := time.Since(start); took > tollgate.DefaultTimeout+50*time.Millisecond {
+		if took := time.Since(start); took > tollgate.DefaultDeadline+50*time.Millisecond {
 			t.Fatalf("call %d took %s, more than the deadline", i, took)
 		}
 	}
@@ -201,7 +201,7 @@ func TestAHungTollgateCostsAFewDeadlinesThenNothing(t *testing.T) {
 		}
 	}()
 	const deadline = 50 * time.Millisecond
-	c := dial(t, l.Addr().String(), tollgate.WithTimeout(deadline), tollgate.WithCircuitBreaker(3, time.Minute))
+	c := dial(t, l.Addr().String(), tollgate.WithDeadline(deadline), tollgate.WithCircuitBreaker(3, time.Minute))
 	for i := 0; i < 3; i++ {
 		start := time.Now()
 		d := decide(t, c, tollgate.Request{Scope: "demo"})

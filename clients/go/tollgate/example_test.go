@@ -11,7 +11,7 @@ import (
 
 func Example() {
 	client, err := tollgate.Dial("127.0.0.1:50051",
-		tollgate.WithTimeout(50*time.Millisecond),     // the deadline of every call
+		tollgate.WithDeadline(50*time.Millisecond),    // the deadline of every call
 		tollgate.WithFailureMode(tollgate.FailClosed), // or FailOpen, the default
 	)
 	if err != nil {

@@ -47,9 +47,10 @@ type options struct {
 	identityHeader string
 	operation      string
 	mcp            bool
+	mcpPath        string
 	maxBodyBytes   int64
 	failureMode    string
-	timeout        time.Duration
+	deadline       time.Duration
 	legacyHeaders  bool
 }
 
@@ -62,11 +63,12 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.tollgate, "tollgate", "127.0.0.1:50051", "Tollgate's gRPC `HOST:PORT`")
 	fs.StringVar(&o.scope, "scope", "", "the Tollgate scope whose rules apply (required)")
 	fs.StringVar(&o.identityHeader, "identity-header", "", "header naming the caller; empty: the client's IP")
-	fs.StringVar(&o.operation, "operation", "method-path", "operation of a plain request: method-path (\"GET /x\"), path, or none")
+	fs.StringVar(&o.operation, "operation", "path", "operation of a plain request: path, method-path (\"GET /x\"), or none")
 	fs.BoolVar(&o.mcp, "mcp", false, "MCP-aware: charge each JSON-RPC call in a POST body under its method (tools/call:<name>, ...)")
+	fs.StringVar(&o.mcpPath, "mcp-path", "", "with -mcp, only POSTs to this path are read as JSON-RPC; empty: every POST")
 	fs.Int64Var(&o.maxBodyBytes, "max-body-bytes", httplimit.DefaultMaxBodyBytes, "with -mcp, the largest body read; bigger ones get a 413")
 	fs.StringVar(&o.failureMode, "failure-mode", "open", "when Tollgate cannot answer: open (pass requests on) or closed (503)")
-	fs.DurationVar(&o.timeout, "timeout", tollgate.DefaultTimeout, "deadline of each call to Tollgate")
+	fs.DurationVar(&o.deadline, "deadline", tollgate.DefaultDeadline, "how long to wait for Tollgate's answer, such as 50ms")
 	fs.BoolVar(&o.legacyHeaders, "legacy-headers", false, "also send X-RateLimit-Limit, -Remaining and -Reset")
 	if err := fs.Parse(args); err != nil {
 		return o, err
@@ -109,7 +111,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		identity = httplimit.Header(o.identityHeader)
 	}
 
-	client, err := tollgate.Dial(o.tollgate, tollgate.WithTimeout(o.timeout), tollgate.WithFailureMode(mode))
+	client, err := tollgate.Dial(o.tollgate, tollgate.WithDeadline(o.deadline), tollgate.WithFailureMode(mode))
 	if err != nil {
 		return err
 	}
@@ -123,6 +125,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		Operation:     operation,
 		LegacyHeaders: o.legacyHeaders,
 		MCP:           o.mcp,
+		MCPPath:       o.mcpPath,
 		MaxBodyBytes:  o.maxBodyBytes,
 		OnError:       func(r *http.Request, err error) { errorLog.printf("%s %s: %v", r.Method, r.URL.Path, err) },
 	})

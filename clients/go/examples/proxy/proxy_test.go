@@ -285,7 +285,7 @@ func TestFailOpenPassesRequestsWhenTollgateIsStopped(t *testing.T) {
 func TestFailClosedAnswers503WhenTollgateIsStopped(t *testing.T) {
 	srv := tollgatetest.Start(t, twoRules)
 	up := startUpstream(t)
-	proxy := startProxy(t, srv.Addr, up.URL, "-scope", "demo", "-failure-mode", "closed")
+	proxy := startProxy(t, srv.Addr, up.URL, "-scope", "demo", "-failure-mode", "closed", "-deadline", "20ms")
 	if r := send(t, "GET", proxy+"/", "alice", ""); r.status != 200 {
 		t.Fatalf("with Tollgate up: %d", r.status)
 	}
@@ -343,7 +343,7 @@ type rpcError struct {
 func TestMCPChargesEachCallAndRefusesABatchWhole(t *testing.T) {
 	srv := tollgatetest.Start(t, mcpRules)
 	up := startUpstream(t)
-	proxy := startProxy(t, srv.Addr, up.URL, "-scope", "mcp", "-mcp")
+	proxy := startProxy(t, srv.Addr, up.URL, "-scope", "mcp", "-mcp", "-mcp-path", "/mcp")
 	post := func(body string) response { return send(t, "POST", proxy+"/mcp", "alice", body) }
 
 	// Odd spacing and key order: the upstream must get these bytes as sent.
