@@ -111,12 +111,15 @@ func WithDialOptions(opts ...grpc.DialOption) Option {
 // which grpc-go multiplexes and reconnects. It is safe for concurrent use;
 // make one per process and share it.
 type Client struct {
-	rpc      tollgatev1.RateLimiterClient
-	conn     *grpc.ClientConn // nil when the caller owns the connection
+	rpc tollgatev1.RateLimiterClient
+	// conn is closed by Close; nil when the caller owns the connection.
+	conn *grpc.ClientConn
+	// deadline bounds every call, so a slow Tollgate costs at most this.
 	deadline time.Duration
-	failure  FailureMode
-	breaker  *breaker
-	now      func() time.Time
+	// failure decides what an unanswered call returns.
+	failure FailureMode
+	// breaker skips calls while Tollgate keeps failing; nil when off.
+	breaker *breaker
 }
 
 // Dial makes a client for the Tollgate at target (host:port, or any grpc-go
@@ -172,7 +175,6 @@ func newClient(conn grpc.ClientConnInterface, cfg config) *Client {
 		rpc:      tollgatev1.NewRateLimiterClient(conn),
 		deadline: cfg.deadline,
 		failure:  cfg.failureMode,
-		now:      time.Now,
 	}
 	if cfg.breakerFailures > 0 {
 		c.breaker = &breaker{threshold: cfg.breakerFailures, cooldown: cfg.breakerCooldown}
@@ -253,7 +255,7 @@ func (c *Client) call(ctx context.Context, rpc func(context.Context) error) erro
 		return err
 	}
 	if c.breaker != nil {
-		if err := c.breaker.allow(c.now()); err != nil {
+		if err := c.breaker.allow(time.Now()); err != nil {
 			return &UnavailableError{Cause: err}
 		}
 	}
@@ -274,7 +276,7 @@ func (c *Client) call(ctx context.Context, rpc func(context.Context) error) erro
 	classified := classify(err)
 	var unavailable *UnavailableError
 	if c.breaker != nil && errors.As(classified, &unavailable) {
-		c.breaker.failure(c.now(), err)
+		c.breaker.failure(time.Now(), err)
 	} else if c.breaker != nil {
 		// Tollgate answered, if only to refuse: it is up.
 		c.breaker.success()
