@@ -11,6 +11,11 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 
+if ! command -v go >/dev/null; then
+  echo "test-go.sh: no go command; the Go client needs Go 1.26 or later" >&2
+  exit 2
+fi
+
 bin=${1:-${TOLLGATE_BIN:-$root/target/debug/tollgate}}
 if [[ ! -x "$bin" ]]; then
   echo "test-go.sh: no tollgate binary at '$bin'; build it (cargo build) or pass its path" >&2
