@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"errors"
+	"fmt"
 	"io"
 	"math/big"
 	"net/http"
@@ -151,6 +152,19 @@ func TestMCPPassesAChunkedBodyOnWhole(t *testing.T) {
 	defer rec.mu.Unlock()
 	if len(rec.bodies) != 1 || rec.bodies[0] != body {
 		t.Fatalf("upstream got %q", rec.bodies)
+	}
+}
+
+func TestAnMCPBatchOfMoreOperationsThanABatchMayCarryIs400(t *testing.T) {
+	tg := tollgatetest.Start(t, oneEach)
+	srv, rec := serve(t, tg.Addr, httplimit.Config{Scope: httplimit.Static("demo"), MCP: true})
+	calls := make([]string, tollgate.MaxBatch+1)
+	for i := range calls {
+		calls[i] = fmt.Sprintf(`{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"t%d"}}`, i, i)
+	}
+	req, _ := http.NewRequest("POST", srv.URL, strings.NewReader("["+strings.Join(calls, ",")+"]"))
+	if resp := do(t, http.DefaultClient, req); resp.StatusCode != 400 || rec.count() != 0 {
+		t.Fatalf("got %d, upstream saw %d", resp.StatusCode, rec.count())
 	}
 }
 
