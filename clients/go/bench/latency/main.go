@@ -3,7 +3,7 @@
 // client or the middleware, against the real tollgate binary, all on
 // 127.0.0.1.
 //
-//	TOLLGATE_BIN=/path/to/tollgate go run ./bench/latency [-n 20000] [-json out.json]
+//	TOLLGATE_BIN=/path/to/tollgate go run ./bench/latency [-n 20000] [-json bench/latency/results.json]
 //
 // Pairs measured (each row's "added" is its percentile minus its
 // baseline's):
@@ -15,8 +15,8 @@
 //	mcp direct         POST of a JSON-RPC tools/call to the same handler
 //	mcp middleware     the same through httplimit with MCP on (read, parse, Decide)
 //
-// The scenarios run interleaved in rounds, so a noisy neighbour slows all
-// of them alike rather than one.
+// The scenarios run interleaved in short rounds (20 calls each by
+// default), so a noisy neighbour slows all of them alike rather than one.
 package main
 
 import (
@@ -87,7 +87,7 @@ func main() {
 func run() error {
 	n := flag.Int("n", 20000, "measured calls per scenario")
 	warmup := flag.Int("warmup", 1000, "unmeasured calls per scenario first")
-	rounds := flag.Int("rounds", 20, "interleaved rounds the calls are split into")
+	rounds := flag.Int("rounds", 1000, "interleaved rounds the calls are split into")
 	jsonOut := flag.String("json", "", "also write the results as JSON to this `file`")
 	bin := flag.String("tollgate-bin", os.Getenv(tollgatetest.BinEnv), "the tollgate binary (default $TOLLGATE_BIN)")
 	flag.Parse()
