@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test: installs the real parts the tests start (Redis, Envoy),
-# then the whole cargo test suite, then the deploy checks (hadolint,
-# kubernetes-validate, helm, the dashboard against the built binary's metrics).
+# then the whole cargo test suite (the server, the Rust client and its example
+# proxy), then the deploy checks (hadolint, kubernetes-validate, helm, the
+# dashboard against the built binary's metrics), then the Go client's tests
+# against the same binary.
 # Extra arguments go to `cargo test`.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -9,3 +11,4 @@ cd "$root"
 while IFS='=' read -r k v; do export "$k=$v"; done < <(bash deploy/scripts/install-test-deps.sh)
 cargo test --all-targets "$@"
 TOLLGATE_BIN=target/debug/tollgate bash deploy/scripts/check-deploy.sh
+bash deploy/scripts/test-go.sh target/debug/tollgate

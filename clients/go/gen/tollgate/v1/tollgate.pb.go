@@ -141,7 +141,11 @@ type BucketStatus struct {
 	// than its capacity and so can never be had.
 	RetryAfter *durationpb.Duration `protobuf:"bytes,5,opt,name=retry_after,json=retryAfter,proto3" json:"retry_after,omitempty"`
 	// True when this bucket does not hold `cost` tokens now.
-	Exhausted     bool `protobuf:"varint,6,opt,name=exhausted,proto3" json:"exhausted,omitempty"`
+	Exhausted bool `protobuf:"varint,6,opt,name=exhausted,proto3" json:"exhausted,omitempty"`
+	// The time in which an empty bucket refills completely: with `limit`, the
+	// bucket's rate (`limit` per `refill_period`), such as the window `w` of a
+	// `RateLimit-Policy` header.
+	RefillPeriod  *durationpb.Duration `protobuf:"bytes,7,opt,name=refill_period,json=refillPeriod,proto3" json:"refill_period,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -216,6 +220,13 @@ func (x *BucketStatus) GetExhausted() bool {
 		return x.Exhausted
 	}
 	return false
+}
+
+func (x *BucketStatus) GetRefillPeriod() *durationpb.Duration {
+	if x != nil {
+		return x.RefillPeriod
+	}
+	return nil
 }
 
 // The answer.
@@ -348,7 +359,14 @@ func (x *ShouldAllowResponse) GetReason() string {
 type ShouldAllowBatchRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// At most 256 requests.
-	Requests      []*ShouldAllowRequest `protobuf:"bytes,1,rep,name=requests,proto3" json:"requests,omitempty"`
+	Requests []*ShouldAllowRequest `protobuf:"bytes,1,rep,name=requests,proto3" json:"requests,omitempty"`
+	// Decide the requests together, as one atomic charge: every one is
+	// allowed, or none is and none takes anything (a JSON-RPC batch in front
+	// of an MCP server, say). A bucket that several requests draw on must hold
+	// their summed cost. When denied, every response is denied; those whose
+	// own buckets denied carry `retry_after`, and the batch may pass once the
+	// largest of them has gone by. Requests are dry runs only if all are.
+	Atomic        bool `protobuf:"varint,2,opt,name=atomic,proto3" json:"atomic,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -388,6 +406,13 @@ func (x *ShouldAllowBatchRequest) GetRequests() []*ShouldAllowRequest {
 		return x.Requests
 	}
 	return nil
+}
+
+func (x *ShouldAllowBatchRequest) GetAtomic() bool {
+	if x != nil {
+		return x.Atomic
+	}
+	return false
 }
 
 type ShouldAllowBatchResponse struct {
@@ -451,7 +476,7 @@ const file_tollgate_v1_tollgate_proto_rawDesc = "" +
 	"attributes\x1a=\n" +
 	"\x0fAttributesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xec\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xac\x02\n" +
 	"\fBucketStatus\x12\x12\n" +
 	"\x04rule\x18\x01 \x01(\tR\x04rule\x12\x14\n" +
 	"\x05limit\x18\x02 \x01(\x04R\x05limit\x12\x1c\n" +
@@ -460,7 +485,8 @@ const file_tollgate_v1_tollgate_proto_rawDesc = "" +
 	"resetAfter\x12:\n" +
 	"\vretry_after\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\n" +
 	"retryAfter\x12\x1c\n" +
-	"\texhausted\x18\x06 \x01(\bR\texhausted\"\xd8\x02\n" +
+	"\texhausted\x18\x06 \x01(\bR\texhausted\x12>\n" +
+	"\rrefill_period\x18\a \x01(\v2\x19.google.protobuf.DurationR\frefillPeriod\"\xd8\x02\n" +
 	"\x13ShouldAllowResponse\x12\x18\n" +
 	"\aallowed\x18\x01 \x01(\bR\aallowed\x12:\n" +
 	"\vretry_after\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\n" +
@@ -472,9 +498,10 @@ const file_tollgate_v1_tollgate_proto_rawDesc = "" +
 	"\x04rule\x18\x06 \x01(\tR\x04rule\x123\n" +
 	"\abuckets\x18\a \x03(\v2\x19.tollgate.v1.BucketStatusR\abuckets\x12\x1a\n" +
 	"\bdegraded\x18\b \x01(\bR\bdegraded\x12\x16\n" +
-	"\x06reason\x18\t \x01(\tR\x06reason\"V\n" +
+	"\x06reason\x18\t \x01(\tR\x06reason\"n\n" +
 	"\x17ShouldAllowBatchRequest\x12;\n" +
-	"\brequests\x18\x01 \x03(\v2\x1f.tollgate.v1.ShouldAllowRequestR\brequests\"Z\n" +
+	"\brequests\x18\x01 \x03(\v2\x1f.tollgate.v1.ShouldAllowRequestR\brequests\x12\x16\n" +
+	"\x06atomic\x18\x02 \x01(\bR\x06atomic\"Z\n" +
 	"\x18ShouldAllowBatchResponse\x12>\n" +
 	"\tresponses\x18\x01 \x03(\v2 .tollgate.v1.ShouldAllowResponseR\tresponses2\xc0\x01\n" +
 	"\vRateLimiter\x12P\n" +
@@ -508,20 +535,21 @@ var file_tollgate_v1_tollgate_proto_depIdxs = []int32{
 	5,  // 0: tollgate.v1.ShouldAllowRequest.attributes:type_name -> tollgate.v1.ShouldAllowRequest.AttributesEntry
 	6,  // 1: tollgate.v1.BucketStatus.reset_after:type_name -> google.protobuf.Duration
 	6,  // 2: tollgate.v1.BucketStatus.retry_after:type_name -> google.protobuf.Duration
-	6,  // 3: tollgate.v1.ShouldAllowResponse.retry_after:type_name -> google.protobuf.Duration
-	6,  // 4: tollgate.v1.ShouldAllowResponse.reset_after:type_name -> google.protobuf.Duration
-	1,  // 5: tollgate.v1.ShouldAllowResponse.buckets:type_name -> tollgate.v1.BucketStatus
-	0,  // 6: tollgate.v1.ShouldAllowBatchRequest.requests:type_name -> tollgate.v1.ShouldAllowRequest
-	2,  // 7: tollgate.v1.ShouldAllowBatchResponse.responses:type_name -> tollgate.v1.ShouldAllowResponse
-	0,  // 8: tollgate.v1.RateLimiter.ShouldAllow:input_type -> tollgate.v1.ShouldAllowRequest
-	3,  // 9: tollgate.v1.RateLimiter.ShouldAllowBatch:input_type -> tollgate.v1.ShouldAllowBatchRequest
-	2,  // 10: tollgate.v1.RateLimiter.ShouldAllow:output_type -> tollgate.v1.ShouldAllowResponse
-	4,  // 11: tollgate.v1.RateLimiter.ShouldAllowBatch:output_type -> tollgate.v1.ShouldAllowBatchResponse
-	10, // [10:12] is the sub-list for method output_type
-	8,  // [8:10] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	6,  // 3: tollgate.v1.BucketStatus.refill_period:type_name -> google.protobuf.Duration
+	6,  // 4: tollgate.v1.ShouldAllowResponse.retry_after:type_name -> google.protobuf.Duration
+	6,  // 5: tollgate.v1.ShouldAllowResponse.reset_after:type_name -> google.protobuf.Duration
+	1,  // 6: tollgate.v1.ShouldAllowResponse.buckets:type_name -> tollgate.v1.BucketStatus
+	0,  // 7: tollgate.v1.ShouldAllowBatchRequest.requests:type_name -> tollgate.v1.ShouldAllowRequest
+	2,  // 8: tollgate.v1.ShouldAllowBatchResponse.responses:type_name -> tollgate.v1.ShouldAllowResponse
+	0,  // 9: tollgate.v1.RateLimiter.ShouldAllow:input_type -> tollgate.v1.ShouldAllowRequest
+	3,  // 10: tollgate.v1.RateLimiter.ShouldAllowBatch:input_type -> tollgate.v1.ShouldAllowBatchRequest
+	2,  // 11: tollgate.v1.RateLimiter.ShouldAllow:output_type -> tollgate.v1.ShouldAllowResponse
+	4,  // 12: tollgate.v1.RateLimiter.ShouldAllowBatch:output_type -> tollgate.v1.ShouldAllowBatchResponse
+	11, // [11:13] is the sub-list for method output_type
+	9,  // [9:11] is the sub-list for method input_type
+	9,  // [9:9] is the sub-list for extension type_name
+	9,  // [9:9] is the sub-list for extension extendee
+	0,  // [0:9] is the sub-list for field type_name
 }
 
 func init() { file_tollgate_v1_tollgate_proto_init() }

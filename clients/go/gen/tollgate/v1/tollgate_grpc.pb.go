@@ -38,11 +38,12 @@ const (
 type RateLimiterClient interface {
 	// Decide one request.
 	ShouldAllow(ctx context.Context, in *ShouldAllowRequest, opts ...grpc.CallOption) (*ShouldAllowResponse, error)
-	// Decide several independent requests in one call, for proxies that check
-	// several keys. Each entry is decided on its own, exactly as ShouldAllow
-	// would decide it, and the responses come back in request order. Invalid
-	// entries fail the whole call with INVALID_ARGUMENT naming
-	// `requests[i].field`, before any entry takes tokens.
+	// Decide several requests in one call, for proxies that check several
+	// keys. By default each entry is decided on its own, exactly as ShouldAllow
+	// would decide it; with `atomic`, all of them are decided together, all or
+	// nothing. The responses come back in request order. Invalid entries fail
+	// the whole call with INVALID_ARGUMENT naming `requests[i].field`, before
+	// any entry takes tokens.
 	ShouldAllowBatch(ctx context.Context, in *ShouldAllowBatchRequest, opts ...grpc.CallOption) (*ShouldAllowBatchResponse, error)
 }
 
@@ -86,11 +87,12 @@ func (c *rateLimiterClient) ShouldAllowBatch(ctx context.Context, in *ShouldAllo
 type RateLimiterServer interface {
 	// Decide one request.
 	ShouldAllow(context.Context, *ShouldAllowRequest) (*ShouldAllowResponse, error)
-	// Decide several independent requests in one call, for proxies that check
-	// several keys. Each entry is decided on its own, exactly as ShouldAllow
-	// would decide it, and the responses come back in request order. Invalid
-	// entries fail the whole call with INVALID_ARGUMENT naming
-	// `requests[i].field`, before any entry takes tokens.
+	// Decide several requests in one call, for proxies that check several
+	// keys. By default each entry is decided on its own, exactly as ShouldAllow
+	// would decide it; with `atomic`, all of them are decided together, all or
+	// nothing. The responses come back in request order. Invalid entries fail
+	// the whole call with INVALID_ARGUMENT naming `requests[i].field`, before
+	// any entry takes tokens.
 	ShouldAllowBatch(context.Context, *ShouldAllowBatchRequest) (*ShouldAllowBatchResponse, error)
 	mustEmbedUnimplementedRateLimiterServer()
 }
