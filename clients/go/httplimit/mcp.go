@@ -162,8 +162,10 @@ func truncate(s string) string {
 
 // group turns the calls of one body into Tollgate requests: one per
 // distinct operation, in order of first appearance, with cost = the number
-// of calls × the unit cost. A batch's calls of one operation are then
-// charged all-or-nothing, and the answer comes in one round trip.
+// of calls × the unit cost. The requests go in one atomic ShouldAllowBatch,
+// which sums the cost of every bucket they share, so grouping changes no
+// decision; it keeps a batch of many calls to few operations within
+// MaxBatch entries, and the denial's RateLimit field to one item per rule.
 func group(calls []rpcCall, base tollgate.Request) []tollgate.Request {
 	unit := base.Cost
 	if unit == 0 {

@@ -35,10 +35,12 @@ import (
 // would hurt a proxy that holds one body per request in memory.
 const DefaultMaxBodyBytes = 1 << 20
 
-// Decider is what the middleware asks; *tollgate.Client is one.
+// Decider is what the middleware asks; *tollgate.Client is one. An MCP
+// batch of several operations goes to DecideBatchAtomic, so it is charged
+// all or nothing.
 type Decider interface {
 	Decide(ctx context.Context, req tollgate.Request) (tollgate.Decision, error)
-	DecideBatch(ctx context.Context, reqs []tollgate.Request) ([]tollgate.Decision, error)
+	DecideBatchAtomic(ctx context.Context, reqs []tollgate.Request) ([]tollgate.Decision, error)
 }
 
 // Config says how to turn a request into a question to Tollgate.
@@ -61,8 +63,9 @@ type Config struct {
 
 	// MCP turns on MCP-aware extraction for POST requests: the body is read
 	// (at most MaxBodyBytes; more is a 413), each JSON-RPC call in it is
-	// charged under its own operation, a batch is refused whole if any of
-	// it is denied, and the body is handed on byte for byte.
+	// charged under its own operation, a batch is decided all or nothing
+	// (refused whole, and charged nothing, if any of it is denied), and the
+	// body is handed on byte for byte.
 	MCP bool
 	// MCPPath, if set, limits MCP-aware extraction to POSTs to this exact
 	// path (the MCP endpoint); other requests are decided as plain ones.
@@ -130,7 +133,9 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			d, err = h.decider.Decide(r.Context(), reqs[0])
 			ds = []tollgate.Decision{d}
 		} else {
-			ds, err = h.decider.DecideBatch(r.Context(), reqs)
+			// Atomic: a refused batch takes nothing, not even from the
+			// operations that had room.
+			ds, err = h.decider.DecideBatchAtomic(r.Context(), reqs)
 		}
 	} else {
 		var d tollgate.Decision

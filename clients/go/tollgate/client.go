@@ -213,12 +213,31 @@ func (c *Client) Decide(ctx context.Context, req Request) (Decision, error) {
 // and one store round trip. Each is decided on its own, in order, exactly as
 // Decide would decide it; the decisions come back in request order. It is
 // not all-or-nothing: an allowed entry keeps its tokens when another entry
-// is denied. On failure the failure mode applies to every entry alike.
+// is denied (for that, see [Client.DecideBatchAtomic]). On failure the
+// failure mode applies to every entry alike.
 func (c *Client) DecideBatch(ctx context.Context, reqs []Request) ([]Decision, error) {
+	return c.decideBatch(ctx, reqs, false)
+}
+
+// DecideBatchAtomic asks about up to [MaxBatch] requests as one atomic
+// charge: every one is allowed, or none is and none takes anything. A bucket
+// that several requests draw on must hold their summed cost. When denied,
+// every decision is denied; those whose own buckets ran out carry RetryAfter
+// (or a Reason), and the others report [Decision.DeniedByBatch]. The batch
+// may pass once the longest RetryAfter has gone by. On failure the failure
+// mode applies to every entry alike.
+func (c *Client) DecideBatchAtomic(ctx context.Context, reqs []Request) ([]Decision, error) {
+	return c.decideBatch(ctx, reqs, true)
+}
+
+func (c *Client) decideBatch(ctx context.Context, reqs []Request, atomic bool) ([]Decision, error) {
 	if len(reqs) == 0 {
 		return nil, nil
 	}
-	in := &tollgatev1.ShouldAllowBatchRequest{Requests: make([]*tollgatev1.ShouldAllowRequest, len(reqs))}
+	in := &tollgatev1.ShouldAllowBatchRequest{
+		Requests: make([]*tollgatev1.ShouldAllowRequest, len(reqs)),
+		Atomic:   atomic,
+	}
 	for i := range reqs {
 		in.Requests[i] = reqs[i].proto()
 	}

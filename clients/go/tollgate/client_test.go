@@ -3,6 +3,7 @@ package tollgate_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"slices"
 	"strings"
@@ -86,6 +87,114 @@ func TestBatchDecidesEachEntryInOrder(t *testing.T) {
 	}
 	if ds[2].RetryAfter <= 0 {
 		t.Fatalf("denied entry has no retry_after: %+v", ds[2])
+	}
+}
+
+// Two operations of one caller, with refill periods long enough that nothing
+// refills while a test runs: any token a test sees missing was taken.
+const perOperation = `
+scopes:
+  - name: demo
+    limits:
+      - name: per-op
+        per: identity_operation
+        capacity: 2
+        refill_period: 1h
+      - name: per-user
+        per: identity
+        capacity: 10
+        refill_period: 1h
+`
+
+// remaining is what each bucket of d has left, by rule.
+func remaining(d tollgate.Decision) map[string]uint64 {
+	out := map[string]uint64{}
+	for _, b := range d.Buckets {
+		out[b.Rule] = b.Remaining
+	}
+	return out
+}
+
+func TestAnAtomicBatchDeniedByOneEntryTakesNothingFromAny(t *testing.T) {
+	srv := tollgatetest.Start(t, perOperation)
+	c := dial(t, srv.Addr)
+	ctx := context.Background()
+	for i := 0; i < 2; i++ {
+		decide(t, c, tollgate.Request{Scope: "demo", Identity: "alice", Operation: "b"})
+	}
+	// "a" has room; "b" has none, so the batch is denied whole.
+	batch := []tollgate.Request{
+		{Scope: "demo", Identity: "alice", Operation: "a"},
+		{Scope: "demo", Identity: "alice", Operation: "b"},
+	}
+	ds, err := c.DecideBatchAtomic(ctx, batch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ds[0].Allowed || ds[1].Allowed {
+		t.Fatalf("want both entries denied: %+v", ds)
+	}
+	if !ds[0].DeniedByBatch() || ds[0].RetryAfter != 0 {
+		t.Fatalf("entry a was denied only by b, and has no wait of its own: %+v", ds[0])
+	}
+	if ds[1].RetryAfter <= 0 || !slices.Equal(ds[1].ViolatedPolicies(), []string{"per-op"}) {
+		t.Fatalf("entry b should carry the wait and name per-op: %+v", ds[1])
+	}
+	// a's tokens are untouched: one call of a leaves 2-1 of per-op and
+	// 8-1 of per-user (the two b calls took 2 of 10).
+	if got := remaining(decide(t, c, batch[0])); got["per-op"] != 1 || got["per-user"] != 7 {
+		t.Fatalf("after the refused batch, a call of a left %v, want per-op 1 and per-user 7", got)
+	}
+
+	// The control: without atomic, the same batch lets a take its token
+	// although the batch as a whole was refused.
+	for i := 0; i < 2; i++ {
+		decide(t, c, tollgate.Request{Scope: "demo", Identity: "bob", Operation: "b"})
+	}
+	bobs := []tollgate.Request{
+		{Scope: "demo", Identity: "bob", Operation: "a"},
+		{Scope: "demo", Identity: "bob", Operation: "b"},
+	}
+	if ds, err := c.DecideBatch(ctx, bobs); err != nil || !ds[0].Allowed || ds[1].Allowed {
+		t.Fatalf("non-atomic batch: %+v, %v", ds, err)
+	}
+	if got := remaining(decide(t, c, bobs[0])); got["per-op"] != 0 || got["per-user"] != 6 {
+		t.Fatalf("after a non-atomic batch, a call of a left %v, want per-op 0 and per-user 6", got)
+	}
+}
+
+func TestAnAtomicBatchSumsTheCostOfABucketItsEntriesShare(t *testing.T) {
+	srv := tollgatetest.Start(t, perOperation)
+	c := dial(t, srv.Addr)
+	// Each entry alone fits per-user's 10; together they need 12.
+	batch := []tollgate.Request{
+		{Scope: "demo", Identity: "alice", Operation: "a", Cost: 2},
+		{Scope: "demo", Identity: "alice", Operation: "b", Cost: 2},
+	}
+	for i := range batch {
+		batch = append(batch, tollgate.Request{Scope: "demo", Identity: "alice", Operation: fmt.Sprintf("c%d", i), Cost: 2},
+			tollgate.Request{Scope: "demo", Identity: "alice", Operation: fmt.Sprintf("d%d", i), Cost: 2})
+	}
+	ds, err := c.DecideBatchAtomic(context.Background(), batch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, d := range ds {
+		if d.Allowed {
+			t.Fatalf("entry %d allowed; 6 entries of cost 2 need 12 of per-user's 10: %+v", i, d)
+		}
+	}
+	if got := remaining(decide(t, c, batch[0])); got["per-user"] != 8 {
+		t.Fatalf("after the refused batch, per-user has %d left, want 10-2", got["per-user"])
+	}
+}
+
+func TestBucketsReportTheirRefillPeriod(t *testing.T) {
+	srv := tollgatetest.Start(t, perOperation)
+	c := dial(t, srv.Addr)
+	d := decide(t, c, tollgate.Request{Scope: "demo", Identity: "alice", Operation: "a"})
+	if len(d.Buckets) != 2 || d.Buckets[0].RefillPeriod != time.Hour || d.Buckets[1].RefillPeriod != time.Hour {
+		t.Fatalf("buckets: %+v", d.Buckets)
 	}
 }
 

@@ -77,6 +77,10 @@ type Bucket struct {
 	// Exhausted is true when this bucket did not hold the cost: it is one
 	// of the policies a denial violated.
 	Exhausted bool
+	// RefillPeriod is the time in which the empty bucket refills
+	// completely: with Limit, its rate. It is the window w of the
+	// RateLimit-Policy field; zero when Tollgate did not report it.
+	RefillPeriod time.Duration
 }
 
 func (r *Request) proto() *tollgatev1.ShouldAllowRequest {
@@ -105,16 +109,33 @@ func decisionFromProto(p *tollgatev1.ShouldAllowResponse) Decision {
 		d.Buckets = make([]Bucket, len(p.GetBuckets()))
 		for i, b := range p.GetBuckets() {
 			d.Buckets[i] = Bucket{
-				Rule:       b.GetRule(),
-				Limit:      b.GetLimit(),
-				Remaining:  b.GetRemaining(),
-				ResetAfter: b.GetResetAfter().AsDuration(),
-				RetryAfter: b.GetRetryAfter().AsDuration(),
-				Exhausted:  b.GetExhausted(),
+				Rule:         b.GetRule(),
+				Limit:        b.GetLimit(),
+				Remaining:    b.GetRemaining(),
+				ResetAfter:   b.GetResetAfter().AsDuration(),
+				RetryAfter:   b.GetRetryAfter().AsDuration(),
+				Exhausted:    b.GetExhausted(),
+				RefillPeriod: b.GetRefillPeriod().AsDuration(),
 			}
 		}
 	}
 	return d
+}
+
+// DeniedByBatch reports whether this is an entry of an atomic batch that was
+// denied only because another entry was: none of its own buckets ran out,
+// and it carries neither a RetryAfter nor a Reason of its own. Such an entry
+// says nothing about when the batch may pass; the entries that denied do.
+func (d *Decision) DeniedByBatch() bool {
+	if d.Allowed || d.RetryAfter > 0 || d.Reason != "" {
+		return false
+	}
+	for _, b := range d.Buckets {
+		if b.Exhausted {
+			return false
+		}
+	}
+	return true
 }
 
 // ViolatedPolicies names the rules that denied: the exhausted buckets of

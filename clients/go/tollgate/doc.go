@@ -5,8 +5,9 @@
 // The module's map:
 //
 //	tollgate      this package: Client (one reused connection, a deadline on
-//	              every call, the batch call, a local failure policy) and the
-//	              rendering of decisions as draft-11 RateLimit fields
+//	              every call, plain and atomic batches, a local failure
+//	              policy) and the rendering of decisions as draft-11
+//	              RateLimit fields
 //	httplimit     net/http middleware: extractors, 429s, MCP JSON-RPC bodies
 //	grpclimit     grpc-go unary interceptor, and a Limit(ctx) error limiter
 //	              that fits go-grpc-middleware v2's ratelimit.Limiter

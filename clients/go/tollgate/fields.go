@@ -11,9 +11,12 @@ import (
 // shared by the HTTP middleware (as headers) and the gRPC interceptor (as
 // metadata), and kept the same as the Rust client's:
 //
-//   - RateLimit-Policy: `"<rule>";q=<capacity>`, one item per rule that
-//     applied. The draft's `w` (window) is left out: tollgate.v1 does not
-//     report a bucket's refill period, and a token bucket has no window.
+//   - RateLimit-Policy: `"<rule>";q=<capacity>;w=<seconds>`, one item per
+//     rule that applied, with w the bucket's refill period (the time in
+//     which it refills from empty, so q per w is its rate). A token bucket
+//     has no fixed window; this is the draft's nearest reading of one, and
+//     the one Tollgate renders for Envoy. w is left out when Tollgate did not
+//     report the period.
 //   - RateLimit: `"<rule>";r=<remaining>;t=<seconds>`. When allowed, one item
 //     per rule, with t the seconds until its bucket is full again. On a
 //     denial, only the rules that denied, with t the seconds until the
@@ -21,9 +24,9 @@ import (
 //   - Seconds are whole and rounded up: a client that waits that long is
 //     never early.
 //
-// Several decisions can share one response (an MCP batch is charged once
-// per distinct operation), so everything here takes a slice; a rule seen
-// twice is merged, keeping the smaller r and the longer t.
+// Several decisions can share one response (an MCP batch is one entry per
+// distinct operation of one atomic batch), so everything here takes a slice;
+// a rule seen twice is merged, keeping the smaller r and the longer t.
 
 // Fields are the rate-limit header values for the decisions behind one
 // response. An empty string means "leave this header out".
@@ -61,11 +64,13 @@ func Denied(ds []Decision) bool {
 }
 
 // RetryAfter is, for a denial, the wait after which every denied decision
-// would pass: the longest of their RetryAfters. ok is false when nothing
-// was denied, or when some denial can never pass by retrying.
+// would pass: the longest of their RetryAfters. Entries of an atomic batch
+// denied only because another entry was ([Decision.DeniedByBatch]) have no
+// wait of their own and are skipped. ok is false when nothing was denied, or
+// when some denial can never pass by retrying.
 func RetryAfter(ds []Decision) (wait time.Duration, ok bool) {
 	for i := range ds {
-		if ds[i].Allowed {
+		if ds[i].Allowed || ds[i].DeniedByBatch() {
 			continue
 		}
 		if ds[i].RetryAfter <= 0 {
@@ -109,7 +114,7 @@ func RenderFields(ds []Decision) Fields {
 	type item struct {
 		rule string
 		n    uint64
-		t    int64 // -1: no t parameter
+		t    int64 // -1: no t parameter; for a policy, its w
 	}
 	var policies, limits []item
 	for i := range ds {
@@ -119,7 +124,7 @@ func RenderFields(ds []Decision) Fields {
 		}
 		for _, b := range d.Buckets {
 			if !slices.ContainsFunc(policies, func(it item) bool { return it.rule == b.Rule }) {
-				policies = append(policies, item{rule: b.Rule, n: b.Limit})
+				policies = append(policies, item{rule: b.Rule, n: b.Limit, t: window(b.RefillPeriod)})
 			}
 			if denial && (d.Allowed || !b.Exhausted) {
 				continue
@@ -154,6 +159,10 @@ func RenderFields(ds []Decision) Fields {
 		sb.WriteString(sfString(p.rule))
 		sb.WriteString(";q=")
 		sb.WriteString(strconv.FormatUint(p.n, 10))
+		if p.t >= 0 {
+			sb.WriteString(";w=")
+			sb.WriteString(strconv.FormatInt(p.t, 10))
+		}
 	}
 	f.Policy = sb.String()
 	sb.Reset()
@@ -181,6 +190,15 @@ func RenderFields(ds []Decision) Fields {
 	return f
 }
 
+// window is the w parameter of a bucket's policy: its refill period in whole
+// seconds, rounded up, or -1 (no w) when the period is unknown.
+func window(refill time.Duration) int64 {
+	if refill <= 0 {
+		return -1
+	}
+	return CeilSeconds(refill)
+}
+
 // mostRestrictive picks the decision the legacy trio describes: on a denial
 // the denied one with the longest wait (one that can never pass counts as
 // longest), else the one with the fewest tokens left.
@@ -188,7 +206,7 @@ func mostRestrictive(ds []Decision, denial bool) *Decision {
 	var best *Decision
 	for i := range ds {
 		d := &ds[i]
-		if d.Degraded || d.Limit == 0 || (denial && d.Allowed) {
+		if d.Degraded || d.Limit == 0 || (denial && (d.Allowed || d.DeniedByBatch())) {
 			continue
 		}
 		switch {

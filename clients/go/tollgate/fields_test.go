@@ -96,3 +96,45 @@ func TestRuleNamesAreQuotedAsStructuredFieldStrings(t *testing.T) {
 		t.Fatalf("got %s", got)
 	}
 }
+
+func TestThePolicyCarriesTheRefillPeriodAsWInWholeSecondsRoundedUp(t *testing.T) {
+	perUser := bucket("per-user", 10, 4, 1500*time.Millisecond, 0, false)
+	perUser.RefillPeriod = time.Minute
+	burst := bucket("burst", 5, 5, 0, 0, false)
+	burst.RefillPeriod = 1500 * time.Millisecond
+	// An older Tollgate reports no period: the item has no w rather than a
+	// wrong one.
+	unknown := bucket("global", 1000, 900, 6*time.Second, 0, false)
+	d := Decision{Allowed: true, Limit: 10, Remaining: 4, Rule: "per-user", Buckets: []Bucket{perUser, burst, unknown}}
+	f := RenderFields([]Decision{d})
+	if want := `"per-user";q=10;w=60, "burst";q=5;w=2, "global";q=1000`; f.Policy != want {
+		t.Fatalf("Policy = %s, want %s", f.Policy, want)
+	}
+}
+
+// An atomic batch denied by one entry denies the others too; they carry no
+// wait of their own and must not hide the wait of the entry that denied.
+func TestAnAtomicBatchDenialTakesItsWaitFromTheEntriesThatDenied(t *testing.T) {
+	search := Decision{Allowed: false, RetryAfter: 4200 * time.Millisecond, Rule: "search", Limit: 2, Buckets: []Bucket{
+		bucket("search", 2, 0, 9*time.Second, 4200*time.Millisecond, true),
+		bucket("calls", 10, 7, 3*time.Second, 0, false),
+	}}
+	fetch := Decision{Allowed: false, Buckets: []Bucket{
+		bucket("fetch", 5, 3, 2*time.Second, 0, false),
+		bucket("calls", 10, 7, 3*time.Second, 0, false),
+	}}
+	if search.DeniedByBatch() || !fetch.DeniedByBatch() {
+		t.Fatalf("DeniedByBatch: search %v, fetch %v", search.DeniedByBatch(), fetch.DeniedByBatch())
+	}
+	ds := []Decision{fetch, search}
+	if wait, ok := RetryAfter(ds); !ok || wait != 4200*time.Millisecond {
+		t.Fatalf("RetryAfter = %s, %v; want 4.2s", wait, ok)
+	}
+	f := RenderFields(ds)
+	if f.RetryAfter != "5" || f.RateLimit != `"search";r=0;t=5` || f.LegacyLimit != "2" {
+		t.Fatalf("got %+v", f)
+	}
+	if got := ViolatedPolicies(ds); !slices.Equal(got, []string{"search"}) {
+		t.Fatalf("violated: %v", got)
+	}
+}

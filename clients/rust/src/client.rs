@@ -198,13 +198,38 @@ impl Client {
     /// Asks about several independent requests in one call (at most
     /// [`MAX_BATCH`]); the decisions come back in order. Tollgate decides
     /// each entry on its own, exactly as [`Client::should_allow`] would, one
-    /// after another: the batch is not all-or-nothing.
+    /// after another: the batch is not all-or-nothing (for that, see
+    /// [`Client::should_allow_batch_atomic`]).
     ///
     /// When Tollgate cannot answer, `Open` allows every entry (degraded) and
     /// `Closed` fails the whole call.
     pub async fn should_allow_batch(
         &self,
         requests: &[DecisionRequest],
+    ) -> Result<Vec<Decision>, Error> {
+        self.batch(requests, false).await
+    }
+
+    /// Asks about several requests (at most [`MAX_BATCH`]) as one atomic
+    /// charge: every one is allowed, or none is and none takes anything. A
+    /// bucket that several requests draw on must hold their summed cost.
+    ///
+    /// When denied, every decision is denied. Those whose own buckets ran out
+    /// carry `retry_after` (or a `reason`); the others report
+    /// [`Decision::denied_by_batch`]. The batch may pass once the longest
+    /// `retry_after` has gone by. When Tollgate cannot answer, the failure
+    /// mode applies as in [`Client::should_allow_batch`].
+    pub async fn should_allow_batch_atomic(
+        &self,
+        requests: &[DecisionRequest],
+    ) -> Result<Vec<Decision>, Error> {
+        self.batch(requests, true).await
+    }
+
+    async fn batch(
+        &self,
+        requests: &[DecisionRequest],
+        atomic: bool,
     ) -> Result<Vec<Decision>, Error> {
         if requests.is_empty() {
             return Ok(Vec::new());
@@ -230,6 +255,7 @@ impl Client {
         }
         let mut call = tonic::Request::new(pb::ShouldAllowBatchRequest {
             requests: requests.iter().map(DecisionRequest::to_proto).collect(),
+            atomic,
         });
         call.set_timeout(self.deadline);
         let mut grpc = self.grpc.clone();

@@ -187,6 +187,19 @@ impl Decision {
         }
     }
 
+    /// True when this is an entry of an atomic batch
+    /// ([`crate::Client::should_allow_batch_atomic`]) that was denied only
+    /// because another entry was: none of its own buckets ran out, and it
+    /// has neither a `retry_after` nor a `reason` of its own. Such an entry
+    /// says nothing about when the batch may pass; the entries that denied
+    /// do.
+    pub fn denied_by_batch(&self) -> bool {
+        !self.allowed
+            && self.retry_after.is_none()
+            && self.reason.is_empty()
+            && !self.buckets.iter().any(|b| b.exhausted)
+    }
+
     /// The rules of the buckets that denied this request: those that did not
     /// hold the cost. Empty when allowed.
     pub fn violated_policies(&self) -> impl Iterator<Item = &str> {
@@ -214,6 +227,10 @@ pub struct BucketStatus {
     pub retry_after: Option<Duration>,
     /// True when this bucket does not hold the cost now.
     pub exhausted: bool,
+    /// The time in which the empty bucket refills completely: with `limit`,
+    /// its rate. It is the window `w` of the `RateLimit-Policy` field. `None`
+    /// when Tollgate did not report it (a server older than the field).
+    pub refill_period: Option<Duration>,
 }
 
 /// Why Tollgate could not answer.
@@ -273,6 +290,7 @@ impl From<pb::BucketStatus> for BucketStatus {
             reset_after: duration(b.reset_after).unwrap_or_default(),
             retry_after: duration(b.retry_after),
             exhausted: b.exhausted,
+            refill_period: duration(b.refill_period),
         }
     }
 }

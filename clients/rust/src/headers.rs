@@ -3,14 +3,18 @@
 //! fields, `Retry-After`, the legacy `X-RateLimit-*` trio, and the
 //! `application/problem+json` body of a 429.
 //!
-//! One HTTP response can carry several decisions (an MCP batch charges one
-//! per distinct operation), so everything here takes a slice.
+//! One HTTP response can carry several decisions (an MCP batch is one atomic
+//! batch with an entry per distinct operation), so everything here takes a
+//! slice.
 //!
 //! The mapping from token buckets to the draft's fields:
 //!
-//! - `RateLimit-Policy: "<rule>";q=<capacity>`, one item per rule that
-//!   applied. The draft's `w` (window) is left out: `tollgate.v1` does not
-//!   report a bucket's refill period.
+//! - `RateLimit-Policy: "<rule>";q=<capacity>;w=<seconds>`, one item per rule
+//!   that applied, with `w` the bucket's refill period (the time in which it
+//!   refills from empty, so `q` per `w` is its rate). A token bucket has no
+//!   fixed window; this is the nearest reading of the draft's `w`, and the
+//!   one Tollgate renders for Envoy. `w` is left out when Tollgate did not
+//!   report the period.
 //! - `RateLimit: "<rule>";r=<remaining>;t=<seconds>`. On an allowed response,
 //!   every rule, with `t` the seconds until its bucket is full again (as the
 //!   server's `x-ratelimit-reset`). On a denial, only the rules that denied,
@@ -62,11 +66,16 @@ pub fn denied(decisions: &[Decision]) -> bool {
 }
 
 /// For a denial: the time after which every denied decision would pass, the
-/// longest of their `retry_after`s. `None` when nothing was denied, or when
-/// one denial can never pass (no retry can succeed, so none is promised).
+/// longest of their `retry_after`s. Entries of an atomic batch denied only
+/// because another entry was ([`Decision::denied_by_batch`]) have no wait of
+/// their own and are skipped. `None` when nothing was denied, or when one
+/// denial can never pass (no retry can succeed, so none is promised).
 pub fn retry_after(decisions: &[Decision]) -> Option<Duration> {
     let mut longest = None;
-    for d in decisions.iter().filter(|d| !d.allowed) {
+    for d in decisions
+        .iter()
+        .filter(|d| !d.allowed && !d.denied_by_batch())
+    {
         let r = d.retry_after?;
         longest = Some(longest.map_or(r, |l: Duration| l.max(r)));
     }
@@ -103,7 +112,7 @@ pub fn render(decisions: &[Decision], options: HeaderOptions) -> HeaderMap {
                 Item {
                     rule: &b.rule,
                     number: b.limit,
-                    t: None,
+                    t: b.refill_period.map(ceil_secs),
                 },
                 false,
             );
@@ -131,11 +140,10 @@ pub fn render(decisions: &[Decision], options: HeaderOptions) -> HeaderMap {
         }
     }
     if !policies.is_empty() {
-        let v = join(
-            policies
-                .iter()
-                .map(|p| format!("{};q={}", sf_string(p.rule), p.number)),
-        );
+        let v = join(policies.iter().map(|p| match p.t {
+            Some(w) => format!("{};q={};w={w}", sf_string(p.rule), p.number),
+            None => format!("{};q={}", sf_string(p.rule), p.number),
+        }));
         insert(&mut headers, RATELIMIT_POLICY, v);
     }
     if !limits.is_empty() {
@@ -206,6 +214,7 @@ struct Item<'a> {
     rule: &'a str,
     /// `q` for a policy, `r` for a limit.
     number: u64,
+    /// `w` for a policy, `t` for a limit.
     t: Option<u64>,
 }
 
@@ -231,7 +240,7 @@ fn most_restrictive<'a>(decisions: &[&'a Decision], denial: bool) -> Option<&'a 
     let applied = decisions.iter().copied().filter(|d| d.limit > 0);
     if denial {
         applied
-            .filter(|d| !d.allowed)
+            .filter(|d| !d.allowed && !d.denied_by_batch())
             .max_by_key(|d| d.retry_after.unwrap_or(Duration::MAX))
     } else {
         applied.min_by_key(|d| d.remaining)
@@ -284,6 +293,7 @@ mod tests {
             reset_after: Duration::from_millis(reset_ms),
             retry_after: None,
             exhausted: false,
+            refill_period: None,
         }
     }
 
@@ -392,6 +402,49 @@ mod tests {
         assert_eq!(get(&h, "ratelimit"), Some(r#""per-user";r=0;t=1"#));
         let body: serde_json::Value = serde_json::from_slice(&problem_details(&[never])).unwrap();
         assert_eq!(body["detail"], "cost 5 is more than per-user's capacity 3");
+    }
+
+    #[test]
+    fn the_policy_carries_the_refill_period_as_w_in_whole_seconds_rounded_up() {
+        let mut d = allowed();
+        d.buckets[0].refill_period = Some(Duration::from_secs(60));
+        d.buckets[1].refill_period = Some(Duration::from_millis(1_500));
+        let h = render(&[d.clone()], HeaderOptions::default());
+        assert_eq!(
+            get(&h, "ratelimit-policy"),
+            Some(r#""global";q=1000;w=60, "per-user";q=3;w=2"#)
+        );
+        // A server that does not report the period gets no w, not a wrong one.
+        d.buckets[1].refill_period = None;
+        let h = render(&[d], HeaderOptions::default());
+        assert_eq!(
+            get(&h, "ratelimit-policy"),
+            Some(r#""global";q=1000;w=60, "per-user";q=3"#)
+        );
+    }
+
+    /// An atomic batch denied by one entry denies the others too; they carry
+    /// no wait of their own and must not hide the wait of the entry that did.
+    #[test]
+    fn an_atomic_batch_denial_takes_its_wait_from_the_entries_that_denied() {
+        let bystander = Decision {
+            allowed: false,
+            buckets: vec![bucket("global", 1000, 990, 600), bucket("fetch", 5, 3, 800)],
+            ..Decision::default()
+        };
+        let denier = denied_per_user(4_200);
+        assert!(bystander.denied_by_batch());
+        assert!(!denier.denied_by_batch());
+        assert!(!allowed().denied_by_batch());
+        let both = [bystander, denier];
+        assert_eq!(retry_after(&both), Some(Duration::from_millis(4_200)));
+        let h = render(&both, HeaderOptions { legacy: true });
+        assert_eq!(get(&h, "retry-after"), Some("5"));
+        assert_eq!(get(&h, "ratelimit"), Some(r#""per-user";r=0;t=5"#));
+        assert_eq!(get(&h, "x-ratelimit-limit"), Some("3"));
+        assert_eq!(violated_policies(&both), ["per-user"]);
+        let body: serde_json::Value = serde_json::from_slice(&problem_details(&both)).unwrap();
+        assert_eq!(body["detail"], "Retry in 5 s.");
     }
 
     #[test]

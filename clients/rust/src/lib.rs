@@ -4,9 +4,9 @@
 //! or gateway needs to call it, without compiling the server:
 //!
 //! - [`Client`]: the `tollgate.v1` gRPC client. One reused connection, a
-//!   deadline on every call, the batch call, and a local [`FailureMode`]
-//!   (with a circuit breaker) for when Tollgate is unreachable, slow, or
-//!   answers `UNAVAILABLE`.
+//!   deadline on every call, plain and atomic batches, and a local
+//!   [`FailureMode`] (with a circuit breaker) for when Tollgate is
+//!   unreachable, slow, or answers `UNAVAILABLE`.
 //! - [`layer::RateLimitLayer`]: a `tower::Layer` for HTTP services (axum,
 //!   hyper, tonic). It extracts scope, identity and operation from each
 //!   request (a header, the path, the mTLS peer, or a closure), passes

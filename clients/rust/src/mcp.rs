@@ -12,6 +12,9 @@
 //!   caller cannot skip the limit by leaving the `id` out.
 //! - A body that is not JSON-RPC is charged once, as a plain HTTP request:
 //!   the MCP server will refuse it, but it still cost a request.
+//! - A batch (a JSON array) is charged all or nothing, as one atomic
+//!   `ShouldAllowBatch`: when any call is denied the whole body is refused,
+//!   and no call takes a token.
 
 use std::time::Duration;
 

@@ -184,7 +184,7 @@ func TestAllowedRequestsPassWithRateLimitHeaders(t *testing.T) {
 	if r.status != 200 || string(r.body) != `{"jsonrpc":"2.0","id":1,"result":{}}` {
 		t.Fatalf("first request: %d %s", r.status, r.body)
 	}
-	expectHeader(t, r, "RateLimit-Policy", `"per-user";q=2, "global";q=100`)
+	expectHeader(t, r, "RateLimit-Policy", `"per-user";q=2;w=2, "global";q=100;w=100`)
 	expectHeader(t, r, "RateLimit", `"per-user";r=1;t=1, "global";r=99;t=1`)
 	expectHeader(t, r, "X-RateLimit-Limit", "")
 	expectHeader(t, r, "Retry-After", "")
@@ -206,7 +206,7 @@ func TestADeniedRequestIs429WithHeadersAndProblemAndPassesAfterRetryAfter(t *tes
 	}
 	// Two of 2 taken, one back per second: the wait is just under 1s.
 	expectHeader(t, r, "Retry-After", "1")
-	expectHeader(t, r, "RateLimit-Policy", `"per-user";q=2, "global";q=100`)
+	expectHeader(t, r, "RateLimit-Policy", `"per-user";q=2;w=2, "global";q=100;w=100`)
 	expectHeader(t, r, "RateLimit", `"per-user";r=0;t=1`)
 	expectHeader(t, r, "Content-Type", "application/problem+json")
 	var problem struct {
@@ -416,6 +416,96 @@ func TestMCPChargesEachCallAndRefusesABatchWhole(t *testing.T) {
 	}
 	if r := post(`{"jsonrpc":"2.0","id":7,"method":"tools/list"}`); r.status != 200 {
 		t.Fatalf("tools/list: %d %s", r.status, r.body)
+	}
+}
+
+// Three operations with their own limits and one limit over all calls, with
+// refill periods of an hour: in a test's few seconds no whole token comes
+// back, so a token seen missing was taken.
+const mcpMixedRules = `
+scopes:
+  - name: mcp
+    limits:
+      - name: search
+        per: identity_operation
+        operations: ["tools/call:search"]
+        capacity: 2
+        refill_period: 1h
+      - name: fetch
+        per: identity_operation
+        operations: ["tools/call:fetch"]
+        capacity: 5
+        refill_period: 1h
+      - name: calls
+        per: identity
+        capacity: 10
+        refill_period: 1h
+`
+
+func TestARefusedMixedBatchTakesNothingFromTheOperationsThatHadRoom(t *testing.T) {
+	srv := tollgatetest.Start(t, mcpMixedRules)
+	up := startUpstream(t)
+	proxy := startProxy(t, srv.Addr, up.URL, "-scope", "mcp", "-mcp", "-mcp-path", "/mcp")
+	post := func(body string) response { return send(t, "POST", proxy+"/mcp", "alice", body) }
+	search := func(id int) string {
+		return fmt.Sprintf(`{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"search"}}`, id)
+	}
+	fetch := func(id int) string {
+		return fmt.Sprintf(`{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"fetch"}}`, id)
+	}
+
+	// Search is spent: search 0 of 2 left, calls 8 of 10.
+	for id := 1; id <= 2; id++ {
+		if r := post(search(id)); r.status != 200 {
+			t.Fatalf("search %d: %d %s", id, r.status, r.body)
+		}
+	}
+	// fetch and tools/list have room (fetch needs 2 of 5, calls 4 of 8);
+	// search has none, so the batch is refused whole.
+	r := post("[" + fetch(3) + "," + fetch(4) + "," + search(5) + `,{"jsonrpc":"2.0","id":6,"method":"tools/list"}]`)
+	if r.status != http.StatusTooManyRequests {
+		t.Fatalf("mixed batch: %d %s", r.status, r.body)
+	}
+	if n := len(up.received()); n != 2 {
+		t.Fatalf("the upstream saw %d requests, want the 2 searches only", n)
+	}
+	// The wait is search's (one token back every 30 minutes), not lost for
+	// the entries that were denied only because search was.
+	retryAfter, err := strconv.Atoi(r.header.Get("Retry-After"))
+	if err != nil || retryAfter < 1790 || retryAfter > 1800 {
+		t.Fatalf("Retry-After = %q, want search's wait of about 1800 s", r.header.Get("Retry-After"))
+	}
+	expectHeader(t, r, "RateLimit", fmt.Sprintf(`"search";r=0;t=%d`, retryAfter))
+	expectHeader(t, r, "RateLimit-Policy", `"fetch";q=5;w=3600, "calls";q=10;w=3600, "search";q=2;w=3600`)
+	var errs []rpcError
+	if err := json.Unmarshal(r.body, &errs); err != nil || len(errs) != 4 {
+		t.Fatalf("want 4 JSON-RPC errors, got %s", r.body)
+	}
+	for i, e := range errs {
+		if string(e.ID) != strconv.Itoa(i+3) || e.Error.Data.RetryAfterSeconds != retryAfter ||
+			strings.Join(e.Error.Data.ViolatedPolicies, ",") != "search" {
+			t.Fatalf("error %d: %+v", i, e)
+		}
+	}
+
+	// Nothing was taken: one fetch now leaves fetch 5-1 and calls 8-1, as if
+	// the batch had never been sent. Charging the batch's fetches and
+	// tools/list would have left fetch 2 and calls 4.
+	r = post(fetch(7))
+	if r.status != 200 {
+		t.Fatalf("fetch after the refused batch: %d %s", r.status, r.body)
+	}
+	if got := r.header.Get("RateLimit"); !strings.HasPrefix(got, `"fetch";r=4;`) || !strings.Contains(got, `"calls";r=7;`) {
+		t.Fatalf("RateLimit after the refused batch = %q, want fetch r=4 and calls r=7", got)
+	}
+	// And a batch that fits is charged whole: 2 fetches and a tools/list
+	// take fetch to 2 and calls to 4.
+	r = post("[" + fetch(8) + "," + fetch(9) + `,{"jsonrpc":"2.0","id":10,"method":"tools/list"}]`)
+	if r.status != 200 {
+		t.Fatalf("a batch with room: %d %s", r.status, r.body)
+	}
+	if got := r.header.Get("RateLimit"); !strings.HasPrefix(got, `"fetch";r=2;`) || !strings.Contains(got, `"calls";r=4;`) {
+		t.Fatalf("RateLimit after an allowed batch = %q, want fetch r=2 and calls r=4", got)
 	}
 }
 

@@ -82,17 +82,17 @@ async fn decide_plain<B>(
     }
 }
 
-/// A POST on the MCP endpoint: read the body under the cap, charge each
-/// JSON-RPC call, and refuse the whole body if any call is denied.
+/// A POST on the MCP endpoint: read the body under the cap, and charge its
+/// JSON-RPC calls all or nothing.
 ///
-/// Tollgate's batch call decides each entry on its own, so "all or nothing"
-/// is built here: calls with the same operation become one entry whose cost
-/// is their count (one atomic decision), and the distinct operations go in
-/// one `ShouldAllowBatch`. When one entry is denied, the body is refused;
-/// the tokens the other entries took stay taken. That over-charges a caller
-/// who was going to be refused anyway, and never admits a call over its
-/// limit. A body with one distinct operation (a single call, or a batch of
-/// the same tool) is decided exactly atomically.
+/// Calls with the same operation become one entry whose cost is their count,
+/// and the distinct operations go in one atomic `ShouldAllowBatch`: Tollgate
+/// allows every entry, or denies them all and takes nothing, so a refused
+/// body costs the caller no token, not even for the calls that had room.
+/// (The atomic batch sums the cost of a bucket its entries share, so the
+/// grouping changes no decision; it keeps a batch of many calls within
+/// [`MAX_BATCH`] entries.) A body with one distinct operation is a single
+/// `ShouldAllow`, atomic already.
 async fn decide_mcp<B>(
     config: &Config,
     mcp: &Mcp,
@@ -167,7 +167,7 @@ where
         .collect();
     let answer = match requests.as_slice() {
         [one] => config.client.should_allow(one).await.map(|d| vec![d]),
-        many => config.client.should_allow_batch(many).await,
+        many => config.client.should_allow_batch_atomic(many).await,
     };
     let decisions = match answer {
         Ok(d) => d,

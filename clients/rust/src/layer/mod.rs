@@ -48,7 +48,8 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
 
 /// MCP-aware extraction: on the MCP endpoint, each JSON-RPC call in a POST
 /// body is decided, with its method (and tool, prompt or resource) as the
-/// operation. See [`crate::mcp`] for what is charged and how.
+/// operation, and a batch is charged all or nothing. See [`crate::mcp`] for
+/// what is charged and how.
 #[derive(Clone, Debug)]
 pub struct Mcp {
     path: Option<String>,

@@ -1,6 +1,7 @@
 //! `tollgate_client::Client` and the layer in this process, against the real
-//! Tollgate binary: batch order, input checks, deadlines, the failure modes
-//! and the breaker, and the extractors the proxy does not use.
+//! Tollgate binary: batch order, atomic batches, refill periods, input
+//! checks, deadlines, the failure modes and the breaker, and the extractors
+//! the proxy does not use.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use bytes::Bytes;
 use http::{HeaderName, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tollgate_client::layer::{Extractor, PeerIdentity, RateLimitLayer, RequestBody};
-use tollgate_client::{Client, DecisionRequest, Error, FailureCause, FailureMode};
+use tollgate_client::{Client, Decision, DecisionRequest, Error, FailureCause, FailureMode};
 use tower::{Layer, ServiceExt};
 
 use crate::support::Tollgate;
@@ -58,6 +59,100 @@ async fn a_batch_is_decided_entry_by_entry_in_order() {
     assert_eq!(denied.violated_policies().collect::<Vec<_>>(), ["per-user"]);
     assert!(denied.local.is_none() && !denied.degraded);
     assert!(client.should_allow_batch(&[]).await.unwrap().is_empty());
+}
+
+/// Two operations of one caller, refilling over an hour: no whole token comes
+/// back while a test runs, so a token seen missing was taken.
+const PER_OPERATION: &str = "
+scopes:
+  - name: demo
+    limits:
+      - name: per-op
+        per: identity_operation
+        capacity: 2
+        refill_period: 1h
+      - name: per-user
+        per: identity
+        capacity: 10
+        refill_period: 1h
+";
+
+fn op(identity: &str, operation: &str) -> DecisionRequest {
+    ask(identity).with_operation(operation)
+}
+
+/// What each bucket of `d` has left, by rule.
+fn remaining(d: &Decision) -> Vec<(&str, u64)> {
+    d.buckets
+        .iter()
+        .map(|b| (b.rule.as_str(), b.remaining))
+        .collect()
+}
+
+#[tokio::test]
+async fn an_atomic_batch_denied_by_one_entry_takes_nothing_from_any() {
+    let tollgate = Tollgate::start(PER_OPERATION);
+    let client = client(&tollgate);
+    for _ in 0..2 {
+        assert!(
+            client
+                .should_allow(&op("alice", "b"))
+                .await
+                .unwrap()
+                .allowed
+        );
+    }
+    // "a" has room; "b" has none, so the batch is denied whole.
+    let batch = [op("alice", "a"), op("alice", "b")];
+    let decisions = client.should_allow_batch_atomic(&batch).await.unwrap();
+    assert!(decisions.iter().all(|d| !d.allowed), "{decisions:?}");
+    assert!(decisions[0].denied_by_batch(), "{:?}", decisions[0]);
+    assert_eq!(decisions[0].retry_after, None);
+    assert!(decisions[1].retry_after.is_some(), "{:?}", decisions[1]);
+    assert_eq!(
+        decisions[1].violated_policies().collect::<Vec<_>>(),
+        ["per-op"]
+    );
+    // a's tokens are untouched: one call of a leaves per-op 2-1 and per-user
+    // 8-1 (the two calls of b took 2 of 10).
+    let d = client.should_allow(&batch[0]).await.unwrap();
+    assert_eq!(remaining(&d), [("per-op", 1), ("per-user", 7)]);
+
+    // The control: without atomic, the same batch lets a take its token
+    // although b is denied.
+    for _ in 0..2 {
+        assert!(client.should_allow(&op("bob", "b")).await.unwrap().allowed);
+    }
+    let bobs = [op("bob", "a"), op("bob", "b")];
+    let decisions = client.should_allow_batch(&bobs).await.unwrap();
+    assert!(decisions[0].allowed && !decisions[1].allowed);
+    let d = client.should_allow(&bobs[0]).await.unwrap();
+    assert_eq!(remaining(&d), [("per-op", 0), ("per-user", 6)]);
+}
+
+#[tokio::test]
+async fn an_atomic_batch_sums_the_cost_of_a_bucket_its_entries_share() {
+    let tollgate = Tollgate::start(PER_OPERATION);
+    let client = client(&tollgate);
+    // Each entry fits per-user's 10 alone; the six together need 12.
+    let batch: Vec<_> = ["a", "b", "c", "d", "e", "f"]
+        .into_iter()
+        .map(|o| op("alice", o).with_cost(2))
+        .collect();
+    let decisions = client.should_allow_batch_atomic(&batch).await.unwrap();
+    assert!(decisions.iter().all(|d| !d.allowed), "{decisions:?}");
+    let d = client.should_allow(&batch[0]).await.unwrap();
+    assert_eq!(remaining(&d), [("per-op", 0), ("per-user", 8)]);
+}
+
+#[tokio::test]
+async fn buckets_report_their_refill_period() {
+    let tollgate = Tollgate::start(PER_OPERATION);
+    let client = client(&tollgate);
+    let d = client.should_allow(&op("alice", "a")).await.unwrap();
+    let periods: Vec<_> = d.buckets.iter().map(|b| b.refill_period).collect();
+    let hour = Some(Duration::from_secs(3600));
+    assert_eq!(periods, [hour, hour]);
 }
 
 #[tokio::test]

@@ -1,6 +1,6 @@
 //! MCP through the rust-proxy process with `--mcp`: JSON-RPC calls charged
-//! per tool, batches refused whole, notifications free, bodies capped and
-//! handed on unchanged.
+//! per tool, batches charged all or nothing, notifications free, bodies
+//! capped and handed on unchanged.
 
 use serde_json::json;
 
@@ -175,13 +175,106 @@ async fn a_batch_is_refused_whole_when_any_call_in_it_is_denied() {
     // No part of a refused batch reached the upstream.
     assert_eq!(s.upstream.seen().len(), 2);
 
-    // The fetch in the refused batch was charged all the same (Tollgate's
-    // batch is not atomic across operations): over-charged, never over-admitted.
+    // The fetch in the refused batch took nothing: both of fetch's tokens
+    // are there, so a fetch now leaves one. (Charged, it would leave none:
+    // a token comes back only every 10 s.)
     let r = s.post("carol", &call(7, "fetch")).await;
     assert_eq!(r.status, 200);
     assert!(
-        r.header("ratelimit").unwrap().contains(r#""per-tool";r=0"#),
+        r.header("ratelimit")
+            .unwrap()
+            .contains(r#""per-tool";r=1;"#),
         "{r:?}"
+    );
+}
+
+/// Limits per tool and per caller that refill over an hour: no whole token
+/// comes back while a test runs, so a token seen missing was taken.
+const HOURLY_LIMITS: &str = r#"
+scopes:
+  - name: mcp
+    limits:
+      - name: search
+        per: identity_operation
+        operations: ["tools/call:search"]
+        capacity: 2
+        refill_period: 1h
+      - name: fetch
+        per: identity_operation
+        operations: ["tools/call:fetch"]
+        capacity: 5
+        refill_period: 1h
+      - name: per-user
+        per: identity
+        capacity: 10
+        refill_period: 1h
+"#;
+
+#[tokio::test]
+async fn a_refused_mixed_batch_takes_nothing_from_the_calls_that_had_room() {
+    let s = setup(HOURLY_LIMITS, &[]).await;
+    // Search is spent: search 0 of 2 left, per-user 8 of 10.
+    for id in 1..=2 {
+        assert_eq!(s.post("gus", &call(id, "search")).await.status, 200);
+    }
+    // fetch and tools/list have room (fetch needs 2 of 5, per-user 4 of 8);
+    // search has none, so the batch is refused whole.
+    let mixed = json!([
+        call(3, "fetch"),
+        call(4, "fetch"),
+        call(5, "search"),
+        {"jsonrpc": "2.0", "id": 6, "method": "tools/list"},
+    ]);
+    let r = s.post("gus", &mixed).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(s.upstream.seen().len(), 2, "only the two searches passed");
+    // The wait is search's (a token every 30 minutes); the calls denied only
+    // because search was do not hide it.
+    let retry: u64 = r
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .unwrap();
+    assert!((1790..=1800).contains(&retry), "retry-after {retry}");
+    assert_eq!(
+        r.header("ratelimit"),
+        Some(format!(r#""search";r=0;t={retry}"#).as_str())
+    );
+    assert_eq!(
+        r.header("ratelimit-policy"),
+        Some(r#""fetch";q=5;w=3600, "per-user";q=10;w=3600, "search";q=2;w=3600"#)
+    );
+    let errors = r.json();
+    let errors = errors.as_array().expect("a batch denial is an array");
+    assert_eq!(errors.len(), 4);
+    for (e, id) in errors.iter().zip(3..) {
+        assert_eq!(e["id"], id);
+        assert_eq!(e["error"]["data"]["retryAfterSeconds"], retry);
+        assert_eq!(e["error"]["data"]["violatedPolicies"], json!(["search"]));
+    }
+
+    // Nothing was taken: a fetch now leaves fetch 5-1 and per-user 8-1, as
+    // if the batch had never been sent. Charging its fetches and tools/list
+    // would have left fetch 2 and per-user 4.
+    let r = s.post("gus", &call(7, "fetch")).await;
+    assert_eq!(r.status, 200);
+    let limits = r.header("ratelimit").unwrap();
+    assert!(
+        limits.starts_with(r#""fetch";r=4;"#) && limits.contains(r#""per-user";r=7;"#),
+        "{limits}"
+    );
+    // A batch that fits is charged whole: fetch to 2, per-user to 4.
+    let fits = json!([
+        call(8, "fetch"),
+        call(9, "fetch"),
+        {"jsonrpc": "2.0", "id": 10, "method": "tools/list"},
+    ]);
+    let r = s.post("gus", &fits).await;
+    assert_eq!(r.status, 200);
+    let limits = r.header("ratelimit").unwrap();
+    assert!(
+        limits.starts_with(r#""fetch";r=2;"#) && limits.contains(r#""per-user";r=4;"#),
+        "{limits}"
     );
 }
 

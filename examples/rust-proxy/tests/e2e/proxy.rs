@@ -46,7 +46,7 @@ async fn allowed_requests_reach_the_upstream_with_ratelimit_headers() {
             .await;
         assert_eq!(r.status, 200);
         assert_eq!(r.body, "upstream saw /items");
-        assert_eq!(r.header("ratelimit-policy"), Some(r#""per-user";q=3"#));
+        assert_eq!(r.header("ratelimit-policy"), Some(r#""per-user";q=3;w=10"#));
         let limit = r.header("ratelimit").expect("RateLimit header");
         assert!(
             limit.starts_with(&format!(r#""per-user";r={remaining};t="#)),
@@ -86,7 +86,7 @@ async fn a_denial_is_a_429_with_retry_after_ratelimit_headers_and_problem_json()
         .parse()
         .unwrap();
     assert!((1..=4).contains(&retry), "retry-after {retry}");
-    assert_eq!(r.header("ratelimit-policy"), Some(r#""per-user";q=3"#));
+    assert_eq!(r.header("ratelimit-policy"), Some(r#""per-user";q=3;w=10"#));
     assert_eq!(
         r.header("ratelimit"),
         Some(format!(r#""per-user";r=0;t={retry}"#).as_str())

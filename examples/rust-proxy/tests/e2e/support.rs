@@ -125,8 +125,29 @@ impl Tollgate {
     }
 
     /// Freezes it (SIGSTOP): connections stay open, nothing is answered.
+    /// Returns once every thread is stopped: `kill` only queues the signal,
+    /// and a thread still running could answer one more call.
     pub fn pause(&self) {
         self.signal("-STOP");
+        let tasks = PathBuf::from(format!("/proc/{}/task", self.child.id()));
+        let stopped = || {
+            std::fs::read_dir(&tasks).is_ok_and(|dir| {
+                dir.flatten().all(|task| {
+                    // The state is the field after the parenthesised name.
+                    std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+                        stat.rsplit_once(") ")
+                            .is_some_and(|(_, rest)| rest.starts_with(['T', 't']))
+                    })
+                })
+            })
+        };
+        for _ in 0..200 {
+            if stopped() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("tollgate did not stop within 2 s of SIGSTOP");
     }
 
     /// Thaws it (SIGCONT).
