@@ -10,5 +10,6 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 while IFS='=' read -r k v; do export "$k=$v"; done < <(bash deploy/scripts/install-test-deps.sh)
 cargo test --all-targets "$@"
-TOLLGATE_BIN=target/debug/tollgate bash deploy/scripts/check-deploy.sh
-bash deploy/scripts/test-go.sh target/debug/tollgate
+bin="${CARGO_TARGET_DIR:-target}/debug/tollgate"
+TOLLGATE_BIN="$bin" bash deploy/scripts/check-deploy.sh
+bash deploy/scripts/test-go.sh "$bin"
