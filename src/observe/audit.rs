@@ -44,19 +44,7 @@ impl Audit {
         operation: &str,
         d: &Decision,
     ) {
-        // One second in, so the first lines find the bucket full.
-        let now =
-            u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX) + 1_000_000_000;
-        let admitted = {
-            let mut tat = self.state.lock();
-            let v = self.shape.judge(*tat, now, 1);
-            if v.conforms {
-                *tat = v.after;
-            }
-            v.conforms
-        };
-        if !admitted {
-            metrics.audit_suppressed();
+        if !self.admit(metrics) {
             return;
         }
         let rule = d.primary().map_or("", |b| &*b.rule);
@@ -71,5 +59,34 @@ impl Audit {
             reason = d.reason.as_deref().unwrap_or(""),
             "denied"
         );
+    }
+
+    /// Logs a call refused by caller authorization (`caller` is the
+    /// configured name, or `_unauthenticated`), from the same budget as the
+    /// denials, so neither flood can flood the log.
+    pub fn refused(&self, metrics: &Metrics, api: &str, caller: &str, scope: &str, why: &str) {
+        if !self.admit(metrics) {
+            return;
+        }
+        tracing::warn!(target: "tollgate::audit", api, caller, scope, reason = why, "refused");
+    }
+
+    /// Takes one line from the budget; counts it as suppressed when spent.
+    fn admit(&self, metrics: &Metrics) -> bool {
+        // One second in, so the first lines find the bucket full.
+        let now =
+            u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX) + 1_000_000_000;
+        let admitted = {
+            let mut tat = self.state.lock();
+            let v = self.shape.judge(*tat, now, 1);
+            if v.conforms {
+                *tat = v.after;
+            }
+            v.conforms
+        };
+        if !admitted {
+            metrics.audit_suppressed();
+        }
+        admitted
     }
 }
