@@ -86,6 +86,8 @@ pub struct Prepared {
     pub rules: Rules,
     /// Where a reload reads the config again; `None` refuses reloads.
     pub source: Option<ConfigSource>,
+    /// The gRPC and metrics listeners' TLS, loaded once, when configured.
+    pub tls: (Option<Tls>, Option<Tls>),
 }
 
 impl Prepared {
@@ -99,12 +101,13 @@ impl Prepared {
     pub fn new(config: Config, source: Option<ConfigSource>) -> Result<Self, ConfigError> {
         store::check_settings(&config.store)?;
         // The certificates must load now, before any port is bound.
-        listener_tls(&config)?;
+        let tls = listener_tls(&config)?;
         let rules = Rules::compile(&config)?;
         Ok(Self {
             config,
             rules,
             source,
+            tls,
         })
     }
 }
@@ -120,12 +123,12 @@ pub async fn run(
         config,
         rules,
         source,
+        tls: (grpc_tls, metrics_tls),
     } = prepared;
     let metrics = Arc::new(Metrics::new());
     let store = Instrumented::new(store::build(&config.store)?, metrics.clone());
     let limiter = Arc::new(Limiter::new(rules, store));
     let stopped = CancellationToken::new();
-    let (grpc_tls, metrics_tls) = listener_tls(&config)?;
     for tls in [&grpc_tls, &metrics_tls].into_iter().flatten() {
         tls.spawn_reloader(stopped.clone());
     }
@@ -145,7 +148,9 @@ pub async fn run(
         authorizer: Arc::new(Authorizer::new(config.callers.as_deref(), observer.clone())),
     };
     if config.callers.is_none() {
-        tracing::warn!("no callers configured: anyone who reaches the port may decide on any scope");
+        tracing::warn!(
+            "no callers configured: anyone who reaches the port may decide on any scope"
+        );
     }
     let router = routes(&config.grpc, &limiter, &observer, &reloader, health_service)?;
 
@@ -222,9 +227,12 @@ fn routes(
     let auth = &reloader.authorizer;
     let ours = RateLimiterApi::new(limiter.clone(), observer.clone())
         .with_access(auth.clone(), grpc.max_batch);
-    let envoy =
-        EnvoyRateLimitApi::new(limiter.clone(), reloader.envoy_headers.clone(), observer.clone())
-            .with_access(auth.clone(), grpc.max_envoy_descriptors);
+    let envoy = EnvoyRateLimitApi::new(
+        limiter.clone(),
+        reloader.envoy_headers.clone(),
+        observer.clone(),
+    )
+    .with_access(auth.clone(), grpc.max_envoy_descriptors);
     Ok(server_builder(grpc, &observer.metrics)
         .add_service(health_service.max_decoding_message_size(max))
         .add_service(v1.build_v1()?.max_decoding_message_size(max))

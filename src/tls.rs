@@ -138,9 +138,8 @@ fn read_files(settings: &TlsConfig, at: &str) -> Result<Files, ConfigError> {
 /// Builds the rustls config from PEM bytes, with `ring` as the provider.
 fn server_config(files: &Files, at: &str, alpn: &[u8]) -> Result<ServerConfig, ConfigError> {
     let (cert, key, client_ca) = files;
-    let fail = |field: &str, e: &dyn std::fmt::Display| {
-        ConfigError::one(format!("{at}.{field}: {e}"))
-    };
+    let fail =
+        |field: &str, e: &dyn std::fmt::Display| ConfigError::one(format!("{at}.{field}: {e}"));
     let chain = CertificateDer::pem_slice_iter(cert)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| fail("cert", &e))?;
@@ -243,7 +242,14 @@ pub fn accept(listener: TcpListener, tls: Option<Tls>) -> mpsc::Receiver<Conn> {
                         remote_addr,
                         sans: Arc::from([]),
                     };
-                    if tx.send(Conn { io: Io::Plain(tcp), peer }).await.is_err() {
+                    if tx
+                        .send(Conn {
+                            io: Io::Plain(tcp),
+                            peer,
+                        })
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }

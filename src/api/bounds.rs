@@ -14,8 +14,8 @@ use std::task::{Context, Poll};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
-use tonic::codegen::http;
 use tonic::body::Body;
+use tonic::codegen::http;
 use tower::{Layer, Service};
 
 use crate::observe::metrics::Metrics;

@@ -122,8 +122,13 @@ impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
         let caller = self.access.identify("tollgate", &request)?;
         let req = request.into_inner();
         let domain = to_domain(&req, "")?;
-        self.access
-            .check_decision("tollgate", caller.as_deref(), "scope", &req.scope, req.dry_run)?;
+        self.access.check_decision(
+            "tollgate",
+            caller.as_deref(),
+            "scope",
+            &req.scope,
+            req.dry_run,
+        )?;
         let result = self.limiter.decide(&domain).await;
         let rules = self.limiter.rules();
         self.observer.decided(

@@ -269,7 +269,12 @@ impl GrpcConfig {
             ),
             ("max_in_flight", self.max_in_flight, 1, 1 << 24),
             ("max_batch", self.max_batch, 1, 1 << 20),
-            ("max_envoy_descriptors", self.max_envoy_descriptors, 1, 1 << 20),
+            (
+                "max_envoy_descriptors",
+                self.max_envoy_descriptors,
+                1,
+                1 << 20,
+            ),
         ];
         for (field, value, min, max) in ranges {
             if value < min || value > max {
@@ -281,7 +286,11 @@ impl GrpcConfig {
             ("keepalive_interval", self.keepalive_interval, day),
             ("keepalive_timeout", self.keepalive_timeout, day),
             ("max_connection_age", self.max_connection_age, 366 * day),
-            ("max_connection_age_grace", self.max_connection_age_grace, day),
+            (
+                "max_connection_age_grace",
+                self.max_connection_age_grace,
+                day,
+            ),
         ];
         for (field, value, max) in durations {
             if value < Duration::from_millis(10) || value > max {

@@ -354,7 +354,9 @@ impl RedisConfig {
         for (field, secret, file) in pairs {
             let Some(file) = file else { continue };
             if secret.is_some() {
-                problems.push(format!("{at}.{field}_file: give {field} or {field}_file, not both"));
+                problems.push(format!(
+                    "{at}.{field}_file: give {field} or {field}_file, not both"
+                ));
                 continue;
             }
             match std::fs::read_to_string(file) {
@@ -386,7 +388,10 @@ impl RedisConfig {
         if let Some(ca) = &self.tls.ca_file
             && let Err(e) = std::fs::metadata(ca)
         {
-            problems.push(format!("{at}.tls.ca_file: cannot read {}: {e}", ca.display()));
+            problems.push(format!(
+                "{at}.tls.ca_file: cannot read {}: {e}",
+                ca.display()
+            ));
         }
         if self.mode != RedisMode::Sentinel
             && (self.sentinel_username.is_some() || self.sentinel_password.is_some())

@@ -148,7 +148,12 @@ fn layers_point_one_way() {
         ),
         (
             "observe",
-            &["crate::api", "crate::server", "crate::shutdown", "crate::tls"],
+            &[
+                "crate::api",
+                "crate::server",
+                "crate::shutdown",
+                "crate::tls",
+            ],
         ),
         (
             "api",
