@@ -224,3 +224,44 @@ async fn without_callers_everyone_is_served_as_before() {
     };
     assert!(c.should_allow_batch(batch).await.is_ok());
 }
+
+#[test]
+fn the_admin_check_needs_an_admin_grant() {
+    use std::sync::Arc;
+    use tollgate::api::auth::{Authorizer, PeerInfo};
+    use tollgate::observe::Observer;
+
+    let yaml = format!(
+        "tls: {{cert: /dev/null, key: /dev/null, client_ca: /dev/null}}
+callers:
+  - {{name: ops, san: spiffe://test/ops, scopes: [\"*\"], admin: true}}
+  - {{name: jobs, token_sha256: {}, scopes: [\"*\"]}}
+",
+        sha256_hex(TOKEN)
+    );
+    let config = tollgate::config::Config::from_yaml(&yaml).unwrap();
+    let auth = Authorizer::new(config.callers.as_deref(), Arc::new(Observer::default()));
+    let from_ops = {
+        let mut r = tonic::Request::new(());
+        r.extensions_mut().insert(PeerInfo {
+            remote_addr: None,
+            sans: Arc::from(["ops.test".to_owned(), "spiffe://test/ops".to_owned()]),
+        });
+        r
+    };
+    let caller = auth.authorize_admin(&from_ops, "Admin/ListScopes").unwrap();
+    assert_eq!(caller.map(|c| c.name.to_string()).as_deref(), Some("ops"));
+
+    let e = auth
+        .authorize_admin(&with_token(TOKEN, ()), "Admin/ListScopes")
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert_eq!(
+        e.message(),
+        "Admin/ListScopes: caller \"jobs\" may not call the admin RPCs"
+    );
+    let e = auth
+        .authorize_admin(&tonic::Request::new(()), "Admin/ListScopes")
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+}

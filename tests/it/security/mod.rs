@@ -5,6 +5,7 @@
 
 mod bounds;
 mod callers;
+mod config;
 mod redis_auth;
 mod tls;
 
