@@ -147,11 +147,7 @@ pub async fn run(
         envoy_headers: Arc::new(AtomicBool::new(config.envoy_response_headers)),
         authorizer: Arc::new(Authorizer::new(config.callers.as_deref(), observer.clone())),
     };
-    if config.callers.is_none() {
-        tracing::warn!(
-            "no callers configured: anyone who reaches the port may decide on any scope"
-        );
-    }
+    warn_if_exposed(&config);
     let router = routes(&config.grpc, &limiter, &observer, &reloader, health_service)?;
 
     let (stopping, cancel) = (CancellationToken::new(), CancellationToken::new());
@@ -172,6 +168,21 @@ pub async fn run(
     stopped.cancel();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Says at start-up what an open or plaintext setup exposes.
+fn warn_if_exposed(config: &Config) {
+    match &config.callers {
+        None => tracing::warn!(
+            "no callers configured: anyone who reaches the port may decide on any scope"
+        ),
+        Some(callers)
+            if config.tls.is_none() && callers.iter().any(|c| c.token_sha256.is_some()) =>
+        {
+            tracing::warn!("bearer tokens without tls: anyone on the path can read and replay them")
+        }
+        Some(_) => {}
+    }
 }
 
 /// The TLS of the gRPC and the metrics listeners, each when configured.

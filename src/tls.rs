@@ -40,6 +40,10 @@ use crate::config::{ConfigError, TlsConfig};
 
 /// The longest a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most handshakes in progress at once, per listener; a connection
+/// arriving past it is closed at once, so a flood of silent connections
+/// costs at most this many tasks.
+pub const MAX_HANDSHAKES: usize = 1024;
 
 /// ALPN for the gRPC listener.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -220,6 +224,7 @@ pub fn accept(listener: TcpListener, tls: Option<Tls>) -> mpsc::Receiver<Conn> {
     let mut incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let tcp = tokio::select! {
@@ -254,8 +259,15 @@ pub fn accept(listener: TcpListener, tls: Option<Tls>) -> mpsc::Receiver<Conn> {
                     }
                 }
                 Some(tls) => {
+                    let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                        tracing::debug!(?remote_addr, "too many TLS handshakes; closed");
+                        continue;
+                    };
                     let (acceptor, tx) = (tls.acceptor(), tx.clone());
-                    tokio::spawn(handshake(acceptor, tcp, remote_addr, tx));
+                    tokio::spawn(async move {
+                        handshake(acceptor, tcp, remote_addr, tx).await;
+                        drop(permit);
+                    });
                 }
             }
         }

@@ -265,3 +265,46 @@ callers:
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_allow_client_speaks_mtls_with_a_token() {
+    let ca = Ca::new("cli");
+    let files = TlsFiles::new(&ca.server(&[]), Some(&ca));
+    let yaml = format!(
+        "tls: {}\ncallers:\n  - {{name: cli, token_sha256: {}, scopes: [b]}}\n{SCOPES}",
+        files.yaml("10s"),
+        sha256_hex(TOKEN)
+    );
+    let server = TestServer::start(&yaml).await;
+    let client = ca.client("cli.test");
+    let dir = files.dir.path();
+    std::fs::write(dir.join("client.pem"), &client.cert).unwrap();
+    std::fs::write(dir.join("client.key"), &client.key).unwrap();
+    let run = |token: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.args(["allow", "--scope", "b", "--identity", "alice", "--addr"])
+            .arg(format!("https://{}", server.addr))
+            .arg("--ca-cert")
+            .arg(files.ca())
+            .arg("--cert")
+            .arg(dir.join("client.pem"))
+            .arg("--key")
+            .arg(dir.join("client.key"))
+            .args(["--tls-name", "localhost"]);
+        if let Some(t) = token {
+            cmd.args(["--token", t]);
+        }
+        cmd.output().expect("tollgate runs")
+    };
+    // Blocking here is fine: the server runs on the other worker thread.
+    let (ok, refused) = (run(Some(TOKEN)), run(None));
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        stdout.starts_with("ALLOWED"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("match no configured caller"), "{stderr}");
+}

@@ -35,7 +35,11 @@ fn acl_server(dir: &Path, extra: &[&str]) -> Server {
 
 /// Serves `store_yaml` (indented under `store.redis`) and asks once.
 async fn decide(store_yaml: &str) -> Result<bool, tonic::Status> {
-    let yaml = format!("store:\n  kind: redis\n  redis:\n{store_yaml}{}", scopes());
+    // Generous timeouts: a TLS connect on a busy CI machine is not fast.
+    let yaml = format!(
+        "store:\n  kind: redis\n  redis:\n{store_yaml}    response_timeout: 2s\n    connect_timeout: 5s\n    wait_timeout: 5s\n{}",
+        scopes()
+    );
     let server = TestServer::start(&yaml).await;
     let mut c = server.client().await;
     c.should_allow(req("s", "alice", "op"))
