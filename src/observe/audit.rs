@@ -90,3 +90,29 @@ impl Audit {
         admitted
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_share_the_denials_budget_and_the_rest_are_counted() {
+        let (audit, metrics) = (Audit::default(), Metrics::new());
+        for _ in 0..AUDIT_LINES_PER_SECOND + 5 {
+            audit.refused(&metrics, "tollgate", "edge", "b", "not granted");
+        }
+        let text = metrics.encode();
+        assert!(
+            text.contains("tollgate_audit_lines_suppressed_total 5"),
+            "{text}"
+        );
+        // A second later the budget is back.
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+        audit.refused(&metrics, "tollgate", "edge", "b", "not granted");
+        assert!(
+            metrics
+                .encode()
+                .contains("tollgate_audit_lines_suppressed_total 5")
+        );
+    }
+}

@@ -165,6 +165,7 @@ fn layers_point_one_way() {
                 "crate::store::memory",
             ],
         ),
+        ("tls.rs", &["crate::server", "crate::shutdown"]),
     ];
     let mut found = Vec::new();
     for (layer, forbidden) in rules {
