@@ -259,6 +259,7 @@ fn server_builder(
 ) -> tonic::transport::Server<Stack<InFlightLimitLayer, Identity>> {
     tonic::transport::Server::builder()
         .max_concurrent_streams(grpc.max_concurrent_streams)
+        .http2_max_header_list_size(grpc.max_header_list_size)
         .http2_keepalive_interval(Some(grpc.keepalive_interval))
         .http2_keepalive_timeout(Some(grpc.keepalive_timeout))
         // GOAWAY at the age; `incoming` closes the connection after the

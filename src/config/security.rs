@@ -20,6 +20,9 @@ pub const DEFAULT_TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
 /// The largest valid request, a batch of 256 entries each at every field's
 /// cap, is about 1.5 MiB; 4 MiB leaves room and matches gRPC's usual default.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
+/// Default `grpc.max_header_list_size`: the most bytes of headers
+/// (metadata) one call may send; hyper's own default, made explicit.
+pub const DEFAULT_MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 /// Default `grpc.max_concurrent_streams`: calls one connection may have open.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 100;
 /// Default `grpc.keepalive_interval`: how often an idle connection is pinged.
@@ -187,6 +190,9 @@ pub struct GrpcConfig {
     /// The largest request message, decoded, in bytes.
     #[serde(default = "default_max_message_size")]
     pub max_message_size: usize,
+    /// The most bytes of headers (gRPC metadata) in one call.
+    #[serde(default = "default_max_header_list_size")]
+    pub max_header_list_size: u32,
     /// Concurrent calls (HTTP/2 streams) per connection.
     #[serde(default = "default_max_concurrent_streams")]
     pub max_concurrent_streams: u32,
@@ -217,6 +223,7 @@ impl Default for GrpcConfig {
     fn default() -> Self {
         Self {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            max_header_list_size: DEFAULT_MAX_HEADER_LIST_SIZE,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
@@ -231,6 +238,9 @@ impl Default for GrpcConfig {
 
 fn default_max_message_size() -> usize {
     DEFAULT_MAX_MESSAGE_SIZE
+}
+fn default_max_header_list_size() -> u32 {
+    DEFAULT_MAX_HEADER_LIST_SIZE
 }
 fn default_max_concurrent_streams() -> u32 {
     DEFAULT_MAX_CONCURRENT_STREAMS
@@ -259,8 +269,14 @@ fn default_max_envoy_descriptors() -> usize {
 
 impl GrpcConfig {
     pub(super) fn validate(&self, problems: &mut Vec<String>) {
-        let ranges: [(&str, usize, usize, usize); 5] = [
+        let ranges: [(&str, usize, usize, usize); 6] = [
             ("max_message_size", self.max_message_size, 1024, 1 << 30),
+            (
+                "max_header_list_size",
+                self.max_header_list_size as usize,
+                1024,
+                1 << 24,
+            ),
             (
                 "max_concurrent_streams",
                 self.max_concurrent_streams as usize,

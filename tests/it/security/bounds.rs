@@ -119,6 +119,20 @@ async fn a_10_mb_message_is_refused_and_others_are_served() {
 }
 
 #[tokio::test]
+async fn a_call_with_too_much_metadata_is_refused_and_others_are_served() {
+    let server = TestServer::start(SCOPES).await;
+    let mut c = server.client().await;
+    let mut call = tonic::Request::new(req("s", "alice", "op"));
+    let big: tonic::metadata::MetadataValue<_> = "x".repeat(64 * 1024).parse().unwrap();
+    call.metadata_mut().insert("x-padding", big);
+    let e = c.should_allow(call).await.unwrap_err();
+    // Far over the limit, h2 closes the connection: GOAWAY ENHANCE_YOUR_CALM.
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(format!("{e:?}").contains("header_list"), "{e:?}");
+    assert!(ask(&mut c, req("s", "alice", "op")).await.allowed);
+}
+
+#[tokio::test]
 async fn ten_thousand_streams_on_one_connection_are_refused_past_the_cap() {
     let server = TestServer::start(SCOPES).await;
     let (s, settings) = raw::connect(server.addr).await;
