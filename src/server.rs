@@ -132,14 +132,14 @@ pub async fn run(
     for tls in [&grpc_tls, &metrics_tls].into_iter().flatten() {
         tls.spawn_reloader(stopped.clone());
     }
-    serve_metrics(&config, &metrics, metrics_tls, &stopped).await?;
+    let observer = Arc::new(Observer::new(metrics.clone()));
+    serve_metrics(&config, &observer, metrics_tls, &stopped).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
     health
         .set_service_status(HEALTH_SERVICE, ServingStatus::Serving)
         .await;
     let watcher = tokio::spawn(watch_store(limiter.clone(), health.clone()));
-    let observer = Arc::new(Observer::new(metrics.clone()));
     let reloader = Reloader {
         source,
         limiter: limiter.clone(),
@@ -162,7 +162,7 @@ pub async fn run(
         }
     };
     tracing::info!(addr = ?listener.local_addr().ok(), tls = grpc_tls.is_some(), "serving");
-    let conns = incoming(listener, grpc_tls, &cancel, &config.grpc);
+    let conns = incoming(listener, grpc_tls, &observer, &cancel, &config.grpc);
     let serve = router.serve_with_incoming_shutdown(conns, stop);
     shutdown::serve_with_grace(serve, stopping, cancel, config.shutdown_grace).await?;
     stopped.cancel();
@@ -272,7 +272,7 @@ fn server_builder(
 /// Binds and serves the metrics port, if configured, until `stopped`.
 async fn serve_metrics(
     config: &Config,
-    metrics: &Arc<Metrics>,
+    observer: &Arc<Observer>,
     tls: Option<Tls>,
     stopped: &CancellationToken,
 ) -> Result<(), ServerError> {
@@ -284,7 +284,9 @@ async fn serve_metrics(
         .map_err(|e| ConfigError::one(format!("metrics.listen: {e}")))?;
     let listener = TcpListener::bind(addr).await.map_err(ServerError::Bind)?;
     tracing::info!(addr = ?listener.local_addr().ok(), tls = tls.is_some(), "serving metrics");
-    let listener = tls::MetricsListener::new(listener, tls).map_err(ServerError::Bind)?;
+    let listener =
+        tls::MetricsListener::new(listener, tls, observer.clone()).map_err(ServerError::Bind)?;
+    let metrics = &observer.metrics;
     let (metrics, stopped) = (metrics.clone(), stopped.clone());
     tokio::spawn(async move {
         let shutdown = async move { stopped.cancelled().await };
@@ -362,11 +364,12 @@ impl Reloader {
 fn incoming(
     listener: TcpListener,
     tls: Option<Tls>,
+    observer: &Arc<Observer>,
     cancel: &CancellationToken,
     grpc: &GrpcConfig,
 ) -> impl Stream<Item = std::io::Result<Cancellable<Conn>>> + use<> {
     let cancel = cancel.clone();
     let deadline = grpc.max_connection_age + grpc.max_connection_age_grace;
-    tokio_stream::wrappers::ReceiverStream::new(tls::accept(listener, tls))
+    tokio_stream::wrappers::ReceiverStream::new(tls::accept(listener, tls, observer.clone()))
         .map(move |conn| Ok(Cancellable::new(conn, &cancel).with_deadline(deadline)))
 }

@@ -35,8 +35,9 @@ use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, TcpIncoming};
 
-use crate::api::auth::PeerInfo;
+use crate::api::auth::{PeerInfo, UNAUTHENTICATED};
 use crate::config::{ConfigError, TlsConfig};
+use crate::observe::Observer;
 
 /// The longest a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -219,7 +220,14 @@ impl Conn {
 /// Accepts on `listener` (Nagle off, TCP keepalive on), handshaking TLS
 /// when `tls` is set, each handshake on its own task. Connections arrive on
 /// the returned channel; dropping it stops accepting and closes the socket.
-pub fn accept(listener: TcpListener, tls: Option<Tls>) -> mpsc::Receiver<Conn> {
+/// A failed handshake (no client certificate, one from another CA, not
+/// TLS at all) is an access refusal: counted and audited through
+/// `observer` as API `tls`.
+pub fn accept(
+    listener: TcpListener,
+    tls: Option<Tls>,
+    observer: Arc<Observer>,
+) -> mpsc::Receiver<Conn> {
     let (tx, rx) = mpsc::channel(64);
     let mut incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
@@ -264,8 +272,12 @@ pub fn accept(listener: TcpListener, tls: Option<Tls>) -> mpsc::Receiver<Conn> {
                         continue;
                     };
                     let (acceptor, tx) = (tls.acceptor(), tx.clone());
+                    let (observer, at) = (observer.clone(), tls.at);
                     tokio::spawn(async move {
-                        handshake(acceptor, tcp, remote_addr, tx).await;
+                        if let Err(why) = handshake(acceptor, tcp, remote_addr, tx).await {
+                            let why = format!("{at}: TLS handshake from {remote_addr:?}: {why}");
+                            observer.refused("tls", UNAUTHENTICATED, "", &why);
+                        }
                         drop(permit);
                     });
                 }
@@ -275,22 +287,17 @@ pub fn accept(listener: TcpListener, tls: Option<Tls>) -> mpsc::Receiver<Conn> {
     rx
 }
 
+/// Completes one handshake and hands the connection on; says why not.
 async fn handshake(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     remote_addr: Option<SocketAddr>,
     tx: mpsc::Sender<Conn>,
-) {
+) -> Result<(), String> {
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            tracing::debug!(?remote_addr, error = %e, "TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(?remote_addr, "TLS handshake timed out");
-            return;
-        }
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err(format!("timed out after {HANDSHAKE_TIMEOUT:?}")),
     };
     let sans = stream
         .get_ref()
@@ -307,7 +314,9 @@ async fn handshake(
         io: Io::Tls(Box::new(stream)),
         peer,
     };
+    // The server may be stopping; that is no refusal.
     let _ = tx.send(conn).await;
+    Ok(())
 }
 
 impl AsyncRead for Conn {
@@ -366,11 +375,16 @@ pub struct MetricsListener {
 }
 
 impl MetricsListener {
-    /// Serves `listener`, over TLS when `tls` is set.
-    pub fn new(listener: TcpListener, tls: Option<Tls>) -> io::Result<Self> {
+    /// Serves `listener`, over TLS when `tls` is set, reporting refused
+    /// handshakes to `observer`.
+    pub fn new(
+        listener: TcpListener,
+        tls: Option<Tls>,
+        observer: Arc<Observer>,
+    ) -> io::Result<Self> {
         let local = listener.local_addr()?;
         Ok(Self {
-            conns: accept(listener, tls),
+            conns: accept(listener, tls, observer),
             local,
         })
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tollgate::pb::tollgate::v1::rate_limiter_client::RateLimiterClient;
 
-use super::{free_addr, http_get, tls_channel};
+use super::{free_addr, http_get, metric, tls_channel};
 use crate::common::certs::{Ca, TlsFiles};
 use crate::common::{TestServer, req};
 
@@ -21,7 +21,12 @@ scopes:
 async fn mtls_serves_a_trusted_client_and_refuses_others_at_the_handshake() {
     let (ca, other_ca) = (Ca::new("trusted"), Ca::new("other"));
     let files = TlsFiles::new(&ca.server(&[]), Some(&ca));
-    let server = TestServer::start(&format!("tls: {}\n{SCOPES}", files.yaml("10s"))).await;
+    let metrics = free_addr();
+    let server = TestServer::start(&format!(
+        "tls: {}\nmetrics: {{listen: \"{metrics}\"}}\n{SCOPES}",
+        files.yaml("10s")
+    ))
+    .await;
 
     let good = ca.client("spiffe://test/ns/edge/sa/gateway");
     let channel = tls_channel(server.addr, &ca.pem, Some(&good), "localhost")
@@ -59,6 +64,19 @@ async fn mtls_serves_a_trusted_client_and_refuses_others_at_the_handshake() {
             .connect_lazy(),
     );
     assert!(plain.should_allow(req("a-1", "x", "op")).await.is_err());
+
+    // Each refused handshake is an access refusal: counted (and audited).
+    let series = "tollgate_access_denied_total{api=\"tls\",caller=\"_unauthenticated\"}";
+    let mut refusals = 0.0;
+    for _ in 0..50 {
+        let tcp = tokio::net::TcpStream::connect(&metrics).await.unwrap();
+        refusals = metric(&http_get(tcp, "/metrics").await.unwrap(), series);
+        if refusals >= 3.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refusals >= 3.0, "{refusals} refused handshakes counted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
