@@ -430,12 +430,14 @@ async fn envoy_reaches_tollgate_over_mtls_as_a_named_caller() {
     std::fs::write(dir.join("envoy.pem"), &envoy_cert.cert).expect("write");
     std::fs::write(dir.join("envoy.key"), &envoy_cert.key).expect("write");
     std::fs::write(dir.join("edge.yaml"), EDGE_LIMITS).expect("write limits");
-    let tollgate = common::TestServer::start(&format!(
-        "tls: {}\nenvoy_ratelimit_configs: [{:?}]\ncallers:\n  - {{name: envoy, san: spiffe://test/ns/edge/sa/envoy, scopes: [edge]}}\n",
-        files.yaml("10s"),
-        dir.join("edge.yaml")
-    ))
-    .await;
+    let config = |scopes: &str| {
+        format!(
+            "tls: {}\nenvoy_ratelimit_configs: [{:?}]\ncallers:\n  - {{name: envoy, san: spiffe://test/ns/edge/sa/envoy, scopes: [{scopes}]}}\n",
+            files.yaml("10s"),
+            dir.join("edge.yaml")
+        )
+    };
+    let tollgate = common::TestServer::start(&config("edge")).await;
     let upstream = start_upstream().await;
     // Fail closed, so that a refused connection or call shows as a 500
     // rather than passing unlimited.
@@ -460,4 +462,19 @@ async fn envoy_reaches_tollgate_over_mtls_as_a_named_caller() {
         "{statuses:?}\n{}",
         envoy.log_text()
     );
+    // Revoke the domain: PERMISSION_DENIED is an error to Envoy, which
+    // (failing closed) answers 500 instead of passing the request.
+    tollgate.reload(&config("other")).await;
+    let mut status = 0;
+    for _ in 0..100 {
+        status = get(envoy.listen, "/", &[("x-user-id", "dan")])
+            .await
+            .expect("request")
+            .status;
+        if status == 500 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 500, "{}", envoy.log_text());
 }
