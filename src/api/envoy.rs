@@ -28,11 +28,12 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimit
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
 use tonic::{Request, Response, Status};
 
+use super::auth::Authorizer;
 use super::headers::Draft;
 use super::validate::{
-    self, MAX_DESCRIPTOR_ENTRIES, MAX_DESCRIPTOR_KEY_LEN, MAX_DESCRIPTOR_VALUE_LEN,
-    MAX_DESCRIPTORS, MAX_SCOPE_LEN,
+    self, MAX_DESCRIPTOR_ENTRIES, MAX_DESCRIPTOR_KEY_LEN, MAX_DESCRIPTOR_VALUE_LEN, MAX_SCOPE_LEN,
 };
+use crate::config::security::DEFAULT_MAX_ENVOY_DESCRIPTORS;
 use crate::error::InvalidField;
 use crate::limiter::descriptors::{DescriptorKeys, canonical};
 use crate::limiter::{self, BucketReport, Decision, Limiter};
@@ -82,6 +83,10 @@ pub struct EnvoyRateLimitApi<S> {
     headers: Arc<HeaderSettings>,
     /// Counts, times and audits decisions, denials per rule included.
     observer: Arc<Observer>,
+    /// Who may call, and on which domains.
+    access: Arc<Authorizer>,
+    /// `grpc.max_envoy_descriptors`.
+    max_descriptors: usize,
 }
 
 impl<S> EnvoyRateLimitApi<S> {
@@ -95,7 +100,19 @@ impl<S> EnvoyRateLimitApi<S> {
         Self {
             limiter,
             headers,
+            access: Arc::new(Authorizer::new(None, observer.clone())),
             observer,
+            max_descriptors: DEFAULT_MAX_ENVOY_DESCRIPTORS,
+        }
+    }
+
+    /// Serves only the callers `access` grants (the domain is the scope),
+    /// requests of up to `max_descriptors` descriptors.
+    pub fn with_access(self, access: Arc<Authorizer>, max_descriptors: usize) -> Self {
+        Self {
+            access,
+            max_descriptors,
+            ..self
         }
     }
 }
@@ -127,16 +144,17 @@ impl<'a> Described<'a> {
 fn to_domain<'a>(
     req: &'a RateLimitRequest,
     keys: Option<&DescriptorKeys>,
+    max_descriptors: usize,
 ) -> Result<Vec<Described<'a>>, InvalidField> {
     validate::text("domain", &req.domain, MAX_SCOPE_LEN, true)?;
     if req.descriptors.is_empty() {
         return Err(validate::invalid("descriptors", "must not be empty"));
     }
-    if req.descriptors.len() > MAX_DESCRIPTORS {
+    if req.descriptors.len() > max_descriptors {
         return Err(validate::invalid(
             "descriptors",
             format!(
-                "has {} entries; the most allowed is {MAX_DESCRIPTORS}",
+                "has {} entries; the most allowed is {max_descriptors} (grpc.max_envoy_descriptors)",
                 req.descriptors.len()
             ),
         ));
@@ -234,12 +252,15 @@ impl<S: Store> RateLimitService for EnvoyRateLimitApi<S> {
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
         let started = tokio::time::Instant::now();
+        let caller = self.access.identify("envoy", &request)?;
         let req = request.into_inner();
         let rules = self.limiter.rules();
         let keys = rules
             .scope(&req.domain)
             .and_then(|s| s.descriptor_keys.as_ref());
-        let described = to_domain(&req, keys)?;
+        let described = to_domain(&req, keys, self.max_descriptors)?;
+        self.access
+            .check_decision("envoy", caller.as_deref(), "domain", &req.domain, false)?;
         let requests: Vec<limiter::Request<'_>> =
             described.iter().map(|d| d.request(&req.domain)).collect();
         let result = self.limiter.decide_together(&requests).await;

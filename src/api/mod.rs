@@ -1,6 +1,8 @@
 //! The gRPC edge: translate proto ⇄ domain, validate input, call the limiter.
 //! Nothing else happens here, and no other library module knows proto types.
 
+pub mod auth;
+pub mod bounds;
 pub mod envoy;
 pub mod headers;
 pub mod tollgate;

@@ -13,4 +13,5 @@ mod limiter;
 mod redis_config;
 mod redis_standalone;
 mod redis_topologies;
+mod security;
 mod store_conformance;
