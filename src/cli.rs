@@ -43,7 +43,7 @@ pub(crate) enum Command {
         file: PathBuf,
     },
     /// Ask a running Tollgate for one decision, and print it.
-    Allow(AllowArgs),
+    Allow(Box<AllowArgs>),
     /// Show the heaviest identities per rule, refreshed in place like top;
     /// several --addr are merged.
     Top(TopArgs),
@@ -76,6 +76,24 @@ pub(crate) struct AllowArgs {
     /// An attribute, as key=value; repeat for more.
     #[arg(long = "attr", value_parser = parse_attr)]
     attrs: Vec<(String, String)>,
+    /// A bearer token, for a server with `callers:` (sent as
+    /// `authorization: Bearer <token>`).
+    #[arg(long)]
+    token: Option<String>,
+    /// PEM CA that signed the server's certificate; implies TLS (an
+    /// `https://` address uses the system's roots without it).
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+    /// PEM client certificate for mTLS (with `--key`).
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// PEM client key for mTLS (with `--cert`).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// The name to check the server's certificate against, when it is not
+    /// the address's host.
+    #[arg(long)]
+    tls_name: Option<String>,
 }
 
 fn parse_attr(s: &str) -> Result<(String, String), String> {
@@ -144,8 +162,37 @@ fn summary(config: &Config, rules: &Rules) -> String {
     out
 }
 
+/// A channel to `--addr`, over TLS when the flags or the scheme ask for it.
+async fn channel(args: &AllowArgs) -> anyhow::Result<tonic::transport::Channel> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let tls = args.ca_cert.is_some() || args.cert.is_some() || args.addr.starts_with("https://");
+    let addr = match args.addr.strip_prefix("http://") {
+        Some(rest) if tls => format!("https://{rest}"),
+        _ => args.addr.clone(),
+    };
+    let mut endpoint = Endpoint::from_shared(addr)?;
+    if tls {
+        let mut config = ClientTlsConfig::new().with_enabled_roots();
+        if let Some(ca) = &args.ca_cert {
+            config = config.ca_certificate(Certificate::from_pem(std::fs::read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
+            config = config.identity(Identity::from_pem(
+                std::fs::read(cert)?,
+                std::fs::read(key)?,
+            ));
+        }
+        if let Some(name) = &args.tls_name {
+            config = config.domain_name(name);
+        }
+        endpoint = endpoint.tls_config(config)?;
+    }
+    Ok(endpoint.connect().await?)
+}
+
 /// Sends one `ShouldAllow` and renders the answer for a terminal.
 pub(crate) async fn allow(args: AllowArgs) -> anyhow::Result<String> {
+    let channel = channel(&args).await?;
     let request = pb::ShouldAllowRequest {
         scope: args.scope,
         identity: args.identity,
@@ -154,7 +201,12 @@ pub(crate) async fn allow(args: AllowArgs) -> anyhow::Result<String> {
         dry_run: args.dry_run,
         attributes: args.attrs.into_iter().collect(),
     };
-    let mut client = pb::rate_limiter_client::RateLimiterClient::connect(args.addr).await?;
+    let mut request = tonic::Request::new(request);
+    if let Some(token) = &args.token {
+        let value = format!("Bearer {token}").parse()?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    let mut client = pb::rate_limiter_client::RateLimiterClient::new(channel);
     let r = client.should_allow(request).await?.into_inner();
     let mut out = String::new();
     let secs = |d: &Option<prost_types::Duration>| {

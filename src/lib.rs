@@ -20,8 +20,9 @@
 //!   Envoy's RLS); proto ⇄ domain, input validation. [`pb`] is the
 //!   generated code, and [`error`] maps domain errors to gRPC statuses.
 //! - [`server`]: prepares a config and serves it; [`shutdown`]: signals,
-//!   reload, and the stop sequence (drain, grace, cancel); [`watch`]:
-//!   reload when the config's files change.
+//!   reload, and the stop sequence (drain, grace, cancel); [`tls`]: the
+//!   listeners' TLS, certificates re-read when their files change;
+//!   [`watch`]: reload when the config's files change.
 //!
 //! The binary (`src/main.rs`, with its `cli` module) parses arguments, loads
 //! the config, and calls [`server::run`]; it is the one place besides `api`
@@ -43,7 +44,8 @@
 //!   it parses and validates, and others read it. Only the store judges its
 //!   own settings (`store::check_settings`), before any port is bound.
 //! - **The layers point one way:** `config`, `bucket` ← `store` ← `limiter`
-//!   ← `observe` ← `api` ← `server`. No module imports one to its right.
+//!   ← `observe` ← `api` ← `tls`, `server`. No module imports one to its
+//!   right.
 //! - **Only `api` knows proto types.** Nothing under `limiter`, `store`,
 //!   `config` or `observe` names `pb::`, `tonic::` or `prost`.
 //! - **Only the Redis store knows Redis.** `redis::` appears nowhere outside
@@ -64,4 +66,5 @@ pub mod pb;
 pub mod server;
 pub mod shutdown;
 pub mod store;
+pub mod tls;
 pub mod watch;

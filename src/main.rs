@@ -31,7 +31,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::CheckConfig { file } => Ok(cli::check_config(&file)),
         Command::Allow(args) => {
-            print!("{}", cli::allow(args).await?);
+            print!("{}", cli::allow(*args).await?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Top(args) => {

@@ -8,7 +8,6 @@
 //! configured address. The stop sequence itself lives in [`crate::shutdown`].
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
@@ -16,12 +15,15 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt as _};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::{Router, TcpIncoming};
+use tonic::transport::server::Router;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+use tower::layer::util::{Identity, Stack};
 
-use crate::api::{AdminApi, EnvoyRateLimitApi, RateLimiterApi};
-use crate::config::{Config, ConfigError, ConfigSource};
+use crate::api::auth::Authorizer;
+use crate::api::bounds::InFlightLimitLayer;
+use crate::api::{AdminApi, EnvoyRateLimitApi, HeaderSettings, RateLimiterApi};
+use crate::config::{Config, ConfigError, ConfigSource, GrpcConfig};
 use crate::limiter::{Limiter, Rules};
 use crate::observe::Observer;
 use crate::observe::hitters::{Hitters, Sizes};
@@ -32,6 +34,7 @@ use crate::pb::tollgate::v1::admin_server::AdminServer;
 use crate::pb::tollgate::v1::rate_limiter_server::RateLimiterServer;
 use crate::shutdown::{self, Cancellable, Control};
 use crate::store::{self, AnyStore, BuildError, Store};
+use crate::tls::{self, Conn, Tls};
 use crate::watch::FileWatch;
 
 /// The health service name that tracks readiness, besides the empty name.
@@ -45,6 +48,15 @@ pub const STORE_HEALTH_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The limiter every service shares.
 type SharedLimiter = Arc<Limiter<Instrumented<AnyStore>>>;
+
+/// The gRPC router, behind the in-flight cap.
+type Routes = Router<Stack<InFlightLimitLayer, Identity>>;
+
+/// Reset streams that one connection may cause before it is sent GOAWAY:
+/// a client that keeps opening streams past `max_concurrent_streams` (each
+/// refused with REFUSED_STREAM) is cut off. hyper's default through tonic
+/// is no limit at all.
+pub const MAX_LOCAL_RESET_STREAMS: usize = 1024;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +89,8 @@ pub struct Prepared {
     pub rules: Rules,
     /// Where a reload reads the config again; `None` refuses reloads.
     pub source: Option<ConfigSource>,
+    /// The gRPC and metrics listeners' TLS, loaded once, when configured.
+    pub tls: (Option<Tls>, Option<Tls>),
 }
 
 impl Prepared {
@@ -89,11 +103,14 @@ impl Prepared {
     /// Compiles `config`'s rules and checks its store settings.
     pub fn new(config: Config, source: Option<ConfigSource>) -> Result<Self, ConfigError> {
         store::check_settings(&config.store)?;
+        // The certificates must load now, before any port is bound.
+        let tls = listener_tls(&config)?;
         let rules = Rules::compile(&config)?;
         Ok(Self {
             config,
             rules,
             source,
+            tls,
         })
     }
 }
@@ -109,21 +126,22 @@ pub async fn run(
         config,
         rules,
         source,
+        tls: (grpc_tls, metrics_tls),
     } = prepared;
     let metrics = Arc::new(Metrics::new());
     let store = Instrumented::new(store::build(&config.store)?, metrics.clone());
     let limiter = Arc::new(Limiter::new(rules, store));
+    let stopped = CancellationToken::new();
+    for tls in [&grpc_tls, &metrics_tls].into_iter().flatten() {
+        tls.spawn_reloader(stopped.clone());
+    }
     let hitters = Arc::new(Hitters::new(Sizes {
         counters: config.analytics.counters,
         top_k: config.analytics.top_k,
     }));
-    let board = Arc::new(Board::new(
-        hitters.clone(),
-        limiter.clone(),
-        store_kind(&config),
-    ));
-    let stopped = CancellationToken::new();
-    serve_metrics(&config, &metrics, &board, &stopped).await?;
+    let observer = Arc::new(Observer::with_hitters(metrics.clone(), hitters.clone()));
+    let board = Arc::new(Board::new(hitters, limiter.clone(), store_kind(&config)));
+    serve_metrics(&config, &observer, &board, metrics_tls, &stopped).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
     health
@@ -134,15 +152,15 @@ pub async fn run(
         source,
         limiter: limiter.clone(),
         metrics: metrics.clone(),
-        envoy_headers: Arc::new(AtomicBool::new(config.envoy_response_headers)),
+        envoy_headers: Arc::new(HeaderSettings::new(
+            config.envoy_response_headers,
+            config.envoy_ratelimit_draft,
+        )),
+        authorizer: Arc::new(Authorizer::new(config.callers.as_deref(), observer.clone())),
         board,
     };
-    let router = routes(
-        &limiter,
-        Observer::with_hitters(metrics.clone(), hitters),
-        &reloader.envoy_headers,
-        health_service,
-    )?;
+    warn_if_exposed(&config);
+    let router = routes(&config.grpc, &limiter, &observer, &reloader, health_service)?;
 
     let (stopping, cancel) = (CancellationToken::new(), CancellationToken::new());
     let stop = {
@@ -155,12 +173,44 @@ pub async fn run(
             stopping.cancel();
         }
     };
-    tracing::info!(addr = ?listener.local_addr().ok(), "serving");
-    let serve = router.serve_with_incoming_shutdown(incoming(listener, &cancel), stop);
+    tracing::info!(addr = ?listener.local_addr().ok(), tls = grpc_tls.is_some(), "serving");
+    let conns = incoming(listener, grpc_tls, &observer, &cancel, &config.grpc);
+    let serve = router.serve_with_incoming_shutdown(conns, stop);
     shutdown::serve_with_grace(serve, stopping, cancel, config.shutdown_grace).await?;
     stopped.cancel();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Says at start-up what an open or plaintext setup exposes.
+fn warn_if_exposed(config: &Config) {
+    match &config.callers {
+        None => tracing::warn!(
+            "no callers configured: anyone who reaches the port may decide on any scope"
+        ),
+        Some(callers)
+            if config.tls.is_none() && callers.iter().any(|c| c.token_sha256.is_some()) =>
+        {
+            tracing::warn!("bearer tokens without tls: anyone on the path can read and replay them")
+        }
+        Some(_) => {}
+    }
+}
+
+/// The TLS of the gRPC and the metrics listeners, each when configured.
+fn listener_tls(config: &Config) -> Result<(Option<Tls>, Option<Tls>), ConfigError> {
+    let grpc = config
+        .tls
+        .as_ref()
+        .map(|t| Tls::load(t, "tls", tls::ALPN_H2))
+        .transpose()?;
+    let metrics = config
+        .metrics
+        .tls
+        .as_ref()
+        .map(|t| Tls::load(t, "metrics.tls", tls::ALPN_HTTP1))
+        .transpose()?;
+    Ok((grpc, metrics))
 }
 
 /// Runs [`run`] on a background task, returning its control channel. When
@@ -212,17 +262,17 @@ fn store_kind(config: &Config) -> String {
 }
 
 /// Every gRPC service on one port: ours, Envoy's RLS, admin, health,
-/// reflection.
+/// reflection, each bounded by `grpc`, behind the in-flight cap.
 fn routes(
+    grpc: &GrpcConfig,
     limiter: &SharedLimiter,
-    observer: Observer,
-    envoy_headers: &Arc<AtomicBool>,
+    observer: &Arc<Observer>,
+    reloader: &Reloader,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-) -> Result<Router, ServerError> {
-    let observer = Arc::new(observer);
-    let admin = AdminApi::new(limiter.clone(), observer.hitters.clone());
+) -> Result<Routes, ServerError> {
+    let max = grpc.max_message_size;
     let descriptors = [
         pb::FILE_DESCRIPTOR_SET,
         tonic_health::pb::FILE_DESCRIPTOR_SET,
@@ -233,27 +283,48 @@ fn routes(
         v1 = v1.register_encoded_file_descriptor_set(set);
         v1alpha = v1alpha.register_encoded_file_descriptor_set(set);
     }
-    Ok(tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(v1.build_v1()?)
-        .add_service(v1alpha.build_v1alpha()?)
-        .add_service(RateLimiterServer::new(RateLimiterApi::new(
-            limiter.clone(),
-            observer.clone(),
-        )))
-        .add_service(RateLimitServiceServer::new(EnvoyRateLimitApi::new(
-            limiter.clone(),
-            envoy_headers.clone(),
-            observer,
-        )))
-        .add_service(AdminServer::new(admin)))
+    let auth = &reloader.authorizer;
+    let ours = RateLimiterApi::new(limiter.clone(), observer.clone())
+        .with_access(auth.clone(), grpc.max_batch);
+    let envoy = EnvoyRateLimitApi::new(
+        limiter.clone(),
+        reloader.envoy_headers.clone(),
+        observer.clone(),
+    )
+    .with_access(auth.clone(), grpc.max_envoy_descriptors);
+    let admin = AdminApi::new(limiter.clone(), observer.hitters.clone(), auth.clone());
+    Ok(server_builder(grpc, &observer.metrics)
+        .add_service(health_service.max_decoding_message_size(max))
+        .add_service(v1.build_v1()?.max_decoding_message_size(max))
+        .add_service(v1alpha.build_v1alpha()?.max_decoding_message_size(max))
+        .add_service(RateLimiterServer::new(ours).max_decoding_message_size(max))
+        .add_service(RateLimitServiceServer::new(envoy).max_decoding_message_size(max))
+        .add_service(AdminServer::new(admin).max_decoding_message_size(max)))
+}
+
+/// The HTTP/2 bounds of `grpc`, and the in-flight cap.
+fn server_builder(
+    grpc: &GrpcConfig,
+    metrics: &Arc<Metrics>,
+) -> tonic::transport::Server<Stack<InFlightLimitLayer, Identity>> {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(grpc.max_concurrent_streams)
+        .http2_max_header_list_size(grpc.max_header_list_size)
+        .http2_keepalive_interval(Some(grpc.keepalive_interval))
+        .http2_keepalive_timeout(Some(grpc.keepalive_timeout))
+        // GOAWAY at the age; `incoming` closes the connection after the
+        // grace (see `shutdown::Cancellable`).
+        .max_connection_age(grpc.max_connection_age)
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_RESET_STREAMS))
+        .layer(InFlightLimitLayer::new(grpc.max_in_flight, metrics.clone()))
 }
 
 /// Binds and serves the metrics port, if configured, until `stopped`.
 async fn serve_metrics(
     config: &Config,
-    metrics: &Arc<Metrics>,
+    observer: &Arc<Observer>,
     board: &Arc<Board>,
+    tls: Option<Tls>,
     stopped: &CancellationToken,
 ) -> Result<(), ServerError> {
     let Some(addr) = &config.metrics.listen else {
@@ -263,7 +334,10 @@ async fn serve_metrics(
         .parse()
         .map_err(|e| ConfigError::one(format!("metrics.listen: {e}")))?;
     let listener = TcpListener::bind(addr).await.map_err(ServerError::Bind)?;
-    tracing::info!(addr = ?listener.local_addr().ok(), "serving metrics");
+    tracing::info!(addr = ?listener.local_addr().ok(), tls = tls.is_some(), "serving metrics");
+    let listener =
+        tls::MetricsListener::new(listener, tls, observer.clone()).map_err(ServerError::Bind)?;
+    let metrics = &observer.metrics;
     let (metrics, stopped) = (metrics.clone(), stopped.clone());
     let status = crate::observe::status::routes(board.clone());
     tokio::spawn(async move {
@@ -300,7 +374,9 @@ struct Reloader {
     source: Option<ConfigSource>,
     limiter: SharedLimiter,
     metrics: Arc<Metrics>,
-    envoy_headers: Arc<AtomicBool>,
+    envoy_headers: Arc<HeaderSettings>,
+    /// The `callers:` grants, swapped whole with the rules.
+    authorizer: Arc<Authorizer>,
     /// The status page's reload history and the heavy hitters to prune.
     board: Arc<Board>,
 }
@@ -320,8 +396,11 @@ impl Reloader {
                 let scopes = p.rules.scopes().count();
                 self.board.hitters.retain(&p.rules);
                 self.limiter.replace_rules(p.rules);
-                self.envoy_headers
-                    .store(p.config.envoy_response_headers, Ordering::Relaxed);
+                self.authorizer.replace(p.config.callers.as_deref());
+                self.envoy_headers.set(
+                    p.config.envoy_response_headers,
+                    p.config.envoy_ratelimit_draft,
+                );
                 self.metrics.reload(true);
                 self.board
                     .reloaded(true, format!("config reloaded: {scopes} scopes"));
@@ -336,18 +415,21 @@ impl Reloader {
     }
 }
 
-/// Accepted connections, each one cancellable at the end of the shutdown
-/// grace, and with Nagle's algorithm off. Without that, a small answer waits
-/// for the client's delayed ACK (up to 40 ms on Linux): under ghz at 50
-/// callers that capped the server at 4,000 decisions/s with a p99 of 49 ms,
-/// while it used a fifth of one core.
+/// Accepted connections (see [`tls::accept`]), each one cancellable at the
+/// end of the shutdown grace or of `max_connection_age` plus its grace.
+/// Nagle's algorithm is off on each: without that, a small answer waits for
+/// the client's delayed ACK (up to 40 ms on Linux); under ghz at 50 callers
+/// that capped the server at 4,000 decisions/s with a p99 of 49 ms, while
+/// it used a fifth of one core.
 fn incoming(
     listener: TcpListener,
+    tls: Option<Tls>,
+    observer: &Arc<Observer>,
     cancel: &CancellationToken,
-) -> impl Stream<Item = std::io::Result<Cancellable<tokio::net::TcpStream>>> + use<> {
+    grpc: &GrpcConfig,
+) -> impl Stream<Item = std::io::Result<Cancellable<Conn>>> + use<> {
     let cancel = cancel.clone();
-    TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)))
-        .map(move |conn| conn.map(|io| Cancellable::new(io, &cancel)))
+    let deadline = grpc.max_connection_age + grpc.max_connection_age_grace;
+    tokio_stream::wrappers::ReceiverStream::new(tls::accept(listener, tls, observer.clone()))
+        .map(move |conn| Ok(Cancellable::new(conn, &cancel).with_deadline(deadline)))
 }

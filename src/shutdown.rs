@@ -110,13 +110,18 @@ where
     }
 }
 
-/// A connection that can be cut from outside: once `cancel` fires, every
-/// read and write fails, which ends hyper's connection task and the calls
-/// on it.
+/// A connection that can be cut from outside: once `cancel` fires, or its
+/// deadline passes, every read and write fails, which ends hyper's
+/// connection task and the calls on it.
 #[derive(Debug)]
 pub(crate) struct Cancellable<IO> {
     io: IO,
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The end of `max_connection_age` plus its grace: tonic sends GOAWAY
+    /// at the age, and this closes what is still open after the grace.
+    /// (tonic's own `max_connection_age_grace` skips the GOAWAY, so calls
+    /// would be cut without warning; hence this.)
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<IO> Cancellable<IO> {
@@ -124,18 +129,31 @@ impl<IO> Cancellable<IO> {
         Self {
             io,
             cancelled: Box::pin(cancel.clone().cancelled_owned()),
+            deadline: None,
         }
+    }
+
+    /// Also cut the connection `after` from now.
+    pub(crate) fn with_deadline(mut self, after: Duration) -> Self {
+        self.deadline = Some(Box::pin(tokio::time::sleep(after)));
+        self
     }
 
     /// Polled before each read and write: also registers the waker, so a
     /// connection idle in a read wakes up to fail when cancelled.
     fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        match self.cancelled.as_mut().poll(cx) {
-            Poll::Ready(()) => Err(io::Error::new(
+        if let Poll::Ready(()) = self.cancelled.as_mut().poll(cx) {
+            return Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 "cancelled at the end of the shutdown grace",
+            ));
+        }
+        match self.deadline.as_mut().map(|d| d.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "max_connection_age and its grace have passed",
             )),
-            Poll::Pending => Ok(()),
+            _ => Ok(()),
         }
     }
 }

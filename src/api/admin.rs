@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::auth::Authorizer;
 use super::tollgate::{duration, to_domain, to_proto};
 use super::validate::{self, MAX_SCOPE_LEN};
 use crate::config::{MAX_NAME_LEN, Per};
@@ -18,21 +19,29 @@ use crate::store::Store;
 pub struct AdminApi<S> {
     limiter: Arc<Limiter<S>>,
     hitters: Arc<Hitters>,
+    authorizer: Arc<Authorizer>,
 }
 
 impl<S> AdminApi<S> {
-    /// Serves `limiter`'s rules and `hitters`' figures.
-    pub fn new(limiter: Arc<Limiter<S>>, hitters: Arc<Hitters>) -> Self {
-        Self { limiter, hitters }
+    /// Serves `limiter`'s rules and `hitters`' figures to the callers
+    /// `authorizer` grants `admin`.
+    pub fn new(
+        limiter: Arc<Limiter<S>>,
+        hitters: Arc<Hitters>,
+        authorizer: Arc<Authorizer>,
+    ) -> Self {
+        Self {
+            limiter,
+            hitters,
+            authorizer,
+        }
     }
 
-    /// SEAM (issue 12, caller grants): every Admin call passes here first.
-    /// Until the security work lands there are no grants to check, so any
-    /// caller that reaches the port may read top identities; once it does,
-    /// this must require the caller's `admin` grant and refuse with
-    /// PERMISSION_DENIED otherwise.
-    fn authorize<T>(&self, _request: &Request<T>) -> Result<(), Status> {
-        Ok(())
+    /// Every Admin call passes here first: with callers configured, only a
+    /// caller whose grant has `admin: true` gets an answer (top identities
+    /// name users); with none configured, admin is open like every API.
+    fn authorize<T>(&self, request: &Request<T>, method: &str) -> Result<(), Status> {
+        self.authorizer.authorize_admin(request, method).map(|_| ())
     }
 }
 
@@ -159,7 +168,7 @@ impl<S: Store> pb::admin_server::Admin for AdminApi<S> {
         &self,
         request: Request<pb::TopIdentitiesRequest>,
     ) -> Result<Response<pb::TopIdentitiesResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, "TopIdentities")?;
         let req = request.into_inner();
         validate::text("scope", &req.scope, MAX_SCOPE_LEN, false)?;
         validate::text("rule", &req.rule, MAX_NAME_LEN, false)?;
@@ -186,7 +195,7 @@ impl<S: Store> pb::admin_server::Admin for AdminApi<S> {
         &self,
         request: Request<pb::UtilizationRequest>,
     ) -> Result<Response<pb::UtilizationResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, "Utilization")?;
         let req = request.into_inner();
         validate::text("scope", &req.scope, MAX_SCOPE_LEN, false)?;
         let window = window(req.window)?;
@@ -219,7 +228,7 @@ impl<S: Store> pb::admin_server::Admin for AdminApi<S> {
         &self,
         request: Request<pb::ExplainRequest>,
     ) -> Result<Response<pb::ExplainResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, "Explain")?;
         let req = request.into_inner().request.unwrap_or_default();
         let domain = to_domain(&req, "request.")?;
         let e = self.limiter.explain(&domain).await?;
@@ -237,6 +246,7 @@ impl<S: Store> pb::admin_server::Admin for AdminApi<S> {
                     .map(|b| pb::BucketStatus {
                         rule: b.rule.to_string(),
                         limit: b.limit,
+                        refill_period: Some(duration(b.period)),
                         remaining: b.remaining,
                         reset_after: Some(duration(b.reset_after)),
                         retry_after: b.retry_after.map(duration),

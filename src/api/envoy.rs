@@ -28,39 +28,91 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimit
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
 use tonic::{Request, Response, Status};
 
+use super::auth::Authorizer;
+use super::headers::Draft;
 use super::validate::{
-    self, MAX_DESCRIPTOR_ENTRIES, MAX_DESCRIPTOR_KEY_LEN, MAX_DESCRIPTOR_VALUE_LEN,
-    MAX_DESCRIPTORS, MAX_SCOPE_LEN,
+    self, MAX_DESCRIPTOR_ENTRIES, MAX_DESCRIPTOR_KEY_LEN, MAX_DESCRIPTOR_VALUE_LEN, MAX_SCOPE_LEN,
 };
+use crate::config::security::DEFAULT_MAX_ENVOY_DESCRIPTORS;
 use crate::error::InvalidField;
 use crate::limiter::descriptors::{DescriptorKeys, canonical};
 use crate::limiter::{self, BucketReport, Decision, Limiter};
 use crate::observe::Observer;
 use crate::store::Store;
 
+/// Which rate-limit headers RLS answers carry. Shared with the server,
+/// which changes it on reload.
+#[derive(Debug, Default)]
+pub struct HeaderSettings {
+    on: AtomicBool,
+    draft11: AtomicBool,
+}
+
+impl HeaderSettings {
+    /// Headers `on` or off, with `draft` beside the legacy ones.
+    pub fn new(on: bool, draft: Draft) -> Self {
+        let settings = Self::default();
+        settings.set(on, draft);
+        settings
+    }
+
+    /// Changes the settings for the answers that follow.
+    pub fn set(&self, on: bool, draft: Draft) {
+        self.draft11
+            .store(draft == Draft::Draft11, Ordering::Relaxed);
+        self.on.store(on, Ordering::Relaxed);
+    }
+
+    /// The draft to render, or `None` for no headers at all.
+    fn get(&self) -> Option<Draft> {
+        self.on.load(Ordering::Relaxed).then(|| {
+            if self.draft11.load(Ordering::Relaxed) {
+                Draft::Draft11
+            } else {
+                Draft::Off
+            }
+        })
+    }
+}
+
 /// Serves Envoy's RLS v3 over a shared limiter.
 #[derive(Debug)]
 pub struct EnvoyRateLimitApi<S> {
     limiter: Arc<Limiter<S>>,
-    /// Whether answers carry rate-limit headers; the server flips it on
-    /// reload.
-    headers: Arc<AtomicBool>,
+    /// Which rate-limit headers answers carry.
+    headers: Arc<HeaderSettings>,
     /// Counts, times and audits decisions, denials per rule included.
     observer: Arc<Observer>,
+    /// Who may call, and on which domains.
+    access: Arc<Authorizer>,
+    /// `grpc.max_envoy_descriptors`.
+    max_descriptors: usize,
 }
 
 impl<S> EnvoyRateLimitApi<S> {
-    /// Serves `limiter`; `headers` says whether to answer with rate-limit
-    /// headers.
+    /// Serves `limiter`; `headers` says which rate-limit headers to answer
+    /// with.
     pub fn new(
         limiter: Arc<Limiter<S>>,
-        headers: Arc<AtomicBool>,
+        headers: Arc<HeaderSettings>,
         observer: Arc<Observer>,
     ) -> Self {
         Self {
             limiter,
             headers,
+            access: Arc::new(Authorizer::new(None, observer.clone())),
             observer,
+            max_descriptors: DEFAULT_MAX_ENVOY_DESCRIPTORS,
+        }
+    }
+
+    /// Serves only the callers `access` grants (the domain is the scope),
+    /// requests of up to `max_descriptors` descriptors.
+    pub fn with_access(self, access: Arc<Authorizer>, max_descriptors: usize) -> Self {
+        Self {
+            access,
+            max_descriptors,
+            ..self
         }
     }
 }
@@ -92,16 +144,17 @@ impl<'a> Described<'a> {
 fn to_domain<'a>(
     req: &'a RateLimitRequest,
     keys: Option<&DescriptorKeys>,
+    max_descriptors: usize,
 ) -> Result<Vec<Described<'a>>, InvalidField> {
     validate::text("domain", &req.domain, MAX_SCOPE_LEN, true)?;
     if req.descriptors.is_empty() {
         return Err(validate::invalid("descriptors", "must not be empty"));
     }
-    if req.descriptors.len() > MAX_DESCRIPTORS {
+    if req.descriptors.len() > max_descriptors {
         return Err(validate::invalid(
             "descriptors",
             format!(
-                "has {} entries; the most allowed is {MAX_DESCRIPTORS}",
+                "has {} entries; the most allowed is {max_descriptors} (grpc.max_envoy_descriptors)",
                 req.descriptors.len()
             ),
         ));
@@ -199,12 +252,15 @@ impl<S: Store> RateLimitService for EnvoyRateLimitApi<S> {
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
         let started = tokio::time::Instant::now();
+        let caller = self.access.identify("envoy", &request)?;
         let req = request.into_inner();
         let rules = self.limiter.rules();
         let keys = rules
             .scope(&req.domain)
             .and_then(|s| s.descriptor_keys.as_ref());
-        let described = to_domain(&req, keys)?;
+        let described = to_domain(&req, keys, self.max_descriptors)?;
+        self.access
+            .check_decision("envoy", caller.as_deref(), "domain", &req.domain, false)?;
         let requests: Vec<limiter::Request<'_>> =
             described.iter().map(|d| d.request(&req.domain)).collect();
         let result = self.limiter.decide_together(&requests).await;
@@ -221,8 +277,7 @@ impl<S: Store> RateLimitService for EnvoyRateLimitApi<S> {
         for (r, d) in requests.iter().zip(&decisions) {
             self.observer.decided("envoy", &rules, r, Ok(d), took);
         }
-        let headers = self.headers.load(Ordering::Relaxed);
-        Ok(Response::new(to_proto(&decisions, headers)))
+        Ok(Response::new(to_proto(&decisions, self.headers.get())))
     }
 }
 
@@ -233,7 +288,7 @@ fn over_limit(d: &Decision) -> bool {
             || (d.buckets.is_empty() && d.reason.is_some()))
 }
 
-fn to_proto(decisions: &[Decision], with_headers: bool) -> RateLimitResponse {
+fn to_proto(decisions: &[Decision], headers_draft: Option<Draft>) -> RateLimitResponse {
     let allowed = decisions.iter().all(|d| d.allowed);
     let statuses = decisions
         .iter()
@@ -260,10 +315,9 @@ fn to_proto(decisions: &[Decision], with_headers: bool) -> RateLimitResponse {
             }
         })
         .collect();
-    let response_headers_to_add = if with_headers {
-        headers(decisions, allowed)
-    } else {
-        Vec::new()
+    let response_headers_to_add = match headers_draft {
+        Some(draft) => headers(decisions, allowed, draft),
+        None => Vec::new(),
     };
     RateLimitResponse {
         overall_code: if allowed { Code::Ok } else { Code::OverLimit }.into(),
@@ -273,47 +327,16 @@ fn to_proto(decisions: &[Decision], with_headers: bool) -> RateLimitResponse {
     }
 }
 
-/// `x-ratelimit-*` from the most restrictive enforced bucket of the whole
-/// request, and `retry-after` on a denial that a retry can pass.
-fn headers(decisions: &[Decision], allowed: bool) -> Vec<HeaderValue> {
-    let enforced = || {
-        decisions
-            .iter()
-            .flat_map(|d| &d.buckets)
-            .filter(|b| !b.shadow)
-    };
-    let bucket = if allowed {
-        enforced().min_by_key(|b| b.remaining)
-    } else {
-        enforced()
-            .filter(|b| b.exhausted)
-            .max_by_key(|b| b.retry_after)
-    };
-    let mut out = Vec::new();
-    let mut add = |key: &str, value: String| {
-        out.push(HeaderValue {
+/// The rate-limit headers for Envoy to add to the client's response.
+fn headers(decisions: &[Decision], allowed: bool, draft: Draft) -> Vec<HeaderValue> {
+    super::headers::render(decisions, allowed, draft)
+        .into_iter()
+        .map(|(key, value)| HeaderValue {
             key: key.to_owned(),
             value,
             ..HeaderValue::default()
-        });
-    };
-    if let Some(b) = bucket {
-        add(
-            "x-ratelimit-limit",
-            format!("{}, {};w={}", b.limit, b.limit, ceil_secs(b.period)),
-        );
-        add("x-ratelimit-remaining", b.remaining.to_string());
-        add("x-ratelimit-reset", ceil_secs(b.reset_after).to_string());
-    }
-    // A denial with a reason (a cost over a capacity, an unknown scope) can
-    // never pass by waiting: promise no retry then.
-    if !allowed && decisions.iter().all(|d| d.reason.is_none()) {
-        let retry = decisions.iter().filter_map(|d| d.retry_after).max();
-        if let Some(r) = retry {
-            add("retry-after", ceil_secs(r).to_string());
-        }
-    }
-    out
+        })
+        .collect()
 }
 
 /// Envoy's units, longest last.
@@ -348,11 +371,6 @@ fn clamp_u32(n: u64) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-/// Whole seconds, rounded up: a client that waits this long is not early.
-fn ceil_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
-}
-
 fn duration(d: Duration) -> PbDuration {
     PbDuration {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
@@ -384,7 +402,7 @@ scopes:
         let rules = crate::limiter::Rules::compile(&config).unwrap();
         EnvoyRateLimitApi::new(
             Arc::new(Limiter::new(rules, store)),
-            Arc::new(AtomicBool::new(false)),
+            Arc::default(),
             Arc::default(),
         )
     }
@@ -468,12 +486,5 @@ scopes:
         assert_eq!((l.requests_per_unit, l.unit), (18, Unit::Minute.into()));
         let l = current_limit(&bucket(5, Duration::from_millis(1500)));
         assert_eq!((l.requests_per_unit, l.unit), (200, Unit::Minute.into()));
-    }
-
-    #[test]
-    fn retry_after_rounds_up_to_whole_seconds() {
-        assert_eq!(ceil_secs(Duration::from_millis(1)), 1);
-        assert_eq!(ceil_secs(Duration::from_secs(2)), 2);
-        assert_eq!(ceil_secs(Duration::from_millis(2001)), 3);
     }
 }

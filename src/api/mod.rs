@@ -2,10 +2,13 @@
 //! Nothing else happens here, and no other library module knows proto types.
 
 pub mod admin;
+pub mod auth;
+pub mod bounds;
 pub mod envoy;
+pub mod headers;
 pub mod tollgate;
 pub mod validate;
 
 pub use admin::AdminApi;
-pub use envoy::EnvoyRateLimitApi;
+pub use envoy::{EnvoyRateLimitApi, HeaderSettings};
 pub use tollgate::RateLimiterApi;

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::validate::{self, MAX_BATCH, MAX_IDENTITY_LEN, MAX_OPERATION_LEN, MAX_SCOPE_LEN};
+use super::auth::{Authorizer, Privilege};
+use super::validate::{self, MAX_IDENTITY_LEN, MAX_OPERATION_LEN, MAX_SCOPE_LEN};
+use crate::config::security::DEFAULT_MAX_BATCH;
 use crate::error::InvalidField;
 use crate::limiter::{self, Decision, Limiter};
 use crate::observe::Observer;
@@ -17,12 +19,30 @@ use crate::store::Store;
 pub struct RateLimiterApi<S> {
     limiter: Arc<Limiter<S>>,
     observer: Arc<Observer>,
+    /// Who may call, and on what; open unless `with_access` says otherwise.
+    access: Arc<Authorizer>,
+    /// `grpc.max_batch`.
+    max_batch: usize,
 }
 
 impl<S> RateLimiterApi<S> {
-    /// Serves `limiter`, reporting to `observer`.
+    /// Serves `limiter` to anyone, reporting to `observer`.
     pub fn new(limiter: Arc<Limiter<S>>, observer: Arc<Observer>) -> Self {
-        Self { limiter, observer }
+        Self {
+            limiter,
+            access: Arc::new(Authorizer::new(None, observer.clone())),
+            observer,
+            max_batch: DEFAULT_MAX_BATCH,
+        }
+    }
+
+    /// Serves only the callers `access` grants, batches of up to `max_batch`.
+    pub fn with_access(self, access: Arc<Authorizer>, max_batch: usize) -> Self {
+        Self {
+            access,
+            max_batch,
+            ..self
+        }
     }
 }
 
@@ -87,6 +107,7 @@ pub(super) fn to_proto(d: Decision) -> pb::ShouldAllowResponse {
                 reset_after: Some(duration(b.reset_after)),
                 retry_after: b.retry_after.map(duration),
                 exhausted: b.exhausted,
+                refill_period: Some(duration(b.period)),
             })
             .collect(),
     }
@@ -99,8 +120,16 @@ impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
         request: Request<pb::ShouldAllowRequest>,
     ) -> Result<Response<pb::ShouldAllowResponse>, Status> {
         let started = tokio::time::Instant::now();
+        let caller = self.access.identify("tollgate", &request)?;
         let req = request.into_inner();
         let domain = to_domain(&req, "")?;
+        self.access.check_decision(
+            "tollgate",
+            caller.as_deref(),
+            "scope",
+            &req.scope,
+            req.dry_run,
+        )?;
         let result = self.limiter.decide(&domain).await;
         let rules = self.limiter.rules();
         self.observer.decided(
@@ -117,26 +146,43 @@ impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
         &self,
         request: Request<pb::ShouldAllowBatchRequest>,
     ) -> Result<Response<pb::ShouldAllowBatchResponse>, Status> {
+        let caller = self.access.identify("tollgate", &request)?;
+        let caller = caller.as_deref();
+        self.access
+            .check_privilege("tollgate", caller, Privilege::Batch, "")?;
         let batch = request.into_inner();
-        if batch.requests.len() > MAX_BATCH {
+        if batch.requests.len() > self.max_batch {
             return Err(validate::invalid(
                 "requests",
                 format!(
-                    "has {} entries; the most allowed is {MAX_BATCH}",
-                    batch.requests.len()
+                    "has {} entries; the most allowed is {} (grpc.max_batch)",
+                    batch.requests.len(),
+                    self.max_batch
                 ),
             )
             .into());
         }
-        // Validate every entry before any takes tokens.
+        // Validate and authorize every entry before any takes tokens.
         let domain = batch
             .requests
             .iter()
             .enumerate()
             .map(|(i, r)| to_domain(r, &format!("requests[{i}].")))
             .collect::<Result<Vec<_>, _>>()?;
+        for (i, r) in batch.requests.iter().enumerate() {
+            let field = format!("requests[{i}].scope");
+            self.access
+                .check_decision("tollgate", caller, &field, &r.scope, r.dry_run)?;
+        }
         let started = tokio::time::Instant::now();
-        let results = self.limiter.decide_each(&domain).await;
+        let results = if batch.atomic {
+            match self.limiter.decide_together(&domain).await {
+                Ok(decisions) => decisions.into_iter().map(Ok).collect(),
+                Err(e) => vec![Err(e); domain.len()],
+            }
+        } else {
+            self.limiter.decide_each(&domain).await
+        };
         let took = started.elapsed();
         let rules = self.limiter.rules();
         for (req, result) in domain.iter().zip(&results) {

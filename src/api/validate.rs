@@ -18,10 +18,8 @@ pub const MAX_ATTRIBUTES: usize = 16;
 pub const MAX_ATTRIBUTE_KEY_LEN: usize = 64;
 /// Longest attribute value, in bytes.
 pub const MAX_ATTRIBUTE_VALUE_LEN: usize = 256;
-/// Most requests in one batch.
-pub const MAX_BATCH: usize = 256;
-/// Most descriptors in one Envoy request.
-pub const MAX_DESCRIPTORS: usize = 64;
+// The most requests in one batch and descriptors in one Envoy request are
+// configured: `grpc.max_batch` and `grpc.max_envoy_descriptors`.
 /// Most entries in one Envoy descriptor.
 pub const MAX_DESCRIPTOR_ENTRIES: usize = 16;
 /// Longest Envoy descriptor entry key, in bytes.

@@ -38,6 +38,20 @@ pub(crate) struct TopArgs {
     /// Refreshes before exiting; 0 runs until interrupted.
     #[arg(long, short = 'n', default_value_t = 0)]
     iterations: u64,
+    /// A bearer token of a caller granted `admin`, for a server with
+    /// `callers:`.
+    #[arg(long)]
+    token: Option<String>,
+}
+
+/// `body` as a request carrying `token` as `authorization: Bearer …`.
+fn authed<T>(token: Option<&str>, body: T) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(body);
+    if let Some(token) = token {
+        let value = format!("Bearer {token}").parse()?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    Ok(request)
 }
 
 fn parse_window(s: &str) -> Result<pb::Window, String> {
@@ -91,22 +105,26 @@ async fn screen(args: &TopArgs, clients: &mut Clients) -> String {
     let mut tops = Vec::new();
     let mut usages = Vec::new();
     let mut failed = Vec::new();
+    let token = args.token.as_deref();
     for (addr, client) in clients.iter_mut() {
-        let top = client.top_identities(pb::TopIdentitiesRequest {
+        let top = pb::TopIdentitiesRequest {
             scope: args.scope.clone(),
             rule: String::new(),
             window: args.window.into(),
             by: args.by.into(),
             // Everything each replica holds: merging needs more than K.
             limit: u32::MAX,
-        });
-        let top = top.await;
-        let usage = client
-            .utilization(pb::UtilizationRequest {
-                scope: args.scope.clone(),
-                window: args.window.into(),
-            })
-            .await;
+        };
+        let usage = pb::UtilizationRequest {
+            scope: args.scope.clone(),
+            window: args.window.into(),
+        };
+        let (Ok(top), Ok(usage)) = (authed(token, top), authed(token, usage)) else {
+            failed.push(format!("{addr}: the token is not a valid header value"));
+            continue;
+        };
+        let top = client.top_identities(top).await;
+        let usage = client.utilization(usage).await;
         match (top, usage) {
             (Ok(t), Ok(u)) => {
                 tops.push(t.into_inner().rules);
@@ -301,6 +319,10 @@ pub(crate) struct ExplainArgs {
     /// An attribute, as key=value; repeat for more.
     #[arg(long = "attr", value_parser = super::parse_attr)]
     attrs: Vec<(String, String)>,
+    /// A bearer token of a caller granted `admin`, for a server with
+    /// `callers:`.
+    #[arg(long)]
+    token: Option<String>,
 }
 
 /// Asks `Explain` and renders the answer.
@@ -314,10 +336,11 @@ pub(crate) async fn explain(args: ExplainArgs) -> anyhow::Result<String> {
         attributes: args.attrs.into_iter().collect(),
     };
     let mut client = pb::admin_client::AdminClient::connect(args.addr).await?;
+    let explain = pb::ExplainRequest {
+        request: Some(request.clone()),
+    };
     let e = client
-        .explain(pb::ExplainRequest {
-            request: Some(request.clone()),
-        })
+        .explain(authed(args.token.as_deref(), explain)?)
         .await?
         .into_inner();
     let mut out = String::new();

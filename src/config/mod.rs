@@ -28,6 +28,7 @@ use serde::Deserialize;
 pub mod analytics;
 pub mod envoy;
 pub mod scopes;
+pub mod security;
 pub mod store;
 
 pub use analytics::{AnalyticsConfig, ReloadConfig};
@@ -36,11 +37,13 @@ pub use scopes::{
     DescriptorKeysConfig, FailureMode, LimitConfig, MAX_CAPACITY, MAX_NAME_LEN, MAX_REFILL_PERIOD,
     MIN_REFILL_PERIOD, Per, ScopeConfig, UnknownScope,
 };
+pub use security::{CallerConfig, GrpcConfig, TlsConfig};
 pub use store::{
     DEFAULT_BREAKER_COOL_DOWN, DEFAULT_BREAKER_THRESHOLD, DEFAULT_MAX_BUCKETS,
     DEFAULT_REDIS_CONNECT_TIMEOUT, DEFAULT_REDIS_KEY_PREFIX, DEFAULT_REDIS_POOL_SIZE,
     DEFAULT_REDIS_RESPONSE_TIMEOUT, DEFAULT_REDIS_WAIT_TIMEOUT, DEFAULT_SHARDS,
-    DEFAULT_SWEEP_INTERVAL, MemoryConfig, RedisConfig, RedisMode, Secret, StoreConfig, StoreKind,
+    DEFAULT_SWEEP_INTERVAL, MemoryConfig, RedisConfig, RedisMode, RedisTlsConfig, Secret,
+    StoreConfig, StoreKind,
 };
 
 /// Where Tollgate listens when nothing says otherwise.
@@ -90,13 +93,30 @@ pub struct Config {
     /// loaded; a reload reads them again.
     #[serde(skip)]
     pub envoy_domains: Vec<EnvoyDomain>,
-    /// Whether Envoy RLS answers carry `x-ratelimit-*` and `retry-after`
-    /// headers for Envoy to add to the client's response.
+    /// Whether Envoy RLS answers carry rate-limit headers (`x-ratelimit-*`,
+    /// `retry-after`, and the draft's fields below) for Envoy to add to the
+    /// client's response.
     #[serde(default)]
     pub envoy_response_headers: bool,
+    /// Which IETF `RateLimit` header draft to render beside the legacy
+    /// headers, when `envoy_response_headers` is on. A setting, because the
+    /// draft is still moving.
+    #[serde(default)]
+    pub envoy_ratelimit_draft: RateLimitDraft,
     /// The rate-limited scopes.
     #[serde(default)]
     pub scopes: Vec<ScopeConfig>,
+    /// TLS on the gRPC listener; absent: plaintext.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Who may call, and what each caller may touch. Absent: anyone who
+    /// reaches the port may decide on any scope (see the README's
+    /// "Security"). Present but empty: nobody may.
+    #[serde(default)]
+    pub callers: Option<Vec<CallerConfig>>,
+    /// Bounds on what callers can make the gRPC listener hold.
+    #[serde(default)]
+    pub grpc: GrpcConfig,
     /// Heavy hitters and utilization.
     #[serde(default)]
     pub analytics: AnalyticsConfig,
@@ -132,6 +152,22 @@ pub struct MetricsConfig {
     /// Where to serve `GET /metrics`, such as `127.0.0.1:9464`. Absent: off.
     #[serde(default)]
     pub listen: Option<String>,
+    /// TLS on the metrics listener (with `client_ca`, scrapers need a
+    /// client certificate); absent: plaintext.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// The IETF draft of the `RateLimit` and `RateLimit-Policy` header fields.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum RateLimitDraft {
+    /// Legacy `x-ratelimit-*` headers only.
+    #[serde(rename = "off")]
+    Off,
+    /// draft-ietf-httpapi-ratelimit-headers-11.
+    #[default]
+    #[serde(rename = "draft-11")]
+    Draft11,
 }
 
 /// Log line format.
@@ -216,13 +252,21 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::one(format!("{}: cannot read: {e}", path.display())))?;
         let mut config = Self::parse(&text, env)?;
-        // Relative envoy config paths are relative to the file naming them.
+        // Relative paths (envoy configs, certificates, secret files) are
+        // relative to the file naming them.
         if let Some(dir) = path.parent() {
             for p in &mut config.envoy_ratelimit_configs {
                 if p.is_relative() {
                     *p = dir.join(&*p);
                 }
             }
+            for tls in [&mut config.tls, &mut config.metrics.tls]
+                .into_iter()
+                .flatten()
+            {
+                tls.resolve(dir);
+            }
+            config.store.redis.resolve(dir);
         }
         config.finish()
     }
@@ -268,6 +312,7 @@ impl Config {
     /// Reads the envoyproxy/ratelimit files, then validates the whole.
     fn finish(mut self) -> Result<Self, ConfigError> {
         let mut problems = Vec::new();
+        self.store.read_secrets(&mut problems);
         match envoy::load_all(&self.envoy_ratelimit_configs) {
             Ok(domains) => self.envoy_domains = domains,
             Err(e) => problems.extend(e.problems),
@@ -303,6 +348,20 @@ impl Config {
             problems.push("shutdown_grace: must be at most 1h".to_owned());
         }
         self.store.validate(&mut problems);
+        if let Some(tls) = &self.tls {
+            tls.validate(&mut problems, "tls");
+        }
+        if let Some(tls) = &self.metrics.tls {
+            tls.validate(&mut problems, "metrics.tls");
+            if self.metrics.listen.is_none() {
+                problems.push("metrics.tls: needs metrics.listen".to_owned());
+            }
+        }
+        if let Some(callers) = &self.callers {
+            let mtls = self.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+            security::validate_callers(&mut problems, callers, mtls);
+        }
+        self.grpc.validate(&mut problems);
         self.analytics.validate(&mut problems);
         self.reload.validate(&mut problems);
         // Where each scope name was first defined, for the duplicate message.

@@ -5,6 +5,7 @@
 //! the store checks itself, in a step that runs before any port is bound.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -50,6 +51,13 @@ impl StoreConfig {
         }
         if self.kind == StoreKind::Redis {
             self.redis.validate(problems);
+        }
+    }
+
+    /// Reads the secret files the store settings name.
+    pub(super) fn read_secrets(&mut self, problems: &mut Vec<String>) {
+        if self.kind == StoreKind::Redis {
+            self.redis.read_secrets(problems);
         }
     }
 }
@@ -160,6 +168,23 @@ pub struct RedisConfig {
     /// Password for the data nodes. Redacted from every log and Debug print.
     #[serde(default)]
     pub password: Option<Secret>,
+    /// A file holding the data nodes' password (a mounted Kubernetes
+    /// secret), read at start-up; one trailing newline is dropped.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// ACL user for the sentinels themselves (Sentinel's own `requirepass`
+    /// / ACL), in sentinel mode.
+    #[serde(default)]
+    pub sentinel_username: Option<String>,
+    /// Password for the sentinels themselves. Redacted like `password`.
+    #[serde(default)]
+    pub sentinel_password: Option<Secret>,
+    /// A file holding the sentinels' password.
+    #[serde(default)]
+    pub sentinel_password_file: Option<PathBuf>,
+    /// TLS settings for `rediss://` URLs.
+    #[serde(default)]
+    pub tls: RedisTlsConfig,
     /// How long one decision's round trip may take before it counts as a
     /// failure. Small, because a slow Redis must not make every call slow.
     #[serde(default = "default_redis_response_timeout", with = "humantime_serde")]
@@ -228,6 +253,11 @@ impl Default for RedisConfig {
             master_name: None,
             username: None,
             password: None,
+            password_file: None,
+            sentinel_username: None,
+            sentinel_password: None,
+            sentinel_password_file: None,
+            tls: RedisTlsConfig::default(),
             response_timeout: DEFAULT_REDIS_RESPONSE_TIMEOUT,
             connect_timeout: DEFAULT_REDIS_CONNECT_TIMEOUT,
             wait_timeout: DEFAULT_REDIS_WAIT_TIMEOUT,
@@ -265,6 +295,11 @@ impl fmt::Debug for RedisConfig {
             .field("master_name", &self.master_name)
             .field("username", &self.username)
             .field("password", &self.password)
+            .field("password_file", &self.password_file)
+            .field("sentinel_username", &self.sentinel_username)
+            .field("sentinel_password", &self.sentinel_password)
+            .field("sentinel_password_file", &self.sentinel_password_file)
+            .field("tls", &self.tls)
             .field("response_timeout", &self.response_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("wait_timeout", &self.wait_timeout)
@@ -276,10 +311,95 @@ impl fmt::Debug for RedisConfig {
     }
 }
 
+/// TLS towards Redis (`rediss://` URLs), sentinels included.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisTlsConfig {
+    /// PEM CA certificates to trust instead of the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Skip certificate verification entirely: anyone on the path can read
+    /// and change every decision. For tests against self-signed servers.
+    #[serde(default)]
+    pub danger_accept_invalid_certificates: bool,
+}
+
 impl RedisConfig {
+    /// Makes relative file paths relative to `dir`, the config's folder.
+    pub(super) fn resolve(&mut self, dir: &Path) {
+        let files = [
+            self.password_file.as_mut(),
+            self.sentinel_password_file.as_mut(),
+            self.tls.ca_file.as_mut(),
+        ];
+        for p in files.into_iter().flatten() {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+    }
+
+    /// Reads `password_file` and `sentinel_password_file` into the
+    /// passwords they stand for.
+    pub(super) fn read_secrets(&mut self, problems: &mut Vec<String>) {
+        let at = "store.redis";
+        let pairs = [
+            ("password", &mut self.password, &self.password_file),
+            (
+                "sentinel_password",
+                &mut self.sentinel_password,
+                &self.sentinel_password_file,
+            ),
+        ];
+        for (field, secret, file) in pairs {
+            let Some(file) = file else { continue };
+            if secret.is_some() {
+                problems.push(format!(
+                    "{at}.{field}_file: give {field} or {field}_file, not both"
+                ));
+                continue;
+            }
+            match std::fs::read_to_string(file) {
+                Ok(text) => {
+                    let text = text.strip_suffix('\n').unwrap_or(&text);
+                    let text = text.strip_suffix('\r').unwrap_or(text);
+                    *secret = Some(Secret::new(text));
+                }
+                Err(e) => problems.push(format!(
+                    "{at}.{field}_file: cannot read {}: {e}",
+                    file.display()
+                )),
+            }
+        }
+    }
+
     /// Checks the Redis settings, pushing `store.redis.<field>: problem`.
     fn validate(&self, problems: &mut Vec<String>) {
         let at = "store.redis";
+        for (i, url) in self.urls.iter().enumerate() {
+            if url.ends_with("#insecure") {
+                problems.push(format!(
+                    "{at}.urls[{i}]: #insecure is not accepted; if you must skip \
+                     certificate checks, say so with \
+                     store.redis.tls.danger_accept_invalid_certificates: true"
+                ));
+            }
+        }
+        if let Some(ca) = &self.tls.ca_file
+            && let Err(e) = std::fs::metadata(ca)
+        {
+            problems.push(format!(
+                "{at}.tls.ca_file: cannot read {}: {e}",
+                ca.display()
+            ));
+        }
+        if self.mode != RedisMode::Sentinel
+            && (self.sentinel_username.is_some() || self.sentinel_password.is_some())
+        {
+            problems.push(format!(
+                "{at}.sentinel_password: only meaningful when mode is sentinel"
+            ));
+        }
         if self.urls.is_empty() {
             problems.push(format!("{at}.urls: required when store.kind is redis"));
         }

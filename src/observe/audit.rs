@@ -44,19 +44,7 @@ impl Audit {
         operation: &str,
         d: &Decision,
     ) {
-        // One second in, so the first lines find the bucket full.
-        let now =
-            u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX) + 1_000_000_000;
-        let admitted = {
-            let mut tat = self.state.lock();
-            let v = self.shape.judge(*tat, now, 1);
-            if v.conforms {
-                *tat = v.after;
-            }
-            v.conforms
-        };
-        if !admitted {
-            metrics.audit_suppressed();
+        if !self.admit(metrics) {
             return;
         }
         let rule = d.primary().map_or("", |b| &*b.rule);
@@ -70,6 +58,61 @@ impl Audit {
             retry_after_ms = d.retry_after.map(|r| r.as_millis() as u64),
             reason = d.reason.as_deref().unwrap_or(""),
             "denied"
+        );
+    }
+
+    /// Logs a call refused by caller authorization (`caller` is the
+    /// configured name, or `_unauthenticated`), from the same budget as the
+    /// denials, so neither flood can flood the log.
+    pub fn refused(&self, metrics: &Metrics, api: &str, caller: &str, scope: &str, why: &str) {
+        if !self.admit(metrics) {
+            return;
+        }
+        tracing::warn!(target: "tollgate::audit", api, caller, scope, reason = why, "refused");
+    }
+
+    /// Takes one line from the budget; counts it as suppressed when spent.
+    fn admit(&self, metrics: &Metrics) -> bool {
+        // One second in, so the first lines find the bucket full.
+        let now =
+            u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX) + 1_000_000_000;
+        let admitted = {
+            let mut tat = self.state.lock();
+            let v = self.shape.judge(*tat, now, 1);
+            if v.conforms {
+                *tat = v.after;
+            }
+            v.conforms
+        };
+        if !admitted {
+            metrics.audit_suppressed();
+        }
+        admitted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_share_the_denials_budget_and_the_rest_are_counted() {
+        let (audit, metrics) = (Audit::default(), Metrics::new());
+        for _ in 0..AUDIT_LINES_PER_SECOND + 5 {
+            audit.refused(&metrics, "tollgate", "edge", "b", "not granted");
+        }
+        let text = metrics.encode();
+        assert!(
+            text.contains("tollgate_audit_lines_suppressed_total 5"),
+            "{text}"
+        );
+        // A second later the budget is back.
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+        audit.refused(&metrics, "tollgate", "edge", "b", "not granted");
+        assert!(
+            metrics
+                .encode()
+                .contains("tollgate_audit_lines_suppressed_total 5")
         );
     }
 }

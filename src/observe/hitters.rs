@@ -11,9 +11,8 @@
 //! decisions (or denials) in the window (see [`super::sketch`]).
 //!
 //! Memory per rule, bounded by `counters` (`m`): 3 windows × (`SLOTS` + 1)
-//! slots × 2 summaries, each at most `m × (ENTRY_BYTES + identity length)
-//! + 64` bytes ([`super::sketch::max_memory_bytes`]), plus the per-second
-//! counters. With the default `m = 64` and 16-byte identities: 42 × 6,464 B
+//! slots × 2 summaries, each of at most
+//! [`super::sketch::max_memory_bytes`] bytes, plus the per-second counters. With the default `m = 64` and 16-byte identities: 42 × 6,464 B
 //! ≈ 265 KiB per rule at most (252,768 B measured with every summary full).
 
 use std::hash::BuildHasher as _;

@@ -43,6 +43,12 @@ struct RuleLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AccessLabels {
+    api: &'static str,
+    caller: Arc<str>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadLabels {
     result: &'static str,
 }
@@ -63,6 +69,8 @@ pub struct Metrics {
     store_available: Gauge<i64, AtomicI64>,
     reloads: Family<ReloadLabels, Counter>,
     audit_suppressed: Counter<u64, AtomicU64>,
+    access_denied: Family<AccessLabels, Counter>,
+    calls_shed: Counter<u64, AtomicU64>,
 }
 
 impl fmt::Debug for Metrics {
@@ -131,8 +139,22 @@ impl Metrics {
             "Denial audit lines dropped by the audit log's own rate limit",
             audit_suppressed.clone(),
         );
+        let access_denied = Family::<AccessLabels, Counter>::default();
+        registry.register(
+            "access_denied",
+            "Calls refused by caller authorization, by API and configured caller name",
+            access_denied.clone(),
+        );
+        let calls_shed = Counter::default();
+        registry.register(
+            "calls_shed",
+            "Calls refused with RESOURCE_EXHAUSTED because grpc.max_in_flight were running",
+            calls_shed.clone(),
+        );
         Self {
             registry,
+            access_denied,
+            calls_shed,
             decisions,
             shadow_denials,
             decision_seconds,
@@ -198,6 +220,22 @@ impl Metrics {
     pub fn reload(&self, accepted: bool) {
         let result = if accepted { "accepted" } else { "refused" };
         self.reloads.get_or_create(&ReloadLabels { result }).inc();
+    }
+
+    /// Counts a call refused by authorization. `caller` must be a configured
+    /// name or `_unauthenticated`, never something a caller sent.
+    pub fn access_denied(&self, api: &'static str, caller: &str) {
+        self.access_denied
+            .get_or_create(&AccessLabels {
+                api,
+                caller: caller.into(),
+            })
+            .inc();
+    }
+
+    /// Counts a call shed at the in-flight cap.
+    pub fn call_shed(&self) {
+        self.calls_shed.inc();
     }
 
     /// Counts an audit line that was not written.
@@ -283,13 +321,18 @@ impl<S: Store> Store for Instrumented<S> {
 }
 
 /// Serves `GET /metrics`, and the routes of `more` (the status page), on
-/// `listener` until `shutdown` resolves.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
+/// `listener` (plain TCP, or the server's TLS listener) until `shutdown`
+/// resolves.
+pub async fn serve<L>(
+    listener: L,
     metrics: Arc<Metrics>,
     more: axum::Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: fmt::Debug,
+{
     let app = more.route(
         "/metrics",
         axum::routing::get(move || {

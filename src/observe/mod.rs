@@ -76,4 +76,11 @@ impl Observer {
             Err(_) => self.metrics.unavailable(api, rules, req.scope),
         }
     }
+
+    /// Records a call refused by caller authorization: counted by `caller`
+    /// (a configured name, or `_unauthenticated`) and audited, sampled.
+    pub fn refused(&self, api: &'static str, caller: &str, scope: &str, why: &str) {
+        self.metrics.access_denied(api, caller);
+        self.audit.refused(&self.metrics, api, caller, scope, why);
+    }
 }

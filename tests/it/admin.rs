@@ -232,3 +232,72 @@ async fn top_merges_replicas_and_explain_prints_each_limit() {
     one.shutdown().await;
     two.shutdown().await;
 }
+
+fn sha256_hex(token: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn with_token<T>(token: &str, body: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(body);
+    let value = format!("Bearer {token}").parse().expect("header value");
+    r.metadata_mut().insert("authorization", value);
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_callers_granted_admin_may_call_the_admin_rpcs() {
+    let yaml = format!(
+        "callers:
+  - {{name: app, token_sha256: {}, scopes: [\"*\"]}}
+  - {{name: ops, token_sha256: {}, scopes: [\"*\"], admin: true}}
+{CONFIG}",
+        sha256_hex("app-token"),
+        sha256_hex("ops-token")
+    );
+    let server = TestServer::start(&yaml).await;
+    let mut a = admin(&server).await;
+    let top = || top_request("", RankBy::Decisions);
+    let refused = a
+        .top_identities(with_token("app-token", top()))
+        .await
+        .expect_err("app has no admin grant");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(
+        refused.message().starts_with("TopIdentities: "),
+        "{refused:?}"
+    );
+    let anonymous = a.utilization(UtilizationRequest::default()).await;
+    assert_eq!(
+        anonymous.expect_err("no credentials").code(),
+        tonic::Code::Unauthenticated
+    );
+    let explain = ExplainRequest {
+        request: Some(req("demo", "x", "op")),
+    };
+    let refused = a.explain(with_token("app-token", explain.clone())).await;
+    assert_eq!(
+        refused.expect_err("no admin grant").code(),
+        tonic::Code::PermissionDenied
+    );
+    a.top_identities(with_token("ops-token", top()))
+        .await
+        .expect("ops is granted admin");
+    a.explain(with_token("ops-token", explain))
+        .await
+        .expect("ops is granted admin");
+    let url = server.url();
+    let screen = tokio::task::block_in_place(|| run(&["top", "-n", "1", "--addr", &url]));
+    assert!(
+        screen.contains("unreachable") && screen.contains("no credentials"),
+        "{screen}"
+    );
+    let screen = tokio::task::block_in_place(|| {
+        run(&["top", "-n", "1", "--addr", &url, "--token", "ops-token"])
+    });
+    assert!(screen.contains("demo/per-user"), "{screen}");
+    server.shutdown().await;
+}

@@ -132,6 +132,7 @@ fn layers_point_one_way() {
                 "crate::api",
                 "crate::server",
                 "crate::shutdown",
+                "crate::tls",
             ],
         ),
         (
@@ -147,17 +148,24 @@ fn layers_point_one_way() {
         ),
         (
             "observe",
-            &["crate::api", "crate::server", "crate::shutdown"],
+            &[
+                "crate::api",
+                "crate::server",
+                "crate::shutdown",
+                "crate::tls",
+            ],
         ),
         (
             "api",
             &[
                 "crate::server",
                 "crate::shutdown",
+                "crate::tls",
                 "crate::store::redis",
                 "crate::store::memory",
             ],
         ),
+        ("tls.rs", &["crate::server", "crate::shutdown"]),
     ];
     let mut found = Vec::new();
     for (layer, forbidden) in rules {

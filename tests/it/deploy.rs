@@ -57,3 +57,46 @@ fn the_dockerfile_copies_files_that_exist() {
     }
     assert!(copied >= 5, "found only {copied} COPY sources");
 }
+
+#[test]
+fn the_hardened_config_validates_with_its_files_mounted() {
+    // The files it names, as a pod would have them mounted.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = crate::common::certs::Ca::new("deploy");
+    let leaf = ca.server(&[]);
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path.display().to_string()
+    };
+    let (cert, key, ca) = (
+        file("tls.crt", &leaf.cert),
+        file("tls.key", &leaf.key),
+        file("ca.crt", &ca.pem),
+    );
+    let env = [
+        ("TLS__CERT", cert.clone()),
+        ("TLS__KEY", key.clone()),
+        ("TLS__CLIENT_CA", ca.clone()),
+        ("METRICS__TLS__CERT", cert),
+        ("METRICS__TLS__KEY", key),
+        ("METRICS__TLS__CLIENT_CA", ca),
+        ("STORE__REDIS__PASSWORD_FILE", file("password", "p\n")),
+        (
+            "STORE__REDIS__SENTINEL_PASSWORD_FILE",
+            file("sentinel-password", "s\n"),
+        ),
+    ]
+    .map(|(k, v)| (format!("TOLLGATE_{k}"), v));
+    let config = Config::load(Path::new("deploy/tollgate.hardened.yaml"), env)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()));
+    assert!(config.metrics.tls.is_some());
+    assert_eq!(config.callers.as_ref().map(Vec::len), Some(4));
+    assert_eq!(
+        config.store.redis.password.as_ref().map(|p| p.expose()),
+        Some("p")
+    );
+    // And the server takes it as far as the store (no Redis is contacted).
+    tollgate::server::Prepared::new(config, None).unwrap_or_else(|e| panic!("{e}"));
+}

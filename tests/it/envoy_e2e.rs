@@ -261,6 +261,17 @@ async fn envoy_enforces_tollgate_limits_end_to_end() {
         "{denied:?}"
     );
     assert!(denied.header("x-ratelimit-reset").is_some(), "{denied:?}");
+    // The draft-11 fields reach the client through Envoy too, the bucket
+    // that denied first.
+    let draft = |name| denied.header(name).unwrap_or_default();
+    assert!(
+        draft("ratelimit-policy").starts_with(r#""user";q=3;w=1"#),
+        "{denied:?}"
+    );
+    assert!(
+        draft("ratelimit").starts_with(r#""user";r=0;t=1"#),
+        "{denied:?}"
+    );
     let retry: u64 = denied
         .header("retry-after")
         .and_then(|v| v.parse().ok())
@@ -386,4 +397,95 @@ async fn envoy_applies_failure_mode_deny_to_every_grpc_error() {
             .expect("request");
         assert_eq!(r.status, when_closed, "{user} with failure_mode_deny: true");
     }
+}
+
+/// Envoy's cluster for Tollgate, speaking mTLS with `client` and trusting `ca`.
+fn with_mtls(yaml: String, dir: &Path) -> String {
+    let socket = format!(
+        r#"    - name: tollgate
+      type: STATIC
+      connect_timeout: 1s
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+          sni: localhost
+          common_tls_context:
+            alpn_protocols: ["h2"]
+            tls_certificates:
+              - certificate_chain: {{ filename: {client_cert} }}
+                private_key: {{ filename: {client_key} }}
+            validation_context:
+              trusted_ca: {{ filename: {ca} }}
+"#,
+        client_cert = dir.join("envoy.pem").display(),
+        client_key = dir.join("envoy.key").display(),
+        ca = dir.join("ca.pem").display(),
+    );
+    let cluster = "    - name: tollgate\n      type: STATIC\n      connect_timeout: 1s\n";
+    assert_eq!(
+        yaml.matches(cluster).count(),
+        1,
+        "the template's tollgate cluster"
+    );
+    yaml.replace(cluster, &socket)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_reaches_tollgate_over_mtls_as_a_named_caller() {
+    use crate::common::certs::{Ca, TlsFiles};
+    let ca = Ca::new("mesh");
+    let files = TlsFiles::new(&ca.server(&[]), Some(&ca));
+    let dir = files.dir.path().to_owned();
+    let envoy_cert = ca.client("spiffe://test/ns/edge/sa/envoy");
+    std::fs::write(dir.join("envoy.pem"), &envoy_cert.cert).expect("write");
+    std::fs::write(dir.join("envoy.key"), &envoy_cert.key).expect("write");
+    std::fs::write(dir.join("edge.yaml"), EDGE_LIMITS).expect("write limits");
+    let config = |scopes: &str| {
+        format!(
+            "tls: {}\nenvoy_ratelimit_configs: [{:?}]\ncallers:\n  - {{name: envoy, san: spiffe://test/ns/edge/sa/envoy, scopes: [{scopes}]}}\n",
+            files.yaml("10s"),
+            dir.join("edge.yaml")
+        )
+    };
+    let tollgate = common::TestServer::start(&config("edge")).await;
+    let upstream = start_upstream().await;
+    // Fail closed, so that a refused connection or call shows as a 500
+    // rather than passing unlimited.
+    let envoy = Envoy::start(upstream, tollgate.addr, |y| {
+        with_mtls(y, &dir).replace("failure_mode_deny: false", "failure_mode_deny: true")
+    })
+    .await;
+    let as_carol = || get(envoy.listen, "/", &[("x-user-id", "carol")]);
+    assert_eq!(
+        as_carol().await.expect("request").status,
+        200,
+        "{}",
+        envoy.log_text()
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(as_carol().await.expect("request").status);
+    }
+    // 3 a second: the fourth request within the second is limited.
+    assert!(
+        statuses.contains(&429),
+        "{statuses:?}\n{}",
+        envoy.log_text()
+    );
+    // Revoke the domain: PERMISSION_DENIED is an error to Envoy, which
+    // (failing closed) answers 500 instead of passing the request.
+    tollgate.reload(&config("other")).await;
+    let mut status = 0;
+    for _ in 0..100 {
+        status = get(envoy.listen, "/", &[("x-user-id", "dan")])
+            .await
+            .expect("request")
+            .status;
+        if status == 500 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 500, "{}", envoy.log_text());
 }

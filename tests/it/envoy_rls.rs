@@ -119,6 +119,16 @@ async fn statuses_carry_the_limit_remaining_and_reset_then_deny() {
         );
         assert_eq!(header(&r, "x-ratelimit-limit"), Some("3, 3;w=3600"));
         assert_eq!(header(&r, "retry-after"), None);
+        // draft-ietf-httpapi-ratelimit-headers-11, on by default.
+        assert_eq!(
+            header(&r, "ratelimit-policy"),
+            Some(r#""per-user";q=3;w=3600"#)
+        );
+        let state = header(&r, "ratelimit").expect("ratelimit");
+        assert!(
+            state.starts_with(&format!(r#""per-user";r={left};t="#)),
+            "{state}"
+        );
     }
     let r = ask(
         &mut c,
@@ -129,9 +139,27 @@ async fn statuses_carry_the_limit_remaining_and_reset_then_deny() {
     assert_eq!(codes(&r), [Code::OverLimit]);
     // One token comes back every 20 minutes.
     assert_eq!(header(&r, "retry-after"), Some("1200"));
+    assert_eq!(header(&r, "ratelimit"), Some(r#""per-user";r=0;t=1200"#));
     // Another identity has its own bucket.
     let r = ask(&mut c, request("api", vec![descriptor(&[("user", "bob")])])).await;
     assert_eq!(r.overall_code, Code::Ok as i32);
+}
+
+#[tokio::test]
+async fn the_draft_headers_can_be_turned_off_leaving_the_legacy_ones() {
+    let config = NATIVE.replace(
+        "envoy_response_headers: true",
+        "envoy_response_headers: true\nenvoy_ratelimit_draft: \"off\"",
+    );
+    let (_t, mut c) = client(&config).await;
+    let r = ask(
+        &mut c,
+        request("api", vec![descriptor(&[("user", "olga")])]),
+    )
+    .await;
+    assert_eq!(header(&r, "x-ratelimit-remaining"), Some("2"));
+    assert_eq!(header(&r, "ratelimit-policy"), None);
+    assert_eq!(header(&r, "ratelimit"), None);
 }
 
 #[tokio::test]

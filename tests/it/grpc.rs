@@ -293,6 +293,7 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_takes_nothing() {
 
     let batch = ShouldAllowBatchRequest {
         requests: vec![req("demo", "frank", "op"), req("demo", "fr\tank", "op")],
+        atomic: false,
     };
     let status = c.should_allow_batch(batch).await.expect_err("refused");
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -310,6 +311,50 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_takes_nothing() {
 }
 
 #[tokio::test]
+async fn an_atomic_batch_is_allowed_whole_or_takes_nothing() {
+    let server = TestServer::start(CONFIG).await;
+    let mut c = server.client().await;
+    let search = || req("mcp", "ivy", "tools/call:search");
+    let atomic = |requests| ShouldAllowBatchRequest {
+        requests,
+        atomic: true,
+    };
+    // Two searches of three fit: both pass, charged together.
+    let r = c
+        .should_allow_batch(atomic(vec![search(), search()]))
+        .await
+        .expect("batch")
+        .into_inner();
+    assert!(r.responses.iter().all(|r| r.allowed), "{r:?}");
+    let left = |r: &tollgate::pb::tollgate::v1::ShouldAllowResponse| {
+        r.buckets
+            .iter()
+            .find(|b| b.rule == "per-user-search")
+            .map(|b| b.remaining)
+    };
+    assert_eq!(left(&r.responses[1]), Some(1));
+    // Two more do not fit the one left: both are denied, and neither takes
+    // anything, not even from the per-user bucket that had room.
+    let r = c
+        .should_allow_batch(atomic(vec![search(), search()]))
+        .await
+        .expect("batch")
+        .into_inner();
+    assert!(r.responses.iter().all(|r| !r.allowed), "{r:?}");
+    assert!(r.responses.iter().any(|r| r.retry_after.is_some()), "{r:?}");
+    let one = ask(&mut c, search()).await;
+    assert!(one.allowed);
+    assert_eq!(left(&one), Some(0), "the denied batch took no search token");
+    let per_user = one.buckets.iter().find(|b| b.rule == "per-user");
+    assert_eq!(per_user.map(|b| b.remaining), Some(7), "10 - 2 - 1");
+    assert_eq!(
+        per_user.and_then(|b| to_std(&b.refill_period)),
+        Some(Duration::from_secs(3600))
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn batch_decides_each_request_independently_in_order() {
     let server = TestServer::start(CONFIG).await;
     let mut c = server.client().await;
@@ -321,6 +366,7 @@ async fn batch_decides_each_request_independently_in_order() {
             req("demo", "hank", "op"),
             req("elsewhere", "gina", "op"),
         ],
+        atomic: false,
     };
     let r = c
         .should_allow_batch(batch)

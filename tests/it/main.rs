@@ -14,6 +14,7 @@ mod limiter;
 mod redis_config;
 mod redis_standalone;
 mod redis_topologies;
+mod security;
 mod status_page;
 mod store_conformance;
 mod watch;

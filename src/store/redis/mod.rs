@@ -108,6 +108,7 @@ impl RedisStore {
                 problems.push(format!("store.redis.urls[{i}]: {e}"));
             }
         }
+        topology::check_tls(config, problems);
     }
 
     /// Builds the store from its config. Does not connect: Tollgate starts

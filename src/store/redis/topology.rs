@@ -96,12 +96,39 @@ pub(crate) fn check_url(url: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// Checks `store.redis.tls` against what this build can do: the CA file
+/// must parse, and only a standalone server can use it (deadpool-redis
+/// builds Sentinel's and Cluster's node connections itself, without a way to
+/// pass a CA; there, add the CA to the system's roots, e.g. `SSL_CERT_FILE`).
+pub(crate) fn check_tls(config: &RedisConfig, problems: &mut Vec<String>) {
+    if config.tls.ca_file.is_none() {
+        return;
+    }
+    if config.mode != RedisMode::Standalone {
+        problems.push(
+            "store.redis.tls.ca_file: only standalone mode supports it; for sentinel and \
+             cluster, add the CA to the system's roots (SSL_CERT_FILE)"
+                .to_owned(),
+        );
+        return;
+    }
+    for (i, url) in config.urls.iter().enumerate() {
+        if let Err(e) = url
+            .as_str()
+            .into_connection_info()
+            .and_then(|info| with_tls(info, config))
+        {
+            problems.push(format!("store.redis.urls[{i}]: with tls.ca_file: {e}"));
+        }
+    }
+}
+
 /// How to reach the data nodes that the sentinels name.
 fn sentinel_node(config: &RedisConfig) -> deadpool_redis::sentinel::SentinelNodeConnectionInfo {
     // The data nodes speak TLS when the sentinels do.
     let tls_mode = config.urls.iter().find_map(|u| {
         u.starts_with("rediss://").then(|| {
-            if u.ends_with("#insecure") {
+            if u.ends_with("#insecure") || config.tls.danger_accept_invalid_certificates {
                 deadpool_redis::sentinel::TlsMode::Insecure
             } else {
                 deadpool_redis::sentinel::TlsMode::Secure
@@ -119,6 +146,66 @@ fn sentinel_node(config: &RedisConfig) -> deadpool_redis::sentinel::SentinelNode
     }
 }
 
+/// The sentinels' own connection info: their credentials, and TLS settings.
+fn sentinel_infos(config: &RedisConfig) -> Result<Vec<ConnectionInfo>, BuildError> {
+    config
+        .urls
+        .iter()
+        .map(|u| {
+            let info = with_tls(u.as_str().into_connection_info()?, config)?;
+            let mut settings = info.redis_settings().clone();
+            if let Some(user) = &config.sentinel_username {
+                settings = settings.set_username(user);
+            }
+            if let Some(password) = &config.sentinel_password {
+                settings = settings.set_password(password.expose());
+            }
+            Ok(info.set_redis_settings(settings))
+        })
+        .collect::<Result<_, RedisError>>()
+        .map_err(BuildError::Url)
+}
+
+/// Applies `store.redis.tls` to a `rediss://` address: the CA file to trust
+/// instead of the system's roots, or (loudly named) no verification at all.
+fn with_tls(info: ConnectionInfo, config: &RedisConfig) -> Result<ConnectionInfo, RedisError> {
+    let redis::ConnectionAddr::TcpTls {
+        host,
+        port,
+        insecure,
+        tls_params,
+    } = info.addr().clone()
+    else {
+        return Ok(info);
+    };
+    let insecure = insecure || config.tls.danger_accept_invalid_certificates;
+    let info = info.set_addr(redis::ConnectionAddr::TcpTls {
+        host,
+        port,
+        insecure,
+        tls_params,
+    });
+    match &config.tls.ca_file {
+        Some(ca) if !insecure => {
+            let root_cert = std::fs::read(ca).map_err(|e| {
+                RedisError::from((
+                    ErrorKind::InvalidClientConfig,
+                    "store.redis.tls.ca_file",
+                    format!("cannot read {}: {e}", ca.display()),
+                ))
+            })?;
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            };
+            Ok(redis::Client::build_with_tls(info, certs)?
+                .get_connection_info()
+                .clone())
+        }
+        _ => Ok(info),
+    }
+}
+
 impl Topology {
     /// Builds the pools. Connects lazily, so Tollgate starts while Redis is
     /// down and serves by its failure mode until Redis comes.
@@ -129,7 +216,7 @@ impl Topology {
             .map(|u| {
                 u.as_str()
                     .into_connection_info()
-                    .map(|i| with_auth(i, config))
+                    .and_then(|i| with_tls(with_auth(i, config), config))
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(BuildError::Url)?;
@@ -167,7 +254,7 @@ impl Topology {
             }
             RedisMode::Sentinel => {
                 let manager = deadpool_redis::sentinel::Manager::new(
-                    config.urls.iter().map(String::as_str).collect(),
+                    sentinel_infos(config)?,
                     config.master_name.clone().unwrap_or_default(),
                     Some(sentinel_node(config)),
                     deadpool_redis::sentinel::SentinelServerType::Master,

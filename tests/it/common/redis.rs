@@ -90,6 +90,19 @@ impl Server {
         Self::spawn("redis-server", dir, port, args)
     }
 
+    /// Starts a sentinel whose `sentinel.conf` is `conf` (port and bind
+    /// lines are added).
+    pub fn sentinel(dir: &Path, port: u16, conf: &str) -> Self {
+        let sdir = dir.join(port.to_string());
+        std::fs::create_dir_all(&sdir).unwrap();
+        std::fs::write(
+            sdir.join("sentinel.conf"),
+            format!("port {port}\nbind 127.0.0.1\nprotected-mode no\n{conf}"),
+        )
+        .unwrap();
+        Self::spawn("redis-sentinel", dir, port, Vec::new())
+    }
+
     /// (Re)starts the process with its original arguments, and waits for PING.
     pub fn start(&mut self) {
         let log = std::fs::File::create(self.dir.join("log")).unwrap();

@@ -1,0 +1,221 @@
+// Package grpclimit asks Tollgate about each unary gRPC call a grpc-go
+// server receives.
+//
+// [Limiter.Limit] has the signature of go-grpc-middleware v2's
+// ratelimit.Limiter (Limit(ctx) error), so a *Limiter plugs into
+// ratelimit.UnaryServerInterceptor as it is; this module does not depend
+// on go-grpc-middleware. That interceptor turns every error into
+// RESOURCE_EXHAUSTED with its own message, though, so this package's own
+// [Limiter.UnaryServerInterceptor] is the better fit when callers should
+// tell a denial (RESOURCE_EXHAUSTED with a RetryInfo detail) from Tollgate
+// being down while failing closed (UNAVAILABLE).
+//
+// Either way, the draft-11 fields travel as response header metadata:
+// ratelimit-policy and ratelimit on every decided call, and retry-after on
+// a denial.
+package grpclimit
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/tollgate-rs/tollgate/clients/go/tollgate"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/protoadapt"
+	"google.golang.org/protobuf/types/known/durationpb"
+)
+
+// Decider is what the limiter asks; *tollgate.Client is one.
+type Decider interface {
+	Decide(ctx context.Context, req tollgate.Request) (tollgate.Decision, error)
+}
+
+// Config says how to turn a call into a question to Tollgate.
+type Config struct {
+	// Scope names the rule set. Required.
+	Scope Extractor
+	// Identity is the caller; nil means anonymous (one shared bucket).
+	Identity Extractor
+	// Operation is what the caller does; nil means none. FullMethod() makes
+	// each method its own operation.
+	Operation Extractor
+	// Cost is the tokens one call takes; nil means 1.
+	Cost func(ctx context.Context, fullMethod string) uint32
+	// Attributes select tiered limits; nil means none.
+	Attributes func(ctx context.Context, fullMethod string) map[string]string
+	// LegacyHeaders also sends x-ratelimit-limit, -remaining and -reset.
+	LegacyHeaders bool
+	// OnError, if set, hears of every call Tollgate could not answer
+	// (including those let through by fail-open) and every refusal of a
+	// call as invalid.
+	OnError func(ctx context.Context, fullMethod string, err error)
+}
+
+// Limiter decides gRPC calls with Tollgate.
+type Limiter struct {
+	decider Decider
+	cfg     Config
+}
+
+// New returns a Limiter. It fails only on a Config without a Scope.
+func New(d Decider, cfg Config) (*Limiter, error) {
+	if d == nil {
+		return nil, errors.New("grpclimit: no Decider")
+	}
+	if cfg.Scope == nil {
+		return nil, errors.New("grpclimit: Config.Scope is required")
+	}
+	return &Limiter{decider: d, cfg: cfg}, nil
+}
+
+// Limit decides the call whose server context ctx is, and returns nil to
+// let it proceed or a gRPC status error: RESOURCE_EXHAUSTED (with RetryInfo
+// and QuotaFailure details) on a denial, UNAVAILABLE when Tollgate is down
+// and the client fails closed, INVALID_ARGUMENT for input Tollgate or an
+// extractor refuses. It is go-grpc-middleware v2's ratelimit.Limiter.
+func (l *Limiter) Limit(ctx context.Context) error {
+	method, _ := grpc.Method(ctx)
+	return l.limit(ctx, method)
+}
+
+// UnaryServerInterceptor decides each unary call before its handler runs,
+// keeping Limit's status codes as they are.
+func (l *Limiter) UnaryServerInterceptor() grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		if err := l.limit(ctx, info.FullMethod); err != nil {
+			return nil, err
+		}
+		return handler(ctx, req)
+	}
+}
+
+func (l *Limiter) limit(ctx context.Context, method string) error {
+	req, err := l.request(ctx, method)
+	if err != nil {
+		l.report(ctx, method, err)
+		return status.Error(codes.InvalidArgument, err.Error())
+	}
+	d, err := l.decider.Decide(ctx, req)
+	if err != nil {
+		return l.refuse(ctx, method, err)
+	}
+	if d.Unreachable != nil {
+		l.report(ctx, method, d.Unreachable)
+	}
+	ds := []tollgate.Decision{d}
+	// Header metadata is best effort: it fails only when headers were
+	// already sent, which cannot be before the handler runs.
+	_ = grpc.SetHeader(ctx, fieldsMetadata(ds, l.cfg.LegacyHeaders))
+	if d.Allowed {
+		return nil
+	}
+	return denial(ds)
+}
+
+func (l *Limiter) request(ctx context.Context, method string) (tollgate.Request, error) {
+	var req tollgate.Request
+	var err error
+	if req.Scope, err = l.cfg.Scope(ctx, method); err != nil {
+		return req, fmt.Errorf("scope: %w", err)
+	}
+	if l.cfg.Identity != nil {
+		if req.Identity, err = l.cfg.Identity(ctx, method); err != nil {
+			return req, fmt.Errorf("identity: %w", err)
+		}
+	}
+	if l.cfg.Operation != nil {
+		if req.Operation, err = l.cfg.Operation(ctx, method); err != nil {
+			return req, fmt.Errorf("operation: %w", err)
+		}
+	}
+	if l.cfg.Cost != nil {
+		req.Cost = l.cfg.Cost(ctx, method)
+	}
+	if l.cfg.Attributes != nil {
+		req.Attributes = l.cfg.Attributes(ctx, method)
+	}
+	return req, nil
+}
+
+func (l *Limiter) refuse(ctx context.Context, method string, err error) error {
+	if ctx.Err() != nil {
+		return status.FromContextError(ctx.Err()).Err()
+	}
+	l.report(ctx, method, err)
+	var invalid *tollgate.InvalidRequestError
+	var unavailable *tollgate.UnavailableError
+	switch {
+	case errors.As(err, &invalid):
+		return status.Error(codes.InvalidArgument, invalid.Message)
+	case errors.As(err, &unavailable):
+		return status.Error(codes.Unavailable, "rate limiter unavailable, and this service fails closed")
+	default:
+		return status.Error(codes.Internal, err.Error())
+	}
+}
+
+func (l *Limiter) report(ctx context.Context, method string, err error) {
+	if l.cfg.OnError != nil {
+		l.cfg.OnError(ctx, method, err)
+	}
+}
+
+// fieldsMetadata is the draft-11 fields as response header metadata.
+func fieldsMetadata(ds []tollgate.Decision, legacy bool) metadata.MD {
+	f := tollgate.RenderFields(ds)
+	md := metadata.MD{}
+	set := func(k, v string) {
+		if v != "" {
+			md.Set(k, v)
+		}
+	}
+	set("ratelimit-policy", f.Policy)
+	set("ratelimit", f.RateLimit)
+	if tollgate.Denied(ds) {
+		set("retry-after", f.RetryAfter)
+	}
+	if legacy {
+		set("x-ratelimit-limit", f.LegacyLimit)
+		set("x-ratelimit-remaining", f.LegacyRemaining)
+		set("x-ratelimit-reset", f.LegacyReset)
+	}
+	return md
+}
+
+// denial is the RESOURCE_EXHAUSTED status of a denied call.
+func denial(ds []tollgate.Decision) error {
+	violated := tollgate.ViolatedPolicies(ds)
+	msg := "rate limited"
+	if len(violated) > 0 {
+		msg += " by " + strings.Join(violated, ", ")
+	}
+	wait, retryable := tollgate.RetryAfter(ds)
+	if retryable {
+		msg += "; retry in " + strconv.FormatInt(tollgate.CeilSeconds(wait), 10) + "s"
+	} else if reasons := tollgate.Reasons(ds); len(reasons) > 0 {
+		msg += ": " + strings.Join(reasons, "; ")
+	}
+	st := status.New(codes.ResourceExhausted, msg)
+	quota := &errdetails.QuotaFailure{}
+	for _, rule := range violated {
+		quota.Violations = append(quota.Violations, &errdetails.QuotaFailure_Violation{
+			Subject:     rule,
+			Description: "the Tollgate rule " + strconv.Quote(rule) + " has too few tokens for this call",
+		})
+	}
+	details := []protoadapt.MessageV1{quota}
+	if retryable {
+		details = append(details, &errdetails.RetryInfo{RetryDelay: durationpb.New(wait)})
+	}
+	if withDetails, err := st.WithDetails(details...); err == nil {
+		st = withDetails
+	}
+	return st.Err()
+}

@@ -1,0 +1,128 @@
+package httplimit
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+	"unicode/utf8"
+
+	"github.com/tollgate-rs/tollgate/clients/go/tollgate"
+)
+
+func TestOperationsNameTheToolPromptOrResource(t *testing.T) {
+	params := json.RawMessage(`{"name":"search","uri":"file:///a"}`)
+	for method, want := range map[string]string{
+		"tools/call":     "tools/call:search",
+		"prompts/get":    "prompts/get:search",
+		"resources/read": "resources/read:file:///a",
+		"tools/list":     "tools/list",
+	} {
+		if got := Operation(method, params); got != want {
+			t.Errorf("Operation(%s) = %q, want %q", method, got, want)
+		}
+	}
+	if got := Operation("tools/call", nil); got != "tools/call:" {
+		t.Errorf("no params: %q", got)
+	}
+}
+
+func TestLongOperationsAreCutAtACharacterBoundary(t *testing.T) {
+	uri := "file:///" + strings.Repeat("é", 200)
+	got := Operation("resources/read", json.RawMessage(`{"uri":"`+uri+`"}`))
+	if len(got) > 256 || !utf8.ValidString(got) || !strings.HasPrefix("resources/read:"+uri, got) {
+		t.Fatalf("got %d bytes, valid UTF-8 %v", len(got), utf8.ValidString(got))
+	}
+}
+
+func TestNotificationsAndResponsesAreFreeButIdLessCallsAreNot(t *testing.T) {
+	body := parseRPC([]byte(`[
+		{"jsonrpc":"2.0","method":"notifications/initialized"},
+		{"jsonrpc":"2.0","id":1,"result":{}},
+		{"jsonrpc":"2.0","id":2,"error":{"code":1,"message":"x"}},
+		{"jsonrpc":"2.0","id":"a","method":"ping"},
+		{"jsonrpc":"2.0","method":"tools/call","params":{"name":"fetch"}},
+		{"jsonrpc":"2.0","id":3,"method":7},
+		42
+	]`))
+	if !body.jsonRPC || !body.batch || len(body.calls) != 4 {
+		t.Fatalf("got %+v", body)
+	}
+	want := []rpcCall{
+		{id: json.RawMessage(`"a"`), operation: "ping"},
+		{operation: "tools/call:fetch"},
+		{id: json.RawMessage(`3`), plain: true},
+		{plain: true},
+	}
+	for i, c := range body.calls {
+		if string(c.id) != string(want[i].id) || c.operation != want[i].operation || c.plain != want[i].plain {
+			t.Errorf("call %d: got %+v, want %+v", i, c, want[i])
+		}
+	}
+	single := parseRPC([]byte(`{"jsonrpc":"2.0","method":"notifications/cancelled"}`))
+	if !single.jsonRPC || single.batch || len(single.calls) != 0 {
+		t.Fatalf("a lone notification: %+v", single)
+	}
+}
+
+func TestBodiesThatAreNotJSONRPCAreChargedAsPlainRequests(t *testing.T) {
+	for _, b := range []string{"", "not json", "[]", `"a string"`, "{broken", "[1,"} {
+		if got := parseRPC([]byte(b)); got.jsonRPC {
+			t.Errorf("%q parsed as JSON-RPC: %+v", b, got)
+		}
+	}
+}
+
+func TestABatchIsChargedOncePerOperationWithTheCallsAsCost(t *testing.T) {
+	calls := []rpcCall{
+		{operation: "tools/call:search"},
+		{operation: "tools/call:fetch"},
+		{operation: "tools/call:search"},
+		{plain: true},
+	}
+	got := group(calls, tollgate.Request{Scope: "s", Identity: "i", Operation: "POST /mcp", Cost: 2})
+	want := []tollgate.Request{
+		{Scope: "s", Identity: "i", Operation: "tools/call:search", Cost: 4},
+		{Scope: "s", Identity: "i", Operation: "tools/call:fetch", Cost: 2},
+		{Scope: "s", Identity: "i", Operation: "POST /mcp", Cost: 2},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("got %+v", got)
+	}
+	for i := range want {
+		if got[i].Operation != want[i].Operation || got[i].Cost != want[i].Cost || got[i].Identity != "i" {
+			t.Errorf("request %d: got %+v, want %+v", i, got[i], want[i])
+		}
+	}
+}
+
+func TestADenialIsAJSONRPCErrorWithTheWaitInData(t *testing.T) {
+	ds := []tollgate.Decision{{Allowed: false, RetryAfter: 2100 * time.Millisecond, Rule: "per-user",
+		Buckets: []tollgate.Bucket{{Rule: "per-user", Exhausted: true}}}}
+	out := rpcDenial(rpcBody{jsonRPC: true, calls: []rpcCall{{id: json.RawMessage(`7`)}}}, ds)
+	want := `{"jsonrpc":"2.0","id":7,"error":{"code":-32029,"message":"Rate limit exceeded",` +
+		`"data":{"retryAfterSeconds":3,"retryAfterMs":2100,"violatedPolicies":["per-user"]}}}`
+	if string(out) != want {
+		t.Fatalf("got  %s\nwant %s", out, want)
+	}
+}
+
+func TestABatchDenialAnswersEveryChargedCall(t *testing.T) {
+	ds := []tollgate.Decision{{Allowed: false, Reason: "cost 3 exceeds the capacity 2", Rule: "r"}}
+	body := rpcBody{jsonRPC: true, batch: true, calls: []rpcCall{{id: json.RawMessage(`1`)}, {}}}
+	var errs []struct {
+		ID    json.RawMessage `json:"id"`
+		Error struct {
+			Data map[string]any `json:"data"`
+		} `json:"error"`
+	}
+	if err := json.Unmarshal(rpcDenial(body, ds), &errs); err != nil || len(errs) != 2 {
+		t.Fatalf("%v: %+v", err, errs)
+	}
+	if string(errs[0].ID) != "1" || string(errs[1].ID) != "null" {
+		t.Fatalf("ids: %s, %s", errs[0].ID, errs[1].ID)
+	}
+	if errs[0].Error.Data["reason"] != "cost 3 exceeds the capacity 2" || errs[0].Error.Data["retryAfterSeconds"] != nil {
+		t.Fatalf("data: %v", errs[0].Error.Data)
+	}
+}

@@ -1,0 +1,246 @@
+// Package httplimit is net/http middleware that asks Tollgate about each
+// request, in the func(http.Handler) http.Handler shape.
+//
+// On allow, the request passes on with draft-11 RateLimit-Policy and
+// RateLimit headers added to the response. On deny, the middleware answers
+// 429 with Retry-After (whole seconds, rounded up), the same headers, and an
+// application/problem+json body of type quota-exceeded listing the
+// violated-policies; or, for an MCP call, a JSON-RPC error. When Tollgate
+// cannot answer, the client's failure mode applies: fail-open passes the
+// request on, fail-closed answers 503.
+//
+//	client, err := tollgate.Dial("127.0.0.1:50051")
+//	...
+//	limit, err := httplimit.New(client, httplimit.Config{
+//		Scope:    httplimit.Static("demo"),
+//		Identity: httplimit.Header("X-User"),
+//	})
+//	...
+//	http.ListenAndServe(":8080", limit(upstream))
+package httplimit
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+
+	"github.com/tollgate-rs/tollgate/clients/go/tollgate"
+)
+
+// DefaultMaxBodyBytes is the most of an MCP request body read when
+// Config.MaxBodyBytes is 0: far above any JSON-RPC call, far below what
+// would hurt a proxy that holds one body per request in memory.
+const DefaultMaxBodyBytes = 1 << 20
+
+// Decider is what the middleware asks; *tollgate.Client is one. An MCP
+// batch of several operations goes to DecideBatchAtomic, so it is charged
+// all or nothing.
+type Decider interface {
+	Decide(ctx context.Context, req tollgate.Request) (tollgate.Decision, error)
+	DecideBatchAtomic(ctx context.Context, reqs []tollgate.Request) ([]tollgate.Decision, error)
+}
+
+// Config says how to turn a request into a question to Tollgate.
+type Config struct {
+	// Scope names the rule set. Required.
+	Scope Extractor
+	// Identity is the caller; nil means anonymous (one shared bucket).
+	Identity Extractor
+	// Operation is what the caller does; nil means none. With MCP on, it
+	// applies only to bodies that are not JSON-RPC calls.
+	Operation Extractor
+	// Cost is the tokens one request (or one MCP call) takes; nil means 1.
+	Cost func(*http.Request) uint32
+	// Attributes select tiered limits, such as tier=premium; nil means none.
+	Attributes func(*http.Request) map[string]string
+
+	// LegacyHeaders also sets X-RateLimit-Limit, X-RateLimit-Remaining and
+	// X-RateLimit-Reset, for clients written against those headers.
+	LegacyHeaders bool
+
+	// MCP turns on MCP-aware extraction for POST requests: the body is read
+	// (at most MaxBodyBytes; more is a 413), each JSON-RPC call in it is
+	// charged under its own operation, a batch is decided all or nothing
+	// (refused whole, and charged nothing, if any of it is denied), and the
+	// body is handed on byte for byte.
+	MCP bool
+	// MCPPath, if set, limits MCP-aware extraction to POSTs to this exact
+	// path (the MCP endpoint); other requests are decided as plain ones.
+	MCPPath string
+	// MaxBodyBytes caps the body read with MCP on; 0 means
+	// DefaultMaxBodyBytes.
+	MaxBodyBytes int64
+
+	// OnError, if set, hears of every call Tollgate could not answer
+	// (including those let through by fail-open) and every refusal of a
+	// request as invalid, for logs and metrics. It must not write to w.
+	OnError func(r *http.Request, err error)
+}
+
+// New returns the middleware. It fails only on a Config without a Scope.
+func New(d Decider, cfg Config) (func(http.Handler) http.Handler, error) {
+	if d == nil {
+		return nil, errors.New("httplimit: no Decider")
+	}
+	if cfg.Scope == nil {
+		return nil, errors.New("httplimit: Config.Scope is required")
+	}
+	if cfg.MaxBodyBytes <= 0 {
+		cfg.MaxBodyBytes = DefaultMaxBodyBytes
+	}
+	return func(next http.Handler) http.Handler {
+		return &handler{decider: d, cfg: cfg, next: next}
+	}, nil
+}
+
+type handler struct {
+	decider Decider
+	cfg     Config
+	next    http.Handler
+}
+
+func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	base, err := h.request(r)
+	if err != nil {
+		h.report(r, err)
+		writePlainProblem(w, http.StatusBadRequest, "Bad request", err.Error())
+		return
+	}
+
+	rpc := rpcBody{}
+	if h.cfg.MCP && r.Method == http.MethodPost && (h.cfg.MCPPath == "" || r.URL.Path == h.cfg.MCPPath) {
+		body, status, err := readBody(r, h.cfg.MaxBodyBytes)
+		if err != nil {
+			writePlainProblem(w, status, http.StatusText(status), err.Error())
+			return
+		}
+		rpc = parseRPC(body)
+		if rpc.jsonRPC && len(rpc.calls) == 0 {
+			// Only notifications and responses: never charged.
+			h.next.ServeHTTP(w, r)
+			return
+		}
+	}
+
+	var ds []tollgate.Decision
+	if rpc.jsonRPC {
+		reqs := group(rpc.calls, base)
+		if len(reqs) == 1 {
+			var d tollgate.Decision
+			d, err = h.decider.Decide(r.Context(), reqs[0])
+			ds = []tollgate.Decision{d}
+		} else {
+			// Atomic: a refused batch takes nothing, not even from the
+			// operations that had room.
+			ds, err = h.decider.DecideBatchAtomic(r.Context(), reqs)
+		}
+	} else {
+		var d tollgate.Decision
+		d, err = h.decider.Decide(r.Context(), base)
+		ds = []tollgate.Decision{d}
+	}
+	if err != nil {
+		h.refuse(w, r, err)
+		return
+	}
+	for i := range ds {
+		if ds[i].Unreachable != nil {
+			h.report(r, ds[i].Unreachable)
+			break
+		}
+	}
+
+	if tollgate.Denied(ds) {
+		if rpc.jsonRPC {
+			writeRPCDenial(w, rpc, ds, h.cfg.LegacyHeaders)
+		} else {
+			writeQuotaExceeded(w, ds, h.cfg.LegacyHeaders)
+		}
+		return
+	}
+	setFields(w.Header(), ds, h.cfg.LegacyHeaders)
+	h.next.ServeHTTP(w, r)
+}
+
+// request builds the question for r, before any MCP calls are read.
+func (h *handler) request(r *http.Request) (tollgate.Request, error) {
+	var req tollgate.Request
+	var err error
+	if req.Scope, err = h.cfg.Scope(r); err != nil {
+		return req, fmt.Errorf("scope: %w", err)
+	}
+	if h.cfg.Identity != nil {
+		if req.Identity, err = h.cfg.Identity(r); err != nil {
+			return req, fmt.Errorf("identity: %w", err)
+		}
+	}
+	if h.cfg.Operation != nil {
+		if req.Operation, err = h.cfg.Operation(r); err != nil {
+			return req, fmt.Errorf("operation: %w", err)
+		}
+	}
+	if h.cfg.Cost != nil {
+		req.Cost = h.cfg.Cost(r)
+	}
+	if h.cfg.Attributes != nil {
+		req.Attributes = h.cfg.Attributes(r)
+	}
+	return req, nil
+}
+
+// refuse answers a request Tollgate did not decide.
+func (h *handler) refuse(w http.ResponseWriter, r *http.Request, err error) {
+	var invalid *tollgate.InvalidRequestError
+	var unavailable *tollgate.UnavailableError
+	switch {
+	case r.Context().Err() != nil:
+		// The client went away; nobody reads this answer.
+		w.WriteHeader(http.StatusServiceUnavailable)
+	case errors.As(err, &invalid):
+		h.report(r, err)
+		writePlainProblem(w, http.StatusBadRequest, "Bad request", invalid.Message)
+	case errors.As(err, &unavailable):
+		h.report(r, err)
+		writePlainProblem(w, http.StatusServiceUnavailable, "Rate limiter unavailable",
+			"The rate limiter could not be reached, and this service fails closed.")
+	default:
+		h.report(r, err)
+		writePlainProblem(w, http.StatusInternalServerError, "Rate limiter refused the call", err.Error())
+	}
+}
+
+func (h *handler) report(r *http.Request, err error) {
+	if h.cfg.OnError != nil {
+		h.cfg.OnError(r, err)
+	}
+}
+
+// readBody reads at most limit bytes of r's body and puts them back, so the
+// next handler reads exactly what the client sent. It answers the status to
+// refuse with on failure: 413 past the limit, 400 on a broken body.
+func readBody(r *http.Request, limit int64) ([]byte, int, error) {
+	if r.Body == nil || r.Body == http.NoBody {
+		return nil, 0, nil
+	}
+	if r.ContentLength > limit {
+		return nil, http.StatusRequestEntityTooLarge, fmt.Errorf("the body is %d bytes; the most accepted is %d", r.ContentLength, limit)
+	}
+	body, err := io.ReadAll(io.LimitReader(r.Body, limit+1))
+	_ = r.Body.Close()
+	if err != nil {
+		return nil, http.StatusBadRequest, fmt.Errorf("reading the body: %w", err)
+	}
+	if int64(len(body)) > limit {
+		return nil, http.StatusRequestEntityTooLarge, fmt.Errorf("the body is over %d bytes, the most accepted", limit)
+	}
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	r.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
+	r.ContentLength = int64(len(body))
+	// The length is known now, so a chunked upload goes on with a
+	// Content-Length: the same bytes, framed differently.
+	r.TransferEncoding = nil
+	return body, 0, nil
+}

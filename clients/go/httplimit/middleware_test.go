@@ -1,0 +1,347 @@
+package httplimit_test
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"fmt"
+	"io"
+	"math/big"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tollgate-rs/tollgate/clients/go/httplimit"
+	"github.com/tollgate-rs/tollgate/clients/go/internal/tollgatetest"
+	"github.com/tollgate-rs/tollgate/clients/go/tollgate"
+)
+
+const oneEach = `
+scopes:
+  - name: demo
+    limits:
+      - name: per-user
+        per: identity
+        capacity: 1
+        refill_period: 10s
+`
+
+// serve puts the middleware in front of a handler that records the bodies
+// it gets, on a plain httptest server.
+func serve(t *testing.T, addr string, cfg httplimit.Config, opts ...tollgate.Option) (*httptest.Server, *recorder) {
+	t.Helper()
+	c, err := tollgate.Dial(addr, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	limit, err := httplimit.New(c, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := &recorder{}
+	srv := httptest.NewServer(limit(rec))
+	t.Cleanup(srv.Close)
+	return srv, rec
+}
+
+type recorder struct {
+	mu     sync.Mutex
+	bodies []string
+}
+
+func (rec *recorder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	b, _ := io.ReadAll(r.Body)
+	rec.mu.Lock()
+	rec.bodies = append(rec.bodies, string(b))
+	rec.mu.Unlock()
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (rec *recorder) count() int {
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	return len(rec.bodies)
+}
+
+func do(t *testing.T, client *http.Client, req *http.Request) *http.Response {
+	t.Helper()
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return resp
+}
+
+func get(t *testing.T, url, user string) *http.Response {
+	req, _ := http.NewRequest("GET", url, nil)
+	if user != "" {
+		req.Header.Set("X-User", user)
+	}
+	return do(t, http.DefaultClient, req)
+}
+
+func TestAnExtractorErrorIs400AndReachesNothing(t *testing.T) {
+	tg := tollgatetest.Start(t, oneEach)
+	srv, rec := serve(t, tg.Addr, httplimit.Config{
+		Scope:    httplimit.Static("demo"),
+		Identity: httplimit.Required("X-User", httplimit.Header("X-User")),
+	})
+	resp := get(t, srv.URL, "")
+	if resp.StatusCode != 400 || resp.Header.Get("Content-Type") != "application/problem+json" || rec.count() != 0 {
+		t.Fatalf("got %d %q, upstream saw %d", resp.StatusCode, resp.Header.Get("Content-Type"), rec.count())
+	}
+}
+
+// An identity Tollgate refuses (too long) must not slip through fail-open.
+func TestInputTollgateRefusesIs400EvenWhenFailingOpen(t *testing.T) {
+	tg := tollgatetest.Start(t, oneEach)
+	srv, rec := serve(t, tg.Addr, httplimit.Config{
+		Scope:    httplimit.Static("demo"),
+		Identity: httplimit.Header("X-User"),
+	}, tollgate.WithFailureMode(tollgate.FailOpen))
+	resp := get(t, srv.URL, strings.Repeat("x", 300))
+	if resp.StatusCode != 400 || rec.count() != 0 {
+		t.Fatalf("got %d, upstream saw %d", resp.StatusCode, rec.count())
+	}
+}
+
+func TestOnErrorHearsOfRequestsLetThroughByFailOpen(t *testing.T) {
+	tg := tollgatetest.Start(t, oneEach)
+	var mu sync.Mutex
+	var heard []error
+	srv, rec := serve(t, tg.Addr, httplimit.Config{
+		Scope:    httplimit.Static("demo"),
+		Identity: httplimit.Header("X-User"),
+		OnError: func(_ *http.Request, err error) {
+			mu.Lock()
+			heard = append(heard, err)
+			mu.Unlock()
+		},
+	})
+	tg.Stop()
+	if resp := get(t, srv.URL, "alice"); resp.StatusCode != 204 || rec.count() != 1 {
+		t.Fatalf("got %d, upstream saw %d", resp.StatusCode, rec.count())
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(heard) != 1 || heard[0] == nil {
+		t.Fatalf("OnError heard %v", heard)
+	}
+}
+
+func TestMCPPassesAChunkedBodyOnWhole(t *testing.T) {
+	tg := tollgatetest.Start(t, oneEach)
+	srv, rec := serve(t, tg.Addr, httplimit.Config{Scope: httplimit.Static("demo"), MCP: true})
+	body := `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search"}}`
+	// An io.Reader of unknown length makes the client send chunks.
+	req, _ := http.NewRequest("POST", srv.URL, io.MultiReader(strings.NewReader(body[:10]), strings.NewReader(body[10:])))
+	if resp := do(t, http.DefaultClient, req); resp.StatusCode != 204 {
+		t.Fatalf("got %d", resp.StatusCode)
+	}
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	if len(rec.bodies) != 1 || rec.bodies[0] != body {
+		t.Fatalf("upstream got %q", rec.bodies)
+	}
+}
+
+func TestAnMCPBatchOfMoreOperationsThanABatchMayCarryIs400(t *testing.T) {
+	tg := tollgatetest.Start(t, oneEach)
+	srv, rec := serve(t, tg.Addr, httplimit.Config{Scope: httplimit.Static("demo"), MCP: true})
+	calls := make([]string, tollgate.MaxBatch+1)
+	for i := range calls {
+		calls[i] = fmt.Sprintf(`{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"t%d"}}`, i, i)
+	}
+	req, _ := http.NewRequest("POST", srv.URL, strings.NewReader("["+strings.Join(calls, ",")+"]"))
+	if resp := do(t, http.DefaultClient, req); resp.StatusCode != 400 || rec.count() != 0 {
+		t.Fatalf("got %d, upstream saw %d", resp.StatusCode, rec.count())
+	}
+}
+
+func TestMCPModeDecidesOtherMethodsAsPlainRequests(t *testing.T) {
+	tg := tollgatetest.Start(t, oneEach)
+	srv, _ := serve(t, tg.Addr, httplimit.Config{
+		Scope:     httplimit.Static("demo"),
+		Identity:  httplimit.Header("X-User"),
+		Operation: httplimit.MethodPath(),
+		MCP:       true,
+	})
+	if resp := get(t, srv.URL+"/mcp", "alice"); resp.StatusCode != 204 {
+		t.Fatalf("first GET: %d", resp.StatusCode)
+	}
+	resp := get(t, srv.URL+"/mcp", "alice")
+	if resp.StatusCode != 429 || resp.Header.Get("Content-Type") != "application/problem+json" {
+		t.Fatalf("second GET: %d %q", resp.StatusCode, resp.Header.Get("Content-Type"))
+	}
+}
+
+func TestMCPPathLimitsJSONRPCReadingToTheMCPEndpoint(t *testing.T) {
+	tg := tollgatetest.Start(t, `
+scopes:
+  - name: demo
+    limits:
+      - name: calls
+        per: identity
+        capacity: 2
+        refill_period: 10s
+`)
+	srv, _ := serve(t, tg.Addr, httplimit.Config{
+		Scope:    httplimit.Static("demo"),
+		Identity: httplimit.Header("X-User"),
+		MCP:      true,
+		MCPPath:  "/mcp",
+	})
+	batch := `[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":2,"method":"ping"}]`
+	post := func(path string) *http.Response {
+		req, _ := http.NewRequest("POST", srv.URL+path, strings.NewReader(batch))
+		req.Header.Set("X-User", "alice")
+		return do(t, http.DefaultClient, req)
+	}
+	// Elsewhere, the batch is one plain request: one token of two.
+	if resp := post("/other"); resp.StatusCode != 204 || resp.Header.Get("RateLimit") != `"calls";r=1;t=5` {
+		t.Fatalf("POST /other: %d %q", resp.StatusCode, resp.Header.Get("RateLimit"))
+	}
+	// On the MCP endpoint, two calls need two tokens and one is left.
+	if resp := post("/mcp"); resp.StatusCode != 429 || resp.Header.Get("Content-Type") != "application/json" {
+		t.Fatalf("POST /mcp: %d %q", resp.StatusCode, resp.Header.Get("Content-Type"))
+	}
+}
+
+func TestTheMTLSPeerIsTheIdentity(t *testing.T) {
+	tg := tollgatetest.Start(t, oneEach)
+	c, err := tollgate.Dial(tg.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	limit, err := httplimit.New(c, httplimit.Config{Scope: httplimit.Static("demo"), Identity: httplimit.PeerCommonName()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca := newCA(t)
+	srv := httptest.NewUnstartedServer(limit(&recorder{}))
+	srv.TLS = &tls.Config{ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: ca.pool}
+	srv.StartTLS()
+	defer srv.Close()
+	clientFor := func(cn string) *http.Client {
+		hc := srv.Client()
+		transport := hc.Transport.(*http.Transport).Clone()
+		transport.TLSClientConfig.Certificates = []tls.Certificate{ca.issue(t, cn)}
+		return &http.Client{Transport: transport}
+	}
+	alice, bob := clientFor("alice"), clientFor("bob")
+	req := func() *http.Request { r, _ := http.NewRequest("GET", srv.URL, nil); return r }
+
+	if resp := do(t, alice, req()); resp.StatusCode != 204 {
+		t.Fatalf("alice's first: %d", resp.StatusCode)
+	}
+	if resp := do(t, alice, req()); resp.StatusCode != 429 {
+		t.Fatalf("alice's second: %d", resp.StatusCode)
+	}
+	if resp := do(t, bob, req()); resp.StatusCode != 204 {
+		t.Fatalf("bob's first: %d", resp.StatusCode)
+	}
+}
+
+func TestNewRefusesAConfigWithoutScope(t *testing.T) {
+	if _, err := httplimit.New(&tollgate.Client{}, httplimit.Config{}); err == nil {
+		t.Fatal("no error")
+	}
+}
+
+func TestExtractors(t *testing.T) {
+	r := httptest.NewRequest("GET", "/tenants/acme/items?x=1", nil)
+	r.Header.Set("X-Key", "k1")
+	r.RemoteAddr = "192.0.2.7:5555"
+	for name, c := range map[string]struct {
+		e    httplimit.Extractor
+		want string
+	}{
+		"header":      {httplimit.Header("X-Key"), "k1"},
+		"path":        {httplimit.Path(), "/tenants/acme/items"},
+		"method-path": {httplimit.MethodPath(), "GET /tenants/acme/items"},
+		"segment":     {httplimit.PathSegment(1), "acme"},
+		"no segment":  {httplimit.PathSegment(9), ""},
+		"remote ip":   {httplimit.RemoteIP(), "192.0.2.7"},
+		"no cert":     {httplimit.PeerCommonName(), ""},
+		"first of":    {httplimit.FirstOf(httplimit.Header("X-Missing"), httplimit.RemoteIP()), "192.0.2.7"},
+		"a func":      {func(r *http.Request) (string, error) { return r.URL.Query().Get("x"), nil }, "1"},
+	} {
+		if got, err := c.e(r); err != nil || got != c.want {
+			t.Errorf("%s: got %q, %v; want %q", name, got, err, c.want)
+		}
+	}
+	if _, err := httplimit.Required("X-Missing", httplimit.Header("X-Missing"))(r); err == nil {
+		t.Error("Required let an empty answer through")
+	}
+	boom := errors.New("boom")
+	if _, err := httplimit.FirstOf(func(*http.Request) (string, error) { return "", boom })(r); !errors.Is(err, boom) {
+		t.Errorf("FirstOf lost the error: %v", err)
+	}
+}
+
+// ca is a throwaway certificate authority for the mTLS test.
+type ca struct {
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+	pool *x509.CertPool
+}
+
+func newCA(t *testing.T) *ca {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "test CA"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(time.Hour),
+		IsCA:                  true,
+		KeyUsage:              x509.KeyUsageCertSign,
+		BasicConstraintsValid: true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(cert)
+	return &ca{cert: cert, key: key, pool: pool}
+}
+
+func (c *ca) issue(t *testing.T, cn string) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(time.Now().UnixNano()),
+		Subject:      pkix.Name{CommonName: cn},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.cert, &key.PublicKey, c.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}

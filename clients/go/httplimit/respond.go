@@ -1,0 +1,89 @@
+package httplimit
+
+import (
+	"encoding/json"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"github.com/tollgate-rs/tollgate/clients/go/tollgate"
+)
+
+// QuotaExceededType is the problem type of draft-ietf-httpapi-ratelimit-
+// headers-11 section 5.1, with its "violated-policies" extension member.
+const QuotaExceededType = "https://iana.org/assignments/http-problem-types#quota-exceeded"
+
+// setFields adds the rate-limit headers of ds to h.
+func setFields(h http.Header, ds []tollgate.Decision, legacy bool) {
+	f := tollgate.RenderFields(ds)
+	set := func(name, v string) {
+		if v != "" {
+			h.Set(name, v)
+		}
+	}
+	set("RateLimit-Policy", f.Policy)
+	set("RateLimit", f.RateLimit)
+	if tollgate.Denied(ds) {
+		set("Retry-After", f.RetryAfter)
+	}
+	if legacy {
+		set("X-RateLimit-Limit", f.LegacyLimit)
+		set("X-RateLimit-Remaining", f.LegacyRemaining)
+		set("X-RateLimit-Reset", f.LegacyReset)
+	}
+}
+
+// problem is an RFC 9457 problem document.
+type problem struct {
+	Type             string   `json:"type"`
+	Title            string   `json:"title"`
+	Status           int      `json:"status"`
+	Detail           string   `json:"detail,omitempty"`
+	ViolatedPolicies []string `json:"violated-policies,omitempty"`
+}
+
+func writeJSON(w http.ResponseWriter, status int, contentType string, body []byte) {
+	w.Header().Set("Content-Type", contentType)
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(status)
+	_, _ = w.Write(body)
+}
+
+func writeProblem(w http.ResponseWriter, p problem) {
+	body, _ := json.Marshal(p) // plain strings and ints: cannot fail
+	writeJSON(w, p.Status, "application/problem+json", body)
+}
+
+// writeQuotaExceeded answers a denial that is not an MCP call: 429 with the
+// rate-limit headers and a quota-exceeded problem document.
+func writeQuotaExceeded(w http.ResponseWriter, ds []tollgate.Decision, legacy bool) {
+	setFields(w.Header(), ds, legacy)
+	p := problem{
+		Type:             QuotaExceededType,
+		Title:            "Quota exceeded",
+		Status:           http.StatusTooManyRequests,
+		ViolatedPolicies: tollgate.ViolatedPolicies(ds),
+	}
+	if p.ViolatedPolicies == nil {
+		p.ViolatedPolicies = []string{}
+	}
+	if wait, ok := tollgate.RetryAfter(ds); ok {
+		p.Detail = "Retry in " + strconv.FormatInt(tollgate.CeilSeconds(wait), 10) + " s."
+	} else if reasons := tollgate.Reasons(ds); len(reasons) > 0 {
+		p.Detail = strings.Join(reasons, "; ")
+	} else {
+		p.Detail = "This request cannot be allowed by retrying it."
+	}
+	writeProblem(w, p)
+}
+
+// writeRPCDenial answers a denied MCP call or batch: 429 with the
+// rate-limit headers (Retry-After included) and JSON-RPC error objects.
+func writeRPCDenial(w http.ResponseWriter, body rpcBody, ds []tollgate.Decision, legacy bool) {
+	setFields(w.Header(), ds, legacy)
+	writeJSON(w, http.StatusTooManyRequests, "application/json", rpcDenial(body, ds))
+}
+
+func writePlainProblem(w http.ResponseWriter, status int, title, detail string) {
+	writeProblem(w, problem{Type: "about:blank", Title: title, Status: status, Detail: detail})
+}

@@ -1,0 +1,157 @@
+package tollgate
+
+import (
+	"time"
+
+	tollgatev1 "github.com/tollgate-rs/tollgate/clients/go/gen/tollgate/v1"
+)
+
+// Request is one question to Tollgate. Tollgate validates it (scope 1 to
+// 128 bytes; identity and operation at most 256; at most 16 attributes; no
+// control characters) and answers an [*InvalidRequestError] otherwise.
+type Request struct {
+	// Scope names the rule set: the tenant, MCP server or gateway. Required.
+	Scope string
+	// Identity is the caller. Empty means anonymous: all anonymous callers
+	// of a scope share one bucket.
+	Identity string
+	// Operation is what the caller does, such as "tools/call:search"; limits
+	// with an operations list apply only when one of their globs matches.
+	Operation string
+	// Cost is the tokens to take; 0 means 1.
+	Cost uint32
+	// DryRun decides without taking anything.
+	DryRun bool
+	// Attributes select tiered limits, such as tier=premium.
+	Attributes map[string]string
+}
+
+// Decision is Tollgate's answer, or the client's own under the failure
+// policy.
+type Decision struct {
+	// Allowed is the answer. When true (and not DryRun), Cost was taken from
+	// every bucket in Buckets.
+	Allowed bool
+	// RetryAfter is, on a denial, the earliest wait after which the same
+	// request would be allowed if nobody else consumed in between (a lower
+	// bound for a bucket shared with others). It is zero when allowed, and
+	// on a denial no retry can pass (see Reason), such as a cost over a
+	// bucket's capacity.
+	RetryAfter time.Duration
+	// Limit, Remaining, ResetAfter and Rule describe the most restrictive
+	// bucket: the one that denied (the longest RetryAfter), else the one
+	// with the fewest tokens left. Limit is 0 and Rule empty when no rule
+	// applied.
+	Limit      uint64
+	Remaining  uint64
+	ResetAfter time.Duration
+	Rule       string
+	// Buckets lists every bucket that applied, in the order of the scope's
+	// limits.
+	Buckets []Bucket
+	// Degraded is true when no bucket counted this request: Tollgate's store
+	// was down in a scope that fails open, or Tollgate could not be reached
+	// and this client fails open (then Unreachable says why).
+	Degraded bool
+	// Unreachable is set only on a decision this client made by itself under
+	// FailOpen: why Tollgate did not answer. Log it or count it; the request
+	// was allowed.
+	Unreachable error
+	// Reason is Tollgate's short explanation of a denial without RetryAfter.
+	Reason string
+}
+
+// Bucket is the state of one bucket that applied to a request.
+type Bucket struct {
+	// Rule is the name of the limit the bucket belongs to.
+	Rule string
+	// Limit is the bucket's capacity (its burst).
+	Limit uint64
+	// Remaining is the whole tokens left after this decision.
+	Remaining uint64
+	// ResetAfter is the time until the bucket is full again.
+	ResetAfter time.Duration
+	// RetryAfter is set only when this bucket alone would deny: the time
+	// until it holds the request's cost.
+	RetryAfter time.Duration
+	// Exhausted is true when this bucket did not hold the cost: it is one
+	// of the policies a denial violated.
+	Exhausted bool
+	// RefillPeriod is the time in which the empty bucket refills
+	// completely: with Limit, its rate. It is the window w of the
+	// RateLimit-Policy field; zero when Tollgate did not report it.
+	RefillPeriod time.Duration
+}
+
+func (r *Request) proto() *tollgatev1.ShouldAllowRequest {
+	return &tollgatev1.ShouldAllowRequest{
+		Scope:      r.Scope,
+		Identity:   r.Identity,
+		Operation:  r.Operation,
+		Cost:       r.Cost,
+		DryRun:     r.DryRun,
+		Attributes: r.Attributes,
+	}
+}
+
+func decisionFromProto(p *tollgatev1.ShouldAllowResponse) Decision {
+	d := Decision{
+		Allowed:    p.GetAllowed(),
+		RetryAfter: p.GetRetryAfter().AsDuration(),
+		Limit:      p.GetLimit(),
+		Remaining:  p.GetRemaining(),
+		ResetAfter: p.GetResetAfter().AsDuration(),
+		Rule:       p.GetRule(),
+		Degraded:   p.GetDegraded(),
+		Reason:     p.GetReason(),
+	}
+	if len(p.GetBuckets()) > 0 {
+		d.Buckets = make([]Bucket, len(p.GetBuckets()))
+		for i, b := range p.GetBuckets() {
+			d.Buckets[i] = Bucket{
+				Rule:         b.GetRule(),
+				Limit:        b.GetLimit(),
+				Remaining:    b.GetRemaining(),
+				ResetAfter:   b.GetResetAfter().AsDuration(),
+				RetryAfter:   b.GetRetryAfter().AsDuration(),
+				Exhausted:    b.GetExhausted(),
+				RefillPeriod: b.GetRefillPeriod().AsDuration(),
+			}
+		}
+	}
+	return d
+}
+
+// DeniedByBatch reports whether this is an entry of an atomic batch that was
+// denied only because another entry was: none of its own buckets ran out,
+// and it carries neither a RetryAfter nor a Reason of its own. Such an entry
+// says nothing about when the batch may pass; the entries that denied do.
+func (d *Decision) DeniedByBatch() bool {
+	if d.Allowed || d.RetryAfter > 0 || d.Reason != "" {
+		return false
+	}
+	for _, b := range d.Buckets {
+		if b.Exhausted {
+			return false
+		}
+	}
+	return true
+}
+
+// ViolatedPolicies names the rules that denied: the exhausted buckets of
+// this decision, or none when it was allowed.
+func (d *Decision) ViolatedPolicies() []string {
+	if d.Allowed {
+		return nil
+	}
+	var out []string
+	for _, b := range d.Buckets {
+		if b.Exhausted {
+			out = append(out, b.Rule)
+		}
+	}
+	if len(out) == 0 && d.Rule != "" {
+		out = append(out, d.Rule)
+	}
+	return out
+}

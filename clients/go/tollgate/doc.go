@@ -1,0 +1,29 @@
+// Package tollgate is the Go client of Tollgate, a rate-limit decision
+// service: it asks "may this caller do this now?" over gRPC
+// (tollgate.v1.RateLimiter) and turns the answer into a [Decision].
+//
+// The module's map:
+//
+//	tollgate      this package: Client (one reused connection, a deadline on
+//	              every call, plain and atomic batches, a local failure
+//	              policy) and the rendering of decisions as draft-11
+//	              RateLimit fields
+//	httplimit     net/http middleware: extractors, 429s, MCP JSON-RPC bodies
+//	grpclimit     grpc-go unary interceptor, and a Limit(ctx) error limiter
+//	              that fits go-grpc-middleware v2's ratelimit.Limiter
+//	gen/tollgate/v1  generated stubs (scripts/gen.sh; never edited by hand)
+//	examples/proxy   a reverse proxy built on httplimit
+//
+// A call to Tollgate has three outcomes, and they never blur:
+//
+//   - Tollgate answered: Decide returns its Decision (allowed or denied) and
+//     a nil error.
+//   - Tollgate could not answer (unreachable, slower than the deadline,
+//     UNAVAILABLE, or its store down in a scope that fails closed): the
+//     client's [FailureMode] decides. [FailOpen] returns an allowed Decision
+//     marked Degraded, with the cause in Decision.Unreachable; [FailClosed]
+//     returns an [*UnavailableError].
+//   - The request was refused as malformed, or the client is not allowed to
+//     ask: an [*InvalidRequestError] or a [*RefusedError], whatever the
+//     failure mode, because absorbing a misconfiguration would hide it.
+package tollgate

@@ -1,0 +1,12 @@
+//! Code generation for Tollgate's proto (client side only) and nothing else.
+
+fn main() -> anyhow::Result<()> {
+    let proto = "../../proto/tollgate/v1/tollgate.proto";
+    let files = protox::compile([proto], ["../../proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(false)
+        .compile_fds(files)?;
+    println!("cargo:rerun-if-changed={proto}");
+    Ok(())
+}

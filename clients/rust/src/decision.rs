@@ -1,0 +1,338 @@
+//! The question (`DecisionRequest`) and the answer (`Decision`), as plain Rust
+//! types, with the input checks Tollgate would make and the translation to and
+//! from the generated proto types.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use crate::error::Error;
+use crate::pb::tollgate::v1 as pb;
+
+/// The most bytes in a scope; Tollgate refuses longer ones.
+pub const MAX_SCOPE_BYTES: usize = 128;
+/// The most bytes in an identity or an operation.
+pub const MAX_VALUE_BYTES: usize = 256;
+/// The most attributes on one request.
+pub const MAX_ATTRIBUTES: usize = 16;
+/// The most bytes in an attribute name.
+pub const MAX_ATTRIBUTE_NAME_BYTES: usize = 64;
+/// The most requests in one `ShouldAllowBatch` call.
+pub const MAX_BATCH: usize = 256;
+
+/// One question to Tollgate: may this caller do this now?
+///
+/// Built with [`DecisionRequest::new`] and the `with_*` methods. Nothing is
+/// checked until the request is sent; then [`crate::Client`] applies the same
+/// limits Tollgate does, so a bad value costs no round trip and comes back as
+/// [`Error::InvalidRequest`] naming the field.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DecisionRequest {
+    /// The tenant, MCP server or gateway whose rules apply.
+    pub scope: String,
+    /// The caller; empty means anonymous (one shared bucket per scope).
+    pub identity: String,
+    /// What the caller is doing, e.g. `tools/call:search` or a route.
+    pub operation: String,
+    /// Tokens to take; 0 means 1.
+    pub cost: u32,
+    /// Decide, but take nothing.
+    pub dry_run: bool,
+    /// Selects tiered rules, e.g. `tier=premium`.
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl DecisionRequest {
+    /// A request in `scope`, anonymous, with no operation and a cost of 1.
+    pub fn new(scope: impl Into<String>) -> Self {
+        Self {
+            scope: scope.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the caller's identity.
+    #[must_use]
+    pub fn with_identity(mut self, identity: impl Into<String>) -> Self {
+        self.identity = identity.into();
+        self
+    }
+
+    /// Sets the operation.
+    #[must_use]
+    pub fn with_operation(mut self, operation: impl Into<String>) -> Self {
+        self.operation = operation.into();
+        self
+    }
+
+    /// Sets the number of tokens to take.
+    #[must_use]
+    pub fn with_cost(mut self, cost: u32) -> Self {
+        self.cost = cost;
+        self
+    }
+
+    /// Asks without taking anything.
+    #[must_use]
+    pub fn with_dry_run(mut self, dry_run: bool) -> Self {
+        self.dry_run = dry_run;
+        self
+    }
+
+    /// Adds an attribute.
+    #[must_use]
+    pub fn with_attribute(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.attributes.insert(name.into(), value.into());
+        self
+    }
+
+    /// Checks the request against Tollgate's input limits. `prefix` is put
+    /// before the field name, such as `requests[2].`.
+    pub(crate) fn validate(&self, prefix: &str) -> Result<(), Error> {
+        let field = |name: &str| format!("{prefix}{name}");
+        if self.scope.is_empty() {
+            return Err(Error::invalid(field("scope"), "must not be empty"));
+        }
+        check_text(&field("scope"), &self.scope, MAX_SCOPE_BYTES)?;
+        check_text(&field("identity"), &self.identity, MAX_VALUE_BYTES)?;
+        check_text(&field("operation"), &self.operation, MAX_VALUE_BYTES)?;
+        if self.attributes.len() > MAX_ATTRIBUTES {
+            return Err(Error::invalid(
+                field("attributes"),
+                format!(
+                    "has {} entries; the most allowed is {MAX_ATTRIBUTES}",
+                    self.attributes.len()
+                ),
+            ));
+        }
+        for (name, value) in &self.attributes {
+            let path = field(&format!("attributes[{name:?}]"));
+            if name.is_empty() {
+                return Err(Error::invalid(path, "name must not be empty"));
+            }
+            check_text(&path, name, MAX_ATTRIBUTE_NAME_BYTES)?;
+            check_text(&path, value, MAX_VALUE_BYTES)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn to_proto(&self) -> pb::ShouldAllowRequest {
+        pb::ShouldAllowRequest {
+            scope: self.scope.clone(),
+            identity: self.identity.clone(),
+            operation: self.operation.clone(),
+            cost: self.cost,
+            dry_run: self.dry_run,
+            attributes: self
+                .attributes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+}
+
+fn check_text(field: &str, value: &str, max: usize) -> Result<(), Error> {
+    if value.len() > max {
+        return Err(Error::invalid(
+            field,
+            format!("is {} bytes; the most allowed is {max}", value.len()),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Error::invalid(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// Tollgate's answer, or the local one the failure policy gave.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Decision {
+    /// True when the request may proceed.
+    pub allowed: bool,
+    /// When denied and a retry can succeed: the earliest moment, from now, at
+    /// which the same request would pass if nobody else consumed first (a
+    /// lower bound for buckets shared with other callers). `None` when
+    /// allowed, or when no retry can ever pass (see `reason`).
+    pub retry_after: Option<Duration>,
+    /// Capacity of the most restrictive bucket; 0 when no rule applied.
+    pub limit: u64,
+    /// Whole tokens left in that bucket.
+    pub remaining: u64,
+    /// Time until that bucket is full again.
+    pub reset_after: Duration,
+    /// That bucket's rule; empty when no rule applied.
+    pub rule: String,
+    /// Every bucket that applied, in the order of the scope's limits.
+    pub buckets: Vec<BucketStatus>,
+    /// True when the request was allowed without being counted: by Tollgate
+    /// because its store was down, or locally because Tollgate could not be
+    /// asked (then `local` says why).
+    pub degraded: bool,
+    /// Why a denial has no `retry_after`, such as a cost over capacity.
+    pub reason: String,
+    /// Set when this decision was made here, by the client's failure policy
+    /// ([`crate::FailureMode::Open`]), because Tollgate could not answer.
+    pub local: Option<FailureCause>,
+}
+
+impl Decision {
+    /// The fail-open answer: allowed, degraded, counted nowhere.
+    pub(crate) fn fail_open(cause: FailureCause) -> Self {
+        Self {
+            allowed: true,
+            degraded: true,
+            local: Some(cause),
+            ..Self::default()
+        }
+    }
+
+    /// True when this is an entry of an atomic batch
+    /// ([`crate::Client::should_allow_batch_atomic`]) that was denied only
+    /// because another entry was: none of its own buckets ran out, and it
+    /// has neither a `retry_after` nor a `reason` of its own. Such an entry
+    /// says nothing about when the batch may pass; the entries that denied
+    /// do.
+    pub fn denied_by_batch(&self) -> bool {
+        !self.allowed
+            && self.retry_after.is_none()
+            && self.reason.is_empty()
+            && !self.buckets.iter().any(|b| b.exhausted)
+    }
+
+    /// The rules of the buckets that denied this request: those that did not
+    /// hold the cost. Empty when allowed.
+    pub fn violated_policies(&self) -> impl Iterator<Item = &str> {
+        let denied = !self.allowed;
+        self.buckets
+            .iter()
+            .filter(move |b| denied && b.exhausted)
+            .map(|b| b.rule.as_str())
+    }
+}
+
+/// The state of one bucket that applied to a request.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BucketStatus {
+    /// The name of the limit this bucket belongs to.
+    pub rule: String,
+    /// The bucket's capacity (its burst).
+    pub limit: u64,
+    /// Whole tokens left after this decision.
+    pub remaining: u64,
+    /// Time until the bucket is full again.
+    pub reset_after: Duration,
+    /// Set when this bucket alone would deny: the time until it holds the
+    /// cost. `None` when it has enough, or can never have enough.
+    pub retry_after: Option<Duration>,
+    /// True when this bucket does not hold the cost now.
+    pub exhausted: bool,
+    /// The time in which the empty bucket refills completely: with `limit`,
+    /// its rate. It is the window `w` of the `RateLimit-Policy` field. `None`
+    /// when Tollgate did not report it (a server older than the field).
+    pub refill_period: Option<Duration>,
+}
+
+/// Why Tollgate could not answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FailureCause {
+    /// No connection could be made, or it broke.
+    Unreachable(String),
+    /// No answer within the deadline.
+    DeadlineExceeded,
+    /// Tollgate answered `UNAVAILABLE`: its store is down and the scope
+    /// fails closed, or it is shutting down.
+    Unavailable(String),
+    /// Recent calls failed, so this one was not attempted; see
+    /// [`crate::ClientBuilder::circuit_breaker`].
+    CircuitOpen,
+}
+
+impl fmt::Display for FailureCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unreachable(m) => write!(f, "Tollgate is unreachable: {m}"),
+            Self::DeadlineExceeded => f.write_str("Tollgate did not answer within the deadline"),
+            Self::Unavailable(m) => write!(f, "Tollgate answered UNAVAILABLE: {m}"),
+            Self::CircuitOpen => f.write_str("recent calls to Tollgate failed; not asking for now"),
+        }
+    }
+}
+
+/// A proto duration as a std one; a negative one (never sent) is zero.
+fn duration(d: Option<prost_types::Duration>) -> Option<Duration> {
+    d.map(|d| Duration::try_from(d).unwrap_or(Duration::ZERO))
+}
+
+impl From<pb::ShouldAllowResponse> for Decision {
+    fn from(r: pb::ShouldAllowResponse) -> Self {
+        Self {
+            allowed: r.allowed,
+            retry_after: duration(r.retry_after),
+            limit: r.limit,
+            remaining: r.remaining,
+            reset_after: duration(r.reset_after).unwrap_or_default(),
+            rule: r.rule,
+            buckets: r.buckets.into_iter().map(BucketStatus::from).collect(),
+            degraded: r.degraded,
+            reason: r.reason,
+            local: None,
+        }
+    }
+}
+
+impl From<pb::BucketStatus> for BucketStatus {
+    fn from(b: pb::BucketStatus) -> Self {
+        Self {
+            rule: b.rule,
+            limit: b.limit,
+            remaining: b.remaining,
+            reset_after: duration(b.reset_after).unwrap_or_default(),
+            retry_after: duration(b.retry_after),
+            exhausted: b.exhausted,
+            refill_period: duration(b.refill_period),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_the_field_like_tollgate_does() {
+        let long = "x".repeat(257);
+        let err = DecisionRequest::new("demo")
+            .with_identity(long)
+            .validate("requests[3].")
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid request: requests[3].identity: is 257 bytes; the most allowed is 256"
+        );
+        let err = DecisionRequest::new("demo")
+            .with_attribute("tier", "a\nb")
+            .validate("")
+            .unwrap_err();
+        assert!(err.to_string().contains("attributes[\"tier\"]"), "{err}");
+        assert!(DecisionRequest::new("").validate("").is_err());
+        assert!(DecisionRequest::new("demo").validate("").is_ok());
+    }
+
+    #[test]
+    fn violated_policies_are_the_exhausted_buckets_of_a_denial() {
+        let bucket = |rule: &str, exhausted| BucketStatus {
+            rule: rule.into(),
+            exhausted,
+            ..BucketStatus::default()
+        };
+        let mut d = Decision {
+            allowed: false,
+            buckets: vec![bucket("global", false), bucket("per-user", true)],
+            ..Decision::default()
+        };
+        assert_eq!(d.violated_policies().collect::<Vec<_>>(), ["per-user"]);
+        d.allowed = true;
+        assert_eq!(d.violated_policies().count(), 0);
+    }
+}

@@ -1,0 +1,471 @@
+//! Every HTTP rendering of a decision lives here: the
+//! draft-ietf-httpapi-ratelimit-headers-11 `RateLimit-Policy` and `RateLimit`
+//! fields, `Retry-After`, the legacy `X-RateLimit-*` trio, and the
+//! `application/problem+json` body of a 429.
+//!
+//! One HTTP response can carry several decisions (an MCP batch is one atomic
+//! batch with an entry per distinct operation), so everything here takes a
+//! slice.
+//!
+//! The mapping from token buckets to the draft's fields:
+//!
+//! - `RateLimit-Policy: "<rule>";q=<capacity>;w=<seconds>`, one item per rule
+//!   that applied, with `w` the bucket's refill period (the time in which it
+//!   refills from empty, so `q` per `w` is its rate). A token bucket has no
+//!   fixed window; this is the nearest reading of the draft's `w`, and the
+//!   one Tollgate renders for Envoy. `w` is left out when Tollgate did not
+//!   report the period.
+//! - `RateLimit: "<rule>";r=<remaining>;t=<seconds>`. On an allowed response,
+//!   every rule, with `t` the seconds until its bucket is full again (as the
+//!   server's `x-ratelimit-reset`). On a denial, only the rules that denied,
+//!   with `t` the seconds until the request would pass, so `Retry-After` is
+//!   never earlier than any `t` (draft section 6).
+//! - Seconds are always rounded up: a client that waits that long is not
+//!   early.
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::decision::Decision;
+
+/// The draft-11 field naming a quota policy.
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// The draft-11 field with the current service limit.
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+/// Legacy: the capacity of the most restrictive bucket.
+pub const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+/// Legacy: the tokens left in it.
+pub const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+/// Legacy: seconds until it is full again.
+pub const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+/// The problem type of draft-11 section 5.1.
+pub const QUOTA_EXCEEDED_TYPE: &str =
+    "https://iana.org/assignments/http-problem-types#quota-exceeded";
+/// The media type of an RFC 9457 problem document.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// Which rate-limit headers to render.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeaderOptions {
+    /// Also render `X-RateLimit-Limit`, `X-RateLimit-Remaining` and
+    /// `X-RateLimit-Reset` (seconds until full), for clients written
+    /// against the older, de-facto headers.
+    pub legacy: bool,
+}
+
+/// Whole seconds, rounded up.
+pub fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// True when any decision denied.
+pub fn denied(decisions: &[Decision]) -> bool {
+    decisions.iter().any(|d| !d.allowed)
+}
+
+/// For a denial: the time after which every denied decision would pass, the
+/// longest of their `retry_after`s. Entries of an atomic batch denied only
+/// because another entry was ([`Decision::denied_by_batch`]) have no wait of
+/// their own and are skipped. `None` when nothing was denied, or when one
+/// denial can never pass (no retry can succeed, so none is promised).
+pub fn retry_after(decisions: &[Decision]) -> Option<Duration> {
+    let mut longest = None;
+    for d in decisions
+        .iter()
+        .filter(|d| !d.allowed && !d.denied_by_batch())
+    {
+        let r = d.retry_after?;
+        longest = Some(longest.map_or(r, |l: Duration| l.max(r)));
+    }
+    longest
+}
+
+/// The rules that denied, each once, in order of appearance.
+pub fn violated_policies(decisions: &[Decision]) -> Vec<&str> {
+    let mut out: Vec<&str> = Vec::new();
+    for rule in decisions.iter().flat_map(Decision::violated_policies) {
+        if !out.contains(&rule) {
+            out.push(rule);
+        }
+    }
+    out
+}
+
+/// The headers for a response carrying these decisions: `RateLimit-Policy`
+/// and `RateLimit` (and the legacy trio if asked) when any rule applied, and
+/// `Retry-After` on a denial a retry can pass. Decisions made locally by the
+/// failure policy, or degraded by Tollgate, add nothing: no bucket was
+/// consulted, so there is nothing true to say.
+pub fn render(decisions: &[Decision], options: HeaderOptions) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    let counted: Vec<&Decision> = decisions.iter().filter(|d| !d.degraded).collect();
+    let denial = denied(decisions);
+
+    let mut policies: Vec<Item<'_>> = Vec::new();
+    let mut limits: Vec<Item<'_>> = Vec::new();
+    for d in &counted {
+        for b in &d.buckets {
+            merge(
+                &mut policies,
+                Item {
+                    rule: &b.rule,
+                    number: b.limit,
+                    t: b.refill_period.map(ceil_secs),
+                },
+                false,
+            );
+            let shown = if denial {
+                !d.allowed && b.exhausted
+            } else {
+                true
+            };
+            if shown {
+                let t = if denial {
+                    b.retry_after.map(ceil_secs)
+                } else {
+                    Some(ceil_secs(b.reset_after))
+                };
+                merge(
+                    &mut limits,
+                    Item {
+                        rule: &b.rule,
+                        number: b.remaining,
+                        t,
+                    },
+                    true,
+                );
+            }
+        }
+    }
+    if !policies.is_empty() {
+        let v = join(policies.iter().map(|p| match p.t {
+            Some(w) => format!("{};q={};w={w}", sf_string(p.rule), p.number),
+            None => format!("{};q={}", sf_string(p.rule), p.number),
+        }));
+        insert(&mut headers, RATELIMIT_POLICY, v);
+    }
+    if !limits.is_empty() {
+        let v = join(limits.iter().map(|l| match l.t {
+            Some(t) => format!("{};r={};t={t}", sf_string(l.rule), l.number),
+            None => format!("{};r={}", sf_string(l.rule), l.number),
+        }));
+        insert(&mut headers, RATELIMIT, v);
+    }
+    if denial && let Some(r) = retry_after(decisions) {
+        insert(
+            &mut headers,
+            http::header::RETRY_AFTER,
+            ceil_secs(r).to_string(),
+        );
+    }
+    if options.legacy
+        && let Some(d) = most_restrictive(&counted, denial)
+    {
+        insert(&mut headers, X_RATELIMIT_LIMIT, d.limit.to_string());
+        insert(&mut headers, X_RATELIMIT_REMAINING, d.remaining.to_string());
+        insert(
+            &mut headers,
+            X_RATELIMIT_RESET,
+            ceil_secs(d.reset_after).to_string(),
+        );
+    }
+    headers
+}
+
+/// The `application/problem+json` body of a 429 (RFC 9457, with draft-11's
+/// `quota-exceeded` type and `violated-policies` member).
+pub fn problem_details(decisions: &[Decision]) -> Vec<u8> {
+    let mut body = serde_json::json!({
+        "type": QUOTA_EXCEEDED_TYPE,
+        "title": "Quota exceeded",
+        "status": 429,
+        "violated-policies": violated_policies(decisions),
+    });
+    let reasons: Vec<&str> = decisions
+        .iter()
+        .filter(|d| !d.allowed && !d.reason.is_empty())
+        .map(|d| d.reason.as_str())
+        .collect();
+    let detail = match retry_after(decisions) {
+        Some(r) => format!("Retry in {} s.", ceil_secs(r)),
+        None if !reasons.is_empty() => reasons.join("; "),
+        None => "This request cannot be allowed by retrying it.".to_owned(),
+    };
+    body["detail"] = detail.into();
+    body.to_string().into_bytes()
+}
+
+/// A plain RFC 9457 problem document, for the layer's other refusals (bad
+/// input, an oversized body, Tollgate unavailable while failing closed).
+pub fn problem(status: http::StatusCode, title: &str, detail: &str) -> Vec<u8> {
+    serde_json::json!({
+        "type": "about:blank",
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+struct Item<'a> {
+    rule: &'a str,
+    /// `q` for a policy, `r` for a limit.
+    number: u64,
+    /// `w` for a policy, `t` for a limit.
+    t: Option<u64>,
+}
+
+/// Adds `item`, or folds it into the item of the same rule: several
+/// decisions can report one bucket (an identity bucket charged by two
+/// operations of one MCP batch). The later, smaller `r` and the longer `t`
+/// are the true ones.
+fn merge<'a>(items: &mut Vec<Item<'a>>, item: Item<'a>, is_limit: bool) {
+    match items.iter_mut().find(|i| i.rule == item.rule) {
+        Some(i) if is_limit => {
+            i.number = i.number.min(item.number);
+            i.t = match (i.t, item.t) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        Some(_) => {}
+        None => items.push(item),
+    }
+}
+
+fn most_restrictive<'a>(decisions: &[&'a Decision], denial: bool) -> Option<&'a Decision> {
+    let applied = decisions.iter().copied().filter(|d| d.limit > 0);
+    if denial {
+        applied
+            .filter(|d| !d.allowed && !d.denied_by_batch())
+            .max_by_key(|d| d.retry_after.unwrap_or(Duration::MAX))
+    } else {
+        applied.min_by_key(|d| d.remaining)
+    }
+}
+
+fn join(items: impl Iterator<Item = String>) -> String {
+    items.collect::<Vec<_>>().join(", ")
+}
+
+fn insert(headers: &mut HeaderMap, name: HeaderName, value: String) {
+    // Every value is built here from digits, ASCII punctuation and
+    // `sf_string`, which emits only visible ASCII, so this cannot fail; if it
+    // ever did, leaving the header out is better than a panic.
+    if let Ok(v) = HeaderValue::try_from(value) {
+        headers.insert(name, v);
+    }
+}
+
+/// A Structured Field String (RFC 9651 section 3.3.3): quoted, with `"` and
+/// `\` escaped. Only visible ASCII and space are allowed in one, so any other
+/// character of a rule name becomes `?`.
+fn sf_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            ' '..='~' => out.push(c),
+            _ => out.push('?'),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decision::{BucketStatus, FailureCause};
+
+    fn bucket(rule: &str, limit: u64, remaining: u64, reset_ms: u64) -> BucketStatus {
+        BucketStatus {
+            rule: rule.into(),
+            limit,
+            remaining,
+            reset_after: Duration::from_millis(reset_ms),
+            retry_after: None,
+            exhausted: false,
+            refill_period: None,
+        }
+    }
+
+    fn allowed() -> Decision {
+        Decision {
+            allowed: true,
+            limit: 3,
+            remaining: 2,
+            reset_after: Duration::from_millis(3_334),
+            rule: "per-user".into(),
+            buckets: vec![
+                bucket("global", 1000, 990, 600),
+                bucket("per-user", 3, 2, 3_334),
+            ],
+            ..Decision::default()
+        }
+    }
+
+    fn denied_per_user(retry_ms: u64) -> Decision {
+        let mut per_user = bucket("per-user", 3, 0, 10_000);
+        per_user.exhausted = true;
+        per_user.retry_after = Some(Duration::from_millis(retry_ms));
+        Decision {
+            allowed: false,
+            retry_after: Some(Duration::from_millis(retry_ms)),
+            limit: 3,
+            remaining: 0,
+            reset_after: Duration::from_millis(10_000),
+            rule: "per-user".into(),
+            buckets: vec![bucket("global", 1000, 990, 600), per_user],
+            ..Decision::default()
+        }
+    }
+
+    fn get<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+        h.get(name).map(|v| v.to_str().unwrap())
+    }
+
+    #[test]
+    fn seconds_round_up() {
+        assert_eq!(ceil_secs(Duration::ZERO), 0);
+        assert_eq!(ceil_secs(Duration::from_nanos(1)), 1);
+        assert_eq!(ceil_secs(Duration::from_secs(3)), 3);
+        assert_eq!(ceil_secs(Duration::from_millis(3_001)), 4);
+    }
+
+    #[test]
+    fn an_allowed_response_lists_every_policy_and_its_limit() {
+        let h = render(&[allowed()], HeaderOptions::default());
+        assert_eq!(
+            get(&h, "ratelimit-policy"),
+            Some(r#""global";q=1000, "per-user";q=3"#)
+        );
+        assert_eq!(
+            get(&h, "ratelimit"),
+            Some(r#""global";r=990;t=1, "per-user";r=2;t=4"#)
+        );
+        assert_eq!(get(&h, "retry-after"), None);
+        assert_eq!(get(&h, "x-ratelimit-limit"), None);
+    }
+
+    #[test]
+    fn a_denial_shows_the_violated_policy_and_a_rounded_up_retry_after() {
+        let h = render(&[denied_per_user(2_100)], HeaderOptions { legacy: true });
+        assert_eq!(
+            get(&h, "ratelimit-policy"),
+            Some(r#""global";q=1000, "per-user";q=3"#)
+        );
+        assert_eq!(get(&h, "ratelimit"), Some(r#""per-user";r=0;t=3"#));
+        assert_eq!(get(&h, "retry-after"), Some("3"));
+        assert_eq!(get(&h, "x-ratelimit-limit"), Some("3"));
+        assert_eq!(get(&h, "x-ratelimit-remaining"), Some("0"));
+        assert_eq!(get(&h, "x-ratelimit-reset"), Some("10"));
+    }
+
+    #[test]
+    fn legacy_headers_follow_the_bucket_with_least_left() {
+        let h = render(&[allowed()], HeaderOptions { legacy: true });
+        assert_eq!(get(&h, "x-ratelimit-limit"), Some("3"));
+        assert_eq!(get(&h, "x-ratelimit-remaining"), Some("2"));
+        assert_eq!(get(&h, "x-ratelimit-reset"), Some("4"));
+    }
+
+    #[test]
+    fn several_decisions_merge_per_rule_and_retry_after_is_the_longest() {
+        let mut other = denied_per_user(5_500);
+        other.buckets[1].remaining = 0;
+        let both = [allowed(), denied_per_user(1_000), other];
+        let h = render(&both, HeaderOptions::default());
+        assert_eq!(get(&h, "ratelimit"), Some(r#""per-user";r=0;t=6"#));
+        assert_eq!(get(&h, "retry-after"), Some("6"));
+        assert_eq!(violated_policies(&both), ["per-user"]);
+    }
+
+    #[test]
+    fn a_denial_no_retry_can_pass_promises_no_retry_after() {
+        let mut never = denied_per_user(1_000);
+        never.retry_after = None;
+        never.buckets[1].retry_after = None;
+        never.reason = "cost 5 is more than per-user's capacity 3".into();
+        let h = render(
+            &[never.clone(), denied_per_user(1_000)],
+            HeaderOptions::default(),
+        );
+        assert_eq!(get(&h, "retry-after"), None);
+        assert_eq!(get(&h, "ratelimit"), Some(r#""per-user";r=0;t=1"#));
+        let body: serde_json::Value = serde_json::from_slice(&problem_details(&[never])).unwrap();
+        assert_eq!(body["detail"], "cost 5 is more than per-user's capacity 3");
+    }
+
+    #[test]
+    fn the_policy_carries_the_refill_period_as_w_in_whole_seconds_rounded_up() {
+        let mut d = allowed();
+        d.buckets[0].refill_period = Some(Duration::from_secs(60));
+        d.buckets[1].refill_period = Some(Duration::from_millis(1_500));
+        let h = render(&[d.clone()], HeaderOptions::default());
+        assert_eq!(
+            get(&h, "ratelimit-policy"),
+            Some(r#""global";q=1000;w=60, "per-user";q=3;w=2"#)
+        );
+        // A server that does not report the period gets no w, not a wrong one.
+        d.buckets[1].refill_period = None;
+        let h = render(&[d], HeaderOptions::default());
+        assert_eq!(
+            get(&h, "ratelimit-policy"),
+            Some(r#""global";q=1000;w=60, "per-user";q=3"#)
+        );
+    }
+
+    /// An atomic batch denied by one entry denies the others too; they carry
+    /// no wait of their own and must not hide the wait of the entry that did.
+    #[test]
+    fn an_atomic_batch_denial_takes_its_wait_from_the_entries_that_denied() {
+        let bystander = Decision {
+            allowed: false,
+            buckets: vec![bucket("global", 1000, 990, 600), bucket("fetch", 5, 3, 800)],
+            ..Decision::default()
+        };
+        let denier = denied_per_user(4_200);
+        assert!(bystander.denied_by_batch());
+        assert!(!denier.denied_by_batch());
+        assert!(!allowed().denied_by_batch());
+        let both = [bystander, denier];
+        assert_eq!(retry_after(&both), Some(Duration::from_millis(4_200)));
+        let h = render(&both, HeaderOptions { legacy: true });
+        assert_eq!(get(&h, "retry-after"), Some("5"));
+        assert_eq!(get(&h, "ratelimit"), Some(r#""per-user";r=0;t=5"#));
+        assert_eq!(get(&h, "x-ratelimit-limit"), Some("3"));
+        assert_eq!(violated_policies(&both), ["per-user"]);
+        let body: serde_json::Value = serde_json::from_slice(&problem_details(&both)).unwrap();
+        assert_eq!(body["detail"], "Retry in 5 s.");
+    }
+
+    #[test]
+    fn local_and_degraded_decisions_render_nothing() {
+        let local = Decision::fail_open(FailureCause::DeadlineExceeded);
+        assert!(render(&[local], HeaderOptions { legacy: true }).is_empty());
+    }
+
+    #[test]
+    fn rule_names_are_escaped_as_structured_field_strings() {
+        assert_eq!(sf_string(r#"a"b\c"#), r#""a\"b\\c""#);
+        assert_eq!(sf_string("per-üser\t"), r#""per-?ser?""#);
+    }
+
+    #[test]
+    fn the_problem_body_is_quota_exceeded_with_violated_policies() {
+        let body: serde_json::Value =
+            serde_json::from_slice(&problem_details(&[denied_per_user(2_100)])).unwrap();
+        assert_eq!(body["type"], QUOTA_EXCEEDED_TYPE);
+        assert_eq!(body["status"], 429);
+        assert_eq!(body["violated-policies"], serde_json::json!(["per-user"]));
+        assert_eq!(body["detail"], "Retry in 3 s.");
+    }
+}

@@ -1,0 +1,268 @@
+//! Deciding one HTTP request: extract the keys, read an MCP body if there is
+//! one, ask Tollgate, and either hand the request on (with the headers to add
+//! to its response) or answer it here.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+
+use super::body::RequestBody;
+use super::{Config, Mcp};
+use crate::decision::{Decision, DecisionRequest, MAX_BATCH};
+use crate::error::Error;
+use crate::headers::{self, PROBLEM_JSON};
+use crate::mcp;
+
+/// What the check concluded.
+// Made and moved once per request; boxing the forwarded request to shrink
+// this would cost an allocation on the path every allowed request takes.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Checked<B> {
+    /// Call the inner service with this request, and add these headers to
+    /// its response.
+    Forward {
+        request: Request<RequestBody<B>>,
+        headers: http::HeaderMap,
+    },
+    /// Answer with this, without calling the inner service.
+    Respond(Response<Full<Bytes>>),
+}
+
+pub(crate) type CheckFuture<B> = Pin<Box<dyn Future<Output = Checked<B>> + Send>>;
+
+pub(crate) fn decide<B>(config: Arc<Config>, request: Request<B>) -> CheckFuture<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    Box::pin(async move {
+        let (parts, body) = request.into_parts();
+        let base = match keys(&config, &parts) {
+            Ok(base) => base,
+            Err(reason) => {
+                return Checked::Respond(problem(
+                    StatusCode::BAD_REQUEST,
+                    "Invalid rate-limit key",
+                    &reason,
+                ));
+            }
+        };
+        match config.mcp.as_ref().filter(|m| m.applies(&parts)) {
+            Some(mcp) => decide_mcp(&config, mcp, parts, body, base).await,
+            None => decide_plain(&config, parts, body, base).await,
+        }
+    })
+}
+
+/// A plain HTTP request: one decision, operation from the extractor.
+async fn decide_plain<B>(
+    config: &Config,
+    parts: Parts,
+    body: B,
+    base: DecisionRequest,
+) -> Checked<B> {
+    let decision = match config.client.should_allow(&base).await {
+        Ok(d) => d,
+        Err(e) => return Checked::Respond(error_response(&e)),
+    };
+    let decisions = [decision];
+    if decisions[0].allowed {
+        Checked::Forward {
+            request: Request::from_parts(parts, RequestBody::streaming(body)),
+            headers: headers::render(&decisions, config.headers),
+        }
+    } else {
+        Checked::Respond(too_many_requests(config, &decisions))
+    }
+}
+
+/// A POST on the MCP endpoint: read the body under the cap, and charge its
+/// JSON-RPC calls all or nothing.
+///
+/// Calls with the same operation become one entry whose cost is their count,
+/// and the distinct operations go in one atomic `ShouldAllowBatch`: Tollgate
+/// allows every entry, or denies them all and takes nothing, so a refused
+/// body costs the caller no token, not even for the calls that had room.
+/// (The atomic batch sums the cost of a bucket its entries share, so the
+/// grouping changes no decision; it keeps a batch of many calls within
+/// [`MAX_BATCH`] entries.) A body with one distinct operation is a single
+/// `ShouldAllow`, atomic already.
+async fn decide_mcp<B>(
+    config: &Config,
+    mcp: &Mcp,
+    parts: Parts,
+    body: B,
+    base: DecisionRequest,
+) -> Checked<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let cap = mcp.max_body_bytes;
+    if declared.is_some_and(|n| n > cap as u64) {
+        return Checked::Respond(too_large(cap));
+    }
+    let bytes = match Limited::new(body, cap).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<LengthLimitError>() => return Checked::Respond(too_large(cap)),
+        Err(e) => {
+            return Checked::Respond(problem(
+                StatusCode::BAD_REQUEST,
+                "Unreadable request body",
+                &e.to_string(),
+            ));
+        }
+    };
+
+    let (calls, batch) = match mcp::parse(&bytes) {
+        mcp::Body::JsonRpc { calls, batch } => (calls, batch),
+        mcp::Body::Other => (
+            vec![mcp::Call {
+                id: None,
+                operation: None,
+            }],
+            false,
+        ),
+    };
+    let forward = |headers| Checked::Forward {
+        request: Request::from_parts(parts, RequestBody::read(bytes)),
+        headers,
+    };
+    if calls.is_empty() {
+        // Only notifications and responses: nothing is charged.
+        return forward(http::HeaderMap::new());
+    }
+
+    // One entry per distinct operation, costing the number of its calls.
+    let mut costs: BTreeMap<String, u32> = BTreeMap::new();
+    for call in &calls {
+        let operation = match &call.operation {
+            Some(op) => op.clone(),
+            None => base.operation.clone(),
+        };
+        let cost = costs.entry(operation).or_insert(0);
+        *cost = cost.saturating_add(1);
+    }
+    if costs.len() > MAX_BATCH {
+        return Checked::Respond(problem(
+            StatusCode::BAD_REQUEST,
+            "Too many distinct calls",
+            &format!("a JSON-RPC batch may hold at most {MAX_BATCH} distinct operations"),
+        ));
+    }
+    let requests: Vec<DecisionRequest> = costs
+        .into_iter()
+        .map(|(operation, cost)| base.clone().with_operation(operation).with_cost(cost))
+        .collect();
+    let answer = match requests.as_slice() {
+        [one] => config.client.should_allow(one).await.map(|d| vec![d]),
+        many => config.client.should_allow_batch_atomic(many).await,
+    };
+    let decisions = match answer {
+        Ok(d) => d,
+        Err(e) => return Checked::Respond(error_response(&e)),
+    };
+    if !headers::denied(&decisions) {
+        return forward(headers::render(&decisions, config.headers));
+    }
+
+    let retry_after = headers::retry_after(&decisions);
+    let violated = headers::violated_policies(&decisions);
+    let reason = decisions
+        .iter()
+        .find(|d| !d.allowed && !d.reason.is_empty())
+        .map_or("", |d| d.reason.as_str());
+    let body = mcp::denial(&calls, batch, retry_after, &violated, reason);
+    Checked::Respond(respond(
+        StatusCode::TOO_MANY_REQUESTS,
+        mcp::JSON,
+        body,
+        headers::render(&decisions, config.headers),
+    ))
+}
+
+/// The scope, identity, operation and attributes of a request, or why they
+/// cannot be had (the caller's fault: a 400).
+fn keys(config: &Config, parts: &Parts) -> Result<DecisionRequest, String> {
+    let optional = |e: Option<&super::Extractor>| match e {
+        Some(e) => e.extract(parts).map(Option::unwrap_or_default),
+        None => Ok(String::new()),
+    };
+    let scope = config
+        .scope
+        .extract(parts)?
+        .ok_or_else(|| "the request names no rate-limit scope".to_owned())?;
+    let mut request = DecisionRequest::new(scope)
+        .with_identity(optional(config.identity.as_ref())?)
+        .with_operation(optional(config.operation.as_ref())?);
+    for (name, extractor) in &config.attributes {
+        if let Some(value) = extractor.extract(parts)? {
+            request = request.with_attribute(name.clone(), value);
+        }
+    }
+    Ok(request)
+}
+
+fn too_many_requests(config: &Config, decisions: &[Decision]) -> Response<Full<Bytes>> {
+    respond(
+        StatusCode::TOO_MANY_REQUESTS,
+        PROBLEM_JSON,
+        headers::problem_details(decisions),
+        headers::render(decisions, config.headers),
+    )
+}
+
+fn too_large(cap: usize) -> Response<Full<Bytes>> {
+    problem(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "Request body too large",
+        &format!("an MCP request body may be at most {cap} bytes"),
+    )
+}
+
+/// The answer when Tollgate gave no decision.
+fn error_response(error: &Error) -> Response<Full<Bytes>> {
+    let (status, title) = match error {
+        Error::InvalidRequest { .. } | Error::InvalidArgument(_) => {
+            (StatusCode::BAD_REQUEST, "Invalid rate-limit key")
+        }
+        Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "Rate limiter unavailable"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "Rate limit check failed"),
+    };
+    problem(status, title, &error.to_string())
+}
+
+fn problem(status: StatusCode, title: &str, detail: &str) -> Response<Full<Bytes>> {
+    respond(
+        status,
+        PROBLEM_JSON,
+        headers::problem(status, title, detail),
+        http::HeaderMap::new(),
+    )
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: Vec<u8>,
+    headers: http::HeaderMap,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}

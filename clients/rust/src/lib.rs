@@ -1,0 +1,43 @@
+//! Ask Tollgate before serving a request.
+//!
+//! Tollgate is a rate-limit decision service; this crate is what a Rust proxy
+//! or gateway needs to call it, without compiling the server:
+//!
+//! - [`Client`]: the `tollgate.v1` gRPC client. One reused connection, a
+//!   deadline on every call, plain and atomic batches, and a local
+//!   [`FailureMode`] (with a circuit breaker) for when Tollgate is
+//!   unreachable, slow, or answers `UNAVAILABLE`.
+//! - [`layer::RateLimitLayer`]: a `tower::Layer` for HTTP services (axum,
+//!   hyper, tonic). It extracts scope, identity and operation from each
+//!   request (a header, the path, the mTLS peer, or a closure), passes
+//!   allowed requests on with `RateLimit` headers, and answers denied ones
+//!   with a 429.
+//! - MCP-aware extraction ([`layer::Mcp`], [`mcp`]): on an MCP endpoint each
+//!   JSON-RPC call is decided, and a denial is a JSON-RPC error.
+//! - [`headers`]: every HTTP rendering of a decision, in one place
+//!   (draft-ietf-httpapi-ratelimit-headers-11, `Retry-After`, problem+json).
+//!
+//! The request path through the layer, in five lines:
+//!
+//! 1. the extractors build a [`DecisionRequest`] from the request head;
+//! 2. on an MCP endpoint, the body is read (capped) and each call charged;
+//! 3. [`Client`] asks Tollgate, within the deadline;
+//! 4. allowed: the inner service is called, and headers are added;
+//! 5. denied: a 429 is written here, and the inner service never runs.
+
+pub mod client;
+pub mod decision;
+pub mod error;
+pub mod headers;
+pub mod layer;
+pub mod mcp;
+pub mod pb;
+
+pub use client::{Client, ClientBuilder, FailureMode};
+pub use decision::{BucketStatus, Decision, DecisionRequest, FailureCause};
+pub use error::Error;
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
