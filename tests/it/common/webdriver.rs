@@ -151,6 +151,20 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        // A test that panicked never reached `quit`: end the session here,
+        // or killing the driver would leave the browser running, orphaned.
+        if !self.session.is_empty() {
+            use std::io::{Read as _, Write as _};
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = write!(
+                    s,
+                    "DELETE /session/{} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+                    self.session
+                );
+                let _ = s.read_to_end(&mut Vec::new());
+            }
+        }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
