@@ -4,6 +4,7 @@
 
 mod architecture;
 mod cli;
+mod coalescing;
 mod common;
 mod deploy;
 mod envoy_e2e;

@@ -11,7 +11,7 @@ use redis::Cmd;
 
 use super::keys::bucket_key;
 use crate::bucket::{Shape, Tat};
-use crate::store::{BucketOutcome, Charge, ChargeOutcome};
+use crate::store::{BucketOutcome, Charge, ChargeOutcome, StoreError};
 
 /// The script's source.
 pub(crate) const SOURCE: &str = include_str!("decide.lua");
@@ -48,49 +48,106 @@ pub(crate) enum Mode {
     Refund,
 }
 
-/// `EVALSHA` for one charge. The charge must have at least one bucket.
-pub(crate) fn evalsha(sha: &str, prefix: &str, charge: &Charge<'_>, mode: Mode) -> Cmd {
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(sha).arg(charge.buckets.len());
-    for b in &charge.buckets {
-        cmd.arg(bucket_key(prefix, &b.key));
+/// One charge's part of a batch call, encoded once by the caller (keys
+/// escaped, shapes in microseconds), so a batch only concatenates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Encoded {
+    /// The charge's bucket keys, in order.
+    pub(crate) keys: Vec<String>,
+    /// `mode, n`, then `capacity, period, ±cost` per bucket: see the script.
+    pub(crate) args: Vec<i64>,
+}
+
+impl Encoded {
+    /// Integers the script answers for this charge: status, then a triple
+    /// per bucket.
+    pub(crate) fn reply_len(&self) -> usize {
+        1 + 3 * self.keys.len()
     }
-    cmd.arg(match (mode, charge.dry_run) {
-        (Mode::Refund, _) => "2",
-        (Mode::Decide, true) => "1",
-        (Mode::Decide, false) => "0",
+}
+
+/// Encodes one charge for a batch call. The charge must have a bucket.
+pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, mode: Mode) -> Encoded {
+    let mut args = Vec::with_capacity(2 + 3 * charge.buckets.len());
+    args.push(match (mode, charge.dry_run) {
+        (Mode::Refund, _) => 2,
+        (Mode::Decide, true) => 1,
+        (Mode::Decide, false) => 0,
     });
+    args.push(charge.buckets.len() as i64);
     for b in &charge.buckets {
         let shape = shape_us(b.shape);
-        cmd.arg(shape.capacity)
-            .arg(shape.period)
-            .arg(b.cost.max(1))
-            .arg(if b.shadow { "1" } else { "0" });
+        // Capacity, period and cost are capped by config and validation far
+        // below i64's range; saturate rather than wrap if one ever is not.
+        let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let cost = int(b.cost.max(1));
+        args.extend([
+            int(shape.capacity),
+            int(shape.period),
+            if b.shadow { -cost } else { cost },
+        ]);
+    }
+    Encoded {
+        keys: charge
+            .buckets
+            .iter()
+            .map(|b| bucket_key(prefix, &b.key))
+            .collect(),
+        args,
+    }
+}
+
+/// One `EVALSHA` deciding every charge of `batch`, in order.
+pub(crate) fn evalsha<'a>(sha: &str, batch: impl Iterator<Item = &'a Encoded> + Clone) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    let keys: usize = batch.clone().map(|e| e.keys.len()).sum();
+    cmd.arg(sha).arg(keys);
+    for e in batch.clone() {
+        for key in &e.keys {
+            cmd.arg(key.as_str());
+        }
+    }
+    for e in batch {
+        for &a in &e.args {
+            cmd.arg(a);
+        }
     }
     cmd
 }
 
-/// Reads the script's reply for `charge`.
-pub(crate) fn outcome(charge: &Charge<'_>, reply: &[i64]) -> Result<ChargeOutcome, BadReply> {
-    let expected = 2 + 3 * charge.buckets.len();
+/// Reads one charge's part of a batch reply (`status`, then a triple per
+/// bucket), decided at `now`. A status of -1 is that charge's own failure.
+pub(crate) fn outcome(
+    charge: &Charge<'_>,
+    now: i64,
+    reply: &[i64],
+) -> Result<ChargeOutcome, StoreError> {
+    let expected = 1 + 3 * charge.buckets.len();
     if reply.len() != expected {
-        return Err(BadReply {
+        return Err(StoreError::permanent(BadReply {
             got: reply.len(),
             expected,
-        });
+        }));
     }
-    let int = |i: usize| u64::try_from(reply[i]).unwrap_or(0);
-    let now = int(1);
+    if reply[0] == -1 {
+        // About this charge's keys only (one holds another type), so it
+        // does not count against Redis's health. Nothing was taken.
+        return Err(StoreError::permanent(
+            "a key of this charge holds a value of another type in Redis",
+        ));
+    }
+    let int = |v: i64| u64::try_from(v).unwrap_or(0);
+    let now = int(now);
     let buckets = charge
         .buckets
         .iter()
         .enumerate()
         .map(|(i, b)| {
-            let at = 2 + 3 * i;
+            let at = 1 + 3 * i;
             let conforms = reply[at] == 1;
             let state = Tat {
-                ticks: int(at + 1),
-                frac: int(at + 2),
+                ticks: int(reply[at + 1]),
+                frac: int(reply[at + 2]),
             };
             let shape = shape_us(b.shape);
             // A bucket that did not conform was left as it was, so judging
@@ -140,8 +197,13 @@ mod tests {
     }
 
     #[test]
-    fn arguments_are_keys_then_flags_then_shape_in_microseconds() {
-        let cmd = evalsha("abc", "tg1:", &charge(2), Mode::Decide);
+    fn a_batch_is_every_key_then_every_charge_s_arguments() {
+        let one = encode("tg1:", &charge(2), Mode::Decide);
+        let mut shadow = charge(1);
+        shadow.buckets[0].shadow = true;
+        shadow.dry_run = true;
+        let two = encode("tg1:", &shadow, Mode::Decide);
+        let cmd = evalsha("abc", [&one, &two].into_iter());
         let args: Vec<String> = cmd
             .args_iter()
             .map(|a| match a {
@@ -154,23 +216,30 @@ mod tests {
             [
                 "EVALSHA",
                 "abc",
-                "1",
+                "2",
+                "tg1:{s}:r:i:*",
                 "tg1:{s}:r:i:*",
                 "0",
+                "1",
                 "3",
                 "1000000",
                 "2",
-                "0"
+                "1",
+                "1",
+                "3",
+                "1000000",
+                "-1"
             ]
         );
+        assert_eq!(one.reply_len(), 4);
     }
 
     #[test]
     fn a_denied_bucket_gets_its_exact_wait() {
         // Empty bucket: TAT one full period ahead of now.
         let now = 10_000_000;
-        let reply = [0, now, 0, now + 1_000_000, 0];
-        let out = outcome(&charge(1), &reply).unwrap();
+        let reply = [0, 0, now + 1_000_000, 0];
+        let out = outcome(&charge(1), now, &reply).unwrap();
         assert!(!out.allowed);
         let b = out.buckets[0];
         assert_eq!(b.remaining, 0);
@@ -181,7 +250,13 @@ mod tests {
 
     #[test]
     fn a_short_reply_is_an_error_not_a_panic() {
-        assert!(outcome(&charge(1), &[1, 2]).is_err());
+        assert!(outcome(&charge(1), 2, &[1, 2]).is_err());
+    }
+
+    #[test]
+    fn a_failed_charge_is_its_own_error() {
+        let e = outcome(&charge(1), 2, &[-1, 0, 0, 0]).unwrap_err();
+        assert!(!e.transient);
     }
 
     #[test]
