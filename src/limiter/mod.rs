@@ -147,6 +147,7 @@ impl<S: Store> Limiter<S> {
     /// Swaps in a new rule set, whole. Decisions under way finish on the old.
     pub fn replace_rules(&self, rules: Rules) {
         self.rules.store(Arc::new(rules));
+        self.store.rules_replaced();
     }
 
     /// The store.

@@ -280,6 +280,10 @@ impl<S: Store> Store for Instrumented<S> {
     fn is_available(&self) -> bool {
         self.inner.is_available()
     }
+
+    fn rules_replaced(&self) {
+        self.inner.rules_replaced();
+    }
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves.

@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::bucket::Shape;
 use crate::config::{ConfigError, StoreConfig, StoreKind};
 
+pub mod deny_cache;
 pub mod memory;
 pub mod redis;
 
@@ -181,6 +182,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn is_available(&self) -> bool {
         true
     }
+
+    /// Told when the rules were replaced (a reload), so a store that keeps
+    /// anything derived from the old rules (the deny cache) drops it.
+    fn rules_replaced(&self) {}
 }
 
 /// The store chosen by configuration. An enum rather than a trait object, so
