@@ -18,7 +18,7 @@ use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use crate::limiter::{Decision, Rules};
-use crate::store::{Charge, ChargeOutcome, Store, StoreError};
+use crate::store::{BucketCharge, Charge, ChargeOutcome, SingleOutcome, Store, StoreError};
 
 /// The `scope` label of requests for scopes that are not configured.
 pub const UNCONFIGURED: &str = "_unconfigured";
@@ -273,6 +273,17 @@ impl<S: Store> Store for Instrumented<S> {
     async fn check_and_take_one(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
         let started = Instant::now();
         let result = self.inner.check_and_take_one(charge).await;
+        self.observe(started, &result);
+        result
+    }
+
+    async fn check_and_take_single(
+        &self,
+        bucket: &BucketCharge<'_>,
+        dry_run: bool,
+    ) -> Result<SingleOutcome, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.check_and_take_single(bucket, dry_run).await;
         self.observe(started, &result);
         result
     }

@@ -48,7 +48,7 @@ use hashbrown::HashTable;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use super::{BucketCharge, BucketOutcome, Charge, ChargeOutcome, Store, StoreError};
+use super::{BucketCharge, BucketOutcome, Charge, ChargeOutcome, SingleOutcome, Store, StoreError};
 use crate::bucket::{Shape, Tat};
 
 /// The most denials held at once, over all shards.
@@ -312,6 +312,21 @@ impl<S: Store> Store for DenyCache<S> {
         let outcome = self.inner.check_and_take_one(charge).await?;
         cache.learn(charge, &outcome, sent);
         Ok(outcome)
+    }
+
+    async fn check_and_take_single(
+        &self,
+        bucket: &BucketCharge<'_>,
+        dry_run: bool,
+    ) -> Result<SingleOutcome, StoreError> {
+        if self.cache.is_none() {
+            return self.inner.check_and_take_single(bucket, dry_run).await;
+        }
+        let charge = Charge {
+            buckets: vec![*bucket],
+            dry_run,
+        };
+        SingleOutcome::of(self.check_and_take_one(&charge).await?)
     }
 
     fn is_available(&self) -> bool {
