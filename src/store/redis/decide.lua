@@ -8,17 +8,23 @@
 --
 -- KEYS     every bucket key of every charge, charge after charge. On Cluster
 --          the caller sends only keys of one hash slot in one call.
--- ARGV     per charge, in order:
---            mode  "0" decide and take, "1" dry run (judge, take nothing),
---                  "2" refund: give back `cost` to every bucket, undoing an
---                  earlier take exactly (a Cluster charge spanning slots
---                  reserved in one slot and was denied in another);
---            n     how many buckets (and KEYS) the charge has, >= 1;
+-- ARGV[1]  every charge's numbers, packed (struct, little-endian), charge
+--          after charge, so the script reads each bucket with one unpack
+--          instead of a string and a tonumber per number:
+--            '<BH'     mode, n
+--                        mode  0 decide and take, 1 dry run (judge, take
+--                              nothing), 2 refund: give back `cost` to every
+--                              bucket, undoing an earlier take exactly (a
+--                              Cluster charge spanning slots reserved in one
+--                              slot and was denied in another);
+--                        n     how many buckets (and KEYS) it has, >= 1;
 --          then per bucket:
---            capacity  C, tokens, 1 ..= 50,000,000
---            period    P, microseconds for an empty bucket to refill, >= 1
---            cost      n, tokens to take, >= 1; negative (-n) marks a shadow
---                      bucket, which is judged but never denies
+--            '<i4i8i8' capacity  C, tokens, 1 ..= 50,000,000
+--                      period    P, microseconds for an empty bucket to
+--                                refill, >= 1
+--                      cost      n, tokens to take, >= 1; negative (-n)
+--                                marks a shadow bucket, which is judged but
+--                                never denies
 --
 -- Clock: "now" is Redis's TIME in microseconds, read once for the whole
 -- batch, never the caller's clock, so every Tollgate replica shares one
@@ -114,8 +120,11 @@ local function store(key, ticks, frac)
   if frac > 0 then
     until_full = until_full + 1
   end
-  local ok = redis.pcall('SET', key, pack('<i8i4', ticks, frac),
-    'PX', math.max(1, math.ceil(until_full / 1000)))
+  local ms = floor((until_full + 999) / 1000)
+  if ms < 1 then
+    ms = 1
+  end
+  local ok = redis.pcall('SET', key, pack('<i8i4', ticks, frac), 'PX', ms)
   if type(ok) == 'table' and ok.err then
     return own_error(ok) ~= nil
   end
@@ -128,13 +137,16 @@ local out = { now }
 -- bucket.
 local judged = {}
 
--- Gives back each bucket's cost: TAT - cost*P/C, exactly.
-local function refund(k0, a0, n)
+local blob = ARGV[1]
+
+-- Gives back each bucket's cost: TAT - cost*P/C, exactly. Returns the
+-- position after the charge's numbers.
+local function refund(k0, at, n)
   out[#out + 1] = 1
   for i = 1, n do
-    local a = a0 + (i - 1) * 3
-    local cap, period = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-    local cost = math.abs(tonumber(ARGV[a + 2]))
+    local cap, period, cost
+    cap, period, cost, at = unpack('<i4i8i8', blob, at)
+    cost = math.abs(cost)
     local key = KEYS[k0 + i]
     local st, sf = load(key, cap)
     local ticks, frac = now, 0
@@ -158,15 +170,16 @@ local function refund(k0, a0, n)
     out[#out + 1] = ticks
     out[#out + 1] = frac
   end
+  return at
 end
 
--- Judges a charge's buckets, then takes from all or none.
-local function decide(k0, a0, n, dry)
+-- Judges a charge's buckets, then takes from all or none. Returns the
+-- position after the charge's numbers.
+local function decide(k0, at, n, dry)
   local allowed, failed = 1, false
   for i = 1, n do
-    local a = a0 + (i - 1) * 3
-    local cap, period = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-    local cost = tonumber(ARGV[a + 2])
+    local cap, period, cost
+    cap, period, cost, at = unpack('<i4i8i8', blob, at)
     local shadow = cost < 0
     if shadow then
       cost = -cost
@@ -215,17 +228,18 @@ local function decide(k0, a0, n, dry)
   if failed then
     out[status] = -1
   end
+  return at
 end
 
-local k0, a = 0, 1
-while a <= #ARGV do
-  local mode, n = ARGV[a], tonumber(ARGV[a + 1])
-  if mode == '2' then
-    refund(k0, a + 2, n)
+local k0, at = 0, 1
+while at <= #blob do
+  local mode, n
+  mode, n, at = unpack('<BH', blob, at)
+  if mode == 2 then
+    at = refund(k0, at, n)
   else
-    decide(k0, a + 2, n, mode == '1')
+    at = decide(k0, at, n, mode == 1)
   end
   k0 = k0 + n
-  a = a + 2 + 3 * n
 end
 return out

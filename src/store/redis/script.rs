@@ -54,8 +54,9 @@ pub(crate) enum Mode {
 pub(crate) struct Encoded {
     /// The charge's bucket keys, in order.
     pub(crate) keys: Vec<String>,
-    /// `mode, n`, then `capacity, period, ±cost` per bucket: see the script.
-    pub(crate) args: Vec<i64>,
+    /// Its numbers, packed as the script unpacks them: `mode: u8, n: u16`,
+    /// then `capacity: i32, period: i64, ±cost: i64` per bucket, little-endian.
+    pub(crate) numbers: Vec<u8>,
 }
 
 impl Encoded {
@@ -68,50 +69,51 @@ impl Encoded {
 
 /// Encodes one charge for a batch call. The charge must have a bucket.
 pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, mode: Mode) -> Encoded {
-    let mut args = Vec::with_capacity(2 + 3 * charge.buckets.len());
-    args.push(match (mode, charge.dry_run) {
-        (Mode::Refund, _) => 2,
+    let mut numbers = Vec::with_capacity(3 + 20 * charge.buckets.len());
+    numbers.push(match (mode, charge.dry_run) {
+        (Mode::Refund, _) => 2u8,
         (Mode::Decide, true) => 1,
         (Mode::Decide, false) => 0,
     });
-    args.push(charge.buckets.len() as i64);
-    for b in &charge.buckets {
+    // A charge has a handful of buckets: the limiter plans one per limit.
+    let n = u16::try_from(charge.buckets.len()).unwrap_or(u16::MAX);
+    numbers.extend_from_slice(&n.to_le_bytes());
+    for b in charge.buckets.iter().take(usize::from(n)) {
         let shape = shape_us(b.shape);
-        // Capacity, period and cost are capped by config and validation far
-        // below i64's range; saturate rather than wrap if one ever is not.
-        let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        let cost = int(b.cost.max(1));
-        args.extend([
-            int(shape.capacity),
-            int(shape.period),
-            if b.shadow { -cost } else { cost },
-        ]);
+        // Config caps capacity at 50,000,000 and periods at 366 days, and
+        // costs come from a u32; saturate rather than wrap if one ever is not.
+        let capacity = i32::try_from(shape.capacity).unwrap_or(i32::MAX);
+        let period = i64::try_from(shape.period).unwrap_or(i64::MAX);
+        let cost = i64::try_from(b.cost.max(1)).unwrap_or(i64::MAX);
+        numbers.extend_from_slice(&capacity.to_le_bytes());
+        numbers.extend_from_slice(&period.to_le_bytes());
+        numbers.extend_from_slice(&(if b.shadow { -cost } else { cost }).to_le_bytes());
     }
     Encoded {
         keys: charge
             .buckets
             .iter()
+            .take(usize::from(n))
             .map(|b| bucket_key(prefix, &b.key))
             .collect(),
-        args,
+        numbers,
     }
 }
 
-/// One `EVALSHA` deciding every charge of `batch`, in order.
+/// One `EVALSHA` deciding every charge of `batch`, in order: every key,
+/// then all the numbers as one argument.
 pub(crate) fn evalsha<'a>(sha: &str, batch: impl Iterator<Item = &'a Encoded> + Clone) -> Cmd {
     let mut cmd = redis::cmd("EVALSHA");
     let keys: usize = batch.clone().map(|e| e.keys.len()).sum();
     cmd.arg(sha).arg(keys);
-    for e in batch.clone() {
+    let mut numbers = Vec::new();
+    for e in batch {
         for key in &e.keys {
             cmd.arg(key.as_str());
         }
+        numbers.extend_from_slice(&e.numbers);
     }
-    for e in batch {
-        for &a in &e.args {
-            cmd.arg(a);
-        }
-    }
+    cmd.arg(numbers);
     cmd
 }
 
@@ -197,40 +199,35 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_is_every_key_then_every_charge_s_arguments() {
+    fn a_batch_is_every_key_then_every_charge_s_numbers_packed() {
         let one = encode("tg1:", &charge(2), Mode::Decide);
         let mut shadow = charge(1);
         shadow.buckets[0].shadow = true;
         shadow.dry_run = true;
         let two = encode("tg1:", &shadow, Mode::Decide);
         let cmd = evalsha("abc", [&one, &two].into_iter());
-        let args: Vec<String> = cmd
+        let args: Vec<Vec<u8>> = cmd
             .args_iter()
             .map(|a| match a {
-                redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
-                _ => String::new(),
+                redis::Arg::Simple(b) => b.to_vec(),
+                _ => Vec::new(),
             })
             .collect();
+        let text = |i: usize| String::from_utf8_lossy(&args[i]).into_owned();
         assert_eq!(
-            args,
-            [
-                "EVALSHA",
-                "abc",
-                "2",
-                "tg1:{s}:r:i:*",
-                "tg1:{s}:r:i:*",
-                "0",
-                "1",
-                "3",
-                "1000000",
-                "2",
-                "1",
-                "1",
-                "3",
-                "1000000",
-                "-1"
-            ]
+            (0..5).map(text).collect::<Vec<_>>(),
+            ["EVALSHA", "abc", "2", "tg1:{s}:r:i:*", "tg1:{s}:r:i:*"]
         );
+        let mut numbers = vec![0u8, 1, 0];
+        numbers.extend(3i32.to_le_bytes());
+        numbers.extend(1_000_000i64.to_le_bytes());
+        numbers.extend(2i64.to_le_bytes());
+        numbers.extend([1u8, 1, 0]);
+        numbers.extend(3i32.to_le_bytes());
+        numbers.extend(1_000_000i64.to_le_bytes());
+        numbers.extend((-1i64).to_le_bytes());
+        assert_eq!(args[5], numbers);
+        assert_eq!(args.len(), 6);
         assert_eq!(one.reply_len(), 4);
     }
 
