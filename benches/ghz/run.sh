@@ -61,7 +61,11 @@ if [ ! -x "$ghz" ]; then
 fi
 echo "ghz: building release tollgate and the no-op server" >&2
 cargo build --release --quiet --bin tollgate --example noop_server
-bin=$target/release
+# Copies, so a later build into the same target dir cannot swap them mid-run.
+bin=$work/bin
+mkdir -p "$bin/examples"
+cp "$target/release/tollgate" "$bin/"
+cp "$target/release/examples/noop_server" "$bin/examples/"
 # BENCH_TOLLGATE runs another build (an older commit's, for a before/after);
 # not TOLLGATE_*, which Tollgate reads as config.
 tollgate=${BENCH_TOLLGATE:-$bin/tollgate}
