@@ -4,7 +4,9 @@
 
 mod architecture;
 mod cli;
+mod coalescing;
 mod common;
+mod deny_cache;
 mod deploy;
 mod envoy_e2e;
 mod envoy_rls;
