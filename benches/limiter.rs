@@ -148,7 +148,8 @@ fn hitters_memory() {
             retry_after: None,
             exhausted: true,
             shadow: false,
-        }],
+        }]
+        .into(),
         ..Decision::default()
     };
     let hitters = Hitters::default();

@@ -10,7 +10,8 @@
 //! - [`config`]: the typed, validated configuration, envoyproxy/ratelimit
 //!   YAML included, as plain data. Imports nothing from the crate.
 //! - [`store`]: the [`store::Store`] trait (the atomicity contract), the
-//!   embedded store, and the Redis store (one Lua script per charge).
+//!   embedded store, the Redis store (one Lua script per batch of
+//!   charges, coalesced per node), and the deny cache in front of any store.
 //! - [`limiter`]: config → rules ([`limiter::compile`]), rules → buckets,
 //!   and the pure planner ([`limiter::plan`]) around one call to the store.
 //! - [`observe`]: metrics, the denial audit log, logs, heavy hitters and

@@ -33,6 +33,7 @@ use crate::pb;
 use crate::pb::tollgate::v1::admin_server::AdminServer;
 use crate::pb::tollgate::v1::rate_limiter_server::RateLimiterServer;
 use crate::shutdown::{self, Cancellable, Control};
+use crate::store::deny_cache::DenyCache;
 use crate::store::{self, AnyStore, BuildError, Store};
 use crate::tls::{self, Conn, Tls};
 use crate::watch::FileWatch;
@@ -47,7 +48,7 @@ pub const HEALTH_SERVICE: &str = "tollgate.v1.RateLimiter";
 pub const STORE_HEALTH_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The limiter every service shares.
-type SharedLimiter = Arc<Limiter<Instrumented<AnyStore>>>;
+type SharedLimiter = Arc<Limiter<DenyCache<Instrumented<AnyStore>>>>;
 
 /// The gRPC router, behind the in-flight cap.
 type Routes = Router<Stack<InFlightLimitLayer, Identity>>;
@@ -129,7 +130,11 @@ pub async fn run(
         tls: (grpc_tls, metrics_tls),
     } = prepared;
     let metrics = Arc::new(Metrics::new());
-    let store = Instrumented::new(store::build(&config.store)?, metrics.clone());
+    // The cache sits outside the timing: local answers are not store calls.
+    let store = DenyCache::new(
+        Instrumented::new(store::build(&config.store)?, metrics.clone()),
+        config.store.deny_cache_on(),
+    );
     let limiter = Arc::new(Limiter::new(rules, store));
     let stopped = CancellationToken::new();
     for tls in [&grpc_tls, &metrics_tls].into_iter().flatten() {

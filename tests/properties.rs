@@ -258,7 +258,8 @@ mod heavy_hitters {
                 retry_after: None,
                 exhausted: denied,
                 shadow: false,
-            }],
+            }]
+            .into(),
             ..Decision::default()
         }
     }

@@ -161,7 +161,8 @@ mod tests {
             buckets: vec![
                 bucket("per-user", 10, 4, false),
                 bucket("search", 2, 0, true),
-            ],
+            ]
+            .into(),
             primary: Some(1),
             ..Decision::default()
         }];

@@ -1,5 +1,6 @@
 //! `tollgate.v1.RateLimiter`: our own API.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,25 +47,27 @@ impl<S> RateLimiterApi<S> {
     }
 }
 
-/// Validates a request and borrows it as the limiter's request.
+/// Validates a request and borrows it as the limiter's request. `at` is the
+/// request's path in a batch (`requests[3].`), empty for a lone request.
 pub(super) fn to_domain<'a>(
     req: &'a pb::ShouldAllowRequest,
     at: &str,
 ) -> Result<limiter::Request<'a>, InvalidField> {
-    validate::text(&format!("{at}scope"), &req.scope, MAX_SCOPE_LEN, true)?;
-    validate::text(
-        &format!("{at}identity"),
-        &req.identity,
-        MAX_IDENTITY_LEN,
-        false,
-    )?;
-    validate::text(
-        &format!("{at}operation"),
-        &req.operation,
-        MAX_OPERATION_LEN,
-        false,
-    )?;
-    validate::attributes(&format!("{at}attributes"), req.attributes.iter())?;
+    // Field paths are only written out for a batch entry; a lone request's
+    // are static, so a valid request costs no formatting.
+    let path = |name: &'static str| -> Cow<'static, str> {
+        if at.is_empty() {
+            Cow::Borrowed(name)
+        } else {
+            Cow::Owned(format!("{at}{name}"))
+        }
+    };
+    validate::text(&path("scope"), &req.scope, MAX_SCOPE_LEN, true)?;
+    validate::text(&path("identity"), &req.identity, MAX_IDENTITY_LEN, false)?;
+    validate::text(&path("operation"), &req.operation, MAX_OPERATION_LEN, false)?;
+    if !req.attributes.is_empty() {
+        validate::attributes(&path("attributes"), req.attributes.iter())?;
+    }
     Ok(limiter::Request {
         scope: &req.scope,
         identity: &req.identity,

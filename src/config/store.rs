@@ -34,6 +34,18 @@ pub struct StoreConfig {
     /// The Redis store, used when `kind` is `redis`.
     #[serde(default)]
     pub redis: RedisConfig,
+    /// The exact local deny cache in front of the store. Absent: on for
+    /// Redis, where it saves a round trip per repeated denial, off for the
+    /// embedded store, which answers a denial as cheaply itself.
+    #[serde(default)]
+    pub deny_cache: Option<bool>,
+}
+
+impl StoreConfig {
+    /// Whether the deny cache is on, after the default for the store kind.
+    pub fn deny_cache_on(&self) -> bool {
+        self.deny_cache.unwrap_or(self.kind == StoreKind::Redis)
+    }
 }
 
 impl StoreConfig {

@@ -13,6 +13,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use smallvec::SmallVec;
 
 use crate::store::{Store, StoreError};
 
@@ -76,8 +77,9 @@ pub struct Decision {
     pub degraded: bool,
     /// Why a denial has no retry_after (cost over capacity, unknown scope).
     pub reason: Option<String>,
-    /// Every bucket that applied, in limit order.
-    pub buckets: Vec<BucketReport>,
+    /// Every bucket that applied, in limit order. Inline for one bucket,
+    /// the common case, so a decision needs no heap.
+    pub buckets: SmallVec<[BucketReport; 1]>,
     /// Index into `buckets` of the most restrictive bucket: the one that
     /// denied (longest wait) when denied, else the one with least left.
     pub primary: Option<usize>,
@@ -148,6 +150,7 @@ impl<S: Store> Limiter<S> {
     /// Swaps in a new rule set, whole. Decisions under way finish on the old.
     pub fn replace_rules(&self, rules: Rules) {
         self.rules.store(Arc::new(rules));
+        self.store.rules_replaced();
     }
 
     /// The store.
@@ -161,6 +164,22 @@ impl<S: Store> Limiter<S> {
         let mut buckets = plan::Buckets::new();
         if let Err(why) = plan::plan_into(&rules, req, &mut buckets) {
             return Ok(why.decision(&rules, req.scope));
+        }
+        // One bucket, the common case: no list is built on the way down or
+        // back up, so the embedded store decides without allocating.
+        if let [only] = buckets.as_slice() {
+            return match self
+                .store
+                .check_and_take_single(&only.charge, req.dry_run)
+                .await
+            {
+                Ok(single) => Ok(plan::decision_of(
+                    &buckets,
+                    single.allowed,
+                    std::slice::from_ref(&single.bucket),
+                )),
+                Err(e) => plan::failed(&rules, req.scope, e),
+            };
         }
         let charge = plan::charge(&buckets, req.dry_run);
         match self.store.check_and_take_one(&charge).await {
@@ -200,7 +219,7 @@ impl<S: Store> Limiter<S> {
         let rules = self.rules.load();
         let joint = match Joint::plan(&rules, reqs) {
             Ok(joint) => joint,
-            Err(denied) => return Ok(vec![denied; reqs.len()]),
+            Err(denied) => return Ok(vec![*denied; reqs.len()]),
         };
         let Some(charge) = joint.charge() else {
             return Ok(joint.nothing_to_charge());

@@ -18,7 +18,7 @@ use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use crate::limiter::{Decision, Rules};
-use crate::store::{Charge, ChargeOutcome, Store, StoreError};
+use crate::store::{BucketCharge, Charge, ChargeOutcome, SingleOutcome, Store, StoreError};
 
 /// The `scope` label of requests for scopes that are not configured.
 pub const UNCONFIGURED: &str = "_unconfigured";
@@ -315,8 +315,23 @@ impl<S: Store> Store for Instrumented<S> {
         result
     }
 
+    async fn check_and_take_single(
+        &self,
+        bucket: &BucketCharge<'_>,
+        dry_run: bool,
+    ) -> Result<SingleOutcome, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.check_and_take_single(bucket, dry_run).await;
+        self.observe(started, &result);
+        result
+    }
+
     fn is_available(&self) -> bool {
         self.inner.is_available()
+    }
+
+    fn rules_replaced(&self) {
+        self.inner.rules_replaced();
     }
 }
 

@@ -17,7 +17,9 @@ use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
-use super::{BucketCharge, BucketKey, BucketOutcome, Charge, ChargeOutcome, Store, StoreError};
+use super::{
+    BucketCharge, BucketKey, BucketOutcome, Charge, ChargeOutcome, SingleOutcome, Store, StoreError,
+};
 use crate::bucket::{Tat, Verdict};
 use crate::config::{DEFAULT_MAX_BUCKETS, DEFAULT_SHARDS};
 
@@ -154,7 +156,11 @@ impl Inner {
 
     fn decide(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
         if let [bucket] = charge.buckets.as_slice() {
-            return self.decide_one(bucket, charge.dry_run);
+            let single = self.decide_one(bucket, charge.dry_run)?;
+            return Ok(ChargeOutcome {
+                allowed: single.allowed,
+                buckets: vec![single.bucket],
+            });
         }
         let mut buf: SmallVec<[u8; 256]> = SmallVec::new();
         let slots = self.slots(charge, &mut buf);
@@ -263,7 +269,7 @@ impl Inner {
         &self,
         bucket: &BucketCharge<'_>,
         dry_run: bool,
-    ) -> Result<ChargeOutcome, StoreError> {
+    ) -> Result<SingleOutcome, StoreError> {
         // Most keys fit the stack; longer ones (long Envoy descriptors) go
         // to the heap.
         let len = encoded_len(&bucket.key);
@@ -309,8 +315,10 @@ impl Inner {
             }
         }
         drop(table);
-        let buckets = vec![outcome(bucket, &verdict, state, now)];
-        Ok(ChargeOutcome { allowed, buckets })
+        Ok(SingleOutcome {
+            allowed,
+            bucket: outcome(bucket, &verdict, state, now),
+        })
     }
 
     fn full(&self) -> StoreError {
@@ -380,5 +388,13 @@ impl Store for MemoryStore {
 
     async fn check_and_take_one(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
         self.inner.decide(charge)
+    }
+
+    async fn check_and_take_single(
+        &self,
+        bucket: &BucketCharge<'_>,
+        dry_run: bool,
+    ) -> Result<SingleOutcome, StoreError> {
+        self.inner.decide_one(bucket, dry_run)
     }
 }

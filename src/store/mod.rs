@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::bucket::Shape;
 use crate::config::{ConfigError, StoreConfig, StoreKind};
 
+pub mod deny_cache;
 pub mod memory;
 pub mod redis;
 
@@ -107,6 +108,28 @@ pub struct ChargeOutcome {
     pub buckets: Vec<BucketOutcome>,
 }
 
+/// The outcome of a charge of one bucket, without the list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SingleOutcome {
+    /// True when the bucket conformed or is a shadow bucket.
+    pub allowed: bool,
+    /// The bucket's state.
+    pub bucket: BucketOutcome,
+}
+
+impl SingleOutcome {
+    /// The one bucket's outcome out of a charge's.
+    pub fn of(outcome: ChargeOutcome) -> Result<Self, StoreError> {
+        match outcome.buckets.first() {
+            Some(&bucket) => Ok(Self {
+                allowed: outcome.allowed,
+                bucket,
+            }),
+            None => Err(StoreError::permanent("store returned no bucket outcome")),
+        }
+    }
+}
+
 /// Why a store could not decide.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
@@ -177,10 +200,32 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         }
     }
 
+    /// Checks and takes for a charge of one bucket: the limiter's most
+    /// common call. The default goes through [`Store::check_and_take_one`];
+    /// the embedded store answers without building a list, so the decision
+    /// allocates nothing.
+    fn check_and_take_single(
+        &self,
+        bucket: &BucketCharge<'_>,
+        dry_run: bool,
+    ) -> impl Future<Output = Result<SingleOutcome, StoreError>> + Send {
+        async move {
+            let charge = Charge {
+                buckets: vec![*bucket],
+                dry_run,
+            };
+            SingleOutcome::of(self.check_and_take_one(&charge).await?)
+        }
+    }
+
     /// True while the store can answer: used for health reporting.
     fn is_available(&self) -> bool {
         true
     }
+
+    /// Told when the rules were replaced (a reload), so a store that keeps
+    /// anything derived from the old rules (the deny cache) drops it.
+    fn rules_replaced(&self) {}
 }
 
 /// The store chosen by configuration. An enum rather than a trait object, so
@@ -208,6 +253,17 @@ impl Store for AnyStore {
         match self {
             Self::Memory(s) => s.check_and_take_one(charge).await,
             Self::Redis(s) => s.check_and_take_one(charge).await,
+        }
+    }
+
+    async fn check_and_take_single(
+        &self,
+        bucket: &BucketCharge<'_>,
+        dry_run: bool,
+    ) -> Result<SingleOutcome, StoreError> {
+        match self {
+            Self::Memory(s) => s.check_and_take_single(bucket, dry_run).await,
+            Self::Redis(s) => s.check_and_take_single(bucket, dry_run).await,
         }
     }
 

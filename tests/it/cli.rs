@@ -256,7 +256,8 @@ async fn start_call(port: u16) -> (h2::client::ResponseFuture, h2::SendStream<by
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("tcp");
-    let (mut h2, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let (mut h2, mut connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let mut ping_pong = connection.ping_pong().expect("ping handle");
     tokio::spawn(connection);
     let request = http::Request::post(format!(
         "http://127.0.0.1:{port}/tollgate.v1.RateLimiter/ShouldAllow"
@@ -265,7 +266,15 @@ async fn start_call(port: u16) -> (h2::client::ResponseFuture, h2::SendStream<by
     .header("te", "trailers")
     .body(())
     .expect("request");
-    h2.send_request(request, false).expect("send headers")
+    let call = h2.send_request(request, false).expect("send headers");
+    // The server reads frames in order, so once it answers a PING sent after
+    // the HEADERS, the call has started on its side: a signal sent now finds
+    // it in flight, however slow the machine.
+    ping_pong
+        .ping(h2::Ping::opaque())
+        .await
+        .expect("ping answered");
+    call
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,9 @@
 mod admin;
 mod architecture;
 mod cli;
+mod coalescing;
 mod common;
+mod deny_cache;
 mod deploy;
 mod envoy_e2e;
 mod envoy_rls;

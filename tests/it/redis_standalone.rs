@@ -410,8 +410,9 @@ async fn each_decision_is_one_command_in_one_round_trip() {
         .filter(|(name, _)| !["info", "config|resetstat", "time", "get", "set"].contains(name))
         .filter_map(|(_, r)| r.split(',').next()?.parse::<u64>().ok())
         .sum();
-    assert_eq!(calls("evalsha"), 200, "{stats}");
-    assert_eq!(total, 200, "no other command per decision:\n{stats}");
+    // Concurrent decisions may share a call (coalescing): at most one each.
+    assert!(calls("evalsha") <= 200, "{stats}");
+    assert_eq!(total, calls("evalsha"), "no other command:\n{stats}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

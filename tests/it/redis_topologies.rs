@@ -189,7 +189,7 @@ async fn cluster_spreads_scopes_over_slots_and_reloads_flushed_scripts() {
         topo.nodes.iter().find_map(|n| {
             redis::cmd("GET")
                 .arg("test:cluster:{scope-1}:r:carol:*")
-                .query::<Option<String>>(&mut conn(n.port).ok()?)
+                .query::<Option<Vec<u8>>>(&mut conn(n.port).ok()?)
                 .ok()
                 .flatten()
         })

@@ -1,11 +1,13 @@
-//! The Redis store: one Lua script decides each charge atomically, on
-//! standalone Redis, a Sentinel-managed primary, or Redis Cluster.
+//! The Redis store: one Lua script decides a batch of charges, each
+//! atomically on its own, on standalone Redis, a Sentinel-managed primary, or
+//! Redis Cluster.
 //!
-//! # One round trip
-//! Each charge is one `EVALSHA` of `decide.lua`; the charges of one
-//! [`Store::check_and_take`] call go out as one pipeline, so a batch is one
-//! round trip too. On Cluster, the batch is split by hash tag and the pieces
-//! go to their nodes concurrently.
+//! # Fewer round trips than decisions
+//! Every charge goes through its node's [`coalesce`] queue: while one script
+//! call is in flight, the charges that arrive queue up, and the next call
+//! carries all of them (on Cluster, per hash slot). One charge alone goes out
+//! at once; under load, one `EVALSHA` decides many. The charges of one
+//! [`Store::check_and_take`] call join the same queues.
 //!
 //! # Atomicity, per topology
 //! Every key carries its scope as the hash tag (see [`keys`]), so a charge
@@ -20,8 +22,8 @@
 //! # Scripts
 //! The script is called by SHA. A node that answers `NOSCRIPT` (a fresh
 //! Cluster node, a promoted replica, after `SCRIPT FLUSH`) gets `SCRIPT LOAD`
-//! (on Cluster, sent to every primary), and the charges it refused, which did
-//! not run, are sent again. Nothing is ever charged twice.
+//! (on Cluster, sent to every primary), and the refused batch, which did not
+//! run, is sent again. Nothing is ever charged twice.
 //!
 //! # Failure
 //! A [`breaker`] sits in front: after a few failures in a row, calls fail at
@@ -34,12 +36,13 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use redis::{ErrorKind, RedisResult, ServerErrorKind, Value};
+use redis::{ErrorKind, ServerErrorKind, Value};
 
 use super::{BucketOutcome, Charge, ChargeOutcome, Store, StoreError};
 use crate::config::RedisConfig;
 
 pub mod breaker;
+mod coalesce;
 pub mod keys;
 mod script;
 mod topology;
@@ -49,6 +52,7 @@ pub use keys::DEFAULT_PREFIX;
 pub use topology::BuildError;
 
 use breaker::Breaker;
+use coalesce::{BatchCall, Coalescer};
 use script::Mode;
 use topology::{CallError, Request, Topology};
 
@@ -94,6 +98,8 @@ struct Inner {
     /// Bounds each round trip.
     response_timeout: Duration,
     breaker: Breaker,
+    /// Concurrent charges bound for one node share one script call.
+    coalescer: Coalescer,
 }
 
 impl RedisStore {
@@ -124,6 +130,7 @@ impl RedisStore {
                     threshold: config.breaker_threshold,
                     cool_down: config.breaker_cool_down,
                 }),
+                coalescer: Coalescer::default(),
             }),
         })
     }
@@ -204,7 +211,10 @@ impl Inner {
         (work, plans)
     }
 
-    async fn decide(&self, charges: &[Charge<'_>]) -> Result<Vec<ChargeOutcome>, StoreError> {
+    async fn decide(
+        self: &Arc<Self>,
+        charges: &[Charge<'_>],
+    ) -> Result<Vec<ChargeOutcome>, StoreError> {
         let (work, plans) = self.work(charges);
         let done = self.run(&work, Mode::Decide).await?;
 
@@ -261,7 +271,7 @@ impl Inner {
     /// admitting less, never more. The denials stand either way: an error
     /// here must not become a fail-open allow.
     async fn refund(
-        &self,
+        self: &Arc<Self>,
         refunds: &[Charge<'_>],
         refunded: &[(usize, Vec<usize>)],
         outcomes: &mut [ChargeOutcome],
@@ -282,103 +292,64 @@ impl Inner {
         }
     }
 
-    /// Runs one script call per work item, grouped by node: one pipeline
-    /// per group, the groups concurrently. Outcomes are in work order.
-    async fn run(&self, work: &[Charge<'_>], mode: Mode) -> Result<Vec<ChargeOutcome>, StoreError> {
-        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
-        for (i, charge) in work.iter().enumerate() {
-            // Standalone and Sentinel run any batch on one node: one group.
-            let tag = match charge.buckets.first() {
-                Some(first) if self.topology.is_cluster() => keys::hash_tag(&first.key),
-                _ => String::new(),
-            };
-            match groups.iter_mut().find(|(t, _)| *t == tag) {
-                Some((_, members)) => members.push(i),
-                None => groups.push((tag, vec![i])),
-            }
-        }
-        let decided = join_all(
-            groups
-                .iter()
-                .map(|(_, members)| self.decide_group(work, members, mode)),
-        )
-        .await;
-        let mut outcomes: Vec<Option<ChargeOutcome>> = vec![None; work.len()];
-        for (result, (_, members)) in decided.into_iter().zip(&groups) {
-            for (outcome, &i) in result?.into_iter().zip(members) {
-                outcomes[i] = Some(outcome);
-            }
-        }
-        outcomes
-            .into_iter()
-            .map(|o| o.ok_or_else(|| StoreError::permanent("Redis store lost a charge")))
-            .collect()
-    }
-
-    /// Decides charges that share a node, in one pipeline; reloads the
-    /// script and resends only what a node refused with `NOSCRIPT`.
-    async fn decide_group(
-        &self,
-        charges: &[Charge<'_>],
-        members: &[usize],
+    /// Decides each work item through its node's coalescer: concurrent
+    /// items, from this call and others, share script calls. Outcomes are
+    /// in work order.
+    async fn run(
+        self: &Arc<Self>,
+        work: &[Charge<'_>],
         mode: Mode,
     ) -> Result<Vec<ChargeOutcome>, StoreError> {
-        let mut outcomes: Vec<Option<ChargeOutcome>> = vec![None; members.len()];
-        let mut pending: Vec<usize> = (0..members.len()).collect();
-        for attempt in 0..2 {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for &p in &pending {
-                pipe.add_command(script::evalsha(
-                    &self.sha,
-                    &self.prefix,
-                    &charges[members[p]],
-                    mode,
-                ));
-            }
-            let replies: Vec<RedisResult<Vec<i64>>> = self
-                .topology
-                .call(Request::Pipe(&pipe), self.response_timeout)
-                .await
-                .map_err(call_failed)?;
-            if replies.len() != pending.len() {
-                return Err(StoreError::permanent(format!(
-                    "Redis answered {} of {} script calls",
-                    replies.len(),
-                    pending.len()
-                )));
-            }
-            let mut refused = Vec::new();
-            for (reply, p) in replies.into_iter().zip(pending) {
-                match reply {
-                    Ok(ints) => {
-                        let outcome = script::outcome(&charges[members[p]], &ints)
-                            .map_err(StoreError::permanent)?;
-                        outcomes[p] = Some(outcome);
-                    }
-                    Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                        refused.push(p);
-                    }
-                    Err(e) => {
-                        if topology::poisons_connection(&e) {
-                            self.topology.forget_connections();
-                        }
-                        return Err(call_failed(CallError::Redis(e)));
-                    }
-                }
-            }
-            if refused.is_empty() {
-                break;
-            }
-            if attempt == 0 {
-                self.load_script().await.map_err(call_failed)?;
-            }
-            pending = refused;
-        }
-        outcomes
+        let waits: Vec<_> = work
+            .iter()
+            .map(|charge| {
+                // Standalone and Sentinel batch everything on one node.
+                let node = match charge.buckets.first() {
+                    Some(first) if self.topology.is_cluster() => keys::slot(&first.key),
+                    _ => 0,
+                };
+                let encoded = script::encode(&self.prefix, charge, mode);
+                self.coalescer.submit(self, node, encoded)
+            })
+            .collect();
+        // Queued behind at most one call in flight, then its own call.
+        let bound = self.response_timeout.saturating_mul(2);
+        let replies = tokio::time::timeout(bound, join_all(waits))
+            .await
+            .map_err(|_| call_failed(CallError::Timeout(bound)))?;
+        replies
             .into_iter()
-            .map(|o| o.ok_or_else(|| StoreError::transient("Redis kept answering NOSCRIPT")))
+            .zip(work)
+            .map(|(reply, charge)| {
+                let reply =
+                    reply.map_err(|_| StoreError::transient("Redis batch task ended"))??;
+                script::outcome(charge, reply.now, &reply.ints)
+            })
             .collect()
+    }
+}
+
+impl BatchCall for Inner {
+    /// One `EVALSHA` for the whole batch; on `NOSCRIPT` (which ran nothing)
+    /// the script is loaded and the same batch sent once more.
+    async fn call(&self, batch: &[&script::Encoded]) -> Result<Vec<i64>, StoreError> {
+        for attempt in 0..2 {
+            let cmd = script::evalsha(&self.sha, batch.iter().copied());
+            match self
+                .topology
+                .call::<Vec<i64>>(Request::Cmd(&cmd), self.response_timeout)
+                .await
+            {
+                Ok(ints) => return Ok(ints),
+                Err(CallError::Redis(e))
+                    if attempt == 0 && e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
+                {
+                    self.load_script().await.map_err(call_failed)?;
+                }
+                Err(e) => return Err(call_failed(e)),
+            }
+        }
+        Err(StoreError::transient("Redis kept answering NOSCRIPT"))
     }
 }
 

@@ -11,7 +11,7 @@ use redis::Cmd;
 
 use super::keys::bucket_key;
 use crate::bucket::{Shape, Tat};
-use crate::store::{BucketOutcome, Charge, ChargeOutcome};
+use crate::store::{BucketOutcome, Charge, ChargeOutcome, StoreError};
 
 /// The script's source.
 pub(crate) const SOURCE: &str = include_str!("decide.lua");
@@ -48,49 +48,108 @@ pub(crate) enum Mode {
     Refund,
 }
 
-/// `EVALSHA` for one charge. The charge must have at least one bucket.
-pub(crate) fn evalsha(sha: &str, prefix: &str, charge: &Charge<'_>, mode: Mode) -> Cmd {
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(sha).arg(charge.buckets.len());
-    for b in &charge.buckets {
-        cmd.arg(bucket_key(prefix, &b.key));
+/// One charge's part of a batch call, encoded once by the caller (keys
+/// escaped, shapes in microseconds), so a batch only concatenates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Encoded {
+    /// The charge's bucket keys, in order.
+    pub(crate) keys: Vec<String>,
+    /// Its numbers, packed as the script unpacks them: `mode: u8, n: u16`,
+    /// then `capacity: i32, period: i64, ±cost: i64` per bucket, little-endian.
+    pub(crate) numbers: Vec<u8>,
+}
+
+impl Encoded {
+    /// Integers the script answers for this charge: status, then a triple
+    /// per bucket.
+    pub(crate) fn reply_len(&self) -> usize {
+        1 + 3 * self.keys.len()
     }
-    cmd.arg(match (mode, charge.dry_run) {
-        (Mode::Refund, _) => "2",
-        (Mode::Decide, true) => "1",
-        (Mode::Decide, false) => "0",
+}
+
+/// Encodes one charge for a batch call. The charge must have a bucket.
+pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, mode: Mode) -> Encoded {
+    let mut numbers = Vec::with_capacity(3 + 20 * charge.buckets.len());
+    numbers.push(match (mode, charge.dry_run) {
+        (Mode::Refund, _) => 2u8,
+        (Mode::Decide, true) => 1,
+        (Mode::Decide, false) => 0,
     });
-    for b in &charge.buckets {
+    // A charge has a handful of buckets: the limiter plans one per limit.
+    let n = u16::try_from(charge.buckets.len()).unwrap_or(u16::MAX);
+    numbers.extend_from_slice(&n.to_le_bytes());
+    for b in charge.buckets.iter().take(usize::from(n)) {
         let shape = shape_us(b.shape);
-        cmd.arg(shape.capacity)
-            .arg(shape.period)
-            .arg(b.cost.max(1))
-            .arg(if b.shadow { "1" } else { "0" });
+        // Config caps capacity at 50,000,000 and periods at 366 days, and
+        // costs come from a u32; saturate rather than wrap if one ever is not.
+        let capacity = i32::try_from(shape.capacity).unwrap_or(i32::MAX);
+        let period = i64::try_from(shape.period).unwrap_or(i64::MAX);
+        let cost = i64::try_from(b.cost.max(1)).unwrap_or(i64::MAX);
+        numbers.extend_from_slice(&capacity.to_le_bytes());
+        numbers.extend_from_slice(&period.to_le_bytes());
+        numbers.extend_from_slice(&(if b.shadow { -cost } else { cost }).to_le_bytes());
     }
+    Encoded {
+        keys: charge
+            .buckets
+            .iter()
+            .take(usize::from(n))
+            .map(|b| bucket_key(prefix, &b.key))
+            .collect(),
+        numbers,
+    }
+}
+
+/// One `EVALSHA` deciding every charge of `batch`, in order: every key,
+/// then all the numbers as one argument.
+pub(crate) fn evalsha<'a>(sha: &str, batch: impl Iterator<Item = &'a Encoded> + Clone) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    let keys: usize = batch.clone().map(|e| e.keys.len()).sum();
+    cmd.arg(sha).arg(keys);
+    let mut numbers = Vec::new();
+    for e in batch {
+        for key in &e.keys {
+            cmd.arg(key.as_str());
+        }
+        numbers.extend_from_slice(&e.numbers);
+    }
+    cmd.arg(numbers);
     cmd
 }
 
-/// Reads the script's reply for `charge`.
-pub(crate) fn outcome(charge: &Charge<'_>, reply: &[i64]) -> Result<ChargeOutcome, BadReply> {
-    let expected = 2 + 3 * charge.buckets.len();
+/// Reads one charge's part of a batch reply (`status`, then a triple per
+/// bucket), decided at `now`. A status of -1 is that charge's own failure.
+pub(crate) fn outcome(
+    charge: &Charge<'_>,
+    now: i64,
+    reply: &[i64],
+) -> Result<ChargeOutcome, StoreError> {
+    let expected = 1 + 3 * charge.buckets.len();
     if reply.len() != expected {
-        return Err(BadReply {
+        return Err(StoreError::permanent(BadReply {
             got: reply.len(),
             expected,
-        });
+        }));
     }
-    let int = |i: usize| u64::try_from(reply[i]).unwrap_or(0);
-    let now = int(1);
+    if reply[0] == -1 {
+        // About this charge's keys only (one holds another type), so it
+        // does not count against Redis's health. Nothing was taken.
+        return Err(StoreError::permanent(
+            "a key of this charge holds a value of another type in Redis",
+        ));
+    }
+    let int = |v: i64| u64::try_from(v).unwrap_or(0);
+    let now = int(now);
     let buckets = charge
         .buckets
         .iter()
         .enumerate()
         .map(|(i, b)| {
-            let at = 2 + 3 * i;
+            let at = 1 + 3 * i;
             let conforms = reply[at] == 1;
             let state = Tat {
-                ticks: int(at + 1),
-                frac: int(at + 2),
+                ticks: int(reply[at + 1]),
+                frac: int(reply[at + 2]),
             };
             let shape = shape_us(b.shape);
             // A bucket that did not conform was left as it was, so judging
@@ -140,37 +199,44 @@ mod tests {
     }
 
     #[test]
-    fn arguments_are_keys_then_flags_then_shape_in_microseconds() {
-        let cmd = evalsha("abc", "tg1:", &charge(2), Mode::Decide);
-        let args: Vec<String> = cmd
+    fn a_batch_is_every_key_then_every_charge_s_numbers_packed() {
+        let one = encode("tg1:", &charge(2), Mode::Decide);
+        let mut shadow = charge(1);
+        shadow.buckets[0].shadow = true;
+        shadow.dry_run = true;
+        let two = encode("tg1:", &shadow, Mode::Decide);
+        let cmd = evalsha("abc", [&one, &two].into_iter());
+        let args: Vec<Vec<u8>> = cmd
             .args_iter()
             .map(|a| match a {
-                redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
-                _ => String::new(),
+                redis::Arg::Simple(b) => b.to_vec(),
+                _ => Vec::new(),
             })
             .collect();
+        let text = |i: usize| String::from_utf8_lossy(&args[i]).into_owned();
         assert_eq!(
-            args,
-            [
-                "EVALSHA",
-                "abc",
-                "1",
-                "tg1:{s}:r:i:*",
-                "0",
-                "3",
-                "1000000",
-                "2",
-                "0"
-            ]
+            (0..5).map(text).collect::<Vec<_>>(),
+            ["EVALSHA", "abc", "2", "tg1:{s}:r:i:*", "tg1:{s}:r:i:*"]
         );
+        let mut numbers = vec![0u8, 1, 0];
+        numbers.extend(3i32.to_le_bytes());
+        numbers.extend(1_000_000i64.to_le_bytes());
+        numbers.extend(2i64.to_le_bytes());
+        numbers.extend([1u8, 1, 0]);
+        numbers.extend(3i32.to_le_bytes());
+        numbers.extend(1_000_000i64.to_le_bytes());
+        numbers.extend((-1i64).to_le_bytes());
+        assert_eq!(args[5], numbers);
+        assert_eq!(args.len(), 6);
+        assert_eq!(one.reply_len(), 4);
     }
 
     #[test]
     fn a_denied_bucket_gets_its_exact_wait() {
         // Empty bucket: TAT one full period ahead of now.
         let now = 10_000_000;
-        let reply = [0, now, 0, now + 1_000_000, 0];
-        let out = outcome(&charge(1), &reply).unwrap();
+        let reply = [0, 0, now + 1_000_000, 0];
+        let out = outcome(&charge(1), now, &reply).unwrap();
         assert!(!out.allowed);
         let b = out.buckets[0];
         assert_eq!(b.remaining, 0);
@@ -181,7 +247,13 @@ mod tests {
 
     #[test]
     fn a_short_reply_is_an_error_not_a_panic() {
-        assert!(outcome(&charge(1), &[1, 2]).is_err());
+        assert!(outcome(&charge(1), 2, &[1, 2]).is_err());
+    }
+
+    #[test]
+    fn a_failed_charge_is_its_own_error() {
+        let e = outcome(&charge(1), 2, &[-1, 0, 0, 0]).unwrap_err();
+        assert!(!e.transient);
     }
 
     #[test]

@@ -22,8 +22,7 @@ use std::time::Duration;
 use deadpool_redis::{PoolError, Runtime};
 use redis::aio::ConnectionLike;
 use redis::{
-    Cmd, ConnectionInfo, ErrorKind, FromRedisValue, IntoConnectionInfo, Pipeline, RedisError,
-    ServerErrorKind,
+    Cmd, ConnectionInfo, ErrorKind, FromRedisValue, IntoConnectionInfo, RedisError, ServerErrorKind,
 };
 
 use crate::config::{RedisConfig, RedisMode};
@@ -56,11 +55,11 @@ pub enum BuildError {
     Client(String),
 }
 
-/// One request: a pipeline (one round trip to one node) or a single command
-/// (which Cluster may fan out, as it does `SCRIPT LOAD` to every primary).
+/// One request: a single command (which Cluster routes by its keys, or fans
+/// out, as it does `SCRIPT LOAD` to every primary). A batch of charges is one
+/// command, so there is no pipeline.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Request<'a> {
-    Pipe(&'a Pipeline),
     Cmd(&'a Cmd),
 }
 
@@ -217,6 +216,7 @@ impl Topology {
                 u.as_str()
                     .into_connection_info()
                     .and_then(|i| with_tls(with_auth(i, config), config))
+                    .map(with_nodelay)
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(BuildError::Url)?;
@@ -295,16 +295,16 @@ impl Topology {
             Self::Cluster(l) => l.call(request, timeout).await,
         }
     }
+}
 
-    /// Drops every connection, after one said `READONLY`: they may all
-    /// point at a demoted primary. New ones ask the sentinels again.
-    pub(crate) fn forget_connections(&self) {
-        match self {
-            Self::Standalone(l) => l.forget_all(),
-            Self::Sentinel(l) => l.forget_all(),
-            Self::Cluster(l) => l.forget_all(),
-        }
-    }
+/// Turns Nagle's algorithm off: redis-rs leaves it on, and a small script
+/// call written while an earlier one is unacknowledged would wait for the
+/// delayed ACK. (Sentinel's data-node settings, built by deadpool-redis, have
+/// no TCP field; there a batch waits for the previous reply, so Nagle rarely
+/// holds one back.)
+fn with_nodelay(info: ConnectionInfo) -> ConnectionInfo {
+    let tcp = info.tcp_settings().clone().set_nodelay(true);
+    info.set_tcp_settings(tcp)
 }
 
 fn with_auth(info: ConnectionInfo, config: &RedisConfig) -> ConnectionInfo {
@@ -438,7 +438,6 @@ impl<P: Pooled> Lanes<P> {
         };
         let sent = async {
             match request {
-                Request::Pipe(pipe) => pipe.query_async::<T>(&mut conn).await,
                 Request::Cmd(cmd) => cmd.query_async::<T>(&mut conn).await,
             }
         };

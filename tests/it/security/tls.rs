@@ -142,7 +142,14 @@ async fn certificates_rotate_under_steady_load_without_a_failed_call() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Keep the load on until it has made enough calls to mean something,
+    // however busy the machine is (bounded, so a stuck server still fails).
+    for _ in 0..200 {
+        if ok.load(Ordering::Relaxed) > 150 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     stop.store(true, Ordering::Relaxed);
     for task in load {
         task.await.expect("load task");

@@ -1,0 +1,240 @@
+#!/usr/bin/env bash
+# Tollgate under ghz, in one command: five scenarios, one table, one JSON.
+#
+#   benches/ghz/run.sh [--store memory|redis] [--quick]
+#
+# Installs ghz when missing (pinned, into target/go-bin), builds release
+# Tollgate and the no-op server (examples/noop_server.rs), starts Redis (for
+# --store redis) and a fresh Tollgate per scenario on loopback, and runs:
+#   (a) many identities, mostly allowed: 100k identities, uniform;
+#   (b) a hot key: one identity far over its limit;
+#   (c) mixed: Zipf identities, 4 buckets per call (scope, identity,
+#       operation, identity x operation), some denied;
+#   (d) Envoy RLS, 2 descriptors per call;
+#   (e) the no-op handler, as the ceiling.
+# Each scenario runs at saturation (concurrency 50), then at a fixed rate of
+# half the saturated rate, where latency is read. Per row: decisions/s, p50,
+# p95, p99, errors, denied share (Tollgate's own counters), Redis script
+# calls per decision (INFO commandstats), Tollgate and Redis CPU per decision
+# (utime + stime from /proc, so they do not depend on the load tool), and
+# Tollgate's peak RSS (VmHWM). Loopback only; every run is bounded in time;
+# everything started here is stopped on exit. --quick: under 3 minutes.
+# Needs redis-server and redis-cli (for redis), python3, and Go (for ghz).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+
+store=redis
+quick=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --store) store=$2; shift 2 ;;
+    --store=*) store=${1#--store=}; shift ;;
+    --quick) quick=1; shift ;;
+    *) echo "usage: $0 [--store memory|redis] [--quick]" >&2; exit 2 ;;
+  esac
+done
+case "$store" in memory|redis) ;; *) echo "--store: memory or redis" >&2; exit 2 ;; esac
+if [ "$quick" = 1 ]; then sat=4s; half=3s; else sat=15s; half=10s; fi
+concurrency=${CONCURRENCY:-50}
+redis_port=${REDIS_PORT:-16579}
+grpc_port=${GRPC_PORT:-16580}
+metrics_port=$((grpc_port + 1))
+noop_port=$((grpc_port + 2))
+target=${CARGO_TARGET_DIR:-$root/target}
+out=${OUT:-$target/ghz}
+mkdir -p "$out"
+work=$(mktemp -d -t tollgate-ghz.XXXXXX)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 1' INT TERM
+
+ghz=$target/go-bin/ghz
+if [ ! -x "$ghz" ]; then
+  echo "ghz: installing ghz v0.120.0 into $target/go-bin" >&2
+  GOBIN=$target/go-bin go install github.com/bojand/ghz/cmd/ghz@v0.120.0
+fi
+echo "ghz: building release tollgate and the no-op server" >&2
+cargo build --release --quiet --bin tollgate --example noop_server
+# Copies, so a later build into the same target dir cannot swap them mid-run.
+bin=$work/bin
+mkdir -p "$bin/examples"
+cp "$target/release/tollgate" "$bin/"
+cp "$target/release/examples/noop_server" "$bin/examples/"
+# BENCH_TOLLGATE runs another build (an older commit's, for a before/after);
+# not TOLLGATE_*, which Tollgate reads as config.
+tollgate=${BENCH_TOLLGATE:-$bin/tollgate}
+
+wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
+cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"; }
+hwm_of() { awk '/VmHWM/ { print $2 }' "/proc/$1/status"; }
+
+redis_pid=
+if [ "$store" = redis ]; then
+  redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
+    --dir "$work" --logfile "$work/redis.log" &
+  redis_pid=$!
+  pids+=("$redis_pid")
+  wait_port "$redis_port" || exit 1
+fi
+rcli() { redis-cli -p "$redis_port" "$@"; }
+
+store_yaml="store: { kind: memory }"
+[ "$store" = redis ] && store_yaml="store: { kind: redis, redis: { urls: [\"redis://127.0.0.1:$redis_port\"], key_prefix: \"bench:\" } }"
+cat >"$work/envoy.yaml" <<YAML
+domain: d
+descriptors:
+  - key: user
+    rate_limit: { unit: second, requests_per_unit: 1000 }
+  - key: remote_address
+    rate_limit: { unit: second, requests_per_unit: 1000 }
+YAML
+cat >"$work/tollgate.yaml" <<YAML
+listen: 127.0.0.1:$grpc_port
+log: { level: warn }
+metrics: { listen: 127.0.0.1:$metrics_port }
+$store_yaml
+envoy_ratelimit_configs: [envoy.yaml]
+scopes:
+  - name: a          # many identities, mostly allowed
+    limits:
+      - { name: per-user, per: identity, capacity: 1000, refill_period: 1s }
+  - name: b          # one hot identity, far over its limit
+    limits:
+      - { name: per-user, per: identity, capacity: 10, refill_period: 1m }
+  - name: c          # four buckets per call
+    limits:
+      - { name: per-scope, per: scope, capacity: 10000000, refill_period: 1s }
+      - { name: per-user, per: identity, capacity: 20, refill_period: 1s }
+      - { name: per-op, per: operation, capacity: 10000000, refill_period: 1s }
+      - { name: per-user-op, per: identity_operation, capacity: 10, refill_period: 1s }
+YAML
+# (c): Zipf(1.1) over 100k identities, 4 operations; ghz cycles the list.
+python3 - "$work/zipf.json" <<'PY'
+import json, random, sys
+random.seed(1)
+n, s = 100_000, 1.1
+weights = [1 / (k ** s) for k in range(1, n + 1)]
+ids = random.choices(range(n), weights=weights, k=50_000)
+ops = ["tools/call:search", "tools/call:fetch", "tools/list", "resources/read"]
+json.dump([{"scope": "c", "identity": f"u{i}", "operation": ops[j % 4]}
+           for j, i in enumerate(ids)], open(sys.argv[1], "w"))
+PY
+
+denied_total() { curl -s "127.0.0.1:$metrics_port/metrics" | awk '/^tollgate_decisions_total/ && /result="denied"/ { s += $NF } END { print s + 0 }'; }
+evalsha_calls() { [ -n "$redis_pid" ] && rcli INFO commandstats | sed -n 's/^cmdstat_evalsha:calls=\([0-9]*\).*/\1/p' | grep . || echo 0; }
+
+# run NAME PID ARGS...: one ghz run with CPU, calls and denials around it.
+run() {
+  local name=$1 pid=$2; shift 2
+  local c0 r0=0 e0 d0=0 c1 r1=0 e1 d1=0
+  c0=$(cpu_of "$pid"); e0=$(evalsha_calls)
+  [ -n "$redis_pid" ] && r0=$(cpu_of "$redis_pid")
+  [ "$pid" != "$noop_pid" ] && d0=$(denied_total)
+  timeout 120 "$ghz" --insecure -c "$concurrency" --duration-stop=wait -O json "$@" >"$work/$name.json" 2>"$work/$name.err" || true
+  c1=$(cpu_of "$pid"); e1=$(evalsha_calls)
+  [ -n "$redis_pid" ] && r1=$(cpu_of "$redis_pid")
+  [ "$pid" != "$noop_pid" ] && d1=$(denied_total)
+  echo "{\"name\":\"$name\",\"tg_cpu\":$(awk "BEGIN { print $c1 - $c0 }"),\"redis_cpu\":$(awk "BEGIN { print $r1 - $r0 }"),\"evalsha\":$((e1 - e0)),\"denied\":$((d1 - d0)),\"rss_kb\":$(hwm_of "$pid")}" >"$work/$name.meta"
+}
+
+scenario() {
+  local key=$1 call=$2 target_pid=$3; shift 3
+  local rps
+  run "$key-sat" "$target_pid" --call "$call" -z "$sat" "$@" "127.0.0.1:$port"
+  rps=$(python3 -c "import json; print(max(1, int(json.load(open('$work/$key-sat.json'))['rps'] / 2)))")
+  run "$key-half" "$target_pid" --call "$call" -z "$half" --rps "$rps" "$@" "127.0.0.1:$port"
+}
+
+start_tollgate() {
+  [ -n "$redis_pid" ] && rcli FLUSHALL >/dev/null
+  "$tollgate" serve --config "$work/tollgate.yaml" >"$work/tollgate-$1.log" 2>&1 &
+  tg_pid=$!
+  pids+=("$tg_pid")
+  wait_port "$grpc_port" || { cat "$work/tollgate-$1.log" >&2; exit 1; }
+  # One call by reflection first, so connections and the script are warm.
+  "$ghz" --insecure -n 20 -c 2 --call tollgate.v1.RateLimiter/ShouldAllow -d '{"scope":"warm","identity":"w"}' "127.0.0.1:$grpc_port" >/dev/null 2>&1 || true
+}
+stop_tollgate() { kill "$tg_pid"; wait "$tg_pid" 2>/dev/null || true; }
+
+noop_pid=none
+port=$grpc_port
+echo "ghz: (a) many identities" >&2
+start_tollgate a
+scenario a tollgate.v1.RateLimiter/ShouldAllow "$tg_pid" \
+  -d '{"scope":"a","identity":"user-{{randomInt 0 100000}}","operation":"op"}'
+stop_tollgate
+echo "ghz: (b) hot key" >&2
+start_tollgate b
+scenario b tollgate.v1.RateLimiter/ShouldAllow "$tg_pid" \
+  -d '{"scope":"b","identity":"hot","operation":"op"}'
+stop_tollgate
+echo "ghz: (c) mixed, 4 buckets" >&2
+start_tollgate c
+scenario c tollgate.v1.RateLimiter/ShouldAllow "$tg_pid" --data-file "$work/zipf.json"
+stop_tollgate
+echo "ghz: (d) Envoy RLS" >&2
+start_tollgate d
+scenario d envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit "$tg_pid" \
+  --proto benches/ghz/rls.proto \
+  -d '{"domain":"d","descriptors":[{"entries":[{"key":"user","value":"u{{randomInt 0 100000}}"}]},{"entries":[{"key":"remote_address","value":"10.{{randomInt 0 250}}.{{randomInt 0 250}}.1"}]}]}'
+stop_tollgate
+echo "ghz: (e) no-op handler" >&2
+"$bin/examples/noop_server" "127.0.0.1:$noop_port" >"$work/noop.log" 2>&1 &
+noop_pid=$!
+pids+=("$noop_pid")
+wait_port "$noop_port" || exit 1
+port=$noop_port
+saved_redis=$redis_pid
+redis_pid=
+scenario e tollgate.v1.RateLimiter/ShouldAllow "$noop_pid" \
+  -d '{"scope":"a","identity":"user-{{randomInt 0 100000}}","operation":"op"}'
+redis_pid=$saved_redis
+
+python3 - "$work" "$out" "$store" "$quick" "$concurrency" <<'PY'
+import json, os, platform, subprocess, sys
+work, out, store, quick, conc = sys.argv[1:]
+names = {"a": "(a) many identities", "b": "(b) hot key", "c": "(c) mixed, 4 buckets",
+         "d": "(d) Envoy RLS, 2 descr.", "e": "(e) no-op handler"}
+rows = []
+for key in "abcde":
+    for phase in ("sat", "half"):
+        g = json.load(open(f"{work}/{key}-{phase}.json"))
+        m = json.load(open(f"{work}/{key}-{phase}.meta"))
+        lat = {d["percentage"]: d["latency"] / 1e6 for d in g.get("latencyDistribution") or []}
+        codes = g.get("statusCodeDistribution") or {}
+        ok = codes.get("OK", 0)
+        n = max(ok, 1)
+        rows.append({
+            "scenario": names[key], "phase": "saturation" if phase == "sat" else "half rate",
+            "decisions_per_s": round(g["rps"]), "p50_ms": lat.get(50), "p95_ms": lat.get(95),
+            "p99_ms": lat.get(99), "errors": g["count"] - ok, "ok": ok,
+            "denied_share": round(m["denied"] / n, 3) if key != "e" else None,
+            "redis_calls_per_decision": round(m["evalsha"] / n, 4) if store == "redis" and key != "e" else None,
+            "tollgate_cpu_us": round(m["tg_cpu"] * 1e6 / n, 1),
+            "redis_cpu_us": round(m["redis_cpu"] * 1e6 / n, 2) if store == "redis" and key != "e" else None,
+            "peak_rss_mb": round(m["rss_kb"] / 1024, 1),
+        })
+machine = {
+    "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
+    "cores": os.cpu_count(), "kernel": platform.release(),
+    "redis": subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip() if store == "redis" else None,
+    "store": store, "quick": quick == "1", "concurrency": int(conc),
+}
+json.dump({"machine": machine, "rows": rows}, open(f"{out}/ghz-{store}.json", "w"), indent=1)
+f = lambda v, d=2: "–" if v is None else f"{v:.{d}f}"
+denied = lambda r: "–" if r["denied_share"] is None else f"{r['denied_share']:.1%}"
+print(f"\nstore: {store}, concurrency {conc}, {machine['cores']} cores ({machine['cpu']}), {'quick' if quick == '1' else 'full'} run")
+print("| scenario | phase | decisions/s | p50 ms | p95 ms | p99 ms | errors | denied | Redis calls/decision | Tollgate CPU µs/decision | Redis CPU µs/decision | peak RSS MB |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+for r in rows:
+    print(f"| {r['scenario']} | {r['phase']} | {r['decisions_per_s']} | {f(r['p50_ms'])} | {f(r['p95_ms'])} | {f(r['p99_ms'])} | "
+          f"{r['errors']} | {denied(r)} | "
+          f"{f(r['redis_calls_per_decision'], 3)} | {f(r['tollgate_cpu_us'], 1)} | {f(r['redis_cpu_us'], 1)} | {f(r['peak_rss_mb'], 1)} |")
+print(f"\nJSON: {out}/ghz-{store}.json")
+PY

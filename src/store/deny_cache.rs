@@ -1,0 +1,342 @@
+//! The deny cache: an exact local answer for a bucket that just denied, in
+//! front of any store.
+//!
+//! # Why a local denial is exact
+//! When the store denies `cost` from a bucket with `retry_after = t`, the
+//! bucket cannot hold `cost` tokens before `t` has passed: refill is steady,
+//! and everyone else can only take tokens, never add them. So until then the
+//! same request, `cost` from the same bucket of the same shape, is denied
+//! again, and its wait is `t` minus the time gone by. The cache answers
+//! exactly that, with no store call.
+//!
+//! `t` is counted from the moment the request was *sent* to the store, not
+//! from when the answer came back. The store decided somewhere in between,
+//! so the cached deadline is never later than the real one: the cache stops
+//! answering a little early (by at most the round trip), and the store
+//! answers from then on. A local denial therefore never denies what the
+//! store would allow; its `retry_after` is the store's, shrinking with time,
+//! short of the exact value by at most the round trip in which the store
+//! decided (it is exact on the embedded store, where no time passes). On
+//! Redis the deadline is Redis's time and the cache counts on this host's
+//! monotonic clock; two clocks that tick at rates a few parts per million
+//! apart move the deadline by as many millionths of `t`.
+//!
+//! # What it covers
+//! - Only charges of one enforced bucket are answered locally. A charge of
+//!   several buckets needs every bucket's state for its exact `retry_after`,
+//!   and a shadow bucket never denies, so those always go to the store.
+//! - One entry per bucket and shape, answering its own cost only, so a rule
+//!   whose shape changes on reload never meets an old entry; a reload also
+//!   clears the cache ([`Store::rules_replaced`]), so a rule that turns
+//!   shadow or goes away is never answered from before.
+//! - A take through this replica drops the entries of the buckets it took
+//!   from, so this replica's own answers stay exact. Takes by other replicas
+//!   only push the real wait further out: for a shared bucket the cached
+//!   `retry_after` is then a lower bound, as the store's own is.
+//! - Refunds: the cache only ever denies. If tokens come back early (a
+//!   Cluster reserve-and-refund, or a later settle-for-less), it may deny a
+//!   request the store would now allow, until the deadline the store gave
+//!   passes: a little longer than needed, never an admission.
+//! - Bounded: at most [`MAX_ENTRIES`] entries (about 150 bytes each); a full
+//!   shard first drops its expired entries, and if none are, the new denial
+//!   simply is not cached.
+
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hashbrown::HashTable;
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use super::{BucketCharge, BucketOutcome, Charge, ChargeOutcome, SingleOutcome, Store, StoreError};
+use crate::bucket::{Shape, Tat};
+
+/// The most denials held at once, over all shards.
+pub const MAX_ENTRIES: usize = 65_536;
+
+const SHARDS: usize = 16;
+
+/// A store with the deny cache in front of it, or (when off) just the store.
+#[derive(Debug)]
+pub struct DenyCache<S> {
+    inner: S,
+    cache: Option<Cache>,
+}
+
+#[derive(Debug)]
+struct Cache {
+    /// Denials answered here, without the store.
+    answered: AtomicU64,
+    shards: Box<[Mutex<HashTable<Entry>>]>,
+    /// Seeded per process, so callers cannot aim identities at one chain.
+    hasher: RandomState,
+}
+
+/// One bucket that denied: who, for what, and until when.
+#[derive(Debug)]
+struct Entry {
+    hash: u64,
+    scope: Box<str>,
+    rule: Box<str>,
+    identity: Option<Box<str>>,
+    operation: Option<Box<str>>,
+    shape: Shape,
+    cost: u64,
+    /// Send time plus the store's `retry_after`: the cost cannot be held
+    /// before this.
+    until: Instant,
+    /// Send time plus the store's `reset_after`, for the reported state.
+    full_at: Instant,
+}
+
+impl Entry {
+    /// True for an entry about `b`'s bucket (of the same shape), whatever
+    /// the cost.
+    fn is(&self, b: &BucketCharge<'_>) -> bool {
+        *self.scope == *b.key.scope
+            && *self.rule == *b.key.rule
+            && self.identity.as_deref() == b.key.identity
+            && self.operation.as_deref() == b.key.operation
+            && self.shape == b.shape
+    }
+
+    /// The store's answer, as it stands at `now` (before `until`).
+    fn outcome(&self, now: Instant) -> ChargeOutcome {
+        let reset_after = self.full_at.saturating_duration_since(now);
+        // The whole tokens held when the bucket is `reset_after` from full.
+        // Shapes are in nanoseconds, like every `BucketCharge`.
+        let ns = u64::try_from(reset_after.as_nanos()).unwrap_or(u64::MAX);
+        let base = self.shape.period;
+        let remaining = self.shape.remaining(
+            Tat {
+                ticks: base.saturating_add(ns),
+                frac: 0,
+            },
+            base,
+        );
+        ChargeOutcome {
+            allowed: false,
+            buckets: vec![BucketOutcome {
+                conforms: false,
+                remaining: remaining.min(self.cost - 1),
+                reset_after,
+                retry_after: Some(self.until - now),
+            }],
+        }
+    }
+}
+
+/// The one bucket a charge must have for a local answer.
+fn cacheable<'c, 'a>(charge: &'c Charge<'a>) -> Option<&'c BucketCharge<'a>> {
+    match charge.buckets.as_slice() {
+        [b] if !b.shadow => Some(b),
+        _ => None,
+    }
+}
+
+impl<S: Store> DenyCache<S> {
+    /// `inner` with the cache in front when `on`, else `inner` alone.
+    pub fn new(inner: S, on: bool) -> Self {
+        let cache = on.then(|| Cache {
+            answered: AtomicU64::new(0),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
+            hasher: RandomState::new(),
+        });
+        Self { inner, cache }
+    }
+
+    /// The store behind the cache.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// Denials held now, expired or not.
+    pub fn len(&self) -> usize {
+        self.cache
+            .as_ref()
+            .map_or(0, |c| c.shards.iter().map(|s| s.lock().len()).sum())
+    }
+
+    /// Denials answered locally so far, without asking the store.
+    pub fn answered_locally(&self) -> u64 {
+        self.cache
+            .as_ref()
+            .map_or(0, |c| c.answered.load(Ordering::Relaxed))
+    }
+
+    /// True when no denial is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Cache {
+    fn hash(&self, b: &BucketCharge<'_>) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        b.key.hash(&mut h);
+        b.shape.hash(&mut h);
+        h.finish()
+    }
+
+    fn shard(&self, hash: u64) -> &Mutex<HashTable<Entry>> {
+        &self.shards[(hash >> 40) as usize % SHARDS]
+    }
+
+    /// The local answer for `charge` at `now`, if it has one.
+    fn answer(&self, charge: &Charge<'_>, now: Instant) -> Option<ChargeOutcome> {
+        let b = cacheable(charge)?;
+        let hash = self.hash(b);
+        let mut table = self.shard(hash).lock();
+        let entry = table.find_entry(hash, |e| e.is(b)).ok()?;
+        if entry.get().cost != b.cost {
+            return None;
+        }
+        if now < entry.get().until {
+            self.answered.fetch_add(1, Ordering::Relaxed);
+            return Some(entry.get().outcome(now));
+        }
+        entry.remove();
+        None
+    }
+
+    /// Keeps a denial the store gave for `charge`, sent at `sent`; after a
+    /// take, forgets what it held about the charge's buckets.
+    fn learn(&self, charge: &Charge<'_>, outcome: &ChargeOutcome, sent: Instant) {
+        if outcome.allowed && !charge.dry_run {
+            self.forget(charge);
+            return;
+        }
+        let (Some(b), false) = (cacheable(charge), outcome.allowed) else {
+            return;
+        };
+        let Some(BucketOutcome {
+            retry_after: Some(wait),
+            reset_after,
+            ..
+        }) = outcome.buckets.first().copied()
+        else {
+            return;
+        };
+        let hash = self.hash(b);
+        let mut table = self.shard(hash).lock();
+        if table.len() >= MAX_ENTRIES / SHARDS {
+            let now = Instant::now();
+            table.retain(|e| e.until > now);
+            if table.len() >= MAX_ENTRIES / SHARDS {
+                return;
+            }
+        }
+        let entry = Entry {
+            hash,
+            scope: b.key.scope.into(),
+            rule: b.key.rule.into(),
+            identity: b.key.identity.map(Into::into),
+            operation: b.key.operation.map(Into::into),
+            shape: b.shape,
+            cost: b.cost,
+            until: sent + wait,
+            full_at: sent + reset_after,
+        };
+        match table.find_entry(hash, |e| e.is(b)) {
+            Ok(mut old) => *old.get_mut() = entry,
+            Err(_) => {
+                table.insert_unique(hash, entry, |e| e.hash);
+            }
+        }
+    }
+
+    /// Drops the entries of `charge`'s buckets. This replica just took from
+    /// them, so a denial held for another cost would now wait too little:
+    /// still a correct denial, but no longer the exact retry_after this
+    /// replica's own takes allow it to give.
+    fn forget(&self, charge: &Charge<'_>) {
+        for b in &charge.buckets {
+            let hash = self.hash(b);
+            let mut table = self.shard(hash).lock();
+            if let Ok(entry) = table.find_entry(hash, |e| e.is(b)) {
+                entry.remove();
+            }
+        }
+    }
+
+    fn clear(&self) {
+        for shard in self.shards.iter() {
+            shard.lock().clear();
+        }
+    }
+}
+
+impl<S: Store> Store for DenyCache<S> {
+    async fn check_and_take(
+        &self,
+        charges: &[Charge<'_>],
+    ) -> Result<Vec<ChargeOutcome>, StoreError> {
+        let Some(cache) = &self.cache else {
+            return self.inner.check_and_take(charges).await;
+        };
+        let sent = Instant::now();
+        let local: Vec<Option<ChargeOutcome>> =
+            charges.iter().map(|c| cache.answer(c, sent)).collect();
+        let asked: Vec<Charge<'_>> = charges
+            .iter()
+            .zip(&local)
+            .filter(|(_, l)| l.is_none())
+            .map(|(c, _)| c.clone())
+            .collect();
+        let mut answers = if asked.is_empty() {
+            Vec::new()
+        } else {
+            self.inner.check_and_take(&asked).await?
+        }
+        .into_iter();
+        for (charge, outcome) in asked.iter().zip(answers.as_slice()) {
+            cache.learn(charge, outcome, sent);
+        }
+        local
+            .into_iter()
+            .map(|l| {
+                l.or_else(|| answers.next())
+                    .ok_or_else(|| StoreError::permanent("store returned too few outcomes"))
+            })
+            .collect()
+    }
+
+    async fn check_and_take_one(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
+        let Some(cache) = &self.cache else {
+            return self.inner.check_and_take_one(charge).await;
+        };
+        let sent = Instant::now();
+        if let Some(local) = cache.answer(charge, sent) {
+            return Ok(local);
+        }
+        let outcome = self.inner.check_and_take_one(charge).await?;
+        cache.learn(charge, &outcome, sent);
+        Ok(outcome)
+    }
+
+    async fn check_and_take_single(
+        &self,
+        bucket: &BucketCharge<'_>,
+        dry_run: bool,
+    ) -> Result<SingleOutcome, StoreError> {
+        if self.cache.is_none() {
+            return self.inner.check_and_take_single(bucket, dry_run).await;
+        }
+        let charge = Charge {
+            buckets: vec![*bucket],
+            dry_run,
+        };
+        SingleOutcome::of(self.check_and_take_one(&charge).await?)
+    }
+
+    fn is_available(&self) -> bool {
+        self.inner.is_available()
+    }
+
+    fn rules_replaced(&self) {
+        if let Some(cache) = &self.cache {
+            cache.clear();
+        }
+        self.inner.rules_replaced();
+    }
+}

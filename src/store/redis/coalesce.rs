@@ -1,0 +1,144 @@
+//! Coalescing: concurrent charges bound for one Redis node share one script
+//! call.
+//!
+//! Each node (on Cluster, each hash slot, since one script may only touch
+//! one slot) has a queue and a task that drains it. Natural batching, no
+//! timer: the task takes everything queued (up to [`MAX_BATCH`]), sends it as
+//! one `EVALSHA`, and while that call is in flight, new charges queue up for
+//! the next. A lone charge goes out at once; under load, batches grow with
+//! the load. The script decides each charge atomically on its own, so
+//! batching changes how many calls Redis answers, never an outcome.
+//!
+//! A whole batch fails together only when the call does (a timeout, a lost
+//! connection): then Redis decided none of them. A charge whose own keys
+//! fail (a key of another type) fails alone; see the script. A caller that
+//! stopped waiting before its batch left is dropped from it, so it takes
+//! nothing.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+
+use super::script::Encoded;
+use crate::store::StoreError;
+
+/// The most charges one call carries. Redis runs one script at a time, so
+/// this also bounds how long a batch holds Redis: about 1–2 µs per charge.
+pub(crate) const MAX_BATCH: usize = 128;
+
+/// One charge's raw answer from its batch.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    /// The batch's instant, Redis's `TIME` in microseconds.
+    pub(crate) now: i64,
+    /// The charge's status and per-bucket triples.
+    pub(crate) ints: Vec<i64>,
+}
+
+/// Sends a batch as one script call and returns the script's whole reply.
+pub(crate) trait BatchCall: Send + Sync + 'static {
+    fn call(&self, batch: &[&Encoded])
+    -> impl Future<Output = Result<Vec<i64>, StoreError>> + Send;
+}
+
+/// A charge waiting for its batch.
+#[derive(Debug)]
+struct Job {
+    charge: Encoded,
+    reply: oneshot::Sender<Result<Reply, StoreError>>,
+}
+
+/// The queues, one per node (or slot), each drained by its own task.
+#[derive(Debug, Default)]
+pub(crate) struct Coalescer {
+    queues: Mutex<HashMap<u16, mpsc::UnboundedSender<Job>>>,
+}
+
+impl Coalescer {
+    /// Queues `charge` for `node`'s next call, starting the node's task on
+    /// first use. The task holds `owner` weakly and ends when it is dropped.
+    pub(crate) fn submit<B: BatchCall>(
+        &self,
+        owner: &Arc<B>,
+        node: u16,
+        charge: Encoded,
+    ) -> oneshot::Receiver<Result<Reply, StoreError>> {
+        let (reply, answer) = oneshot::channel();
+        let mut job = Job { charge, reply };
+        let mut queues = self.queues.lock();
+        // Twice at most: a task that ended (its runtime shut down, as
+        // between tests) is replaced once.
+        for _ in 0..2 {
+            let queue = queues.entry(node).or_insert_with(|| {
+                let (queue, jobs) = mpsc::unbounded_channel();
+                tokio::spawn(drain(Arc::downgrade(owner), jobs));
+                queue
+            });
+            match queue.send(job) {
+                Ok(()) => break,
+                Err(mpsc::error::SendError(back)) => {
+                    queues.remove(&node);
+                    job = back;
+                }
+            }
+        }
+        answer
+    }
+}
+
+/// One node's task: take what is queued, send it as one call, answer each.
+async fn drain<B: BatchCall>(owner: Weak<B>, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // Whoever stopped waiting gets nothing taken on their behalf.
+        batch.retain(|job| !job.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let Some(owner) = owner.upgrade() else { return };
+        let charges: Vec<&Encoded> = batch.iter().map(|job| &job.charge).collect();
+        let result = owner.call(&charges).await;
+        drop(charges);
+        drop(owner);
+        answer(&mut batch, result);
+    }
+}
+
+/// Hands each job its part of the batch's reply: `now`, then per charge its
+/// status and triples, in batch order.
+fn answer(batch: &mut Vec<Job>, result: Result<Vec<i64>, StoreError>) {
+    let expected = 1 + batch.iter().map(|j| j.charge.reply_len()).sum::<usize>();
+    let result = result.and_then(|ints| {
+        if ints.len() == expected {
+            Ok(ints)
+        } else {
+            Err(StoreError::permanent(format!(
+                "decision script replied with {} integers for a batch, expected {expected}",
+                ints.len()
+            )))
+        }
+    });
+    match result {
+        Ok(ints) => {
+            let mut at = 1;
+            for job in batch.drain(..) {
+                let len = job.charge.reply_len();
+                let part = ints[at..at + len].to_vec();
+                at += len;
+                // A caller that left meanwhile does not need its answer.
+                let _ = job.reply.send(Ok(Reply {
+                    now: ints[0],
+                    ints: part,
+                }));
+            }
+        }
+        Err(e) => {
+            for job in batch.drain(..) {
+                let _ = job.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}

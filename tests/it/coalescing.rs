@@ -1,0 +1,161 @@
+//! Coalescing on Redis: concurrent decisions share script calls, each still
+//! atomic on its own, and replicas together never admit more than the limit.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+
+use crate::common::TestServer;
+use crate::common::redis::{Standalone, conn};
+use tollgate::bucket::Shape;
+use tollgate::config::Config;
+use tollgate::pb::tollgate::v1::ShouldAllowRequest;
+use tollgate::store::{BucketCharge, BucketKey, Charge, Store};
+
+fn charge(identity: &str) -> Charge<'_> {
+    Charge {
+        buckets: vec![BucketCharge {
+            key: BucketKey {
+                scope: "s",
+                rule: "r",
+                identity: Some(identity),
+                operation: None,
+            },
+            shape: Shape {
+                capacity: 3,
+                period: Duration::from_secs(60).as_nanos() as u64,
+            },
+            cost: 1,
+            shadow: false,
+        }],
+        dry_run: false,
+    }
+}
+
+fn evalsha_calls(port: u16) -> u64 {
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut conn(port).unwrap())
+        .unwrap();
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|r| r.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_admit_exactly_the_limit_in_every_round() {
+    let redis = Standalone::start();
+    let yaml = format!(
+        r#"
+store:
+  kind: redis
+  redis:
+    urls: ["{}"]
+    key_prefix: "test:replicas:"
+    response_timeout: 2s
+    wait_timeout: 2s
+    connect_timeout: 2s
+failure_mode: closed
+scopes:
+  - name: s
+    limits:
+      - {{ name: per-user, per: identity, capacity: 10, refill_period: 1h }}
+"#,
+        redis.url()
+    );
+    let config = || Config::from_yaml(&yaml).unwrap();
+    assert!(
+        config().store.deny_cache_on(),
+        "the deny cache is on for Redis"
+    );
+    let replicas = [
+        TestServer::start_config(config()).await,
+        TestServer::start_config(config()).await,
+    ];
+    let clients = [replicas[0].client().await, replicas[1].client().await];
+    let calls_before = evalsha_calls(redis.server.port);
+    for round in 0..5 {
+        let identity = format!("fresh-{round}");
+        let calls = (0..100).map(|i| {
+            let mut client = clients[i % 2].clone();
+            let request = ShouldAllowRequest {
+                scope: "s".into(),
+                identity: identity.clone(),
+                operation: "op".into(),
+                ..Default::default()
+            };
+            tokio::spawn(async move { client.should_allow(request).await })
+        });
+        let mut admitted = 0;
+        for answer in join_all(calls).await {
+            let answer = answer.unwrap().expect("no store error").into_inner();
+            assert!(!answer.degraded);
+            admitted += u32::from(answer.allowed);
+        }
+        assert_eq!(admitted, 10, "round {round}: exactly the limit");
+    }
+    let calls = evalsha_calls(redis.server.port) - calls_before;
+    eprintln!("500 decisions on 2 replicas: {calls} EVALSHA");
+    assert!(calls < 500, "{calls} script calls for 500 decisions");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_charges_share_script_calls_and_each_is_decided_alone() {
+    let redis = Standalone::start();
+    let store = redis.store("coalesce");
+    let ids: Vec<String> = (0..200).map(|i| format!("user-{}", i % 50)).collect();
+    let before = evalsha_calls(redis.server.port);
+    let outcomes = join_all(ids.iter().map(|id| {
+        let store = store.clone();
+        let id = id.clone();
+        tokio::spawn(async move { store.check_and_take(&[charge(&id)]).await })
+    }))
+    .await;
+    let calls = evalsha_calls(redis.server.port) - before;
+    let allowed = outcomes
+        .into_iter()
+        .filter(|o| o.as_ref().unwrap().as_ref().unwrap()[0].allowed)
+        .count();
+    eprintln!("200 concurrent decisions: {calls} EVALSHA");
+    // 50 identities of capacity 3, four calls each.
+    assert_eq!(allowed, 150);
+    assert!(
+        calls < 200,
+        "{calls} script calls for 200 concurrent decisions"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_whose_key_fails_fails_alone_in_its_batch() {
+    let redis = Standalone::start();
+    let store = redis.store("alone");
+    // A key of another type where one bucket should be.
+    let _: () = redis::cmd("LPUSH")
+        .arg("test:alone:{s}:r:broken:*")
+        .arg("x")
+        .query(&mut conn(redis.server.port).unwrap())
+        .unwrap();
+    for _ in 0..5 {
+        let ids: [&'static str; 8] = ["broken", "a", "b", "c", "d", "e", "f", "g"];
+        let outcomes = join_all(ids.into_iter().map(|id| {
+            let store = store.clone();
+            tokio::spawn(async move { store.check_and_take(&[charge(id)]).await })
+        }))
+        .await;
+        for (id, o) in ids.iter().zip(outcomes) {
+            let o = o.unwrap();
+            if *id == "broken" {
+                let e = o.unwrap_err();
+                assert!(!e.transient, "about the key, not Redis: {e}");
+            } else {
+                o.unwrap();
+            }
+        }
+    }
+    assert!(
+        store.is_available(),
+        "one bad key does not open the breaker"
+    );
+}

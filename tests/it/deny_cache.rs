@@ -1,0 +1,177 @@
+//! The deny cache, proved in both directions against the store it fronts:
+//! it never allows what the store would deny (it only ever denies), and it
+//! never denies what the store would allow, once the state has refilled.
+
+use std::time::Duration;
+
+use crate::common::redis::{Standalone, conn};
+use tollgate::bucket::Shape;
+use tollgate::store::deny_cache::DenyCache;
+use tollgate::store::memory::MemoryStore;
+use tollgate::store::{BucketCharge, BucketKey, Charge, ChargeOutcome, Store};
+
+fn charge(identity: &str, cost: u64) -> Charge<'_> {
+    Charge {
+        buckets: vec![BucketCharge {
+            key: BucketKey {
+                scope: "s",
+                rule: "r",
+                identity: Some(identity),
+                operation: None,
+            },
+            shape: Shape {
+                capacity: 5,
+                period: Duration::from_secs(1).as_nanos() as u64,
+            },
+            cost,
+            shadow: false,
+        }],
+        dry_run: false,
+    }
+}
+
+async fn one(store: &impl Store, c: &Charge<'_>) -> ChargeOutcome {
+    store.check_and_take_one(c).await.unwrap()
+}
+
+/// A small deterministic generator, so a failure replays.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % below
+    }
+}
+
+/// Walks `steps` random requests, waits and (when `others` is set) takes by
+/// another replica behind the cache's back, on a cached and a plain store
+/// kept in the same state. Returns (denials, local answers).
+async fn walk(steps: u32, others: bool, seed: u64) -> (u32, u64) {
+    let cached = DenyCache::new(MemoryStore::default(), true);
+    let plain = MemoryStore::default();
+    let mut rng = Lcg(seed);
+    let mut denials = 0;
+    for step in 0..steps {
+        match rng.next(10) {
+            0..=5 => {
+                let c = charge("hot", 1 + rng.next(3));
+                let got = one(&cached, &c).await;
+                let want = one(&plain, &c).await;
+                // Both directions: never allows what the store denies, never
+                // denies what it allows.
+                assert_eq!(
+                    got.allowed, want.allowed,
+                    "step {step}: {got:?} vs {want:?}"
+                );
+                let (g, w) = (got.buckets[0], want.buckets[0]);
+                if others {
+                    // Others' takes only push the real wait further out.
+                    assert!(g.retry_after <= w.retry_after, "step {step}");
+                } else {
+                    assert_eq!(g, w, "step {step}: exact, retry_after included");
+                }
+                denials += u32::from(!got.allowed);
+            }
+            6 if others => {
+                // Another replica: the same charge on both inner stores.
+                let c = charge("hot", 1);
+                assert_eq!(one(cached.inner(), &c).await, one(&plain, &c).await);
+            }
+            _ => tokio::time::advance(Duration::from_millis(rng.next(400))).await,
+        }
+    }
+    (denials, cached.answered_locally())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cached_denial_is_the_store_s_own_answer_at_every_step() {
+    let (denials, local) = walk(5_000, false, 7).await;
+    assert!(denials > 500, "{denials} denials: the walk must deny often");
+    assert!(
+        local > 100,
+        "{local} local answers: the cache must answer often"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_other_replicas_taking_the_cache_still_never_admits_nor_denies_early() {
+    let (denials, local) = walk(5_000, true, 11).await;
+    assert!(
+        denials > 500 && local > 100,
+        "{denials} denials, {local} local"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_cache_answers_only_until_the_wait_is_over_and_forgets_on_reload() {
+    let cached = DenyCache::new(MemoryStore::default(), true);
+    for _ in 0..5 {
+        assert!(one(&cached, &charge("ann", 1)).await.allowed);
+    }
+    let denied = one(&cached, &charge("ann", 1)).await;
+    let wait = denied.buckets[0].retry_after.unwrap();
+    assert_eq!(wait, Duration::from_millis(200));
+    assert_eq!(cached.len(), 1);
+    tokio::time::advance(wait - Duration::from_nanos(1)).await;
+    let again = one(&cached, &charge("ann", 1)).await;
+    assert!(!again.allowed);
+    assert_eq!(again.buckets[0].retry_after, Some(Duration::from_nanos(1)));
+    // A different cost is another question: the store answers it.
+    assert!(!one(&cached, &charge("ann", 2)).await.allowed);
+    tokio::time::advance(Duration::from_nanos(1)).await;
+    assert!(
+        one(&cached, &charge("ann", 1)).await.allowed,
+        "refilled: the store allows"
+    );
+
+    let _ = one(&cached, &charge("ann", 1)).await;
+    assert!(!cached.is_empty());
+    cached.rules_replaced();
+    assert!(cached.is_empty(), "a reload clears the cache");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_key_far_over_its_limit_stops_calling_redis_until_its_wait_is_over() {
+    let redis = Standalone::start();
+    let cached = DenyCache::new(redis.store("deny"), true);
+    for _ in 0..5 {
+        assert!(one(&cached, &charge("hot", 1)).await.allowed);
+    }
+    let mut admin = conn(redis.server.port).unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut admin)
+        .unwrap();
+    let first = one(&cached, &charge("hot", 1)).await;
+    assert!(!first.allowed);
+    let wait = first.buckets[0].retry_after.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut denied = 0;
+    while started.elapsed() < wait / 2 {
+        let out = one(&cached, &charge("hot", 1)).await;
+        assert!(!out.allowed);
+        assert!(
+            out.buckets[0].retry_after.unwrap() <= wait,
+            "the wait only shrinks"
+        );
+        denied += 1;
+    }
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut admin)
+        .unwrap();
+    let evalsha = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|r| r.split(',').next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    eprintln!("{denied} denials, {evalsha} EVALSHA");
+    assert!(denied > 100);
+    assert_eq!(evalsha, 1, "only the first denial asked Redis:\n{stats}");
+    // Once the wait is over the store is asked again, and it allows.
+    tokio::time::sleep_until(started + wait).await;
+    assert!(one(&cached, &charge("hot", 1)).await.allowed);
+}
