@@ -1,7 +1,10 @@
 //! Code generation for `proto/` and nothing else.
 
 fn main() -> anyhow::Result<()> {
-    let protos = ["proto/tollgate/v1/tollgate.proto"];
+    let protos = [
+        "proto/tollgate/v1/tollgate.proto",
+        "proto/tollgate/v1/admin.proto",
+    ];
     let files = protox::compile(protos, ["proto"])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(

@@ -1,5 +1,6 @@
 //! In-process decision throughput of the limiter over the embedded store,
-//! and the embedded store's memory per active bucket.
+//! the embedded store's memory per active bucket, and the cost of
+//! recording a decision in the heavy hitters.
 //!
 //! Run: `cargo bench --bench limiter`. Single-threaded: each figure is one
 //! core's cost per decision.
@@ -8,10 +9,12 @@ use std::future::Future;
 use std::hint::black_box;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group};
 use tollgate::config::Config;
-use tollgate::limiter::{Limiter, Request, Rules};
+use tollgate::limiter::{BucketReport, Decision, Limiter, Request, Rules};
+use tollgate::observe::hitters::Hitters;
 use tollgate::store::memory::MemoryStore;
 
 const RULES: &str = r#"
@@ -103,13 +106,72 @@ fn memory_per_bucket() {
     );
 }
 
-criterion_group!(benches, decisions);
+/// What `Observer::decided` adds for the heavy hitters: one `record` per
+/// decision, measured on decisions the limiter really made.
+fn recording(c: &mut Criterion) {
+    let l = limiter();
+    let mut g = c.benchmark_group("record");
+    g.throughput(Throughput::Elements(1));
+    let one = ready(l.decide(&Request::new("one", "alice", "x"))).expect("decide");
+    let four = ready(l.decide(&Request::new("four", "alice", "tools/call:a"))).expect("decide");
+    let hitters = Hitters::default();
+    g.bench_function("1_bucket_hot_identity", |b| {
+        b.iter(|| hitters.record(black_box("one"), black_box("alice"), black_box(&one)))
+    });
+    g.bench_function("4_buckets_hot_identity", |b| {
+        b.iter(|| hitters.record(black_box("four"), black_box("alice"), black_box(&four)))
+    });
+    // Every record a new identity: each one takes over the smallest counter.
+    let ids: Vec<String> = (0..100_000).map(|i| format!("user-{i:07}")).collect();
+    let hitters = Hitters::default();
+    g.bench_function("1_bucket_100k_identities", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % ids.len();
+            hitters.record("one", &ids[i], &one)
+        })
+    });
+    g.finish();
+}
+
+/// The heavy hitters' most memory for one rule: a million distinct
+/// identities (16 bytes each) over an hour, every one denied, so every
+/// summary of every slot of every window is full.
+fn hitters_memory() {
+    let denied = Decision {
+        buckets: vec![BucketReport {
+            rule: "per-user".into(),
+            limit: 10,
+            period: Duration::from_secs(1),
+            remaining: 0,
+            reset_after: Duration::ZERO,
+            retry_after: None,
+            exhausted: true,
+            shadow: false,
+        }]
+        .into(),
+        ..Decision::default()
+    };
+    let hitters = Hitters::default();
+    for i in 0..1_000_000u64 {
+        // Spread over an hour: 3.6 ms apart.
+        hitters.record_at(i * 3_600_000, "one", &format!("user-{i:011}"), &denied);
+    }
+    println!(
+        "hitters: one rule, 1,000,000 identities of 16 bytes over an hour: {} bytes ({} counters per summary)",
+        hitters.memory_bytes(),
+        hitters.sizes().counters
+    );
+}
+
+criterion_group!(benches, decisions, recording);
 
 fn main() {
     // `cargo bench` passes --bench; `cargo test --all-targets` runs each
     // bench once without it, in test mode. Keep that fast.
     if std::env::args().any(|a| a == "--bench") {
         memory_per_bucket();
+        hitters_memory();
     }
     benches();
     Criterion::default().configure_from_args().final_summary();

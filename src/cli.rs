@@ -1,7 +1,12 @@
-//! The command line: `serve`, `check-config` and the `allow` client.
+//! The command line: `serve`, `check-config`, the `allow` client, and the
+//! admin clients `top` and `explain` ([`admin`]).
 //!
 //! This module belongs to the binary, not the library: it is the one place
 //! outside `api` that speaks proto, as a client.
+
+mod admin;
+
+pub(crate) use admin::{ExplainArgs, TopArgs, explain, top};
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -39,6 +44,12 @@ pub(crate) enum Command {
     },
     /// Ask a running Tollgate for one decision, and print it.
     Allow(Box<AllowArgs>),
+    /// Show the heaviest identities per rule, refreshed in place like top;
+    /// several --addr are merged.
+    Top(TopArgs),
+    /// Show which limits apply to a request and what each bucket holds now,
+    /// taking nothing.
+    Explain(ExplainArgs),
 }
 
 /// The `allow` subcommand's flags.

@@ -14,17 +14,20 @@
 //!   charges, coalesced per node), and the deny cache in front of any store.
 //! - [`limiter`]: config → rules ([`limiter::compile`]), rules → buckets,
 //!   and the pure planner ([`limiter::plan`]) around one call to the store.
-//! - [`observe`]: metrics, the denial audit log, logs, and the `Observer`
-//!   every API reports to.
-//! - [`api`]: the gRPC edge; proto ⇄ domain, input validation. [`pb`] is
-//!   the generated code, and [`error`] maps domain errors to gRPC statuses.
+//! - [`observe`]: metrics, the denial audit log, logs, heavy hitters and
+//!   utilization per rule, the live status page, and the `Observer` every
+//!   API reports to. Recording a decision is in-process only: no store call.
+//! - [`api`]: the gRPC edge (`tollgate.v1.RateLimiter`, `tollgate.v1.Admin`,
+//!   Envoy's RLS); proto ⇄ domain, input validation. [`pb`] is the
+//!   generated code, and [`error`] maps domain errors to gRPC statuses.
 //! - [`server`]: prepares a config and serves it; [`shutdown`]: signals,
 //!   reload, and the stop sequence (drain, grace, cancel); [`tls`]: the
-//!   listeners' TLS, certificates re-read when their files change.
+//!   listeners' TLS, certificates re-read when their files change;
+//!   [`watch`]: reload when the config's files change.
 //!
 //! The binary (`src/main.rs`, with its `cli` module) parses arguments, loads
 //! the config, and calls [`server::run`]; it is the one place besides `api`
-//! that speaks proto, as the `allow` client.
+//! that speaks proto, as the `allow`, `top` and `explain` clients.
 //!
 //! # The request path
 //! 1. `api` validates the request and borrows it as a `limiter::Request`.
@@ -65,3 +68,4 @@ pub mod server;
 pub mod shutdown;
 pub mod store;
 pub mod tls;
+pub mod watch;

@@ -34,6 +34,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", cli::allow(*args).await?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Top(args) => {
+            cli::top(args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Explain(args) => {
+            print!("{}", cli::explain(args).await?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Serve { config } => {
             let prepared = Prepared::load(ConfigSource::new(config, std::env::vars()))?;
             let log = &prepared.config.log;

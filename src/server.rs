@@ -22,17 +22,21 @@ use tower::layer::util::{Identity, Stack};
 
 use crate::api::auth::Authorizer;
 use crate::api::bounds::InFlightLimitLayer;
-use crate::api::{EnvoyRateLimitApi, HeaderSettings, RateLimiterApi};
+use crate::api::{AdminApi, EnvoyRateLimitApi, HeaderSettings, RateLimiterApi};
 use crate::config::{Config, ConfigError, ConfigSource, GrpcConfig};
 use crate::limiter::{Limiter, Rules};
 use crate::observe::Observer;
+use crate::observe::hitters::{Hitters, Sizes};
 use crate::observe::metrics::{Instrumented, Metrics};
+use crate::observe::status::Board;
 use crate::pb;
+use crate::pb::tollgate::v1::admin_server::AdminServer;
 use crate::pb::tollgate::v1::rate_limiter_server::RateLimiterServer;
 use crate::shutdown::{self, Cancellable, Control};
 use crate::store::deny_cache::DenyCache;
 use crate::store::{self, AnyStore, BuildError, Store};
 use crate::tls::{self, Conn, Tls};
+use crate::watch::FileWatch;
 
 /// The health service name that tracks readiness, besides the empty name.
 /// It is also NOT_SERVING while the store is unavailable (the Redis circuit
@@ -136,8 +140,13 @@ pub async fn run(
     for tls in [&grpc_tls, &metrics_tls].into_iter().flatten() {
         tls.spawn_reloader(stopped.clone());
     }
-    let observer = Arc::new(Observer::new(metrics.clone()));
-    serve_metrics(&config, &observer, metrics_tls, &stopped).await?;
+    let hitters = Arc::new(Hitters::new(Sizes {
+        counters: config.analytics.counters,
+        top_k: config.analytics.top_k,
+    }));
+    let observer = Arc::new(Observer::with_hitters(metrics.clone(), hitters.clone()));
+    let board = Arc::new(Board::new(hitters, limiter.clone(), store_kind(&config)));
+    serve_metrics(&config, &observer, &board, metrics_tls, &stopped).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
     health
@@ -153,6 +162,7 @@ pub async fn run(
             config.envoy_ratelimit_draft,
         )),
         authorizer: Arc::new(Authorizer::new(config.callers.as_deref(), observer.clone())),
+        board,
     };
     warn_if_exposed(&config);
     let router = routes(&config.grpc, &limiter, &observer, &reloader, health_service)?;
@@ -208,7 +218,9 @@ fn listener_tls(config: &Config) -> Result<(Option<Tls>, Option<Tls>), ConfigErr
     Ok((grpc, metrics))
 }
 
-/// Runs [`run`] on a background task, returning its control channel.
+/// Runs [`run`] on a background task, returning its control channel. When
+/// the config came from a file and `reload.watch` is on, a change to the
+/// config's files sends [`Control::Reload`] on the same channel.
 pub fn spawn(
     prepared: Prepared,
     listener: TcpListener,
@@ -217,11 +229,45 @@ pub fn spawn(
     tokio::task::JoinHandle<Result<(), ServerError>>,
 ) {
     let (tx, rx) = mpsc::channel(4);
-    (tx, tokio::spawn(run(prepared, listener, rx)))
+    let watch = watch_files(&prepared, &tx);
+    let serving = async move {
+        let _watch = watch;
+        run(prepared, listener, rx).await
+    };
+    (tx, tokio::spawn(serving))
 }
 
-/// Every gRPC service on one port: ours, Envoy's RLS, health, reflection,
-/// each bounded by `grpc`, behind the in-flight cap.
+/// Starts watching the config's files, if asked to. A watch that cannot
+/// start is logged, and SIGHUP still reloads.
+fn watch_files(prepared: &Prepared, control: &mpsc::Sender<Control>) -> Option<FileWatch> {
+    let source = prepared.source.as_ref()?;
+    let reload = &prepared.config.reload;
+    if !reload.watch {
+        return None;
+    }
+    let mut paths = vec![source.path.clone()];
+    paths.extend(prepared.config.envoy_ratelimit_configs.iter().cloned());
+    match crate::watch::spawn(paths, reload.debounce, control) {
+        Ok(watch) => Some(watch),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the config files; SIGHUP still reloads");
+            None
+        }
+    }
+}
+
+/// The store's name on the status page: `memory`, or `redis (cluster)`.
+fn store_kind(config: &Config) -> String {
+    match config.store.kind {
+        crate::config::StoreKind::Memory => "memory".to_owned(),
+        crate::config::StoreKind::Redis => {
+            format!("redis ({:?})", config.store.redis.mode).to_lowercase()
+        }
+    }
+}
+
+/// Every gRPC service on one port: ours, Envoy's RLS, admin, health,
+/// reflection, each bounded by `grpc`, behind the in-flight cap.
 fn routes(
     grpc: &GrpcConfig,
     limiter: &SharedLimiter,
@@ -251,12 +297,14 @@ fn routes(
         observer.clone(),
     )
     .with_access(auth.clone(), grpc.max_envoy_descriptors);
+    let admin = AdminApi::new(limiter.clone(), observer.hitters.clone(), auth.clone());
     Ok(server_builder(grpc, &observer.metrics)
         .add_service(health_service.max_decoding_message_size(max))
         .add_service(v1.build_v1()?.max_decoding_message_size(max))
         .add_service(v1alpha.build_v1alpha()?.max_decoding_message_size(max))
         .add_service(RateLimiterServer::new(ours).max_decoding_message_size(max))
-        .add_service(RateLimitServiceServer::new(envoy).max_decoding_message_size(max)))
+        .add_service(RateLimitServiceServer::new(envoy).max_decoding_message_size(max))
+        .add_service(AdminServer::new(admin).max_decoding_message_size(max)))
 }
 
 /// The HTTP/2 bounds of `grpc`, and the in-flight cap.
@@ -280,6 +328,7 @@ fn server_builder(
 async fn serve_metrics(
     config: &Config,
     observer: &Arc<Observer>,
+    board: &Arc<Board>,
     tls: Option<Tls>,
     stopped: &CancellationToken,
 ) -> Result<(), ServerError> {
@@ -295,9 +344,10 @@ async fn serve_metrics(
         tls::MetricsListener::new(listener, tls, observer.clone()).map_err(ServerError::Bind)?;
     let metrics = &observer.metrics;
     let (metrics, stopped) = (metrics.clone(), stopped.clone());
+    let status = crate::observe::status::routes(board.clone());
     tokio::spawn(async move {
         let shutdown = async move { stopped.cancelled().await };
-        if let Err(e) = crate::observe::metrics::serve(listener, metrics, shutdown).await {
+        if let Err(e) = crate::observe::metrics::serve(listener, metrics, status, shutdown).await {
             tracing::error!(error = %e, "metrics server failed");
         }
     });
@@ -332,6 +382,8 @@ struct Reloader {
     envoy_headers: Arc<HeaderSettings>,
     /// The `callers:` grants, swapped whole with the rules.
     authorizer: Arc<Authorizer>,
+    /// The status page's reload history and the heavy hitters to prune.
+    board: Arc<Board>,
 }
 
 impl Reloader {
@@ -347,6 +399,7 @@ impl Reloader {
         match prepared {
             Ok(p) => {
                 let scopes = p.rules.scopes().count();
+                self.board.hitters.retain(&p.rules);
                 self.limiter.replace_rules(p.rules);
                 self.authorizer.replace(p.config.callers.as_deref());
                 self.envoy_headers.set(
@@ -354,10 +407,13 @@ impl Reloader {
                     p.config.envoy_ratelimit_draft,
                 );
                 self.metrics.reload(true);
+                self.board
+                    .reloaded(true, format!("config reloaded: {scopes} scopes"));
                 tracing::info!(scopes, "config reloaded");
             }
             Err(e) => {
                 self.metrics.reload(false);
+                self.board.reloaded(false, e.to_string());
                 tracing::error!(error = %e, "config reload refused; the old config keeps serving");
             }
         }

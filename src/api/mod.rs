@@ -1,6 +1,7 @@
 //! The gRPC edge: translate proto ⇄ domain, validate input, call the limiter.
 //! Nothing else happens here, and no other library module knows proto types.
 
+pub mod admin;
 pub mod auth;
 pub mod bounds;
 pub mod envoy;
@@ -8,5 +9,6 @@ pub mod headers;
 pub mod tollgate;
 pub mod validate;
 
+pub use admin::AdminApi;
 pub use envoy::{EnvoyRateLimitApi, HeaderSettings};
 pub use tollgate::RateLimiterApi;

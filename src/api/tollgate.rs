@@ -49,7 +49,7 @@ impl<S> RateLimiterApi<S> {
 
 /// Validates a request and borrows it as the limiter's request. `at` is the
 /// request's path in a batch (`requests[3].`), empty for a lone request.
-fn to_domain<'a>(
+pub(super) fn to_domain<'a>(
     req: &'a pb::ShouldAllowRequest,
     at: &str,
 ) -> Result<limiter::Request<'a>, InvalidField> {
@@ -87,7 +87,7 @@ pub fn duration(d: Duration) -> prost_types::Duration {
     }
 }
 
-fn to_proto(d: Decision) -> pb::ShouldAllowResponse {
+pub(super) fn to_proto(d: Decision) -> pb::ShouldAllowResponse {
     let primary = d.primary().cloned();
     pb::ShouldAllowResponse {
         allowed: d.allowed,

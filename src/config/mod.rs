@@ -14,7 +14,8 @@
 //!
 //! - [`scopes`]: scopes and their limits;
 //! - [`store`]: the embedded store's and Redis's settings;
-//! - [`envoy`]: envoyproxy/ratelimit YAML files, read as extra scopes.
+//! - [`envoy`]: envoyproxy/ratelimit YAML files, read as extra scopes;
+//! - [`analytics`]: heavy hitters, and reload on file change.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -24,11 +25,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub mod analytics;
 pub mod envoy;
 pub mod scopes;
 pub mod security;
 pub mod store;
 
+pub use analytics::{AnalyticsConfig, ReloadConfig};
 pub use envoy::{EnvoyDescriptor, EnvoyDomain, EnvoyRateLimit, EnvoyValue};
 pub use scopes::{
     DescriptorKeysConfig, FailureMode, LimitConfig, MAX_CAPACITY, MAX_NAME_LEN, MAX_REFILL_PERIOD,
@@ -114,6 +117,12 @@ pub struct Config {
     /// Bounds on what callers can make the gRPC listener hold.
     #[serde(default)]
     pub grpc: GrpcConfig,
+    /// Heavy hitters and utilization.
+    #[serde(default)]
+    pub analytics: AnalyticsConfig,
+    /// Reload on file change.
+    #[serde(default)]
+    pub reload: ReloadConfig,
 }
 
 fn default_listen() -> String {
@@ -353,6 +362,8 @@ impl Config {
             security::validate_callers(&mut problems, callers, mtls);
         }
         self.grpc.validate(&mut problems);
+        self.analytics.validate(&mut problems);
+        self.reload.validate(&mut problems);
         // Where each scope name was first defined, for the duplicate message.
         let mut defined: HashMap<&str, String> = HashMap::new();
         for (i, scope) in self.scopes.iter().enumerate() {

@@ -19,6 +19,7 @@ use crate::store::{Store, StoreError};
 
 pub mod compile;
 pub mod descriptors;
+pub mod explain;
 pub mod limit;
 pub(crate) mod plan;
 pub mod rules;
@@ -228,5 +229,25 @@ impl<S: Store> Limiter<S> {
             Ok(outcome) => Ok(joint.decisions(&outcome)),
             Err(e) => joint.failed(&rules, reqs, e),
         }
+    }
+}
+
+impl<S: Store> Limiter<S> {
+    /// Which limits of `req`'s scope apply and what each bucket holds now,
+    /// from a dry run: nothing is taken. The store's failure mode applies
+    /// as to any decision.
+    pub async fn explain(&self, req: &Request<'_>) -> Result<explain::Explanation, DecideError> {
+        let rules = self.rules();
+        let dry = Request {
+            dry_run: true,
+            ..*req
+        };
+        let decision = self.decide(&dry).await?;
+        let scope = rules.scope(req.scope);
+        Ok(explain::Explanation {
+            scope_configured: scope.is_some(),
+            limits: scope.map(|s| explain::limits(s, req)).unwrap_or_default(),
+            decision,
+        })
     }
 }

@@ -335,18 +335,20 @@ impl<S: Store> Store for Instrumented<S> {
     }
 }
 
-/// Serves `GET /metrics` on `listener` (plain TCP, or the server's TLS
-/// listener) until `shutdown` resolves.
+/// Serves `GET /metrics`, and the routes of `more` (the status page), on
+/// `listener` (plain TCP, or the server's TLS listener) until `shutdown`
+/// resolves.
 pub async fn serve<L>(
     listener: L,
     metrics: Arc<Metrics>,
+    more: axum::Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()>
 where
     L: axum::serve::Listener,
     L::Addr: fmt::Debug,
 {
-    let app = axum::Router::new().route(
+    let app = more.route(
         "/metrics",
         axum::routing::get(move || {
             let metrics = metrics.clone();

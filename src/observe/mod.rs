@@ -3,32 +3,48 @@
 //! - [`metrics`]: Prometheus metrics on their own port, with bounded labels;
 //! - [`audit`]: the rate-limited denial log;
 //! - [`logs`]: the tracing subscriber;
+//! - [`hitters`]: heavy hitters and utilization per rule, over
+//!   [`sketch`]'s space-saving summaries;
+//! - [`status`]: the live status page on the metrics port;
 //! - [`Observer`]: what every API does after a decision.
 
 pub mod audit;
+pub mod hitters;
 pub mod logs;
 pub mod metrics;
+pub mod sketch;
+pub mod status;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::limiter::{DecideError, Decision, Request, Rules};
 use audit::Audit;
+use hitters::Hitters;
 use metrics::Metrics;
 
-/// What every API does after a decision: count it, time it, audit denials.
+/// What every API does after a decision: count it, time it, audit denials,
+/// and feed the heavy hitters.
 #[derive(Debug, Default)]
 pub struct Observer {
     /// The process's metrics.
     pub metrics: Arc<Metrics>,
+    /// Heavy hitters and utilization per rule.
+    pub hitters: Arc<Hitters>,
     audit: Audit,
 }
 
 impl Observer {
-    /// An observer reporting to `metrics`.
+    /// An observer reporting to `metrics`, with default-sized hitters.
     pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self::with_hitters(metrics, Arc::default())
+    }
+
+    /// An observer reporting to `metrics` and `hitters`.
+    pub fn with_hitters(metrics: Arc<Metrics>, hitters: Arc<Hitters>) -> Self {
         Self {
             metrics,
+            hitters,
             audit: Audit::default(),
         }
     }
@@ -45,6 +61,7 @@ impl Observer {
         match result {
             Ok(d) => {
                 self.metrics.decision(api, rules, req.scope, d, took);
+                self.hitters.record(req.scope, req.identity, d);
                 if !d.allowed {
                     self.audit.denied(
                         &self.metrics,

@@ -11,14 +11,14 @@ use tollgate::pb::tollgate::v1::rate_limiter_client::RateLimiterClient;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port()
 }
 
-fn config_file(dir: &tempfile::TempDir, yaml: &str) -> std::path::PathBuf {
+pub(crate) fn config_file(dir: &tempfile::TempDir, yaml: &str) -> std::path::PathBuf {
     let path = dir.path().join("tollgate.yaml");
     std::fs::File::create(&path)
         .and_then(|mut f| f.write_all(yaml.as_bytes()))
@@ -33,7 +33,7 @@ fn limits(capacity: u64) -> String {
 }
 
 /// A `tollgate serve` child process, killed on drop.
-struct Serve(Child);
+pub(crate) struct Serve(pub(crate) Child);
 
 impl Drop for Serve {
     fn drop(&mut self) {
@@ -42,7 +42,7 @@ impl Drop for Serve {
     }
 }
 
-fn signal(child: &Child, sig: &str) {
+pub(crate) fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
         .args([sig, &child.id().to_string()])
         .status()
@@ -51,7 +51,7 @@ fn signal(child: &Child, sig: &str) {
     assert!(ok, "kill {sig}");
 }
 
-async fn connect(port: u16) -> RateLimiterClient<tonic::transport::Channel> {
+pub(crate) async fn connect(port: u16) -> RateLimiterClient<tonic::transport::Channel> {
     for _ in 0..200 {
         if let Ok(c) = RateLimiterClient::connect(format!("http://127.0.0.1:{port}")).await {
             return c;
@@ -61,7 +61,7 @@ async fn connect(port: u16) -> RateLimiterClient<tonic::transport::Channel> {
     panic!("server on port {port} never came up");
 }
 
-fn serve(path: &std::path::Path, port: u16) -> Serve {
+pub(crate) fn serve(path: &std::path::Path, port: u16) -> Serve {
     Serve(
         Command::new(BIN)
             .args(["serve", "--config"])

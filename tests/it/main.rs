@@ -2,6 +2,7 @@
 //! used to be its own test binary linking the whole crate, which cost
 //! minutes of every CI run.
 
+mod admin;
 mod architecture;
 mod cli;
 mod coalescing;
@@ -16,4 +17,6 @@ mod redis_config;
 mod redis_standalone;
 mod redis_topologies;
 mod security;
+mod status_page;
 mod store_conformance;
+mod watch;

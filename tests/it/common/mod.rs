@@ -4,6 +4,7 @@
 pub mod certs;
 pub mod redis;
 pub mod tollgate;
+pub mod webdriver;
 
 use std::time::Duration;
 
