@@ -167,21 +167,26 @@ impl Inner {
             order.iter().map(|&i| (i, self.shards[i].lock())).collect();
         let now = self.now();
 
-        let mut verdicts: SmallVec<[Verdict; INLINE]> = SmallVec::new();
+        let mut verdicts: SmallVec<[(Verdict, bool); INLINE]> = SmallVec::new();
         let mut allowed = true;
-        let mut new_buckets = 0;
         for (bucket, slot) in charge.buckets.iter().zip(&slots) {
             let key = &buf[slot.start..slot.end];
             let table = guard_for(&mut guards, slot.shard);
             let found = table.find(slot.hash, |e| *e.key == *key).map(|e| e.tat);
-            new_buckets += usize::from(found.is_none());
-            let stored = found.unwrap_or_default();
-            let verdict = bucket.shape.judge(stored, now, bucket.cost);
+            let verdict = bucket.shape.judge(found.unwrap_or_default(), now, bucket.cost);
             allowed &= verdict.conforms || bucket.shadow;
-            verdicts.push(verdict);
+            verdicts.push((verdict, found.is_none()));
         }
 
         let take = allowed && !charge.dry_run;
+        // Only buckets that will be inserted count: an absent shadow bucket
+        // that cannot hold its cost is judged but never written, and counting
+        // it would leak room in the bound for good (the sweeper only gives
+        // back what it removes).
+        let new_buckets = verdicts
+            .iter()
+            .filter(|(v, absent)| take && *absent && v.conforms)
+            .count();
         // Reserve room for new buckets before writing any, so a full store
         // fails the whole charge and takes nothing.
         if take && new_buckets > 0 {
@@ -192,7 +197,7 @@ impl Inner {
             }
         }
         let mut outcomes = Vec::with_capacity(slots.len());
-        for ((bucket, verdict), slot) in charge.buckets.iter().zip(&verdicts).zip(&slots) {
+        for ((bucket, (verdict, _)), slot) in charge.buckets.iter().zip(&verdicts).zip(&slots) {
             let taken = take && verdict.conforms;
             let state = if taken { verdict.after } else { verdict.before };
             if taken {

@@ -8,6 +8,7 @@ mod common;
 mod deploy;
 mod envoy_e2e;
 mod envoy_rls;
+mod faults;
 mod grpc;
 mod limiter;
 mod redis_config;
