@@ -182,9 +182,9 @@ impl<S: Store> Limiter<S> {
             })
             .collect();
         let outcomes = if charges.is_empty() {
-            Ok(Vec::new())
+            Vec::new()
         } else {
-            self.store.check_and_take(&charges).await
+            self.store.check_and_take_each(&charges).await
         };
         plan::each(&rules, reqs, plans, outcomes)
     }

@@ -173,7 +173,9 @@ impl Inner {
             let key = &buf[slot.start..slot.end];
             let table = guard_for(&mut guards, slot.shard);
             let found = table.find(slot.hash, |e| *e.key == *key).map(|e| e.tat);
-            let verdict = bucket.shape.judge(found.unwrap_or_default(), now, bucket.cost);
+            let verdict = bucket
+                .shape
+                .judge(found.unwrap_or_default(), now, bucket.cost);
             allowed &= verdict.conforms || bucket.shadow;
             verdicts.push((verdict, found.is_none()));
         }
@@ -376,10 +378,10 @@ fn encode(out: &mut SmallVec<[u8; 256]>, key: &BucketKey<'_>) {
 }
 
 impl Store for MemoryStore {
-    async fn check_and_take(
+    async fn check_and_take_each(
         &self,
         charges: &[Charge<'_>],
-    ) -> Result<Vec<ChargeOutcome>, StoreError> {
+    ) -> Vec<Result<ChargeOutcome, StoreError>> {
         charges.iter().map(|c| self.inner.decide(c)).collect()
     }
 

@@ -203,31 +203,34 @@ impl Inner {
         (work, plans)
     }
 
-    async fn decide(&self, charges: &[Charge<'_>]) -> Result<Vec<ChargeOutcome>, StoreError> {
+    /// Decides each charge on its own: a charge whose part failed fails,
+    /// and no other charge's outcome depends on it.
+    async fn decide(&self, charges: &[Charge<'_>]) -> Vec<Result<ChargeOutcome, StoreError>> {
         let (work, plans) = self.work(charges);
-        let done = self.run(&work, Mode::Decide).await?;
+        let done = self.run(&work, Mode::Decide).await;
 
         let mut outcomes = Vec::with_capacity(charges.len());
         let mut refunds: Vec<Charge<'_>> = Vec::new();
         let mut refunded: Vec<(usize, Vec<usize>)> = Vec::new();
         for (c, (charge, plan)) in charges.iter().zip(&plans).enumerate() {
-            let allowed = plan.iter().all(|(w, _)| done[*w].allowed);
-            let mut buckets = vec![UNSET; charge.buckets.len()];
-            for (w, part) in plan {
-                for (k, &i) in part.iter().enumerate() {
-                    buckets[i] = done[*w].buckets[k];
-                }
-            }
+            let failed = plan.iter().find_map(|(w, _)| done[*w].as_ref().err());
+            let allowed = failed.is_none()
+                && plan
+                    .iter()
+                    .all(|(w, _)| done[*w].as_ref().is_ok_and(|o| o.allowed));
             // Reserve and refund: a part that took while another part denied
-            // gives its tokens back, so a denied charge takes nothing.
+            // (or failed) gives its tokens back, so a charge that is not
+            // allowed takes nothing.
             if !allowed && !charge.dry_run {
-                for (w, part) in plan.iter().filter(|(w, _)| done[*w].allowed) {
+                for (w, part) in plan {
+                    let Ok(took) = &done[*w] else { continue };
+                    if !took.allowed {
+                        continue;
+                    }
                     let taken: Vec<usize> = part
                         .iter()
                         .enumerate()
-                        .filter(|&(k, &i)| {
-                            !charge.buckets[i].shadow || done[*w].buckets[k].conforms
-                        })
+                        .filter(|&(k, &i)| !charge.buckets[i].shadow || took.buckets[k].conforms)
                         .map(|(_, &i)| i)
                         .collect();
                     if !taken.is_empty() {
@@ -239,7 +242,19 @@ impl Inner {
                     }
                 }
             }
-            outcomes.push(ChargeOutcome { allowed, buckets });
+            if let Some(e) = failed {
+                outcomes.push(Err(e.clone()));
+                continue;
+            }
+            let mut buckets = vec![UNSET; charge.buckets.len()];
+            for (w, part) in plan {
+                if let Ok(o) = &done[*w] {
+                    for (k, &i) in part.iter().enumerate() {
+                        buckets[i] = o.buckets[k];
+                    }
+                }
+            }
+            outcomes.push(Ok(ChargeOutcome { allowed, buckets }));
         }
         // Known limit, unreachable today (the limiter never builds a charge
         // that spans scopes, so no charge spans hash tags): a refund takes
@@ -251,7 +266,7 @@ impl Inner {
         if !refunds.is_empty() {
             self.refund(&refunds, &refunded, &mut outcomes).await;
         }
-        Ok(outcomes)
+        outcomes
     }
 
     /// Gives back what the parts in `refunds` reserved, and reports the
@@ -263,27 +278,32 @@ impl Inner {
         &self,
         refunds: &[Charge<'_>],
         refunded: &[(usize, Vec<usize>)],
-        outcomes: &mut [ChargeOutcome],
+        outcomes: &mut [Result<ChargeOutcome, StoreError>],
     ) {
-        match self.run(refunds, Mode::Refund).await {
-            Ok(given_back) => {
-                for ((c, taken), back) in refunded.iter().zip(given_back) {
-                    for (k, &i) in taken.iter().enumerate() {
-                        let bucket = &mut outcomes[*c].buckets[i];
-                        bucket.remaining = back.buckets[k].remaining;
-                        bucket.reset_after = back.buckets[k].reset_after;
-                    }
+        let given_back = self.run(refunds, Mode::Refund).await;
+        for ((c, taken), back) in refunded.iter().zip(given_back) {
+            let back = match back {
+                Ok(back) => back,
+                Err(e) => {
+                    tracing::warn!(error = %e, "refund after a cross-slot denial failed; the reserved tokens stay taken");
+                    continue;
                 }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "refund after a cross-slot denial failed; the reserved tokens stay taken")
+            };
+            let Ok(outcome) = &mut outcomes[*c] else {
+                continue;
+            };
+            for (k, &i) in taken.iter().enumerate() {
+                let bucket = &mut outcome.buckets[i];
+                bucket.remaining = back.buckets[k].remaining;
+                bucket.reset_after = back.buckets[k].reset_after;
             }
         }
     }
 
     /// Runs one script call per work item, grouped by node: one pipeline
-    /// per group, the groups concurrently. Outcomes are in work order.
-    async fn run(&self, work: &[Charge<'_>], mode: Mode) -> Result<Vec<ChargeOutcome>, StoreError> {
+    /// per group, the groups concurrently. Results are in work order; a
+    /// group that fails fails its own items only.
+    async fn run(&self, work: &[Charge<'_>], mode: Mode) -> Vec<Result<ChargeOutcome, StoreError>> {
         let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
         for (i, charge) in work.iter().enumerate() {
             // Standalone and Sentinel run any batch on one node: one group.
@@ -302,27 +322,29 @@ impl Inner {
                 .map(|(_, members)| self.decide_group(work, members, mode)),
         )
         .await;
-        let mut outcomes: Vec<Option<ChargeOutcome>> = vec![None; work.len()];
-        for (result, (_, members)) in decided.into_iter().zip(&groups) {
-            for (outcome, &i) in result?.into_iter().zip(members) {
-                outcomes[i] = Some(outcome);
+        let lost = || Err(StoreError::permanent("Redis store lost a charge"));
+        let mut outcomes: Vec<Result<ChargeOutcome, StoreError>> =
+            (0..work.len()).map(|_| lost()).collect();
+        for (results, (_, members)) in decided.into_iter().zip(&groups) {
+            for (result, &i) in results.into_iter().zip(members) {
+                outcomes[i] = result;
             }
         }
         outcomes
-            .into_iter()
-            .map(|o| o.ok_or_else(|| StoreError::permanent("Redis store lost a charge")))
-            .collect()
     }
 
     /// Decides charges that share a node, in one pipeline; reloads the
-    /// script and resends only what a node refused with `NOSCRIPT`.
+    /// script and resends only what a node refused with `NOSCRIPT`. A
+    /// reply that is an error fails its own charge only: the others in the
+    /// pipeline ran, and keep their outcomes.
     async fn decide_group(
         &self,
         charges: &[Charge<'_>],
         members: &[usize],
         mode: Mode,
-    ) -> Result<Vec<ChargeOutcome>, StoreError> {
-        let mut outcomes: Vec<Option<ChargeOutcome>> = vec![None; members.len()];
+    ) -> Vec<Result<ChargeOutcome, StoreError>> {
+        let mut outcomes: Vec<Option<Result<ChargeOutcome, StoreError>>> =
+            vec![None; members.len()];
         let mut pending: Vec<usize> = (0..members.len()).collect();
         for attempt in 0..2 {
             let mut pipe = redis::pipe();
@@ -335,50 +357,66 @@ impl Inner {
                     mode,
                 ));
             }
-            let replies: Vec<RedisResult<Vec<i64>>> = self
+            let replies: Vec<RedisResult<Vec<i64>>> = match self
                 .topology
-                .call(Request::Pipe(&pipe), self.response_timeout)
+                .call::<Vec<RedisResult<Vec<i64>>>>(Request::Pipe(&pipe), self.response_timeout)
                 .await
-                .map_err(call_failed)?;
-            if replies.len() != pending.len() {
-                return Err(StoreError::permanent(format!(
-                    "Redis answered {} of {} script calls",
-                    replies.len(),
-                    pending.len()
-                )));
-            }
+            {
+                Ok(replies) if replies.len() == pending.len() => replies,
+                Ok(replies) => {
+                    let e = StoreError::permanent(format!(
+                        "Redis answered {} of {} script calls",
+                        replies.len(),
+                        pending.len()
+                    ));
+                    return fill(outcomes, &e);
+                }
+                Err(e) => return fill(outcomes, &call_failed(e)),
+            };
             let mut refused = Vec::new();
             for (reply, p) in replies.into_iter().zip(pending) {
-                match reply {
+                outcomes[p] = Some(match reply {
                     Ok(ints) => {
-                        let outcome = script::outcome(&charges[members[p]], &ints)
-                            .map_err(StoreError::permanent)?;
-                        outcomes[p] = Some(outcome);
+                        script::outcome(&charges[members[p]], &ints).map_err(StoreError::permanent)
                     }
                     Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                         refused.push(p);
+                        continue;
                     }
                     Err(e) => {
                         if topology::poisons_connection(&e) {
                             self.topology.forget_connections();
                         }
-                        return Err(call_failed(CallError::Redis(e)));
+                        Err(call_failed(CallError::Redis(e)))
                     }
-                }
+                });
             }
             if refused.is_empty() {
                 break;
             }
-            if attempt == 0 {
-                self.load_script().await.map_err(call_failed)?;
+            if attempt == 0
+                && let Err(e) = self.load_script().await
+            {
+                return fill(outcomes, &call_failed(e));
             }
             pending = refused;
         }
-        outcomes
-            .into_iter()
-            .map(|o| o.ok_or_else(|| StoreError::transient("Redis kept answering NOSCRIPT")))
-            .collect()
+        fill(
+            outcomes,
+            &StoreError::transient("Redis kept answering NOSCRIPT"),
+        )
     }
+}
+
+/// Every result not yet known becomes `e`.
+fn fill(
+    outcomes: Vec<Option<Result<ChargeOutcome, StoreError>>>,
+    e: &StoreError,
+) -> Vec<Result<ChargeOutcome, StoreError>> {
+    outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or_else(|| Err(e.clone())))
+        .collect()
 }
 
 /// Every failure to reach Redis may pass: a restart, a failover, a timeout.
@@ -387,24 +425,26 @@ fn call_failed(e: CallError) -> StoreError {
 }
 
 impl Store for RedisStore {
-    async fn check_and_take(
+    async fn check_and_take_each(
         &self,
         charges: &[Charge<'_>],
-    ) -> Result<Vec<ChargeOutcome>, StoreError> {
+    ) -> Vec<Result<ChargeOutcome, StoreError>> {
         let inner = &self.inner;
         if !inner.breaker.admit() {
-            return Err(StoreError::transient(
-                "Redis circuit open: not calling Redis during the cool-down",
-            ));
+            let open =
+                StoreError::transient("Redis circuit open: not calling Redis during the cool-down");
+            return vec![Err(open); charges.len()];
         }
-        let result = inner.decide(charges).await;
-        match &result {
-            Ok(_) => inner.breaker.succeeded(),
-            Err(e) if e.transient => inner.breaker.failed(e),
-            // A permanent error is about the request, not Redis's health.
-            Err(_) => {}
+        let results = inner.decide(charges).await;
+        // A permanent error is about the request, not Redis's health.
+        match results
+            .iter()
+            .find_map(|r| r.as_ref().err().filter(|e| e.transient))
+        {
+            Some(e) => inner.breaker.failed(e),
+            None => inner.breaker.succeeded(),
         }
-        result
+        results
     }
 
     fn is_available(&self) -> bool {
