@@ -430,8 +430,11 @@ scopes:
     struct DownStore;
 
     impl Store for DownStore {
-        async fn check_and_take(&self, _: &[Charge<'_>]) -> Result<Vec<ChargeOutcome>, StoreError> {
-            Err(StoreError::transient("connection refused"))
+        async fn check_and_take_each(
+            &self,
+            charges: &[Charge<'_>],
+        ) -> Vec<Result<ChargeOutcome, StoreError>> {
+            vec![Err(StoreError::transient("connection refused")); charges.len()]
         }
     }
 
