@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::bucket::Shape;
 use crate::config::{ConfigError, StoreConfig, StoreKind};
 
+pub mod keys;
 pub mod memory;
 pub mod redis;
 
@@ -34,7 +35,7 @@ pub fn build(config: &StoreConfig) -> Result<AnyStore, BuildError> {
     Ok(match config.kind {
         StoreKind::Memory => {
             let memory = &config.memory;
-            let store = memory::MemoryStore::with_max_buckets(memory.shards, memory.max_buckets);
+            let store = memory::MemoryStore::with_max_bytes(memory.shards, memory.max_bytes);
             store.spawn_sweeper(memory.sweep_interval);
             AnyStore::Memory(store)
         }

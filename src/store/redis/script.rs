@@ -53,7 +53,7 @@ pub(crate) fn evalsha(sha: &str, prefix: &str, charge: &Charge<'_>, mode: Mode) 
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(sha).arg(charge.buckets.len());
     for b in &charge.buckets {
-        cmd.arg(bucket_key(prefix, &b.key));
+        cmd.arg(bucket_key(prefix, b));
     }
     cmd.arg(match (mode, charge.dry_run) {
         (Mode::Refund, _) => "2",
@@ -155,7 +155,7 @@ mod tests {
                 "EVALSHA",
                 "abc",
                 "1",
-                "tg1:{s}:r:i:*",
+                "tg1:{s}:r:3/1000000:i:*",
                 "0",
                 "3",
                 "1000000",
