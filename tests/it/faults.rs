@@ -3,11 +3,19 @@
 //! decided another's, reloads that kept stale state, and silent Redis
 //! failures. The fault matrix itself is in `fault_matrix.rs`.
 
-use crate::common::redis::{Standalone, conn};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::common::proxy::Proxy;
+use crate::common::redis::{Cluster, Sentinel, Standalone, conn, scope_on, store_config};
 use tollgate::bucket::Shape;
-use tollgate::config::Config;
+use tollgate::config::{Config, RedisConfig, RedisMode};
 use tollgate::limiter::{Limiter, Request, Rules};
 use tollgate::store::memory::MemoryStore;
+use tollgate::store::redis::RedisStore;
 use tollgate::store::redis::keys::bucket_key;
 use tollgate::store::{BucketCharge, BucketKey, Charge, Store};
 
@@ -222,4 +230,283 @@ async fn tightening_a_limit_on_reload_admits_at_most_one_new_burst() {
         allowed += usize::from(limiter.decide(&bob).await.unwrap().allowed);
     }
     assert!(allowed <= 5, "{allowed} allowed after tightening to 5/h");
+}
+
+/// Calls the store from `callers` tasks until `stop`, counting successes and
+/// failures, and the slowest failure after `fast_after` failures.
+struct Load {
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(store: &RedisStore, scope: &'static str, callers: usize) -> Self {
+        let (ok, failed, stop) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let tasks = (0..callers)
+            .map(|i| {
+                let (store, ok, failed, stop) =
+                    (store.clone(), ok.clone(), failed.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let id = format!("caller-{i}");
+                    while !stop.load(Ordering::Relaxed) {
+                        let c = Charge {
+                            buckets: vec![BucketCharge {
+                                key: BucketKey {
+                                    scope,
+                                    rule: "r",
+                                    identity: Some(&id),
+                                    operation: None,
+                                },
+                                ..bucket("r", None, 1_000_000)
+                            }],
+                            dry_run: false,
+                        };
+                        match store.check_and_take_one(&c).await {
+                            Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                            Err(_) => {
+                                tokio::time::sleep(Duration::from_millis(2)).await;
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        Self {
+            ok,
+            failed,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Waits until `n` more calls succeed; returns how long that took.
+    async fn succeeds(&self, n: u64, within: Duration) -> Option<Duration> {
+        let t = Instant::now();
+        let ok = self.ok.load(Ordering::Relaxed);
+        while self.ok.load(Ordering::Relaxed) < ok + n {
+            if t.elapsed() > within {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Some(t.elapsed())
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.expect("no panic in the load");
+        }
+    }
+}
+
+fn fast_config(urls: Vec<String>, mode: RedisMode, prefix: &str) -> RedisConfig {
+    RedisConfig {
+        response_timeout: Duration::from_millis(100),
+        connect_timeout: Duration::from_millis(300),
+        breaker_cool_down: Duration::from_millis(200),
+        ..store_config(mode, urls, prefix)
+    }
+}
+
+/// Finding 4: a network blackhole between Tollgate and Redis (no answer, no
+/// reset) opens the breaker within about two response timeouts, and when
+/// it lifts, decisions resume on new connections: a lane drops a
+/// connection after two timeouts in a row instead of keeping it forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_redis_is_detected_fast_and_left_for_new_connections() {
+    let redis = Standalone::start();
+    let proxy = Proxy::start(redis.server.port).await;
+    let config = fast_config(vec![proxy.url()], RedisMode::Standalone, "blackhole");
+    let store = RedisStore::new(&config).unwrap();
+    let _prober = store.spawn_prober(config.breaker_cool_down);
+    let load = Load::start(&store, "blackhole", 8);
+    assert!(load.succeeds(50, Duration::from_secs(5)).await.is_some());
+
+    proxy.blackhole();
+    let t = Instant::now();
+    while store.is_available() {
+        assert!(t.elapsed() < Duration::from_secs(2), "never detected");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let detected = t.elapsed();
+    assert!(
+        detected <= 2 * config.response_timeout + Duration::from_millis(50),
+        "detected after {detected:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    assert!(
+        load.failed.load(Ordering::Relaxed) > 0,
+        "the outage was felt"
+    );
+    proxy.lift();
+    let back = load.succeeds(50, Duration::from_secs(5)).await;
+    load.stop().await;
+    let back = back.expect("decisions resume once the blackhole lifts");
+    eprintln!("blackhole: detected after {detected:?}, back {back:?} after it lifted");
+}
+
+/// Finding 4: a Sentinel primary that goes silent (SIGSTOP: sockets open,
+/// no answers) is left for the promoted replica without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_sentinel_primary_is_left_for_the_promoted_replica() {
+    let topo = tokio::task::spawn_blocking(Sentinel::start).await.unwrap();
+    let config = fast_config(topo.urls(), RedisMode::Sentinel, "sigstop");
+    let store = RedisStore::new(&config).unwrap();
+    let _prober = store.spawn_prober(config.breaker_cool_down);
+    let load = Load::start(&store, "sigstop", 8);
+    assert!(load.succeeds(50, Duration::from_secs(5)).await.is_some());
+    topo.primary.signal("STOP");
+    let t = Instant::now();
+    // The sentinels need down-after (1 s) plus an election to promote.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let back = load.succeeds(50, Duration::from_secs(15)).await;
+    load.stop().await;
+    topo.primary.signal("CONT");
+    assert!(back.is_some(), "decisions never resumed on the new primary");
+    eprintln!(
+        "sentinel SIGSTOP: decisions resumed {:?} after the stop",
+        t.elapsed()
+    );
+}
+
+fn node_id(port: u16) -> String {
+    ::redis::cmd("CLUSTER")
+        .arg("MYID")
+        .query(&mut conn(port).unwrap())
+        .unwrap()
+}
+
+fn one_charge<'a>(scope: &'a str, identity: &'a str, capacity: u64) -> Charge<'a> {
+    Charge {
+        buckets: vec![BucketCharge {
+            key: BucketKey {
+                scope,
+                rule: "r",
+                identity: Some(identity),
+                operation: None,
+            },
+            ..bucket("r", None, capacity)
+        }],
+        dry_run: false,
+    }
+}
+
+/// Finding 5: during a slot migration, a batch whose charges meet both the
+/// source (key still there) and the target (`ASK`) is judged once per
+/// charge. The client library used to resend the whole pipeline to the
+/// target, where the exhausted caller's key is absent: allowed after the
+/// source had denied it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_migration_never_runs_a_script_twice() {
+    let topo = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let from = topo.nodes[0].port;
+    let to = topo.nodes[1].port;
+    let scope = scope_on(from, "mig");
+    let store = RedisStore::new(&store_config(RedisMode::Cluster, topo.urls(), "migrate")).unwrap();
+    let spent = one_charge(&scope, "spent", 1);
+    assert!(store.check_and_take_one(&spent).await.unwrap().allowed);
+    assert!(!store.check_and_take_one(&spent).await.unwrap().allowed);
+
+    // Start migrating the slot; spent's key stays on the source for now.
+    let slot: i64 = ::redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(&scope)
+        .query(&mut conn(from).unwrap())
+        .unwrap();
+    let setslot = |port: u16, args: &[&str]| {
+        let _: () = ::redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg(args)
+            .query(&mut conn(port).unwrap())
+            .unwrap();
+    };
+    setslot(to, &["IMPORTING", &node_id(from)]);
+    setslot(from, &["MIGRATING", &node_id(to)]);
+
+    for round in 0..3 {
+        let fresh = format!("fresh-{round}");
+        let got = store
+            .check_and_take_each(&[spent.clone(), one_charge(&scope, &fresh, 1)])
+            .await;
+        let spent_out = got[0].as_ref().expect("decided on the source");
+        assert!(!spent_out.allowed, "round {round}: spent was let through");
+        assert!(got[1].as_ref().expect("decided on the target").allowed);
+    }
+    let on_target: Vec<String> = ::redis::cmd("KEYS")
+        .arg("*spent*")
+        .query(&mut conn(to).unwrap())
+        .unwrap();
+    assert!(
+        on_target.is_empty(),
+        "judged on the target too: {on_target:?}"
+    );
+}
+
+/// Findings 7 and 8: with one Cluster primary silent, scopes on the live
+/// shards are not slowed, the dead shard's calls fail fast once its own
+/// breaker opens (successes elsewhere no longer reset it), and `NOSCRIPT`
+/// recovery loads the script on the node that asked, not on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_cluster_shard_has_its_own_breaker_and_does_not_block_script_loads() {
+    let topo = tokio::task::spawn_blocking(|| {
+        Cluster::start_with(&["--cluster-require-full-coverage", "no"])
+    })
+    .await
+    .unwrap();
+    let (live, dead) = (topo.nodes[0].port, topo.nodes[2].port);
+    let (live_scope, dead_scope) = (scope_on(live, "live"), scope_on(dead, "dead"));
+    let config = fast_config(topo.urls(), RedisMode::Cluster, "dead-shard");
+    let store = RedisStore::new(&config).unwrap();
+    for scope in [&live_scope, &dead_scope] {
+        assert!(
+            store
+                .check_and_take_one(&one_charge(scope, "a", 1_000))
+                .await
+                .unwrap()
+                .allowed
+        );
+    }
+    topo.nodes[2].signal("STOP");
+    let _: () = ::redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query(&mut conn(live).unwrap())
+        .unwrap();
+
+    let mut slow_dead = 0;
+    for i in 0..30 {
+        let t = Instant::now();
+        let ok = store
+            .check_and_take_one(&one_charge(&live_scope, "a", 1_000))
+            .await;
+        assert!(ok.is_ok(), "call {i}: the live shard answers: {ok:?}");
+        assert!(
+            t.elapsed() < config.response_timeout,
+            "live call took {:?}",
+            t.elapsed()
+        );
+        let t = Instant::now();
+        assert!(
+            store
+                .check_and_take_one(&one_charge(&dead_scope, "a", 1_000))
+                .await
+                .is_err()
+        );
+        slow_dead += usize::from(t.elapsed() >= config.response_timeout / 2);
+    }
+    topo.nodes[2].signal("CONT");
+    // The breaker's threshold (3), then about one probe per cool-down.
+    assert!(
+        slow_dead <= 6,
+        "{slow_dead} of 30 dead-shard calls paid the timeout"
+    );
 }

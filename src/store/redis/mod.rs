@@ -40,6 +40,7 @@ use super::{BucketOutcome, Charge, ChargeOutcome, Store, StoreError};
 use crate::config::RedisConfig;
 
 pub mod breaker;
+mod cluster;
 pub mod keys;
 mod script;
 mod topology;
@@ -48,7 +49,7 @@ pub use breaker::BreakerSettings;
 pub use keys::DEFAULT_PREFIX;
 pub use topology::BuildError;
 
-use breaker::Breaker;
+use breaker::{Breaker, SlotBreakers};
 use script::Mode;
 use topology::{CallError, Request, Topology};
 
@@ -93,7 +94,14 @@ struct Inner {
     prefix: String,
     /// Bounds each round trip.
     response_timeout: Duration,
+    /// Bounds the prober's connects, which refill lanes that decisions'
+    /// short timeouts gave up on.
+    connect_timeout: Duration,
+    /// Redis's health: the prober's, and on standalone and Sentinel (one
+    /// primary) the decisions' too.
     breaker: Breaker,
+    /// On Cluster, the decisions' breakers: one per hash slot.
+    slot_breakers: Option<SlotBreakers>,
 }
 
 impl RedisStore {
@@ -113,16 +121,20 @@ impl RedisStore {
     /// Builds the store from its config. Does not connect: Tollgate starts
     /// while Redis is down. Call [`RedisStore::spawn_prober`] to track it.
     pub fn new(config: &RedisConfig) -> Result<Self, BuildError> {
+        let settings = BreakerSettings {
+            threshold: config.breaker_threshold,
+            cool_down: config.breaker_cool_down,
+        };
+        let topology = Topology::build(config)?;
         Ok(Self {
             inner: Arc::new(Inner {
-                topology: Topology::build(config)?,
+                slot_breakers: topology.is_cluster().then(|| SlotBreakers::new(settings)),
+                topology,
                 sha: script::sha1(),
                 prefix: config.key_prefix.clone(),
                 response_timeout: config.response_timeout,
-                breaker: Breaker::new(BreakerSettings {
-                    threshold: config.breaker_threshold,
-                    cool_down: config.breaker_cool_down,
-                }),
+                connect_timeout: config.connect_timeout,
+                breaker: Breaker::new(settings),
             }),
         })
     }
@@ -139,18 +151,21 @@ impl RedisStore {
                 && let Err(e) = inner.ping().await
             {
                 inner.breaker.trip(&e);
+                inner.topology.forget_connections();
             }
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { return };
+                // A Cluster connection waits on every node, a dead one too.
+                inner.topology.warm(inner.connect_timeout * 4).await;
                 // Closed, it pings anyway, so an idle replica notices a dead
                 // Redis too; open, it waits its turn to probe.
                 if inner.breaker.admit() {
                     match inner.ping().await {
                         Ok(()) => inner.breaker.succeeded(),
-                        Err(e) => inner.breaker.failed(&e),
+                        Err(e) => inner.lost_if_opened(inner.breaker.failed(&e)),
                     }
                 }
             }
@@ -159,6 +174,16 @@ impl RedisStore {
 }
 
 impl Inner {
+    /// When Redis is lost (the breaker just opened), every held connection
+    /// is suspect: a dead server's sockets fail only when next written to,
+    /// and a silent one's never do. Drop them all, so the first calls after
+    /// recovery go out on fresh connections.
+    fn lost_if_opened(&self, opened: bool) {
+        if opened {
+            self.topology.forget_connections();
+        }
+    }
+
     async fn ping(&self) -> Result<(), CallError> {
         let ping = redis::cmd("PING");
         self.topology
@@ -343,6 +368,9 @@ impl Inner {
         members: &[usize],
         mode: Mode,
     ) -> Vec<Result<ChargeOutcome, StoreError>> {
+        if self.topology.is_cluster() {
+            return self.decide_on_cluster(charges, members, mode).await;
+        }
         let mut outcomes: Vec<Option<Result<ChargeOutcome, StoreError>>> =
             vec![None; members.len()];
         let mut pending: Vec<usize> = (0..members.len()).collect();
@@ -408,6 +436,40 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Decides charges of one hash slot on Cluster: one command each, sent
+    /// concurrently over the multiplexed connection, each following its own
+    /// redirections (see [`cluster`]), so none is ever sent twice unless
+    /// it was refused unrun.
+    async fn decide_on_cluster(
+        &self,
+        charges: &[Charge<'_>],
+        members: &[usize],
+        mode: Mode,
+    ) -> Vec<Result<ChargeOutcome, StoreError>> {
+        join_all(members.iter().map(|&m| async move {
+            let charge = &charges[m];
+            let Some(first) = charge.buckets.first() else {
+                return Err(StoreError::permanent("a charge with no buckets"));
+            };
+            let slot = cluster::slot(&keys::hash_tag(&first.key));
+            let cmd = script::evalsha(&self.sha, &self.prefix, charge, mode);
+            let ints = cluster::eval(&self.topology, &cmd, slot, self.response_timeout)
+                .await
+                .map_err(call_failed)?;
+            script::outcome(charge, &ints).map_err(StoreError::permanent)
+        }))
+        .await
+    }
+
+    /// The breaker that guards `charge`: its slot's on Cluster, else the one.
+    fn breaker_for(&self, charge: &Charge<'_>) -> Option<Arc<Breaker>> {
+        let slots = self.slot_breakers.as_ref()?;
+        let first = charge.buckets.first()?;
+        Some(slots.get(cluster::slot(&keys::hash_tag(&first.key))))
+    }
+}
+
 /// Every result not yet known becomes `e`.
 fn fill(
     outcomes: Vec<Option<Result<ChargeOutcome, StoreError>>>,
@@ -430,24 +492,71 @@ impl Store for RedisStore {
         charges: &[Charge<'_>],
     ) -> Vec<Result<ChargeOutcome, StoreError>> {
         let inner = &self.inner;
+        if inner.slot_breakers.is_some() {
+            return self.check_and_take_by_slot(charges).await;
+        }
         if !inner.breaker.admit() {
-            let open =
-                StoreError::transient("Redis circuit open: not calling Redis during the cool-down");
-            return vec![Err(open); charges.len()];
+            return vec![Err(circuit_open()); charges.len()];
         }
         let results = inner.decide(charges).await;
-        // A permanent error is about the request, not Redis's health.
-        match results
-            .iter()
-            .find_map(|r| r.as_ref().err().filter(|e| e.transient))
-        {
-            Some(e) => inner.breaker.failed(e),
-            None => inner.breaker.succeeded(),
-        }
+        inner.lost_if_opened(record(&inner.breaker, &results));
         results
     }
 
     fn is_available(&self) -> bool {
         !self.inner.breaker.is_open()
+    }
+}
+
+impl RedisStore {
+    /// Cluster: each charge passes its own slot's breaker, and the outcome
+    /// is recorded there only.
+    async fn check_and_take_by_slot(
+        &self,
+        charges: &[Charge<'_>],
+    ) -> Vec<Result<ChargeOutcome, StoreError>> {
+        let inner = &self.inner;
+        let breakers: Vec<Option<Arc<Breaker>>> =
+            charges.iter().map(|c| inner.breaker_for(c)).collect();
+        let admitted: Vec<usize> = (0..charges.len())
+            .filter(|&i| breakers[i].as_ref().is_none_or(|b| b.admit()))
+            .collect();
+        let work: Vec<Charge<'_>> = admitted.iter().map(|&i| charges[i].clone()).collect();
+        let decided = if work.is_empty() {
+            Vec::new()
+        } else {
+            inner.decide(&work).await
+        };
+        let mut results: Vec<Result<ChargeOutcome, StoreError>> =
+            (0..charges.len()).map(|_| Err(circuit_open())).collect();
+        for (&i, result) in admitted.iter().zip(decided) {
+            if let Some(b) = &breakers[i] {
+                // A slot's breaker only; its node's connection is the
+                // client's to remake.
+                record(b, std::slice::from_ref(&result));
+            }
+            results[i] = result;
+        }
+        results
+    }
+}
+
+fn circuit_open() -> StoreError {
+    StoreError::transient("Redis circuit open: not calling Redis during the cool-down")
+}
+
+/// Counts `results` on `breaker`: any transient failure is a failure. A
+/// permanent error is about the request, not Redis's health. True when this
+/// opened the breaker.
+fn record(breaker: &Breaker, results: &[Result<ChargeOutcome, StoreError>]) -> bool {
+    match results
+        .iter()
+        .find_map(|r| r.as_ref().err().filter(|e| e.transient))
+    {
+        Some(e) => breaker.failed(e),
+        None => {
+            breaker.succeeded();
+            false
+        }
     }
 }

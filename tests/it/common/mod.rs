@@ -1,6 +1,7 @@
 //! Shared test fixtures: a real Tollgate server on 127.0.0.1:0.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod proxy;
 pub mod redis;
 pub mod tollgate;
 
