@@ -207,7 +207,8 @@ impl<S: Store> RateLimitService for EnvoyRateLimitApi<S> {
         let described = to_domain(&req, keys)?;
         let requests: Vec<limiter::Request<'_>> =
             described.iter().map(|d| d.request(&req.domain)).collect();
-        let result = self.limiter.decide_together(&requests).await;
+        // The same snapshot as the descriptor keys above.
+        let result = self.limiter.decide_together_on(&rules, &requests).await;
         let took = started.elapsed();
         let decisions = match result {
             Ok(decisions) => decisions,

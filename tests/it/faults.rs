@@ -510,3 +510,34 @@ async fn a_dead_cluster_shard_has_its_own_breaker_and_does_not_block_script_load
         "{slow_dead} of 30 dead-shard calls paid the timeout"
     );
 }
+
+/// Finding 8: the settings a reload cannot apply are named.
+#[test]
+fn restart_only_settings_are_told_apart_from_reloadable_ones() {
+    let old = Config::from_yaml("scopes: []\n").unwrap();
+    let same =
+        Config::from_yaml("drain_delay: 3s\nenvoy_response_headers: true\nscopes: []\n").unwrap();
+    assert!(tollgate::server::restart_only_changes(&old, &same).is_empty());
+    let new = Config::from_yaml(
+        "listen: 127.0.0.1:1\nlog: {format: json}\nmetrics: {listen: 127.0.0.1:2}\nstore: {memory: {shards: 2}}\nshutdown_grace: 1s\nscopes: []\n",
+    )
+    .unwrap();
+    assert_eq!(
+        tollgate::server::restart_only_changes(&old, &new),
+        ["listen", "store", "log", "metrics", "shutdown_grace"]
+    );
+}
+
+/// Finding 8: Envoy's API decides on the rule snapshot it read the
+/// descriptor keys from, even when a reload swaps the rules in between.
+#[tokio::test]
+async fn a_decision_uses_the_snapshot_it_was_given() {
+    let limiter = Limiter::new(rules("capacity: 1, refill_period: 1h"), MemoryStore::new(1));
+    let old = limiter.rules();
+    limiter.replace_rules(rules("capacity: 50, refill_period: 1h"));
+    let d = limiter
+        .decide_together_on(&old, &[Request::new("s", "eve", "op")])
+        .await
+        .unwrap();
+    assert_eq!(d[0].buckets[0].limit, 1, "the old snapshot's limit");
+}

@@ -177,7 +177,10 @@ mod tests {
         // A short value that looks like a hash is escaped, so it differs.
         let fake = &k[k.rfind(':').unwrap() + 1..][..40];
         let escaped = bucket_key("tg1:", &key(Some(fake), None));
-        assert!(!escaped.contains(":#") && escaped.contains(":%23"), "{escaped}");
+        assert!(
+            !escaped.contains(":#") && escaped.contains(":%23"),
+            "{escaped}"
+        );
     }
 
     #[test]
