@@ -8,6 +8,7 @@ mod common;
 mod deploy;
 mod envoy_e2e;
 mod envoy_rls;
+mod fault_matrix;
 mod faults;
 mod grpc;
 mod limiter;
