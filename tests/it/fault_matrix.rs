@@ -307,7 +307,7 @@ fn limiter(topo: &Topo, mode: &str, prefix: &str) -> (Limiter<RedisStore>, Redis
     );
     let config = Config::from_yaml(&yaml).expect("valid");
     let store = RedisStore::new(&topo.config(prefix)).expect("store");
-    let _ = store.spawn_prober(Duration::from_millis(200));
+    drop(store.spawn_prober(Duration::from_millis(200)));
     (
         Limiter::new(Rules::compile(&config).expect("rules"), store.clone()),
         store,
@@ -333,7 +333,7 @@ pub(crate) async fn run(fault: Fault, hold: Duration, end: Duration) -> Vec<Row>
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
-                    let hot = n % 2 == 0;
+                    let hot = n.is_multiple_of(2);
                     let id = format!("cold-{r}-{i}-{}", n % 50);
                     let req = if hot {
                         Request::new("hot", "", "op")
