@@ -3,9 +3,10 @@
 //!
 //! # One round trip
 //! Each charge is one `EVALSHA` of `decide.lua`; the charges of one
-//! [`Store::check_and_take`] call go out as one pipeline, so a batch is one
-//! round trip too. On Cluster, the batch is split by hash tag and the pieces
-//! go to their nodes concurrently.
+//! [`Store::check_and_take_each`] call go out as one pipeline, so a batch is
+//! one round trip too. On Cluster, each charge is its own command (see
+//! `cluster.rs`), sent concurrently over one multiplexed connection. Each
+//! charge succeeds or fails on its own.
 //!
 //! # Atomicity, per topology
 //! Every key carries its scope as the hash tag (see [`keys`]), so a charge
@@ -20,12 +21,13 @@
 //! # Scripts
 //! The script is called by SHA. A node that answers `NOSCRIPT` (a fresh
 //! Cluster node, a promoted replica, after `SCRIPT FLUSH`) gets `SCRIPT LOAD`
-//! (on Cluster, sent to every primary), and the charges it refused, which did
-//! not run, are sent again. Nothing is ever charged twice.
+//! (on Cluster, that node only), and the charges it refused, which did not
+//! run, are sent again. Nothing is ever charged twice: on Cluster, only
+//! replies that prove a script did not run are followed (`cluster.rs`).
 //!
 //! # Failure
-//! A [`breaker`] sits in front: after a few failures in a row, calls fail at
-//! once for a short cool-down, then probe. A background prober also pings
+//! A [`breaker`] sits in front (on Cluster, one per hash slot): after a few
+//! failures in a row, calls fail at once for a short cool-down, then probe. A background prober also pings
 //! Redis once per cool-down (and once at start), so the breaker opens and
 //! closes, and health follows Redis, even without traffic. Errors become
 //! [`StoreError`]s, and the limiter applies each scope's `failure_mode`.
@@ -439,7 +441,7 @@ impl Inner {
 impl Inner {
     /// Decides charges of one hash slot on Cluster: one command each, sent
     /// concurrently over the multiplexed connection, each following its own
-    /// redirections (see [`cluster`]), so none is ever sent twice unless
+    /// redirections (see `cluster.rs`), so none is ever sent twice unless
     /// it was refused unrun.
     async fn decide_on_cluster(
         &self,
