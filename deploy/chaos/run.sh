@@ -19,7 +19,8 @@ out="$root/target/chaos"
 mkdir -p "$out"
 export FAULT_MATRIX_DIR="$out"
 cargo test --test it -- --ignored --exact fault_matrix::full_matrix --nocapture --test-threads 1 \
-  2>"$out/run.log" | grep '^|' || { tail -40 "$out/run.log" >&2; exit 1; }
+  >"$out/run.log" 2>&1 || { tail -40 "$out/run.log" >&2; exit 1; }
+cat "$out/faults.md"
 {
   echo
   echo "machine: $(nproc) cores, $(uname -sr); $(redis-server --version | cut -d' ' -f1-3); debug build"

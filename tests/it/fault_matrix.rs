@@ -431,7 +431,7 @@ fn summarize(fault: Fault, calls: &[Call], injected: Duration, healed: Duration)
 /// The table, as the README shows it.
 pub(crate) fn table(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| fault | failure mode | hot admitted / C + r·t | over-admission | failed calls | recovered after heal | p99 during fault |\n|---|---|---|---|---|---|---|\n",
+        "| fault | failure mode | hot admitted / C + r·t | over-admission | failed calls | recovered | p99 during fault |\n|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         out.push_str(&format!(
