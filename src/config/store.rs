@@ -203,10 +203,13 @@ pub struct RedisConfig {
     /// How long opening a connection may take.
     #[serde(default = "default_redis_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// How long a decision may wait for a free pooled connection.
+    /// How long a decision may wait for a free pooled connection
+    /// (standalone; Sentinel and Cluster connections are made directly, and
+    /// every wait is bounded by `response_timeout` as well).
     #[serde(default = "default_redis_wait_timeout", with = "humantime_serde")]
     pub wait_timeout: Duration,
     /// Pooled connections. Each is multiplexed, so a few carry many calls.
+    /// Cluster uses one: it already holds a connection per node.
     #[serde(default = "default_redis_pool_size")]
     pub pool_size: usize,
     /// Prefix of every key; its number is the schema version. Tests and
