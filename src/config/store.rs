@@ -14,8 +14,8 @@ use serde::Deserialize;
 pub const DEFAULT_SHARDS: usize = 64;
 /// Default `store.memory.sweep_interval`: how often full buckets are dropped.
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
-/// Default `store.memory.max_bytes`: 256 MiB of buckets, about 1.7 million
-/// buckets with short keys. The shipped Kubernetes memory limit (512 Mi) is
+/// Default `store.memory.max_bytes`: 256 MiB of buckets, about 1.5 million
+/// buckets with short keys (175 B each as counted). The shipped Kubernetes memory limit (512 Mi) is
 /// this plus room for the process, connections and the tables' growth.
 pub const DEFAULT_MAX_BYTES: usize = 256 << 20;
 /// Default `store.redis.key_prefix`. Its number is the key schema's version.

@@ -10,7 +10,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::common::proxy::Proxy;
-use crate::common::redis::{Cluster, Sentinel, Standalone, conn, scope_on, store_config};
+use crate::common::redis::{
+    Cluster, Sentinel, Standalone, conn, free_port, scope_on, store_config,
+};
 use tollgate::bucket::Shape;
 use tollgate::config::{Config, RedisConfig, RedisMode};
 use tollgate::limiter::{Limiter, Request, Rules};
@@ -374,6 +376,39 @@ async fn a_silent_sentinel_primary_is_left_for_the_promoted_replica() {
     assert!(back.is_some(), "decisions never resumed on the new primary");
     eprintln!(
         "sentinel SIGSTOP: decisions resumed {:?} after the stop",
+        t.elapsed()
+    );
+}
+
+/// Finding 4, the harder case: the path to a Sentinel primary goes black
+/// (no answers, no resets; the sentinels see it too and promote the
+/// replica). Connections through the black path never fail by themselves;
+/// they are dropped after two timeouts, and new ones find the new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_sentinel_primary_is_left_for_the_promoted_replica() {
+    let p = free_port();
+    let proxy = Proxy::start(p).await;
+    let via = proxy.port;
+    let topo = tokio::task::spawn_blocking(move || Sentinel::start_at(p, via))
+        .await
+        .unwrap();
+    let config = fast_config(topo.urls(), RedisMode::Sentinel, "blackhole-sentinel");
+    let store = RedisStore::new(&config).unwrap();
+    let _prober = store.spawn_prober(config.breaker_cool_down);
+    let load = Load::start(&store, "bh-sentinel", 8);
+    assert!(load.succeeds(50, Duration::from_secs(5)).await.is_some());
+    proxy.blackhole();
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        load.failed.load(Ordering::Relaxed) > 0,
+        "the outage was felt"
+    );
+    let back = load.succeeds(50, Duration::from_secs(15)).await;
+    load.stop().await;
+    assert!(back.is_some(), "decisions never resumed on the new primary");
+    eprintln!(
+        "sentinel blackhole: decisions resumed {:?} after it began",
         t.elapsed()
     );
 }

@@ -207,8 +207,14 @@ pub struct Sentinel {
 
 impl Sentinel {
     pub fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
         let p = free_port();
+        Self::start_at(p, p)
+    }
+
+    /// Starts the primary on `p`, and has the sentinels (and so clients)
+    /// reach it at `monitor` (a fault proxy in front of it, say).
+    pub fn start_at(p: u16, monitor: u16) -> Self {
+        let dir = tempfile::tempdir().unwrap();
         let primary = Server::redis(dir.path(), p, &[]);
         let replica = Server::redis(
             dir.path(),
@@ -224,7 +230,7 @@ impl Sentinel {
                     sdir.join("sentinel.conf"),
                     format!(
                         "port {port}\nbind 127.0.0.1\nprotected-mode no\n\
-                         sentinel monitor mymaster 127.0.0.1 {p} 2\n\
+                         sentinel monitor mymaster 127.0.0.1 {monitor} 2\n\
                          sentinel down-after-milliseconds mymaster 1000\n\
                          sentinel failover-timeout mymaster 3000\n\
                          sentinel parallel-syncs mymaster 1\n"
