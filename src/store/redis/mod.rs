@@ -27,10 +27,11 @@
 //!
 //! # Failure
 //! A [`breaker`] sits in front (on Cluster, one per hash slot): after a few
-//! failures in a row, calls fail at once for a short cool-down, then probe. A background prober also pings
-//! Redis once per cool-down (and once at start), so the breaker opens and
-//! closes, and health follows Redis, even without traffic. Errors become
-//! [`StoreError`]s, and the limiter applies each scope's `failure_mode`.
+//! failures in a row, calls fail at once for a short cool-down, then probe.
+//! A background prober also pings Redis once per cool-down (and once at
+//! start), so the breaker opens and closes, and health follows Redis, even
+//! without traffic. Errors become [`StoreError`]s, and the limiter applies
+//! each scope's `failure_mode`.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -180,6 +181,7 @@ impl Inner {
     /// is suspect: a dead server's sockets fail only when next written to,
     /// and a silent one's never do. Drop them all, so the first calls after
     /// recovery go out on fresh connections.
+    ///
     /// Not on Cluster: its one connection holds a connection per node and
     /// remakes each by itself, and a new one would wait on every node.
     fn lost_if_opened(&self, opened: bool) {
