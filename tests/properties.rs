@@ -145,3 +145,6 @@ proptest! {
         })?;
     }
 }
+
+#[path = "properties/fuzz.rs"]
+mod fuzz;
