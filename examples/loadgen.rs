@@ -36,6 +36,10 @@ struct Args {
     /// Stop after this many seconds even if requests remain.
     #[arg(long, default_value_t = 60)]
     seconds: u64,
+    /// Send at most this many requests per second in all (paced per task);
+    /// 0 sends as fast as answers come. The soak test uses a fixed rate.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
     /// Print the summary as JSON, in the shape of ghz's `-O json` (the
     /// fields the benchmark scripts read).
     #[arg(long)]
@@ -66,9 +70,18 @@ async fn main() -> anyhow::Result<()> {
             args.requests,
             args.identities.max(1),
         );
+        let mut pace = (args.rate > 0).then(|| {
+            let every = Duration::from_secs_f64(args.concurrency as f64 / args.rate as f64);
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick
+        });
         tasks.push(tokio::spawn(async move {
             let (mut latencies, mut allowed, mut errors) = (Vec::new(), 0u64, 0u64);
             loop {
+                if let Some(tick) = &mut pace {
+                    tick.tick().await;
+                }
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 if n >= total || Instant::now() >= deadline {
                     break;

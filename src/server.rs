@@ -153,7 +153,7 @@ pub async fn run(
         .set_service_status(HEALTH_SERVICE, ServingStatus::Serving)
         .await;
     let watcher = tokio::spawn(watch_store(limiter.clone(), health.clone()));
-    let reloader = Reloader {
+    let mut reloader = Reloader {
         source,
         limiter: limiter.clone(),
         metrics: metrics.clone(),
@@ -163,6 +163,7 @@ pub async fn run(
         )),
         authorizer: Arc::new(Authorizer::new(config.callers.as_deref(), observer.clone())),
         board,
+        current: config.clone(),
     };
     warn_if_exposed(&config);
     let router = routes(&config.grpc, &limiter, &observer, &reloader, health_service)?;
@@ -170,10 +171,11 @@ pub async fn run(
     let (stopping, cancel) = (CancellationToken::new(), CancellationToken::new());
     let stop = {
         let stopping = stopping.clone();
-        let drain_delay = config.drain_delay.unwrap_or_default();
         async move {
             shutdown::until_shutdown(&mut control, || reloader.reload()).await;
             watcher.abort();
+            // The drain delay of the config serving now: a reload applies it.
+            let drain_delay = reloader.current.drain_delay.unwrap_or_default();
             shutdown::drain(&health, &["", HEALTH_SERVICE], drain_delay).await;
             stopping.cancel();
         }
@@ -384,12 +386,17 @@ struct Reloader {
     authorizer: Arc<Authorizer>,
     /// The status page's reload history and the heavy hitters to prune.
     board: Arc<Board>,
+    /// The config serving now, for the drain delay and to tell which
+    /// restart-only settings a reload changed.
+    current: Config,
 }
 
 impl Reloader {
-    /// Swaps in the rules (and Envoy header setting) of the config read
-    /// again, or refuses it whole: the old config keeps serving.
-    fn reload(&self) {
+    /// Swaps in the rules, the Envoy header setting and the drain delay of
+    /// the config read again, or refuses it whole: the old config keeps
+    /// serving. Settings that only a restart can apply are named in a
+    /// warning, never silently ignored.
+    fn reload(&mut self) {
         let prepared = match &self.source {
             Some(source) => Prepared::load(source.clone()),
             None => Err(ConfigError::one(
@@ -406,6 +413,14 @@ impl Reloader {
                     p.config.envoy_response_headers,
                     p.config.envoy_ratelimit_draft,
                 );
+                let pending = restart_only_changes(&self.current, &p.config);
+                if !pending.is_empty() {
+                    tracing::warn!(
+                        settings = %pending.join(", "),
+                        "config reloaded, but these settings take effect only on restart; the old values stay in force"
+                    );
+                }
+                self.current = p.config;
                 self.metrics.reload(true);
                 self.board
                     .reloaded(true, format!("config reloaded: {scopes} scopes"));
@@ -418,6 +433,40 @@ impl Reloader {
             }
         }
     }
+}
+
+/// The settings that differ between `old` and `new` and that a reload
+/// cannot apply: the listeners and their TLS and gRPC bounds, the store,
+/// logging, metrics, and the shutdown grace (armed when serving starts).
+/// (The TLS certificate files themselves are re-read when they change.) Compared by their Debug prints, which every
+/// config type has (passwords print redacted, so a password-only change is
+/// not named).
+pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let differ =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    let mut changed = Vec::new();
+    if old.listen != new.listen {
+        changed.push("listen");
+    }
+    if differ(&old.store, &new.store) {
+        changed.push("store");
+    }
+    if differ(&old.log, &new.log) {
+        changed.push("log");
+    }
+    if differ(&old.metrics, &new.metrics) {
+        changed.push("metrics");
+    }
+    if differ(&old.tls, &new.tls) {
+        changed.push("tls");
+    }
+    if differ(&old.grpc, &new.grpc) {
+        changed.push("grpc");
+    }
+    if old.shutdown_grace != new.shutdown_grace {
+        changed.push("shutdown_grace");
+    }
+    changed
 }
 
 /// Accepted connections (see [`tls::accept`]), each one cancellable at the

@@ -264,3 +264,6 @@ mod heavy_hitters {
         }
     }
 }
+
+#[path = "properties/fuzz.rs"]
+mod fuzz;

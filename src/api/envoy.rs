@@ -263,7 +263,8 @@ impl<S: Store> RateLimitService for EnvoyRateLimitApi<S> {
             .check_decision("envoy", caller.as_deref(), "domain", &req.domain, false)?;
         let requests: Vec<limiter::Request<'_>> =
             described.iter().map(|d| d.request(&req.domain)).collect();
-        let result = self.limiter.decide_together(&requests).await;
+        // The same snapshot as the descriptor keys above.
+        let result = self.limiter.decide_together_on(&rules, &requests).await;
         let took = started.elapsed();
         let decisions = match result {
             Ok(decisions) => decisions,
@@ -448,8 +449,11 @@ scopes:
     struct DownStore;
 
     impl Store for DownStore {
-        async fn check_and_take(&self, _: &[Charge<'_>]) -> Result<Vec<ChargeOutcome>, StoreError> {
-            Err(StoreError::transient("connection refused"))
+        async fn check_and_take_each(
+            &self,
+            charges: &[Charge<'_>],
+        ) -> Vec<Result<ChargeOutcome, StoreError>> {
+            vec![Err(StoreError::transient("connection refused")); charges.len()]
         }
     }
 

@@ -39,16 +39,36 @@ pub fn text(field: &str, value: &str, max: usize, required: bool) -> Result<(), 
             format!("is {} bytes; the most allowed is {max}", value.len()),
         ));
     }
-    if let Some(c) = value.chars().find(|c| c.is_control()) {
+    if let Some(c) = value.chars().find(|&c| c.is_control() || is_invisible(c)) {
         return Err(invalid(
             field,
             format!(
-                "must not contain control characters (found U+{:04X})",
+                "must not contain control characters, bidi controls or invisible characters (found U+{:04X})",
                 c as u32
             ),
         ));
     }
     Ok(())
+}
+
+/// Characters that change how text reads without being seen: bidi controls
+/// (U+202E turns `alice` into what looks like another name in a log),
+/// zero-width characters (two identities that print the same), and line and
+/// paragraph separators (a forged second log line). Unicode's format
+/// characters, with the separators, by the ranges they occupy.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{2028}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{E0000}'..='\u{E007F}'
+    )
 }
 
 /// Checks an attribute map.
@@ -106,6 +126,16 @@ mod tests {
         let e = text("identity", "a\nb", 10, false).unwrap_err();
         assert_eq!(e.field, "identity");
         assert!(e.problem.contains("U+000A"), "{e}");
+    }
+
+    #[test]
+    fn bidi_zero_width_and_separators_are_refused() {
+        for c in ['\u{202E}', '\u{200B}', '\u{2028}', '\u{2066}', '\u{FEFF}'] {
+            let e = text("identity", &format!("ali{c}ce"), 64, false).unwrap_err();
+            assert!(e.problem.contains(&format!("U+{:04X}", c as u32)), "{e}");
+        }
+        // Letters from any script stay welcome.
+        assert!(text("identity", "ålice-名前-αλίκη", 64, false).is_ok());
     }
 
     #[test]

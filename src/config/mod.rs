@@ -39,7 +39,7 @@ pub use scopes::{
 };
 pub use security::{CallerConfig, GrpcConfig, TlsConfig};
 pub use store::{
-    DEFAULT_BREAKER_COOL_DOWN, DEFAULT_BREAKER_THRESHOLD, DEFAULT_MAX_BUCKETS,
+    DEFAULT_BREAKER_COOL_DOWN, DEFAULT_BREAKER_THRESHOLD, DEFAULT_MAX_BYTES,
     DEFAULT_REDIS_CONNECT_TIMEOUT, DEFAULT_REDIS_KEY_PREFIX, DEFAULT_REDIS_POOL_SIZE,
     DEFAULT_REDIS_RESPONSE_TIMEOUT, DEFAULT_REDIS_WAIT_TIMEOUT, DEFAULT_SHARDS,
     DEFAULT_SWEEP_INTERVAL, MemoryConfig, RedisConfig, RedisMode, RedisTlsConfig, Secret,
@@ -212,6 +212,23 @@ impl ConfigError {
     }
 }
 
+/// A YAML syntax error, led by where it is (`line 3 column 9: …`), so that
+/// every problem names its place, a field or a position.
+fn syntax_error(message: &str) -> String {
+    let at = message.find(" line ").and_then(|i| {
+        let mut words = message[i..].split_whitespace();
+        let (_, line, _, column) = (words.next()?, words.next()?, words.next()?, words.next()?);
+        Some(format!(
+            "line {line} column {}",
+            column.trim_end_matches(|c: char| !c.is_ascii_digit())
+        ))
+    });
+    match at {
+        Some(at) => format!("{at}: not valid YAML: {message}"),
+        None => format!("config: {message}"),
+    }
+}
+
 /// Where a running server's config comes from, so that a reload (SIGHUP, or
 /// a file change) reads it again the same way.
 #[derive(Debug, Clone)]
@@ -304,9 +321,9 @@ impl Config {
                     .source(Some(env)),
             )
             .build()
-            .map_err(|e| ConfigError::one(e.to_string()))?;
+            .map_err(|e| ConfigError::one(syntax_error(&e.to_string())))?;
         raw.try_deserialize()
-            .map_err(|e| ConfigError::one(dotted_paths(&e.to_string())))
+            .map_err(|e| ConfigError::one(field_first(&dotted_paths(&e.to_string()))))
     }
 
     /// Reads the envoyproxy/ratelimit files, then validates the whole.
@@ -392,6 +409,16 @@ impl Config {
 
 /// The config crate writes paths as `scopes[0]limits[1]per`; we write
 /// `scopes[0].limits[1].per` everywhere else, so mend its messages.
+/// The config crate says `problem for key \`a.b\``; we say `a.b: problem`,
+/// like every other problem. A message without a key is about the whole.
+fn field_first(message: &str) -> String {
+    match message.rsplit_once(" for key `") {
+        Some((problem, key)) => format!("{}: {problem}", key.trim_end_matches('`')),
+        None if message.contains(": ") => message.to_owned(),
+        None => format!("config: {message}"),
+    }
+}
+
 fn dotted_paths(message: &str) -> String {
     let mut out = String::with_capacity(message.len() + 8);
     let mut chars = message.chars().peekable();

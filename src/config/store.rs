@@ -15,11 +15,12 @@ use serde::Deserialize;
 pub const DEFAULT_SHARDS: usize = 64;
 /// Default `store.memory.sweep_interval`: how often full buckets are dropped.
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
-/// Default `store.memory.max_buckets`: about 670 MiB at the measured 134
-/// bytes per bucket.
-pub const DEFAULT_MAX_BUCKETS: usize = 5_000_000;
+/// Default `store.memory.max_bytes`: 256 MiB of buckets, about 1.5 million
+/// buckets with short keys (175 B each as counted). The shipped Kubernetes memory limit (512 Mi) is
+/// this plus room for the process, connections and the tables' growth.
+pub const DEFAULT_MAX_BYTES: usize = 256 << 20;
 /// Default `store.redis.key_prefix`. Its number is the key schema's version.
-pub const DEFAULT_REDIS_KEY_PREFIX: &str = "tg1:";
+pub const DEFAULT_REDIS_KEY_PREFIX: &str = "tg2:";
 
 /// Where bucket state lives.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -55,8 +56,8 @@ impl StoreConfig {
         if memory.shards == 0 || memory.shards > 65_536 {
             problems.push("store.memory.shards: must be between 1 and 65536".to_owned());
         }
-        if memory.max_buckets == 0 {
-            problems.push("store.memory.max_buckets: must be > 0".to_owned());
+        if memory.max_bytes < 1 << 20 {
+            problems.push("store.memory.max_bytes: must be at least 1MiB".to_owned());
         }
         if memory.sweep_interval < Duration::from_millis(10) {
             problems.push("store.memory.sweep_interval: must be at least 10ms".to_owned());
@@ -95,10 +96,12 @@ pub struct MemoryConfig {
     /// How often full buckets are dropped.
     #[serde(default = "default_sweep", with = "humantime_serde")]
     pub sweep_interval: Duration,
-    /// The most buckets held at once. A decision that would create more
-    /// fails as a store error, so the scope's failure mode applies.
-    #[serde(default = "default_max_buckets")]
-    pub max_buckets: usize,
+    /// The most bytes of buckets held at once (keys included, long caller
+    /// parts hashed). A decision that would create more fails as a store
+    /// error, so the scope's failure mode applies. An integer of bytes or a
+    /// size such as `256MiB`.
+    #[serde(default = "default_max_bytes", deserialize_with = "bytes")]
+    pub max_bytes: usize,
 }
 
 impl Default for MemoryConfig {
@@ -106,7 +109,7 @@ impl Default for MemoryConfig {
         Self {
             shards: default_shards(),
             sweep_interval: default_sweep(),
-            max_buckets: default_max_buckets(),
+            max_bytes: default_max_bytes(),
         }
     }
 }
@@ -115,8 +118,41 @@ fn default_shards() -> usize {
     DEFAULT_SHARDS
 }
 
-fn default_max_buckets() -> usize {
-    DEFAULT_MAX_BUCKETS
+fn default_max_bytes() -> usize {
+    DEFAULT_MAX_BYTES
+}
+
+/// A size: an integer of bytes, or a number with `B`, `KiB`, `MiB` or `GiB`.
+fn bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(usize),
+        Text(String),
+    }
+    let text = match Size::deserialize(d)? {
+        Size::Bytes(n) => return Ok(n),
+        Size::Text(t) => t,
+    };
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        _ => {
+            return Err(serde::de::Error::custom(format!(
+                "{text:?}: expected bytes, or a size such as 256MiB (units B, KiB, MiB, GiB)"
+            )));
+        }
+    };
+    digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| serde::de::Error::custom(format!("{text:?}: not a size")))
 }
 
 fn default_sweep() -> Duration {
@@ -204,10 +240,13 @@ pub struct RedisConfig {
     /// How long opening a connection may take.
     #[serde(default = "default_redis_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// How long a decision may wait for a free pooled connection.
+    /// How long a decision may wait for a free pooled connection
+    /// (standalone; Sentinel and Cluster connections are made directly, and
+    /// every wait is bounded by `response_timeout` as well).
     #[serde(default = "default_redis_wait_timeout", with = "humantime_serde")]
     pub wait_timeout: Duration,
     /// Pooled connections. Each is multiplexed, so a few carry many calls.
+    /// Cluster uses one: it already holds a connection per node.
     #[serde(default = "default_redis_pool_size")]
     pub pool_size: usize,
     /// Prefix of every key; its number is the schema version. Tests and

@@ -202,9 +202,9 @@ impl<S: Store> Limiter<S> {
             })
             .collect();
         let outcomes = if charges.is_empty() {
-            Ok(Vec::new())
+            Vec::new()
         } else {
-            self.store.check_and_take(&charges).await
+            self.store.check_and_take_each(&charges).await
         };
         plan::each(&rules, reqs, plans, outcomes)
     }
@@ -216,8 +216,19 @@ impl<S: Store> Limiter<S> {
         &self,
         reqs: &[Request<'_>],
     ) -> Result<Vec<Decision>, DecideError> {
-        let rules = self.rules.load();
-        let joint = match Joint::plan(&rules, reqs) {
+        self.decide_together_on(&self.rules.load_full(), reqs).await
+    }
+
+    /// [`Limiter::decide_together`] against the rule set `rules`, a snapshot
+    /// the caller already read from (Envoy's API reads the scope's
+    /// `descriptor_keys` there first: both must come from one snapshot, or a
+    /// reload between the two reads would mix two configs in one decision).
+    pub async fn decide_together_on(
+        &self,
+        rules: &Rules,
+        reqs: &[Request<'_>],
+    ) -> Result<Vec<Decision>, DecideError> {
+        let joint = match Joint::plan(rules, reqs) {
             Ok(joint) => joint,
             Err(denied) => return Ok(vec![*denied; reqs.len()]),
         };
@@ -227,7 +238,7 @@ impl<S: Store> Limiter<S> {
         let outcome = self.store.check_and_take_one(&charge).await;
         match outcome {
             Ok(outcome) => Ok(joint.decisions(&outcome)),
-            Err(e) => joint.failed(&rules, reqs, e),
+            Err(e) => joint.failed(rules, reqs, e),
         }
     }
 }

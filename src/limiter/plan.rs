@@ -88,28 +88,28 @@ pub(crate) fn failed(rules: &Rules, scope: &str, e: StoreError) -> Result<Decisi
 }
 
 /// The decisions of independent requests, in order, from their plans and
-/// the store's outcomes for the plans that charged (in the same order).
+/// the store's result for each plan that charged (in the same order). Each
+/// request gets its own charge's result: one charge's failure never decides
+/// another request.
 pub(crate) fn each(
     rules: &Rules,
     reqs: &[Request<'_>],
     plans: Vec<Plan<'_, '_>>,
-    outcomes: Result<Vec<ChargeOutcome>, StoreError>,
+    outcomes: Vec<Result<ChargeOutcome, StoreError>>,
 ) -> Vec<Result<Decision, DecideError>> {
-    let mut outcomes = outcomes.map(Vec::into_iter);
+    let mut outcomes = outcomes.into_iter();
     reqs.iter()
         .zip(plans)
         .map(|(req, plan)| match plan {
             Err(why) => Ok(why.decision(rules, req.scope)),
-            Ok(buckets) => match &mut outcomes {
-                Ok(it) => match it.next() {
-                    Some(outcome) => Ok(decision(&buckets, &outcome)),
-                    None => failed(
-                        rules,
-                        req.scope,
-                        StoreError::permanent("store returned too few outcomes"),
-                    ),
-                },
-                Err(e) => failed(rules, req.scope, e.clone()),
+            Ok(buckets) => match outcomes.next() {
+                Some(Ok(outcome)) => Ok(decision(&buckets, &outcome)),
+                Some(Err(e)) => failed(rules, req.scope, e),
+                None => failed(
+                    rules,
+                    req.scope,
+                    StoreError::permanent("store returned too few outcomes"),
+                ),
             },
         })
         .collect()
@@ -482,7 +482,7 @@ scopes:
             &rules,
             &reqs,
             plans,
-            Ok(vec![outcome(true, &[4, 8]), outcome(false, &[0])]),
+            vec![Ok(outcome(true, &[4, 8])), Ok(outcome(false, &[0]))],
         );
         assert!(
             got[0].as_ref().unwrap().allowed,
@@ -492,8 +492,18 @@ scopes:
         assert!(!got[2].as_ref().unwrap().allowed);
         // Too few outcomes is a store failure, decided by the failure mode.
         let plans: Vec<Plan<'_, '_>> = reqs.iter().map(|r| plan(&rules, r)).collect();
-        let got = each(&rules, &reqs, plans, Ok(vec![outcome(true, &[4, 8])]));
+        let got = each(&rules, &reqs, plans, vec![Ok(outcome(true, &[4, 8]))]);
         assert!(got[2].as_ref().unwrap().degraded);
+        // One charge's failure decides that request only.
+        let plans: Vec<Plan<'_, '_>> = reqs.iter().map(|r| plan(&rules, r)).collect();
+        let got = each(
+            &rules,
+            &reqs,
+            plans,
+            vec![Err(StoreError::transient("full")), Ok(outcome(false, &[0]))],
+        );
+        assert!(got[1].is_err(), "scope a fails closed");
+        assert!(!got[2].as_ref().unwrap().allowed, "b's denial stands");
     }
 
     #[test]

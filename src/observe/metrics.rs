@@ -284,28 +284,39 @@ impl<S: Store> Instrumented<S> {
             .store_seconds
             .observe(started.elapsed().as_secs_f64());
         if let Err(e) = result {
-            self.metrics
-                .store_errors
-                .get_or_create(&StoreErrorLabels {
-                    transient: e.transient,
-                })
-                .inc();
+            self.count_error(e);
         }
         self.metrics
             .store_available
             .set(i64::from(self.inner.is_available()));
     }
+
+    fn count_error(&self, e: &StoreError) {
+        self.metrics
+            .store_errors
+            .get_or_create(&StoreErrorLabels {
+                transient: e.transient,
+            })
+            .inc();
+    }
 }
 
 impl<S: Store> Store for Instrumented<S> {
-    async fn check_and_take(
+    async fn check_and_take_each(
         &self,
         charges: &[Charge<'_>],
-    ) -> Result<Vec<ChargeOutcome>, StoreError> {
+    ) -> Vec<Result<ChargeOutcome, StoreError>> {
         let started = Instant::now();
-        let result = self.inner.check_and_take(charges).await;
-        self.observe(started, &result);
-        result
+        let results = self.inner.check_and_take_each(charges).await;
+        // One timing per call; one error count per failed charge.
+        match results.iter().find(|r| r.is_err()) {
+            Some(Err(e)) => self.observe(started, &Err::<(), _>(e.clone())),
+            _ => self.observe(started, &Ok(())),
+        }
+        for e in results.iter().filter_map(|r| r.as_ref().err()).skip(1) {
+            self.count_error(e);
+        }
+        results
     }
 
     async fn check_and_take_one(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {

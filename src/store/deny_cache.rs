@@ -267,12 +267,12 @@ impl Cache {
 }
 
 impl<S: Store> Store for DenyCache<S> {
-    async fn check_and_take(
+    async fn check_and_take_each(
         &self,
         charges: &[Charge<'_>],
-    ) -> Result<Vec<ChargeOutcome>, StoreError> {
+    ) -> Vec<Result<ChargeOutcome, StoreError>> {
         let Some(cache) = &self.cache else {
-            return self.inner.check_and_take(charges).await;
+            return self.inner.check_and_take_each(charges).await;
         };
         let sent = Instant::now();
         let local: Vec<Option<ChargeOutcome>> =
@@ -283,20 +283,26 @@ impl<S: Store> Store for DenyCache<S> {
             .filter(|(_, l)| l.is_none())
             .map(|(c, _)| c.clone())
             .collect();
-        let mut answers = if asked.is_empty() {
+        let answers = if asked.is_empty() {
             Vec::new()
         } else {
-            self.inner.check_and_take(&asked).await?
+            self.inner.check_and_take_each(&asked).await
+        };
+        // Per charge: a failed charge teaches the cache nothing, and never
+        // hides the others' outcomes.
+        for (charge, outcome) in asked.iter().zip(&answers) {
+            if let Ok(outcome) = outcome {
+                cache.learn(charge, outcome, sent);
+            }
         }
-        .into_iter();
-        for (charge, outcome) in asked.iter().zip(answers.as_slice()) {
-            cache.learn(charge, outcome, sent);
-        }
+        let mut answers = answers.into_iter();
         local
             .into_iter()
-            .map(|l| {
-                l.or_else(|| answers.next())
-                    .ok_or_else(|| StoreError::permanent("store returned too few outcomes"))
+            .map(|l| match l {
+                Some(local) => Ok(local),
+                None => answers.next().unwrap_or_else(|| {
+                    Err(StoreError::permanent("store returned too few outcomes"))
+                }),
             })
             .collect()
     }

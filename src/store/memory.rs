@@ -17,11 +17,10 @@ use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
-use super::{
-    BucketCharge, BucketKey, BucketOutcome, Charge, ChargeOutcome, SingleOutcome, Store, StoreError,
-};
+use super::keys::KeyPart;
+use super::{BucketCharge, BucketOutcome, Charge, ChargeOutcome, SingleOutcome, Store, StoreError};
 use crate::bucket::{Tat, Verdict};
-use crate::config::{DEFAULT_MAX_BUCKETS, DEFAULT_SHARDS};
+use crate::config::{DEFAULT_MAX_BYTES, DEFAULT_SHARDS};
 
 /// Most decisions touch a handful of buckets; up to this many stay on the stack.
 const INLINE: usize = 4;
@@ -50,23 +49,32 @@ struct Inner {
     hasher: RandomState,
     /// The clock's zero: ticks are nanoseconds since this instant.
     epoch: Instant,
-    /// Buckets held now, across shards.
+    /// Bytes held now by buckets, across shards, as [`MemoryStore::bytes_of`]
+    /// counts them.
     held: AtomicUsize,
-    /// The most buckets held at once. A charge that would create buckets
+    /// The most bytes held at once. A charge that would create buckets
     /// beyond it fails as a store error (and the scope's failure mode
-    /// decides), so memory stays bounded even when every caller is new.
-    max_buckets: usize,
+    /// decides), so memory stays bounded even when every caller is new and
+    /// sends the longest keys it may.
+    max_bytes: usize,
 }
+
+/// What one bucket costs besides its key, in bytes: the entry in its table
+/// (hash, boxed key, state: 40 B) at the table's load factor and growth
+/// slack, and the key's own allocation. `cargo bench --bench limiter`
+/// measures 150 B of RSS per bucket over a million buckets with 12-byte
+/// identities (keys of 55 bytes), which the bound counts as 175: it errs high.
+pub const BUCKET_OVERHEAD: usize = 120;
 
 impl MemoryStore {
     /// A store with `shards` shards (rounded up to a power of two) and the
-    /// default bound on buckets.
+    /// default bound on bytes.
     pub fn new(shards: usize) -> Self {
-        Self::with_max_buckets(shards, DEFAULT_MAX_BUCKETS)
+        Self::with_max_bytes(shards, DEFAULT_MAX_BYTES)
     }
 
-    /// A store that holds at most `max_buckets` buckets at once.
-    pub fn with_max_buckets(shards: usize, max_buckets: usize) -> Self {
+    /// A store whose buckets hold at most `max_bytes` bytes at once.
+    pub fn with_max_bytes(shards: usize, max_bytes: usize) -> Self {
         let n = shards.max(1).next_power_of_two();
         Self {
             inner: Arc::new(Inner {
@@ -74,7 +82,7 @@ impl MemoryStore {
                 hasher: RandomState::new(),
                 epoch: Instant::now(),
                 held: AtomicUsize::new(0),
-                max_buckets,
+                max_bytes,
             }),
         }
     }
@@ -98,6 +106,17 @@ impl MemoryStore {
     /// Drops every bucket that is full now. Returns how many remain.
     pub fn sweep(&self) -> usize {
         self.inner.sweep()
+    }
+
+    /// What holding `bucket` costs against the bound, in bytes: its key as
+    /// stored (long caller parts hashed) plus [`BUCKET_OVERHEAD`].
+    pub fn bytes_of(bucket: &BucketCharge<'_>) -> usize {
+        BUCKET_OVERHEAD + encoded_len(bucket)
+    }
+
+    /// Bytes held now by buckets, as [`MemoryStore::bytes_of`] counts them.
+    pub fn bytes_held(&self) -> usize {
+        self.inner.held.load(Ordering::Relaxed)
     }
 
     /// Buckets held now, full or not.
@@ -146,9 +165,15 @@ impl Inner {
         let mut left = 0;
         for shard in self.shards.iter() {
             let mut table = shard.lock();
-            let before = table.len();
-            table.retain(|e| !e.tat.is_full_at(now));
-            self.held.fetch_sub(before - table.len(), Ordering::Relaxed);
+            let mut freed = 0;
+            table.retain(|e| {
+                let keep = !e.tat.is_full_at(now);
+                if !keep {
+                    freed += BUCKET_OVERHEAD + e.key.len();
+                }
+                keep
+            });
+            self.held.fetch_sub(freed, Ordering::Relaxed);
             left += table.len();
         }
         left
@@ -173,32 +198,40 @@ impl Inner {
             order.iter().map(|&i| (i, self.shards[i].lock())).collect();
         let now = self.now();
 
-        let mut verdicts: SmallVec<[Verdict; INLINE]> = SmallVec::new();
+        let mut verdicts: SmallVec<[(Verdict, bool); INLINE]> = SmallVec::new();
         let mut allowed = true;
-        let mut new_buckets = 0;
         for (bucket, slot) in charge.buckets.iter().zip(&slots) {
             let key = &buf[slot.start..slot.end];
             let table = guard_for(&mut guards, slot.shard);
             let found = table.find(slot.hash, |e| *e.key == *key).map(|e| e.tat);
-            new_buckets += usize::from(found.is_none());
-            let stored = found.unwrap_or_default();
-            let verdict = bucket.shape.judge(stored, now, bucket.cost);
+            let verdict = bucket
+                .shape
+                .judge(found.unwrap_or_default(), now, bucket.cost);
             allowed &= verdict.conforms || bucket.shadow;
-            verdicts.push(verdict);
+            verdicts.push((verdict, found.is_none()));
         }
 
         let take = allowed && !charge.dry_run;
-        // Reserve room for new buckets before writing any, so a full store
-        // fails the whole charge and takes nothing.
-        if take && new_buckets > 0 {
-            let held = self.held.fetch_add(new_buckets, Ordering::Relaxed);
-            if held + new_buckets > self.max_buckets {
-                self.held.fetch_sub(new_buckets, Ordering::Relaxed);
+        // Only buckets that will be inserted count: an absent shadow bucket
+        // that cannot hold its cost is judged but never written, and counting
+        // it would leak room in the bound for good (the sweeper only gives
+        // back what it removes).
+        let new_bytes: usize = verdicts
+            .iter()
+            .zip(&slots)
+            .filter(|((v, absent), _)| take && *absent && v.conforms)
+            .map(|(_, slot)| BUCKET_OVERHEAD + slot.end - slot.start)
+            .sum();
+        // Reserve room before writing any: a full store fails it, taking nothing.
+        if new_bytes > 0 {
+            let held = self.held.fetch_add(new_bytes, Ordering::Relaxed);
+            if held + new_bytes > self.max_bytes {
+                self.held.fetch_sub(new_bytes, Ordering::Relaxed);
                 return Err(self.full());
             }
         }
         let mut outcomes = Vec::with_capacity(slots.len());
-        for ((bucket, verdict), slot) in charge.buckets.iter().zip(&verdicts).zip(&slots) {
+        for ((bucket, (verdict, _)), slot) in charge.buckets.iter().zip(&verdicts).zip(&slots) {
             let taken = take && verdict.conforms;
             let state = if taken { verdict.after } else { verdict.before };
             if taken {
@@ -239,7 +272,7 @@ impl Inner {
             .iter()
             .map(|bucket| {
                 let start = buf.len();
-                encode(buf, &bucket.key);
+                encode(buf, bucket);
                 let hash = self.hasher.hash_one(&buf[start..]);
                 Slot {
                     start,
@@ -272,7 +305,7 @@ impl Inner {
     ) -> Result<SingleOutcome, StoreError> {
         // Most keys fit the stack; longer ones (long Envoy descriptors) go
         // to the heap.
-        let len = encoded_len(&bucket.key);
+        let len = encoded_len(bucket);
         let mut stack = [0u8; 256];
         let mut heap = Vec::new();
         let key: &mut [u8] = if len <= stack.len() {
@@ -281,7 +314,7 @@ impl Inner {
             heap.resize(len, 0);
             &mut heap
         };
-        encode_into(key, &bucket.key);
+        encode_into(key, bucket);
         let key = &*key;
         let hash = self.hasher.hash_one(key);
         let mut table = self.shards[(hash >> 40) as usize & (self.shards.len() - 1)].lock();
@@ -298,8 +331,9 @@ impl Inner {
                 Some(e) => e.tat = state,
                 None => {
                     debug_assert!(is_new);
-                    if self.held.fetch_add(1, Ordering::Relaxed) + 1 > self.max_buckets {
-                        self.held.fetch_sub(1, Ordering::Relaxed);
+                    let bytes = BUCKET_OVERHEAD + key.len();
+                    if self.held.fetch_add(bytes, Ordering::Relaxed) + bytes > self.max_bytes {
+                        self.held.fetch_sub(bytes, Ordering::Relaxed);
                         return Err(self.full());
                     }
                     table.insert_unique(
@@ -323,9 +357,9 @@ impl Inner {
 
     fn full(&self) -> StoreError {
         StoreError::transient(format!(
-            "embedded store full: {} buckets held, the most is {}",
+            "embedded store full: {} bytes of buckets held, the most is {} (store.memory.max_bytes)",
             self.held.load(Ordering::Relaxed),
-            self.max_buckets
+            self.max_bytes
         ))
     }
 }
@@ -338,51 +372,70 @@ fn guard_for<'g, 'm>(
     &mut guards[at].1
 }
 
-fn key_parts<'k>(key: &BucketKey<'k>) -> [Option<&'k str>; 4] {
-    [Some(key.scope), Some(key.rule), key.identity, key.operation]
+/// Bytes of one part of the encoding.
+fn part_len(part: KeyPart<'_>) -> usize {
+    match part {
+        KeyPart::Absent => 1,
+        KeyPart::Plain(s) => 5 + s.len(),
+        KeyPart::Hashed(h) => 1 + h.len(),
+    }
 }
 
-/// The length of [`encode`]'s output for `key`.
-fn encoded_len(key: &BucketKey<'_>) -> usize {
-    key_parts(key)
-        .iter()
-        .map(|p| p.map_or(1, |s| 5 + s.len()))
-        .sum()
+/// The parts of a bucket's key: scope and rule (from the config, never
+/// hashed), then identity and operation (hashed when long).
+fn key_parts<'k>(bucket: &BucketCharge<'k>) -> [KeyPart<'k>; 4] {
+    let key = &bucket.key;
+    [
+        KeyPart::Plain(key.scope),
+        KeyPart::Plain(key.rule),
+        KeyPart::of(key.identity),
+        KeyPart::of(key.operation),
+    ]
+}
+
+/// The length of [`encode`]'s output for `bucket`.
+fn encoded_len(bucket: &BucketCharge<'_>) -> usize {
+    16 + key_parts(bucket).into_iter().map(part_len).sum::<usize>()
 }
 
 /// [`encode`] into a slice of exactly [`encoded_len`] bytes.
-fn encode_into(out: &mut [u8], key: &BucketKey<'_>) {
-    let mut at = 0;
-    for part in key_parts(key) {
+fn encode_into(out: &mut [u8], bucket: &BucketCharge<'_>) {
+    // The shape first: a reload that changes a limit starts new buckets.
+    out[..8].copy_from_slice(&bucket.shape.capacity.to_le_bytes());
+    out[8..16].copy_from_slice(&bucket.shape.period.to_le_bytes());
+    let mut at = 16;
+    for part in key_parts(bucket) {
         match part {
-            None => {
-                out[at] = 0;
-                at += 1;
-            }
-            Some(s) => {
+            KeyPart::Absent => out[at] = 0,
+            KeyPart::Plain(s) => {
                 out[at] = 1;
                 // Parts are validated to far below 4 GiB.
                 out[at + 1..at + 5].copy_from_slice(&(s.len() as u32).to_le_bytes());
                 out[at + 5..at + 5 + s.len()].copy_from_slice(s.as_bytes());
-                at += 5 + s.len();
+            }
+            KeyPart::Hashed(h) => {
+                out[at] = 2;
+                out[at + 1..at + 1 + h.len()].copy_from_slice(&h);
             }
         }
+        at += part_len(part);
     }
 }
 
-/// Encodes a key unambiguously: every part is tagged and length-prefixed, so
-/// no value of one part can spill into the next.
-fn encode(out: &mut SmallVec<[u8; 256]>, key: &BucketKey<'_>) {
+/// Encodes a bucket's key unambiguously: its shape, then every part tagged
+/// (absent, plain and length-prefixed, or hashed), so no value of one part
+/// can spill into the next.
+fn encode(out: &mut SmallVec<[u8; 256]>, bucket: &BucketCharge<'_>) {
     let start = out.len();
-    out.resize(start + encoded_len(key), 0);
-    encode_into(&mut out[start..], key);
+    out.resize(start + encoded_len(bucket), 0);
+    encode_into(&mut out[start..], bucket);
 }
 
 impl Store for MemoryStore {
-    async fn check_and_take(
+    async fn check_and_take_each(
         &self,
         charges: &[Charge<'_>],
-    ) -> Result<Vec<ChargeOutcome>, StoreError> {
+    ) -> Vec<Result<ChargeOutcome, StoreError>> {
         charges.iter().map(|c| self.inner.decide(c)).collect()
     }
 

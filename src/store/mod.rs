@@ -13,6 +13,7 @@ use crate::bucket::Shape;
 use crate::config::{ConfigError, StoreConfig, StoreKind};
 
 pub mod deny_cache;
+pub mod keys;
 pub mod memory;
 pub mod redis;
 
@@ -35,7 +36,7 @@ pub fn build(config: &StoreConfig) -> Result<AnyStore, BuildError> {
     Ok(match config.kind {
         StoreKind::Memory => {
             let memory = &config.memory;
-            let store = memory::MemoryStore::with_max_buckets(memory.shards, memory.max_buckets);
+            let store = memory::MemoryStore::with_max_bytes(memory.shards, memory.max_bytes);
             store.spawn_sweeper(memory.sweep_interval);
             AnyStore::Memory(store)
         }
@@ -174,17 +175,34 @@ impl StoreError {
 ///
 /// No other decision may observe a state between the check and the take. The
 /// charges of one call are independent of each other: each is atomic on its
-/// own, and they may be decided in any order. The result holds one outcome per
-/// charge, in order.
+/// own, they may be decided in any order, and one charge's failure never
+/// changes another's outcome. The result holds one result per charge, in
+/// order.
 ///
 /// A bucket that is absent is full. A store may forget a bucket once it has
 /// refilled completely, so memory grows with active buckets only.
 pub trait Store: Send + Sync + fmt::Debug + 'static {
-    /// Atomically check and take, per charge. See the trait's contract.
+    /// Atomically check and take, per charge: one result per charge, each
+    /// decided (or failed) on its own. See the trait's contract.
+    fn check_and_take_each(
+        &self,
+        charges: &[Charge<'_>],
+    ) -> impl Future<Output = Vec<Result<ChargeOutcome, StoreError>>> + Send;
+
+    /// [`Store::check_and_take_each`], for callers that want every outcome
+    /// or none: the first failure, if any charge failed. Charges that did
+    /// not fail were still decided (and charged) on their own.
     fn check_and_take(
         &self,
         charges: &[Charge<'_>],
-    ) -> impl Future<Output = Result<Vec<ChargeOutcome>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<ChargeOutcome>, StoreError>> + Send {
+        async move {
+            self.check_and_take_each(charges)
+                .await
+                .into_iter()
+                .collect()
+        }
+    }
 
     /// Checks and takes for a single charge. The default goes through
     /// [`Store::check_and_take`]; stores may answer without the outer `Vec`.
@@ -239,13 +257,13 @@ pub enum AnyStore {
 }
 
 impl Store for AnyStore {
-    async fn check_and_take(
+    async fn check_and_take_each(
         &self,
         charges: &[Charge<'_>],
-    ) -> Result<Vec<ChargeOutcome>, StoreError> {
+    ) -> Vec<Result<ChargeOutcome, StoreError>> {
         match self {
-            Self::Memory(s) => s.check_and_take(charges).await,
-            Self::Redis(s) => s.check_and_take(charges).await,
+            Self::Memory(s) => s.check_and_take_each(charges).await,
+            Self::Redis(s) => s.check_and_take_each(charges).await,
         }
     }
 

@@ -392,3 +392,40 @@ async fn a_call_still_running_when_the_shutdown_grace_ends_is_cancelled() {
         .expect("the stream ends");
     assert!(answer.is_err(), "cancelled, not answered: {answer:?}");
 }
+
+/// Issue 9, finding 8: a reload that changes a setting only a restart can
+/// apply says so (it used to be silently ignored), and human-format logs
+/// written to a pipe or a file carry no colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_names_restart_only_settings_and_piped_logs_have_no_colour() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = config_file(&dir, &limits(3));
+    let port = free_port();
+    let mut child = serve(&path, port);
+    let mut c = connect(port).await;
+    assert_eq!(ask(&mut c, req("demo", "lee", "op")).await.limit, 3);
+
+    config_file(
+        &dir,
+        &format!("log: {{level: debug}}\ndrain_delay: 1ms\n{}", limits(4)),
+    );
+    signal(&child.0, "-HUP");
+    assert_eq!(common::wait_for_limit(&mut c, "demo", "lee", 4).await, 4);
+    signal(&child.0, "-TERM");
+    let mut stderr = child.0.stderr.take().expect("piped");
+    let log = tokio::task::spawn_blocking(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut text).expect("read");
+        text
+    })
+    .await
+    .expect("join");
+    assert!(
+        log.contains("take effect only on restart") && log.contains("settings=log"),
+        "{log}"
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a piped log: {log:?}"
+    );
+}

@@ -10,6 +10,7 @@ use crate::common::redis::{Standalone, conn};
 use tollgate::bucket::Shape;
 use tollgate::config::Config;
 use tollgate::pb::tollgate::v1::ShouldAllowRequest;
+use tollgate::store::redis::keys::bucket_key;
 use tollgate::store::{BucketCharge, BucketKey, Charge, Store};
 
 fn charge(identity: &str) -> Charge<'_> {
@@ -133,7 +134,7 @@ async fn a_charge_whose_key_fails_fails_alone_in_its_batch() {
     let store = redis.store("alone");
     // A key of another type where one bucket should be.
     let _: () = redis::cmd("LPUSH")
-        .arg("test:alone:{s}:r:broken:*")
+        .arg(bucket_key("test:alone:", &charge("broken").buckets[0]))
         .arg("x")
         .query(&mut conn(redis.server.port).unwrap())
         .unwrap();

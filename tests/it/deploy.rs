@@ -100,3 +100,20 @@ fn the_hardened_config_validates_with_its_files_mounted() {
     // And the server takes it as far as the store (no Redis is contacted).
     tollgate::server::Prepared::new(config, None).unwrap_or_else(|e| panic!("{e}"));
 }
+
+#[test]
+fn the_kubernetes_memory_limit_leaves_room_above_the_store_bound() {
+    let manifest = std::fs::read_to_string("deploy/kubernetes/tollgate.yaml").expect("manifest");
+    let config = tollgate::config::Config::from_yaml(&configmap_config(&manifest)).expect("valid");
+    let limit_mi: usize = manifest
+        .split("limits: {memory: ")
+        .nth(1)
+        .and_then(|rest| rest.split("Mi}").next())
+        .and_then(|n| n.parse().ok())
+        .expect("a memory limit in Mi");
+    assert!(
+        limit_mi << 20 >= config.store.memory.max_bytes + (128 << 20),
+        "limit {limit_mi}Mi vs max_bytes {}",
+        config.store.memory.max_bytes
+    );
+}

@@ -177,7 +177,10 @@ async fn a_full_embedded_store_applies_the_failure_mode_and_takes_nothing() {
     for mode in ["open", "closed"] {
         let config = Config::from_yaml(&yaml(mode)).expect("valid");
         // Room for the scope bucket and two identities.
-        let store = MemoryStore::with_max_buckets(4, 3);
+        let store = MemoryStore::with_max_bytes(
+            4,
+            bytes_of("b", None, 100, 3600) + 2 * bytes_of("a", Some("u1"), 3, 1),
+        );
         let l = Limiter::new(Rules::compile(&config).expect("rules"), store.clone());
         for id in ["u1", "u2"] {
             assert!(
@@ -240,7 +243,7 @@ async fn a_full_embedded_store_refuses_new_single_buckets_too() {
         "failure_mode: closed\nscopes:\n  - name: s\n    limits:\n      - {name: a, per: identity, capacity: 3, refill_period: 1s}\n",
     )
     .expect("valid");
-    let store = MemoryStore::with_max_buckets(4, 1);
+    let store = MemoryStore::with_max_bytes(4, bytes_of("a", Some("u1"), 3, 1));
     let l = Limiter::new(Rules::compile(&config).expect("rules"), store.clone());
     assert!(
         l.decide(&Request::new("s", "u1", "op"))
@@ -265,4 +268,22 @@ async fn a_full_embedded_store_refuses_new_single_buckets_too() {
     };
     assert!(l.decide(&dry).await.expect("dry run").allowed);
     assert_eq!(store.len(), 1);
+}
+
+/// What a bucket of scope `s` costs against the embedded store's bound.
+fn bytes_of(rule: &str, identity: Option<&str>, capacity: u64, period_s: u64) -> usize {
+    MemoryStore::bytes_of(&tollgate::store::BucketCharge {
+        key: tollgate::store::BucketKey {
+            scope: "s",
+            rule,
+            identity,
+            operation: None,
+        },
+        shape: tollgate::bucket::Shape {
+            capacity,
+            period: period_s * 1_000_000_000,
+        },
+        cost: 1,
+        shadow: false,
+    })
 }

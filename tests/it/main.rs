@@ -11,6 +11,8 @@ mod deny_cache;
 mod deploy;
 mod envoy_e2e;
 mod envoy_rls;
+mod fault_matrix;
+mod faults;
 mod grpc;
 mod limiter;
 mod redis_config;

@@ -17,7 +17,7 @@ fn a_minimal_redis_store_gets_small_timeouts_and_the_versioned_prefix() {
     assert_eq!(c.store.kind, StoreKind::Redis);
     assert_eq!(c.store.redis.mode, RedisMode::Standalone);
     assert_eq!(c.store.redis.response_timeout, Duration::from_millis(50));
-    assert_eq!(c.store.redis.key_prefix, "tg1:");
+    assert_eq!(c.store.redis.key_prefix, "tg2:");
 }
 
 #[test]

@@ -14,6 +14,7 @@ use tollgate::pb::tollgate::v1::ShouldAllowRequest;
 use tollgate::pb::tollgate::v1::rate_limiter_client::RateLimiterClient;
 use tollgate::server::{self, HEALTH_SERVICE};
 use tollgate::store::redis::RedisStore;
+use tollgate::store::redis::keys::bucket_key;
 use tollgate::store::{AnyStore, BucketCharge, BucketKey, Charge, Store};
 
 fn charge(identity: &str, capacity: u64, period: Duration) -> Charge<'_> {
@@ -97,20 +98,24 @@ async fn a_bucket_expires_when_full_and_its_memory_is_measured() {
         .unwrap();
     assert!(out[0].allowed);
     let mut c = conn(redis.server.port).unwrap();
-    let key = "test:expiry:{s}:r:alice:*";
+    let key = &bucket_key(
+        "test:expiry:",
+        &charge("alice", 10, Duration::from_secs(1)).buckets[0],
+    );
     let pttl: i64 = redis::cmd("PTTL").arg(key).query(&mut c).unwrap();
     // One token of 10 per second comes back in 100 ms: so does fullness.
     assert!((50..=100).contains(&pttl), "PTTL {pttl}");
     // A drained bucket lives for its whole refill period.
+    let drain_bucket = BucketCharge {
+        cost: 1_000,
+        ..charge("bob", 1_000, Duration::from_millis(300)).buckets[0]
+    };
     let drain = Charge {
-        buckets: vec![BucketCharge {
-            cost: 1_000,
-            ..charge("bob", 1_000, Duration::from_millis(300)).buckets[0]
-        }],
+        buckets: vec![drain_bucket],
         dry_run: false,
     };
     assert!(store.check_and_take(&[drain]).await.unwrap()[0].allowed);
-    let key = "test:expiry:{s}:r:bob:*";
+    let key = &bucket_key("test:expiry:", &drain_bucket);
     let pttl: i64 = redis::cmd("PTTL").arg(key).query(&mut c).unwrap();
     assert!((250..=300).contains(&pttl), "PTTL {pttl}");
     let bytes: i64 = redis::cmd("MEMORY")
@@ -353,7 +358,7 @@ async fn the_store_speaks_tls_and_authenticates() {
     assert!(out[0].allowed);
     assert_eq!(out[0].buckets[0].remaining, 9);
     let exists: i64 = redis::cmd("EXISTS")
-        .arg("test:tls:{s}:r:alice:*")
+        .arg(bucket_key("test:tls:", &c.buckets[0]))
         .query(&mut redis.admin())
         .unwrap();
     assert_eq!(exists, 1, "the decision went over TLS to this server");

@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::common::redis::{Cluster, Sentinel, conn};
 use tokio::time::Instant;
 use tollgate::bucket::Shape;
+use tollgate::store::redis::keys::bucket_key;
 use tollgate::store::{BucketCharge, BucketKey, Charge, Store};
 
 /// A charge of 1 from a bucket of a million tokens per 10^7 s: the bucket
@@ -188,7 +189,7 @@ async fn cluster_spreads_scopes_over_slots_and_reloads_flushed_scripts() {
     let wide_state = || {
         topo.nodes.iter().find_map(|n| {
             redis::cmd("GET")
-                .arg("test:cluster:{scope-1}:r:carol:*")
+                .arg(bucket_key("test:cluster:", &wide))
                 .query::<Option<Vec<u8>>>(&mut conn(n.port).ok()?)
                 .ok()
                 .flatten()
@@ -240,7 +241,7 @@ async fn cluster_follows_a_slot_that_moves_between_nodes() {
     assert_eq!(out[0].buckets[0].remaining, 999_999);
 
     // Migrate the scope's slot, with its key, to another primary.
-    let key = "test:moving:{roaming}:r:dave:*";
+    let key = &bucket_key("test:moving:", &c.buckets[0]);
     let slot: i64 = redis::cmd("CLUSTER")
         .arg("KEYSLOT")
         .arg(key)

@@ -38,10 +38,15 @@ pub(crate) struct Reply {
     pub(crate) ints: Vec<i64>,
 }
 
-/// Sends a batch as one script call and returns the script's whole reply.
+/// Decides a batch: one script call, as a rule (see [`split`]), and one
+/// reply per charge, in batch order.
 pub(crate) trait BatchCall: Send + Sync + 'static {
-    fn call(&self, batch: &[&Encoded])
-    -> impl Future<Output = Result<Vec<i64>, StoreError>> + Send;
+    /// `node` is the queue's: 0, or on Cluster the batch's hash slot.
+    fn call(
+        &self,
+        node: u16,
+        batch: &[&Encoded],
+    ) -> impl Future<Output = Vec<Result<Reply, StoreError>>> + Send;
 }
 
 /// A charge waiting for its batch.
@@ -74,7 +79,7 @@ impl Coalescer {
         for _ in 0..2 {
             let queue = queues.entry(node).or_insert_with(|| {
                 let (queue, jobs) = mpsc::unbounded_channel();
-                tokio::spawn(drain(Arc::downgrade(owner), jobs));
+                tokio::spawn(drain(Arc::downgrade(owner), node, jobs));
                 queue
             });
             match queue.send(job) {
@@ -90,7 +95,7 @@ impl Coalescer {
 }
 
 /// One node's task: take what is queued, send it as one call, answer each.
-async fn drain<B: BatchCall>(owner: Weak<B>, mut jobs: mpsc::UnboundedReceiver<Job>) {
+async fn drain<B: BatchCall>(owner: Weak<B>, node: u16, mut jobs: mpsc::UnboundedReceiver<Job>) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // Whoever stopped waiting gets nothing taken on their behalf.
@@ -100,17 +105,35 @@ async fn drain<B: BatchCall>(owner: Weak<B>, mut jobs: mpsc::UnboundedReceiver<J
         }
         let Some(owner) = owner.upgrade() else { return };
         let charges: Vec<&Encoded> = batch.iter().map(|job| &job.charge).collect();
-        let result = owner.call(&charges).await;
+        let replies = owner.call(node, &charges).await;
         drop(charges);
         drop(owner);
-        answer(&mut batch, result);
+        answer(&mut batch, replies);
     }
 }
 
-/// Hands each job its part of the batch's reply: `now`, then per charge its
-/// status and triples, in batch order.
-fn answer(batch: &mut Vec<Job>, result: Result<Vec<i64>, StoreError>) {
-    let expected = 1 + batch.iter().map(|j| j.charge.reply_len()).sum::<usize>();
+/// Hands each job its reply, in batch order.
+fn answer(batch: &mut Vec<Job>, replies: Vec<Result<Reply, StoreError>>) {
+    let mut replies = replies.into_iter();
+    for job in batch.drain(..) {
+        let reply = replies.next().unwrap_or_else(|| {
+            Err(StoreError::permanent(
+                "a batch call answered fewer charges than it carried",
+            ))
+        });
+        // A caller that left meanwhile does not need its answer.
+        let _ = job.reply.send(reply);
+    }
+}
+
+/// Splits one script call's reply for `batch` into each charge's part: the
+/// reply is `now`, then per charge its status and triples, in batch order.
+/// A call that failed fails every charge it carried (Redis decided none).
+pub(crate) fn split(
+    batch: &[&Encoded],
+    result: Result<Vec<i64>, StoreError>,
+) -> Vec<Result<Reply, StoreError>> {
+    let expected = 1 + batch.iter().map(|e| e.reply_len()).sum::<usize>();
     let result = result.and_then(|ints| {
         if ints.len() == expected {
             Ok(ints)
@@ -124,21 +147,19 @@ fn answer(batch: &mut Vec<Job>, result: Result<Vec<i64>, StoreError>) {
     match result {
         Ok(ints) => {
             let mut at = 1;
-            for job in batch.drain(..) {
-                let len = job.charge.reply_len();
-                let part = ints[at..at + len].to_vec();
-                at += len;
-                // A caller that left meanwhile does not need its answer.
-                let _ = job.reply.send(Ok(Reply {
-                    now: ints[0],
-                    ints: part,
-                }));
-            }
+            batch
+                .iter()
+                .map(|e| {
+                    let len = e.reply_len();
+                    let part = ints[at..at + len].to_vec();
+                    at += len;
+                    Ok(Reply {
+                        now: ints[0],
+                        ints: part,
+                    })
+                })
+                .collect()
         }
-        Err(e) => {
-            for job in batch.drain(..) {
-                let _ = job.reply.send(Err(e.clone()));
-            }
-        }
+        Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
     }
 }

@@ -1,13 +1,23 @@
-//! Redis key schema: a versioned prefix, the scope as the hash tag, then the
-//! rule and the caller's parts, each escaped so no value can reach another key.
+//! Redis key schema: a versioned prefix, the scope as the hash tag, the rule
+//! and its shape, then the caller's parts, each escaped (or hashed, when
+//! long) so no value can reach another key.
 //!
 //! ```text
-//! <prefix>{<scope>}:<rule>:<identity>:<operation>      e.g. tg1:{payments}:per-user:alice:*
+//! <prefix>{<scope>}:<rule>:<capacity>/<period µs>:<identity>:<operation>
+//! e.g. tg2:{payments}:per-user:100/60000000:alice:*
 //! ```
 //!
 //! - Every part is percent-escaped: bytes outside `[A-Za-z0-9-_.~@+/=]`
-//!   become `%XX`. So `:`, `{`, `}`, `%`, `*`, spaces and all non-ASCII bytes
-//!   are escaped, separators cannot be forged, and the mapping is injective.
+//!   become `%XX`. So `:`, `{`, `}`, `%`, `*`, `#`, spaces and all non-ASCII
+//!   bytes are escaped, separators cannot be forged, and the mapping is
+//!   injective.
+//! - An identity or operation longer than
+//!   [`MAX_PLAIN_PART`](crate::store::keys::MAX_PLAIN_PART) bytes is
+//!   replaced by `#` and its SHA-256 in hex, so a key stays under about 400
+//!   bytes whatever a caller sends. No escaped value starts with `#`.
+//! - The shape (capacity, and refill period in microseconds) is part of the
+//!   key, so a reload that changes a limit starts fresh buckets for it (see
+//!   [`crate::store::keys`]).
 //! - An absent part (a per-scope bucket has no identity) is `*`, which no
 //!   escaped value can be; an empty value is the empty string.
 //! - The hash tag is the escaped scope, or `%` for an empty scope (a lone `%`
@@ -15,29 +25,39 @@
 //!   and scatter one scope's buckets over slots). The prefix may not contain
 //!   braces, so the scope's tag is the first one in the key and callers can
 //!   never choose a slot.
-//! - Values are not hashed: the API caps identity and operation at 256 bytes,
-//!   so a key is at most a few kilobytes, and escaping cannot collide.
 
 use std::fmt::Write as _;
 
-use crate::store::BucketKey;
+use crate::store::keys::KeyPart;
+use crate::store::{BucketCharge, BucketKey};
 
 /// The default prefix (a config default); the number is the schema's version.
 pub use crate::config::DEFAULT_REDIS_KEY_PREFIX as DEFAULT_PREFIX;
 
 /// The key of one bucket.
-pub(crate) fn bucket_key(prefix: &str, key: &BucketKey<'_>) -> String {
-    let mut out = String::with_capacity(prefix.len() + 16 + key.scope.len() + key.rule.len());
+pub fn bucket_key(prefix: &str, bucket: &BucketCharge<'_>) -> String {
+    let key = &bucket.key;
+    let mut out = String::with_capacity(prefix.len() + 48 + key.scope.len() + key.rule.len());
     out.push_str(prefix);
     out.push('{');
     push_tag(&mut out, key.scope);
     out.push_str("}:");
     push_escaped(&mut out, key.rule);
+    // The script's units: microseconds, a stray sub-microsecond rounded up.
+    let period_us = bucket.shape.period.div_ceil(1_000).max(1);
+    let _ = write!(out, ":{}/{period_us}", bucket.shape.capacity);
     for part in [key.identity, key.operation] {
         out.push(':');
-        match part {
-            Some(value) => push_escaped(&mut out, value),
-            None => out.push('*'),
+        match KeyPart::of(part) {
+            KeyPart::Absent => out.push('*'),
+            KeyPart::Plain(value) => push_escaped(&mut out, value),
+            KeyPart::Hashed(hash) => {
+                out.push('#');
+                for b in hash {
+                    // Writing to a String cannot fail.
+                    let _ = write!(out, "{b:02x}");
+                }
+            }
         }
     }
     out
@@ -91,12 +111,20 @@ fn push_escaped(out: &mut String, value: &str) {
 mod tests {
     use super::*;
 
-    fn key<'a>(identity: Option<&'a str>, operation: Option<&'a str>) -> BucketKey<'a> {
-        BucketKey {
-            scope: "payments",
-            rule: "per-user",
-            identity,
-            operation,
+    fn key<'a>(identity: Option<&'a str>, operation: Option<&'a str>) -> BucketCharge<'a> {
+        BucketCharge {
+            key: BucketKey {
+                scope: "payments",
+                rule: "per-user",
+                identity,
+                operation,
+            },
+            shape: crate::bucket::Shape {
+                capacity: 100,
+                period: 60_000_000_000,
+            },
+            cost: 1,
+            shadow: false,
         }
     }
 
@@ -104,14 +132,17 @@ mod tests {
     fn layout_is_prefix_tag_rule_parts() {
         assert_eq!(
             bucket_key("tg1:", &key(Some("alice"), None)),
-            "tg1:{payments}:per-user:alice:*"
+            "tg1:{payments}:per-user:100/60000000:alice:*"
         );
     }
 
     #[test]
     fn separators_and_braces_are_escaped() {
         let k = bucket_key("tg1:", &key(Some("a:b}{c"), Some("%*")));
-        assert_eq!(k, "tg1:{payments}:per-user:a%3Ab%7D%7Bc:%25%2A");
+        assert_eq!(
+            k,
+            "tg1:{payments}:per-user:100/60000000:a%3Ab%7D%7Bc:%25%2A"
+        );
         // The only braces are the scope's tag.
         assert_eq!(k.matches('{').count(), 1);
         assert_eq!(k.matches('}').count(), 1);
@@ -140,20 +171,42 @@ mod tests {
     #[test]
     fn unicode_is_escaped_bytewise() {
         let k = bucket_key("tg1:", &key(Some("é{"), None));
-        assert_eq!(k, "tg1:{payments}:per-user:%C3%A9%7B:*");
+        assert_eq!(k, "tg1:{payments}:per-user:100/60000000:%C3%A9%7B:*");
         assert!(k.is_ascii());
     }
 
     #[test]
     fn an_empty_scope_still_has_a_tag() {
-        let k = BucketKey {
-            scope: "",
-            rule: "r",
-            identity: None,
-            operation: None,
-        };
-        assert_eq!(bucket_key("p:", &k), "p:{%}:r:*:*");
-        assert_eq!(hash_tag(&k), "%");
+        let mut k = key(None, None);
+        k.key.scope = "";
+        k.key.rule = "r";
+        assert_eq!(bucket_key("p:", &k), "p:{%}:r:100/60000000:*:*");
+        assert_eq!(hash_tag(&k.key), "%");
+    }
+
+    #[test]
+    fn long_parts_are_hashed_and_keys_stay_bounded() {
+        let long = "x".repeat(20_000);
+        let k = bucket_key("tg1:", &key(Some(&long), Some(&long)));
+        assert!(k.len() < 200, "{}", k.len());
+        assert!(k.ends_with(&format!(":#{}", &k[k.len() - 64..])));
+        let other = "x".repeat(20_001);
+        assert_ne!(k, bucket_key("tg1:", &key(Some(&other), Some(&long))));
+        // A short value that looks like a hash is escaped, so it differs.
+        let fake = &k[k.rfind(':').unwrap() + 1..][..40];
+        let escaped = bucket_key("tg1:", &key(Some(fake), None));
+        assert!(
+            !escaped.contains(":#") && escaped.contains(":%23"),
+            "{escaped}"
+        );
+    }
+
+    #[test]
+    fn the_shape_is_part_of_the_key() {
+        let a = key(Some("alice"), None);
+        let mut b = a;
+        b.shape.capacity = 10;
+        assert_ne!(bucket_key("tg1:", &a), bucket_key("tg1:", &b));
     }
 
     #[test]

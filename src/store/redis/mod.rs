@@ -7,7 +7,12 @@
 //! call is in flight, the charges that arrive queue up, and the next call
 //! carries all of them (on Cluster, per hash slot). One charge alone goes out
 //! at once; under load, one `EVALSHA` decides many. The charges of one
-//! [`Store::check_and_take`] call join the same queues.
+//! [`Store::check_and_take_each`] call join the same queues. Each charge
+//! succeeds or fails on its own: a charge whose keys fail (another type)
+//! fails alone, and only a call that fails as a whole (a timeout, a lost
+//! connection, `READONLY`, `OOM`) fails every charge it carried. On
+//! Cluster, each batch is one command to its slot's node, whose
+//! redirections are followed one command at a time (see `cluster.rs`).
 //!
 //! # Atomicity, per topology
 //! Every key carries its scope as the hash tag (see [`keys`]), so a charge
@@ -22,15 +27,18 @@
 //! # Scripts
 //! The script is called by SHA. A node that answers `NOSCRIPT` (a fresh
 //! Cluster node, a promoted replica, after `SCRIPT FLUSH`) gets `SCRIPT LOAD`
-//! (on Cluster, sent to every primary), and the refused batch, which did not
-//! run, is sent again. Nothing is ever charged twice.
+//! (on standalone and Sentinel, then the refused batch, which did not run,
+//! is sent once more; on Cluster, on the node that refused it, see
+//! `cluster.rs`). Nothing is ever charged twice: only replies that prove a
+//! script did not run are followed, never a timeout or a dropped connection.
 //!
 //! # Failure
-//! A [`breaker`] sits in front: after a few failures in a row, calls fail at
-//! once for a short cool-down, then probe. A background prober also pings
-//! Redis once per cool-down (and once at start), so the breaker opens and
-//! closes, and health follows Redis, even without traffic. Errors become
-//! [`StoreError`]s, and the limiter applies each scope's `failure_mode`.
+//! A [`breaker`] sits in front (on Cluster, one per hash slot): after a few
+//! failures in a row, calls fail at once for a short cool-down, then probe.
+//! A background prober also pings Redis once per cool-down (and once at
+//! start), so the breaker opens and closes, and health follows Redis, even
+//! without traffic. Errors become [`StoreError`]s, and the limiter applies
+//! each scope's `failure_mode`.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -42,6 +50,7 @@ use super::{BucketOutcome, Charge, ChargeOutcome, Store, StoreError};
 use crate::config::RedisConfig;
 
 pub mod breaker;
+mod cluster;
 mod coalesce;
 pub mod keys;
 mod script;
@@ -51,8 +60,9 @@ pub use breaker::BreakerSettings;
 pub use keys::DEFAULT_PREFIX;
 pub use topology::BuildError;
 
-use breaker::Breaker;
-use coalesce::{BatchCall, Coalescer};
+use breaker::{Breaker, SlotBreakers};
+use cluster::TryAgain;
+use coalesce::{BatchCall, Coalescer, Reply};
 use script::Mode;
 use topology::{CallError, Request, Topology};
 
@@ -97,8 +107,16 @@ struct Inner {
     prefix: String,
     /// Bounds each round trip.
     response_timeout: Duration,
+    /// Bounds the prober's connects, which refill lanes that decisions'
+    /// short timeouts gave up on.
+    connect_timeout: Duration,
+    /// Redis's health: the prober's, and on standalone and Sentinel (one
+    /// primary) the decisions' too.
     breaker: Breaker,
-    /// Concurrent charges bound for one node share one script call.
+    /// On Cluster, the decisions' breakers: one per hash slot.
+    slot_breakers: Option<SlotBreakers>,
+    /// Concurrent charges bound for one node (on Cluster, one slot) share
+    /// one script call.
     coalescer: Coalescer,
 }
 
@@ -120,16 +138,20 @@ impl RedisStore {
     /// Builds the store from its config. Does not connect: Tollgate starts
     /// while Redis is down. Call [`RedisStore::spawn_prober`] to track it.
     pub fn new(config: &RedisConfig) -> Result<Self, BuildError> {
+        let settings = BreakerSettings {
+            threshold: config.breaker_threshold,
+            cool_down: config.breaker_cool_down,
+        };
+        let topology = Topology::build(config)?;
         Ok(Self {
             inner: Arc::new(Inner {
-                topology: Topology::build(config)?,
+                slot_breakers: topology.is_cluster().then(|| SlotBreakers::new(settings)),
+                topology,
                 sha: script::sha1(),
                 prefix: config.key_prefix.clone(),
                 response_timeout: config.response_timeout,
-                breaker: Breaker::new(BreakerSettings {
-                    threshold: config.breaker_threshold,
-                    cool_down: config.breaker_cool_down,
-                }),
+                connect_timeout: config.connect_timeout,
+                breaker: Breaker::new(settings),
                 coalescer: Coalescer::default(),
             }),
         })
@@ -147,18 +169,21 @@ impl RedisStore {
                 && let Err(e) = inner.ping().await
             {
                 inner.breaker.trip(&e);
+                inner.lost_if_opened(true);
             }
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { return };
+                // A Cluster connection waits on every node, a dead one too.
+                inner.topology.warm(inner.connect_timeout * 4).await;
                 // Closed, it pings anyway, so an idle replica notices a dead
                 // Redis too; open, it waits its turn to probe.
                 if inner.breaker.admit() {
                     match inner.ping().await {
                         Ok(()) => inner.breaker.succeeded(),
-                        Err(e) => inner.breaker.failed(&e),
+                        Err(e) => inner.lost_if_opened(inner.breaker.failed(&e)),
                     }
                 }
             }
@@ -167,6 +192,19 @@ impl RedisStore {
 }
 
 impl Inner {
+    /// When Redis is lost (the breaker just opened), every held connection
+    /// is suspect: a dead server's sockets fail only when next written to,
+    /// and a silent one's never do. Drop them all, so the first calls after
+    /// recovery go out on fresh connections.
+    ///
+    /// Not on Cluster: its one connection holds a connection per node and
+    /// remakes each by itself, and a new one would wait on every node.
+    fn lost_if_opened(&self, opened: bool) {
+        if opened && !self.topology.is_cluster() {
+            self.topology.forget_connections();
+        }
+    }
+
     async fn ping(&self) -> Result<(), CallError> {
         let ping = redis::cmd("PING");
         self.topology
@@ -211,34 +249,37 @@ impl Inner {
         (work, plans)
     }
 
+    /// Decides each charge on its own: a charge whose part failed fails,
+    /// and no other charge's outcome depends on it.
     async fn decide(
         self: &Arc<Self>,
         charges: &[Charge<'_>],
-    ) -> Result<Vec<ChargeOutcome>, StoreError> {
+    ) -> Vec<Result<ChargeOutcome, StoreError>> {
         let (work, plans) = self.work(charges);
-        let done = self.run(&work, Mode::Decide).await?;
+        let done = self.run(&work, Mode::Decide).await;
 
         let mut outcomes = Vec::with_capacity(charges.len());
         let mut refunds: Vec<Charge<'_>> = Vec::new();
         let mut refunded: Vec<(usize, Vec<usize>)> = Vec::new();
         for (c, (charge, plan)) in charges.iter().zip(&plans).enumerate() {
-            let allowed = plan.iter().all(|(w, _)| done[*w].allowed);
-            let mut buckets = vec![UNSET; charge.buckets.len()];
-            for (w, part) in plan {
-                for (k, &i) in part.iter().enumerate() {
-                    buckets[i] = done[*w].buckets[k];
-                }
-            }
+            let failed = plan.iter().find_map(|(w, _)| done[*w].as_ref().err());
+            let allowed = failed.is_none()
+                && plan
+                    .iter()
+                    .all(|(w, _)| done[*w].as_ref().is_ok_and(|o| o.allowed));
             // Reserve and refund: a part that took while another part denied
-            // gives its tokens back, so a denied charge takes nothing.
+            // (or failed) gives its tokens back, so a charge that is not
+            // allowed takes nothing.
             if !allowed && !charge.dry_run {
-                for (w, part) in plan.iter().filter(|(w, _)| done[*w].allowed) {
+                for (w, part) in plan {
+                    let Ok(took) = &done[*w] else { continue };
+                    if !took.allowed {
+                        continue;
+                    }
                     let taken: Vec<usize> = part
                         .iter()
                         .enumerate()
-                        .filter(|&(k, &i)| {
-                            !charge.buckets[i].shadow || done[*w].buckets[k].conforms
-                        })
+                        .filter(|&(k, &i)| !charge.buckets[i].shadow || took.buckets[k].conforms)
                         .map(|(_, &i)| i)
                         .collect();
                     if !taken.is_empty() {
@@ -250,7 +291,19 @@ impl Inner {
                     }
                 }
             }
-            outcomes.push(ChargeOutcome { allowed, buckets });
+            if let Some(e) = failed {
+                outcomes.push(Err(e.clone()));
+                continue;
+            }
+            let mut buckets = vec![UNSET; charge.buckets.len()];
+            for (w, part) in plan {
+                if let Ok(o) = &done[*w] {
+                    for (k, &i) in part.iter().enumerate() {
+                        buckets[i] = o.buckets[k];
+                    }
+                }
+            }
+            outcomes.push(Ok(ChargeOutcome { allowed, buckets }));
         }
         // Known limit, unreachable today (the limiter never builds a charge
         // that spans scopes, so no charge spans hash tags): a refund takes
@@ -262,7 +315,7 @@ impl Inner {
         if !refunds.is_empty() {
             self.refund(&refunds, &refunded, &mut outcomes).await;
         }
-        Ok(outcomes)
+        outcomes
     }
 
     /// Gives back what the parts in `refunds` reserved, and reports the
@@ -274,70 +327,89 @@ impl Inner {
         self: &Arc<Self>,
         refunds: &[Charge<'_>],
         refunded: &[(usize, Vec<usize>)],
-        outcomes: &mut [ChargeOutcome],
+        outcomes: &mut [Result<ChargeOutcome, StoreError>],
     ) {
-        match self.run(refunds, Mode::Refund).await {
-            Ok(given_back) => {
-                for ((c, taken), back) in refunded.iter().zip(given_back) {
-                    for (k, &i) in taken.iter().enumerate() {
-                        let bucket = &mut outcomes[*c].buckets[i];
-                        bucket.remaining = back.buckets[k].remaining;
-                        bucket.reset_after = back.buckets[k].reset_after;
-                    }
+        let given_back = self.run(refunds, Mode::Refund).await;
+        for ((c, taken), back) in refunded.iter().zip(given_back) {
+            let back = match back {
+                Ok(back) => back,
+                Err(e) => {
+                    tracing::warn!(error = %e, "refund after a cross-slot denial failed; the reserved tokens stay taken");
+                    continue;
                 }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "refund after a cross-slot denial failed; the reserved tokens stay taken")
+            };
+            let Ok(outcome) = &mut outcomes[*c] else {
+                continue;
+            };
+            for (k, &i) in taken.iter().enumerate() {
+                let bucket = &mut outcome.buckets[i];
+                bucket.remaining = back.buckets[k].remaining;
+                bucket.reset_after = back.buckets[k].reset_after;
             }
         }
     }
 
     /// Decides each work item through its node's coalescer: concurrent
     /// items, from this call and others, share script calls. Outcomes are
-    /// in work order.
+    /// in work order, each on its own: an item whose batch failed (or that
+    /// waited too long) fails, and the others keep their outcomes.
     async fn run(
         self: &Arc<Self>,
         work: &[Charge<'_>],
         mode: Mode,
-    ) -> Result<Vec<ChargeOutcome>, StoreError> {
-        let waits: Vec<_> = work
-            .iter()
-            .map(|charge| {
-                // Standalone and Sentinel batch everything on one node.
-                let node = match charge.buckets.first() {
-                    Some(first) if self.topology.is_cluster() => keys::slot(&first.key),
-                    _ => 0,
-                };
-                let encoded = script::encode(&self.prefix, charge, mode);
-                self.coalescer.submit(self, node, encoded)
-            })
-            .collect();
+    ) -> Vec<Result<ChargeOutcome, StoreError>> {
         // Queued behind at most one call in flight, then its own call.
         let bound = self.response_timeout.saturating_mul(2);
-        let replies = tokio::time::timeout(bound, join_all(waits))
-            .await
-            .map_err(|_| call_failed(CallError::Timeout(bound)))?;
-        replies
-            .into_iter()
-            .zip(work)
-            .map(|(reply, charge)| {
-                let reply =
-                    reply.map_err(|_| StoreError::transient("Redis batch task ended"))??;
+        let waits = work.iter().map(|charge| {
+            // Standalone and Sentinel batch everything on one node.
+            let node = match charge.buckets.first() {
+                Some(first) if self.topology.is_cluster() => keys::slot(&first.key),
+                _ => 0,
+            };
+            let encoded = script::encode(&self.prefix, charge, mode);
+            let answer = self.coalescer.submit(self, node, encoded);
+            async move {
+                let reply = tokio::time::timeout(bound, answer)
+                    .await
+                    .map_err(|_| call_failed(CallError::Timeout(bound)))?
+                    .map_err(|_| StoreError::transient("Redis batch task ended"))??;
                 script::outcome(charge, reply.now, &reply.ints)
-            })
-            .collect()
+            }
+        });
+        join_all(waits).await
+    }
+
+    /// The breaker that guards `charge`: its slot's on Cluster, else none
+    /// (the one breaker guards the whole call).
+    fn breaker_for(&self, charge: &Charge<'_>) -> Option<Arc<Breaker>> {
+        let slots = self.slot_breakers.as_ref()?;
+        let first = charge.buckets.first()?;
+        Some(slots.get(keys::slot(&first.key)))
     }
 }
 
 impl BatchCall for Inner {
-    /// One `EVALSHA` for the whole batch; on `NOSCRIPT` (which ran nothing)
-    /// the script is loaded and the same batch sent once more.
-    async fn call(&self, batch: &[&script::Encoded]) -> Result<Vec<i64>, StoreError> {
+    /// One `EVALSHA` for the whole batch. On standalone and Sentinel, a
+    /// `NOSCRIPT` (which ran nothing) loads the script and sends the same
+    /// batch once more. On Cluster, `node` is the batch's hash slot; see
+    /// [`Inner::call_on_cluster`].
+    async fn call(&self, node: u16, batch: &[&script::Encoded]) -> Vec<Result<Reply, StoreError>> {
+        if self.topology.is_cluster() {
+            return self.call_on_cluster(node, batch).await;
+        }
+        let cmd = script::evalsha(&self.sha, batch.iter().copied());
+        coalesce::split(batch, self.call_once(&cmd).await)
+    }
+}
+
+impl Inner {
+    /// Sends a standalone or Sentinel script call; on `NOSCRIPT` loads the
+    /// script and sends it once more.
+    async fn call_once(&self, cmd: &redis::Cmd) -> Result<Vec<i64>, StoreError> {
         for attempt in 0..2 {
-            let cmd = script::evalsha(&self.sha, batch.iter().copied());
             match self
                 .topology
-                .call::<Vec<i64>>(Request::Cmd(&cmd), self.response_timeout)
+                .call::<Vec<i64>>(Request::Cmd(cmd), self.response_timeout)
                 .await
             {
                 Ok(ints) => return Ok(ints),
@@ -351,6 +423,42 @@ impl BatchCall for Inner {
         }
         Err(StoreError::transient("Redis kept answering NOSCRIPT"))
     }
+
+    /// A batch on Cluster: one command to the slot's node, following only
+    /// `MOVED`, `ASK`, `TRYAGAIN` and `NOSCRIPT` (`cluster.rs`), never
+    /// resent after a timeout or a dropped connection. During a slot
+    /// migration, a batch whose keys are split between the two nodes gets
+    /// `TRYAGAIN` (it ran nothing): then each charge goes alone, to wherever
+    /// its own keys are, so one charge's keys never hold up another's.
+    async fn call_on_cluster(
+        &self,
+        slot: u16,
+        batch: &[&script::Encoded],
+    ) -> Vec<Result<Reply, StoreError>> {
+        let timeout = self.response_timeout;
+        let cmd = script::evalsha(&self.sha, batch.iter().copied());
+        if batch.len() == 1 {
+            let result = cluster::eval(&self.topology, &cmd, slot, timeout, TryAgain::Wait).await;
+            return coalesce::split(batch, result.map_err(call_failed));
+        }
+        match cluster::eval(&self.topology, &cmd, slot, timeout, TryAgain::Return).await {
+            Err(CallError::Redis(e))
+                if e.kind() == ErrorKind::Server(ServerErrorKind::TryAgain) =>
+            {
+                let alone = batch.iter().map(|&charge| async move {
+                    let cmd = script::evalsha(&self.sha, std::iter::once(charge));
+                    let result = cluster::eval(&self.topology, &cmd, slot, timeout, TryAgain::Wait)
+                        .await
+                        .map_err(call_failed);
+                    coalesce::split(&[charge], result).pop().unwrap_or_else(|| {
+                        Err(StoreError::permanent("a script call answered no charge"))
+                    })
+                });
+                join_all(alone).await
+            }
+            result => coalesce::split(batch, result.map_err(call_failed)),
+        }
+    }
 }
 
 /// Every failure to reach Redis may pass: a restart, a failover, a timeout.
@@ -359,27 +467,76 @@ fn call_failed(e: CallError) -> StoreError {
 }
 
 impl Store for RedisStore {
-    async fn check_and_take(
+    async fn check_and_take_each(
         &self,
         charges: &[Charge<'_>],
-    ) -> Result<Vec<ChargeOutcome>, StoreError> {
+    ) -> Vec<Result<ChargeOutcome, StoreError>> {
         let inner = &self.inner;
+        if inner.slot_breakers.is_some() {
+            return self.check_and_take_by_slot(charges).await;
+        }
         if !inner.breaker.admit() {
-            return Err(StoreError::transient(
-                "Redis circuit open: not calling Redis during the cool-down",
-            ));
+            return vec![Err(circuit_open()); charges.len()];
         }
-        let result = inner.decide(charges).await;
-        match &result {
-            Ok(_) => inner.breaker.succeeded(),
-            Err(e) if e.transient => inner.breaker.failed(e),
-            // A permanent error is about the request, not Redis's health.
-            Err(_) => {}
-        }
-        result
+        let results = inner.decide(charges).await;
+        inner.lost_if_opened(record(&inner.breaker, &results));
+        results
     }
 
     fn is_available(&self) -> bool {
         !self.inner.breaker.is_open()
+    }
+}
+
+impl RedisStore {
+    /// Cluster: each charge passes its own slot's breaker, and the outcome
+    /// is recorded there only.
+    async fn check_and_take_by_slot(
+        &self,
+        charges: &[Charge<'_>],
+    ) -> Vec<Result<ChargeOutcome, StoreError>> {
+        let inner = &self.inner;
+        let breakers: Vec<Option<Arc<Breaker>>> =
+            charges.iter().map(|c| inner.breaker_for(c)).collect();
+        let admitted: Vec<usize> = (0..charges.len())
+            .filter(|&i| breakers[i].as_ref().is_none_or(|b| b.admit()))
+            .collect();
+        let work: Vec<Charge<'_>> = admitted.iter().map(|&i| charges[i].clone()).collect();
+        let decided = if work.is_empty() {
+            Vec::new()
+        } else {
+            inner.decide(&work).await
+        };
+        let mut results: Vec<Result<ChargeOutcome, StoreError>> =
+            (0..charges.len()).map(|_| Err(circuit_open())).collect();
+        for (&i, result) in admitted.iter().zip(decided) {
+            if let Some(b) = &breakers[i] {
+                // A slot's breaker only; its node's connection is the
+                // client's to remake.
+                record(b, std::slice::from_ref(&result));
+            }
+            results[i] = result;
+        }
+        results
+    }
+}
+
+fn circuit_open() -> StoreError {
+    StoreError::transient("Redis circuit open: not calling Redis during the cool-down")
+}
+
+/// Counts `results` on `breaker`: any transient failure is a failure. A
+/// permanent error is about the request, not Redis's health. True when this
+/// opened the breaker.
+fn record(breaker: &Breaker, results: &[Result<ChargeOutcome, StoreError>]) -> bool {
+    match results
+        .iter()
+        .find_map(|r| r.as_ref().err().filter(|e| e.transient))
+    {
+        Some(e) => breaker.failed(e),
+        None => {
+            breaker.succeeded();
+            false
+        }
     }
 }

@@ -94,7 +94,7 @@ pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, mode: Mode) -> Encoded {
             .buckets
             .iter()
             .take(usize::from(n))
-            .map(|b| bucket_key(prefix, &b.key))
+            .map(|b| bucket_key(prefix, b))
             .collect(),
         numbers,
     }
@@ -216,7 +216,13 @@ mod tests {
         let text = |i: usize| String::from_utf8_lossy(&args[i]).into_owned();
         assert_eq!(
             (0..5).map(text).collect::<Vec<_>>(),
-            ["EVALSHA", "abc", "2", "tg1:{s}:r:i:*", "tg1:{s}:r:i:*"]
+            [
+                "EVALSHA",
+                "abc",
+                "2",
+                "tg1:{s}:r:3/1000000:i:*",
+                "tg1:{s}:r:3/1000000:i:*"
+            ]
         );
         let mut numbers = vec![0u8, 1, 0];
         numbers.extend(3i32.to_le_bytes());

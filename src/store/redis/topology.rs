@@ -14,6 +14,20 @@
 //! timeout, so a slow Redis turns into a prompt error. Connections are held
 //! in [`Lanes`] rather than checked out per call, because deadpool pings
 //! each connection it hands out: that would be a second round trip.
+//!
+//! # Silent failures
+//! A primary that stops answering without closing its sockets (SIGSTOP, a
+//! lost host, a partition that drops packets) would otherwise be kept for
+//! good: a timeout says nothing about the connection. So every socket has
+//! `TCP_NODELAY`, TCP keepalive and `TCP_USER_TIMEOUT`, and a lane whose
+//! connection timed out [`TIMEOUTS_TO_DROP`] times in a row drops it; the
+//! next connection asks the sentinels again (or the cluster's slot map).
+//! Refilling a lane is bounded by the caller's timeout too, so a decision
+//! never waits for a whole connect timeout.
+//!
+//! Sentinel and Cluster connections are made by the redis client directly
+//! (deadpool's managers cannot pass TCP settings, nor turn off the Cluster
+//! client's retries; see `cluster.rs` for why those must be off).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -21,8 +35,10 @@ use std::time::Duration;
 
 use deadpool_redis::{PoolError, Runtime};
 use redis::aio::ConnectionLike;
+use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
 use redis::{
-    Cmd, ConnectionInfo, ErrorKind, FromRedisValue, IntoConnectionInfo, RedisError, ServerErrorKind,
+    Cmd, ConnectionInfo, ErrorKind, FromRedisValue, IntoConnectionInfo, RedisError, RedisResult,
+    ServerErrorKind,
 };
 
 use crate::config::{RedisConfig, RedisMode};
@@ -63,25 +79,45 @@ pub(crate) enum Request<'a> {
     Cmd(&'a Cmd),
 }
 
+/// Consecutive timeouts after which a lane drops its connection.
+pub(crate) const TIMEOUTS_TO_DROP: u32 = 2;
+
 /// Connections to one of the three topologies.
 pub(crate) enum Topology {
     Standalone(Lanes<deadpool_redis::Pool>),
-    Sentinel(Lanes<deadpool_redis::sentinel::Pool>),
-    Cluster(Lanes<deadpool_redis::cluster::Pool>),
+    Sentinel(Lanes<SentinelConnector>),
+    Cluster(Lanes<ClusterConnector>),
 }
 
 impl std::fmt::Debug for Topology {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (mode, status) = match self {
-            Self::Standalone(l) => ("standalone", l.pool.status()),
-            Self::Sentinel(l) => ("sentinel", l.pool.status()),
-            Self::Cluster(l) => ("cluster", l.pool.status()),
+        let (mode, lanes) = match self {
+            Self::Standalone(l) => ("standalone", l.lanes.len()),
+            Self::Sentinel(l) => ("sentinel", l.lanes.len()),
+            Self::Cluster(l) => ("cluster", l.lanes.len()),
         };
         f.debug_struct("Topology")
             .field("mode", &mode)
-            .field("pool", &status)
+            .field("lanes", &lanes)
             .finish()
     }
+}
+
+/// The socket settings of every connection to Redis: no Nagle (a decision
+/// is one small write that must not wait for an ACK), keepalive probes, and
+/// a user timeout, so the kernel gives up on a peer that stopped
+/// acknowledging within about a second instead of after many minutes.
+pub(crate) fn tcp_settings(config: &RedisConfig) -> TcpSettings {
+    let user_timeout = (config.response_timeout * 4).max(Duration::from_secs(1));
+    TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(
+            TcpKeepalive::new()
+                .with_time(Duration::from_secs(1))
+                .with_interval(Duration::from_secs(1))
+                .with_retries(3),
+        )
+        .set_user_timeout(user_timeout)
 }
 
 /// Checks that `url` is a Redis URL this build can use.
@@ -96,9 +132,10 @@ pub(crate) fn check_url(url: &str) -> Result<(), String> {
 }
 
 /// Checks `store.redis.tls` against what this build can do: the CA file
-/// must parse, and only a standalone server can use it (deadpool-redis
-/// builds Sentinel's and Cluster's node connections itself, without a way to
-/// pass a CA; there, add the CA to the system's roots, e.g. `SSL_CERT_FILE`).
+/// must parse, and only a standalone server can use it (the Sentinel and
+/// Cluster clients connect to the nodes the servers name, and take no CA
+/// for those connections; there, add the CA to the system's roots, e.g.
+/// `SSL_CERT_FILE`).
 pub(crate) fn check_tls(config: &RedisConfig, problems: &mut Vec<String>) {
     if config.tls.ca_file.is_none() {
         return;
@@ -123,26 +160,28 @@ pub(crate) fn check_tls(config: &RedisConfig, problems: &mut Vec<String>) {
 }
 
 /// How to reach the data nodes that the sentinels name.
-fn sentinel_node(config: &RedisConfig) -> deadpool_redis::sentinel::SentinelNodeConnectionInfo {
-    // The data nodes speak TLS when the sentinels do.
-    let tls_mode = config.urls.iter().find_map(|u| {
-        u.starts_with("rediss://").then(|| {
-            if u.ends_with("#insecure") || config.tls.danger_accept_invalid_certificates {
-                deadpool_redis::sentinel::TlsMode::Insecure
-            } else {
-                deadpool_redis::sentinel::TlsMode::Secure
-            }
-        })
-    });
-    deadpool_redis::sentinel::SentinelNodeConnectionInfo {
-        tls_mode,
-        redis_connection_info: Some(deadpool_redis::RedisConnectionInfo {
-            db: 0,
-            username: config.username.clone(),
-            password: config.password.as_ref().map(|p| p.expose().to_owned()),
-            protocol: deadpool_redis::ProtocolVersion::RESP2,
-        }),
+fn sentinel_node(config: &RedisConfig) -> redis::sentinel::SentinelNodeConnectionInfo {
+    let mut redis_info = redis::RedisConnectionInfo::default();
+    if let Some(user) = &config.username {
+        redis_info = redis_info.set_username(user);
     }
+    if let Some(password) = &config.password {
+        redis_info = redis_info.set_password(password.expose());
+    }
+    let mut node = redis::sentinel::SentinelNodeConnectionInfo::default()
+        .set_redis_connection_info(redis_info)
+        .set_tcp_settings(tcp_settings(config));
+    // The data nodes speak TLS when the sentinels do.
+    if let Some(u) = config.urls.iter().find(|u| u.starts_with("rediss://")) {
+        node = node.set_tls_mode(
+            if u.ends_with("#insecure") || config.tls.danger_accept_invalid_certificates {
+                redis::TlsMode::Insecure
+            } else {
+                redis::TlsMode::Secure
+            },
+        );
+    }
+    node
 }
 
 /// The sentinels' own connection info: their credentials, and TLS settings.
@@ -209,6 +248,7 @@ impl Topology {
     /// Builds the pools. Connects lazily, so Tollgate starts while Redis is
     /// down and serves by its failure mode until Redis comes.
     pub(crate) fn build(config: &RedisConfig) -> Result<Self, BuildError> {
+        let tcp = tcp_settings(config);
         let infos = config
             .urls
             .iter()
@@ -216,64 +256,74 @@ impl Topology {
                 u.as_str()
                     .into_connection_info()
                     .and_then(|i| with_tls(with_auth(i, config), config))
-                    .map(with_nodelay)
+                    .map(|i| i.set_tcp_settings(tcp.clone()))
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(BuildError::Url)?;
         let client = |e: RedisError| BuildError::Client(e.to_string());
         let connect = Some(config.connect_timeout);
         let lanes = config.pool_size.max(1);
-        // The same pool settings for each topology's builder type.
-        macro_rules! tuned {
-            ($builder:expr) => {
-                $builder
-                    .max_size(config.pool_size)
-                    .wait_timeout(Some(config.wait_timeout))
-                    .create_timeout(connect)
-                    .recycle_timeout(connect)
-                    .runtime(Runtime::Tokio1)
-                    .build()
-                    .map_err(|e| BuildError::Client(e.to_string()))?
-            };
-        }
+        let connection = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(connect)
+            .set_response_timeout(Some(config.response_timeout));
         Ok(match config.mode {
             RedisMode::Standalone => {
                 let info = infos
                     .into_iter()
                     .next()
                     .ok_or_else(|| BuildError::Client("urls: none given".to_owned()))?;
-                let connection = redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(connect)
-                    .set_response_timeout(Some(config.response_timeout));
                 let manager =
                     deadpool_redis::Manager::new_with_config(info, connection).map_err(client)?;
-                Self::Standalone(Lanes::new(
-                    tuned!(deadpool_redis::Pool::builder(manager)),
-                    lanes,
-                ))
+                let pool = deadpool_redis::Pool::builder(manager)
+                    .max_size(config.pool_size)
+                    .wait_timeout(Some(config.wait_timeout))
+                    .create_timeout(connect)
+                    .recycle_timeout(connect)
+                    .runtime(Runtime::Tokio1)
+                    .build()
+                    .map_err(|e| BuildError::Client(e.to_string()))?;
+                Self::Standalone(Lanes::new(pool, lanes))
             }
             RedisMode::Sentinel => {
-                let manager = deadpool_redis::sentinel::Manager::new(
-                    sentinel_infos(config)?,
+                let sentinels = sentinel_infos(config)?
+                    .into_iter()
+                    .map(|i| i.set_tcp_settings(tcp.clone()))
+                    .collect();
+                let sentinel = redis::sentinel::SentinelClient::build(
+                    sentinels,
                     config.master_name.clone().unwrap_or_default(),
                     Some(sentinel_node(config)),
-                    deadpool_redis::sentinel::SentinelServerType::Master,
+                    redis::sentinel::SentinelServerType::Master,
                 )
                 .map_err(client)?;
                 Self::Sentinel(Lanes::new(
-                    tuned!(deadpool_redis::sentinel::Pool::builder(manager)),
+                    SentinelConnector {
+                        client: tokio::sync::Mutex::new(sentinel),
+                        connection,
+                    },
                     lanes,
                 ))
             }
             RedisMode::Cluster => {
-                // One cluster connection already multiplexes over every node;
-                // a few cover many concurrent decisions.
-                let manager =
-                    deadpool_redis::cluster::Manager::new(infos, false).map_err(client)?;
-                Self::Cluster(Lanes::new(
-                    tuned!(deadpool_redis::cluster::Pool::builder(manager)),
-                    lanes,
-                ))
+                // Retries off: the client would resend a whole request after
+                // a redirect or a dropped connection, possibly after the
+                // script ran. `cluster.rs` follows MOVED and ASK itself.
+                // No response timeout inside the client either: it treats
+                // one as a broken node and reconnects, and while it does,
+                // it holds every other node's calls too. Our own timeout
+                // bounds each call; the slot breakers fail a silent
+                // node's calls fast.
+                let cluster = redis::cluster::ClusterClientBuilder::new(infos)
+                    .retries(0)
+                    .tcp_settings(tcp)
+                    .connection_timeout(config.connect_timeout)
+                    .build()
+                    .map_err(client)?;
+                // One cluster connection multiplexes over every node, with a
+                // connection per node that it remakes by itself.
+                let mut lanes = Lanes::new(ClusterConnector { client: cluster }, 1);
+                lanes.drop_on_errors = false;
+                Self::Cluster(lanes)
             }
         })
     }
@@ -283,7 +333,8 @@ impl Topology {
         matches!(self, Self::Cluster(_))
     }
 
-    /// Sends `request` on a pooled connection, bounded by `timeout`.
+    /// Sends `request` on a pooled connection, bounded by `timeout` (and
+    /// so is getting the connection, if its lane is empty).
     pub(crate) async fn call<T: FromRedisValue>(
         &self,
         request: Request<'_>,
@@ -295,16 +346,45 @@ impl Topology {
             Self::Cluster(l) => l.call(request, timeout).await,
         }
     }
-}
 
-/// Turns Nagle's algorithm off: redis-rs leaves it on, and a small script
-/// call written while an earlier one is unacknowledged would wait for the
-/// delayed ACK. (Sentinel's data-node settings, built by deadpool-redis, have
-/// no TCP field; there a batch waits for the previous reply, so Nagle rarely
-/// holds one back.)
-fn with_nodelay(info: ConnectionInfo) -> ConnectionInfo {
-    let tcp = info.tcp_settings().clone().set_nodelay(true);
-    info.set_tcp_settings(tcp)
+    /// Runs `f` on a Cluster connection, bounded by `timeout`, with the
+    /// lanes' bookkeeping (timeouts and broken connections drop it).
+    /// `None` unless this is a Cluster.
+    pub(crate) async fn with_cluster<T, F, Fut>(
+        &self,
+        timeout: Duration,
+        f: F,
+    ) -> Option<Result<T, CallError>>
+    where
+        F: FnOnce(redis::cluster_async::ClusterConnection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        match self {
+            Self::Cluster(l) => Some(l.run(timeout, f).await),
+            _ => None,
+        }
+    }
+
+    /// Connects every empty lane, each bounded by `timeout`. The prober
+    /// calls it, so lanes refill even when decisions' short timeouts give
+    /// up on a slow connect.
+    pub(crate) async fn warm(&self, timeout: Duration) {
+        match self {
+            Self::Standalone(l) => l.warm(timeout).await,
+            Self::Sentinel(l) => l.warm(timeout).await,
+            Self::Cluster(l) => l.warm(timeout).await,
+        }
+    }
+
+    /// Drops every connection, after one said `READONLY`: they may all
+    /// point at a demoted primary. New ones ask the sentinels again.
+    pub(crate) fn forget_connections(&self) {
+        match self {
+            Self::Standalone(l) => l.forget_all(),
+            Self::Sentinel(l) => l.forget_all(),
+            Self::Cluster(l) => l.forget_all(),
+        }
+    }
 }
 
 fn with_auth(info: ConnectionInfo, config: &RedisConfig) -> ConnectionInfo {
@@ -332,7 +412,7 @@ pub(crate) trait Pooled: Send + Sync {
     type Conn: Send;
     /// A clone of the multiplexed connection inside, for one call.
     type Handle: ConnectionLike + Clone + Send;
-    fn checkout(&self) -> impl Future<Output = Result<Self::Conn, PoolError>> + Send;
+    fn checkout(&self) -> impl Future<Output = Result<Self::Conn, CallError>> + Send;
     fn handle(conn: &Self::Conn) -> Self::Handle;
     /// Takes a connection out of the pool for good.
     fn discard(conn: Self::Conn);
@@ -344,8 +424,8 @@ macro_rules! pooled {
         impl Pooled for $pool {
             type Conn = $conn;
             type Handle = $handle;
-            fn checkout(&self) -> impl Future<Output = Result<Self::Conn, PoolError>> + Send {
-                self.get()
+            async fn checkout(&self) -> Result<Self::Conn, CallError> {
+                Ok(self.get().await?)
             }
             fn handle(conn: &Self::Conn) -> Self::Handle {
                 <$handle>::clone(conn)
@@ -365,16 +445,51 @@ pooled!(
     deadpool_redis::Connection,
     redis::aio::MultiplexedConnection
 );
-pooled!(
-    deadpool_redis::sentinel::Pool,
-    deadpool_redis::sentinel::Connection,
-    redis::aio::MultiplexedConnection
-);
-pooled!(
-    deadpool_redis::cluster::Pool,
-    deadpool_redis::cluster::Connection,
-    redis::cluster_async::ClusterConnection
-);
+
+/// Makes Sentinel connections: each asks the sentinels for the primary.
+pub(crate) struct SentinelConnector {
+    /// The client needs `&mut` to ask; held across that, so async.
+    client: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+    connection: redis::AsyncConnectionConfig,
+}
+
+impl Pooled for SentinelConnector {
+    type Conn = redis::aio::MultiplexedConnection;
+    type Handle = redis::aio::MultiplexedConnection;
+    async fn checkout(&self) -> Result<Self::Conn, CallError> {
+        let mut client = self.client.lock().await;
+        Ok(client
+            .get_async_connection_with_config(&self.connection)
+            .await?)
+    }
+    fn handle(conn: &Self::Conn) -> Self::Handle {
+        conn.clone()
+    }
+    fn discard(conn: Self::Conn) {
+        drop(conn);
+    }
+    fn forget_idle(&self) {}
+}
+
+/// Makes Cluster connections, with the client's retries off.
+pub(crate) struct ClusterConnector {
+    client: redis::cluster::ClusterClient,
+}
+
+impl Pooled for ClusterConnector {
+    type Conn = redis::cluster_async::ClusterConnection;
+    type Handle = redis::cluster_async::ClusterConnection;
+    async fn checkout(&self) -> Result<Self::Conn, CallError> {
+        Ok(self.client.get_async_connection().await?)
+    }
+    fn handle(conn: &Self::Conn) -> Self::Handle {
+        conn.clone()
+    }
+    fn discard(conn: Self::Conn) {
+        drop(conn);
+    }
+    fn forget_idle(&self) {}
+}
 
 /// Connections held out of the pool and shared.
 ///
@@ -389,6 +504,13 @@ pub(crate) struct Lanes<P: Pooled> {
     pool: P,
     lanes: Box<[Lane<P>]>,
     next: AtomicUsize,
+    /// Drop a connection after [`TIMEOUTS_TO_DROP`] timeouts in a row, or
+    /// an error that breaks it. Not on Cluster: its one connection spans
+    /// every node and reconnects to each by itself, and one silent or dead
+    /// node must not cost the live ones their connection (making a new one
+    /// waits on every node, the dead one included). The slot breakers fail
+    /// the dead node's calls fast instead.
+    drop_on_errors: bool,
 }
 
 struct Lane<P: Pooled> {
@@ -404,6 +526,9 @@ struct Lane<P: Pooled> {
     /// dead Redis, a queue of waiters would otherwise pay one connect
     /// timeout each, in turn, before the breaker could open.
     fill_failures: AtomicU64,
+    /// Timeouts in a row on the held connection. A connection to a peer
+    /// that went silent never errors by itself; this drops it.
+    timeouts: std::sync::atomic::AtomicU32,
 }
 
 /// A lane's connection: `(generation, pooled connection, handle)`.
@@ -412,6 +537,7 @@ type Held<P> = (u64, <P as Pooled>::Conn, <P as Pooled>::Handle);
 impl<P: Pooled> Lanes<P> {
     fn new(pool: P, lanes: usize) -> Self {
         Self {
+            drop_on_errors: true,
             pool,
             lanes: (0..lanes)
                 .map(|_| Lane {
@@ -419,6 +545,7 @@ impl<P: Pooled> Lanes<P> {
                     generation: AtomicU64::new(0),
                     filling: tokio::sync::Mutex::new(()),
                     fill_failures: AtomicU64::new(0),
+                    timeouts: std::sync::atomic::AtomicU32::new(0),
                 })
                 .collect(),
             next: AtomicUsize::new(0),
@@ -430,29 +557,66 @@ impl<P: Pooled> Lanes<P> {
         request: Request<'_>,
         timeout: Duration,
     ) -> Result<T, CallError> {
-        let at = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
-        let lane = &self.lanes[at];
-        let (generation, mut conn) = match lane.current() {
-            Some(held) => held,
-            None => lane.fill(&self.pool).await?,
-        };
-        let sent = async {
+        self.run(timeout, |mut conn| async move {
             match request {
                 Request::Cmd(cmd) => cmd.query_async::<T>(&mut conn).await,
             }
+        })
+        .await
+    }
+
+    /// Runs `f` on a lane's connection, filling the lane first if it is
+    /// empty; both bounded by `timeout`.
+    async fn run<T, F, Fut>(&self, timeout: Duration, f: F) -> Result<T, CallError>
+    where
+        F: FnOnce(P::Handle) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let started = tokio::time::Instant::now();
+        let at = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        let lane = &self.lanes[at];
+        let (generation, conn) = match lane.current() {
+            Some(held) => held,
+            None => tokio::time::timeout(timeout, lane.fill(&self.pool))
+                .await
+                .map_err(|_| CallError::Timeout(timeout))??,
         };
-        match tokio::time::timeout(timeout, sent).await {
-            Ok(Ok(reply)) => Ok(reply),
+        let left = timeout.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, f(conn)).await {
+            Ok(Ok(reply)) => {
+                lane.timeouts.store(0, Ordering::Relaxed);
+                Ok(reply)
+            }
             Ok(Err(e)) => {
-                if e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly) {
+                let readonly = e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly);
+                if self.drop_on_errors && readonly {
                     self.forget_all();
-                } else if poisons_connection(&e) {
+                } else if self.drop_on_errors && poisons_connection(&e) {
                     lane.empty(Some(generation));
                 }
                 Err(CallError::Redis(e))
             }
-            // A slow answer is not a broken connection: keep it.
-            Err(_) => Err(CallError::Timeout(timeout)),
+            Err(_) => {
+                // One slow answer is not a broken connection; several in a
+                // row are a peer that went silent.
+                if self.drop_on_errors
+                    && lane.timeouts.fetch_add(1, Ordering::Relaxed) + 1 >= TIMEOUTS_TO_DROP
+                {
+                    lane.empty(Some(generation));
+                }
+                Err(CallError::Timeout(timeout))
+            }
+        }
+    }
+
+    async fn warm(&self, timeout: Duration) {
+        for lane in self.lanes.iter().filter(|l| l.current().is_none()) {
+            if tokio::time::timeout(timeout, lane.fill(&self.pool))
+                .await
+                .is_err()
+            {
+                return;
+            }
         }
     }
 
@@ -485,7 +649,7 @@ impl<P: Pooled> Lane<P> {
             Ok(conn) => conn,
             Err(e) => {
                 self.fill_failures.fetch_add(1, Ordering::Release);
-                return Err(e.into());
+                return Err(e);
             }
         };
         let handle = P::handle(&conn);
@@ -504,7 +668,25 @@ impl<P: Pooled> Lane<P> {
             }
         };
         if let Some((_, conn, _)) = taken {
+            self.timeouts.store(0, Ordering::Relaxed);
             P::discard(conn);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_socket_has_nodelay_keepalive_and_a_user_timeout() {
+        let config = RedisConfig {
+            response_timeout: Duration::from_millis(50),
+            ..RedisConfig::default()
+        };
+        let tcp = tcp_settings(&config);
+        assert!(tcp.nodelay(), "Nagle would hold a decision for an ACK");
+        assert!(tcp.keepalive().is_some());
+        assert_eq!(tcp.user_timeout(), Some(Duration::from_secs(1)));
     }
 }

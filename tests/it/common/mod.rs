@@ -2,6 +2,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod certs;
+pub mod proxy;
 pub mod redis;
 pub mod tollgate;
 pub mod webdriver;

@@ -134,6 +134,23 @@ impl Server {
         });
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, …) to the process: SIGSTOP makes a
+    /// server that keeps its sockets open but never answers.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("running");
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
     /// SIGKILLs the process.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -145,6 +162,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // A stopped process still dies of SIGKILL.
         self.kill();
     }
 }
@@ -202,8 +220,14 @@ pub struct Sentinel {
 
 impl Sentinel {
     pub fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
         let p = free_port();
+        Self::start_at(p, p)
+    }
+
+    /// Starts the primary on `p`, and has the sentinels (and so clients)
+    /// reach it at `monitor` (a fault proxy in front of it, say).
+    pub fn start_at(p: u16, monitor: u16) -> Self {
+        let dir = tempfile::tempdir().unwrap();
         let primary = Server::redis(dir.path(), p, &[]);
         let replica = Server::redis(
             dir.path(),
@@ -219,7 +243,7 @@ impl Sentinel {
                     sdir.join("sentinel.conf"),
                     format!(
                         "port {port}\nbind 127.0.0.1\nprotected-mode no\n\
-                         sentinel monitor mymaster 127.0.0.1 {p} 2\n\
+                         sentinel monitor mymaster 127.0.0.1 {monitor} 2\n\
                          sentinel down-after-milliseconds mymaster 1000\n\
                          sentinel failover-timeout mymaster 3000\n\
                          sentinel parallel-syncs mymaster 1\n"
@@ -277,21 +301,24 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a cluster whose nodes get `extra` arguments too.
+    pub fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let nodes: Vec<Server> = (0..3)
             .map(|_| {
-                Server::redis(
-                    dir.path(),
-                    free_port(),
-                    &[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        "nodes.conf",
-                        "--cluster-node-timeout",
-                        "2000",
-                    ],
-                )
+                let mut args = vec![
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ];
+                args.extend_from_slice(extra);
+                Server::redis(dir.path(), free_port(), &args)
             })
             .collect();
         let status = Command::new("redis-cli")
@@ -390,4 +417,42 @@ impl Secured {
             .unwrap();
         c
     }
+}
+
+/// A scope name whose hash slot the node on `port` serves, as a primary.
+pub fn scope_on(port: u16, prefix: &str) -> String {
+    let mut c = conn(port).unwrap();
+    let slots: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query(&mut c).unwrap();
+    let mut ranges = Vec::new();
+    for range in slots {
+        let redis::Value::Array(parts) = range else {
+            continue;
+        };
+        let (Some(redis::Value::Int(lo)), Some(redis::Value::Int(hi))) =
+            (parts.first(), parts.get(1))
+        else {
+            continue;
+        };
+        let owner = match parts.get(2) {
+            Some(redis::Value::Array(node)) => match node.get(1) {
+                Some(redis::Value::Int(p)) => *p as u16,
+                _ => continue,
+            },
+            _ => continue,
+        };
+        if owner == port {
+            ranges.push((*lo, *hi));
+        }
+    }
+    (0..10_000)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|name| {
+            let slot: i64 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(name)
+                .query(&mut c)
+                .unwrap();
+            ranges.iter().any(|&(lo, hi)| (lo..=hi).contains(&slot))
+        })
+        .expect("a scope on that node")
 }
