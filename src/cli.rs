@@ -58,24 +58,12 @@ pub(crate) struct AllowArgs {
     /// The server, e.g. http://127.0.0.1:50051.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     addr: String,
-    /// The scope.
-    #[arg(long)]
-    scope: String,
-    /// The caller's identity.
-    #[arg(long, default_value = "")]
-    identity: String,
-    /// The operation.
-    #[arg(long, default_value = "")]
-    operation: String,
-    /// Tokens to take.
-    #[arg(long, default_value_t = 1)]
-    cost: u32,
+    /// What to ask about.
+    #[command(flatten)]
+    question: Question,
     /// Decide without taking.
     #[arg(long)]
     dry_run: bool,
-    /// An attribute, as key=value; repeat for more.
-    #[arg(long = "attr", value_parser = parse_attr)]
-    attrs: Vec<(String, String)>,
     /// A bearer token, for a server with `callers:` (sent as
     /// `authorization: Bearer <token>`).
     #[arg(long)]
@@ -94,6 +82,41 @@ pub(crate) struct AllowArgs {
     /// the address's host.
     #[arg(long)]
     tls_name: Option<String>,
+}
+
+/// The request a subcommand asks about: `allow` decides it, `explain`
+/// explains it.
+#[derive(Debug, Args)]
+pub(crate) struct Question {
+    /// The scope.
+    #[arg(long)]
+    scope: String,
+    /// The caller's identity.
+    #[arg(long, default_value = "")]
+    identity: String,
+    /// The operation.
+    #[arg(long, default_value = "")]
+    operation: String,
+    /// Tokens to take (or, for `explain`, to judge).
+    #[arg(long, default_value_t = 1)]
+    cost: u32,
+    /// An attribute, as key=value; repeat for more.
+    #[arg(long = "attr", value_parser = parse_attr)]
+    attrs: Vec<(String, String)>,
+}
+
+impl Question {
+    /// The request, as a dry run or not.
+    fn into_request(self, dry_run: bool) -> pb::ShouldAllowRequest {
+        pb::ShouldAllowRequest {
+            scope: self.scope,
+            identity: self.identity,
+            operation: self.operation,
+            cost: self.cost,
+            dry_run,
+            attributes: self.attrs.into_iter().collect(),
+        }
+    }
 }
 
 fn parse_attr(s: &str) -> Result<(String, String), String> {
@@ -193,14 +216,7 @@ async fn channel(args: &AllowArgs) -> anyhow::Result<tonic::transport::Channel> 
 /// Sends one `ShouldAllow` and renders the answer for a terminal.
 pub(crate) async fn allow(args: AllowArgs) -> anyhow::Result<String> {
     let channel = channel(&args).await?;
-    let request = pb::ShouldAllowRequest {
-        scope: args.scope,
-        identity: args.identity,
-        operation: args.operation,
-        cost: args.cost,
-        dry_run: args.dry_run,
-        attributes: args.attrs.into_iter().collect(),
-    };
+    let request = args.question.into_request(args.dry_run);
     let mut request = tonic::Request::new(request);
     if let Some(token) = &args.token {
         let value = format!("Bearer {token}").parse()?;

@@ -304,21 +304,9 @@ pub(crate) struct ExplainArgs {
     /// The server, e.g. http://127.0.0.1:50051.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     addr: String,
-    /// The scope.
-    #[arg(long)]
-    scope: String,
-    /// The caller's identity.
-    #[arg(long, default_value = "")]
-    identity: String,
-    /// The operation.
-    #[arg(long, default_value = "")]
-    operation: String,
-    /// The cost to judge.
-    #[arg(long, default_value_t = 1)]
-    cost: u32,
-    /// An attribute, as key=value; repeat for more.
-    #[arg(long = "attr", value_parser = super::parse_attr)]
-    attrs: Vec<(String, String)>,
+    /// What to explain, judged as a dry run.
+    #[command(flatten)]
+    question: super::Question,
     /// A bearer token of a caller granted `admin`, for a server with
     /// `callers:`.
     #[arg(long)]
@@ -327,14 +315,7 @@ pub(crate) struct ExplainArgs {
 
 /// Asks `Explain` and renders the answer.
 pub(crate) async fn explain(args: ExplainArgs) -> anyhow::Result<String> {
-    let request = pb::ShouldAllowRequest {
-        scope: args.scope,
-        identity: args.identity,
-        operation: args.operation,
-        cost: args.cost,
-        dry_run: true,
-        attributes: args.attrs.into_iter().collect(),
-    };
+    let request = args.question.into_request(true);
     let mut client = pb::admin_client::AdminClient::connect(args.addr).await?;
     let explain = pb::ExplainRequest {
         request: Some(request.clone()),
