@@ -117,3 +117,20 @@ fn the_kubernetes_memory_limit_leaves_room_above_the_store_bound() {
         config.store.memory.max_bytes
     );
 }
+
+#[test]
+fn the_readmes_serve_command_knows_which_binary_to_run() {
+    // The workspace also builds examples/rust-proxy, so a bare `cargo run`
+    // (the README's first command) needs the package to name its binary.
+    let manifest =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+            .expect("Cargo.toml");
+    let package = manifest.split("[workspace]").next().unwrap_or_default();
+    assert!(
+        package.contains("default-run = \"tollgate\""),
+        "[package] must set default-run = \"tollgate\""
+    );
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README.md");
+    assert!(readme.contains("cargo run --release -- serve --config deploy/tollgate.example.yaml"));
+}
