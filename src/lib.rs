@@ -9,6 +9,7 @@
 //! - [`bucket`]: GCRA bucket math in integers. Imports nothing from the crate.
 //! - [`config`]: the typed, validated configuration, envoyproxy/ratelimit
 //!   YAML included, as plain data. Imports nothing from the crate.
+//! - [`window`]: budget windows, DST-aware. Imports nothing from the crate.
 //! - [`store`]: the [`store::Store`] trait (the atomicity contract), the
 //!   embedded store, the Redis store (one Lua script per batch of
 //!   charges, coalesced per node), and the deny cache in front of any store.
@@ -69,3 +70,4 @@ pub mod shutdown;
 pub mod store;
 pub mod tls;
 pub mod watch;
+pub mod window;

@@ -267,3 +267,6 @@ mod heavy_hitters {
 
 #[path = "properties/fuzz.rs"]
 mod fuzz;
+
+#[path = "properties/window.rs"]
+mod window;

@@ -71,6 +71,15 @@ fn the_bucket_math_is_a_leaf() {
 }
 
 #[test]
+fn the_window_math_is_a_leaf() {
+    let found = violations(&["window.rs"], &["crate::"]);
+    assert!(
+        found.is_empty(),
+        "window.rs must import nothing: {found:#?}"
+    );
+}
+
+#[test]
 fn config_imports_nothing_from_the_rest_of_the_crate() {
     let found: Vec<String> = violations(&["config"], &["crate::"])
         .into_iter()
