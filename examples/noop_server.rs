@@ -60,6 +60,13 @@ impl v1::rate_limiter_server::RateLimiter for Noop {
     ) -> Result<Response<v1::ShouldAllowBatchResponse>, Status> {
         Ok(Response::new(v1::ShouldAllowBatchResponse::default()))
     }
+
+    async fn settle(
+        &self,
+        _request: Request<v1::SettleRequest>,
+    ) -> Result<Response<v1::SettleResponse>, Status> {
+        Ok(Response::new(v1::SettleResponse::default()))
+    }
 }
 
 #[tokio::main]

@@ -60,8 +60,18 @@ impl Shape {
     /// `stored` (`Tat::default()` when absent). Pure: the caller decides
     /// whether to keep `after`.
     pub fn judge(self, stored: Tat, now: u64, cost: u64) -> Verdict {
+        self.judge_keeping(stored, now, cost, 0)
+    }
+
+    /// [`Shape::judge`] for a request that must leave `reserve` tokens in
+    /// the bucket (the headroom its priority may not take): it conforms when
+    /// the bucket holds `cost + reserve`, and takes only `cost`. Its
+    /// `retry_after` is the time until the bucket holds `cost + reserve`,
+    /// exact for that priority; `None` when that is more than the capacity.
+    pub fn judge_keeping(self, stored: Tat, now: u64, cost: u64, reserve: u64) -> Verdict {
         let before = self.normalise(stored, now);
-        if cost > self.capacity {
+        let need = cost.saturating_add(reserve);
+        if need > self.capacity {
             return Verdict {
                 conforms: false,
                 after: before,
@@ -70,13 +80,19 @@ impl Shape {
             };
         }
         let after = self.advance(before, cost);
+        // The state the check is made on: as if `reserve` were taken too.
+        let check = if reserve == 0 {
+            after
+        } else {
+            self.advance(before, need)
+        };
         let limit = now.saturating_add(self.period);
-        let conforms = after.ticks < limit || (after.ticks == limit && after.frac == 0);
+        let conforms = check.ticks < limit || (check.ticks == limit && check.frac == 0);
         let retry_after = if conforms {
             None
         } else {
-            // Earliest t with after - t <= period, i.e. t = ceil(after - period).
-            let t = after.ticks - self.period + u64::from(after.frac > 0);
+            // Earliest t with check - t <= period, i.e. t = ceil(check - period).
+            let t = check.ticks - self.period + u64::from(check.frac > 0);
             Some(t - now)
         };
         Verdict {
@@ -84,6 +100,79 @@ impl Shape {
             after,
             before,
             retry_after,
+        }
+    }
+
+    /// The state after settling a reservation: it took `estimate` tokens,
+    /// leaving the bucket at `taken`, and the real cost is `actual`.
+    ///
+    /// - `actual > estimate`: the extra is taken unconditionally. The bucket
+    ///   may go into debt (its TAT more than a period ahead); later requests
+    ///   wait until refill pays it off. The TAT never runs more than
+    ///   `max_ahead` ticks past now, so the numbers stay bounded.
+    /// - `actual < estimate`: the difference is given back, but never more
+    ///   than the reservation still holds the bucket back, `taken - now`
+    ///   (`None`: no bound, for a caller's plain refund). Tokens the
+    ///   reservation took that have since refilled on their own (and may
+    ///   have been taken by others) are not given back again: that would
+    ///   admit them twice. A bucket is never fuller than full.
+    pub fn settle(
+        self,
+        stored: Tat,
+        now: u64,
+        estimate: u64,
+        actual: u64,
+        taken: Option<Tat>,
+        max_ahead: u64,
+    ) -> Tat {
+        let before = self.normalise(stored, now);
+        if actual > estimate {
+            let mut after = self.advance(before, actual - estimate);
+            let cap = now.saturating_add(max_ahead);
+            if after.ticks >= cap {
+                after = Tat {
+                    ticks: cap,
+                    frac: 0,
+                };
+            }
+            return after;
+        }
+        let mut give = self.advance(Tat::default(), estimate - actual);
+        if let Some(taken) = taken {
+            // What the reservation still holds back: taken - now, or nothing.
+            let taken = self.normalise(taken, now);
+            let held = Tat {
+                ticks: taken.ticks - now,
+                frac: taken.frac,
+            };
+            if (held.ticks, held.frac) < (give.ticks, give.frac) {
+                give = held;
+            }
+        }
+        // before - give, never earlier than now.
+        let (mut ticks, frac) = if before.frac >= give.frac {
+            (
+                before.ticks.checked_sub(give.ticks),
+                before.frac - give.frac,
+            )
+        } else {
+            (
+                before
+                    .ticks
+                    .checked_sub(give.ticks)
+                    .and_then(|t| t.checked_sub(1)),
+                before.frac + self.capacity.max(1) - give.frac,
+            )
+        };
+        if ticks.is_some_and(|t| t < now) {
+            ticks = None;
+        }
+        match ticks {
+            Some(ticks) => self.normalise(Tat { ticks, frac }, now),
+            None => Tat {
+                ticks: now,
+                frac: 0,
+            },
         }
     }
 
@@ -155,6 +244,88 @@ impl Shape {
             // Less than the capacity, which is a u64.
             frac: (total % c) as u64,
         }
+    }
+}
+
+/// A calendar budget: at most `amount` spent per window, reset to nothing
+/// spent at each window's start.
+///
+/// Its state is a [`Tat`] too, so stores keep both kinds alike: `ticks` is
+/// the end of the window the spend counts for, and `frac` the spend. A
+/// state whose window is not the current one counts as nothing spent, and
+/// may be forgotten once its window has ended ([`Tat::is_full_at`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// The most that may be spent per window.
+    pub amount: u64,
+}
+
+impl Budget {
+    /// The spend so far in the window ending at `window_end`.
+    fn spent(stored: Tat, window_end: u64) -> u64 {
+        if stored.ticks == window_end {
+            stored.frac
+        } else {
+            0
+        }
+    }
+
+    /// Judges spending `cost` at `now` in the window ending at `window_end`,
+    /// leaving at least `reserve` unspent (a priority's headroom). When
+    /// denied, `retry_after` is the time until the next window starts, or
+    /// `None` when `cost + reserve` exceeds the whole budget.
+    pub fn judge(self, stored: Tat, window_end: u64, now: u64, cost: u64, reserve: u64) -> Verdict {
+        let spent = Self::spent(stored, window_end);
+        let before = Tat {
+            ticks: window_end,
+            frac: spent,
+        };
+        let need = cost.saturating_add(reserve);
+        let conforms = spent.saturating_add(need) <= self.amount;
+        let retry_after = (!conforms && need <= self.amount).then(|| window_end - now);
+        Verdict {
+            conforms,
+            after: Tat {
+                ticks: window_end,
+                frac: spent.saturating_add(cost),
+            },
+            before,
+            retry_after,
+        }
+    }
+
+    /// The state after settling a reservation of `estimate` whose real cost
+    /// is `actual`. The extra is spent unconditionally (the window may go
+    /// over budget: later requests wait for the next window), but the spend
+    /// never exceeds `max_spend`. The difference is given back only within
+    /// the window the reservation spent in (`taken`'s window; `None`: the
+    /// current one); a window that has ended has nothing to give back.
+    pub fn settle(
+        self,
+        stored: Tat,
+        window_end: u64,
+        estimate: u64,
+        actual: u64,
+        taken: Option<Tat>,
+        max_spend: u64,
+    ) -> Tat {
+        let spent = Self::spent(stored, window_end);
+        let frac = if actual >= estimate {
+            spent.saturating_add(actual - estimate).min(max_spend)
+        } else if taken.is_none_or(|t| t.ticks == window_end) {
+            spent.saturating_sub(estimate - actual)
+        } else {
+            spent
+        };
+        Tat {
+            ticks: window_end,
+            frac,
+        }
+    }
+
+    /// What is left to spend in the window ending at `window_end`.
+    pub fn remaining(self, state: Tat, window_end: u64) -> u64 {
+        self.amount.saturating_sub(Self::spent(state, window_end))
     }
 }
 

@@ -103,6 +103,9 @@ pub(crate) struct Question {
     /// An attribute, as key=value; repeat for more.
     #[arg(long = "attr", value_parser = parse_attr)]
     attrs: Vec<(String, String)>,
+    /// The request's priority: which headroom it may take.
+    #[arg(long, default_value = "normal", value_parser = ["critical", "normal", "sheddable"])]
+    priority: String,
 }
 
 impl Question {
@@ -115,6 +118,13 @@ impl Question {
             cost: self.cost,
             dry_run,
             attributes: self.attrs.into_iter().collect(),
+            priority: match self.priority.as_str() {
+                "critical" => pb::Priority::Critical,
+                "sheddable" => pb::Priority::Sheddable,
+                _ => pb::Priority::Normal,
+            }
+            .into(),
+            settle_within: None,
         }
     }
 }

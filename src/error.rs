@@ -2,7 +2,8 @@
 
 use tonic::Status;
 
-use crate::limiter::DecideError;
+use crate::limiter::reservation::TokenError;
+use crate::limiter::{DecideError, SettleError};
 
 /// A request field that failed validation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,6 +28,20 @@ impl From<DecideError> for Status {
             // down" from "you are over your limit", and Envoy applies its
             // failure_mode_deny.
             DecideError::StoreUnavailable { .. } => Status::unavailable(e.to_string()),
+        }
+    }
+}
+
+impl From<SettleError> for Status {
+    fn from(e: SettleError) -> Self {
+        match e {
+            SettleError::Token(TokenError::Malformed | TokenError::Forged) => {
+                Status::invalid_argument(format!("reservation: {e}"))
+            }
+            SettleError::AlreadySettled | SettleError::Expired => {
+                Status::failed_precondition(e.to_string())
+            }
+            SettleError::Store(_) => Status::unavailable(e.to_string()),
         }
     }
 }

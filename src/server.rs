@@ -24,7 +24,7 @@ use crate::api::auth::Authorizer;
 use crate::api::bounds::InFlightLimitLayer;
 use crate::api::{AdminApi, EnvoyRateLimitApi, HeaderSettings, RateLimiterApi};
 use crate::config::{Config, ConfigError, ConfigSource, GrpcConfig};
-use crate::limiter::{Limiter, Rules};
+use crate::limiter::{Limiter, Rules, Signer};
 use crate::observe::Observer;
 use crate::observe::hitters::{Hitters, Sizes};
 use crate::observe::metrics::{Instrumented, Metrics};
@@ -135,7 +135,11 @@ pub async fn run(
         Instrumented::new(store::build(&config.store)?, metrics.clone()),
         config.store.deny_cache_on(),
     );
-    let limiter = Arc::new(Limiter::new(rules, store));
+    let signer = match &config.reservations.secret {
+        Some(secret) => Signer::new(secret.expose().as_bytes()),
+        None => Signer::random(),
+    };
+    let limiter = Arc::new(Limiter::new(rules, store).with_signer(signer));
     let stopped = CancellationToken::new();
     for tls in [&grpc_tls, &metrics_tls].into_iter().flatten() {
         tls.spawn_reloader(stopped.clone());
@@ -191,6 +195,12 @@ pub async fn run(
 
 /// Says at start-up what an open or plaintext setup exposes.
 fn warn_if_exposed(config: &Config) {
+    if config.reservations.secret.is_none() && config.store.kind == crate::config::StoreKind::Redis
+    {
+        tracing::warn!(
+            "no reservations.secret: reservations are signed with a random key of this process, so other replicas refuse them as forged"
+        );
+    }
     match &config.callers {
         None => tracing::warn!(
             "no callers configured: anyone who reaches the port may decide on any scope"
@@ -292,7 +302,8 @@ fn routes(
     }
     let auth = &reloader.authorizer;
     let ours = RateLimiterApi::new(limiter.clone(), observer.clone())
-        .with_access(auth.clone(), grpc.max_batch);
+        .with_access(auth.clone(), grpc.max_batch)
+        .with_max_settle_within(reloader.current.reservations.max_settle_within);
     let envoy = EnvoyRateLimitApi::new(
         limiter.clone(),
         reloader.envoy_headers.clone(),

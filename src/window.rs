@@ -250,7 +250,24 @@ impl Window {
             } => format!("{}@{zone_name}", unit.name()),
         }
     }
+
+    /// The window a [`Window::tag`] names, so a reservation whose rule a
+    /// reload removed still settles against the window it spent in.
+    pub fn from_tag(tag: &str) -> Option<Window> {
+        if let Some(us) = tag.strip_suffix("us") {
+            let us: u64 = us.parse().ok()?;
+            return Some(Window::Fixed {
+                length_ns: us.checked_mul(NS_PER_US)?,
+            });
+        }
+        let (unit, zone) = tag.split_once('@')?;
+        Window::parse(unit, Some(zone)).ok()
+    }
 }
+
+// Equality compares the unit and the zone; the cache never differs in
+// meaning, so it is an equivalence.
+impl Eq for Window {}
 
 impl CalendarUnit {
     fn name(self) -> &'static str {

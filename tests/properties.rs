@@ -126,7 +126,7 @@ proptest! {
             for (buckets, cost) in charges {
                 let charge = Charge {
                     buckets: buckets.iter().map(|&i| BucketCharge {
-                        key: key(i), shape: shape(i), cost, shadow: false,
+                        key: key(i), shape: shape(i), cost, shadow: false, reserve: 0, window: None,
                     }).collect(),
                     dry_run: false,
                 };

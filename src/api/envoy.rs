@@ -36,7 +36,7 @@ use super::validate::{
 use crate::config::security::DEFAULT_MAX_ENVOY_DESCRIPTORS;
 use crate::error::InvalidField;
 use crate::limiter::descriptors::{DescriptorKeys, canonical};
-use crate::limiter::{self, BucketReport, Decision, Limiter};
+use crate::limiter::{self, BucketReport, Decision, Limiter, Priority};
 use crate::observe::Observer;
 use crate::store::Store;
 
@@ -124,6 +124,19 @@ struct Described<'a> {
     operation: &'a str,
     attributes: HashMap<String, String>,
     cost: u64,
+    priority: Priority,
+    kind: Kind,
+}
+
+/// What a descriptor asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Take its hits: the usual case.
+    Charge,
+    /// `hits_addend: 0`: would one more hit pass? Takes nothing.
+    Check,
+    /// `is_negative_hits`: give its hits back. Always OK.
+    Refund,
 }
 
 impl<'a> Described<'a> {
@@ -133,9 +146,11 @@ impl<'a> Described<'a> {
             identity: &self.identity,
             operation: self.operation,
             cost: self.cost,
-            dry_run: false,
+            dry_run: self.kind == Kind::Check,
             attributes: &self.attributes,
             entries: &self.entries,
+            priority: self.priority,
+            settle_within: None,
         }
     }
 }
@@ -182,12 +197,60 @@ fn describe<'a>(
              configure the limit in Tollgate instead",
         ));
     }
-    if d.is_negative_hits {
-        return Err(validate::invalid(
-            &format!("{at}.is_negative_hits"),
-            "is not supported: Tollgate never gives tokens back on request",
-        ));
-    }
+    validate_entries(d, at)?;
+    let entries: Vec<(&str, &str)> = d
+        .entries
+        .iter()
+        .map(|e| (e.key.as_str(), e.value.as_str()))
+        .collect();
+    let value_of = |key: &Option<String>| {
+        key.as_deref()
+            .and_then(|k| entries.iter().find(|(ek, _)| *ek == k))
+            .map(|(_, v)| *v)
+    };
+    let priority_key = keys.and_then(|k| k.priority.as_deref());
+    let identity = match keys.and_then(|k| value_of(&k.identity)) {
+        Some(v) => Cow::Borrowed(v),
+        None => {
+            // The priority entry is not part of who the caller is.
+            let who: Vec<(&str, &str)> = entries
+                .iter()
+                .copied()
+                .filter(|(k, _)| Some(*k) != priority_key)
+                .collect();
+            Cow::Owned(canonical(&who))
+        }
+    };
+    let operation = keys.and_then(|k| value_of(&k.operation)).unwrap_or("");
+    let priority = priority_of(&entries, priority_key, at)?;
+    // A descriptor's own `hits_addend` of 0 is a check; absent, the
+    // request's applies, where 0 means 1 (as in envoyproxy/ratelimit).
+    let (hits, kind) = match &d.hits_addend {
+        Some(h) if h.value == 0 && !d.is_negative_hits => (1, Kind::Check),
+        Some(h) => (h.value, Kind::Charge),
+        None => (u64::from(request_hits), Kind::Charge),
+    };
+    let kind = if d.is_negative_hits {
+        Kind::Refund
+    } else {
+        kind
+    };
+    Ok(Described {
+        attributes: entries
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        entries,
+        identity,
+        operation,
+        cost: hits.max(1),
+        priority,
+        kind,
+    })
+}
+
+/// Checks a descriptor's entries: how many, and each key and value.
+fn validate_entries(d: &RateLimitDescriptor, at: &str) -> Result<(), InvalidField> {
     if d.entries.is_empty() {
         return Err(validate::invalid(
             &format!("{at}.entries"),
@@ -213,36 +276,87 @@ fn describe<'a>(
             false,
         )?;
     }
-    let entries: Vec<(&str, &str)> = d
-        .entries
-        .iter()
-        .map(|e| (e.key.as_str(), e.value.as_str()))
-        .collect();
-    let value_of = |key: &Option<String>| {
-        key.as_deref()
-            .and_then(|k| entries.iter().find(|(ek, _)| *ek == k))
-            .map(|(_, v)| *v)
+    Ok(())
+}
+
+/// The priority a descriptor's `priority_key` entry names; normal when the
+/// scope names no key or the descriptor lacks the entry.
+fn priority_of(
+    entries: &[(&str, &str)],
+    priority_key: Option<&str>,
+    at: &str,
+) -> Result<Priority, InvalidField> {
+    let Some(key) = priority_key else {
+        return Ok(Priority::Normal);
     };
-    let identity = match keys.and_then(|k| value_of(&k.identity)) {
-        Some(v) => Cow::Borrowed(v),
-        None => Cow::Owned(canonical(&entries)),
-    };
-    let operation = keys.and_then(|k| value_of(&k.operation)).unwrap_or("");
-    // Zero (or absent) means one, at either level.
-    let hits = match &d.hits_addend {
-        Some(h) => h.value,
-        None => u64::from(request_hits),
-    };
-    Ok(Described {
-        attributes: entries
+    match entries.iter().position(|(k, _)| *k == key) {
+        None => Ok(Priority::Normal),
+        Some(j) => Priority::parse(entries[j].1).ok_or_else(|| {
+            validate::invalid(
+                &format!("{at}.entries[{j}].value"),
+                "must be critical, normal or sheddable (the scope's priority entry)",
+            )
+        }),
+    }
+}
+
+impl<S: Store> EnvoyRateLimitApi<S> {
+    /// Decides a request's descriptors: refunds first (they always pass),
+    /// then the checks, as a dry run; then the charges together, or, when
+    /// a check denied, the charges as a dry run too, so a denied request
+    /// takes nothing. Decisions come back in descriptor order.
+    async fn decide(
+        &self,
+        rules: &limiter::Rules,
+        requests: &[limiter::Request<'_>],
+        kinds: &[Kind],
+    ) -> Result<Vec<Decision>, limiter::DecideError> {
+        let of = |kind: Kind| -> Vec<limiter::Request<'_>> {
+            requests
+                .iter()
+                .zip(kinds)
+                .filter(|(_, k)| **k == kind)
+                .map(|(r, _)| *r)
+                .collect()
+        };
+        let (refunds, checks, mut charges) = (of(Kind::Refund), of(Kind::Check), of(Kind::Charge));
+        let refunded = if refunds.is_empty() {
+            Vec::new()
+        } else {
+            self.limiter.refund_together_on(rules, &refunds).await?
+        };
+        let checked = if checks.is_empty() {
+            Vec::new()
+        } else {
+            self.limiter.decide_together_on(rules, &checks).await?
+        };
+        if checked.iter().any(|d| !d.allowed) {
+            for r in &mut charges {
+                r.dry_run = true;
+            }
+        }
+        let charged = if charges.is_empty() {
+            Vec::new()
+        } else {
+            self.limiter.decide_together_on(rules, &charges).await?
+        };
+        let mut parts = [
+            refunded.into_iter(),
+            checked.into_iter(),
+            charged.into_iter(),
+        ];
+        Ok(kinds
             .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect(),
-        entries,
-        identity,
-        operation,
-        cost: hits.max(1),
-    })
+            .map(|k| {
+                let part = match k {
+                    Kind::Refund => &mut parts[0],
+                    Kind::Check => &mut parts[1],
+                    Kind::Charge => &mut parts[2],
+                };
+                part.next().unwrap_or_default()
+            })
+            .collect())
+    }
 }
 
 #[tonic::async_trait]
@@ -264,7 +378,8 @@ impl<S: Store> RateLimitService for EnvoyRateLimitApi<S> {
         let requests: Vec<limiter::Request<'_>> =
             described.iter().map(|d| d.request(&req.domain)).collect();
         // The same snapshot as the descriptor keys above.
-        let result = self.limiter.decide_together_on(&rules, &requests).await;
+        let kinds: Vec<Kind> = described.iter().map(|d| d.kind).collect();
+        let result = self.decide(&rules, &requests, &kinds).await;
         let took = started.elapsed();
         let decisions = match result {
             Ok(decisions) => decisions,
@@ -454,6 +569,13 @@ scopes:
             charges: &[Charge<'_>],
         ) -> Vec<Result<ChargeOutcome, StoreError>> {
             vec![Err(StoreError::transient("connection refused")); charges.len()]
+        }
+
+        async fn settle(
+            &self,
+            _: &crate::store::Settlement<'_>,
+        ) -> Result<crate::store::Settled, StoreError> {
+            Err(StoreError::transient("connection refused"))
         }
     }
 

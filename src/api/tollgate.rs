@@ -8,9 +8,11 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{Authorizer, Privilege};
 use super::validate::{self, MAX_IDENTITY_LEN, MAX_OPERATION_LEN, MAX_SCOPE_LEN};
+use crate::config::reservations::DEFAULT_MAX_SETTLE_WITHIN;
 use crate::config::security::DEFAULT_MAX_BATCH;
 use crate::error::InvalidField;
-use crate::limiter::{self, Decision, Limiter};
+use crate::limiter::reservation::MAX_TOKEN_LEN;
+use crate::limiter::{self, BucketReport, Decision, Limiter, Priority};
 use crate::observe::Observer;
 use crate::pb::tollgate::v1 as pb;
 use crate::store::Store;
@@ -24,6 +26,8 @@ pub struct RateLimiterApi<S> {
     access: Arc<Authorizer>,
     /// `grpc.max_batch`.
     max_batch: usize,
+    /// `reservations.max_settle_within`.
+    max_settle_within: Duration,
 }
 
 impl<S> RateLimiterApi<S> {
@@ -34,6 +38,15 @@ impl<S> RateLimiterApi<S> {
             access: Arc::new(Authorizer::new(None, observer.clone())),
             observer,
             max_batch: DEFAULT_MAX_BATCH,
+            max_settle_within: DEFAULT_MAX_SETTLE_WITHIN,
+        }
+    }
+
+    /// Accepts `settle_within` up to `max`.
+    pub fn with_max_settle_within(self, max: Duration) -> Self {
+        Self {
+            max_settle_within: max,
+            ..self
         }
     }
 
@@ -68,6 +81,26 @@ pub(super) fn to_domain<'a>(
     if !req.attributes.is_empty() {
         validate::attributes(&path("attributes"), req.attributes.iter())?;
     }
+    let priority = match pb::Priority::try_from(req.priority) {
+        Ok(pb::Priority::Normal) => Priority::Normal,
+        Ok(pb::Priority::Critical) => Priority::Critical,
+        Ok(pb::Priority::Sheddable) => Priority::Sheddable,
+        Err(_) => {
+            return Err(validate::invalid(
+                &path("priority"),
+                format!("{} is not a Priority", req.priority),
+            ));
+        }
+    };
+    let settle_within = match &req.settle_within {
+        None => None,
+        Some(d) => Some(
+            Duration::try_from(*d)
+                .ok()
+                .filter(|d| *d >= Duration::from_millis(1))
+                .ok_or_else(|| validate::invalid(&path("settle_within"), "must be at least 1ms"))?,
+        ),
+    };
     Ok(limiter::Request {
         scope: &req.scope,
         identity: &req.identity,
@@ -76,6 +109,8 @@ pub(super) fn to_domain<'a>(
         dry_run: req.dry_run,
         attributes: &req.attributes,
         entries: &[],
+        priority,
+        settle_within,
     })
 }
 
@@ -100,19 +135,20 @@ pub(super) fn to_proto(d: Decision) -> pb::ShouldAllowResponse {
             .map_or_else(String::new, |b| b.rule.to_string()),
         degraded: d.degraded,
         reason: d.reason.unwrap_or_default(),
-        buckets: d
-            .buckets
-            .into_iter()
-            .map(|b| pb::BucketStatus {
-                rule: b.rule.to_string(),
-                limit: b.limit,
-                remaining: b.remaining,
-                reset_after: Some(duration(b.reset_after)),
-                retry_after: b.retry_after.map(duration),
-                exhausted: b.exhausted,
-                refill_period: Some(duration(b.period)),
-            })
-            .collect(),
+        buckets: d.buckets.into_iter().map(bucket_status).collect(),
+        reservation: d.reservation.unwrap_or_default(),
+    }
+}
+
+fn bucket_status(b: BucketReport) -> pb::BucketStatus {
+    pb::BucketStatus {
+        rule: b.rule.to_string(),
+        limit: b.limit,
+        remaining: b.remaining,
+        reset_after: Some(duration(b.reset_after)),
+        retry_after: b.retry_after.map(duration),
+        exhausted: b.exhausted,
+        refill_period: Some(duration(b.period)),
     }
 }
 
@@ -126,6 +162,19 @@ impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
         let caller = self.access.identify("tollgate", &request)?;
         let req = request.into_inner();
         let domain = to_domain(&req, "")?;
+        if domain
+            .settle_within
+            .is_some_and(|d| d > self.max_settle_within)
+        {
+            return Err(validate::invalid(
+                "settle_within",
+                format!(
+                    "must be at most {} (reservations.max_settle_within)",
+                    humantime::format_duration(self.max_settle_within)
+                ),
+            )
+            .into());
+        }
         self.access.check_decision(
             "tollgate",
             caller.as_deref(),
@@ -170,7 +219,15 @@ impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
             .requests
             .iter()
             .enumerate()
-            .map(|(i, r)| to_domain(r, &format!("requests[{i}].")))
+            .map(|(i, r)| {
+                if r.settle_within.is_some() {
+                    return Err(validate::invalid(
+                        &format!("requests[{i}].settle_within"),
+                        "is not supported in a batch: reserve with ShouldAllow",
+                    ));
+                }
+                to_domain(r, &format!("requests[{i}]."))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         for (i, r) in batch.requests.iter().enumerate() {
             let field = format!("requests[{i}].scope");
@@ -197,5 +254,51 @@ impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
             .map(|d| d.map(to_proto))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Response::new(pb::ShouldAllowBatchResponse { responses }))
+    }
+
+    async fn settle(
+        &self,
+        request: Request<pb::SettleRequest>,
+    ) -> Result<Response<pb::SettleResponse>, Status> {
+        let caller = self.access.identify("tollgate", &request)?;
+        let req = request.into_inner();
+        if req.reservation.is_empty() || req.reservation.len() > MAX_TOKEN_LEN {
+            return Err(validate::invalid(
+                "reservation",
+                format!("must be 1 to {MAX_TOKEN_LEN} bytes: the token ShouldAllow returned"),
+            )
+            .into());
+        }
+        if req.actual_cost > u64::from(u32::MAX) {
+            return Err(
+                validate::invalid("actual_cost", format!("must be at most {}", u32::MAX)).into(),
+            );
+        }
+        let reservation = match self.limiter.verify(&req.reservation) {
+            Ok(reservation) => reservation,
+            Err(e) => {
+                let e = limiter::SettleError::from(e);
+                self.observer.settled("", Err(&e));
+                return Err(e.into());
+            }
+        };
+        // A caller may settle only what it may decide on.
+        self.access.check_decision(
+            "tollgate",
+            caller.as_deref(),
+            "reservation",
+            &reservation.scope,
+            false,
+        )?;
+        let settled = self
+            .limiter
+            .settle_reservation(&reservation, req.actual_cost)
+            .await;
+        self.observer.settled(&reservation.scope, settled.as_ref());
+        let settled = settled?;
+        Ok(Response::new(pb::SettleResponse {
+            buckets: settled.buckets.into_iter().map(bucket_status).collect(),
+            estimate: settled.estimate,
+        }))
     }
 }

@@ -27,15 +27,17 @@ use serde::Deserialize;
 
 pub mod analytics;
 pub mod envoy;
+pub mod reservations;
 pub mod scopes;
 pub mod security;
 pub mod store;
 
 pub use analytics::{AnalyticsConfig, ReloadConfig};
 pub use envoy::{EnvoyDescriptor, EnvoyDomain, EnvoyRateLimit, EnvoyValue};
+pub use reservations::ReservationsConfig;
 pub use scopes::{
-    DescriptorKeysConfig, FailureMode, LimitConfig, MAX_CAPACITY, MAX_NAME_LEN, MAX_REFILL_PERIOD,
-    MIN_REFILL_PERIOD, Per, ScopeConfig, UnknownScope,
+    DescriptorKeysConfig, FailureMode, HeadroomConfig, LimitConfig, MAX_BUDGET, MAX_CAPACITY,
+    MAX_NAME_LEN, MAX_REFILL_PERIOD, MIN_REFILL_PERIOD, Per, Percent, ScopeConfig, UnknownScope,
 };
 pub use security::{CallerConfig, GrpcConfig, TlsConfig};
 pub use store::{
@@ -123,6 +125,9 @@ pub struct Config {
     /// Reload on file change.
     #[serde(default)]
     pub reload: ReloadConfig,
+    /// Settle-later reservations.
+    #[serde(default)]
+    pub reservations: ReservationsConfig,
 }
 
 fn default_listen() -> String {
@@ -284,6 +289,7 @@ impl Config {
                 tls.resolve(dir);
             }
             config.store.redis.resolve(dir);
+            config.reservations.resolve(dir);
         }
         config.finish()
     }
@@ -330,6 +336,7 @@ impl Config {
     fn finish(mut self) -> Result<Self, ConfigError> {
         let mut problems = Vec::new();
         self.store.read_secrets(&mut problems);
+        self.reservations.read_secret(&mut problems);
         match envoy::load_all(&self.envoy_ratelimit_configs) {
             Ok(domains) => self.envoy_domains = domains,
             Err(e) => problems.extend(e.problems),
@@ -381,6 +388,7 @@ impl Config {
         self.grpc.validate(&mut problems);
         self.analytics.validate(&mut problems);
         self.reload.validate(&mut problems);
+        self.reservations.validate(&mut problems);
         // Where each scope name was first defined, for the duplicate message.
         let mut defined: HashMap<&str, String> = HashMap::new();
         for (i, scope) in self.scopes.iter().enumerate() {

@@ -9,6 +9,9 @@ use serde::Deserialize;
 /// integers in Lua's doubles (53 bits); with `capacity² < 2^53` every
 /// intermediate value stays exact.
 pub const MAX_CAPACITY: u64 = 50_000_000;
+/// The largest budget per window. With spend (debt included) kept below
+/// 2^52, the Redis script's numbers stay exact in Lua's doubles.
+pub const MAX_BUDGET: u64 = 1 << 50;
 /// The shortest refill period.
 pub const MIN_REFILL_PERIOD: Duration = Duration::from_millis(1);
 /// The longest refill period.
@@ -67,6 +70,10 @@ pub struct DescriptorKeysConfig {
     /// The entry key whose value is the operation.
     #[serde(default)]
     pub operation: Option<String>,
+    /// The entry key whose value is the request's priority: `critical`,
+    /// `normal` or `sheddable` (any case). Absent entry: `normal`.
+    #[serde(default)]
+    pub priority: Option<String>,
 }
 
 /// One limit: a family of token buckets.
@@ -83,14 +90,85 @@ pub struct LimitConfig {
     /// Applies only when the request's attributes hold all of these.
     #[serde(default)]
     pub when: BTreeMap<String, String>,
-    /// The burst: the most tokens the bucket holds.
+    /// The burst: the most tokens the bucket holds. A token bucket needs
+    /// it and `refill_period`; a budget has neither.
+    #[serde(default)]
     pub capacity: u64,
     /// Time for an empty bucket to refill; the rate is capacity/refill_period.
-    #[serde(with = "humantime_serde")]
+    #[serde(default, with = "humantime_serde")]
     pub refill_period: Duration,
+    /// A calendar budget instead of a token bucket: at most this much spent
+    /// per `window`, reset to nothing spent at each window's start.
+    #[serde(default)]
+    pub budget: Option<u64>,
+    /// A budget's window: `day`, `week` (from Monday), `month`, or a fixed
+    /// duration aligned to the Unix epoch (`1h`, `10s`).
+    #[serde(default)]
+    pub window: Option<String>,
+    /// The IANA time zone calendar windows follow (DST-aware); default UTC.
+    #[serde(default)]
+    pub time_zone: Option<String>,
+    /// Headroom kept from lower priorities, as shares of the capacity (or
+    /// budget): a NORMAL request may not take the last `normal`, a
+    /// SHEDDABLE one not the last `sheddable`. CRITICAL may take everything.
+    #[serde(default)]
+    pub headroom: Option<HeadroomConfig>,
     /// Judge and count, but never deny because of this limit.
     #[serde(default)]
     pub shadow: bool,
+}
+
+/// `headroom: {normal: 10%, sheddable: 30%}`.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadroomConfig {
+    /// The share NORMAL requests may not take.
+    #[serde(default)]
+    pub normal: Percent,
+    /// The share SHEDDABLE requests may not take; at least `normal`.
+    #[serde(default)]
+    pub sheddable: Percent,
+}
+
+/// A whole percentage, written `10%` (or `10`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Percent(pub u8);
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        let n = match Raw::deserialize(d)? {
+            Raw::Number(n) => n,
+            Raw::Text(t) => t
+                .trim()
+                .strip_suffix('%')
+                .unwrap_or(&t)
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| {
+                    serde::de::Error::custom(format!("{t:?} is not a whole percentage like 10%"))
+                })?,
+        };
+        u8::try_from(n)
+            .ok()
+            .filter(|&n| n < 100)
+            .map(Percent)
+            .ok_or_else(|| serde::de::Error::custom(format!("{n}% must be below 100%")))
+    }
+}
+
+impl Percent {
+    /// The share of `whole`, rounded up: headroom is never smaller than
+    /// stated, so the lower priority never takes more than its share.
+    pub fn of(self, whole: u64) -> u64 {
+        let v = u128::from(whole) * u128::from(self.0);
+        u64::try_from(v.div_ceil(100)).unwrap_or(u64::MAX)
+    }
 }
 
 /// What a bucket is kept per.
@@ -113,7 +191,11 @@ pub(crate) fn validate_scope(problems: &mut Vec<String>, at: &str, scope: &Scope
     check_name(problems, &format!("{at}.name"), &scope.name);
     validate_limits(problems, at, &scope.limits);
     if let Some(keys) = &scope.descriptor_keys {
-        for (field, key) in [("identity", &keys.identity), ("operation", &keys.operation)] {
+        for (field, key) in [
+            ("identity", &keys.identity),
+            ("operation", &keys.operation),
+            ("priority", &keys.priority),
+        ] {
             if let Some(key) = key {
                 check_name(problems, &format!("{at}.descriptor_keys.{field}"), key);
             }
@@ -130,17 +212,16 @@ fn validate_limits(problems: &mut Vec<String>, at: &str, limits: &[LimitConfig])
         if !rules.insert(limit.name.as_str()) {
             problems.push(format!("{at}.name: duplicate limit {:?}", limit.name));
         }
-        if limit.capacity == 0 {
-            problems.push(format!("{at}.capacity: must be > 0"));
-        } else if limit.capacity > MAX_CAPACITY {
-            problems.push(format!("{at}.capacity: must be at most {MAX_CAPACITY}"));
+        match limit.budget {
+            Some(budget) => validate_budget(problems, &at, limit, budget),
+            None => validate_bucket(problems, &at, limit),
         }
-        let period = limit.refill_period;
-        if period < MIN_REFILL_PERIOD || period > MAX_REFILL_PERIOD {
-            problems.push(format!("{at}.refill_period: must be between 1ms and 366d"));
-        } else if period.subsec_nanos() % 1_000 != 0 {
+        if let Some(h) = limit.headroom
+            && h.sheddable.0 < h.normal.0
+        {
             problems.push(format!(
-                "{at}.refill_period: must be a whole number of microseconds"
+                "{at}.headroom.sheddable: must be at least headroom.normal ({}%): sheddable requests come last",
+                h.normal.0
             ));
         }
         if let Some(ops) = &limit.operations {
@@ -160,6 +241,77 @@ fn validate_limits(problems: &mut Vec<String>, at: &str, limits: &[LimitConfig])
                 problems.push(format!("{at}.when: attribute names must not be empty"));
             }
         }
+    }
+}
+
+/// Checks a token bucket's fields.
+fn validate_bucket(problems: &mut Vec<String>, at: &str, limit: &LimitConfig) {
+    if limit.capacity == 0 {
+        problems.push(format!(
+            "{at}.capacity: must be > 0 (or give `budget` and `window` for a budget)"
+        ));
+    } else if limit.capacity > MAX_CAPACITY {
+        problems.push(format!("{at}.capacity: must be at most {MAX_CAPACITY}"));
+    }
+    let period = limit.refill_period;
+    if period < MIN_REFILL_PERIOD || period > MAX_REFILL_PERIOD {
+        problems.push(format!("{at}.refill_period: must be between 1ms and 366d"));
+    } else if !period.subsec_nanos().is_multiple_of(1_000) {
+        problems.push(format!(
+            "{at}.refill_period: must be a whole number of microseconds"
+        ));
+    }
+    for (field, set) in [
+        ("window", limit.window.is_some()),
+        ("time_zone", limit.time_zone.is_some()),
+    ] {
+        if set {
+            problems.push(format!(
+                "{at}.{field}: only a budget has one (add `budget`)"
+            ));
+        }
+    }
+}
+
+/// Checks a budget's fields.
+fn validate_budget(problems: &mut Vec<String>, at: &str, limit: &LimitConfig, budget: u64) {
+    if budget == 0 || budget > MAX_BUDGET {
+        problems.push(format!("{at}.budget: must be between 1 and {MAX_BUDGET}"));
+    }
+    if limit.capacity != 0 || !limit.refill_period.is_zero() {
+        problems.push(format!(
+            "{at}.budget: a budget has no capacity or refill_period (it resets at each window)"
+        ));
+    }
+    let Some(window) = &limit.window else {
+        problems.push(format!(
+            "{at}.window: a budget needs one: day, week, month, or a duration such as 1h"
+        ));
+        return;
+    };
+    match window.as_str() {
+        "day" | "week" | "month" => {
+            if let Some(zone) = &limit.time_zone
+                && jiff::tz::TimeZone::get(zone).is_err()
+            {
+                problems.push(format!("{at}.time_zone: unknown IANA time zone {zone:?}"));
+            }
+        }
+        other => match humantime::parse_duration(other) {
+            Err(_) => problems.push(format!(
+                "{at}.window: {other:?} is not day, week, month or a duration such as 1h"
+            )),
+            Ok(d) if d < MIN_REFILL_PERIOD || d > MAX_REFILL_PERIOD => {
+                problems.push(format!("{at}.window: must be between 1ms and 366d"));
+            }
+            Ok(d) if !d.subsec_nanos().is_multiple_of(1_000) => problems.push(format!(
+                "{at}.window: must be a whole number of microseconds"
+            )),
+            Ok(_) if limit.time_zone.is_some() => problems.push(format!(
+                "{at}.time_zone: a fixed window is aligned to the Unix epoch; only day, week and month follow a time zone"
+            )),
+            Ok(_) => {}
+        },
     }
 }
 

@@ -16,6 +16,7 @@ use crate::bucket::Shape;
 use crate::config::{
     Config, ConfigError, EnvoyDescriptor, EnvoyDomain, EnvoyValue, FailureMode, LimitConfig,
 };
+use crate::window::Window;
 
 impl Rules {
     /// Compiles a config: its scopes, and its envoyproxy/ratelimit domains
@@ -39,6 +40,7 @@ impl Rules {
                 descriptor_keys: s.descriptor_keys.clone().map(|k| DescriptorKeys {
                     identity: k.identity,
                     operation: k.operation,
+                    priority: k.priority,
                 }),
             };
             scopes.insert(scope.name.clone(), scope);
@@ -63,8 +65,32 @@ fn compile_limit(config: &LimitConfig) -> Result<Limit, ConfigError> {
                 ConfigError::one(format!("limit {:?}: operations: {e}", config.name))
             })?),
         };
+    let (shape, window) = match (config.budget, &config.window) {
+        (Some(budget), Some(window)) => {
+            let window = Window::parse(window, config.time_zone.as_deref())
+                .map_err(|e| ConfigError::one(format!("limit {:?}: window: {e}", config.name)))?;
+            let shape = Shape {
+                capacity: budget,
+                period: nanos(window.nominal()),
+            };
+            (shape, Some(window))
+        }
+        _ => (
+            Shape {
+                capacity: config.capacity,
+                period: nanos(config.refill_period),
+            },
+            None,
+        ),
+    };
+    let headroom = config.headroom.unwrap_or_default();
+    let name: Arc<str> = config.name.as_str().into();
     Ok(Limit {
-        name: config.name.as_str().into(),
+        key_name: match &window {
+            Some(w) => format!("{}~{}", config.name, w.tag()).into(),
+            None => name.clone(),
+        },
+        name,
         per: config.per,
         operations,
         when: config
@@ -72,10 +98,13 @@ fn compile_limit(config: &LimitConfig) -> Result<Limit, ConfigError> {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
-        shape: Shape {
-            capacity: config.capacity,
-            period: nanos(config.refill_period),
-        },
+        shape,
+        window,
+        reserve: [
+            0,
+            headroom.normal.of(shape.capacity),
+            headroom.sheddable.of(shape.capacity),
+        ],
         shadow: config.shadow,
         replaces: Vec::new(),
     })

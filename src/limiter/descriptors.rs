@@ -20,6 +20,10 @@ pub struct DescriptorKeys {
     pub identity: Option<String>,
     /// The entry whose value is the operation; absent or missing means "".
     pub operation: Option<String>,
+    /// The entry whose value is the priority (`critical`, `normal`,
+    /// `sheddable`); absent or missing means normal. It is never part of a
+    /// whole-descriptor identity, so one caller's priorities share buckets.
+    pub priority: Option<String>,
 }
 
 /// How a node matches an entry's value.

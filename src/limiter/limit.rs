@@ -7,23 +7,34 @@ use std::sync::Arc;
 
 use globset::GlobSet;
 
-use super::Request;
+use super::{Priority, Request};
 use crate::bucket::Shape;
 use crate::config::Per;
+use crate::window::Window;
 
 /// One limit, ready to match.
 #[derive(Debug, Clone)]
 pub struct Limit {
     /// The rule name reported in responses.
     pub name: Arc<str>,
+    /// The name its buckets are kept under: the rule name, and for a budget
+    /// its window too (`daily~day@Europe/Paris`), so a reload that changes
+    /// the window or zone starts fresh budgets, as a changed shape does.
+    pub key_name: Arc<str>,
     /// What one bucket is kept per.
     pub per: Per,
     /// Matches the operation; `None` matches every operation.
     pub operations: Option<GlobSet>,
     /// Attributes the request must carry, all of them.
     pub when: Vec<(String, String)>,
-    /// Capacity and refill period, in nanoseconds.
+    /// Capacity and refill period, in nanoseconds. A budget's capacity is
+    /// its budget, and its period its window's nominal length.
     pub shape: Shape,
+    /// Set for a calendar budget.
+    pub window: Option<Window>,
+    /// Tokens each priority must leave in the bucket, by
+    /// [`Priority::index`]: the headroom, rounded up to whole tokens.
+    pub reserve: [u64; 3],
     /// Never causes a denial.
     pub shadow: bool,
     /// Rules of the same scope that this one stands in for: when a request
@@ -37,15 +48,24 @@ impl Limit {
     /// the identity, so each distinct descriptor (user, path, ...) has its
     /// own bucket.
     pub fn for_descriptor(name: &str, shape: Shape, shadow: bool) -> Self {
+        let name: Arc<str> = Arc::from(name);
         Self {
-            name: Arc::from(name),
+            key_name: name.clone(),
+            name,
             per: Per::Identity,
             operations: None,
             when: Vec::new(),
             shape,
+            window: None,
+            reserve: [0; 3],
             shadow,
             replaces: Vec::new(),
         }
+    }
+
+    /// Tokens a request of `priority` must leave.
+    pub fn reserve_for(&self, priority: Priority) -> u64 {
+        self.reserve[priority.index()]
     }
 
     /// True when this limit applies to `req`.

@@ -22,11 +22,15 @@ pub mod descriptors;
 pub mod explain;
 pub mod limit;
 pub(crate) mod plan;
+pub mod reservation;
 pub mod rules;
+mod settle;
 
 pub use limit::Limit;
 use plan::{Joint, Plan};
+pub use reservation::Signer;
 pub use rules::{Rules, ScopeRules};
+pub use settle::{SettleError, Settlement};
 
 /// One question to the limiter. Validated by the caller (the API layer).
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +50,46 @@ pub struct Request<'a> {
     /// An Envoy descriptor's entries, in order; empty for `tollgate.v1`.
     /// They select a limit from the scope's descriptor rules.
     pub entries: &'a [(&'a str, &'a str)],
+    /// Which headroom the request may take.
+    pub priority: Priority,
+    /// When set, `cost` is an estimate: an allowed request gets a
+    /// reservation, settled later with the real cost within this time.
+    pub settle_within: Option<Duration>,
+}
+
+/// How much of a bucket's headroom a request may take.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Priority {
+    /// May take everything.
+    Critical,
+    /// May not take a limit's `headroom.normal`.
+    #[default]
+    Normal,
+    /// May not take a limit's `headroom.sheddable`: shed first.
+    Sheddable,
+}
+
+impl Priority {
+    /// The priority's index in a limit's reserves.
+    pub fn index(self) -> usize {
+        match self {
+            Self::Critical => 0,
+            Self::Normal => 1,
+            Self::Sheddable => 2,
+        }
+    }
+
+    /// Reads `critical`, `normal` or `sheddable`, in any case.
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            ("critical", Self::Critical),
+            ("normal", Self::Normal),
+            ("sheddable", Self::Sheddable),
+        ]
+        .into_iter()
+        .find(|(name, _)| text.eq_ignore_ascii_case(name))
+        .map(|(_, p)| p)
+    }
 }
 
 static NO_ATTRIBUTES: LazyLock<HashMap<String, String>> = LazyLock::new(HashMap::new);
@@ -61,6 +105,8 @@ impl<'a> Request<'a> {
             dry_run: false,
             attributes: &NO_ATTRIBUTES,
             entries: &[],
+            priority: Priority::Normal,
+            settle_within: None,
         }
     }
 }
@@ -83,6 +129,9 @@ pub struct Decision {
     /// Index into `buckets` of the most restrictive bucket: the one that
     /// denied (longest wait) when denied, else the one with least left.
     pub primary: Option<usize>,
+    /// For an allowed request with `settle_within`: the token that settles
+    /// it, on any replica.
+    pub reservation: Option<String>,
 }
 
 impl Decision {
@@ -131,6 +180,8 @@ pub enum DecideError {
 pub struct Limiter<S> {
     rules: ArcSwap<Rules>,
     store: S,
+    /// Signs and verifies reservations.
+    signer: Signer,
 }
 
 impl<S: Store> Limiter<S> {
@@ -139,7 +190,14 @@ impl<S: Store> Limiter<S> {
         Self {
             rules: ArcSwap::from_pointee(rules),
             store,
+            signer: Signer::random(),
         }
+    }
+
+    /// Signs reservations with `signer`: replicas with the same key settle
+    /// each other's.
+    pub fn with_signer(self, signer: Signer) -> Self {
+        Self { signer, ..self }
     }
 
     /// The live rules.
@@ -164,6 +222,9 @@ impl<S: Store> Limiter<S> {
         let mut buckets = plan::Buckets::new();
         if let Err(why) = plan::plan_into(&rules, req, &mut buckets) {
             return Ok(why.decision(&rules, req.scope));
+        }
+        if req.settle_within.is_some() && !req.dry_run {
+            return self.reserve(&rules, req, &buckets).await;
         }
         // One bucket, the common case: no list is built on the way down or
         // back up, so the embedded store decides without allocating.

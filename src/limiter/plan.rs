@@ -240,6 +240,7 @@ where
                     &ChargeOutcome {
                         allowed: outcome.allowed,
                         buckets: outcomes,
+                        now_us: outcome.now_us,
                     },
                 );
                 d.allowed = outcome.allowed;
@@ -281,6 +282,7 @@ const UNSET: BucketOutcome = BucketOutcome {
     remaining: 0,
     reset_after: std::time::Duration::ZERO,
     retry_after: None,
+    state: crate::bucket::Tat { ticks: 0, frac: 0 },
 };
 
 fn allowed() -> Decision {
@@ -409,8 +411,10 @@ scopes:
                     remaining: r,
                     reset_after: Duration::from_millis(100),
                     retry_after: (!allowed && r == 0).then_some(Duration::from_millis(7)),
+                    state: crate::bucket::Tat::default(),
                 })
                 .collect(),
+            now_us: 0,
         }
     }
 

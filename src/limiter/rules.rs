@@ -74,13 +74,15 @@ impl ScopeRules {
                 charge: BucketCharge {
                     key: BucketKey {
                         scope: &self.name,
-                        rule: &limit.name,
+                        rule: &limit.key_name,
                         identity,
                         operation,
                     },
                     shape: limit.shape,
                     cost: req.cost,
                     shadow: limit.shadow,
+                    reserve: limit.reserve_for(req.priority),
+                    window: limit.window.as_ref(),
                 },
             }));
         }

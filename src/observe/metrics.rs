@@ -18,7 +18,9 @@ use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use crate::limiter::{Decision, Rules};
-use crate::store::{BucketCharge, Charge, ChargeOutcome, SingleOutcome, Store, StoreError};
+use crate::store::{
+    BucketCharge, Charge, ChargeOutcome, Settled, Settlement, SingleOutcome, Store, StoreError,
+};
 
 /// The `scope` label of requests for scopes that are not configured.
 pub const UNCONFIGURED: &str = "_unconfigured";
@@ -71,6 +73,7 @@ pub struct Metrics {
     audit_suppressed: Counter<u64, AtomicU64>,
     access_denied: Family<AccessLabels, Counter>,
     calls_shed: Counter<u64, AtomicU64>,
+    settles: Family<ReloadLabels, Counter>,
 }
 
 impl fmt::Debug for Metrics {
@@ -83,6 +86,16 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+fn register_settles(registry: &mut Registry) -> Family<ReloadLabels, Counter> {
+    let settles = Family::<ReloadLabels, Counter>::default();
+    registry.register(
+        "settles",
+        "Settles of reservations by result: settled, already_settled, expired, invalid, unavailable",
+        settles.clone(),
+    );
+    settles
 }
 
 impl Metrics {
@@ -151,8 +164,10 @@ impl Metrics {
             "Calls refused with RESOURCE_EXHAUSTED because grpc.max_in_flight were running",
             calls_shed.clone(),
         );
+        let settles = register_settles(&mut registry);
         Self {
             registry,
+            settles,
             access_denied,
             calls_shed,
             decisions,
@@ -214,6 +229,12 @@ impl Metrics {
                 result: "unavailable",
             })
             .inc();
+    }
+
+    /// Counts a settle by its result: `settled`, `already_settled`,
+    /// `expired`, `invalid` or `unavailable`.
+    pub fn settle(&self, result: &'static str) {
+        self.settles.get_or_create(&ReloadLabels { result }).inc();
     }
 
     /// Counts a config reload.
@@ -333,6 +354,13 @@ impl<S: Store> Store for Instrumented<S> {
     ) -> Result<SingleOutcome, StoreError> {
         let started = Instant::now();
         let result = self.inner.check_and_take_single(bucket, dry_run).await;
+        self.observe(started, &result);
+        result
+    }
+
+    async fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.settle(settlement).await;
         self.observe(started, &result);
         result
     }

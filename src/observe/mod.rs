@@ -18,7 +18,7 @@ pub mod status;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::limiter::{DecideError, Decision, Request, Rules};
+use crate::limiter::{DecideError, Decision, Request, Rules, SettleError, Settlement};
 use audit::Audit;
 use hitters::Hitters;
 use metrics::Metrics;
@@ -74,6 +74,22 @@ impl Observer {
                 }
             }
             Err(_) => self.metrics.unavailable(api, rules, req.scope),
+        }
+    }
+
+    /// Records a settle: counted by result, and its refusals logged at
+    /// debug (a replayed or expired token is the caller's business).
+    pub fn settled(&self, scope: &str, result: Result<&Settlement, &SettleError>) {
+        let label = match result {
+            Ok(_) => "settled",
+            Err(SettleError::AlreadySettled) => "already_settled",
+            Err(SettleError::Expired) => "expired",
+            Err(SettleError::Token(_)) => "invalid",
+            Err(SettleError::Store(_)) => "unavailable",
+        };
+        self.metrics.settle(label);
+        if let Err(e) = result {
+            tracing::debug!(scope, error = %e, "settle refused");
         }
     }
 

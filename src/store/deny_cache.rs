@@ -33,10 +33,16 @@
 //!   from, so this replica's own answers stay exact. Takes by other replicas
 //!   only push the real wait further out: for a shared bucket the cached
 //!   `retry_after` is then a lower bound, as the store's own is.
-//! - Refunds: the cache only ever denies. If tokens come back early (a
-//!   Cluster reserve-and-refund, or a later settle-for-less), it may deny a
-//!   request the store would now allow, until the deadline the store gave
-//!   passes: a little longer than needed, never an admission.
+//! - Refunds: the cache only ever denies. A settle or refund through this
+//!   replica drops the entries of the buckets it touched. If tokens come
+//!   back early any other way (a settle-for-less or an Envoy refund on
+//!   another replica), it may deny a request the store would now allow,
+//!   until the deadline the store gave passes: longer than needed, never an
+//!   admission. Budgets are never cached: their deadline is the window's
+//!   end, hours away, which such a refund could cut short.
+//! - Priorities: an entry answers only the same cost with the same headroom
+//!   to keep, so a CRITICAL request is never denied on a SHEDDABLE one's
+//!   behalf.
 //! - Bounded: at most [`MAX_ENTRIES`] entries (about 150 bytes each); a full
 //!   shard first drops its expired entries, and if none are, the new denial
 //!   simply is not cached.
@@ -48,7 +54,10 @@ use hashbrown::HashTable;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use super::{BucketCharge, BucketOutcome, Charge, ChargeOutcome, SingleOutcome, Store, StoreError};
+use super::{
+    BucketCharge, BucketOutcome, Charge, ChargeOutcome, Settled, Settlement, SingleOutcome, Store,
+    StoreError,
+};
 use crate::bucket::{Shape, Tat};
 
 /// The most denials held at once, over all shards.
@@ -82,6 +91,9 @@ struct Entry {
     operation: Option<Box<str>>,
     shape: Shape,
     cost: u64,
+    /// The headroom the denied request had to leave: a request of another
+    /// priority is judged on another amount, so it is not answered here.
+    reserve: u64,
     /// Send time plus the store's `retry_after`: the cost cannot be held
     /// before this.
     until: Instant,
@@ -118,10 +130,14 @@ impl Entry {
             allowed: false,
             buckets: vec![BucketOutcome {
                 conforms: false,
-                remaining: remaining.min(self.cost - 1),
+                remaining: remaining.min((self.cost + self.reserve).saturating_sub(1)),
                 reset_after,
                 retry_after: Some(self.until - now),
+                state: Tat::default(),
             }],
+            // Only a reservation reads the store's clock, and a denial
+            // makes none.
+            now_us: 0,
         }
     }
 }
@@ -129,7 +145,9 @@ impl Entry {
 /// The one bucket a charge must have for a local answer.
 fn cacheable<'c, 'a>(charge: &'c Charge<'a>) -> Option<&'c BucketCharge<'a>> {
     match charge.buckets.as_slice() {
-        [b] if !b.shadow => Some(b),
+        // A budget's denial lasts until its window ends, which a refund on
+        // another replica could cut short by hours: budgets always ask.
+        [b] if !b.shadow && b.window.is_none() => Some(b),
         _ => None,
     }
 }
@@ -188,7 +206,7 @@ impl Cache {
         let hash = self.hash(b);
         let mut table = self.shard(hash).lock();
         let entry = table.find_entry(hash, |e| e.is(b)).ok()?;
-        if entry.get().cost != b.cost {
+        if entry.get().cost != b.cost || entry.get().reserve != b.reserve {
             return None;
         }
         if now < entry.get().until {
@@ -234,6 +252,7 @@ impl Cache {
             operation: b.key.operation.map(Into::into),
             shape: b.shape,
             cost: b.cost,
+            reserve: b.reserve,
             until: sent + wait,
             full_at: sent + reset_after,
         };
@@ -333,6 +352,18 @@ impl<S: Store> Store for DenyCache<S> {
             dry_run,
         };
         SingleOutcome::of(self.check_and_take_one(&charge).await?)
+    }
+
+    async fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
+        let settled = self.inner.settle(settlement).await;
+        if let (Some(cache), Ok(Settled::Applied(_))) = (&self.cache, &settled) {
+            // A refund may bring tokens back before a held denial's deadline.
+            cache.forget(&Charge {
+                buckets: settlement.buckets.iter().map(|b| b.charge).collect(),
+                dry_run: false,
+            });
+        }
+        settled
     }
 
     fn is_available(&self) -> bool {

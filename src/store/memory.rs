@@ -18,7 +18,10 @@ use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::keys::KeyPart;
-use super::{BucketCharge, BucketOutcome, Charge, ChargeOutcome, SingleOutcome, Store, StoreError};
+use super::{
+    BucketCharge, BucketOutcome, Charge, ChargeOutcome, Settled, Settlement, SingleOutcome, Store,
+    StoreError,
+};
 use crate::bucket::{Tat, Verdict};
 use crate::config::{DEFAULT_MAX_BYTES, DEFAULT_SHARDS};
 
@@ -47,8 +50,17 @@ struct Inner {
     /// Seeded per process (SipHash), so callers cannot aim many keys at one
     /// shard or one probe chain.
     hasher: RandomState,
-    /// The clock's zero: ticks are nanoseconds since this instant.
+    /// The clock's zero: ticks are nanoseconds since the Unix epoch,
+    /// counted as `wall_at_epoch` plus the monotonic (tokio) time since
+    /// `epoch`. Monotonic, so a wall-clock step never moves a bucket, and
+    /// paused tokio time moves it in tests; wall-based, so budgets' calendar
+    /// windows and reservations' deadlines have a date.
     epoch: Instant,
+    /// The wall clock at `epoch`, nanoseconds since the Unix epoch.
+    wall_at_epoch: u64,
+    /// Settled reservations' ids, each kept until its deadline (ticks), so
+    /// a reservation settles at most once. Counted in `held`.
+    settled: Mutex<std::collections::HashMap<[u8; 16], u64>>,
     /// Bytes held now by buckets, across shards, as [`MemoryStore::bytes_of`]
     /// counts them.
     held: AtomicUsize,
@@ -74,13 +86,29 @@ impl MemoryStore {
     }
 
     /// A store whose buckets hold at most `max_bytes` bytes at once.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the embedded store is the store: its clock starts at the wall clock, once, then runs on tokio's monotonic time"
+    )]
     pub fn with_max_bytes(shards: usize, max_bytes: usize) -> Self {
+        Self::with_wall_clock(shards, max_bytes, std::time::SystemTime::now())
+    }
+
+    /// [`MemoryStore::with_max_bytes`], with the store's clock starting at
+    /// `wall` (its ticks then follow tokio's monotonic time). Lets tests put
+    /// a budget's window boundary where they want it.
+    pub fn with_wall_clock(shards: usize, max_bytes: usize, wall: std::time::SystemTime) -> Self {
         let n = shards.max(1).next_power_of_two();
+        let wall_at_epoch = wall
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         Self {
             inner: Arc::new(Inner {
                 shards: (0..n).map(|_| Mutex::new(HashTable::new())).collect(),
                 hasher: RandomState::new(),
                 epoch: Instant::now(),
+                wall_at_epoch,
+                settled: Mutex::default(),
                 held: AtomicUsize::new(0),
                 max_bytes,
             }),
@@ -155,9 +183,10 @@ struct Slot {
 impl Inner {
     fn now(&self) -> u64 {
         let ns = Instant::now().duration_since(self.epoch).as_nanos();
-        // Tick zero means "absent"; start the clock one hour in so that a
-        // fresh store's buckets are full (TAT 0 is far in the past).
-        u64::try_from(ns).unwrap_or(u64::MAX) + 3_600_000_000_000
+        // Tick zero means "absent" (TAT 0 is far in the past, a full bucket).
+        u64::try_from(ns)
+            .unwrap_or(u64::MAX)
+            .saturating_add(self.wall_at_epoch)
     }
 
     fn sweep(&self) -> usize {
@@ -176,6 +205,11 @@ impl Inner {
             self.held.fetch_sub(freed, Ordering::Relaxed);
             left += table.len();
         }
+        let mut settled = self.settled.lock();
+        let before = settled.len();
+        settled.retain(|_, deadline| *deadline >= now);
+        self.held
+            .fetch_sub((before - settled.len()) * MARKER_BYTES, Ordering::Relaxed);
         left
     }
 
@@ -185,6 +219,7 @@ impl Inner {
             return Ok(ChargeOutcome {
                 allowed: single.allowed,
                 buckets: vec![single.bucket],
+                now_us: self.now() / 1_000,
             });
         }
         let mut buf: SmallVec<[u8; 256]> = SmallVec::new();
@@ -204,9 +239,7 @@ impl Inner {
             let key = &buf[slot.start..slot.end];
             let table = guard_for(&mut guards, slot.shard);
             let found = table.find(slot.hash, |e| *e.key == *key).map(|e| e.tat);
-            let verdict = bucket
-                .shape
-                .judge(found.unwrap_or_default(), now, bucket.cost);
+            let verdict = bucket.judge(found.unwrap_or_default(), now, window_end(bucket, now));
             allowed &= verdict.conforms || bucket.shadow;
             verdicts.push((verdict, found.is_none()));
         }
@@ -240,15 +273,7 @@ impl Inner {
                 match table.find_mut(slot.hash, |e| *e.key == *key) {
                     Some(e) => e.tat = state,
                     None => {
-                        table.insert_unique(
-                            slot.hash,
-                            Entry {
-                                hash: slot.hash,
-                                key: key.into(),
-                                tat: state,
-                            },
-                            |e| e.hash,
-                        );
+                        insert(table, slot.hash, key, state);
                     }
                 }
             }
@@ -257,6 +282,7 @@ impl Inner {
         Ok(ChargeOutcome {
             allowed,
             buckets: outcomes,
+            now_us: now / 1_000,
         })
     }
 
@@ -288,13 +314,17 @@ impl Inner {
 
 /// What the store reports of one bucket left in `state` at `now`.
 fn outcome(bucket: &BucketCharge<'_>, verdict: &Verdict, state: Tat, now: u64) -> BucketOutcome {
-    BucketOutcome {
-        conforms: verdict.conforms,
-        remaining: bucket.shape.remaining(state, now),
-        reset_after: Duration::from_nanos(bucket.shape.reset_after(state, now)),
-        retry_after: verdict.retry_after.map(Duration::from_nanos),
-    }
+    bucket.outcome(verdict.conforms, verdict.retry_after, state, now, 1)
 }
+
+/// The end of a budget's current window at `now` (ticks are Unix
+/// nanoseconds); 0 for a token bucket, which has none.
+fn window_end(bucket: &BucketCharge<'_>, now: u64) -> u64 {
+    bucket.window.map_or(0, |w| w.bounds(now).1)
+}
+
+/// What remembering one settled reservation costs against the bound.
+const MARKER_BYTES: usize = 64;
 
 impl Inner {
     /// The common case, one bucket: one key, one lock, no lists.
@@ -322,7 +352,7 @@ impl Inner {
         let found = table.find_mut(hash, |e| *e.key == *key);
         let is_new = found.is_none();
         let stored = found.as_ref().map(|e| e.tat).unwrap_or_default();
-        let verdict = bucket.shape.judge(stored, now, bucket.cost);
+        let verdict = bucket.judge(stored, now, window_end(bucket, now));
         let allowed = verdict.conforms || bucket.shadow;
         let taken = allowed && !dry_run && verdict.conforms;
         let state = if taken { verdict.after } else { verdict.before };
@@ -336,15 +366,7 @@ impl Inner {
                         self.held.fetch_sub(bytes, Ordering::Relaxed);
                         return Err(self.full());
                     }
-                    table.insert_unique(
-                        hash,
-                        Entry {
-                            hash,
-                            key: key.into(),
-                            tat: state,
-                        },
-                        |e| e.hash,
-                    );
+                    insert(&mut table, hash, key, state);
                 }
             }
         }
@@ -355,6 +377,65 @@ impl Inner {
         })
     }
 
+    /// Applies a settlement: every bucket's shard locked (in index order)
+    /// and the settled ids locked, so the check that it was not settled
+    /// before, the changes and the record of it are one step.
+    fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
+        let charge = Charge {
+            buckets: settlement.buckets.iter().map(|b| b.charge).collect(),
+            dry_run: false,
+        };
+        let mut buf: SmallVec<[u8; 256]> = SmallVec::new();
+        let slots = self.slots(&charge, &mut buf);
+        let mut order: SmallVec<[usize; INLINE]> = slots.iter().map(|s| s.shard).collect();
+        order.sort_unstable();
+        order.dedup();
+        let mut guards: SmallVec<[(usize, MutexGuard<'_, Table>); INLINE]> =
+            order.iter().map(|&i| (i, self.shards[i].lock())).collect();
+        let mut settled = self.settled.lock();
+        let now = self.now();
+        if let Some(once) = settlement.once {
+            if now / 1_000 > once.deadline_us {
+                return Ok(Settled::Expired);
+            }
+            if settled.contains_key(&once.id) {
+                return Ok(Settled::AlreadySettled);
+            }
+        }
+        let mut outcomes = Vec::with_capacity(slots.len());
+        for (part, slot) in settlement.buckets.iter().zip(&slots) {
+            let bucket = &part.charge;
+            let key = &buf[slot.start..slot.end];
+            let table = guard_for(&mut guards, slot.shard);
+            let end = window_end(bucket, now);
+            let state = match table.find_mut(slot.hash, |e| *e.key == *key) {
+                Some(e) => {
+                    e.tat = bucket.settle(e.tat, now, end, part);
+                    e.tat
+                }
+                None => {
+                    let state = bucket.settle(Tat::default(), now, end, part);
+                    // An absent bucket is full: only debt needs a new entry.
+                    if !state.is_full_at(now) {
+                        let bytes = BUCKET_OVERHEAD + key.len();
+                        if self.held.fetch_add(bytes, Ordering::Relaxed) + bytes > self.max_bytes {
+                            self.held.fetch_sub(bytes, Ordering::Relaxed);
+                            return Err(self.full());
+                        }
+                        insert(table, slot.hash, key, state);
+                    }
+                    state
+                }
+            };
+            outcomes.push(bucket.outcome(true, None, state, now, 1));
+        }
+        if let Some(once) = settlement.once {
+            self.held.fetch_add(MARKER_BYTES, Ordering::Relaxed);
+            settled.insert(once.id, once.deadline_us.saturating_mul(1_000));
+        }
+        Ok(Settled::Applied(outcomes))
+    }
+
     fn full(&self) -> StoreError {
         StoreError::transient(format!(
             "embedded store full: {} bytes of buckets held, the most is {} (store.memory.max_bytes)",
@@ -362,6 +443,19 @@ impl Inner {
             self.max_bytes
         ))
     }
+}
+
+/// Adds a bucket the table does not hold yet.
+fn insert(table: &mut Table, hash: u64, key: &[u8], tat: Tat) {
+    table.insert_unique(
+        hash,
+        Entry {
+            hash,
+            key: key.into(),
+            tat,
+        },
+        |e| e.hash,
+    );
 }
 
 fn guard_for<'g, 'm>(
@@ -449,5 +543,9 @@ impl Store for MemoryStore {
         dry_run: bool,
     ) -> Result<SingleOutcome, StoreError> {
         self.inner.decide_one(bucket, dry_run)
+    }
+
+    async fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
+        self.inner.settle(settlement)
     }
 }

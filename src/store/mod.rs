@@ -9,8 +9,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::bucket::Shape;
+use crate::bucket::{Budget, Shape, Tat, Verdict};
 use crate::config::{ConfigError, StoreConfig, StoreKind};
+use crate::window::Window;
 
 pub mod deny_cache;
 pub mod keys;
@@ -75,7 +76,115 @@ pub struct BucketCharge<'a> {
     /// A shadow bucket is judged and, when it has room, charged, but it never
     /// causes a denial. It lets operators try a limit before enforcing it.
     pub shadow: bool,
+    /// Tokens the request must leave in the bucket: the headroom that its
+    /// priority may not take. It conforms only when the bucket holds
+    /// `cost + reserve`, and then `cost` is taken. 0 for CRITICAL.
+    pub reserve: u64,
+    /// Set for a calendar budget: `shape.capacity` is then the budget per
+    /// window, and the bucket counts spend in the window that holds the
+    /// store's clock instead of refilling at a rate.
+    pub window: Option<&'a Window>,
 }
+
+impl<'a> BucketCharge<'a> {
+    /// A plain token-bucket charge: enforced, no headroom, no window.
+    pub fn new(key: BucketKey<'a>, shape: Shape, cost: u64) -> Self {
+        Self {
+            key,
+            shape,
+            cost,
+            shadow: false,
+            reserve: 0,
+            window: None,
+        }
+    }
+}
+
+impl BucketCharge<'_> {
+    /// Judges this charge against `stored` at `now`, all in the store's
+    /// ticks (the shape too). `window_end` is the end of a budget's current
+    /// window; token buckets ignore it.
+    pub fn judge(&self, stored: Tat, now: u64, window_end: u64) -> Verdict {
+        match self.window {
+            None => self
+                .shape
+                .judge_keeping(stored, now, self.cost, self.reserve),
+            Some(_) => Budget {
+                amount: self.shape.capacity,
+            }
+            .judge(stored, window_end, now, self.cost, self.reserve),
+        }
+    }
+
+    /// The state after settling this charge (taken earlier) at `actual`.
+    /// `max_ahead` bounds debt: ticks past now for a bucket, total spend
+    /// for a budget.
+    pub fn settle(&self, stored: Tat, now: u64, window_end: u64, part: &SettleBucket<'_>) -> Tat {
+        match self.window {
+            None => self.shape.settle(
+                stored,
+                now,
+                self.cost,
+                part.actual,
+                part.taken,
+                MAX_DEBT_US.saturating_mul(1_000),
+            ),
+            Some(_) => Budget {
+                amount: self.shape.capacity,
+            }
+            .settle(
+                stored,
+                window_end,
+                self.cost,
+                part.actual,
+                part.taken,
+                MAX_SPEND,
+            ),
+        }
+    }
+
+    /// What a store reports of this bucket left in `state` at `now` (the
+    /// shape and all times in ticks of `tick_ns` nanoseconds).
+    pub fn outcome(
+        &self,
+        conforms: bool,
+        retry_after: Option<u64>,
+        state: Tat,
+        now: u64,
+        tick_ns: u64,
+    ) -> BucketOutcome {
+        let time = |ticks: u64| Duration::from_nanos(ticks.saturating_mul(tick_ns));
+        let (remaining, reset_after) = match self.window {
+            None => (
+                self.shape.remaining(state, now),
+                self.shape.reset_after(state, now),
+            ),
+            Some(_) => (
+                Budget {
+                    amount: self.shape.capacity,
+                }
+                .remaining(state, state.ticks),
+                state.ticks.saturating_sub(now),
+            ),
+        };
+        BucketOutcome {
+            conforms,
+            remaining,
+            reset_after: time(reset_after),
+            retry_after: retry_after.map(time),
+            state,
+        }
+    }
+}
+
+/// The furthest a bucket's debt may push its TAT past now, in microseconds
+/// (about 8.9 years): more debt than that is not kept. Bounds the Redis
+/// script's numbers well below 2^53.
+pub const MAX_DEBT_US: u64 = 1 << 48;
+
+/// The most a budget's window may record as spent, debt included: more is
+/// not kept. Below 2^53, so the Redis script's numbers stay exact.
+pub const MAX_SPEND: u64 = 1 << 52;
 
 /// A set of buckets to charge together: all of them or none.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +206,11 @@ pub struct BucketOutcome {
     pub reset_after: Duration,
     /// Until the bucket holds its cost, when it does not now and ever can.
     pub retry_after: Option<Duration>,
+    /// The bucket's raw state after the decision, in the store's own ticks
+    /// (a TAT; for a budget, its window's end and spend). Opaque outside the
+    /// store: a reservation carries it back to [`Store::settle`], which
+    /// gives back no more than the reservation still holds.
+    pub state: Tat,
 }
 
 /// The outcome of one charge.
@@ -107,6 +221,57 @@ pub struct ChargeOutcome {
     pub allowed: bool,
     /// One per bucket, in the order of the charge.
     pub buckets: Vec<BucketOutcome>,
+    /// The store's clock at the decision, in microseconds since the Unix
+    /// epoch: a reservation's deadline counts from it.
+    pub now_us: u64,
+}
+
+/// One bucket's part in a settlement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SettleBucket<'a> {
+    /// The bucket as it was charged; its `cost` is what was taken then.
+    pub charge: BucketCharge<'a>,
+    /// The real cost. More than `charge.cost` takes the extra; less gives
+    /// back the difference (see [`crate::bucket::Shape::settle`]).
+    pub actual: u64,
+    /// The state the charge left the bucket in
+    /// ([`BucketOutcome::state`]): a refund gives back no more than the
+    /// charge still holds. `None` for a caller's plain refund (Envoy's
+    /// negative hits), bounded only by a full bucket.
+    pub taken: Option<Tat>,
+}
+
+/// Applies real costs to buckets charged earlier: a reservation's settle,
+/// a refund, or Cluster's give-back after a cross-slot denial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement<'a> {
+    /// The buckets, each key at most once.
+    pub buckets: Vec<SettleBucket<'a>>,
+    /// A reservation's id and deadline: applied at most once, and only while
+    /// the store's clock is before the deadline. `None`: applied
+    /// unconditionally (a refund).
+    pub once: Option<Once>,
+}
+
+/// What makes a settlement happen at most once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Once {
+    /// The reservation's random id.
+    pub id: [u8; 16],
+    /// The last moment it may be settled, in the store's clock, microseconds
+    /// since the Unix epoch.
+    pub deadline_us: u64,
+}
+
+/// What a settlement did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    /// Applied to every bucket; their states after it, in order.
+    Applied(Vec<BucketOutcome>),
+    /// The reservation was settled before; nothing changed.
+    AlreadySettled,
+    /// The deadline has passed; nothing changed, the estimate stands.
+    Expired,
 }
 
 /// The outcome of a charge of one bucket, without the list.
@@ -236,6 +401,14 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         }
     }
 
+    /// Applies a settlement atomically: to every bucket or to none. A
+    /// settlement with [`Once`] is applied at most once, on any replica,
+    /// and only before its deadline; the store remembers its id until then.
+    fn settle(
+        &self,
+        settlement: &Settlement<'_>,
+    ) -> impl Future<Output = Result<Settled, StoreError>> + Send;
+
     /// True while the store can answer: used for health reporting.
     fn is_available(&self) -> bool {
         true
@@ -282,6 +455,13 @@ impl Store for AnyStore {
         match self {
             Self::Memory(s) => s.check_and_take_single(bucket, dry_run).await,
             Self::Redis(s) => s.check_and_take_single(bucket, dry_run).await,
+        }
+    }
+
+    async fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
+        match self {
+            Self::Memory(s) => s.settle(settlement).await,
+            Self::Redis(s) => s.settle(settlement).await,
         }
     }
 

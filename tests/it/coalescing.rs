@@ -28,6 +28,8 @@ fn charge(identity: &str) -> Charge<'_> {
             },
             cost: 1,
             shadow: false,
+            reserve: 0,
+            window: None,
         }],
         dry_run: false,
     }

@@ -25,13 +25,23 @@ fn charge(identity: &str, cost: u64) -> Charge<'_> {
             },
             cost,
             shadow: false,
+            reserve: 0,
+            window: None,
         }],
         dry_run: false,
     }
 }
 
+/// The outcome as a caller sees it: the raw state and the store's clock are
+/// each store's own (two stores' clocks start apart), and a local answer
+/// has neither.
 async fn one(store: &impl Store, c: &Charge<'_>) -> ChargeOutcome {
-    store.check_and_take_one(c).await.unwrap()
+    let mut o = store.check_and_take_one(c).await.unwrap();
+    o.now_us = 0;
+    for b in &mut o.buckets {
+        b.state = Default::default();
+    }
+    o
 }
 
 /// A small deterministic generator, so a failure replays.

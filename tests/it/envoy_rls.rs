@@ -163,17 +163,28 @@ async fn the_draft_headers_can_be_turned_off_leaving_the_legacy_ones() {
 }
 
 #[tokio::test]
-async fn hits_addend_counts_at_both_levels_and_zero_means_one() {
+async fn hits_addend_counts_at_both_levels_and_a_descriptor_s_zero_is_a_check() {
     let (_t, mut c) = client(NATIVE).await;
     let mut r = request("api", vec![descriptor(&[("user", "carol")])]);
     r.hits_addend = 2;
     assert_eq!(ask(&mut c, r).await.statuses[0].limit_remaining, 1);
-    // A per-descriptor zero means one, and overrides the request's 2.
+    // A per-descriptor zero is a check: would one more hit pass? It takes
+    // nothing, whatever the request's own hits_addend says.
     let mut d = descriptor(&[("user", "carol")]);
     d.hits_addend = Some(UInt64Value { value: 0 });
-    let mut r = request("api", vec![d]);
+    let mut r = request("api", vec![d.clone()]);
     r.hits_addend = 2;
+    for _ in 0..3 {
+        let answer = ask(&mut c, r.clone()).await;
+        assert_eq!(answer.overall_code, Code::Ok as i32);
+        assert_eq!(answer.statuses[0].limit_remaining, 1);
+    }
+    // A request-level zero still means one.
+    let r = request("api", vec![descriptor(&[("user", "carol")])]);
     assert_eq!(ask(&mut c, r).await.statuses[0].limit_remaining, 0);
+    // Now empty: the check says so, and still takes nothing.
+    let answer = ask(&mut c, request("api", vec![d])).await;
+    assert_eq!(answer.overall_code, Code::OverLimit as i32);
     // More than the capacity can never pass: denied, and no retry-after.
     let mut d = descriptor(&[("user", "dan")]);
     d.hits_addend = Some(UInt64Value { value: 4 });
@@ -567,4 +578,92 @@ async fn no_retry_after_when_one_descriptor_can_never_pass() {
     let r = ask(&mut c, request("api", vec![search(), over])).await;
     assert_eq!(r.overall_code, Code::OverLimit as i32);
     assert_eq!(header(&r, "retry-after"), None, "{r:?}");
+}
+
+const PRIORITIES: &str = r#"
+scopes:
+  - name: llm
+    descriptor_keys: { identity: team, priority: priority }
+    limits:
+      - name: tokens
+        per: identity
+        capacity: 10
+        refill_period: 1h
+        headroom: { normal: 10%, sheddable: 30% }
+"#;
+
+fn with_hits(entries: &[(&str, &str)], hits: u64, negative: bool) -> RateLimitDescriptor {
+    RateLimitDescriptor {
+        hits_addend: Some(UInt64Value { value: hits }),
+        is_negative_hits: negative,
+        ..descriptor(entries)
+    }
+}
+
+#[tokio::test]
+async fn negative_hits_give_tokens_back_never_past_full_and_always_answer_ok() {
+    let (_t, mut c) = client(PRIORITIES).await;
+    let team = [("team", "a"), ("priority", "critical")];
+    let r = ask(&mut c, request("llm", vec![with_hits(&team, 8, false)])).await;
+    assert_eq!(r.statuses[0].limit_remaining, 2);
+    // Envoy gives 5 back (say, at stream end, the real usage was lower).
+    let back = ask(&mut c, request("llm", vec![with_hits(&team, 5, true)])).await;
+    assert_eq!(back.overall_code, Code::Ok as i32);
+    assert_eq!(back.statuses[0].limit_remaining, 7);
+    // More than was ever taken: the bucket stops at full.
+    let back = ask(&mut c, request("llm", vec![with_hits(&team, 50, true)])).await;
+    assert_eq!(back.overall_code, Code::Ok as i32);
+    assert_eq!(back.statuses[0].limit_remaining, 10);
+    let r = ask(&mut c, request("llm", vec![with_hits(&team, 10, false)])).await;
+    assert_eq!(r.overall_code, Code::Ok as i32, "full, not fuller");
+    let r = ask(&mut c, request("llm", vec![with_hits(&team, 1, false)])).await;
+    assert_eq!(r.overall_code, Code::OverLimit as i32);
+}
+
+#[tokio::test]
+async fn the_priority_entry_chooses_the_headroom_and_shares_one_bucket() {
+    let (_t, mut c) = client(PRIORITIES).await;
+    let as_ = |p: &'static str, hits| {
+        request(
+            "llm",
+            vec![with_hits(&[("team", "b"), ("priority", p)], hits, false)],
+        )
+    };
+    // SHEDDABLE may take 7 of 10, NORMAL 9, CRITICAL all: one bucket, since
+    // the priority entry is not part of the identity.
+    assert_eq!(
+        ask(&mut c, as_("sheddable", 7)).await.overall_code,
+        Code::Ok as i32
+    );
+    assert_eq!(
+        ask(&mut c, as_("SHEDDABLE", 1)).await.overall_code,
+        Code::OverLimit as i32
+    );
+    assert_eq!(
+        ask(&mut c, as_("normal", 2)).await.overall_code,
+        Code::Ok as i32
+    );
+    assert_eq!(
+        ask(&mut c, as_("normal", 1)).await.overall_code,
+        Code::OverLimit as i32
+    );
+    let last = ask(&mut c, as_("critical", 1)).await;
+    assert_eq!(last.overall_code, Code::Ok as i32);
+    assert_eq!(last.statuses[0].limit_remaining, 0);
+    // No priority entry is NORMAL; a bad one is refused, naming the entry.
+    let plain = request("llm", vec![with_hits(&[("team", "c")], 10, false)]);
+    assert_eq!(
+        ask(&mut c, plain).await.overall_code,
+        Code::OverLimit as i32
+    );
+    let bad = request(
+        "llm",
+        vec![descriptor(&[("team", "c"), ("priority", "urgent")])],
+    );
+    let e = c.should_rate_limit(bad).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().starts_with("descriptors[0].entries[1].value"),
+        "{e:?}"
+    );
 }

@@ -37,6 +37,8 @@ fn bucket<'a>(rule: &'a str, identity: Option<&'a str>, capacity: u64) -> Bucket
         },
         cost: 1,
         shadow: false,
+        reserve: 0,
+        window: None,
     }
 }
 

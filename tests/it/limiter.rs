@@ -285,5 +285,7 @@ fn bytes_of(rule: &str, identity: Option<&str>, capacity: u64, period_s: u64) ->
         },
         cost: 1,
         shadow: false,
+        reserve: 0,
+        window: None,
     })
 }

@@ -3,6 +3,7 @@
 //! minutes of every CI run.
 
 mod admin;
+mod ai_limits;
 mod architecture;
 mod cli;
 mod coalescing;

@@ -32,6 +32,8 @@ fn charge(identity: &str, capacity: u64, period: Duration) -> Charge<'_> {
             },
             cost: 1,
             shadow: false,
+            reserve: 0,
+            window: None,
         }],
         dry_run: false,
     }

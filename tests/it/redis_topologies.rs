@@ -27,6 +27,8 @@ fn charge<'a>(scope: &'a str, identity: &'a str) -> Charge<'a> {
             },
             cost: 1,
             shadow: false,
+            reserve: 0,
+            window: None,
         }],
         dry_run: false,
     }

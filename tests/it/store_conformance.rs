@@ -28,6 +28,8 @@ fn bucket<'a>(scope: &'a str, rule: &'a str, capacity: u64, period_ms: u64) -> B
         },
         cost: 1,
         shadow: false,
+        reserve: 0,
+        window: None,
     }
 }
 

@@ -266,6 +266,8 @@ impl Parts {
             },
             cost: 1,
             shadow: false,
+            reserve: 0,
+            window: None,
         }
     }
 }

@@ -128,6 +128,7 @@ impl DecisionRequest {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            ..pb::ShouldAllowRequest::default()
         }
     }
 }

@@ -1,75 +1,114 @@
---! Tollgate's decision script: decide a batch of independent charges, each
---! atomic on its own, in order, at one instant of Redis's own clock.
+--! Tollgate's decision script: decide (or settle) a batch of independent
+--! charges, each atomic on its own, in order, at one instant of Redis's own
+--! clock.
 --
 -- A charge judges every one of its buckets, then takes the cost from all of
 -- them or none. Charges do not see each other's failures: each gets its own
 -- status, and a data error on one (a key of another type) is reported for
 -- that charge only. Errors about the node (READONLY, OOM) fail the call.
 --
--- KEYS     every bucket key of every charge, charge after charge. On Cluster
---          the caller sends only keys of one hash slot in one call.
+-- KEYS     every key of every charge, charge after charge: its bucket keys,
+--          then (a settle of a reservation only) the key that records the
+--          reservation as settled. On Cluster the caller sends only keys of
+--          one hash slot in one call.
 -- ARGV[1]  every charge's numbers, packed (struct, little-endian), charge
 --          after charge, so the script reads each bucket with one unpack
 --          instead of a string and a tonumber per number:
 --            '<BH'     mode, n
 --                        mode  0 decide and take, 1 dry run (judge, take
---                              nothing), 2 refund: give back `cost` to every
---                              bucket, undoing an earlier take exactly (a
---                              Cluster charge spanning slots reserved in one
---                              slot and was denied in another);
---                        n     how many buckets (and KEYS) it has, >= 1;
+--                              nothing), 2 settle (apply real costs to
+--                              buckets charged earlier: a refund, or Cluster
+--                              giving back a cross-slot reservation),
+--                              3 settle a reservation: at most once, and
+--                              only before its deadline;
+--                        n     how many buckets it has, >= 1;
+--            '<i8'     mode 3 only: the reservation's deadline, in
+--                      microseconds of Redis's clock;
 --          then per bucket:
---            '<i4i8i8' capacity  C, tokens, 1 ..= 50,000,000
---                      period    P, microseconds for an empty bucket to
---                                refill, >= 1
---                      cost      n, tokens to take, >= 1; negative (-n)
---                                marks a shadow bucket, which is judged but
---                                never denies
+--            '<i8i8i8i8' capacity  C, tokens (a budget: the budget), >= 1
+--                        period    P > 0: a token bucket refilling in P
+--                                  microseconds; < 0: a budget over fixed
+--                                  windows of -P microseconds, aligned to
+--                                  the epoch; 0: a budget over calendar
+--                                  windows, whose boundaries follow
+--                        cost      n, tokens to take (a settle: the
+--                                  estimate taken then), >= 1; negative
+--                                  (-n) marks a shadow bucket, which is
+--                                  judged but never denies
+--                        reserve   decide: tokens the request must leave (its
+--                                  priority's headroom), >= 0;
+--                                  settle: the real cost, >= 0
+--            '<i8i8i8i8' P = 0 only: four window boundaries (µs, strictly
+--                        increasing), computed by the replica around its
+--                        own clock: the windows [b1,b2), [b2,b3), [b3,b4).
+--                        The one holding Redis's clock is used, so the
+--                        replica's clock never decides the window; if none
+--                        does, the charge fails (status -2).
+--            '<i8i8i8i8' settles only: taken ticks, taken frac (the state
+--                        the charge left, ticks < 0 for none), then the
+--                        difference |real - estimate| * P / C as whole
+--                        microseconds and a fraction of C, computed by the
+--                        caller in 128-bit integers (token buckets only).
 --
 -- Clock: "now" is Redis's TIME in microseconds, read once for the whole
 -- batch, never the caller's clock, so every Tollgate replica shares one
 -- clock. Charges later in a batch are judged at the same instant as earlier
 -- ones, after their writes: as if they had all arrived at once.
 --
--- State: GCRA. A bucket's value is its theoretical arrival time TAT =
--- ticks + frac/C microseconds (0 <= frac < C), the moment it is full again,
--- packed as 12 bytes: struct '<i8i4' (ticks, frac). One C call reads it and
--- one writes it, where the former "ticks:frac" text took a find, two subs,
--- two tonumbers and a format. The old text is still read (a value of any
--- other length), so buckets written before an upgrade keep their state.
--- An absent key is a full bucket. Taking n tokens moves the TAT by n*P/C
--- exactly; a bucket conforms when the new TAT is at most P ahead of now.
--- This mirrors src/bucket.rs, which is the reference.
+-- State of a token bucket: GCRA. Its value is its theoretical arrival time
+-- TAT = ticks + frac/C microseconds (0 <= frac < C), the moment it is full
+-- again, packed as 12 bytes: struct '<i8i4' (ticks, frac). The old
+-- "ticks:frac" text is still read. An absent key is a full bucket. Taking n
+-- tokens moves the TAT by n*P/C exactly; a bucket conforms when the TAT it
+-- would have after taking n + reserve is at most P ahead of now. A settle
+-- above the estimate pushes the TAT further (debt: later requests wait), at
+-- most 2^48 µs past now; below, it pulls the TAT back by the difference but
+-- never by more than the reservation still holds (taken - now), and never
+-- before now: a bucket is never fuller than full. This mirrors
+-- src/bucket.rs, which is the reference.
 --
--- Exactness: Lua 5.1 numbers are doubles, exact below 2^53. With P split as
--- q*C + r, n*P/C = n*q + n*r/C, where n*q <= P and n*r < C^2 < 2^53 (the
--- config caps C at 50,000,000), and now + P stays near 2^51, so every value
--- here is an exact integer and every floor() divides exactly. struct packs
--- and unpacks through 64-bit integers, exact for these values.
+-- State of a budget: 16 bytes '<i8i8' (the end of the window it counts,
+-- the spend in it). A stored window other than the current one counts as
+-- nothing spent. It conforms when spend + n + reserve <= C. Its key expires
+-- at its window's end.
 --
--- Expiry: a taken bucket gets PEXPIRE (SET .. PX) = time until full, so a
--- refilled bucket vanishes and memory follows active buckets only. A denied
--- or dry-run charge writes nothing.
+-- Exactness: Lua 5.1 numbers are doubles, exact below 2^53. Times are
+-- microseconds since the epoch (about 2^51); a TAT is at most 2^48 past
+-- now. With P split as q*C + r, n*P/C = n*q + n*r/C, where n*q <= P and
+-- n*r < C^2 < 2^53 when n <= C (the config caps a bucket's C at 50,000,000
+-- and a request's n + reserve at C); a settle's difference comes in whole
+-- and fractional parts, each below 2^48 and C. A budget's C is at most 2^50
+-- and its spend at most 2^52. Window arithmetic uses math.fmod, which is
+-- exact. Every value is an exact integer and every floor() divides exactly.
+--
+-- Expiry: a written bucket gets PX = time until full, a budget PX = time
+-- until its window ends, so memory follows active keys only. A denied or
+-- dry-run charge writes nothing.
 --
 -- Returns {now, then per charge: status, then per bucket: conforms, ticks, frac}
 --   now       the batch's instant, microseconds since the Unix epoch
---   status    1 allowed (every non-shadow bucket held its cost), 0 denied,
---             -1 failed (a key of another type among its keys; nothing was
---             taken, and its triples mean nothing).
---             A refund answers 1.
---   conforms  1 when bucket i held its cost
---   ticks, frac  bucket i's TAT after the decision (taken or not), never
---             earlier than now. The caller derives remaining, reset_after and
+--   status    1 allowed (every non-shadow bucket held its cost) or settled,
+--             0 denied, -1 failed (a key of another type among its keys),
+--             -2 failed (no window passed holds Redis's clock), -3 the
+--             reservation's deadline has passed, -4 it was settled before.
+--             On any status below 1 but 0 nothing changed and the triples
+--             mean nothing.
+--   conforms  1 when bucket i held its cost (a settle: 1)
+--   ticks, frac  bucket i's state after the decision (taken or not): a
+--             TAT never earlier than now, or a budget's window end and
+--             spend. The caller derives remaining, reset_after and
 --             retry_after from it with 128-bit integers.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local floor = math.floor
+local floor, fmod = math.floor, math.fmod
 local pack, unpack = struct.pack, struct.unpack
+local MAX_AHEAD = 281474976710656 -- 2^48 µs
+local MAX_SPEND = 4503599627370496 -- 2^52
 
 -- Returns nil for an error about this charge's own data (a key of another
 -- type), which fails that charge alone; raises any other (READONLY, OOM),
--- which is about the node and fails the whole call, so that the caller sees
+-- which is about the node and fails the whole call, so that caller sees
 -- Redis's own error.
 local function own_error(reply)
   if string.find(reply.err or '', '^WRONGTYPE') then
@@ -78,14 +117,26 @@ local function own_error(reply)
   error(reply)
 end
 
--- A bucket's TAT, never earlier than now; nil on a data error.
-local function load(key, cap)
+-- A key's raw value: false when absent, nil on a data error.
+local function get(key)
   local v = redis.pcall('GET', key)
   if not v then
-    return now, 0
+    return false
   end
   if type(v) ~= 'string' then
     return own_error(v)
+  end
+  return v
+end
+
+-- A bucket's TAT, never earlier than now; nil on a data error.
+local function load(key, cap)
+  local v = get(key)
+  if v == nil then
+    return nil
+  end
+  if not v then
+    return now, 0
   end
   local st, sf
   if #v == 12 then
@@ -109,8 +160,35 @@ local function load(key, cap)
   return now, 0
 end
 
--- Writes a bucket's state with its expiry, or forgets it when full. False
--- when Redis refused the write.
+-- A budget's spend in the window ending at wend; nil on a data error.
+local function load_spend(key, wend)
+  local v = get(key)
+  if v == nil then
+    return nil
+  end
+  if v and #v == 16 then
+    local e, spent = unpack('<i8i8', v)
+    if e == wend then
+      return spent
+    end
+  end
+  return 0
+end
+
+-- Writes with PX, false when Redis refused the write (a data error).
+local function set(key, value, until_us)
+  local ms = floor((until_us + 999) / 1000)
+  if ms < 1 then
+    ms = 1
+  end
+  local ok = redis.pcall('SET', key, value, 'PX', ms)
+  if type(ok) == 'table' and ok.err then
+    return own_error(ok) ~= nil
+  end
+  return true
+end
+
+-- Writes a bucket's state with its expiry, or forgets it when full.
 local function store(key, ticks, frac)
   if ticks < now or (ticks == now and frac == 0) then
     redis.call('DEL', key)
@@ -120,57 +198,56 @@ local function store(key, ticks, frac)
   if frac > 0 then
     until_full = until_full + 1
   end
-  local ms = floor((until_full + 999) / 1000)
-  if ms < 1 then
-    ms = 1
+  return set(key, pack('<i8i4', ticks, frac), until_full)
+end
+
+local function store_spend(key, wend, spent)
+  return set(key, pack('<i8i8', wend, spent), wend - now)
+end
+
+-- tat + n*P/C, exactly (n <= C).
+local function advance(ticks, frac, n, cap, period)
+  local q = floor(period / cap)
+  local f = frac + n * (period - q * cap)
+  local nt = ticks + n * q
+  if f >= cap then
+    nt = nt + floor(f / cap)
+    f = f % cap
   end
-  local ok = redis.pcall('SET', key, pack('<i8i4', ticks, frac), 'PX', ms)
-  if type(ok) == 'table' and ok.err then
-    return own_error(ok) ~= nil
-  end
-  return true
+  return nt, f
 end
 
 local out = { now }
 -- Per bucket of the charge being decided: conforms, ticks, frac, new ticks,
--- new frac. Reused across charges, so a batch builds one table, not one per
--- bucket.
+-- new frac, window end (0 for a token bucket). Reused across charges, so a
+-- batch builds one table, not one per bucket.
 local judged = {}
 
 local blob = ARGV[1]
 
--- Gives back each bucket's cost: TAT - cost*P/C, exactly. Returns the
--- position after the charge's numbers.
-local function refund(k0, at, n)
-  out[#out + 1] = 1
-  for i = 1, n do
-    local cap, period, cost
-    cap, period, cost, at = unpack('<i4i8i8', blob, at)
-    cost = math.abs(cost)
-    local key = KEYS[k0 + i]
-    local st, sf = load(key, cap)
-    local ticks, frac = now, 0
-    if st and (st > now or sf > 0) then
-      -- Whole ticks, then borrow for the fraction.
-      local q = floor(period / cap)
-      local d = cost * (period - q * cap)
-      st = st - cost * q
-      if d > sf then
-        local borrow = floor((d - sf + cap - 1) / cap)
-        st = st - borrow
-        sf = sf + borrow * cap
-      end
-      sf = sf - d
-      store(key, st, sf)
-      if st > now or (st == now and sf > 0) then
-        ticks, frac = st, sf
-      end
+-- Reads one bucket's numbers: capacity, period, cost, its fourth number,
+-- and for a budget the end of the window holding now (false when none of
+-- the passed windows does). Returns them and the next position.
+local function read(at)
+  local cap, period, cost, fourth
+  cap, period, cost, fourth, at = unpack('<i8i8i8i8', blob, at)
+  local wend = 0
+  if period < 0 then
+    wend = now - fmod(now, -period) - period
+  elseif period == 0 then
+    local b1, b2, b3, b4
+    b1, b2, b3, b4, at = unpack('<i8i8i8i8', blob, at)
+    if b1 <= now and now < b2 then
+      wend = b2
+    elseif b2 <= now and now < b3 then
+      wend = b3
+    elseif b3 <= now and now < b4 then
+      wend = b4
+    else
+      wend = false
     end
-    out[#out + 1] = 1
-    out[#out + 1] = ticks
-    out[#out + 1] = frac
   end
-  return at
+  return cap, period, cost, fourth, wend, at
 end
 
 -- Judges a charge's buckets, then takes from all or none. Returns the
@@ -178,46 +255,67 @@ end
 local function decide(k0, at, n, dry)
   local allowed, failed = 1, false
   for i = 1, n do
-    local cap, period, cost
-    cap, period, cost, at = unpack('<i4i8i8', blob, at)
+    local cap, period, cost, reserve, wend
+    cap, period, cost, reserve, wend, at = read(at)
     local shadow = cost < 0
     if shadow then
       cost = -cost
     end
-    local ticks, frac = load(KEYS[k0 + i], cap)
-    if not ticks then
-      failed = true
-      ticks, frac = now, 0
-    end
+    local key = KEYS[k0 + i]
     local conforms = false
-    local nt, nf = ticks, frac
-    if cost <= cap then
-      local q = floor(period / cap)
-      local f = frac + cost * (period - q * cap)
-      nt = ticks + cost * q
-      if f >= cap then
-        nt = nt + floor(f / cap)
-        f = f % cap
+    local ticks, frac, nt, nf
+    if period > 0 then
+      ticks, frac = load(key, cap)
+      if not ticks then
+        failed = true
+        ticks, frac = now, 0
       end
-      nf = f
-      local limit = now + period
-      conforms = nt < limit or (nt == limit and nf == 0)
+      nt, nf = ticks, frac
+      if cost + reserve <= cap then
+        nt, nf = advance(ticks, frac, cost, cap, period)
+        local ct, cf = nt, nf
+        if reserve > 0 then
+          ct, cf = advance(ticks, frac, cost + reserve, cap, period)
+        end
+        local limit = now + period
+        conforms = ct < limit or (ct == limit and cf == 0)
+      end
+      wend = 0
+    elseif not wend then
+      failed = 'window'
+      ticks, frac, nt, nf, wend = 0, 0, 0, 0, 0
+    else
+      local spent = load_spend(key, wend)
+      if not spent then
+        failed = true
+        spent = 0
+      end
+      ticks, frac = wend, spent
+      nt, nf = wend, spent + cost
+      conforms = spent + cost + reserve <= cap
     end
     if not conforms and not shadow then
       allowed = 0
     end
-    local j = (i - 1) * 5
+    local j = (i - 1) * 6
     judged[j + 1], judged[j + 2], judged[j + 3] = conforms, ticks, frac
-    judged[j + 4], judged[j + 5] = nt, nf
+    judged[j + 4], judged[j + 5], judged[j + 6] = nt, nf, wend
   end
   local status = #out + 1
   out[status] = allowed
   for i = 1, n do
-    local j = (i - 1) * 5
+    local j = (i - 1) * 6
     local conforms, ticks, frac = judged[j + 1], judged[j + 2], judged[j + 3]
     if allowed == 1 and not dry and not failed and conforms then
       ticks, frac = judged[j + 4], judged[j + 5]
-      if not store(KEYS[k0 + i], ticks, frac) then
+      local wend = judged[j + 6]
+      local ok
+      if wend > 0 then
+        ok = store_spend(KEYS[k0 + i], wend, frac)
+      else
+        ok = store(KEYS[k0 + i], ticks, frac)
+      end
+      if not ok then
         failed = true
       end
     end
@@ -225,8 +323,121 @@ local function decide(k0, at, n, dry)
     out[#out + 1] = ticks
     out[#out + 1] = frac
   end
-  if failed then
+  if failed == 'window' then
+    out[status] = -2
+  elseif failed then
     out[status] = -1
+  end
+  return at
+end
+
+-- One bucket's settle: the state after applying the real cost.
+local function settle_bucket(key, cap, period, est, actual, wend, tt, tf, dw, df)
+  if period > 0 then
+    local st, sf = load(key, cap)
+    if not st then
+      return nil
+    end
+    if actual > est then
+      st, sf = st + dw, sf + df
+      if sf >= cap then
+        st, sf = st + 1, sf - cap
+      end
+      if st >= now + MAX_AHEAD then
+        st, sf = now + MAX_AHEAD, 0
+      end
+    else
+      if tt >= 0 then
+        -- Give back no more than the reservation still holds: taken - now.
+        local ht, hf = 0, 0
+        if tt > now or (tt == now and tf > 0) then
+          ht, hf = tt - now, tf
+        end
+        if ht < dw or (ht == dw and hf < df) then
+          dw, df = ht, hf
+        end
+      end
+      st, sf = st - dw, sf - df
+      if sf < 0 then
+        st, sf = st - 1, sf + cap
+      end
+      if st < now or (st == now and sf == 0) then
+        st, sf = now, 0
+      end
+    end
+    return st, sf, store(key, st, sf)
+  end
+  local spent = load_spend(key, wend)
+  if not spent then
+    return nil
+  end
+  if actual >= est then
+    spent = spent + (actual - est)
+    if spent > MAX_SPEND then
+      spent = MAX_SPEND
+    end
+  elseif tt < 0 or tt == wend then
+    spent = spent - (est - actual)
+    if spent < 0 then
+      spent = 0
+    end
+  end
+  return wend, spent, store_spend(key, wend, spent)
+end
+
+-- Applies real costs to every bucket of a charge. Returns the position
+-- after the charge's numbers.
+local function settle(k0, at, n, once)
+  local status = #out + 1
+  out[status] = 1
+  local deadline
+  if once then
+    deadline, at = unpack('<i8', blob, at)
+  end
+  -- Read everything first: a refusal must change nothing.
+  local parts = {}
+  local refused = false
+  for i = 1, n do
+    local cap, period, est, actual, wend, tt, tf, dw, df
+    cap, period, est, actual, wend, at = read(at)
+    tt, tf, dw, df, at = unpack('<i8i8i8i8', blob, at)
+    if est < 0 then
+      est = -est
+    end
+    if not wend then
+      refused = -2
+    elseif get(KEYS[k0 + i]) == nil then
+      -- A key of another type: fail before writing any bucket.
+      refused = -1
+    end
+    parts[i] = { cap, period, est, actual, wend, tt, tf, dw, df }
+  end
+  local marker = once and KEYS[k0 + n + 1]
+  if once and now > deadline then
+    refused = -3
+  elseif once and redis.call('EXISTS', marker) == 1 then
+    refused = -4
+  end
+  if refused then
+    out[status] = refused
+    for _ = 1, n do
+      local j = #out
+      out[j + 1], out[j + 2], out[j + 3] = 0, 0, 0
+    end
+    return at
+  end
+  for i = 1, n do
+    local p = parts[i]
+    local ticks, frac, ok = settle_bucket(KEYS[k0 + i], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9])
+    if not ticks or not ok then
+      out[status] = -1
+      ticks, frac = 0, 0
+    end
+    local j = #out
+    out[j + 1], out[j + 2], out[j + 3] = 1, ticks, frac
+  end
+  if once then
+    set(marker, '1', deadline - now + 1)
   end
   return at
 end
@@ -235,8 +446,11 @@ local k0, at = 0, 1
 while at <= #blob do
   local mode, n
   mode, n, at = unpack('<BH', blob, at)
-  if mode == 2 then
-    at = refund(k0, at, n)
+  if mode >= 2 then
+    at = settle(k0, at, n, mode == 3)
+    if mode == 3 then
+      k0 = k0 + 1
+    end
   else
     at = decide(k0, at, n, mode == 1)
   end

@@ -63,6 +63,22 @@ pub fn bucket_key(prefix: &str, bucket: &BucketCharge<'_>) -> String {
     out
 }
 
+/// The key that records a reservation as settled, in the hash slot of the
+/// buckets it charged (`bucket`, any of them):
+/// `<prefix>{<scope>}:%settled:<id in hex>`. No bucket key has a rule part
+/// starting with `%s` (escaping writes `%` only before two hex digits).
+pub fn settled_key(prefix: &str, bucket: &BucketCharge<'_>, id: &[u8; 16]) -> String {
+    let mut out = String::with_capacity(prefix.len() + 48 + bucket.key.scope.len());
+    out.push_str(prefix);
+    out.push('{');
+    push_tag(&mut out, bucket.key.scope);
+    out.push_str("}:%settled:");
+    for b in id {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
 /// The hash tag of a bucket's key: buckets with equal tags share a slot.
 pub(crate) fn hash_tag(key: &BucketKey<'_>) -> String {
     let mut out = String::new();
@@ -125,6 +141,8 @@ mod tests {
             },
             cost: 1,
             shadow: false,
+            reserve: 0,
+            window: None,
         }
     }
 

@@ -46,7 +46,9 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use redis::{ErrorKind, ServerErrorKind, Value};
 
-use super::{BucketOutcome, Charge, ChargeOutcome, Store, StoreError};
+use super::{
+    BucketOutcome, Charge, ChargeOutcome, SettleBucket, Settled, Settlement, Store, StoreError,
+};
 use crate::config::RedisConfig;
 
 pub mod breaker;
@@ -63,7 +65,6 @@ pub use topology::BuildError;
 use breaker::{Breaker, SlotBreakers};
 use cluster::TryAgain;
 use coalesce::{BatchCall, Coalescer, Reply};
-use script::Mode;
 use topology::{CallError, Request, Topology};
 
 /// How one charge maps onto script calls: `(work index, bucket indices)` per
@@ -77,6 +78,7 @@ const UNSET: BucketOutcome = BucketOutcome {
     remaining: 0,
     reset_after: Duration::ZERO,
     retry_after: None,
+    state: crate::bucket::Tat { ticks: 0, frac: 0 },
 };
 
 /// A charge's bucket indices grouped by hash tag, in first-seen order.
@@ -256,10 +258,10 @@ impl Inner {
         charges: &[Charge<'_>],
     ) -> Vec<Result<ChargeOutcome, StoreError>> {
         let (work, plans) = self.work(charges);
-        let done = self.run(&work, Mode::Decide).await;
+        let done = self.run(&work).await;
 
         let mut outcomes = Vec::with_capacity(charges.len());
-        let mut refunds: Vec<Charge<'_>> = Vec::new();
+        let mut refunds: Vec<Settlement<'_>> = Vec::new();
         let mut refunded: Vec<(usize, Vec<usize>)> = Vec::new();
         for (c, (charge, plan)) in charges.iter().zip(&plans).enumerate() {
             let failed = plan.iter().find_map(|(w, _)| done[*w].as_ref().err());
@@ -276,18 +278,27 @@ impl Inner {
                     if !took.allowed {
                         continue;
                     }
-                    let taken: Vec<usize> = part
+                    let taken: Vec<(usize, usize)> = part
                         .iter()
                         .enumerate()
                         .filter(|&(k, &i)| !charge.buckets[i].shadow || took.buckets[k].conforms)
-                        .map(|(_, &i)| i)
+                        .map(|(k, &i)| (k, i))
                         .collect();
                     if !taken.is_empty() {
-                        refunds.push(Charge {
-                            buckets: taken.iter().map(|&i| charge.buckets[i]).collect(),
-                            dry_run: false,
+                        // Each bucket's state after the take bounds the
+                        // refund: no more than the reservation still holds.
+                        refunds.push(Settlement {
+                            buckets: taken
+                                .iter()
+                                .map(|&(k, i)| SettleBucket {
+                                    charge: charge.buckets[i],
+                                    actual: 0,
+                                    taken: Some(took.buckets[k].state),
+                                })
+                                .collect(),
+                            once: None,
                         });
-                        refunded.push((c, taken));
+                        refunded.push((c, taken.iter().map(|&(_, i)| i).collect()));
                     }
                 }
             }
@@ -296,43 +307,39 @@ impl Inner {
                 continue;
             }
             let mut buckets = vec![UNSET; charge.buckets.len()];
+            let mut now_us = 0;
             for (w, part) in plan {
                 if let Ok(o) = &done[*w] {
+                    now_us = o.now_us;
                     for (k, &i) in part.iter().enumerate() {
                         buckets[i] = o.buckets[k];
                     }
                 }
             }
-            outcomes.push(Ok(ChargeOutcome { allowed, buckets }));
+            outcomes.push(Ok(ChargeOutcome {
+                allowed,
+                buckets,
+                now_us,
+            }));
         }
-        // Known limit, unreachable today (the limiter never builds a charge
-        // that spans scopes, so no charge spans hash tags): a refund takes
-        // `cost·P/C` off the bucket's current TAT. If the reserved bucket
-        // refilled past its reservation before the refund lands, that gives
-        // back tokens later callers already took. The exact refund is
-        // `min(cost·P/C, max(0, T1 − now))`, with T1 the TAT the reservation
-        // returned; pass T1 to the script before making this path reachable.
         if !refunds.is_empty() {
             self.refund(&refunds, &refunded, &mut outcomes).await;
         }
         outcomes
     }
 
-    /// Gives back what the parts in `refunds` reserved, and reports the
-    /// buckets' state after it in `outcomes` (`refunded` says where). If this
-    /// fails, the reserved tokens stay taken: the limit errs towards
-    /// admitting less, never more. The denials stand either way: an error
-    /// here must not become a fail-open allow.
+    /// Gives back what the parts of denied cross-slot charges took.
     async fn refund(
         self: &Arc<Self>,
-        refunds: &[Charge<'_>],
+        refunds: &[Settlement<'_>],
         refunded: &[(usize, Vec<usize>)],
         outcomes: &mut [Result<ChargeOutcome, StoreError>],
     ) {
-        let given_back = self.run(refunds, Mode::Refund).await;
+        let given_back = join_all(refunds.iter().map(|s| self.settle(s))).await;
         for ((c, taken), back) in refunded.iter().zip(given_back) {
             let back = match back {
-                Ok(back) => back,
+                Ok(Settled::Applied(back)) => back,
+                Ok(_) => continue,
                 Err(e) => {
                     tracing::warn!(error = %e, "refund after a cross-slot denial failed; the reserved tokens stay taken");
                     continue;
@@ -343,48 +350,66 @@ impl Inner {
             };
             for (k, &i) in taken.iter().enumerate() {
                 let bucket = &mut outcome.buckets[i];
-                bucket.remaining = back.buckets[k].remaining;
-                bucket.reset_after = back.buckets[k].reset_after;
+                bucket.remaining = back[k].remaining;
+                bucket.reset_after = back[k].reset_after;
             }
         }
     }
 
-    /// Decides each work item through its node's coalescer: concurrent
-    /// items, from this call and others, share script calls. Outcomes are
-    /// in work order, each on its own: an item whose batch failed (or that
-    /// waited too long) fails, and the others keep their outcomes.
-    async fn run(
+    /// Queues one encoded charge on its node's next call and waits for its
+    /// part of the reply.
+    async fn submit(
         self: &Arc<Self>,
-        work: &[Charge<'_>],
-        mode: Mode,
-    ) -> Vec<Result<ChargeOutcome, StoreError>> {
+        node: u16,
+        encoded: script::Encoded,
+    ) -> Result<Reply, StoreError> {
         // Queued behind at most one call in flight, then its own call.
         let bound = self.response_timeout.saturating_mul(2);
-        let waits = work.iter().map(|charge| {
+        let answer = self.coalescer.submit(self, node, encoded);
+        tokio::time::timeout(bound, answer)
+            .await
+            .map_err(|_| call_failed(CallError::Timeout(bound)))?
+            .map_err(|_| StoreError::transient("Redis batch task ended"))?
+    }
+
+    /// The node (on Cluster, the hash slot) of a charge's first bucket.
+    fn node_of(&self, first: Option<&super::BucketCharge<'_>>) -> u16 {
+        match first {
             // Standalone and Sentinel batch everything on one node.
-            let node = match charge.buckets.first() {
-                Some(first) if self.topology.is_cluster() => keys::slot(&first.key),
-                _ => 0,
-            };
-            let encoded = script::encode(&self.prefix, charge, mode);
-            let answer = self.coalescer.submit(self, node, encoded);
-            async move {
-                let reply = tokio::time::timeout(bound, answer)
-                    .await
-                    .map_err(|_| call_failed(CallError::Timeout(bound)))?
-                    .map_err(|_| StoreError::transient("Redis batch task ended"))??;
-                script::outcome(charge, reply.now, &reply.ints)
-            }
+            Some(first) if self.topology.is_cluster() => keys::slot(&first.key),
+            _ => 0,
+        }
+    }
+
+    /// Applies one settlement: one script call (coalesced with others), on
+    /// the buckets' hash slot.
+    async fn settle(self: &Arc<Self>, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
+        if settlement.buckets.is_empty() {
+            return Ok(Settled::Applied(Vec::new()));
+        }
+        let node = self.node_of(settlement.buckets.first().map(|b| &b.charge));
+        let encoded = script::encode_settle(&self.prefix, settlement);
+        let reply = self.submit(node, encoded).await?;
+        script::settled(settlement, reply.now, &reply.ints)
+    }
+
+    async fn run(self: &Arc<Self>, work: &[Charge<'_>]) -> Vec<Result<ChargeOutcome, StoreError>> {
+        let waits = work.iter().map(|charge| async move {
+            let node = self.node_of(charge.buckets.first());
+            let reply = self
+                .submit(node, script::encode(&self.prefix, charge))
+                .await?;
+            script::outcome(charge, reply.now, &reply.ints)
         });
         join_all(waits).await
     }
 
-    /// The breaker that guards `charge`: its slot's on Cluster, else none
-    /// (the one breaker guards the whole call).
     fn breaker_for(&self, charge: &Charge<'_>) -> Option<Arc<Breaker>> {
-        let slots = self.slot_breakers.as_ref()?;
-        let first = charge.buckets.first()?;
-        Some(slots.get(keys::slot(&first.key)))
+        self.breaker_for_key(&charge.buckets.first()?.key)
+    }
+
+    fn breaker_for_key(&self, key: &super::BucketKey<'_>) -> Option<Arc<Breaker>> {
+        Some(self.slot_breakers.as_ref()?.get(keys::slot(key)))
     }
 }
 
@@ -481,6 +506,32 @@ impl Store for RedisStore {
         let results = inner.decide(charges).await;
         inner.lost_if_opened(record(&inner.breaker, &results));
         results
+    }
+
+    async fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
+        let inner = &self.inner;
+        let breaker = match settlement.buckets.first() {
+            Some(first) if inner.slot_breakers.is_some() => {
+                inner.breaker_for_key(&first.charge.key)
+            }
+            _ => None,
+        };
+        let breaker = breaker.as_deref().unwrap_or(&inner.breaker);
+        if !breaker.admit() {
+            return Err(circuit_open());
+        }
+        let result = inner.settle(settlement).await;
+        let opened = match &result {
+            Err(e) if e.transient => breaker.failed(e),
+            _ => {
+                breaker.succeeded();
+                false
+            }
+        };
+        if inner.slot_breakers.is_none() {
+            inner.lost_if_opened(opened);
+        }
+        result
     }
 
     fn is_available(&self) -> bool {

@@ -5,13 +5,14 @@
 //! into remaining, reset_after and retry_after with [`Shape`]'s 128-bit math,
 //! the same code the embedded store uses, so the two cannot disagree.
 
-use std::time::Duration;
-
 use redis::Cmd;
 
-use super::keys::bucket_key;
+use super::keys::{bucket_key, settled_key};
 use crate::bucket::{Shape, Tat};
-use crate::store::{BucketOutcome, Charge, ChargeOutcome, StoreError};
+use crate::store::{
+    BucketCharge, Charge, ChargeOutcome, MAX_DEBT_US, Settled, Settlement, StoreError,
+};
+use crate::window::Window;
 
 /// The script's source.
 pub(crate) const SOURCE: &str = include_str!("decide.lua");
@@ -39,23 +40,15 @@ fn shape_us(shape: Shape) -> Shape {
     }
 }
 
-/// What the script does with a charge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Mode {
-    /// Decide, and take unless the charge is a dry run.
-    Decide,
-    /// Give back each bucket's cost, undoing an earlier take exactly.
-    Refund,
-}
-
 /// One charge's part of a batch call, encoded once by the caller (keys
 /// escaped, shapes in microseconds), so a batch only concatenates.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Encoded {
-    /// The charge's bucket keys, in order.
+    /// The charge's keys, in order: its buckets', then a settle's marker.
     pub(crate) keys: Vec<String>,
-    /// Its numbers, packed as the script unpacks them: `mode: u8, n: u16`,
-    /// then `capacity: i32, period: i64, ±cost: i64` per bucket, little-endian.
+    /// How many buckets it has.
+    pub(crate) buckets: usize,
+    /// Its numbers, packed as the script unpacks them (see its header).
     pub(crate) numbers: Vec<u8>,
 }
 
@@ -63,39 +56,124 @@ impl Encoded {
     /// Integers the script answers for this charge: status, then a triple
     /// per bucket.
     pub(crate) fn reply_len(&self) -> usize {
-        1 + 3 * self.keys.len()
+        1 + 3 * self.buckets
     }
 }
 
-/// Encodes one charge for a batch call. The charge must have a bucket.
-pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, mode: Mode) -> Encoded {
-    let mut numbers = Vec::with_capacity(3 + 20 * charge.buckets.len());
-    numbers.push(match (mode, charge.dry_run) {
-        (Mode::Refund, _) => 2u8,
-        (Mode::Decide, true) => 1,
-        (Mode::Decide, false) => 0,
-    });
+/// A number as the script's `i8`, saturating (config bounds keep every
+/// value far below).
+fn i8_of(v: u64) -> [u8; 8] {
+    i64::try_from(v).unwrap_or(i64::MAX).to_le_bytes()
+}
+
+/// The microseconds since the Unix epoch on this host: only to pick which
+/// calendar windows to offer the script, which picks by Redis's clock.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "only picks which windows to offer; the script picks among them by Redis's TIME"
+)]
+fn host_now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// Packs one bucket's `capacity, period, cost, fourth` and, for a calendar
+/// budget, its window boundaries.
+fn push_bucket(numbers: &mut Vec<u8>, b: &BucketCharge<'_>, cost: i64, fourth: u64) {
+    let shape = shape_us(b.shape);
+    numbers.extend_from_slice(&i8_of(shape.capacity));
+    match b.window {
+        None => numbers.extend_from_slice(&i8_of(shape.period)),
+        Some(Window::Fixed { length_ns }) => {
+            let us = i64::try_from(length_ns.div_ceil(1_000).max(1)).unwrap_or(i64::MAX);
+            numbers.extend_from_slice(&(-us).to_le_bytes());
+        }
+        Some(_) => numbers.extend_from_slice(&0i64.to_le_bytes()),
+    }
+    numbers.extend_from_slice(&cost.to_le_bytes());
+    numbers.extend_from_slice(&i8_of(fourth));
+    if let Some(w @ Window::Calendar { .. }) = b.window {
+        for bound in w.around_us(host_now_us()) {
+            numbers.extend_from_slice(&i8_of(bound));
+        }
+    }
+}
+
+/// The header of a charge: mode and bucket count.
+fn header(mode: u8, n: usize) -> Vec<u8> {
+    let mut numbers = Vec::with_capacity(3 + 36 * n);
+    numbers.push(mode);
     // A charge has a handful of buckets: the limiter plans one per limit.
-    let n = u16::try_from(charge.buckets.len()).unwrap_or(u16::MAX);
+    let n = u16::try_from(n).unwrap_or(u16::MAX);
     numbers.extend_from_slice(&n.to_le_bytes());
-    for b in charge.buckets.iter().take(usize::from(n)) {
-        let shape = shape_us(b.shape);
-        // Config caps capacity at 50,000,000 and periods at 366 days, and
-        // costs come from a u32; saturate rather than wrap if one ever is not.
-        let capacity = i32::try_from(shape.capacity).unwrap_or(i32::MAX);
-        let period = i64::try_from(shape.period).unwrap_or(i64::MAX);
+    numbers
+}
+
+/// Encodes one charge for a batch call. The charge must have a bucket.
+pub(crate) fn encode(prefix: &str, charge: &Charge<'_>) -> Encoded {
+    let n = charge.buckets.len().min(usize::from(u16::MAX));
+    let mut numbers = header(u8::from(charge.dry_run), n);
+    for b in &charge.buckets[..n] {
         let cost = i64::try_from(b.cost.max(1)).unwrap_or(i64::MAX);
-        numbers.extend_from_slice(&capacity.to_le_bytes());
-        numbers.extend_from_slice(&period.to_le_bytes());
-        numbers.extend_from_slice(&(if b.shadow { -cost } else { cost }).to_le_bytes());
+        push_bucket(
+            &mut numbers,
+            b,
+            if b.shadow { -cost } else { cost },
+            b.reserve,
+        );
     }
     Encoded {
-        keys: charge
-            .buckets
+        keys: charge.buckets[..n]
             .iter()
-            .take(usize::from(n))
             .map(|b| bucket_key(prefix, b))
             .collect(),
+        buckets: n,
+        numbers,
+    }
+}
+
+/// Encodes a settlement. With [`Once`], its marker key (in the buckets'
+/// hash slot) comes last.
+pub(crate) fn encode_settle(prefix: &str, settlement: &Settlement<'_>) -> Encoded {
+    let n = settlement.buckets.len().min(usize::from(u16::MAX));
+    let mut numbers = header(if settlement.once.is_some() { 3 } else { 2 }, n);
+    if let Some(once) = settlement.once {
+        numbers.extend_from_slice(&i8_of(once.deadline_us));
+    }
+    for part in &settlement.buckets[..n] {
+        let b = &part.charge;
+        let cost = i64::try_from(b.cost.max(1)).unwrap_or(i64::MAX);
+        push_bucket(&mut numbers, b, cost, part.actual);
+        let (taken_ticks, taken_frac) = match part.taken {
+            Some(t) => (i64::try_from(t.ticks).unwrap_or(i64::MAX), t.frac),
+            None => (-1, 0),
+        };
+        numbers.extend_from_slice(&taken_ticks.to_le_bytes());
+        numbers.extend_from_slice(&i8_of(taken_frac));
+        // |actual - estimate|·P/C, exactly, in 128 bits; at most the debt
+        // bound, which is all the script would keep anyway.
+        let shape = shape_us(b.shape);
+        let diff = part.actual.abs_diff(b.cost.max(1));
+        let total = u128::from(diff) * u128::from(shape.period);
+        let c = u128::from(shape.capacity);
+        let (whole, frac) = match u64::try_from(total / c) {
+            Ok(w) if w < MAX_DEBT_US => (w, (total % c) as u64),
+            _ => (MAX_DEBT_US, 0),
+        };
+        numbers.extend_from_slice(&i8_of(whole));
+        numbers.extend_from_slice(&i8_of(frac));
+    }
+    let mut keys: Vec<String> = settlement.buckets[..n]
+        .iter()
+        .map(|p| bucket_key(prefix, &p.charge))
+        .collect();
+    if let (Some(once), Some(first)) = (settlement.once, settlement.buckets.first()) {
+        keys.push(settled_key(prefix, &first.charge, &once.id));
+    }
+    Encoded {
+        keys,
+        buckets: n,
         numbers,
     }
 }
@@ -117,64 +195,109 @@ pub(crate) fn evalsha<'a>(sha: &str, batch: impl Iterator<Item = &'a Encoded> + 
     cmd
 }
 
-/// Reads one charge's part of a batch reply (`status`, then a triple per
-/// bucket), decided at `now`. A status of -1 is that charge's own failure.
-pub(crate) fn outcome(
-    charge: &Charge<'_>,
-    now: i64,
-    reply: &[i64],
-) -> Result<ChargeOutcome, StoreError> {
-    let expected = 1 + 3 * charge.buckets.len();
+/// The state of bucket `i` in a charge's reply.
+fn state_at(reply: &[i64], i: usize) -> Tat {
+    let int = |v: i64| u64::try_from(v).unwrap_or(0);
+    Tat {
+        ticks: int(reply[2 + 3 * i]),
+        frac: int(reply[3 + 3 * i]),
+    }
+}
+
+/// Checks a charge's reply length and its failure statuses.
+fn check(reply: &[i64], buckets: usize) -> Result<(), StoreError> {
+    let expected = 1 + 3 * buckets;
     if reply.len() != expected {
         return Err(StoreError::permanent(BadReply {
             got: reply.len(),
             expected,
         }));
     }
-    if reply[0] == -1 {
+    match reply[0] {
         // About this charge's keys only (one holds another type), so it
         // does not count against Redis's health. Nothing was taken.
-        return Err(StoreError::permanent(
+        -1 => Err(StoreError::permanent(
             "a key of this charge holds a value of another type in Redis",
-        ));
+        )),
+        -2 => Err(StoreError::transient(
+            "Redis's clock is outside the budget windows this replica offered: \
+             is this host's clock more than a window off?",
+        )),
+        _ => Ok(()),
     }
-    let int = |v: i64| u64::try_from(v).unwrap_or(0);
-    let now = int(now);
+}
+
+/// Reads one charge's part of a batch reply (`status`, then a triple per
+/// bucket), decided at `now`. A status below 0 is that charge's own failure.
+pub(crate) fn outcome(
+    charge: &Charge<'_>,
+    now: i64,
+    reply: &[i64],
+) -> Result<ChargeOutcome, StoreError> {
+    check(reply, charge.buckets.len())?;
+    let now = u64::try_from(now).unwrap_or(0);
     let buckets = charge
         .buckets
         .iter()
         .enumerate()
         .map(|(i, b)| {
-            let at = 1 + 3 * i;
-            let conforms = reply[at] == 1;
-            let state = Tat {
-                ticks: int(reply[at + 1]),
-                frac: int(reply[at + 2]),
+            let conforms = reply[1 + 3 * i] == 1;
+            let state = state_at(reply, i);
+            let b = BucketCharge {
+                shape: shape_us(b.shape),
+                ..*b
             };
-            let shape = shape_us(b.shape);
             // A bucket that did not conform was left as it was, so judging
-            // it again here gives the script's own verdict and its exact wait.
+            // it again here gives the script's own verdict and its exact
+            // wait. A budget's state holds its window's end.
             let retry_after = if conforms {
                 None
             } else {
-                shape.judge(state, now, b.cost.max(1)).retry_after
+                b.judge(state, now, state.ticks).retry_after
             };
-            BucketOutcome {
-                conforms,
-                remaining: shape.remaining(state, now),
-                reset_after: Duration::from_micros(shape.reset_after(state, now)),
-                retry_after: retry_after.map(Duration::from_micros),
-            }
+            b.outcome(conforms, retry_after, state, now, 1_000)
         })
         .collect();
     Ok(ChargeOutcome {
         allowed: reply[0] == 1,
         buckets,
+        now_us: now,
     })
+}
+
+/// Reads a settlement's part of a batch reply.
+pub(crate) fn settled(
+    settlement: &Settlement<'_>,
+    now: i64,
+    reply: &[i64],
+) -> Result<Settled, StoreError> {
+    check(reply, settlement.buckets.len())?;
+    match reply[0] {
+        -3 => return Ok(Settled::Expired),
+        -4 => return Ok(Settled::AlreadySettled),
+        _ => {}
+    }
+    let now = u64::try_from(now).unwrap_or(0);
+    Ok(Settled::Applied(
+        settlement
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, part)| {
+                let b = BucketCharge {
+                    shape: shape_us(part.charge.shape),
+                    ..part.charge
+                };
+                b.outcome(true, None, state_at(reply, i), now, 1_000)
+            })
+            .collect(),
+    ))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::store::{BucketCharge, BucketKey};
 
@@ -193,6 +316,8 @@ mod tests {
                 },
                 cost,
                 shadow: false,
+                reserve: 0,
+                window: None,
             }],
             dry_run: false,
         }
@@ -200,11 +325,11 @@ mod tests {
 
     #[test]
     fn a_batch_is_every_key_then_every_charge_s_numbers_packed() {
-        let one = encode("tg1:", &charge(2), Mode::Decide);
+        let one = encode("tg1:", &charge(2));
         let mut shadow = charge(1);
         shadow.buckets[0].shadow = true;
         shadow.dry_run = true;
-        let two = encode("tg1:", &shadow, Mode::Decide);
+        let two = encode("tg1:", &shadow);
         let cmd = evalsha("abc", [&one, &two].into_iter());
         let args: Vec<Vec<u8>> = cmd
             .args_iter()
@@ -224,14 +349,15 @@ mod tests {
                 "tg1:{s}:r:3/1000000:i:*"
             ]
         );
+        // Per bucket: capacity, period, ±cost, reserve, each an i64.
         let mut numbers = vec![0u8, 1, 0];
-        numbers.extend(3i32.to_le_bytes());
-        numbers.extend(1_000_000i64.to_le_bytes());
-        numbers.extend(2i64.to_le_bytes());
+        for n in [3i64, 1_000_000, 2, 0] {
+            numbers.extend(n.to_le_bytes());
+        }
         numbers.extend([1u8, 1, 0]);
-        numbers.extend(3i32.to_le_bytes());
-        numbers.extend(1_000_000i64.to_le_bytes());
-        numbers.extend((-1i64).to_le_bytes());
+        for n in [3i64, 1_000_000, -1, 0] {
+            numbers.extend(n.to_le_bytes());
+        }
         assert_eq!(args[5], numbers);
         assert_eq!(args.len(), 6);
         assert_eq!(one.reply_len(), 4);
