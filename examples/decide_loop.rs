@@ -1,17 +1,25 @@
-//! A fixed loop of 200,000 single-bucket decisions on the embedded store,
-//! for instruction counts that do not depend on how busy the machine is:
+//! A fixed loop of 200,000 operations on the embedded store, for
+//! instruction counts that do not depend on how busy the machine is:
 //!
 //! `cargo build --release --example decide_loop && valgrind --tool=callgrind \
-//!    target/release/examples/decide_loop`
+//!    target/release/examples/decide_loop [single|headroom|budget|reserve|settle]`
 //!
-//! Divide callgrind's `Collected` by 200,000 for instructions per decision.
+//! Divide callgrind's `Collected` by 200,000 for instructions per operation:
+//! - `single` (the default): a single-bucket decision;
+//! - `headroom`: the same, SHEDDABLE against a limit with headroom;
+//! - `budget`: a single-budget decision (`window: day` in Europe/Paris);
+//! - `reserve`: a single-bucket decision with `settle_within`, signing its
+//!   reservation;
+//! - `settle`: settling a reservation (the 200,000 reservations are made
+//!   first; subtract a `reserve` run's count to leave the settles).
 
 use std::future::Future;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use tollgate::config::Config;
-use tollgate::limiter::{Limiter, Request, Rules};
+use tollgate::limiter::{Limiter, Priority, Request, Rules};
 use tollgate::store::memory::MemoryStore;
 
 /// The embedded store never waits: one poll completes a decision.
@@ -23,15 +31,47 @@ fn ready<F: Future>(f: F) -> F::Output {
     }
 }
 
+const N: usize = 200_000;
+
 fn main() -> anyhow::Result<()> {
-    let yaml = "scopes:\n  - name: one\n    limits:\n      - {name: per-user, per: identity, capacity: 50000000, refill_period: 1s}\n";
-    let config = Config::from_yaml(yaml)?;
+    let mode = std::env::args().nth(1).unwrap_or_else(|| "single".into());
+    let limit = match mode.as_str() {
+        "budget" => "{name: daily, per: identity, budget: 1000000000000, window: day, time_zone: Europe/Paris}",
+        "headroom" => "{name: per-user, per: identity, capacity: 50000000, refill_period: 1s, headroom: {normal: 10%, sheddable: 30%}}",
+        _ => "{name: per-user, per: identity, capacity: 50000000, refill_period: 1s}",
+    };
+    let yaml = format!("scopes:\n  - name: one\n    limits:\n      - {limit}\n");
+    let config = Config::from_yaml(&yaml)?;
     let l = Limiter::new(Rules::compile(&config)?, MemoryStore::default());
-    let r = Request::new("one", "alice", "tools/call:search");
-    let mut allowed = 0u64;
-    for _ in 0..200_000 {
-        allowed += u64::from(ready(l.decide(&r))?.allowed);
+    let mut r = Request::new("one", "alice", "tools/call:search");
+    match mode.as_str() {
+        "headroom" => r.priority = Priority::Sheddable,
+        "reserve" | "settle" => r.settle_within = Some(Duration::from_secs(3600)),
+        _ => {}
     }
-    println!("{allowed} allowed");
+    if std::env::var_os("SIZES").is_some() {
+        eprintln!(
+            "future {} decision {} request {} charge {} outcome {}",
+            std::mem::size_of_val(&l.decide(&r)),
+            std::mem::size_of::<tollgate::limiter::Decision>(),
+            std::mem::size_of::<Request<'_>>(),
+            std::mem::size_of::<tollgate::store::BucketCharge<'_>>(),
+            std::mem::size_of::<tollgate::store::SingleOutcome>(),
+        );
+    }
+    let mut done = 0u64;
+    if mode == "settle" {
+        let tokens: Vec<String> = (0..N)
+            .filter_map(|_| ready(l.decide(&r)).ok()?.reservation)
+            .collect();
+        for token in &tokens {
+            done += u64::from(ready(l.settle(token, 0)).is_ok());
+        }
+    } else {
+        for _ in 0..N {
+            done += u64::from(ready(l.decide(&r))?.allowed);
+        }
+    }
+    println!("{mode}: {done} done");
     Ok(())
 }

@@ -224,7 +224,8 @@ impl<S: Store> Limiter<S> {
             return Ok(why.decision(&rules, req.scope));
         }
         if req.settle_within.is_some() && !req.dry_run {
-            return self.reserve(&rules, req, &buckets).await;
+            // Boxed: its state would otherwise grow every decision's future.
+            return Box::pin(self.reserve(&rules, req, &buckets)).await;
         }
         // One bucket, the common case: no list is built on the way down or
         // back up, so the embedded store decides without allocating.
