@@ -36,8 +36,12 @@ const N: usize = 200_000;
 fn main() -> anyhow::Result<()> {
     let mode = std::env::args().nth(1).unwrap_or_else(|| "single".into());
     let limit = match mode.as_str() {
-        "budget" => "{name: daily, per: identity, budget: 1000000000000, window: day, time_zone: Europe/Paris}",
-        "headroom" => "{name: per-user, per: identity, capacity: 50000000, refill_period: 1s, headroom: {normal: 10%, sheddable: 30%}}",
+        "budget" => {
+            "{name: daily, per: identity, budget: 1000000000000, window: day, time_zone: Europe/Paris}"
+        }
+        "headroom" => {
+            "{name: per-user, per: identity, capacity: 50000000, refill_period: 1s, headroom: {normal: 10%, sheddable: 30%}}"
+        }
         _ => "{name: per-user, per: identity, capacity: 50000000, refill_period: 1s}",
     };
     let yaml = format!("scopes:\n  - name: one\n    limits:\n      - {limit}\n");

@@ -402,35 +402,40 @@ impl Inner {
                 return Ok(Settled::AlreadySettled);
             }
         }
-        let mut outcomes = Vec::with_capacity(slots.len());
+        // Every new state first, so that running out of room changes nothing.
+        let mut states: SmallVec<[(Tat, bool); INLINE]> = SmallVec::new();
+        let mut new_bytes = settlement.once.map_or(0, |_| MARKER_BYTES);
         for (part, slot) in settlement.buckets.iter().zip(&slots) {
-            let bucket = &part.charge;
             let key = &buf[slot.start..slot.end];
             let table = guard_for(&mut guards, slot.shard);
-            let end = window_end(bucket, now);
-            let state = match table.find_mut(slot.hash, |e| *e.key == *key) {
-                Some(e) => {
-                    e.tat = bucket.settle(e.tat, now, end, part);
-                    e.tat
-                }
-                None => {
-                    let state = bucket.settle(Tat::default(), now, end, part);
-                    // An absent bucket is full: only debt needs a new entry.
-                    if !state.is_full_at(now) {
-                        let bytes = BUCKET_OVERHEAD + key.len();
-                        if self.held.fetch_add(bytes, Ordering::Relaxed) + bytes > self.max_bytes {
-                            self.held.fetch_sub(bytes, Ordering::Relaxed);
-                            return Err(self.full());
-                        }
-                        insert(table, slot.hash, key, state);
-                    }
-                    state
-                }
-            };
-            outcomes.push(bucket.outcome(true, None, state, now, 1));
+            let found = table.find(slot.hash, |e| *e.key == *key).map(|e| e.tat);
+            let end = window_end(&part.charge, now);
+            let state = part
+                .charge
+                .settle(found.unwrap_or_default(), now, end, part);
+            // An absent bucket is full: only debt needs a new entry.
+            let insert = found.is_none() && !state.is_full_at(now);
+            if insert {
+                new_bytes += BUCKET_OVERHEAD + key.len();
+            }
+            states.push((state, insert));
+        }
+        if self.held.fetch_add(new_bytes, Ordering::Relaxed) + new_bytes > self.max_bytes {
+            self.held.fetch_sub(new_bytes, Ordering::Relaxed);
+            return Err(self.full());
+        }
+        let mut outcomes = Vec::with_capacity(slots.len());
+        for ((part, slot), &(state, new)) in settlement.buckets.iter().zip(&slots).zip(&states) {
+            let key = &buf[slot.start..slot.end];
+            let table = guard_for(&mut guards, slot.shard);
+            if new {
+                insert(table, slot.hash, key, state);
+            } else if let Some(e) = table.find_mut(slot.hash, |e| *e.key == *key) {
+                e.tat = state;
+            }
+            outcomes.push(part.charge.outcome(true, None, state, now, 1));
         }
         if let Some(once) = settlement.once {
-            self.held.fetch_add(MARKER_BYTES, Ordering::Relaxed);
             settled.insert(once.id, once.deadline_us.saturating_mul(1_000));
         }
         Ok(Settled::Applied(outcomes))
