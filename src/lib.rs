@@ -2,7 +2,10 @@
 //!
 //! Callers ask `ShouldAllow(scope, identity, operation)` over gRPC; Tollgate
 //! answers allow or deny with an exact retry-after, from token buckets kept
-//! per scope, identity, operation, or identity and operation.
+//! per scope, identity, operation, or identity and operation, and from
+//! calendar budgets. A request may reserve an estimate and `Settle` its real
+//! cost later ([`limiter::reservation`]), and low priorities keep off a
+//! limit's headroom.
 //!
 //! # Module map
 //! Leaves first; each module imports only those above it.
@@ -14,7 +17,8 @@
 //!   embedded store, the Redis store (one Lua script per batch of
 //!   charges, coalesced per node), and the deny cache in front of any store.
 //! - [`limiter`]: config → rules ([`limiter::compile`]), rules → buckets,
-//!   and the pure planner ([`limiter::plan`]) around one call to the store.
+//!   and the pure planner ([`limiter::plan`]) around one call to the store;
+//!   signed reservations and their settles ([`limiter::reservation`]).
 //! - [`observe`]: metrics, the denial audit log, logs, heavy hitters and
 //!   utilization per rule, the live status page, and the `Observer` every
 //!   API reports to. Recording a decision is in-process only: no store call.
@@ -41,11 +45,12 @@
 //! # Architecture invariants
 //! `tests/it/architecture.rs` checks each of these on every CI run.
 //! - **The bucket math is a leaf.** `bucket` imports nothing from the crate,
-//!   and no float enters it.
+//!   and no float enters it. Neither does `window`, the calendar math of
+//!   budgets: it only maps an instant to its window.
 //! - **Config is data.** `config` imports nothing from the rest of the crate:
 //!   it parses and validates, and others read it. Only the store judges its
 //!   own settings (`store::check_settings`), before any port is bound.
-//! - **The layers point one way:** `config`, `bucket` ← `store` ← `limiter`
+//! - **The layers point one way:** `config`, `bucket`, `window` ← `store` ← `limiter`
 //!   ← `observe` ← `api` ← `tls`, `server`. No module imports one to its
 //!   right.
 //! - **Only `api` knows proto types.** Nothing under `limiter`, `store`,

@@ -225,12 +225,9 @@ local judged = {}
 
 local blob = ARGV[1]
 
--- Reads one bucket's numbers: capacity, period, cost, its fourth number,
--- and for a budget the end of the window holding now (false when none of
--- the passed windows does). Returns them and the next position.
-local function read(at)
-  local cap, period, cost, fourth
-  cap, period, cost, fourth, at = unpack('<i8i8i8i8', blob, at)
+-- The end of a budget's window holding now (false when none of the passed
+-- windows does), and the position after its numbers.
+local function window_end(period, at)
   local wend = 0
   if period < 0 then
     wend = now - fmod(now, -period) - period
@@ -247,6 +244,18 @@ local function read(at)
       wend = false
     end
   end
+  return wend, at
+end
+
+-- Reads one bucket's numbers: capacity, period, cost, its fourth number,
+-- and for a budget its window's end. Returns them and the next position.
+local function read(at)
+  local cap, period, cost, fourth
+  cap, period, cost, fourth, at = unpack('<i8i8i8i8', blob, at)
+  local wend = 0
+  if period <= 0 then
+    wend, at = window_end(period, at)
+  end
   return cap, period, cost, fourth, wend, at
 end
 
@@ -255,8 +264,13 @@ end
 local function decide(k0, at, n, dry)
   local allowed, failed = 1, false
   for i = 1, n do
-    local cap, period, cost, reserve, wend
-    cap, period, cost, reserve, wend, at = read(at)
+    -- Read inline: the token bucket is the hot case.
+    local cap, period, cost, reserve
+    cap, period, cost, reserve, at = unpack('<i8i8i8i8', blob, at)
+    local wend = 0
+    if period <= 0 then
+      wend, at = window_end(period, at)
+    end
     local shadow = cost < 0
     if shadow then
       cost = -cost
