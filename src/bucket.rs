@@ -41,6 +41,36 @@ impl Tat {
     }
 }
 
+/// What a token bucket remembers of the refunds it has given, so a later
+/// refund knows how far earlier ones have pulled its TAT back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ledger {
+    /// When the bucket was made (its first take, in ticks): a bucket
+    /// forgotten when full and made again is another bucket.
+    pub born: u64,
+    /// Every refund given since, summed, as TAT time (`ticks + frac/C`).
+    pub given: Tat,
+}
+
+impl Ledger {
+    /// The ledger of a bucket made at `now`.
+    pub fn new(now: u64) -> Self {
+        Self {
+            born: now,
+            given: Tat::default(),
+        }
+    }
+}
+
+/// What a reservation remembers of a bucket it took from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Mark {
+    /// The state the take left (a budget: its window's end and spend).
+    pub taken: Tat,
+    /// The bucket's ledger then.
+    pub ledger: Ledger,
+}
+
 /// What one bucket says about one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Verdict {
@@ -104,27 +134,35 @@ impl Shape {
     }
 
     /// The state after settling a reservation: it took `estimate` tokens,
-    /// leaving the bucket at `taken`, and the real cost is `actual`.
+    /// and the real cost is `actual`. `ledger` is the bucket's record of
+    /// refunds; `mark` is what the reservation saw when it took.
     ///
     /// - `actual > estimate`: the extra is taken unconditionally. The bucket
     ///   may go into debt (its TAT more than a period ahead); later requests
     ///   wait until refill pays it off. The TAT never runs more than
     ///   `max_ahead` ticks past now, so the numbers stay bounded.
     /// - `actual < estimate`: the difference is given back, but never more
-    ///   than the reservation still holds the bucket back, `taken - now`
-    ///   (`None`: no bound, for a caller's plain refund). Tokens the
-    ///   reservation took that have since refilled on their own (and may
-    ///   have been taken by others) are not given back again: that would
-    ///   admit them twice. A bucket is never fuller than full.
+    ///   than the reservation still holds the bucket back: the TAT it left,
+    ///   less every refund given since, less now. Refunds are the only thing
+    ///   that pull a TAT back, so that is the least the TAT can have been
+    ///   ahead of the clock at any moment since; tokens the reservation took
+    ///   that have refilled on their own (and may have been taken by others)
+    ///   are never given back, which would admit them twice. A bucket that
+    ///   was forgotten and made again since (a different `born`) gives
+    ///   nothing back: it was full in between. `mark: None` is a caller's
+    ///   plain refund, bounded only by a full bucket. Every refund is added
+    ///   to the ledger.
+    #[allow(clippy::too_many_arguments)]
     pub fn settle(
         self,
         stored: Tat,
+        ledger: Ledger,
         now: u64,
         estimate: u64,
         actual: u64,
-        taken: Option<Tat>,
+        mark: Option<Mark>,
         max_ahead: u64,
-    ) -> Tat {
+    ) -> (Tat, Ledger) {
         let before = self.normalise(stored, now);
         if actual > estimate {
             let mut after = self.advance(before, actual - estimate);
@@ -135,44 +173,68 @@ impl Shape {
                     frac: 0,
                 };
             }
-            return after;
+            return (after, ledger);
         }
         let mut give = self.advance(Tat::default(), estimate - actual);
-        if let Some(taken) = taken {
-            // What the reservation still holds back: taken - now, or nothing.
-            let taken = self.normalise(taken, now);
-            let held = Tat {
-                ticks: taken.ticks - now,
-                frac: taken.frac,
+        if let Some(mark) = mark {
+            let since = self.minus(ledger.given, mark.ledger.given);
+            let held = match since {
+                Some(since) if mark.ledger.born == ledger.born => {
+                    self.minus(mark.taken, since).and_then(|t| {
+                        self.minus(
+                            t,
+                            Tat {
+                                ticks: now,
+                                frac: 0,
+                            },
+                        )
+                    })
+                }
+                _ => None,
             };
+            let held = held.unwrap_or_default();
             if (held.ticks, held.frac) < (give.ticks, give.frac) {
                 give = held;
             }
         }
-        // before - give, never earlier than now.
-        let (mut ticks, frac) = if before.frac >= give.frac {
-            (
-                before.ticks.checked_sub(give.ticks),
-                before.frac - give.frac,
-            )
-        } else {
-            (
-                before
-                    .ticks
-                    .checked_sub(give.ticks)
-                    .and_then(|t| t.checked_sub(1)),
-                before.frac + self.capacity.max(1) - give.frac,
-            )
+        let ledger = Ledger {
+            born: ledger.born,
+            given: self.plus(ledger.given, give),
         };
-        if ticks.is_some_and(|t| t < now) {
-            ticks = None;
-        }
-        match ticks {
-            Some(ticks) => self.normalise(Tat { ticks, frac }, now),
-            None => Tat {
+        // before - give, never earlier than now.
+        let after = match self.minus(before, give) {
+            Some(t) if !t.is_full_at(now) => t,
+            _ => Tat {
                 ticks: now,
                 frac: 0,
             },
+        };
+        (after, ledger)
+    }
+
+    /// `a - b`, both `ticks + frac/C`; `None` when negative.
+    fn minus(self, a: Tat, b: Tat) -> Option<Tat> {
+        if a.frac >= b.frac {
+            Some(Tat {
+                ticks: a.ticks.checked_sub(b.ticks)?,
+                frac: a.frac - b.frac,
+            })
+        } else {
+            Some(Tat {
+                ticks: a.ticks.checked_sub(b.ticks)?.checked_sub(1)?,
+                frac: a.frac + self.capacity.max(1) - b.frac,
+            })
+        }
+    }
+
+    /// `a + b`, both `ticks + frac/C`, saturating.
+    fn plus(self, a: Tat, b: Tat) -> Tat {
+        let c = self.capacity.max(1);
+        let frac = a.frac + b.frac;
+        let (carry, frac) = if frac >= c { (1, frac - c) } else { (0, frac) };
+        Tat {
+            ticks: a.ticks.saturating_add(b.ticks).saturating_add(carry),
+            frac,
         }
     }
 
@@ -306,13 +368,13 @@ impl Budget {
         window_end: u64,
         estimate: u64,
         actual: u64,
-        taken: Option<Tat>,
+        taken: Option<Mark>,
         max_spend: u64,
     ) -> Tat {
         let spent = Self::spent(stored, window_end);
         let frac = if actual >= estimate {
             spent.saturating_add(actual - estimate).min(max_spend)
-        } else if taken.is_none_or(|t| t.ticks == window_end) {
+        } else if taken.is_none_or(|m| m.taken.ticks == window_end) {
             spent.saturating_sub(estimate - actual)
         } else {
             spent
@@ -353,6 +415,42 @@ mod tests {
         assert_eq!(v.retry_after, Some(333_333_334));
         assert_eq!(shape.remaining(tat, 10 * SEC), 0);
         assert_eq!(shape.reset_after(tat, 10 * SEC), SEC);
+    }
+
+    /// Found by simulation: an older reservation refunded first pulls the
+    /// TAT below where a newer one left it. Bounding the newer one's refund
+    /// by its own TAT alone then gave back tokens that had refilled and
+    /// been taken: a take at t = 22 passed that no order of real costs
+    /// could have let through. The ledger subtracts the refunds given since.
+    #[test]
+    fn a_refund_never_gives_back_what_an_earlier_refund_already_moved() {
+        let shape = Shape {
+            capacity: 5,
+            period: 12,
+        };
+        let max = 1 << 40;
+        let take = |tat: Tat, now: u64, n: u64| {
+            let v = shape.judge(tat, now, n);
+            assert!(v.conforms, "take {n} at {now}");
+            v.after
+        };
+        let ledger = Ledger::new(10);
+        let mark = |taken: Tat, ledger: Ledger| Some(Mark { taken, ledger });
+        // t = 17: two reservations, of 3 and 2 tokens.
+        let four = take(Tat { ticks: 17, frac: 0 }, 17, 3);
+        let five = take(four, 17, 2);
+        let (four_mark, five_mark) = (mark(four, ledger), mark(five, ledger));
+        // The older one settles for nothing: all of it comes back.
+        let (tat, ledger) = shape.settle(five, ledger, 17, 3, 0, four_mark, max);
+        assert_eq!(tat, Tat { ticks: 21, frac: 4 }, "29 - 7.2 = 21.8");
+        // t = 20: a take of 4, then the newer reservation settles for 1.
+        let tat = take(tat, 20, 4);
+        let (tat, _) = shape.settle(tat, ledger, 20, 2, 1, five_mark, max);
+        // It may give back only 29 - 7.2 - 20 = 1.8 ticks, not 2.4.
+        assert_eq!(tat, Tat { ticks: 29, frac: 3 }, "31.4 - 1.8 = 29.6");
+        // So at t = 22 a take of 2 (4.8 ticks) is denied, as it would be had
+        // every reservation charged its real cost when it was made.
+        assert!(!shape.judge(tat, 22, 2).conforms);
     }
 
     #[test]

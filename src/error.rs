@@ -28,6 +28,7 @@ impl From<DecideError> for Status {
             // down" from "you are over your limit", and Envoy applies its
             // failure_mode_deny.
             DecideError::StoreUnavailable { .. } => Status::unavailable(e.to_string()),
+            DecideError::TooBigToReserve { .. } => Status::invalid_argument(e.to_string()),
         }
     }
 }
@@ -36,7 +37,7 @@ impl From<SettleError> for Status {
     fn from(e: SettleError) -> Self {
         match e {
             SettleError::Token(TokenError::Malformed | TokenError::Forged) => {
-                Status::invalid_argument(format!("reservation: {e}"))
+                Status::invalid_argument(e.to_string())
             }
             SettleError::AlreadySettled | SettleError::Expired => {
                 Status::failed_precondition(e.to_string())

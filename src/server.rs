@@ -477,6 +477,16 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.shutdown_grace != new.shutdown_grace {
         changed.push("shutdown_grace");
     }
+    // The signing key is redacted in Debug, so compare it itself.
+    let secret = |c: &Config| {
+        c.reservations
+            .secret
+            .as_ref()
+            .map(|s| s.expose().to_owned())
+    };
+    if differ(&old.reservations, &new.reservations) || secret(old) != secret(new) {
+        changed.push("reservations");
+    }
     changed
 }
 

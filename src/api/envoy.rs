@@ -222,7 +222,7 @@ fn describe<'a>(
         }
     };
     let operation = keys.and_then(|k| value_of(&k.operation)).unwrap_or("");
-    let priority = priority_of(&entries, priority_key, at)?;
+    let priority = priority_of(&entries, priority_key);
     // A descriptor's own `hits_addend` of 0 is a check; absent, the
     // request's applies, where 0 means 1 (as in envoyproxy/ratelimit).
     let (hits, kind) = match &d.hits_addend {
@@ -243,7 +243,12 @@ fn describe<'a>(
         entries,
         identity,
         operation,
-        cost: hits.max(1),
+        // A refund of 0 gives nothing back; anything else is at least 1.
+        cost: if kind == Kind::Refund {
+            hits
+        } else {
+            hits.max(1)
+        },
         priority,
         kind,
     })
@@ -281,22 +286,18 @@ fn validate_entries(d: &RateLimitDescriptor, at: &str) -> Result<(), InvalidFiel
 
 /// The priority a descriptor's `priority_key` entry names; normal when the
 /// scope names no key or the descriptor lacks the entry.
-fn priority_of(
-    entries: &[(&str, &str)],
-    priority_key: Option<&str>,
-    at: &str,
-) -> Result<Priority, InvalidField> {
+///
+/// A value that names no priority is SHEDDABLE, not an error: the entry
+/// usually comes from a client's header, and an error would let Envoy
+/// (without `failure_mode_deny`) pass the request unlimited. The lowest
+/// priority gains a caller nothing.
+fn priority_of(entries: &[(&str, &str)], priority_key: Option<&str>) -> Priority {
     let Some(key) = priority_key else {
-        return Ok(Priority::Normal);
+        return Priority::Normal;
     };
-    match entries.iter().position(|(k, _)| *k == key) {
-        None => Ok(Priority::Normal),
-        Some(j) => Priority::parse(entries[j].1).ok_or_else(|| {
-            validate::invalid(
-                &format!("{at}.entries[{j}].value"),
-                "must be critical, normal or sheddable (the scope's priority entry)",
-            )
-        }),
+    match entries.iter().find(|(k, _)| *k == key) {
+        None => Priority::Normal,
+        Some((_, value)) => Priority::parse(value).unwrap_or(Priority::Sheddable),
     }
 }
 

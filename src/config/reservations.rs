@@ -101,7 +101,9 @@ impl ReservationsConfig {
                 "reservations.secret: must be at least {MIN_SECRET_LEN} bytes"
             ));
         }
-        if self.max_settle_within.is_zero() || self.max_settle_within > MAX_SETTLE_WITHIN {
+        if self.max_settle_within < Duration::from_millis(1)
+            || self.max_settle_within > MAX_SETTLE_WITHIN
+        {
             problems.push("reservations.max_settle_within: must be between 1ms and 7d".to_owned());
         }
     }

@@ -173,6 +173,17 @@ pub enum DecideError {
         /// What the store said.
         source: StoreError,
     },
+    /// A request with `settle_within` draws on more than a reservation
+    /// token can carry; nothing was taken.
+    #[error(
+        "settle_within: this request draws on {buckets} buckets, more than one reservation can carry ({max} bytes); reserve on fewer limits"
+    )]
+    TooBigToReserve {
+        /// How many buckets it draws on.
+        buckets: usize,
+        /// The most bytes a token may have.
+        max: usize,
+    },
 }
 
 /// Decides requests against the live rules and a store.

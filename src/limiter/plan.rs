@@ -282,7 +282,13 @@ const UNSET: BucketOutcome = BucketOutcome {
     remaining: 0,
     reset_after: std::time::Duration::ZERO,
     retry_after: None,
-    state: crate::bucket::Tat { ticks: 0, frac: 0 },
+    mark: crate::bucket::Mark {
+        taken: crate::bucket::Tat { ticks: 0, frac: 0 },
+        ledger: crate::bucket::Ledger {
+            born: 0,
+            given: crate::bucket::Tat { ticks: 0, frac: 0 },
+        },
+    },
 };
 
 fn allowed() -> Decision {
@@ -352,10 +358,7 @@ pub(crate) fn decision_of(
         // A bucket whose cost exceeds its capacity can never allow: no retry.
         if let Some((i, b)) = denying().find(|(_, b)| b.retry_after.is_none()) {
             d.primary = Some(i);
-            d.reason = Some(format!(
-                "cost {} exceeds the capacity {} of rule {:?}",
-                planned[i].charge.cost, b.limit, b.rule
-            ));
+            d.reason = Some(never_reason(&planned[i].charge, b));
         } else if let Some((i, b)) = denying().max_by_key(|(_, b)| b.retry_after) {
             d.primary = Some(i);
             d.retry_after = b.retry_after;
@@ -363,6 +366,26 @@ pub(crate) fn decision_of(
     }
     d.buckets = buckets;
     d
+}
+
+/// Why a bucket can never hold what a request needs of it.
+fn never_reason(charge: &crate::store::BucketCharge<'_>, b: &BucketReport) -> String {
+    let what = if charge.window.is_some() {
+        "budget"
+    } else {
+        "capacity"
+    };
+    if charge.reserve > 0 {
+        format!(
+            "cost {} plus the {} of headroom this priority must leave exceed the {what} {} of rule {:?}",
+            charge.cost, charge.reserve, b.limit, b.rule
+        )
+    } else {
+        format!(
+            "cost {} exceeds the {what} {} of rule {:?}",
+            charge.cost, b.limit, b.rule
+        )
+    }
 }
 
 fn report(p: &Planned<'_, '_>, o: &BucketOutcome) -> BucketReport {
@@ -411,7 +434,7 @@ scopes:
                     remaining: r,
                     reset_after: Duration::from_millis(100),
                     retry_after: (!allowed && r == 0).then_some(Duration::from_millis(7)),
-                    state: crate::bucket::Tat::default(),
+                    mark: crate::bucket::Mark::default(),
                 })
                 .collect(),
             now_us: 0,

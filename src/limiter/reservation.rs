@@ -27,7 +27,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 
-use crate::bucket::{Shape, Tat};
+use crate::bucket::{Ledger, Mark, Shape, Tat};
 
 /// The format's version, the first byte of every body.
 const VERSION: u8 = 1;
@@ -145,11 +145,28 @@ pub struct ReservedBucket {
     pub window: String,
     /// The estimate taken.
     pub cost: u64,
-    /// The state the charge left it in, in the store's ticks.
-    pub taken: Tat,
+    /// The state the charge left it in and its ledger then, in the
+    /// store's ticks.
+    pub mark: Mark,
 }
 
 impl Reservation {
+    /// The most bytes one bucket adds to a token's body.
+    pub fn bucket_len(b: &crate::store::BucketCharge<'_>) -> usize {
+        // Rule, identity and operation with their length prefixes and
+        // flags, the window tag (a unit and an IANA name, well under 64),
+        // and eight numbers.
+        let text = |s: Option<&str>| 3 + s.map_or(0, str::len);
+        text(Some(b.key.rule)) + text(b.key.identity) + text(b.key.operation) + 2 + 64 + 8 * 8
+    }
+
+    /// The length of a token whose buckets add `buckets_len` bytes: the
+    /// fixed fields and the signature, in base64.
+    pub fn token_len(buckets_len: usize) -> usize {
+        let body = 1 + 16 + 8 + 2 + 128 + 1 + buckets_len + MAC_LEN;
+        body.div_ceil(3) * 4
+    }
+
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + 96 * self.buckets.len());
         out.push(VERSION);
@@ -166,8 +183,11 @@ impl Reservation {
                 b.shape.capacity,
                 b.shape.period,
                 b.cost,
-                b.taken.ticks,
-                b.taken.frac,
+                b.mark.taken.ticks,
+                b.mark.taken.frac,
+                b.mark.ledger.born,
+                b.mark.ledger.given.ticks,
+                b.mark.ledger.given.frac,
             ] {
                 out.extend_from_slice(&n.to_le_bytes());
             }
@@ -192,6 +212,7 @@ impl Reservation {
             let window = r.text()?;
             let [capacity, period, cost, ticks, frac] =
                 [r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?];
+            let [born, given_ticks, given_frac] = [r.u64()?, r.u64()?, r.u64()?];
             buckets.push(ReservedBucket {
                 rule,
                 identity,
@@ -199,7 +220,16 @@ impl Reservation {
                 shape: Shape { capacity, period },
                 window,
                 cost,
-                taken: Tat { ticks, frac },
+                mark: Mark {
+                    taken: Tat { ticks, frac },
+                    ledger: Ledger {
+                        born,
+                        given: Tat {
+                            ticks: given_ticks,
+                            frac: given_frac,
+                        },
+                    },
+                },
             });
         }
         r.0.is_empty().then_some(Self {
@@ -282,9 +312,15 @@ mod tests {
                 },
                 window: String::new(),
                 cost: 1_000,
-                taken: Tat {
-                    ticks: 1_699_999_999_000_000,
-                    frac: 17,
+                mark: Mark {
+                    taken: Tat {
+                        ticks: 1_699_999_999_000_000,
+                        frac: 17,
+                    },
+                    ledger: Ledger {
+                        born: 1_699_999_998_000_000,
+                        given: Tat { ticks: 40, frac: 3 },
+                    },
                 },
             }],
         }

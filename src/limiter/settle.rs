@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use super::plan::{self, Joint};
-use super::reservation::{Reservation, ReservedBucket, TokenError};
+use super::reservation::{MAX_TOKEN_LEN, Reservation, ReservedBucket, TokenError};
 use super::{BucketReport, DecideError, Decision, Limiter, Request, Rules};
 use crate::store::{
     BucketCharge, BucketKey, ChargeOutcome, Once, SettleBucket, Settled, Store, StoreError,
@@ -21,7 +21,7 @@ use crate::window::Window;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SettleError {
     /// The token is not a reservation this deployment signed, unaltered.
-    #[error("reservation {0}")]
+    #[error("reservation: {0}")]
     Token(#[from] TokenError),
     /// Settled before, on this replica or another.
     #[error("reservation was already settled; a reservation settles once")]
@@ -55,13 +55,30 @@ impl<S: Store> Limiter<S> {
         req: &Request<'_>,
         buckets: &plan::Buckets<'_, '_>,
     ) -> Result<Decision, DecideError> {
+        // Refuse, before taking anything, a reservation whose token would
+        // be too long to settle.
+        let size: usize = buckets
+            .iter()
+            .map(|p| Reservation::bucket_len(&p.charge))
+            .sum();
+        if Reservation::token_len(size) > MAX_TOKEN_LEN {
+            return Err(DecideError::TooBigToReserve {
+                buckets: buckets.len(),
+                max: MAX_TOKEN_LEN,
+            });
+        }
         let charge = plan::charge(buckets, false);
         let outcome = match self.store.check_and_take_one(&charge).await {
             Ok(outcome) => outcome,
             Err(e) => return plan::failed(rules, req.scope, e),
         };
         let mut decision = plan::decision(buckets, &outcome);
-        if outcome.allowed {
+        // Nothing to settle when only shadow buckets without room applied.
+        let charged = buckets
+            .iter()
+            .zip(&outcome.buckets)
+            .any(|(p, o)| !p.charge.shadow || o.conforms);
+        if outcome.allowed && charged {
             let within = req.settle_within.unwrap_or_default();
             let within_us = u64::try_from(within.as_micros()).unwrap_or(u64::MAX);
             let reservation = Reservation {
@@ -80,7 +97,7 @@ impl<S: Store> Limiter<S> {
                         shape: p.charge.shape,
                         window: p.limit.window.as_ref().map(Window::tag).unwrap_or_default(),
                         cost: p.charge.cost,
-                        taken: o.state,
+                        mark: o.mark,
                     })
                     .collect(),
             };
@@ -136,7 +153,7 @@ impl<S: Store> Limiter<S> {
                     window: window.as_ref(),
                 },
                 actual,
-                taken: Some(b.taken),
+                mark: Some(b.mark),
             })
             .collect();
         let settlement = crate::store::Settlement {
@@ -197,7 +214,7 @@ impl<S: Store> Limiter<S> {
                 .map(|&b| SettleBucket {
                     charge: b,
                     actual: 0,
-                    taken: None,
+                    mark: None,
                 })
                 .collect(),
             once: None,

@@ -58,7 +58,7 @@ use super::{
     BucketCharge, BucketOutcome, Charge, ChargeOutcome, Settled, Settlement, SingleOutcome, Store,
     StoreError,
 };
-use crate::bucket::{Shape, Tat};
+use crate::bucket::{Mark, Shape, Tat};
 
 /// The most denials held at once, over all shards.
 pub const MAX_ENTRIES: usize = 65_536;
@@ -133,7 +133,7 @@ impl Entry {
                 remaining: remaining.min((self.cost + self.reserve).saturating_sub(1)),
                 reset_after,
                 retry_after: Some(self.until - now),
-                state: Tat::default(),
+                mark: Mark::default(),
             }],
             // Only a reservation reads the store's clock, and a denial
             // makes none.

@@ -22,7 +22,7 @@ use super::{
     BucketCharge, BucketOutcome, Charge, ChargeOutcome, Settled, Settlement, SingleOutcome, Store,
     StoreError,
 };
-use crate::bucket::{Tat, Verdict};
+use crate::bucket::{Ledger, Mark, Tat, Verdict};
 use crate::config::{DEFAULT_MAX_BYTES, DEFAULT_SHARDS};
 
 /// Most decisions touch a handful of buckets; up to this many stay on the stack.
@@ -34,6 +34,8 @@ struct Entry {
     hash: u64,
     key: Box<[u8]>,
     tat: Tat,
+    /// Refunds given since the bucket was made (see [`Ledger`]).
+    ledger: Ledger,
 }
 
 type Table = HashTable<Entry>;
@@ -72,11 +74,12 @@ struct Inner {
 }
 
 /// What one bucket costs besides its key, in bytes: the entry in its table
-/// (hash, boxed key, state: 40 B) at the table's load factor and growth
+/// (hash, boxed key, state, ledger: 64 B) at the table's load factor and growth
 /// slack, and the key's own allocation. `cargo bench --bench limiter`
-/// measures 150 B of RSS per bucket over a million buckets with 12-byte
-/// identities (keys of 55 bytes), which the bound counts as 175: it errs high.
-pub const BUCKET_OVERHEAD: usize = 120;
+/// measured 150 B of RSS per bucket over a million buckets with 12-byte
+/// identities (keys of 55 bytes) before the ledger's 24 bytes joined the
+/// entry; the bound counts such a bucket as 199, so it errs high.
+pub const BUCKET_OVERHEAD: usize = 144;
 
 impl MemoryStore {
     /// A store with `shards` shards (rounded up to a power of two) and the
@@ -233,15 +236,19 @@ impl Inner {
             order.iter().map(|&i| (i, self.shards[i].lock())).collect();
         let now = self.now();
 
-        let mut verdicts: SmallVec<[(Verdict, bool); INLINE]> = SmallVec::new();
+        let mut verdicts: SmallVec<[(Verdict, bool, Ledger); INLINE]> = SmallVec::new();
         let mut allowed = true;
         for (bucket, slot) in charge.buckets.iter().zip(&slots) {
             let key = &buf[slot.start..slot.end];
             let table = guard_for(&mut guards, slot.shard);
-            let found = table.find(slot.hash, |e| *e.key == *key).map(|e| e.tat);
-            let verdict = bucket.judge(found.unwrap_or_default(), now, window_end(bucket, now));
+            let found = table
+                .find(slot.hash, |e| *e.key == *key)
+                .map(|e| (e.tat, e.ledger));
+            let stored = found.map(|(tat, _)| tat).unwrap_or_default();
+            let verdict = bucket.judge(stored, now, window_end(bucket, now));
             allowed &= verdict.conforms || bucket.shadow;
-            verdicts.push((verdict, found.is_none()));
+            let ledger = found.map_or_else(|| Ledger::new(now), |(_, l)| l);
+            verdicts.push((verdict, found.is_none(), ledger));
         }
 
         let take = allowed && !charge.dry_run;
@@ -252,7 +259,7 @@ impl Inner {
         let new_bytes: usize = verdicts
             .iter()
             .zip(&slots)
-            .filter(|((v, absent), _)| take && *absent && v.conforms)
+            .filter(|((v, absent, _), _)| take && *absent && v.conforms)
             .map(|(_, slot)| BUCKET_OVERHEAD + slot.end - slot.start)
             .sum();
         // Reserve room before writing any: a full store fails it, taking nothing.
@@ -264,20 +271,24 @@ impl Inner {
             }
         }
         let mut outcomes = Vec::with_capacity(slots.len());
-        for ((bucket, (verdict, _)), slot) in charge.buckets.iter().zip(&verdicts).zip(&slots) {
+        for ((bucket, (verdict, _, ledger)), slot) in
+            charge.buckets.iter().zip(&verdicts).zip(&slots)
+        {
             let taken = take && verdict.conforms;
             let state = if taken { verdict.after } else { verdict.before };
+            let mark = Mark {
+                taken: state,
+                ledger: *ledger,
+            };
             if taken {
                 let key = &buf[slot.start..slot.end];
                 let table = guard_for(&mut guards, slot.shard);
                 match table.find_mut(slot.hash, |e| *e.key == *key) {
                     Some(e) => e.tat = state,
-                    None => {
-                        insert(table, slot.hash, key, state);
-                    }
+                    None => insert(table, slot.hash, key, mark),
                 }
             }
-            outcomes.push(outcome(bucket, verdict, state, now));
+            outcomes.push(outcome(bucket, verdict, mark, now));
         }
         Ok(ChargeOutcome {
             allowed,
@@ -312,9 +323,9 @@ impl Inner {
     }
 }
 
-/// What the store reports of one bucket left in `state` at `now`.
-fn outcome(bucket: &BucketCharge<'_>, verdict: &Verdict, state: Tat, now: u64) -> BucketOutcome {
-    bucket.outcome(verdict.conforms, verdict.retry_after, state, now, 1)
+/// What the store reports of one bucket left as `mark` says at `now`.
+fn outcome(bucket: &BucketCharge<'_>, verdict: &Verdict, mark: Mark, now: u64) -> BucketOutcome {
+    bucket.outcome(verdict.conforms, verdict.retry_after, mark, now, 1)
 }
 
 /// The end of a budget's current window at `now` (ticks are Unix
@@ -350,30 +361,33 @@ impl Inner {
         let mut table = self.shards[(hash >> 40) as usize & (self.shards.len() - 1)].lock();
         let now = self.now();
         let found = table.find_mut(hash, |e| *e.key == *key);
-        let is_new = found.is_none();
-        let stored = found.as_ref().map(|e| e.tat).unwrap_or_default();
+        let (stored, ledger) = found
+            .as_ref()
+            .map_or_else(|| (Tat::default(), Ledger::new(now)), |e| (e.tat, e.ledger));
         let verdict = bucket.judge(stored, now, window_end(bucket, now));
         let allowed = verdict.conforms || bucket.shadow;
         let taken = allowed && !dry_run && verdict.conforms;
-        let state = if taken { verdict.after } else { verdict.before };
+        let mark = Mark {
+            taken: if taken { verdict.after } else { verdict.before },
+            ledger,
+        };
         if taken {
             match found {
-                Some(e) => e.tat = state,
+                Some(e) => e.tat = mark.taken,
                 None => {
-                    debug_assert!(is_new);
                     let bytes = BUCKET_OVERHEAD + key.len();
                     if self.held.fetch_add(bytes, Ordering::Relaxed) + bytes > self.max_bytes {
                         self.held.fetch_sub(bytes, Ordering::Relaxed);
                         return Err(self.full());
                     }
-                    insert(&mut table, hash, key, state);
+                    insert(&mut table, hash, key, mark);
                 }
             }
         }
         drop(table);
         Ok(SingleOutcome {
             allowed,
-            bucket: outcome(bucket, &verdict, state, now),
+            bucket: outcome(bucket, &verdict, mark, now),
         })
     }
 
@@ -403,37 +417,43 @@ impl Inner {
             }
         }
         // Every new state first, so that running out of room changes nothing.
-        let mut states: SmallVec<[(Tat, bool); INLINE]> = SmallVec::new();
+        let mut states: SmallVec<[(Mark, bool); INLINE]> = SmallVec::new();
         let mut new_bytes = settlement.once.map_or(0, |_| MARKER_BYTES);
         for (part, slot) in settlement.buckets.iter().zip(&slots) {
             let key = &buf[slot.start..slot.end];
             let table = guard_for(&mut guards, slot.shard);
-            let found = table.find(slot.hash, |e| *e.key == *key).map(|e| e.tat);
+            let found = table
+                .find(slot.hash, |e| *e.key == *key)
+                .map(|e| (e.tat, e.ledger));
+            let (stored, ledger) = found.unwrap_or_else(|| (Tat::default(), Ledger::new(now)));
             let end = window_end(&part.charge, now);
-            let state = part
-                .charge
-                .settle(found.unwrap_or_default(), now, end, part);
+            let (state, ledger) = part.charge.settle(stored, ledger, now, end, part);
             // An absent bucket is full: only debt needs a new entry.
             let insert = found.is_none() && !state.is_full_at(now);
             if insert {
                 new_bytes += BUCKET_OVERHEAD + key.len();
             }
-            states.push((state, insert));
+            let mark = Mark {
+                taken: state,
+                ledger,
+            };
+            states.push((mark, insert));
         }
         if self.held.fetch_add(new_bytes, Ordering::Relaxed) + new_bytes > self.max_bytes {
             self.held.fetch_sub(new_bytes, Ordering::Relaxed);
             return Err(self.full());
         }
         let mut outcomes = Vec::with_capacity(slots.len());
-        for ((part, slot), &(state, new)) in settlement.buckets.iter().zip(&slots).zip(&states) {
+        for ((part, slot), &(mark, new)) in settlement.buckets.iter().zip(&slots).zip(&states) {
             let key = &buf[slot.start..slot.end];
             let table = guard_for(&mut guards, slot.shard);
             if new {
-                insert(table, slot.hash, key, state);
+                insert(table, slot.hash, key, mark);
             } else if let Some(e) = table.find_mut(slot.hash, |e| *e.key == *key) {
-                e.tat = state;
+                e.tat = mark.taken;
+                e.ledger = mark.ledger;
             }
-            outcomes.push(part.charge.outcome(true, None, state, now, 1));
+            outcomes.push(part.charge.outcome(true, None, mark, now, 1));
         }
         if let Some(once) = settlement.once {
             settled.insert(once.id, once.deadline_us.saturating_mul(1_000));
@@ -451,13 +471,14 @@ impl Inner {
 }
 
 /// Adds a bucket the table does not hold yet.
-fn insert(table: &mut Table, hash: u64, key: &[u8], tat: Tat) {
+fn insert(table: &mut Table, hash: u64, key: &[u8], mark: Mark) {
     table.insert_unique(
         hash,
         Entry {
             hash,
             key: key.into(),
-            tat,
+            tat: mark.taken,
+            ledger: mark.ledger,
         },
         |e| e.hash,
     );

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::bucket::{Budget, Shape, Tat, Verdict};
+use crate::bucket::{Budget, Ledger, Mark, Shape, Tat, Verdict};
 use crate::config::{ConfigError, StoreConfig, StoreKind};
 use crate::window::Window;
 
@@ -116,30 +116,42 @@ impl BucketCharge<'_> {
         }
     }
 
-    /// The state after settling this charge (taken earlier) at `actual`.
-    /// `max_ahead` bounds debt: ticks past now for a bucket, total spend
-    /// for a budget.
-    pub fn settle(&self, stored: Tat, now: u64, window_end: u64, part: &SettleBucket<'_>) -> Tat {
+    /// The state after settling this charge (taken earlier) at `actual`,
+    /// in the store's ticks (nanoseconds: the Redis script does its own).
+    /// Debt is bounded: [`MAX_DEBT_US`] past now for a bucket,
+    /// [`MAX_SPEND`] for a budget.
+    pub fn settle(
+        &self,
+        stored: Tat,
+        ledger: Ledger,
+        now: u64,
+        window_end: u64,
+        part: &SettleBucket<'_>,
+    ) -> (Tat, Ledger) {
         match self.window {
             None => self.shape.settle(
                 stored,
+                ledger,
                 now,
                 self.cost,
                 part.actual,
-                part.taken,
+                part.mark,
                 MAX_DEBT_US.saturating_mul(1_000),
             ),
-            Some(_) => Budget {
-                amount: self.shape.capacity,
+            Some(_) => {
+                let budget = Budget {
+                    amount: self.shape.capacity,
+                };
+                let state = budget.settle(
+                    stored,
+                    window_end,
+                    self.cost,
+                    part.actual,
+                    part.mark,
+                    MAX_SPEND,
+                );
+                (state, ledger)
             }
-            .settle(
-                stored,
-                window_end,
-                self.cost,
-                part.actual,
-                part.taken,
-                MAX_SPEND,
-            ),
         }
     }
 
@@ -149,10 +161,11 @@ impl BucketCharge<'_> {
         &self,
         conforms: bool,
         retry_after: Option<u64>,
-        state: Tat,
+        mark: Mark,
         now: u64,
         tick_ns: u64,
     ) -> BucketOutcome {
+        let state = mark.taken;
         let time = |ticks: u64| Duration::from_nanos(ticks.saturating_mul(tick_ns));
         let (remaining, reset_after) = match self.window {
             None => (
@@ -172,7 +185,7 @@ impl BucketCharge<'_> {
             remaining,
             reset_after: time(reset_after),
             retry_after: retry_after.map(time),
-            state,
+            mark,
         }
     }
 }
@@ -207,10 +220,11 @@ pub struct BucketOutcome {
     /// Until the bucket holds its cost, when it does not now and ever can.
     pub retry_after: Option<Duration>,
     /// The bucket's raw state after the decision, in the store's own ticks
-    /// (a TAT; for a budget, its window's end and spend). Opaque outside the
-    /// store: a reservation carries it back to [`Store::settle`], which
-    /// gives back no more than the reservation still holds.
-    pub state: Tat,
+    /// (a TAT; for a budget, its window's end and spend), with its ledger
+    /// of refunds. Opaque outside the store: a reservation carries it back
+    /// to [`Store::settle`], which gives back no more than the reservation
+    /// still holds.
+    pub mark: Mark,
 }
 
 /// The outcome of one charge.
@@ -234,11 +248,11 @@ pub struct SettleBucket<'a> {
     /// The real cost. More than `charge.cost` takes the extra; less gives
     /// back the difference (see [`crate::bucket::Shape::settle`]).
     pub actual: u64,
-    /// The state the charge left the bucket in
-    /// ([`BucketOutcome::state`]): a refund gives back no more than the
-    /// charge still holds. `None` for a caller's plain refund (Envoy's
-    /// negative hits), bounded only by a full bucket.
-    pub taken: Option<Tat>,
+    /// What the charge left the bucket in ([`BucketOutcome::mark`]): a
+    /// refund gives back no more than the charge still holds. `None` for a
+    /// caller's plain refund (Envoy's negative hits), bounded only by a
+    /// full bucket.
+    pub mark: Option<Mark>,
 }
 
 /// Applies real costs to buckets charged earlier: a reservation's settle,

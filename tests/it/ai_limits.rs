@@ -436,7 +436,7 @@ async fn settled_reservations_count_against_the_memory_bound() {
         buckets: vec![SettleBucket {
             charge: bucket,
             actual: 0,
-            taken: Some(taken.buckets[0].state),
+            mark: Some(taken.buckets[0].mark),
         }],
         once: Some(Once {
             id: [1; 16],

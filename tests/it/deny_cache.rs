@@ -39,7 +39,7 @@ async fn one(store: &impl Store, c: &Charge<'_>) -> ChargeOutcome {
     let mut o = store.check_and_take_one(c).await.unwrap();
     o.now_us = 0;
     for b in &mut o.buckets {
-        b.state = Default::default();
+        b.mark = Default::default();
     }
     o
 }

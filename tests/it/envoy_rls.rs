@@ -650,20 +650,38 @@ async fn the_priority_entry_chooses_the_headroom_and_shares_one_bucket() {
     let last = ask(&mut c, as_("critical", 1)).await;
     assert_eq!(last.overall_code, Code::Ok as i32);
     assert_eq!(last.statuses[0].limit_remaining, 0);
-    // No priority entry is NORMAL; a bad one is refused, naming the entry.
+    // No priority entry is NORMAL: 10 is more than it may ever take.
     let plain = request("llm", vec![with_hits(&[("team", "c")], 10, false)]);
     assert_eq!(
         ask(&mut c, plain).await.overall_code,
         Code::OverLimit as i32
     );
-    let bad = request(
-        "llm",
-        vec![descriptor(&[("team", "c"), ("priority", "urgent")])],
+    // A value that names no priority is SHEDDABLE, never an error that
+    // Envoy could turn into an unlimited pass: 8 is over its 7.
+    let urgent = |hits| {
+        request(
+            "llm",
+            vec![with_hits(
+                &[("team", "c"), ("priority", "urgent!")],
+                hits,
+                false,
+            )],
+        )
+    };
+    assert_eq!(
+        ask(&mut c, urgent(8)).await.overall_code,
+        Code::OverLimit as i32
     );
-    let e = c.should_rate_limit(bad).await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    assert!(
-        e.message().starts_with("descriptors[0].entries[1].value"),
-        "{e:?}"
-    );
+    assert_eq!(ask(&mut c, urgent(7)).await.overall_code, Code::Ok as i32);
+}
+
+#[tokio::test]
+async fn a_refund_of_nothing_gives_nothing_back() {
+    let (_t, mut c) = client(PRIORITIES).await;
+    let team = [("team", "z"), ("priority", "critical")];
+    let r = ask(&mut c, request("llm", vec![with_hits(&team, 5, false)])).await;
+    assert_eq!(r.statuses[0].limit_remaining, 5);
+    let back = ask(&mut c, request("llm", vec![with_hits(&team, 0, true)])).await;
+    assert_eq!(back.overall_code, Code::Ok as i32);
+    assert_eq!(back.statuses[0].limit_remaining, 5);
 }

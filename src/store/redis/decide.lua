@@ -44,8 +44,10 @@
 --                        The one holding Redis's clock is used, so the
 --                        replica's clock never decides the window; if none
 --                        does, the charge fails (status -2).
---            '<i8i8i8i8' settles only: taken ticks, taken frac (the state
---                        the charge left, ticks < 0 for none), then the
+--            '<i8i8i8i8i8i8i8' settles only: the reservation's mark, taken
+--                        ticks, taken frac (the state the charge left;
+--                        ticks < 0 for none), born, given whole, given
+--                        frac (the bucket's ledger then); then the
 --                        difference |real - estimate| * P / C as whole
 --                        microseconds and a fraction of C, computed by the
 --                        caller in 128-bit integers (token buckets only).
@@ -57,14 +59,19 @@
 --
 -- State of a token bucket: GCRA. Its value is its theoretical arrival time
 -- TAT = ticks + frac/C microseconds (0 <= frac < C), the moment it is full
--- again, packed as 12 bytes: struct '<i8i4' (ticks, frac). The old
--- "ticks:frac" text is still read. An absent key is a full bucket. Taking n
--- tokens moves the TAT by n*P/C exactly; a bucket conforms when the TAT it
--- would have after taking n + reserve is at most P ahead of now. A settle
--- above the estimate pushes the TAT further (debt: later requests wait), at
--- most 2^48 µs past now; below, it pulls the TAT back by the difference but
--- never by more than the reservation still holds (taken - now), and never
--- before now: a bucket is never fuller than full. This mirrors
+-- again, and its ledger: when it was made (born, µs) and the refunds given
+-- since (given = whole + frac/C µs), packed as '<i8i4i8' (ticks, frac,
+-- born: 20 bytes), or '<i8i4i8i8i8' (36 bytes) once it has given a refund.
+-- 12-byte '<i8i4' values and the old "ticks:frac" text are still read (born
+-- 0). An absent key is a full bucket, made now. Taking n tokens moves the
+-- TAT by n*P/C exactly; a bucket conforms when the TAT it would have after
+-- taking n + reserve is at most P ahead of now. A settle above the estimate
+-- pushes the TAT further (debt: later requests wait), at most 2^48 µs past
+-- now; below, it pulls the TAT back by the difference but never by more
+-- than the reservation still holds (the TAT it left, less every refund
+-- given since, less now; nothing if the bucket was made again since), and
+-- never before now: a bucket is never fuller than full, and tokens that
+-- refilled on their own are never given back twice. This mirrors
 -- src/bucket.rs, which is the reference.
 --
 -- State of a budget: 16 bytes '<i8i8' (the end of the window it counts,
@@ -77,27 +84,32 @@
 -- now. With P split as q*C + r, n*P/C = n*q + n*r/C, where n*q <= P and
 -- n*r < C^2 < 2^53 when n <= C (the config caps a bucket's C at 50,000,000
 -- and a request's n + reserve at C); a settle's difference comes in whole
--- and fractional parts, each below 2^48 and C. A budget's C is at most 2^50
--- and its spend at most 2^52. Window arithmetic uses math.fmod, which is
+-- and fractional parts, each below 2^48 and C. A bucket's given total only
+-- grows while its key lives (it is forgotten when full): it would take 2^53
+-- µs (285 years) of refunds to one never-full bucket to lose exactness. A
+-- budget's C is at most 2^50 and its spend at most 2^52. Window arithmetic uses math.fmod, which is
 -- exact. Every value is an exact integer and every floor() divides exactly.
 --
 -- Expiry: a written bucket gets PX = time until full, a budget PX = time
 -- until its window ends, so memory follows active keys only. A denied or
 -- dry-run charge writes nothing.
 --
--- Returns {now, then per charge: status, then per bucket: conforms, ticks, frac}
+-- Returns {now, then per charge: status, then per bucket: conforms, ticks,
+-- frac, born, given whole, given frac}
 --   now       the batch's instant, microseconds since the Unix epoch
 --   status    1 allowed (every non-shadow bucket held its cost) or settled,
 --             0 denied, -1 failed (a key of another type among its keys),
 --             -2 failed (no window passed holds Redis's clock), -3 the
 --             reservation's deadline has passed, -4 it was settled before.
---             On any status below 1 but 0 nothing changed and the triples
---             mean nothing.
+--             On any status below 1 but 0 nothing changed and the numbers
+--             after it mean nothing.
 --   conforms  1 when bucket i held its cost (a settle: 1)
 --   ticks, frac  bucket i's state after the decision (taken or not): a
 --             TAT never earlier than now, or a budget's window end and
 --             spend. The caller derives remaining, reset_after and
 --             retry_after from it with 128-bit integers.
+--   born, given  bucket i's ledger (0, 0, 0 for a budget), for a reservation
+--             to carry to its settle.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -129,24 +141,30 @@ local function get(key)
   return v
 end
 
--- A bucket's TAT, never earlier than now; nil on a data error.
+-- A bucket's TAT, never earlier than now, and its ledger (born, given
+-- whole, given frac); nil on a data error. An absent bucket is made now.
 local function load(key, cap)
   local v = get(key)
   if v == nil then
     return nil
   end
   if not v then
-    return now, 0
+    return now, 0, now, 0, 0
   end
   local st, sf
-  if #v == 12 then
+  local born, gw, gf = 0, 0, 0
+  if #v == 20 then
+    st, sf, born = unpack('<i8i4i8', v)
+  elseif #v == 36 then
+    st, sf, born, gw, gf = unpack('<i8i4i8i8i8', v)
+  elseif #v == 12 then
     st, sf = unpack('<i8i4', v)
   else
     local sep = string.find(v, ':', 1, true)
     st = sep and tonumber(string.sub(v, 1, sep - 1))
     sf = sep and tonumber(string.sub(v, sep + 1))
     if not (st and sf) then
-      return now, 0
+      return now, 0, born, gw, gf
     end
   end
   if sf >= cap then
@@ -155,9 +173,9 @@ local function load(key, cap)
     sf = sf % cap
   end
   if st > now or (st == now and sf > 0) then
-    return st, sf
+    return st, sf, born, gw, gf
   end
-  return now, 0
+  return now, 0, born, gw, gf
 end
 
 -- A budget's spend in the window ending at wend; nil on a data error.
@@ -188,9 +206,13 @@ local function set(key, value, until_us)
   return true
 end
 
--- Writes a bucket's state with its expiry, or forgets it when full.
-local function store(key, ticks, frac)
-  if ticks < now or (ticks == now and frac == 0) then
+-- Writes a bucket's state and ledger with its expiry, or forgets it when
+-- full. A bucket a refund just made full is kept for a millisecond, so a
+-- take in the same microsecond finds its ledger, not a new bucket with the
+-- same birth time.
+local function store(key, ticks, frac, born, gw, gf)
+  local full = ticks < now or (ticks == now and frac == 0)
+  if full and gw == 0 and gf == 0 then
     redis.call('DEL', key)
     return true
   end
@@ -198,7 +220,10 @@ local function store(key, ticks, frac)
   if frac > 0 then
     until_full = until_full + 1
   end
-  return set(key, pack('<i8i4', ticks, frac), until_full)
+  if gw == 0 and gf == 0 then
+    return set(key, pack('<i8i4i8', ticks, frac, born), until_full)
+  end
+  return set(key, pack('<i8i4i8i8i8', ticks, frac, born, gw, gf), until_full)
 end
 
 local function store_spend(key, wend, spent)
@@ -219,8 +244,9 @@ end
 
 local out = { now }
 -- Per bucket of the charge being decided: conforms, ticks, frac, new ticks,
--- new frac, window end (0 for a token bucket). Reused across charges, so a
--- batch builds one table, not one per bucket.
+-- new frac, window end (0 for a token bucket), born, given whole, given
+-- frac. Reused across charges, so a batch builds one table, not one per
+-- bucket.
 local judged = {}
 
 local blob = ARGV[1]
@@ -278,11 +304,12 @@ local function decide(k0, at, n, dry)
     local key = KEYS[k0 + i]
     local conforms = false
     local ticks, frac, nt, nf
+    local born, gw, gf = 0, 0, 0
     if period > 0 then
-      ticks, frac = load(key, cap)
+      ticks, frac, born, gw, gf = load(key, cap)
       if not ticks then
         failed = true
-        ticks, frac = now, 0
+        ticks, frac, born, gw, gf = now, 0, 0, 0, 0
       end
       nt, nf = ticks, frac
       if cost + reserve <= cap then
@@ -311,15 +338,17 @@ local function decide(k0, at, n, dry)
     if not conforms and not shadow then
       allowed = 0
     end
-    local j = (i - 1) * 6
+    local j = (i - 1) * 9
     judged[j + 1], judged[j + 2], judged[j + 3] = conforms, ticks, frac
     judged[j + 4], judged[j + 5], judged[j + 6] = nt, nf, wend
+    judged[j + 7], judged[j + 8], judged[j + 9] = born, gw, gf
   end
   local status = #out + 1
   out[status] = allowed
   for i = 1, n do
-    local j = (i - 1) * 6
+    local j = (i - 1) * 9
     local conforms, ticks, frac = judged[j + 1], judged[j + 2], judged[j + 3]
+    local born, gw, gf = judged[j + 7], judged[j + 8], judged[j + 9]
     if allowed == 1 and not dry and not failed and conforms then
       ticks, frac = judged[j + 4], judged[j + 5]
       local wend = judged[j + 6]
@@ -327,15 +356,15 @@ local function decide(k0, at, n, dry)
       if wend > 0 then
         ok = store_spend(KEYS[k0 + i], wend, frac)
       else
-        ok = store(KEYS[k0 + i], ticks, frac)
+        ok = store(KEYS[k0 + i], ticks, frac, born, gw, gf)
       end
       if not ok then
         failed = true
       end
     end
-    out[#out + 1] = conforms and 1 or 0
-    out[#out + 1] = ticks
-    out[#out + 1] = frac
+    local o = #out
+    out[o + 1], out[o + 2], out[o + 3] = conforms and 1 or 0, ticks, frac
+    out[o + 4], out[o + 5], out[o + 6] = born, gw, gf
   end
   if failed == 'window' then
     out[status] = -2
@@ -345,42 +374,72 @@ local function decide(k0, at, n, dry)
   return at
 end
 
--- One bucket's settle: the state after applying the real cost.
-local function settle_bucket(key, cap, period, est, actual, wend, tt, tf, dw, df)
-  if period > 0 then
-    local st, sf = load(key, cap)
-    if not st then
-      return nil
-    end
-    if actual > est then
-      st, sf = st + dw, sf + df
-      if sf >= cap then
-        st, sf = st + 1, sf - cap
-      end
-      if st >= now + MAX_AHEAD then
-        st, sf = now + MAX_AHEAD, 0
-      end
-    else
-      if tt >= 0 then
-        -- Give back no more than the reservation still holds: taken - now.
-        local ht, hf = 0, 0
-        if tt > now or (tt == now and tf > 0) then
-          ht, hf = tt - now, tf
-        end
-        if ht < dw or (ht == dw and hf < df) then
-          dw, df = ht, hf
-        end
-      end
-      st, sf = st - dw, sf - df
-      if sf < 0 then
-        st, sf = st - 1, sf + cap
-      end
-      if st < now or (st == now and sf == 0) then
-        st, sf = now, 0
-      end
-    end
-    return st, sf, store(key, st, sf)
+-- a - b for two times of the form whole + frac/cap: nil when negative.
+local function minus(aw, af, bw, bf, cap)
+  local w, f = aw - bw, af - bf
+  if f < 0 then
+    w, f = w - 1, f + cap
   end
+  if w < 0 then
+    return nil
+  end
+  return w, f
+end
+
+-- One token bucket's settle: its state and ledger after the real cost.
+-- m holds the reservation's mark (taken ticks and frac, born, given whole
+-- and frac; taken ticks < 0 for none) and the difference (dw, df).
+local function settle_tokens(key, cap, est, actual, m)
+  local st, sf, born, gw, gf = load(key, cap)
+  if not st then
+    return nil
+  end
+  local dw, df = m[6], m[7]
+  if actual > est then
+    st, sf = st + dw, sf + df
+    if sf >= cap then
+      st, sf = st + 1, sf - cap
+    end
+    if st >= now + MAX_AHEAD then
+      st, sf = now + MAX_AHEAD, 0
+    end
+    return st, sf, born, gw, gf, store(key, st, sf, born, gw, gf)
+  end
+  if m[1] >= 0 then
+    -- No more than the reservation still holds: the TAT it left, less
+    -- every refund given since, less now; nothing if the bucket was made
+    -- again since.
+    local hw, hf = 0, 0
+    local sw, sf2 = minus(gw, gf, m[4], m[5], cap)
+    if m[3] == born and sw then
+      local tw, tf = minus(m[1], m[2], sw, sf2, cap)
+      if tw then
+        hw, hf = minus(tw, tf, now, 0, cap)
+        if not hw then
+          hw, hf = 0, 0
+        end
+      end
+    end
+    if hw < dw or (hw == dw and hf < df) then
+      dw, df = hw, hf
+    end
+  end
+  st, sf = st - dw, sf - df
+  if sf < 0 then
+    st, sf = st - 1, sf + cap
+  end
+  if st < now or (st == now and sf == 0) then
+    st, sf = now, 0
+  end
+  gw, gf = gw + dw, gf + df
+  if gf >= cap then
+    gw, gf = gw + 1, gf - cap
+  end
+  return st, sf, born, gw, gf, store(key, st, sf, born, gw, gf)
+end
+
+-- One budget's settle: its window's end and spend after the real cost.
+local function settle_spend(key, est, actual, wend, taken)
   local spent = load_spend(key, wend)
   if not spent then
     return nil
@@ -390,13 +449,13 @@ local function settle_bucket(key, cap, period, est, actual, wend, tt, tf, dw, df
     if spent > MAX_SPEND then
       spent = MAX_SPEND
     end
-  elseif tt < 0 or tt == wend then
+  elseif taken < 0 or taken == wend then
     spent = spent - (est - actual)
     if spent < 0 then
       spent = 0
     end
   end
-  return wend, spent, store_spend(key, wend, spent)
+  return wend, spent, 0, 0, 0, store_spend(key, wend, spent)
 end
 
 -- Applies real costs to every bucket of a charge. Returns the position
@@ -412,9 +471,10 @@ local function settle(k0, at, n, once)
   local parts = {}
   local refused = false
   for i = 1, n do
-    local cap, period, est, actual, wend, tt, tf, dw, df
+    local cap, period, est, actual, wend
     cap, period, est, actual, wend, at = read(at)
-    tt, tf, dw, df, at = unpack('<i8i8i8i8', blob, at)
+    local m = {}
+    m[1], m[2], m[3], m[4], m[5], m[6], m[7], at = unpack('<i8i8i8i8i8i8i8', blob, at)
     if est < 0 then
       est = -est
     end
@@ -424,7 +484,7 @@ local function settle(k0, at, n, once)
       -- A key of another type: fail before writing any bucket.
       refused = -1
     end
-    parts[i] = { cap, period, est, actual, wend, tt, tf, dw, df }
+    parts[i] = { cap, period, est, actual, wend, m }
   end
   local marker = once and KEYS[k0 + n + 1]
   if once and now > deadline then
@@ -434,21 +494,26 @@ local function settle(k0, at, n, once)
   end
   if refused then
     out[status] = refused
-    for _ = 1, n do
-      local j = #out
-      out[j + 1], out[j + 2], out[j + 3] = 0, 0, 0
+    for _ = 1, n * 6 do
+      out[#out + 1] = 0
     end
     return at
   end
   for i = 1, n do
     local p = parts[i]
-    local ticks, frac, ok = settle_bucket(KEYS[k0 + i], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9])
-    if not ticks or not ok then
-      out[status] = -1
-      ticks, frac = 0, 0
+    local a, b, c, d, e, ok
+    if p[2] > 0 then
+      a, b, c, d, e, ok = settle_tokens(KEYS[k0 + i], p[1], p[3], p[4], p[6])
+    else
+      a, b, c, d, e, ok = settle_spend(KEYS[k0 + i], p[3], p[4], p[5], p[6][1])
     end
-    local j = #out
-    out[j + 1], out[j + 2], out[j + 3] = 1, ticks, frac
+    if not a or not ok then
+      out[status] = -1
+      a, b, c, d, e = 0, 0, 0, 0, 0
+    end
+    local o = #out
+    out[o + 1], out[o + 2], out[o + 3] = 1, a, b
+    out[o + 4], out[o + 5], out[o + 6] = c, d, e
   end
   if once then
     set(marker, '1', deadline - now + 1)

@@ -78,7 +78,13 @@ const UNSET: BucketOutcome = BucketOutcome {
     remaining: 0,
     reset_after: Duration::ZERO,
     retry_after: None,
-    state: crate::bucket::Tat { ticks: 0, frac: 0 },
+    mark: crate::bucket::Mark {
+        taken: crate::bucket::Tat { ticks: 0, frac: 0 },
+        ledger: crate::bucket::Ledger {
+            born: 0,
+            given: crate::bucket::Tat { ticks: 0, frac: 0 },
+        },
+    },
 };
 
 /// A charge's bucket indices grouped by hash tag, in first-seen order.
@@ -293,7 +299,7 @@ impl Inner {
                                 .map(|&(k, i)| SettleBucket {
                                     charge: charge.buckets[i],
                                     actual: 0,
-                                    taken: Some(took.buckets[k].state),
+                                    mark: Some(took.buckets[k].mark),
                                 })
                                 .collect(),
                             once: None,

@@ -8,7 +8,7 @@
 use redis::Cmd;
 
 use super::keys::{bucket_key, settled_key};
-use crate::bucket::{Shape, Tat};
+use crate::bucket::{Ledger, Mark, Shape, Tat};
 use crate::store::{
     BucketCharge, Charge, ChargeOutcome, MAX_DEBT_US, Settled, Settlement, StoreError,
 };
@@ -53,12 +53,16 @@ pub(crate) struct Encoded {
 }
 
 impl Encoded {
-    /// Integers the script answers for this charge: status, then a triple
-    /// per bucket.
+    /// Integers the script answers for this charge: status, then six per
+    /// bucket.
     pub(crate) fn reply_len(&self) -> usize {
-        1 + 3 * self.buckets
+        1 + PER_BUCKET * self.buckets
     }
 }
+
+/// Integers the script answers per bucket: conforms, ticks, frac, born,
+/// given whole, given frac.
+const PER_BUCKET: usize = 6;
 
 /// A number as the script's `i8`, saturating (config bounds keep every
 /// value far below).
@@ -143,18 +147,27 @@ pub(crate) fn encode_settle(prefix: &str, settlement: &Settlement<'_>) -> Encode
     }
     for part in &settlement.buckets[..n] {
         let b = &part.charge;
-        let cost = i64::try_from(b.cost.max(1)).unwrap_or(i64::MAX);
+        // A settle's estimate may be 0: an Envoy refund of nothing.
+        let cost = i64::try_from(b.cost).unwrap_or(i64::MAX);
         push_bucket(&mut numbers, b, cost, part.actual);
-        let (taken_ticks, taken_frac) = match part.taken {
-            Some(t) => (i64::try_from(t.ticks).unwrap_or(i64::MAX), t.frac),
-            None => (-1, 0),
+        let mark = part.mark.unwrap_or_default();
+        let taken_ticks = match part.mark {
+            Some(m) => i64::try_from(m.taken.ticks).unwrap_or(i64::MAX),
+            None => -1,
         };
         numbers.extend_from_slice(&taken_ticks.to_le_bytes());
-        numbers.extend_from_slice(&i8_of(taken_frac));
+        for n in [
+            mark.taken.frac,
+            mark.ledger.born,
+            mark.ledger.given.ticks,
+            mark.ledger.given.frac,
+        ] {
+            numbers.extend_from_slice(&i8_of(n));
+        }
         // |actual - estimate|·P/C, exactly, in 128 bits; at most the debt
         // bound, which is all the script would keep anyway.
         let shape = shape_us(b.shape);
-        let diff = part.actual.abs_diff(b.cost.max(1));
+        let diff = part.actual.abs_diff(b.cost);
         let total = u128::from(diff) * u128::from(shape.period);
         let c = u128::from(shape.capacity);
         let (whole, frac) = match u64::try_from(total / c) {
@@ -195,18 +208,27 @@ pub(crate) fn evalsha<'a>(sha: &str, batch: impl Iterator<Item = &'a Encoded> + 
     cmd
 }
 
-/// The state of bucket `i` in a charge's reply.
-fn state_at(reply: &[i64], i: usize) -> Tat {
-    let int = |v: i64| u64::try_from(v).unwrap_or(0);
-    Tat {
-        ticks: int(reply[2 + 3 * i]),
-        frac: int(reply[3 + 3 * i]),
+/// The state and ledger of bucket `i` in a charge's reply.
+fn mark_at(reply: &[i64], i: usize) -> Mark {
+    let int = |k: usize| u64::try_from(reply[1 + PER_BUCKET * i + k]).unwrap_or(0);
+    Mark {
+        taken: Tat {
+            ticks: int(1),
+            frac: int(2),
+        },
+        ledger: Ledger {
+            born: int(3),
+            given: Tat {
+                ticks: int(4),
+                frac: int(5),
+            },
+        },
     }
 }
 
 /// Checks a charge's reply length and its failure statuses.
 fn check(reply: &[i64], buckets: usize) -> Result<(), StoreError> {
-    let expected = 1 + 3 * buckets;
+    let expected = 1 + PER_BUCKET * buckets;
     if reply.len() != expected {
         return Err(StoreError::permanent(BadReply {
             got: reply.len(),
@@ -241,8 +263,9 @@ pub(crate) fn outcome(
         .iter()
         .enumerate()
         .map(|(i, b)| {
-            let conforms = reply[1 + 3 * i] == 1;
-            let state = state_at(reply, i);
+            let conforms = reply[1 + PER_BUCKET * i] == 1;
+            let mark = mark_at(reply, i);
+            let state = mark.taken;
             let b = BucketCharge {
                 shape: shape_us(b.shape),
                 ..*b
@@ -255,7 +278,7 @@ pub(crate) fn outcome(
             } else {
                 b.judge(state, now, state.ticks).retry_after
             };
-            b.outcome(conforms, retry_after, state, now, 1_000)
+            b.outcome(conforms, retry_after, mark, now, 1_000)
         })
         .collect();
     Ok(ChargeOutcome {
@@ -288,7 +311,7 @@ pub(crate) fn settled(
                     shape: shape_us(part.charge.shape),
                     ..part.charge
                 };
-                b.outcome(true, None, state_at(reply, i), now, 1_000)
+                b.outcome(true, None, mark_at(reply, i), now, 1_000)
             })
             .collect(),
     ))
@@ -360,14 +383,14 @@ mod tests {
         }
         assert_eq!(args[5], numbers);
         assert_eq!(args.len(), 6);
-        assert_eq!(one.reply_len(), 4);
+        assert_eq!(one.reply_len(), 7);
     }
 
     #[test]
     fn a_denied_bucket_gets_its_exact_wait() {
         // Empty bucket: TAT one full period ahead of now.
         let now = 10_000_000;
-        let reply = [0, 0, now + 1_000_000, 0];
+        let reply = [0, 0, now + 1_000_000, 0, now - 5, 0, 0];
         let out = outcome(&charge(1), now, &reply).unwrap();
         assert!(!out.allowed);
         let b = out.buckets[0];
@@ -384,7 +407,7 @@ mod tests {
 
     #[test]
     fn a_failed_charge_is_its_own_error() {
-        let e = outcome(&charge(1), 2, &[-1, 0, 0, 0]).unwrap_err();
+        let e = outcome(&charge(1), 2, &[-1, 0, 0, 0, 0, 0, 0]).unwrap_err();
         assert!(!e.transient);
     }
 
