@@ -24,6 +24,9 @@ use hyper::body::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tollgate::config::Config;
+use tollgate::pb::tollgate::v1::ShouldAllowRequest;
+use tollgate::pb::tollgate::v1::rate_limiter_client::RateLimiterClient;
+use tonic::transport::Channel;
 
 /// The template's ports, in the order `Envoy::start` fills them.
 const TEMPLATE_PORTS: [&str; 4] = [
@@ -189,15 +192,25 @@ async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> std::io:
     Ok(Reply { status, headers })
 }
 
-/// The upstream service: 200 "ok" to everything.
+/// The upstream service: 200 "ok" to everything. Each request header
+/// `x-reply-<name>` comes back as the response header `<name>`, so that a
+/// test can have the upstream report, say, the tokens a call used.
 async fn start_upstream() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(|_req| async {
-                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"ok"))))
+                let service = hyper::service::service_fn(|req: hyper::Request<_>| async move {
+                    let mut reply = hyper::Response::new(Full::new(Bytes::from_static(b"ok")));
+                    for (name, value) in req.headers() {
+                        if let Some(name) = name.as_str().strip_prefix("x-reply-") {
+                            let name = hyper::header::HeaderName::from_bytes(name.as_bytes())
+                                .expect("a header name");
+                            reply.headers_mut().insert(name, value.clone());
+                        }
+                    }
+                    Ok::<_, Infallible>(reply)
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -488,4 +501,231 @@ async fn envoy_reaches_tollgate_over_mtls_as_a_named_caller() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(status, 500, "{}", envoy.log_text());
+}
+
+/// Tollgate's side of the LLM-gateway routes: 10 tokens per user, refilled
+/// over an hour, so that nothing refills while a test runs.
+const LLM_LIMITS: &str = "
+envoy_response_headers: true
+scopes:
+  - name: llm
+    descriptor_keys: { identity: user }
+    limits:
+      - { name: tokens, per: identity, capacity: 10, refill_period: 1h }
+";
+
+/// One route's rate-limit action: the descriptor `[user=<x-user-id>]`.
+const USER: &str = "actions: [{request_headers: {header_name: x-user-id, descriptor_key: user}}]";
+
+/// Routes whose descriptors carry their own `hits_addend`, which Envoy only
+/// sends from a route's `typed_per_filter_config`. Each is a path and its
+/// `rate_limits` (flow YAML, `{user}` standing for [`USER`]):
+/// - `/take` takes 1 (no `hits_addend`: the request's, 0, means 1);
+/// - `/check` asks with `number: 0`: would one more pass? It takes nothing;
+/// - `/refund` gives 3 back with `is_negative_hits`;
+/// - `/chat` is an LLM call: a check on the request path, then, when the
+///   stream is done, a charge of the usage the upstream reported in
+///   `x-tokens-used`;
+/// - `/reserve` takes an estimate of 5 up front and gives back, when the
+///   stream is done, what the upstream reported unused in `x-tokens-unused`.
+const LLM_ROUTES: [(&str, &str); 5] = [
+    ("/take", "[{{user}}]"),
+    ("/check", "[{{user}, hits_addend: {number: 0}}]"),
+    (
+        "/refund",
+        "[{{user}, hits_addend: {number: 3, is_negative_hits: true}}]",
+    ),
+    (
+        "/chat",
+        "[{{user}, hits_addend: {number: 0}}, \
+          {{user}, apply_on_stream_done: true, hits_addend: {format: '%RESP(x-tokens-used)%'}}]",
+    ),
+    (
+        "/reserve",
+        "[{{user}, hits_addend: {number: 5}}, \
+          {{user}, apply_on_stream_done: true, \
+           hits_addend: {format: '%RESP(x-tokens-unused)%', is_negative_hits: true}}]",
+    ),
+];
+
+/// The template with its catch-all route replaced by [`LLM_ROUTES`], each
+/// asking Tollgate's `llm` scope.
+fn with_llm_routes(yaml: String) -> String {
+    let catch_all = "                      routes:\n                        - match: { prefix: \"/\" }\n                          route: { cluster: upstream }\n";
+    assert_eq!(yaml.matches(catch_all).count(), 1, "the template's route");
+    let mut routes = String::from("                      routes:\n");
+    for (path, rate_limits) in LLM_ROUTES {
+        routes.push_str(&format!(
+            r#"                        - match: {{ path: "{path}" }}
+                          route: {{ cluster: upstream }}
+                          typed_per_filter_config:
+                            envoy.filters.http.ratelimit:
+                              "@type": type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimitPerRoute
+                              domain: llm
+                              rate_limits: {}
+"#,
+            rate_limits.replace("{user}", USER)
+        ));
+    }
+    yaml.replace(catch_all, &routes)
+}
+
+/// Tollgate, the upstream and Envoy with [`LLM_ROUTES`]; a `tollgate.v1`
+/// client to look at a user's bucket without touching it.
+struct LlmGateway {
+    envoy: Envoy,
+    client: RateLimiterClient<Channel>,
+    _tollgate: common::TestServer,
+}
+
+impl LlmGateway {
+    async fn start() -> Self {
+        let tollgate = common::TestServer::start(LLM_LIMITS).await;
+        let client = tollgate.client().await;
+        let envoy = Envoy::start(start_upstream().await, tollgate.addr, with_llm_routes).await;
+        Self {
+            envoy,
+            client,
+            _tollgate: tollgate,
+        }
+    }
+
+    /// `user` calls `path` through Envoy, with the upstream replying
+    /// `reply` as extra headers.
+    async fn call(&self, path: &str, user: &str, reply: &[(&str, &str)]) -> Reply {
+        let headers: Vec<(String, String)> = reply
+            .iter()
+            .map(|(k, v)| (format!("x-reply-{k}"), (*v).to_owned()))
+            .chain([("x-user-id".to_owned(), user.to_owned())])
+            .collect();
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        get(self.envoy.listen, path, &headers)
+            .await
+            .unwrap_or_else(|e| panic!("{path} through Envoy: {e}"))
+    }
+
+    /// The tokens in `user`'s bucket, by a `tollgate.v1` dry run.
+    async fn tokens(&mut self, user: &str) -> u64 {
+        let dry = ShouldAllowRequest {
+            dry_run: true,
+            ..common::req("llm", user, "")
+        };
+        common::ask(&mut self.client, dry).await.remaining
+    }
+
+    /// `call`, which must pass.
+    async fn allowed(&self, path: &str, user: &str, reply: &[(&str, &str)]) -> Reply {
+        let r = self.call(path, user, reply).await;
+        assert_eq!(
+            r.status,
+            200,
+            "{path} as {user}: {r:?}\n{}",
+            self.envoy.log_text()
+        );
+        r
+    }
+
+    /// Waits up to two seconds for `user`'s bucket to hold `want` tokens
+    /// (Envoy sends stream-done descriptors after the client has its
+    /// answer), failing with `why` if it does not.
+    async fn expect_tokens(&mut self, user: &str, want: u64, why: &str) {
+        let mut seen = self.tokens(user).await;
+        for _ in 0..100 {
+            if seen == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            seen = self.tokens(user).await;
+        }
+        assert_eq!(seen, want, "{user}: {why}\n{}", self.envoy.log_text());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_hits_addend_zero_checks_without_taking_until_another_route_empties_the_bucket() {
+    let mut gw = LlmGateway::start().await;
+    for _ in 0..20 {
+        let r = gw.allowed("/check", "alice", &[]).await;
+        assert_eq!(r.header("x-ratelimit-remaining"), Some("10"), "{r:?}");
+    }
+    assert_eq!(gw.tokens("alice").await, 10, "20 checks took nothing");
+    // Another route shares the bucket and takes from it; the check still
+    // passes while a token is left, and sees the count go down.
+    for left in (1..10).rev() {
+        gw.allowed("/take", "alice", &[]).await;
+        let r = gw.allowed("/check", "alice", &[]).await;
+        assert_eq!(r.header("x-ratelimit-remaining"), Some(&*left.to_string()));
+    }
+    gw.allowed("/take", "alice", &[]).await;
+    let denied = gw.call("/check", "alice", &[]).await;
+    assert_eq!(denied.status, 429, "{denied:?}");
+    assert!(denied.header("retry-after").is_some(), "{denied:?}");
+    // Another user's check is not affected.
+    gw.allowed("/check", "bob", &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_negative_hits_give_tokens_back_after_a_denial_and_never_past_full() {
+    let mut gw = LlmGateway::start().await;
+    for _ in 0..10 {
+        gw.allowed("/take", "carol", &[]).await;
+    }
+    assert_eq!(gw.call("/take", "carol", &[]).await.status, 429);
+    // A refund is always OK, even on an empty bucket, and gives 3 back.
+    gw.allowed("/refund", "carol", &[]).await;
+    assert_eq!(gw.tokens("carol").await, 3);
+    for _ in 0..3 {
+        gw.allowed("/take", "carol", &[]).await;
+    }
+    assert_eq!(gw.call("/take", "carol", &[]).await.status, 429);
+
+    // On a full bucket, or one missing less than 3, a refund stops at full.
+    gw.allowed("/refund", "dave", &[]).await;
+    assert_eq!(gw.tokens("dave").await, 10, "not 13");
+    gw.allowed("/take", "dave", &[]).await;
+    gw.allowed("/refund", "dave", &[]).await;
+    assert_eq!(gw.tokens("dave").await, 10, "not 12");
+    for _ in 0..10 {
+        gw.allowed("/take", "dave", &[]).await;
+    }
+    assert_eq!(
+        gw.call("/take", "dave", &[]).await.status,
+        429,
+        "full, not fuller"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_checks_an_llm_call_up_front_and_charges_its_reported_usage_when_done() {
+    let mut gw = LlmGateway::start().await;
+    let r = gw.allowed("/chat", "erin", &[("x-tokens-used", "6")]).await;
+    // The check took nothing: the client saw the full bucket.
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("10"), "{r:?}");
+    gw.expect_tokens("erin", 4, "6 charged at stream done")
+        .await;
+    // 4 left: the check passes, and the call uses them all.
+    gw.allowed("/chat", "erin", &[("x-tokens-used", "4")]).await;
+    gw.expect_tokens("erin", 0, "4 more charged").await;
+    let denied = gw.call("/chat", "erin", &[("x-tokens-used", "1")]).await;
+    assert_eq!(denied.status, 429, "{denied:?}");
+    assert!(denied.header("retry-after").is_some(), "{denied:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_takes_an_estimate_up_front_and_refunds_the_unused_part_when_done() {
+    let mut gw = LlmGateway::start().await;
+    let r = gw
+        .allowed("/reserve", "fay", &[("x-tokens-unused", "3")])
+        .await;
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("5"), "{r:?}");
+    gw.expect_tokens("fay", 8, "5 taken, 3 given back at stream done")
+        .await;
+    // An estimate that went all unused is all given back.
+    gw.allowed("/reserve", "fay", &[("x-tokens-unused", "5")])
+        .await;
+    gw.expect_tokens("fay", 8, "5 taken, all 5 given back")
+        .await;
 }
