@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	tollgatev1 "github.com/tollgate-rs/tollgate/clients/go/gen/tollgate/v1"
@@ -265,6 +266,55 @@ func (c *Client) decideBatch(ctx context.Context, reqs []Request, atomic bool) (
 		out[i] = decisionFromProto(r)
 	}
 	return out, nil
+}
+
+// Settle settles a reservation: it applies the real cost of a request that
+// was allowed with [Request].SettleWithin (its Cost was an estimate) to every
+// bucket it charged, atomically. Below the estimate the difference goes back
+// (never more than the reservation still holds back); above it the extra is
+// taken, into debt if need be, so later requests wait until refill pays it.
+//
+// The call has the client's deadline (or the context's, if shorter) and the
+// breaker applies, but the failure mode does not: when Tollgate cannot
+// answer, Settle returns an [*UnavailableError] whatever the mode, since a
+// settle made up locally would drop the refund or the debt. Settling again
+// is safe, as a reservation settles once, until its SettleWithin runs out.
+//
+// A refusal wraps [ErrInvalidReservation], [ErrAlreadySettled] or
+// [ErrReservationExpired]; test it with errors.Is.
+func (c *Client) Settle(ctx context.Context, reservation string, actualCost uint32) (Settlement, error) {
+	var resp *tollgatev1.SettleResponse
+	err := c.call(ctx, func(ctx context.Context) error {
+		var err error
+		resp, err = c.rpc.Settle(ctx, &tollgatev1.SettleRequest{
+			Reservation: reservation,
+			ActualCost:  uint64(actualCost),
+		})
+		return err
+	})
+	if err != nil {
+		return Settlement{}, settleError(err)
+	}
+	return settlementFromProto(resp), nil
+}
+
+// settleError names Tollgate's refusals of a settle with the sentinels;
+// other errors pass as they are.
+func settleError(err error) error {
+	var invalid *InvalidRequestError
+	if errors.As(err, &invalid) && strings.HasPrefix(invalid.Message, "reservation") {
+		return &settleRefusal{kind: ErrInvalidReservation, message: invalid.Message}
+	}
+	var refused *RefusedError
+	if errors.As(err, &refused) && refused.Code == codes.FailedPrecondition {
+		switch {
+		case strings.Contains(refused.Message, "already settled"):
+			return &settleRefusal{kind: ErrAlreadySettled, message: refused.Message}
+		case strings.Contains(refused.Message, "expired"):
+			return &settleRefusal{kind: ErrReservationExpired, message: refused.Message}
+		}
+	}
+	return err
 }
 
 // call runs one RPC under the client's deadline and breaker, and sorts its

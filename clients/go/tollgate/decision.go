@@ -1,10 +1,45 @@
 package tollgate
 
 import (
+	"fmt"
 	"time"
 
 	tollgatev1 "github.com/tollgate-rs/tollgate/clients/go/gen/tollgate/v1"
+	"google.golang.org/protobuf/types/known/durationpb"
 )
+
+// Priority is how much of a limit's headroom a request may take. A limit
+// with `headroom: {normal: 10%, sheddable: 30%}` lets a [PriorityNormal]
+// request take all but the last 10% of the bucket (or budget) and a
+// [PrioritySheddable] one all but the last 30%, so background work is shed
+// before interactive users; [PriorityCritical] may take everything. A
+// denial's RetryAfter is exact for the request's priority. Limits without
+// headroom treat every priority alike.
+type Priority int32
+
+const (
+	// PriorityNormal is the default: it may not take headroom.normal.
+	PriorityNormal Priority = iota
+	// PriorityCritical may take a limit's whole capacity: the user at the
+	// screen, a health check.
+	PriorityCritical
+	// PrioritySheddable is shed first: it may not take headroom.sheddable.
+	// Background agents, batch jobs, prefetching.
+	PrioritySheddable
+)
+
+func (p Priority) String() string {
+	switch p {
+	case PriorityNormal:
+		return "normal"
+	case PriorityCritical:
+		return "critical"
+	case PrioritySheddable:
+		return "sheddable"
+	default:
+		return fmt.Sprintf("Priority(%d)", int32(p))
+	}
+}
 
 // Request is one question to Tollgate. Tollgate validates it (scope 1 to
 // 128 bytes; identity and operation at most 256; at most 16 attributes; no
@@ -24,6 +59,14 @@ type Request struct {
 	DryRun bool
 	// Attributes select tiered limits, such as tier=premium.
 	Attributes map[string]string
+	// Priority is which headroom the request may take; see [Priority].
+	Priority Priority
+	// SettleWithin, when not zero, makes Cost an estimate: an allowed
+	// Decision carries a Reservation, which [Client.Settle] turns into the
+	// real cost within this time (after it, the estimate stands). 1ms to
+	// the server's reservations.max_settle_within (1h unless set). Only for
+	// Decide: a batch cannot reserve.
+	SettleWithin time.Duration
 }
 
 // Decision is Tollgate's answer, or the client's own under the failure
@@ -59,6 +102,21 @@ type Decision struct {
 	Unreachable error
 	// Reason is Tollgate's short explanation of a denial without RetryAfter.
 	Reason string
+	// Reservation is set when allowed with SettleWithin: the opaque token
+	// to hand [Client.Settle] once the real cost is known. It is empty on a
+	// denial, a dry run, and a degraded decision (which took nothing).
+	Reservation string
+}
+
+// Settlement is what [Client.Settle] did.
+type Settlement struct {
+	// Estimate is the cost the reservation was made with: what it took
+	// from each bucket before the settle applied the difference.
+	Estimate uint64
+	// Buckets lists every bucket the reservation charged, after the settle,
+	// in the order of the scope's limits. Remaining is 0 while a bucket is
+	// in debt (the real cost was over the estimate and over what it held).
+	Buckets []Bucket
 }
 
 // Bucket is the state of one bucket that applied to a request.
@@ -84,42 +142,60 @@ type Bucket struct {
 }
 
 func (r *Request) proto() *tollgatev1.ShouldAllowRequest {
-	return &tollgatev1.ShouldAllowRequest{
+	p := &tollgatev1.ShouldAllowRequest{
 		Scope:      r.Scope,
 		Identity:   r.Identity,
 		Operation:  r.Operation,
 		Cost:       r.Cost,
 		DryRun:     r.DryRun,
 		Attributes: r.Attributes,
+		Priority:   tollgatev1.Priority(r.Priority),
 	}
+	// Zero means unset; a negative one goes as it is, for Tollgate to
+	// refuse naming settle_within.
+	if r.SettleWithin != 0 {
+		p.SettleWithin = durationpb.New(r.SettleWithin)
+	}
+	return p
 }
 
 func decisionFromProto(p *tollgatev1.ShouldAllowResponse) Decision {
-	d := Decision{
-		Allowed:    p.GetAllowed(),
-		RetryAfter: p.GetRetryAfter().AsDuration(),
-		Limit:      p.GetLimit(),
-		Remaining:  p.GetRemaining(),
-		ResetAfter: p.GetResetAfter().AsDuration(),
-		Rule:       p.GetRule(),
-		Degraded:   p.GetDegraded(),
-		Reason:     p.GetReason(),
+	return Decision{
+		Allowed:     p.GetAllowed(),
+		RetryAfter:  p.GetRetryAfter().AsDuration(),
+		Limit:       p.GetLimit(),
+		Remaining:   p.GetRemaining(),
+		ResetAfter:  p.GetResetAfter().AsDuration(),
+		Rule:        p.GetRule(),
+		Degraded:    p.GetDegraded(),
+		Reason:      p.GetReason(),
+		Reservation: p.GetReservation(),
+		Buckets:     bucketsFromProto(p.GetBuckets()),
 	}
-	if len(p.GetBuckets()) > 0 {
-		d.Buckets = make([]Bucket, len(p.GetBuckets()))
-		for i, b := range p.GetBuckets() {
-			d.Buckets[i] = Bucket{
-				Rule:         b.GetRule(),
-				Limit:        b.GetLimit(),
-				Remaining:    b.GetRemaining(),
-				ResetAfter:   b.GetResetAfter().AsDuration(),
-				RetryAfter:   b.GetRetryAfter().AsDuration(),
-				Exhausted:    b.GetExhausted(),
-				RefillPeriod: b.GetRefillPeriod().AsDuration(),
-			}
+}
+
+func settlementFromProto(p *tollgatev1.SettleResponse) Settlement {
+	return Settlement{Estimate: p.GetEstimate(), Buckets: bucketsFromProto(p.GetBuckets())}
+}
+
+// bucketsFromProto converts bucket states; none gives nil.
+func bucketsFromProto(bs []*tollgatev1.BucketStatus) []Bucket {
+	if len(bs) == 0 {
+		return nil
+	}
+	out := make([]Bucket, len(bs))
+	for i, b := range bs {
+		out[i] = Bucket{
+			Rule:         b.GetRule(),
+			Limit:        b.GetLimit(),
+			Remaining:    b.GetRemaining(),
+			ResetAfter:   b.GetResetAfter().AsDuration(),
+			RetryAfter:   b.GetRetryAfter().AsDuration(),
+			Exhausted:    b.GetExhausted(),
+			RefillPeriod: b.GetRefillPeriod().AsDuration(),
 		}
 	}
-	return d
+	return out
 }
 
 // DeniedByBatch reports whether this is an entry of an atomic batch that was

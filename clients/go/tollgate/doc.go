@@ -26,4 +26,12 @@
 //   - The request was refused as malformed, or the client is not allowed to
 //     ask: an [*InvalidRequestError] or a [*RefusedError], whatever the
 //     failure mode, because absorbing a misconfiguration would hide it.
+//
+// For a call whose real cost is known only afterwards (an LLM's tokens),
+// [Request].SettleWithin makes Cost an estimate: the allowed Decision
+// carries a Reservation, and [Client.Settle] applies the real cost. A settle
+// is never made up locally: when Tollgate cannot answer it is an
+// [*UnavailableError] whatever the failure mode, and settling again is safe.
+// [Request].Priority sheds background work before interactive users against
+// limits with headroom.
 package tollgate

@@ -1,10 +1,40 @@
 package tollgate
 
 import (
+	"errors"
 	"fmt"
 
 	"google.golang.org/grpc/codes"
 )
+
+// Why Tollgate refused a [Client.Settle], for errors.Is. Each refusal
+// changes nothing. The error returned wraps one of them and carries
+// Tollgate's message.
+var (
+	// ErrInvalidReservation: the token is not a reservation Tollgate signed,
+	// or it was altered, or another deployment's key signed it.
+	ErrInvalidReservation = errors.New("invalid reservation")
+	// ErrAlreadySettled: the reservation was settled before, on this
+	// replica or another. After a Settle that ended in an
+	// [*UnavailableError] (a lost answer), it means the first try landed.
+	ErrAlreadySettled = errors.New("reservation already settled")
+	// ErrReservationExpired: the reservation's SettleWithin ran out, so its
+	// estimate stands as the cost.
+	ErrReservationExpired = errors.New("reservation expired")
+)
+
+// settleRefusal is a refused settle: errors.Is finds kind, one of the
+// sentinels above; the message is Tollgate's.
+type settleRefusal struct {
+	kind    error
+	message string
+}
+
+func (e *settleRefusal) Error() string {
+	return "tollgate refused the settle: " + e.message
+}
+
+func (e *settleRefusal) Unwrap() error { return e.kind }
 
 // UnavailableError is returned, under [FailClosed], when Tollgate could not
 // answer: unreachable, slower than the client's deadline, or an UNAVAILABLE

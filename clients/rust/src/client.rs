@@ -9,7 +9,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::decision::{Decision, DecisionRequest, FailureCause, MAX_BATCH};
+use crate::decision::{
+    Decision, DecisionRequest, FailureCause, MAX_BATCH, MAX_RESERVATION_BYTES, Reservation,
+    Settlement,
+};
 use crate::error::Error;
 use crate::pb::tollgate::v1 as pb;
 use crate::pb::tollgate::v1::rate_limiter_client::RateLimiterClient;
@@ -189,7 +192,7 @@ impl Client {
         call.set_timeout(self.deadline);
         let mut grpc = self.grpc.clone();
         let answer = tokio::time::timeout(self.deadline, grpc.should_allow(call)).await;
-        match self.settle(answer)? {
+        match self.sort(answer)? {
             Ok(response) => Ok(response.into()),
             Err(cause) => self.fail(cause).map(Decision::fail_open),
         }
@@ -244,7 +247,7 @@ impl Client {
             ));
         }
         for (i, r) in requests.iter().enumerate() {
-            r.validate(&format!("requests[{i}]."))?;
+            r.validate_in_batch(i)?;
         }
         let fail_all = |cause: FailureCause| {
             self.fail(cause)
@@ -260,7 +263,7 @@ impl Client {
         call.set_timeout(self.deadline);
         let mut grpc = self.grpc.clone();
         let answer = tokio::time::timeout(self.deadline, grpc.should_allow_batch(call)).await;
-        let responses = match self.settle(answer)? {
+        let responses = match self.sort(answer)? {
             Ok(batch) => batch.responses,
             Err(cause) => return fail_all(cause),
         };
@@ -274,9 +277,68 @@ impl Client {
         Ok(responses.into_iter().map(Decision::from).collect())
     }
 
+    /// Settles a reservation: applies the real cost of a request that was
+    /// allowed with [`DecisionRequest::with_settle_within`] (its cost was an
+    /// estimate) to every bucket it charged, atomically. Below the estimate,
+    /// the difference goes back (never more than the reservation still holds
+    /// back); above it, the extra is taken, into debt if need be, so later
+    /// requests wait until refill pays it.
+    ///
+    /// The call has the client's deadline, and the breaker applies, but the
+    /// failure mode does not: when Tollgate cannot answer, this is
+    /// [`Error::Unavailable`] whatever the mode, since a settle made up
+    /// locally would drop the refund or the debt. Settling again is safe (a
+    /// reservation settles once), until its `settle_within` runs out; after
+    /// a lost answer, the retry may find [`Error::AlreadySettled`], which
+    /// then means the first attempt landed.
+    ///
+    /// Refused, changing nothing: [`Error::InvalidReservation`] (not a token
+    /// Tollgate signed, or altered), [`Error::AlreadySettled`],
+    /// [`Error::ReservationExpired`] (the estimate stands).
+    pub async fn settle(
+        &self,
+        reservation: &Reservation,
+        actual_cost: u32,
+    ) -> Result<Settlement, Error> {
+        let token = reservation.as_str();
+        if token.is_empty() || token.len() > MAX_RESERVATION_BYTES {
+            return Err(Error::InvalidReservation(format!(
+                "is {} bytes; a reservation is 1 to {MAX_RESERVATION_BYTES}",
+                token.len()
+            )));
+        }
+        if !self.shared.breaker.allows_call() {
+            return Err(Error::Unavailable(FailureCause::CircuitOpen));
+        }
+        let mut call = tonic::Request::new(pb::SettleRequest {
+            reservation: token.to_owned(),
+            actual_cost: u64::from(actual_cost),
+        });
+        call.set_timeout(self.deadline);
+        let mut grpc = self.grpc.clone();
+        let answer = tokio::time::timeout(self.deadline, grpc.settle(call)).await;
+        match self.sort(answer) {
+            Ok(Ok(settled)) => Ok(settled.into()),
+            Ok(Err(cause)) => Err(Error::Unavailable(cause)),
+            Err(Error::InvalidArgument(message)) if message.starts_with("reservation") => {
+                let message = message.strip_prefix("reservation: ").unwrap_or(&message);
+                Err(Error::InvalidReservation(message.to_owned()))
+            }
+            Err(Error::Status {
+                code: tonic::Code::FailedPrecondition,
+                message,
+            }) if message.contains("already settled") => Err(Error::AlreadySettled(message)),
+            Err(Error::Status {
+                code: tonic::Code::FailedPrecondition,
+                message,
+            }) if message.contains("expired") => Err(Error::ReservationExpired(message)),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Sorts a call's outcome into an answer, a failure the policy covers,
     /// or an error it does not; and tells the breaker.
-    fn settle<T>(
+    fn sort<T>(
         &self,
         answer: Result<Result<tonic::Response<T>, tonic::Status>, tokio::time::error::Elapsed>,
     ) -> Result<Result<T, FailureCause>, Error> {

@@ -19,6 +19,47 @@ pub const MAX_ATTRIBUTES: usize = 16;
 pub const MAX_ATTRIBUTE_NAME_BYTES: usize = 64;
 /// The most requests in one `ShouldAllowBatch` call.
 pub const MAX_BATCH: usize = 256;
+/// The shortest `settle_within`.
+pub const MIN_SETTLE_WITHIN: Duration = Duration::from_millis(1);
+/// The longest `settle_within` any Tollgate accepts. Each server has its own
+/// bound, `reservations.max_settle_within` (1 h unless set, 7 d at most), and
+/// refuses a longer one with [`Error::InvalidArgument`] naming
+/// `settle_within`.
+pub const MAX_SETTLE_WITHIN: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The most bytes in a reservation token.
+pub const MAX_RESERVATION_BYTES: usize = 16 * 1024;
+
+/// How much of a limit's headroom a request may take.
+///
+/// A limit with `headroom: {normal: 10%, sheddable: 30%}` lets a
+/// [`Priority::Normal`] request take all but the last 10% of the bucket (or
+/// budget), and a [`Priority::Sheddable`] one all but the last 30%, so
+/// background work is shed before interactive users. A denial's
+/// `retry_after` is exact for the request's priority. Limits without
+/// `headroom` treat every priority alike.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Priority {
+    /// The default: may not take `headroom.normal`.
+    #[default]
+    Normal,
+    /// May take a limit's whole capacity, headroom included: the user at the
+    /// screen, a health check.
+    Critical,
+    /// Shed first: may not take `headroom.sheddable`. Background agents,
+    /// batch jobs, prefetching.
+    Sheddable,
+}
+
+impl From<Priority> for pb::Priority {
+    fn from(p: Priority) -> Self {
+        match p {
+            Priority::Normal => Self::Normal,
+            Priority::Critical => Self::Critical,
+            Priority::Sheddable => Self::Sheddable,
+        }
+    }
+}
 
 /// One question to Tollgate: may this caller do this now?
 ///
@@ -40,6 +81,15 @@ pub struct DecisionRequest {
     pub dry_run: bool,
     /// Selects tiered rules, e.g. `tier=premium`.
     pub attributes: BTreeMap<String, String>,
+    /// Which headroom the request may take; see [`Priority`].
+    pub priority: Priority,
+    /// When set, `cost` is an estimate: an allowed decision carries a
+    /// [`Reservation`], which [`crate::Client::settle`] turns into the real
+    /// cost within this time (after it, the estimate stands). Between
+    /// [`MIN_SETTLE_WITHIN`] and the server's `reservations.max_settle_within`
+    /// (1 h unless set). Only for [`crate::Client::should_allow`]: a batch
+    /// cannot reserve.
+    pub settle_within: Option<Duration>,
 }
 
 impl DecisionRequest {
@@ -86,6 +136,22 @@ impl DecisionRequest {
         self
     }
 
+    /// Sets the priority, which decides how much of a limit's headroom the
+    /// request may take.
+    #[must_use]
+    pub fn with_priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Makes `cost` an estimate, to be settled within `within`: see
+    /// [`DecisionRequest::settle_within`] and [`crate::Client::settle`].
+    #[must_use]
+    pub fn with_settle_within(mut self, within: Duration) -> Self {
+        self.settle_within = Some(within);
+        self
+    }
+
     /// Checks the request against Tollgate's input limits. `prefix` is put
     /// before the field name, such as `requests[2].`.
     pub(crate) fn validate(&self, prefix: &str) -> Result<(), Error> {
@@ -113,6 +179,28 @@ impl DecisionRequest {
             check_text(&path, name, MAX_ATTRIBUTE_NAME_BYTES)?;
             check_text(&path, value, MAX_VALUE_BYTES)?;
         }
+        if let Some(within) = self.settle_within
+            && !(MIN_SETTLE_WITHIN..=MAX_SETTLE_WITHIN).contains(&within)
+        {
+            return Err(Error::invalid(
+                field("settle_within"),
+                format!("must be between {MIN_SETTLE_WITHIN:?} and {MAX_SETTLE_WITHIN:?}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// [`DecisionRequest::validate`] for entry `i` of a batch, which cannot
+    /// reserve.
+    pub(crate) fn validate_in_batch(&self, i: usize) -> Result<(), Error> {
+        let prefix = format!("requests[{i}].");
+        self.validate(&prefix)?;
+        if self.settle_within.is_some() {
+            return Err(Error::invalid(
+                format!("{prefix}settle_within"),
+                "is not supported in a batch: reserve with Client::should_allow",
+            ));
+        }
         Ok(())
     }
 
@@ -128,7 +216,11 @@ impl DecisionRequest {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
-            ..pb::ShouldAllowRequest::default()
+            priority: pb::Priority::from(self.priority).into(),
+            // Checked by `validate` to fit.
+            settle_within: self
+                .settle_within
+                .and_then(|d| prost_types::Duration::try_from(d).ok()),
         }
     }
 }
@@ -175,6 +267,11 @@ pub struct Decision {
     /// Set when this decision was made here, by the client's failure policy
     /// ([`crate::FailureMode::Open`]), because Tollgate could not answer.
     pub local: Option<FailureCause>,
+    /// Set when allowed with [`DecisionRequest::settle_within`]: what to
+    /// hand [`crate::Client::settle`] once the real cost is known. `None`
+    /// for a denial, a dry run, and a degraded answer (which took nothing,
+    /// so there is nothing to settle).
+    pub reservation: Option<Reservation>,
 }
 
 impl Decision {
@@ -209,6 +306,60 @@ impl Decision {
             .iter()
             .filter(move |b| denied && b.exhausted)
             .map(|b| b.rule.as_str())
+    }
+}
+
+/// A reservation: an opaque token, signed by Tollgate, naming what an allowed
+/// request with [`DecisionRequest::settle_within`] took. Any replica that
+/// shares the signing key (`reservations.secret`) settles it, once, before
+/// its deadline.
+///
+/// It can be kept as text ([`Reservation::as_str`]) and rebuilt with
+/// [`Reservation::new`], say to settle from another process.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Reservation(String);
+
+impl Reservation {
+    /// A reservation from its token, as [`Reservation::as_str`] gave it.
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+
+    /// The token.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The token, owned.
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl fmt::Display for Reservation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What [`crate::Client::settle`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Settlement {
+    /// The estimate the reservation was made with: the cost it took from
+    /// each bucket, before the settle applied the difference.
+    pub estimate: u64,
+    /// Every bucket the reservation charged, after the settle, in the order
+    /// of the scope's limits. `remaining` is 0 while a bucket is in debt (the
+    /// real cost was over the estimate and over what the bucket held).
+    pub buckets: Vec<BucketStatus>,
+}
+
+impl From<pb::SettleResponse> for Settlement {
+    fn from(r: pb::SettleResponse) -> Self {
+        Self {
+            estimate: r.estimate,
+            buckets: r.buckets.into_iter().map(BucketStatus::from).collect(),
+        }
     }
 }
 
@@ -278,6 +429,9 @@ impl From<pb::ShouldAllowResponse> for Decision {
             degraded: r.degraded,
             reason: r.reason,
             local: None,
+            reservation: Some(r.reservation)
+                .filter(|t| !t.is_empty())
+                .map(Reservation),
         }
     }
 }
@@ -318,6 +472,40 @@ mod tests {
         assert!(err.to_string().contains("attributes[\"tier\"]"), "{err}");
         assert!(DecisionRequest::new("").validate("").is_err());
         assert!(DecisionRequest::new("demo").validate("").is_ok());
+    }
+
+    #[test]
+    fn settle_within_is_checked_and_refused_in_a_batch() {
+        let reserve = |d| DecisionRequest::new("llm").with_settle_within(d);
+        assert!(reserve(Duration::from_secs(60)).validate("").is_ok());
+        for d in [Duration::ZERO, MAX_SETTLE_WITHIN + Duration::from_secs(1)] {
+            let err = reserve(d).validate("").unwrap_err();
+            assert!(
+                matches!(&err, Error::InvalidRequest { field, .. } if field == "settle_within"),
+                "{err}"
+            );
+        }
+        let err = reserve(Duration::from_secs(60))
+            .validate_in_batch(0)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("requests[0].settle_within"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn priority_and_settle_within_reach_the_proto() {
+        let p = DecisionRequest::new("llm")
+            .with_priority(Priority::Sheddable)
+            .with_settle_within(Duration::from_millis(1_500))
+            .to_proto();
+        assert_eq!(p.priority(), pb::Priority::Sheddable);
+        let within = p.settle_within.unwrap();
+        assert_eq!((within.seconds, within.nanos), (1, 500_000_000));
+        let p = DecisionRequest::new("llm").to_proto();
+        assert_eq!(p.priority(), pb::Priority::Normal);
+        assert!(p.settle_within.is_none());
     }
 
     #[test]

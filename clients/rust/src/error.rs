@@ -19,9 +19,26 @@ pub enum Error {
     /// message starts with the field's path.
     #[error("Tollgate refused the request: {0}")]
     InvalidArgument(String),
-    /// Tollgate could not answer and the client fails closed.
+    /// Tollgate could not answer and the client fails closed; or, from
+    /// [`crate::Client::settle`], Tollgate could not answer whatever the
+    /// failure mode. Settling again is safe: a reservation settles once.
     #[error("{0}")]
     Unavailable(FailureCause),
+    /// [`crate::Client::settle`]: the token is not a reservation Tollgate
+    /// signed, or it was altered, or another deployment's key signed it.
+    /// Nothing changed. The message says which.
+    #[error("invalid reservation: {0}")]
+    InvalidReservation(String),
+    /// [`crate::Client::settle`]: the reservation was settled before, on
+    /// this replica or another. Nothing changed. After a settle that ended
+    /// in [`Error::Unavailable`] (a lost answer), this means the first
+    /// attempt did land.
+    #[error("{0}")]
+    AlreadySettled(String),
+    /// [`crate::Client::settle`]: the reservation's `settle_within` ran out,
+    /// so its estimate stands as the cost. Nothing changed.
+    #[error("{0}")]
+    ReservationExpired(String),
     /// Tollgate answered with another gRPC error, such as `PERMISSION_DENIED`
     /// or `INTERNAL`. Not covered by the failure policy: it means a
     /// misconfiguration or a bug, not an outage.
@@ -60,6 +77,9 @@ impl Error {
     /// True when the caller's input was at fault (the request was invalid),
     /// as opposed to Tollgate or the network.
     pub fn is_invalid_input(&self) -> bool {
-        matches!(self, Self::InvalidRequest { .. } | Self::InvalidArgument(_))
+        matches!(
+            self,
+            Self::InvalidRequest { .. } | Self::InvalidArgument(_) | Self::InvalidReservation(_)
+        )
     }
 }

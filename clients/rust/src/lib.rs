@@ -6,7 +6,11 @@
 //! - [`Client`]: the `tollgate.v1` gRPC client. One reused connection, a
 //!   deadline on every call, plain and atomic batches, and a local
 //!   [`FailureMode`] (with a circuit breaker) for when Tollgate is
-//!   unreachable, slow, or answers `UNAVAILABLE`.
+//!   unreachable, slow, or answers `UNAVAILABLE`. For LLM and MCP calls
+//!   whose cost is known only afterwards, a request can reserve an estimate
+//!   ([`DecisionRequest::with_settle_within`]) and [`Client::settle`] the
+//!   real cost later; a [`Priority`] sheds background work before the user
+//!   at the screen.
 //! - [`layer::RateLimitLayer`]: a `tower::Layer` for HTTP services (axum,
 //!   hyper, tonic). It extracts scope, identity and operation from each
 //!   request (a header, the path, the mTLS peer, or a closure), passes
@@ -34,7 +38,9 @@ pub mod mcp;
 pub mod pb;
 
 pub use client::{Client, ClientBuilder, FailureMode};
-pub use decision::{BucketStatus, Decision, DecisionRequest, FailureCause};
+pub use decision::{
+    BucketStatus, Decision, DecisionRequest, FailureCause, Priority, Reservation, Settlement,
+};
 pub use error::Error;
 
 /// The README's examples, compiled as doctests.

@@ -10,4 +10,5 @@ mod client;
 mod latency;
 mod mcp;
 mod proxy;
+mod reservations;
 mod support;

@@ -25,6 +25,63 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// How much of a limit's headroom a request may take. A limit with
+// `headroom: {normal: 10%, sheddable: 30%}` lets a NORMAL request take all
+// but the last 10% of the bucket's capacity (or budget), and a SHEDDABLE
+// one all but the last 30%, so background work is shed before interactive
+// users; CRITICAL may take everything. Shares round up to whole tokens.
+type Priority int32
+
+const (
+	// The default.
+	Priority_PRIORITY_NORMAL Priority = 0
+	// May take a limit's whole capacity, headroom included.
+	Priority_PRIORITY_CRITICAL Priority = 1
+	// Shed first: may not take `headroom.sheddable`.
+	Priority_PRIORITY_SHEDDABLE Priority = 2
+)
+
+// Enum value maps for Priority.
+var (
+	Priority_name = map[int32]string{
+		0: "PRIORITY_NORMAL",
+		1: "PRIORITY_CRITICAL",
+		2: "PRIORITY_SHEDDABLE",
+	}
+	Priority_value = map[string]int32{
+		"PRIORITY_NORMAL":    0,
+		"PRIORITY_CRITICAL":  1,
+		"PRIORITY_SHEDDABLE": 2,
+	}
+)
+
+func (x Priority) Enum() *Priority {
+	p := new(Priority)
+	*p = x
+	return p
+}
+
+func (x Priority) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Priority) Descriptor() protoreflect.EnumDescriptor {
+	return file_tollgate_v1_tollgate_proto_enumTypes[0].Descriptor()
+}
+
+func (Priority) Type() protoreflect.EnumType {
+	return &file_tollgate_v1_tollgate_proto_enumTypes[0]
+}
+
+func (x Priority) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Priority.Descriptor instead.
+func (Priority) EnumDescriptor() ([]byte, []int) {
+	return file_tollgate_v1_tollgate_proto_rawDescGZIP(), []int{0}
+}
+
 // One question to the limiter.
 //
 // Limits on input (violations get INVALID_ARGUMENT naming the field, and take
@@ -48,7 +105,18 @@ type ShouldAllowRequest struct {
 	DryRun bool `protobuf:"varint,5,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
 	// Selects tiered rules: a limit with `when: {tier: premium}` applies only
 	// when the request carries `tier=premium`.
-	Attributes    map[string]string `protobuf:"bytes,6,rep,name=attributes,proto3" json:"attributes,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Attributes map[string]string `protobuf:"bytes,6,rep,name=attributes,proto3" json:"attributes,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Which headroom the request may take; see Priority. A denial's
+	// retry_after is exact for this priority: the time until the bucket
+	// holds `cost` plus the headroom this priority must leave.
+	Priority Priority `protobuf:"varint,7,opt,name=priority,proto3,enum=tollgate.v1.Priority" json:"priority,omitempty"`
+	// When set, `cost` is an estimate (say, an LLM call's maximum tokens):
+	// the allowed response carries `reservation`, which Settle turns into the
+	// real cost within this time. Between 1 ms and the server's
+	// `reservations.max_settle_within` (default 1 h); not in a batch. After
+	// it, the estimate stands. A dry run or a degraded answer reserves
+	// nothing.
+	SettleWithin  *durationpb.Duration `protobuf:"bytes,8,opt,name=settle_within,json=settleWithin,proto3" json:"settle_within,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -121,6 +189,20 @@ func (x *ShouldAllowRequest) GetDryRun() bool {
 func (x *ShouldAllowRequest) GetAttributes() map[string]string {
 	if x != nil {
 		return x.Attributes
+	}
+	return nil
+}
+
+func (x *ShouldAllowRequest) GetPriority() Priority {
+	if x != nil {
+		return x.Priority
+	}
+	return Priority_PRIORITY_NORMAL
+}
+
+func (x *ShouldAllowRequest) GetSettleWithin() *durationpb.Duration {
+	if x != nil {
+		return x.SettleWithin
 	}
 	return nil
 }
@@ -258,7 +340,11 @@ type ShouldAllowResponse struct {
 	Degraded bool `protobuf:"varint,8,opt,name=degraded,proto3" json:"degraded,omitempty"`
 	// A short human-readable reason when denied without retry_after, such as a
 	// cost over capacity, or an unknown scope when unknown scopes are denied.
-	Reason        string `protobuf:"bytes,9,opt,name=reason,proto3" json:"reason,omitempty"`
+	Reason string `protobuf:"bytes,9,opt,name=reason,proto3" json:"reason,omitempty"`
+	// Set when allowed with `settle_within`: an opaque, signed token naming
+	// what was taken, for Settle. Any replica sharing the signing key
+	// (`reservations.secret`) accepts it, once, before its deadline.
+	Reservation   string `protobuf:"bytes,10,opt,name=reservation,proto3" json:"reservation,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -356,6 +442,125 @@ func (x *ShouldAllowResponse) GetReason() string {
 	return ""
 }
 
+func (x *ShouldAllowResponse) GetReservation() string {
+	if x != nil {
+		return x.Reservation
+	}
+	return ""
+}
+
+type SettleRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The `reservation` of an allowed ShouldAllowResponse. At most 16 KiB.
+	Reservation string `protobuf:"bytes,1,opt,name=reservation,proto3" json:"reservation,omitempty"`
+	// The real cost, 0 to 4,294,967,295. Lower than the estimate gives the
+	// difference back (never more than the reservation still holds back, so
+	// a bucket is never fuller than full and nothing is admitted twice);
+	// higher takes the extra, into debt if need be.
+	ActualCost    uint64 `protobuf:"varint,2,opt,name=actual_cost,json=actualCost,proto3" json:"actual_cost,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SettleRequest) Reset() {
+	*x = SettleRequest{}
+	mi := &file_tollgate_v1_tollgate_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SettleRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SettleRequest) ProtoMessage() {}
+
+func (x *SettleRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tollgate_v1_tollgate_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SettleRequest.ProtoReflect.Descriptor instead.
+func (*SettleRequest) Descriptor() ([]byte, []int) {
+	return file_tollgate_v1_tollgate_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *SettleRequest) GetReservation() string {
+	if x != nil {
+		return x.Reservation
+	}
+	return ""
+}
+
+func (x *SettleRequest) GetActualCost() uint64 {
+	if x != nil {
+		return x.ActualCost
+	}
+	return 0
+}
+
+type SettleResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Every bucket the reservation charged, after the settle, in the order of
+	// the scope's limits. `remaining` is 0 while a bucket is in debt.
+	Buckets []*BucketStatus `protobuf:"bytes,1,rep,name=buckets,proto3" json:"buckets,omitempty"`
+	// The estimate the reservation was made with.
+	Estimate      uint64 `protobuf:"varint,2,opt,name=estimate,proto3" json:"estimate,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SettleResponse) Reset() {
+	*x = SettleResponse{}
+	mi := &file_tollgate_v1_tollgate_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SettleResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SettleResponse) ProtoMessage() {}
+
+func (x *SettleResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tollgate_v1_tollgate_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SettleResponse.ProtoReflect.Descriptor instead.
+func (*SettleResponse) Descriptor() ([]byte, []int) {
+	return file_tollgate_v1_tollgate_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *SettleResponse) GetBuckets() []*BucketStatus {
+	if x != nil {
+		return x.Buckets
+	}
+	return nil
+}
+
+func (x *SettleResponse) GetEstimate() uint64 {
+	if x != nil {
+		return x.Estimate
+	}
+	return 0
+}
+
 type ShouldAllowBatchRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// At most 256 requests.
@@ -373,7 +578,7 @@ type ShouldAllowBatchRequest struct {
 
 func (x *ShouldAllowBatchRequest) Reset() {
 	*x = ShouldAllowBatchRequest{}
-	mi := &file_tollgate_v1_tollgate_proto_msgTypes[3]
+	mi := &file_tollgate_v1_tollgate_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -385,7 +590,7 @@ func (x *ShouldAllowBatchRequest) String() string {
 func (*ShouldAllowBatchRequest) ProtoMessage() {}
 
 func (x *ShouldAllowBatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tollgate_v1_tollgate_proto_msgTypes[3]
+	mi := &file_tollgate_v1_tollgate_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -398,7 +603,7 @@ func (x *ShouldAllowBatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShouldAllowBatchRequest.ProtoReflect.Descriptor instead.
 func (*ShouldAllowBatchRequest) Descriptor() ([]byte, []int) {
-	return file_tollgate_v1_tollgate_proto_rawDescGZIP(), []int{3}
+	return file_tollgate_v1_tollgate_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ShouldAllowBatchRequest) GetRequests() []*ShouldAllowRequest {
@@ -425,7 +630,7 @@ type ShouldAllowBatchResponse struct {
 
 func (x *ShouldAllowBatchResponse) Reset() {
 	*x = ShouldAllowBatchResponse{}
-	mi := &file_tollgate_v1_tollgate_proto_msgTypes[4]
+	mi := &file_tollgate_v1_tollgate_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -437,7 +642,7 @@ func (x *ShouldAllowBatchResponse) String() string {
 func (*ShouldAllowBatchResponse) ProtoMessage() {}
 
 func (x *ShouldAllowBatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tollgate_v1_tollgate_proto_msgTypes[4]
+	mi := &file_tollgate_v1_tollgate_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -450,7 +655,7 @@ func (x *ShouldAllowBatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShouldAllowBatchResponse.ProtoReflect.Descriptor instead.
 func (*ShouldAllowBatchResponse) Descriptor() ([]byte, []int) {
-	return file_tollgate_v1_tollgate_proto_rawDescGZIP(), []int{4}
+	return file_tollgate_v1_tollgate_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ShouldAllowBatchResponse) GetResponses() []*ShouldAllowResponse {
@@ -464,7 +669,7 @@ var File_tollgate_v1_tollgate_proto protoreflect.FileDescriptor
 
 const file_tollgate_v1_tollgate_proto_rawDesc = "" +
 	"\n" +
-	"\x1atollgate/v1/tollgate.proto\x12\vtollgate.v1\x1a\x1egoogle/protobuf/duration.proto\"\xa1\x02\n" +
+	"\x1atollgate/v1/tollgate.proto\x12\vtollgate.v1\x1a\x1egoogle/protobuf/duration.proto\"\x94\x03\n" +
 	"\x12ShouldAllowRequest\x12\x14\n" +
 	"\x05scope\x18\x01 \x01(\tR\x05scope\x12\x1a\n" +
 	"\bidentity\x18\x02 \x01(\tR\bidentity\x12\x1c\n" +
@@ -473,7 +678,9 @@ const file_tollgate_v1_tollgate_proto_rawDesc = "" +
 	"\adry_run\x18\x05 \x01(\bR\x06dryRun\x12O\n" +
 	"\n" +
 	"attributes\x18\x06 \x03(\v2/.tollgate.v1.ShouldAllowRequest.AttributesEntryR\n" +
-	"attributes\x1a=\n" +
+	"attributes\x121\n" +
+	"\bpriority\x18\a \x01(\x0e2\x15.tollgate.v1.PriorityR\bpriority\x12>\n" +
+	"\rsettle_within\x18\b \x01(\v2\x19.google.protobuf.DurationR\fsettleWithin\x1a=\n" +
 	"\x0fAttributesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xac\x02\n" +
@@ -486,7 +693,7 @@ const file_tollgate_v1_tollgate_proto_rawDesc = "" +
 	"\vretry_after\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\n" +
 	"retryAfter\x12\x1c\n" +
 	"\texhausted\x18\x06 \x01(\bR\texhausted\x12>\n" +
-	"\rrefill_period\x18\a \x01(\v2\x19.google.protobuf.DurationR\frefillPeriod\"\xd8\x02\n" +
+	"\rrefill_period\x18\a \x01(\v2\x19.google.protobuf.DurationR\frefillPeriod\"\xfa\x02\n" +
 	"\x13ShouldAllowResponse\x12\x18\n" +
 	"\aallowed\x18\x01 \x01(\bR\aallowed\x12:\n" +
 	"\vretry_after\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\n" +
@@ -498,15 +705,29 @@ const file_tollgate_v1_tollgate_proto_rawDesc = "" +
 	"\x04rule\x18\x06 \x01(\tR\x04rule\x123\n" +
 	"\abuckets\x18\a \x03(\v2\x19.tollgate.v1.BucketStatusR\abuckets\x12\x1a\n" +
 	"\bdegraded\x18\b \x01(\bR\bdegraded\x12\x16\n" +
-	"\x06reason\x18\t \x01(\tR\x06reason\"n\n" +
+	"\x06reason\x18\t \x01(\tR\x06reason\x12 \n" +
+	"\vreservation\x18\n" +
+	" \x01(\tR\vreservation\"R\n" +
+	"\rSettleRequest\x12 \n" +
+	"\vreservation\x18\x01 \x01(\tR\vreservation\x12\x1f\n" +
+	"\vactual_cost\x18\x02 \x01(\x04R\n" +
+	"actualCost\"a\n" +
+	"\x0eSettleResponse\x123\n" +
+	"\abuckets\x18\x01 \x03(\v2\x19.tollgate.v1.BucketStatusR\abuckets\x12\x1a\n" +
+	"\bestimate\x18\x02 \x01(\x04R\bestimate\"n\n" +
 	"\x17ShouldAllowBatchRequest\x12;\n" +
 	"\brequests\x18\x01 \x03(\v2\x1f.tollgate.v1.ShouldAllowRequestR\brequests\x12\x16\n" +
 	"\x06atomic\x18\x02 \x01(\bR\x06atomic\"Z\n" +
 	"\x18ShouldAllowBatchResponse\x12>\n" +
-	"\tresponses\x18\x01 \x03(\v2 .tollgate.v1.ShouldAllowResponseR\tresponses2\xc0\x01\n" +
+	"\tresponses\x18\x01 \x03(\v2 .tollgate.v1.ShouldAllowResponseR\tresponses*N\n" +
+	"\bPriority\x12\x13\n" +
+	"\x0fPRIORITY_NORMAL\x10\x00\x12\x15\n" +
+	"\x11PRIORITY_CRITICAL\x10\x01\x12\x16\n" +
+	"\x12PRIORITY_SHEDDABLE\x10\x022\x83\x02\n" +
 	"\vRateLimiter\x12P\n" +
 	"\vShouldAllow\x12\x1f.tollgate.v1.ShouldAllowRequest\x1a .tollgate.v1.ShouldAllowResponse\x12_\n" +
-	"\x10ShouldAllowBatch\x12$.tollgate.v1.ShouldAllowBatchRequest\x1a%.tollgate.v1.ShouldAllowBatchResponseB\xb4\x01\n" +
+	"\x10ShouldAllowBatch\x12$.tollgate.v1.ShouldAllowBatchRequest\x1a%.tollgate.v1.ShouldAllowBatchResponse\x12A\n" +
+	"\x06Settle\x12\x1a.tollgate.v1.SettleRequest\x1a\x1b.tollgate.v1.SettleResponseB\xb4\x01\n" +
 	"\x0fcom.tollgate.v1B\rTollgateProtoP\x01ZEgithub.com/tollgate-rs/tollgate/clients/go/gen/tollgate/v1;tollgatev1\xa2\x02\x03TXX\xaa\x02\vTollgate.V1\xca\x02\vTollgate\\V1\xe2\x02\x17Tollgate\\V1\\GPBMetadata\xea\x02\fTollgate::V1b\x06proto3"
 
 var (
@@ -521,35 +742,44 @@ func file_tollgate_v1_tollgate_proto_rawDescGZIP() []byte {
 	return file_tollgate_v1_tollgate_proto_rawDescData
 }
 
-var file_tollgate_v1_tollgate_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_tollgate_v1_tollgate_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_tollgate_v1_tollgate_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_tollgate_v1_tollgate_proto_goTypes = []any{
-	(*ShouldAllowRequest)(nil),       // 0: tollgate.v1.ShouldAllowRequest
-	(*BucketStatus)(nil),             // 1: tollgate.v1.BucketStatus
-	(*ShouldAllowResponse)(nil),      // 2: tollgate.v1.ShouldAllowResponse
-	(*ShouldAllowBatchRequest)(nil),  // 3: tollgate.v1.ShouldAllowBatchRequest
-	(*ShouldAllowBatchResponse)(nil), // 4: tollgate.v1.ShouldAllowBatchResponse
-	nil,                              // 5: tollgate.v1.ShouldAllowRequest.AttributesEntry
-	(*durationpb.Duration)(nil),      // 6: google.protobuf.Duration
+	(Priority)(0),                    // 0: tollgate.v1.Priority
+	(*ShouldAllowRequest)(nil),       // 1: tollgate.v1.ShouldAllowRequest
+	(*BucketStatus)(nil),             // 2: tollgate.v1.BucketStatus
+	(*ShouldAllowResponse)(nil),      // 3: tollgate.v1.ShouldAllowResponse
+	(*SettleRequest)(nil),            // 4: tollgate.v1.SettleRequest
+	(*SettleResponse)(nil),           // 5: tollgate.v1.SettleResponse
+	(*ShouldAllowBatchRequest)(nil),  // 6: tollgate.v1.ShouldAllowBatchRequest
+	(*ShouldAllowBatchResponse)(nil), // 7: tollgate.v1.ShouldAllowBatchResponse
+	nil,                              // 8: tollgate.v1.ShouldAllowRequest.AttributesEntry
+	(*durationpb.Duration)(nil),      // 9: google.protobuf.Duration
 }
 var file_tollgate_v1_tollgate_proto_depIdxs = []int32{
-	5,  // 0: tollgate.v1.ShouldAllowRequest.attributes:type_name -> tollgate.v1.ShouldAllowRequest.AttributesEntry
-	6,  // 1: tollgate.v1.BucketStatus.reset_after:type_name -> google.protobuf.Duration
-	6,  // 2: tollgate.v1.BucketStatus.retry_after:type_name -> google.protobuf.Duration
-	6,  // 3: tollgate.v1.BucketStatus.refill_period:type_name -> google.protobuf.Duration
-	6,  // 4: tollgate.v1.ShouldAllowResponse.retry_after:type_name -> google.protobuf.Duration
-	6,  // 5: tollgate.v1.ShouldAllowResponse.reset_after:type_name -> google.protobuf.Duration
-	1,  // 6: tollgate.v1.ShouldAllowResponse.buckets:type_name -> tollgate.v1.BucketStatus
-	0,  // 7: tollgate.v1.ShouldAllowBatchRequest.requests:type_name -> tollgate.v1.ShouldAllowRequest
-	2,  // 8: tollgate.v1.ShouldAllowBatchResponse.responses:type_name -> tollgate.v1.ShouldAllowResponse
-	0,  // 9: tollgate.v1.RateLimiter.ShouldAllow:input_type -> tollgate.v1.ShouldAllowRequest
-	3,  // 10: tollgate.v1.RateLimiter.ShouldAllowBatch:input_type -> tollgate.v1.ShouldAllowBatchRequest
-	2,  // 11: tollgate.v1.RateLimiter.ShouldAllow:output_type -> tollgate.v1.ShouldAllowResponse
-	4,  // 12: tollgate.v1.RateLimiter.ShouldAllowBatch:output_type -> tollgate.v1.ShouldAllowBatchResponse
-	11, // [11:13] is the sub-list for method output_type
-	9,  // [9:11] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	8,  // 0: tollgate.v1.ShouldAllowRequest.attributes:type_name -> tollgate.v1.ShouldAllowRequest.AttributesEntry
+	0,  // 1: tollgate.v1.ShouldAllowRequest.priority:type_name -> tollgate.v1.Priority
+	9,  // 2: tollgate.v1.ShouldAllowRequest.settle_within:type_name -> google.protobuf.Duration
+	9,  // 3: tollgate.v1.BucketStatus.reset_after:type_name -> google.protobuf.Duration
+	9,  // 4: tollgate.v1.BucketStatus.retry_after:type_name -> google.protobuf.Duration
+	9,  // 5: tollgate.v1.BucketStatus.refill_period:type_name -> google.protobuf.Duration
+	9,  // 6: tollgate.v1.ShouldAllowResponse.retry_after:type_name -> google.protobuf.Duration
+	9,  // 7: tollgate.v1.ShouldAllowResponse.reset_after:type_name -> google.protobuf.Duration
+	2,  // 8: tollgate.v1.ShouldAllowResponse.buckets:type_name -> tollgate.v1.BucketStatus
+	2,  // 9: tollgate.v1.SettleResponse.buckets:type_name -> tollgate.v1.BucketStatus
+	1,  // 10: tollgate.v1.ShouldAllowBatchRequest.requests:type_name -> tollgate.v1.ShouldAllowRequest
+	3,  // 11: tollgate.v1.ShouldAllowBatchResponse.responses:type_name -> tollgate.v1.ShouldAllowResponse
+	1,  // 12: tollgate.v1.RateLimiter.ShouldAllow:input_type -> tollgate.v1.ShouldAllowRequest
+	6,  // 13: tollgate.v1.RateLimiter.ShouldAllowBatch:input_type -> tollgate.v1.ShouldAllowBatchRequest
+	4,  // 14: tollgate.v1.RateLimiter.Settle:input_type -> tollgate.v1.SettleRequest
+	3,  // 15: tollgate.v1.RateLimiter.ShouldAllow:output_type -> tollgate.v1.ShouldAllowResponse
+	7,  // 16: tollgate.v1.RateLimiter.ShouldAllowBatch:output_type -> tollgate.v1.ShouldAllowBatchResponse
+	5,  // 17: tollgate.v1.RateLimiter.Settle:output_type -> tollgate.v1.SettleResponse
+	15, // [15:18] is the sub-list for method output_type
+	12, // [12:15] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_tollgate_v1_tollgate_proto_init() }
@@ -562,13 +792,14 @@ func file_tollgate_v1_tollgate_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tollgate_v1_tollgate_proto_rawDesc), len(file_tollgate_v1_tollgate_proto_rawDesc)),
-			NumEnums:      0,
-			NumMessages:   6,
+			NumEnums:      1,
+			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
 		GoTypes:           file_tollgate_v1_tollgate_proto_goTypes,
 		DependencyIndexes: file_tollgate_v1_tollgate_proto_depIdxs,
+		EnumInfos:         file_tollgate_v1_tollgate_proto_enumTypes,
 		MessageInfos:      file_tollgate_v1_tollgate_proto_msgTypes,
 	}.Build()
 	File_tollgate_v1_tollgate_proto = out.File

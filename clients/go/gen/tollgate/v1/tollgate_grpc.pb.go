@@ -24,6 +24,7 @@ const _ = grpc.SupportPackageIsVersion9
 const (
 	RateLimiter_ShouldAllow_FullMethodName      = "/tollgate.v1.RateLimiter/ShouldAllow"
 	RateLimiter_ShouldAllowBatch_FullMethodName = "/tollgate.v1.RateLimiter/ShouldAllowBatch"
+	RateLimiter_Settle_FullMethodName           = "/tollgate.v1.RateLimiter/Settle"
 )
 
 // RateLimiterClient is the client API for RateLimiter service.
@@ -45,6 +46,20 @@ type RateLimiterClient interface {
 	// the whole call with INVALID_ARGUMENT naming `requests[i].field`, before
 	// any entry takes tokens.
 	ShouldAllowBatch(ctx context.Context, in *ShouldAllowBatchRequest, opts ...grpc.CallOption) (*ShouldAllowBatchResponse, error)
+	// Settle a reservation: apply the real cost of a request that was allowed
+	// with `settle_within` (its `cost` was an estimate) to every bucket it
+	// charged, atomically, on any replica. A lower `actual_cost` gives the
+	// difference back; a higher one takes the extra unconditionally, and the
+	// buckets may go into debt, so later requests wait until refill pays it.
+	//
+	// Refused, changing nothing:
+	//   - INVALID_ARGUMENT naming `reservation`: not a reservation token, or a
+	//     forged or altered one (or one signed by another deployment's key);
+	//   - FAILED_PRECONDITION: already settled (on any replica), or past its
+	//     `settle_within` (the estimate stands);
+	//   - UNAVAILABLE: the store could not answer; settling again is safe, as a
+	//     reservation settles at most once.
+	Settle(ctx context.Context, in *SettleRequest, opts ...grpc.CallOption) (*SettleResponse, error)
 }
 
 type rateLimiterClient struct {
@@ -75,6 +90,16 @@ func (c *rateLimiterClient) ShouldAllowBatch(ctx context.Context, in *ShouldAllo
 	return out, nil
 }
 
+func (c *rateLimiterClient) Settle(ctx context.Context, in *SettleRequest, opts ...grpc.CallOption) (*SettleResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SettleResponse)
+	err := c.cc.Invoke(ctx, RateLimiter_Settle_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // RateLimiterServer is the server API for RateLimiter service.
 // All implementations must embed UnimplementedRateLimiterServer
 // for forward compatibility.
@@ -94,6 +119,20 @@ type RateLimiterServer interface {
 	// the whole call with INVALID_ARGUMENT naming `requests[i].field`, before
 	// any entry takes tokens.
 	ShouldAllowBatch(context.Context, *ShouldAllowBatchRequest) (*ShouldAllowBatchResponse, error)
+	// Settle a reservation: apply the real cost of a request that was allowed
+	// with `settle_within` (its `cost` was an estimate) to every bucket it
+	// charged, atomically, on any replica. A lower `actual_cost` gives the
+	// difference back; a higher one takes the extra unconditionally, and the
+	// buckets may go into debt, so later requests wait until refill pays it.
+	//
+	// Refused, changing nothing:
+	//   - INVALID_ARGUMENT naming `reservation`: not a reservation token, or a
+	//     forged or altered one (or one signed by another deployment's key);
+	//   - FAILED_PRECONDITION: already settled (on any replica), or past its
+	//     `settle_within` (the estimate stands);
+	//   - UNAVAILABLE: the store could not answer; settling again is safe, as a
+	//     reservation settles at most once.
+	Settle(context.Context, *SettleRequest) (*SettleResponse, error)
 	mustEmbedUnimplementedRateLimiterServer()
 }
 
@@ -109,6 +148,9 @@ func (UnimplementedRateLimiterServer) ShouldAllow(context.Context, *ShouldAllowR
 }
 func (UnimplementedRateLimiterServer) ShouldAllowBatch(context.Context, *ShouldAllowBatchRequest) (*ShouldAllowBatchResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ShouldAllowBatch not implemented")
+}
+func (UnimplementedRateLimiterServer) Settle(context.Context, *SettleRequest) (*SettleResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Settle not implemented")
 }
 func (UnimplementedRateLimiterServer) mustEmbedUnimplementedRateLimiterServer() {}
 func (UnimplementedRateLimiterServer) testEmbeddedByValue()                     {}
@@ -167,6 +209,24 @@ func _RateLimiter_ShouldAllowBatch_Handler(srv interface{}, ctx context.Context,
 	return interceptor(ctx, in, info, handler)
 }
 
+func _RateLimiter_Settle_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SettleRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RateLimiterServer).Settle(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RateLimiter_Settle_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RateLimiterServer).Settle(ctx, req.(*SettleRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // RateLimiter_ServiceDesc is the grpc.ServiceDesc for RateLimiter service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -181,6 +241,10 @@ var RateLimiter_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ShouldAllowBatch",
 			Handler:    _RateLimiter_ShouldAllowBatch_Handler,
+		},
+		{
+			MethodName: "Settle",
+			Handler:    _RateLimiter_Settle_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
