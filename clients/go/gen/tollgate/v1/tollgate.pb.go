@@ -29,11 +29,13 @@ const (
 // `headroom: {normal: 10%, sheddable: 30%}` lets a NORMAL request take all
 // but the last 10% of the bucket's capacity (or budget), and a SHEDDABLE
 // one all but the last 30%, so background work is shed before interactive
-// users; CRITICAL may take everything. Shares round up to whole tokens.
+// users; CRITICAL may take everything. Shares round up to whole tokens. The
+// headroom is a condition, not a charge: a request takes only its `cost`.
+// A limit without `headroom` treats every priority alike.
 type Priority int32
 
 const (
-	// The default.
+	// The default: may not take `headroom.normal`.
 	Priority_PRIORITY_NORMAL Priority = 0
 	// May take a limit's whole capacity, headroom included.
 	Priority_PRIORITY_CRITICAL Priority = 1
@@ -87,7 +89,9 @@ func (Priority) EnumDescriptor() ([]byte, []int) {
 // Limits on input (violations get INVALID_ARGUMENT naming the field, and take
 // nothing): `scope` is 1 to 128 bytes; `identity` and `operation` are at most
 // 256 bytes each; at most 16 attributes, keys at most 64 bytes and values at
-// most 256 bytes. No field may contain control characters.
+// most 256 bytes. No field may contain control characters. `priority` must
+// be one of Priority's values; `settle_within`, when set, 1 ms to
+// `reservations.max_settle_within`.
 type ShouldAllowRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The tenant, MCP server or gateway domain whose rules apply. Required.
@@ -98,8 +102,9 @@ type ShouldAllowRequest struct {
 	// What the caller is doing, such as `tools/call:search` or a route. Limits
 	// with an `operations` list apply only when one of their globs matches.
 	Operation string `protobuf:"bytes,3,opt,name=operation,proto3" json:"operation,omitempty"`
-	// Tokens to take. 0 means 1. A cost larger than a bucket's capacity is
-	// always denied, with no retry_after.
+	// Tokens to take. 0 means 1. A cost larger than a bucket's capacity (less
+	// the headroom this request's priority must leave) is always denied, with
+	// no retry_after. With `settle_within`, the estimate.
 	Cost uint32 `protobuf:"varint,4,opt,name=cost,proto3" json:"cost,omitempty"`
 	// Decide, but take nothing: the answer is what a real call would get now.
 	DryRun bool `protobuf:"varint,5,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
@@ -112,10 +117,11 @@ type ShouldAllowRequest struct {
 	Priority Priority `protobuf:"varint,7,opt,name=priority,proto3,enum=tollgate.v1.Priority" json:"priority,omitempty"`
 	// When set, `cost` is an estimate (say, an LLM call's maximum tokens):
 	// the allowed response carries `reservation`, which Settle turns into the
-	// real cost within this time. Between 1 ms and the server's
-	// `reservations.max_settle_within` (default 1 h); not in a batch. After
-	// it, the estimate stands. A dry run or a degraded answer reserves
-	// nothing.
+	// real cost within this time, counted from the decision on the store's
+	// clock. Between 1 ms and the server's `reservations.max_settle_within`
+	// (default 1 h); refused in a batch. After it, the estimate stands. A
+	// denial, a dry run, a degraded answer or a request no limit applies to
+	// reserves nothing.
 	SettleWithin  *durationpb.Duration `protobuf:"bytes,8,opt,name=settle_within,json=settleWithin,proto3" json:"settle_within,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -212,21 +218,28 @@ type BucketStatus struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The name of the limit this bucket belongs to.
 	Rule string `protobuf:"bytes,1,opt,name=rule,proto3" json:"rule,omitempty"`
-	// The bucket's capacity: the most tokens it holds (its burst).
+	// The bucket's capacity: the most tokens it holds (its burst). For a
+	// budget, the budget per window.
 	Limit uint64 `protobuf:"varint,2,opt,name=limit,proto3" json:"limit,omitempty"`
-	// Whole tokens left in the bucket after this decision.
+	// Whole tokens left in the bucket after this decision, headroom included;
+	// 0 while it is in debt. For a budget, what is left to spend in the
+	// current window.
 	Remaining uint64 `protobuf:"varint,3,opt,name=remaining,proto3" json:"remaining,omitempty"`
-	// Time until the bucket is full again, if nothing else is taken.
+	// Time until the bucket is full again, if nothing else is taken. For a
+	// budget, the time until its window ends.
 	ResetAfter *durationpb.Duration `protobuf:"bytes,4,opt,name=reset_after,json=resetAfter,proto3" json:"reset_after,omitempty"`
 	// Set only when this bucket alone would deny the request: the time until
-	// it holds `cost` tokens. Unset when it has enough, or when `cost` is more
-	// than its capacity and so can never be had.
+	// it holds `cost` tokens plus the headroom the request's priority must
+	// leave (for a budget, until its next window starts). Unset when it has
+	// enough, or when that is more than its capacity and so can never be had.
 	RetryAfter *durationpb.Duration `protobuf:"bytes,5,opt,name=retry_after,json=retryAfter,proto3" json:"retry_after,omitempty"`
-	// True when this bucket does not hold `cost` tokens now.
+	// True when this bucket does not hold `cost` tokens (plus the headroom
+	// the request's priority must leave) now.
 	Exhausted bool `protobuf:"varint,6,opt,name=exhausted,proto3" json:"exhausted,omitempty"`
 	// The time in which an empty bucket refills completely: with `limit`, the
 	// bucket's rate (`limit` per `refill_period`), such as the window `w` of a
-	// `RateLimit-Policy` header.
+	// `RateLimit-Policy` header. For a budget, its window's nominal length:
+	// a day, 7 days, 31 days, or the fixed window's length.
 	RefillPeriod  *durationpb.Duration `protobuf:"bytes,7,opt,name=refill_period,json=refillPeriod,proto3" json:"refill_period,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -341,9 +354,11 @@ type ShouldAllowResponse struct {
 	// A short human-readable reason when denied without retry_after, such as a
 	// cost over capacity, or an unknown scope when unknown scopes are denied.
 	Reason string `protobuf:"bytes,9,opt,name=reason,proto3" json:"reason,omitempty"`
-	// Set when allowed with `settle_within`: an opaque, signed token naming
-	// what was taken, for Settle. Any replica sharing the signing key
-	// (`reservations.secret`) accepts it, once, before its deadline.
+	// Set when allowed with `settle_within` and something was taken: an
+	// opaque, signed token naming what was taken, for Settle. Any replica
+	// sharing the store and the signing key (`reservations.secret`) accepts
+	// it, once, before its deadline. Signed, not encrypted: it carries the
+	// scope, identity and operation. Empty otherwise.
 	Reservation   string `protobuf:"bytes,10,opt,name=reservation,proto3" json:"reservation,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -455,8 +470,9 @@ type SettleRequest struct {
 	Reservation string `protobuf:"bytes,1,opt,name=reservation,proto3" json:"reservation,omitempty"`
 	// The real cost, 0 to 4,294,967,295. Lower than the estimate gives the
 	// difference back (never more than the reservation still holds back, so
-	// a bucket is never fuller than full and nothing is admitted twice);
-	// higher takes the extra, into debt if need be.
+	// a bucket is never fuller than full and nothing is admitted twice; a
+	// budget only within the window the reservation spent in); higher takes
+	// the extra, into debt if need be.
 	ActualCost    uint64 `protobuf:"varint,2,opt,name=actual_cost,json=actualCost,proto3" json:"actual_cost,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -509,7 +525,8 @@ func (x *SettleRequest) GetActualCost() uint64 {
 type SettleResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Every bucket the reservation charged, after the settle, in the order of
-	// the scope's limits. `remaining` is 0 while a bucket is in debt.
+	// the scope's limits. `remaining` is 0 while a bucket is in debt;
+	// `retry_after` is never set.
 	Buckets []*BucketStatus `protobuf:"bytes,1,rep,name=buckets,proto3" json:"buckets,omitempty"`
 	// The estimate the reservation was made with.
 	Estimate      uint64 `protobuf:"varint,2,opt,name=estimate,proto3" json:"estimate,omitempty"`

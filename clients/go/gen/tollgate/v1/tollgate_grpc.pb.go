@@ -31,11 +31,11 @@ const (
 //
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 //
-// RateLimiter decides requests against the token buckets configured for a
-// scope. Every limit whose `operations` and `when` match a request applies; a
-// request is allowed only when every applicable bucket holds `cost` tokens,
-// and then `cost` is taken from all of them at once. A denied request takes
-// nothing.
+// RateLimiter decides requests against the token buckets and budgets
+// configured for a scope. Every limit whose `operations` and `when` match a
+// request applies; a request is allowed only when every applicable bucket
+// holds `cost` tokens (plus the headroom its priority must leave), and then
+// `cost` is taken from all of them at once. A denied request takes nothing.
 type RateLimiterClient interface {
 	// Decide one request.
 	ShouldAllow(ctx context.Context, in *ShouldAllowRequest, opts ...grpc.CallOption) (*ShouldAllowResponse, error)
@@ -48,17 +48,27 @@ type RateLimiterClient interface {
 	ShouldAllowBatch(ctx context.Context, in *ShouldAllowBatchRequest, opts ...grpc.CallOption) (*ShouldAllowBatchResponse, error)
 	// Settle a reservation: apply the real cost of a request that was allowed
 	// with `settle_within` (its `cost` was an estimate) to every bucket it
-	// charged, atomically, on any replica. A lower `actual_cost` gives the
-	// difference back; a higher one takes the extra unconditionally, and the
-	// buckets may go into debt, so later requests wait until refill pays it.
+	// charged, atomically, on any replica with the same
+	// `reservations.secret`. A lower `actual_cost` gives the difference back,
+	// but never more than the reservation still holds back (tokens that have
+	// refilled on their own since are not given back again); a higher one
+	// takes the extra unconditionally, and the buckets may go into debt, so
+	// later requests wait until refill pays it (a budget: until its window
+	// ends).
 	//
 	// Refused, changing nothing:
-	//   - INVALID_ARGUMENT naming `reservation`: not a reservation token, or a
-	//     forged or altered one (or one signed by another deployment's key);
+	//   - INVALID_ARGUMENT naming `reservation`: empty or over 16 KiB, not a
+	//     reservation token, or a forged or altered one (or one signed by
+	//     another deployment's key); naming `actual_cost` when it is over
+	//     4,294,967,295;
 	//   - FAILED_PRECONDITION: already settled (on any replica), or past its
 	//     `settle_within` (the estimate stands);
-	//   - UNAVAILABLE: the store could not answer; settling again is safe, as a
-	//     reservation settles at most once.
+	//   - PERMISSION_DENIED: with `callers` configured, the caller may not
+	//     decide on the reservation's scope;
+	//   - UNAVAILABLE: the store could not answer, whatever the scope's
+	//     failure_mode. Settling again is safe, as a reservation settles at
+	//     most once; if the first attempt reached the store, the second is
+	//     answered FAILED_PRECONDITION (already settled).
 	Settle(ctx context.Context, in *SettleRequest, opts ...grpc.CallOption) (*SettleResponse, error)
 }
 
@@ -104,11 +114,11 @@ func (c *rateLimiterClient) Settle(ctx context.Context, in *SettleRequest, opts 
 // All implementations must embed UnimplementedRateLimiterServer
 // for forward compatibility.
 //
-// RateLimiter decides requests against the token buckets configured for a
-// scope. Every limit whose `operations` and `when` match a request applies; a
-// request is allowed only when every applicable bucket holds `cost` tokens,
-// and then `cost` is taken from all of them at once. A denied request takes
-// nothing.
+// RateLimiter decides requests against the token buckets and budgets
+// configured for a scope. Every limit whose `operations` and `when` match a
+// request applies; a request is allowed only when every applicable bucket
+// holds `cost` tokens (plus the headroom its priority must leave), and then
+// `cost` is taken from all of them at once. A denied request takes nothing.
 type RateLimiterServer interface {
 	// Decide one request.
 	ShouldAllow(context.Context, *ShouldAllowRequest) (*ShouldAllowResponse, error)
@@ -121,17 +131,27 @@ type RateLimiterServer interface {
 	ShouldAllowBatch(context.Context, *ShouldAllowBatchRequest) (*ShouldAllowBatchResponse, error)
 	// Settle a reservation: apply the real cost of a request that was allowed
 	// with `settle_within` (its `cost` was an estimate) to every bucket it
-	// charged, atomically, on any replica. A lower `actual_cost` gives the
-	// difference back; a higher one takes the extra unconditionally, and the
-	// buckets may go into debt, so later requests wait until refill pays it.
+	// charged, atomically, on any replica with the same
+	// `reservations.secret`. A lower `actual_cost` gives the difference back,
+	// but never more than the reservation still holds back (tokens that have
+	// refilled on their own since are not given back again); a higher one
+	// takes the extra unconditionally, and the buckets may go into debt, so
+	// later requests wait until refill pays it (a budget: until its window
+	// ends).
 	//
 	// Refused, changing nothing:
-	//   - INVALID_ARGUMENT naming `reservation`: not a reservation token, or a
-	//     forged or altered one (or one signed by another deployment's key);
+	//   - INVALID_ARGUMENT naming `reservation`: empty or over 16 KiB, not a
+	//     reservation token, or a forged or altered one (or one signed by
+	//     another deployment's key); naming `actual_cost` when it is over
+	//     4,294,967,295;
 	//   - FAILED_PRECONDITION: already settled (on any replica), or past its
 	//     `settle_within` (the estimate stands);
-	//   - UNAVAILABLE: the store could not answer; settling again is safe, as a
-	//     reservation settles at most once.
+	//   - PERMISSION_DENIED: with `callers` configured, the caller may not
+	//     decide on the reservation's scope;
+	//   - UNAVAILABLE: the store could not answer, whatever the scope's
+	//     failure_mode. Settling again is safe, as a reservation settles at
+	//     most once; if the first attempt reached the store, the second is
+	//     answered FAILED_PRECONDITION (already settled).
 	Settle(context.Context, *SettleRequest) (*SettleResponse, error)
 	mustEmbedUnimplementedRateLimiterServer()
 }
