@@ -551,3 +551,52 @@ async fn a_budget_s_key_expires_at_its_window_s_end_and_a_settle_marker_at_the_d
         assert_ne!(ttl(key), -1, "{key} never expires");
     }
 }
+
+#[test]
+fn bad_budgets_headroom_and_reservations_are_refused_with_their_field_paths() {
+    let limit = |body: &str| {
+        format!("scopes:\n  - name: s\n    limits:\n      - {{ name: l, per: identity, {body} }}\n")
+    };
+    let cases = [
+        (
+            limit("budget: 1125899906842625, window: day"),
+            "scopes[0].limits[0].budget: must be between 1 and 1125899906842624",
+        ),
+        (
+            limit("budget: 10, window: fortnight"),
+            "scopes[0].limits[0].window: \"fortnight\" is not day, week, month",
+        ),
+        (
+            limit("budget: 10, window: day, time_zone: Mars/Base"),
+            "scopes[0].limits[0].time_zone: unknown IANA time zone",
+        ),
+        (
+            limit("budget: 10, window: 1h, time_zone: Europe/Paris"),
+            "scopes[0].limits[0].time_zone: a fixed window",
+        ),
+        (
+            limit("budget: 10, capacity: 5, refill_period: 1s, window: day"),
+            "scopes[0].limits[0].budget: a budget has no capacity",
+        ),
+        (
+            limit("capacity: 10, refill_period: 1s, headroom: { normal: 30%, sheddable: 10% }"),
+            "scopes[0].limits[0].headroom.sheddable: must be at least headroom.normal",
+        ),
+        (
+            limit("capacity: 10, refill_period: 1s, headroom: { normal: 100% }"),
+            "100% must be below 100%",
+        ),
+        (
+            "reservations: { secret: short }\n".to_owned(),
+            "reservations.secret: must be at least 32 bytes",
+        ),
+        (
+            "reservations: { max_settle_within: 8d }\n".to_owned(),
+            "reservations.max_settle_within: must be between 1ms and 7d",
+        ),
+    ];
+    for (yaml, want) in cases {
+        let err = Config::from_yaml(&yaml).unwrap_err().to_string();
+        assert!(err.contains(want), "{yaml}\n{err}");
+    }
+}
