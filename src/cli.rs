@@ -185,6 +185,18 @@ fn summary(config: &Config, rules: &Rules) -> String {
             if l.shadow {
                 extra.push_str(" (shadow)");
             }
+            if l.reserve != [0; 3] {
+                let _ = write!(
+                    extra,
+                    " keeping {} from normal and {} from sheddable requests",
+                    l.reserve[1], l.reserve[2]
+                );
+            }
+            // A budget's window is a calendar unit in a zone, or a length.
+            let period = match &l.window {
+                Some(w) => format!("window {}", w.tag()),
+                None => period.to_string(),
+            };
             let _ = writeln!(
                 out,
                 "  {}: {} per {} per {:?}{}",
