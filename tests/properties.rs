@@ -270,3 +270,6 @@ mod fuzz;
 
 #[path = "properties/window.rs"]
 mod window;
+
+#[path = "properties/ai.rs"]
+mod ai;
