@@ -68,7 +68,7 @@ impl<S: Store> Limiter<S> {
             });
         }
         let charge = plan::charge(buckets, false);
-        let outcome = match self.store.check_and_take_one(&charge).await {
+        let outcome = match self.store.check_and_take_marked(&charge).await {
             Ok(outcome) => outcome,
             Err(e) => return plan::failed(rules, req.scope, e),
         };

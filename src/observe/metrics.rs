@@ -358,6 +358,16 @@ impl<S: Store> Store for Instrumented<S> {
         result
     }
 
+    async fn check_and_take_marked(
+        &self,
+        charge: &Charge<'_>,
+    ) -> Result<ChargeOutcome, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.check_and_take_marked(charge).await;
+        self.observe(started, &result);
+        result
+    }
+
     async fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
         let started = Instant::now();
         let result = self.inner.settle(settlement).await;

@@ -354,6 +354,22 @@ impl<S: Store> Store for DenyCache<S> {
         SingleOutcome::of(self.check_and_take_one(&charge).await?)
     }
 
+    async fn check_and_take_marked(
+        &self,
+        charge: &Charge<'_>,
+    ) -> Result<ChargeOutcome, StoreError> {
+        let Some(cache) = &self.cache else {
+            return self.inner.check_and_take_marked(charge).await;
+        };
+        let sent = Instant::now();
+        if let Some(local) = cache.answer(charge, sent) {
+            return Ok(local);
+        }
+        let outcome = self.inner.check_and_take_marked(charge).await?;
+        cache.learn(charge, &outcome, sent);
+        Ok(outcome)
+    }
+
     async fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
         let settled = self.inner.settle(settlement).await;
         if let (Some(cache), Ok(Settled::Applied(_))) = (&self.cache, &settled) {

@@ -397,6 +397,17 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         }
     }
 
+    /// [`Store::check_and_take_one`] for a reservation: every bucket's
+    /// outcome carries its ledger ([`BucketOutcome::mark`]), which other
+    /// answers may leave out (the Redis script then replies with half the
+    /// numbers).
+    fn check_and_take_marked(
+        &self,
+        charge: &Charge<'_>,
+    ) -> impl Future<Output = Result<ChargeOutcome, StoreError>> + Send {
+        self.check_and_take_one(charge)
+    }
+
     /// Checks and takes for a charge of one bucket: the limiter's most
     /// common call. The default goes through [`Store::check_and_take_one`];
     /// the embedded store answers without building a list, so the decision
@@ -469,6 +480,16 @@ impl Store for AnyStore {
         match self {
             Self::Memory(s) => s.check_and_take_single(bucket, dry_run).await,
             Self::Redis(s) => s.check_and_take_single(bucket, dry_run).await,
+        }
+    }
+
+    async fn check_and_take_marked(
+        &self,
+        charge: &Charge<'_>,
+    ) -> Result<ChargeOutcome, StoreError> {
+        match self {
+            Self::Memory(s) => s.check_and_take_marked(charge).await,
+            Self::Redis(s) => s.check_and_take_marked(charge).await,
         }
     }
 

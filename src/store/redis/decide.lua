@@ -16,7 +16,9 @@
 --          instead of a string and a tonumber per number:
 --            '<BH'     mode, n
 --                        mode  0 decide and take, 1 dry run (judge, take
---                              nothing), 2 settle (apply real costs to
+--                              nothing), 4 and 5 the same for a
+--                              reservation (the reply carries each
+--                              bucket's ledger), 2 settle (apply real costs to
 --                              buckets charged earlier: a refund, or Cluster
 --                              giving back a cross-slot reservation),
 --                              3 settle a reservation: at most once, and
@@ -59,11 +61,12 @@
 --
 -- State of a token bucket: GCRA. Its value is its theoretical arrival time
 -- TAT = ticks + frac/C microseconds (0 <= frac < C), the moment it is full
--- again, and its ledger: when it was made (born, µs) and the refunds given
--- since (given = whole + frac/C µs), packed as '<i8i4i8' (ticks, frac,
--- born: 20 bytes), or '<i8i4i8i8i8' (36 bytes) once it has given a refund.
--- 12-byte '<i8i4' values and the old "ticks:frac" text are still read (born
--- 0). An absent key is a full bucket, made now. Taking n tokens moves the
+-- again, and its ledger: when a reservation first took from it (born, µs;
+-- 0 before that) and the refunds given since (given = whole + frac/C µs).
+-- Packed with only what it holds: '<i8i4' (ticks, frac: 12 bytes) for the
+-- common bucket, '<i8i4i8' (and born: 20 bytes) once a reservation took
+-- from it, '<i8i4i8i8i8' (36 bytes) once it has given a refund. The old
+-- "ticks:frac" text is still read. An absent key is a full bucket. Taking n tokens moves the
 -- TAT by n*P/C exactly; a bucket conforms when the TAT it would have after
 -- taking n + reserve is at most P ahead of now. A settle above the estimate
 -- pushes the TAT further (debt: later requests wait), at most 2^48 µs past
@@ -95,7 +98,7 @@
 -- dry-run charge writes nothing.
 --
 -- Returns {now, then per charge: status, then per bucket: conforms, ticks,
--- frac, born, given whole, given frac}
+-- frac, and (modes 2 to 5) born, given whole, given frac}
 --   now       the batch's instant, microseconds since the Unix epoch
 --   status    1 allowed (every non-shadow bucket held its cost) or settled,
 --             0 denied, -1 failed (a key of another type among its keys),
@@ -142,23 +145,26 @@ local function get(key)
 end
 
 -- A bucket's TAT, never earlier than now, and its ledger (born, given
--- whole, given frac); nil on a data error. An absent bucket is made now.
+-- whole, given frac); nil on a data error. An absent bucket is made now
+-- (born 0: a bucket gets its birth time when a reservation first takes
+-- from it; see store).
 local function load(key, cap)
   local v = get(key)
   if v == nil then
     return nil
   end
   if not v then
-    return now, 0, now, 0, 0
+    return now, 0, 0, 0, 0
   end
   local st, sf
   local born, gw, gf = 0, 0, 0
-  if #v == 20 then
-    st, sf, born = unpack('<i8i4i8', v)
-  elseif #v == 36 then
-    st, sf, born, gw, gf = unpack('<i8i4i8i8i8', v)
-  elseif #v == 12 then
+  local len = #v
+  if len == 12 then
     st, sf = unpack('<i8i4', v)
+  elseif len == 20 then
+    st, sf, born = unpack('<i8i4i8', v)
+  elseif len == 36 then
+    st, sf, born, gw, gf = unpack('<i8i4i8i8i8', v)
   else
     local sep = string.find(v, ':', 1, true)
     st = sep and tonumber(string.sub(v, 1, sep - 1))
@@ -209,7 +215,8 @@ end
 -- Writes a bucket's state and ledger with its expiry, or forgets it when
 -- full. A bucket a refund just made full is kept for a millisecond, so a
 -- take in the same microsecond finds its ledger, not a new bucket with the
--- same birth time.
+-- same birth time. Only what the ledger holds is written: 12 bytes for a
+-- bucket no reservation has taken from (born 0) and that never refunded.
 local function store(key, ticks, frac, born, gw, gf)
   local full = ticks < now or (ticks == now and frac == 0)
   if full and gw == 0 and gf == 0 then
@@ -221,6 +228,9 @@ local function store(key, ticks, frac, born, gw, gf)
     until_full = until_full + 1
   end
   if gw == 0 and gf == 0 then
+    if born == 0 then
+      return set(key, pack('<i8i4', ticks, frac), until_full)
+    end
     return set(key, pack('<i8i4i8', ticks, frac, born), until_full)
   end
   return set(key, pack('<i8i4i8i8i8', ticks, frac, born, gw, gf), until_full)
@@ -287,7 +297,7 @@ end
 
 -- Judges a charge's buckets, then takes from all or none. Returns the
 -- position after the charge's numbers.
-local function decide(k0, at, n, dry)
+local function decide(k0, at, n, dry, marked)
   local allowed, failed = 1, false
   for i = 1, n do
     -- Read inline: the token bucket is the hot case.
@@ -310,6 +320,11 @@ local function decide(k0, at, n, dry)
       if not ticks then
         failed = true
         ticks, frac, born, gw, gf = now, 0, 0, 0, 0
+      end
+      if marked and born == 0 then
+        -- A reservation takes from it: from now on it has a birth time, so
+        -- a bucket forgotten and made again is told apart from this one.
+        born = now
       end
       nt, nf = ticks, frac
       if cost + reserve <= cap then
@@ -364,7 +379,9 @@ local function decide(k0, at, n, dry)
     end
     local o = #out
     out[o + 1], out[o + 2], out[o + 3] = conforms and 1 or 0, ticks, frac
-    out[o + 4], out[o + 5], out[o + 6] = born, gw, gf
+    if marked then
+      out[o + 4], out[o + 5], out[o + 6] = born, gw, gf
+    end
   end
   if failed == 'window' then
     out[status] = -2
@@ -525,13 +542,13 @@ local k0, at = 0, 1
 while at <= #blob do
   local mode, n
   mode, n, at = unpack('<BH', blob, at)
-  if mode >= 2 then
+  if mode == 2 or mode == 3 then
     at = settle(k0, at, n, mode == 3)
     if mode == 3 then
       k0 = k0 + 1
     end
   else
-    at = decide(k0, at, n, mode == 1)
+    at = decide(k0, at, n, mode % 2 == 1, mode >= 4)
   end
   k0 = k0 + n
 end

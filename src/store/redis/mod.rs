@@ -262,9 +262,13 @@ impl Inner {
     async fn decide(
         self: &Arc<Self>,
         charges: &[Charge<'_>],
+        marked: bool,
     ) -> Vec<Result<ChargeOutcome, StoreError>> {
         let (work, plans) = self.work(charges);
-        let done = self.run(&work).await;
+        // A charge split over slots needs its parts' ledgers, to bound the
+        // refund should another part deny.
+        let split = plans.iter().any(|p| p.len() > 1);
+        let done = self.run(&work, marked || split).await;
 
         let mut outcomes = Vec::with_capacity(charges.len());
         let mut refunds: Vec<Settlement<'_>> = Vec::new();
@@ -399,11 +403,15 @@ impl Inner {
         script::settled(settlement, reply.now, &reply.ints)
     }
 
-    async fn run(self: &Arc<Self>, work: &[Charge<'_>]) -> Vec<Result<ChargeOutcome, StoreError>> {
+    async fn run(
+        self: &Arc<Self>,
+        work: &[Charge<'_>],
+        marked: bool,
+    ) -> Vec<Result<ChargeOutcome, StoreError>> {
         let waits = work.iter().map(|charge| async move {
             let node = self.node_of(charge.buckets.first());
             let reply = self
-                .submit(node, script::encode(&self.prefix, charge))
+                .submit(node, script::encode(&self.prefix, charge, marked))
                 .await?;
             script::outcome(charge, reply.now, &reply.ints)
         });
@@ -502,16 +510,17 @@ impl Store for RedisStore {
         &self,
         charges: &[Charge<'_>],
     ) -> Vec<Result<ChargeOutcome, StoreError>> {
-        let inner = &self.inner;
-        if inner.slot_breakers.is_some() {
-            return self.check_and_take_by_slot(charges).await;
-        }
-        if !inner.breaker.admit() {
-            return vec![Err(circuit_open()); charges.len()];
-        }
-        let results = inner.decide(charges).await;
-        inner.lost_if_opened(record(&inner.breaker, &results));
-        results
+        self.take(charges, false).await
+    }
+
+    async fn check_and_take_marked(
+        &self,
+        charge: &Charge<'_>,
+    ) -> Result<ChargeOutcome, StoreError> {
+        self.take(std::slice::from_ref(charge), true)
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::permanent("store returned no outcome")))
     }
 
     async fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
@@ -546,11 +555,30 @@ impl Store for RedisStore {
 }
 
 impl RedisStore {
+    /// Decides `charges` behind the breaker; `marked`: with ledgers.
+    async fn take(
+        &self,
+        charges: &[Charge<'_>],
+        marked: bool,
+    ) -> Vec<Result<ChargeOutcome, StoreError>> {
+        let inner = &self.inner;
+        if inner.slot_breakers.is_some() {
+            return self.check_and_take_by_slot(charges, marked).await;
+        }
+        if !inner.breaker.admit() {
+            return vec![Err(circuit_open()); charges.len()];
+        }
+        let results = inner.decide(charges, marked).await;
+        inner.lost_if_opened(record(&inner.breaker, &results));
+        results
+    }
+
     /// Cluster: each charge passes its own slot's breaker, and the outcome
     /// is recorded there only.
     async fn check_and_take_by_slot(
         &self,
         charges: &[Charge<'_>],
+        marked: bool,
     ) -> Vec<Result<ChargeOutcome, StoreError>> {
         let inner = &self.inner;
         let breakers: Vec<Option<Arc<Breaker>>> =
@@ -562,7 +590,7 @@ impl RedisStore {
         let decided = if work.is_empty() {
             Vec::new()
         } else {
-            inner.decide(&work).await
+            inner.decide(&work, marked).await
         };
         let mut results: Vec<Result<ChargeOutcome, StoreError>> =
             (0..charges.len()).map(|_| Err(circuit_open())).collect();

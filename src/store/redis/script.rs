@@ -48,6 +48,8 @@ pub(crate) struct Encoded {
     pub(crate) keys: Vec<String>,
     /// How many buckets it has.
     pub(crate) buckets: usize,
+    /// Integers the script answers per bucket: 3, or 6 with the ledger.
+    pub(crate) per_bucket: usize,
     /// Its numbers, packed as the script unpacks them (see its header).
     pub(crate) numbers: Vec<u8>,
 }
@@ -56,13 +58,14 @@ impl Encoded {
     /// Integers the script answers for this charge: status, then six per
     /// bucket.
     pub(crate) fn reply_len(&self) -> usize {
-        1 + PER_BUCKET * self.buckets
+        1 + self.per_bucket * self.buckets
     }
 }
 
-/// Integers the script answers per bucket: conforms, ticks, frac, born,
-/// given whole, given frac.
-const PER_BUCKET: usize = 6;
+/// Integers the script answers per bucket of a charge: conforms, ticks,
+/// frac, and (for a reservation or a settle) born, given whole, given frac.
+const PLAIN: usize = 3;
+const MARKED: usize = 6;
 
 /// A number as the script's `i8`, saturating (config bounds keep every
 /// value far below).
@@ -115,9 +118,11 @@ fn header(mode: u8, n: usize) -> Vec<u8> {
 }
 
 /// Encodes one charge for a batch call. The charge must have a bucket.
-pub(crate) fn encode(prefix: &str, charge: &Charge<'_>) -> Encoded {
+/// `marked`: the reply carries each bucket's ledger, for a reservation.
+pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, marked: bool) -> Encoded {
     let n = charge.buckets.len().min(usize::from(u16::MAX));
-    let mut numbers = header(u8::from(charge.dry_run), n);
+    let mode = u8::from(charge.dry_run) | if marked { 4 } else { 0 };
+    let mut numbers = header(mode, n);
     for b in &charge.buckets[..n] {
         let cost = i64::try_from(b.cost.max(1)).unwrap_or(i64::MAX);
         push_bucket(
@@ -133,6 +138,7 @@ pub(crate) fn encode(prefix: &str, charge: &Charge<'_>) -> Encoded {
             .map(|b| bucket_key(prefix, b))
             .collect(),
         buckets: n,
+        per_bucket: if marked { MARKED } else { PLAIN },
         numbers,
     }
 }
@@ -187,6 +193,7 @@ pub(crate) fn encode_settle(prefix: &str, settlement: &Settlement<'_>) -> Encode
     Encoded {
         keys,
         buckets: n,
+        per_bucket: MARKED,
         numbers,
     }
 }
@@ -208,33 +215,42 @@ pub(crate) fn evalsha<'a>(sha: &str, batch: impl Iterator<Item = &'a Encoded> + 
     cmd
 }
 
-/// The state and ledger of bucket `i` in a charge's reply.
-fn mark_at(reply: &[i64], i: usize) -> Mark {
-    let int = |k: usize| u64::try_from(reply[1 + PER_BUCKET * i + k]).unwrap_or(0);
-    Mark {
-        taken: Tat {
-            ticks: int(1),
-            frac: int(2),
-        },
-        ledger: Ledger {
+/// The state (and, in a reply of six per bucket, the ledger) of bucket `i`
+/// in a charge's reply.
+fn mark_at(reply: &[i64], i: usize, per: usize) -> Mark {
+    let int = |k: usize| u64::try_from(reply[1 + per * i + k]).unwrap_or(0);
+    let ledger = if per == MARKED {
+        Ledger {
             born: int(3),
             given: Tat {
                 ticks: int(4),
                 frac: int(5),
             },
+        }
+    } else {
+        Ledger::default()
+    };
+    Mark {
+        taken: Tat {
+            ticks: int(1),
+            frac: int(2),
         },
+        ledger,
     }
 }
 
-/// Checks a charge's reply length and its failure statuses.
-fn check(reply: &[i64], buckets: usize) -> Result<(), StoreError> {
-    let expected = 1 + PER_BUCKET * buckets;
-    if reply.len() != expected {
+/// Reads how many integers a reply holds per bucket of a charge of
+/// `buckets`, checking its length and its failure statuses.
+fn check(reply: &[i64], buckets: usize) -> Result<usize, StoreError> {
+    let per = [PLAIN, MARKED]
+        .into_iter()
+        .find(|per| reply.len() == 1 + per * buckets);
+    let Some(per) = per else {
         return Err(StoreError::permanent(BadReply {
             got: reply.len(),
-            expected,
+            expected: 1 + PLAIN * buckets,
         }));
-    }
+    };
     match reply[0] {
         // About this charge's keys only (one holds another type), so it
         // does not count against Redis's health. Nothing was taken.
@@ -245,7 +261,7 @@ fn check(reply: &[i64], buckets: usize) -> Result<(), StoreError> {
             "Redis's clock is outside the budget windows this replica offered: \
              is this host's clock more than a window off?",
         )),
-        _ => Ok(()),
+        _ => Ok(per),
     }
 }
 
@@ -256,15 +272,15 @@ pub(crate) fn outcome(
     now: i64,
     reply: &[i64],
 ) -> Result<ChargeOutcome, StoreError> {
-    check(reply, charge.buckets.len())?;
+    let per = check(reply, charge.buckets.len())?;
     let now = u64::try_from(now).unwrap_or(0);
     let buckets = charge
         .buckets
         .iter()
         .enumerate()
         .map(|(i, b)| {
-            let conforms = reply[1 + PER_BUCKET * i] == 1;
-            let mark = mark_at(reply, i);
+            let conforms = reply[1 + per * i] == 1;
+            let mark = mark_at(reply, i, per);
             let state = mark.taken;
             let b = BucketCharge {
                 shape: shape_us(b.shape),
@@ -294,7 +310,7 @@ pub(crate) fn settled(
     now: i64,
     reply: &[i64],
 ) -> Result<Settled, StoreError> {
-    check(reply, settlement.buckets.len())?;
+    let per = check(reply, settlement.buckets.len())?;
     match reply[0] {
         -3 => return Ok(Settled::Expired),
         -4 => return Ok(Settled::AlreadySettled),
@@ -311,7 +327,7 @@ pub(crate) fn settled(
                     shape: shape_us(part.charge.shape),
                     ..part.charge
                 };
-                b.outcome(true, None, mark_at(reply, i), now, 1_000)
+                b.outcome(true, None, mark_at(reply, i, per), now, 1_000)
             })
             .collect(),
     ))
@@ -348,11 +364,11 @@ mod tests {
 
     #[test]
     fn a_batch_is_every_key_then_every_charge_s_numbers_packed() {
-        let one = encode("tg1:", &charge(2));
+        let one = encode("tg1:", &charge(2), false);
         let mut shadow = charge(1);
         shadow.buckets[0].shadow = true;
         shadow.dry_run = true;
-        let two = encode("tg1:", &shadow);
+        let two = encode("tg1:", &shadow, false);
         let cmd = evalsha("abc", [&one, &two].into_iter());
         let args: Vec<Vec<u8>> = cmd
             .args_iter()
@@ -383,7 +399,7 @@ mod tests {
         }
         assert_eq!(args[5], numbers);
         assert_eq!(args.len(), 6);
-        assert_eq!(one.reply_len(), 7);
+        assert_eq!(one.reply_len(), 4);
     }
 
     #[test]
