@@ -344,7 +344,8 @@ impl Budget {
         };
         let need = cost.saturating_add(reserve);
         let conforms = spent.saturating_add(need) <= self.amount;
-        let retry_after = (!conforms && need <= self.amount).then(|| window_end - now);
+        let retry_after =
+            (!conforms && need <= self.amount).then(|| window_end.saturating_sub(now));
         Verdict {
             conforms,
             after: Tat {
