@@ -50,6 +50,8 @@ pub enum Privilege {
     Batch,
     /// The admin RPCs.
     Admin,
+    /// Envoy refunds (`is_negative_hits`).
+    Refund,
 }
 
 impl Privilege {
@@ -58,6 +60,7 @@ impl Privilege {
             Self::DryRun => "send dry_run requests",
             Self::Batch => "call ShouldAllowBatch",
             Self::Admin => "call the admin RPCs",
+            Self::Refund => "send refunds (is_negative_hits)",
         }
     }
 }
@@ -71,6 +74,7 @@ pub struct Caller {
     dry_run: bool,
     batch: bool,
     admin: bool,
+    refund: bool,
 }
 
 impl Caller {
@@ -87,6 +91,7 @@ impl Caller {
             dry_run: c.dry_run,
             batch: c.batch,
             admin: c.admin,
+            refund: c.refund,
         }
     }
 
@@ -101,6 +106,7 @@ impl Caller {
             Privilege::DryRun => self.dry_run,
             Privilege::Batch => self.batch,
             Privilege::Admin => self.admin,
+            Privilege::Refund => self.refund,
         }
     }
 }

@@ -28,7 +28,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimit
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
 use tonic::{Request, Response, Status};
 
-use super::auth::Authorizer;
+use super::auth::{Authorizer, Privilege};
 use super::headers::Draft;
 use super::validate::{
     self, MAX_DESCRIPTOR_ENTRIES, MAX_DESCRIPTOR_KEY_LEN, MAX_DESCRIPTOR_VALUE_LEN, MAX_SCOPE_LEN,
@@ -376,6 +376,14 @@ impl<S: Store> RateLimitService for EnvoyRateLimitApi<S> {
         let described = to_domain(&req, keys, self.max_descriptors)?;
         self.access
             .check_decision("envoy", caller.as_deref(), "domain", &req.domain, false)?;
+        if described.iter().any(|d| d.kind == Kind::Refund) {
+            self.access.check_privilege(
+                "envoy",
+                caller.as_deref(),
+                Privilege::Refund,
+                &req.domain,
+            )?;
+        }
         let requests: Vec<limiter::Request<'_>> =
             described.iter().map(|d| d.request(&req.domain)).collect();
         // The same snapshot as the descriptor keys above.

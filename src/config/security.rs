@@ -126,6 +126,11 @@ pub struct CallerConfig {
     /// May call the admin RPCs.
     #[serde(default)]
     pub admin: bool,
+    /// May give tokens back: Envoy descriptors with `is_negative_hits`.
+    /// A refund is not tied to an earlier charge, so it is a grant of its
+    /// own.
+    #[serde(default)]
+    pub refund: bool,
 }
 
 /// Checks the `callers:` list. `mtls` says whether client certificates are

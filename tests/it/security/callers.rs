@@ -311,3 +311,70 @@ async fn the_allow_client_speaks_mtls_with_a_token() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("match no configured caller"), "{stderr}");
 }
+
+/// A refund gives tokens back with no earlier charge to tie it to, so with
+/// callers configured it needs its own grant; a refusal gives nothing back.
+#[tokio::test]
+async fn an_envoy_refund_needs_a_refund_grant() {
+    let yaml = |refund: bool| {
+        format!(
+            "callers:
+  - {{name: edge, token_sha256: {}, scopes: [b], refund: {refund}}}
+scopes:
+  - name: b
+    descriptor_keys: {{ identity: user }}
+    limits:
+      - {{ name: per-user, per: identity, capacity: 3, refill_period: 1h }}
+",
+            sha256_hex(TOKEN)
+        )
+    };
+    let descriptor = |hits: u64, negative: bool| RateLimitDescriptor {
+        entries: vec![Entry {
+            key: "user".into(),
+            value: "dana".into(),
+        }],
+        hits_addend: Some(envoy_types::pb::google::protobuf::UInt64Value { value: hits }),
+        is_negative_hits: negative,
+        ..Default::default()
+    };
+    let request = |hits, negative| RateLimitRequest {
+        domain: "b".into(),
+        descriptors: vec![descriptor(hits, negative)],
+        hits_addend: 0,
+    };
+    let server = TestServer::start(&yaml(false)).await;
+    let mut rls = RateLimitServiceClient::new(server.channel().await);
+    let taken = rls
+        .should_rate_limit(with_token(TOKEN, request(3, false)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(taken.statuses[0].limit_remaining, 0);
+    let e = rls
+        .should_rate_limit(with_token(TOKEN, request(3, true)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("refunds"), "{e:?}");
+    // Nothing came back.
+    let check = rls
+        .should_rate_limit(with_token(TOKEN, request(1, false)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(check.overall_code, 2, "OVER_LIMIT: {check:?}");
+    // Granted, the same refund gives the tokens back.
+    server.reload(&yaml(true)).await;
+    let mut back = Err(tonic::Status::unknown("not yet"));
+    for _ in 0..100 {
+        back = rls
+            .should_rate_limit(with_token(TOKEN, request(3, true)))
+            .await;
+        if back.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(back.unwrap().into_inner().statuses[0].limit_remaining, 3);
+}
