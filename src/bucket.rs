@@ -71,6 +71,17 @@ pub struct Mark {
     pub ledger: Ledger,
 }
 
+impl Mark {
+    /// No state and no ledger: [`Mark::default`], usable in a `const`.
+    pub const EMPTY: Mark = Mark {
+        taken: Tat { ticks: 0, frac: 0 },
+        ledger: Ledger {
+            born: 0,
+            given: Tat { ticks: 0, frac: 0 },
+        },
+    };
+}
+
 /// What one bucket says about one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Verdict {
@@ -175,7 +186,7 @@ impl Shape {
             }
             return (after, ledger);
         }
-        let mut give = self.advance(Tat::default(), estimate - actual);
+        let mut give = self.time_of(estimate - actual);
         if let Some(mark) = mark {
             let since = self.minus(ledger.given, mark.ledger.given);
             let held = match since {
@@ -210,6 +221,12 @@ impl Shape {
             },
         };
         (after, ledger)
+    }
+
+    /// The refill time of `tokens`, `tokens·P/C`, exactly: as many ticks as
+    /// fit, and the rest as a fraction of `1/C`.
+    pub fn time_of(self, tokens: u64) -> Tat {
+        self.advance(Tat::default(), tokens)
     }
 
     /// `a - b`, both `ticks + frac/C`; `None` when negative.

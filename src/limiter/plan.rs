@@ -282,13 +282,7 @@ const UNSET: BucketOutcome = BucketOutcome {
     remaining: 0,
     reset_after: std::time::Duration::ZERO,
     retry_after: None,
-    mark: crate::bucket::Mark {
-        taken: crate::bucket::Tat { ticks: 0, frac: 0 },
-        ledger: crate::bucket::Ledger {
-            born: 0,
-            given: crate::bucket::Tat { ticks: 0, frac: 0 },
-        },
-    },
+    mark: crate::bucket::Mark::EMPTY,
 };
 
 fn allowed() -> Decision {

@@ -47,6 +47,7 @@
 //!   shard first drops its expired entries, and if none are, the new denial
 //!   simply is not cached.
 
+use std::future::Future;
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -285,6 +286,27 @@ impl Cache {
     }
 }
 
+impl<S: Store> DenyCache<S> {
+    /// One charge: the local answer if the cache has one, else `ask` the
+    /// store and learn from its answer.
+    async fn one<F, Fut>(&self, charge: &Charge<'_>, ask: F) -> Result<ChargeOutcome, StoreError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<ChargeOutcome, StoreError>>,
+    {
+        let Some(cache) = &self.cache else {
+            return ask().await;
+        };
+        let sent = Instant::now();
+        if let Some(local) = cache.answer(charge, sent) {
+            return Ok(local);
+        }
+        let outcome = ask().await?;
+        cache.learn(charge, &outcome, sent);
+        Ok(outcome)
+    }
+}
+
 impl<S: Store> Store for DenyCache<S> {
     async fn check_and_take_each(
         &self,
@@ -327,16 +349,8 @@ impl<S: Store> Store for DenyCache<S> {
     }
 
     async fn check_and_take_one(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
-        let Some(cache) = &self.cache else {
-            return self.inner.check_and_take_one(charge).await;
-        };
-        let sent = Instant::now();
-        if let Some(local) = cache.answer(charge, sent) {
-            return Ok(local);
-        }
-        let outcome = self.inner.check_and_take_one(charge).await?;
-        cache.learn(charge, &outcome, sent);
-        Ok(outcome)
+        self.one(charge, || self.inner.check_and_take_one(charge))
+            .await
     }
 
     async fn check_and_take_single(
@@ -358,16 +372,8 @@ impl<S: Store> Store for DenyCache<S> {
         &self,
         charge: &Charge<'_>,
     ) -> Result<ChargeOutcome, StoreError> {
-        let Some(cache) = &self.cache else {
-            return self.inner.check_and_take_marked(charge).await;
-        };
-        let sent = Instant::now();
-        if let Some(local) = cache.answer(charge, sent) {
-            return Ok(local);
-        }
-        let outcome = self.inner.check_and_take_marked(charge).await?;
-        cache.learn(charge, &outcome, sent);
-        Ok(outcome)
+        self.one(charge, || self.inner.check_and_take_marked(charge))
+            .await
     }
 
     async fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {

@@ -227,13 +227,9 @@ impl Inner {
         }
         let mut buf: SmallVec<[u8; 256]> = SmallVec::new();
         let slots = self.slots(charge, &mut buf);
-        let mut order: SmallVec<[usize; INLINE]> = slots.iter().map(|s| s.shard).collect();
-        order.sort_unstable();
-        order.dedup();
-        // Lock every shard the charge touches, in index order, before reading
-        // any state: no one else's write can land between the check and the take.
-        let mut guards: SmallVec<[(usize, MutexGuard<'_, Table>); INLINE]> =
-            order.iter().map(|&i| (i, self.shards[i].lock())).collect();
+        // Every shard the charge touches, locked before reading any state:
+        // no one else's write can land between the check and the take.
+        let mut guards = self.lock(&slots);
         let now = self.now();
 
         let mut verdicts: SmallVec<[(Verdict, bool, Ledger); INLINE]> = SmallVec::new();
@@ -295,6 +291,15 @@ impl Inner {
             buckets: outcomes,
             now_us: now / 1_000,
         })
+    }
+
+    /// Locks the shards of `slots`, each once, in index order, which keeps
+    /// charges that span shards free of deadlock.
+    fn lock(&self, slots: &[Slot]) -> SmallVec<[(usize, MutexGuard<'_, Table>); INLINE]> {
+        let mut order: SmallVec<[usize; INLINE]> = slots.iter().map(|s| s.shard).collect();
+        order.sort_unstable();
+        order.dedup();
+        order.iter().map(|&i| (i, self.shards[i].lock())).collect()
     }
 
     /// Encodes every key of `charge` into `buf` and hashes each once.
@@ -401,11 +406,7 @@ impl Inner {
         };
         let mut buf: SmallVec<[u8; 256]> = SmallVec::new();
         let slots = self.slots(&charge, &mut buf);
-        let mut order: SmallVec<[usize; INLINE]> = slots.iter().map(|s| s.shard).collect();
-        order.sort_unstable();
-        order.dedup();
-        let mut guards: SmallVec<[(usize, MutexGuard<'_, Table>); INLINE]> =
-            order.iter().map(|&i| (i, self.shards[i].lock())).collect();
+        let mut guards = self.lock(&slots);
         let mut settled = self.settled.lock();
         let now = self.now();
         if let Some(once) = settlement.once {

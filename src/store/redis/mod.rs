@@ -78,13 +78,7 @@ const UNSET: BucketOutcome = BucketOutcome {
     remaining: 0,
     reset_after: Duration::ZERO,
     retry_after: None,
-    mark: crate::bucket::Mark {
-        taken: crate::bucket::Tat { ticks: 0, frac: 0 },
-        ledger: crate::bucket::Ledger {
-            born: 0,
-            given: crate::bucket::Tat { ticks: 0, frac: 0 },
-        },
-    },
+    mark: crate::bucket::Mark::EMPTY,
 };
 
 /// A charge's bucket indices grouped by hash tag, in first-seen order.
@@ -338,7 +332,12 @@ impl Inner {
         outcomes
     }
 
-    /// Gives back what the parts of denied cross-slot charges took.
+    /// Gives back what the parts in `refunds` reserved (each bounded by the
+    /// mark its take left, like any settle), and reports the buckets' state
+    /// after it in `outcomes` (`refunded` says where). If this fails, the
+    /// reserved tokens stay taken: the limit errs towards admitting less,
+    /// never more. The denials stand either way: an error here must not
+    /// become a fail-open allow.
     async fn refund(
         self: &Arc<Self>,
         refunds: &[Settlement<'_>],
@@ -403,6 +402,11 @@ impl Inner {
         script::settled(settlement, reply.now, &reply.ints)
     }
 
+    /// Decides each work item through its node's coalescer: concurrent
+    /// items, from this call and others, share script calls. Outcomes are
+    /// in work order, each on its own: an item whose batch failed (or that
+    /// waited too long) fails, and the others keep their outcomes.
+    /// `marked`: the replies carry each bucket's ledger.
     async fn run(
         self: &Arc<Self>,
         work: &[Charge<'_>],
@@ -418,10 +422,13 @@ impl Inner {
         join_all(waits).await
     }
 
+    /// The breaker that guards `charge`: its slot's on Cluster, else none
+    /// (the one breaker guards the whole call).
     fn breaker_for(&self, charge: &Charge<'_>) -> Option<Arc<Breaker>> {
         self.breaker_for_key(&charge.buckets.first()?.key)
     }
 
+    /// The breaker of `key`'s slot on Cluster, else none.
     fn breaker_for_key(&self, key: &super::BucketKey<'_>) -> Option<Arc<Breaker>> {
         Some(self.slot_breakers.as_ref()?.get(keys::slot(key)))
     }

@@ -170,15 +170,13 @@ pub(crate) fn encode_settle(prefix: &str, settlement: &Settlement<'_>) -> Encode
         ] {
             numbers.extend_from_slice(&i8_of(n));
         }
-        // |actual - estimate|·P/C, exactly, in 128 bits; at most the debt
-        // bound, which is all the script would keep anyway.
-        let shape = shape_us(b.shape);
-        let diff = part.actual.abs_diff(b.cost);
-        let total = u128::from(diff) * u128::from(shape.period);
-        let c = u128::from(shape.capacity);
-        let (whole, frac) = match u64::try_from(total / c) {
-            Ok(w) if w < MAX_DEBT_US => (w, (total % c) as u64),
-            _ => (MAX_DEBT_US, 0),
+        // |actual - estimate|·P/C, exactly; at most the debt bound, which is
+        // all the script would keep anyway.
+        let diff = shape_us(b.shape).time_of(part.actual.abs_diff(b.cost));
+        let (whole, frac) = if diff.ticks < MAX_DEBT_US {
+            (diff.ticks, diff.frac)
+        } else {
+            (MAX_DEBT_US, 0)
         };
         numbers.extend_from_slice(&i8_of(whole));
         numbers.extend_from_slice(&i8_of(frac));
