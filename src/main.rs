@@ -16,6 +16,10 @@ use tollgate::shutdown;
 
 use cli::{Cli, Command};
 
+/// mimalloc, not glibc's malloc: see Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     match run(Cli::parse()).await {
