@@ -3,8 +3,9 @@
 #
 #   benches/ghz/run.sh [--store memory|redis] [--quick]
 #
-# Installs ghz when missing (pinned, into target/go-bin), builds release
-# Tollgate and the no-op server (examples/noop_server.rs), starts Redis (for
+# Installs ghz when missing (pinned, into target/go-bin) while it builds
+# release Tollgate (whose hidden `bench-noop` subcommand is the no-op
+# server, src/cli/noop.rs), starts Redis (for
 # --store redis) and a fresh Tollgate per scenario on loopback, and runs:
 #   (a) many identities, mostly allowed: 100k identities, uniform;
 #   (b) a hot key: one identity far over its limit;
@@ -55,17 +56,22 @@ trap cleanup EXIT
 trap 'exit 1' INT TERM
 
 ghz=$target/go-bin/ghz
+# ghz and release Tollgate build side by side: cargo leaves a core idle
+# through much of a cold build (one big crate at a time), which go fills.
+ghz_install=
 if [ ! -x "$ghz" ]; then
   echo "ghz: installing ghz v0.120.0 into $target/go-bin" >&2
-  GOBIN=$target/go-bin go install github.com/bojand/ghz/cmd/ghz@v0.120.0
+  GOBIN=$target/go-bin go install github.com/bojand/ghz/cmd/ghz@v0.120.0 &
+  ghz_install=$!
+  pids+=("$ghz_install")
 fi
-echo "ghz: building release tollgate and the no-op server" >&2
-cargo build --release --quiet --bin tollgate --example noop_server
-# Copies, so a later build into the same target dir cannot swap them mid-run.
+echo "ghz: building release tollgate" >&2
+cargo build --release --quiet --bin tollgate
+if [ -n "$ghz_install" ]; then wait "$ghz_install" || { echo "ghz: go install failed" >&2; exit 1; }; fi
+# A copy, so a later build into the same target dir cannot swap it mid-run.
 bin=$work/bin
-mkdir -p "$bin/examples"
+mkdir -p "$bin"
 cp "$target/release/tollgate" "$bin/"
-cp "$target/release/examples/noop_server" "$bin/examples/"
 # BENCH_TOLLGATE runs another build (an older commit's, for a before/after);
 # not TOLLGATE_*, which Tollgate reads as config.
 tollgate=${BENCH_TOLLGATE:-$bin/tollgate}
@@ -185,7 +191,7 @@ scenario d envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit "$tg_pid"
   -d '{"domain":"d","descriptors":[{"entries":[{"key":"user","value":"u{{randomInt 0 100000}}"}]},{"entries":[{"key":"remote_address","value":"10.{{randomInt 0 250}}.{{randomInt 0 250}}.1"}]}]}'
 stop_tollgate
 echo "ghz: (e) no-op handler" >&2
-"$bin/examples/noop_server" "127.0.0.1:$noop_port" >"$work/noop.log" 2>&1 &
+"$bin/tollgate" bench-noop --listen "127.0.0.1:$noop_port" >"$work/noop.log" 2>&1 &
 noop_pid=$!
 pids+=("$noop_pid")
 wait_port "$noop_port" || exit 1

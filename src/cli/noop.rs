@@ -1,15 +1,19 @@
-//! A no-op `tollgate.v1.RateLimiter`: the ceiling for the ghz benchmark.
+//! `tollgate bench-noop`, hidden: a no-op `tollgate.v1.RateLimiter`, the
+//! ceiling for the ghz benchmark (`benches/ghz/run.sh`, scenario (e)).
 //!
 //! It serves the same service, with reflection, over the same tonic
 //! transport settings as Tollgate (TCP_NODELAY and keepalive on accepted
-//! connections), and answers every `ShouldAllow` with a fixed allow of the
-//! same shape Tollgate sends, without deciding anything. What Tollgate costs
-//! beyond this is the cost of deciding.
-//!
-//! `cargo run --release --example noop_server -- 127.0.0.1:50061`
+//! connections), in the same binary (so with the same allocator and
+//! runtime), and answers every `ShouldAllow` with a fixed allow of the same
+//! shape Tollgate sends, without deciding anything. What Tollgate costs
+//! beyond this is the cost of deciding. A subcommand rather than an example
+//! so that the benchmark builds one binary, without the dev-dependencies an
+//! example pulls in.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tollgate::pb;
 use tollgate::pb::tollgate::v1;
@@ -69,12 +73,11 @@ impl v1::rate_limiter_server::RateLimiter for Noop {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let addr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:50061".to_owned());
-    let listener = TcpListener::bind(&addr).await?;
+/// Serves the no-op service on `addr` until the process is stopped.
+pub(crate) async fn bench_noop(addr: SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
