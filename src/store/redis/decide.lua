@@ -221,6 +221,18 @@ local function store(key, ticks, frac, born, gw, gf)
   return set(key, pack('<i8i4i8i8i8', ticks, frac, born, gw, gf), until_full)
 end
 
+-- tat + n*P/C, exactly (n <= C).
+local function advance(ticks, frac, n, cap, period)
+  local q = floor(period / cap)
+  local f = frac + n * (period - q * cap)
+  local nt = ticks + n * q
+  if f >= cap then
+    nt = nt + floor(f / cap)
+    f = f % cap
+  end
+  return nt, f
+end
+
 local out = { now }
 -- Per bucket of the charge being decided: conforms, ticks, frac, new ticks,
 -- new frac, window end (0 for a token bucket), born, given whole, given
@@ -256,18 +268,6 @@ local function rare_fns()
 
   local function store_spend(key, wend, spent)
     return set(key, pack('<i8i8', wend, spent), wend - now)
-  end
-
-  -- tat + n*P/C, exactly (n <= C).
-  local function advance(ticks, frac, n, cap, period)
-    local q = floor(period / cap)
-    local f = frac + n * (period - q * cap)
-    local nt = ticks + n * q
-    if f >= cap then
-      nt = nt + floor(f / cap)
-      f = f % cap
-    end
-    return nt, f
   end
 
   -- The end of a budget's window holding now (false when none of the passed
@@ -454,7 +454,6 @@ local function rare_fns()
   rare = {
     load_spend = load_spend,
     store_spend = store_spend,
-    advance = advance,
     window_end = window_end,
     settle = settle,
   }
@@ -494,18 +493,10 @@ local function decide(k0, at, n, dry, marked)
       end
       nt, nf = ticks, frac
       if cost + reserve <= cap then
-        -- advance(), inline: the hot path's one step.
-        local q = floor(period / cap)
-        local f = frac + cost * (period - q * cap)
-        nt = ticks + cost * q
-        if f >= cap then
-          nt = nt + floor(f / cap)
-          f = f % cap
-        end
-        nf = f
+        nt, nf = advance(ticks, frac, cost, cap, period)
         local ct, cf = nt, nf
         if reserve > 0 then
-          ct, cf = rare_fns().advance(ticks, frac, cost + reserve, cap, period)
+          ct, cf = advance(ticks, frac, cost + reserve, cap, period)
         end
         local limit = now + period
         conforms = ct < limit or (ct == limit and cf == 0)
@@ -565,6 +556,45 @@ local function decide(k0, at, n, dry, marked)
   return at
 end
 
+-- The hot case, decided in one pass: a lone token bucket taken at its cost
+-- (mode 0, no headroom, not a shadow), whose state is absent or the plain
+-- 12 bytes. Returns nil, having written nothing, for anything else, and the
+-- caller decides the charge with decide() from the same position. It
+-- computes exactly what decide() would for this case, with fewer table and
+-- function steps (about a fifth of a charge's script time).
+local function decide_lone(k0, at)
+  local cap, period, cost, reserve
+  cap, period, cost, reserve, at = unpack('<i8i8i8i8', blob, at)
+  if period <= 0 or cost < 1 or reserve ~= 0 or cost > cap then
+    return nil
+  end
+  local key = KEYS[k0 + 1]
+  local v = redis.pcall('GET', key)
+  local ticks, frac = now, 0
+  if v then
+    if type(v) ~= 'string' or #v ~= 12 then
+      return nil
+    end
+    ticks, frac = unpack('<i8i4', v)
+    if frac >= cap then
+      return nil
+    end
+    if ticks < now or (ticks == now and frac == 0) then
+      ticks, frac = now, 0
+    end
+  end
+  local nt, nf = advance(ticks, frac, cost, cap, period)
+  local limit = now + period
+  local o = #out
+  if nt < limit or (nt == limit and nf == 0) then
+    out[o + 1] = store(key, nt, nf, 0, 0, 0) and 1 or -1
+    out[o + 2], out[o + 3], out[o + 4] = 1, nt, nf
+  else
+    out[o + 1], out[o + 2], out[o + 3], out[o + 4] = 0, 0, ticks, frac
+  end
+  return at
+end
+
 local k0, at = 0, 1
 while at <= #blob do
   local mode, n
@@ -575,7 +605,8 @@ while at <= #blob do
       k0 = k0 + 1
     end
   else
-    at = decide(k0, at, n, mode % 2 == 1, mode >= 4)
+    at = mode == 0 and n == 1 and decide_lone(k0, at)
+      or decide(k0, at, n, mode % 2 == 1, mode >= 4)
   end
   k0 = k0 + n
 end
