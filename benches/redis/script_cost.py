@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""What one charge costs Redis inside the decision script.
+
+    python3 benches/redis/script_cost.py [--baseline OLD.lua] [--rounds 3]
+
+Starts its own redis-server on a free loopback port (nothing else on it),
+loads src/store/redis/decide.lua (and, with --baseline, another version of
+it, e.g. `git show HEAD~1:src/store/redis/decide.lua > /tmp/old.lua`), and
+sends EVALSHA batches of B one-bucket charges (capacity 1000, refill 1 s)
+over 100,000 random keys, as scenario (a) of benches/ghz/run.sh does. Two
+ways of sending:
+
+  one at a time  the next call leaves when the last has answered, as the
+                 coalescer sends them: every call pays Redis's event loop;
+  pipelined      50 calls per write, which leaves mostly the script.
+
+Per charge it prints the script's own time (`usec_per_call` from INFO
+commandstats, divided by B) and Redis's whole CPU (utime + stime from
+/proc), the median of --rounds rounds, versions alternating within a round.
+Standard library only; needs redis-server on PATH.
+"""
+
+import argparse
+import os
+import random
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CAP, PERIOD_US = 1000, 1_000_000
+CHARGES = 48_000
+
+
+def resp(*args):
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        a = a if isinstance(a, bytes) else str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(out)
+
+
+class Conn:
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def _line(self):
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("redis closed the connection")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def reply(self):
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"-":
+            raise RuntimeError(rest.decode())
+        if kind in (b"+", b":"):
+            return rest
+        if kind == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            while len(self.buf) < n + 2:
+                self.buf += self.sock.recv(65536)
+            data, self.buf = self.buf[:n], self.buf[n + 2 :]
+            return data
+        if kind == b"*":
+            return [self.reply() for _ in range(int(rest))]
+        raise RuntimeError(f"unexpected reply {line!r}")
+
+    def call(self, *args):
+        self.sock.sendall(resp(*args))
+        return self.reply()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def usec_per_call(conn):
+    for line in conn.call("INFO", "commandstats").decode().splitlines():
+        if line.startswith("cmdstat_evalsha:"):
+            return float(line.split("usec_per_call=")[1].split(",")[0])
+    return 0.0
+
+
+def run(conn, pid, sha, batch, pipe, rng):
+    conn.call("CONFIG", "RESETSTAT")
+    blob = (struct.pack("<BH", 0, 1) + struct.pack("<qqqq", CAP, PERIOD_US, 1, 0)) * batch
+    calls = CHARGES // batch
+    start = cpu_seconds(pid)
+    sent = 0
+    while sent < calls:
+        n = min(pipe, calls - sent)
+        conn.sock.sendall(b"".join(
+            resp("EVALSHA", sha, batch,
+                 *[f"bench:{{a}}:per-user:u{rng.randrange(100_000)}" for _ in range(batch)], blob)
+            for _ in range(n)))
+        for _ in range(n):
+            conn.reply()
+        sent += n
+    cpu = (cpu_seconds(pid) - start) * 1e6 / (calls * batch)
+    return usec_per_call(conn) / batch, cpu
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--baseline", help="another version of decide.lua to compare")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    scripts = {"current": open(os.path.join(ROOT, "src/store/redis/decide.lua")).read()}
+    if args.baseline:
+        scripts["baseline"] = open(args.baseline).read()
+    port = free_port()
+    work = tempfile.mkdtemp(prefix="tollgate-script-cost.")
+    redis = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", work],
+        stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                conn = Conn(port)
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            sys.exit("redis-server never opened its port")
+        shas = {name: conn.call("SCRIPT", "LOAD", text).decode() for name, text in scripts.items()}
+        rng = random.Random(1)
+        print("| sending | charges per call | version | script µs per charge | Redis CPU µs per charge |")
+        print("|---|---|---|---|---|")
+        for pipe, how in ((1, "one at a time"), (50, "pipelined")):
+            for batch in (1, 12):
+                got = {name: [] for name in shas}
+                for _ in range(args.rounds):
+                    for name, sha in shas.items():
+                        got[name].append(run(conn, redis.pid, sha, batch, pipe, rng))
+                for name, runs in got.items():
+                    mid = len(runs) // 2
+                    script = sorted(r[0] for r in runs)[mid]
+                    cpu = sorted(r[1] for r in runs)[mid]
+                    print(f"| {how} | {batch} | {name} | {script:.2f} | {cpu:.2f} |")
+    finally:
+        redis.terminate()
+        redis.wait()
+        subprocess.run(["rm", "-rf", work])
+
+
+if __name__ == "__main__":
+    main()
