@@ -38,12 +38,19 @@
 //!   back early any other way (a settle-for-less or an Envoy refund on
 //!   another replica), it may deny a request the store would now allow,
 //!   until the deadline the store gave passes: longer than needed, never an
-//!   admission. Budgets are never cached: their deadline is the window's
-//!   end, hours away, which such a refund could cut short.
+//!   admission.
+//! - Budgets: a denied budget cannot hold the cost again before its window
+//!   ends (spend only grows within a window), but that is hours or weeks
+//!   away, and a refund on another replica could cut it short. So a
+//!   budget's denial is answered locally for at most [`BUDGET_HOLD`], then
+//!   the store is asked again: a hot identity over its budget costs one
+//!   store call per hold per replica, and a refund elsewhere is seen within
+//!   the hold. The local answer carries the store's wait (to the window's
+//!   end, shrinking) and the remaining the store reported.
 //! - Priorities: an entry answers only the same cost with the same headroom
 //!   to keep, so a CRITICAL request is never denied on a SHEDDABLE one's
 //!   behalf.
-//! - Bounded: at most [`MAX_ENTRIES`] entries (about 150 bytes each); a full
+//! - Bounded: at most [`MAX_ENTRIES`] entries (about 180 bytes each); a full
 //!   shard first drops its expired entries, and if none are, the new denial
 //!   simply is not cached.
 
@@ -63,6 +70,10 @@ use crate::bucket::{Mark, Shape, Tat};
 
 /// The most denials held at once, over all shards.
 pub const MAX_ENTRIES: usize = 65_536;
+
+/// The longest a budget's denial is answered locally before the store is
+/// asked again (see the module's doc).
+pub const BUDGET_HOLD: std::time::Duration = std::time::Duration::from_secs(1);
 
 const SHARDS: usize = 16;
 
@@ -97,9 +108,15 @@ struct Entry {
     reserve: u64,
     /// Send time plus the store's `retry_after`: the cost cannot be held
     /// before this.
+    retry_at: Instant,
+    /// Until when this entry answers: `retry_at`, or for a budget at most
+    /// [`BUDGET_HOLD`] after the send.
     until: Instant,
     /// Send time plus the store's `reset_after`, for the reported state.
     full_at: Instant,
+    /// A budget's remaining as the store reported it (`None`: a token
+    /// bucket, whose remaining follows from its shape and `full_at`).
+    budget_left: Option<u64>,
 }
 
 impl Entry {
@@ -116,24 +133,16 @@ impl Entry {
     /// The store's answer, as it stands at `now` (before `until`).
     fn outcome(&self, now: Instant) -> ChargeOutcome {
         let reset_after = self.full_at.saturating_duration_since(now);
-        // The whole tokens held when the bucket is `reset_after` from full.
-        // Shapes are in nanoseconds, like every `BucketCharge`.
-        let ns = u64::try_from(reset_after.as_nanos()).unwrap_or(u64::MAX);
-        let base = self.shape.period;
-        let remaining = self.shape.remaining(
-            Tat {
-                ticks: base.saturating_add(ns),
-                frac: 0,
-            },
-            base,
-        );
+        let remaining = self
+            .budget_left
+            .unwrap_or_else(|| self.refilled(reset_after));
         ChargeOutcome {
             allowed: false,
             buckets: vec![BucketOutcome {
                 conforms: false,
                 remaining: remaining.min((self.cost + self.reserve).saturating_sub(1)),
                 reset_after,
-                retry_after: Some(self.until - now),
+                retry_after: Some(self.retry_at - now),
                 mark: Mark::default(),
             }],
             // Only a reservation reads the store's clock, and a denial
@@ -141,14 +150,26 @@ impl Entry {
             now_us: 0,
         }
     }
+
+    /// A token bucket's whole tokens when it is `reset_after` from full.
+    fn refilled(&self, reset_after: std::time::Duration) -> u64 {
+        // Shapes are in nanoseconds, like every `BucketCharge`.
+        let ns = u64::try_from(reset_after.as_nanos()).unwrap_or(u64::MAX);
+        let base = self.shape.period;
+        self.shape.remaining(
+            Tat {
+                ticks: base.saturating_add(ns),
+                frac: 0,
+            },
+            base,
+        )
+    }
 }
 
 /// The one bucket a charge must have for a local answer.
 fn cacheable<'c, 'a>(charge: &'c Charge<'a>) -> Option<&'c BucketCharge<'a>> {
     match charge.buckets.as_slice() {
-        // A budget's denial lasts until its window ends, which a refund on
-        // another replica could cut short by hours: budgets always ask.
-        [b] if !b.shadow && b.window.is_none() => Some(b),
+        [b] if !b.shadow => Some(b),
         _ => None,
     }
 }
@@ -231,6 +252,7 @@ impl Cache {
         let Some(BucketOutcome {
             retry_after: Some(wait),
             reset_after,
+            remaining,
             ..
         }) = outcome.buckets.first().copied()
         else {
@@ -254,8 +276,14 @@ impl Cache {
             shape: b.shape,
             cost: b.cost,
             reserve: b.reserve,
-            until: sent + wait,
+            retry_at: sent + wait,
+            until: sent
+                + match b.window {
+                    None => wait,
+                    Some(_) => wait.min(BUDGET_HOLD),
+                },
             full_at: sent + reset_after,
+            budget_left: b.window.map(|_| remaining),
         };
         match table.find_entry(hash, |e| e.is(b)) {
             Ok(mut old) => *old.get_mut() = entry,

@@ -6,9 +6,12 @@ use std::time::Duration;
 
 use crate::common::redis::{Standalone, conn};
 use tollgate::bucket::Shape;
-use tollgate::store::deny_cache::DenyCache;
+use tollgate::store::deny_cache::{BUDGET_HOLD, DenyCache};
 use tollgate::store::memory::MemoryStore;
-use tollgate::store::{BucketCharge, BucketKey, Charge, ChargeOutcome, Store};
+use tollgate::store::{
+    BucketCharge, BucketKey, Charge, ChargeOutcome, SettleBucket, Settlement, Store,
+};
+use tollgate::window::Window;
 
 fn charge(identity: &str, cost: u64) -> Charge<'_> {
     Charge {
@@ -30,6 +33,27 @@ fn charge(identity: &str, cost: u64) -> Charge<'_> {
         }],
         dry_run: false,
     }
+}
+
+/// A charge of `cost` against a budget of 100 per `window`.
+fn budget<'a>(identity: &'a str, window: &'a Window, cost: u64) -> Charge<'a> {
+    let mut c = charge(identity, cost);
+    c.buckets[0].shape = Shape {
+        capacity: 100,
+        period: window.nominal().as_nanos() as u64,
+    };
+    c.buckets[0].window = Some(window);
+    c
+}
+
+/// EVALSHA calls since the last `CONFIG RESETSTAT`.
+fn evalsha_calls(admin: &mut redis::Connection) -> u64 {
+    let stats: String = redis::cmd("INFO").arg("commandstats").query(admin).unwrap();
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|r| r.split(',').next()?.parse::<u64>().ok())
+        .unwrap_or(0)
 }
 
 /// The outcome as a caller sees it: the raw state and the store's clock are
@@ -169,19 +193,84 @@ async fn a_hot_key_far_over_its_limit_stops_calling_redis_until_its_wait_is_over
         );
         denied += 1;
     }
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut admin)
-        .unwrap();
-    let evalsha = stats
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|r| r.split(',').next()?.parse::<u64>().ok())
-        .unwrap_or(0);
+    let evalsha = evalsha_calls(&mut admin);
     eprintln!("{denied} denials, {evalsha} EVALSHA");
     assert!(denied > 100);
-    assert_eq!(evalsha, 1, "only the first denial asked Redis:\n{stats}");
+    assert_eq!(evalsha, 1, "only the first denial asked Redis");
     // Once the wait is over the store is asked again, and it allows.
     tokio::time::sleep_until(started + wait).await;
     assert!(one(&cached, &charge("hot", 1)).await.allowed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_budget_s_denial_is_held_for_the_hold_only_so_a_refund_elsewhere_is_seen() {
+    // 10:00 UTC: the day's window ends in 14 hours.
+    let ten = std::time::UNIX_EPOCH + Duration::from_secs(1_780_000_000 / 86_400 * 86_400 + 36_000);
+    let day = Window::parse("day", None).unwrap();
+    let cached = DenyCache::new(MemoryStore::with_wall_clock(4, 1 << 20, ten), true);
+    assert!(one(&cached, &budget("team", &day, 60)).await.allowed);
+    let first = one(&cached, &budget("team", &day, 60)).await;
+    assert!(!first.allowed);
+    assert_eq!(first.buckets[0].remaining, 40);
+    let wait = first.buckets[0].retry_after.unwrap();
+    assert_eq!(wait, Duration::from_secs(14 * 3600), "until the day ends");
+    assert_eq!(
+        cached.answered_locally(),
+        0,
+        "the first denial is the store's"
+    );
+
+    tokio::time::advance(BUDGET_HOLD / 2).await;
+    let held = one(&cached, &budget("team", &day, 60)).await;
+    assert_eq!(cached.answered_locally(), 1, "then answered here");
+    assert!(!held.allowed);
+    assert_eq!(held.buckets[0].retry_after, Some(wait - BUDGET_HOLD / 2));
+    assert_eq!(held.buckets[0].remaining, 40);
+    let plain = one(cached.inner(), &budget("team", &day, 60)).await;
+    assert_eq!(held, plain, "the local answer is the store's own");
+
+    // Another replica refunds the 60 behind this cache's back: the store
+    // would now allow, the cache keeps denying until the hold is over...
+    let refund = Settlement {
+        buckets: vec![SettleBucket {
+            charge: budget("team", &day, 60).buckets[0],
+            actual: 0,
+            mark: None,
+        }],
+        once: None,
+    };
+    cached.inner().settle(&refund).await.unwrap();
+    tokio::time::advance(BUDGET_HOLD / 2 - Duration::from_nanos(1)).await;
+    assert!(!one(&cached, &budget("team", &day, 60)).await.allowed);
+    assert_eq!(cached.answered_locally(), 2);
+    // ...and no longer: then the store is asked, and allows.
+    tokio::time::advance(Duration::from_nanos(1)).await;
+    assert!(one(&cached, &budget("team", &day, 60)).await.allowed);
+    assert_eq!(cached.answered_locally(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_over_its_budget_asks_redis_once_per_hold() {
+    let redis = Standalone::start();
+    // A year-long window, so the test never straddles its end.
+    let year = Window::parse("366d", None).unwrap();
+    let cached = DenyCache::new(redis.store("budget-hold"), true);
+    assert!(one(&cached, &budget("hot", &year, 100)).await.allowed);
+    let mut admin = conn(redis.server.port).unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut admin)
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let mut denied = 0;
+    while started.elapsed() < BUDGET_HOLD * 3 / 2 {
+        assert!(!one(&cached, &budget("hot", &year, 1)).await.allowed);
+        denied += 1;
+    }
+    let evalsha = evalsha_calls(&mut admin);
+    eprintln!("{denied} denials, {evalsha} EVALSHA");
+    assert!(denied > 100);
+    // One at the start, one when the first hold ran out (the second holds
+    // past the loop's end).
+    assert_eq!(evalsha, 2, "{evalsha} EVALSHA for {denied} denials");
 }
