@@ -3,7 +3,8 @@
 //! hidden no-op server ([`noop`]).
 //!
 //! This module belongs to the binary, not the library: it is the one place
-//! outside `api` that speaks proto, as a client.
+//! outside `api` that speaks proto, as a client (and, for the benchmark's
+//! ceiling only, as a no-op server).
 
 mod admin;
 mod noop;
