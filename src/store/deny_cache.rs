@@ -36,17 +36,17 @@
 //! - Refunds: the cache only ever denies. A settle or refund through this
 //!   replica drops the entries of the buckets it touched. If tokens come
 //!   back early any other way (a settle-for-less or an Envoy refund on
-//!   another replica), it may deny a request the store would now allow,
-//!   until the deadline the store gave passes: longer than needed, never an
-//!   admission.
+//!   another replica), it may deny a request the store would now allow:
+//!   longer than needed, never an admission. How much longer is bounded by
+//!   [`MAX_HOLD`]: an entry answers for at most that long after its send,
+//!   then the store is asked again, however far off the wait. A slow bucket
+//!   (ten a day) or a budget (until its window ends) can make the wait
+//!   hours; with the hold, a hot key over such a limit costs one store call
+//!   per hold per replica, and a refund elsewhere is seen within the hold.
+//!   The local answer still carries the store's whole wait, shrinking.
 //! - Budgets: a denied budget cannot hold the cost again before its window
-//!   ends (spend only grows within a window), but that is hours or weeks
-//!   away, and a refund on another replica could cut it short. So a
-//!   budget's denial is answered locally for at most [`BUDGET_HOLD`], then
-//!   the store is asked again: a hot identity over its budget costs one
-//!   store call per hold per replica, and a refund elsewhere is seen within
-//!   the hold. The local answer carries the store's wait (to the window's
-//!   end, shrinking) and the remaining the store reported.
+//!   ends (spend only grows within a window); the local answer carries the
+//!   remaining the store reported.
 //! - Priorities: an entry answers only the same cost with the same headroom
 //!   to keep, so a CRITICAL request is never denied on a SHEDDABLE one's
 //!   behalf.
@@ -71,9 +71,9 @@ use crate::bucket::{Mark, Shape, Tat};
 /// The most denials held at once, over all shards.
 pub const MAX_ENTRIES: usize = 65_536;
 
-/// The longest a budget's denial is answered locally before the store is
-/// asked again (see the module's doc).
-pub const BUDGET_HOLD: std::time::Duration = std::time::Duration::from_secs(1);
+/// The longest a denial is answered locally before the store is asked
+/// again, whatever its wait (see the module's doc).
+pub const MAX_HOLD: std::time::Duration = std::time::Duration::from_secs(1);
 
 const SHARDS: usize = 16;
 
@@ -109,8 +109,8 @@ struct Entry {
     /// Send time plus the store's `retry_after`: the cost cannot be held
     /// before this.
     retry_at: Instant,
-    /// Until when this entry answers: `retry_at`, or for a budget at most
-    /// [`BUDGET_HOLD`] after the send.
+    /// Until when this entry answers: `retry_at`, but at most [`MAX_HOLD`]
+    /// after the send.
     until: Instant,
     /// Send time plus the store's `reset_after`, for the reported state.
     full_at: Instant,
@@ -277,11 +277,7 @@ impl Cache {
             cost: b.cost,
             reserve: b.reserve,
             retry_at: sent + wait,
-            until: sent
-                + match b.window {
-                    None => wait,
-                    Some(_) => wait.min(BUDGET_HOLD),
-                },
+            until: sent + wait.min(MAX_HOLD),
             full_at: sent + reset_after,
             budget_left: b.window.map(|_| remaining),
         };

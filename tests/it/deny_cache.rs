@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::common::redis::{Standalone, conn};
 use tollgate::bucket::Shape;
-use tollgate::store::deny_cache::{BUDGET_HOLD, DenyCache};
+use tollgate::store::deny_cache::{DenyCache, MAX_HOLD};
 use tollgate::store::memory::MemoryStore;
 use tollgate::store::{
     BucketCharge, BucketKey, Charge, ChargeOutcome, SettleBucket, Settlement, Store,
@@ -220,11 +220,11 @@ async fn a_budget_s_denial_is_held_for_the_hold_only_so_a_refund_elsewhere_is_se
         "the first denial is the store's"
     );
 
-    tokio::time::advance(BUDGET_HOLD / 2).await;
+    tokio::time::advance(MAX_HOLD / 2).await;
     let held = one(&cached, &budget("team", &day, 60)).await;
     assert_eq!(cached.answered_locally(), 1, "then answered here");
     assert!(!held.allowed);
-    assert_eq!(held.buckets[0].retry_after, Some(wait - BUDGET_HOLD / 2));
+    assert_eq!(held.buckets[0].retry_after, Some(wait - MAX_HOLD / 2));
     assert_eq!(held.buckets[0].remaining, 40);
     let plain = one(cached.inner(), &budget("team", &day, 60)).await;
     assert_eq!(held, plain, "the local answer is the store's own");
@@ -240,7 +240,7 @@ async fn a_budget_s_denial_is_held_for_the_hold_only_so_a_refund_elsewhere_is_se
         once: None,
     };
     cached.inner().settle(&refund).await.unwrap();
-    tokio::time::advance(BUDGET_HOLD / 2 - Duration::from_nanos(1)).await;
+    tokio::time::advance(MAX_HOLD / 2 - Duration::from_nanos(1)).await;
     assert!(!one(&cached, &budget("team", &day, 60)).await.allowed);
     assert_eq!(cached.answered_locally(), 2);
     // ...and no longer: then the store is asked, and allows.
@@ -263,7 +263,7 @@ async fn an_identity_over_its_budget_asks_redis_once_per_hold() {
         .unwrap();
     let started = tokio::time::Instant::now();
     let mut denied = 0;
-    while started.elapsed() < BUDGET_HOLD * 3 / 2 {
+    while started.elapsed() < MAX_HOLD * 3 / 2 {
         assert!(!one(&cached, &budget("hot", &year, 1)).await.allowed);
         denied += 1;
     }
@@ -273,4 +273,46 @@ async fn an_identity_over_its_budget_asks_redis_once_per_hold() {
     // One at the start, one when the first hold ran out (the second holds
     // past the loop's end).
     assert_eq!(evalsha, 2, "{evalsha} EVALSHA for {denied} denials");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_bucket_s_denial_is_held_for_the_hold_only_too() {
+    let cached = DenyCache::new(MemoryStore::default(), true);
+    // Five a day: a denial waits hours.
+    let slow = |cost| {
+        let mut c = charge("slow", cost);
+        c.buckets[0].shape.period = Duration::from_secs(86_400).as_nanos() as u64;
+        c
+    };
+    for _ in 0..5 {
+        assert!(one(&cached, &slow(1)).await.allowed);
+    }
+    let first = one(&cached, &slow(1)).await;
+    assert!(!first.allowed);
+    let wait = first.buckets[0].retry_after.unwrap();
+    assert!(wait > Duration::from_secs(4 * 3600), "{wait:?}");
+    // A refund on another replica gives a token back behind the cache.
+    let refund = Settlement {
+        buckets: vec![SettleBucket {
+            charge: slow(1).buckets[0],
+            actual: 0,
+            mark: None,
+        }],
+        once: None,
+    };
+    cached.inner().settle(&refund).await.unwrap();
+    tokio::time::advance(MAX_HOLD - Duration::from_nanos(1)).await;
+    let held = one(&cached, &slow(1)).await;
+    assert!(!held.allowed);
+    assert_eq!(cached.answered_locally(), 1);
+    assert_eq!(
+        held.buckets[0].retry_after,
+        Some(wait - (MAX_HOLD - Duration::from_nanos(1))),
+        "the store's whole wait, shrinking"
+    );
+    tokio::time::advance(Duration::from_nanos(1)).await;
+    assert!(
+        one(&cached, &slow(1)).await.allowed,
+        "the hold is over: the store is asked, and has the refunded token"
+    );
 }
