@@ -60,7 +60,7 @@ fn main() -> anyhow::Result<()> {
             std::mem::size_of::<tollgate::limiter::Decision>(),
             std::mem::size_of::<Request<'_>>(),
             std::mem::size_of::<tollgate::store::BucketCharge<'_>>(),
-            std::mem::size_of::<tollgate::store::SingleOutcome>(),
+            std::mem::size_of::<tollgate::store::ChargeOutcome>(),
         );
     }
     let mut done = 0u64;

@@ -27,14 +27,13 @@ use crate::config::{Config, ConfigError, ConfigSource, GrpcConfig};
 use crate::limiter::{Limiter, Rules, Signer};
 use crate::observe::Observer;
 use crate::observe::hitters::{Hitters, Sizes};
-use crate::observe::metrics::{Instrumented, Metrics};
+use crate::observe::metrics::Metrics;
 use crate::observe::status::Board;
 use crate::pb;
 use crate::pb::tollgate::v1::admin_server::AdminServer;
 use crate::pb::tollgate::v1::rate_limiter_server::RateLimiterServer;
 use crate::shutdown::{self, Cancellable, Control};
-use crate::store::deny_cache::DenyCache;
-use crate::store::{self, AnyStore, BuildError, Store};
+use crate::store::{self, BuildError, Served, Store};
 use crate::tls::{self, Conn, Tls};
 use crate::watch::FileWatch;
 
@@ -48,7 +47,7 @@ pub const HEALTH_SERVICE: &str = "tollgate.v1.RateLimiter";
 pub const STORE_HEALTH_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The limiter every service shares.
-type SharedLimiter = Arc<Limiter<DenyCache<Instrumented<AnyStore>>>>;
+type SharedLimiter = Arc<Limiter<Served<Metrics>>>;
 
 /// The gRPC router, behind the in-flight cap.
 type Routes = Router<Stack<InFlightLimitLayer, Identity>>;
@@ -130,11 +129,7 @@ pub async fn run(
         tls: (grpc_tls, metrics_tls),
     } = prepared;
     let metrics = Arc::new(Metrics::new());
-    // The cache sits outside the timing: local answers are not store calls.
-    let store = DenyCache::new(
-        Instrumented::new(store::build(&config.store)?, metrics.clone()),
-        config.store.deny_cache_on(),
-    );
+    let store = store::build_served(&config.store, metrics.clone())?;
     let signer = match &config.reservations.secret {
         Some(secret) => Signer::new(secret.expose().as_bytes()),
         None => Signer::random(),

@@ -580,12 +580,22 @@ scopes:
             vec![Err(StoreError::transient("connection refused")); charges.len()]
         }
 
+        async fn check_and_take_one(&self, _: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
+            Err(StoreError::transient("connection refused"))
+        }
+
         async fn settle(
             &self,
             _: &crate::store::Settlement<'_>,
         ) -> Result<crate::store::Settled, StoreError> {
             Err(StoreError::transient("connection refused"))
         }
+
+        fn is_available(&self) -> bool {
+            false
+        }
+
+        fn rules_replaced(&self) {}
     }
 
     #[tokio::test]

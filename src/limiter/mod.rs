@@ -238,22 +238,8 @@ impl<S: Store> Limiter<S> {
             // Boxed: its state would otherwise grow every decision's future.
             return Box::pin(self.reserve(&rules, req, &buckets)).await;
         }
-        // One bucket, the common case: no list is built on the way down or
-        // back up, so the embedded store decides without allocating.
-        if let [only] = buckets.as_slice() {
-            return match self
-                .store
-                .check_and_take_single(&only.charge, req.dry_run)
-                .await
-            {
-                Ok(single) => Ok(plan::decision_of(
-                    &buckets,
-                    single.allowed,
-                    std::slice::from_ref(&single.bucket),
-                )),
-                Err(e) => plan::failed(&rules, req.scope, e),
-            };
-        }
+        // One bucket, the common case, stays inline in the charge and its
+        // outcome: no list is built on the way down or back up.
         let charge = plan::charge(&buckets, req.dry_run);
         match self.store.check_and_take_one(&charge).await {
             Ok(outcome) => Ok(plan::decision(&buckets, &outcome)),

@@ -70,9 +70,15 @@ where
 
 /// The store charge for a request's buckets.
 pub(crate) fn charge<'q>(buckets: &[Planned<'_, 'q>], dry_run: bool) -> Charge<'q> {
+    // Pushed one by one, as in `decision_of`: a single bucket stays inline.
+    let mut list = SmallVec::new();
+    for p in buckets {
+        list.push(p.charge);
+    }
     Charge {
-        buckets: buckets.iter().map(|p| p.charge).collect(),
+        buckets: list,
         dry_run,
+        marks: false,
     }
 }
 
@@ -215,8 +221,9 @@ where
     /// The one store charge, or `None` when no bucket applies.
     pub(crate) fn charge(&self) -> Option<Charge<'q>> {
         (!self.slots.is_empty()).then(|| Charge {
-            buckets: self.slots.clone(),
+            buckets: self.slots.iter().copied().collect(),
             dry_run: self.dry_run,
+            marks: false,
         })
     }
 
@@ -239,7 +246,7 @@ where
                     &mine,
                     &ChargeOutcome {
                         allowed: outcome.allowed,
-                        buckets: outcomes,
+                        buckets: outcomes.into(),
                         now_us: outcome.now_us,
                     },
                 );

@@ -13,7 +13,7 @@ use super::plan::{self, Joint};
 use super::reservation::{MAX_TOKEN_LEN, Reservation, ReservedBucket, TokenError};
 use super::{BucketReport, DecideError, Decision, Limiter, Request, Rules};
 use crate::store::{
-    BucketCharge, BucketKey, ChargeOutcome, Once, SettleBucket, Settled, Store, StoreError,
+    BucketCharge, BucketKey, Charge, ChargeOutcome, Once, SettleBucket, Settled, Store, StoreError,
 };
 use crate::window::Window;
 
@@ -67,8 +67,11 @@ impl<S: Store> Limiter<S> {
                 max: MAX_TOKEN_LEN,
             });
         }
-        let charge = plan::charge(buckets, false);
-        let outcome = match self.store.check_and_take_marked(&charge).await {
+        let charge = Charge {
+            marks: true,
+            ..plan::charge(buckets, false)
+        };
+        let outcome = match self.store.check_and_take_one(&charge).await {
             Ok(outcome) => outcome,
             Err(e) => return plan::failed(rules, req.scope, e),
         };
@@ -222,7 +225,7 @@ impl<S: Store> Limiter<S> {
         match self.store.settle(&settlement).await {
             Ok(Settled::Applied(buckets)) => Ok(joint.decisions(&ChargeOutcome {
                 allowed: true,
-                buckets,
+                buckets: buckets.into(),
                 now_us: 0,
             })),
             Ok(_) => Err(DecideError::StoreUnavailable {

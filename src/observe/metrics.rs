@@ -15,12 +15,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::time::Instant;
 
 use crate::limiter::{Decision, Rules};
-use crate::store::{
-    BucketCharge, Charge, ChargeOutcome, Settled, Settlement, SingleOutcome, Store, StoreError,
-};
+use crate::store::{StoreError, StoreObserver};
 
 /// The `scope` label of requests for scopes that are not configured.
 pub const UNCONFIGURED: &str = "_unconfigured";
@@ -286,101 +283,22 @@ fn labels(rules: &Rules, scope: &str, decision: &Decision) -> (Arc<str>, Arc<str
     }
 }
 
-/// A store wrapped to time its calls and count its failures.
-#[derive(Debug, Clone)]
-pub struct Instrumented<S> {
-    inner: S,
-    metrics: Arc<Metrics>,
-}
-
-impl<S: Store> Instrumented<S> {
-    /// Wraps `inner`.
-    pub fn new(inner: S, metrics: Arc<Metrics>) -> Self {
-        metrics.store_available.set(i64::from(inner.is_available()));
-        Self { inner, metrics }
+/// The store reports each call here (see [`crate::store::observed`]).
+impl StoreObserver for Metrics {
+    fn store_called(&self, took: Duration) {
+        self.store_seconds.observe(took.as_secs_f64());
     }
 
-    fn observe<T>(&self, started: Instant, result: &Result<T, StoreError>) {
-        self.metrics
-            .store_seconds
-            .observe(started.elapsed().as_secs_f64());
-        if let Err(e) = result {
-            self.count_error(e);
-        }
-        self.metrics
-            .store_available
-            .set(i64::from(self.inner.is_available()));
+    fn store_available(&self, available: bool) {
+        self.store_available.set(i64::from(available));
     }
 
-    fn count_error(&self, e: &StoreError) {
-        self.metrics
-            .store_errors
+    fn store_failed(&self, error: &StoreError) {
+        self.store_errors
             .get_or_create(&StoreErrorLabels {
-                transient: e.transient,
+                transient: error.transient,
             })
             .inc();
-    }
-}
-
-impl<S: Store> Store for Instrumented<S> {
-    async fn check_and_take_each(
-        &self,
-        charges: &[Charge<'_>],
-    ) -> Vec<Result<ChargeOutcome, StoreError>> {
-        let started = Instant::now();
-        let results = self.inner.check_and_take_each(charges).await;
-        // One timing per call; one error count per failed charge.
-        match results.iter().find(|r| r.is_err()) {
-            Some(Err(e)) => self.observe(started, &Err::<(), _>(e.clone())),
-            _ => self.observe(started, &Ok(())),
-        }
-        for e in results.iter().filter_map(|r| r.as_ref().err()).skip(1) {
-            self.count_error(e);
-        }
-        results
-    }
-
-    async fn check_and_take_one(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
-        let started = Instant::now();
-        let result = self.inner.check_and_take_one(charge).await;
-        self.observe(started, &result);
-        result
-    }
-
-    async fn check_and_take_single(
-        &self,
-        bucket: &BucketCharge<'_>,
-        dry_run: bool,
-    ) -> Result<SingleOutcome, StoreError> {
-        let started = Instant::now();
-        let result = self.inner.check_and_take_single(bucket, dry_run).await;
-        self.observe(started, &result);
-        result
-    }
-
-    async fn check_and_take_marked(
-        &self,
-        charge: &Charge<'_>,
-    ) -> Result<ChargeOutcome, StoreError> {
-        let started = Instant::now();
-        let result = self.inner.check_and_take_marked(charge).await;
-        self.observe(started, &result);
-        result
-    }
-
-    async fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
-        let started = Instant::now();
-        let result = self.inner.settle(settlement).await;
-        self.observe(started, &result);
-        result
-    }
-
-    fn is_available(&self) -> bool {
-        self.inner.is_available()
-    }
-
-    fn rules_replaced(&self) {
-        self.inner.rules_replaced();
     }
 }
 

@@ -63,8 +63,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use super::{
-    BucketCharge, BucketOutcome, Charge, ChargeOutcome, Settled, Settlement, SingleOutcome, Store,
-    StoreError,
+    BucketCharge, BucketOutcome, Charge, ChargeOutcome, Settled, Settlement, Store, StoreError,
 };
 use crate::bucket::{Mark, Shape, Tat};
 
@@ -138,7 +137,7 @@ impl Entry {
             .unwrap_or_else(|| self.refilled(reset_after));
         ChargeOutcome {
             allowed: false,
-            buckets: vec![BucketOutcome {
+            buckets: smallvec::smallvec![BucketOutcome {
                 conforms: false,
                 remaining: remaining.min((self.cost + self.reserve).saturating_sub(1)),
                 reset_after,
@@ -243,7 +242,7 @@ impl Cache {
     /// take, forgets what it held about the charge's buckets.
     fn learn(&self, charge: &Charge<'_>, outcome: &ChargeOutcome, sent: Instant) {
         if outcome.allowed && !charge.dry_run {
-            self.forget(charge);
+            self.forget(&charge.buckets);
             return;
         }
         let (Some(b), false) = (cacheable(charge), outcome.allowed) else {
@@ -289,12 +288,12 @@ impl Cache {
         }
     }
 
-    /// Drops the entries of `charge`'s buckets. This replica just took from
-    /// them, so a denial held for another cost would now wait too little:
-    /// still a correct denial, but no longer the exact retry_after this
-    /// replica's own takes allow it to give.
-    fn forget(&self, charge: &Charge<'_>) {
-        for b in &charge.buckets {
+    /// Drops the entries of `buckets`. After a take through this replica, a
+    /// denial held for another cost would wait too little: still a correct
+    /// denial, but no longer the exact retry_after this replica's own takes
+    /// allow it to give. After a refund, it could wait too long.
+    fn forget<'b, 'k: 'b>(&self, buckets: impl IntoIterator<Item = &'b BucketCharge<'k>>) {
+        for b in buckets {
             let hash = self.hash(b);
             let mut table = self.shard(hash).lock();
             if let Ok(entry) = table.find_entry(hash, |e| e.is(b)) {
@@ -377,37 +376,11 @@ impl<S: Store> Store for DenyCache<S> {
             .await
     }
 
-    async fn check_and_take_single(
-        &self,
-        bucket: &BucketCharge<'_>,
-        dry_run: bool,
-    ) -> Result<SingleOutcome, StoreError> {
-        if self.cache.is_none() {
-            return self.inner.check_and_take_single(bucket, dry_run).await;
-        }
-        let charge = Charge {
-            buckets: vec![*bucket],
-            dry_run,
-        };
-        SingleOutcome::of(self.check_and_take_one(&charge).await?)
-    }
-
-    async fn check_and_take_marked(
-        &self,
-        charge: &Charge<'_>,
-    ) -> Result<ChargeOutcome, StoreError> {
-        self.one(charge, || self.inner.check_and_take_marked(charge))
-            .await
-    }
-
     async fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
         let settled = self.inner.settle(settlement).await;
         if let (Some(cache), Ok(Settled::Applied(_))) = (&self.cache, &settled) {
             // A refund may bring tokens back before a held denial's deadline.
-            cache.forget(&Charge {
-                buckets: settlement.buckets.iter().map(|b| b.charge).collect(),
-                dry_run: false,
-            });
+            cache.forget(settlement.buckets.iter().map(|b| &b.charge));
         }
         settled
     }

@@ -19,8 +19,7 @@ use tokio::time::Instant;
 
 use super::keys::KeyPart;
 use super::{
-    BucketCharge, BucketOutcome, Charge, ChargeOutcome, Settled, Settlement, SingleOutcome, Store,
-    StoreError,
+    BucketCharge, BucketOutcome, Charge, ChargeOutcome, Settled, Settlement, Store, StoreError,
 };
 use crate::bucket::{Ledger, Mark, Tat, Verdict};
 use crate::config::{DEFAULT_MAX_BYTES, DEFAULT_SHARDS};
@@ -218,12 +217,7 @@ impl Inner {
 
     fn decide(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
         if let [bucket] = charge.buckets.as_slice() {
-            let single = self.decide_one(bucket, charge.dry_run)?;
-            return Ok(ChargeOutcome {
-                allowed: single.allowed,
-                buckets: vec![single.bucket],
-                now_us: self.now() / 1_000,
-            });
+            return self.decide_one(bucket, charge.dry_run);
         }
         let mut buf: SmallVec<[u8; 256]> = SmallVec::new();
         let slots = self.slots(charge, &mut buf);
@@ -266,7 +260,7 @@ impl Inner {
                 return Err(self.full());
             }
         }
-        let mut outcomes = Vec::with_capacity(slots.len());
+        let mut outcomes = SmallVec::with_capacity(slots.len());
         for ((bucket, (verdict, _, ledger)), slot) in
             charge.buckets.iter().zip(&verdicts).zip(&slots)
         {
@@ -348,7 +342,7 @@ impl Inner {
         &self,
         bucket: &BucketCharge<'_>,
         dry_run: bool,
-    ) -> Result<SingleOutcome, StoreError> {
+    ) -> Result<ChargeOutcome, StoreError> {
         // Most keys fit the stack; longer ones (long Envoy descriptors) go
         // to the heap.
         let len = encoded_len(bucket);
@@ -390,9 +384,10 @@ impl Inner {
             }
         }
         drop(table);
-        Ok(SingleOutcome {
+        Ok(ChargeOutcome {
             allowed,
-            bucket: outcome(bucket, &verdict, mark, now),
+            buckets: smallvec::smallvec![outcome(bucket, &verdict, mark, now)],
+            now_us: now / 1_000,
         })
     }
 
@@ -400,10 +395,7 @@ impl Inner {
     /// and the settled ids locked, so the check that it was not settled
     /// before, the changes and the record of it are one step.
     fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
-        let charge = Charge {
-            buckets: settlement.buckets.iter().map(|b| b.charge).collect(),
-            dry_run: false,
-        };
+        let charge = Charge::of(settlement.buckets.iter().map(|b| b.charge));
         let mut buf: SmallVec<[u8; 256]> = SmallVec::new();
         let slots = self.slots(&charge, &mut buf);
         let mut guards = self.lock(&slots);
@@ -564,15 +556,16 @@ impl Store for MemoryStore {
         self.inner.decide(charge)
     }
 
-    async fn check_and_take_single(
-        &self,
-        bucket: &BucketCharge<'_>,
-        dry_run: bool,
-    ) -> Result<SingleOutcome, StoreError> {
-        self.inner.decide_one(bucket, dry_run)
-    }
-
     async fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
         self.inner.settle(settlement)
     }
+
+    /// The embedded store is always available: it lives in this process.
+    fn is_available(&self) -> bool {
+        true
+    }
+
+    /// Buckets are keyed by their shape, so a reload that changes a limit
+    /// starts new ones: nothing derived from the old rules is kept.
+    fn rules_replaced(&self) {}
 }

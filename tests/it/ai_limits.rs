@@ -426,8 +426,9 @@ async fn settled_reservations_count_against_the_memory_bound() {
     let store = MemoryStore::with_max_bytes(1, MemoryStore::bytes_of(&bucket) + 10);
     let taken = store
         .check_and_take_one(&Charge {
-            buckets: vec![bucket],
+            buckets: smallvec::smallvec![bucket],
             dry_run: false,
+            marks: false,
         })
         .await
         .unwrap();
@@ -447,8 +448,9 @@ async fn settled_reservations_count_against_the_memory_bound() {
     assert!(e.message.contains("max_bytes"), "{e:?}");
     let dry = store
         .check_and_take_one(&Charge {
-            buckets: vec![bucket],
+            buckets: smallvec::smallvec![bucket],
             dry_run: true,
+            marks: false,
         })
         .await
         .unwrap();
@@ -499,8 +501,9 @@ async fn a_day_budget_resets_at_midnight_on_a_paused_clock() {
         let mut b = budget;
         b.cost = cost;
         Charge {
-            buckets: vec![b],
+            buckets: smallvec::smallvec![b],
             dry_run: false,
+            marks: false,
         }
     };
     let spend = store.check_and_take_one(&charge(60)).await.unwrap();

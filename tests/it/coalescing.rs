@@ -11,11 +11,11 @@ use tollgate::bucket::Shape;
 use tollgate::config::Config;
 use tollgate::pb::tollgate::v1::ShouldAllowRequest;
 use tollgate::store::redis::keys::bucket_key;
-use tollgate::store::{BucketCharge, BucketKey, Charge, Store};
+use tollgate::store::{BucketCharge, BucketKey, Charge, Store, StoreExt};
 
 fn charge(identity: &str) -> Charge<'_> {
     Charge {
-        buckets: vec![BucketCharge {
+        buckets: smallvec::smallvec![BucketCharge {
             key: BucketKey {
                 scope: "s",
                 rule: "r",
@@ -32,6 +32,7 @@ fn charge(identity: &str) -> Charge<'_> {
             window: None,
         }],
         dry_run: false,
+        marks: false,
     }
 }
 

@@ -15,7 +15,7 @@ use tollgate::window::Window;
 
 fn charge(identity: &str, cost: u64) -> Charge<'_> {
     Charge {
-        buckets: vec![BucketCharge {
+        buckets: smallvec::smallvec![BucketCharge {
             key: BucketKey {
                 scope: "s",
                 rule: "r",
@@ -32,6 +32,7 @@ fn charge(identity: &str, cost: u64) -> Charge<'_> {
             window: None,
         }],
         dry_run: false,
+        marks: false,
     }
 }
 

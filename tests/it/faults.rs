@@ -59,8 +59,9 @@ async fn absent_shadow_buckets_that_cannot_pay_do_not_fill_the_memory_bound() {
         shadow.cost = 2;
         let out = store
             .check_and_take_one(&Charge {
-                buckets: vec![scope, shadow],
+                buckets: smallvec::smallvec![scope, shadow],
                 dry_run: false,
+                marks: false,
             })
             .await
             .expect("the store is not full: only the scope's bucket is held");
@@ -108,8 +109,9 @@ async fn in_a_redis_pipeline_one_failed_reply_does_not_fail_the_others() {
     let redis = Standalone::start();
     let store = redis.store("batch-indep");
     let charge = |id: &'static str| Charge {
-        buckets: vec![bucket("per-user", Some(id), 1)],
+        buckets: smallvec::smallvec![bucket("per-user", Some(id), 1)],
         dry_run: false,
+        marks: false,
     };
     assert!(
         store
@@ -152,8 +154,9 @@ async fn the_memory_bound_is_in_bytes_and_long_identities_are_hashed() {
     let ids: Vec<String> = (0..100).map(huge_identity).collect();
     for id in &ids {
         let c = Charge {
-            buckets: vec![bucket("per-user", Some(id), 10)],
+            buckets: smallvec::smallvec![bucket("per-user", Some(id), 10)],
             dry_run: false,
+            marks: false,
         };
         assert!(store.check_and_take_one(&c).await.expect("room").allowed);
     }
@@ -164,8 +167,9 @@ async fn the_memory_bound_is_in_bytes_and_long_identities_are_hashed() {
     let mut refused = 0;
     for id in &more {
         let c = Charge {
-            buckets: vec![bucket("per-user", Some(id), 10)],
+            buckets: smallvec::smallvec![bucket("per-user", Some(id), 10)],
             dry_run: false,
+            marks: false,
         };
         refused += usize::from(store.check_and_take_one(&c).await.is_err());
     }
@@ -182,8 +186,9 @@ async fn redis_keys_stay_bounded_for_huge_identities() {
     let (a, b) = (huge_identity(1), huge_identity(2));
     for id in [&a, &b, &a] {
         let c = Charge {
-            buckets: vec![bucket("per-user", Some(id), 2)],
+            buckets: smallvec::smallvec![bucket("per-user", Some(id), 2)],
             dry_run: false,
+            marks: false,
         };
         assert!(store.check_and_take_one(&c).await.unwrap().allowed);
     }
@@ -260,7 +265,7 @@ impl Load {
                     let id = format!("caller-{i}");
                     while !stop.load(Ordering::Relaxed) {
                         let c = Charge {
-                            buckets: vec![BucketCharge {
+                            buckets: smallvec::smallvec![BucketCharge {
                                 key: BucketKey {
                                     scope,
                                     rule: "r",
@@ -270,6 +275,7 @@ impl Load {
                                 ..bucket("r", None, 1_000_000)
                             }],
                             dry_run: false,
+                            marks: false,
                         };
                         match store.check_and_take_one(&c).await {
                             Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
@@ -424,7 +430,7 @@ fn node_id(port: u16) -> String {
 
 fn one_charge<'a>(scope: &'a str, identity: &'a str, capacity: u64) -> Charge<'a> {
     Charge {
-        buckets: vec![BucketCharge {
+        buckets: smallvec::smallvec![BucketCharge {
             key: BucketKey {
                 scope,
                 rule: "r",
@@ -434,6 +440,7 @@ fn one_charge<'a>(scope: &'a str, identity: &'a str, capacity: u64) -> Charge<'a
             ..bucket("r", None, capacity)
         }],
         dry_run: false,
+        marks: false,
     }
 }
 
@@ -473,7 +480,10 @@ async fn a_cluster_migration_never_runs_a_script_twice() {
     for round in 0..3 {
         let fresh = format!("fresh-{round}");
         let got = store
-            .check_and_take_each(&[spent.clone(), one_charge(&scope, &fresh, 1)])
+            .check_and_take_each(&[
+                one_charge(&scope, "spent", 1),
+                one_charge(&scope, &fresh, 1),
+            ])
             .await;
         let spent_out = got[0].as_ref().expect("decided on the source");
         assert!(!spent_out.allowed, "round {round}: spent was let through");

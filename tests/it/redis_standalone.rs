@@ -15,11 +15,11 @@ use tollgate::pb::tollgate::v1::rate_limiter_client::RateLimiterClient;
 use tollgate::server::{self, HEALTH_SERVICE};
 use tollgate::store::redis::RedisStore;
 use tollgate::store::redis::keys::bucket_key;
-use tollgate::store::{AnyStore, BucketCharge, BucketKey, Charge, Store};
+use tollgate::store::{AnyStore, BucketCharge, BucketKey, Charge, Store, StoreExt};
 
 fn charge(identity: &str, capacity: u64, period: Duration) -> Charge<'_> {
     Charge {
-        buckets: vec![BucketCharge {
+        buckets: smallvec::smallvec![BucketCharge {
             key: BucketKey {
                 scope: "s",
                 rule: "r",
@@ -36,6 +36,7 @@ fn charge(identity: &str, capacity: u64, period: Duration) -> Charge<'_> {
             window: None,
         }],
         dry_run: false,
+        marks: false,
     }
 }
 
@@ -113,8 +114,9 @@ async fn a_bucket_expires_when_full_and_its_memory_is_measured() {
         ..charge("bob", 1_000, Duration::from_millis(300)).buckets[0]
     };
     let drain = Charge {
-        buckets: vec![drain_bucket],
+        buckets: smallvec::smallvec![drain_bucket],
         dry_run: false,
+        marks: false,
     };
     assert!(store.check_and_take(&[drain]).await.unwrap()[0].allowed);
     let key = &bucket_key("test:expiry:", &drain_bucket);

@@ -8,13 +8,13 @@ use crate::common::redis::{Cluster, Sentinel, conn};
 use tokio::time::Instant;
 use tollgate::bucket::Shape;
 use tollgate::store::redis::keys::bucket_key;
-use tollgate::store::{BucketCharge, BucketKey, Charge, Store};
+use tollgate::store::{BucketCharge, BucketKey, Charge, Store, StoreExt};
 
 /// A charge of 1 from a bucket of a million tokens per 10^7 s: the bucket
 /// outlives the test (each token takes 10 s to return) and never runs dry.
 fn charge<'a>(scope: &'a str, identity: &'a str) -> Charge<'a> {
     Charge {
-        buckets: vec![BucketCharge {
+        buckets: smallvec::smallvec![BucketCharge {
             key: BucketKey {
                 scope,
                 rule: "r",
@@ -31,6 +31,7 @@ fn charge<'a>(scope: &'a str, identity: &'a str) -> Charge<'a> {
             window: None,
         }],
         dry_run: false,
+        marks: false,
     }
 }
 
@@ -176,8 +177,9 @@ async fn cluster_spreads_scopes_over_slots_and_reloads_flushed_scripts() {
     };
     let wide = charge("scope-1", "carol").buckets[0];
     let mixed = Charge {
-        buckets: vec![wide, narrow("scope-2"), narrow("scope-3")],
+        buckets: smallvec::smallvec![wide, narrow("scope-2"), narrow("scope-3")],
         dry_run: false,
+        marks: false,
     };
     let out = store
         .check_and_take(std::slice::from_ref(&mixed))

@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::common::redis::{Cluster, Sentinel, Standalone};
 use tollgate::bucket::Shape;
 use tollgate::store::memory::MemoryStore;
-use tollgate::store::{BucketCharge, BucketKey, Charge, ChargeOutcome, Store};
+use tollgate::store::{BucketCharge, BucketKey, Charge, ChargeOutcome, Store, StoreExt};
 
 const MS: u64 = 1_000_000;
 
@@ -40,7 +40,11 @@ fn with_cost(mut b: BucketCharge<'_>, cost: u64) -> BucketCharge<'_> {
 
 async fn one(store: &impl Store, buckets: Vec<BucketCharge<'_>>, dry_run: bool) -> ChargeOutcome {
     let mut out = store
-        .check_and_take(&[Charge { buckets, dry_run }])
+        .check_and_take(&[Charge {
+            buckets: buckets.into(),
+            dry_run,
+            marks: false,
+        }])
         .await
         .expect("store answers");
     out.pop().expect("one outcome")
@@ -167,16 +171,19 @@ async fn charges_in_one_call_are_independent(store: &impl Store) {
     let out = store
         .check_and_take(&[
             Charge {
-                buckets: vec![a],
+                buckets: smallvec::smallvec![a],
                 dry_run: false,
+                marks: false,
             },
             Charge {
-                buckets: vec![b],
+                buckets: smallvec::smallvec![b],
                 dry_run: false,
+                marks: false,
             },
             Charge {
-                buckets: vec![],
+                buckets: smallvec::smallvec![],
                 dry_run: false,
+                marks: false,
             },
         ])
         .await

@@ -244,6 +244,7 @@ impl Inner {
                 work.push(Charge {
                     buckets: part.iter().map(|&i| charge.buckets[i]).collect(),
                     dry_run: charge.dry_run,
+                    marks: charge.marks,
                 });
             }
             plans.push(plan);
@@ -256,13 +257,12 @@ impl Inner {
     async fn decide(
         self: &Arc<Self>,
         charges: &[Charge<'_>],
-        marked: bool,
     ) -> Vec<Result<ChargeOutcome, StoreError>> {
         let (work, plans) = self.work(charges);
         // A charge split over slots needs its parts' ledgers, to bound the
         // refund should another part deny.
         let split = plans.iter().any(|p| p.len() > 1);
-        let done = self.run(&work, marked || split).await;
+        let done = self.run(&work, split).await;
 
         let mut outcomes = Vec::with_capacity(charges.len());
         let mut refunds: Vec<Settlement<'_>> = Vec::new();
@@ -310,7 +310,7 @@ impl Inner {
                 outcomes.push(Err(e.clone()));
                 continue;
             }
-            let mut buckets = vec![UNSET; charge.buckets.len()];
+            let mut buckets = smallvec::smallvec![UNSET; charge.buckets.len()];
             let mut now_us = 0;
             for (w, part) in plan {
                 if let Ok(o) = &done[*w] {
@@ -406,20 +406,38 @@ impl Inner {
     /// items, from this call and others, share script calls. Outcomes are
     /// in work order, each on its own: an item whose batch failed (or that
     /// waited too long) fails, and the others keep their outcomes.
-    /// `marked`: the replies carry each bucket's ledger.
+    /// `marks`: every reply carries each bucket's ledger, whatever its
+    /// charge asked.
     async fn run(
         self: &Arc<Self>,
         work: &[Charge<'_>],
-        marked: bool,
+        marks: bool,
     ) -> Vec<Result<ChargeOutcome, StoreError>> {
-        let waits = work.iter().map(|charge| async move {
-            let node = self.node_of(charge.buckets.first());
-            let reply = self
-                .submit(node, script::encode(&self.prefix, charge, marked))
-                .await?;
-            script::outcome(charge, reply.now, &reply.ints)
-        });
-        join_all(waits).await
+        join_all(work.iter().map(|charge| self.one(charge, marks))).await
+    }
+
+    /// Decides one charge whose buckets share a node (on Cluster, a hash
+    /// slot) in its node's next script call. `marks`: its reply carries
+    /// each bucket's ledger even if the charge did not ask for it.
+    async fn one(
+        self: &Arc<Self>,
+        charge: &Charge<'_>,
+        marks: bool,
+    ) -> Result<ChargeOutcome, StoreError> {
+        let node = self.node_of(charge.buckets.first());
+        let encoded = script::encode(&self.prefix, charge, charge.marks || marks);
+        let reply = self.submit(node, encoded).await?;
+        script::outcome(charge, reply.now, &reply.ints)
+    }
+
+    /// True when `charge`'s buckets cannot go in one script call: on
+    /// Cluster, when they span hash slots.
+    fn spans_nodes(&self, charge: &Charge<'_>) -> bool {
+        self.topology.is_cluster()
+            && charge.buckets.split_first().is_some_and(|(first, rest)| {
+                let slot = keys::slot(&first.key);
+                rest.iter().any(|b| keys::slot(&b.key) != slot)
+            })
     }
 
     /// The breaker that guards `charge`: its slot's on Cluster, else none
@@ -517,17 +535,35 @@ impl Store for RedisStore {
         &self,
         charges: &[Charge<'_>],
     ) -> Vec<Result<ChargeOutcome, StoreError>> {
-        self.take(charges, false).await
+        self.take(charges).await
     }
 
-    async fn check_and_take_marked(
-        &self,
-        charge: &Charge<'_>,
-    ) -> Result<ChargeOutcome, StoreError> {
-        self.take(std::slice::from_ref(charge), true)
-            .await
-            .pop()
-            .unwrap_or_else(|| Err(StoreError::permanent("store returned no outcome")))
+    /// One charge on one node, the common case, goes straight to its
+    /// node's queue behind its breaker: no plan, no list of work, no join.
+    /// A charge that spans Cluster slots takes the batch path, which
+    /// reserves and refunds.
+    async fn check_and_take_one(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
+        let inner = &self.inner;
+        if charge.buckets.is_empty() || inner.spans_nodes(charge) {
+            return self
+                .take(std::slice::from_ref(charge))
+                .await
+                .pop()
+                .unwrap_or_else(|| Err(StoreError::permanent("store returned no outcome")));
+        }
+        let slot_breaker = inner.breaker_for(charge);
+        let breaker = slot_breaker.as_deref().unwrap_or(&inner.breaker);
+        if !breaker.admit() {
+            return Err(circuit_open());
+        }
+        let result = inner.one(charge, false).await;
+        let opened = record(breaker, std::slice::from_ref(&result));
+        // On Cluster, a slot's breaker only: its node's connection is the
+        // client's to remake.
+        if slot_breaker.is_none() {
+            inner.lost_if_opened(opened);
+        }
+        result
     }
 
     async fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
@@ -559,23 +595,23 @@ impl Store for RedisStore {
     fn is_available(&self) -> bool {
         !self.inner.breaker.is_open()
     }
+
+    /// Redis keys carry the limit's shape, so a reload that changes a limit
+    /// starts new buckets: nothing derived from the old rules is kept here.
+    fn rules_replaced(&self) {}
 }
 
 impl RedisStore {
-    /// Decides `charges` behind the breaker; `marked`: with ledgers.
-    async fn take(
-        &self,
-        charges: &[Charge<'_>],
-        marked: bool,
-    ) -> Vec<Result<ChargeOutcome, StoreError>> {
+    /// Decides `charges` behind the breaker.
+    async fn take(&self, charges: &[Charge<'_>]) -> Vec<Result<ChargeOutcome, StoreError>> {
         let inner = &self.inner;
         if inner.slot_breakers.is_some() {
-            return self.check_and_take_by_slot(charges, marked).await;
+            return self.check_and_take_by_slot(charges).await;
         }
         if !inner.breaker.admit() {
             return vec![Err(circuit_open()); charges.len()];
         }
-        let results = inner.decide(charges, marked).await;
+        let results = inner.decide(charges).await;
         inner.lost_if_opened(record(&inner.breaker, &results));
         results
     }
@@ -585,7 +621,6 @@ impl RedisStore {
     async fn check_and_take_by_slot(
         &self,
         charges: &[Charge<'_>],
-        marked: bool,
     ) -> Vec<Result<ChargeOutcome, StoreError>> {
         let inner = &self.inner;
         let breakers: Vec<Option<Arc<Breaker>>> =
@@ -597,7 +632,7 @@ impl RedisStore {
         let decided = if work.is_empty() {
             Vec::new()
         } else {
-            inner.decide(&work, marked).await
+            inner.decide(&work).await
         };
         let mut results: Vec<Result<ChargeOutcome, StoreError>> =
             (0..charges.len()).map(|_| Err(circuit_open())).collect();

@@ -340,7 +340,7 @@ mod tests {
 
     fn charge(cost: u64) -> Charge<'static> {
         Charge {
-            buckets: vec![BucketCharge {
+            buckets: smallvec::smallvec![BucketCharge {
                 key: BucketKey {
                     scope: "s",
                     rule: "r",
@@ -357,6 +357,7 @@ mod tests {
                 window: None,
             }],
             dry_run: false,
+            marks: false,
         }
     }
 

@@ -1,0 +1,106 @@
+//! Assembling a store from config: the settings only a store can judge,
+//! the store a config asks for ([`AnyStore`]), and the one stack of
+//! decorators every server runs ([`Served`]).
+
+use std::sync::Arc;
+
+use super::deny_cache::DenyCache;
+use super::observed::{Observed, StoreObserver};
+use super::{Charge, ChargeOutcome, Settled, Settlement, Store, StoreError, memory, redis};
+use crate::config::{ConfigError, StoreConfig, StoreKind};
+
+pub use super::redis::BuildError;
+
+/// The store a server decides on: the deny cache in front of the observed
+/// store, in front of the store the config chose. The cache sits outside
+/// the observer, so a local answer is not counted as a store call.
+pub type Served<O> = DenyCache<Observed<AnyStore, O>>;
+
+/// Builds [`Served`] for `config`, reporting every store call to
+/// `observer`. Needs a tokio runtime (see [`build`]).
+pub fn build_served<O: StoreObserver>(
+    config: &StoreConfig,
+    observer: Arc<O>,
+) -> Result<Served<O>, BuildError> {
+    let observed = Observed::new(build(config)?, observer);
+    Ok(DenyCache::new(observed, config.deny_cache_on()))
+}
+
+/// Checks the store settings that only the store itself can judge (such as
+/// whether the Redis client can use a URL). Runs before any port is bound,
+/// after the config's own validation.
+pub fn check_settings(config: &StoreConfig) -> Result<(), ConfigError> {
+    let mut problems = Vec::new();
+    if config.kind == StoreKind::Redis {
+        redis::RedisStore::check_settings(&config.redis, &mut problems);
+    }
+    ConfigError::check(problems)
+}
+
+/// Builds the store a config asks for, with its background task (the
+/// embedded store's sweeper, or Redis's prober). Needs a tokio runtime.
+pub fn build(config: &StoreConfig) -> Result<AnyStore, BuildError> {
+    Ok(match config.kind {
+        StoreKind::Memory => {
+            let memory = &config.memory;
+            let store = memory::MemoryStore::with_max_bytes(memory.shards, memory.max_bytes);
+            store.spawn_sweeper(memory.sweep_interval);
+            AnyStore::Memory(store)
+        }
+        StoreKind::Redis => {
+            let store = redis::RedisStore::new(&config.redis)?;
+            store.spawn_prober(config.redis.breaker_cool_down);
+            AnyStore::Redis(store)
+        }
+    })
+}
+
+/// The store chosen by configuration. An enum rather than a trait object, so
+/// the embedded store's calls stay static and allocation-free.
+#[derive(Debug, Clone)]
+pub enum AnyStore {
+    /// The embedded store.
+    Memory(memory::MemoryStore),
+    /// Redis: standalone, Sentinel or Cluster.
+    Redis(redis::RedisStore),
+}
+
+impl Store for AnyStore {
+    async fn check_and_take_each(
+        &self,
+        charges: &[Charge<'_>],
+    ) -> Vec<Result<ChargeOutcome, StoreError>> {
+        match self {
+            Self::Memory(s) => s.check_and_take_each(charges).await,
+            Self::Redis(s) => s.check_and_take_each(charges).await,
+        }
+    }
+
+    async fn check_and_take_one(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
+        match self {
+            Self::Memory(s) => s.check_and_take_one(charge).await,
+            Self::Redis(s) => s.check_and_take_one(charge).await,
+        }
+    }
+
+    async fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
+        match self {
+            Self::Memory(s) => s.settle(settlement).await,
+            Self::Redis(s) => s.settle(settlement).await,
+        }
+    }
+
+    fn is_available(&self) -> bool {
+        match self {
+            Self::Memory(s) => s.is_available(),
+            Self::Redis(s) => s.is_available(),
+        }
+    }
+
+    fn rules_replaced(&self) {
+        match self {
+            Self::Memory(s) => s.rules_replaced(),
+            Self::Redis(s) => s.rules_replaced(),
+        }
+    }
+}

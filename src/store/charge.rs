@@ -1,0 +1,269 @@
+//! What a store is asked to do, and what it answers: charges of buckets,
+//! settlements of earlier charges, and their outcomes, with the bucket math
+//! each store applies to them (in its own ticks).
+//!
+//! The types are plain data; the contract that says how a store must apply
+//! them is [`super::Store`]'s.
+
+use std::time::Duration;
+
+use smallvec::SmallVec;
+
+use crate::bucket::{Budget, Ledger, Mark, Shape, Tat, Verdict};
+use crate::window::Window;
+
+/// Names one bucket. Stores encode it into their own key format; every part
+/// that a caller controls (`identity`, `operation`) must be escaped or hashed
+/// there, so that no value can address another bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BucketKey<'a> {
+    /// The scope whose rule this bucket belongs to. Validated, not escaped.
+    pub scope: &'a str,
+    /// The rule (limit) name within the scope. From the config, not callers.
+    pub rule: &'a str,
+    /// The caller's identity, for per-identity buckets.
+    pub identity: Option<&'a str>,
+    /// The operation, for per-operation buckets.
+    pub operation: Option<&'a str>,
+}
+
+/// One bucket's part in a charge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketCharge<'a> {
+    /// Which bucket.
+    pub key: BucketKey<'a>,
+    /// Its capacity and refill period.
+    pub shape: Shape,
+    /// Tokens to take from it, at least 1.
+    pub cost: u64,
+    /// A shadow bucket is judged and, when it has room, charged, but it never
+    /// causes a denial. It lets operators try a limit before enforcing it.
+    pub shadow: bool,
+    /// Tokens the request must leave in the bucket: the headroom that its
+    /// priority may not take. It conforms only when the bucket holds
+    /// `cost + reserve`, and then `cost` is taken. 0 for CRITICAL.
+    pub reserve: u64,
+    /// Set for a calendar budget: `shape.capacity` is then the budget per
+    /// window, and the bucket counts spend in the window that holds the
+    /// store's clock instead of refilling at a rate.
+    pub window: Option<&'a Window>,
+}
+
+impl<'a> BucketCharge<'a> {
+    /// A plain token-bucket charge: enforced, no headroom, no window.
+    pub fn new(key: BucketKey<'a>, shape: Shape, cost: u64) -> Self {
+        Self {
+            key,
+            shape,
+            cost,
+            shadow: false,
+            reserve: 0,
+            window: None,
+        }
+    }
+}
+
+impl BucketCharge<'_> {
+    /// Judges this charge against `stored` at `now`, all in the store's
+    /// ticks (the shape too). `window_end` is the end of a budget's current
+    /// window; token buckets ignore it.
+    pub fn judge(&self, stored: Tat, now: u64, window_end: u64) -> Verdict {
+        match self.window {
+            None => self
+                .shape
+                .judge_keeping(stored, now, self.cost, self.reserve),
+            Some(_) => Budget {
+                amount: self.shape.capacity,
+            }
+            .judge(stored, window_end, now, self.cost, self.reserve),
+        }
+    }
+
+    /// The state after settling this charge (taken earlier) at `actual`,
+    /// in the store's ticks (nanoseconds: the Redis script does its own).
+    /// Debt is bounded: [`MAX_DEBT_US`] past now for a bucket,
+    /// [`MAX_SPEND`] for a budget.
+    pub fn settle(
+        &self,
+        stored: Tat,
+        ledger: Ledger,
+        now: u64,
+        window_end: u64,
+        part: &SettleBucket<'_>,
+    ) -> (Tat, Ledger) {
+        match self.window {
+            None => self.shape.settle(
+                stored,
+                ledger,
+                now,
+                self.cost,
+                part.actual,
+                part.mark,
+                MAX_DEBT_US.saturating_mul(1_000),
+            ),
+            Some(_) => {
+                let budget = Budget {
+                    amount: self.shape.capacity,
+                };
+                let state = budget.settle(
+                    stored,
+                    window_end,
+                    self.cost,
+                    part.actual,
+                    part.mark,
+                    MAX_SPEND,
+                );
+                (state, ledger)
+            }
+        }
+    }
+
+    /// What a store reports of this bucket left in `state` at `now` (the
+    /// shape and all times in ticks of `tick_ns` nanoseconds).
+    pub fn outcome(
+        &self,
+        conforms: bool,
+        retry_after: Option<u64>,
+        mark: Mark,
+        now: u64,
+        tick_ns: u64,
+    ) -> BucketOutcome {
+        let state = mark.taken;
+        let time = |ticks: u64| Duration::from_nanos(ticks.saturating_mul(tick_ns));
+        let (remaining, reset_after) = match self.window {
+            None => (
+                self.shape.remaining(state, now),
+                self.shape.reset_after(state, now),
+            ),
+            Some(_) => (
+                Budget {
+                    amount: self.shape.capacity,
+                }
+                .remaining(state, state.ticks),
+                state.ticks.saturating_sub(now),
+            ),
+        };
+        BucketOutcome {
+            conforms,
+            remaining,
+            reset_after: time(reset_after),
+            retry_after: retry_after.map(time),
+            mark,
+        }
+    }
+}
+
+/// The furthest a bucket's debt may push its TAT past now, in microseconds
+/// (about 8.9 years): more debt than that is not kept. Bounds the Redis
+/// script's numbers well below 2^53.
+pub const MAX_DEBT_US: u64 = 1 << 48;
+
+/// The most a budget's window may record as spent, debt included: more is
+/// not kept. Below 2^53, so the Redis script's numbers stay exact.
+pub const MAX_SPEND: u64 = 1 << 52;
+
+/// A set of buckets to charge together: all of them or none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Charge<'a> {
+    /// The buckets, each key at most once. One bucket, the common case,
+    /// stays inline: a single-bucket decision builds no list on its way to
+    /// the store or back.
+    pub buckets: SmallVec<[BucketCharge<'a>; 1]>,
+    /// Judge, but take nothing.
+    pub dry_run: bool,
+    /// Every bucket's outcome must carry its ledger ([`BucketOutcome::mark`]):
+    /// a reservation needs it to bound its settle. Other answers may leave
+    /// it out (the Redis script then replies with half the numbers).
+    pub marks: bool,
+}
+
+impl<'a> Charge<'a> {
+    /// A charge of `buckets` that takes (no dry run) and needs no ledgers.
+    pub fn of(buckets: impl IntoIterator<Item = BucketCharge<'a>>) -> Self {
+        Self {
+            buckets: buckets.into_iter().collect(),
+            dry_run: false,
+            marks: false,
+        }
+    }
+}
+
+/// What a store reports about one bucket of a charge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketOutcome {
+    /// True when the bucket held its cost at the moment of decision.
+    pub conforms: bool,
+    /// Whole tokens left after the decision (after taking, if taken).
+    pub remaining: u64,
+    /// Until the bucket is full again.
+    pub reset_after: Duration,
+    /// Until the bucket holds its cost, when it does not now and ever can.
+    pub retry_after: Option<Duration>,
+    /// The bucket's raw state after the decision, in the store's own ticks
+    /// (a TAT; for a budget, its window's end and spend), with its ledger
+    /// of refunds. Opaque outside the store: a reservation carries it back
+    /// to [`Store::settle`], which gives back no more than the reservation
+    /// still holds.
+    pub mark: Mark,
+}
+
+/// The outcome of one charge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChargeOutcome {
+    /// True when every non-shadow bucket conformed, and so (unless dry run)
+    /// the cost was taken from every one of them.
+    pub allowed: bool,
+    /// One per bucket, in the order of the charge; inline for one bucket.
+    pub buckets: SmallVec<[BucketOutcome; 1]>,
+    /// The store's clock at the decision, in microseconds since the Unix
+    /// epoch: a reservation's deadline counts from it.
+    pub now_us: u64,
+}
+
+/// One bucket's part in a settlement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SettleBucket<'a> {
+    /// The bucket as it was charged; its `cost` is what was taken then.
+    pub charge: BucketCharge<'a>,
+    /// The real cost. More than `charge.cost` takes the extra; less gives
+    /// back the difference (see [`crate::bucket::Shape::settle`]).
+    pub actual: u64,
+    /// What the charge left the bucket in ([`BucketOutcome::mark`]): a
+    /// refund gives back no more than the charge still holds. `None` for a
+    /// caller's plain refund (Envoy's negative hits), bounded only by a
+    /// full bucket.
+    pub mark: Option<Mark>,
+}
+
+/// Applies real costs to buckets charged earlier: a reservation's settle,
+/// a refund, or Cluster's give-back after a cross-slot denial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement<'a> {
+    /// The buckets, each key at most once.
+    pub buckets: Vec<SettleBucket<'a>>,
+    /// A reservation's id and deadline: applied at most once, and only while
+    /// the store's clock is before the deadline. `None`: applied
+    /// unconditionally (a refund).
+    pub once: Option<Once>,
+}
+
+/// What makes a settlement happen at most once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Once {
+    /// The reservation's random id.
+    pub id: [u8; 16],
+    /// The last moment it may be settled, in the store's clock, microseconds
+    /// since the Unix epoch.
+    pub deadline_us: u64,
+}
+
+/// What a settlement did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    /// Applied to every bucket; their states after it, in order.
+    Applied(Vec<BucketOutcome>),
+    /// The reservation was settled before; nothing changed.
+    AlreadySettled,
+    /// The deadline has passed; nothing changed, the estimate stands.
+    Expired,
+}
