@@ -26,7 +26,7 @@
 //!   Envoy's RLS); proto ⇄ domain, input validation. [`pb`] is the
 //!   generated code, and [`error`] maps domain errors to gRPC statuses.
 //! - [`server`]: prepares a config and serves it; [`shutdown`]: signals,
-//!   reload, and the stop sequence (drain, grace, cancel); [`tls`]: the
+//!   reload, and the stop sequence (drain, grace, cancel); [`net`]: the
 //!   listeners' TLS, certificates re-read when their files change;
 //!   [`watch`]: reload when the config's files change.
 //!
@@ -68,11 +68,11 @@ pub mod bucket;
 pub mod config;
 pub mod error;
 pub mod limiter;
+pub mod net;
 pub mod observe;
 pub mod pb;
 pub mod server;
 pub mod shutdown;
 pub mod store;
-pub mod tls;
 pub mod watch;
 pub mod window;

@@ -21,10 +21,12 @@ use tonic_health::server::HealthReporter;
 use tower::layer::util::{Identity, Stack};
 
 use crate::api::auth::Authorizer;
-use crate::api::bounds::InFlightLimitLayer;
 use crate::api::{AdminApi, EnvoyRateLimitApi, HeaderSettings, RateLimiterApi};
 use crate::config::{Config, ConfigError, ConfigSource, GrpcConfig};
 use crate::limiter::{Limiter, Rules, Signer};
+use crate::net::bounds::InFlightLimitLayer;
+use crate::net::cancel::Cancellable;
+use crate::net::tls::{self, Conn, Tls};
 use crate::observe::Observer;
 use crate::observe::hitters::{Hitters, Sizes};
 use crate::observe::metrics::Metrics;
@@ -32,9 +34,8 @@ use crate::observe::status::Board;
 use crate::pb;
 use crate::pb::tollgate::v1::admin_server::AdminServer;
 use crate::pb::tollgate::v1::rate_limiter_server::RateLimiterServer;
-use crate::shutdown::{self, Cancellable, Control};
+use crate::shutdown::{self, Control};
 use crate::store::{self, BuildError, Served, Store};
-use crate::tls::{self, Conn, Tls};
 use crate::watch::FileWatch;
 
 /// The health service name that tracks readiness, besides the empty name.
@@ -326,7 +327,7 @@ fn server_builder(
         .http2_keepalive_interval(Some(grpc.keepalive_interval))
         .http2_keepalive_timeout(Some(grpc.keepalive_timeout))
         // GOAWAY at the age; `incoming` closes the connection after the
-        // grace (see `shutdown::Cancellable`).
+        // grace (see `net::cancel::Cancellable`).
         .max_connection_age(grpc.max_connection_age)
         .http2_max_local_error_reset_streams(Some(MAX_LOCAL_RESET_STREAMS))
         .layer(InFlightLimitLayer::new(grpc.max_in_flight, metrics.clone()))

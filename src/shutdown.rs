@@ -10,15 +10,11 @@
 //! 4. what is still running then is cancelled: its connection is closed.
 
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use tonic::transport::server::Connected;
+use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -107,92 +103,5 @@ where
     match tokio::time::timeout(Duration::from_secs(1), serve).await {
         Ok(done) => done,
         Err(_) => Ok(()),
-    }
-}
-
-/// A connection that can be cut from outside: once `cancel` fires, or its
-/// deadline passes, every read and write fails, which ends hyper's
-/// connection task and the calls on it.
-#[derive(Debug)]
-pub(crate) struct Cancellable<IO> {
-    io: IO,
-    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
-    /// The end of `max_connection_age` plus its grace: tonic sends GOAWAY
-    /// at the age, and this closes what is still open after the grace.
-    /// (tonic's own `max_connection_age_grace` skips the GOAWAY, so calls
-    /// would be cut without warning; hence this.)
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl<IO> Cancellable<IO> {
-    pub(crate) fn new(io: IO, cancel: &CancellationToken) -> Self {
-        Self {
-            io,
-            cancelled: Box::pin(cancel.clone().cancelled_owned()),
-            deadline: None,
-        }
-    }
-
-    /// Also cut the connection `after` from now.
-    pub(crate) fn with_deadline(mut self, after: Duration) -> Self {
-        self.deadline = Some(Box::pin(tokio::time::sleep(after)));
-        self
-    }
-
-    /// Polled before each read and write: also registers the waker, so a
-    /// connection idle in a read wakes up to fail when cancelled.
-    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        if let Poll::Ready(()) = self.cancelled.as_mut().poll(cx) {
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "cancelled at the end of the shutdown grace",
-            ));
-        }
-        match self.deadline.as_mut().map(|d| d.as_mut().poll(cx)) {
-            Some(Poll::Ready(())) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "max_connection_age and its grace have passed",
-            )),
-            _ => Ok(()),
-        }
-    }
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Cancellable<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        self.check(cx)?;
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Cancellable<IO> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.check(cx)?;
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.check(cx)?;
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-impl<IO: Connected> Connected for Cancellable<IO> {
-    type ConnectInfo = IO::ConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
     }
 }

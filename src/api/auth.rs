@@ -17,7 +17,6 @@
 //! with its method name; nothing else is needed to guard it.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
@@ -27,19 +26,7 @@ use tonic::{Request, Status};
 use crate::config::CallerConfig;
 use crate::observe::Observer;
 
-/// The `caller` label and audit name of a call no caller matched.
-pub const UNAUTHENTICATED: &str = "_unauthenticated";
-
-/// What the transport knows about the other end of a connection; tonic puts
-/// it in every request's extensions.
-#[derive(Debug, Clone, Default)]
-pub struct PeerInfo {
-    /// The client's address.
-    pub remote_addr: Option<SocketAddr>,
-    /// The DNS and URI SANs of the verified client certificate; empty
-    /// without TLS or without a client certificate.
-    pub sans: Arc<[String]>,
-}
+pub use crate::net::{PeerInfo, UNAUTHENTICATED};
 
 /// What a grant may allow beyond deciding on its scopes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

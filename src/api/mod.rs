@@ -3,7 +3,6 @@
 
 pub mod admin;
 pub mod auth;
-pub mod bounds;
 pub mod envoy;
 pub mod headers;
 pub mod tollgate;

@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use super::deny_cache::DenyCache;
 use super::observed::{Observed, StoreObserver};
-use super::{Charge, ChargeOutcome, Settled, Settlement, Store, StoreError, memory, redis};
+use super::{
+    BuildError, Charge, ChargeOutcome, Settled, Settlement, Store, StoreError, memory, redis,
+};
 use crate::config::{ConfigError, StoreConfig, StoreKind};
-
-pub use super::redis::BuildError;
 
 /// The store a server decides on: the deny cache in front of the observed
 /// store, in front of the store the config chose. The cache sits outside

@@ -141,7 +141,7 @@ fn layers_point_one_way() {
                 "crate::api",
                 "crate::server",
                 "crate::shutdown",
-                "crate::tls",
+                "crate::net",
             ],
         ),
         (
@@ -161,7 +161,7 @@ fn layers_point_one_way() {
                 "crate::api",
                 "crate::server",
                 "crate::shutdown",
-                "crate::tls",
+                "crate::net",
             ],
         ),
         (
@@ -169,12 +169,11 @@ fn layers_point_one_way() {
             &[
                 "crate::server",
                 "crate::shutdown",
-                "crate::tls",
                 "crate::store::redis",
                 "crate::store::memory",
             ],
         ),
-        ("tls.rs", &["crate::server", "crate::shutdown"]),
+        ("net", &["crate::server", "crate::shutdown", "crate::api"]),
     ];
     let mut found = Vec::new();
     for (layer, forbidden) in rules {

@@ -35,7 +35,7 @@ use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, TcpIncoming};
 
-use crate::api::auth::{PeerInfo, UNAUTHENTICATED};
+use super::{PeerInfo, UNAUTHENTICATED};
 use crate::config::{ConfigError, TlsConfig};
 use crate::observe::Observer;
 
