@@ -71,6 +71,7 @@ pub mod limiter;
 pub mod net;
 pub mod observe;
 pub mod pb;
+pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod store;

@@ -5,9 +5,11 @@ pub mod admin;
 pub mod auth;
 pub mod envoy;
 pub mod headers;
+pub mod settings;
 pub mod tollgate;
 pub mod validate;
 
 pub use admin::AdminApi;
-pub use envoy::{EnvoyRateLimitApi, HeaderSettings};
+pub use envoy::EnvoyRateLimitApi;
+pub use settings::{Settings, Snapshot};
 pub use tollgate::RateLimiterApi;

@@ -5,7 +5,8 @@
 //! [`Rules`], [`rules`] names the buckets a request draws on, and [`plan`]
 //! turns requests into charges and the store's outcomes into decisions.
 //! [`Limiter`] is the thin async shell that puts the [`Store`] call between
-//! the two halves; its rules are swapped whole on reload, and readers never
+//! the two halves. Its rules live in a [`Generation`], swapped whole on
+//! reload with whatever the layers above keep beside them; readers never
 //! block.
 
 use std::collections::HashMap;
@@ -186,10 +187,36 @@ pub enum DecideError {
     },
 }
 
+/// One generation of what a reload swaps: the rules, and `extra`, what the
+/// layers above keep beside them (the API's caller grants and header
+/// settings). The limiter carries `extra` but never reads it, so it stays
+/// below the layers that define it. Swapped whole, as one `Arc`: a call that
+/// loads it once sees one config, never the rules of one and the grants of
+/// another (`src/reload.rs` says why it is shaped so).
+#[derive(Debug)]
+pub struct Generation<E = ()> {
+    /// The rules decisions are made on. Their own `Arc`, so a reader that
+    /// wants only them (the status page, a test) keeps them alone.
+    pub rules: Arc<Rules>,
+    /// What is swapped with the rules; `()` when nothing is.
+    pub extra: E,
+}
+
+impl Generation {
+    /// A generation of `rules` alone.
+    pub fn new(rules: Rules) -> Self {
+        Self {
+            rules: Arc::new(rules),
+            extra: (),
+        }
+    }
+}
+
 /// Decides requests against the live rules and a store.
 #[derive(Debug)]
-pub struct Limiter<S> {
-    rules: ArcSwap<Rules>,
+pub struct Limiter<S, E = ()> {
+    /// The rules and what is swapped with them, loaded once per call.
+    generation: ArcSwap<Generation<E>>,
     store: S,
     /// Signs and verifies reservations.
     signer: Signer,
@@ -198,8 +225,22 @@ pub struct Limiter<S> {
 impl<S: Store> Limiter<S> {
     /// A limiter over `store` with `rules`.
     pub fn new(rules: Rules, store: S) -> Self {
+        Self::from_generation(Generation::new(rules), store)
+    }
+
+    /// Swaps in a new rule set, whole. Decisions under way finish on the old.
+    /// (A limiter that carries more than rules swaps it all with
+    /// [`Limiter::replace`].)
+    pub fn replace_rules(&self, rules: Rules) {
+        self.replace(Generation::new(rules));
+    }
+}
+
+impl<S: Store, E> Limiter<S, E> {
+    /// A limiter over `store`, starting with `generation`.
+    pub fn from_generation(generation: Generation<E>, store: S) -> Self {
         Self {
-            rules: ArcSwap::from_pointee(rules),
+            generation: ArcSwap::from_pointee(generation),
             store,
             signer: Signer::random(),
         }
@@ -211,14 +252,20 @@ impl<S: Store> Limiter<S> {
         Self { signer, ..self }
     }
 
-    /// The live rules.
-    pub fn rules(&self) -> Arc<Rules> {
-        self.rules.load_full()
+    /// The generation in force: load it once per call and decide, authorise
+    /// and report on it, so a reload mid-call cannot mix two configs.
+    pub fn snapshot(&self) -> Arc<Generation<E>> {
+        self.generation.load_full()
     }
 
-    /// Swaps in a new rule set, whole. Decisions under way finish on the old.
-    pub fn replace_rules(&self, rules: Rules) {
-        self.rules.store(Arc::new(rules));
+    /// The live rules.
+    pub fn rules(&self) -> Arc<Rules> {
+        self.generation.load().rules.clone()
+    }
+
+    /// Swaps in a new generation, whole. Calls under way finish on the old.
+    pub fn replace(&self, generation: Generation<E>) {
+        self.generation.store(Arc::new(generation));
         self.store.rules_replaced();
     }
 
@@ -227,31 +274,49 @@ impl<S: Store> Limiter<S> {
         &self.store
     }
 
-    /// Decides one request.
+    /// Decides one request against the live rules.
     pub async fn decide(&self, req: &Request<'_>) -> Result<Decision, DecideError> {
-        let rules = self.rules.load();
+        self.decide_on(&self.generation.load().rules, req).await
+    }
+
+    /// Decides one request against `rules`, a snapshot the caller already
+    /// read (and authorised the call on).
+    pub async fn decide_on(
+        &self,
+        rules: &Rules,
+        req: &Request<'_>,
+    ) -> Result<Decision, DecideError> {
         let mut buckets = plan::Buckets::new();
-        if let Err(why) = plan::plan_into(&rules, req, &mut buckets) {
-            return Ok(why.decision(&rules, req.scope));
+        if let Err(why) = plan::plan_into(rules, req, &mut buckets) {
+            return Ok(why.decision(rules, req.scope));
         }
         if req.settle_within.is_some() && !req.dry_run {
             // Boxed: its state would otherwise grow every decision's future.
-            return Box::pin(self.reserve(&rules, req, &buckets)).await;
+            return Box::pin(self.reserve(rules, req, &buckets)).await;
         }
         // One bucket, the common case, stays inline in the charge and its
         // outcome: no list is built on the way down or back up.
         let charge = plan::charge(&buckets, req.dry_run);
         match self.store.check_and_take_one(&charge).await {
             Ok(outcome) => Ok(plan::decision(&buckets, &outcome)),
-            Err(e) => plan::failed(&rules, req.scope, e),
+            Err(e) => plan::failed(rules, req.scope, e),
         }
     }
 
     /// Decides independent requests, each atomic on its own, with one call to
     /// the store for all of them. Results are in request order.
     pub async fn decide_each(&self, reqs: &[Request<'_>]) -> Vec<Result<Decision, DecideError>> {
-        let rules = self.rules.load();
-        let plans: Vec<Plan<'_, '_>> = reqs.iter().map(|r| plan::plan(&rules, r)).collect();
+        self.decide_each_on(&self.generation.load().rules, reqs)
+            .await
+    }
+
+    /// [`Limiter::decide_each`] against the rule set `rules`.
+    pub async fn decide_each_on(
+        &self,
+        rules: &Rules,
+        reqs: &[Request<'_>],
+    ) -> Vec<Result<Decision, DecideError>> {
+        let plans: Vec<Plan<'_, '_>> = reqs.iter().map(|r| plan::plan(rules, r)).collect();
         let charges: Vec<_> = plans
             .iter()
             .zip(reqs)
@@ -265,7 +330,7 @@ impl<S: Store> Limiter<S> {
         } else {
             self.store.check_and_take_each(&charges).await
         };
-        plan::each(&rules, reqs, plans, outcomes)
+        plan::each(rules, reqs, plans, outcomes)
     }
 
     /// Decides requests together, as one atomic charge: if any is denied,
@@ -275,7 +340,8 @@ impl<S: Store> Limiter<S> {
         &self,
         reqs: &[Request<'_>],
     ) -> Result<Vec<Decision>, DecideError> {
-        self.decide_together_on(&self.rules.load_full(), reqs).await
+        self.decide_together_on(&self.generation.load().rules, reqs)
+            .await
     }
 
     /// [`Limiter::decide_together`] against the rule set `rules`, a snapshot
@@ -302,17 +368,26 @@ impl<S: Store> Limiter<S> {
     }
 }
 
-impl<S: Store> Limiter<S> {
+impl<S: Store, E> Limiter<S, E> {
     /// Which limits of `req`'s scope apply and what each bucket holds now,
     /// from a dry run: nothing is taken. The store's failure mode applies
     /// as to any decision.
     pub async fn explain(&self, req: &Request<'_>) -> Result<explain::Explanation, DecideError> {
-        let rules = self.rules();
+        self.explain_on(&self.generation.load().rules, req).await
+    }
+
+    /// [`Limiter::explain`] against the rule set `rules`: the limits listed
+    /// and the dry run both come from it.
+    pub async fn explain_on(
+        &self,
+        rules: &Rules,
+        req: &Request<'_>,
+    ) -> Result<explain::Explanation, DecideError> {
         let dry = Request {
             dry_run: true,
             ..*req
         };
-        let decision = self.decide(&dry).await?;
+        let decision = self.decide_on(rules, &dry).await?;
         let scope = rules.scope(req.scope);
         Ok(explain::Explanation {
             scope_configured: scope.is_some(),

@@ -45,7 +45,7 @@ pub struct Settlement {
     pub buckets: Vec<BucketReport>,
 }
 
-impl<S: Store> Limiter<S> {
+impl<S: Store, E> Limiter<S, E> {
     /// Decides `req` (with `settle_within`) and, when allowed, signs a
     /// reservation of every bucket it took from. A degraded answer (the
     /// store failed open) took nothing, and carries no reservation.
@@ -129,13 +129,24 @@ impl<S: Store> Limiter<S> {
         reservation: &Reservation,
         actual: u64,
     ) -> Result<Settlement, SettleError> {
-        let rules = self.rules();
+        self.settle_reservation_on(&self.rules(), reservation, actual)
+            .await
+    }
+
+    /// [`Limiter::settle_reservation`] against the rule set `rules`, a
+    /// snapshot the caller already read (and authorised the settle on).
+    pub async fn settle_reservation_on(
+        &self,
+        rules: &Rules,
+        reservation: &Reservation,
+        actual: u64,
+    ) -> Result<Settlement, SettleError> {
         // Each budget's window: the live rule's, or (after a reload removed
         // it) rebuilt from its tag, so the reservation still settles.
         let windows: Vec<Option<Window>> = reservation
             .buckets
             .iter()
-            .map(|b| window_of(&rules, &reservation.scope, b))
+            .map(|b| window_of(rules, &reservation.scope, b))
             .collect();
         let parts: Vec<SettleBucket<'_>> = reservation
             .buckets

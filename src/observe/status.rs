@@ -33,7 +33,9 @@ pub trait Live: Send + Sync + 'static {
     fn store_available(&self) -> bool;
 }
 
-impl<S: Store> Live for Limiter<S> {
+/// The limiter's rules are those of the snapshot every call decides on: the
+/// page shows the config that is deciding, swapped with it on reload.
+impl<S: Store, E: Send + Sync + 'static> Live for Limiter<S, E> {
     fn rules(&self) -> Arc<Rules> {
         Limiter::rules(self)
     }
