@@ -235,7 +235,7 @@ impl Authorizer {
 
     /// For the admin service: identifies the caller of `method` and refuses
     /// it unless its grant has `admin: true`. With no callers configured,
-    /// admin calls are open like every other (see the README's "Security").
+    /// admin calls are open like every other (see docs/security.md).
     pub fn authorize_admin<T>(
         &self,
         request: &Request<T>,

@@ -112,8 +112,8 @@ pub struct Config {
     #[serde(default)]
     pub tls: Option<TlsConfig>,
     /// Who may call, and what each caller may touch. Absent: anyone who
-    /// reaches the port may decide on any scope (see the README's
-    /// "Security"). Present but empty: nobody may.
+    /// reaches the port may decide on any scope (see docs/security.md).
+    /// Present but empty: nobody may.
     #[serde(default)]
     pub callers: Option<Vec<CallerConfig>>,
     /// Bounds on what callers can make the gRPC listener hold.

@@ -70,7 +70,7 @@ impl Fault {
         }
     }
 
-    /// Over-admission the README documents for this fault: asynchronous
+    /// Over-admission docs/faults.md documents for this fault: asynchronous
     /// replication can lose the last writes when a primary dies.
     fn window_documented(self) -> bool {
         matches!(
@@ -428,7 +428,7 @@ fn summarize(fault: Fault, calls: &[Call], injected: Duration, healed: Duration)
         .collect()
 }
 
-/// The table, as the README shows it.
+/// The table, as docs/faults.md shows it.
 pub(crate) fn table(rows: &[Row]) -> String {
     let mut out = String::from(
         "| fault | failure mode | hot admitted / C + r·t | over-admission | failed calls | recovered | p99 during fault |\n|---|---|---|---|---|---|---|\n",
