@@ -54,7 +54,7 @@ func serve(t *testing.T, interceptor grpc.UnaryServerInterceptor) healthpb.Healt
 
 func limiter(t *testing.T, addr string, opts ...tollgate.Option) *grpclimit.Limiter {
 	t.Helper()
-	c, err := tollgate.Dial(addr, opts...)
+	c, err := tollgate.NewClient(addr, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -167,7 +167,7 @@ func TestLimitReadsTheMethodFromTheServerContext(t *testing.T) {
 
 func TestAMissingRequiredIdentityIsInvalidArgument(t *testing.T) {
 	tg := tollgatetest.Start(t, perUserPerMethod)
-	c, err := tollgate.Dial(tg.Addr)
+	c, err := tollgate.NewClient(tg.Addr)
 	if err != nil {
 		t.Fatal(err)
 	}

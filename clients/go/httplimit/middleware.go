@@ -9,7 +9,7 @@
 // cannot answer, the client's failure mode applies: fail-open passes the
 // request on, fail-closed answers 503.
 //
-//	client, err := tollgate.Dial("127.0.0.1:50051")
+//	client, err := tollgate.NewClient("127.0.0.1:50051")
 //	...
 //	limit, err := httplimit.New(client, httplimit.Config{
 //		Scope:    httplimit.Static("demo"),

@@ -34,7 +34,7 @@ scopes:
         capacity: 2
         refill_period: 10s
 `)
-	c, err := tollgate.Dial(tg.Addr)
+	c, err := tollgate.NewClient(tg.Addr)
 	if err != nil {
 		t.Fatal(err)
 	}
