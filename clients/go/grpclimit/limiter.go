@@ -22,6 +22,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/tollgate-rs/tollgate/clients/go/internal/fields"
 	"github.com/tollgate-rs/tollgate/clients/go/tollgate"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
@@ -169,37 +170,24 @@ func (l *Limiter) report(ctx context.Context, method string, err error) {
 
 // fieldsMetadata is the draft-11 fields as response header metadata.
 func fieldsMetadata(ds []tollgate.Decision, legacy bool) metadata.MD {
-	f := tollgate.RenderFields(ds)
 	md := metadata.MD{}
-	set := func(k, v string) {
-		if v != "" {
-			md.Set(k, v)
-		}
-	}
-	set("ratelimit-policy", f.Policy)
-	set("ratelimit", f.RateLimit)
-	if tollgate.Denied(ds) {
-		set("retry-after", f.RetryAfter)
-	}
-	if legacy {
-		set("x-ratelimit-limit", f.LegacyLimit)
-		set("x-ratelimit-remaining", f.LegacyRemaining)
-		set("x-ratelimit-reset", f.LegacyReset)
+	for _, f := range fields.Headers(ds, legacy) {
+		md.Set(f.Name, f.Value)
 	}
 	return md
 }
 
 // denial is the RESOURCE_EXHAUSTED status of a denied call.
 func denial(ds []tollgate.Decision) error {
-	violated := tollgate.ViolatedPolicies(ds)
+	violated := fields.ViolatedPolicies(ds)
 	msg := "rate limited"
 	if len(violated) > 0 {
 		msg += " by " + strings.Join(violated, ", ")
 	}
-	wait, retryable := tollgate.RetryAfter(ds)
+	wait, retryable := fields.RetryAfter(ds)
 	if retryable {
-		msg += "; retry in " + strconv.FormatInt(tollgate.CeilSeconds(wait), 10) + "s"
-	} else if reasons := tollgate.Reasons(ds); len(reasons) > 0 {
+		msg += "; retry in " + strconv.FormatInt(fields.CeilSeconds(wait), 10) + "s"
+	} else if reasons := fields.Reasons(ds); len(reasons) > 0 {
 		msg += ": " + strings.Join(reasons, "; ")
 	}
 	st := status.New(codes.ResourceExhausted, msg)
