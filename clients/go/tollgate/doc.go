@@ -13,7 +13,8 @@
 //	mcp           MCP-aware extraction: the JSON-RPC calls of a body, and
 //	              the JSON-RPC error of a denial
 //	internal/fields  the draft-11 RateLimit fields of a decision, for
-//	              httplimit and grpclimit
+//	              httplimit and grpclimit (checked against the Rust crate's
+//	              vectors)
 //	gen/tollgate/v1  generated stubs (scripts/gen.sh; never edited by hand)
 //	examples/proxy   a reverse proxy built on httplimit
 //

@@ -3,7 +3,9 @@
 // response metadata, and mcp reads the wait and the violated rules from
 // here.
 //
-// The rendering is kept the same as the Rust client's.
+// The rendering is the Rust client's, and the server's crate
+// tollgate-headers (its middleware module) checks the same test vectors,
+// clients/headers/vectors.json, as vectors_test.go here.
 package fields
 
 import (
@@ -29,6 +31,11 @@ import (
 //     request would pass, so that Retry-After is never earlier than any t.
 //   - Seconds are whole and rounded up: a client that waits that long is
 //     never early.
+//   - A rule is named by an RFC 9651 String: `"` and `\` are escaped with a
+//     backslash, and every other byte outside visible ASCII (non-ASCII
+//     UTF-8, control characters) is percent-encoded with upper-case hex, so
+//     "café" is "caf%C3%A9" and a client can decode the name back. The server
+//     writes names the same way.
 //
 // Several decisions can share one response (an MCP batch is one entry per
 // distinct operation of one atomic batch), so everything here takes a slice;
@@ -238,7 +245,8 @@ func window(refill time.Duration) int64 {
 
 // mostRestrictive picks the decision the legacy trio describes: on a denial
 // the denied one with the longest wait (one that can never pass counts as
-// longest), else the one with the fewest tokens left.
+// longest; of equal waits, the last, as in Rust), else the one with the
+// fewest tokens left (of equals, the first).
 func mostRestrictive(ds []tollgate.Decision, denial bool) *tollgate.Decision {
 	var best *tollgate.Decision
 	for i := range ds {
@@ -249,7 +257,7 @@ func mostRestrictive(ds []tollgate.Decision, denial bool) *tollgate.Decision {
 		switch {
 		case best == nil:
 			best = d
-		case denial && waitKey(d) > waitKey(best):
+		case denial && waitKey(d) >= waitKey(best):
 			best = d
 		case !denial && d.Remaining < best.Remaining:
 			best = d
@@ -265,22 +273,25 @@ func waitKey(d *tollgate.Decision) time.Duration {
 	return d.RetryAfter
 }
 
-// sfString renders s as a Structured Field String (RFC 9651 section 3.3.3):
-// quoted, with `"` and `\` escaped. Only visible ASCII and space may appear
-// in one, so any other byte of a rule name becomes `?`.
+// sfString renders a rule name as a Structured Field String (RFC 9651
+// section 3.3.3), by the rule in the mapping above. It works on bytes, so
+// a name that is not valid UTF-8 is kept too.
 func sfString(s string) string {
+	const hex = "0123456789ABCDEF"
 	var sb strings.Builder
 	sb.Grow(len(s) + 2)
 	sb.WriteByte('"')
-	for _, r := range s {
-		switch {
-		case r == '"' || r == '\\':
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c == '"' || c == '\\':
 			sb.WriteByte('\\')
-			sb.WriteRune(r)
-		case r >= ' ' && r <= '~':
-			sb.WriteRune(r)
+			sb.WriteByte(c)
+		case c >= ' ' && c <= '~':
+			sb.WriteByte(c)
 		default:
-			sb.WriteByte('?')
+			sb.WriteByte('%')
+			sb.WriteByte(hex[c>>4])
+			sb.WriteByte(hex[c&0xF])
 		}
 	}
 	sb.WriteByte('"')

@@ -94,7 +94,11 @@ func TestDegradedDecisionsAddNoFields(t *testing.T) {
 }
 
 func TestRuleNamesAreQuotedAsStructuredFieldStrings(t *testing.T) {
-	if got := sfString(`a "b" \c` + "\u00e9\n"); got != `"a \"b\" \\c??"` {
+	if got := sfString(`a "b" \c` + "\u00e9\n"); got != `"a \"b\" \\c%C3%A9%0A"` {
+		t.Fatalf("got %s", got)
+	}
+	// Bytes that are not UTF-8 are kept, not replaced.
+	if got := sfString("x\xff"); got != `"x%FF"` {
 		t.Fatalf("got %s", got)
 	}
 }
