@@ -8,8 +8,9 @@
 //	              every call, plain and atomic batches, a local failure
 //	              policy)
 //	httplimit     net/http middleware: extractors, 429s, MCP JSON-RPC bodies
-//	grpclimit     grpc-go unary interceptor, and a Limit(ctx) error limiter
-//	              that fits go-grpc-middleware v2's ratelimit.Limiter
+//	grpclimit     grpc-go unary and stream interceptors, and a Limit(ctx)
+//	              error limiter that fits go-grpc-middleware v2's
+//	              ratelimit.Limiter
 //	mcp           MCP-aware extraction: the JSON-RPC calls of a body, and
 //	              the JSON-RPC error of a denial
 //	internal/fields  the draft-11 RateLimit fields of a decision, for
