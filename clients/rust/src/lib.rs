@@ -18,8 +18,9 @@
 //!   with a 429.
 //! - MCP-aware extraction ([`layer::Mcp`], [`mcp`]): on an MCP endpoint each
 //!   JSON-RPC call is decided, and a denial is a JSON-RPC error.
-//! - [`headers`]: every HTTP rendering of a decision, in one place
-//!   (draft-ietf-httpapi-ratelimit-headers-11, `Retry-After`, problem+json).
+//! - [`headers`]: every HTTP rendering of a decision
+//!   (draft-ietf-httpapi-ratelimit-headers-11, `Retry-After`, problem+json);
+//!   the headers come from `tollgate-headers`, which the server shares.
 //!
 //! The request path through the layer, in five lines:
 //!
