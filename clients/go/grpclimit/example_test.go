@@ -9,7 +9,7 @@ import (
 )
 
 func Example() {
-	client, err := tollgate.Dial("127.0.0.1:50051")
+	client, err := tollgate.NewClient("127.0.0.1:50051")
 	if err != nil {
 		log.Fatal(err)
 	}

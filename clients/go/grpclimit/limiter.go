@@ -1,5 +1,7 @@
-// Package grpclimit asks Tollgate about each unary gRPC call a grpc-go
-// server receives.
+// Package grpclimit asks Tollgate about each gRPC call a grpc-go server
+// receives: [Limiter.UnaryServerInterceptor] for unary calls, and
+// [Limiter.StreamServerInterceptor] for streaming ones, which are decided
+// once, when they open.
 //
 // [Limiter.Limit] has the signature of go-grpc-middleware v2's
 // ratelimit.Limiter (Limit(ctx) error), so a *Limiter plugs into
@@ -12,7 +14,8 @@
 //
 // Either way, the draft-11 fields travel as response header metadata:
 // ratelimit-policy and ratelimit on every decided call, and retry-after on
-// a denial.
+// a denial. go-grpc-middleware's ratelimit.StreamServerInterceptor takes a
+// *Limiter too, with the same loss of UNAVAILABLE.
 package grpclimit
 
 import (
@@ -22,6 +25,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/tollgate-rs/tollgate/clients/go/internal/fields"
 	"github.com/tollgate-rs/tollgate/clients/go/tollgate"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
@@ -96,7 +100,27 @@ func (l *Limiter) UnaryServerInterceptor() grpc.UnaryServerInterceptor {
 	}
 }
 
+// StreamServerInterceptor decides each streaming call once, when it opens
+// and before its handler runs, with the same status codes as Limit: a
+// stream is one request to Tollgate however many messages it carries, so
+// give streams an operation of their own (FullMethod does) where that
+// matters. The fields go out as the stream's header metadata.
+func (l *Limiter) StreamServerInterceptor() grpc.StreamServerInterceptor {
+	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+		if err := l.decide(ss.Context(), info.FullMethod, ss.SetHeader); err != nil {
+			return err
+		}
+		return handler(srv, ss)
+	}
+}
+
+// limit decides the call whose server context ctx is.
 func (l *Limiter) limit(ctx context.Context, method string) error {
+	return l.decide(ctx, method, func(md metadata.MD) error { return grpc.SetHeader(ctx, md) })
+}
+
+// decide asks Tollgate about one call, and hands the fields to setHeader.
+func (l *Limiter) decide(ctx context.Context, method string, setHeader func(metadata.MD) error) error {
 	req, err := l.request(ctx, method)
 	if err != nil {
 		l.report(ctx, method, err)
@@ -112,7 +136,7 @@ func (l *Limiter) limit(ctx context.Context, method string) error {
 	ds := []tollgate.Decision{d}
 	// Header metadata is best effort: it fails only when headers were
 	// already sent, which cannot be before the handler runs.
-	_ = grpc.SetHeader(ctx, fieldsMetadata(ds, l.cfg.LegacyHeaders))
+	_ = setHeader(fieldsMetadata(ds, l.cfg.LegacyHeaders))
 	if d.Allowed {
 		return nil
 	}
@@ -169,37 +193,24 @@ func (l *Limiter) report(ctx context.Context, method string, err error) {
 
 // fieldsMetadata is the draft-11 fields as response header metadata.
 func fieldsMetadata(ds []tollgate.Decision, legacy bool) metadata.MD {
-	f := tollgate.RenderFields(ds)
 	md := metadata.MD{}
-	set := func(k, v string) {
-		if v != "" {
-			md.Set(k, v)
-		}
-	}
-	set("ratelimit-policy", f.Policy)
-	set("ratelimit", f.RateLimit)
-	if tollgate.Denied(ds) {
-		set("retry-after", f.RetryAfter)
-	}
-	if legacy {
-		set("x-ratelimit-limit", f.LegacyLimit)
-		set("x-ratelimit-remaining", f.LegacyRemaining)
-		set("x-ratelimit-reset", f.LegacyReset)
+	for _, f := range fields.Headers(ds, legacy) {
+		md.Set(f.Name, f.Value)
 	}
 	return md
 }
 
 // denial is the RESOURCE_EXHAUSTED status of a denied call.
 func denial(ds []tollgate.Decision) error {
-	violated := tollgate.ViolatedPolicies(ds)
+	violated := fields.ViolatedPolicies(ds)
 	msg := "rate limited"
 	if len(violated) > 0 {
 		msg += " by " + strings.Join(violated, ", ")
 	}
-	wait, retryable := tollgate.RetryAfter(ds)
+	wait, retryable := fields.RetryAfter(ds)
 	if retryable {
-		msg += "; retry in " + strconv.FormatInt(tollgate.CeilSeconds(wait), 10) + "s"
-	} else if reasons := tollgate.Reasons(ds); len(reasons) > 0 {
+		msg += "; retry in " + strconv.FormatInt(fields.CeilSeconds(wait), 10) + "s"
+	} else if reasons := fields.Reasons(ds); len(reasons) > 0 {
 		msg += ": " + strings.Join(reasons, "; ")
 	}
 	st := status.New(codes.ResourceExhausted, msg)

@@ -52,9 +52,29 @@ func serve(t *testing.T, interceptor grpc.UnaryServerInterceptor) healthpb.Healt
 	return healthpb.NewHealthClient(conn)
 }
 
+// serveStreams is serve for streaming calls: the health service's Watch is
+// a server stream.
+func serveStreams(t *testing.T, interceptor grpc.StreamServerInterceptor) healthpb.HealthClient {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer(grpc.StreamInterceptor(interceptor))
+	healthpb.RegisterHealthServer(srv, health.NewServer())
+	go func() { _ = srv.Serve(l) }()
+	t.Cleanup(srv.Stop)
+	conn, err := grpc.NewClient(l.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.Close() })
+	return healthpb.NewHealthClient(conn)
+}
+
 func limiter(t *testing.T, addr string, opts ...tollgate.Option) *grpclimit.Limiter {
 	t.Helper()
-	c, err := tollgate.Dial(addr, opts...)
+	c, err := tollgate.NewClient(addr, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,6 +144,66 @@ func TestADenialIsResourceExhaustedWithRetryInfoAndHeaders(t *testing.T) {
 	}
 }
 
+// watch opens a Watch stream as user and reads its first message, which the
+// health service sends at once: an error means the stream was refused.
+func watch(t *testing.T, client healthpb.HealthClient, user string) (metadata.MD, error) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(metadata.AppendToOutgoingContext(context.Background(), "x-user", user))
+	t.Cleanup(cancel)
+	stream, err := client.Watch(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil {
+		return nil, err
+	}
+	_, err = stream.Recv()
+	header, _ := stream.Header()
+	return header, err
+}
+
+func TestAStreamIsDecidedOnceWhenItOpens(t *testing.T) {
+	tg := tollgatetest.Start(t, perUserPerMethod)
+	client := serveStreams(t, limiter(t, tg.Addr).StreamServerInterceptor())
+
+	header, err := watch(t, client, "alice")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := header.Get("ratelimit"); len(got) != 1 || got[0] != `"health-checks";r=1;t=1` {
+		t.Fatalf("ratelimit metadata on an allowed stream: %v", got)
+	}
+	if _, err := watch(t, client, "alice"); err != nil {
+		t.Fatal(err)
+	}
+	header, err = watch(t, client, "alice")
+	st := status.Convert(err)
+	if st.Code() != codes.ResourceExhausted {
+		t.Fatalf("third stream: %v", err)
+	}
+	var retry *errdetails.RetryInfo
+	for _, d := range st.Details() {
+		if d, ok := d.(*errdetails.RetryInfo); ok {
+			retry = d
+		}
+	}
+	if retry == nil || retry.GetRetryDelay().AsDuration() <= 0 {
+		t.Fatalf("RetryInfo: %v", st.Details())
+	}
+	if got := header.Get("retry-after"); len(got) != 1 || got[0] != "1" {
+		t.Fatalf("retry-after metadata: %v", got)
+	}
+	if _, err := watch(t, client, "bob"); err != nil {
+		t.Fatalf("bob has his own bucket: %v", err)
+	}
+}
+
+func TestAStreamFailingClosedIsUnavailable(t *testing.T) {
+	tg := tollgatetest.Start(t, perUserPerMethod)
+	client := serveStreams(t, limiter(t, tg.Addr, tollgate.WithFailureMode(tollgate.FailClosed)).StreamServerInterceptor())
+	tg.Stop()
+	if _, err := watch(t, client, "alice"); status.Code(err) != codes.Unavailable {
+		t.Fatalf("want UNAVAILABLE, got %v", err)
+	}
+}
+
 func TestFailClosedIsUnavailableNotADenial(t *testing.T) {
 	tg := tollgatetest.Start(t, perUserPerMethod)
 	client := serve(t, limiter(t, tg.Addr, tollgate.WithFailureMode(tollgate.FailClosed)).UnaryServerInterceptor())
@@ -167,7 +247,7 @@ func TestLimitReadsTheMethodFromTheServerContext(t *testing.T) {
 
 func TestAMissingRequiredIdentityIsInvalidArgument(t *testing.T) {
 	tg := tollgatetest.Start(t, perUserPerMethod)
-	c, err := tollgate.Dial(tg.Addr)
+	c, err := tollgate.NewClient(tg.Addr)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,7 +11,7 @@ import (
 )
 
 func Example() {
-	client, err := tollgate.Dial("127.0.0.1:50051")
+	client, err := tollgate.NewClient("127.0.0.1:50051")
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -32,7 +32,7 @@ func Example() {
 // An MCP server behind a reverse proxy: each JSON-RPC call is charged as
 // tools/call:<name>, prompts/get:<name> or resources/read:<uri>.
 func Example_mcp() {
-	client, err := tollgate.Dial("127.0.0.1:50051")
+	client, err := tollgate.NewClient("127.0.0.1:50051")
 	if err != nil {
 		log.Fatal(err)
 	}

@@ -7,9 +7,10 @@
 // application/problem+json body of type quota-exceeded listing the
 // violated-policies; or, for an MCP call, a JSON-RPC error. When Tollgate
 // cannot answer, the client's failure mode applies: fail-open passes the
-// request on, fail-closed answers 503.
+// request on, fail-closed answers 503. With Config.MCP, the JSON-RPC calls
+// of a body are charged one by one, by the rules of package mcp.
 //
-//	client, err := tollgate.Dial("127.0.0.1:50051")
+//	client, err := tollgate.NewClient("127.0.0.1:50051")
 //	...
 //	limit, err := httplimit.New(client, httplimit.Config{
 //		Scope:    httplimit.Static("demo"),
@@ -27,6 +28,8 @@ import (
 	"io"
 	"net/http"
 
+	"github.com/tollgate-rs/tollgate/clients/go/internal/fields"
+	"github.com/tollgate-rs/tollgate/clients/go/mcp"
 	"github.com/tollgate-rs/tollgate/clients/go/tollgate"
 )
 
@@ -110,15 +113,15 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	rpc := rpcBody{}
+	rpc := mcp.Body{}
 	if h.cfg.MCP && r.Method == http.MethodPost && (h.cfg.MCPPath == "" || r.URL.Path == h.cfg.MCPPath) {
 		body, status, err := readBody(r, h.cfg.MaxBodyBytes)
 		if err != nil {
 			writePlainProblem(w, status, http.StatusText(status), err.Error())
 			return
 		}
-		rpc = parseRPC(body)
-		if rpc.jsonRPC && len(rpc.calls) == 0 {
+		rpc = mcp.Parse(body)
+		if rpc.JSONRPC && len(rpc.Calls) == 0 {
 			// Only notifications and responses: never charged.
 			h.next.ServeHTTP(w, r)
 			return
@@ -126,8 +129,8 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 
 	var ds []tollgate.Decision
-	if rpc.jsonRPC {
-		reqs := group(rpc.calls, base)
+	if rpc.JSONRPC {
+		reqs := rpc.Requests(base)
 		if len(reqs) == 1 {
 			var d tollgate.Decision
 			d, err = h.decider.Decide(r.Context(), reqs[0])
@@ -153,8 +156,8 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 
-	if tollgate.Denied(ds) {
-		if rpc.jsonRPC {
+	if fields.Denied(ds) {
+		if rpc.JSONRPC {
 			writeRPCDenial(w, rpc, ds, h.cfg.LegacyHeaders)
 		} else {
 			writeQuotaExceeded(w, ds, h.cfg.LegacyHeaders)

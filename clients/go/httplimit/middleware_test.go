@@ -37,7 +37,7 @@ scopes:
 // it gets, on a plain httptest server.
 func serve(t *testing.T, addr string, cfg httplimit.Config, opts ...tollgate.Option) (*httptest.Server, *recorder) {
 	t.Helper()
-	c, err := tollgate.Dial(addr, opts...)
+	c, err := tollgate.NewClient(addr, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -219,7 +219,7 @@ scopes:
 
 func TestTheMTLSPeerIsTheIdentity(t *testing.T) {
 	tg := tollgatetest.Start(t, oneEach)
-	c, err := tollgate.Dial(tg.Addr)
+	c, err := tollgate.NewClient(tg.Addr)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -6,6 +6,8 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/tollgate-rs/tollgate/clients/go/internal/fields"
+	"github.com/tollgate-rs/tollgate/clients/go/mcp"
 	"github.com/tollgate-rs/tollgate/clients/go/tollgate"
 )
 
@@ -13,23 +15,23 @@ import (
 // headers-11 section 5.1, with its "violated-policies" extension member.
 const QuotaExceededType = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 
+// RateLimitedCode is the JSON-RPC error code of a rate-limited call.
+//
+// Deprecated: use [mcp.RateLimitedCode]; this alias goes in the next
+// release.
+const RateLimitedCode = mcp.RateLimitedCode
+
+// Operation is the Tollgate operation of an MCP call.
+//
+// Deprecated: use [mcp.Operation]; this alias goes in the next release.
+func Operation(method string, params json.RawMessage) string {
+	return mcp.Operation(method, params)
+}
+
 // setFields adds the rate-limit headers of ds to h.
 func setFields(h http.Header, ds []tollgate.Decision, legacy bool) {
-	f := tollgate.RenderFields(ds)
-	set := func(name, v string) {
-		if v != "" {
-			h.Set(name, v)
-		}
-	}
-	set("RateLimit-Policy", f.Policy)
-	set("RateLimit", f.RateLimit)
-	if tollgate.Denied(ds) {
-		set("Retry-After", f.RetryAfter)
-	}
-	if legacy {
-		set("X-RateLimit-Limit", f.LegacyLimit)
-		set("X-RateLimit-Remaining", f.LegacyRemaining)
-		set("X-RateLimit-Reset", f.LegacyReset)
+	for _, f := range fields.Headers(ds, legacy) {
+		h.Set(f.Name, f.Value)
 	}
 }
 
@@ -62,14 +64,14 @@ func writeQuotaExceeded(w http.ResponseWriter, ds []tollgate.Decision, legacy bo
 		Type:             QuotaExceededType,
 		Title:            "Quota exceeded",
 		Status:           http.StatusTooManyRequests,
-		ViolatedPolicies: tollgate.ViolatedPolicies(ds),
+		ViolatedPolicies: fields.ViolatedPolicies(ds),
 	}
 	if p.ViolatedPolicies == nil {
 		p.ViolatedPolicies = []string{}
 	}
-	if wait, ok := tollgate.RetryAfter(ds); ok {
-		p.Detail = "Retry in " + strconv.FormatInt(tollgate.CeilSeconds(wait), 10) + " s."
-	} else if reasons := tollgate.Reasons(ds); len(reasons) > 0 {
+	if wait, ok := fields.RetryAfter(ds); ok {
+		p.Detail = "Retry in " + strconv.FormatInt(fields.CeilSeconds(wait), 10) + " s."
+	} else if reasons := fields.Reasons(ds); len(reasons) > 0 {
 		p.Detail = strings.Join(reasons, "; ")
 	} else {
 		p.Detail = "This request cannot be allowed by retrying it."
@@ -79,9 +81,9 @@ func writeQuotaExceeded(w http.ResponseWriter, ds []tollgate.Decision, legacy bo
 
 // writeRPCDenial answers a denied MCP call or batch: 429 with the
 // rate-limit headers (Retry-After included) and JSON-RPC error objects.
-func writeRPCDenial(w http.ResponseWriter, body rpcBody, ds []tollgate.Decision, legacy bool) {
+func writeRPCDenial(w http.ResponseWriter, body mcp.Body, ds []tollgate.Decision, legacy bool) {
 	setFields(w.Header(), ds, legacy)
-	writeJSON(w, http.StatusTooManyRequests, "application/json", rpcDenial(body, ds))
+	writeJSON(w, http.StatusTooManyRequests, "application/json", body.Denial(ds))
 }
 
 func writePlainProblem(w http.ResponseWriter, status int, title, detail string) {

@@ -103,7 +103,7 @@ func WithCircuitBreaker(failures int, cooldown time.Duration) Option {
 }
 
 // WithDialOptions adds grpc.DialOptions, such as transport credentials for
-// TLS. Without them, Dial connects in plaintext.
+// TLS. Without them, NewClient connects in plaintext.
 func WithDialOptions(opts ...grpc.DialOption) Option {
 	return func(c *config) { c.dialOptions = append(c.dialOptions, opts...) }
 }
@@ -123,10 +123,11 @@ type Client struct {
 	breaker *breaker
 }
 
-// Dial makes a client for the Tollgate at target (host:port, or any grpc-go
-// target). The connection is made lazily and kept; Dial does not wait for
-// Tollgate to be up, so a proxy can start before it.
-func Dial(target string, opts ...Option) (*Client, error) {
+// NewClient makes a client for the Tollgate at target (host:port, or any
+// grpc-go target), on a connection of its own that [Client.Close] closes.
+// As with grpc.NewClient, no connection is made yet: it is made on the first
+// call and kept, so a proxy can start before Tollgate is up.
+func NewClient(target string, opts ...Option) (*Client, error) {
 	cfg := newConfig(opts)
 	dialOpts := []grpc.DialOption{
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
@@ -152,10 +153,20 @@ func Dial(target string, opts ...Option) (*Client, error) {
 	return c, nil
 }
 
-// NewClient makes a client on a connection the caller owns (Close leaves it
-// open), for callers that share one connection or build it themselves.
-func NewClient(conn grpc.ClientConnInterface, opts ...Option) *Client {
+// NewClientFromConn makes a client on a connection the caller owns (Close
+// leaves it open), for callers that share one connection or build it
+// themselves. [WithDialOptions] has no effect here.
+func NewClientFromConn(conn grpc.ClientConnInterface, opts ...Option) *Client {
 	return newClient(conn, newConfig(opts))
+}
+
+// Dial is [NewClient] under its old name.
+//
+// Deprecated: use [NewClient], which is what grpc-go's names lead one to
+// expect; Dial goes in the next release. (NewClient itself used to take a
+// connection: that is [NewClientFromConn] now.)
+func Dial(target string, opts ...Option) (*Client, error) {
+	return NewClient(target, opts...)
 }
 
 func newConfig(opts []Option) config {
@@ -183,8 +194,8 @@ func newClient(conn grpc.ClientConnInterface, cfg config) *Client {
 	return c
 }
 
-// Close closes the connection Dial made; on a NewClient client it does
-// nothing.
+// Close closes the connection NewClient made; on a client from
+// NewClientFromConn it does nothing.
 func (c *Client) Close() error {
 	if c.conn == nil {
 		return nil

@@ -12,6 +12,9 @@ import (
 
 	"github.com/tollgate-rs/tollgate/clients/go/internal/tollgatetest"
 	"github.com/tollgate-rs/tollgate/clients/go/tollgate"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/connectivity"
+	"google.golang.org/grpc/credentials/insecure"
 )
 
 const perUser = `
@@ -24,9 +27,9 @@ scopes:
         refill_period: 1s
 `
 
-func dial(t *testing.T, addr string, opts ...tollgate.Option) *tollgate.Client {
+func newClient(t *testing.T, addr string, opts ...tollgate.Option) *tollgate.Client {
 	t.Helper()
-	c, err := tollgate.Dial(addr, opts...)
+	c, err := tollgate.NewClient(addr, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -45,7 +48,7 @@ func decide(t *testing.T, c *tollgate.Client, req tollgate.Request) tollgate.Dec
 
 func TestAllowDenyAndAllowAgainAfterRetryAfter(t *testing.T) {
 	srv := tollgatetest.Start(t, perUser)
-	c := dial(t, srv.Addr)
+	c := newClient(t, srv.Addr)
 	req := tollgate.Request{Scope: "demo", Identity: "alice"}
 
 	for want := uint64(1); ; want-- {
@@ -73,9 +76,45 @@ func TestAllowDenyAndAllowAgainAfterRetryAfter(t *testing.T) {
 	}
 }
 
+// A connection the caller made is the caller's: clients built on it share
+// it, and closing one of them leaves it open for the others.
+func TestAClientFromTheCallersConnectionLeavesItOpen(t *testing.T) {
+	// An hour's refill: no token comes back between the two calls, however
+	// slow the machine.
+	srv := tollgatetest.Start(t, `
+scopes:
+  - name: demo
+    limits:
+      - name: per-user
+        per: identity
+        capacity: 2
+        refill_period: 1h
+`)
+	conn, err := grpc.NewClient(srv.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	first := tollgate.NewClientFromConn(conn, tollgate.WithDeadline(2*time.Second))
+	req := tollgate.Request{Scope: "demo", Identity: "alice"}
+	if d := decide(t, first, req); !d.Allowed || d.Remaining != 1 {
+		t.Fatalf("first call: %+v", d)
+	}
+	if err := first.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if st := conn.GetState(); st == connectivity.Shutdown {
+		t.Fatal("Close shut the caller's connection down")
+	}
+	second := tollgate.NewClientFromConn(conn, tollgate.WithDeadline(2*time.Second))
+	if d := decide(t, second, req); !d.Allowed || d.Remaining != 0 {
+		t.Fatalf("second call, on the same connection: %+v", d)
+	}
+}
+
 func TestBatchDecidesEachEntryInOrder(t *testing.T) {
 	srv := tollgatetest.Start(t, perUser)
-	c := dial(t, srv.Addr)
+	c := newClient(t, srv.Addr)
 	req := tollgate.Request{Scope: "demo", Identity: "alice"}
 	ds, err := c.DecideBatch(context.Background(), []tollgate.Request{req, req, req, {Scope: "demo", Identity: "bob"}})
 	if err != nil {
@@ -117,7 +156,7 @@ func remaining(d tollgate.Decision) map[string]uint64 {
 
 func TestAnAtomicBatchDeniedByOneEntryTakesNothingFromAny(t *testing.T) {
 	srv := tollgatetest.Start(t, perOperation)
-	c := dial(t, srv.Addr)
+	c := newClient(t, srv.Addr)
 	ctx := context.Background()
 	for i := 0; i < 2; i++ {
 		decide(t, c, tollgate.Request{Scope: "demo", Identity: "alice", Operation: "b"})
@@ -165,7 +204,7 @@ func TestAnAtomicBatchDeniedByOneEntryTakesNothingFromAny(t *testing.T) {
 
 func TestAnAtomicBatchSumsTheCostOfABucketItsEntriesShare(t *testing.T) {
 	srv := tollgatetest.Start(t, perOperation)
-	c := dial(t, srv.Addr)
+	c := newClient(t, srv.Addr)
 	// Each entry alone fits per-user's 10; together they need 12.
 	batch := []tollgate.Request{
 		{Scope: "demo", Identity: "alice", Operation: "a", Cost: 2},
@@ -191,7 +230,7 @@ func TestAnAtomicBatchSumsTheCostOfABucketItsEntriesShare(t *testing.T) {
 
 func TestBucketsReportTheirRefillPeriod(t *testing.T) {
 	srv := tollgatetest.Start(t, perOperation)
-	c := dial(t, srv.Addr)
+	c := newClient(t, srv.Addr)
 	d := decide(t, c, tollgate.Request{Scope: "demo", Identity: "alice", Operation: "a"})
 	if len(d.Buckets) != 2 || d.Buckets[0].RefillPeriod != time.Hour || d.Buckets[1].RefillPeriod != time.Hour {
 		t.Fatalf("buckets: %+v", d.Buckets)
@@ -200,7 +239,7 @@ func TestBucketsReportTheirRefillPeriod(t *testing.T) {
 
 func TestDryRunTakesNothing(t *testing.T) {
 	srv := tollgatetest.Start(t, perUser)
-	c := dial(t, srv.Addr)
+	c := newClient(t, srv.Addr)
 	for i := 0; i < 5; i++ {
 		if d := decide(t, c, tollgate.Request{Scope: "demo", Identity: "alice", DryRun: true}); !d.Allowed {
 			t.Fatalf("dry run %d: %+v", i, d)
@@ -213,7 +252,7 @@ func TestDryRunTakesNothing(t *testing.T) {
 
 func TestCostOverCapacityIsDeniedWithAReasonAndNoRetryAfter(t *testing.T) {
 	srv := tollgatetest.Start(t, perUser)
-	c := dial(t, srv.Addr)
+	c := newClient(t, srv.Addr)
 	d := decide(t, c, tollgate.Request{Scope: "demo", Identity: "alice", Cost: 3})
 	if d.Allowed || d.RetryAfter != 0 || d.Reason == "" {
 		t.Fatalf("want a denial with a reason and no retry_after, got %+v", d)
@@ -222,7 +261,7 @@ func TestCostOverCapacityIsDeniedWithAReasonAndNoRetryAfter(t *testing.T) {
 
 func TestInvalidInputIsAnErrorWhateverTheFailureMode(t *testing.T) {
 	srv := tollgatetest.Start(t, perUser)
-	c := dial(t, srv.Addr, tollgate.WithFailureMode(tollgate.FailOpen))
+	c := newClient(t, srv.Addr, tollgate.WithFailureMode(tollgate.FailOpen))
 	_, err := c.Decide(context.Background(), tollgate.Request{Scope: "demo", Identity: strings.Repeat("x", 300)})
 	var invalid *tollgate.InvalidRequestError
 	if !errors.As(err, &invalid) || !strings.HasPrefix(invalid.Message, "identity") {
@@ -232,7 +271,7 @@ func TestInvalidInputIsAnErrorWhateverTheFailureMode(t *testing.T) {
 
 func TestFailOpenAllowsAndSaysWhyWhenTollgateIsStopped(t *testing.T) {
 	srv := tollgatetest.Start(t, perUser)
-	c := dial(t, srv.Addr)
+	c := newClient(t, srv.Addr)
 	decide(t, c, tollgate.Request{Scope: "demo", Identity: "alice"})
 	srv.Stop()
 
@@ -250,7 +289,7 @@ func TestFailOpenAllowsAndSaysWhyWhenTollgateIsStopped(t *testing.T) {
 
 func TestFailClosedReturnsUnavailableWhenTollgateIsStopped(t *testing.T) {
 	srv := tollgatetest.Start(t, perUser)
-	c := dial(t, srv.Addr, tollgate.WithFailureMode(tollgate.FailClosed))
+	c := newClient(t, srv.Addr, tollgate.WithFailureMode(tollgate.FailClosed))
 	decide(t, c, tollgate.Request{Scope: "demo", Identity: "alice"})
 	srv.Stop()
 
@@ -267,7 +306,7 @@ func TestFailClosedReturnsUnavailableWhenTollgateIsStopped(t *testing.T) {
 
 func TestTheClientRecoversWhenTollgateComesBack(t *testing.T) {
 	srv := tollgatetest.Start(t, perUser)
-	c := dial(t, srv.Addr)
+	c := newClient(t, srv.Addr)
 	decide(t, c, tollgate.Request{Scope: "demo", Identity: "alice"})
 	srv.Stop()
 	if d := decide(t, c, tollgate.Request{Scope: "demo", Identity: "alice"}); !d.Degraded {
@@ -310,7 +349,7 @@ func TestAHungTollgateCostsAFewDeadlinesThenNothing(t *testing.T) {
 		}
 	}()
 	const deadline = 50 * time.Millisecond
-	c := dial(t, l.Addr().String(), tollgate.WithDeadline(deadline), tollgate.WithCircuitBreaker(3, time.Minute))
+	c := newClient(t, l.Addr().String(), tollgate.WithDeadline(deadline), tollgate.WithCircuitBreaker(3, time.Minute))
 	for i := 0; i < 3; i++ {
 		start := time.Now()
 		d := decide(t, c, tollgate.Request{Scope: "demo"})
@@ -330,7 +369,7 @@ func TestAHungTollgateCostsAFewDeadlinesThenNothing(t *testing.T) {
 
 func TestACallerThatGaveUpIsNotAnOutage(t *testing.T) {
 	srv := tollgatetest.Start(t, perUser)
-	c := dial(t, srv.Addr)
+	c := newClient(t, srv.Addr)
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	if _, err := c.Decide(ctx, tollgate.Request{Scope: "demo"}); !errors.Is(err, context.Canceled) {

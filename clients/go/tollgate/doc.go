@@ -6,11 +6,16 @@
 //
 //	tollgate      this package: Client (one reused connection, a deadline on
 //	              every call, plain and atomic batches, a local failure
-//	              policy) and the rendering of decisions as draft-11
-//	              RateLimit fields
+//	              policy)
 //	httplimit     net/http middleware: extractors, 429s, MCP JSON-RPC bodies
-//	grpclimit     grpc-go unary interceptor, and a Limit(ctx) error limiter
-//	              that fits go-grpc-middleware v2's ratelimit.Limiter
+//	grpclimit     grpc-go unary and stream interceptors, and a Limit(ctx)
+//	              error limiter that fits go-grpc-middleware v2's
+//	              ratelimit.Limiter
+//	mcp           MCP-aware extraction: the JSON-RPC calls of a body, and
+//	              the JSON-RPC error of a denial
+//	internal/fields  the draft-11 RateLimit fields of a decision, for
+//	              httplimit and grpclimit (checked against the Rust crate's
+//	              vectors)
 //	gen/tollgate/v1  generated stubs (scripts/gen.sh; never edited by hand)
 //	examples/proxy   a reverse proxy built on httplimit
 //

@@ -10,7 +10,7 @@ import (
 )
 
 func Example() {
-	client, err := tollgate.Dial("127.0.0.1:50051",
+	client, err := tollgate.NewClient("127.0.0.1:50051",
 		tollgate.WithDeadline(50*time.Millisecond),    // the deadline of every call
 		tollgate.WithFailureMode(tollgate.FailClosed), // or FailOpen, the default
 	)
@@ -40,7 +40,7 @@ func Example() {
 // An LLM gateway reserves the most a call can cost, calls the model, and
 // settles with the real count.
 func ExampleClient_Settle() {
-	client, err := tollgate.Dial("127.0.0.1:50051")
+	client, err := tollgate.NewClient("127.0.0.1:50051")
 	if err != nil {
 		log.Fatal(err)
 	}

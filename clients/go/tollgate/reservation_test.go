@@ -48,7 +48,7 @@ func left(t *testing.T, c *tollgate.Client, who string) uint64 {
 
 func TestAReservationSettledForLessGivesTheDifferenceBack(t *testing.T) {
 	srv := tollgatetest.Start(t, aiLimits)
-	c := dial(t, srv.Addr, tollgate.WithDeadline(2*time.Second))
+	c := newClient(t, srv.Addr, tollgate.WithDeadline(2*time.Second))
 	r := reserve(t, c, "alice", 80)
 	if got := left(t, c, "alice"); got != 20 {
 		t.Fatalf("after reserving 80 of 100: %d left", got)
@@ -70,7 +70,7 @@ func TestAReservationSettledForLessGivesTheDifferenceBack(t *testing.T) {
 
 func TestASecondSettleIsAlreadySettledAndAForgedTokenIsInvalid(t *testing.T) {
 	srv := tollgatetest.Start(t, aiLimits)
-	c := dial(t, srv.Addr, tollgate.WithDeadline(2*time.Second))
+	c := newClient(t, srv.Addr, tollgate.WithDeadline(2*time.Second))
 	ctx := context.Background()
 	r := reserve(t, c, "bob", 10)
 	if _, err := c.Settle(ctx, r, 10); err != nil {
@@ -99,7 +99,7 @@ func TestASecondSettleIsAlreadySettledAndAForgedTokenIsInvalid(t *testing.T) {
 
 func TestAnExpiredReservationIsRefusedAndItsEstimateStands(t *testing.T) {
 	srv := tollgatetest.Start(t, aiLimits)
-	c := dial(t, srv.Addr, tollgate.WithDeadline(2*time.Second))
+	c := newClient(t, srv.Addr, tollgate.WithDeadline(2*time.Second))
 	d := decide(t, c, tollgate.Request{Scope: "llm", Identity: "carol", Cost: 40, SettleWithin: 50 * time.Millisecond})
 	time.Sleep(150 * time.Millisecond)
 	if _, err := c.Settle(context.Background(), d.Reservation, 0); !errors.Is(err, tollgate.ErrReservationExpired) {
@@ -112,7 +112,7 @@ func TestAnExpiredReservationIsRefusedAndItsEstimateStands(t *testing.T) {
 
 func TestASettleWithTollgateStoppedIsUnavailableEvenWhenFailingOpen(t *testing.T) {
 	srv := tollgatetest.Start(t, aiLimits)
-	c := dial(t, srv.Addr, tollgate.WithDeadline(2*time.Second), tollgate.WithFailureMode(tollgate.FailOpen))
+	c := newClient(t, srv.Addr, tollgate.WithDeadline(2*time.Second), tollgate.WithFailureMode(tollgate.FailOpen))
 	r := reserve(t, c, "dave", 10)
 	srv.Stop()
 
@@ -130,7 +130,7 @@ func TestASettleWithTollgateStoppedIsUnavailableEvenWhenFailingOpen(t *testing.T
 
 func TestSheddableIsDeniedBeforeCriticalAgainstALimitWithHeadroom(t *testing.T) {
 	srv := tollgatetest.Start(t, aiLimits)
-	c := dial(t, srv.Addr, tollgate.WithDeadline(2*time.Second))
+	c := newClient(t, srv.Addr, tollgate.WithDeadline(2*time.Second))
 	allowed := func(p tollgate.Priority) bool {
 		return decide(t, c, tollgate.Request{Scope: "agents", Identity: "crew", Priority: p}).Allowed
 	}

@@ -1,44 +1,47 @@
-//! Every HTTP rendering of a decision lives here: the
-//! draft-ietf-httpapi-ratelimit-headers-11 `RateLimit-Policy` and `RateLimit`
-//! fields, `Retry-After`, the legacy `X-RateLimit-*` trio, and the
+//! Every HTTP rendering of a decision: the rate-limit headers (through
+//! `tollgate-headers`, which the server shares) and the
 //! `application/problem+json` body of a 429.
 //!
 //! One HTTP response can carry several decisions (an MCP batch is one atomic
 //! batch with an entry per distinct operation), so everything here takes a
 //! slice.
 //!
-//! The mapping from token buckets to the draft's fields:
+//! The headers are rendered by `tollgate_headers::middleware`, whose docs
+//! give the mapping from token buckets to the draft's fields; its test
+//! vectors (`clients/headers/vectors.json`) are the ones the Go client
+//! checks, so both clients answer alike. In short:
 //!
 //! - `RateLimit-Policy: "<rule>";q=<capacity>;w=<seconds>`, one item per rule
-//!   that applied, with `w` the bucket's refill period (the time in which it
-//!   refills from empty, so `q` per `w` is its rate). A token bucket has no
-//!   fixed window; this is the nearest reading of the draft's `w`, and the
-//!   one Tollgate renders for Envoy. `w` is left out when Tollgate did not
-//!   report the period.
-//! - `RateLimit: "<rule>";r=<remaining>;t=<seconds>`. On an allowed response,
-//!   every rule, with `t` the seconds until its bucket is full again (as the
-//!   server's `x-ratelimit-reset`). On a denial, only the rules that denied,
-//!   with `t` the seconds until the request would pass, so `Retry-After` is
-//!   never earlier than any `t` (draft section 6).
+//!   that applied, `w` the bucket's refill period (left out when Tollgate did
+//!   not report it).
+//! - `RateLimit: "<rule>";r=<remaining>;t=<seconds>`: every rule when
+//!   allowed, with `t` the time until full; only the rules that denied on a
+//!   denial, with `t` the time until the request would pass, so
+//!   `Retry-After` is never earlier than any `t` (draft section 6).
 //! - Seconds are always rounded up: a client that waits that long is not
-//!   early.
+//!   early. A rule name outside visible ASCII is percent-encoded.
 
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
+pub use tollgate_headers::ceil_secs;
 
-use crate::decision::Decision;
+use crate::decision::{BucketStatus, Decision};
 
 /// The draft-11 field naming a quota policy.
-pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub const RATELIMIT_POLICY: HeaderName =
+    HeaderName::from_static(tollgate_headers::RATELIMIT_POLICY);
 /// The draft-11 field with the current service limit.
-pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+pub const RATELIMIT: HeaderName = HeaderName::from_static(tollgate_headers::RATELIMIT);
 /// Legacy: the capacity of the most restrictive bucket.
-pub const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+pub const X_RATELIMIT_LIMIT: HeaderName =
+    HeaderName::from_static(tollgate_headers::X_RATELIMIT_LIMIT);
 /// Legacy: the tokens left in it.
-pub const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+pub const X_RATELIMIT_REMAINING: HeaderName =
+    HeaderName::from_static(tollgate_headers::X_RATELIMIT_REMAINING);
 /// Legacy: seconds until it is full again.
-pub const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+pub const X_RATELIMIT_RESET: HeaderName =
+    HeaderName::from_static(tollgate_headers::X_RATELIMIT_RESET);
 
 /// The problem type of draft-11 section 5.1.
 pub const QUOTA_EXCEEDED_TYPE: &str =
@@ -46,19 +49,10 @@ pub const QUOTA_EXCEEDED_TYPE: &str =
 /// The media type of an RFC 9457 problem document.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
-/// Which rate-limit headers to render.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HeaderOptions {
-    /// Also render `X-RateLimit-Limit`, `X-RateLimit-Remaining` and
-    /// `X-RateLimit-Reset` (seconds until full), for clients written
-    /// against the older, de-facto headers.
-    pub legacy: bool,
-}
-
-/// Whole seconds, rounded up.
-pub fn ceil_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
-}
+/// Which rate-limit headers to render: `legacy` adds `X-RateLimit-Limit`,
+/// `X-RateLimit-Remaining` and `X-RateLimit-Reset` (seconds until full),
+/// for clients written against the older, de-facto headers.
+pub use tollgate_headers::middleware::Options as HeaderOptions;
 
 /// True when any decision denied.
 pub fn denied(decisions: &[Decision]) -> bool {
@@ -69,17 +63,10 @@ pub fn denied(decisions: &[Decision]) -> bool {
 /// longest of their `retry_after`s. Entries of an atomic batch denied only
 /// because another entry was ([`Decision::denied_by_batch`]) have no wait of
 /// their own and are skipped. `None` when nothing was denied, or when one
-/// denial can never pass (no retry can succeed, so none is promised).
+/// denial can never pass (no retry can succeed, so none is promised). The
+/// same wait as the `Retry-After` that [`render`] writes.
 pub fn retry_after(decisions: &[Decision]) -> Option<Duration> {
-    let mut longest = None;
-    for d in decisions
-        .iter()
-        .filter(|d| !d.allowed && !d.denied_by_batch())
-    {
-        let r = d.retry_after?;
-        longest = Some(longest.map_or(r, |l: Duration| l.max(r)));
-    }
-    longest
+    tollgate_headers::middleware::retry_after(&views(decisions))
 }
 
 /// The rules that denied, each once, in order of appearance.
@@ -100,78 +87,43 @@ pub fn violated_policies(decisions: &[Decision]) -> Vec<&str> {
 /// consulted, so there is nothing true to say.
 pub fn render(decisions: &[Decision], options: HeaderOptions) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    let counted: Vec<&Decision> = decisions.iter().filter(|d| !d.degraded).collect();
-    let denial = denied(decisions);
-
-    let mut policies: Vec<Item<'_>> = Vec::new();
-    let mut limits: Vec<Item<'_>> = Vec::new();
-    for d in &counted {
-        for b in &d.buckets {
-            merge(
-                &mut policies,
-                Item {
-                    rule: &b.rule,
-                    number: b.limit,
-                    t: b.refill_period.map(ceil_secs),
-                },
-                false,
-            );
-            let shown = if denial {
-                !d.allowed && b.exhausted
-            } else {
-                true
-            };
-            if shown {
-                let t = if denial {
-                    b.retry_after.map(ceil_secs)
-                } else {
-                    Some(ceil_secs(b.reset_after))
-                };
-                merge(
-                    &mut limits,
-                    Item {
-                        rule: &b.rule,
-                        number: b.remaining,
-                        t,
-                    },
-                    true,
-                );
-            }
+    for (name, value) in tollgate_headers::middleware::render(&views(decisions), options) {
+        // Names are the crate's constants and values visible ASCII, so
+        // neither can fail; if one ever did, leaving the header out is
+        // better than a panic.
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
+            headers.insert(name, value);
         }
     }
-    if !policies.is_empty() {
-        let v = join(policies.iter().map(|p| match p.t {
-            Some(w) => format!("{};q={};w={w}", sf_string(p.rule), p.number),
-            None => format!("{};q={}", sf_string(p.rule), p.number),
-        }));
-        insert(&mut headers, RATELIMIT_POLICY, v);
-    }
-    if !limits.is_empty() {
-        let v = join(limits.iter().map(|l| match l.t {
-            Some(t) => format!("{};r={};t={t}", sf_string(l.rule), l.number),
-            None => format!("{};r={}", sf_string(l.rule), l.number),
-        }));
-        insert(&mut headers, RATELIMIT, v);
-    }
-    if denial && let Some(r) = retry_after(decisions) {
-        insert(
-            &mut headers,
-            http::header::RETRY_AFTER,
-            ceil_secs(r).to_string(),
-        );
-    }
-    if options.legacy
-        && let Some(d) = most_restrictive(&counted, denial)
-    {
-        insert(&mut headers, X_RATELIMIT_LIMIT, d.limit.to_string());
-        insert(&mut headers, X_RATELIMIT_REMAINING, d.remaining.to_string());
-        insert(
-            &mut headers,
-            X_RATELIMIT_RESET,
-            ceil_secs(d.reset_after).to_string(),
-        );
-    }
     headers
+}
+
+fn views(decisions: &[Decision]) -> Vec<tollgate_headers::Decision<'_>> {
+    decisions
+        .iter()
+        .map(|d| tollgate_headers::Decision {
+            allowed: d.allowed,
+            degraded: d.degraded,
+            retry_after: d.retry_after,
+            reason: Some(d.reason.as_str()).filter(|r| !r.is_empty()),
+            limit: d.limit,
+            remaining: d.remaining,
+            reset_after: d.reset_after,
+            buckets: d.buckets.iter().map(bucket).collect(),
+        })
+        .collect()
+}
+
+fn bucket(b: &BucketStatus) -> tollgate_headers::Bucket<'_> {
+    tollgate_headers::Bucket {
+        rule: &b.rule,
+        limit: b.limit,
+        remaining: b.remaining,
+        reset_after: b.reset_after,
+        retry_after: b.retry_after,
+        exhausted: b.exhausted,
+        refill_period: b.refill_period,
+    }
 }
 
 /// The `application/problem+json` body of a 429 (RFC 9457, with draft-11's
@@ -208,76 +160,6 @@ pub fn problem(status: http::StatusCode, title: &str, detail: &str) -> Vec<u8> {
     })
     .to_string()
     .into_bytes()
-}
-
-struct Item<'a> {
-    rule: &'a str,
-    /// `q` for a policy, `r` for a limit.
-    number: u64,
-    /// `w` for a policy, `t` for a limit.
-    t: Option<u64>,
-}
-
-/// Adds `item`, or folds it into the item of the same rule: several
-/// decisions can report one bucket (an identity bucket charged by two
-/// operations of one MCP batch). The later, smaller `r` and the longer `t`
-/// are the true ones.
-fn merge<'a>(items: &mut Vec<Item<'a>>, item: Item<'a>, is_limit: bool) {
-    match items.iter_mut().find(|i| i.rule == item.rule) {
-        Some(i) if is_limit => {
-            i.number = i.number.min(item.number);
-            i.t = match (i.t, item.t) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                (a, b) => a.or(b),
-            };
-        }
-        Some(_) => {}
-        None => items.push(item),
-    }
-}
-
-fn most_restrictive<'a>(decisions: &[&'a Decision], denial: bool) -> Option<&'a Decision> {
-    let applied = decisions.iter().copied().filter(|d| d.limit > 0);
-    if denial {
-        applied
-            .filter(|d| !d.allowed && !d.denied_by_batch())
-            .max_by_key(|d| d.retry_after.unwrap_or(Duration::MAX))
-    } else {
-        applied.min_by_key(|d| d.remaining)
-    }
-}
-
-fn join(items: impl Iterator<Item = String>) -> String {
-    items.collect::<Vec<_>>().join(", ")
-}
-
-fn insert(headers: &mut HeaderMap, name: HeaderName, value: String) {
-    // Every value is built here from digits, ASCII punctuation and
-    // `sf_string`, which emits only visible ASCII, so this cannot fail; if it
-    // ever did, leaving the header out is better than a panic.
-    if let Ok(v) = HeaderValue::try_from(value) {
-        headers.insert(name, v);
-    }
-}
-
-/// A Structured Field String (RFC 9651 section 3.3.3): quoted, with `"` and
-/// `\` escaped. Only visible ASCII and space are allowed in one, so any other
-/// character of a rule name becomes `?`.
-fn sf_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' | '\\' => {
-                out.push('\\');
-                out.push(c);
-            }
-            ' '..='~' => out.push(c),
-            _ => out.push('?'),
-        }
-    }
-    out.push('"');
-    out
 }
 
 #[cfg(test)]
@@ -453,10 +335,18 @@ mod tests {
         assert!(render(&[local], HeaderOptions { legacy: true }).is_empty());
     }
 
+    /// The same rule as the server's: a name outside visible ASCII is
+    /// percent-encoded, so it can be read back, not replaced by `?`.
     #[test]
     fn rule_names_are_escaped_as_structured_field_strings() {
-        assert_eq!(sf_string(r#"a"b\c"#), r#""a\"b\\c""#);
-        assert_eq!(sf_string("per-üser\t"), r#""per-?ser?""#);
+        let mut d = allowed();
+        d.buckets[0].rule = r#"a"b\c"#.into();
+        d.buckets[1].rule = "per-üser\t".into();
+        let h = render(&[d], HeaderOptions::default());
+        assert_eq!(
+            get(&h, "ratelimit-policy"),
+            Some(r#""a\"b\\c";q=1000, "per-%C3%BCser%09";q=3"#)
+        );
     }
 
     #[test]

@@ -11,20 +11,23 @@
 //!   ([`DecisionRequest::with_settle_within`]) and [`Client::settle`] the
 //!   real cost later; a [`Priority`] sheds background work before the user
 //!   at the screen.
-//! - [`layer::RateLimitLayer`]: a `tower::Layer` for HTTP services (axum,
+//! - [`layer::TollgateLayer`]: a `tower::Layer` for HTTP services (axum,
 //!   hyper, tonic). It extracts scope, identity and operation from each
 //!   request (a header, the path, the mTLS peer, or a closure), passes
 //!   allowed requests on with `RateLimit` headers, and answers denied ones
-//!   with a 429.
-//! - MCP-aware extraction ([`layer::Mcp`], [`mcp`]): on an MCP endpoint each
-//!   JSON-RPC call is decided, and a denial is a JSON-RPC error.
-//! - [`headers`]: every HTTP rendering of a decision, in one place
-//!   (draft-ietf-httpapi-ratelimit-headers-11, `Retry-After`, problem+json).
+//!   with a 429. The inner service keeps its request body type.
+//! - [`layer::McpLayer`], MCP-aware extraction stacked on top of it (and
+//!   [`mcp`], what it charges): on an MCP endpoint each JSON-RPC call is
+//!   decided, and a denial is a JSON-RPC error.
+//! - [`headers`]: every HTTP rendering of a decision
+//!   (draft-ietf-httpapi-ratelimit-headers-11, `Retry-After`, problem+json);
+//!   the headers come from `tollgate-headers`, which the server shares.
 //!
-//! The request path through the layer, in five lines:
+//! The request path through the layers, in five lines:
 //!
-//! 1. the extractors build a [`DecisionRequest`] from the request head;
-//! 2. on an MCP endpoint, the body is read (capped) and each call charged;
+//! 1. on an MCP endpoint, the MCP layer reads the body (capped);
+//! 2. the extractors build a [`DecisionRequest`] from the request head, one
+//!    per distinct JSON-RPC operation on an MCP endpoint;
 //! 3. [`Client`] asks Tollgate, within the deadline;
 //! 4. allowed: the inner service is called, and headers are added;
 //! 5. denied: a 429 is written here, and the inner service never runs.

@@ -1,7 +1,7 @@
 //! rust-proxy: an HTTP reverse proxy that asks Tollgate about every request,
-//! built on `tollgate_client::layer::RateLimitLayer`. It is an example first:
-//! the whole of the rate limiting is [`limited_router`]; the rest is a plain
-//! forwarder.
+//! built on `tollgate_client::layer::TollgateLayer` (and `McpLayer` with
+//! `--mcp`). It is an example first: the whole of the rate limiting is
+//! [`limited_router`]; the rest is a plain forwarder.
 //!
 //! - [`Args`]: the command line (the same flags as the Go example proxy).
 //! - [`limited_router`]: forwarder + layer; [`plain_router`]: forwarder only,
@@ -21,7 +21,7 @@ use http::{HeaderMap, StatusCode, Uri};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tollgate_client::layer::{Extractor, Mcp, RateLimitLayer};
+use tollgate_client::layer::{Extractor, McpLayer, TollgateLayer};
 use tollgate_client::{Client, FailureMode};
 
 /// The command line.
@@ -107,18 +107,21 @@ pub fn limited_router(args: &Args) -> Result<Router, tollgate_client::Error> {
                 .map(|c| c.0.ip().to_string())
         }),
     };
-    let mut layer = RateLimitLayer::new(client, Extractor::fixed(&args.scope))
+    let limits = TollgateLayer::new(client, Extractor::fixed(&args.scope))
         .identity(identity)
         .operation(Extractor::path())
         .legacy_headers(args.legacy_headers);
-    if args.mcp {
-        let mut mcp = Mcp::new().max_body_bytes(args.max_body_bytes);
-        if let Some(path) = &args.mcp_path {
-            mcp = mcp.path(path);
-        }
-        layer = layer.mcp(mcp);
+    let router = plain_router(args.upstream.clone());
+    if !args.mcp {
+        return Ok(router.layer(limits));
     }
-    Ok(plain_router(args.upstream.clone()).layer(layer))
+    // MCP extraction on top of the same limits: it builds the Tollgate
+    // service itself, so `limits` is not added again.
+    let mut mcp = McpLayer::new(limits).max_body_bytes(args.max_body_bytes);
+    if let Some(path) = &args.mcp_path {
+        mcp = mcp.path(path);
+    }
+    Ok(router.layer(mcp))
 }
 
 /// A forwarder to `upstream`, without rate limiting.

@@ -113,7 +113,7 @@ func run() error {
 	}
 	defer conn.Close()
 	stub := tollgatev1.NewRateLimiterClient(conn)
-	client, err := tollgate.Dial(srv.Addr)
+	client, err := tollgate.NewClient(srv.Addr)
 	if err != nil {
 		return err
 	}

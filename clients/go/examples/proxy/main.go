@@ -111,7 +111,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		identity = httplimit.Header(o.identityHeader)
 	}
 
-	client, err := tollgate.Dial(o.tollgate, tollgate.WithDeadline(o.deadline), tollgate.WithFailureMode(mode))
+	client, err := tollgate.NewClient(o.tollgate, tollgate.WithDeadline(o.deadline), tollgate.WithFailureMode(mode))
 	if err != nil {
 		return err
 	}

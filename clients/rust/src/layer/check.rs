@@ -1,6 +1,7 @@
-//! Deciding one HTTP request: extract the keys, read an MCP body if there is
-//! one, ask Tollgate, and either hand the request on (with the headers to add
-//! to its response) or answer it here.
+//! Deciding one HTTP request: extract the keys, ask Tollgate (once, or per
+//! JSON-RPC call when [`super::McpLayer`] read an MCP body), and either hand
+//! the request on (with the headers to add to its response) or answer it
+//! here.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -10,10 +11,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::Full;
 
-use super::body::RequestBody;
-use super::{Config, Mcp};
+use super::Config;
+use super::mcp::McpBody;
 use crate::decision::{Decision, DecisionRequest, MAX_BATCH};
 use crate::error::Error;
 use crate::headers::{self, PROBLEM_JSON};
@@ -27,7 +28,7 @@ pub(crate) enum Checked<B> {
     /// Call the inner service with this request, and add these headers to
     /// its response.
     Forward {
-        request: Request<RequestBody<B>>,
+        request: Request<B>,
         headers: http::HeaderMap,
     },
     /// Answer with this, without calling the inner service.
@@ -38,11 +39,10 @@ pub(crate) type CheckFuture<B> = Pin<Box<dyn Future<Output = Checked<B>> + Send>
 
 pub(crate) fn decide<B>(config: Arc<Config>, request: Request<B>) -> CheckFuture<B>
 where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Send + 'static,
 {
     Box::pin(async move {
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
         let base = match keys(&config, &parts) {
             Ok(base) => base,
             Err(reason) => {
@@ -53,9 +53,26 @@ where
                 ));
             }
         };
-        match config.mcp.as_ref().filter(|m| m.applies(&parts)) {
-            Some(mcp) => decide_mcp(&config, mcp, parts, body, base).await,
+        match parts.extensions.remove::<McpBody>() {
             None => decide_plain(&config, parts, body, base).await,
+            Some(McpBody::Read(mcp::Body::JsonRpc { calls, batch })) => {
+                decide_mcp(&config, parts, body, base, &calls, batch).await
+            }
+            // Charged once, as a plain request, and refused (if it is) as
+            // one JSON-RPC call without an id.
+            Some(McpBody::Read(mcp::Body::Other)) => {
+                let call = mcp::Call {
+                    id: None,
+                    operation: None,
+                };
+                decide_mcp(&config, parts, body, base, &[call], false).await
+            }
+            Some(McpBody::TooLarge { cap }) => Checked::Respond(too_large(cap)),
+            Some(McpBody::Unreadable(reason)) => Checked::Respond(problem(
+                StatusCode::BAD_REQUEST,
+                "Unreadable request body",
+                &reason,
+            )),
         }
     })
 }
@@ -74,7 +91,7 @@ async fn decide_plain<B>(
     let decisions = [decision];
     if decisions[0].allowed {
         Checked::Forward {
-            request: Request::from_parts(parts, RequestBody::streaming(body)),
+            request: Request::from_parts(parts, body),
             headers: headers::render(&decisions, config.headers),
         }
     } else {
@@ -82,8 +99,7 @@ async fn decide_plain<B>(
     }
 }
 
-/// A POST on the MCP endpoint: read the body under the cap, and charge its
-/// JSON-RPC calls all or nothing.
+/// The JSON-RPC calls of a POST on the MCP endpoint, charged all or nothing.
 ///
 /// Calls with the same operation become one entry whose cost is their count,
 /// and the distinct operations go in one atomic `ShouldAllowBatch`: Tollgate
@@ -95,48 +111,14 @@ async fn decide_plain<B>(
 /// `ShouldAllow`, atomic already.
 async fn decide_mcp<B>(
     config: &Config,
-    mcp: &Mcp,
     parts: Parts,
     body: B,
     base: DecisionRequest,
-) -> Checked<B>
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let cap = mcp.max_body_bytes;
-    if declared.is_some_and(|n| n > cap as u64) {
-        return Checked::Respond(too_large(cap));
-    }
-    let bytes = match Limited::new(body, cap).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<LengthLimitError>() => return Checked::Respond(too_large(cap)),
-        Err(e) => {
-            return Checked::Respond(problem(
-                StatusCode::BAD_REQUEST,
-                "Unreadable request body",
-                &e.to_string(),
-            ));
-        }
-    };
-
-    let (calls, batch) = match mcp::parse(&bytes) {
-        mcp::Body::JsonRpc { calls, batch } => (calls, batch),
-        mcp::Body::Other => (
-            vec![mcp::Call {
-                id: None,
-                operation: None,
-            }],
-            false,
-        ),
-    };
+    calls: &[mcp::Call],
+    batch: bool,
+) -> Checked<B> {
     let forward = |headers| Checked::Forward {
-        request: Request::from_parts(parts, RequestBody::read(bytes)),
+        request: Request::from_parts(parts, body),
         headers,
     };
     if calls.is_empty() {
@@ -146,7 +128,7 @@ where
 
     // One entry per distinct operation, costing the number of its calls.
     let mut costs: BTreeMap<String, u32> = BTreeMap::new();
-    for call in &calls {
+    for call in calls {
         let operation = match &call.operation {
             Some(op) => op.clone(),
             None => base.operation.clone(),
@@ -183,7 +165,7 @@ where
         .iter()
         .find(|d| !d.allowed && !d.reason.is_empty())
         .map_or("", |d| d.reason.as_str());
-    let body = mcp::denial(&calls, batch, retry_after, &violated, reason);
+    let body = mcp::denial(calls, batch, retry_after, &violated, reason);
     Checked::Respond(respond(
         StatusCode::TOO_MANY_REQUESTS,
         mcp::JSON,

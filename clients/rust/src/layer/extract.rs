@@ -17,7 +17,7 @@ type ExtractFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 
 /// Takes one value (a scope, an identity, an operation or an attribute)
 /// from a request's head. The body is never read here; MCP extraction is
-/// separate (see [`crate::layer::Mcp`]).
+/// separate (see [`crate::layer::McpLayer`]).
 #[derive(Clone)]
 pub struct Extractor(Source);
 

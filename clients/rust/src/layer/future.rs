@@ -8,14 +8,14 @@ use http::{HeaderMap, Request, Response};
 use pin_project_lite::pin_project;
 use tower::Service;
 
-use super::body::{RequestBody, ResponseBody};
+use super::body::ResponseBody;
 use super::check::{CheckFuture, Checked};
 
 pin_project! {
-    /// The response future of [`super::RateLimit`].
+    /// The response future of [`super::Tollgate`].
     pub struct ResponseFuture<S, B>
     where
-        S: Service<Request<RequestBody<B>>>,
+        S: Service<Request<B>>,
     {
         #[pin]
         state: State<S, S::Future, B>,
@@ -36,7 +36,7 @@ pin_project! {
 
 impl<S, B> ResponseFuture<S, B>
 where
-    S: Service<Request<RequestBody<B>>>,
+    S: Service<Request<B>>,
 {
     pub(crate) fn new(check: CheckFuture<B>, service: S) -> Self {
         Self {
@@ -50,7 +50,7 @@ where
 
 impl<S, B> std::fmt::Debug for ResponseFuture<S, B>
 where
-    S: Service<Request<RequestBody<B>>>,
+    S: Service<Request<B>>,
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = match &self.state {
@@ -65,7 +65,7 @@ where
 
 impl<S, B, ResBody> Future for ResponseFuture<S, B>
 where
-    S: Service<Request<RequestBody<B>>, Response = Response<ResBody>>,
+    S: Service<Request<B>, Response = Response<ResBody>>,
 {
     type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
 

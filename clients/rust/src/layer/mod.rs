@@ -1,5 +1,16 @@
-//! The tower layer: asks Tollgate about each HTTP request before the inner
+//! The tower layers: ask Tollgate about each HTTP request before the inner
 //! service sees it.
+//!
+//! - [`TollgateLayer`] makes [`Tollgate`]: one decision per HTTP request,
+//!   with keys from the request head. The inner service gets the request
+//!   as it came, body type and all.
+//! - [`McpLayer`] stacks MCP extraction on top of a `TollgateLayer`, making
+//!   [`Mcp`]`<Tollgate<S>>`: on the MCP endpoint it reads the body, and each
+//!   JSON-RPC call in it is decided (a batch all or nothing). Only this
+//!   layer changes the inner service's body type, to [`RequestBody`], since
+//!   it hands on the bytes it read.
+//!
+//! What the caller sees:
 //!
 //! - Allowed: the request goes on, and the response gets `RateLimit-Policy`
 //!   and `RateLimit` (and `X-RateLimit-*` if asked).
@@ -12,21 +23,23 @@
 //! ```no_run
 //! use http::HeaderName;
 //! use tollgate_client::Client;
-//! use tollgate_client::layer::{Extractor, Mcp, RateLimitLayer};
+//! use tollgate_client::layer::{Extractor, McpLayer, TollgateLayer};
 //!
 //! # fn doc() -> Result<(), tollgate_client::Error> {
 //! let client = Client::builder("127.0.0.1:50051").build()?;
-//! let layer = RateLimitLayer::new(client, Extractor::fixed("github-mcp"))
-//!     .identity(Extractor::header(HeaderName::from_static("x-user")))
-//!     .mcp(Mcp::new().path("/mcp"));
-//! // axum: Router::new().route(...).layer(layer)
-//! # let _ = layer; Ok(()) }
+//! let limits = TollgateLayer::new(client, Extractor::fixed("github-mcp"))
+//!     .identity(Extractor::header(HeaderName::from_static("x-user")));
+//! // A plain HTTP API: Router::new().route(...).layer(limits)
+//! let mcp = McpLayer::new(limits).path("/mcp");
+//! // An MCP server: Router::new().route("/mcp", ...).layer(mcp)
+//! # let _ = mcp; Ok(()) }
 //! ```
 
 mod body;
 mod check;
 mod extract;
 mod future;
+mod mcp;
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -41,62 +54,22 @@ use crate::headers::HeaderOptions;
 pub use body::{RequestBody, ResponseBody};
 pub use extract::{Extractor, PeerIdentity};
 pub use future::ResponseFuture;
+pub use mcp::{DEFAULT_MAX_BODY_BYTES, Mcp, McpFuture, McpLayer};
 
-/// The most bytes of an MCP request body the layer reads, unless set.
-/// Bigger bodies get a 413 before anything is charged.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+/// The layer's name before it became [`TollgateLayer`] (tower has its own
+/// `RateLimitLayer`). Kept for one release.
+#[deprecated(note = "renamed `TollgateLayer`; the alias goes in the next release")]
+pub type RateLimitLayer = TollgateLayer;
 
-/// MCP-aware extraction: on the MCP endpoint, each JSON-RPC call in a POST
-/// body is decided, with its method (and tool, prompt or resource) as the
-/// operation, and a batch is charged all or nothing. See [`crate::mcp`] for
-/// what is charged and how.
-#[derive(Clone, Debug)]
-pub struct Mcp {
-    path: Option<String>,
-    max_body_bytes: usize,
-}
+/// The service's name before it became [`Tollgate`]. Kept for one release.
+#[deprecated(note = "renamed `Tollgate`; the alias goes in the next release")]
+pub type RateLimit<S> = Tollgate<S>;
 
-impl Default for Mcp {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Mcp {
-    /// MCP extraction on every POST, with a 1 MiB body cap.
-    pub fn new() -> Self {
-        Self {
-            path: None,
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-        }
-    }
-
-    /// Only POSTs to this exact path are read as JSON-RPC; other requests are
-    /// decided as plain HTTP requests.
-    #[must_use]
-    pub fn path(mut self, path: impl Into<String>) -> Self {
-        self.path = Some(path.into());
-        self
-    }
-
-    /// The most body bytes read; a bigger body is refused with a 413.
-    #[must_use]
-    pub fn max_body_bytes(mut self, max: usize) -> Self {
-        self.max_body_bytes = max;
-        self
-    }
-
-    fn applies(&self, parts: &http::request::Parts) -> bool {
-        parts.method == http::Method::POST
-            && self.path.as_deref().is_none_or(|p| p == parts.uri.path())
-    }
-}
-
-/// Applies [`RateLimit`] to a service. Build it with [`RateLimitLayer::new`]
+/// Applies [`Tollgate`] to a service. Build it with [`TollgateLayer::new`]
 /// and the builder methods; every clone shares one configuration and the
 /// client's one connection.
 #[derive(Clone, Debug)]
-pub struct RateLimitLayer {
+pub struct TollgateLayer {
     config: Arc<Config>,
 }
 
@@ -107,14 +80,14 @@ struct Config {
     /// Absent means anonymous: every caller shares the identity bucket.
     identity: Option<Extractor>,
     /// Absent means no operation (only limits without `operations` apply).
-    /// With MCP on, it is the operation of bodies that are not JSON-RPC.
+    /// Under [`McpLayer`], it is the operation of bodies that are not
+    /// JSON-RPC.
     operation: Option<Extractor>,
     attributes: Vec<(String, Extractor)>,
     headers: HeaderOptions,
-    mcp: Option<Mcp>,
 }
 
-impl RateLimitLayer {
+impl TollgateLayer {
     /// Asks `client` about every request, in the scope that `scope` extracts.
     /// A request without a scope gets a 400.
     pub fn new(client: Client, scope: Extractor) -> Self {
@@ -126,7 +99,6 @@ impl RateLimitLayer {
                 operation: None,
                 attributes: Vec::new(),
                 headers: HeaderOptions::default(),
-                mcp: None,
             }),
         }
     }
@@ -163,19 +135,13 @@ impl RateLimitLayer {
     pub fn legacy_headers(self, on: bool) -> Self {
         self.edit(|c| c.headers.legacy = on)
     }
-
-    /// Turns on MCP-aware extraction.
-    #[must_use]
-    pub fn mcp(self, mcp: Mcp) -> Self {
-        self.edit(|c| c.mcp = Some(mcp))
-    }
 }
 
-impl<S> Layer<S> for RateLimitLayer {
-    type Service = RateLimit<S>;
+impl<S> Layer<S> for TollgateLayer {
+    type Service = Tollgate<S>;
 
-    fn layer(&self, inner: S) -> RateLimit<S> {
-        RateLimit {
+    fn layer(&self, inner: S) -> Tollgate<S> {
+        Tollgate {
             inner,
             config: self.config.clone(),
         }
@@ -183,18 +149,17 @@ impl<S> Layer<S> for RateLimitLayer {
 }
 
 /// A service that asks Tollgate before calling the inner one. Made by
-/// [`RateLimitLayer`].
+/// [`TollgateLayer`].
 #[derive(Clone, Debug)]
-pub struct RateLimit<S> {
+pub struct Tollgate<S> {
     inner: S,
     config: Arc<Config>,
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S>
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Tollgate<S>
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Clone,
-    ReqBody: http_body::Body<Data = Bytes> + Send + 'static,
-    ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    ReqBody: Send + 'static,
     ResBody: http_body::Body<Data = Bytes>,
 {
     type Response = Response<ResponseBody<ResBody>>;
@@ -212,5 +177,21 @@ where
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
         ResponseFuture::new(check::decide(self.config.clone(), request), ready)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names before `TollgateLayer` and `Tollgate` still compile, for one
+    /// release; this test goes with them.
+    #[tokio::test]
+    #[allow(deprecated)]
+    async fn the_old_names_still_name_the_layer_and_its_service() {
+        let client = Client::builder("127.0.0.1:1").build().unwrap();
+        let layer: RateLimitLayer = TollgateLayer::new(client, Extractor::fixed("demo"));
+        let service: RateLimit<()> = layer.layer(());
+        let _: Tollgate<()> = service;
     }
 }

@@ -1,7 +1,7 @@
 //! `tollgate_client::Client` and the layer in this process, against the real
 //! Tollgate binary: batch order, atomic batches, refill periods, input
-//! checks, deadlines, the failure modes and the breaker, and the extractors
-//! the proxy does not use.
+//! checks, deadlines, the failure modes and the breaker, the extractors the
+//! proxy does not use, and the MCP layer's inner body.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderName, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use tollgate_client::layer::{Extractor, PeerIdentity, RateLimitLayer, RequestBody};
+use tollgate_client::layer::{Extractor, McpLayer, PeerIdentity, RequestBody, TollgateLayer};
 use tollgate_client::{Client, Decision, DecisionRequest, Error, FailureCause, FailureMode};
 use tower::{Layer, ServiceExt};
 
@@ -264,15 +264,16 @@ async fn a_stalled_tollgate_costs_one_deadline_per_call_until_the_breaker_opens(
     assert!(d.local.is_none(), "{d:?}");
 }
 
-/// The inner service of the in-process layer tests.
-async fn ok(_: Request<RequestBody<Full<Bytes>>>) -> Result<Response<Full<Bytes>>, Infallible> {
+/// The inner service of the in-process layer tests. It takes the request
+/// body type the caller sends: the layer does not wrap it.
+async fn ok(_: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(Response::new(Full::new(Bytes::from_static(b"inner"))))
 }
 
 #[tokio::test]
 async fn the_layer_reads_the_mtls_peer_and_attributes_from_extensions_and_headers() {
     let tollgate = Tollgate::start(LIMITS);
-    let layer = RateLimitLayer::new(client(&tollgate), Extractor::fixed("demo"))
+    let layer = TollgateLayer::new(client(&tollgate), Extractor::fixed("demo"))
         .identity(Extractor::peer())
         .attribute("tier", Extractor::header(HeaderName::from_static("x-tier")));
     let service = layer.layer(tower::service_fn(ok));
@@ -313,7 +314,7 @@ async fn the_layer_reads_the_mtls_peer_and_attributes_from_extensions_and_header
 #[tokio::test]
 async fn the_layer_answers_400_for_a_missing_scope_or_an_oversized_key() {
     let tollgate = Tollgate::start(LIMITS);
-    let layer = RateLimitLayer::new(
+    let layer = TollgateLayer::new(
         client(&tollgate),
         Extractor::header(HeaderName::from_static("x-tenant")),
     )
@@ -345,4 +346,75 @@ async fn the_layer_answers_400_for_a_missing_scope_or_an_oversized_key() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
+}
+
+/// The inner service under the MCP layer: it gets the bytes the layer read,
+/// and echoes them.
+async fn echo(
+    request: Request<RequestBody<Full<Bytes>>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let Ok(body) = request.into_body().collect().await;
+    Ok(Response::new(Full::new(body.to_bytes())))
+}
+
+#[tokio::test]
+async fn the_mcp_layer_charges_each_call_and_hands_the_body_on() {
+    // An hour's refill: no token comes back during the test.
+    let tollgate = Tollgate::start(
+        "
+scopes:
+  - name: demo
+    limits:
+      - name: per-user
+        per: identity
+        capacity: 3
+        refill_period: 1h
+",
+    );
+    let limits = TollgateLayer::new(client(&tollgate), Extractor::fixed("demo"))
+        .identity(Extractor::header(HeaderName::from_static("x-user")));
+    let service = McpLayer::new(limits)
+        .path("/mcp")
+        .layer(tower::service_fn(echo));
+    let post = |path: &str, body: &'static str| {
+        Request::builder()
+            .method("POST")
+            .uri(path)
+            .header("x-user", "mia")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    };
+    let ratelimit = |r: &Response<_>| r.headers()["ratelimit"].to_str().unwrap().to_owned();
+
+    // Two calls: two tokens, and the body reaches the inner service whole.
+    let batch = r#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"},{"jsonrpc":"2.0","id":2,"method":"ping"}]"#;
+    let r = service.clone().oneshot(post("/mcp", batch)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        ratelimit(&r).starts_with(r#""per-user";r=1;"#),
+        "{}",
+        ratelimit(&r)
+    );
+    assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), batch);
+    // Off the MCP path, one plain request: the last token.
+    let r = service.clone().oneshot(post("/other", "x")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        ratelimit(&r).starts_with(r#""per-user";r=0;"#),
+        "{}",
+        ratelimit(&r)
+    );
+    // On it, a body that is not JSON-RPC is charged once, and refused as a
+    // JSON-RPC call without an id.
+    let r = service
+        .clone()
+        .oneshot(post("/mcp", "not json"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error["id"], serde_json::Value::Null);
+    assert_eq!(error["error"]["code"], -32029);
 }

@@ -1,4 +1,4 @@
-package httplimit
+package mcp
 
 import (
 	"encoding/json"
@@ -36,7 +36,7 @@ func TestLongOperationsAreCutAtACharacterBoundary(t *testing.T) {
 }
 
 func TestNotificationsAndResponsesAreFreeButIdLessCallsAreNot(t *testing.T) {
-	body := parseRPC([]byte(`[
+	body := Parse([]byte(`[
 		{"jsonrpc":"2.0","method":"notifications/initialized"},
 		{"jsonrpc":"2.0","id":1,"result":{}},
 		{"jsonrpc":"2.0","id":2,"error":{"code":1,"message":"x"}},
@@ -45,42 +45,42 @@ func TestNotificationsAndResponsesAreFreeButIdLessCallsAreNot(t *testing.T) {
 		{"jsonrpc":"2.0","id":3,"method":7},
 		42
 	]`))
-	if !body.jsonRPC || !body.batch || len(body.calls) != 4 {
+	if !body.JSONRPC || !body.Batch || len(body.Calls) != 4 {
 		t.Fatalf("got %+v", body)
 	}
-	want := []rpcCall{
-		{id: json.RawMessage(`"a"`), operation: "ping"},
-		{operation: "tools/call:fetch"},
-		{id: json.RawMessage(`3`), plain: true},
-		{plain: true},
+	want := []Call{
+		{ID: json.RawMessage(`"a"`), Operation: "ping"},
+		{Operation: "tools/call:fetch"},
+		{ID: json.RawMessage(`3`), Plain: true},
+		{Plain: true},
 	}
-	for i, c := range body.calls {
-		if string(c.id) != string(want[i].id) || c.operation != want[i].operation || c.plain != want[i].plain {
+	for i, c := range body.Calls {
+		if string(c.ID) != string(want[i].ID) || c.Operation != want[i].Operation || c.Plain != want[i].Plain {
 			t.Errorf("call %d: got %+v, want %+v", i, c, want[i])
 		}
 	}
-	single := parseRPC([]byte(`{"jsonrpc":"2.0","method":"notifications/cancelled"}`))
-	if !single.jsonRPC || single.batch || len(single.calls) != 0 {
+	single := Parse([]byte(`{"jsonrpc":"2.0","method":"notifications/cancelled"}`))
+	if !single.JSONRPC || single.Batch || len(single.Calls) != 0 {
 		t.Fatalf("a lone notification: %+v", single)
 	}
 }
 
 func TestBodiesThatAreNotJSONRPCAreChargedAsPlainRequests(t *testing.T) {
 	for _, b := range []string{"", "not json", "[]", `"a string"`, "{broken", "[1,"} {
-		if got := parseRPC([]byte(b)); got.jsonRPC {
+		if got := Parse([]byte(b)); got.JSONRPC {
 			t.Errorf("%q parsed as JSON-RPC: %+v", b, got)
 		}
 	}
 }
 
 func TestABatchIsChargedOncePerOperationWithTheCallsAsCost(t *testing.T) {
-	calls := []rpcCall{
-		{operation: "tools/call:search"},
-		{operation: "tools/call:fetch"},
-		{operation: "tools/call:search"},
-		{plain: true},
-	}
-	got := group(calls, tollgate.Request{Scope: "s", Identity: "i", Operation: "POST /mcp", Cost: 2})
+	body := Body{JSONRPC: true, Batch: true, Calls: []Call{
+		{Operation: "tools/call:search"},
+		{Operation: "tools/call:fetch"},
+		{Operation: "tools/call:search"},
+		{Plain: true},
+	}}
+	got := body.Requests(tollgate.Request{Scope: "s", Identity: "i", Operation: "POST /mcp", Cost: 2})
 	want := []tollgate.Request{
 		{Scope: "s", Identity: "i", Operation: "tools/call:search", Cost: 4},
 		{Scope: "s", Identity: "i", Operation: "tools/call:fetch", Cost: 2},
@@ -99,7 +99,7 @@ func TestABatchIsChargedOncePerOperationWithTheCallsAsCost(t *testing.T) {
 func TestADenialIsAJSONRPCErrorWithTheWaitInData(t *testing.T) {
 	ds := []tollgate.Decision{{Allowed: false, RetryAfter: 2100 * time.Millisecond, Rule: "per-user",
 		Buckets: []tollgate.Bucket{{Rule: "per-user", Exhausted: true}}}}
-	out := rpcDenial(rpcBody{jsonRPC: true, calls: []rpcCall{{id: json.RawMessage(`7`)}}}, ds)
+	out := Body{JSONRPC: true, Calls: []Call{{ID: json.RawMessage(`7`)}}}.Denial(ds)
 	want := `{"jsonrpc":"2.0","id":7,"error":{"code":-32029,"message":"Rate limit exceeded",` +
 		`"data":{"retryAfterSeconds":3,"retryAfterMs":2100,"violatedPolicies":["per-user"]}}}`
 	if string(out) != want {
@@ -109,14 +109,14 @@ func TestADenialIsAJSONRPCErrorWithTheWaitInData(t *testing.T) {
 
 func TestABatchDenialAnswersEveryChargedCall(t *testing.T) {
 	ds := []tollgate.Decision{{Allowed: false, Reason: "cost 3 exceeds the capacity 2", Rule: "r"}}
-	body := rpcBody{jsonRPC: true, batch: true, calls: []rpcCall{{id: json.RawMessage(`1`)}, {}}}
+	body := Body{JSONRPC: true, Batch: true, Calls: []Call{{ID: json.RawMessage(`1`)}, {}}}
 	var errs []struct {
 		ID    json.RawMessage `json:"id"`
 		Error struct {
 			Data map[string]any `json:"data"`
 		} `json:"error"`
 	}
-	if err := json.Unmarshal(rpcDenial(body, ds), &errs); err != nil || len(errs) != 2 {
+	if err := json.Unmarshal(body.Denial(ds), &errs); err != nil || len(errs) != 2 {
 		t.Fatalf("%v: %+v", err, errs)
 	}
 	if string(errs[0].ID) != "1" || string(errs[1].ID) != "null" {

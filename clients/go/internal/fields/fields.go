@@ -1,15 +1,23 @@
-package tollgate
+// Package fields renders Tollgate decisions as rate-limit fields, for the
+// module's own middleware: httplimit sends them as HTTP headers, grpclimit as
+// response metadata, and mcp reads the wait and the violated rules from
+// here.
+//
+// The rendering is the Rust client's, and the server's crate
+// tollgate-headers (its middleware module) checks the same test vectors,
+// clients/headers/vectors.json, as vectors_test.go here.
+package fields
 
 import (
 	"slices"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/tollgate-rs/tollgate/clients/go/tollgate"
 )
 
-// The mapping from token buckets to draft-ietf-httpapi-ratelimit-headers-11,
-// shared by the HTTP middleware (as headers) and the gRPC interceptor (as
-// metadata), and kept the same as the Rust client's:
+// The mapping from token buckets to draft-ietf-httpapi-ratelimit-headers-11:
 //
 //   - RateLimit-Policy: `"<rule>";q=<capacity>;w=<seconds>`, one item per
 //     rule that applied, with w the bucket's refill period (the time in
@@ -23,6 +31,11 @@ import (
 //     request would pass, so that Retry-After is never earlier than any t.
 //   - Seconds are whole and rounded up: a client that waits that long is
 //     never early.
+//   - A rule is named by an RFC 9651 String: `"` and `\` are escaped with a
+//     backslash, and every other byte outside visible ASCII (non-ASCII
+//     UTF-8, control characters) is percent-encoded with upper-case hex, so
+//     "café" is "caf%C3%A9" and a client can decode the name back. The server
+//     writes names the same way.
 //
 // Several decisions can share one response (an MCP batch is one entry per
 // distinct operation of one atomic batch), so everything here takes a slice;
@@ -44,6 +57,36 @@ type Fields struct {
 	LegacyLimit, LegacyRemaining, LegacyReset string
 }
 
+// Header is one rate-limit field to send: its lower-case name and value.
+type Header struct {
+	Name, Value string
+}
+
+// Headers is what httplimit sends as HTTP headers and grpclimit as response
+// metadata, in this order: ratelimit-policy and ratelimit when a rule
+// applied, retry-after on a denial a retry can pass, and with legacy the
+// x-ratelimit-limit, -remaining and -reset of the most restrictive bucket.
+func Headers(ds []tollgate.Decision, legacy bool) []Header {
+	f := Render(ds)
+	var out []Header
+	add := func(name, v string) {
+		if v != "" {
+			out = append(out, Header{Name: name, Value: v})
+		}
+	}
+	add("ratelimit-policy", f.Policy)
+	add("ratelimit", f.RateLimit)
+	if Denied(ds) {
+		add("retry-after", f.RetryAfter)
+	}
+	if legacy {
+		add("x-ratelimit-limit", f.LegacyLimit)
+		add("x-ratelimit-remaining", f.LegacyRemaining)
+		add("x-ratelimit-reset", f.LegacyReset)
+	}
+	return out
+}
+
 // CeilSeconds is d in whole seconds, rounded up.
 func CeilSeconds(d time.Duration) int64 {
 	s := int64(d / time.Second)
@@ -54,7 +97,7 @@ func CeilSeconds(d time.Duration) int64 {
 }
 
 // Denied reports whether any of the decisions denied.
-func Denied(ds []Decision) bool {
+func Denied(ds []tollgate.Decision) bool {
 	for i := range ds {
 		if !ds[i].Allowed {
 			return true
@@ -65,10 +108,11 @@ func Denied(ds []Decision) bool {
 
 // RetryAfter is, for a denial, the wait after which every denied decision
 // would pass: the longest of their RetryAfters. Entries of an atomic batch
-// denied only because another entry was ([Decision.DeniedByBatch]) have no
-// wait of their own and are skipped. ok is false when nothing was denied, or
-// when some denial can never pass by retrying.
-func RetryAfter(ds []Decision) (wait time.Duration, ok bool) {
+// denied only because another entry was
+// ([tollgate.Decision.DeniedByBatch]) have no wait of their own and are
+// skipped. ok is false when nothing was denied, or when some denial can
+// never pass by retrying.
+func RetryAfter(ds []tollgate.Decision) (wait time.Duration, ok bool) {
 	for i := range ds {
 		if ds[i].Allowed || ds[i].DeniedByBatch() {
 			continue
@@ -83,7 +127,7 @@ func RetryAfter(ds []Decision) (wait time.Duration, ok bool) {
 }
 
 // ViolatedPolicies names the rules that denied, each once, in order.
-func ViolatedPolicies(ds []Decision) []string {
+func ViolatedPolicies(ds []tollgate.Decision) []string {
 	var out []string
 	for i := range ds {
 		for _, rule := range ds[i].ViolatedPolicies() {
@@ -96,7 +140,7 @@ func ViolatedPolicies(ds []Decision) []string {
 }
 
 // Reasons collects Tollgate's reasons for denials that no retry can pass.
-func Reasons(ds []Decision) []string {
+func Reasons(ds []tollgate.Decision) []string {
 	var out []string
 	for i := range ds {
 		if !ds[i].Allowed && ds[i].Reason != "" && !slices.Contains(out, ds[i].Reason) {
@@ -106,10 +150,10 @@ func Reasons(ds []Decision) []string {
 	return out
 }
 
-// RenderFields renders the rate-limit fields of the decisions behind one
+// Render renders the rate-limit fields of the decisions behind one
 // response. Degraded decisions add nothing: no bucket was consulted, so
 // there is nothing true to say about one.
-func RenderFields(ds []Decision) Fields {
+func Render(ds []tollgate.Decision) Fields {
 	denial := Denied(ds)
 	type item struct {
 		rule string
@@ -201,9 +245,10 @@ func window(refill time.Duration) int64 {
 
 // mostRestrictive picks the decision the legacy trio describes: on a denial
 // the denied one with the longest wait (one that can never pass counts as
-// longest), else the one with the fewest tokens left.
-func mostRestrictive(ds []Decision, denial bool) *Decision {
-	var best *Decision
+// longest; of equal waits, the last, as in Rust), else the one with the
+// fewest tokens left (of equals, the first).
+func mostRestrictive(ds []tollgate.Decision, denial bool) *tollgate.Decision {
+	var best *tollgate.Decision
 	for i := range ds {
 		d := &ds[i]
 		if d.Degraded || d.Limit == 0 || (denial && (d.Allowed || d.DeniedByBatch())) {
@@ -212,7 +257,7 @@ func mostRestrictive(ds []Decision, denial bool) *Decision {
 		switch {
 		case best == nil:
 			best = d
-		case denial && waitKey(d) > waitKey(best):
+		case denial && waitKey(d) >= waitKey(best):
 			best = d
 		case !denial && d.Remaining < best.Remaining:
 			best = d
@@ -221,29 +266,32 @@ func mostRestrictive(ds []Decision, denial bool) *Decision {
 	return best
 }
 
-func waitKey(d *Decision) time.Duration {
+func waitKey(d *tollgate.Decision) time.Duration {
 	if d.RetryAfter <= 0 {
 		return time.Duration(1<<63 - 1)
 	}
 	return d.RetryAfter
 }
 
-// sfString renders s as a Structured Field String (RFC 9651 section 3.3.3):
-// quoted, with `"` and `\` escaped. Only visible ASCII and space may appear
-// in one, so any other byte of a rule name becomes `?`.
+// sfString renders a rule name as a Structured Field String (RFC 9651
+// section 3.3.3), by the rule in the mapping above. It works on bytes, so
+// a name that is not valid UTF-8 is kept too.
 func sfString(s string) string {
+	const hex = "0123456789ABCDEF"
 	var sb strings.Builder
 	sb.Grow(len(s) + 2)
 	sb.WriteByte('"')
-	for _, r := range s {
-		switch {
-		case r == '"' || r == '\\':
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c == '"' || c == '\\':
 			sb.WriteByte('\\')
-			sb.WriteRune(r)
-		case r >= ' ' && r <= '~':
-			sb.WriteRune(r)
+			sb.WriteByte(c)
+		case c >= ' ' && c <= '~':
+			sb.WriteByte(c)
 		default:
-			sb.WriteByte('?')
+			sb.WriteByte('%')
+			sb.WriteByte(hex[c>>4])
+			sb.WriteByte(hex[c&0xF])
 		}
 	}
 	sb.WriteByte('"')

@@ -1,13 +1,15 @@
-package tollgate
+package fields
 
 import (
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/tollgate-rs/tollgate/clients/go/tollgate"
 )
 
-func bucket(rule string, limit, remaining uint64, reset, retry time.Duration, exhausted bool) Bucket {
-	return Bucket{Rule: rule, Limit: limit, Remaining: remaining, ResetAfter: reset, RetryAfter: retry, Exhausted: exhausted}
+func bucket(rule string, limit, remaining uint64, reset, retry time.Duration, exhausted bool) tollgate.Bucket {
+	return tollgate.Bucket{Rule: rule, Limit: limit, Remaining: remaining, ResetAfter: reset, RetryAfter: retry, Exhausted: exhausted}
 }
 
 func TestSecondsAreRoundedUp(t *testing.T) {
@@ -22,11 +24,11 @@ func TestSecondsAreRoundedUp(t *testing.T) {
 }
 
 func TestAnAllowedResponseListsEveryRuleWithTimeUntilFull(t *testing.T) {
-	d := Decision{Allowed: true, Limit: 10, Remaining: 4, ResetAfter: 1500 * time.Millisecond, Rule: "per-user", Buckets: []Bucket{
+	d := tollgate.Decision{Allowed: true, Limit: 10, Remaining: 4, ResetAfter: 1500 * time.Millisecond, Rule: "per-user", Buckets: []tollgate.Bucket{
 		bucket("per-user", 10, 4, 1500*time.Millisecond, 0, false),
 		bucket("global", 1000, 900, 6*time.Second, 0, false),
 	}}
-	f := RenderFields([]Decision{d})
+	f := Render([]tollgate.Decision{d})
 	want := Fields{
 		Policy:          `"per-user";q=10, "global";q=1000`,
 		RateLimit:       `"per-user";r=4;t=2, "global";r=900;t=6`,
@@ -40,59 +42,63 @@ func TestAnAllowedResponseListsEveryRuleWithTimeUntilFull(t *testing.T) {
 }
 
 func TestADenialShowsOnlyTheRulesThatDeniedWithTheirWait(t *testing.T) {
-	d := Decision{Allowed: false, RetryAfter: 2100 * time.Millisecond, Limit: 10, Remaining: 0, ResetAfter: 9 * time.Second, Rule: "per-user", Buckets: []Bucket{
+	d := tollgate.Decision{Allowed: false, RetryAfter: 2100 * time.Millisecond, Limit: 10, Remaining: 0, ResetAfter: 9 * time.Second, Rule: "per-user", Buckets: []tollgate.Bucket{
 		bucket("per-user", 10, 0, 9*time.Second, 2100*time.Millisecond, true),
 		bucket("global", 1000, 900, 6*time.Second, 0, false),
 	}}
-	f := RenderFields([]Decision{d})
+	f := Render([]tollgate.Decision{d})
 	if f.Policy != `"per-user";q=10, "global";q=1000` || f.RateLimit != `"per-user";r=0;t=3` || f.RetryAfter != "3" {
 		t.Fatalf("got %+v", f)
 	}
-	if got := ViolatedPolicies([]Decision{d}); !slices.Equal(got, []string{"per-user"}) {
+	if got := ViolatedPolicies([]tollgate.Decision{d}); !slices.Equal(got, []string{"per-user"}) {
 		t.Fatalf("violated: %v", got)
 	}
 }
 
 func TestSeveralDecisionsMergePerRuleAndTheLongestWaitWins(t *testing.T) {
-	search := Decision{Allowed: false, RetryAfter: 4 * time.Second, Rule: "search", Limit: 2, Buckets: []Bucket{
+	search := tollgate.Decision{Allowed: false, RetryAfter: 4 * time.Second, Rule: "search", Limit: 2, Buckets: []tollgate.Bucket{
 		bucket("search", 2, 1, 5*time.Second, 4*time.Second, true),
 		bucket("calls", 10, 8, 2*time.Second, 0, false),
 	}}
-	fetch := Decision{Allowed: false, RetryAfter: time.Second, Rule: "calls", Limit: 10, Buckets: []Bucket{
+	fetch := tollgate.Decision{Allowed: false, RetryAfter: time.Second, Rule: "calls", Limit: 10, Buckets: []tollgate.Bucket{
 		bucket("calls", 10, 0, 10*time.Second, time.Second, true),
 	}}
-	f := RenderFields([]Decision{search, fetch})
+	f := Render([]tollgate.Decision{search, fetch})
 	if f.Policy != `"search";q=2, "calls";q=10` || f.RateLimit != `"search";r=1;t=4, "calls";r=0;t=1` || f.RetryAfter != "4" {
 		t.Fatalf("got %+v", f)
 	}
-	if got := ViolatedPolicies([]Decision{search, fetch}); !slices.Equal(got, []string{"search", "calls"}) {
+	if got := ViolatedPolicies([]tollgate.Decision{search, fetch}); !slices.Equal(got, []string{"search", "calls"}) {
 		t.Fatalf("violated: %v", got)
 	}
 }
 
 func TestADenialNoRetryCanPassPromisesNoRetryAfter(t *testing.T) {
-	never := Decision{Allowed: false, Reason: "cost 5 exceeds the capacity 2", Rule: "per-user", Limit: 2, Buckets: []Bucket{
+	never := tollgate.Decision{Allowed: false, Reason: "cost 5 exceeds the capacity 2", Rule: "per-user", Limit: 2, Buckets: []tollgate.Bucket{
 		bucket("per-user", 2, 2, 0, 0, true),
 	}}
-	soon := Decision{Allowed: false, RetryAfter: time.Second, Rule: "x", Limit: 1, Buckets: []Bucket{bucket("x", 1, 0, time.Second, time.Second, true)}}
-	f := RenderFields([]Decision{soon, never})
+	soon := tollgate.Decision{Allowed: false, RetryAfter: time.Second, Rule: "x", Limit: 1, Buckets: []tollgate.Bucket{bucket("x", 1, 0, time.Second, time.Second, true)}}
+	f := Render([]tollgate.Decision{soon, never})
 	if f.RetryAfter != "" || f.RateLimit != `"x";r=0;t=1, "per-user";r=2` {
 		t.Fatalf("got %+v", f)
 	}
-	if _, ok := RetryAfter([]Decision{soon, never}); ok {
+	if _, ok := RetryAfter([]tollgate.Decision{soon, never}); ok {
 		t.Fatal("RetryAfter promised a wait that cannot succeed")
 	}
 }
 
 func TestDegradedDecisionsAddNoFields(t *testing.T) {
-	f := RenderFields([]Decision{{Allowed: true, Degraded: true}})
+	f := Render([]tollgate.Decision{{Allowed: true, Degraded: true}})
 	if f != (Fields{}) {
 		t.Fatalf("got %+v", f)
 	}
 }
 
 func TestRuleNamesAreQuotedAsStructuredFieldStrings(t *testing.T) {
-	if got := sfString(`a "b" \c` + "\u00e9\n"); got != `"a \"b\" \\c??"` {
+	if got := sfString(`a "b" \c` + "\u00e9\n"); got != `"a \"b\" \\c%C3%A9%0A"` {
+		t.Fatalf("got %s", got)
+	}
+	// Bytes that are not UTF-8 are kept, not replaced.
+	if got := sfString("x\xff"); got != `"x%FF"` {
 		t.Fatalf("got %s", got)
 	}
 }
@@ -105,8 +111,8 @@ func TestThePolicyCarriesTheRefillPeriodAsWInWholeSecondsRoundedUp(t *testing.T)
 	// An older Tollgate reports no period: the item has no w rather than a
 	// wrong one.
 	unknown := bucket("global", 1000, 900, 6*time.Second, 0, false)
-	d := Decision{Allowed: true, Limit: 10, Remaining: 4, Rule: "per-user", Buckets: []Bucket{perUser, burst, unknown}}
-	f := RenderFields([]Decision{d})
+	d := tollgate.Decision{Allowed: true, Limit: 10, Remaining: 4, Rule: "per-user", Buckets: []tollgate.Bucket{perUser, burst, unknown}}
+	f := Render([]tollgate.Decision{d})
 	if want := `"per-user";q=10;w=60, "burst";q=5;w=2, "global";q=1000`; f.Policy != want {
 		t.Fatalf("Policy = %s, want %s", f.Policy, want)
 	}
@@ -115,22 +121,22 @@ func TestThePolicyCarriesTheRefillPeriodAsWInWholeSecondsRoundedUp(t *testing.T)
 // An atomic batch denied by one entry denies the others too; they carry no
 // wait of their own and must not hide the wait of the entry that denied.
 func TestAnAtomicBatchDenialTakesItsWaitFromTheEntriesThatDenied(t *testing.T) {
-	search := Decision{Allowed: false, RetryAfter: 4200 * time.Millisecond, Rule: "search", Limit: 2, Buckets: []Bucket{
+	search := tollgate.Decision{Allowed: false, RetryAfter: 4200 * time.Millisecond, Rule: "search", Limit: 2, Buckets: []tollgate.Bucket{
 		bucket("search", 2, 0, 9*time.Second, 4200*time.Millisecond, true),
 		bucket("calls", 10, 7, 3*time.Second, 0, false),
 	}}
-	fetch := Decision{Allowed: false, Buckets: []Bucket{
+	fetch := tollgate.Decision{Allowed: false, Buckets: []tollgate.Bucket{
 		bucket("fetch", 5, 3, 2*time.Second, 0, false),
 		bucket("calls", 10, 7, 3*time.Second, 0, false),
 	}}
 	if search.DeniedByBatch() || !fetch.DeniedByBatch() {
 		t.Fatalf("DeniedByBatch: search %v, fetch %v", search.DeniedByBatch(), fetch.DeniedByBatch())
 	}
-	ds := []Decision{fetch, search}
+	ds := []tollgate.Decision{fetch, search}
 	if wait, ok := RetryAfter(ds); !ok || wait != 4200*time.Millisecond {
 		t.Fatalf("RetryAfter = %s, %v; want 4.2s", wait, ok)
 	}
-	f := RenderFields(ds)
+	f := Render(ds)
 	if f.RetryAfter != "5" || f.RateLimit != `"search";r=0;t=5` || f.LegacyLimit != "2" {
 		t.Fatalf("got %+v", f)
 	}

@@ -1,19 +1,11 @@
-package httplimit
-
-import (
-	"bytes"
-	"encoding/json"
-	"strings"
-	"time"
-	"unicode/utf8"
-
-	"github.com/tollgate-rs/tollgate/clients/go/tollgate"
-)
-
-// MCP-aware extraction: on an MCP endpoint, what counts as one request is
-// the JSON-RPC call, not the HTTP request. This file reads a JSON-RPC body
-// into the calls to charge and renders the JSON-RPC error of a denial; it
-// does no I/O. The rules, the same as the Rust client's:
+// Package mcp is MCP-aware extraction: on an MCP endpoint, what counts as
+// one request is the JSON-RPC call, not the HTTP request. It reads a
+// JSON-RPC body into the calls to charge ([Parse]), groups them into
+// Tollgate requests ([Body.Requests]), and renders the JSON-RPC error of a
+// denial ([Body.Denial]); it does no I/O. httplimit uses it when
+// Config.MCP is set; a middleware for another framework can too.
+//
+// The rules, the same as the Rust client's:
 //
 //   - A call's operation is its method; tools/call:<tool name>,
 //     prompts/get:<prompt name> and resources/read:<uri> name what they touch
@@ -26,6 +18,18 @@ import (
 //     object or has no string method, is charged as a plain HTTP request,
 //     with the middleware's own operation: the MCP server will refuse it,
 //     but it still cost a request.
+package mcp
+
+import (
+	"bytes"
+	"encoding/json"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"github.com/tollgate-rs/tollgate/clients/go/internal/fields"
+	"github.com/tollgate-rs/tollgate/clients/go/tollgate"
+)
 
 // RateLimitedCode is the JSON-RPC error code of a rate-limited call.
 // JSON-RPC leaves -32000..-32099 to implementations and MCP defines none for
@@ -38,44 +42,46 @@ const RateLimitedCode = -32029
 // which can over-charge but never over-admit.
 const maxOperationBytes = 256
 
-// rpcCall is one JSON-RPC message to charge.
-type rpcCall struct {
-	// id is echoed in the error of a denial; nil when the message had none.
-	id json.RawMessage
-	// operation is what the call does; plain is true when the message is
-	// not a usable JSON-RPC request, so the middleware's operation applies.
-	operation string
-	plain     bool
+// Call is one JSON-RPC message to charge.
+type Call struct {
+	// ID is echoed in the error of a denial; nil when the message had none.
+	ID json.RawMessage
+	// Operation is what the call does, such as "tools/call:search". Plain
+	// is true instead when the message is not a usable JSON-RPC request,
+	// so the middleware's own operation applies.
+	Operation string
+	Plain     bool
 }
 
-// rpcBody is what a POST body on an MCP endpoint asks for.
-type rpcBody struct {
-	// jsonRPC is false when the body is not JSON-RPC at all: it is then
+// Body is what a POST body on an MCP endpoint asks for.
+type Body struct {
+	// JSONRPC is false when the body is not JSON-RPC at all: it is then
 	// charged once as a plain request.
-	jsonRPC bool
-	// batch is true when the body was a JSON array: a denial is an array
+	JSONRPC bool
+	// Batch is true when the body was a JSON array: a denial is an array
 	// of errors too.
-	batch bool
-	// calls are the charged messages, in body order.
-	calls []rpcCall
+	Batch bool
+	// Calls are the charged messages, in body order. A body of only
+	// notifications and responses has none, and is not charged.
+	Calls []Call
 }
 
-// parseRPC reads a body. It never fails: what it cannot read is charged as
-// a plain request.
-func parseRPC(body []byte) rpcBody {
+// Parse reads a body. It never fails: what it cannot read is charged as a
+// plain request.
+func Parse(body []byte) Body {
 	trimmed := bytes.TrimLeft(body, " \t\r\n")
 	if len(trimmed) == 0 {
-		return rpcBody{}
+		return Body{}
 	}
 	switch trimmed[0] {
 	case '{':
 		var msg map[string]json.RawMessage
 		if json.Unmarshal(body, &msg) != nil {
-			return rpcBody{}
+			return Body{}
 		}
-		out := rpcBody{jsonRPC: true}
+		out := Body{JSONRPC: true}
 		if c, ok := charged(msg); ok {
-			out.calls = []rpcCall{c}
+			out.Calls = []Call{c}
 		}
 		return out
 	case '[':
@@ -83,48 +89,48 @@ func parseRPC(body []byte) rpcBody {
 		// JSON-RPC calls an empty batch invalid; charging it once keeps it
 		// from being a free way to reach the server.
 		if json.Unmarshal(body, &msgs) != nil || len(msgs) == 0 {
-			return rpcBody{}
+			return Body{}
 		}
-		out := rpcBody{jsonRPC: true, batch: true}
+		out := Body{JSONRPC: true, Batch: true}
 		for _, raw := range msgs {
 			var msg map[string]json.RawMessage
 			if json.Unmarshal(raw, &msg) != nil || msg == nil {
-				out.calls = append(out.calls, rpcCall{plain: true})
+				out.Calls = append(out.Calls, Call{Plain: true})
 				continue
 			}
 			if c, ok := charged(msg); ok {
-				out.calls = append(out.calls, c)
+				out.Calls = append(out.Calls, c)
 			}
 		}
 		return out
 	default:
-		return rpcBody{}
+		return Body{}
 	}
 }
 
 // charged is the call to charge for one message; ok is false for a
 // notification or a response.
-func charged(msg map[string]json.RawMessage) (c rpcCall, ok bool) {
-	c.id = msg["id"]
+func charged(msg map[string]json.RawMessage) (c Call, ok bool) {
+	c.ID = msg["id"]
 	rawMethod, hasMethod := msg["method"]
 	if !hasMethod {
 		_, isResult := msg["result"]
 		_, isError := msg["error"]
 		if isResult || isError {
-			return rpcCall{}, false
+			return Call{}, false
 		}
-		c.plain = true
+		c.Plain = true
 		return c, true
 	}
 	var method string
 	if json.Unmarshal(rawMethod, &method) != nil {
-		c.plain = true
+		c.Plain = true
 		return c, true
 	}
 	if strings.HasPrefix(method, "notifications/") {
-		return rpcCall{}, false
+		return Call{}, false
 	}
-	c.operation = Operation(method, msg["params"])
+	c.Operation = Operation(method, msg["params"])
 	return c, true
 }
 
@@ -160,22 +166,25 @@ func truncate(s string) string {
 	return s[:cut]
 }
 
-// group turns the calls of one body into Tollgate requests: one per
-// distinct operation, in order of first appearance, with cost = the number
-// of calls × the unit cost. The requests go in one atomic ShouldAllowBatch,
-// which sums the cost of every bucket they share, so grouping changes no
-// decision; it keeps a batch of many calls to few operations within
-// MaxBatch entries, and the denial's RateLimit field to one item per rule.
-func group(calls []rpcCall, base tollgate.Request) []tollgate.Request {
+// Requests turns the calls of the body into Tollgate requests like base:
+// one per distinct operation, in order of first appearance, with cost = the
+// number of calls × base's cost (0 counts as 1), and base's own operation
+// for plain calls. Send them in one atomic batch
+// ([tollgate.Client.DecideBatchAtomic]), which sums the cost of every
+// bucket they share, so grouping changes no decision; it keeps a batch of
+// many calls to few operations within [tollgate.MaxBatch] entries, and the
+// denial's RateLimit field to one item per rule. One request needs no
+// batch: Decide is atomic already.
+func (b Body) Requests(base tollgate.Request) []tollgate.Request {
 	unit := base.Cost
 	if unit == 0 {
 		unit = 1
 	}
 	var reqs []tollgate.Request
 	index := map[string]int{}
-	for _, c := range calls {
-		op := c.operation
-		if c.plain {
+	for _, c := range b.Calls {
+		op := c.Operation
+		if c.Plain {
 			op = base.Operation
 		}
 		if i, ok := index[op]; ok {
@@ -210,25 +219,25 @@ type rpcErrorData struct {
 	Reason            string   `json:"reason,omitempty"`
 }
 
-// rpcDenial is the body of a 429 for these calls: one JSON-RPC error
-// object, or for a batch an array of them, one per charged call. data
-// carries the wait (retryAfterSeconds, rounded up as in Retry-After, and
-// retryAfterMs) or, when no retry can pass, the reason; and the rules that
-// denied.
-func rpcDenial(body rpcBody, ds []tollgate.Decision) []byte {
-	data := rpcErrorData{ViolatedPolicies: tollgate.ViolatedPolicies(ds)}
+// Denial is the body of a 429 for the calls of b, denied as ds: one
+// JSON-RPC error object, or for a batch an array of them, one per charged
+// call. data carries the wait (retryAfterSeconds, rounded up as in
+// Retry-After, and retryAfterMs) or, when no retry can pass, the reason;
+// and the rules that denied. Its media type is application/json.
+func (b Body) Denial(ds []tollgate.Decision) []byte {
+	data := rpcErrorData{ViolatedPolicies: fields.ViolatedPolicies(ds)}
 	if data.ViolatedPolicies == nil {
 		data.ViolatedPolicies = []string{}
 	}
-	if wait, ok := tollgate.RetryAfter(ds); ok {
-		secs := tollgate.CeilSeconds(wait)
+	if wait, ok := fields.RetryAfter(ds); ok {
+		secs := fields.CeilSeconds(wait)
 		ms := int64(wait / time.Millisecond)
 		data.RetryAfterSeconds, data.RetryAfterMs = &secs, &ms
-	} else if reasons := tollgate.Reasons(ds); len(reasons) > 0 {
+	} else if reasons := fields.Reasons(ds); len(reasons) > 0 {
 		data.Reason = reasons[0]
 	}
 	message := "Rate limit exceeded"
-	if body.batch {
+	if b.Batch {
 		message = "Rate limit exceeded: the batch was refused whole"
 	}
 	errorFor := func(id json.RawMessage) rpcError {
@@ -238,16 +247,16 @@ func rpcDenial(body rpcBody, ds []tollgate.Decision) []byte {
 		return rpcError{JSONRPC: "2.0", ID: id, Error: rpcErrorBody{Code: RateLimitedCode, Message: message, Data: data}}
 	}
 	var v any
-	if body.batch {
-		errs := make([]rpcError, len(body.calls))
-		for i, c := range body.calls {
-			errs[i] = errorFor(c.id)
+	if b.Batch {
+		errs := make([]rpcError, len(b.Calls))
+		for i, c := range b.Calls {
+			errs[i] = errorFor(c.ID)
 		}
 		v = errs
 	} else {
 		var id json.RawMessage
-		if len(body.calls) > 0 {
-			id = body.calls[0].id
+		if len(b.Calls) > 0 {
+			id = b.Calls[0].ID
 		}
 		v = errorFor(id)
 	}
