@@ -274,6 +274,14 @@ fn every_file_is_in_a_room_and_every_row_of_the_table_matches_the_tree() {
 }
 
 #[test]
+fn every_name_resolves_into_the_crate_or_a_dependency() {
+    assert_clean(
+        &check_crates(&tree(), &dependencies()),
+        "names a crate that is no dependency (the resolver misplaced a name)",
+    );
+}
+
+#[test]
 fn architecture_md_shows_the_tables() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("ARCHITECTURE.md");
     let text = std::fs::read_to_string(&path).expect("read ARCHITECTURE.md");
@@ -415,6 +423,42 @@ fn check_table(tree: &Tree) -> Vec<String> {
         }
     }
     problems
+}
+
+/// The crates `src/` may name: the `[dependencies]` of Cargo.toml, and the
+/// standard library's.
+fn dependencies() -> BTreeSet<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+    let text = std::fs::read_to_string(path).expect("read Cargo.toml");
+    let mut crates: BTreeSet<String> = ["std", "core", "alloc"].map(String::from).into();
+    let mut in_dependencies = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_dependencies = line == "[dependencies]";
+        } else if in_dependencies
+            && !line.starts_with('#')
+            && let Some((name, _)) = line.split_once('=')
+        {
+            crates.insert(name.trim().replace('-', "_"));
+        }
+    }
+    crates
+}
+
+/// Names whose first segment is neither this crate nor a dependency: a
+/// name the resolver could not place, which would slip past every rule.
+fn check_crates(tree: &Tree, crates: &BTreeSet<String>) -> Vec<String> {
+    let mut found = BTreeSet::new();
+    for r in &tree.refs {
+        let first = r.path.split("::").next().unwrap_or_default();
+        if !matches!(first, "tollgate" | "bin") && !crates.contains(first) {
+            found.insert(format!(
+                "src/{}:{}: {} names {}, and `{first}` is no dependency",
+                r.file, r.line, r.module, r.path
+            ));
+        }
+    }
+    found.into_iter().collect()
 }
 
 fn check_layers(tree: &Tree) -> Vec<String> {

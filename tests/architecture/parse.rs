@@ -369,15 +369,18 @@ fn lookup(scopes: &HashMap<String, Scope>, module: &str, name: &str, depth: u8) 
         return Some(path.clone());
     }
     if let Some(written) = scope.imports.get(name) {
-        // `use redis::{self, Cmd}` binds `redis` to the path `redis`: its
-        // first segment is a declared module or the crate, never itself.
-        if written[0] == name {
-            let base = scope
-                .declared
-                .get(name)
-                .cloned()
-                .unwrap_or_else(|| name.to_string());
-            return Some(join(base, &written[1..]));
+        let first = written[0].as_str();
+        if matches!(first, "crate" | "self" | "super") {
+            return resolve(scopes, module, written, depth + 1);
+        }
+        // `use tonic as t;` and `use redis::{self, Cmd}`: the first segment
+        // is a declared module or a crate, never this binding.
+        if first == name || written.len() == 1 {
+            let base = scope.declared.get(first).cloned();
+            return Some(join(
+                base.unwrap_or_else(|| first.to_string()),
+                &written[1..],
+            ));
         }
         return resolve(scopes, module, written, depth + 1);
     }
@@ -488,6 +491,25 @@ impl Collector<'_> {
         }
     }
 
+    /// A path that may have a qualified self type. `<[u8; 4]>::try_from`
+    /// names a method of the type, not a crate: after `<T>::` nothing is
+    /// resolved. `<T as a::Trait>::f` resolves `a::Trait::f`.
+    fn qualified(&mut self, qself: Option<&syn::QSelf>, path: &syn::Path) {
+        match qself {
+            Some(q) if q.position == 0 => {
+                self.visit_type(&q.ty);
+                for segment in &path.segments {
+                    self.visit_path_segment(segment);
+                }
+            }
+            Some(q) => {
+                self.visit_type(&q.ty);
+                self.visit_path(path);
+            }
+            None => self.visit_path(path),
+        }
+    }
+
     fn float_ident(&mut self, id: &proc_macro2::Ident) {
         let s = id.to_string();
         if s == "f32" || s == "f64" || s.ends_with("_f32") || s.ends_with("_f64") {
@@ -587,6 +609,17 @@ impl<'ast> Visit<'ast> for Collector<'_> {
             self.record(&segments, span);
         }
         visit::visit_path(self, p);
+    }
+
+    fn visit_expr_path(&mut self, e: &'ast syn::ExprPath) {
+        for attr in &e.attrs {
+            self.visit_attribute(attr);
+        }
+        self.qualified(e.qself.as_ref(), &e.path);
+    }
+
+    fn visit_type_path(&mut self, t: &'ast syn::TypePath) {
+        self.qualified(t.qself.as_ref(), &t.path);
     }
 
     fn visit_macro(&mut self, m: &'ast syn::Macro) {

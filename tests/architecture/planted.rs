@@ -64,11 +64,15 @@ fn a_room_naming_a_room_above_it_is_reported() {
 }
 
 #[test]
-fn proto_in_the_core_is_reported_even_inside_a_macro() {
+fn proto_in_the_core_is_reported_even_renamed_or_inside_a_macro() {
     let tree = planted(&[
         (
             "limiter/plan.rs",
             "fn planted() -> tonic::Status { todo!() }",
+        ),
+        (
+            "limiter/rules.rs",
+            "use tonic as quiet; fn planted() -> quiet::Code { todo!() }",
         ),
         (
             "observe/mod.rs",
@@ -84,6 +88,10 @@ fn proto_in_the_core_is_reported_even_inside_a_macro() {
     assert_reports(
         &found,
         "tollgate::observe names tollgate::pb::tollgate::v1::Priority::Normal",
+    );
+    assert_reports(
+        &found,
+        "tollgate::limiter::rules names tonic::Code: The core",
     );
     assert_reports(&found, "bin names tollgate::pb: main speaks no proto");
 }
@@ -295,8 +303,10 @@ fn the_resolver_follows_use_trees_paths_and_macros() {
             "pub mod redis; pub struct X;\n\
              use crate::b::{self, c::{D as E, *}};\n\
              use std::io::{self as sio};\n\
+             use prost as p;\n\
              fn f() { let _ = redis::Thing; let _ = ::redis::Cmd; let _ = super::b::c::D;\n\
-                      let _ = E::new(); let _ = sio::stdout(); let _ = vec![tonic::Code::Ok]; }\n\
+                      let _ = E::new(); let _ = sio::stdout(); let _ = vec![tonic::Code::Ok]; let _ = p::Message;\n\
+                      let _ = <[u8; 4]>::try_from(&[0u8; 4][..]); }\n\
              #[cfg(test)] mod tests { use crate::hidden; }",
         ),
         ("a/redis.rs", "use super::X;"),
@@ -320,6 +330,8 @@ fn the_resolver_follows_use_trees_paths_and_macros() {
         "tollgate::a -> tollgate::b::c::D::new",
         "tollgate::a -> std::io::stdout",
         "tollgate::a -> tonic::Code::Ok",
+        "tollgate::a -> prost",
+        "tollgate::a -> prost::Message",
         "tollgate::a::redis -> tollgate::a::X",
         "tollgate::b::c -> tollgate::a::X",
         "bin -> tollgate::a::X",
@@ -329,12 +341,26 @@ fn the_resolver_follows_use_trees_paths_and_macros() {
     }
     assert!(!refs.contains("tollgate::a -> redis::Thing"), "{refs:#?}");
     assert!(!refs.iter().any(|r| r.contains("hidden")), "{refs:#?}");
-    // Real line numbers: the `use` on line 2, the path on line 4.
+    assert!(!refs.contains("tollgate::a -> p::Message"), "{refs:#?}");
+    assert!(!refs.iter().any(|r| r.contains("try_from")), "{refs:#?}");
+    // Real line numbers: the `use` on line 2, the path on line 5.
     let lines: BTreeSet<usize> = tree
         .refs
         .iter()
         .filter(|r| r.path == "tollgate::b::c::D")
         .map(|r| r.line)
         .collect();
-    assert_eq!(lines, BTreeSet::from([2, 4]));
+    assert_eq!(lines, BTreeSet::from([2, 5]));
+}
+
+#[test]
+fn a_name_the_resolver_cannot_place_is_reported() {
+    // `helpers` is no module here and no dependency: a glob from outside
+    // the crate, or a missed import, would otherwise slip past every rule.
+    let tree = planted(&[("limiter/plan.rs", "fn planted() { helpers::sleep(); }")]);
+    let found = check_crates(&tree, &dependencies());
+    assert_reports(
+        &found,
+        "names helpers::sleep, and `helpers` is no dependency",
+    );
 }
