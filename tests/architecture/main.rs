@@ -55,15 +55,15 @@ const ROOMS: &[Room] = &[
     room("observe", "tollgate::observe", 3),
     room("error", "tollgate::error", 3),
     room("net", "tollgate::net", 4),
-    room("reload", "tollgate::reload", 5),
-    room("api", "tollgate::api", 6),
-    room("shutdown", "tollgate::shutdown", 7),
-    room("watch", "tollgate::watch", 8),
-    room("tls", "tollgate::tls", 8),
-    room("server", "tollgate::server", 9),
-    room("lib.rs", "tollgate", 10),
-    room("cli", "bin::cli", 11),
-    room("main.rs", "bin", 12),
+    room("api", "tollgate::api", 5),
+    room("shutdown", "tollgate::shutdown", 6),
+    room("reload", "tollgate::reload", 7),
+    room("watch", "tollgate::watch", 7),
+    room("tls", "tollgate::tls", 7),
+    room("server", "tollgate::server", 8),
+    room("lib.rs", "tollgate", 9),
+    room("cli", "bin::cli", 10),
+    room("main.rs", "bin", 11),
 ];
 
 const fn room(name: &'static str, module: &'static str, layer: u8) -> Room {
@@ -84,7 +84,7 @@ const PLANNED: &[(&str, &str)] = &[
     ),
     (
         "tollgate::reload",
-        "arrives: one snapshot of what a reload swaps",
+        "arrives: the reload procedure, swapping one snapshot",
     ),
     ("tollgate::tls", "leaves: moves into net/"),
     (
@@ -92,6 +92,22 @@ const PLANNED: &[(&str, &str)] = &[
         "leaves: the no-op server moves to benches/tools",
     ),
 ];
+
+/// A path that a room names against the layers, known and kept in sight:
+/// why it is there, and what would remove it. An edge no file uses any more
+/// is stale, and [`check_table`] says so.
+struct Upward {
+    from: &'static str,
+    to: &'static str,
+    why: &'static str,
+}
+
+const UPWARD: &[Upward] = &[Upward {
+    from: "tollgate::reload",
+    to: "tollgate::server::Prepared",
+    why: "a reload repeats serve's preparation, and `server` names `reload`: \
+          a cycle, gone once `Prepared` moves below `server`",
+}];
 
 /// An invariant that no layer order can say: the files under `within`
 /// (but not under `except_within`) never name a path under `never` (unless
@@ -415,6 +431,20 @@ fn check_table(tree: &Tree) -> Vec<String> {
         rows.extend(ban.within.iter().chain(ban.except_within));
     }
     rows.extend(FLOAT_FREE.iter().chain([&AWAITS_IN, &AWAITS_ONLY_ON]));
+    rows.extend(UPWARD.iter().map(|u| u.from));
+    for u in UPWARD {
+        let present = tree.files.iter().any(|f| under(&f.module, u.from));
+        let used = tree
+            .refs
+            .iter()
+            .any(|r| under(&r.module, u.from) && under(&r.path, u.to));
+        if present && !used {
+            problems.push(format!(
+                "{} no longer names {}: delete its row from UPWARD",
+                u.from, u.to
+            ));
+        }
+    }
     for row in rows {
         let present = tree.files.iter().any(|f| under(&f.module, row));
         let planned = PLANNED.iter().any(|(m, _)| *m == row);
@@ -467,7 +497,10 @@ fn check_layers(tree: &Tree) -> Vec<String> {
         let (Some(from), Some(to)) = (room_of(&r.module), target_room(&r.path)) else {
             continue;
         };
-        if from.name != to.name && to.layer >= from.layer {
+        let known = UPWARD
+            .iter()
+            .any(|u| under(&r.module, u.from) && under(&r.path, u.to));
+        if from.name != to.name && to.layer >= from.layer && !known {
             found.insert(format!(
                 "src/{}:{}: {} (layer {}) names {} (layer {} room {})",
                 r.file, r.line, from.name, from.layer, r.path, to.layer, to.name
@@ -583,6 +616,10 @@ fn render_tables() -> String {
             m => format!("`{m}::*`"),
         };
         let _ = writeln!(out, "| {} | {} | {modules} | {planned} |", r.layer, r.name);
+    }
+    out.push_str("\n| Known edge against the layers | Names | Why |\n|---|---|---|\n");
+    for u in UPWARD {
+        let _ = writeln!(out, "| `{}` | `{}` | {} |", u.from, u.to, u.why);
     }
     out.push_str("\n| Invariant | Within | Except within | Never names | But may name |\n");
     out.push_str("|---|---|---|---|---|\n");

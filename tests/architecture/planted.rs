@@ -364,3 +364,31 @@ fn a_name_the_resolver_cannot_place_is_reported() {
         "names helpers::sleep, and `helpers` is no dependency",
     );
 }
+
+#[test]
+fn the_arriving_rooms_fall_under_their_rules() {
+    // Today's tls.rs names api::auth; once it moves into net/, below the
+    // API, that import is against the layers.
+    let tree = planted(&[
+        ("lib.rs", "pub mod net; pub mod reload;"),
+        ("net.rs", "use crate::api::auth::PeerInfo;"),
+        (
+            "reload.rs",
+            "use crate::api::Snapshot; use crate::server::Prepared; use crate::server::run;",
+        ),
+    ]);
+    let found = check_layers(&tree);
+    assert_reports(&found, "net (layer 4) names tollgate::api::auth::PeerInfo");
+    assert_reports(&found, "reload (layer 7) names tollgate::server::run");
+    assert_silent(&found, "names tollgate::server::Prepared");
+    assert_silent(&found, "names tollgate::api::Snapshot");
+}
+
+#[test]
+fn a_known_edge_no_longer_used_is_reported() {
+    let tree = planted(&[("lib.rs", "pub mod reload;"), ("reload.rs", "")]);
+    assert_reports(
+        &check_table(&tree),
+        "tollgate::reload no longer names tollgate::server::Prepared",
+    );
+}
