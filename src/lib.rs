@@ -7,59 +7,38 @@
 //! cost later ([`limiter::reservation`]), and low priorities keep off a
 //! limit's headroom.
 //!
+//! `ARCHITECTURE.md`, at the repository's root, is the map in full: each
+//! room, its architecture invariants and its boundary, the order of the
+//! layers, and what `tests/architecture/` checks of them. It is the only
+//! copy of the invariants; this is the short map.
+//!
 //! # Module map
-//! Leaves first; each module imports only those above it.
-//! - [`bucket`]: GCRA bucket math in integers. Imports nothing from the crate.
-//! - [`config`]: the typed, validated configuration, envoyproxy/ratelimit
-//!   YAML included, as plain data. Imports nothing from the crate.
-//! - [`window`]: budget windows, DST-aware. Imports nothing from the crate.
+//! From the bottom layer up; each module names only those below it.
+//! - [`bucket`], [`window`]: bucket math and budget windows, in integers.
+//! - [`config`]: the typed, validated configuration, as plain data.
+//! - [`pb`]: the generated protobuf and gRPC code.
 //! - [`store`]: the [`store::Store`] trait (the atomicity contract), the
-//!   embedded store, the Redis store (one Lua script per batch of
-//!   charges, coalesced per node), and the deny cache in front of any store.
-//! - [`limiter`]: config → rules ([`limiter::compile`]), rules → buckets,
-//!   and the pure planner ([`limiter::plan`]) around one call to the store;
-//!   signed reservations and their settles ([`limiter::reservation`]).
-//! - [`observe`]: metrics, the denial audit log, logs, heavy hitters and
-//!   utilization per rule, the live status page, and the `Observer` every
-//!   API reports to. Recording a decision is in-process only: no store call.
-//! - [`api`]: the gRPC edge (`tollgate.v1.RateLimiter`, `tollgate.v1.Admin`,
-//!   Envoy's RLS); proto ⇄ domain, input validation. [`pb`] is the
-//!   generated code, and [`error`] maps domain errors to gRPC statuses.
-//! - [`server`]: prepares a config and serves it; [`shutdown`]: signals,
-//!   reload, and the stop sequence (drain, grace, cancel); [`net`]: the
-//!   listeners' TLS, certificates re-read when their files change;
-//!   [`watch`]: reload when the config's files change.
+//!   embedded store, the Redis store and the deny cache.
+//! - [`limiter`]: config → rules → the buckets a request draws on → one
+//!   charge → a decision; reservations and settles.
+//! - [`observe`]: metrics, the audit log, logs, heavy hitters, the status page.
+//! - [`error`]: domain errors → gRPC statuses.
+//! - [`api`]: the gRPC services: proto ⇄ domain, validation, authorization.
+//! - [`net`]: the transport below the API: TLS, cancellable connections,
+//!   the in-flight cap.
+//! - [`reload`]: the one snapshot a reload swaps; [`shutdown`], [`watch`]:
+//!   signals and the stop sequence, reload on file change.
+//! - [`server`]: prepares a config and serves it.
 //!
 //! The binary (`src/main.rs`, with its `cli` module) parses arguments, loads
-//! the config, and calls [`server::run`]; it is the one place besides `api`
-//! that speaks proto, as the `allow`, `top` and `explain` clients.
+//! the config and calls [`server::run`], or runs one of the gRPC clients.
 //!
 //! # The request path
 //! 1. `api` validates the request and borrows it as a `limiter::Request`.
 //! 2. `limiter` finds the scope's limits that match and names their buckets.
 //! 3. `store` checks every bucket and takes the cost from all or none, atomically.
-//! 4. `limiter` turns the outcome into a `Decision` (retry-after, the most
-//!    restrictive bucket), or applies the failure mode if the store failed.
+//! 4. `limiter` turns the outcome into a `Decision`, or applies the failure mode.
 //! 5. `api` answers with the proto response.
-//!
-//! # Architecture invariants
-//! `tests/it/architecture.rs` checks each of these on every CI run.
-//! - **The bucket math is a leaf.** `bucket` imports nothing from the crate,
-//!   and no float enters it. Neither does `window`, the calendar math of
-//!   budgets: it only maps an instant to its window.
-//! - **Config is data.** `config` imports nothing from the rest of the crate:
-//!   it parses and validates, and others read it. Only the store judges its
-//!   own settings (`store::check_settings`), before any port is bound.
-//! - **The layers point one way:** `config`, `bucket`, `window` ← `store` ← `limiter`
-//!   ← `observe` ← `api` ← `tls`, `server`. No module imports one to its
-//!   right.
-//! - **Only `api` knows proto types.** Nothing under `limiter`, `store`,
-//!   `config` or `observe` names `pb::`, `tonic::` or `prost`.
-//! - **Only the Redis store knows Redis.** `redis::` appears nowhere outside
-//!   `store/redis/`.
-//! - **The limiter does no I/O of its own.** Its one await is the call to
-//!   the `Store` trait; rules, planning and decisions are pure functions.
-//! - **Functions stay short.** No function in `src/` runs past 80 lines.
 
 #![warn(clippy::unwrap_used)]
 

@@ -4,7 +4,6 @@
 
 mod admin;
 mod ai_limits;
-mod architecture;
 mod cli;
 mod coalescing;
 mod common;
