@@ -28,7 +28,7 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 echo "soak: building release binaries" >&2
-cargo build --release --quiet --bin tollgate --example loadgen
+cargo build --release --quiet -p tollgate --bin tollgate -p tollgate-bench-tools --bin loadgen
 
 rport=$(free_port); gport=$(free_port)
 redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" >"$work/redis.log" 2>&1 &
@@ -52,7 +52,7 @@ YAML
 tpid=$!; pids+=($tpid)
 until "$target/release/tollgate" allow --addr "http://127.0.0.1:$gport" --scope soak --identity probe >/dev/null 2>&1; do sleep 0.2; done
 
-"$target/release/examples/loadgen" --addr "http://127.0.0.1:$gport" --scope soak \
+"$target/release/loadgen" --addr "http://127.0.0.1:$gport" --scope soak \
   --concurrency 20 --connections 2 --rate "$RATE" --identities "$IDENTITIES" \
   --requests 1000000000 --seconds "$DURATION" >"$work/loadgen.out" &
 lpid=$!; pids+=($lpid)
