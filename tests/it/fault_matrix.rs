@@ -7,7 +7,7 @@
 //! The replicas are two limiters in this process, each with its own Redis
 //! store (own connections, breakers and prober), the one with
 //! `failure_mode: open`, the other `closed`: one run measures both modes.
-//! The fast cases run in CI; `deploy/chaos/run.sh` runs the whole table
+//! The fast cases run in CI; `benches/chaos/run.sh` runs the whole table
 //! (`full_matrix`, ignored here) and writes it as text and JSON.
 
 use std::sync::Arc;
@@ -535,9 +535,9 @@ async fn a_slot_migration_under_load_admits_nothing_extra() {
     check(&rows);
 }
 
-/// The whole table: `deploy/chaos/run.sh` runs this and keeps its output.
+/// The whole table: `benches/chaos/run.sh` runs this and keeps its output.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the full fault table takes a minute; deploy/chaos/run.sh runs it"]
+#[ignore = "the full fault table takes a minute; benches/chaos/run.sh runs it"]
 async fn full_matrix() {
     let mut rows = Vec::new();
     for fault in Fault::ALL {

@@ -7,7 +7,7 @@
 # proxy (tests/it/common/proxy.rs). About a minute; not run in CI (the
 # fast cases are).
 #
-#   deploy/chaos/run.sh            # prints the table; writes target/chaos/faults.{md,json}
+#   benches/chaos/run.sh           # prints the table; writes target/chaos/faults.{md,json}
 #
 # Exits non-zero if any fault over-admits outside the window the README
 # documents (asynchronous replication at a Sentinel failover).

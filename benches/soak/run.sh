@@ -3,8 +3,8 @@
 # 10 minutes), sampling Tollgate's RSS and Redis's memory every 30 s. Not
 # run in CI. Prints a table and writes target/soak/soak.json.
 #
-#   deploy/soak/run.sh                       # 600 s at 500 decisions/s
-#   DURATION=120 RATE=1000 deploy/soak/run.sh
+#   benches/soak/run.sh                       # 600 s at 500 decisions/s
+#   DURATION=120 RATE=1000 benches/soak/run.sh
 #
 # Passes when no call failed and memory stayed flat: the last sample's RSS
 # and Redis memory are within SLACK_PERCENT (default 20%) of the sample at
