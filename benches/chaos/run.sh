@@ -14,7 +14,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
-while IFS='=' read -r k v; do export "$k=$v"; done < <(bash deploy/scripts/install-test-deps.sh)
+while IFS='=' read -r k v; do export "$k=$v"; done < <(bash scripts/install-test-deps.sh)
 out="$root/target/chaos"
 mkdir -p "$out"
 export FAULT_MATRIX_DIR="$out"

@@ -2,7 +2,7 @@
 //! Envoy started from `deploy/envoy/envoy.yaml` with free ports filled in.
 //!
 //! Envoy comes from `ENVOY_BIN` (printed by
-//! `deploy/scripts/install-test-deps.sh`), else from where that script
+//! `scripts/install-test-deps.sh`), else from where that script
 //! installs it, else `envoy` on PATH. A missing Envoy fails these tests: CI
 //! installs it, so a skip would hide a gap.
 
@@ -53,7 +53,7 @@ fn envoy_binary() -> PathBuf {
     on_path.unwrap_or_else(|| {
         panic!(
             "Envoy not found: set ENVOY_BIN to an envoy binary or put `envoy` on PATH \
-             (deploy/scripts/install-test-deps.sh installs one; deploy/scripts/test.sh runs it)"
+             (scripts/install-test-deps.sh installs one; scripts/test.sh runs it)"
         )
     })
 }

@@ -119,7 +119,7 @@ impl Server {
             .spawn()
             .unwrap_or_else(|e| {
                 panic!(
-                    "{} not runnable ({e}); run deploy/scripts/install-test-deps.sh",
+                    "{} not runnable ({e}); run scripts/install-test-deps.sh",
                     self.program
                 )
             });

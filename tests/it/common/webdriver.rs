@@ -1,6 +1,6 @@
 //! A headless Chromium driven over WebDriver: chromedriver on a free port,
 //! spoken to in plain HTTP/1.1 with hyper. Installed by
-//! `deploy/scripts/install-test-deps.sh` (Debian's `chromium` and
+//! `scripts/install-test-deps.sh` (Debian's `chromium` and
 //! `chromium-driver`); `CHROMEDRIVER` and `CHROMIUM` override the paths.
 
 use std::process::{Child, Command, Stdio};
@@ -36,7 +36,7 @@ impl Browser {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("chromedriver (run deploy/scripts/install-test-deps.sh)");
+            .expect("chromedriver (run scripts/install-test-deps.sh)");
         let mut browser = Self {
             driver,
             port,
