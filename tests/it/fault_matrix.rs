@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::common::proxy::Proxy;
-use crate::common::redis::{Cluster, Sentinel, Standalone, conn, store_config};
+use crate::common::redis::{Cluster, Sentinel, Standalone, conn, node_id, store_config};
 use tollgate::config::{Config, RedisConfig, RedisMode};
 use tollgate::limiter::{Limiter, Request, Rules};
 use tollgate::store::redis::RedisStore;
@@ -219,12 +219,6 @@ impl Topo {
 fn migrate(tag: &str, ports: &[u16], from: usize) {
     let to = (from + 1) % ports.len();
     let (src, dst) = (ports[from], ports[to]);
-    let id = |p: u16| -> String {
-        redis::cmd("CLUSTER")
-            .arg("MYID")
-            .query(&mut conn(p).unwrap())
-            .unwrap()
-    };
     let slot: i64 = redis::cmd("CLUSTER")
         .arg("KEYSLOT")
         .arg(tag)
@@ -238,8 +232,8 @@ fn migrate(tag: &str, ports: &[u16], from: usize) {
             .query(&mut conn(p).unwrap())
             .unwrap();
     };
-    setslot(dst, &["IMPORTING", &id(src)]);
-    setslot(src, &["MIGRATING", &id(dst)]);
+    setslot(dst, &["IMPORTING", &node_id(src)]);
+    setslot(src, &["MIGRATING", &node_id(dst)]);
     loop {
         let keys: Vec<String> = redis::cmd("CLUSTER")
             .arg("GETKEYSINSLOT")
@@ -263,7 +257,7 @@ fn migrate(tag: &str, ports: &[u16], from: usize) {
             .unwrap();
     }
     for &p in ports {
-        setslot(p, &["NODE", &id(dst)]);
+        setslot(p, &["NODE", &node_id(dst)]);
     }
 }
 

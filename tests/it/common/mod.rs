@@ -4,6 +4,7 @@
 pub mod certs;
 pub mod proxy;
 pub mod redis;
+pub mod store;
 pub mod tollgate;
 pub mod webdriver;
 
