@@ -58,11 +58,6 @@ fn envoy_binary() -> PathBuf {
     })
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 /// A running Envoy, killed on drop.
 struct Envoy {
     child: Child,
@@ -79,7 +74,7 @@ impl Envoy {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/envoy/envoy.yaml"),
         )
         .expect("read deploy/envoy/envoy.yaml");
-        let (listen_port, admin_port) = (free_port(), free_port());
+        let (listen_port, admin_port) = (common::free_port(), common::free_port());
         let ports = [listen_port, upstream.port(), rls.port(), admin_port];
         let mut yaml = template;
         for (from, port) in TEMPLATE_PORTS.iter().zip(ports) {

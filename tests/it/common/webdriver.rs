@@ -27,10 +27,7 @@ impl Browser {
     /// Starts chromedriver and a headless Chromium session with a window of
     /// `width` × `height`.
     pub async fn start(width: u32, height: u32) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = super::free_port();
         let driver = Command::new(program("CHROMEDRIVER", "chromedriver"))
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
