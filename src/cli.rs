@@ -1,16 +1,12 @@
-//! The command line: `serve`, `check-config`, the `allow` client, the
-//! admin clients `top` and `explain` ([`admin`]), and the benchmark's
-//! hidden no-op server ([`noop`]).
+//! The command line: `serve`, `check-config`, the `allow` client, and the
+//! admin clients `top` and `explain` ([`admin`]).
 //!
 //! This module belongs to the binary, not the library: it is the one place
-//! outside `api` that speaks proto, as a client (and, for the benchmark's
-//! ceiling only, as a no-op server).
+//! outside `api` that speaks proto, as a client.
 
 mod admin;
-mod noop;
 
 pub(crate) use admin::{ExplainArgs, TopArgs, explain, top};
-pub(crate) use noop::bench_noop;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -54,14 +50,6 @@ pub(crate) enum Command {
     /// Show which limits apply to a request and what each bucket holds now,
     /// taking nothing.
     Explain(ExplainArgs),
-    /// Serve a no-op RateLimiter that allows everything without deciding:
-    /// the ghz benchmark's ceiling. Not for production; hidden from help.
-    #[command(hide = true)]
-    BenchNoop {
-        /// The address to listen on.
-        #[arg(long, default_value = "127.0.0.1:50061")]
-        listen: std::net::SocketAddr,
-    },
 }
 
 /// The `allow` subcommand's flags.

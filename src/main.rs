@@ -46,10 +46,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", cli::explain(args).await?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::BenchNoop { listen } => {
-            cli::bench_noop(listen).await?;
-            Ok(ExitCode::SUCCESS)
-        }
         Command::Serve { config } => {
             let prepared = Prepared::load(ConfigSource::new(config, std::env::vars()))?;
             let log = &prepared.config.log;

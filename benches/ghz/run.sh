@@ -4,9 +4,9 @@
 #   benches/ghz/run.sh [--store memory|redis] [--quick]
 #
 # Installs ghz when missing (pinned, into target/go-bin) while it builds
-# release Tollgate (whose hidden `bench-noop` subcommand is the no-op
-# server, src/cli/noop.rs), starts Redis (for
-# --store redis) and a fresh Tollgate per scenario on loopback, and runs:
+# release Tollgate and the no-op server (the `noop` binary of benches/tools),
+# starts Redis (for --store redis) and a fresh Tollgate per scenario on
+# loopback, and runs:
 #   (a) many identities, mostly allowed: 100k identities, uniform;
 #   (b) a hot key: one identity far over its limit;
 #   (c) mixed: Zipf identities, 4 buckets per call (scope, identity,
@@ -67,16 +67,16 @@ if [ ! -x "$ghz" ]; then
   ghz_install=$!
   pids+=("$ghz_install")
 fi
-echo "ghz: building release tollgate" >&2
-cargo build --release --quiet --bin tollgate
+echo "ghz: building release tollgate and the no-op server" >&2
+cargo build --release --quiet -p tollgate --bin tollgate -p tollgate-bench-tools --bin noop
 if [ -n "$ghz_install" ]; then
   wait "$ghz_install" || { echo "ghz: go install failed" >&2; exit 1; }
   pids=() # reaped: its pid must not be signalled again at exit
 fi
-# A copy, so a later build into the same target dir cannot swap it mid-run.
+# Copies, so a later build into the same target dir cannot swap them mid-run.
 bin=$work/bin
 mkdir -p "$bin"
-cp "$target/release/tollgate" "$bin/"
+cp "$target/release/tollgate" "$target/release/noop" "$bin/"
 # BENCH_TOLLGATE runs another build (an older commit's, for a before/after);
 # not TOLLGATE_*, which Tollgate reads as config.
 tollgate=${BENCH_TOLLGATE:-$bin/tollgate}
@@ -196,7 +196,7 @@ scenario d envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit "$tg_pid"
   -d '{"domain":"d","descriptors":[{"entries":[{"key":"user","value":"u{{randomInt 0 100000}}"}]},{"entries":[{"key":"remote_address","value":"10.{{randomInt 0 250}}.{{randomInt 0 250}}.1"}]}]}'
 stop_tollgate
 echo "ghz: (e) no-op handler" >&2
-"$bin/tollgate" bench-noop --listen "127.0.0.1:$noop_port" >"$work/noop.log" 2>&1 &
+"$bin/noop" --listen "127.0.0.1:$noop_port" >"$work/noop.log" 2>&1 &
 noop_pid=$!
 pids+=("$noop_pid")
 wait_port "$noop_port" || exit 1

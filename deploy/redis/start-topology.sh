@@ -13,7 +13,7 @@
 # interrupted (Ctrl-C or SIGTERM), when it stops every process and removes
 # its temp dir. Ports start at BASE_PORT (default 16379); nothing listens
 # beyond 127.0.0.1. Needs redis-server, redis-sentinel and redis-cli
-# (deploy/scripts/install-test-deps.sh installs them).
+# (scripts/install-test-deps.sh installs them).
 set -euo pipefail
 
 mode=${1:-}

@@ -9,7 +9,7 @@ use tollgate::pb::tollgate::v1::{
 };
 use tonic::transport::Channel;
 
-use crate::common::{TestServer, ask, req};
+use crate::common::{TestServer, ask, req, sha256_hex, with_token};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 
@@ -231,21 +231,6 @@ async fn top_merges_replicas_and_explain_prints_each_limit() {
     );
     one.shutdown().await;
     two.shutdown().await;
-}
-
-fn sha256_hex(token: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-fn with_token<T>(token: &str, body: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(body);
-    let value = format!("Bearer {token}").parse().expect("header value");
-    r.metadata_mut().insert("authorization", value);
-    r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,17 +6,10 @@ use std::io::Write as _;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::common::{TestServer, ask, req};
+use crate::common::{TestServer, ask, free_port, req};
 use tollgate::pb::tollgate::v1::rate_limiter_client::RateLimiterClient;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
-
-pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
 
 pub(crate) fn config_file(dir: &tempfile::TempDir, yaml: &str) -> std::path::PathBuf {
     let path = dir.path().join("tollgate.yaml");

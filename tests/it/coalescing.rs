@@ -7,33 +7,14 @@ use futures_util::future::join_all;
 
 use crate::common::TestServer;
 use crate::common::redis::{Standalone, conn};
-use tollgate::bucket::Shape;
 use tollgate::config::Config;
 use tollgate::pb::tollgate::v1::ShouldAllowRequest;
 use tollgate::store::redis::keys::bucket_key;
-use tollgate::store::{BucketCharge, BucketKey, Charge, Store, StoreExt};
+use tollgate::store::{Charge, Store, StoreExt};
 
+/// A charge of 1 from a bucket of 3 tokens per minute.
 fn charge(identity: &str) -> Charge<'_> {
-    Charge {
-        buckets: smallvec::smallvec![BucketCharge {
-            key: BucketKey {
-                scope: "s",
-                rule: "r",
-                identity: Some(identity),
-                operation: None,
-            },
-            shape: Shape {
-                capacity: 3,
-                period: Duration::from_secs(60).as_nanos() as u64,
-            },
-            cost: 1,
-            shadow: false,
-            reserve: 0,
-            window: None,
-        }],
-        dry_run: false,
-        marks: false,
-    }
+    crate::common::store::charge(identity, 3, Duration::from_secs(60))
 }
 
 fn evalsha_calls(port: u16) -> u64 {

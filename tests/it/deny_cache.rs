@@ -8,32 +8,14 @@ use crate::common::redis::{Standalone, conn};
 use tollgate::bucket::Shape;
 use tollgate::store::deny_cache::{DenyCache, MAX_HOLD};
 use tollgate::store::memory::MemoryStore;
-use tollgate::store::{
-    BucketCharge, BucketKey, Charge, ChargeOutcome, SettleBucket, Settlement, Store,
-};
+use tollgate::store::{Charge, ChargeOutcome, SettleBucket, Settlement, Store};
 use tollgate::window::Window;
 
+/// A charge of `cost` from a bucket of 5 tokens per second.
 fn charge(identity: &str, cost: u64) -> Charge<'_> {
-    Charge {
-        buckets: smallvec::smallvec![BucketCharge {
-            key: BucketKey {
-                scope: "s",
-                rule: "r",
-                identity: Some(identity),
-                operation: None,
-            },
-            shape: Shape {
-                capacity: 5,
-                period: Duration::from_secs(1).as_nanos() as u64,
-            },
-            cost,
-            shadow: false,
-            reserve: 0,
-            window: None,
-        }],
-        dry_run: false,
-        marks: false,
-    }
+    let mut c = crate::common::store::charge(identity, 5, Duration::from_secs(1));
+    c.buckets[0].cost = cost;
+    c
 }
 
 /// A charge of `cost` against a budget of 100 per `window`.

@@ -2,7 +2,7 @@
 //! Envoy started from `deploy/envoy/envoy.yaml` with free ports filled in.
 //!
 //! Envoy comes from `ENVOY_BIN` (printed by
-//! `deploy/scripts/install-test-deps.sh`), else from where that script
+//! `scripts/install-test-deps.sh`), else from where that script
 //! installs it, else `envoy` on PATH. A missing Envoy fails these tests: CI
 //! installs it, so a skip would hide a gap.
 
@@ -53,14 +53,9 @@ fn envoy_binary() -> PathBuf {
     on_path.unwrap_or_else(|| {
         panic!(
             "Envoy not found: set ENVOY_BIN to an envoy binary or put `envoy` on PATH \
-             (deploy/scripts/install-test-deps.sh installs one; deploy/scripts/test.sh runs it)"
+             (scripts/install-test-deps.sh installs one; scripts/test.sh runs it)"
         )
     })
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
 }
 
 /// A running Envoy, killed on drop.
@@ -79,7 +74,7 @@ impl Envoy {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/envoy/envoy.yaml"),
         )
         .expect("read deploy/envoy/envoy.yaml");
-        let (listen_port, admin_port) = (free_port(), free_port());
+        let (listen_port, admin_port) = (common::free_port(), common::free_port());
         let ports = [listen_port, upstream.port(), rls.port(), admin_port];
         let mut yaml = template;
         for (from, port) in TEMPLATE_PORTS.iter().zip(ports) {

@@ -7,7 +7,7 @@
 //! The replicas are two limiters in this process, each with its own Redis
 //! store (own connections, breakers and prober), the one with
 //! `failure_mode: open`, the other `closed`: one run measures both modes.
-//! The fast cases run in CI; `deploy/chaos/run.sh` runs the whole table
+//! The fast cases run in CI; `benches/chaos/run.sh` runs the whole table
 //! (`full_matrix`, ignored here) and writes it as text and JSON.
 
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::common::proxy::Proxy;
-use crate::common::redis::{Cluster, Sentinel, Standalone, conn, store_config};
+use crate::common::redis::{Cluster, Sentinel, Standalone, conn, node_id, store_config};
 use tollgate::config::{Config, RedisConfig, RedisMode};
 use tollgate::limiter::{Limiter, Request, Rules};
 use tollgate::store::redis::RedisStore;
@@ -219,12 +219,6 @@ impl Topo {
 fn migrate(tag: &str, ports: &[u16], from: usize) {
     let to = (from + 1) % ports.len();
     let (src, dst) = (ports[from], ports[to]);
-    let id = |p: u16| -> String {
-        redis::cmd("CLUSTER")
-            .arg("MYID")
-            .query(&mut conn(p).unwrap())
-            .unwrap()
-    };
     let slot: i64 = redis::cmd("CLUSTER")
         .arg("KEYSLOT")
         .arg(tag)
@@ -238,8 +232,8 @@ fn migrate(tag: &str, ports: &[u16], from: usize) {
             .query(&mut conn(p).unwrap())
             .unwrap();
     };
-    setslot(dst, &["IMPORTING", &id(src)]);
-    setslot(src, &["MIGRATING", &id(dst)]);
+    setslot(dst, &["IMPORTING", &node_id(src)]);
+    setslot(src, &["MIGRATING", &node_id(dst)]);
     loop {
         let keys: Vec<String> = redis::cmd("CLUSTER")
             .arg("GETKEYSINSLOT")
@@ -263,7 +257,7 @@ fn migrate(tag: &str, ports: &[u16], from: usize) {
             .unwrap();
     }
     for &p in ports {
-        setslot(p, &["NODE", &id(dst)]);
+        setslot(p, &["NODE", &node_id(dst)]);
     }
 }
 
@@ -535,9 +529,9 @@ async fn a_slot_migration_under_load_admits_nothing_extra() {
     check(&rows);
 }
 
-/// The whole table: `deploy/chaos/run.sh` runs this and keeps its output.
+/// The whole table: `benches/chaos/run.sh` runs this and keeps its output.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the full fault table takes a minute; deploy/chaos/run.sh runs it"]
+#[ignore = "the full fault table takes a minute; benches/chaos/run.sh runs it"]
 async fn full_matrix() {
     let mut rows = Vec::new();
     for fault in Fault::ALL {

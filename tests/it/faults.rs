@@ -3,16 +3,16 @@
 //! decided another's, reloads that kept stale state, and silent Redis
 //! failures. The fault matrix itself is in `fault_matrix.rs`.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::common::proxy::Proxy;
 use crate::common::redis::{
-    Cluster, Sentinel, Standalone, conn, free_port, scope_on, store_config,
+    Cluster, Sentinel, Standalone, conn, free_port, node_id, scope_on, store_config,
 };
+use crate::common::store::{Load, charge};
 use tollgate::bucket::Shape;
 use tollgate::config::{Config, RedisConfig, RedisMode};
 use tollgate::limiter::{Limiter, Request, Rules};
@@ -241,80 +241,18 @@ async fn tightening_a_limit_on_reload_admits_at_most_one_new_burst() {
     assert!(allowed <= 5, "{allowed} allowed after tightening to 5/h");
 }
 
-/// Calls the store from `callers` tasks until `stop`, counting successes and
-/// failures, and the slowest failure after `fast_after` failures.
-struct Load {
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(store: &RedisStore, scope: &'static str, callers: usize) -> Self {
-        let (ok, failed, stop) = (
-            Arc::new(AtomicU64::new(0)),
-            Arc::new(AtomicU64::new(0)),
-            Arc::new(AtomicBool::new(false)),
-        );
-        let tasks = (0..callers)
-            .map(|i| {
-                let (store, ok, failed, stop) =
-                    (store.clone(), ok.clone(), failed.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let id = format!("caller-{i}");
-                    while !stop.load(Ordering::Relaxed) {
-                        let c = Charge {
-                            buckets: smallvec::smallvec![BucketCharge {
-                                key: BucketKey {
-                                    scope,
-                                    rule: "r",
-                                    identity: Some(&id),
-                                    operation: None,
-                                },
-                                ..bucket("r", None, 1_000_000)
-                            }],
-                            dry_run: false,
-                            marks: false,
-                        };
-                        match store.check_and_take_one(&c).await {
-                            Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                            Err(_) => {
-                                tokio::time::sleep(Duration::from_millis(2)).await;
-                                failed.fetch_add(1, Ordering::Relaxed)
-                            }
-                        };
-                    }
-                })
-            })
-            .collect();
-        Self {
-            ok,
-            failed,
-            stop,
-            tasks,
+/// Calls `check_and_take_one` from `callers` tasks, each its own identity on
+/// `scope`; a task backs off 2 ms after a failure.
+fn start_load(store: &RedisStore, scope: &'static str, callers: usize) -> Load {
+    let store = store.clone();
+    Load::start(callers, Duration::from_millis(2), move |i| {
+        let store = store.clone();
+        async move {
+            let id = format!("caller-{i}");
+            let c = one_charge(scope, &id, 1_000_000);
+            store.check_and_take_one(&c).await.is_ok()
         }
-    }
-
-    /// Waits until `n` more calls succeed; returns how long that took.
-    async fn succeeds(&self, n: u64, within: Duration) -> Option<Duration> {
-        let t = Instant::now();
-        let ok = self.ok.load(Ordering::Relaxed);
-        while self.ok.load(Ordering::Relaxed) < ok + n {
-            if t.elapsed() > within {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        Some(t.elapsed())
-    }
-
-    async fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            t.await.expect("no panic in the load");
-        }
-    }
+    })
 }
 
 fn fast_config(urls: Vec<String>, mode: RedisMode, prefix: &str) -> RedisConfig {
@@ -337,7 +275,7 @@ async fn a_blackholed_redis_is_detected_fast_and_left_for_new_connections() {
     let config = fast_config(vec![proxy.url()], RedisMode::Standalone, "blackhole");
     let store = RedisStore::new(&config).unwrap();
     let _prober = store.spawn_prober(config.breaker_cool_down);
-    let load = Load::start(&store, "blackhole", 8);
+    let load = start_load(&store, "blackhole", 8);
     assert!(load.succeeds(50, Duration::from_secs(5)).await.is_some());
 
     proxy.blackhole();
@@ -372,7 +310,7 @@ async fn a_silent_sentinel_primary_is_left_for_the_promoted_replica() {
     let config = fast_config(topo.urls(), RedisMode::Sentinel, "sigstop");
     let store = RedisStore::new(&config).unwrap();
     let _prober = store.spawn_prober(config.breaker_cool_down);
-    let load = Load::start(&store, "sigstop", 8);
+    let load = start_load(&store, "sigstop", 8);
     assert!(load.succeeds(50, Duration::from_secs(5)).await.is_some());
     topo.primary.signal("STOP");
     let t = Instant::now();
@@ -403,7 +341,7 @@ async fn a_blackholed_sentinel_primary_is_left_for_the_promoted_replica() {
     let config = fast_config(topo.urls(), RedisMode::Sentinel, "blackhole-sentinel");
     let store = RedisStore::new(&config).unwrap();
     let _prober = store.spawn_prober(config.breaker_cool_down);
-    let load = Load::start(&store, "bh-sentinel", 8);
+    let load = start_load(&store, "bh-sentinel", 8);
     assert!(load.succeeds(50, Duration::from_secs(5)).await.is_some());
     proxy.blackhole();
     let t = Instant::now();
@@ -421,27 +359,12 @@ async fn a_blackholed_sentinel_primary_is_left_for_the_promoted_replica() {
     );
 }
 
-fn node_id(port: u16) -> String {
-    ::redis::cmd("CLUSTER")
-        .arg("MYID")
-        .query(&mut conn(port).unwrap())
-        .unwrap()
-}
-
+/// A charge of 1 from `scope`'s bucket `r`/`identity` of `capacity` tokens
+/// per hour.
 fn one_charge<'a>(scope: &'a str, identity: &'a str, capacity: u64) -> Charge<'a> {
-    Charge {
-        buckets: smallvec::smallvec![BucketCharge {
-            key: BucketKey {
-                scope,
-                rule: "r",
-                identity: Some(identity),
-                operation: None,
-            },
-            ..bucket("r", None, capacity)
-        }],
-        dry_run: false,
-        marks: false,
-    }
+    let mut c = charge(identity, capacity, Duration::from_secs(3600));
+    c.buckets[0].key.scope = scope;
+    c
 }
 
 /// Finding 5: during a slot migration, a batch whose charges meet both the

@@ -489,11 +489,7 @@ async fn http_get(addr: &str, path: &str) -> String {
 
 #[tokio::test]
 async fn metrics_count_decisions_by_scope_rule_and_result_but_never_identity() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = format!("127.0.0.1:{}", common::free_port());
     let server = TestServer::start(&format!("metrics: {{listen: \"{addr}\"}}\n{CONFIG}")).await;
     let mut c = server.client().await;
     for _ in 0..3 {

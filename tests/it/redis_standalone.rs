@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::common::redis::{Secured, Standalone, conn, store_config, wait_until};
-use tollgate::bucket::Shape;
+use crate::common::store::charge;
 use tollgate::config::{Config, RedisMode, Secret};
 use tollgate::limiter::{DecideError, Limiter, Request, Rules};
 use tollgate::pb::tollgate::v1::ShouldAllowRequest;
@@ -15,30 +15,7 @@ use tollgate::pb::tollgate::v1::rate_limiter_client::RateLimiterClient;
 use tollgate::server::{self, HEALTH_SERVICE};
 use tollgate::store::redis::RedisStore;
 use tollgate::store::redis::keys::bucket_key;
-use tollgate::store::{AnyStore, BucketCharge, BucketKey, Charge, Store, StoreExt};
-
-fn charge(identity: &str, capacity: u64, period: Duration) -> Charge<'_> {
-    Charge {
-        buckets: smallvec::smallvec![BucketCharge {
-            key: BucketKey {
-                scope: "s",
-                rule: "r",
-                identity: Some(identity),
-                operation: None,
-            },
-            shape: Shape {
-                capacity,
-                period: period.as_nanos() as u64,
-            },
-            cost: 1,
-            shadow: false,
-            reserve: 0,
-            window: None,
-        }],
-        dry_run: false,
-        marks: false,
-    }
-}
+use tollgate::store::{AnyStore, BucketCharge, Charge, Store, StoreExt};
 
 fn now_us(port: u16) -> u64 {
     let (s, us): (u64, u64) = redis::cmd("TIME").query(&mut conn(port).unwrap()).unwrap();

@@ -1,38 +1,24 @@
 //! Sentinel failover and Redis Cluster, against real processes.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::common::redis::{Cluster, Sentinel, conn};
+use crate::common::redis::{Cluster, Sentinel, conn, node_id};
+use crate::common::store::Load;
 use tokio::time::Instant;
-use tollgate::bucket::Shape;
 use tollgate::store::redis::keys::bucket_key;
-use tollgate::store::{BucketCharge, BucketKey, Charge, Store, StoreExt};
+use tollgate::store::{Charge, Store, StoreExt};
 
 /// A charge of 1 from a bucket of a million tokens per 10^7 s: the bucket
 /// outlives the test (each token takes 10 s to return) and never runs dry.
 fn charge<'a>(scope: &'a str, identity: &'a str) -> Charge<'a> {
-    Charge {
-        buckets: smallvec::smallvec![BucketCharge {
-            key: BucketKey {
-                scope,
-                rule: "r",
-                identity: Some(identity),
-                operation: None,
-            },
-            shape: Shape {
-                capacity: 1_000_000,
-                period: 10_000_000_000_000_000,
-            },
-            cost: 1,
-            shadow: false,
-            reserve: 0,
-            window: None,
-        }],
-        dry_run: false,
-        marks: false,
-    }
+    let mut c = crate::common::store::charge(
+        identity,
+        1_000_000,
+        Duration::from_nanos(10_000_000_000_000_000),
+    );
+    c.buckets[0].key.scope = scope;
+    c
 }
 
 fn role(port: u16) -> String {
@@ -44,71 +30,17 @@ fn role(port: u16) -> String {
         .unwrap_or_default()
 }
 
-/// Decides continuously from 4 tasks; counts successes and failures.
-struct Load {
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(store: &(impl Store + Clone)) -> Self {
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks = (0..4)
-            .map(|i| {
-                let (store, ok, failed, stop) =
-                    (store.clone(), ok.clone(), failed.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let id = format!("user-{i}");
-                    while !stop.load(Ordering::Relaxed) {
-                        match store.check_and_take(&[charge("load", &id)]).await {
-                            Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                            Err(_) => {
-                                tokio::time::sleep(Duration::from_millis(5)).await;
-                                failed.fetch_add(1, Ordering::Relaxed)
-                            }
-                        };
-                    }
-                })
-            })
-            .collect();
-        Self {
-            ok,
-            failed,
-            stop,
-            tasks,
+/// Decides continuously from 4 tasks, each its own identity; a task backs
+/// off 5 ms after a failure.
+fn start_load(store: &(impl Store + Clone)) -> Load {
+    let store = store.clone();
+    Load::start(4, Duration::from_millis(5), move |i| {
+        let store = store.clone();
+        async move {
+            let id = format!("user-{i}");
+            store.check_and_take(&[charge("load", &id)]).await.is_ok()
         }
-    }
-
-    /// Waits until decisions fail (the outage is felt), then until a run of
-    /// them succeeds again; returns how long after `since` that was.
-    async fn recovered(&self, since: Instant, within: Duration) -> Duration {
-        let failed = self.failed.load(Ordering::Relaxed);
-        while self.failed.load(Ordering::Relaxed) == failed {
-            assert!(since.elapsed() < within, "the outage was never felt");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let ok = self.ok.load(Ordering::Relaxed);
-        while self.ok.load(Ordering::Relaxed) < ok + 20 {
-            assert!(since.elapsed() < within, "no recovery within {within:?}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        since.elapsed()
-    }
-
-    async fn stop(self) -> (u64, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            t.await.expect("no panic in the load");
-        }
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-        )
-    }
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,7 +48,7 @@ async fn sentinel_failover_is_followed_without_restart() {
     let mut topo = tokio::task::spawn_blocking(Sentinel::start).await.unwrap();
     let store = topo.store("failover");
     let _prober = store.spawn_prober(Duration::from_millis(200));
-    let load = Load::start(&store);
+    let load = start_load(&store);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         load.ok.load(Ordering::Relaxed) > 0,
@@ -226,14 +158,6 @@ async fn cluster_spreads_scopes_over_slots_and_reloads_flushed_scripts() {
         alone[0].buckets[0].remaining, 999_998,
         "a denied cross-slot charge took nothing"
     );
-}
-
-/// `CLUSTER MYID` of the node on `port`.
-fn node_id(port: u16) -> String {
-    redis::cmd("CLUSTER")
-        .arg("MYID")
-        .query(&mut conn(port).unwrap())
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

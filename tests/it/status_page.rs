@@ -7,11 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::cli::free_port;
 use crate::common::webdriver::Browser;
-use crate::common::{TestServer, ask, req};
+use crate::common::{TestServer, ask, free_port, metrics_get, req};
 
 fn config(metrics: u16, per_user: u64) -> String {
     format!(
@@ -30,28 +28,6 @@ fn config(metrics: u16, per_user: u64) -> String {
     )
 }
 
-/// The body of `GET path` on the metrics port.
-async fn get(metrics: u16, path: &str) -> String {
-    // The server binds its metrics port as it starts: give it a moment.
-    let mut s = None;
-    for _ in 0..100 {
-        if let Ok(conn) = tokio::net::TcpStream::connect(("127.0.0.1", metrics)).await {
-            s = Some(conn);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut s = s.expect("metrics port");
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.expect("read");
-    text.split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn the_page_reads_without_javascript_and_escapes_identities() {
     let metrics = free_port();
@@ -61,7 +37,7 @@ async fn the_page_reads_without_javascript_and_escapes_identities() {
     for who in ["alice", "alice", "alice", "alice", hostile] {
         ask(&mut c, req("github-mcp", who, "tools/call:fetch")).await;
     }
-    let page = get(metrics, "/").await;
+    let page = metrics_get(metrics, "/").await;
     assert!(page.starts_with("<!doctype html>"), "{page}");
     assert!(!page.contains(hostile), "an identity went out unescaped");
     assert!(page.contains("&lt;img src=x onerror=alert(1)&gt;"));
@@ -79,7 +55,7 @@ async fn the_page_reads_without_javascript_and_escapes_identities() {
         !page.contains("src=\"http") && !page.contains("href=\"http"),
         "nothing is fetched from elsewhere"
     );
-    let json: Value = serde_json::from_str(&get(metrics, "/status.json?window=5m").await)
+    let json: Value = serde_json::from_str(&metrics_get(metrics, "/status.json?window=5m").await)
         .expect("status.json is JSON");
     assert_eq!(json["window"], "5m");
     let rule = &json["scopes"][1]["rules"][0];
@@ -135,7 +111,10 @@ async fn a_real_browser_shows_live_traffic_identities_and_charts() {
     server.reload("scopes: [{name: bad, limits: [{name: x, per: identity, capacity: 0, refill_period: 1s}]}]").await;
     // Let the first reload read its file before the next write begins.
     for _ in 0..100 {
-        if get(metrics, "/status.json").await.contains("refused") {
+        if metrics_get(metrics, "/status.json")
+            .await
+            .contains("refused")
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::cli::{config_file, connect, free_port, serve, signal};
-use crate::common::{ask, req, wait_for_limit};
+use crate::cli::{config_file, connect, serve, signal};
+use crate::common::{ask, free_port, metrics_get, req, wait_for_limit};
 
 /// A config with the demo scope at `capacity`, metrics on `metrics`, and
 /// `extra` YAML appended.
@@ -23,23 +23,7 @@ fn config(capacity: u64, metrics: u16, extra: &str) -> String {
 
 /// `tollgate_config_reloads_total{result=...}` from the metrics port.
 async fn reloads(metrics: u16, result: &str) -> u64 {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    // The gRPC port is bound before the server starts, the metrics port
-    // only as it starts: give it a moment.
-    let mut s = None;
-    for _ in 0..100 {
-        if let Ok(conn) = tokio::net::TcpStream::connect(("127.0.0.1", metrics)).await {
-            s = Some(conn);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut s = s.expect("metrics port");
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-        .await
-        .expect("write");
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.expect("read");
+    let text = metrics_get(metrics, "/metrics").await;
     let needle = format!("tollgate_config_reloads_total{{result=\"{result}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&needle))

@@ -1,9 +1,11 @@
-//! Shared test fixtures: a real Tollgate server on 127.0.0.1:0.
+//! Shared test fixtures: a real Tollgate server on 127.0.0.1:0, and a free
+//! port for what must be told its port before it starts.
 #![allow(dead_code, unreachable_pub)]
 
 pub mod certs;
 pub mod proxy;
 pub mod redis;
+pub mod store;
 pub mod tollgate;
 pub mod webdriver;
 
@@ -102,6 +104,56 @@ impl Drop for TestServer {
             task.abort();
         }
     }
+}
+
+/// A loopback port that is free now (the system's pick), for a process or
+/// config that must be given its port rather than bind port 0 itself.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// The body of `GET path` on the metrics port `port` of a server that may
+/// still be starting: the gRPC port is bound before the server starts, the
+/// metrics port only as it starts, so this gives it a moment.
+pub async fn metrics_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = None;
+    for _ in 0..100 {
+        if let Ok(conn) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            s = Some(conn);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut s = s.expect("metrics port");
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.expect("read");
+    text.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
+}
+
+/// A token's SHA-256 in hex, as a caller grant names it in the config.
+pub fn sha256_hex(token: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `body` as a request carrying `authorization: Bearer <token>`.
+pub fn with_token<T>(token: &str, body: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(body);
+    let value = format!("Bearer {token}").parse().expect("header value");
+    r.metadata_mut().insert("authorization", value);
+    r
 }
 
 /// A request of cost 1.

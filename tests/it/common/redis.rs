@@ -44,6 +44,14 @@ pub fn conn(port: u16) -> redis::RedisResult<redis::Connection> {
         .get_connection_with_timeout(Duration::from_millis(500))
 }
 
+/// `CLUSTER MYID` of the node on `port`.
+pub fn node_id(port: u16) -> String {
+    redis::cmd("CLUSTER")
+        .arg("MYID")
+        .query(&mut conn(port).unwrap())
+        .unwrap()
+}
+
 /// One `redis-server` (or `redis-sentinel`) process.
 #[derive(Debug)]
 pub struct Server {
@@ -119,7 +127,7 @@ impl Server {
             .spawn()
             .unwrap_or_else(|e| {
                 panic!(
-                    "{} not runnable ({e}); run deploy/scripts/install-test-deps.sh",
+                    "{} not runnable ({e}); run scripts/install-test-deps.sh",
                     self.program
                 )
             });

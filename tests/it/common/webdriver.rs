@@ -1,6 +1,6 @@
 //! A headless Chromium driven over WebDriver: chromedriver on a free port,
 //! spoken to in plain HTTP/1.1 with hyper. Installed by
-//! `deploy/scripts/install-test-deps.sh` (Debian's `chromium` and
+//! `scripts/install-test-deps.sh` (Debian's `chromium` and
 //! `chromium-driver`); `CHROMEDRIVER` and `CHROMIUM` override the paths.
 
 use std::process::{Child, Command, Stdio};
@@ -27,16 +27,13 @@ impl Browser {
     /// Starts chromedriver and a headless Chromium session with a window of
     /// `width` × `height`.
     pub async fn start(width: u32, height: u32) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = super::free_port();
         let driver = Command::new(program("CHROMEDRIVER", "chromedriver"))
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("chromedriver (run deploy/scripts/install-test-deps.sh)");
+            .expect("chromedriver (run scripts/install-test-deps.sh)");
         let mut browser = Self {
             driver,
             port,

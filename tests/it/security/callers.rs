@@ -9,30 +9,14 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::R
 use tollgate::pb::tollgate::v1::rate_limiter_client::RateLimiterClient;
 use tollgate::pb::tollgate::v1::{ShouldAllowBatchRequest, ShouldAllowRequest};
 use tonic::Code;
-use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 use super::{free_addr, http_get, metric, tls_channel};
 use crate::common::certs::{Ca, TlsFiles};
-use crate::common::{TestServer, req};
+use crate::common::{TestServer, req, sha256_hex, with_token};
 
 const TOKEN: &str = "batch-jobs-token-7f3a";
 const OPS_TOKEN: &str = "ops-token-19c2";
-
-fn sha256_hex(token: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-fn with_token<T>(token: &str, body: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(body);
-    let value: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
-    r.metadata_mut().insert("authorization", value);
-    r
-}
 
 const SCOPES: &str = "
 scopes:

@@ -17,11 +17,7 @@ use crate::common::certs::Leaf;
 
 /// A free loopback address, for a metrics listener.
 fn free_addr() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
-    format!("127.0.0.1:{port}")
+    format!("127.0.0.1:{}", crate::common::free_port())
 }
 
 /// A TLS channel to `addr` trusting `ca`, presenting `identity` if given,

@@ -1,24 +1,48 @@
-//! `tollgate bench-noop`, hidden: a no-op `tollgate.v1.RateLimiter`, the
-//! ceiling for the ghz benchmark (`benches/ghz/run.sh`, scenario (e)).
+//! The no-op server: a `tollgate.v1.RateLimiter` that allows everything
+//! without deciding, the ceiling for the ghz benchmark
+//! (`benches/ghz/run.sh`, scenario (e)). Not for production: it lives here,
+//! apart from the `tollgate` binary, so that the shipped binary carries
+//! nothing that only measures.
 //!
-//! It serves the same service, with reflection, over the same tonic
-//! transport settings as Tollgate (TCP_NODELAY and keepalive on accepted
-//! connections), in the same binary (so with the same allocator and
-//! runtime), and answers every `ShouldAllow` with a fixed allow of the same
-//! shape Tollgate sends, without deciding anything. What Tollgate costs
-//! beyond this is the cost of deciding. A subcommand rather than an example
-//! so that the benchmark builds one binary, without the dev-dependencies an
-//! example pulls in.
+//! `noop [--listen 127.0.0.1:50061]`
+//!
+//! What Tollgate costs beyond this is the cost of deciding, so everything
+//! but the deciding is kept as Tollgate has it, for a fair comparison:
+//! - the same allocator with the same settings (mimalloc with `no_thp`, see
+//!   the root Cargo.toml);
+//! - the same runtime (`#[tokio::main]`: multi-threaded, a worker per
+//!   core), as `src/main.rs` starts it;
+//! - the same service, with reflection, over the same tonic transport
+//!   settings (TCP_NODELAY and keepalive on accepted connections);
+//! - an answer of the same shape Tollgate sends for an allow.
+//!
+//! When one of these changes in Tollgate, change it here too. A binary of
+//! this crate, not an example, so that it builds without the server's
+//! dev-dependencies.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use clap::Parser;
 use tokio::net::TcpListener;
 use tollgate::pb;
 use tollgate::pb::tollgate::v1;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
+
+/// Tollgate's allocator: see the root Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Serves a no-op RateLimiter until stopped: the ghz benchmark's ceiling.
+#[derive(Debug, Parser)]
+#[command(name = "noop")]
+struct Args {
+    /// The address to listen on.
+    #[arg(long, default_value = "127.0.0.1:50061")]
+    listen: SocketAddr,
+}
 
 #[derive(Debug)]
 struct Noop;
@@ -73,8 +97,13 @@ impl v1::rate_limiter_server::RateLimiter for Noop {
     }
 }
 
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    serve(Args::parse().listen).await
+}
+
 /// Serves the no-op service on `addr` until the process is stopped.
-pub(crate) async fn bench_noop(addr: SocketAddr) -> anyhow::Result<()> {
+async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;

@@ -6,9 +6,9 @@
 # metrics), then the Go client's tests against the same binary.
 # Extra arguments go to `cargo test`.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
+root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-while IFS='=' read -r k v; do export "$k=$v"; done < <(bash deploy/scripts/install-test-deps.sh)
+while IFS='=' read -r k v; do export "$k=$v"; done < <(bash scripts/install-test-deps.sh)
 cargo test --all-targets "$@"
 # `--all-targets` leaves out doctests; run them too on a whole run (with
 # extra arguments the caller asked for something narrower).
@@ -16,5 +16,5 @@ if [ $# -eq 0 ]; then
   cargo test --doc --workspace
 fi
 bin="${CARGO_TARGET_DIR:-target}/debug/tollgate"
-TOLLGATE_BIN="$bin" bash deploy/scripts/check-deploy.sh
-bash deploy/scripts/test-go.sh "$bin"
+TOLLGATE_BIN="$bin" bash scripts/check-deploy.sh
+bash scripts/test-go.sh "$bin"

@@ -1,8 +1,8 @@
 //! A fixed loop of 200,000 operations on the embedded store, for
 //! instruction counts that do not depend on how busy the machine is:
 //!
-//! `cargo build --release --example decide_loop && valgrind --tool=callgrind \
-//!    target/release/examples/decide_loop [single|headroom|budget|reserve|settle]`
+//! `cargo build --release -p tollgate-bench-tools --bin decide-loop && valgrind --tool=callgrind \
+//!    target/release/decide-loop [single|headroom|budget|reserve|settle]`
 //!
 //! Divide callgrind's `Collected` by 200,000 for instructions per operation:
 //! - `single` (the default): a single-bucket decision;

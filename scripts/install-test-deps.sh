@@ -7,7 +7,7 @@
 # Prints the environment the tests read (ENVOY_BIN; not TOLLGATE_*, which
 # the config would read as an override). Idempotent: skips what is present.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
+root=$(cd "$(dirname "$0")/.." && pwd)
 deps="$root/target/test-deps"
 mkdir -p "$deps"
 

@@ -1,8 +1,8 @@
 //! A fixed loop of 200,000 heavy-hitter recordings, for instruction counts
 //! that do not depend on how busy the machine is:
 //!
-//! `cargo build --release --example record_loop && valgrind --tool=callgrind \
-//!    target/release/examples/record_loop [hot|spread|four] [records]`
+//! `cargo build --release -p tollgate-bench-tools --bin record-loop && valgrind --tool=callgrind \
+//!    target/release/record-loop [hot|spread|four] [records]`
 //!
 //! Subtract the `Collected` of a run with `0` records as the second
 //! argument (the set-up), and divide by 200,000 for instructions per record. `hot`: one identity, one

@@ -3,13 +3,13 @@
 # proto/, gofmt and go vet are clean, go.mod is tidy, and go test passes
 # against the real tollgate binary.
 #
-#   deploy/scripts/test-go.sh [PATH/TO/tollgate]
+#   scripts/test-go.sh [PATH/TO/tollgate]
 #
 # The binary comes from the first argument, else $TOLLGATE_BIN, else
 # target/debug/tollgate. Go tools (buf, protoc-gen-go, protoc-gen-go-grpc) are
 # installed at pinned versions into target/go-bin/ by clients/go/scripts/gen.sh.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
+root=$(cd "$(dirname "$0")/.." && pwd)
 
 if ! command -v go >/dev/null; then
   echo "test-go.sh: no go command; the Go client needs Go 1.26 or later" >&2

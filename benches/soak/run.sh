@@ -3,8 +3,8 @@
 # 10 minutes), sampling Tollgate's RSS and Redis's memory every 30 s. Not
 # run in CI. Prints a table and writes target/soak/soak.json.
 #
-#   deploy/soak/run.sh                       # 600 s at 500 decisions/s
-#   DURATION=120 RATE=1000 deploy/soak/run.sh
+#   benches/soak/run.sh                       # 600 s at 500 decisions/s
+#   DURATION=120 RATE=1000 benches/soak/run.sh
 #
 # Passes when no call failed and memory stayed flat: the last sample's RSS
 # and Redis memory are within SLACK_PERCENT (default 20%) of the sample at
@@ -28,7 +28,7 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 echo "soak: building release binaries" >&2
-cargo build --release --quiet --bin tollgate --example loadgen
+cargo build --release --quiet -p tollgate --bin tollgate -p tollgate-bench-tools --bin loadgen
 
 rport=$(free_port); gport=$(free_port)
 redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" >"$work/redis.log" 2>&1 &
@@ -52,7 +52,7 @@ YAML
 tpid=$!; pids+=($tpid)
 until "$target/release/tollgate" allow --addr "http://127.0.0.1:$gport" --scope soak --identity probe >/dev/null 2>&1; do sleep 0.2; done
 
-"$target/release/examples/loadgen" --addr "http://127.0.0.1:$gport" --scope soak \
+"$target/release/loadgen" --addr "http://127.0.0.1:$gport" --scope soak \
   --concurrency 20 --connections 2 --rate "$RATE" --identities "$IDENTITIES" \
   --requests 1000000000 --seconds "$DURATION" >"$work/loadgen.out" &
 lpid=$!; pids+=($lpid)

@@ -4,7 +4,7 @@
 //! than the server it measures. This client does the same job for a tenth of
 //! the CPU, so the benchmarks can show the server's own limit.
 //!
-//! `cargo run --release --example loadgen -- --addr http://127.0.0.1:50051 \
+//! `cargo run --release -p tollgate-bench-tools --bin loadgen -- --addr http://127.0.0.1:50051 \
 //!    --scope bench --concurrency 50 --requests 100000 --identities 10000`
 //!
 //! Prints one line: `requests=… allowed=… errors=… seconds=… rps=… p50_us=… p99_us=…`.
