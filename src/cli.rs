@@ -17,7 +17,7 @@ use clap::{Args, Parser, Subcommand};
 use tollgate::config::{Config, ConfigSource};
 use tollgate::limiter::Rules;
 use tollgate::pb::tollgate::v1 as pb;
-use tollgate::server::Prepared;
+use tollgate::reload::Prepared;
 
 /// Tollgate: a rate-limit decision service.
 #[derive(Debug, Parser)]

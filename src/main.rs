@@ -11,7 +11,8 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use tollgate::config::ConfigSource;
 use tollgate::observe::logs;
-use tollgate::server::{self, Prepared};
+use tollgate::reload::Prepared;
+use tollgate::server;
 use tollgate::shutdown;
 
 use cli::{Cli, Command};

@@ -57,10 +57,10 @@ use crate::api::Settings;
 pub use crate::api::Snapshot;
 use crate::config::{Config, ConfigError, ConfigSource};
 use crate::limiter::{Generation, Limiter, Rules};
+use crate::net::tls::{self, Tls};
 use crate::observe::Observer;
 use crate::observe::status::Board;
-use crate::server::Prepared;
-use crate::store::Store;
+use crate::store::{self, Store};
 
 /// The snapshot of `config`, whose compiled rules are `rules`; refusals
 /// are reported to `observer`.
@@ -196,4 +196,56 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         changed.push("reservations.secret");
     }
     changed
+}
+
+/// A config that has passed every check a start or a reload makes, with its
+/// rules compiled (once).
+#[derive(Debug)]
+pub struct Prepared {
+    /// The validated config.
+    pub config: Config,
+    /// Its compiled rules.
+    pub rules: Rules,
+    /// Where a reload reads the config again; `None` refuses reloads.
+    pub source: Option<ConfigSource>,
+    /// The gRPC and metrics listeners' TLS, loaded once, when configured.
+    pub tls: (Option<Tls>, Option<Tls>),
+}
+
+impl Prepared {
+    /// Reads `source` and prepares what it holds.
+    pub fn load(source: ConfigSource) -> Result<Self, ConfigError> {
+        let config = source.load()?;
+        Self::new(config, Some(source))
+    }
+
+    /// Compiles `config`'s rules and checks its store settings.
+    pub fn new(config: Config, source: Option<ConfigSource>) -> Result<Self, ConfigError> {
+        store::check_settings(&config.store)?;
+        // The certificates must load now, before any port is bound.
+        let tls = listener_tls(&config)?;
+        let rules = Rules::compile(&config)?;
+        Ok(Self {
+            config,
+            rules,
+            source,
+            tls,
+        })
+    }
+}
+
+/// The TLS of the gRPC and the metrics listeners, each when configured.
+fn listener_tls(config: &Config) -> Result<(Option<Tls>, Option<Tls>), ConfigError> {
+    let grpc = config
+        .tls
+        .as_ref()
+        .map(|t| Tls::load(t, "tls", tls::ALPN_H2))
+        .transpose()?;
+    let metrics = config
+        .metrics
+        .tls
+        .as_ref()
+        .map(|t| Tls::load(t, "metrics.tls", tls::ALPN_HTTP1))
+        .transpose()?;
+    Ok((grpc, metrics))
 }

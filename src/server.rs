@@ -22,8 +22,8 @@ use tonic_health::server::HealthReporter;
 use tower::layer::util::{Identity, Stack};
 
 use crate::api::{AdminApi, EnvoyRateLimitApi, RateLimiterApi, Settings};
-use crate::config::{Config, ConfigError, ConfigSource, GrpcConfig};
-use crate::limiter::{Limiter, Rules, Signer};
+use crate::config::{Config, ConfigError, GrpcConfig};
+use crate::limiter::{Limiter, Signer};
 use crate::net::bounds::InFlightLimitLayer;
 use crate::net::cancel::Cancellable;
 use crate::net::tls::{self, Conn, Tls};
@@ -34,6 +34,7 @@ use crate::observe::status::Board;
 use crate::pb;
 use crate::pb::tollgate::v1::admin_server::AdminServer;
 use crate::pb::tollgate::v1::rate_limiter_server::RateLimiterServer;
+pub use crate::reload::Prepared;
 use crate::reload::{self, Reloader};
 use crate::shutdown::{self, Control};
 use crate::store::{self, BuildError, Served, Store};
@@ -79,42 +80,6 @@ pub enum ServerError {
     /// about settings, never about Redis being down).
     #[error(transparent)]
     Store(#[from] BuildError),
-}
-
-/// A config that has passed every check a start or a reload makes, with its
-/// rules compiled (once).
-#[derive(Debug)]
-pub struct Prepared {
-    /// The validated config.
-    pub config: Config,
-    /// Its compiled rules.
-    pub rules: Rules,
-    /// Where a reload reads the config again; `None` refuses reloads.
-    pub source: Option<ConfigSource>,
-    /// The gRPC and metrics listeners' TLS, loaded once, when configured.
-    pub tls: (Option<Tls>, Option<Tls>),
-}
-
-impl Prepared {
-    /// Reads `source` and prepares what it holds.
-    pub fn load(source: ConfigSource) -> Result<Self, ConfigError> {
-        let config = source.load()?;
-        Self::new(config, Some(source))
-    }
-
-    /// Compiles `config`'s rules and checks its store settings.
-    pub fn new(config: Config, source: Option<ConfigSource>) -> Result<Self, ConfigError> {
-        store::check_settings(&config.store)?;
-        // The certificates must load now, before any port is bound.
-        let tls = listener_tls(&config)?;
-        let rules = Rules::compile(&config)?;
-        Ok(Self {
-            config,
-            rules,
-            source,
-            tls,
-        })
-    }
 }
 
 /// Serves `prepared` on `listener` until [`Control::Shutdown`] arrives or the
@@ -205,22 +170,6 @@ fn warn_if_exposed(config: &Config) {
         }
         Some(_) => {}
     }
-}
-
-/// The TLS of the gRPC and the metrics listeners, each when configured.
-fn listener_tls(config: &Config) -> Result<(Option<Tls>, Option<Tls>), ConfigError> {
-    let grpc = config
-        .tls
-        .as_ref()
-        .map(|t| Tls::load(t, "tls", tls::ALPN_H2))
-        .transpose()?;
-    let metrics = config
-        .metrics
-        .tls
-        .as_ref()
-        .map(|t| Tls::load(t, "metrics.tls", tls::ALPN_HTTP1))
-        .transpose()?;
-    Ok((grpc, metrics))
 }
 
 /// Runs [`run`] on a background task, returning its control channel. When

@@ -35,7 +35,7 @@ func Bin(t testing.TB) string {
 	if bin == "" {
 		t.Fatalf("%s is not set: these tests start the real tollgate binary. "+
 			"Build it (cargo build) and run `%s=/path/to/target/debug/tollgate go test ./...`, "+
-			"or run deploy/scripts/test-go.sh /path/to/tollgate", BinEnv, BinEnv)
+			"or run scripts/test-go.sh /path/to/tollgate", BinEnv, BinEnv)
 	}
 	if _, err := os.Stat(bin); err != nil {
 		t.Fatalf("%s=%s: %v", BinEnv, bin, err)
