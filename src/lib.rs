@@ -70,6 +70,7 @@ pub mod error;
 pub mod limiter;
 pub mod observe;
 pub mod pb;
+pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod store;

@@ -5,7 +5,8 @@
 //! validate, compile the rules, check the store's settings) before any port
 //! is bound. [`run`] takes the result with a bound listener and a control
 //! channel, so tests drive it on `127.0.0.1:0` exactly as `main` does on the
-//! configured address. The stop sequence itself lives in [`crate::shutdown`].
+//! configured address. The stop sequence itself lives in [`crate::shutdown`],
+//! and the reload procedure and its snapshot in [`crate::reload`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,9 +21,8 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tower::layer::util::{Identity, Stack};
 
-use crate::api::auth::Authorizer;
 use crate::api::bounds::InFlightLimitLayer;
-use crate::api::{AdminApi, EnvoyRateLimitApi, HeaderSettings, RateLimiterApi};
+use crate::api::{AdminApi, EnvoyRateLimitApi, RateLimiterApi, Settings};
 use crate::config::{Config, ConfigError, ConfigSource, GrpcConfig};
 use crate::limiter::{Limiter, Rules, Signer};
 use crate::observe::Observer;
@@ -32,6 +32,7 @@ use crate::observe::status::Board;
 use crate::pb;
 use crate::pb::tollgate::v1::admin_server::AdminServer;
 use crate::pb::tollgate::v1::rate_limiter_server::RateLimiterServer;
+use crate::reload::{self, Reloader};
 use crate::shutdown::{self, Cancellable, Control};
 use crate::store::deny_cache::DenyCache;
 use crate::store::{self, AnyStore, BuildError, Store};
@@ -47,8 +48,8 @@ pub const HEALTH_SERVICE: &str = "tollgate.v1.RateLimiter";
 /// How often health re-reads the store's availability.
 pub const STORE_HEALTH_INTERVAL: Duration = Duration::from_millis(200);
 
-/// The limiter every service shares.
-type SharedLimiter = Arc<Limiter<DenyCache<Instrumented<AnyStore>>>>;
+/// The limiter every service shares, with the reload snapshot it holds.
+type SharedLimiter = Arc<Limiter<DenyCache<Instrumented<AnyStore>>, Settings>>;
 
 /// The gRPC router, behind the in-flight cap.
 type Routes = Router<Stack<InFlightLimitLayer, Identity>>;
@@ -139,16 +140,18 @@ pub async fn run(
         Some(secret) => Signer::new(secret.expose().as_bytes()),
         None => Signer::random(),
     };
-    let limiter = Arc::new(Limiter::new(rules, store).with_signer(signer));
-    let stopped = CancellationToken::new();
-    for tls in [&grpc_tls, &metrics_tls].into_iter().flatten() {
-        tls.spawn_reloader(stopped.clone());
-    }
     let hitters = Arc::new(Hitters::new(Sizes {
         counters: config.analytics.counters,
         top_k: config.analytics.top_k,
     }));
     let observer = Arc::new(Observer::with_hitters(metrics.clone(), hitters.clone()));
+    let snapshot = reload::snapshot(&config, rules, &observer);
+    let limiter: SharedLimiter =
+        Arc::new(Limiter::from_generation(snapshot, store).with_signer(signer));
+    let stopped = CancellationToken::new();
+    for tls in [&grpc_tls, &metrics_tls].into_iter().flatten() {
+        tls.spawn_reloader(stopped.clone());
+    }
     let board = Arc::new(Board::new(hitters, limiter.clone(), store_kind(&config)));
     serve_metrics(&config, &observer, &board, metrics_tls, &stopped).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -157,20 +160,15 @@ pub async fn run(
         .set_service_status(HEALTH_SERVICE, ServingStatus::Serving)
         .await;
     let watcher = tokio::spawn(watch_store(limiter.clone(), health.clone()));
-    let mut reloader = Reloader {
+    let mut reloader = Reloader::new(
         source,
-        limiter: limiter.clone(),
-        metrics: metrics.clone(),
-        envoy_headers: Arc::new(HeaderSettings::new(
-            config.envoy_response_headers,
-            config.envoy_ratelimit_draft,
-        )),
-        authorizer: Arc::new(Authorizer::new(config.callers.as_deref(), observer.clone())),
+        limiter.clone(),
+        observer.clone(),
         board,
-        current: config.clone(),
-    };
+        config.clone(),
+    );
     warn_if_exposed(&config);
-    let router = routes(&config.grpc, &limiter, &observer, &reloader, health_service)?;
+    let router = routes(&config.grpc, &limiter, &observer, health_service)?;
 
     let (stopping, cancel) = (CancellationToken::new(), CancellationToken::new());
     let stop = {
@@ -178,8 +176,7 @@ pub async fn run(
         async move {
             shutdown::until_shutdown(&mut control, || reloader.reload()).await;
             watcher.abort();
-            // The drain delay of the config serving now: a reload applies it.
-            let drain_delay = reloader.current.drain_delay.unwrap_or_default();
+            let drain_delay = reloader.drain_delay();
             shutdown::drain(&health, &["", HEALTH_SERVICE], drain_delay).await;
             stopping.cancel();
         }
@@ -284,7 +281,6 @@ fn routes(
     grpc: &GrpcConfig,
     limiter: &SharedLimiter,
     observer: &Arc<Observer>,
-    reloader: &Reloader,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
@@ -300,17 +296,13 @@ fn routes(
         v1 = v1.register_encoded_file_descriptor_set(set);
         v1alpha = v1alpha.register_encoded_file_descriptor_set(set);
     }
-    let auth = &reloader.authorizer;
-    let ours = RateLimiterApi::new(limiter.clone(), observer.clone())
-        .with_access(auth.clone(), grpc.max_batch)
-        .with_max_settle_within(reloader.current.reservations.max_settle_within);
-    let envoy = EnvoyRateLimitApi::new(
-        limiter.clone(),
-        reloader.envoy_headers.clone(),
-        observer.clone(),
-    )
-    .with_access(auth.clone(), grpc.max_envoy_descriptors);
-    let admin = AdminApi::new(limiter.clone(), observer.hitters.clone(), auth.clone());
+    // Who may call, and what else a reload changes, each service reads
+    // from the limiter's snapshot (see `crate::reload`).
+    let ours =
+        RateLimiterApi::new(limiter.clone(), observer.clone()).with_max_batch(grpc.max_batch);
+    let envoy = EnvoyRateLimitApi::new(limiter.clone(), observer.clone())
+        .with_max_descriptors(grpc.max_envoy_descriptors);
+    let admin = AdminApi::new(limiter.clone(), observer.hitters.clone());
     Ok(server_builder(grpc, &observer.metrics)
         .add_service(health_service.max_decoding_message_size(max))
         .add_service(v1.build_v1()?.max_decoding_message_size(max))
@@ -369,7 +361,7 @@ async fn serve_metrics(
 
 /// Keeps [`HEALTH_SERVICE`] in step with the store's availability, logging
 /// nothing itself: the store logs its own state changes.
-async fn watch_store<S: Store>(limiter: Arc<Limiter<S>>, health: HealthReporter) {
+async fn watch_store<S: Store, E>(limiter: Arc<Limiter<S, E>>, health: HealthReporter) {
     let mut tick = tokio::time::interval(STORE_HEALTH_INTERVAL);
     let mut last = None;
     loop {
@@ -385,109 +377,6 @@ async fn watch_store<S: Store>(limiter: Arc<Limiter<S>>, health: HealthReporter)
             last = Some(up);
         }
     }
-}
-
-/// Reads the config again on [`Control::Reload`] and swaps in what is new.
-struct Reloader {
-    source: Option<ConfigSource>,
-    limiter: SharedLimiter,
-    metrics: Arc<Metrics>,
-    envoy_headers: Arc<HeaderSettings>,
-    /// The `callers:` grants, swapped whole with the rules.
-    authorizer: Arc<Authorizer>,
-    /// The status page's reload history and the heavy hitters to prune.
-    board: Arc<Board>,
-    /// The config serving now, for the drain delay and to tell which
-    /// restart-only settings a reload changed.
-    current: Config,
-}
-
-impl Reloader {
-    /// Swaps in the rules, the Envoy header setting and the drain delay of
-    /// the config read again, or refuses it whole: the old config keeps
-    /// serving. Settings that only a restart can apply are named in a
-    /// warning, never silently ignored.
-    fn reload(&mut self) {
-        let prepared = match &self.source {
-            Some(source) => Prepared::load(source.clone()),
-            None => Err(ConfigError::one(
-                "this server was not started from a config file",
-            )),
-        };
-        match prepared {
-            Ok(p) => {
-                let scopes = p.rules.scopes().count();
-                self.board.hitters.retain(&p.rules);
-                self.limiter.replace_rules(p.rules);
-                self.authorizer.replace(p.config.callers.as_deref());
-                self.envoy_headers.set(
-                    p.config.envoy_response_headers,
-                    p.config.envoy_ratelimit_draft,
-                );
-                let pending = restart_only_changes(&self.current, &p.config);
-                if !pending.is_empty() {
-                    tracing::warn!(
-                        settings = %pending.join(", "),
-                        "config reloaded, but these settings take effect only on restart; the old values stay in force"
-                    );
-                }
-                self.current = p.config;
-                self.metrics.reload(true);
-                self.board
-                    .reloaded(true, format!("config reloaded: {scopes} scopes"));
-                tracing::info!(scopes, "config reloaded");
-            }
-            Err(e) => {
-                self.metrics.reload(false);
-                self.board.reloaded(false, e.to_string());
-                tracing::error!(error = %e, "config reload refused; the old config keeps serving");
-            }
-        }
-    }
-}
-
-/// The settings that differ between `old` and `new` and that a reload
-/// cannot apply: the listeners and their TLS and gRPC bounds, the store,
-/// logging, metrics, and the shutdown grace (armed when serving starts).
-/// (The TLS certificate files themselves are re-read when they change.) Compared by their Debug prints, which every
-/// config type has (passwords print redacted, so a password-only change is
-/// not named).
-pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
-    let differ =
-        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
-    let mut changed = Vec::new();
-    if old.listen != new.listen {
-        changed.push("listen");
-    }
-    if differ(&old.store, &new.store) {
-        changed.push("store");
-    }
-    if differ(&old.log, &new.log) {
-        changed.push("log");
-    }
-    if differ(&old.metrics, &new.metrics) {
-        changed.push("metrics");
-    }
-    if differ(&old.tls, &new.tls) {
-        changed.push("tls");
-    }
-    if differ(&old.grpc, &new.grpc) {
-        changed.push("grpc");
-    }
-    if old.shutdown_grace != new.shutdown_grace {
-        changed.push("shutdown_grace");
-    }
-    // The signing key is redacted in Debug, so compare it itself.
-    let secret = |c: &Config| {
-        c.reservations
-            .secret
-            .as_ref()
-            .map(|s| s.expose().to_owned())
-    };
-    if differ(&old.reservations, &new.reservations) || secret(old) != secret(new) {
-        changed.push("reservations");
-    }
-    changed
 }
 
 /// Accepted connections (see [`tls::accept`]), each one cancellable at the

@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::auth::Authorizer;
 use super::tollgate::{duration, to_domain, to_proto};
 use super::validate::{self, MAX_SCOPE_LEN};
+use super::{Settings, Snapshot};
 use crate::config::{MAX_NAME_LEN, Per};
-use crate::limiter::Limiter;
+use crate::limiter::{Limiter, Rules};
 use crate::observe::hitters::{Hitters, RankBy, TopList, Usage, Window};
 use crate::pb::tollgate::v1 as pb;
 use crate::store::Store;
@@ -17,32 +17,26 @@ use crate::store::Store;
 /// Serves `tollgate.v1.Admin` over a shared limiter and its heavy hitters.
 #[derive(Debug)]
 pub struct AdminApi<S> {
-    limiter: Arc<Limiter<S>>,
+    /// Its snapshot also says who may call.
+    limiter: Arc<Limiter<S, Settings>>,
     hitters: Arc<Hitters>,
-    authorizer: Arc<Authorizer>,
 }
 
 impl<S> AdminApi<S> {
     /// Serves `limiter`'s rules and `hitters`' figures to the callers
-    /// `authorizer` grants `admin`.
-    pub fn new(
-        limiter: Arc<Limiter<S>>,
-        hitters: Arc<Hitters>,
-        authorizer: Arc<Authorizer>,
-    ) -> Self {
-        Self {
-            limiter,
-            hitters,
-            authorizer,
-        }
+    /// `limiter`'s snapshot grants `admin`.
+    pub fn new(limiter: Arc<Limiter<S, Settings>>, hitters: Arc<Hitters>) -> Self {
+        Self { limiter, hitters }
     }
+}
 
-    /// Every Admin call passes here first: with callers configured, only a
-    /// caller whose grant has `admin: true` gets an answer (top identities
-    /// name users); with none configured, admin is open like every API.
-    fn authorize<T>(&self, request: &Request<T>, method: &str) -> Result<(), Status> {
-        self.authorizer.authorize_admin(request, method).map(|_| ())
-    }
+/// Every Admin call passes here first, with the snapshot it then answers
+/// from: with callers configured, only a caller whose grant has `admin:
+/// true` gets an answer (top identities name users); with none configured,
+/// admin is open like every API.
+fn authorize<T>(snapshot: &Snapshot, request: &Request<T>, method: &str) -> Result<(), Status> {
+    let access = &snapshot.extra.access;
+    access.authorize_admin(request, method).map(|_| ())
 }
 
 fn window(w: i32) -> Result<Window, Status> {
@@ -132,10 +126,14 @@ fn per_name(per: Per) -> &'static str {
 }
 
 impl<S: Store> AdminApi<S> {
-    /// Every (scope, rule) to report for `scope`: the configured limits in
-    /// config order, then rules seen in decisions (Envoy descriptor rules).
-    fn rules_of(&self, scope: &str) -> Vec<(String, String, u64, std::time::Duration)> {
-        let rules = self.limiter.rules();
+    /// Every (scope, rule) to report for `scope`: the configured limits of
+    /// `rules` in config order, then rules seen in decisions (Envoy
+    /// descriptor rules).
+    fn rules_of(
+        &self,
+        rules: &Rules,
+        scope: &str,
+    ) -> Vec<(String, String, u64, std::time::Duration)> {
         let mut out: Vec<_> = rules
             .scope(scope)
             .map(|s| {
@@ -168,7 +166,7 @@ impl<S: Store> pb::admin_server::Admin for AdminApi<S> {
         &self,
         request: Request<pb::TopIdentitiesRequest>,
     ) -> Result<Response<pb::TopIdentitiesResponse>, Status> {
-        self.authorize(&request, "TopIdentities")?;
+        authorize(&self.limiter.snapshot(), &request, "TopIdentities")?;
         let req = request.into_inner();
         validate::text("scope", &req.scope, MAX_SCOPE_LEN, false)?;
         validate::text("rule", &req.rule, MAX_NAME_LEN, false)?;
@@ -195,14 +193,14 @@ impl<S: Store> pb::admin_server::Admin for AdminApi<S> {
         &self,
         request: Request<pb::UtilizationRequest>,
     ) -> Result<Response<pb::UtilizationResponse>, Status> {
-        self.authorize(&request, "Utilization")?;
+        let snapshot = self.limiter.snapshot();
+        authorize(&snapshot, &request, "Utilization")?;
         let req = request.into_inner();
         validate::text("scope", &req.scope, MAX_SCOPE_LEN, false)?;
         let window = window(req.window)?;
         let scopes = if req.scope.is_empty() {
-            let mut all: Vec<String> = self
-                .limiter
-                .rules()
+            let mut all: Vec<String> = snapshot
+                .rules
                 .scopes()
                 .map(|s| s.name.to_string())
                 .collect();
@@ -213,7 +211,7 @@ impl<S: Store> pb::admin_server::Admin for AdminApi<S> {
         };
         let mut rules = Vec::new();
         for scope in &scopes {
-            for (scope, rule, capacity, period) in self.rules_of(scope) {
+            for (scope, rule, capacity, period) in self.rules_of(&snapshot.rules, scope) {
                 let mut usage = self.hitters.usage(&scope, &rule, window);
                 if capacity > 0 {
                     (usage.capacity, usage.period) = (capacity, period);
@@ -228,10 +226,11 @@ impl<S: Store> pb::admin_server::Admin for AdminApi<S> {
         &self,
         request: Request<pb::ExplainRequest>,
     ) -> Result<Response<pb::ExplainResponse>, Status> {
-        self.authorize(&request, "Explain")?;
+        let snapshot = self.limiter.snapshot();
+        authorize(&snapshot, &request, "Explain")?;
         let req = request.into_inner().request.unwrap_or_default();
         let domain = to_domain(&req, "request.")?;
-        let e = self.limiter.explain(&domain).await?;
+        let e = self.limiter.explain_on(&snapshot.rules, &domain).await?;
         let mut buckets = e.decision.buckets.iter();
         let limits = e
             .limits

@@ -20,7 +20,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arc_swap::ArcSwapOption;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use tonic::{Request, Status};
 
@@ -121,10 +120,13 @@ struct Grants {
     by_token: HashMap<[u8; 32], Arc<Caller>>,
 }
 
-/// Decides who is calling and what they may do; reloaded whole.
+/// Decides who is calling and what they may do. One per config: a reload
+/// builds a new one and swaps it in with the rules it goes with (see
+/// `crate::reload`), so a call is authorised and decided on one config.
 #[derive(Debug)]
 pub struct Authorizer {
-    grants: ArcSwapOption<Grants>,
+    /// `None` when no `callers:` are configured: everyone may do everything.
+    grants: Option<Grants>,
     observer: Arc<Observer>,
 }
 
@@ -132,16 +134,6 @@ impl Authorizer {
     /// Authorizes by `callers` (`None`: everyone may do everything),
     /// reporting refusals to `observer`.
     pub fn new(callers: Option<&[CallerConfig]>, observer: Arc<Observer>) -> Self {
-        let this = Self {
-            grants: ArcSwapOption::empty(),
-            observer,
-        };
-        this.replace(callers);
-        this
-    }
-
-    /// Swaps in a new `callers:` list, whole (on reload).
-    pub fn replace(&self, callers: Option<&[CallerConfig]>) {
         let grants = callers.map(|callers| {
             let mut grants = Grants::default();
             for c in callers {
@@ -153,9 +145,9 @@ impl Authorizer {
                     grants.by_token.insert(hash, caller);
                 }
             }
-            Arc::new(grants)
+            grants
         });
-        self.grants.store(grants);
+        Self { grants, observer }
     }
 
     /// Who is calling: `Ok(None)` when no callers are configured.
@@ -164,7 +156,7 @@ impl Authorizer {
         api: &'static str,
         request: &Request<T>,
     ) -> Result<Option<Arc<Caller>>, Status> {
-        let Some(grants) = self.grants.load_full() else {
+        let Some(grants) = &self.grants else {
             return Ok(None);
         };
         let refuse = |why: &str| {

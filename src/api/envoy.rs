@@ -15,7 +15,6 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
@@ -28,7 +27,8 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimit
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
 use tonic::{Request, Response, Status};
 
-use super::auth::{Authorizer, Privilege};
+use super::Settings;
+use super::auth::Privilege;
 use super::headers::Draft;
 use super::validate::{
     self, MAX_DESCRIPTOR_ENTRIES, MAX_DESCRIPTOR_KEY_LEN, MAX_DESCRIPTOR_VALUE_LEN, MAX_SCOPE_LEN,
@@ -40,77 +40,32 @@ use crate::limiter::{self, BucketReport, Decision, Limiter, Priority};
 use crate::observe::Observer;
 use crate::store::Store;
 
-/// Which rate-limit headers RLS answers carry. Shared with the server,
-/// which changes it on reload.
-#[derive(Debug, Default)]
-pub struct HeaderSettings {
-    on: AtomicBool,
-    draft11: AtomicBool,
-}
-
-impl HeaderSettings {
-    /// Headers `on` or off, with `draft` beside the legacy ones.
-    pub fn new(on: bool, draft: Draft) -> Self {
-        let settings = Self::default();
-        settings.set(on, draft);
-        settings
-    }
-
-    /// Changes the settings for the answers that follow.
-    pub fn set(&self, on: bool, draft: Draft) {
-        self.draft11
-            .store(draft == Draft::Draft11, Ordering::Relaxed);
-        self.on.store(on, Ordering::Relaxed);
-    }
-
-    /// The draft to render, or `None` for no headers at all.
-    fn get(&self) -> Option<Draft> {
-        self.on.load(Ordering::Relaxed).then(|| {
-            if self.draft11.load(Ordering::Relaxed) {
-                Draft::Draft11
-            } else {
-                Draft::Off
-            }
-        })
-    }
-}
-
 /// Serves Envoy's RLS v3 over a shared limiter.
 #[derive(Debug)]
 pub struct EnvoyRateLimitApi<S> {
-    limiter: Arc<Limiter<S>>,
-    /// Which rate-limit headers answers carry.
-    headers: Arc<HeaderSettings>,
+    /// Its snapshot also says who may call and which rate-limit headers
+    /// answers carry.
+    limiter: Arc<Limiter<S, Settings>>,
     /// Counts, times and audits decisions, denials per rule included.
     observer: Arc<Observer>,
-    /// Who may call, and on which domains.
-    access: Arc<Authorizer>,
     /// `grpc.max_envoy_descriptors`.
     max_descriptors: usize,
 }
 
 impl<S> EnvoyRateLimitApi<S> {
-    /// Serves `limiter`; `headers` says which rate-limit headers to answer
-    /// with.
-    pub fn new(
-        limiter: Arc<Limiter<S>>,
-        headers: Arc<HeaderSettings>,
-        observer: Arc<Observer>,
-    ) -> Self {
+    /// Serves `limiter` to the callers its snapshot grants (the domain is
+    /// the scope), reporting to `observer`.
+    pub fn new(limiter: Arc<Limiter<S, Settings>>, observer: Arc<Observer>) -> Self {
         Self {
             limiter,
-            headers,
-            access: Arc::new(Authorizer::new(None, observer.clone())),
             observer,
             max_descriptors: DEFAULT_MAX_ENVOY_DESCRIPTORS,
         }
     }
 
-    /// Serves only the callers `access` grants (the domain is the scope),
-    /// requests of up to `max_descriptors` descriptors.
-    pub fn with_access(self, access: Arc<Authorizer>, max_descriptors: usize) -> Self {
+    /// Accepts requests of up to `max_descriptors` descriptors.
+    pub fn with_max_descriptors(self, max_descriptors: usize) -> Self {
         Self {
-            access,
             max_descriptors,
             ..self
         }
@@ -367,17 +322,21 @@ impl<S: Store> RateLimitService for EnvoyRateLimitApi<S> {
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
         let started = tokio::time::Instant::now();
-        let caller = self.access.identify("envoy", &request)?;
+        // One load: the grants, the rules and the header setting of one
+        // config, from the descriptor keys to the headers.
+        let snapshot = self.limiter.snapshot();
+        let (rules, settings) = (&snapshot.rules, &snapshot.extra);
+        let caller = settings.access.identify("envoy", &request)?;
         let req = request.into_inner();
-        let rules = self.limiter.rules();
         let keys = rules
             .scope(&req.domain)
             .and_then(|s| s.descriptor_keys.as_ref());
         let described = to_domain(&req, keys, self.max_descriptors)?;
-        self.access
+        settings
+            .access
             .check_decision("envoy", caller.as_deref(), "domain", &req.domain, false)?;
         if described.iter().any(|d| d.kind == Kind::Refund) {
-            self.access.check_privilege(
+            settings.access.check_privilege(
                 "envoy",
                 caller.as_deref(),
                 Privilege::Refund,
@@ -386,23 +345,22 @@ impl<S: Store> RateLimitService for EnvoyRateLimitApi<S> {
         }
         let requests: Vec<limiter::Request<'_>> =
             described.iter().map(|d| d.request(&req.domain)).collect();
-        // The same snapshot as the descriptor keys above.
         let kinds: Vec<Kind> = described.iter().map(|d| d.kind).collect();
-        let result = self.decide(&rules, &requests, &kinds).await;
+        let result = self.decide(rules, &requests, &kinds).await;
         let took = started.elapsed();
         let decisions = match result {
             Ok(decisions) => decisions,
             Err(e) => {
                 if let Some(first) = requests.first() {
-                    self.observer.decided("envoy", &rules, first, Err(&e), took);
+                    self.observer.decided("envoy", rules, first, Err(&e), took);
                 }
                 return Err(e.into());
             }
         };
         for (r, d) in requests.iter().zip(&decisions) {
-            self.observer.decided("envoy", &rules, r, Ok(d), took);
+            self.observer.decided("envoy", rules, r, Ok(d), took);
         }
-        Ok(Response::new(to_proto(&decisions, self.headers.get())))
+        Ok(Response::new(to_proto(&decisions, settings.envoy_headers)))
     }
 }
 
@@ -525,10 +483,14 @@ scopes:
     fn api<S: Store>(config: &str, store: S) -> EnvoyRateLimitApi<S> {
         let config = Config::from_yaml(config).unwrap();
         let rules = crate::limiter::Rules::compile(&config).unwrap();
+        let observer = Arc::new(Observer::default());
+        let snapshot = crate::limiter::Generation {
+            rules: Arc::new(rules),
+            extra: Settings::open(observer.clone()),
+        };
         EnvoyRateLimitApi::new(
-            Arc::new(Limiter::new(rules, store)),
-            Arc::default(),
-            Arc::default(),
+            Arc::new(Limiter::from_generation(snapshot, store)),
+            observer,
         )
     }
 

@@ -6,9 +6,11 @@ pub mod auth;
 pub mod bounds;
 pub mod envoy;
 pub mod headers;
+pub mod settings;
 pub mod tollgate;
 pub mod validate;
 
 pub use admin::AdminApi;
-pub use envoy::{EnvoyRateLimitApi, HeaderSettings};
+pub use envoy::EnvoyRateLimitApi;
+pub use settings::{Settings, Snapshot};
 pub use tollgate::RateLimiterApi;

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::auth::{Authorizer, Privilege};
+use super::Settings;
+use super::auth::Privilege;
 use super::validate::{self, MAX_IDENTITY_LEN, MAX_OPERATION_LEN, MAX_SCOPE_LEN};
-use crate::config::reservations::DEFAULT_MAX_SETTLE_WITHIN;
 use crate::config::security::DEFAULT_MAX_BATCH;
 use crate::error::InvalidField;
 use crate::limiter::reservation::MAX_TOKEN_LEN;
@@ -20,43 +20,27 @@ use crate::store::Store;
 /// Serves `tollgate.v1.RateLimiter` over a shared limiter.
 #[derive(Debug)]
 pub struct RateLimiterApi<S> {
-    limiter: Arc<Limiter<S>>,
+    /// Its snapshot also says who may call and the longest `settle_within`.
+    limiter: Arc<Limiter<S, Settings>>,
     observer: Arc<Observer>,
-    /// Who may call, and on what; open unless `with_access` says otherwise.
-    access: Arc<Authorizer>,
     /// `grpc.max_batch`.
     max_batch: usize,
-    /// `reservations.max_settle_within`.
-    max_settle_within: Duration,
 }
 
 impl<S> RateLimiterApi<S> {
-    /// Serves `limiter` to anyone, reporting to `observer`.
-    pub fn new(limiter: Arc<Limiter<S>>, observer: Arc<Observer>) -> Self {
+    /// Serves `limiter` to the callers its snapshot grants, reporting to
+    /// `observer`.
+    pub fn new(limiter: Arc<Limiter<S, Settings>>, observer: Arc<Observer>) -> Self {
         Self {
             limiter,
-            access: Arc::new(Authorizer::new(None, observer.clone())),
             observer,
             max_batch: DEFAULT_MAX_BATCH,
-            max_settle_within: DEFAULT_MAX_SETTLE_WITHIN,
         }
     }
 
-    /// Accepts `settle_within` up to `max`.
-    pub fn with_max_settle_within(self, max: Duration) -> Self {
-        Self {
-            max_settle_within: max,
-            ..self
-        }
-    }
-
-    /// Serves only the callers `access` grants, batches of up to `max_batch`.
-    pub fn with_access(self, access: Arc<Authorizer>, max_batch: usize) -> Self {
-        Self {
-            access,
-            max_batch,
-            ..self
-        }
+    /// Accepts batches of up to `max_batch`.
+    pub fn with_max_batch(self, max_batch: usize) -> Self {
+        Self { max_batch, ..self }
     }
 }
 
@@ -159,34 +143,34 @@ impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
         request: Request<pb::ShouldAllowRequest>,
     ) -> Result<Response<pb::ShouldAllowResponse>, Status> {
         let started = tokio::time::Instant::now();
-        let caller = self.access.identify("tollgate", &request)?;
+        // One load: the grants, the bound and the rules of one config.
+        let snapshot = self.limiter.snapshot();
+        let (rules, settings) = (&snapshot.rules, &snapshot.extra);
+        let caller = settings.access.identify("tollgate", &request)?;
         let req = request.into_inner();
         let domain = to_domain(&req, "")?;
-        if domain
-            .settle_within
-            .is_some_and(|d| d > self.max_settle_within)
-        {
+        let max = settings.max_settle_within;
+        if domain.settle_within.is_some_and(|d| d > max) {
             return Err(validate::invalid(
                 "settle_within",
                 format!(
                     "must be at most {} (reservations.max_settle_within)",
-                    humantime::format_duration(self.max_settle_within)
+                    humantime::format_duration(max)
                 ),
             )
             .into());
         }
-        self.access.check_decision(
+        settings.access.check_decision(
             "tollgate",
             caller.as_deref(),
             "scope",
             &req.scope,
             req.dry_run,
         )?;
-        let result = self.limiter.decide(&domain).await;
-        let rules = self.limiter.rules();
+        let result = self.limiter.decide_on(rules, &domain).await;
         self.observer.decided(
             "tollgate",
-            &rules,
+            rules,
             &domain,
             result.as_ref(),
             started.elapsed(),
@@ -198,10 +182,11 @@ impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
         &self,
         request: Request<pb::ShouldAllowBatchRequest>,
     ) -> Result<Response<pb::ShouldAllowBatchResponse>, Status> {
-        let caller = self.access.identify("tollgate", &request)?;
+        let snapshot = self.limiter.snapshot();
+        let (rules, access) = (&snapshot.rules, &snapshot.extra.access);
+        let caller = access.identify("tollgate", &request)?;
         let caller = caller.as_deref();
-        self.access
-            .check_privilege("tollgate", caller, Privilege::Batch, "")?;
+        access.check_privilege("tollgate", caller, Privilege::Batch, "")?;
         let batch = request.into_inner();
         if batch.requests.len() > self.max_batch {
             return Err(validate::invalid(
@@ -231,23 +216,21 @@ impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
             .collect::<Result<Vec<_>, _>>()?;
         for (i, r) in batch.requests.iter().enumerate() {
             let field = format!("requests[{i}].scope");
-            self.access
-                .check_decision("tollgate", caller, &field, &r.scope, r.dry_run)?;
+            access.check_decision("tollgate", caller, &field, &r.scope, r.dry_run)?;
         }
         let started = tokio::time::Instant::now();
         let results = if batch.atomic {
-            match self.limiter.decide_together(&domain).await {
+            match self.limiter.decide_together_on(rules, &domain).await {
                 Ok(decisions) => decisions.into_iter().map(Ok).collect(),
                 Err(e) => vec![Err(e); domain.len()],
             }
         } else {
-            self.limiter.decide_each(&domain).await
+            self.limiter.decide_each_on(rules, &domain).await
         };
         let took = started.elapsed();
-        let rules = self.limiter.rules();
         for (req, result) in domain.iter().zip(&results) {
             self.observer
-                .decided("tollgate", &rules, req, result.as_ref(), took);
+                .decided("tollgate", rules, req, result.as_ref(), took);
         }
         let responses = results
             .into_iter()
@@ -260,7 +243,9 @@ impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
         &self,
         request: Request<pb::SettleRequest>,
     ) -> Result<Response<pb::SettleResponse>, Status> {
-        let caller = self.access.identify("tollgate", &request)?;
+        let snapshot = self.limiter.snapshot();
+        let (rules, access) = (&snapshot.rules, &snapshot.extra.access);
+        let caller = access.identify("tollgate", &request)?;
         let req = request.into_inner();
         if req.reservation.is_empty() || req.reservation.len() > MAX_TOKEN_LEN {
             return Err(validate::invalid(
@@ -283,7 +268,7 @@ impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
             }
         };
         // A caller may settle only what it may decide on.
-        self.access.check_decision(
+        access.check_decision(
             "tollgate",
             caller.as_deref(),
             "reservation",
@@ -292,7 +277,7 @@ impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
         )?;
         let settled = self
             .limiter
-            .settle_reservation(&reservation, req.actual_cost)
+            .settle_reservation_on(rules, &reservation, req.actual_cost)
             .await;
         self.observer.settled(&reservation.scope, settled.as_ref());
         let settled = settled?;

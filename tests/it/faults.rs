@@ -554,13 +554,13 @@ fn restart_only_settings_are_told_apart_from_reloadable_ones() {
     let old = Config::from_yaml("scopes: []\n").unwrap();
     let same =
         Config::from_yaml("drain_delay: 3s\nenvoy_response_headers: true\nscopes: []\n").unwrap();
-    assert!(tollgate::server::restart_only_changes(&old, &same).is_empty());
+    assert!(tollgate::reload::restart_only_changes(&old, &same).is_empty());
     let new = Config::from_yaml(
         "listen: 127.0.0.1:1\nlog: {format: json}\nmetrics: {listen: 127.0.0.1:2}\nstore: {memory: {shards: 2}}\nshutdown_grace: 1s\nscopes: []\n",
     )
     .unwrap();
     assert_eq!(
-        tollgate::server::restart_only_changes(&old, &new),
+        tollgate::reload::restart_only_changes(&old, &new),
         ["listen", "store", "log", "metrics", "shutdown_grace"]
     );
 }
