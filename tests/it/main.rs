@@ -19,6 +19,7 @@ mod limiter;
 mod redis_config;
 mod redis_standalone;
 mod redis_topologies;
+mod redteam;
 mod reload;
 mod security;
 mod status_page;

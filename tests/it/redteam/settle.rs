@@ -1,0 +1,1 @@
+//! Settles, debt, headroom and replays: what one reservation can take from the others.
