@@ -391,7 +391,7 @@ func TestMCPChargesEachCallAndRefusesABatchWhole(t *testing.T) {
 	}
 	for i, wantID := range []string{`2`, `"three"`} {
 		e := errs[i]
-		if string(e.ID) != wantID || e.Error.Code != -32029 || e.Error.Data.RetryAfterSeconds != retryAfter ||
+		if string(e.ID) != wantID || e.Error.Code != 429 || e.Error.Data.RetryAfterSeconds != retryAfter ||
 			e.Error.Data.RetryAfterMs <= 0 || strings.Join(e.Error.Data.ViolatedPolicies, ",") != "search" {
 			t.Fatalf("error %d: %+v", i, e)
 		}
@@ -403,7 +403,7 @@ func TestMCPChargesEachCallAndRefusesABatchWhole(t *testing.T) {
 	}
 	r = post(`{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"search"}}`)
 	var single rpcError
-	if r.status != 429 || json.Unmarshal(r.body, &single) != nil || string(single.ID) != "5" || single.Error.Code != -32029 {
+	if r.status != 429 || json.Unmarshal(r.body, &single) != nil || string(single.ID) != "5" || single.Error.Code != 429 {
 		t.Fatalf("a denied single call: %d %s", r.status, r.body)
 	}
 	if r.header.Get("Retry-After") == "" {
