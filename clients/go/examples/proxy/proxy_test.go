@@ -527,3 +527,20 @@ func TestMCPBodiesOverTheCapAre413AndNeverReachTheUpstream(t *testing.T) {
 		t.Fatalf("the upstream saw %d requests, want 1", n)
 	}
 }
+
+func TestMCPErrorCodeFlagSetsTheDenialCode(t *testing.T) {
+	srv := tollgatetest.Start(t, mcpRules)
+	up := startUpstream(t)
+	proxy := startProxy(t, srv.Addr, up.URL, "-scope", "mcp", "-mcp", "-mcp-error-code", "-32023")
+	search := `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search"}}`
+	for i := 0; i < 2; i++ {
+		if r := send(t, "POST", proxy+"/mcp", "alice", search); r.status != 200 {
+			t.Fatalf("search %d: %d %s", i, r.status, r.body)
+		}
+	}
+	r := send(t, "POST", proxy+"/mcp", "alice", search)
+	var e rpcError
+	if r.status != 429 || json.Unmarshal(r.body, &e) != nil || e.Error.Code != -32023 {
+		t.Fatalf("third search: %d %s, want code -32023", r.status, r.body)
+	}
+}
