@@ -14,9 +14,9 @@ import (
 // ParseErrorCode is the JSON-RPC code of a body refused as unreadable.
 const ParseErrorCode = -32700
 
-// MaxDepth is the deepest nesting of arrays and objects a body may have,
-// the same as the Rust client's JSON parser allows.
-const MaxDepth = 128
+// MaxDepth is the deepest nesting of arrays and objects a body may have:
+// serde_json's limit, which the Rust client's reading has.
+const MaxDepth = 127
 
 // envelopeKeys are the keys of a JSON-RPC message, and paramKeys the keys
 // of params that name what a call touches. A key that differs from one of

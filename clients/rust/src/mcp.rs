@@ -15,7 +15,7 @@
 //! - A body that could be read in more than one way is refused, not guessed
 //!   at: anything but one JSON text in UTF-8 without a byte order mark, a
 //!   duplicate key in any object, a lone surrogate escape, a number out of
-//!   range, nesting past 128 levels, or a key that is a JSON-RPC key
+//!   range, nesting past 127 levels, or a key that is a JSON-RPC key
 //!   (`jsonrpc`, `id`, `method`, `params`, `result`, `error`), or `name` or
 //!   `uri` in `params`, in another case. A lenient server could run calls
 //!   that a strict reading would not charge.

@@ -22,7 +22,7 @@ const MOST_QUOTED: usize = 64;
 /// Reads `bytes` as one JSON text with no duplicate key in any object, or
 /// says why not. serde_json already refuses what is not JSON (a BOM, a
 /// comment, a trailing comma or a second text), a lone surrogate escape, a
-/// number out of an `f64`'s range and nesting past 128 levels; the Go
+/// number out of an `f64`'s range and nesting past 127 levels; the Go
 /// client checks each of these itself.
 pub(crate) fn read(bytes: &[u8]) -> Result<Value, String> {
     if bytes.starts_with(&[0xEF, 0xBB, 0xBF]) {
