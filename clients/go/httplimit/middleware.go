@@ -27,6 +27,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
+	"strings"
 
 	"github.com/tollgate-rs/tollgate/clients/go/internal/fields"
 	"github.com/tollgate-rs/tollgate/clients/go/mcp"
@@ -68,14 +70,21 @@ type Config struct {
 	// (at most MaxBodyBytes; more is a 413), each JSON-RPC call in it is
 	// charged under its own operation, a batch is decided all or nothing
 	// (refused whole, and charged nothing, if any of it is denied), and the
-	// body is handed on byte for byte.
+	// body is handed on byte for byte. A body that could be read in more
+	// than one way is refused with 400 and a JSON-RPC parse error, and a
+	// compressed one with 415; neither is charged or forwarded.
 	MCP bool
-	// MCPPath, if set, limits MCP-aware extraction to POSTs to this exact
-	// path (the MCP endpoint); other requests are decided as plain ones.
+	// MCPPath, if set, limits MCP-aware extraction to POSTs to this path
+	// (the MCP endpoint), compared as mcp.PathMatches does: /mcp/, //mcp
+	// and /MCP are the endpoint too. Other requests are decided as plain
+	// ones.
 	MCPPath string
 	// MaxBodyBytes caps the body read with MCP on; 0 means
 	// DefaultMaxBodyBytes.
 	MaxBodyBytes int64
+	// MCPErrorCode is the JSON-RPC error code of a denied call; 0 means
+	// mcp.RateLimitedCode (see docs/mcp.md for the choice).
+	MCPErrorCode int
 
 	// OnError, if set, hears of every call Tollgate could not answer
 	// (including those let through by fail-open) and every refusal of a
@@ -114,13 +123,25 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 
 	rpc := mcp.Body{}
-	if h.cfg.MCP && r.Method == http.MethodPost && (h.cfg.MCPPath == "" || r.URL.Path == h.cfg.MCPPath) {
+	if h.cfg.MCP && r.Method == http.MethodPost && (h.cfg.MCPPath == "" || mcp.PathMatches(h.cfg.MCPPath, r.URL.Path)) {
+		if enc := contentEncoding(r.Header); enc != "" {
+			// Refused rather than decoded: see docs/mcp.md.
+			w.Header().Set("Accept-Encoding", "identity")
+			writePlainProblem(w, http.StatusUnsupportedMediaType, "Compressed MCP body",
+				"an MCP request body is read as sent, so it may not have Content-Encoding "+strconv.Quote(enc))
+			return
+		}
 		body, status, err := readBody(r, h.cfg.MaxBodyBytes)
 		if err != nil {
 			writePlainProblem(w, status, http.StatusText(status), err.Error())
 			return
 		}
-		rpc = mcp.Parse(body)
+		var refused *mcp.ParseError
+		if rpc, err = mcp.Parse(body); errors.As(err, &refused) {
+			h.report(r, err)
+			writeJSON(w, http.StatusBadRequest, "application/json", refused.Body())
+			return
+		}
 		if rpc.JSONRPC && len(rpc.Calls) == 0 {
 			// Only notifications and responses: never charged.
 			h.next.ServeHTTP(w, r)
@@ -158,7 +179,7 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	if fields.Denied(ds) {
 		if rpc.JSONRPC {
-			writeRPCDenial(w, rpc, ds, h.cfg.LegacyHeaders)
+			writeRPCDenial(w, rpc, ds, h.cfg.MCPErrorCode, h.cfg.LegacyHeaders)
 		} else {
 			writeQuotaExceeded(w, ds, h.cfg.LegacyHeaders)
 		}
@@ -246,4 +267,18 @@ func readBody(r *http.Request, limit int64) ([]byte, int, error) {
 	// Content-Length: the same bytes, framed differently.
 	r.TransferEncoding = nil
 	return body, 0, nil
+}
+
+// contentEncoding is the body's Content-Encoding, or "" when it lists no
+// coding but identity.
+func contentEncoding(h http.Header) string {
+	values := h.Values("Content-Encoding")
+	for _, v := range values {
+		for _, coding := range strings.Split(v, ",") {
+			if coding = strings.TrimSpace(coding); coding != "" && !strings.EqualFold(coding, "identity") {
+				return strings.Join(values, ", ")
+			}
+		}
+	}
+	return ""
 }

@@ -1,12 +1,15 @@
 package httplimit_test
 
 import (
+	"bytes"
+	"compress/gzip"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -344,4 +347,126 @@ func (c *ca) issue(t *testing.T, cn string) tls.Certificate {
 		t.Fatal(err)
 	}
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+// postMCP sends body as a POST with X-User alice and any extra headers.
+func postMCP(t *testing.T, url, body string, header ...string) (*http.Response, []byte) {
+	t.Helper()
+	req, _ := http.NewRequest("POST", url, strings.NewReader(body))
+	req.Header.Set("X-User", "alice")
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp, b
+}
+
+type rpcReply struct {
+	ID    json.RawMessage `json:"id"`
+	Error struct {
+		Code int `json:"code"`
+	} `json:"error"`
+}
+
+func TestAmbiguousMCPBodiesAreParseErrorsThatChargeAndForwardNothing(t *testing.T) {
+	tg := tollgatetest.Start(t, oneEach)
+	srv, rec := serve(t, tg.Addr, httplimit.Config{
+		Scope: httplimit.Static("demo"), Identity: httplimit.Header("X-User"), MCP: true,
+	})
+	batch := `[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":2,"method":"ping"},{"jsonrpc":"2.0","id":3,"method":"ping"}]`
+	for _, body := range []string{
+		`{"jsonrpc":"2.0","id":1,"method":"tools/list","Method":"tools/call","params":{"name":"search"}}`,
+		`{"jsonrpc":"2.0","id":1,"Method":"tools/call","params":{"name":"search"},"result":{}}`,
+		`{"jsonrpc":"2.0","id":1,"Method":"tools/call","method":"notifications/initialized"}`,
+		"\ufeff" + batch,
+		batch[:len(batch)-1] + ",]",
+	} {
+		resp, b := postMCP(t, srv.URL+"/mcp", body)
+		var rpc rpcReply
+		if resp.StatusCode != 400 || resp.Header.Get("Content-Type") != "application/json" ||
+			json.Unmarshal(b, &rpc) != nil || rpc.Error.Code != -32700 || string(rpc.ID) != "null" {
+			t.Fatalf("%q: %d %q %s", body, resp.StatusCode, resp.Header.Get("Content-Type"), b)
+		}
+	}
+	if rec.count() != 0 {
+		t.Fatalf("the upstream saw %d refused bodies", rec.count())
+	}
+	// Nothing was charged: alice's one token is still there.
+	if resp, b := postMCP(t, srv.URL+"/mcp", `{"jsonrpc":"2.0","id":9,"method":"ping"}`); resp.StatusCode != 204 {
+		t.Fatalf("a plain call after the refusals: %d %s", resp.StatusCode, b)
+	}
+}
+
+func TestPathVariantsOfTheMCPEndpointAreChargedPerCall(t *testing.T) {
+	tg := tollgatetest.Start(t, `
+scopes:
+  - name: demo
+    limits:
+      - name: calls
+        per: identity
+        capacity: 2
+        refill_period: 60s
+`)
+	srv, rec := serve(t, tg.Addr, httplimit.Config{
+		Scope: httplimit.Static("demo"), Identity: httplimit.Header("X-User"), MCP: true, MCPPath: "/mcp",
+	})
+	batch := `[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":2,"method":"ping"},{"jsonrpc":"2.0","id":3,"method":"ping"}]`
+	for _, path := range []string{"/mcp/", "//mcp", "/MCP", "/x/../mcp"} {
+		// Three calls need three tokens of two: refused whole, whatever
+		// the spelling of the endpoint.
+		if resp, b := postMCP(t, srv.URL+path, batch); resp.StatusCode != 429 || resp.Header.Get("Content-Type") != "application/json" {
+			t.Fatalf("POST %s: %d %s", path, resp.StatusCode, b)
+		}
+	}
+	if rec.count() != 0 {
+		t.Fatalf("the upstream saw %d batches", rec.count())
+	}
+}
+
+func TestCompressedMCPBodiesAre415AndChargeNothing(t *testing.T) {
+	tg := tollgatetest.Start(t, oneEach)
+	srv, rec := serve(t, tg.Addr, httplimit.Config{
+		Scope: httplimit.Static("demo"), Identity: httplimit.Header("X-User"), MCP: true,
+	})
+	var gz bytes.Buffer
+	w := gzip.NewWriter(&gz)
+	_, _ = w.Write([]byte(`[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":2,"method":"ping"}]`))
+	_ = w.Close()
+	for _, enc := range []string{"gzip", "br", "identity, gzip", "GZIP"} {
+		req, _ := http.NewRequest("POST", srv.URL+"/mcp", bytes.NewReader(gz.Bytes()))
+		req.Header.Set("X-User", "alice")
+		req.Header["Content-Encoding"] = []string{enc}
+		resp := do(t, http.DefaultClient, req)
+		if resp.StatusCode != http.StatusUnsupportedMediaType || resp.Header.Get("Accept-Encoding") != "identity" {
+			t.Fatalf("Content-Encoding %q: %d %q", enc, resp.StatusCode, resp.Header.Get("Accept-Encoding"))
+		}
+	}
+	if rec.count() != 0 {
+		t.Fatalf("the upstream saw %d compressed bodies", rec.count())
+	}
+	// identity is no encoding at all, and nothing was charged before.
+	if resp, b := postMCP(t, srv.URL+"/mcp", `{"jsonrpc":"2.0","id":9,"method":"ping"}`, "Content-Encoding", "identity"); resp.StatusCode != 204 {
+		t.Fatalf("identity: %d %s", resp.StatusCode, b)
+	}
+}
+
+func TestTheMCPDenialCodeIs429UnlessConfigured(t *testing.T) {
+	for _, tc := range []struct{ set, want int }{{0, 429}, {-32023, -32023}, {-32029, -32029}} {
+		tg := tollgatetest.Start(t, oneEach)
+		srv, _ := serve(t, tg.Addr, httplimit.Config{
+			Scope: httplimit.Static("demo"), Identity: httplimit.Header("X-User"), MCP: true, MCPErrorCode: tc.set,
+		})
+		call := `{"jsonrpc":"2.0","id":1,"method":"ping"}`
+		postMCP(t, srv.URL, call)
+		resp, b := postMCP(t, srv.URL, call)
+		var rpc rpcReply
+		if resp.StatusCode != 429 || json.Unmarshal(b, &rpc) != nil || rpc.Error.Code != tc.want {
+			t.Fatalf("MCPErrorCode %d: %d %s, want code %d", tc.set, resp.StatusCode, b, tc.want)
+		}
+	}
 }

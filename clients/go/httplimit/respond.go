@@ -81,9 +81,12 @@ func writeQuotaExceeded(w http.ResponseWriter, ds []tollgate.Decision, legacy bo
 
 // writeRPCDenial answers a denied MCP call or batch: 429 with the
 // rate-limit headers (Retry-After included) and JSON-RPC error objects.
-func writeRPCDenial(w http.ResponseWriter, body mcp.Body, ds []tollgate.Decision, legacy bool) {
+func writeRPCDenial(w http.ResponseWriter, body mcp.Body, ds []tollgate.Decision, code int, legacy bool) {
 	setFields(w.Header(), ds, legacy)
-	writeJSON(w, http.StatusTooManyRequests, "application/json", body.Denial(ds))
+	if code == 0 {
+		code = mcp.RateLimitedCode
+	}
+	writeJSON(w, http.StatusTooManyRequests, "application/json", body.DenialWithCode(ds, code))
 }
 
 func writePlainProblem(w http.ResponseWriter, status int, title, detail string) {

@@ -14,15 +14,23 @@
 //   - notifications/* and responses (no method, a result or an error) are
 //     never charged. Any other method is, with or without an id, so leaving
 //     the id out is no way around the limit.
-//   - A body that is not JSON-RPC, and an entry of a batch that is not an
-//     object or has no string method, is charged as a plain HTTP request,
-//     with the middleware's own operation: the MCP server will refuse it,
-//     but it still cost a request.
+//   - A body that is JSON but not JSON-RPC, and an entry of a batch that is
+//     not an object or has no string method, is charged as a plain HTTP
+//     request, with the middleware's own operation: the MCP server will
+//     refuse it, but it still cost a request.
+//   - A body that could be read in more than one way is refused, not
+//     guessed at ([ParseError]): anything but one JSON text in UTF-8 without
+//     a byte order mark, a duplicate key in any object, a lone surrogate
+//     escape, a number out of range, nesting past [MaxDepth] (127 levels), or a key that
+//     is a JSON-RPC key (jsonrpc, id, method, params, result, error), or
+//     name or uri in params, in another case. A lenient server could run
+//     calls that a strict reading would not charge.
 package mcp
 
 import (
 	"bytes"
 	"encoding/json"
+	"strconv"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -31,10 +39,22 @@ import (
 	"github.com/tollgate-rs/tollgate/clients/go/tollgate"
 )
 
-// RateLimitedCode is the JSON-RPC error code of a rate-limited call.
-// JSON-RPC leaves -32000..-32099 to implementations and MCP defines none for
-// this; 429 is the HTTP status it mirrors.
-const RateLimitedCode = -32029
+// RateLimitedCode is the JSON-RPC error code of a rate-limited call unless
+// configured otherwise: 429, the HTTP status it mirrors. MCP's 2026-07-28
+// revision reserves -32020..-32099 for codes the spec defines, and asks
+// that other codes be allocated outside JSON-RPC's reserved -32768..-32000;
+// 429 is outside both, so it is valid under every revision. docs/mcp.md
+// gives the choice.
+const RateLimitedCode = 429
+
+// ProposedRateLimitedCode is the code MCP's open proposal SEP-3304 would
+// give rate limiting. It is inside the spec's reserved range, so send it
+// only once the spec defines it, or to clients that expect it.
+const ProposedRateLimitedCode = -32023
+
+// LegacyRateLimitedCode is the code earlier versions of this package sent,
+// for clients written against it. It sits in the range MCP now reserves.
+const LegacyRateLimitedCode = -32029
 
 // maxOperationBytes is Tollgate's limit on an operation. A longer one (a
 // long resource URI) is cut at a character boundary rather than refused:
@@ -66,30 +86,34 @@ type Body struct {
 	Calls []Call
 }
 
-// Parse reads a body. It never fails: what it cannot read is charged as a
-// plain request.
-func Parse(body []byte) Body {
-	trimmed := bytes.TrimLeft(body, " \t\r\n")
-	if len(trimmed) == 0 {
-		return Body{}
+// Parse reads a body. A body with more than one reading is refused with a
+// *[ParseError] (see the package doc); JSON that is not JSON-RPC is charged
+// as a plain request (Body.JSONRPC false).
+func Parse(body []byte) (Body, error) {
+	if err := strict(body); err != nil {
+		return Body{}, err
 	}
+	trimmed := bytes.TrimLeft(body, " \t\r\n")
 	switch trimmed[0] {
 	case '{':
 		var msg map[string]json.RawMessage
 		if json.Unmarshal(body, &msg) != nil {
-			return Body{}
+			return Body{}, nil
+		}
+		if err := checkMessage(msg); err != nil {
+			return Body{}, err
 		}
 		out := Body{JSONRPC: true}
 		if c, ok := charged(msg); ok {
 			out.Calls = []Call{c}
 		}
-		return out
+		return out, nil
 	case '[':
 		var msgs []json.RawMessage
 		// JSON-RPC calls an empty batch invalid; charging it once keeps it
 		// from being a free way to reach the server.
 		if json.Unmarshal(body, &msgs) != nil || len(msgs) == 0 {
-			return Body{}
+			return Body{}, nil
 		}
 		out := Body{JSONRPC: true, Batch: true}
 		for _, raw := range msgs {
@@ -98,13 +122,16 @@ func Parse(body []byte) Body {
 				out.Calls = append(out.Calls, Call{Plain: true})
 				continue
 			}
+			if err := checkMessage(msg); err != nil {
+				return Body{}, err
+			}
 			if c, ok := charged(msg); ok {
 				out.Calls = append(out.Calls, c)
 			}
 		}
-		return out
+		return out, nil
 	default:
-		return Body{}
+		return Body{}, nil
 	}
 }
 
@@ -223,8 +250,15 @@ type rpcErrorData struct {
 // JSON-RPC error object, or for a batch an array of them, one per charged
 // call. data carries the wait (retryAfterSeconds, rounded up as in
 // Retry-After, and retryAfterMs) or, when no retry can pass, the reason;
-// and the rules that denied. Its media type is application/json.
+// and the rules that denied. Its media type is application/json. The code
+// is RateLimitedCode.
 func (b Body) Denial(ds []tollgate.Decision) []byte {
+	return b.DenialWithCode(ds, RateLimitedCode)
+}
+
+// DenialWithCode is [Body.Denial] with another JSON-RPC error code, such as
+// ProposedRateLimitedCode.
+func (b Body) DenialWithCode(ds []tollgate.Decision, code int) []byte {
 	data := rpcErrorData{ViolatedPolicies: fields.ViolatedPolicies(ds)}
 	if data.ViolatedPolicies == nil {
 		data.ViolatedPolicies = []string{}
@@ -244,7 +278,7 @@ func (b Body) Denial(ds []tollgate.Decision) []byte {
 		if id == nil {
 			id = json.RawMessage("null")
 		}
-		return rpcError{JSONRPC: "2.0", ID: id, Error: rpcErrorBody{Code: RateLimitedCode, Message: message, Data: data}}
+		return rpcError{JSONRPC: "2.0", ID: id, Error: rpcErrorBody{Code: code, Message: message, Data: data}}
 	}
 	var v any
 	if b.Batch {
@@ -264,7 +298,7 @@ func (b Body) Denial(ds []tollgate.Decision) []byte {
 	if err != nil {
 		// Only an id that is not valid JSON could fail here, and ids come
 		// from a body that parsed; answer without them rather than not at all.
-		out = []byte(`{"jsonrpc":"2.0","id":null,"error":{"code":-32029,"message":"Rate limit exceeded"}}`)
+		out = []byte(`{"jsonrpc":"2.0","id":null,"error":{"code":` + strconv.Itoa(code) + `,"message":"Rate limit exceeded"}}`)
 	}
 	return out
 }

@@ -2,6 +2,7 @@ package mcp
 
 import (
 	"encoding/json"
+	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -36,7 +37,7 @@ func TestLongOperationsAreCutAtACharacterBoundary(t *testing.T) {
 }
 
 func TestNotificationsAndResponsesAreFreeButIdLessCallsAreNot(t *testing.T) {
-	body := Parse([]byte(`[
+	body, _ := Parse([]byte(`[
 		{"jsonrpc":"2.0","method":"notifications/initialized"},
 		{"jsonrpc":"2.0","id":1,"result":{}},
 		{"jsonrpc":"2.0","id":2,"error":{"code":1,"message":"x"}},
@@ -59,16 +60,35 @@ func TestNotificationsAndResponsesAreFreeButIdLessCallsAreNot(t *testing.T) {
 			t.Errorf("call %d: got %+v, want %+v", i, c, want[i])
 		}
 	}
-	single := Parse([]byte(`{"jsonrpc":"2.0","method":"notifications/cancelled"}`))
+	single, _ := Parse([]byte(`{"jsonrpc":"2.0","method":"notifications/cancelled"}`))
 	if !single.JSONRPC || single.Batch || len(single.Calls) != 0 {
 		t.Fatalf("a lone notification: %+v", single)
 	}
 }
 
-func TestBodiesThatAreNotJSONRPCAreChargedAsPlainRequests(t *testing.T) {
-	for _, b := range []string{"", "not json", "[]", `"a string"`, "{broken", "[1,"} {
-		if got := Parse([]byte(b)); got.JSONRPC {
-			t.Errorf("%q parsed as JSON-RPC: %+v", b, got)
+func TestJSONThatIsNotJSONRPCIsChargedAsAPlainRequest(t *testing.T) {
+	for _, b := range []string{"[]", `"a string"`, "42", "null"} {
+		if got, err := Parse([]byte(b)); err != nil || got.JSONRPC {
+			t.Errorf("%q: %+v, %v", b, got, err)
+		}
+	}
+}
+
+func TestBodiesThatAreNotJSONAreRefusedWithAParseError(t *testing.T) {
+	for _, b := range []string{"", "not json", "{broken", "[1,"} {
+		_, err := Parse([]byte(b))
+		var pe *ParseError
+		if !errors.As(err, &pe) {
+			t.Fatalf("%q: %v", b, err)
+		}
+		var rpc struct {
+			ID    json.RawMessage `json:"id"`
+			Error struct {
+				Code int `json:"code"`
+			} `json:"error"`
+		}
+		if json.Unmarshal(pe.Body(), &rpc) != nil || rpc.Error.Code != -32700 || string(rpc.ID) != "null" {
+			t.Fatalf("%q: %s", b, pe.Body())
 		}
 	}
 }
@@ -100,7 +120,7 @@ func TestADenialIsAJSONRPCErrorWithTheWaitInData(t *testing.T) {
 	ds := []tollgate.Decision{{Allowed: false, RetryAfter: 2100 * time.Millisecond, Rule: "per-user",
 		Buckets: []tollgate.Bucket{{Rule: "per-user", Exhausted: true}}}}
 	out := Body{JSONRPC: true, Calls: []Call{{ID: json.RawMessage(`7`)}}}.Denial(ds)
-	want := `{"jsonrpc":"2.0","id":7,"error":{"code":-32029,"message":"Rate limit exceeded",` +
+	want := `{"jsonrpc":"2.0","id":7,"error":{"code":429,"message":"Rate limit exceeded",` +
 		`"data":{"retryAfterSeconds":3,"retryAfterMs":2100,"violatedPolicies":["per-user"]}}}`
 	if string(out) != want {
 		t.Fatalf("got  %s\nwant %s", out, want)

@@ -53,6 +53,11 @@ pub struct Args {
     /// With --mcp, only POSTs to this path are read as JSON-RPC.
     #[arg(long, value_name = "PATH")]
     pub mcp_path: Option<String>,
+    /// With --mcp, the JSON-RPC error code of a denied call: 429 by default
+    /// (outside the range MCP reserves); -32023 is SEP-3304's proposal,
+    /// -32029 what earlier versions sent.
+    #[arg(long, default_value_t = tollgate_client::mcp::RATE_LIMITED_CODE, allow_hyphen_values = true)]
+    pub mcp_error_code: i64,
     /// With --mcp, the largest body read; bigger ones get a 413.
     #[arg(long, default_value_t = tollgate_client::layer::DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
@@ -117,7 +122,9 @@ pub fn limited_router(args: &Args) -> Result<Router, tollgate_client::Error> {
     }
     // MCP extraction on top of the same limits: it builds the Tollgate
     // service itself, so `limits` is not added again.
-    let mut mcp = McpLayer::new(limits).max_body_bytes(args.max_body_bytes);
+    let mut mcp = McpLayer::new(limits)
+        .max_body_bytes(args.max_body_bytes)
+        .error_code(args.mcp_error_code);
     if let Some(path) = &args.mcp_path {
         mcp = mcp.path(path);
     }

@@ -27,6 +27,7 @@ import (
 	"time"
 
 	"github.com/tollgate-rs/tollgate/clients/go/httplimit"
+	"github.com/tollgate-rs/tollgate/clients/go/mcp"
 	"github.com/tollgate-rs/tollgate/clients/go/tollgate"
 )
 
@@ -49,6 +50,7 @@ type options struct {
 	mcp            bool
 	mcpPath        string
 	maxBodyBytes   int64
+	mcpErrorCode   int
 	failureMode    string
 	deadline       time.Duration
 	legacyHeaders  bool
@@ -67,6 +69,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.BoolVar(&o.mcp, "mcp", false, "MCP-aware: charge each JSON-RPC call in a POST body under its method (tools/call:<name>, ...)")
 	fs.StringVar(&o.mcpPath, "mcp-path", "", "with -mcp, only POSTs to this path are read as JSON-RPC; empty: every POST")
 	fs.Int64Var(&o.maxBodyBytes, "max-body-bytes", httplimit.DefaultMaxBodyBytes, "with -mcp, the largest body read; bigger ones get a 413")
+	fs.IntVar(&o.mcpErrorCode, "mcp-error-code", mcp.RateLimitedCode, "with -mcp, the JSON-RPC error code of a denied call (-32023: SEP-3304's proposal; -32029: before 2026-07-28)")
 	fs.StringVar(&o.failureMode, "failure-mode", "open", "when Tollgate cannot answer: open (pass requests on) or closed (503)")
 	fs.DurationVar(&o.deadline, "deadline", tollgate.DefaultDeadline, "how long to wait for Tollgate's answer, such as 50ms")
 	fs.BoolVar(&o.legacyHeaders, "legacy-headers", false, "also send X-RateLimit-Limit, -Remaining and -Reset")
@@ -127,6 +130,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		MCP:           o.mcp,
 		MCPPath:       o.mcpPath,
 		MaxBodyBytes:  o.maxBodyBytes,
+		MCPErrorCode:  o.mcpErrorCode,
 		OnError:       func(r *http.Request, err error) { errorLog.printf("%s %s: %v", r.Method, r.URL.Path, err) },
 	})
 	if err != nil {

@@ -391,7 +391,7 @@ func TestMCPChargesEachCallAndRefusesABatchWhole(t *testing.T) {
 	}
 	for i, wantID := range []string{`2`, `"three"`} {
 		e := errs[i]
-		if string(e.ID) != wantID || e.Error.Code != -32029 || e.Error.Data.RetryAfterSeconds != retryAfter ||
+		if string(e.ID) != wantID || e.Error.Code != 429 || e.Error.Data.RetryAfterSeconds != retryAfter ||
 			e.Error.Data.RetryAfterMs <= 0 || strings.Join(e.Error.Data.ViolatedPolicies, ",") != "search" {
 			t.Fatalf("error %d: %+v", i, e)
 		}
@@ -403,7 +403,7 @@ func TestMCPChargesEachCallAndRefusesABatchWhole(t *testing.T) {
 	}
 	r = post(`{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"search"}}`)
 	var single rpcError
-	if r.status != 429 || json.Unmarshal(r.body, &single) != nil || string(single.ID) != "5" || single.Error.Code != -32029 {
+	if r.status != 429 || json.Unmarshal(r.body, &single) != nil || string(single.ID) != "5" || single.Error.Code != 429 {
 		t.Fatalf("a denied single call: %d %s", r.status, r.body)
 	}
 	if r.header.Get("Retry-After") == "" {
@@ -525,5 +525,22 @@ func TestMCPBodiesOverTheCapAre413AndNeverReachTheUpstream(t *testing.T) {
 	}
 	if n := len(up.received()); n != 1 {
 		t.Fatalf("the upstream saw %d requests, want 1", n)
+	}
+}
+
+func TestMCPErrorCodeFlagSetsTheDenialCode(t *testing.T) {
+	srv := tollgatetest.Start(t, mcpRules)
+	up := startUpstream(t)
+	proxy := startProxy(t, srv.Addr, up.URL, "-scope", "mcp", "-mcp", "-mcp-error-code", "-32023")
+	search := `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search"}}`
+	for i := 0; i < 2; i++ {
+		if r := send(t, "POST", proxy+"/mcp", "alice", search); r.status != 200 {
+			t.Fatalf("search %d: %d %s", i, r.status, r.body)
+		}
+	}
+	r := send(t, "POST", proxy+"/mcp", "alice", search)
+	var e rpcError
+	if r.status != 429 || json.Unmarshal(r.body, &e) != nil || e.Error.Code != -32023 {
+		t.Fatalf("third search: %d %s, want code -32023", r.status, r.body)
 	}
 }

@@ -3,7 +3,6 @@
 //! the request on (with the headers to add to its response) or answer it
 //! here.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -55,19 +54,47 @@ where
         };
         match parts.extensions.remove::<McpBody>() {
             None => decide_plain(&config, parts, body, base).await,
-            Some(McpBody::Read(mcp::Body::JsonRpc { calls, batch })) => {
-                decide_mcp(&config, parts, body, base, &calls, batch).await
-            }
+            Some(McpBody::Read {
+                body: mcp::Body::JsonRpc { calls, batch },
+                error_code,
+            }) => decide_mcp(&config, parts, body, base, &calls, batch, error_code).await,
             // Charged once, as a plain request, and refused (if it is) as
             // one JSON-RPC call without an id.
-            Some(McpBody::Read(mcp::Body::Other)) => {
+            Some(McpBody::Read {
+                body: mcp::Body::Other,
+                error_code,
+            }) => {
                 let call = mcp::Call {
                     id: None,
                     operation: None,
                 };
-                decide_mcp(&config, parts, body, base, &[call], false).await
+                decide_mcp(&config, parts, body, base, &[call], false, error_code).await
             }
+            // Could be read in more than one way: refused, nothing charged.
+            Some(McpBody::Read {
+                body: mcp::Body::Refused(reason),
+                ..
+            }) => Checked::Respond(respond(
+                StatusCode::BAD_REQUEST,
+                mcp::JSON,
+                mcp::parse_error(&reason),
+                http::HeaderMap::new(),
+            )),
             Some(McpBody::TooLarge { cap }) => Checked::Respond(too_large(cap)),
+            Some(McpBody::Encoded(coding)) => {
+                let mut response = problem(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "Compressed MCP body",
+                    &format!(
+                        "an MCP request body is read as sent, so it may not have Content-Encoding {coding:?}"
+                    ),
+                );
+                response.headers_mut().insert(
+                    header::ACCEPT_ENCODING,
+                    HeaderValue::from_static("identity"),
+                );
+                Checked::Respond(response)
+            }
             Some(McpBody::Unreadable(reason)) => Checked::Respond(problem(
                 StatusCode::BAD_REQUEST,
                 "Unreadable request body",
@@ -116,6 +143,7 @@ async fn decide_mcp<B>(
     base: DecisionRequest,
     calls: &[mcp::Call],
     batch: bool,
+    error_code: i64,
 ) -> Checked<B> {
     let forward = |headers| Checked::Forward {
         request: Request::from_parts(parts, body),
@@ -127,15 +155,7 @@ async fn decide_mcp<B>(
     }
 
     // One entry per distinct operation, costing the number of its calls.
-    let mut costs: BTreeMap<String, u32> = BTreeMap::new();
-    for call in calls {
-        let operation = match &call.operation {
-            Some(op) => op.clone(),
-            None => base.operation.clone(),
-        };
-        let cost = costs.entry(operation).or_insert(0);
-        *cost = cost.saturating_add(1);
-    }
+    let costs = mcp::charges(calls, &base.operation);
     if costs.len() > MAX_BATCH {
         return Checked::Respond(problem(
             StatusCode::BAD_REQUEST,
@@ -165,7 +185,7 @@ async fn decide_mcp<B>(
         .iter()
         .find(|d| !d.allowed && !d.reason.is_empty())
         .map_or("", |d| d.reason.as_str());
-    let body = mcp::denial(calls, batch, retry_after, &violated, reason);
+    let body = mcp::denial(error_code, calls, batch, retry_after, &violated, reason);
     Checked::Respond(respond(
         StatusCode::TOO_MANY_REQUESTS,
         mcp::JSON,

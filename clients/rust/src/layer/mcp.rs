@@ -46,6 +46,8 @@ struct Settings {
     path: Option<String>,
     /// The most body bytes read; past it, a 413 and nothing charged.
     max_body_bytes: usize,
+    /// The JSON-RPC error code of a denied call.
+    error_code: i64,
 }
 
 impl McpLayer {
@@ -57,12 +59,16 @@ impl McpLayer {
             settings: Arc::new(Settings {
                 path: None,
                 max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+                error_code: crate::mcp::RATE_LIMITED_CODE,
             }),
         }
     }
 
-    /// Only POSTs to this exact path are read as JSON-RPC; other requests are
-    /// decided as plain HTTP requests.
+    /// Only POSTs to this path are read as JSON-RPC; other requests are
+    /// decided as plain HTTP requests. The path is compared decoded,
+    /// cleaned and in ASCII lower case, so `/mcp/`, `//mcp` and `/MCP` are
+    /// the endpoint `/mcp` too: a server that normalises paths would hand
+    /// them to the MCP handler.
     #[must_use]
     pub fn path(mut self, path: impl Into<String>) -> Self {
         Arc::make_mut(&mut self.settings).path = Some(path.into());
@@ -75,6 +81,16 @@ impl McpLayer {
         Arc::make_mut(&mut self.settings).max_body_bytes = max;
         self
     }
+
+    /// The JSON-RPC error code of a denied call; by default
+    /// [`crate::mcp::RATE_LIMITED_CODE`] (429). [`crate::mcp::PROPOSED_RATE_LIMITED_CODE`]
+    /// is SEP-3304's proposal, [`crate::mcp::LEGACY_RATE_LIMITED_CODE`] what
+    /// earlier versions sent.
+    #[must_use]
+    pub fn error_code(mut self, code: i64) -> Self {
+        Arc::make_mut(&mut self.settings).error_code = code;
+        self
+    }
 }
 
 impl Settings {
@@ -83,7 +99,7 @@ impl Settings {
             && self
                 .path
                 .as_deref()
-                .is_none_or(|p| p == request.uri().path())
+                .is_none_or(|p| crate::mcp::path_matches(p, request.uri().path()))
     }
 }
 
@@ -104,9 +120,16 @@ impl<S> Layer<S> for McpLayer {
 pub(crate) enum McpBody {
     /// Decide on what the body holds: JSON-RPC calls, or something else,
     /// which is charged once as a plain request.
-    Read(crate::mcp::Body),
+    Read {
+        body: crate::mcp::Body,
+        /// The JSON-RPC error code of a denial.
+        error_code: i64,
+    },
     /// Bigger than the cap: a 413, with nothing charged.
     TooLarge { cap: usize },
+    /// A Content-Encoding other than identity: a 415, with nothing charged.
+    /// The body is not decoded (see docs/mcp.md for why).
+    Encoded(String),
     /// The body broke off while being read: a 400.
     Unreadable(String),
 }
@@ -146,7 +169,7 @@ where
         let ready = std::mem::replace(&mut self.inner, clone);
         McpFuture {
             state: State::Reading {
-                read: read(self.settings.max_body_bytes, request),
+                read: read(&self.settings, request),
                 service: Some(ready),
             },
         }
@@ -158,13 +181,18 @@ type ReadFuture<B> = Pin<Box<dyn Future<Output = Request<RequestBody<B>>> + Send
 /// Reads the body under `cap`, and puts what it holds into the extensions.
 /// A body over the cap, by its `Content-Length` or by what arrives, is not
 /// kept: the service beneath refuses the request without calling further.
-fn read<B>(cap: usize, request: Request<B>) -> ReadFuture<B>
+fn read<B>(settings: &Settings, request: Request<B>) -> ReadFuture<B>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let (cap, error_code) = (settings.max_body_bytes, settings.error_code);
     Box::pin(async move {
         let (mut parts, body) = request.into_parts();
+        if let Some(coding) = content_encoding(&parts.headers) {
+            parts.extensions.insert(McpBody::Encoded(coding));
+            return Request::from_parts(parts, RequestBody::read(Bytes::new()));
+        }
         let declared = parts
             .headers
             .get(header::CONTENT_LENGTH)
@@ -176,7 +204,8 @@ where
             match Limited::new(body, cap).collect().await {
                 Ok(collected) => {
                     let bytes = collected.to_bytes();
-                    (McpBody::Read(crate::mcp::parse(&bytes)), bytes)
+                    let body = crate::mcp::parse(&bytes);
+                    (McpBody::Read { body, error_code }, bytes)
                 }
                 Err(e) if e.is::<LengthLimitError>() => (McpBody::TooLarge { cap }, Bytes::new()),
                 Err(e) => (McpBody::Unreadable(e.to_string()), Bytes::new()),
@@ -184,6 +213,28 @@ where
         };
         parts.extensions.insert(read);
         Request::from_parts(parts, RequestBody::read(bytes))
+    })
+}
+
+/// The body's Content-Encoding, or `None` when it lists no coding but
+/// `identity`.
+fn content_encoding(headers: &http::HeaderMap) -> Option<String> {
+    let values: Vec<&[u8]> = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .map(http::HeaderValue::as_bytes)
+        .collect();
+    let encoded = values.iter().any(|v| {
+        v.split(|&b| b == b',')
+            .map(<[u8]>::trim_ascii)
+            .any(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"identity"))
+    });
+    encoded.then(|| {
+        values
+            .iter()
+            .map(|v| String::from_utf8_lossy(v))
+            .collect::<Vec<_>>()
+            .join(", ")
     })
 }
 

@@ -404,11 +404,11 @@ scopes:
         "{}",
         ratelimit(&r)
     );
-    // On it, a body that is not JSON-RPC is charged once, and refused as a
+    // On it, JSON that is not JSON-RPC is charged once, and refused as a
     // JSON-RPC call without an id.
     let r = service
         .clone()
-        .oneshot(post("/mcp", "not json"))
+        .oneshot(post("/mcp", "\"not json-rpc\""))
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -416,5 +416,5 @@ scopes:
     let body = r.into_body().collect().await.unwrap().to_bytes();
     let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(error["id"], serde_json::Value::Null);
-    assert_eq!(error["error"]["code"], -32029);
+    assert_eq!(error["error"]["code"], 429);
 }

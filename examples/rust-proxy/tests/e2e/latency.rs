@@ -148,6 +148,7 @@ async fn latency() {
         mcp: false,
         mcp_path: None,
         max_body_bytes: 1 << 20,
+        mcp_error_code: tollgate_client::mcp::RATE_LIMITED_CODE,
         failure_mode: FailureMode::Open,
         deadline: Duration::from_secs(1),
         legacy_headers: false,

@@ -99,7 +99,7 @@ async fn each_tool_call_is_charged_and_a_denial_is_a_json_rpc_error() {
     let error = r.json();
     assert_eq!(error["jsonrpc"], "2.0");
     assert_eq!(error["id"], 3);
-    assert_eq!(error["error"]["code"], -32029);
+    assert_eq!(error["error"]["code"], 429);
     assert_eq!(error["error"]["data"]["retryAfterSeconds"], retry);
     assert!(error["error"]["data"]["retryAfterMs"].as_u64().unwrap() <= retry * 1000);
     assert_eq!(
@@ -151,7 +151,7 @@ async fn a_batch_is_refused_whole_when_any_call_in_it_is_denied() {
     assert_eq!(errors.len(), 2);
     assert_eq!(errors[0]["id"], 2);
     assert_eq!(errors[1]["id"], 3);
-    assert_eq!(errors[1]["error"]["code"], -32029);
+    assert_eq!(errors[1]["error"]["code"], 429);
     assert_eq!(s.post("carol", &call(4, "search")).await.status, 200);
 
     // Now search is empty. A batch of a fetch, a search and a notification:
@@ -328,11 +328,21 @@ async fn a_body_over_the_cap_is_refused_with_413_and_never_charged() {
 #[tokio::test]
 async fn other_requests_on_an_mcp_proxy_are_charged_as_plain_requests() {
     let s = setup(MCP_LIMITS, &[]).await;
-    // Not JSON-RPC: charged once (per-user), with the path as the operation,
-    // and handed on for the MCP server to refuse.
+    // Not JSON at all: refused here, with nothing charged.
     let r = s
         .http
         .post(&s.proxy.url("/mcp"), &[("x-user", "fay")], "not json")
+        .await;
+    assert_eq!(r.status, 400);
+    // JSON but not JSON-RPC: charged once (per-user), with the path as the
+    // operation, and handed on for the MCP server to refuse.
+    let r = s
+        .http
+        .post(
+            &s.proxy.url("/mcp"),
+            &[("x-user", "fay")],
+            "\"not json-rpc\"",
+        )
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("ratelimit"), Some(r#""per-user";r=9;t=2"#));
@@ -340,5 +350,119 @@ async fn other_requests_on_an_mcp_proxy_are_charged_as_plain_requests() {
     let r = s.http.get(&s.proxy.url("/mcp"), &[("x-user", "fay")]).await;
     assert_eq!(r.status, 200);
     assert!(r.header("ratelimit").unwrap().contains(r#""per-user";r=8"#));
-    assert_eq!(s.upstream.seen()[0].body, "not json");
+    assert_eq!(s.upstream.seen()[0].body, "\"not json-rpc\"");
+}
+
+/// Three pings: three calls to charge.
+const THREE_PINGS: &str = r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":2,"method":"ping"},{"jsonrpc":"2.0","id":3,"method":"ping"}]"#;
+
+/// One call per caller: enough to tell one charge from three.
+const ONE_CALL: &str = r#"
+scopes:
+  - name: mcp
+    limits:
+      - name: per-user
+        per: identity
+        capacity: 1
+        refill_period: 60s
+"#;
+
+impl Setup {
+    async fn post_raw(
+        &self,
+        path: &str,
+        body: &'static [u8],
+        headers: &[(&str, &str)],
+    ) -> crate::support::Reply {
+        let mut all = vec![("x-user", "dave")];
+        all.extend_from_slice(headers);
+        self.http.post(&self.proxy.url(path), &all, body).await
+    }
+}
+
+#[tokio::test]
+async fn ambiguous_bodies_are_parse_errors_that_charge_and_forward_nothing() {
+    let s = setup(ONE_CALL, &[]).await;
+    let bom_batch = [b"\xEF\xBB\xBF".as_slice(), THREE_PINGS.as_bytes()].concat();
+    let bodies: [&[u8]; 5] = [
+        br#"{"jsonrpc":"2.0","id":1,"method":"tools/list","Method":"tools/call","params":{"name":"search"}}"#,
+        br#"{"jsonrpc":"2.0","id":1,"Method":"tools/call","params":{"name":"search"},"result":{}}"#,
+        br#"{"jsonrpc":"2.0","id":1,"Method":"tools/call","method":"notifications/initialized"}"#,
+        br#"{"jsonrpc":"2.0","id":1,"method":"ping","method":"tools/call"}"#,
+        &bom_batch,
+    ];
+    for body in bodies {
+        let r = s
+            .http
+            .post(&s.proxy.url("/mcp"), &[("x-user", "dave")], body.to_vec())
+            .await;
+        assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(body));
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        let error = r.json();
+        assert_eq!(error["error"]["code"], -32700);
+        assert_eq!(error["id"], serde_json::Value::Null);
+    }
+    assert!(
+        s.upstream.seen().is_empty(),
+        "a refused body reached upstream"
+    );
+    // Nothing was charged: dave's one call is still there.
+    let one = br#"{"jsonrpc":"2.0","id":9,"method":"ping"}"#;
+    assert_eq!(s.post_raw("/mcp", one, &[]).await.status, 200);
+}
+
+#[tokio::test]
+async fn path_variants_of_the_mcp_endpoint_are_charged_per_call() {
+    let s = setup(ONE_CALL, &[]).await;
+    for path in ["/mcp/", "//mcp", "/MCP", "/x/../mcp", "/%6Dcp"] {
+        // Three calls, one token: refused whole however the path is spelled.
+        let r = s.post_raw(path, THREE_PINGS.as_bytes(), &[]).await;
+        assert_eq!(r.status, 429, "POST {path}");
+        assert_eq!(r.header("content-type"), Some("application/json"));
+    }
+    assert!(s.upstream.seen().is_empty());
+}
+
+#[tokio::test]
+async fn compressed_bodies_are_415_and_charge_nothing() {
+    let s = setup(ONE_CALL, &[]).await;
+    for coding in ["gzip", "br", "identity, gzip", "GZIP"] {
+        let r = s
+            .post_raw(
+                "/mcp",
+                THREE_PINGS.as_bytes(),
+                &[("content-encoding", coding)],
+            )
+            .await;
+        assert_eq!(r.status, 415, "Content-Encoding {coding}");
+        assert_eq!(r.header("accept-encoding"), Some("identity"));
+    }
+    assert!(s.upstream.seen().is_empty());
+    let one = br#"{"jsonrpc":"2.0","id":9,"method":"ping"}"#;
+    let r = s
+        .post_raw("/mcp", one, &[("content-encoding", "identity")])
+        .await;
+    assert_eq!(
+        r.status, 200,
+        "identity is no encoding, and nothing was charged"
+    );
+}
+
+#[tokio::test]
+async fn the_denial_code_is_429_unless_configured() {
+    let one = br#"{"jsonrpc":"2.0","id":9,"method":"ping"}"#;
+    for (flag, want) in [
+        (None, 429),
+        (Some("-32023"), -32023),
+        (Some("-32029"), -32029),
+    ] {
+        let extra: Vec<&str> = flag
+            .map(|f| vec!["--mcp-error-code", f])
+            .unwrap_or_default();
+        let s = setup(ONE_CALL, &extra).await;
+        assert_eq!(s.post_raw("/mcp", one, &[]).await.status, 200);
+        let r = s.post_raw("/mcp", one, &[]).await;
+        assert_eq!(r.status, 429);
+        assert_eq!(r.json()["error"]["code"], want, "--mcp-error-code {flag:?}");
+    }
 }
