@@ -56,6 +56,9 @@ pub struct Request<'a> {
     /// When set, `cost` is an estimate: an allowed request gets a
     /// reservation, settled later with the real cost within this time.
     pub settle_within: Option<Duration>,
+    /// The configured caller making the request, if callers are
+    /// configured: a reservation names it, and only it may settle.
+    pub caller: Option<&'a str>,
 }
 
 /// How much of a bucket's headroom a request may take.
@@ -108,6 +111,7 @@ impl<'a> Request<'a> {
             entries: &[],
             priority: Priority::Normal,
             settle_within: None,
+            caller: None,
         }
     }
 }

@@ -29,8 +29,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::bucket::{Ledger, Mark, Shape, Tat};
 
-/// The format's version, the first byte of every body.
-const VERSION: u8 = 1;
+/// The format's version, the first byte of every body. Version 2 added
+/// the caller; version 1 tokens (no caller) still verify.
+const VERSION: u8 = 2;
 /// The longest token accepted, in characters: 16 buckets of the longest
 /// keys fit well within it.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
@@ -88,19 +89,33 @@ impl Signer {
 
     /// The reservation in `token`, if it is one this key signed, unaltered.
     pub fn verify(&self, token: &str) -> Result<Reservation, TokenError> {
-        if token.len() > MAX_TOKEN_LEN {
-            return Err(TokenError::Malformed);
-        }
-        let raw = URL_SAFE_NO_PAD
-            .decode(token.trim())
-            .map_err(|_| TokenError::Malformed)?;
-        if raw.len() <= MAC_LEN {
-            return Err(TokenError::Malformed);
-        }
+        let raw = raw(token)?;
         let (body, tag) = raw.split_at(raw.len() - MAC_LEN);
         hmac::verify(&self.key, body, tag).map_err(|_| TokenError::Forged)?;
         Reservation::decode(body).ok_or(TokenError::Malformed)
     }
+}
+
+/// A token's bytes, body and signature, if it has the shape of one.
+fn raw(token: &str) -> Result<Vec<u8>, TokenError> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(TokenError::Malformed);
+    }
+    let raw = URL_SAFE_NO_PAD
+        .decode(token.trim())
+        .map_err(|_| TokenError::Malformed)?;
+    if raw.len() <= MAC_LEN {
+        return Err(TokenError::Malformed);
+    }
+    Ok(raw)
+}
+
+/// What `token` claims, without checking its signature: never to be acted
+/// on, only to check a caller's grant before telling it whether the token
+/// is genuine.
+pub fn peek(token: &str) -> Result<Reservation, TokenError> {
+    let raw = raw(token)?;
+    Reservation::decode(&raw[..raw.len() - MAC_LEN]).ok_or(TokenError::Malformed)
 }
 
 /// Why a token is refused.
@@ -126,6 +141,9 @@ pub struct Reservation {
     pub deadline_us: u64,
     /// The scope whose buckets it charged.
     pub scope: String,
+    /// The configured caller that made it, when callers are configured:
+    /// only that caller may settle it.
+    pub caller: Option<String>,
     /// Each bucket it took from.
     pub buckets: Vec<ReservedBucket>,
 }
@@ -163,7 +181,8 @@ impl Reservation {
     /// The length of a token whose buckets add `buckets_len` bytes: the
     /// fixed fields and the signature, in base64.
     pub fn token_len(buckets_len: usize) -> usize {
-        let body = 1 + 16 + 8 + 2 + 128 + 1 + buckets_len + MAC_LEN;
+        // Version, id, deadline, scope, caller (a name, at most 128), count.
+        let body = 1 + 16 + 8 + 2 + 128 + 3 + 128 + 1 + buckets_len + MAC_LEN;
         body.div_ceil(3) * 4
     }
 
@@ -173,6 +192,7 @@ impl Reservation {
         out.extend_from_slice(&self.id);
         out.extend_from_slice(&self.deadline_us.to_le_bytes());
         put_text(&mut out, &self.scope);
+        put_opt(&mut out, self.caller.as_deref());
         out.push(u8::try_from(self.buckets.len()).unwrap_or(u8::MAX));
         for b in self.buckets.iter().take(usize::from(u8::MAX)) {
             put_text(&mut out, &b.rule);
@@ -197,12 +217,14 @@ impl Reservation {
 
     fn decode(body: &[u8]) -> Option<Self> {
         let mut r = Reader(body);
-        if r.byte()? != VERSION {
+        let version = r.byte()?;
+        if version != 1 && version != VERSION {
             return None;
         }
         let id = r.take(16)?.try_into().ok()?;
         let deadline_us = r.u64()?;
         let scope = r.text()?;
+        let caller = if version == 1 { None } else { r.opt()? };
         let n = r.byte()?;
         let mut buckets = Vec::with_capacity(usize::from(n));
         for _ in 0..n {
@@ -236,6 +258,7 @@ impl Reservation {
             id,
             deadline_us,
             scope,
+            caller,
             buckets,
         })
     }
@@ -302,6 +325,7 @@ mod tests {
             id: [7; 16],
             deadline_us: 1_700_000_000_000_000,
             scope: "llm".into(),
+            caller: Some("edge".into()),
             buckets: vec![ReservedBucket {
                 rule: "tokens".into(),
                 identity: Some("team-a".into()),

@@ -1,1 +1,347 @@
-//! Grants: what a caller can read or settle outside what it was granted.
+//! Grants a caller got around (issue 19, item 8): an Envoy check without
+//! `dry_run`, many descriptors without `batch`, a settle of another
+//! caller's reservation, an admin reading scopes outside its grant, and a
+//! settle that tells a valid token from a forged one before the grant.
+
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{
+    RateLimitDescriptor, rate_limit_descriptor::Entry,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use envoy_types::pb::google::protobuf::UInt64Value;
+use tollgate::pb::tollgate::v1::admin_client::AdminClient;
+use tollgate::pb::tollgate::v1::{
+    ExplainRequest, SettleRequest, ShouldAllowRequest, TopIdentitiesRequest, UtilizationRequest,
+};
+use tonic::Code;
+
+use crate::common::redis::Standalone;
+use crate::common::{TestServer, req, sha256_hex, with_token};
+
+const EDGE: &str = "edge-token-a1";
+const GATEWAY: &str = "gateway-token-b2";
+const OTHER: &str = "other-token-c3";
+const AUDITOR: &str = "auditor-token-d4";
+
+/// The store part of the config: the embedded store, or a Redis of its own
+/// with this test's key prefix.
+enum Backend {
+    Memory,
+    Redis(Standalone),
+}
+
+impl Backend {
+    fn yaml(&self, prefix: &str) -> String {
+        // Key prefixes are short; the test's name, hashed, keeps them apart.
+        let prefix = &sha256_hex(prefix)[..12];
+        match self {
+            Self::Memory => String::new(),
+            Self::Redis(redis) => format!(
+                "store:\n  kind: redis\n  redis:\n    urls: [\"{}\"]\n    key_prefix: \"test:grants:{prefix}:\"\n",
+                redis.url()
+            ),
+        }
+    }
+}
+
+async fn start(backend: &Backend, prefix: &str) -> TestServer {
+    let yaml = format!(
+        "{}failure_mode: closed
+callers:
+  - {{name: edge, token_sha256: {}, scopes: [api]}}
+  - {{name: gateway, token_sha256: {}, scopes: [api], dry_run: true, batch: true}}
+  - {{name: other, token_sha256: {}, scopes: [api, llm]}}
+  - {{name: auditor, token_sha256: {}, scopes: [api], admin: true}}
+scopes:
+  - name: api
+    descriptor_keys: {{identity: user}}
+    limits: [{{name: per-user, per: identity, capacity: 3, refill_period: 1h}}]
+  - name: llm
+    limits: [{{name: tokens, per: identity, capacity: 100, refill_period: 1h}}]
+",
+        backend.yaml(prefix),
+        sha256_hex(EDGE),
+        sha256_hex(GATEWAY),
+        sha256_hex(OTHER),
+        sha256_hex(AUDITOR),
+    );
+    TestServer::start(&yaml).await
+}
+
+fn descriptor(user: &str, hits: Option<u64>) -> RateLimitDescriptor {
+    RateLimitDescriptor {
+        entries: vec![Entry {
+            key: "user".into(),
+            value: user.into(),
+        }],
+        hits_addend: hits.map(|value| UInt64Value { value }),
+        ..Default::default()
+    }
+}
+
+fn rls(descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: "api".into(),
+        descriptors,
+        ..Default::default()
+    }
+}
+
+/// What `alice` has left in `api`, asked as a dry run by the gateway.
+async fn left(server: &TestServer, user: &str) -> u64 {
+    let mut client = server.client().await;
+    let r = ShouldAllowRequest {
+        dry_run: true,
+        ..req("api", user, "")
+    };
+    client
+        .should_allow(with_token(GATEWAY, r))
+        .await
+        .expect("gateway may dry-run")
+        .into_inner()
+        .remaining
+}
+
+/// Runs `$body(backend, prefix)` on the embedded store and on Redis.
+macro_rules! on_each_store {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[tokio::test]
+            async fn on_memory() {
+                super::$body(super::Backend::Memory, concat!(stringify!($name), "-m")).await;
+            }
+
+            #[tokio::test]
+            async fn on_redis() {
+                let redis = crate::common::redis::Standalone::start();
+                super::$body(
+                    super::Backend::Redis(redis),
+                    concat!(stringify!($name), "-r"),
+                )
+                .await;
+            }
+        }
+    };
+}
+
+on_each_store!(an_envoy_check_needs_the_dry_run_grant, envoy_check);
+async fn envoy_check(backend: Backend, prefix: &str) {
+    let server = start(&backend, prefix).await;
+    let mut envoy = RateLimitServiceClient::new(server.channel().await);
+    // `hits_addend: 0` reads the bucket without taking: a dry run.
+    let e = envoy
+        .should_rate_limit(with_token(EDGE, rls(vec![descriptor("alice", Some(0))])))
+        .await
+        .expect_err("a check without the dry_run grant is refused");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("dry_run"), "{e:?}");
+    let ok = envoy
+        .should_rate_limit(with_token(GATEWAY, rls(vec![descriptor("alice", Some(0))])))
+        .await
+        .expect("the gateway holds dry_run");
+    assert_eq!(ok.into_inner().statuses[0].limit_remaining, 3);
+    assert_eq!(left(&server, "alice").await, 3, "a check takes nothing");
+}
+
+on_each_store!(
+    an_envoy_request_of_many_descriptors_needs_the_batch_grant,
+    envoy_batch
+);
+async fn envoy_batch(backend: Backend, prefix: &str) {
+    let server = start(&backend, prefix).await;
+    let mut envoy = RateLimitServiceClient::new(server.channel().await);
+    let many: Vec<_> = (0..64)
+        .map(|i| descriptor(&format!("u{i}"), None))
+        .collect();
+    let e = envoy
+        .should_rate_limit(with_token(EDGE, rls(many.clone())))
+        .await
+        .expect_err("a batch without the batch grant is refused");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("batch"), "{e:?}");
+    assert_eq!(
+        left(&server, "u0").await,
+        3,
+        "a refused batch takes nothing"
+    );
+    let e = envoy
+        .should_rate_limit(with_token(EDGE, rls(many[..9].to_vec())))
+        .await
+        .expect_err("nine descriptors are a batch");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // A route's own few descriptors (one per rate_limits action) are not.
+    envoy
+        .should_rate_limit(with_token(EDGE, rls(many[..8].to_vec())))
+        .await
+        .expect("eight descriptors need no batch grant");
+    envoy
+        .should_rate_limit(with_token(GATEWAY, rls(many)))
+        .await
+        .expect("the gateway holds batch");
+    assert_eq!(left(&server, "u0").await, 1);
+    assert_eq!(left(&server, "u63").await, 2);
+}
+
+/// A reservation of cost 2 on `api` for `user`, made by `token`'s caller.
+async fn reserve(server: &TestServer, token: &str, scope: &str, user: &str) -> String {
+    let mut client = server.client().await;
+    let r = ShouldAllowRequest {
+        cost: 2,
+        settle_within: Some(prost_types::Duration {
+            seconds: 60,
+            nanos: 0,
+        }),
+        ..req(scope, user, "")
+    };
+    let answer = client
+        .should_allow(with_token(token, r))
+        .await
+        .expect("reserve")
+        .into_inner();
+    assert!(answer.allowed, "{answer:?}");
+    assert!(!answer.reservation.is_empty(), "{answer:?}");
+    answer.reservation
+}
+
+fn settle(token: &str, reservation: &str, actual: u64) -> tonic::Request<SettleRequest> {
+    with_token(
+        token,
+        SettleRequest {
+            reservation: reservation.to_owned(),
+            actual_cost: actual,
+        },
+    )
+}
+
+on_each_store!(
+    a_reservation_settles_only_for_the_caller_that_made_it,
+    settle_by_owner
+);
+async fn settle_by_owner(backend: Backend, prefix: &str) {
+    let server = start(&backend, prefix).await;
+    let mut client = server.client().await;
+    let token = reserve(&server, EDGE, "api", "alice").await;
+    assert_eq!(left(&server, "alice").await, 1);
+    // `other` may decide on `api` too, but did not make this reservation:
+    // settling it at 0 would hand edge's tokens back.
+    let e = client
+        .settle(settle(OTHER, &token, 0))
+        .await
+        .expect_err("another caller's reservation is refused");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("only the caller that made it"),
+        "{e:?}"
+    );
+    assert_eq!(
+        left(&server, "alice").await,
+        1,
+        "a refused settle takes nothing"
+    );
+    client
+        .settle(settle(EDGE, &token, 0))
+        .await
+        .expect("the caller that reserved settles");
+    assert_eq!(left(&server, "alice").await, 3);
+}
+
+on_each_store!(
+    a_settle_outside_the_grant_cannot_tell_a_valid_token_from_a_forged_one,
+    settle_oracle
+);
+async fn settle_oracle(backend: Backend, prefix: &str) {
+    let server = start(&backend, prefix).await;
+    let mut client = server.client().await;
+    let valid = reserve(&server, OTHER, "llm", "bob").await;
+    // Alter one character of the signature (the last 43 characters).
+    let mut chars: Vec<char> = valid.chars().collect();
+    let i = chars.len() - 10;
+    chars[i] = if chars[i] == 'A' { 'B' } else { 'A' };
+    let forged: String = chars.into_iter().collect();
+    let mut seen = Vec::new();
+    for token in [&valid, &forged] {
+        let e = client
+            .settle(settle(EDGE, token, 0))
+            .await
+            .expect_err("edge may not settle on llm");
+        seen.push((e.code(), e.message().to_owned()));
+    }
+    assert_eq!(seen[0].0, Code::PermissionDenied, "{seen:?}");
+    assert_eq!(seen[0], seen[1], "valid and forged tokens must look alike");
+    // A caller granted the scope still learns a forgery for what it is.
+    let e = client
+        .settle(settle(OTHER, &forged, 0))
+        .await
+        .expect_err("forged");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+}
+
+on_each_store!(an_admin_grant_reads_only_its_scopes, admin_scopes);
+async fn admin_scopes(backend: Backend, prefix: &str) {
+    let server = start(&backend, prefix).await;
+    let mut client = server.client().await;
+    let mut admin = AdminClient::new(server.channel().await);
+    for (token, scope) in [(OTHER, "llm"), (EDGE, "api")] {
+        client
+            .should_allow(with_token(token, req(scope, "secret-tenant", "")))
+            .await
+            .expect("decide");
+    }
+    let top = admin
+        .top_identities(with_token(AUDITOR, TopIdentitiesRequest::default()))
+        .await
+        .expect("top of every scope granted")
+        .into_inner();
+    assert!(!top.rules.is_empty(), "{top:?}");
+    assert!(top.rules.iter().all(|r| r.scope == "api"), "{top:?}");
+    let e = admin
+        .top_identities(with_token(
+            AUDITOR,
+            TopIdentitiesRequest {
+                scope: "llm".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("llm is outside the auditor's scopes");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    let usage = admin
+        .utilization(with_token(AUDITOR, UtilizationRequest::default()))
+        .await
+        .expect("utilization of every scope granted")
+        .into_inner();
+    assert!(!usage.rules.is_empty(), "{usage:?}");
+    assert!(usage.rules.iter().all(|r| r.scope == "api"), "{usage:?}");
+    let e = admin
+        .utilization(with_token(
+            AUDITOR,
+            UtilizationRequest {
+                scope: "llm".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("llm is outside the auditor's scopes");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    let e = admin
+        .explain(with_token(
+            AUDITOR,
+            ExplainRequest {
+                request: Some(req("llm", "secret-tenant", "")),
+            },
+        ))
+        .await
+        .expect_err("llm is outside the auditor's scopes");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    admin
+        .explain(with_token(
+            AUDITOR,
+            ExplainRequest {
+                request: Some(req("api", "secret-tenant", "")),
+            },
+        ))
+        .await
+        .expect("explain on a granted scope");
+}
