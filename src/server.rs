@@ -121,6 +121,9 @@ pub async fn run(
         .set_service_status(HEALTH_SERVICE, ServingStatus::Serving)
         .await;
     let watcher = tokio::spawn(watch_store(limiter.clone(), health.clone()));
+    for name in source.iter().flat_map(|s| &s.ignored) {
+        tracing::warn!("{name} ignored: it names no config section");
+    }
     let mut reloader = Reloader::new(
         source,
         limiter.clone(),
