@@ -35,7 +35,7 @@ pub mod store;
 
 pub use analytics::{AnalyticsConfig, ReloadConfig};
 pub use envoy::{EnvoyDescriptor, EnvoyDomain, EnvoyRateLimit, EnvoyValue};
-pub use reservations::ReservationsConfig;
+pub use reservations::{ReservationsConfig, SecretFiles, Secrets};
 pub use scopes::{
     DescriptorKeysConfig, FailureMode, HeadroomConfig, LimitConfig, MAX_BUDGET, MAX_CAPACITY,
     MAX_NAME_LEN, MAX_REFILL_PERIOD, MIN_REFILL_PERIOD, Per, Percent, ScopeConfig, UnknownScope,

@@ -256,6 +256,11 @@ impl<S: Store, E> Limiter<S, E> {
         Self { signer, ..self }
     }
 
+    /// The signer of reservations; a reload gives it the new secrets.
+    pub fn signer(&self) -> &Signer {
+        &self.signer
+    }
+
     /// The generation in force: load it once per call and decide, authorise
     /// and report on it, so a reload mid-call cannot mix two configs.
     pub fn snapshot(&self) -> Arc<Generation<E>> {

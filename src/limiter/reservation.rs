@@ -22,6 +22,7 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::hmac;
@@ -38,10 +39,14 @@ pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 /// Bytes of the signature at the end of every token.
 const MAC_LEN: usize = 32;
 
-/// Signs and verifies reservations.
+/// Signs and verifies reservations. Its keys can be replaced while it
+/// serves (a reload rotating `reservations.secret`): the first signs, every
+/// one verifies, so tokens signed with a key still listed keep settling.
 #[derive(Clone)]
 pub struct Signer {
-    key: hmac::Key,
+    keys: Arc<ArcSwap<Vec<hmac::Key>>>,
+    /// This process's random key, used when no secret is configured.
+    own: hmac::Key,
     random: Arc<SystemRandom>,
 }
 
@@ -55,21 +60,45 @@ impl Signer {
     /// A signer with `secret` as its HMAC key: replicas with equal secrets
     /// accept each other's reservations.
     pub fn new(secret: &[u8]) -> Self {
-        Self {
-            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
-            random: Arc::new(SystemRandom::new()),
-        }
+        Self::with_secrets(&[secret])
+    }
+
+    /// A signer that signs with the first of `secrets` and verifies with
+    /// every one; with none, a random key of this process.
+    pub fn with_secrets(secrets: &[&[u8]]) -> Self {
+        let random = SystemRandom::new();
+        let mut own = [0u8; 32];
+        // The system's random source does not fail on supported platforms;
+        // if it ever did, a zero key still verifies only our own tokens'
+        // format, and a log reader would see every reservation refused.
+        let _ = random.fill(&mut own);
+        let signer = Self {
+            keys: Arc::new(ArcSwap::from_pointee(Vec::new())),
+            own: hmac::Key::new(hmac::HMAC_SHA256, &own),
+            random: Arc::new(random),
+        };
+        signer.use_secrets(secrets);
+        signer
     }
 
     /// A signer with a random key: only this process accepts its tokens.
     pub fn random() -> Self {
-        let random = SystemRandom::new();
-        let mut secret = [0u8; 32];
-        // The system's random source does not fail on supported platforms;
-        // if it ever did, a zero key still verifies only our own tokens'
-        // format, and a log reader would see every reservation refused.
-        let _ = random.fill(&mut secret);
-        Self::new(&secret)
+        Self::with_secrets(&[])
+    }
+
+    /// From now on, signs with the first of `secrets` and verifies with
+    /// every one; with none, with this process's random key. Every clone
+    /// of this signer follows.
+    pub fn use_secrets(&self, secrets: &[&[u8]]) {
+        let keys = if secrets.is_empty() {
+            vec![self.own.clone()]
+        } else {
+            secrets
+                .iter()
+                .map(|s| hmac::Key::new(hmac::HMAC_SHA256, s))
+                .collect()
+        };
+        self.keys.store(Arc::new(keys));
     }
 
     /// A fresh random reservation id.
@@ -82,7 +111,10 @@ impl Signer {
     /// The token for `reservation`.
     pub fn sign(&self, reservation: &Reservation) -> String {
         let mut body = reservation.encode();
-        let tag = hmac::sign(&self.key, &body);
+        let keys = self.keys.load();
+        // `use_secrets` never stores an empty list.
+        let key = keys.first().unwrap_or(&self.own);
+        let tag = hmac::sign(key, &body);
         body.extend_from_slice(tag.as_ref());
         URL_SAFE_NO_PAD.encode(body)
     }
@@ -91,7 +123,10 @@ impl Signer {
     pub fn verify(&self, token: &str) -> Result<Reservation, TokenError> {
         let raw = raw(token)?;
         let (body, tag) = raw.split_at(raw.len() - MAC_LEN);
-        hmac::verify(&self.key, body, tag).map_err(|_| TokenError::Forged)?;
+        let keys = self.keys.load();
+        if !keys.iter().any(|k| hmac::verify(k, body, tag).is_ok()) {
+            return Err(TokenError::Forged);
+        }
         Reservation::decode(body).ok_or(TokenError::Malformed)
     }
 }
@@ -373,6 +408,13 @@ mod tests {
             Err(TokenError::Forged)
         );
         assert_eq!(signer.verify("not a token!"), Err(TokenError::Malformed));
+        // Rotation: a key still listed verifies; a retired one does not.
+        let rotated = Signer::with_secrets(&[&[2; 32], &[1; 32]]);
+        assert_eq!(rotated.verify(&token), Ok(reservation()));
+        let new = rotated.sign(&reservation());
+        assert_eq!(Signer::new(&[2; 32]).verify(&new), Ok(reservation()));
+        rotated.use_secrets(&[&[2; 32]]);
+        assert_eq!(rotated.verify(&token), Err(TokenError::Forged));
         assert_eq!(signer.verify(""), Err(TokenError::Malformed));
     }
 }

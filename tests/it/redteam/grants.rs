@@ -345,3 +345,82 @@ async fn admin_scopes(backend: Backend, prefix: &str) {
         .await
         .expect("explain on a granted scope");
 }
+
+on_each_store!(
+    a_rotated_reservation_secret_keeps_open_reservations_settleable,
+    rotation
+);
+async fn rotation(backend: Backend, prefix: &str) {
+    let (a, b) = ("a".repeat(32), "b".repeat(32));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (file_a, file_b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::write(&file_a, format!("{a}\n")).expect("write");
+    std::fs::write(&file_b, format!("{b}\n")).expect("write");
+    let yaml = |reservations: String, capacity: u64| {
+        format!(
+            "{}failure_mode: closed\nreservations: {reservations}\nscopes:
+  - name: llm
+    limits: [{{name: tokens, per: identity, capacity: {capacity}, refill_period: 1h}}]\n",
+            backend.yaml(prefix)
+        )
+    };
+    // The single form, as before.
+    let server = TestServer::start(&yaml(format!("{{secret: \"{a}\"}}"), 100)).await;
+    let mut client = server.client().await;
+    let reserve =
+        async |client: &mut tollgate::pb::tollgate::v1::rate_limiter_client::RateLimiterClient<
+            _,
+        >| {
+            let r = ShouldAllowRequest {
+                cost: 2,
+                settle_within: Some(prost_types::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+                ..req("llm", "carol", "")
+            };
+            client
+                .should_allow(r)
+                .await
+                .expect("reserve")
+                .into_inner()
+                .reservation
+        };
+    let (old_1, old_2) = (reserve(&mut client).await, reserve(&mut client).await);
+    let settle =
+        async |client: &mut tollgate::pb::tollgate::v1::rate_limiter_client::RateLimiterClient<
+            _,
+        >,
+               token: &str| {
+            client
+                .settle(SettleRequest {
+                    reservation: token.to_owned(),
+                    actual_cost: 1,
+                })
+                .await
+        };
+
+    // Rotate: sign with b, still verify a (files, as a list).
+    let files = format!("{{secret_file: [{:?}, {:?}]}}", file_b, file_a);
+    server.reload(&yaml(files, 101)).await;
+    let limit = crate::common::wait_for_limit(&mut client, "llm", "probe", 101).await;
+    assert_eq!(limit, 101, "the list form reloads");
+    settle(&mut client, &old_1)
+        .await
+        .expect("a reservation signed before the rotation settles");
+    let new = reserve(&mut client).await;
+
+    // Retire a: only b verifies.
+    server
+        .reload(&yaml(format!("{{secret: [\"{b}\"]}}"), 102))
+        .await;
+    crate::common::wait_for_limit(&mut client, "llm", "probe", 102).await;
+    settle(&mut client, &new)
+        .await
+        .expect("a reservation signed with the new key settles");
+    let e = settle(&mut client, &old_2)
+        .await
+        .expect_err("a retired key no longer verifies");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("forged"), "{e:?}");
+}
