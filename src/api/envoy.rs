@@ -266,7 +266,9 @@ impl<S: Store> EnvoyRateLimitApi<S> {
     /// Decides a request's descriptors: refunds first (they always pass),
     /// then the checks, as a dry run; then the charges together, or, when
     /// a check denied, the charges as a dry run too, so a denied request
-    /// takes nothing. Decisions come back in descriptor order.
+    /// takes nothing. Decisions come back in descriptor order. Each kind
+    /// present is one store call, so a request costs at most three
+    /// (docs/envoy.md; a test counts them).
     async fn decide(
         &self,
         rules: &limiter::Rules,

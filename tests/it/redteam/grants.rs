@@ -424,3 +424,63 @@ async fn rotation(backend: Backend, prefix: &str) {
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("forged"), "{e:?}");
 }
+
+on_each_store!(
+    an_envoy_request_costs_one_store_call_per_kind_it_carries,
+    envoy_store_calls
+);
+async fn envoy_store_calls(backend: Backend, prefix: &str) {
+    let metrics = crate::common::free_port();
+    let yaml = format!(
+        "{}failure_mode: closed
+metrics: {{listen: \"127.0.0.1:{metrics}\"}}
+scopes:
+  - name: api
+    descriptor_keys: {{identity: user}}
+    limits: [{{name: per-user, per: identity, capacity: 100, refill_period: 1h}}]
+",
+        backend.yaml(prefix)
+    );
+    let server = TestServer::start(&yaml).await;
+    let mut envoy = RateLimitServiceClient::new(server.channel().await);
+    let calls = async || {
+        let text = crate::common::metrics_get(metrics, "/metrics").await;
+        text.lines()
+            .find_map(|l| l.strip_prefix("tollgate_store_duration_seconds_count "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let refund = || RateLimitDescriptor {
+        is_negative_hits: true,
+        ..descriptor("r", Some(1))
+    };
+    let cases: [(&str, Vec<RateLimitDescriptor>, u64); 5] = [
+        ("a charge", vec![descriptor("a", None)], 1),
+        (
+            "charges",
+            vec![descriptor("a", None), descriptor("b", Some(2))],
+            1,
+        ),
+        (
+            "a check and a charge",
+            vec![descriptor("a", Some(0)), descriptor("b", None)],
+            2,
+        ),
+        ("a refund", vec![refund()], 1),
+        (
+            "a refund, a check and a charge",
+            vec![refund(), descriptor("a", Some(0)), descriptor("b", None)],
+            3,
+        ),
+    ];
+    for (what, descriptors, want) in cases {
+        let before = calls().await;
+        let r = envoy
+            .should_rate_limit(rls(descriptors))
+            .await
+            .expect("decided")
+            .into_inner();
+        assert_eq!(r.overall_code, 1, "{what}: {r:?}");
+        assert_eq!(calls().await - before, want, "store calls for {what}");
+    }
+}
