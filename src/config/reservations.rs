@@ -171,13 +171,12 @@ impl ReservationsConfig {
     pub(super) fn validate(&self, problems: &mut Vec<String>) {
         match &self.secret {
             None => {}
-            Some(Secrets::One(secret)) => {
-                if secret.expose().len() < MIN_SECRET_LEN {
-                    problems.push(format!(
-                        "reservations.secret: must be at least {MIN_SECRET_LEN} bytes"
-                    ));
-                }
+            Some(Secrets::One(secret)) if secret.expose().len() < MIN_SECRET_LEN => {
+                problems.push(format!(
+                    "reservations.secret: must be at least {MIN_SECRET_LEN} bytes"
+                ));
             }
+            Some(Secrets::One(_)) => {}
             Some(Secrets::Many(list)) => {
                 if list.is_empty() || list.len() > MAX_SECRETS {
                     problems.push(format!(

@@ -53,7 +53,7 @@
 //! - Bounded: at most [`MAX_ENTRIES`] entries of at most
 //!   [`MAX_ENTRY_BYTES`] each (a key part over 64 bytes, such as an Envoy
 //!   descriptor used whole as the identity, is kept as its SHA-256), so
-//!   32 MiB in all. A shard drops its expired entries once per
+//!   40 MiB in all. A shard drops its expired entries once per
 //!   [`MAX_HOLD`] as it learns, and when full; if none are expired, the new
 //!   denial simply is not cached.
 
@@ -80,7 +80,7 @@ pub const MAX_HOLD: std::time::Duration = std::time::Duration::from_secs(1);
 const SHARDS: usize = 16;
 
 /// The most bytes one held denial accounts for (see [`DenyCache::bytes`]).
-pub const MAX_ENTRY_BYTES: usize = 512;
+pub const MAX_ENTRY_BYTES: usize = 640;
 
 /// A store with the deny cache in front of it, or (when off) just the store.
 #[derive(Debug)]
