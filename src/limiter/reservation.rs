@@ -394,6 +394,25 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_token_without_a_caller_still_verifies() {
+        let key = [1; 32];
+        let r = Reservation {
+            caller: None,
+            ..reservation()
+        };
+        // Version 1 is version 2 without the caller field, which follows
+        // the scope (and is one 0 byte when absent).
+        let mut body = r.encode();
+        let at = 1 + 16 + 8 + 2 + r.scope.len();
+        assert_eq!(body.remove(at), 0);
+        body[0] = 1;
+        let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &key), &body);
+        body.extend_from_slice(tag.as_ref());
+        let token = URL_SAFE_NO_PAD.encode(body);
+        assert_eq!(Signer::new(&key).verify(&token), Ok(r));
+    }
+
+    #[test]
     fn an_altered_or_foreign_token_is_forged() {
         let signer = Signer::new(&[1; 32]);
         let token = signer.sign(&reservation());
