@@ -484,3 +484,61 @@ scopes:
         assert_eq!(calls().await - before, want, "store calls for {what}");
     }
 }
+
+on_each_store!(
+    a_long_envoy_identity_is_listed_by_a_prefix_and_its_hash,
+    long_identity_listed
+);
+async fn long_identity_listed(backend: Backend, prefix: &str) {
+    // No descriptor_keys: the whole descriptor is the identity.
+    let yaml = format!(
+        "{}failure_mode: closed
+scopes:
+  - name: api
+    limits: [{{name: per-caller, per: identity, capacity: 2, refill_period: 1h}}]
+",
+        backend.yaml(prefix)
+    );
+    let server = TestServer::start(&yaml).await;
+    let mut envoy = RateLimitServiceClient::new(server.channel().await);
+    let long = RateLimitDescriptor {
+        entries: (0..16)
+            .map(|i| Entry {
+                key: format!("k{i:02}"),
+                value: "v".repeat(256),
+            })
+            .collect(),
+        ..Default::default()
+    };
+    for _ in 0..3 {
+        envoy
+            .should_rate_limit(rls(vec![long.clone()]))
+            .await
+            .expect("decided");
+    }
+    envoy
+        .should_rate_limit(rls(vec![descriptor("alice", None)]))
+        .await
+        .expect("decided");
+    let mut admin = AdminClient::new(server.channel().await);
+    let top = admin
+        .top_identities(TopIdentitiesRequest::default())
+        .await
+        .expect("top")
+        .into_inner();
+    // A descriptor used whole is listed in its canonical form, which opens
+    // with a marker byte.
+    let listed: Vec<&str> = top
+        .rules
+        .iter()
+        .flat_map(|r| &r.identities)
+        .map(|c| c.identity.trim_start_matches('\u{1}'))
+        .collect();
+    assert!(listed.contains(&"user=alice"), "{listed:?}");
+    let shown = listed
+        .iter()
+        .find(|i| i.starts_with("k00="))
+        .expect("the long identity is listed");
+    assert!(shown.len() <= 128, "{shown}");
+    assert!(shown.contains("…sha256:"), "{shown}");
+}
