@@ -138,7 +138,11 @@ fn parse_attr(s: &str) -> Result<(String, String), String> {
 /// Validates a config file as `serve` would, printing a summary of its
 /// scopes and rules, or every problem found.
 pub(crate) fn check_config(file: &Path) -> ExitCode {
-    match Prepared::load(ConfigSource::new(file, std::env::vars())) {
+    let source = ConfigSource::new(file, std::env::vars());
+    for name in &source.ignored {
+        eprintln!("warning: {name} ignored: it names no config section");
+    }
+    match Prepared::load(source) {
         Ok(p) => {
             print!("{}", summary(&p.config, &p.rules));
             println!("config OK");

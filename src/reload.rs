@@ -46,6 +46,9 @@
 //!   snapshot that records after the pruning may bring back one of its
 //!   rules; it is pruned at the next reload, and memory stays bounded by the
 //!   configs loaded.
+//! - The reservation secrets go to the limiter's signer right after the
+//!   swap. A reservation signed in between with the old first key still
+//!   settles while the new list keeps that key, as a rotation does.
 //! - Settings only a restart can apply ([`restart_only_changes`]) are named
 //!   in a warning; the old values stay in force. TLS certificates follow
 //!   their files by themselves (`crate::net::tls`).
@@ -69,6 +72,18 @@ pub fn snapshot(config: &Config, rules: Rules, observer: &Arc<Observer>) -> Snap
         rules: Arc::new(rules),
         extra: Settings::new(config, observer.clone()),
     }
+}
+
+/// `config`'s reservation secrets, the signing one first; none when it
+/// names none (a random key of this process signs).
+pub fn secrets(config: &Config) -> Vec<&[u8]> {
+    config
+        .reservations
+        .secret
+        .iter()
+        .flat_map(|s| s.all())
+        .map(|s| s.expose().as_bytes())
+        .collect()
 }
 
 /// Reads the config again on [`crate::shutdown::Control::Reload`] and swaps
@@ -129,6 +144,8 @@ impl<S: Store> Reloader<S> {
                 // swapped in one store.
                 let next = snapshot(&p.config, p.rules, &self.observer);
                 self.limiter.replace(next);
+                // Tokens signed with a key the new list keeps still settle.
+                self.limiter.signer().use_secrets(&secrets(&p.config));
                 self.board.hitters.retain(&self.limiter.rules());
                 let pending = restart_only_changes(&self.current, &p.config);
                 if !pending.is_empty() {
@@ -154,9 +171,8 @@ impl<S: Store> Reloader<S> {
 
 /// The settings that differ between `old` and `new` and that a reload
 /// cannot apply: the listeners and their TLS and gRPC bounds, the store,
-/// logging, metrics, the shutdown grace (armed when serving starts), and
-/// the reservations' signing key (a new key would refuse every reservation
-/// already handed out). (The TLS certificate files themselves are re-read
+/// logging, metrics and the shutdown grace (armed when serving starts).
+/// (The TLS certificate files themselves are re-read
 /// when they change.) Compared by their Debug prints, which every config
 /// type has (passwords print redacted, so a password-only change is not
 /// named).
@@ -185,16 +201,8 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.shutdown_grace != new.shutdown_grace {
         changed.push("shutdown_grace");
     }
-    // The signing key is redacted in Debug, so compare it itself.
-    // `max_settle_within` is in the snapshot: a reload applies it.
-    let signing = |c: &Config| {
-        let r = &c.reservations;
-        let secret = r.secret.as_ref().map(|s| s.expose().to_owned());
-        (secret, r.secret_file.clone())
-    };
-    if signing(old) != signing(new) {
-        changed.push("reservations.secret");
-    }
+    // `reservations` (the signing secrets and `max_settle_within`) is
+    // applied by a reload.
     changed
 }
 

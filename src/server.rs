@@ -97,10 +97,7 @@ pub async fn run(
     } = prepared;
     let metrics = Arc::new(Metrics::new());
     let store = store::build_served(&config.store, metrics.clone())?;
-    let signer = match &config.reservations.secret {
-        Some(secret) => Signer::new(secret.expose().as_bytes()),
-        None => Signer::random(),
-    };
+    let signer = Signer::with_secrets(&crate::reload::secrets(&config));
     let hitters = Arc::new(Hitters::new(Sizes {
         counters: config.analytics.counters,
         top_k: config.analytics.top_k,
@@ -121,6 +118,9 @@ pub async fn run(
         .set_service_status(HEALTH_SERVICE, ServingStatus::Serving)
         .await;
     let watcher = tokio::spawn(watch_store(limiter.clone(), health.clone()));
+    for name in source.iter().flat_map(|s| &s.ignored) {
+        tracing::warn!("{name} ignored: it names no config section");
+    }
     let mut reloader = Reloader::new(
         source,
         limiter.clone(),

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::auth::Caller;
 use super::tollgate::{duration, to_domain, to_proto};
 use super::validate::{self, MAX_SCOPE_LEN};
 use super::{Settings, Snapshot};
@@ -33,10 +34,35 @@ impl<S> AdminApi<S> {
 /// Every Admin call passes here first, with the snapshot it then answers
 /// from: with callers configured, only a caller whose grant has `admin:
 /// true` gets an answer (top identities name users); with none configured,
-/// admin is open like every API.
-fn authorize<T>(snapshot: &Snapshot, request: &Request<T>, method: &str) -> Result<(), Status> {
-    let access = &snapshot.extra.access;
-    access.authorize_admin(request, method).map(|_| ())
+/// admin is open like every API. The answer is the caller, whose `scopes`
+/// still bound what it may read (`None`: every scope).
+fn authorize<T>(
+    snapshot: &Snapshot,
+    request: &Request<T>,
+    method: &str,
+) -> Result<Option<Arc<Caller>>, Status> {
+    snapshot.extra.access.authorize_admin(request, method)
+}
+
+/// Whether `caller` may read `scope`: `admin` opens the admin RPCs, not
+/// scopes beyond the caller's grant.
+fn may_read(caller: Option<&Caller>, scope: &str) -> bool {
+    caller.is_none_or(|c| c.may_decide(scope))
+}
+
+/// Refuses a request naming a `scope` (at `field`) outside `caller`'s grant.
+fn check_scope(
+    snapshot: &Snapshot,
+    caller: Option<&Caller>,
+    method: &str,
+    field: &str,
+    scope: &str,
+) -> Result<(), Status> {
+    snapshot
+        .extra
+        .access
+        .check_decision("admin", caller, field, scope, false)
+        .map_err(|s| Status::permission_denied(format!("{method}: {}", s.message())))
 }
 
 fn window(w: i32) -> Result<Window, Status> {
@@ -166,9 +192,14 @@ impl<S: Store> pb::admin_server::Admin for AdminApi<S> {
         &self,
         request: Request<pb::TopIdentitiesRequest>,
     ) -> Result<Response<pb::TopIdentitiesResponse>, Status> {
-        authorize(&self.limiter.snapshot(), &request, "TopIdentities")?;
+        let snapshot = self.limiter.snapshot();
+        let caller = authorize(&snapshot, &request, "TopIdentities")?;
+        let caller = caller.as_deref();
         let req = request.into_inner();
         validate::text("scope", &req.scope, MAX_SCOPE_LEN, false)?;
+        if !req.scope.is_empty() {
+            check_scope(&snapshot, caller, "TopIdentities", "scope", &req.scope)?;
+        }
         validate::text("rule", &req.rule, MAX_NAME_LEN, false)?;
         let (window, by) = (window(req.window)?, rank_by(req.by)?);
         let sizes = self.hitters.sizes();
@@ -183,6 +214,7 @@ impl<S: Store> pb::admin_server::Admin for AdminApi<S> {
             .filter(|(s, r)| {
                 (req.scope.is_empty() || **s == *req.scope)
                     && (req.rule.is_empty() || **r == *req.rule)
+                    && may_read(caller, s)
             })
             .map(|(s, r)| top_to_proto(self.hitters.top(&s, &r, window, by, k)))
             .collect();
@@ -194,15 +226,20 @@ impl<S: Store> pb::admin_server::Admin for AdminApi<S> {
         request: Request<pb::UtilizationRequest>,
     ) -> Result<Response<pb::UtilizationResponse>, Status> {
         let snapshot = self.limiter.snapshot();
-        authorize(&snapshot, &request, "Utilization")?;
+        let caller = authorize(&snapshot, &request, "Utilization")?;
+        let caller = caller.as_deref();
         let req = request.into_inner();
         validate::text("scope", &req.scope, MAX_SCOPE_LEN, false)?;
+        if !req.scope.is_empty() {
+            check_scope(&snapshot, caller, "Utilization", "scope", &req.scope)?;
+        }
         let window = window(req.window)?;
         let scopes = if req.scope.is_empty() {
             let mut all: Vec<String> = snapshot
                 .rules
                 .scopes()
                 .map(|s| s.name.to_string())
+                .filter(|s| may_read(caller, s))
                 .collect();
             all.sort();
             all
@@ -227,9 +264,16 @@ impl<S: Store> pb::admin_server::Admin for AdminApi<S> {
         request: Request<pb::ExplainRequest>,
     ) -> Result<Response<pb::ExplainResponse>, Status> {
         let snapshot = self.limiter.snapshot();
-        authorize(&snapshot, &request, "Explain")?;
+        let caller = authorize(&snapshot, &request, "Explain")?;
         let req = request.into_inner().request.unwrap_or_default();
         let domain = to_domain(&req, "request.")?;
+        check_scope(
+            &snapshot,
+            caller.as_deref(),
+            "Explain",
+            "request.scope",
+            &req.scope,
+        )?;
         let e = self.limiter.explain_on(&snapshot.rules, &domain).await?;
         let mut buckets = e.decision.buckets.iter();
         let limits = e

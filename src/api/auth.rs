@@ -43,8 +43,10 @@ pub enum Privilege {
 impl Privilege {
     fn describe(self) -> &'static str {
         match self {
-            Self::DryRun => "send dry_run requests",
-            Self::Batch => "call ShouldAllowBatch",
+            Self::DryRun => "send dry_run requests (Envoy: a descriptor's hits_addend 0)",
+            Self::Batch => {
+                "send batches (ShouldAllowBatch, or Envoy requests of several descriptors)"
+            }
             Self::Admin => "call the admin RPCs",
             Self::Refund => "send refunds (is_negative_hits)",
         }
@@ -226,6 +228,32 @@ impl Authorizer {
                     "caller {:?} may not {}{on}",
                     &*caller.name,
                     privilege.describe()
+                );
+                Err(self.denied(api, caller, scope, why))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses, as PERMISSION_DENIED, a settle by `caller` of a reservation
+    /// on `scope` that another caller, `owner`, made. A reservation made
+    /// with no callers configured names none, and settles for anyone
+    /// granted its scope; with no callers configured now, anyone settles.
+    pub fn check_owner(
+        &self,
+        api: &'static str,
+        caller: Option<&Caller>,
+        owner: Option<&str>,
+        scope: &str,
+    ) -> Result<(), Status> {
+        match (caller, owner) {
+            (Some(caller), Some(owner)) if *caller.name != *owner => {
+                // The owner is not named: callers need not learn each
+                // other's names.
+                let why = format!(
+                    "reservation: caller {:?} did not make this reservation; \
+                     only the caller that made it may settle it",
+                    &*caller.name
                 );
                 Err(self.denied(api, caller, scope, why))
             }

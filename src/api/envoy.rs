@@ -40,6 +40,11 @@ use crate::limiter::{self, BucketReport, Decision, Limiter, Priority};
 use crate::observe::Observer;
 use crate::store::Store;
 
+/// The most descriptors a request may carry without the `batch` grant.
+/// Envoy sends one per `rate_limits` action that matches (route and virtual
+/// host together), which is a handful; more is a batch of decisions.
+pub const UNBATCHED_DESCRIPTORS: usize = 8;
+
 /// Serves Envoy's RLS v3 over a shared limiter.
 #[derive(Debug)]
 pub struct EnvoyRateLimitApi<S> {
@@ -106,6 +111,7 @@ impl<'a> Described<'a> {
             entries: &self.entries,
             priority: self.priority,
             settle_within: None,
+            caller: None,
         }
     }
 }
@@ -260,7 +266,9 @@ impl<S: Store> EnvoyRateLimitApi<S> {
     /// Decides a request's descriptors: refunds first (they always pass),
     /// then the checks, as a dry run; then the charges together, or, when
     /// a check denied, the charges as a dry run too, so a denied request
-    /// takes nothing. Decisions come back in descriptor order.
+    /// takes nothing. Decisions come back in descriptor order. Each kind
+    /// present is one store call, so a request costs at most three
+    /// (docs/envoy.md; a test counts them).
     async fn decide(
         &self,
         rules: &limiter::Rules,
@@ -335,6 +343,25 @@ impl<S: Store> RateLimitService for EnvoyRateLimitApi<S> {
         settings
             .access
             .check_decision("envoy", caller.as_deref(), "domain", &req.domain, false)?;
+        // The Envoy forms of the grants ShouldAllow checks: a check reads a
+        // bucket without taking (a dry run), and many descriptors are many
+        // decisions at once (a batch). A route's own few are not a batch.
+        if described.iter().any(|d| d.kind == Kind::Check) {
+            settings.access.check_privilege(
+                "envoy",
+                caller.as_deref(),
+                Privilege::DryRun,
+                &req.domain,
+            )?;
+        }
+        if described.len() > UNBATCHED_DESCRIPTORS {
+            settings.access.check_privilege(
+                "envoy",
+                caller.as_deref(),
+                Privilege::Batch,
+                &req.domain,
+            )?;
+        }
         if described.iter().any(|d| d.kind == Kind::Refund) {
             settings.access.check_privilege(
                 "envoy",

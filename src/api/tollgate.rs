@@ -95,6 +95,7 @@ pub(super) fn to_domain<'a>(
         entries: &[],
         priority,
         settle_within,
+        caller: None,
     })
 }
 
@@ -148,7 +149,10 @@ impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
         let (rules, settings) = (&snapshot.rules, &snapshot.extra);
         let caller = settings.access.identify("tollgate", &request)?;
         let req = request.into_inner();
-        let domain = to_domain(&req, "")?;
+        let domain = limiter::Request {
+            caller: caller.as_deref().map(|c| &*c.name),
+            ..to_domain(&req, "")?
+        };
         let max = settings.max_settle_within;
         if domain.settle_within.is_some_and(|d| d > max) {
             return Err(validate::invalid(
@@ -259,22 +263,30 @@ impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
                 validate::invalid("actual_cost", format!("must be at most {}", u32::MAX)).into(),
             );
         }
-        let reservation = match self.limiter.verify(&req.reservation) {
-            Ok(reservation) => reservation,
-            Err(e) => {
-                let e = limiter::SettleError::from(e);
-                self.observer.settled("", Err(&e));
-                return Err(e.into());
-            }
+        let refused = |e: limiter::reservation::TokenError| -> Status {
+            let e = limiter::SettleError::from(e);
+            self.observer.settled("", Err(&e));
+            e.into()
         };
-        // A caller may settle only what it may decide on.
+        // The grant is checked on what the token claims, before its
+        // signature: a caller outside the claimed scope or owner learns
+        // nothing about whether the token is genuine.
+        let claimed = self.limiter.peek(&req.reservation).map_err(refused)?;
+        // A caller may settle only what it may decide on, and only its own.
         access.check_decision(
             "tollgate",
             caller.as_deref(),
             "reservation",
-            &reservation.scope,
+            &claimed.scope,
             false,
         )?;
+        access.check_owner(
+            "tollgate",
+            caller.as_deref(),
+            claimed.caller.as_deref(),
+            &claimed.scope,
+        )?;
+        let reservation = self.limiter.verify(&req.reservation).map_err(refused)?;
         let settled = self
             .limiter
             .settle_reservation_on(rules, &reservation, req.actual_cost)

@@ -2,7 +2,8 @@
 //!
 //! The source is a YAML file, overlaid with environment variables of the form
 //! `TOLLGATE_<PATH>` where nested keys are joined by `__`, for example
-//! `TOLLGATE_LISTEN=0.0.0.0:50051` or `TOLLGATE_STORE__KIND=memory`. The
+//! `TOLLGATE_LISTEN=0.0.0.0:50051` or `TOLLGATE_STORE__KIND=memory` (only
+//! variables whose first part names a top-level key: see [`is_override`]). The
 //! environment is passed in, never read here, so tests stay hermetic.
 //!
 //! Every error names the field it is about, as a path such as
@@ -34,7 +35,7 @@ pub mod store;
 
 pub use analytics::{AnalyticsConfig, ReloadConfig};
 pub use envoy::{EnvoyDescriptor, EnvoyDomain, EnvoyRateLimit, EnvoyValue};
-pub use reservations::ReservationsConfig;
+pub use reservations::{ReservationsConfig, SecretFiles, Secrets};
 pub use scopes::{
     DescriptorKeysConfig, FailureMode, HeadroomConfig, LimitConfig, MAX_BUDGET, MAX_CAPACITY,
     MAX_NAME_LEN, MAX_REFILL_PERIOD, MIN_REFILL_PERIOD, Per, Percent, ScopeConfig, UnknownScope,
@@ -52,6 +53,46 @@ pub use store::{
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 /// The prefix of environment overrides.
 pub const ENV_PREFIX: &str = "TOLLGATE";
+
+/// The config's top-level keys. A `TOLLGATE_*` variable is an override
+/// only when its first part names one of them; others (`TOLLGATE_BIN`, set
+/// by a harness for its own use) are ignored, with a warning at start-up.
+/// A unit test holds this list to the fields of [`Config`].
+pub const SECTIONS: &[&str] = &[
+    "listen",
+    "store",
+    "failure_mode",
+    "unknown_scope",
+    "log",
+    "metrics",
+    "drain_delay",
+    "shutdown_grace",
+    "envoy_ratelimit_configs",
+    "envoy_response_headers",
+    "envoy_ratelimit_draft",
+    "scopes",
+    "tls",
+    "callers",
+    "grpc",
+    "analytics",
+    "reload",
+    "reservations",
+];
+
+/// Whether the environment variable `name` overrides the config: it is
+/// `TOLLGATE_<SECTION>` or `TOLLGATE_<SECTION>__<PATH>` for a top-level
+/// key `SECTION` (any case). Under a known section, every part must still
+/// name a key, or the config is refused.
+pub fn is_override(name: &str) -> bool {
+    let Some(path) = name
+        .strip_prefix(ENV_PREFIX)
+        .and_then(|rest| rest.strip_prefix('_'))
+    else {
+        return false;
+    };
+    let section = path.split("__").next().unwrap_or_default();
+    SECTIONS.iter().any(|s| s.eq_ignore_ascii_case(section))
+}
 /// Default `shutdown_grace`: how long calls still in flight after the drain
 /// may run before they are cancelled. Kubernetes gives a pod 30 s in all by
 /// default; this leaves room for `drain_delay` within it.
@@ -242,18 +283,23 @@ pub struct ConfigSource {
     pub path: PathBuf,
     /// The `TOLLGATE_*` overrides, captured once at start-up.
     pub env: Vec<(String, String)>,
+    /// The `TOLLGATE_*` variables that name no config section, ignored;
+    /// start-up warns of each.
+    pub ignored: Vec<String>,
 }
 
 impl ConfigSource {
     /// A source reading `path`, overlaid with the `TOLLGATE_*` pairs of `env`.
     pub fn new(path: impl Into<PathBuf>, env: impl IntoIterator<Item = (String, String)>) -> Self {
         let prefix = format!("{ENV_PREFIX}_");
+        let (env, ignored): (Vec<_>, Vec<_>) = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .partition(|(k, _)| is_override(k));
         Self {
             path: path.into(),
-            env: env
-                .into_iter()
-                .filter(|(k, _)| k.starts_with(&prefix))
-                .collect(),
+            env,
+            ignored: ignored.into_iter().map(|(k, _)| k).collect(),
         }
     }
 
@@ -313,11 +359,8 @@ impl Config {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let prefix = format!("{ENV_PREFIX}_");
-        let env: ::config::Map<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(&prefix))
-            .collect();
+        let env: ::config::Map<String, String> =
+            env.into_iter().filter(|(k, _)| is_override(k)).collect();
         let raw = ::config::Config::builder()
             .add_source(::config::File::from_str(text, ::config::FileFormat::Yaml))
             .add_source(
@@ -437,4 +480,43 @@ fn dotted_paths(message: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_are_the_configs_top_level_keys() {
+        // serde lists every field of `Config` when it meets an unknown one.
+        let e = Config::from_yaml("not_a_section: 1")
+            .unwrap_err()
+            .to_string();
+        let (_, listed) = e.split_once("expected one of ").unwrap();
+        let keys: Vec<&str> = listed
+            .split(',')
+            .map(|k| k.trim().trim_matches('`'))
+            .collect();
+        assert_eq!(keys, SECTIONS);
+    }
+
+    #[test]
+    fn only_variables_naming_a_section_are_overrides() {
+        for yes in [
+            "TOLLGATE_LISTEN",
+            "TOLLGATE_STORE__KIND",
+            "TOLLGATE_store__kidn",
+        ] {
+            assert!(is_override(yes), "{yes}");
+        }
+        for no in [
+            "TOLLGATE_BIN",
+            "TOLLGATE",
+            "TOLLGATE_",
+            "TOLLGATEX_LISTEN",
+            "LISTEN",
+        ] {
+            assert!(!is_override(no), "{no}");
+        }
+    }
 }

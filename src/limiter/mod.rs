@@ -56,6 +56,9 @@ pub struct Request<'a> {
     /// When set, `cost` is an estimate: an allowed request gets a
     /// reservation, settled later with the real cost within this time.
     pub settle_within: Option<Duration>,
+    /// The configured caller making the request, if callers are
+    /// configured: a reservation names it, and only it may settle.
+    pub caller: Option<&'a str>,
 }
 
 /// How much of a bucket's headroom a request may take.
@@ -108,6 +111,7 @@ impl<'a> Request<'a> {
             entries: &[],
             priority: Priority::Normal,
             settle_within: None,
+            caller: None,
         }
     }
 }
@@ -250,6 +254,11 @@ impl<S: Store, E> Limiter<S, E> {
     /// each other's.
     pub fn with_signer(self, signer: Signer) -> Self {
         Self { signer, ..self }
+    }
+
+    /// The signer of reservations; a reload gives it the new secrets.
+    pub fn signer(&self) -> &Signer {
+        &self.signer
     }
 
     /// The generation in force: load it once per call and decide, authorise

@@ -22,6 +22,7 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::hmac;
@@ -29,18 +30,23 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::bucket::{Ledger, Mark, Shape, Tat};
 
-/// The format's version, the first byte of every body.
-const VERSION: u8 = 1;
+/// The format's version, the first byte of every body. Version 2 added
+/// the caller; version 1 tokens (no caller) still verify.
+const VERSION: u8 = 2;
 /// The longest token accepted, in characters: 16 buckets of the longest
 /// keys fit well within it.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 /// Bytes of the signature at the end of every token.
 const MAC_LEN: usize = 32;
 
-/// Signs and verifies reservations.
+/// Signs and verifies reservations. Its keys can be replaced while it
+/// serves (a reload rotating `reservations.secret`): the first signs, every
+/// one verifies, so tokens signed with a key still listed keep settling.
 #[derive(Clone)]
 pub struct Signer {
-    key: hmac::Key,
+    keys: Arc<ArcSwap<Vec<hmac::Key>>>,
+    /// This process's random key, used when no secret is configured.
+    own: hmac::Key,
     random: Arc<SystemRandom>,
 }
 
@@ -54,21 +60,45 @@ impl Signer {
     /// A signer with `secret` as its HMAC key: replicas with equal secrets
     /// accept each other's reservations.
     pub fn new(secret: &[u8]) -> Self {
-        Self {
-            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
-            random: Arc::new(SystemRandom::new()),
-        }
+        Self::with_secrets(&[secret])
+    }
+
+    /// A signer that signs with the first of `secrets` and verifies with
+    /// every one; with none, a random key of this process.
+    pub fn with_secrets(secrets: &[&[u8]]) -> Self {
+        let random = SystemRandom::new();
+        let mut own = [0u8; 32];
+        // The system's random source does not fail on supported platforms;
+        // if it ever did, a zero key still verifies only our own tokens'
+        // format, and a log reader would see every reservation refused.
+        let _ = random.fill(&mut own);
+        let signer = Self {
+            keys: Arc::new(ArcSwap::from_pointee(Vec::new())),
+            own: hmac::Key::new(hmac::HMAC_SHA256, &own),
+            random: Arc::new(random),
+        };
+        signer.use_secrets(secrets);
+        signer
     }
 
     /// A signer with a random key: only this process accepts its tokens.
     pub fn random() -> Self {
-        let random = SystemRandom::new();
-        let mut secret = [0u8; 32];
-        // The system's random source does not fail on supported platforms;
-        // if it ever did, a zero key still verifies only our own tokens'
-        // format, and a log reader would see every reservation refused.
-        let _ = random.fill(&mut secret);
-        Self::new(&secret)
+        Self::with_secrets(&[])
+    }
+
+    /// From now on, signs with the first of `secrets` and verifies with
+    /// every one; with none, with this process's random key. Every clone
+    /// of this signer follows.
+    pub fn use_secrets(&self, secrets: &[&[u8]]) {
+        let keys = if secrets.is_empty() {
+            vec![self.own.clone()]
+        } else {
+            secrets
+                .iter()
+                .map(|s| hmac::Key::new(hmac::HMAC_SHA256, s))
+                .collect()
+        };
+        self.keys.store(Arc::new(keys));
     }
 
     /// A fresh random reservation id.
@@ -81,26 +111,46 @@ impl Signer {
     /// The token for `reservation`.
     pub fn sign(&self, reservation: &Reservation) -> String {
         let mut body = reservation.encode();
-        let tag = hmac::sign(&self.key, &body);
+        let keys = self.keys.load();
+        // `use_secrets` never stores an empty list.
+        let key = keys.first().unwrap_or(&self.own);
+        let tag = hmac::sign(key, &body);
         body.extend_from_slice(tag.as_ref());
         URL_SAFE_NO_PAD.encode(body)
     }
 
     /// The reservation in `token`, if it is one this key signed, unaltered.
     pub fn verify(&self, token: &str) -> Result<Reservation, TokenError> {
-        if token.len() > MAX_TOKEN_LEN {
-            return Err(TokenError::Malformed);
-        }
-        let raw = URL_SAFE_NO_PAD
-            .decode(token.trim())
-            .map_err(|_| TokenError::Malformed)?;
-        if raw.len() <= MAC_LEN {
-            return Err(TokenError::Malformed);
-        }
+        let raw = raw(token)?;
         let (body, tag) = raw.split_at(raw.len() - MAC_LEN);
-        hmac::verify(&self.key, body, tag).map_err(|_| TokenError::Forged)?;
+        let keys = self.keys.load();
+        if !keys.iter().any(|k| hmac::verify(k, body, tag).is_ok()) {
+            return Err(TokenError::Forged);
+        }
         Reservation::decode(body).ok_or(TokenError::Malformed)
     }
+}
+
+/// A token's bytes, body and signature, if it has the shape of one.
+fn raw(token: &str) -> Result<Vec<u8>, TokenError> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(TokenError::Malformed);
+    }
+    let raw = URL_SAFE_NO_PAD
+        .decode(token.trim())
+        .map_err(|_| TokenError::Malformed)?;
+    if raw.len() <= MAC_LEN {
+        return Err(TokenError::Malformed);
+    }
+    Ok(raw)
+}
+
+/// What `token` claims, without checking its signature: never to be acted
+/// on, only to check a caller's grant before telling it whether the token
+/// is genuine.
+pub fn peek(token: &str) -> Result<Reservation, TokenError> {
+    let raw = raw(token)?;
+    Reservation::decode(&raw[..raw.len() - MAC_LEN]).ok_or(TokenError::Malformed)
 }
 
 /// Why a token is refused.
@@ -126,6 +176,9 @@ pub struct Reservation {
     pub deadline_us: u64,
     /// The scope whose buckets it charged.
     pub scope: String,
+    /// The configured caller that made it, when callers are configured:
+    /// only that caller may settle it.
+    pub caller: Option<String>,
     /// Each bucket it took from.
     pub buckets: Vec<ReservedBucket>,
 }
@@ -163,7 +216,8 @@ impl Reservation {
     /// The length of a token whose buckets add `buckets_len` bytes: the
     /// fixed fields and the signature, in base64.
     pub fn token_len(buckets_len: usize) -> usize {
-        let body = 1 + 16 + 8 + 2 + 128 + 1 + buckets_len + MAC_LEN;
+        // Version, id, deadline, scope, caller (a name, at most 128), count.
+        let body = 1 + 16 + 8 + 2 + 128 + 3 + 128 + 1 + buckets_len + MAC_LEN;
         body.div_ceil(3) * 4
     }
 
@@ -173,6 +227,7 @@ impl Reservation {
         out.extend_from_slice(&self.id);
         out.extend_from_slice(&self.deadline_us.to_le_bytes());
         put_text(&mut out, &self.scope);
+        put_opt(&mut out, self.caller.as_deref());
         out.push(u8::try_from(self.buckets.len()).unwrap_or(u8::MAX));
         for b in self.buckets.iter().take(usize::from(u8::MAX)) {
             put_text(&mut out, &b.rule);
@@ -197,12 +252,14 @@ impl Reservation {
 
     fn decode(body: &[u8]) -> Option<Self> {
         let mut r = Reader(body);
-        if r.byte()? != VERSION {
+        let version = r.byte()?;
+        if version != 1 && version != VERSION {
             return None;
         }
         let id = r.take(16)?.try_into().ok()?;
         let deadline_us = r.u64()?;
         let scope = r.text()?;
+        let caller = if version == 1 { None } else { r.opt()? };
         let n = r.byte()?;
         let mut buckets = Vec::with_capacity(usize::from(n));
         for _ in 0..n {
@@ -236,6 +293,7 @@ impl Reservation {
             id,
             deadline_us,
             scope,
+            caller,
             buckets,
         })
     }
@@ -302,6 +360,7 @@ mod tests {
             id: [7; 16],
             deadline_us: 1_700_000_000_000_000,
             scope: "llm".into(),
+            caller: Some("edge".into()),
             buckets: vec![ReservedBucket {
                 rule: "tokens".into(),
                 identity: Some("team-a".into()),
@@ -335,6 +394,25 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_token_without_a_caller_still_verifies() {
+        let key = [1; 32];
+        let r = Reservation {
+            caller: None,
+            ..reservation()
+        };
+        // Version 1 is version 2 without the caller field, which follows
+        // the scope (and is one 0 byte when absent).
+        let mut body = r.encode();
+        let at = 1 + 16 + 8 + 2 + r.scope.len();
+        assert_eq!(body.remove(at), 0);
+        body[0] = 1;
+        let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &key), &body);
+        body.extend_from_slice(tag.as_ref());
+        let token = URL_SAFE_NO_PAD.encode(body);
+        assert_eq!(Signer::new(&key).verify(&token), Ok(r));
+    }
+
+    #[test]
     fn an_altered_or_foreign_token_is_forged() {
         let signer = Signer::new(&[1; 32]);
         let token = signer.sign(&reservation());
@@ -349,6 +427,13 @@ mod tests {
             Err(TokenError::Forged)
         );
         assert_eq!(signer.verify("not a token!"), Err(TokenError::Malformed));
+        // Rotation: a key still listed verifies; a retired one does not.
+        let rotated = Signer::with_secrets(&[&[2; 32], &[1; 32]]);
+        assert_eq!(rotated.verify(&token), Ok(reservation()));
+        let new = rotated.sign(&reservation());
+        assert_eq!(Signer::new(&[2; 32]).verify(&new), Ok(reservation()));
+        rotated.use_secrets(&[&[2; 32]]);
+        assert_eq!(rotated.verify(&token), Err(TokenError::Forged));
         assert_eq!(signer.verify(""), Err(TokenError::Malformed));
     }
 }

@@ -88,6 +88,7 @@ impl<S: Store, E> Limiter<S, E> {
                 id: self.signer.new_id(),
                 deadline_us: outcome.now_us.saturating_add(within_us),
                 scope: req.scope.to_owned(),
+                caller: req.caller.map(str::to_owned),
                 buckets: buckets
                     .iter()
                     .zip(&outcome.buckets)
@@ -116,6 +117,12 @@ impl<S: Store, E> Limiter<S, E> {
     pub async fn settle(&self, token: &str, actual: u64) -> Result<Settlement, SettleError> {
         let reservation = self.signer.verify(token)?;
         self.settle_reservation(&reservation, actual).await
+    }
+
+    /// What `token` claims, unverified: for checking a caller's grant
+    /// before telling it whether the token is genuine.
+    pub fn peek(&self, token: &str) -> Result<Reservation, TokenError> {
+        super::reservation::peek(token)
     }
 
     /// The reservation in `token`, if this deployment signed it, unaltered.

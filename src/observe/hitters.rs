@@ -14,7 +14,10 @@
 //! slots × 2 summaries, each of at most
 //! [`super::sketch::max_memory_bytes`] bytes, plus the per-second counters. With the default `m = 64` and 16-byte identities: 42 × 6,464 B
 //! ≈ 265 KiB per rule at most (252,768 B measured with every summary full).
+//! An identity over [`MAX_KEPT_IDENTITY`] bytes is kept as a prefix and its
+//! hash ([`shown`]), so no identity makes a summary hold more.
 
+use std::borrow::Cow;
 use std::hash::BuildHasher as _;
 use std::sync::Arc;
 use std::time::Duration;
@@ -349,6 +352,7 @@ impl Hitters {
 
     /// [`Hitters::record`] at `now` nanoseconds since start.
     pub fn record_at(&self, now: u64, scope: &str, identity: &str, decision: &Decision) {
+        let identity = &*shown(identity);
         let hash = self.hasher.hash_one(identity);
         let table = self.rules.load();
         for b in &decision.buckets {
@@ -464,6 +468,37 @@ impl Hitters {
             .sum()
     }
 }
+
+/// The longest identity the summaries keep as it came. A longer one (an
+/// Envoy descriptor used whole can reach ~18 KB) is kept, and shown to
+/// operators, as its first [`SHOWN_PREFIX`] bytes, `…`, and `sha256:` with
+/// the first 16 bytes of its SHA-256 in hex: a summary's memory stays
+/// bounded whatever callers send, and two long identities stay apart.
+pub const MAX_KEPT_IDENTITY: usize = 128;
+/// Bytes of a long identity shown before its hash.
+const SHOWN_PREFIX: usize = 64;
+
+/// `identity` as the summaries keep and show it (see [`MAX_KEPT_IDENTITY`]).
+pub fn shown(identity: &str) -> Cow<'_, str> {
+    if identity.len() <= MAX_KEPT_IDENTITY {
+        return Cow::Borrowed(identity);
+    }
+    let mut end = SHOWN_PREFIX;
+    while !identity.is_char_boundary(end) {
+        end -= 1;
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, identity.as_bytes());
+    let mut out = String::with_capacity(end + 3 + 7 + 32);
+    out.push_str(&identity[..end]);
+    out.push_str("…sha256:");
+    for b in &digest.as_ref()[..16] {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    Cow::Owned(out)
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// The `remaining / capacity` bin of a bucket.
 fn fill_bin(remaining: u64, capacity: u64) -> usize {
@@ -620,5 +655,63 @@ impl Usage {
             });
         }
         hints
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limiter::BucketReport;
+    use crate::observe::sketch::max_memory_bytes;
+
+    fn denied() -> Decision {
+        Decision {
+            allowed: false,
+            buckets: vec![BucketReport {
+                rule: Arc::from("r"),
+                limit: 10,
+                period: Duration::from_secs(1),
+                remaining: 0,
+                reset_after: Duration::ZERO,
+                retry_after: None,
+                exhausted: true,
+                shadow: false,
+            }]
+            .into(),
+            ..Decision::default()
+        }
+    }
+
+    #[test]
+    fn long_identities_cost_bounded_memory_and_show_a_prefix_and_their_hash() {
+        let m = 64;
+        let hitters = Hitters::new(Sizes {
+            counters: m,
+            top_k: 10,
+        });
+        // Thousands of 16 KiB identities over an hour: every summary fills.
+        for i in 0..4_000u64 {
+            let who = format!("{i:08}-{}", "x".repeat(16 * 1024));
+            hitters.record_at(i * 900_000_000, "s", &who, &denied());
+        }
+        // 42 summaries per rule, each bounded by its longest kept key.
+        let bound = 42 * max_memory_bytes(m, MAX_KEPT_IDENTITY) + 64 * 1024;
+        assert!(
+            hitters.memory_bytes() <= bound,
+            "{} > {bound}",
+            hitters.memory_bytes()
+        );
+        let top = hitters.top_at(
+            3_600_000_000_000,
+            "s",
+            "r",
+            (Window::OneHour, RankBy::Denials),
+            m,
+        );
+        let long = top.identities.first().expect("a long identity is listed");
+        assert!(long.key.len() <= MAX_KEPT_IDENTITY, "{}", long.key);
+        assert!(long.key.contains("…sha256:"), "{}", long.key);
+        assert_eq!(shown("short"), "short");
+        assert_ne!(shown(&"y".repeat(200)), shown(&"y".repeat(201)));
     }
 }

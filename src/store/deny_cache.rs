@@ -50,9 +50,12 @@
 //! - Priorities: an entry answers only the same cost with the same headroom
 //!   to keep, so a CRITICAL request is never denied on a SHEDDABLE one's
 //!   behalf.
-//! - Bounded: at most [`MAX_ENTRIES`] entries (about 180 bytes each); a full
-//!   shard first drops its expired entries, and if none are, the new denial
-//!   simply is not cached.
+//! - Bounded: at most [`MAX_ENTRIES`] entries of at most
+//!   [`MAX_ENTRY_BYTES`] each (a key part over 64 bytes, such as an Envoy
+//!   descriptor used whole as the identity, is kept as its SHA-256), so
+//!   40 MiB in all. A shard drops its expired entries once per
+//!   [`MAX_HOLD`] as it learns, and when full; if none are expired, the new
+//!   denial simply is not cached.
 
 use std::future::Future;
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
@@ -76,6 +79,9 @@ pub const MAX_HOLD: std::time::Duration = std::time::Duration::from_secs(1);
 
 const SHARDS: usize = 16;
 
+/// The most bytes one held denial accounts for (see [`DenyCache::bytes`]).
+pub const MAX_ENTRY_BYTES: usize = 640;
+
 /// A store with the deny cache in front of it, or (when off) just the store.
 #[derive(Debug)]
 pub struct DenyCache<S> {
@@ -87,19 +93,72 @@ pub struct DenyCache<S> {
 struct Cache {
     /// Denials answered here, without the store.
     answered: AtomicU64,
-    shards: Box<[Mutex<HashTable<Entry>>]>,
+    shards: Box<[Mutex<Shard>]>,
     /// Seeded per process, so callers cannot aim identities at one chain.
     hasher: RandomState,
+}
+
+/// One shard of held denials.
+#[derive(Debug)]
+struct Shard {
+    table: HashTable<Entry>,
+    /// When its expired entries were last dropped: at most every
+    /// [`MAX_HOLD`], so an entry outlives its `until` by at most that.
+    swept: Instant,
+}
+
+/// The longest key part an entry keeps as text; a longer one is kept as
+/// its SHA-256, as the store keys do, so an entry's bytes are bounded
+/// whatever a caller sends.
+const MAX_KEPT: usize = 64;
+
+/// A key part as an entry keeps it: short text as is, long text hashed.
+#[derive(Debug)]
+enum Part {
+    Text(Box<str>),
+    Digest([u8; 32]),
+}
+
+impl Part {
+    fn of(text: &str) -> Self {
+        if text.len() <= MAX_KEPT {
+            Self::Text(text.into())
+        } else {
+            Self::Digest(digest(text))
+        }
+    }
+
+    /// True when this is `text`'s part.
+    fn is(&self, text: &str) -> bool {
+        match self {
+            Self::Text(t) => **t == *text,
+            Self::Digest(d) => text.len() > MAX_KEPT && digest(text) == *d,
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Self::Text(t) => t.len(),
+            Self::Digest(_) => 0,
+        }
+    }
+}
+
+fn digest(text: &str) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
 }
 
 /// One bucket that denied: who, for what, and until when.
 #[derive(Debug)]
 struct Entry {
     hash: u64,
-    scope: Box<str>,
-    rule: Box<str>,
-    identity: Option<Box<str>>,
-    operation: Option<Box<str>>,
+    scope: Part,
+    rule: Part,
+    identity: Option<Part>,
+    operation: Option<Part>,
     shape: Shape,
     cost: u64,
     /// The headroom the denied request had to leave: a request of another
@@ -122,11 +181,25 @@ impl Entry {
     /// True for an entry about `b`'s bucket (of the same shape), whatever
     /// the cost.
     fn is(&self, b: &BucketCharge<'_>) -> bool {
-        *self.scope == *b.key.scope
-            && *self.rule == *b.key.rule
-            && self.identity.as_deref() == b.key.identity
-            && self.operation.as_deref() == b.key.operation
-            && self.shape == b.shape
+        let same = |part: &Option<Part>, text: Option<&str>| match (part, text) {
+            (None, None) => true,
+            (Some(p), Some(t)) => p.is(t),
+            _ => false,
+        };
+        self.shape == b.shape
+            && self.scope.is(b.key.scope)
+            && self.rule.is(b.key.rule)
+            && same(&self.identity, b.key.identity)
+            && same(&self.operation, b.key.operation)
+    }
+
+    /// The bytes this entry accounts for.
+    fn bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.scope.heap_bytes()
+            + self.rule.heap_bytes()
+            + self.identity.as_ref().map_or(0, Part::heap_bytes)
+            + self.operation.as_ref().map_or(0, Part::heap_bytes)
     }
 
     /// The store's answer, as it stands at `now` (before `until`).
@@ -178,7 +251,14 @@ impl<S: Store> DenyCache<S> {
     pub fn new(inner: S, on: bool) -> Self {
         let cache = on.then(|| Cache {
             answered: AtomicU64::new(0),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        table: HashTable::new(),
+                        swept: Instant::now(),
+                    })
+                })
+                .collect(),
             hasher: RandomState::new(),
         });
         Self { inner, cache }
@@ -193,7 +273,18 @@ impl<S: Store> DenyCache<S> {
     pub fn len(&self) -> usize {
         self.cache
             .as_ref()
-            .map_or(0, |c| c.shards.iter().map(|s| s.lock().len()).sum())
+            .map_or(0, |c| c.shards.iter().map(|s| s.lock().table.len()).sum())
+    }
+
+    /// Bytes the held denials account for: each entry and the text it
+    /// keeps. At most [`MAX_ENTRY_BYTES`] per entry.
+    pub fn bytes(&self) -> usize {
+        self.cache.as_ref().map_or(0, |c| {
+            c.shards
+                .iter()
+                .map(|s| s.lock().table.iter().map(Entry::bytes).sum::<usize>())
+                .sum()
+        })
     }
 
     /// Denials answered locally so far, without asking the store.
@@ -217,7 +308,7 @@ impl Cache {
         h.finish()
     }
 
-    fn shard(&self, hash: u64) -> &Mutex<HashTable<Entry>> {
+    fn shard(&self, hash: u64) -> &Mutex<Shard> {
         &self.shards[(hash >> 40) as usize % SHARDS]
     }
 
@@ -225,8 +316,8 @@ impl Cache {
     fn answer(&self, charge: &Charge<'_>, now: Instant) -> Option<ChargeOutcome> {
         let b = cacheable(charge)?;
         let hash = self.hash(b);
-        let mut table = self.shard(hash).lock();
-        let entry = table.find_entry(hash, |e| e.is(b)).ok()?;
+        let mut shard = self.shard(hash).lock();
+        let entry = shard.table.find_entry(hash, |e| e.is(b)).ok()?;
         if entry.get().cost != b.cost || entry.get().reserve != b.reserve {
             return None;
         }
@@ -258,20 +349,26 @@ impl Cache {
             return;
         };
         let hash = self.hash(b);
-        let mut table = self.shard(hash).lock();
-        if table.len() >= MAX_ENTRIES / SHARDS {
-            let now = Instant::now();
-            table.retain(|e| e.until > now);
-            if table.len() >= MAX_ENTRIES / SHARDS {
+        let mut shard = self.shard(hash).lock();
+        let now = Instant::now();
+        // Expired entries go once a hold has passed, or when the shard is
+        // full, so they never sit until it fills.
+        if now.saturating_duration_since(shard.swept) >= MAX_HOLD
+            || shard.table.len() >= MAX_ENTRIES / SHARDS
+        {
+            shard.table.retain(|e| e.until > now);
+            shard.swept = now;
+            if shard.table.len() >= MAX_ENTRIES / SHARDS {
                 return;
             }
         }
+        let table = &mut shard.table;
         let entry = Entry {
             hash,
-            scope: b.key.scope.into(),
-            rule: b.key.rule.into(),
-            identity: b.key.identity.map(Into::into),
-            operation: b.key.operation.map(Into::into),
+            scope: Part::of(b.key.scope),
+            rule: Part::of(b.key.rule),
+            identity: b.key.identity.map(Part::of),
+            operation: b.key.operation.map(Part::of),
             shape: b.shape,
             cost: b.cost,
             reserve: b.reserve,
@@ -295,8 +392,8 @@ impl Cache {
     fn forget<'b, 'k: 'b>(&self, buckets: impl IntoIterator<Item = &'b BucketCharge<'k>>) {
         for b in buckets {
             let hash = self.hash(b);
-            let mut table = self.shard(hash).lock();
-            if let Ok(entry) = table.find_entry(hash, |e| e.is(b)) {
+            let mut shard = self.shard(hash).lock();
+            if let Ok(entry) = shard.table.find_entry(hash, |e| e.is(b)) {
                 entry.remove();
             }
         }
@@ -304,7 +401,7 @@ impl Cache {
 
     fn clear(&self) {
         for shard in self.shards.iter() {
-            shard.lock().clear();
+            shard.lock().table.clear();
         }
     }
 }
@@ -394,5 +491,17 @@ impl<S: Store> Store for DenyCache<S> {
             cache.clear();
         }
         self.inner.rules_replaced();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_with_every_part_at_its_longest_kept_fits_its_bound() {
+        // Four parts of MAX_KEPT bytes; a longer one is a digest inline.
+        let most = std::mem::size_of::<Entry>() + 4 * MAX_KEPT;
+        assert!(most <= MAX_ENTRY_BYTES, "{most} > {MAX_ENTRY_BYTES}");
     }
 }

@@ -347,8 +347,8 @@ async fn a_reservation_made_on_one_replica_settles_on_another_once() {
     }
     // A replica with another key refuses the token as forged.
     let mut other = config();
-    other.reservations.secret = Some(tollgate::config::Secret::new(
-        "another-deployment-s-secret-32-bytes-long",
+    other.reservations.secret = Some(tollgate::config::Secrets::One(
+        tollgate::config::Secret::new("another-deployment-s-secret-32-bytes-long"),
     ));
     let three = TestServer::start_config(other).await;
     let e = settle(&mut three.client().await, &r.reservation, 2)

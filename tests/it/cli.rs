@@ -422,3 +422,43 @@ async fn a_reload_names_restart_only_settings_and_piped_logs_have_no_colour() {
         "colour codes in a piped log: {log:?}"
     );
 }
+
+/// Runs `check-config` on `path` with `env` set; its status and output.
+fn check_config_with_env(path: &std::path::Path, env: &[(&str, &str)]) -> (bool, String) {
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(path)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn a_harness_variable_that_names_no_section_is_ignored_with_a_warning() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = config_file(&dir, &limits(3));
+    // Test harnesses and wrappers export such names for their own use.
+    let (ok, text) = check_config_with_env(
+        &path,
+        &[
+            ("TOLLGATE_BIN", "/usr/local/bin/tollgate"),
+            ("TOLLGATE_FAILURE_MODE", "closed"),
+        ],
+    );
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("TOLLGATE_BIN") && text.contains("ignored"),
+        "{text}"
+    );
+    // Under a known section, a typo is still refused with its path.
+    let (ok, text) = check_config_with_env(&path, &[("TOLLGATE_STORE__KIDN", "memory")]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("store: unknown field `kidn`"), "{text}");
+    // And a bad value of a known key, as before.
+    let (ok, text) = check_config_with_env(&path, &[("TOLLGATE_FAILURE_MODE", "sideways")]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("failure_mode"), "{text}");
+}

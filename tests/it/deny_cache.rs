@@ -299,3 +299,64 @@ async fn a_slow_bucket_s_denial_is_held_for_the_hold_only_too() {
         "the hold is over: the store is asked, and has the refunded token"
     );
 }
+
+/// A 16 KiB identity, distinct per `i`: as long as an Envoy descriptor
+/// used whole gets.
+fn long_identity(i: usize) -> String {
+    format!("{i:08}-{}", "x".repeat(16 * 1024))
+}
+
+// Paused, so no held denial expires while the test fills the cache.
+#[tokio::test(start_paused = true)]
+async fn a_held_denial_costs_bounded_bytes_however_long_its_identity() {
+    use tollgate::store::deny_cache::MAX_ENTRY_BYTES;
+    let cache = DenyCache::new(MemoryStore::new(4), true);
+    let n = 2_000;
+    for i in 0..n {
+        let who = long_identity(i);
+        let c = crate::common::store::charge(&who, 1, Duration::from_secs(3600));
+        assert!(one(&cache, &c).await.allowed);
+        assert!(!one(&cache, &c).await.allowed);
+    }
+    assert_eq!(cache.len(), n, "every denial is held");
+    // Without hashing, each entry would hold its 16 KiB identity.
+    const { assert!(MAX_ENTRY_BYTES <= 640) };
+    assert!(
+        cache.bytes() <= n * MAX_ENTRY_BYTES,
+        "{} bytes for {n} entries",
+        cache.bytes()
+    );
+    // A long identity is still told apart from another by its digest.
+    let who = long_identity(7);
+    let c = crate::common::store::charge(&who, 1, Duration::from_secs(3600));
+    assert!(!one(&cache, &c).await.allowed);
+    let before = cache.answered_locally();
+    let other = long_identity(n + 1);
+    let fresh = crate::common::store::charge(&other, 1, Duration::from_secs(3600));
+    assert!(
+        one(&cache, &fresh).await.allowed,
+        "a new identity is not held"
+    );
+    assert_eq!(cache.answered_locally(), before);
+}
+
+#[tokio::test(start_paused = true)]
+async fn expired_denials_are_swept_before_their_shard_fills() {
+    let cache = DenyCache::new(MemoryStore::new(4), true);
+    let deny = async |cache: &DenyCache<MemoryStore>, who: &str| {
+        let c = crate::common::store::charge(who, 1, Duration::from_secs(3600));
+        assert!(one(cache, &c).await.allowed);
+        assert!(!one(cache, &c).await.allowed);
+    };
+    for i in 0..1_000 {
+        deny(&cache, &format!("old-{i}")).await;
+    }
+    assert_eq!(cache.len(), 1_000);
+    // Every held denial expires within MAX_HOLD; far from any shard being
+    // full, the next denials sweep them.
+    tokio::time::advance(MAX_HOLD * 2).await;
+    for i in 0..1_000 {
+        deny(&cache, &format!("new-{i}")).await;
+    }
+    assert_eq!(cache.len(), 1_000, "the expired thousand were swept");
+}

@@ -130,3 +130,32 @@ fn a_ca_file_is_refused_where_the_client_cannot_use_it() {
         "{e}"
     );
 }
+
+#[test]
+fn a_list_of_reservation_secrets_is_checked_one_by_one() {
+    let long = "k".repeat(32);
+    let e = problems(&format!("reservations: {{secret: [\"{long}\", short]}}\n"));
+    assert!(
+        e.contains("reservations.secret[1]: must be at least 32 bytes"),
+        "{e}"
+    );
+    let e = problems("reservations: {secret: []}\n");
+    assert!(
+        e.contains("reservations.secret: must list 1 to 8 secrets"),
+        "{e}"
+    );
+    let nine = vec![format!("\"{long}\""); 9].join(", ");
+    let e = problems(&format!("reservations: {{secret: [{nine}]}}\n"));
+    assert!(e.contains("must list 1 to 8 secrets"), "{e}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = problems(&format!(
+        "reservations: {{secret_file: [{:?}]}}\n",
+        dir.path().join("missing")
+    ));
+    assert!(
+        e.contains("reservations.secret_file[0]: cannot read"),
+        "{e}"
+    );
+    Config::from_yaml(&format!("reservations: {{secret: [\"{long}\"]}}\n"))
+        .expect("one listed secret is fine");
+}
