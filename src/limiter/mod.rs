@@ -266,7 +266,8 @@ impl<S: Store, E> Limiter<S, E> {
 
     /// Swaps in a new generation, whole. Calls under way finish on the old.
     pub fn replace(&self, generation: Generation<E>) {
-        self.store.scopes_configured(&scope_names(&generation.rules));
+        self.store
+            .scopes_configured(&scope_names(&generation.rules));
         self.generation.store(Arc::new(generation));
         self.store.rules_replaced();
     }

@@ -97,6 +97,52 @@ fn register_settles(registry: &mut Registry) -> Family<ReloadLabels, Counter> {
     settles
 }
 
+/// The gauges of the store's condition: available, clock skew, and an
+/// evicting policy.
+fn register_store_condition(
+    registry: &mut Registry,
+) -> (
+    Gauge<i64, AtomicI64>,
+    Gauge<f64, AtomicU64>,
+    Gauge<i64, AtomicI64>,
+) {
+    let store_available = Gauge::default();
+    registry.register(
+        "store_available",
+        "1 while the store answers, 0 while it is down (circuit open)",
+        store_available.clone(),
+    );
+    let store_clock_skew = Gauge::<f64, AtomicU64>::default();
+    registry.register(
+        "store_clock_skew_seconds",
+        "Redis's clock minus this replica's, from the last script reply (0 until measured)",
+        store_clock_skew.clone(),
+    );
+    let store_evicting = Gauge::default();
+    registry.register(
+        "store_evicting_policy",
+        "1 while Redis's maxmemory-policy can evict Tollgate's keys (see store.redis.on_evicting_policy)",
+        store_evicting.clone(),
+    );
+    (store_available, store_clock_skew, store_evicting)
+}
+
+/// Known series exist from the start, at zero: a dashboard panel or a
+/// `rate()` alert then sees 0, not nothing, before the first event.
+fn zero_known_series(
+    reloads: &Family<ReloadLabels, Counter>,
+    store_errors: &Family<StoreErrorLabels, Counter>,
+) {
+    for result in ["accepted", "refused"] {
+        reloads.get_or_create(&ReloadLabels { result }).inc_by(0);
+    }
+    for transient in [true, false] {
+        store_errors
+            .get_or_create(&StoreErrorLabels { transient })
+            .inc_by(0);
+    }
+}
+
 impl Metrics {
     /// A fresh registry with every metric registered.
     pub fn new() -> Self {
@@ -133,24 +179,8 @@ impl Metrics {
             "Store calls that failed",
             store_errors.clone(),
         );
-        let store_available = Gauge::default();
-        registry.register(
-            "store_available",
-            "1 while the store answers, 0 while it is down (circuit open)",
-            store_available.clone(),
-        );
-        let store_clock_skew = Gauge::<f64, AtomicU64>::default();
-        registry.register(
-            "store_clock_skew_seconds",
-            "Redis's clock minus this replica's, from the last script reply (0 until measured)",
-            store_clock_skew.clone(),
-        );
-        let store_evicting = Gauge::default();
-        registry.register(
-            "store_evicting_policy",
-            "1 while Redis's maxmemory-policy can evict Tollgate's keys (see store.redis.on_evicting_policy)",
-            store_evicting.clone(),
-        );
+        let (store_available, store_clock_skew, store_evicting) =
+            register_store_condition(&mut registry);
         let reloads = Family::<ReloadLabels, Counter>::default();
         registry.register(
             "config_reloads",
@@ -176,16 +206,7 @@ impl Metrics {
             calls_shed.clone(),
         );
         let settles = register_settles(&mut registry);
-        // Known series exist from the start, at zero: a dashboard panel or
-        // a `rate()` alert then sees 0, not nothing, before the first event.
-        for result in ["accepted", "refused"] {
-            reloads.get_or_create(&ReloadLabels { result }).inc_by(0);
-        }
-        for transient in [true, false] {
-            store_errors
-                .get_or_create(&StoreErrorLabels { transient })
-                .inc_by(0);
-        }
+        zero_known_series(&reloads, &store_errors);
         Self {
             registry,
             settles,

@@ -165,7 +165,8 @@ impl Room {
                 .1 = true;
         }
         // Scopes gone from the config and holding nothing are forgotten.
-        self.scopes.retain(|_, (held, configured)| *configured || *held > 0);
+        self.scopes
+            .retain(|_, (held, configured)| *configured || *held > 0);
         self.unused = self
             .scopes
             .values()
@@ -707,12 +708,81 @@ impl Store for MemoryStore {
     fn rules_replaced(&self) {}
 
     fn scopes_configured(&self, scopes: &[&str]) {
-        self.inner.room.lock().configure(scopes, self.inner.max_bytes);
+        self.inner
+            .room
+            .lock()
+            .configure(scopes, self.inner.max_bytes);
     }
 
     /// It lives in this process: no clock of its own to drift, nothing
     /// evicted behind its back.
     fn condition(&self) -> Condition {
         Condition::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scope_that_fills_the_store_leaves_the_others_their_reservations() {
+        let mut room = Room::default();
+        room.configure(&["a", "b", "c"], 600);
+        assert_eq!(room.reserve, 100);
+        // Alone, `a` gets everything but the others' reservations.
+        let mut took = 0;
+        while room.take(b"a", 10, 600) {
+            took += 10;
+        }
+        assert_eq!(took, 400);
+        for scope in [&b"b"[..], b"c"] {
+            for _ in 0..10 {
+                assert!(room.take(scope, 10, 600), "within its reservation");
+            }
+            assert!(!room.take(scope, 10, 600), "the store is full now");
+        }
+        // What the sweeper gives back is room again, for whoever asks.
+        room.give(b"a", 30);
+        assert!(room.take(b"b", 30, 600));
+        assert_eq!(room.total, 600);
+    }
+
+    #[test]
+    fn a_reload_moves_the_reservations() {
+        let mut room = Room::default();
+        room.configure(&["a"], 600);
+        assert!(room.take(b"a", 500, 600));
+        room.configure(&["a", "b"], 600);
+        assert_eq!(room.unused, 150, "b's reservation, unused");
+        assert!(
+            !room.take(b"a", 10, 600),
+            "a is past what leaves b its room"
+        );
+        assert!(room.take(b"b", 100, 600));
+    }
+
+    #[test]
+    fn the_scope_is_read_back_from_a_key() {
+        let shape = crate::bucket::Shape {
+            capacity: 1,
+            period: 1,
+        };
+        let bucket = BucketCharge {
+            key: super::super::BucketKey {
+                scope: "tenant-a",
+                rule: "r",
+                identity: Some("x"),
+                operation: None,
+            },
+            shape,
+            cost: 1,
+            shadow: false,
+            reserve: 0,
+            window: None,
+        };
+        let mut buf = SmallVec::new();
+        encode(&mut buf, &bucket);
+        assert_eq!(scope_of(&buf), b"tenant-a");
     }
 }

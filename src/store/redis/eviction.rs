@@ -136,7 +136,9 @@ mod tests {
     use super::*;
 
     fn info(policy: &str) -> Value {
-        Value::BulkString(format!("# Memory\r\nused_memory:1\r\nmaxmemory_policy:{policy}\r\n").into_bytes())
+        Value::BulkString(
+            format!("# Memory\r\nused_memory:1\r\nmaxmemory_policy:{policy}\r\n").into_bytes(),
+        )
     }
 
     #[test]
@@ -144,7 +146,12 @@ mod tests {
         let e = Eviction::new(OnEvictingPolicy::Refuse);
         assert!(e.read(&info("noeviction")).is_none());
         assert!(!e.due());
-        for p in ["volatile-lru", "volatile-ttl", "allkeys-lfu", "allkeys-random"] {
+        for p in [
+            "volatile-lru",
+            "volatile-ttl",
+            "allkeys-lfu",
+            "allkeys-random",
+        ] {
             let why = e.read(&info(p)).expect(p);
             assert!(why.contains(p), "{why}");
             assert_eq!(e.policy().as_deref(), Some(p));

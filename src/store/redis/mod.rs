@@ -179,7 +179,8 @@ impl RedisStore {
                             // On reconnect, while it evicts (to see it
                             // fixed), and now and then (a failover, a
                             // CONFIG SET): read the policy again.
-                            if inner.eviction.due() || ticks % eviction::RECHECK_TICKS == 0 {
+                            if inner.eviction.due() || ticks.is_multiple_of(eviction::RECHECK_TICKS)
+                            {
                                 inner.check_eviction().await;
                             }
                         }

@@ -428,6 +428,11 @@ mod tests {
     fn a_failed_charge_is_its_own_error() {
         let e = outcome(&charge(1), 2, &[-1, 0, 0, 0, 0, 0, 0]).unwrap_err();
         assert!(!e.transient);
+        // No offered window held Redis's clock: the charge's own fault,
+        // never the breaker's.
+        let reply = [-2, 0, 0, 0, 0, 0, 0];
+        assert!(missed_window(&reply));
+        assert!(!outcome(&charge(1), 2, &reply).unwrap_err().transient);
     }
 
     #[test]

@@ -134,11 +134,7 @@ async fn a_replica_clock_days_behind_redis_neither_fails_open_nor_trips_the_brea
         "a budget of 5 admits 5, on Redis's day"
     );
     let (allowed, degraded) = count(&mut c, "plain", Some("bob"), 10).await;
-    assert_eq!(
-        (allowed, degraded),
-        (3, 0),
-        "another scope keeps its limit"
-    );
+    assert_eq!((allowed, degraded), (3, 0), "another scope keeps its limit");
     assert_eq!(readiness(&server).await, ServingStatus::Serving);
     // The health watcher exports the skew within its interval.
     let (mut text, mut skew) = (String::new(), 0.0);
@@ -372,4 +368,39 @@ async fn an_evicting_redis_found_on_reconnect_makes_the_replica_unready_until_fi
         wait_readiness(&server, ServingStatus::Serving).await,
         ServingStatus::Serving
     );
+}
+
+#[tokio::test]
+async fn on_cluster_one_evicting_primary_refuses_the_start() {
+    let cluster = crate::common::redis::Cluster::start();
+    let set = |port: u16, policy: &str| {
+        let mut admin = crate::common::redis::conn(port).expect("conn");
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory-policy")
+            .arg(policy)
+            .query(&mut admin)
+            .expect("config set");
+    };
+    let config = || {
+        let mut c = on_redis(
+            cluster.nodes[0].port,
+            "evict-cluster",
+            OnEvictingPolicy::Refuse,
+            free_port(),
+        );
+        c.store.redis.mode = tollgate::config::RedisMode::Cluster;
+        c.store.redis.urls = cluster.urls();
+        c
+    };
+    set(cluster.nodes[2].port, "volatile-ttl");
+    let refused = start_or_refuse(config())
+        .await
+        .err()
+        .expect("refused: one primary evicts");
+    assert!(refused.contains("volatile-ttl"), "{refused}");
+    set(cluster.nodes[2].port, "noeviction");
+    let server = start_or_refuse(config()).await.expect("starts");
+    let mut c = server.client().await;
+    assert_eq!(count(&mut c, "s", Some("a"), 5).await, (3, 0));
 }
