@@ -153,7 +153,7 @@ impl RedisStore {
             if let Some(inner) = weak.upgrade() {
                 match inner.ping().await {
                     Ok(()) => {
-                        inner.check_eviction().await;
+                        inner.check_eviction(inner.response_timeout).await;
                     }
                     Err(e) => {
                         inner.breaker.trip(&e);
@@ -181,7 +181,7 @@ impl RedisStore {
                             // CONFIG SET): read the policy again.
                             if inner.eviction.due() || ticks.is_multiple_of(eviction::RECHECK_TICKS)
                             {
-                                inner.check_eviction().await;
+                                inner.check_eviction(inner.response_timeout).await;
                             }
                         }
                         Err(e) => inner.lost_if_opened(inner.breaker.failed(&e)),
@@ -221,12 +221,12 @@ impl Inner {
     /// Reads Redis's `maxmemory-policy` (see `eviction.rs`) and records
     /// it; `Some(why)` when it can evict Tollgate's keys. A failed read is
     /// not Redis's failure: the breaker never hears of it.
-    async fn check_eviction(&self) -> Option<String> {
+    async fn check_eviction(&self, timeout: Duration) -> Option<String> {
         let mut info = redis::cmd("INFO");
         info.arg("memory");
         match self
             .topology
-            .call::<Value>(Request::Cmd(&info), self.response_timeout)
+            .call::<Value>(Request::Cmd(&info), timeout)
             .await
         {
             Ok(reply) => self.eviction.read(&reply),
@@ -511,10 +511,9 @@ impl RedisStore {
     /// evicting policy makes the replica unready instead).
     pub async fn check_at_start(&self) -> Result<(), BuildError> {
         let inner = &self.inner;
-        if inner.ping().await.is_err() {
-            return Ok(());
-        }
-        match inner.check_eviction().await {
+        // The first call also connects: give it the time for both.
+        let timeout = inner.connect_timeout + inner.response_timeout;
+        match inner.check_eviction(timeout).await {
             Some(why) if inner.eviction.refuses() => Err(BuildError::EvictingPolicy(why)),
             _ => Ok(()),
         }
