@@ -68,6 +68,7 @@ use crate::store::{self, Store};
 /// The snapshot of `config`, whose compiled rules are `rules`; refusals
 /// are reported to `observer`.
 pub fn snapshot(config: &Config, rules: Rules, observer: &Arc<Observer>) -> Snapshot {
+    observer.metrics.known_rules(&rules);
     Generation {
         rules: Arc::new(rules),
         extra: Settings::new(config, observer.clone()),

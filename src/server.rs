@@ -97,6 +97,7 @@ pub async fn run(
     } = prepared;
     let metrics = Arc::new(Metrics::new());
     let store = store::build_served(&config.store, metrics.clone())?;
+    store.inner().inner().check_at_start().await?;
     let signer = Signer::with_secrets(&crate::reload::secrets(&config));
     let hitters = Arc::new(Hitters::new(Sizes {
         counters: config.analytics.counters,
@@ -117,7 +118,11 @@ pub async fn run(
     health
         .set_service_status(HEALTH_SERVICE, ServingStatus::Serving)
         .await;
-    let watcher = tokio::spawn(watch_store(limiter.clone(), health.clone()));
+    let watcher = tokio::spawn(watch_store(
+        limiter.clone(),
+        health.clone(),
+        metrics.clone(),
+    ));
     for name in source.iter().flat_map(|s| &s.ignored) {
         tracing::warn!("{name} ignored: it names no config section");
     }
@@ -306,12 +311,21 @@ async fn serve_metrics(
 
 /// Keeps [`HEALTH_SERVICE`] in step with the store's availability, logging
 /// nothing itself: the store logs its own state changes.
-async fn watch_store<S: Store, E>(limiter: Arc<Limiter<S, E>>, health: HealthReporter) {
+async fn watch_store<S: Store, E>(
+    limiter: Arc<Limiter<S, E>>,
+    health: HealthReporter,
+    metrics: Arc<Metrics>,
+) {
     let mut tick = tokio::time::interval(STORE_HEALTH_INTERVAL);
     let mut last = None;
     loop {
         tick.tick().await;
-        let up = limiter.store().is_available();
+        let condition = limiter.store().condition();
+        metrics.store_condition(&condition);
+        // Ready while the store answers and nothing in its condition (an
+        // evicting Redis under `on_evicting_policy: refuse`) says to stay
+        // out of rotation.
+        let up = limiter.store().is_available() && !condition.unready;
         if last != Some(up) {
             let status = if up {
                 ServingStatus::Serving

@@ -585,6 +585,12 @@ scopes:
         }
 
         fn rules_replaced(&self) {}
+
+        fn scopes_configured(&self, _: &[&str]) {}
+
+        fn condition(&self) -> crate::store::Condition {
+            crate::store::Condition::default()
+        }
     }
 
     #[tokio::test]

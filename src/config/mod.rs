@@ -45,8 +45,8 @@ pub use store::{
     DEFAULT_BREAKER_COOL_DOWN, DEFAULT_BREAKER_THRESHOLD, DEFAULT_MAX_BYTES,
     DEFAULT_REDIS_CONNECT_TIMEOUT, DEFAULT_REDIS_KEY_PREFIX, DEFAULT_REDIS_POOL_SIZE,
     DEFAULT_REDIS_RESPONSE_TIMEOUT, DEFAULT_REDIS_WAIT_TIMEOUT, DEFAULT_SHARDS,
-    DEFAULT_SWEEP_INTERVAL, MemoryConfig, RedisConfig, RedisMode, RedisTlsConfig, Secret,
-    StoreConfig, StoreKind,
+    DEFAULT_SWEEP_INTERVAL, MemoryConfig, OnEvictingPolicy, RedisConfig, RedisMode, RedisTlsConfig,
+    Secret, StoreConfig, StoreKind,
 };
 
 /// Where Tollgate listens when nothing says otherwise.

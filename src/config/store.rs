@@ -259,6 +259,32 @@ pub struct RedisConfig {
     /// How long the open breaker fails calls at once before probing Redis.
     #[serde(default = "default_breaker_cool_down", with = "humantime_serde")]
     pub breaker_cool_down: Duration,
+    /// What Tollgate does when Redis's `maxmemory-policy` can evict its
+    /// keys (every policy but `noeviction`): an evicted bucket is a full
+    /// one, and an evicted settled marker lets a settle be replayed.
+    #[serde(default)]
+    pub on_evicting_policy: OnEvictingPolicy,
+    /// Tests only, never read from a file: microseconds added to this
+    /// host's clock where the Redis store reads it (to offer a budget's
+    /// calendar windows), so a test can put a replica's clock days away
+    /// from Redis's without changing the machine's.
+    #[serde(skip)]
+    #[doc(hidden)]
+    pub host_clock_skew_us: i64,
+}
+
+/// `store.redis.on_evicting_policy`: what to do on a Redis that may evict
+/// Tollgate's keys under memory pressure.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnEvictingPolicy {
+    /// Refuse to start; found later (a Redis reached only after the start,
+    /// a failover), report not ready until the policy is `noeviction`.
+    #[default]
+    Refuse,
+    /// Serve anyway (managed Redis whose policy cannot be changed): log it
+    /// loudly at start and on each reconnect, and export it as a metric.
+    Warn,
 }
 
 /// Default `store.redis.response_timeout`.
@@ -316,6 +342,8 @@ impl Default for RedisConfig {
             key_prefix: default_redis_key_prefix(),
             breaker_threshold: DEFAULT_BREAKER_THRESHOLD,
             breaker_cool_down: DEFAULT_BREAKER_COOL_DOWN,
+            on_evicting_policy: OnEvictingPolicy::default(),
+            host_clock_skew_us: 0,
         }
     }
 }
@@ -358,6 +386,8 @@ impl fmt::Debug for RedisConfig {
             .field("key_prefix", &self.key_prefix)
             .field("breaker_threshold", &self.breaker_threshold)
             .field("breaker_cool_down", &self.breaker_cool_down)
+            .field("on_evicting_policy", &self.on_evicting_policy)
+            .field("host_clock_skew_us", &self.host_clock_skew_us)
             .finish()
     }
 }

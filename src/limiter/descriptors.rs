@@ -88,6 +88,19 @@ impl DescriptorTree {
         count(&self.roots)
     }
 
+    /// Every limit in the tree, depth first.
+    pub fn limits(&self) -> Vec<&Limit> {
+        fn walk<'t>(nodes: &'t [DescriptorNode], out: &mut Vec<&'t Limit>) {
+            for n in nodes {
+                out.extend(n.limit.as_ref());
+                walk(&n.children, out);
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.roots, &mut out);
+        out
+    }
+
     /// The limit for `entries`, if any. At each level the most specific node
     /// wins (exact value, then longest prefix, then any value) and the walk
     /// never backtracks, as in envoyproxy/ratelimit: a descriptor that leaves

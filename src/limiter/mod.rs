@@ -243,6 +243,7 @@ impl<S: Store> Limiter<S> {
 impl<S: Store, E> Limiter<S, E> {
     /// A limiter over `store`, starting with `generation`.
     pub fn from_generation(generation: Generation<E>, store: S) -> Self {
+        store.scopes_configured(&scope_names(&generation.rules));
         Self {
             generation: ArcSwap::from_pointee(generation),
             store,
@@ -274,6 +275,8 @@ impl<S: Store, E> Limiter<S, E> {
 
     /// Swaps in a new generation, whole. Calls under way finish on the old.
     pub fn replace(&self, generation: Generation<E>) {
+        self.store
+            .scopes_configured(&scope_names(&generation.rules));
         self.generation.store(Arc::new(generation));
         self.store.rules_replaced();
     }
@@ -404,4 +407,9 @@ impl<S: Store, E> Limiter<S, E> {
             decision,
         })
     }
+}
+
+/// The configured scopes' names, for [`Store::scopes_configured`].
+fn scope_names(rules: &Rules) -> Vec<&str> {
+    rules.scopes().map(|s| &*s.name).collect()
 }

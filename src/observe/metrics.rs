@@ -17,7 +17,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::limiter::{Decision, Rules};
-use crate::store::{StoreError, StoreObserver};
+use crate::store::{Condition, StoreError, StoreObserver};
 
 /// The `scope` label of requests for scopes that are not configured.
 pub const UNCONFIGURED: &str = "_unconfigured";
@@ -66,6 +66,8 @@ pub struct Metrics {
     store_seconds: Histogram,
     store_errors: Family<StoreErrorLabels, Counter>,
     store_available: Gauge<i64, AtomicI64>,
+    store_clock_skew: Gauge<f64, AtomicU64>,
+    store_evicting: Gauge<i64, AtomicI64>,
     reloads: Family<ReloadLabels, Counter>,
     audit_suppressed: Counter<u64, AtomicU64>,
     access_denied: Family<AccessLabels, Counter>,
@@ -93,6 +95,52 @@ fn register_settles(registry: &mut Registry) -> Family<ReloadLabels, Counter> {
         settles.clone(),
     );
     settles
+}
+
+/// The gauges of the store's condition: available, clock skew, and an
+/// evicting policy.
+fn register_store_condition(
+    registry: &mut Registry,
+) -> (
+    Gauge<i64, AtomicI64>,
+    Gauge<f64, AtomicU64>,
+    Gauge<i64, AtomicI64>,
+) {
+    let store_available = Gauge::default();
+    registry.register(
+        "store_available",
+        "1 while the store answers, 0 while it is down (circuit open)",
+        store_available.clone(),
+    );
+    let store_clock_skew = Gauge::<f64, AtomicU64>::default();
+    registry.register(
+        "store_clock_skew_seconds",
+        "Redis's clock minus this replica's, from the last script reply (0 until measured)",
+        store_clock_skew.clone(),
+    );
+    let store_evicting = Gauge::default();
+    registry.register(
+        "store_evicting_policy",
+        "1 while Redis's maxmemory-policy can evict Tollgate's keys (see store.redis.on_evicting_policy)",
+        store_evicting.clone(),
+    );
+    (store_available, store_clock_skew, store_evicting)
+}
+
+/// Known series exist from the start, at zero: a dashboard panel or a
+/// `rate()` alert then sees 0, not nothing, before the first event.
+fn zero_known_series(
+    reloads: &Family<ReloadLabels, Counter>,
+    store_errors: &Family<StoreErrorLabels, Counter>,
+) {
+    for result in ["accepted", "refused"] {
+        reloads.get_or_create(&ReloadLabels { result }).inc_by(0);
+    }
+    for transient in [true, false] {
+        store_errors
+            .get_or_create(&StoreErrorLabels { transient })
+            .inc_by(0);
+    }
 }
 
 impl Metrics {
@@ -131,12 +179,8 @@ impl Metrics {
             "Store calls that failed",
             store_errors.clone(),
         );
-        let store_available = Gauge::default();
-        registry.register(
-            "store_available",
-            "1 while the store answers, 0 while it is down (circuit open)",
-            store_available.clone(),
-        );
+        let (store_available, store_clock_skew, store_evicting) =
+            register_store_condition(&mut registry);
         let reloads = Family::<ReloadLabels, Counter>::default();
         registry.register(
             "config_reloads",
@@ -162,6 +206,7 @@ impl Metrics {
             calls_shed.clone(),
         );
         let settles = register_settles(&mut registry);
+        zero_known_series(&reloads, &store_errors);
         Self {
             registry,
             settles,
@@ -173,6 +218,8 @@ impl Metrics {
             store_seconds,
             store_errors,
             store_available,
+            store_clock_skew,
+            store_evicting,
             reloads,
             audit_suppressed,
         }
@@ -215,6 +262,28 @@ impl Metrics {
         self.decision_seconds.observe(took.as_secs_f64());
     }
 
+    /// Makes the shadow-denial series of every shadow limit in `rules`
+    /// exist at zero, on both APIs, so they are there before the first
+    /// shadow denial (at start and after each reload). Series of limits a
+    /// reload removed stay, as counters do.
+    pub fn known_rules(&self, rules: &Rules) {
+        for scope in rules.scopes() {
+            let descriptors = scope.descriptor_tree.limits();
+            let limits = scope.limits.iter().chain(descriptors);
+            for limit in limits.filter(|l| l.shadow) {
+                for api in ["tollgate", "envoy"] {
+                    self.shadow_denials
+                        .get_or_create(&RuleLabels {
+                            api,
+                            scope: scope.name.clone(),
+                            rule: limit.name.clone(),
+                        })
+                        .inc_by(0);
+                }
+            }
+        }
+    }
+
     /// Counts a decision refused because the store failed in closed mode.
     pub fn unavailable(&self, api: &'static str, rules: &Rules, scope: &str) {
         let (scope, _) = labels(rules, scope, &Decision::default());
@@ -232,6 +301,15 @@ impl Metrics {
     /// `expired`, `invalid` or `unavailable`.
     pub fn settle(&self, result: &'static str) {
         self.settles.get_or_create(&ReloadLabels { result }).inc();
+    }
+
+    /// Exports what the store knows of its backend (read by the health
+    /// watcher, not per call).
+    pub fn store_condition(&self, condition: &Condition) {
+        let skew = condition.clock_skew_us.unwrap_or(0);
+        self.store_clock_skew.set(skew as f64 / 1e6);
+        self.store_evicting
+            .set(i64::from(condition.evicting_policy.is_some()));
     }
 
     /// Counts a config reload.

@@ -65,6 +65,18 @@ pub enum AnyStore {
     Redis(redis::RedisStore),
 }
 
+impl AnyStore {
+    /// What must hold before the server takes traffic: on Redis, an
+    /// eviction policy that keeps Tollgate's keys (or the config's leave to
+    /// serve on one). Redis being down is not a reason to refuse.
+    pub async fn check_at_start(&self) -> Result<(), BuildError> {
+        match self {
+            Self::Memory(_) => Ok(()),
+            Self::Redis(s) => s.check_at_start().await,
+        }
+    }
+}
+
 impl Store for AnyStore {
     async fn check_and_take_each(
         &self,
@@ -101,6 +113,20 @@ impl Store for AnyStore {
         match self {
             Self::Memory(s) => s.rules_replaced(),
             Self::Redis(s) => s.rules_replaced(),
+        }
+    }
+
+    fn scopes_configured(&self, scopes: &[&str]) {
+        match self {
+            Self::Memory(s) => s.scopes_configured(scopes),
+            Self::Redis(s) => s.scopes_configured(scopes),
+        }
+    }
+
+    fn condition(&self) -> super::Condition {
+        match self {
+            Self::Memory(s) => s.condition(),
+            Self::Redis(s) => s.condition(),
         }
     }
 }

@@ -492,6 +492,14 @@ impl<S: Store> Store for DenyCache<S> {
         }
         self.inner.rules_replaced();
     }
+
+    fn scopes_configured(&self, scopes: &[&str]) {
+        self.inner.scopes_configured(scopes);
+    }
+
+    fn condition(&self) -> super::Condition {
+        self.inner.condition()
+    }
 }
 
 #[cfg(test)]

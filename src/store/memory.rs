@@ -6,6 +6,14 @@
 //! keeps multi-bucket decisions atomic without deadlock.
 //!
 //! Time comes from `tokio::time`, so tests can pause and advance it.
+//!
+//! # Room per scope
+//! `max_bytes` bounds the store; half of it is reserved, split evenly
+//! among the configured scopes, and the other half is shared, first come.
+//! A scope may always grow into its own reservation, and into the shared
+//! half only while the others' unused reservations stay free: so one
+//! scope's traffic, however many new identities it sends, can never take
+//! the room another scope's limits need ([`Room`]).
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,7 +27,8 @@ use tokio::time::Instant;
 
 use super::keys::KeyPart;
 use super::{
-    BucketCharge, BucketOutcome, Charge, ChargeOutcome, Settled, Settlement, Store, StoreError,
+    BucketCharge, BucketOutcome, Charge, ChargeOutcome, Condition, Settled, Settlement, Store,
+    StoreError,
 };
 use crate::bucket::{Ledger, Mark, Tat, Verdict};
 use crate::config::{DEFAULT_MAX_BYTES, DEFAULT_SHARDS};
@@ -70,6 +79,109 @@ struct Inner {
     /// decides), so memory stays bounded even when every caller is new and
     /// sends the longest keys it may.
     max_bytes: usize,
+    /// Bucket bytes per scope, and the room kept for each configured one.
+    room: Mutex<Room>,
+}
+
+/// Bucket bytes per scope, and the room reserved for each configured scope.
+///
+/// A scope may add `bytes` when, after it, the store's buckets plus every
+/// *other* configured scope's unused reservation still fit `max_bytes`. So
+/// each configured scope can always fill its own reservation (half the
+/// store over the number of scopes), whatever the others did; a scope alone
+/// can use the whole store but the others' reservations.
+///
+/// Kept under one short lock, taken only when buckets are made or swept,
+/// never on a decision that finds its buckets.
+#[derive(Debug, Default)]
+struct Room {
+    /// Bucket bytes held per scope name (only configured scopes reach the
+    /// store, so the names are bounded by the config's history), and
+    /// whether the scope is configured now (and so has a reservation).
+    scopes: hashbrown::HashMap<Box<[u8]>, (usize, bool)>,
+    /// Bytes reserved for each configured scope.
+    reserve: usize,
+    /// The configured scopes' unused reservations, summed.
+    unused: usize,
+    /// Bucket bytes held, all scopes.
+    total: usize,
+}
+
+impl Room {
+    /// A configured scope's unused reservation.
+    fn unused_of(&self, held: usize, configured: bool) -> usize {
+        if configured {
+            self.reserve.saturating_sub(held)
+        } else {
+            0
+        }
+    }
+
+    /// Takes `bytes` for `scope` if the others' unused reservations still
+    /// fit beside them in `max`.
+    fn take(&mut self, scope: &[u8], bytes: usize, max: usize) -> bool {
+        let (held, configured) = self.scopes.get(scope).copied().unwrap_or((0, false));
+        let own_before = self.unused_of(held, configured);
+        let others = self.unused - own_before;
+        if self.total + bytes + others > max {
+            return false;
+        }
+        let own_after = self.unused_of(held + bytes, configured);
+        self.unused = others + own_after;
+        self.total += bytes;
+        match self.scopes.get_mut(scope) {
+            Some(entry) => entry.0 = held + bytes,
+            None => {
+                self.scopes.insert(scope.into(), (bytes, false));
+            }
+        }
+        true
+    }
+
+    /// Gives back `bytes` of `scope`'s.
+    fn give(&mut self, scope: &[u8], bytes: usize) {
+        if let Some((held, configured)) = self.scopes.get(scope).copied() {
+            let own_before = self.unused_of(held, configured);
+            let after = held.saturating_sub(bytes);
+            self.unused = self.unused - own_before + self.unused_of(after, configured);
+            self.total = self.total.saturating_sub(held - after);
+            if let Some(entry) = self.scopes.get_mut(scope) {
+                entry.0 = after;
+            }
+        }
+    }
+
+    /// The configured scopes are now `names`: half of `max` is reserved,
+    /// split evenly among them.
+    fn configure(&mut self, names: &[&str], max: usize) {
+        self.reserve = max / 2 / names.len().max(1);
+        for (_, configured) in self.scopes.values_mut() {
+            *configured = false;
+        }
+        for name in names {
+            self.scopes
+                .entry(name.as_bytes().into())
+                .or_insert((0, false))
+                .1 = true;
+        }
+        // Scopes gone from the config and holding nothing are forgotten.
+        self.scopes
+            .retain(|_, (held, configured)| *configured || *held > 0);
+        self.unused = self
+            .scopes
+            .values()
+            .map(|&(held, configured)| self.unused_of(held, configured))
+            .sum();
+    }
+}
+
+/// The scope part of a key [`encode`] made: the first part, plain.
+fn scope_of(key: &[u8]) -> &[u8] {
+    let len = key
+        .get(17..21)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map_or(0, |b| u32::from_le_bytes(b) as usize);
+    key.get(21..21 + len).unwrap_or_default()
 }
 
 /// What one bucket costs besides its key, in bytes: the entry in its table
@@ -113,6 +225,7 @@ impl MemoryStore {
                 settled: Mutex::default(),
                 held: AtomicUsize::new(0),
                 max_bytes,
+                room: Mutex::default(),
             }),
         }
     }
@@ -197,13 +310,17 @@ impl Inner {
         for shard in self.shards.iter() {
             let mut table = shard.lock();
             let mut freed = 0;
+            let mut room = self.room.lock();
             table.retain(|e| {
                 let keep = !e.tat.is_full_at(now);
                 if !keep {
-                    freed += BUCKET_OVERHEAD + e.key.len();
+                    let bytes = BUCKET_OVERHEAD + e.key.len();
+                    freed += bytes;
+                    room.give(scope_of(&e.key), bytes);
                 }
                 keep
             });
+            drop(room);
             self.held.fetch_sub(freed, Ordering::Relaxed);
             left += table.len();
         }
@@ -246,20 +363,17 @@ impl Inner {
         // that cannot hold its cost is judged but never written, and counting
         // it would leak room in the bound for good (the sweeper only gives
         // back what it removes).
-        let new_bytes: usize = verdicts
+        let new: SmallVec<[(&[u8], usize); INLINE]> = verdicts
             .iter()
             .zip(&slots)
             .filter(|((v, absent, _), _)| take && *absent && v.conforms)
-            .map(|(_, slot)| BUCKET_OVERHEAD + slot.end - slot.start)
-            .sum();
+            .map(|(_, slot)| {
+                let key = &buf[slot.start..slot.end];
+                (scope_of(key), BUCKET_OVERHEAD + key.len())
+            })
+            .collect();
         // Reserve room before writing any: a full store fails it, taking nothing.
-        if new_bytes > 0 {
-            let held = self.held.fetch_add(new_bytes, Ordering::Relaxed);
-            if held + new_bytes > self.max_bytes {
-                self.held.fetch_sub(new_bytes, Ordering::Relaxed);
-                return Err(self.full());
-            }
-        }
+        self.make_room(&new, 0)?;
         let mut outcomes = SmallVec::with_capacity(slots.len());
         for ((bucket, (verdict, _, ledger)), slot) in
             charge.buckets.iter().zip(&verdicts).zip(&slots)
@@ -374,11 +488,7 @@ impl Inner {
             match found {
                 Some(e) => e.tat = mark.taken,
                 None => {
-                    let bytes = BUCKET_OVERHEAD + key.len();
-                    if self.held.fetch_add(bytes, Ordering::Relaxed) + bytes > self.max_bytes {
-                        self.held.fetch_sub(bytes, Ordering::Relaxed);
-                        return Err(self.full());
-                    }
+                    self.make_room(&[(scope_of(key), BUCKET_OVERHEAD + key.len())], 0)?;
                     insert(&mut table, hash, key, mark);
                 }
             }
@@ -411,7 +521,7 @@ impl Inner {
         }
         // Every new state first, so that running out of room changes nothing.
         let mut states: SmallVec<[(Mark, bool); INLINE]> = SmallVec::new();
-        let mut new_bytes = settlement.once.map_or(0, |_| MARKER_BYTES);
+        let mut new: SmallVec<[(&[u8], usize); INLINE]> = SmallVec::new();
         for (part, slot) in settlement.buckets.iter().zip(&slots) {
             let key = &buf[slot.start..slot.end];
             let table = guard_for(&mut guards, slot.shard);
@@ -424,7 +534,7 @@ impl Inner {
             // An absent bucket is full: only debt needs a new entry.
             let insert = found.is_none() && !state.is_full_at(now);
             if insert {
-                new_bytes += BUCKET_OVERHEAD + key.len();
+                new.push((scope_of(key), BUCKET_OVERHEAD + key.len()));
             }
             let mark = Mark {
                 taken: state,
@@ -432,10 +542,7 @@ impl Inner {
             };
             states.push((mark, insert));
         }
-        if self.held.fetch_add(new_bytes, Ordering::Relaxed) + new_bytes > self.max_bytes {
-            self.held.fetch_sub(new_bytes, Ordering::Relaxed);
-            return Err(self.full());
-        }
+        self.make_room(&new, settlement.once.map_or(0, |_| MARKER_BYTES))?;
         let mut outcomes = Vec::with_capacity(slots.len());
         for ((part, slot), &(mark, new)) in settlement.buckets.iter().zip(&slots).zip(&states) {
             let key = &buf[slot.start..slot.end];
@@ -452,6 +559,37 @@ impl Inner {
             settled.insert(once.id, once.deadline_us.saturating_mul(1_000));
         }
         Ok(Settled::Applied(outcomes))
+    }
+
+    /// Takes room for new buckets (`(scope, bytes)` each) and `markers`
+    /// bytes of settled ids, or fails as the store being full (for that
+    /// scope) and takes nothing.
+    fn make_room(&self, buckets: &[(&[u8], usize)], markers: usize) -> Result<(), StoreError> {
+        let bytes = markers + buckets.iter().map(|(_, b)| b).sum::<usize>();
+        if bytes == 0 {
+            return Ok(());
+        }
+        if self.held.fetch_add(bytes, Ordering::Relaxed) + bytes > self.max_bytes {
+            self.held.fetch_sub(bytes, Ordering::Relaxed);
+            return Err(self.full());
+        }
+        let mut room = self.room.lock();
+        for (i, &(scope, b)) in buckets.iter().enumerate() {
+            if !room.take(scope, b, self.max_bytes) {
+                for &(scope, b) in &buckets[..i] {
+                    room.give(scope, b);
+                }
+                drop(room);
+                self.held.fetch_sub(bytes, Ordering::Relaxed);
+                return Err(StoreError::transient(format!(
+                    "embedded store full for scope {}: the rest of store.memory.max_bytes \
+                     ({}) is kept for the other scopes",
+                    String::from_utf8_lossy(scope),
+                    self.max_bytes
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn full(&self) -> StoreError {
@@ -568,4 +706,83 @@ impl Store for MemoryStore {
     /// Buckets are keyed by their shape, so a reload that changes a limit
     /// starts new ones: nothing derived from the old rules is kept.
     fn rules_replaced(&self) {}
+
+    fn scopes_configured(&self, scopes: &[&str]) {
+        self.inner
+            .room
+            .lock()
+            .configure(scopes, self.inner.max_bytes);
+    }
+
+    /// It lives in this process: no clock of its own to drift, nothing
+    /// evicted behind its back.
+    fn condition(&self) -> Condition {
+        Condition::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scope_that_fills_the_store_leaves_the_others_their_reservations() {
+        let mut room = Room::default();
+        room.configure(&["a", "b", "c"], 600);
+        assert_eq!(room.reserve, 100);
+        // Alone, `a` gets everything but the others' reservations.
+        let mut took = 0;
+        while room.take(b"a", 10, 600) {
+            took += 10;
+        }
+        assert_eq!(took, 400);
+        for scope in [&b"b"[..], b"c"] {
+            for _ in 0..10 {
+                assert!(room.take(scope, 10, 600), "within its reservation");
+            }
+            assert!(!room.take(scope, 10, 600), "the store is full now");
+        }
+        // What the sweeper gives back is room again, for whoever asks.
+        room.give(b"a", 30);
+        assert!(room.take(b"b", 30, 600));
+        assert_eq!(room.total, 600);
+    }
+
+    #[test]
+    fn a_reload_moves_the_reservations() {
+        let mut room = Room::default();
+        room.configure(&["a"], 600);
+        assert!(room.take(b"a", 500, 600));
+        room.configure(&["a", "b"], 600);
+        assert_eq!(room.unused, 150, "b's reservation, unused");
+        assert!(
+            !room.take(b"a", 10, 600),
+            "a is past what leaves b its room"
+        );
+        assert!(room.take(b"b", 100, 600));
+    }
+
+    #[test]
+    fn the_scope_is_read_back_from_a_key() {
+        let shape = crate::bucket::Shape {
+            capacity: 1,
+            period: 1,
+        };
+        let bucket = BucketCharge {
+            key: super::super::BucketKey {
+                scope: "tenant-a",
+                rule: "r",
+                identity: Some("x"),
+                operation: None,
+            },
+            shape,
+            cost: 1,
+            shadow: false,
+            reserve: 0,
+            window: None,
+        };
+        let mut buf = SmallVec::new();
+        encode(&mut buf, &bucket);
+        assert_eq!(scope_of(&buf), b"tenant-a");
+    }
 }

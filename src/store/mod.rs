@@ -111,6 +111,28 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// anything derived from the old rules (the deny cache) drops it. A store
     /// that keeps nothing of the kind passes it on or does nothing.
     fn rules_replaced(&self);
+
+    /// Told the configured scopes' names, at start and on each reload, so a
+    /// store that bounds its memory can keep room for each of them.
+    fn scopes_configured(&self, scopes: &[&str]);
+
+    /// What the store knows of its backend besides whether it answers:
+    /// read by the health watcher for readiness and metrics, not per call.
+    fn condition(&self) -> Condition;
+}
+
+/// What a store knows of its backend besides whether it answers.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Condition {
+    /// The backend's clock minus this replica's, in microseconds, once
+    /// measured (Redis: from every script reply's `TIME`).
+    pub clock_skew_us: Option<i64>,
+    /// The backend's eviction policy, when it can evict Tollgate's keys
+    /// (Redis's `maxmemory-policy` other than `noeviction`).
+    pub evicting_policy: Option<Arc<str>>,
+    /// True when the store answers but this replica should not take
+    /// traffic (an evicting policy under `on_evicting_policy: refuse`).
+    pub unready: bool,
 }
 
 /// Conveniences over [`Store`], for every store.

@@ -103,4 +103,12 @@ impl<S: Store, O: StoreObserver> Store for Observed<S, O> {
     fn rules_replaced(&self) {
         self.inner.rules_replaced();
     }
+
+    fn scopes_configured(&self, scopes: &[&str]) {
+        self.inner.scopes_configured(scopes);
+    }
+
+    fn condition(&self) -> super::Condition {
+        self.inner.condition()
+    }
 }

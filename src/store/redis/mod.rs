@@ -48,13 +48,15 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use redis::{ErrorKind, ServerErrorKind, Value};
 
-use super::{Charge, ChargeOutcome, Settled, Settlement, Store, StoreError};
+use super::{Charge, ChargeOutcome, Condition, Settled, Settlement, Store, StoreError};
 use crate::config::RedisConfig;
 
 pub mod breaker;
+mod clock;
 mod cluster;
 mod coalesce;
 mod cross_slot;
+mod eviction;
 pub mod keys;
 mod lanes;
 mod script;
@@ -95,6 +97,10 @@ struct Inner {
     /// Concurrent charges bound for one node (on Cluster, one slot) share
     /// one script call.
     coalescer: Coalescer,
+    /// Where calendar windows are offered around.
+    clock: clock::ReplicaClock,
+    /// Redis's eviction policy, as last read, and what to do about it.
+    eviction: eviction::Eviction,
 }
 
 impl RedisStore {
@@ -130,6 +136,8 @@ impl RedisStore {
                 connect_timeout: config.connect_timeout,
                 breaker: Breaker::new(settings),
                 coalescer: Coalescer::default(),
+                clock: clock::ReplicaClock::new(config.host_clock_skew_us),
+                eviction: eviction::Eviction::new(config.on_evicting_policy),
             }),
         })
     }
@@ -142,16 +150,23 @@ impl RedisStore {
     pub fn spawn_prober(&self, every: Duration) -> tokio::task::JoinHandle<()> {
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
-            if let Some(inner) = weak.upgrade()
-                && let Err(e) = inner.ping().await
-            {
-                inner.breaker.trip(&e);
-                inner.lost_if_opened(true);
+            if let Some(inner) = weak.upgrade() {
+                match inner.ping().await {
+                    Ok(()) => {
+                        inner.check_eviction(inner.response_timeout).await;
+                    }
+                    Err(e) => {
+                        inner.breaker.trip(&e);
+                        inner.lost_if_opened(true);
+                    }
+                }
             }
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut ticks: u32 = 0;
             loop {
                 tick.tick().await;
+                ticks = ticks.wrapping_add(1);
                 let Some(inner) = weak.upgrade() else { return };
                 // A Cluster connection waits on every node, a dead one too.
                 inner.topology.warm(inner.connect_timeout * 4).await;
@@ -159,7 +174,16 @@ impl RedisStore {
                 // Redis too; open, it waits its turn to probe.
                 if inner.breaker.admit() {
                     match inner.ping().await {
-                        Ok(()) => inner.breaker.succeeded(),
+                        Ok(()) => {
+                            inner.breaker.succeeded();
+                            // On reconnect, while it evicts (to see it
+                            // fixed), and now and then (a failover, a
+                            // CONFIG SET): read the policy again.
+                            if inner.eviction.due() || ticks.is_multiple_of(eviction::RECHECK_TICKS)
+                            {
+                                inner.check_eviction(inner.response_timeout).await;
+                            }
+                        }
                         Err(e) => inner.lost_if_opened(inner.breaker.failed(&e)),
                     }
                 }
@@ -177,6 +201,10 @@ impl Inner {
     /// Not on Cluster: its one connection holds a connection per node and
     /// remakes each by itself, and a new one would wait on every node.
     fn lost_if_opened(&self, opened: bool) {
+        if opened {
+            // The next contact is a reconnect: read the policy again then.
+            self.eviction.reconnecting();
+        }
         if opened && !self.topology.is_cluster() {
             self.topology.forget_connections();
         }
@@ -188,6 +216,25 @@ impl Inner {
             .call::<Value>(Request::Cmd(&ping), self.response_timeout)
             .await
             .map(|_| ())
+    }
+
+    /// Reads Redis's `maxmemory-policy` (see `eviction.rs`) and records
+    /// it; `Some(why)` when it can evict Tollgate's keys. A failed read is
+    /// not Redis's failure: the breaker never hears of it.
+    async fn check_eviction(&self, timeout: Duration) -> Option<String> {
+        let mut info = redis::cmd("INFO");
+        info.arg("memory");
+        match self
+            .topology
+            .call::<Value>(Request::Cmd(&info), timeout)
+            .await
+        {
+            Ok(reply) => self.eviction.read(&reply),
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read Redis's maxmemory-policy");
+                None
+            }
+        }
     }
 
     async fn load_script(&self) -> Result<(), CallError> {
@@ -209,10 +256,29 @@ impl Inner {
         // Queued behind at most one call in flight, then its own call.
         let bound = self.response_timeout.saturating_mul(2);
         let answer = self.coalescer.submit(self, node, encoded);
-        tokio::time::timeout(bound, answer)
+        let reply = tokio::time::timeout(bound, answer)
             .await
             .map_err(|_| call_failed(CallError::Timeout(bound)))?
-            .map_err(|_| StoreError::transient("Redis batch task ended"))?
+            .map_err(|_| StoreError::transient("Redis batch task ended"))??;
+        self.clock.observe(reply.now);
+        Ok(reply)
+    }
+
+    /// Submits what `encode` makes of the offered instant; if no offered
+    /// window held Redis's clock (the charge ran nothing), encodes it once
+    /// more around Redis's clock, which the reply just taught, and sends
+    /// that. A replica's clock off by days then costs one round trip, once,
+    /// and never a failure.
+    async fn submit_windows(
+        self: &Arc<Self>,
+        node: u16,
+        encode: impl Fn(u64) -> script::Encoded,
+    ) -> Result<Reply, StoreError> {
+        let reply = self.submit(node, encode(self.clock.offer_at_us())).await?;
+        if script::missed_window(&reply.ints) {
+            return self.submit(node, encode(self.clock.offer_at_us())).await;
+        }
+        Ok(reply)
     }
 
     /// The node (on Cluster, the hash slot) of a charge's first bucket.
@@ -231,8 +297,11 @@ impl Inner {
             return Ok(Settled::Applied(Vec::new()));
         }
         let node = self.node_of(settlement.buckets.first().map(|b| &b.charge));
-        let encoded = script::encode_settle(&self.prefix, settlement);
-        let reply = self.submit(node, encoded).await?;
+        let reply = self
+            .submit_windows(node, |at| {
+                script::encode_settle(&self.prefix, settlement, at)
+            })
+            .await?;
         script::settled(settlement, reply.now, &reply.ints)
     }
 
@@ -245,8 +314,10 @@ impl Inner {
         marks: bool,
     ) -> Result<ChargeOutcome, StoreError> {
         let node = self.node_of(charge.buckets.first());
-        let encoded = script::encode(&self.prefix, charge, charge.marks || marks);
-        let reply = self.submit(node, encoded).await?;
+        let marked = charge.marks || marks;
+        let reply = self
+            .submit_windows(node, |at| script::encode(&self.prefix, charge, marked, at))
+            .await?;
         script::outcome(charge, reply.now, &reply.ints)
     }
 
@@ -416,12 +487,38 @@ impl Store for RedisStore {
         !self.inner.breaker.is_open()
     }
 
+    /// Redis keys are made per scope on demand; nothing is kept per scope.
+    fn scopes_configured(&self, _: &[&str]) {}
+
+    fn condition(&self) -> Condition {
+        let evicting = self.inner.eviction.policy();
+        Condition {
+            clock_skew_us: self.inner.clock.skew_us(),
+            unready: evicting.is_some() && self.inner.eviction.refuses(),
+            evicting_policy: evicting,
+        }
+    }
+
     /// Redis keys carry the limit's shape, so a reload that changes a limit
     /// starts new buckets: nothing derived from the old rules is kept here.
     fn rules_replaced(&self) {}
 }
 
 impl RedisStore {
+    /// The start-up check of Redis's eviction policy: with
+    /// `on_evicting_policy: refuse`, an evicting policy refuses the start.
+    /// A Redis that cannot be reached now is checked when it is (then an
+    /// evicting policy makes the replica unready instead).
+    pub async fn check_at_start(&self) -> Result<(), BuildError> {
+        let inner = &self.inner;
+        // The first call also connects: give it the time for both.
+        let timeout = inner.connect_timeout + inner.response_timeout;
+        match inner.check_eviction(timeout).await {
+            Some(why) if inner.eviction.refuses() => Err(BuildError::EvictingPolicy(why)),
+            _ => Ok(()),
+        }
+    }
+
     /// Decides `charges` behind the breaker.
     async fn take(&self, charges: &[Charge<'_>]) -> Vec<Result<ChargeOutcome, StoreError>> {
         let inner = &self.inner;

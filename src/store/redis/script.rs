@@ -73,21 +73,10 @@ fn i8_of(v: u64) -> [u8; 8] {
     i64::try_from(v).unwrap_or(i64::MAX).to_le_bytes()
 }
 
-/// The microseconds since the Unix epoch on this host: only to pick which
-/// calendar windows to offer the script, which picks by Redis's clock.
-#[expect(
-    clippy::disallowed_methods,
-    reason = "only picks which windows to offer; the script picks among them by Redis's TIME"
-)]
-fn host_now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-}
-
 /// Packs one bucket's `capacity, period, cost, fourth` and, for a calendar
-/// budget, its window boundaries.
-fn push_bucket(numbers: &mut Vec<u8>, b: &BucketCharge<'_>, cost: i64, fourth: u64) {
+/// budget, its window boundaries around `now_us` (the replica's best guess
+/// of Redis's clock; the script picks among them by its own).
+fn push_bucket(numbers: &mut Vec<u8>, b: &BucketCharge<'_>, cost: i64, fourth: u64, now_us: u64) {
     let shape = shape_us(b.shape);
     numbers.extend_from_slice(&i8_of(shape.capacity));
     match b.window {
@@ -101,7 +90,7 @@ fn push_bucket(numbers: &mut Vec<u8>, b: &BucketCharge<'_>, cost: i64, fourth: u
     numbers.extend_from_slice(&cost.to_le_bytes());
     numbers.extend_from_slice(&i8_of(fourth));
     if let Some(w @ Window::Calendar { .. }) = b.window {
-        for bound in w.around_us(host_now_us()) {
+        for bound in w.around_us(now_us) {
             numbers.extend_from_slice(&i8_of(bound));
         }
     }
@@ -119,7 +108,8 @@ fn header(mode: u8, n: usize) -> Vec<u8> {
 
 /// Encodes one charge for a batch call. The charge must have a bucket.
 /// `marked`: the reply carries each bucket's ledger, for a reservation.
-pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, marked: bool) -> Encoded {
+/// `now_us`: the instant to offer calendar windows around.
+pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, marked: bool, now_us: u64) -> Encoded {
     let n = charge.buckets.len().min(usize::from(u16::MAX));
     let mode = u8::from(charge.dry_run) | if marked { 4 } else { 0 };
     let mut numbers = header(mode, n);
@@ -130,6 +120,7 @@ pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, marked: bool) -> Encoded
             b,
             if b.shadow { -cost } else { cost },
             b.reserve,
+            now_us,
         );
     }
     Encoded {
@@ -144,8 +135,8 @@ pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, marked: bool) -> Encoded
 }
 
 /// Encodes a settlement. With [`Once`], its marker key (in the buckets'
-/// hash slot) comes last.
-pub(crate) fn encode_settle(prefix: &str, settlement: &Settlement<'_>) -> Encoded {
+/// hash slot) comes last. `now_us` as for [`encode`].
+pub(crate) fn encode_settle(prefix: &str, settlement: &Settlement<'_>, now_us: u64) -> Encoded {
     let n = settlement.buckets.len().min(usize::from(u16::MAX));
     let mut numbers = header(if settlement.once.is_some() { 3 } else { 2 }, n);
     if let Some(once) = settlement.once {
@@ -155,7 +146,7 @@ pub(crate) fn encode_settle(prefix: &str, settlement: &Settlement<'_>) -> Encode
         let b = &part.charge;
         // A settle's estimate may be 0: an Envoy refund of nothing.
         let cost = i64::try_from(b.cost).unwrap_or(i64::MAX);
-        push_bucket(&mut numbers, b, cost, part.actual);
+        push_bucket(&mut numbers, b, cost, part.actual, now_us);
         let mark = part.mark.unwrap_or_default();
         let taken_ticks = match part.mark {
             Some(m) => i64::try_from(m.taken.ticks).unwrap_or(i64::MAX),
@@ -237,6 +228,16 @@ fn mark_at(reply: &[i64], i: usize, per: usize) -> Mark {
     }
 }
 
+/// The status of a charge none of whose offered windows held Redis's clock:
+/// it took nothing.
+const WINDOW_MISSED: i64 = -2;
+
+/// True when `reply` (one charge's part) says no offered calendar window
+/// held Redis's clock, so the charge ran nothing and may be sent again.
+pub(crate) fn missed_window(reply: &[i64]) -> bool {
+    reply.first() == Some(&WINDOW_MISSED)
+}
+
 /// Reads how many integers a reply holds per bucket of a charge of
 /// `buckets`, checking its length and its failure statuses.
 fn check(reply: &[i64], buckets: usize) -> Result<usize, StoreError> {
@@ -255,9 +256,12 @@ fn check(reply: &[i64], buckets: usize) -> Result<usize, StoreError> {
         -1 => Err(StoreError::permanent(
             "a key of this charge holds a value of another type in Redis",
         )),
-        -2 => Err(StoreError::transient(
-            "Redis's clock is outside the budget windows this replica offered: \
-             is this host's clock more than a window off?",
+        // About this charge's windows, not Redis's health: it fails alone
+        // and never counts against the breaker. The store sends it once more
+        // with windows around Redis's clock (see `clock.rs`) before this.
+        WINDOW_MISSED => Err(StoreError::permanent(
+            "Redis's clock is outside the budget windows this replica offered, \
+             even around Redis's own clock",
         )),
         _ => Ok(per),
     }
@@ -363,11 +367,11 @@ mod tests {
 
     #[test]
     fn a_batch_is_every_key_then_every_charge_s_numbers_packed() {
-        let one = encode("tg1:", &charge(2), false);
+        let one = encode("tg1:", &charge(2), false, 0);
         let mut shadow = charge(1);
         shadow.buckets[0].shadow = true;
         shadow.dry_run = true;
-        let two = encode("tg1:", &shadow, false);
+        let two = encode("tg1:", &shadow, false, 0);
         let cmd = evalsha("abc", [&one, &two].into_iter());
         let args: Vec<Vec<u8>> = cmd
             .args_iter()
@@ -424,6 +428,11 @@ mod tests {
     fn a_failed_charge_is_its_own_error() {
         let e = outcome(&charge(1), 2, &[-1, 0, 0, 0, 0, 0, 0]).unwrap_err();
         assert!(!e.transient);
+        // No offered window held Redis's clock: the charge's own fault,
+        // never the breaker's.
+        let reply = [-2, 0, 0, 0, 0, 0, 0];
+        assert!(missed_window(&reply));
+        assert!(!outcome(&charge(1), 2, &reply).unwrap_err().transient);
     }
 
     #[test]

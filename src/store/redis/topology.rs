@@ -67,6 +67,9 @@ pub enum BuildError {
     /// The client or pool rejected the settings.
     #[error("store.redis: {0}")]
     Client(String),
+    /// Redis may evict Tollgate's keys, and the config says to refuse.
+    #[error("store.redis.on_evicting_policy: {0}")]
+    EvictingPolicy(String),
 }
 
 /// One request: a single command (which Cluster routes by its keys, or fans

@@ -60,6 +60,21 @@ impl TestServer {
         }
     }
 
+    /// Wraps a server already spawned on `addr` (a test that watches its
+    /// task end when it refuses to start).
+    pub fn spawned(
+        addr: std::net::SocketAddr,
+        control: mpsc::Sender<Control>,
+        task: tokio::task::JoinHandle<Result<(), ServerError>>,
+    ) -> Self {
+        Self {
+            addr,
+            control,
+            task: Some(task),
+            config_file: None,
+        }
+    }
+
     /// Rewrites the config file with `yaml` and asks for a reload, as SIGHUP
     /// does. The reload happens on the server's control task, soon after.
     pub async fn reload(&self, yaml: &str) {
