@@ -584,9 +584,8 @@ scopes:
             false
         }
 
-        fn rules_replaced(&self) {}
+        fn rules_replaced(&self, _: &[&str]) {}
 
-        fn scopes_configured(&self, _: &[&str]) {}
 
         fn condition(&self) -> crate::store::Condition {
             crate::store::Condition::default()

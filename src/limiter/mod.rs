@@ -243,7 +243,7 @@ impl<S: Store> Limiter<S> {
 impl<S: Store, E> Limiter<S, E> {
     /// A limiter over `store`, starting with `generation`.
     pub fn from_generation(generation: Generation<E>, store: S) -> Self {
-        store.scopes_configured(&scope_names(&generation.rules));
+        store.rules_replaced(&scope_names(&generation.rules));
         Self {
             generation: ArcSwap::from_pointee(generation),
             store,
@@ -275,10 +275,9 @@ impl<S: Store, E> Limiter<S, E> {
 
     /// Swaps in a new generation, whole. Calls under way finish on the old.
     pub fn replace(&self, generation: Generation<E>) {
-        self.store
-            .scopes_configured(&scope_names(&generation.rules));
-        self.generation.store(Arc::new(generation));
-        self.store.rules_replaced();
+        let generation = Arc::new(generation);
+        self.generation.store(generation.clone());
+        self.store.rules_replaced(&scope_names(&generation.rules));
     }
 
     /// The store.
@@ -409,7 +408,7 @@ impl<S: Store, E> Limiter<S, E> {
     }
 }
 
-/// The configured scopes' names, for [`Store::scopes_configured`].
+/// The configured scopes' names, for [`Store::rules_replaced`].
 fn scope_names(rules: &Rules) -> Vec<&str> {
     rules.scopes().map(|s| &*s.name).collect()
 }

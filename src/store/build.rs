@@ -109,17 +109,10 @@ impl Store for AnyStore {
         }
     }
 
-    fn rules_replaced(&self) {
+    fn rules_replaced(&self, scopes: &[&str]) {
         match self {
-            Self::Memory(s) => s.rules_replaced(),
-            Self::Redis(s) => s.rules_replaced(),
-        }
-    }
-
-    fn scopes_configured(&self, scopes: &[&str]) {
-        match self {
-            Self::Memory(s) => s.scopes_configured(scopes),
-            Self::Redis(s) => s.scopes_configured(scopes),
+            Self::Memory(s) => s.rules_replaced(scopes),
+            Self::Redis(s) => s.rules_replaced(scopes),
         }
     }
 

@@ -486,15 +486,11 @@ impl<S: Store> Store for DenyCache<S> {
         self.inner.is_available()
     }
 
-    fn rules_replaced(&self) {
+    fn rules_replaced(&self, scopes: &[&str]) {
         if let Some(cache) = &self.cache {
             cache.clear();
         }
-        self.inner.rules_replaced();
-    }
-
-    fn scopes_configured(&self, scopes: &[&str]) {
-        self.inner.scopes_configured(scopes);
+        self.inner.rules_replaced(scopes);
     }
 
     fn condition(&self) -> super::Condition {

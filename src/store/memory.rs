@@ -704,10 +704,9 @@ impl Store for MemoryStore {
     }
 
     /// Buckets are keyed by their shape, so a reload that changes a limit
-    /// starts new ones: nothing derived from the old rules is kept.
-    fn rules_replaced(&self) {}
-
-    fn scopes_configured(&self, scopes: &[&str]) {
+    /// starts new ones: nothing derived from the old rules is kept. The
+    /// scopes' names set the room each one keeps.
+    fn rules_replaced(&self, scopes: &[&str]) {
         self.inner
             .room
             .lock()

@@ -107,14 +107,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// True while the store can answer: used for health reporting.
     fn is_available(&self) -> bool;
 
-    /// Told when the rules were replaced (a reload), so a store that keeps
-    /// anything derived from the old rules (the deny cache) drops it. A store
-    /// that keeps nothing of the kind passes it on or does nothing.
-    fn rules_replaced(&self);
-
-    /// Told the configured scopes' names, at start and on each reload, so a
-    /// store that bounds its memory can keep room for each of them.
-    fn scopes_configured(&self, scopes: &[&str]);
+    /// Told the configured scopes' names at start and after each reload
+    /// (once the new rules serve): a store that keeps anything derived from
+    /// the old rules (the deny cache) drops it, and one that bounds its
+    /// memory keeps room for each scope. A store that keeps nothing of the
+    /// kind passes it on or does nothing.
+    fn rules_replaced(&self, scopes: &[&str]);
 
     /// What the store knows of its backend besides whether it answers:
     /// read by the health watcher for readiness and metrics, not per call.

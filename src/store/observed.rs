@@ -100,12 +100,8 @@ impl<S: Store, O: StoreObserver> Store for Observed<S, O> {
         self.inner.is_available()
     }
 
-    fn rules_replaced(&self) {
-        self.inner.rules_replaced();
-    }
-
-    fn scopes_configured(&self, scopes: &[&str]) {
-        self.inner.scopes_configured(scopes);
+    fn rules_replaced(&self, scopes: &[&str]) {
+        self.inner.rules_replaced(scopes);
     }
 
     fn condition(&self) -> super::Condition {

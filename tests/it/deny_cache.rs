@@ -146,7 +146,7 @@ async fn the_cache_answers_only_until_the_wait_is_over_and_forgets_on_reload() {
 
     let _ = one(&cached, &charge("ann", 1)).await;
     assert!(!cached.is_empty());
-    cached.rules_replaced();
+    cached.rules_replaced(&[]);
     assert!(cached.is_empty(), "a reload clears the cache");
 }
 

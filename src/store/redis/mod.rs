@@ -487,9 +487,6 @@ impl Store for RedisStore {
         !self.inner.breaker.is_open()
     }
 
-    /// Redis keys are made per scope on demand; nothing is kept per scope.
-    fn scopes_configured(&self, _: &[&str]) {}
-
     fn condition(&self) -> Condition {
         let evicting = self.inner.eviction.policy();
         Condition {
@@ -500,8 +497,9 @@ impl Store for RedisStore {
     }
 
     /// Redis keys carry the limit's shape, so a reload that changes a limit
-    /// starts new buckets: nothing derived from the old rules is kept here.
-    fn rules_replaced(&self) {}
+    /// starts new buckets: nothing derived from the old rules is kept here,
+    /// and keys are made per scope on demand.
+    fn rules_replaced(&self, _: &[&str]) {}
 }
 
 impl RedisStore {
