@@ -18,7 +18,7 @@
 //! `base64url(body ‖ HMAC-SHA256(key, body))`, where `body` is a version
 //! byte, the 16-byte id, the deadline (µs of the store's clock), the scope
 //! and each charged bucket (rule key, identity, operation, shape, window
-//! tag, estimate, state), length-prefixed. It is opaque to callers.
+//! tag, estimate, headroom, state), length-prefixed. It is opaque to callers.
 
 use std::sync::Arc;
 
@@ -29,8 +29,10 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::bucket::{Ledger, Mark, Shape, Tat};
 
-/// The format's version, the first byte of every body.
-const VERSION: u8 = 1;
+/// The format's version, the first byte of every body. Version 1, from
+/// before a bucket carried its headroom, still reads (headroom 0), so a
+/// rolling upgrade settles the reservations older replicas made.
+const VERSION: u8 = 2;
 /// The longest token accepted, in characters: 16 buckets of the longest
 /// keys fit well within it.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
@@ -145,6 +147,9 @@ pub struct ReservedBucket {
     pub window: String,
     /// The estimate taken.
     pub cost: u64,
+    /// The headroom the request's priority had to leave in this bucket:
+    /// its settle may not take it (see [`crate::bucket::Shape::settle`]).
+    pub reserve: u64,
     /// The state the charge left it in and its ledger then, in the
     /// store's ticks.
     pub mark: Mark,
@@ -155,9 +160,9 @@ impl Reservation {
     pub fn bucket_len(b: &crate::store::BucketCharge<'_>) -> usize {
         // Rule, identity and operation with their length prefixes and
         // flags, the window tag (a unit and an IANA name, well under 64),
-        // and eight numbers.
+        // and nine numbers.
         let text = |s: Option<&str>| 3 + s.map_or(0, str::len);
-        text(Some(b.key.rule)) + text(b.key.identity) + text(b.key.operation) + 2 + 64 + 8 * 8
+        text(Some(b.key.rule)) + text(b.key.identity) + text(b.key.operation) + 2 + 64 + 9 * 8
     }
 
     /// The length of a token whose buckets add `buckets_len` bytes: the
@@ -183,6 +188,7 @@ impl Reservation {
                 b.shape.capacity,
                 b.shape.period,
                 b.cost,
+                b.reserve,
                 b.mark.taken.ticks,
                 b.mark.taken.frac,
                 b.mark.ledger.born,
@@ -197,7 +203,8 @@ impl Reservation {
 
     fn decode(body: &[u8]) -> Option<Self> {
         let mut r = Reader(body);
-        if r.byte()? != VERSION {
+        let version = r.byte()?;
+        if version != VERSION && version != 1 {
             return None;
         }
         let id = r.take(16)?.try_into().ok()?;
@@ -210,8 +217,9 @@ impl Reservation {
             let identity = r.opt()?;
             let operation = r.opt()?;
             let window = r.text()?;
-            let [capacity, period, cost, ticks, frac] =
-                [r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?];
+            let [capacity, period, cost] = [r.u64()?, r.u64()?, r.u64()?];
+            let reserve = if version == 1 { 0 } else { r.u64()? };
+            let [ticks, frac] = [r.u64()?, r.u64()?];
             let [born, given_ticks, given_frac] = [r.u64()?, r.u64()?, r.u64()?];
             buckets.push(ReservedBucket {
                 rule,
@@ -220,6 +228,7 @@ impl Reservation {
                 shape: Shape { capacity, period },
                 window,
                 cost,
+                reserve,
                 mark: Mark {
                     taken: Tat { ticks, frac },
                     ledger: Ledger {
@@ -312,6 +321,7 @@ mod tests {
                 },
                 window: String::new(),
                 cost: 1_000,
+                reserve: 300,
                 mark: Mark {
                     taken: Tat {
                         ticks: 1_699_999_999_000_000,

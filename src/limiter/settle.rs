@@ -100,6 +100,7 @@ impl<S: Store, E> Limiter<S, E> {
                         shape: p.charge.shape,
                         window: p.limit.window.as_ref().map(Window::tag).unwrap_or_default(),
                         cost: p.charge.cost,
+                        reserve: p.charge.reserve,
                         mark: o.mark,
                     })
                     .collect(),
@@ -163,7 +164,9 @@ impl<S: Store, E> Limiter<S, E> {
                     shape: b.shape,
                     cost: b.cost,
                     shadow: false,
-                    reserve: 0,
+                    // The headroom the reservation's priority had to leave
+                    // bounds its debt: a sheddable settle never eats it.
+                    reserve: b.reserve,
                     window: window.as_ref(),
                 },
                 actual,

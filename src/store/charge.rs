@@ -81,8 +81,9 @@ impl BucketCharge<'_> {
 
     /// The state after settling this charge (taken earlier) at `actual`,
     /// in the store's ticks (nanoseconds: the Redis script does its own).
-    /// Debt is bounded: [`MAX_DEBT_US`] past now for a bucket,
-    /// [`MAX_SPEND`] for a budget.
+    /// Debt is bounded by the charge's `reserve` (the headroom the
+    /// reservation's priority had to leave): see [`Shape::settle`] and
+    /// [`Budget::settle`].
     pub fn settle(
         &self,
         stored: Tat,
@@ -99,7 +100,7 @@ impl BucketCharge<'_> {
                 self.cost,
                 part.actual,
                 part.mark,
-                MAX_DEBT_US.saturating_mul(1_000),
+                self.reserve,
             ),
             Some(_) => {
                 let budget = Budget {
@@ -111,7 +112,7 @@ impl BucketCharge<'_> {
                     self.cost,
                     part.actual,
                     part.mark,
-                    MAX_SPEND,
+                    self.reserve,
                 );
                 (state, ledger)
             }
@@ -153,13 +154,14 @@ impl BucketCharge<'_> {
     }
 }
 
-/// The furthest a bucket's debt may push its TAT past now, in microseconds
-/// (about 8.9 years): more debt than that is not kept. Bounds the Redis
-/// script's numbers well below 2^53.
+/// An outer bound on how far a bucket's TAT may run past now, in
+/// microseconds (about 8.9 years), for the Redis script's exactness: the
+/// settle's own bound (two periods, see [`Shape::settle`]) is far below.
 pub const MAX_DEBT_US: u64 = 1 << 48;
 
-/// The most a budget's window may record as spent, debt included: more is
-/// not kept. Below 2^53, so the Redis script's numbers stay exact.
+/// An outer bound on a budget window's spend, for the Redis script's
+/// exactness: the settle's own bound (twice the budget, see
+/// [`Budget::settle`]) is far below.
 pub const MAX_SPEND: u64 = 1 << 52;
 
 /// A set of buckets to charge together: all of them or none.
@@ -225,8 +227,9 @@ pub struct ChargeOutcome {
 pub struct SettleBucket<'a> {
     /// The bucket as it was charged; its `cost` is what was taken then.
     pub charge: BucketCharge<'a>,
-    /// The real cost. More than `charge.cost` takes the extra; less gives
-    /// back the difference (see [`crate::bucket::Shape::settle`]).
+    /// The real cost. More than `charge.cost` takes the extra (at most the
+    /// capacity more, and bounded by `charge.reserve`); less gives back the
+    /// difference (see [`crate::bucket::Shape::settle`]).
     pub actual: u64,
     /// What the charge left the bucket in ([`BucketOutcome::mark`]): a
     /// refund gives back no more than the charge still holds. `None` for a

@@ -39,20 +39,25 @@
 --                                  judged but never denies
 --                        reserve   decide: tokens the request must leave (its
 --                                  priority's headroom), >= 0;
---                                  settle: the real cost, >= 0
+--                                  settle: the real cost, >= 0, at most
+--                                  cost + C (the caller caps it)
 --            '<i8i8i8i8' P = 0 only: four window boundaries (µs, strictly
 --                        increasing), computed by the replica around its
 --                        own clock: the windows [b1,b2), [b2,b3), [b3,b4).
 --                        The one holding Redis's clock is used, so the
 --                        replica's clock never decides the window; if none
 --                        does, the charge fails (status -2).
---            '<i8i8i8i8i8i8i8' settles only: the reservation's mark, taken
---                        ticks, taken frac (the state the charge left;
+--            '<i8i8i8i8i8i8i8i8i8' settles only: the reservation's mark,
+--                        taken ticks, taken frac (the state the charge left;
 --                        ticks < 0 for none), born, given whole, given
 --                        frac (the bucket's ledger then); then the
 --                        difference |real - estimate| * P / C as whole
 --                        microseconds and a fraction of C, computed by the
---                        caller in 128-bit integers (token buckets only).
+--                        caller in 128-bit integers (token buckets only);
+--                        then the ceiling of the extra, whole and fraction:
+--                        a bucket's furthest TAT past now (2P without
+--                        headroom, (C - reserve)*P/C with it), a budget's
+--                        highest spend (2C without, C - reserve with it).
 --
 -- Clock: "now" is Redis's TIME in microseconds, read once for the whole
 -- batch, never the caller's clock, so every Tollgate replica shares one
@@ -69,8 +74,8 @@
 -- "ticks:frac" text is still read. An absent key is a full bucket. Taking n tokens moves the
 -- TAT by n*P/C exactly; a bucket conforms when the TAT it would have after
 -- taking n + reserve is at most P ahead of now. A settle above the estimate
--- pushes the TAT further (debt: later requests wait), at most 2^48 µs past
--- now; below, it pulls the TAT back by the difference but never by more
+-- pushes the TAT further (debt: later requests wait), never past its
+-- ceiling (so at most 2P past now), and never pulls it back; below, it pulls the TAT back by the difference but never by more
 -- than the reservation still holds (the TAT it left, less every refund
 -- given since, less now; nothing if the bucket was made again since), and
 -- never before now: a bucket is never fuller than full, and tokens that
@@ -118,8 +123,6 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local floor, fmod = math.floor, math.fmod
 local pack, unpack = struct.pack, struct.unpack
-local MAX_AHEAD = 281474976710656 -- 2^48 µs
-local MAX_SPEND = 4503599627370496 -- 2^52
 
 -- Returns nil for an error about this charge's own data (a key of another
 -- type), which fails that charge alone; raises any other (READONLY, OOM),
@@ -326,12 +329,18 @@ local function rare_fns()
     end
     local dw, df = m[6], m[7]
     if actual > est then
-      st, sf = st + dw, sf + df
-      if sf >= cap then
-        st, sf = st + 1, sf - cap
+      local nt, nf = st + dw, sf + df
+      if nf >= cap then
+        nt, nf = nt + 1, nf - cap
       end
-      if st >= now + MAX_AHEAD then
-        st, sf = now + MAX_AHEAD, 0
+      -- Never past the ceiling; a TAT already past it stays.
+      local ct, cf = now + m[8], m[9]
+      if nt > ct or (nt == ct and nf > cf) then
+        if not (st > ct or (st == ct and sf > cf)) then
+          st, sf = ct, cf
+        end
+      else
+        st, sf = nt, nf
       end
       return st, sf, born, gw, gf, store(key, st, sf, born, gw, gf)
     end
@@ -369,15 +378,19 @@ local function rare_fns()
   end
 
   -- One budget's settle: its window's end and spend after the real cost.
-  local function settle_spend(key, est, actual, wend, taken)
+  local function settle_spend(key, est, actual, wend, taken, ceiling)
     local spent = load_spend(key, wend)
     if not spent then
       return nil
     end
     if actual >= est then
-      spent = spent + (actual - est)
-      if spent > MAX_SPEND then
-        spent = MAX_SPEND
+      -- Never past the ceiling; a spend already past it stays.
+      local grown = spent + (actual - est)
+      if grown > ceiling then
+        grown = ceiling
+      end
+      if grown > spent then
+        spent = grown
       end
     elseif taken < 0 or taken == wend then
       spent = spent - (est - actual)
@@ -404,7 +417,8 @@ local function rare_fns()
       local cap, period, est, actual, wend
       cap, period, est, actual, wend, at = read(at)
       local m = {}
-      m[1], m[2], m[3], m[4], m[5], m[6], m[7], at = unpack('<i8i8i8i8i8i8i8', blob, at)
+      m[1], m[2], m[3], m[4], m[5], m[6], m[7], m[8], m[9], at =
+        unpack('<i8i8i8i8i8i8i8i8i8', blob, at)
       if est < 0 then
         est = -est
       end
@@ -435,7 +449,7 @@ local function rare_fns()
       if p[2] > 0 then
         a, b, c, d, e, ok = settle_tokens(KEYS[k0 + i], p[1], p[3], p[4], p[6])
       else
-        a, b, c, d, e, ok = settle_spend(KEYS[k0 + i], p[3], p[4], p[5], p[6][1])
+        a, b, c, d, e, ok = settle_spend(KEYS[k0 + i], p[3], p[4], p[5], p[6][1], p[6][8])
       end
       if not a or not ok then
         out[status] = -1

@@ -8,10 +8,8 @@
 use redis::Cmd;
 
 use super::keys::{bucket_key, settled_key};
-use crate::bucket::{Ledger, Mark, Shape, Tat};
-use crate::store::{
-    BucketCharge, Charge, ChargeOutcome, MAX_DEBT_US, Settled, Settlement, StoreError,
-};
+use crate::bucket::{Budget, Ledger, Mark, Shape, Tat};
+use crate::store::{BucketCharge, Charge, ChargeOutcome, Settled, Settlement, StoreError};
 use crate::window::Window;
 
 /// The script's source.
@@ -153,9 +151,11 @@ pub(crate) fn encode_settle(prefix: &str, settlement: &Settlement<'_>) -> Encode
     }
     for part in &settlement.buckets[..n] {
         let b = &part.charge;
+        // A settle takes at most the capacity above its estimate.
+        let actual = part.actual.min(b.cost.saturating_add(b.shape.capacity));
         // A settle's estimate may be 0: an Envoy refund of nothing.
         let cost = i64::try_from(b.cost).unwrap_or(i64::MAX);
-        push_bucket(&mut numbers, b, cost, part.actual);
+        push_bucket(&mut numbers, b, cost, actual);
         let mark = part.mark.unwrap_or_default();
         let taken_ticks = match part.mark {
             Some(m) => i64::try_from(m.taken.ticks).unwrap_or(i64::MAX),
@@ -170,16 +170,24 @@ pub(crate) fn encode_settle(prefix: &str, settlement: &Settlement<'_>) -> Encode
         ] {
             numbers.extend_from_slice(&i8_of(n));
         }
-        // |actual - estimate|·P/C, exactly; at most the debt bound, which is
-        // all the script would keep anyway.
-        let diff = shape_us(b.shape).time_of(part.actual.abs_diff(b.cost));
-        let (whole, frac) = if diff.ticks < MAX_DEBT_US {
-            (diff.ticks, diff.frac)
-        } else {
-            (MAX_DEBT_US, 0)
+        // |actual - estimate|·P/C, exactly: at most one period.
+        let shape = shape_us(b.shape);
+        let diff = shape.time_of(actual.abs_diff(b.cost));
+        // How far the extra may go: a bucket's TAT ceiling past now, or a
+        // budget's spend ceiling (see Shape::ceiling, Budget::ceiling).
+        let ceiling = match b.window {
+            None => shape.ceiling(0, b.reserve),
+            Some(_) => Tat {
+                ticks: Budget {
+                    amount: b.shape.capacity,
+                }
+                .ceiling(b.reserve),
+                frac: 0,
+            },
         };
-        numbers.extend_from_slice(&i8_of(whole));
-        numbers.extend_from_slice(&i8_of(frac));
+        for n in [diff.ticks, diff.frac, ceiling.ticks, ceiling.frac] {
+            numbers.extend_from_slice(&i8_of(n));
+        }
     }
     let mut keys: Vec<String> = settlement.buckets[..n]
         .iter()
