@@ -79,6 +79,7 @@ pub(crate) fn charge<'q>(buckets: &[Planned<'_, 'q>], dry_run: bool) -> Charge<'
         buckets: list,
         dry_run,
         marks: false,
+        open: None,
     }
 }
 
@@ -222,7 +223,7 @@ where
             }
             // Most headroom first; requests with equal headroom count
             // together, so each need is taken after its last equal.
-            part.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+            part.sort_unstable_by_key(|p| std::cmp::Reverse(p.0));
             let (mut sum, mut need) = (0u64, 0u64);
             for (i, &(reserve, cost)) in part.iter().enumerate() {
                 sum = sum.saturating_add(cost);
@@ -257,6 +258,7 @@ where
             buckets: self.slots.iter().copied().collect(),
             dry_run: self.dry_run,
             marks: false,
+            open: None,
         })
     }
 
