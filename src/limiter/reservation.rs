@@ -4,15 +4,15 @@
 //! # Why signed tokens, not records in the store
 //! A reservation carries everything a settle needs: the buckets it charged
 //! (their keys and shapes), the estimate, the state each bucket was left in
-//! (which bounds a refund), and its deadline. The store keeps nothing for an
-//! open reservation, so making one costs nothing beyond the decision itself
-//! (no second key, no second write), and a reservation that is never settled
-//! leaves nothing behind. HMAC-SHA256 with a key shared by the replicas
-//! makes a forged or altered token fail to verify, with a clear error. What
-//! a token cannot carry is whether it was used: settling writes the
-//! reservation's random id to the store, in the same atomic step as the
-//! settle, kept until the deadline, so a second settle (on any replica) is
-//! refused, and after the deadline the token itself is refused as expired.
+//! (which bounds a refund), and its deadline. HMAC-SHA256 with a key shared
+//! by the replicas makes a forged or altered token fail to verify, with a
+//! clear error. What a token cannot carry is whether it was used: the charge
+//! that makes it records its random id as open in the store, in the same
+//! atomic step, until the deadline, and a settle applies only while that
+//! record exists, removing it in the same atomic step. So a second settle
+//! (on any replica) is refused, a lost record (evicted) refuses the settle
+//! rather than allow a replay, and after the deadline the token itself is
+//! refused as expired.
 //!
 //! # Format
 //! `base64url(body ‖ HMAC-SHA256(key, body))`, where `body` is a version

@@ -177,6 +177,22 @@ pub struct Charge<'a> {
     /// a reservation needs it to bound its settle. Other answers may leave
     /// it out (the Redis script then replies with half the numbers).
     pub marks: bool,
+    /// A reservation to open when the charge takes (allowed, not a dry
+    /// run), in the same atomic step: its id is recorded for `within_us` of
+    /// the store's clock, and only a recorded id settles, once
+    /// ([`Store::settle`](super::Store::settle) removes it). A record that
+    /// is lost (evicted) can only refuse a settle, never allow a second.
+    pub open: Option<Open>,
+}
+
+/// A reservation opened by a charge: see [`Charge::open`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Open {
+    /// The reservation's random id.
+    pub id: [u8; 16],
+    /// How long it may be settled, in microseconds from the store's clock
+    /// at the charge: its deadline is [`ChargeOutcome::now_us`] plus this.
+    pub within_us: u64,
 }
 
 impl<'a> Charge<'a> {
@@ -186,6 +202,7 @@ impl<'a> Charge<'a> {
             buckets: buckets.into_iter().collect(),
             dry_run: false,
             marks: false,
+            open: None,
         }
     }
 }
@@ -244,9 +261,10 @@ pub struct SettleBucket<'a> {
 pub struct Settlement<'a> {
     /// The buckets, each key at most once.
     pub buckets: Vec<SettleBucket<'a>>,
-    /// A reservation's id and deadline: applied at most once, and only while
-    /// the store's clock is before the deadline. `None`: applied
-    /// unconditionally (a refund).
+    /// A reservation's id and deadline: applied only while the reservation
+    /// is open (its charge recorded it, [`Charge::open`], and no settle has
+    /// removed it), so at most once, and only while the store's clock is
+    /// before the deadline. `None`: applied unconditionally (a refund).
     pub once: Option<Once>,
 }
 

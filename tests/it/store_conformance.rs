@@ -48,6 +48,7 @@ async fn one(store: &impl Store, buckets: Vec<BucketCharge<'_>>, dry_run: bool) 
             buckets: buckets.into(),
             dry_run,
             marks: false,
+            open: None,
         }])
         .await
         .expect("store answers");
@@ -178,16 +179,19 @@ async fn charges_in_one_call_are_independent(store: &impl Store) {
                 buckets: smallvec::smallvec![a],
                 dry_run: false,
                 marks: false,
+                open: None,
             },
             Charge {
                 buckets: smallvec::smallvec![b],
                 dry_run: false,
                 marks: false,
+                open: None,
             },
             Charge {
                 buckets: smallvec::smallvec![],
                 dry_run: false,
                 marks: false,
+                open: None,
             },
         ])
         .await
@@ -229,6 +233,7 @@ async fn reserve(store: &impl Store, b: BucketCharge<'_>) -> tollgate::bucket::M
             buckets: [b].into_iter().collect(),
             dry_run: false,
             marks: true,
+            open: None,
         })
         .await
         .expect("store answers");

@@ -64,12 +64,17 @@ impl Inner {
                 vec![(0..charge.buckets.len()).collect()]
             };
             let mut plan = Vec::with_capacity(parts.len());
+            let lone = parts.len() == 1;
             for part in parts {
                 plan.push((work.len(), part.clone()));
                 work.push(Charge {
                     buckets: part.iter().map(|&i| charge.buckets[i]).collect(),
                     dry_run: charge.dry_run,
                     marks: charge.marks,
+                    // A reservation's buckets share its scope's slot; one
+                    // split over slots opens nothing, so it cannot settle
+                    // (the estimate stands) rather than settle twice.
+                    open: charge.open.filter(|_| lone),
                 });
             }
             plans.push(plan);

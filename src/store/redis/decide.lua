@@ -8,8 +8,8 @@
 -- that charge only. Errors about the node (READONLY, OOM) fail the call.
 --
 -- KEYS     every key of every charge, charge after charge: its bucket keys,
---          then (a settle of a reservation only) the key that records the
---          reservation as settled. On Cluster the caller sends only keys of
+--          then (a charge that opens a reservation, or a settle of one) the
+--          key that records the reservation as open. On Cluster the caller sends only keys of
 --          one hash slot in one call.
 -- ARGV[1]  every charge's numbers, packed (struct, little-endian), charge
 --          after charge, so the script reads each bucket with one unpack
@@ -21,11 +21,16 @@
 --                              bucket's ledger), 2 settle (apply real costs to
 --                              buckets charged earlier: a refund, or Cluster
 --                              giving back a cross-slot reservation),
---                              3 settle a reservation: at most once, and
---                              only before its deadline;
+--                              3 settle a reservation: only while it is
+--                              open (its record exists; the settle
+--                              deletes it), so at most once, and only
+--                              before its deadline; 8 added to 4 or 5: the
+--                              charge also opens a reservation, writing
+--                              its record when it takes;
 --                        n     how many buckets it has, >= 1;
 --            '<i8'     mode 3 only: the reservation's deadline, in
---                      microseconds of Redis's clock;
+--                      microseconds of Redis's clock; modes 12, 13: how
+--                      long the reservation stays open, in microseconds;
 --          then per bucket:
 --            '<i8i8i8i8' capacity  C, tokens (a budget: the budget), >= 1
 --                        period    P > 0: a token bucket refilling in P
@@ -101,6 +106,11 @@
 -- Expiry: a written bucket gets PX = time until full, a budget PX = time
 -- until its window ends, so memory follows active keys only. A denied or
 -- dry-run charge writes nothing.
+--
+-- Open reservations: a charge that opens one writes its record (PX: its
+-- settle_within) only when it takes; a settle needs the record and deletes
+-- it. A record lost to eviction therefore refuses a settle (the estimate
+-- stands) and can never let one apply twice.
 --
 -- Returns {now, then per charge: status, then per bucket: conforms, ticks,
 -- frac, and (modes 2 to 5) born, given whole, given frac}
@@ -433,7 +443,7 @@ local function rare_fns()
     local marker = once and KEYS[k0 + n + 1]
     if once and now > deadline then
       refused = -3
-    elseif once and redis.call('EXISTS', marker) == 1 then
+    elseif once and redis.call('EXISTS', marker) == 0 then
       refused = -4
     end
     if refused then
@@ -460,7 +470,7 @@ local function rare_fns()
       out[o + 4], out[o + 5], out[o + 6] = c, d, e
     end
     if once then
-      set(marker, '1', deadline - now + 1)
+      redis.call('DEL', marker)
     end
     return at
   end
@@ -476,8 +486,12 @@ end
 
 -- Judges a charge's buckets, then takes from all or none. Returns the
 -- position after the charge's numbers.
-local function decide(k0, at, n, dry, marked)
+local function decide(k0, at, n, dry, marked, open)
   local allowed, failed = 1, false
+  local within
+  if open then
+    within, at = unpack('<i8', blob, at)
+  end
   for i = 1, n do
     -- Read inline: the token bucket is the hot case.
     local cap, period, cost, reserve
@@ -566,6 +580,10 @@ local function decide(k0, at, n, dry, marked)
     out[status] = -2
   elseif failed then
     out[status] = -1
+  elseif open and allowed == 1 and not dry then
+    -- Taken: record the reservation as open. Should the write fail, it
+    -- cannot settle and its estimate stands.
+    set(KEYS[k0 + n + 1], '1', within)
   end
   return at
 end
@@ -613,6 +631,10 @@ local k0, at = 0, 1
 while at <= #blob do
   local mode, n
   mode, n, at = unpack('<BH', blob, at)
+  local open = mode >= 8
+  if open then
+    mode = mode - 8
+  end
   if mode == 2 or mode == 3 then
     at = rare_fns().settle(k0, at, n, mode == 3)
     if mode == 3 then
@@ -620,7 +642,10 @@ while at <= #blob do
     end
   else
     at = mode == 0 and n == 1 and decide_lone(k0, at)
-      or decide(k0, at, n, mode % 2 == 1, mode >= 4)
+      or decide(k0, at, n, mode % 2 == 1, mode >= 4, open)
+    if open then
+      k0 = k0 + 1
+    end
   end
   k0 = k0 + n
 end

@@ -7,7 +7,7 @@
 
 use redis::Cmd;
 
-use super::keys::{bucket_key, settled_key};
+use super::keys::{bucket_key, open_key};
 use crate::bucket::{Budget, Ledger, Mark, Shape, Tat};
 use crate::store::{BucketCharge, Charge, ChargeOutcome, Settled, Settlement, StoreError};
 use crate::window::Window;
@@ -119,8 +119,14 @@ fn header(mode: u8, n: usize) -> Vec<u8> {
 /// `marked`: the reply carries each bucket's ledger, for a reservation.
 pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, marked: bool) -> Encoded {
     let n = charge.buckets.len().min(usize::from(u16::MAX));
-    let mode = u8::from(charge.dry_run) | if marked { 4 } else { 0 };
+    let open = charge.open.filter(|_| n > 0);
+    let mode = u8::from(charge.dry_run)
+        | if marked || open.is_some() { 4 } else { 0 }
+        | if open.is_some() { 8 } else { 0 };
     let mut numbers = header(mode, n);
+    if let Some(open) = open {
+        numbers.extend_from_slice(&i8_of(open.within_us));
+    }
     for b in &charge.buckets[..n] {
         let cost = i64::try_from(b.cost.max(1)).unwrap_or(i64::MAX);
         push_bucket(
@@ -130,13 +136,21 @@ pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, marked: bool) -> Encoded
             b.reserve,
         );
     }
+    let mut keys: Vec<String> = charge.buckets[..n]
+        .iter()
+        .map(|b| bucket_key(prefix, b))
+        .collect();
+    if let (Some(open), Some(first)) = (open, charge.buckets.first()) {
+        keys.push(open_key(prefix, first, &open.id));
+    }
     Encoded {
-        keys: charge.buckets[..n]
-            .iter()
-            .map(|b| bucket_key(prefix, b))
-            .collect(),
+        keys,
         buckets: n,
-        per_bucket: if marked { MARKED } else { PLAIN },
+        per_bucket: if marked || open.is_some() {
+            MARKED
+        } else {
+            PLAIN
+        },
         numbers,
     }
 }
@@ -194,7 +208,7 @@ pub(crate) fn encode_settle(prefix: &str, settlement: &Settlement<'_>) -> Encode
         .map(|p| bucket_key(prefix, &p.charge))
         .collect();
     if let (Some(once), Some(first)) = (settlement.once, settlement.buckets.first()) {
-        keys.push(settled_key(prefix, &first.charge, &once.id));
+        keys.push(open_key(prefix, &first.charge, &once.id));
     }
     Encoded {
         keys,
@@ -366,6 +380,7 @@ mod tests {
             }],
             dry_run: false,
             marks: false,
+            open: None,
         }
     }
 

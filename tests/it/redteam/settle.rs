@@ -62,13 +62,14 @@ impl On {
         config
     }
 
-    /// Deletes every settled marker, as a `volatile-*` or `allkeys-*`
-    /// eviction may. Nothing to delete on the embedded store, which evicts
+    /// Deletes every record of a reservation (settled or open), as a
+    /// `volatile-*` or `allkeys-*` eviction may. Nothing to delete on the embedded store, which evicts
     /// nothing.
     fn evict_markers(&self) {
         if let On::Redis(redis) = self {
             let mut c = crate::common::redis::conn(redis.server.port).unwrap();
-            let keys: Vec<String> = c.keys("*%settled:*").unwrap();
+            let mut keys: Vec<String> = c.keys("*%settled:*").unwrap();
+            keys.extend(c.keys::<_, Vec<String>>("*%open:*").unwrap());
             for k in keys {
                 let _: () = c.del(k).unwrap();
             }
@@ -231,6 +232,17 @@ async fn a_replayed_settle_gives_nothing_back_twice(on: &On, prefix: &str) {
             admitted <= limit + 100,
             "{scope}: {admitted} admitted on a limit of {limit}"
         );
+    }
+    // A record evicted before the first settle refuses it: the estimate
+    // stands, nothing comes back.
+    if let On::Redis(_) = on {
+        let r = ask(&mut c, reserving("slow", "n", 100, Priority::Critical)).await;
+        assert!(r.allowed, "{r:?}");
+        on.evict_markers();
+        let e = settle(&mut c, &r.reservation, 0).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        let d = ask(&mut c, request("slow", "n", 301, Priority::Critical)).await;
+        assert!(!d.allowed, "the estimate stands: {d:?}");
     }
     server.shutdown().await;
 }
