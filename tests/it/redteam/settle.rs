@@ -1,7 +1,8 @@
 //! Red team, settles: a settle far above its estimate, a sheddable settle
 //! eating the reserve, an atomic batch mixing priorities on one bucket, and
 //! a settle replayed once its marker is gone; over gRPC, on the embedded
-//! store and on Redis (issue 19, items 1, 3 and 5).
+//! store and on Redis; and an atomic batch across scopes, which Cluster
+//! decides by reserve and refund (issue 19, items 1, 3, 5 and 9b).
 
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use tollgate::pb::tollgate::v1::{
 };
 use tonic::transport::Channel;
 
-use crate::common::redis::{Standalone, store_config};
+use crate::common::redis::{Cluster, Standalone, store_config};
 use crate::common::{TestServer, to_std};
 
 const SCOPES: &str = r#"
@@ -273,4 +274,48 @@ async fn a_settle_replayed_after_its_marker_is_evicted_refunds_nothing_more() {
     a_replayed_settle_gives_nothing_back_twice(&On::Memory, "m").await;
     let redis = On::Redis(Standalone::start());
     a_replayed_settle_gives_nothing_back_twice(&redis, "rt-replay").await;
+}
+
+/// Item 9b: an atomic batch whose entries name different scopes spans hash
+/// slots on Cluster, and is decided by reserve and refund. A denied one
+/// gives back exactly what its allowed part reserved: replayed many times,
+/// it takes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_batch_across_cluster_slots_takes_nothing() {
+    let redis = Cluster::start();
+    let mut config = Config::from_yaml(SCOPES).unwrap();
+    config.store.kind = StoreKind::Redis;
+    config.store.redis = store_config(RedisMode::Cluster, redis.urls(), "rt-slots");
+    let server = TestServer::start_config(config).await;
+    let mut c = server.client().await;
+    // "slow" has room for 400 a day; "pool" holds 10, so 11 always denies.
+    let batch = ShouldAllowBatchRequest {
+        requests: vec![
+            request("slow", "x", 7, Priority::Critical),
+            request("pool", "x", 11, Priority::Critical),
+        ],
+        atomic: true,
+    };
+    for _ in 0..20 {
+        let out = c
+            .should_allow_batch(batch.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(out.responses.iter().all(|r| !r.allowed), "{out:?}");
+    }
+    // Every one of the 400 is still there: the reservations were refunded
+    // exactly (a day's refill in these seconds is well under one token).
+    let all = ask(&mut c, request("slow", "x", 400, Priority::Critical)).await;
+    assert!(all.allowed, "a denied batch took tokens: {all:?}");
+    let allowed = ShouldAllowBatchRequest {
+        requests: vec![
+            request("daily", "x", 5, Priority::Critical),
+            request("pool", "x", 10, Priority::Critical),
+        ],
+        atomic: true,
+    };
+    let out = c.should_allow_batch(allowed).await.unwrap().into_inner();
+    assert!(out.responses.iter().all(|r| r.allowed), "{out:?}");
+    server.shutdown().await;
 }
