@@ -29,9 +29,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::bucket::{Ledger, Mark, Shape, Tat};
 
-/// The format's version, the first byte of every body. Version 1, from
-/// before a bucket carried its headroom, still reads (headroom 0), so a
-/// rolling upgrade settles the reservations older replicas made.
+/// The format's version, the first byte of every body. Version 1 (before
+/// a bucket carried its headroom, and before the store recorded open
+/// reservations) is refused: its reservation has no open record to settle.
 const VERSION: u8 = 2;
 /// The longest token accepted, in characters: 16 buckets of the longest
 /// keys fit well within it.
@@ -203,8 +203,7 @@ impl Reservation {
 
     fn decode(body: &[u8]) -> Option<Self> {
         let mut r = Reader(body);
-        let version = r.byte()?;
-        if version != VERSION && version != 1 {
+        if r.byte()? != VERSION {
             return None;
         }
         let id = r.take(16)?.try_into().ok()?;
@@ -217,9 +216,8 @@ impl Reservation {
             let identity = r.opt()?;
             let operation = r.opt()?;
             let window = r.text()?;
-            let [capacity, period, cost] = [r.u64()?, r.u64()?, r.u64()?];
-            let reserve = if version == 1 { 0 } else { r.u64()? };
-            let [ticks, frac] = [r.u64()?, r.u64()?];
+            let [capacity, period, cost, reserve, ticks, frac] =
+                [r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?];
             let [born, given_ticks, given_frac] = [r.u64()?, r.u64()?, r.u64()?];
             buckets.push(ReservedBucket {
                 rule,

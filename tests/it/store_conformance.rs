@@ -11,8 +11,8 @@ use crate::common::redis::{Cluster, Sentinel, Standalone};
 use tollgate::bucket::Shape;
 use tollgate::store::memory::MemoryStore;
 use tollgate::store::{
-    BucketCharge, BucketKey, Charge, ChargeOutcome, SettleBucket, Settled, Settlement, Store,
-    StoreExt,
+    BucketCharge, BucketKey, Charge, ChargeOutcome, Once, Open, SettleBucket, Settled, Settlement,
+    Store, StoreExt,
 };
 use tollgate::window::Window;
 
@@ -327,6 +327,56 @@ async fn a_settle_far_above_its_estimate_is_bounded(store: &impl Store) {
     );
 }
 
+/// Issue 19: a reservation settles only while the record its charge
+/// opened exists, and the settle removes it: once, and never for an id no
+/// charge opened (as after an eviction), nor for one a denial did not take.
+async fn a_reservation_settles_only_while_open_and_once(store: &impl Store) {
+    let b = with_cost(bucket("open", "r", 10, 100_000), 4);
+    let charge = |id: u8| Charge {
+        buckets: [b].into_iter().collect(),
+        dry_run: false,
+        marks: true,
+        open: Some(Open {
+            id: [id; 16],
+            within_us: 60_000_000,
+        }),
+    };
+    let taken = store.check_and_take_one(&charge(1)).await.expect("answers");
+    assert!(taken.allowed);
+    let settle = |id: u8| Settlement {
+        buckets: vec![SettleBucket {
+            charge: b,
+            actual: 0,
+            mark: Some(taken.buckets[0].mark),
+        }],
+        once: Some(Once {
+            id: [id; 16],
+            deadline_us: taken.now_us + 60_000_000,
+        }),
+    };
+    let answer = |s: Result<Settled, _>| match s.expect("answers") {
+        Settled::Applied(o) => Some(o[0].remaining),
+        _ => None,
+    };
+    // Never opened: refused, nothing given back.
+    assert_eq!(answer(store.settle(&settle(2)).await), None);
+    assert_eq!(answer(store.settle(&settle(1)).await), Some(10));
+    assert_eq!(answer(store.settle(&settle(1)).await), None, "settles once");
+    // A denied charge opens nothing.
+    let greedy = Charge {
+        buckets: [with_cost(b, 11)].into_iter().collect(),
+        ..charge(3)
+    };
+    assert!(
+        !store
+            .check_and_take_one(&greedy)
+            .await
+            .expect("answers")
+            .allowed
+    );
+    assert_eq!(answer(store.settle(&settle(3)).await), None);
+}
+
 /// Runs every case against `store`, naming each as it goes.
 async fn conforms(store: impl Store) {
     macro_rules! cases {
@@ -349,6 +399,7 @@ async fn conforms(store: impl Store) {
         charges_in_one_call_are_independent,
         identities_and_operations_keep_their_own_buckets,
         a_settle_far_above_its_estimate_is_bounded,
+        a_reservation_settles_only_while_open_and_once,
     );
 }
 
