@@ -154,16 +154,6 @@ impl BucketCharge<'_> {
     }
 }
 
-/// An outer bound on how far a bucket's TAT may run past now, in
-/// microseconds (about 8.9 years), for the Redis script's exactness: the
-/// settle's own bound (two periods, see [`Shape::settle`]) is far below.
-pub const MAX_DEBT_US: u64 = 1 << 48;
-
-/// An outer bound on a budget window's spend, for the Redis script's
-/// exactness: the settle's own bound (twice the budget, see
-/// [`Budget::settle`]) is far below.
-pub const MAX_SPEND: u64 = 1 << 52;
-
 /// A set of buckets to charge together: all of them or none.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Charge<'a> {

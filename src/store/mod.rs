@@ -20,8 +20,8 @@ pub mod redis;
 
 pub use build::{AnyStore, Served, build, build_served, check_settings};
 pub use charge::{
-    BucketCharge, BucketKey, BucketOutcome, Charge, ChargeOutcome, MAX_DEBT_US, MAX_SPEND, Once,
-    Open, SettleBucket, Settled, Settlement,
+    BucketCharge, BucketKey, BucketOutcome, Charge, ChargeOutcome, Once, Open, SettleBucket,
+    Settled, Settlement,
 };
 pub use observed::{Observed, StoreObserver};
 pub use redis::BuildError;

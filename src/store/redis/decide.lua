@@ -93,14 +93,15 @@
 -- at its window's end.
 --
 -- Exactness: Lua 5.1 numbers are doubles, exact below 2^53. Times are
--- microseconds since the epoch (about 2^51); a TAT is at most 2^48 past
--- now. With P split as q*C + r, n*P/C = n*q + n*r/C, where n*q <= P and
+-- microseconds since the epoch (about 2^51); a TAT is at most two periods
+-- (P is at most 366 days, so under 2^46 µs) past now. With P split as q*C + r, n*P/C = n*q + n*r/C, where n*q <= P and
 -- n*r < C^2 < 2^53 when n <= C (the config caps a bucket's C at 50,000,000
 -- and a request's n + reserve at C); a settle's difference comes in whole
--- and fractional parts, each below 2^48 and C. A bucket's given total only
+-- and fractional parts, at most P and below C (the caller caps the real
+-- cost at the estimate plus C), and so does a settle's ceiling (2P). A bucket's given total only
 -- grows while its key lives (it is forgotten when full): it would take 2^53
 -- µs (285 years) of refunds to one never-full bucket to lose exactness. A
--- budget's C is at most 2^50 and its spend at most 2^52. Window arithmetic uses math.fmod, which is
+-- budget's C is at most 2^50 and its spend at most 2C = 2^51. Window arithmetic uses math.fmod, which is
 -- exact. Every value is an exact integer and every floor() divides exactly.
 --
 -- Expiry: a written bucket gets PX = time until full, a budget PX = time
