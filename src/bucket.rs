@@ -148,10 +148,14 @@ impl Shape {
     /// and the real cost is `actual`. `ledger` is the bucket's record of
     /// refunds; `mark` is what the reservation saw when it took.
     ///
-    /// - `actual > estimate`: the extra is taken unconditionally. The bucket
-    ///   may go into debt (its TAT more than a period ahead); later requests
-    ///   wait until refill pays it off. The TAT never runs more than
-    ///   `max_ahead` ticks past now, so the numbers stay bounded.
+    /// - `actual > estimate`: the extra is taken unconditionally, but never
+    ///   more than the capacity, and never past [`Shape::ceiling`]: a
+    ///   reservation without headroom (`reserve` 0) may put the bucket at
+    ///   most one period into debt (its TAT `2·P` past now), and one with
+    ///   headroom never takes the `reserve` tokens its priority had to
+    ///   leave. A bucket already past that ceiling is left where it is. So
+    ///   no settle can make others wait more than one period longer than
+    ///   an empty bucket would.
     /// - `actual < estimate`: the difference is given back, but never more
     ///   than the reservation still holds the bucket back: the TAT it left,
     ///   less every refund given since, less now. Refunds are the only thing
@@ -172,18 +176,19 @@ impl Shape {
         estimate: u64,
         actual: u64,
         mark: Option<Mark>,
-        max_ahead: u64,
+        reserve: u64,
     ) -> (Tat, Ledger) {
         let before = self.normalise(stored, now);
         if actual > estimate {
-            let mut after = self.advance(before, actual - estimate);
-            let cap = now.saturating_add(max_ahead);
-            if after.ticks >= cap {
-                after = Tat {
-                    ticks: cap,
-                    frac: 0,
-                };
-            }
+            let grown = self.advance(before, (actual - estimate).min(self.capacity));
+            let ceiling = self.ceiling(now, reserve);
+            let after = if !later(grown, ceiling) {
+                grown
+            } else if later(before, ceiling) {
+                before
+            } else {
+                ceiling
+            };
             return (after, ledger);
         }
         let mut give = self.time_of(estimate - actual);
@@ -221,6 +226,25 @@ impl Shape {
             },
         };
         (after, ledger)
+    }
+
+    /// The furthest a settle's extra may push the TAT at `now`: `2·P` past
+    /// now (one period of debt past an empty bucket) for a reservation made
+    /// without headroom; for one that had to leave `reserve` tokens, the
+    /// TAT at which the bucket holds exactly `reserve`, `now + (C - reserve)·P/C`.
+    pub fn ceiling(self, now: u64, reserve: u64) -> Tat {
+        let ahead = if reserve == 0 {
+            Tat {
+                ticks: self.period.saturating_mul(2),
+                frac: 0,
+            }
+        } else {
+            self.time_of(self.capacity.saturating_sub(reserve))
+        };
+        Tat {
+            ticks: now.saturating_add(ahead.ticks),
+            frac: ahead.frac,
+        }
     }
 
     /// The refill time of `tokens`, `tokens·P/C`, exactly: as many ticks as
@@ -326,6 +350,11 @@ impl Shape {
     }
 }
 
+/// True when `a` is later than `b`, both `ticks + frac/C` of one shape.
+fn later(a: Tat, b: Tat) -> bool {
+    (a.ticks, a.frac) > (b.ticks, b.frac)
+}
+
 /// A calendar budget: at most `amount` spent per window, reset to nothing
 /// spent at each window's start.
 ///
@@ -376,8 +405,11 @@ impl Budget {
 
     /// The state after settling a reservation of `estimate` whose real cost
     /// is `actual`. The extra is spent unconditionally (the window may go
-    /// over budget: later requests wait for the next window), but the spend
-    /// never exceeds `max_spend`. The difference is given back only within
+    /// over budget: later requests wait for the next window), but never
+    /// more than the budget, and never past [`Budget::ceiling`]: twice the
+    /// budget for a reservation without headroom, and for one that had to
+    /// leave `reserve` unspent, the budget less that reserve. A spend
+    /// already past it stays. The difference is given back only within
     /// the window the reservation spent in (`taken`'s window; `None`: the
     /// current one); a window that has ended has nothing to give back.
     pub fn settle(
@@ -387,11 +419,12 @@ impl Budget {
         estimate: u64,
         actual: u64,
         taken: Option<Mark>,
-        max_spend: u64,
+        reserve: u64,
     ) -> Tat {
         let spent = Self::spent(stored, window_end);
         let frac = if actual >= estimate {
-            spent.saturating_add(actual - estimate).min(max_spend)
+            let grown = spent.saturating_add((actual - estimate).min(self.amount));
+            grown.min(self.ceiling(reserve).max(spent))
         } else if taken.is_none_or(|m| m.taken.ticks == window_end) {
             spent.saturating_sub(estimate - actual)
         } else {
@@ -400,6 +433,16 @@ impl Budget {
         Tat {
             ticks: window_end,
             frac,
+        }
+    }
+
+    /// The most a settle's extra may bring a window's spend to: twice the
+    /// budget without headroom, the budget less `reserve` with it.
+    pub fn ceiling(self, reserve: u64) -> u64 {
+        if reserve == 0 {
+            self.amount.saturating_mul(2)
+        } else {
+            self.amount.saturating_sub(reserve)
         }
     }
 
@@ -446,7 +489,6 @@ mod tests {
             capacity: 5,
             period: 12,
         };
-        let max = 1 << 40;
         let take = |tat: Tat, now: u64, n: u64| {
             let v = shape.judge(tat, now, n);
             assert!(v.conforms, "take {n} at {now}");
@@ -459,16 +501,90 @@ mod tests {
         let five = take(four, 17, 2);
         let (four_mark, five_mark) = (mark(four, ledger), mark(five, ledger));
         // The older one settles for nothing: all of it comes back.
-        let (tat, ledger) = shape.settle(five, ledger, 17, 3, 0, four_mark, max);
+        let (tat, ledger) = shape.settle(five, ledger, 17, 3, 0, four_mark, 0);
         assert_eq!(tat, Tat { ticks: 21, frac: 4 }, "29 - 7.2 = 21.8");
         // t = 20: a take of 4, then the newer reservation settles for 1.
         let tat = take(tat, 20, 4);
-        let (tat, _) = shape.settle(tat, ledger, 20, 2, 1, five_mark, max);
+        let (tat, _) = shape.settle(tat, ledger, 20, 2, 1, five_mark, 0);
         // It may give back only 29 - 7.2 - 20 = 1.8 ticks, not 2.4.
         assert_eq!(tat, Tat { ticks: 29, frac: 3 }, "31.4 - 1.8 = 29.6");
         // So at t = 22 a take of 2 (4.8 ticks) is denied, as it would be had
         // every reservation charged its real cost when it was made.
         assert!(!shape.judge(tat, 22, 2).conforms);
+    }
+
+    /// Issue 19: a settle of 2^32 - 1 on a reservation of 1 puts the
+    /// bucket one period into debt past empty, no further; one made with
+    /// headroom leaves that headroom; a bucket already deeper stays put.
+    #[test]
+    fn a_settle_takes_at_most_one_period_of_debt_and_never_the_reserve() {
+        let shape = Shape {
+            capacity: 1_000,
+            period: 60 * SEC,
+        };
+        let now = 100 * SEC;
+        let taken = shape.judge(Tat::default(), now, 1).after;
+        let settle = |stored, reserve| {
+            shape
+                .settle(
+                    stored,
+                    Ledger::new(now),
+                    now,
+                    1,
+                    u64::from(u32::MAX),
+                    None,
+                    reserve,
+                )
+                .0
+        };
+        // The extra is at most the capacity: 1 + 1000 tokens taken.
+        assert_eq!(
+            settle(taken, 0),
+            Tat {
+                ticks: now + 60_060_000_000,
+                frac: 0
+            }
+        );
+        // A second such settle meets the ceiling, a period past empty.
+        let deep = settle(settle(taken, 0), 0);
+        assert_eq!(
+            deep,
+            Tat {
+                ticks: now + 120 * SEC,
+                frac: 0
+            }
+        );
+        // A request of one token then waits one period and one token.
+        let wait = shape.judge(deep, now, 1).retry_after;
+        assert_eq!(wait, Some(60 * SEC + 60_000_000));
+        // With 300 tokens of headroom, 300 stay for CRITICAL.
+        let shed = settle(taken, 300);
+        assert_eq!(shape.remaining(shed, now), 300);
+        assert!(shape.judge(shed, now, 300).conforms);
+        // Already deeper than the ceiling: left where it was.
+        assert_eq!(settle(deep, 300), deep);
+        // A budget: twice the amount at most, or the amount less the reserve.
+        let budget = Budget { amount: 1_000 };
+        let spent = Tat { ticks: 7, frac: 1 };
+        let over = |reserve| budget.settle(spent, 7, 1, u64::MAX, None, reserve).frac;
+        assert_eq!(over(0), 1_001, "the extra is at most the budget");
+        assert_eq!(
+            budget
+                .settle(
+                    Tat {
+                        ticks: 7,
+                        frac: 1_500
+                    },
+                    7,
+                    1,
+                    2_000,
+                    None,
+                    0
+                )
+                .frac,
+            2_000
+        );
+        assert_eq!(over(300), 700);
     }
 
     #[test]

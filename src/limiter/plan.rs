@@ -79,6 +79,7 @@ pub(crate) fn charge<'q>(buckets: &[Planned<'_, 'q>], dry_run: bool) -> Charge<'
         buckets: list,
         dry_run,
         marks: false,
+        open: None,
     }
 }
 
@@ -198,7 +199,40 @@ where
                 slot,
             });
         }
+        joint.merge_headroom();
         Ok(joint)
+    }
+
+    /// Gives each shared slot the headroom its requests leave together. A
+    /// batch on one bucket is allowed when some order of its requests lets
+    /// each keep its own priority's headroom; the order that does, if any,
+    /// takes the requests with the most headroom first. So the bucket must
+    /// hold, for every request `k`, the costs of the requests with at least
+    /// its headroom `R_k`, plus `R_k`; the slot's reserve is the largest of
+    /// those needs less the summed cost. `[CRITICAL 1, SHEDDABLE 9]` on 10
+    /// tokens with 3 of sheddable headroom needs 9 + 3: denied, in either
+    /// order, where keeping the first entry's headroom allowed one order.
+    fn merge_headroom(&mut self) {
+        let mut parts: Vec<Vec<(u64, u64)>> = vec![Vec::new(); self.slots.len()];
+        for b in &self.buckets {
+            parts[b.slot].push((b.planned.charge.reserve, b.planned.charge.cost));
+        }
+        for (slot, mut part) in self.slots.iter_mut().zip(parts) {
+            if part.len() < 2 {
+                continue;
+            }
+            // Most headroom first; requests with equal headroom count
+            // together, so each need is taken after its last equal.
+            part.sort_unstable_by_key(|p| std::cmp::Reverse(p.0));
+            let (mut sum, mut need) = (0u64, 0u64);
+            for (i, &(reserve, cost)) in part.iter().enumerate() {
+                sum = sum.saturating_add(cost);
+                if part.get(i + 1).is_none_or(|next| next.0 != reserve) {
+                    need = need.max(sum.saturating_add(reserve));
+                }
+            }
+            slot.reserve = need.saturating_sub(slot.cost);
+        }
     }
 
     /// The slot of `charge`'s bucket, adding its cost to a slot already there.
@@ -224,6 +258,7 @@ where
             buckets: self.slots.iter().copied().collect(),
             dry_run: self.dry_run,
             marks: false,
+            open: None,
         })
     }
 
@@ -239,6 +274,7 @@ where
                     .map(|b| {
                         let mut p = b.planned;
                         p.charge.cost = self.slots[b.slot].cost;
+                        p.charge.reserve = self.slots[b.slot].reserve;
                         (p, outcome.buckets.get(b.slot).copied().unwrap_or(UNSET))
                     })
                     .unzip();

@@ -4,21 +4,22 @@
 //! # Why signed tokens, not records in the store
 //! A reservation carries everything a settle needs: the buckets it charged
 //! (their keys and shapes), the estimate, the state each bucket was left in
-//! (which bounds a refund), and its deadline. The store keeps nothing for an
-//! open reservation, so making one costs nothing beyond the decision itself
-//! (no second key, no second write), and a reservation that is never settled
-//! leaves nothing behind. HMAC-SHA256 with a key shared by the replicas
-//! makes a forged or altered token fail to verify, with a clear error. What
-//! a token cannot carry is whether it was used: settling writes the
-//! reservation's random id to the store, in the same atomic step as the
-//! settle, kept until the deadline, so a second settle (on any replica) is
-//! refused, and after the deadline the token itself is refused as expired.
+//! (which bounds a refund), and its deadline. HMAC-SHA256 with a key shared
+//! by the replicas makes a forged or altered token fail to verify, with a
+//! clear error. What a token cannot carry is whether it was used: the charge
+//! that makes it records its random id as open in the store, in the same
+//! atomic step, until the deadline, and a settle applies only while that
+//! record exists, removing it in the same atomic step. So a second settle
+//! (on any replica) is refused, a lost record (evicted) refuses the settle
+//! rather than allow a replay, and after the deadline the token itself is
+//! refused as expired.
 //!
 //! # Format
 //! `base64url(body ‖ HMAC-SHA256(key, body))`, where `body` is a version
-//! byte, the 16-byte id, the deadline (µs of the store's clock), the scope
-//! and each charged bucket (rule key, identity, operation, shape, window
-//! tag, estimate, state), length-prefixed. It is opaque to callers.
+//! byte, the 16-byte id, the deadline (µs of the store's clock), the scope,
+//! the caller that made it (when callers are configured), and each charged
+//! bucket (rule key, identity, operation, shape, window tag, estimate,
+//! headroom, state), length-prefixed. It is opaque to callers.
 
 use std::sync::Arc;
 
@@ -30,8 +31,10 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::bucket::{Ledger, Mark, Shape, Tat};
 
-/// The format's version, the first byte of every body. Version 2 added
-/// the caller; version 1 tokens (no caller) still verify.
+/// The format's version, the first byte of every body. Version 1 (before
+/// a token named its caller and each bucket its headroom, and before the
+/// store recorded open reservations) is refused: its reservation has no
+/// open record to settle, so its estimate stands.
 const VERSION: u8 = 2;
 /// The longest token accepted, in characters: 16 buckets of the longest
 /// keys fit well within it.
@@ -198,6 +201,9 @@ pub struct ReservedBucket {
     pub window: String,
     /// The estimate taken.
     pub cost: u64,
+    /// The headroom the request's priority had to leave in this bucket:
+    /// its settle may not take it (see [`crate::bucket::Shape::settle`]).
+    pub reserve: u64,
     /// The state the charge left it in and its ledger then, in the
     /// store's ticks.
     pub mark: Mark,
@@ -208,9 +214,9 @@ impl Reservation {
     pub fn bucket_len(b: &crate::store::BucketCharge<'_>) -> usize {
         // Rule, identity and operation with their length prefixes and
         // flags, the window tag (a unit and an IANA name, well under 64),
-        // and eight numbers.
+        // and nine numbers.
         let text = |s: Option<&str>| 3 + s.map_or(0, str::len);
-        text(Some(b.key.rule)) + text(b.key.identity) + text(b.key.operation) + 2 + 64 + 8 * 8
+        text(Some(b.key.rule)) + text(b.key.identity) + text(b.key.operation) + 2 + 64 + 9 * 8
     }
 
     /// The length of a token whose buckets add `buckets_len` bytes: the
@@ -238,6 +244,7 @@ impl Reservation {
                 b.shape.capacity,
                 b.shape.period,
                 b.cost,
+                b.reserve,
                 b.mark.taken.ticks,
                 b.mark.taken.frac,
                 b.mark.ledger.born,
@@ -252,14 +259,13 @@ impl Reservation {
 
     fn decode(body: &[u8]) -> Option<Self> {
         let mut r = Reader(body);
-        let version = r.byte()?;
-        if version != 1 && version != VERSION {
+        if r.byte()? != VERSION {
             return None;
         }
         let id = r.take(16)?.try_into().ok()?;
         let deadline_us = r.u64()?;
         let scope = r.text()?;
-        let caller = if version == 1 { None } else { r.opt()? };
+        let caller = r.opt()?;
         let n = r.byte()?;
         let mut buckets = Vec::with_capacity(usize::from(n));
         for _ in 0..n {
@@ -267,8 +273,8 @@ impl Reservation {
             let identity = r.opt()?;
             let operation = r.opt()?;
             let window = r.text()?;
-            let [capacity, period, cost, ticks, frac] =
-                [r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?];
+            let [capacity, period, cost, reserve, ticks, frac] =
+                [r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?];
             let [born, given_ticks, given_frac] = [r.u64()?, r.u64()?, r.u64()?];
             buckets.push(ReservedBucket {
                 rule,
@@ -277,6 +283,7 @@ impl Reservation {
                 shape: Shape { capacity, period },
                 window,
                 cost,
+                reserve,
                 mark: Mark {
                     taken: Tat { ticks, frac },
                     ledger: Ledger {
@@ -371,6 +378,7 @@ mod tests {
                 },
                 window: String::new(),
                 cost: 1_000,
+                reserve: 300,
                 mark: Mark {
                     taken: Tat {
                         ticks: 1_699_999_999_000_000,
@@ -394,22 +402,14 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_token_without_a_caller_still_verifies() {
+    fn a_version_1_token_is_refused_as_malformed() {
         let key = [1; 32];
-        let r = Reservation {
-            caller: None,
-            ..reservation()
-        };
-        // Version 1 is version 2 without the caller field, which follows
-        // the scope (and is one 0 byte when absent).
-        let mut body = r.encode();
-        let at = 1 + 16 + 8 + 2 + r.scope.len();
-        assert_eq!(body.remove(at), 0);
+        let mut body = reservation().encode();
         body[0] = 1;
         let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &key), &body);
         body.extend_from_slice(tag.as_ref());
         let token = URL_SAFE_NO_PAD.encode(body);
-        assert_eq!(Signer::new(&key).verify(&token), Ok(r));
+        assert_eq!(Signer::new(&key).verify(&token), Err(TokenError::Malformed));
     }
 
     #[test]

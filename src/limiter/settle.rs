@@ -13,7 +13,8 @@ use super::plan::{self, Joint};
 use super::reservation::{MAX_TOKEN_LEN, Reservation, ReservedBucket, TokenError};
 use super::{BucketReport, DecideError, Decision, Limiter, Request, Rules};
 use crate::store::{
-    BucketCharge, BucketKey, Charge, ChargeOutcome, Once, SettleBucket, Settled, Store, StoreError,
+    BucketCharge, BucketKey, Charge, ChargeOutcome, Once, Open, SettleBucket, Settled, Store,
+    StoreError,
 };
 use crate::window::Window;
 
@@ -67,8 +68,14 @@ impl<S: Store, E> Limiter<S, E> {
                 max: MAX_TOKEN_LEN,
             });
         }
+        let within = req.settle_within.unwrap_or_default();
+        let within_us = u64::try_from(within.as_micros()).unwrap_or(u64::MAX);
+        let id = self.signer.new_id();
+        // The store records the id with the take, and only a recorded id
+        // settles: a lost record refuses a settle, never allows a replay.
         let charge = Charge {
             marks: true,
+            open: Some(Open { id, within_us }),
             ..plan::charge(buckets, false)
         };
         let outcome = match self.store.check_and_take_one(&charge).await {
@@ -82,10 +89,8 @@ impl<S: Store, E> Limiter<S, E> {
             .zip(&outcome.buckets)
             .any(|(p, o)| !p.charge.shadow || o.conforms);
         if outcome.allowed && charged {
-            let within = req.settle_within.unwrap_or_default();
-            let within_us = u64::try_from(within.as_micros()).unwrap_or(u64::MAX);
             let reservation = Reservation {
-                id: self.signer.new_id(),
+                id,
                 deadline_us: outcome.now_us.saturating_add(within_us),
                 scope: req.scope.to_owned(),
                 caller: req.caller.map(str::to_owned),
@@ -101,6 +106,7 @@ impl<S: Store, E> Limiter<S, E> {
                         shape: p.charge.shape,
                         window: p.limit.window.as_ref().map(Window::tag).unwrap_or_default(),
                         cost: p.charge.cost,
+                        reserve: p.charge.reserve,
                         mark: o.mark,
                     })
                     .collect(),
@@ -170,7 +176,9 @@ impl<S: Store, E> Limiter<S, E> {
                     shape: b.shape,
                     cost: b.cost,
                     shadow: false,
-                    reserve: 0,
+                    // The headroom the reservation's priority had to leave
+                    // bounds its debt: a sheddable settle never eats it.
+                    reserve: b.reserve,
                     window: window.as_ref(),
                 },
                 actual,

@@ -81,8 +81,9 @@ impl BucketCharge<'_> {
 
     /// The state after settling this charge (taken earlier) at `actual`,
     /// in the store's ticks (nanoseconds: the Redis script does its own).
-    /// Debt is bounded: [`MAX_DEBT_US`] past now for a bucket,
-    /// [`MAX_SPEND`] for a budget.
+    /// Debt is bounded by the charge's `reserve` (the headroom the
+    /// reservation's priority had to leave): see [`Shape::settle`] and
+    /// [`Budget::settle`].
     pub fn settle(
         &self,
         stored: Tat,
@@ -99,7 +100,7 @@ impl BucketCharge<'_> {
                 self.cost,
                 part.actual,
                 part.mark,
-                MAX_DEBT_US.saturating_mul(1_000),
+                self.reserve,
             ),
             Some(_) => {
                 let budget = Budget {
@@ -111,7 +112,7 @@ impl BucketCharge<'_> {
                     self.cost,
                     part.actual,
                     part.mark,
-                    MAX_SPEND,
+                    self.reserve,
                 );
                 (state, ledger)
             }
@@ -153,15 +154,6 @@ impl BucketCharge<'_> {
     }
 }
 
-/// The furthest a bucket's debt may push its TAT past now, in microseconds
-/// (about 8.9 years): more debt than that is not kept. Bounds the Redis
-/// script's numbers well below 2^53.
-pub const MAX_DEBT_US: u64 = 1 << 48;
-
-/// The most a budget's window may record as spent, debt included: more is
-/// not kept. Below 2^53, so the Redis script's numbers stay exact.
-pub const MAX_SPEND: u64 = 1 << 52;
-
 /// A set of buckets to charge together: all of them or none.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Charge<'a> {
@@ -175,6 +167,22 @@ pub struct Charge<'a> {
     /// a reservation needs it to bound its settle. Other answers may leave
     /// it out (the Redis script then replies with half the numbers).
     pub marks: bool,
+    /// A reservation to open when the charge takes (allowed, not a dry
+    /// run), in the same atomic step: its id is recorded for `within_us` of
+    /// the store's clock, and only a recorded id settles, once
+    /// ([`Store::settle`](super::Store::settle) removes it). A record that
+    /// is lost (evicted) can only refuse a settle, never allow a second.
+    pub open: Option<Open>,
+}
+
+/// A reservation opened by a charge: see [`Charge::open`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Open {
+    /// The reservation's random id.
+    pub id: [u8; 16],
+    /// How long it may be settled, in microseconds from the store's clock
+    /// at the charge: its deadline is [`ChargeOutcome::now_us`] plus this.
+    pub within_us: u64,
 }
 
 impl<'a> Charge<'a> {
@@ -184,6 +192,7 @@ impl<'a> Charge<'a> {
             buckets: buckets.into_iter().collect(),
             dry_run: false,
             marks: false,
+            open: None,
         }
     }
 }
@@ -225,8 +234,9 @@ pub struct ChargeOutcome {
 pub struct SettleBucket<'a> {
     /// The bucket as it was charged; its `cost` is what was taken then.
     pub charge: BucketCharge<'a>,
-    /// The real cost. More than `charge.cost` takes the extra; less gives
-    /// back the difference (see [`crate::bucket::Shape::settle`]).
+    /// The real cost. More than `charge.cost` takes the extra (at most the
+    /// capacity more, and bounded by `charge.reserve`); less gives back the
+    /// difference (see [`crate::bucket::Shape::settle`]).
     pub actual: u64,
     /// What the charge left the bucket in ([`BucketOutcome::mark`]): a
     /// refund gives back no more than the charge still holds. `None` for a
@@ -241,9 +251,10 @@ pub struct SettleBucket<'a> {
 pub struct Settlement<'a> {
     /// The buckets, each key at most once.
     pub buckets: Vec<SettleBucket<'a>>,
-    /// A reservation's id and deadline: applied at most once, and only while
-    /// the store's clock is before the deadline. `None`: applied
-    /// unconditionally (a refund).
+    /// A reservation's id and deadline: applied only while the reservation
+    /// is open (its charge recorded it, [`Charge::open`], and no settle has
+    /// removed it), so at most once, and only while the store's clock is
+    /// before the deadline. `None`: applied unconditionally (a refund).
     pub once: Option<Once>,
 }
 

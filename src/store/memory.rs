@@ -68,9 +68,10 @@ struct Inner {
     epoch: Instant,
     /// The wall clock at `epoch`, nanoseconds since the Unix epoch.
     wall_at_epoch: u64,
-    /// Settled reservations' ids, each kept until its deadline (ticks), so
-    /// a reservation settles at most once. Counted in `held`.
-    settled: Mutex<std::collections::HashMap<[u8; 16], u64>>,
+    /// Open reservations' ids, each kept until its deadline (ticks) or its
+    /// settle, which removes it: only an open id settles, so a reservation
+    /// settles at most once. Counted in `held`.
+    open: Mutex<std::collections::HashMap<[u8; 16], u64>>,
     /// Bytes held now by buckets, across shards, as [`MemoryStore::bytes_of`]
     /// counts them.
     held: AtomicUsize,
@@ -222,7 +223,7 @@ impl MemoryStore {
                 hasher: RandomState::new(),
                 epoch: Instant::now(),
                 wall_at_epoch,
-                settled: Mutex::default(),
+                open: Mutex::default(),
                 held: AtomicUsize::new(0),
                 max_bytes,
                 room: Mutex::default(),
@@ -324,15 +325,42 @@ impl Inner {
             self.held.fetch_sub(freed, Ordering::Relaxed);
             left += table.len();
         }
-        let mut settled = self.settled.lock();
-        let before = settled.len();
-        settled.retain(|_, deadline| *deadline >= now);
+        let mut open = self.open.lock();
+        let before = open.len();
+        open.retain(|_, deadline| *deadline >= now);
         self.held
-            .fetch_sub((before - settled.len()) * MARKER_BYTES, Ordering::Relaxed);
+            .fetch_sub((before - open.len()) * MARKER_BYTES, Ordering::Relaxed);
         left
     }
 
     fn decide(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
+        let Some(open) = charge.open.filter(|_| !charge.dry_run) else {
+            return self.decide_any(charge);
+        };
+        // Room for the record first: a full store takes nothing. The record
+        // goes in before the outcome (and so the id) is out: no settle can
+        // look for it in between.
+        if self.held.fetch_add(MARKER_BYTES, Ordering::Relaxed) + MARKER_BYTES > self.max_bytes {
+            self.held.fetch_sub(MARKER_BYTES, Ordering::Relaxed);
+            return Err(self.full());
+        }
+        let outcome = self.decide_any(charge);
+        match &outcome {
+            Ok(o) if o.allowed => {
+                let deadline = o.now_us.saturating_add(open.within_us);
+                let ticks = deadline.saturating_mul(1_000).saturating_add(999);
+                if self.open.lock().insert(open.id, ticks).is_some() {
+                    self.held.fetch_sub(MARKER_BYTES, Ordering::Relaxed);
+                }
+            }
+            _ => {
+                self.held.fetch_sub(MARKER_BYTES, Ordering::Relaxed);
+            }
+        }
+        outcome
+    }
+
+    fn decide_any(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
         if let [bucket] = charge.buckets.as_slice() {
             return self.decide_one(bucket, charge.dry_run);
         }
@@ -373,7 +401,7 @@ impl Inner {
             })
             .collect();
         // Reserve room before writing any: a full store fails it, taking nothing.
-        self.make_room(&new, 0)?;
+        self.make_room(&new)?;
         let mut outcomes = SmallVec::with_capacity(slots.len());
         for ((bucket, (verdict, _, ledger)), slot) in
             charge.buckets.iter().zip(&verdicts).zip(&slots)
@@ -447,7 +475,7 @@ fn window_end(bucket: &BucketCharge<'_>, now: u64) -> u64 {
     bucket.window.map_or(0, |w| w.bounds(now).1)
 }
 
-/// What remembering one settled reservation costs against the bound.
+/// What remembering one open reservation costs against the bound.
 const MARKER_BYTES: usize = 64;
 
 impl Inner {
@@ -488,7 +516,7 @@ impl Inner {
             match found {
                 Some(e) => e.tat = mark.taken,
                 None => {
-                    self.make_room(&[(scope_of(key), BUCKET_OVERHEAD + key.len())], 0)?;
+                    self.make_room(&[(scope_of(key), BUCKET_OVERHEAD + key.len())])?;
                     insert(&mut table, hash, key, mark);
                 }
             }
@@ -502,20 +530,20 @@ impl Inner {
     }
 
     /// Applies a settlement: every bucket's shard locked (in index order)
-    /// and the settled ids locked, so the check that it was not settled
-    /// before, the changes and the record of it are one step.
+    /// and the open ids locked, so the check that it is open, the changes
+    /// and the removal of its record are one step.
     fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
         let charge = Charge::of(settlement.buckets.iter().map(|b| b.charge));
         let mut buf: SmallVec<[u8; 256]> = SmallVec::new();
         let slots = self.slots(&charge, &mut buf);
         let mut guards = self.lock(&slots);
-        let mut settled = self.settled.lock();
+        let mut open = self.open.lock();
         let now = self.now();
         if let Some(once) = settlement.once {
             if now / 1_000 > once.deadline_us {
                 return Ok(Settled::Expired);
             }
-            if settled.contains_key(&once.id) {
+            if !open.contains_key(&once.id) {
                 return Ok(Settled::AlreadySettled);
             }
         }
@@ -542,7 +570,8 @@ impl Inner {
             };
             states.push((mark, insert));
         }
-        self.make_room(&new, settlement.once.map_or(0, |_| MARKER_BYTES))?;
+        // The open record is already counted: it was made with the charge.
+        self.make_room(&new)?;
         let mut outcomes = Vec::with_capacity(slots.len());
         for ((part, slot), &(mark, new)) in settlement.buckets.iter().zip(&slots).zip(&states) {
             let key = &buf[slot.start..slot.end];
@@ -555,17 +584,18 @@ impl Inner {
             }
             outcomes.push(part.charge.outcome(true, None, mark, now, 1));
         }
-        if let Some(once) = settlement.once {
-            settled.insert(once.id, once.deadline_us.saturating_mul(1_000));
+        if let Some(once) = settlement.once
+            && open.remove(&once.id).is_some()
+        {
+            self.held.fetch_sub(MARKER_BYTES, Ordering::Relaxed);
         }
         Ok(Settled::Applied(outcomes))
     }
 
-    /// Takes room for new buckets (`(scope, bytes)` each) and `markers`
-    /// bytes of settled ids, or fails as the store being full (for that
-    /// scope) and takes nothing.
-    fn make_room(&self, buckets: &[(&[u8], usize)], markers: usize) -> Result<(), StoreError> {
-        let bytes = markers + buckets.iter().map(|(_, b)| b).sum::<usize>();
+    /// Takes room for new buckets (`(scope, bytes)` each), or fails as the
+    /// store being full (for that scope) and takes nothing.
+    fn make_room(&self, buckets: &[(&[u8], usize)]) -> Result<(), StoreError> {
+        let bytes = buckets.iter().map(|(_, b)| b).sum::<usize>();
         if bytes == 0 {
             return Ok(());
         }

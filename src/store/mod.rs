@@ -20,8 +20,8 @@ pub mod redis;
 
 pub use build::{AnyStore, Served, build, build_served, check_settings};
 pub use charge::{
-    BucketCharge, BucketKey, BucketOutcome, Charge, ChargeOutcome, MAX_DEBT_US, MAX_SPEND, Once,
-    SettleBucket, Settled, Settlement,
+    BucketCharge, BucketKey, BucketOutcome, Charge, ChargeOutcome, Once, Open, SettleBucket,
+    Settled, Settlement,
 };
 pub use observed::{Observed, StoreObserver};
 pub use redis::BuildError;
@@ -161,6 +161,7 @@ pub trait StoreExt: Store {
                 buckets: smallvec::smallvec![*bucket],
                 dry_run,
                 marks: false,
+                open: None,
             };
             self.check_and_take_one(&charge).await
         }

@@ -402,11 +402,12 @@ async fn bad_settle_within_and_priority_are_invalid_arguments_naming_the_field()
 /// deadline, within `store.memory.max_bytes` like its buckets: a settle
 /// that finds no room fails as a store error and changes nothing.
 #[tokio::test]
-async fn settled_reservations_count_against_the_memory_bound() {
+async fn open_reservations_count_against_the_memory_bound() {
     use tollgate::bucket::Shape;
     use tollgate::store::memory::MemoryStore;
     use tollgate::store::{
-        BucketCharge, BucketKey, Charge, Once, SettleBucket, Settled, Settlement, Store,
+        BucketCharge, BucketKey, Charge, Once, Open, SettleBucket, Settled, Settlement, Store,
+        StoreExt,
     };
 
     let bucket = BucketCharge::new(
@@ -422,17 +423,32 @@ async fn settled_reservations_count_against_the_memory_bound() {
         },
         5,
     );
-    // Room for the one bucket, not for the record of a settle too.
+    let reserve = |id| Charge {
+        buckets: smallvec::smallvec![bucket],
+        dry_run: false,
+        marks: true,
+        open: Some(Open {
+            id,
+            within_us: 60_000_000,
+        }),
+    };
+    // Room for the one bucket, not for the record of an open reservation.
     let store = MemoryStore::with_max_bytes(1, MemoryStore::bytes_of(&bucket) + 10);
-    let taken = store
-        .check_and_take_one(&Charge {
-            buckets: smallvec::smallvec![bucket],
-            dry_run: false,
-            marks: false,
-        })
+    let e = store
+        .check_and_take_one(&reserve([1; 16]))
         .await
-        .unwrap();
+        .unwrap_err();
+    assert!(e.message.contains("max_bytes"), "{e:?}");
+    let dry = store.check_and_take_single(&bucket, true).await.unwrap();
+    assert_eq!(
+        dry.buckets[0].remaining, 10,
+        "the refused reservation took nothing"
+    );
+    // With room, the record is kept until the settle, which frees it.
+    let store = MemoryStore::with_max_bytes(1, MemoryStore::bytes_of(&bucket) + 100);
+    let taken = store.check_and_take_one(&reserve([2; 16])).await.unwrap();
     assert!(taken.allowed);
+    assert!(store.bytes_held() > MemoryStore::bytes_of(&bucket));
     let settlement = Settlement {
         buckets: vec![SettleBucket {
             charge: bucket,
@@ -440,25 +456,21 @@ async fn settled_reservations_count_against_the_memory_bound() {
             mark: Some(taken.buckets[0].mark),
         }],
         once: Some(Once {
-            id: [1; 16],
+            id: [2; 16],
             deadline_us: taken.now_us + 60_000_000,
         }),
     };
-    let e = store.settle(&settlement).await.unwrap_err();
-    assert!(e.message.contains("max_bytes"), "{e:?}");
-    let dry = store
-        .check_and_take_one(&Charge {
-            buckets: smallvec::smallvec![bucket],
-            dry_run: true,
-            marks: false,
-        })
-        .await
-        .unwrap();
+    assert!(matches!(
+        store.settle(&settlement).await,
+        Ok(Settled::Applied(_))
+    ));
+    assert_eq!(store.bytes_held(), MemoryStore::bytes_of(&bucket));
+    // Not open any more: a second settle is refused.
     assert_eq!(
-        dry.buckets[0].remaining, 5,
-        "the refused settle gave nothing back"
+        store.settle(&settlement).await.unwrap(),
+        Settled::AlreadySettled
     );
-    // A refund without a record needs no room, and is applied.
+    // A refund without a record needs none, and is applied.
     let refund = Settlement {
         once: None,
         ..settlement
@@ -504,6 +516,7 @@ async fn a_day_budget_resets_at_midnight_on_a_paused_clock() {
             buckets: smallvec::smallvec![b],
             dry_run: false,
             marks: false,
+            open: None,
         }
     };
     let spend = store.check_and_take_one(&charge(60)).await.unwrap();
@@ -524,7 +537,7 @@ async fn a_day_budget_resets_at_midnight_on_a_paused_clock() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_budget_s_key_expires_at_its_window_s_end_and_a_settle_marker_at_the_deadline() {
+async fn a_budget_s_key_expires_at_its_window_s_end_and_an_open_reservation_at_its_deadline() {
     let redis = Standalone::start();
     let server =
         TestServer::start_config(on_redis(RedisMode::Standalone, vec![redis.url()], "expiry"))
@@ -532,12 +545,20 @@ async fn a_budget_s_key_expires_at_its_window_s_end_and_a_settle_marker_at_the_d
     let mut c = server.client().await;
     assert!(ask(&mut c, request("spend", "ttl", 1)).await.allowed);
     let r = ask(&mut c, reserving("ttl", 1, Duration::from_secs(30))).await;
-    settle(&mut c, &r.reservation, 1).await.expect("settles");
     let mut conn = crate::common::redis::conn(redis.server.port).unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("test:expiry:*")
-        .query(&mut conn)
+    let keys = |conn: &mut redis::Connection| -> Vec<String> {
+        redis::cmd("KEYS").arg("test:expiry:*").query(conn).unwrap()
+    };
+    // The open reservation's record lives until its deadline, or its settle.
+    let marker = keys(&mut conn)
+        .into_iter()
+        .find(|k| k.contains(":%open:"))
         .unwrap();
+    let ms: i64 = redis::cmd("PTTL").arg(&marker).query(&mut conn).unwrap();
+    assert!(ms > 25_000 && ms <= 30_001, "{marker}: {ms} ms");
+    settle(&mut c, &r.reservation, 1).await.expect("settles");
+    let keys = keys(&mut conn);
+    assert!(!keys.contains(&marker), "the settle removes {marker}");
     let mut ttl = |key: &str| -> i64 { redis::cmd("PTTL").arg(key).query(&mut conn).unwrap() };
     let budget = keys
         .iter()
@@ -545,9 +566,6 @@ async fn a_budget_s_key_expires_at_its_window_s_end_and_a_settle_marker_at_the_d
         .unwrap();
     let ms = ttl(budget);
     assert!(ms > 0 && ms <= 2_000, "{budget}: {ms} ms");
-    let marker = keys.iter().find(|k| k.contains(":%settled:")).unwrap();
-    let ms = ttl(marker);
-    assert!(ms > 25_000 && ms <= 30_001, "{marker}: {ms} ms");
     // Every key Tollgate wrote expires (or already has: -2): memory
     // follows active keys. -1 would be a key without an expiry.
     for key in &keys {

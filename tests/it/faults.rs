@@ -62,6 +62,7 @@ async fn absent_shadow_buckets_that_cannot_pay_do_not_fill_the_memory_bound() {
                 buckets: smallvec::smallvec![scope, shadow],
                 dry_run: false,
                 marks: false,
+                open: None,
             })
             .await
             .expect("the store is not full: only the scope's bucket is held");
@@ -112,6 +113,7 @@ async fn in_a_redis_pipeline_one_failed_reply_does_not_fail_the_others() {
         buckets: smallvec::smallvec![bucket("per-user", Some(id), 1)],
         dry_run: false,
         marks: false,
+        open: None,
     };
     assert!(
         store
@@ -157,6 +159,7 @@ async fn the_memory_bound_is_in_bytes_and_long_identities_are_hashed() {
             buckets: smallvec::smallvec![bucket("per-user", Some(id), 10)],
             dry_run: false,
             marks: false,
+            open: None,
         };
         assert!(store.check_and_take_one(&c).await.expect("room").allowed);
     }
@@ -170,6 +173,7 @@ async fn the_memory_bound_is_in_bytes_and_long_identities_are_hashed() {
             buckets: smallvec::smallvec![bucket("per-user", Some(id), 10)],
             dry_run: false,
             marks: false,
+            open: None,
         };
         refused += usize::from(store.check_and_take_one(&c).await.is_err());
     }
@@ -189,6 +193,7 @@ async fn redis_keys_stay_bounded_for_huge_identities() {
             buckets: smallvec::smallvec![bucket("per-user", Some(id), 2)],
             dry_run: false,
             marks: false,
+            open: None,
         };
         assert!(store.check_and_take_one(&c).await.unwrap().allowed);
     }

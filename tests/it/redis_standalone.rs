@@ -94,6 +94,7 @@ async fn a_bucket_expires_when_full_and_its_memory_is_measured() {
         buckets: smallvec::smallvec![drain_bucket],
         dry_run: false,
         marks: false,
+        open: None,
     };
     assert!(store.check_and_take(&[drain]).await.unwrap()[0].allowed);
     let key = &bucket_key("test:expiry:", &drain_bucket);

@@ -10,7 +10,11 @@ use std::time::Duration;
 use crate::common::redis::{Cluster, Sentinel, Standalone};
 use tollgate::bucket::Shape;
 use tollgate::store::memory::MemoryStore;
-use tollgate::store::{BucketCharge, BucketKey, Charge, ChargeOutcome, Store, StoreExt};
+use tollgate::store::{
+    BucketCharge, BucketKey, Charge, ChargeOutcome, Once, Open, SettleBucket, Settled, Settlement,
+    Store, StoreExt,
+};
+use tollgate::window::Window;
 
 const MS: u64 = 1_000_000;
 
@@ -44,6 +48,7 @@ async fn one(store: &impl Store, buckets: Vec<BucketCharge<'_>>, dry_run: bool) 
             buckets: buckets.into(),
             dry_run,
             marks: false,
+            open: None,
         }])
         .await
         .expect("store answers");
@@ -174,16 +179,19 @@ async fn charges_in_one_call_are_independent(store: &impl Store) {
                 buckets: smallvec::smallvec![a],
                 dry_run: false,
                 marks: false,
+                open: None,
             },
             Charge {
                 buckets: smallvec::smallvec![b],
                 dry_run: false,
                 marks: false,
+                open: None,
             },
             Charge {
                 buckets: smallvec::smallvec![],
                 dry_run: false,
                 marks: false,
+                open: None,
             },
         ])
         .await
@@ -211,6 +219,164 @@ async fn identities_and_operations_keep_their_own_buckets(store: &impl Store) {
     assert!(one(store, vec![b], false).await.allowed, "a + b is not a:b");
 }
 
+/// Takes `b` as a reservation does, then settles it at `actual`; returns
+/// the bucket's remaining after the settle.
+async fn reserve_then_settle(store: &impl Store, b: BucketCharge<'_>, actual: u64) -> u64 {
+    let mark = reserve(store, b).await;
+    settle_at(store, b, mark, actual).await
+}
+
+/// Takes `b` as a reservation does; returns its mark.
+async fn reserve(store: &impl Store, b: BucketCharge<'_>) -> tollgate::bucket::Mark {
+    let taken = store
+        .check_and_take_one(&Charge {
+            buckets: [b].into_iter().collect(),
+            dry_run: false,
+            marks: true,
+            open: None,
+        })
+        .await
+        .expect("store answers");
+    assert!(taken.allowed, "{taken:?}");
+    taken.buckets[0].mark
+}
+
+/// Settles `b`, taken with `mark`, at `actual`; returns its remaining.
+async fn settle_at(
+    store: &impl Store,
+    b: BucketCharge<'_>,
+    mark: tollgate::bucket::Mark,
+    actual: u64,
+) -> u64 {
+    let settled = store
+        .settle(&Settlement {
+            buckets: vec![SettleBucket {
+                charge: b,
+                actual,
+                mark: Some(mark),
+            }],
+            once: None,
+        })
+        .await
+        .expect("store answers");
+    let Settled::Applied(after) = settled else {
+        panic!("{settled:?}")
+    };
+    after[0].remaining
+}
+
+/// Issue 19: a settle takes at most the capacity above its estimate, at
+/// most one period of debt past empty, and never the headroom its
+/// reservation had to leave; a budget's likewise.
+async fn a_settle_far_above_its_estimate_is_bounded(store: &impl Store) {
+    // 10 tokens per 100 s: one every 10 s.
+    let b = bucket("debt", "r", 10, 100_000);
+    // Two reservations, both settled at 2^32 - 1: the first takes 10 more
+    // (12 tokens down), the second meets the ceiling of one period of debt.
+    let (first, second) = (reserve(store, b).await, reserve(store, b).await);
+    settle_at(store, b, first, u64::from(u32::MAX)).await;
+    settle_at(store, b, second, u64::from(u32::MAX)).await;
+    let o = one(store, vec![b], true).await;
+    let wait = o.buckets[0].retry_after.expect("in debt");
+    // One period of debt, then one token: 110 s at most, not years.
+    assert!(
+        wait > Duration::from_secs(100) && wait <= Duration::from_secs(110),
+        "{wait:?}"
+    );
+    let reset = o.buckets[0].reset_after;
+    assert!(reset <= Duration::from_secs(200), "{reset:?}");
+    // A reservation that had to leave 3 tokens leaves them.
+    let shed = BucketCharge {
+        reserve: 3,
+        ..bucket("debt-headroom", "r", 10, 100_000)
+    };
+    assert_eq!(
+        reserve_then_settle(store, shed, u64::from(u32::MAX)).await,
+        3
+    );
+    assert!(
+        one(
+            store,
+            vec![with_cost(bucket("debt-headroom", "r", 10, 100_000), 3)],
+            false
+        )
+        .await
+        .allowed
+    );
+    // A budget of 10 an hour: the spend stops at twice the budget, or at
+    // the budget less the headroom.
+    let hour = Window::Fixed {
+        length_ns: 3_600_000 * MS,
+    };
+    let budget = BucketCharge {
+        window: Some(&hour),
+        ..bucket("debt-budget", "r", 10, 1)
+    };
+    assert_eq!(
+        reserve_then_settle(store, budget, u64::from(u32::MAX)).await,
+        0
+    );
+    let shed = BucketCharge {
+        reserve: 4,
+        window: Some(&hour),
+        ..bucket("debt-budget-headroom", "r", 10, 1)
+    };
+    assert_eq!(
+        reserve_then_settle(store, shed, u64::from(u32::MAX)).await,
+        4
+    );
+}
+
+/// Issue 19: a reservation settles only while the record its charge
+/// opened exists, and the settle removes it: once, and never for an id no
+/// charge opened (as after an eviction), nor for one a denial did not take.
+async fn a_reservation_settles_only_while_open_and_once(store: &impl Store) {
+    let b = with_cost(bucket("open", "r", 10, 100_000), 4);
+    let charge = |id: u8| Charge {
+        buckets: [b].into_iter().collect(),
+        dry_run: false,
+        marks: true,
+        open: Some(Open {
+            id: [id; 16],
+            within_us: 60_000_000,
+        }),
+    };
+    let taken = store.check_and_take_one(&charge(1)).await.expect("answers");
+    assert!(taken.allowed);
+    let settle = |id: u8| Settlement {
+        buckets: vec![SettleBucket {
+            charge: b,
+            actual: 0,
+            mark: Some(taken.buckets[0].mark),
+        }],
+        once: Some(Once {
+            id: [id; 16],
+            deadline_us: taken.now_us + 60_000_000,
+        }),
+    };
+    let answer = |s: Result<Settled, _>| match s.expect("answers") {
+        Settled::Applied(o) => Some(o[0].remaining),
+        _ => None,
+    };
+    // Never opened: refused, nothing given back.
+    assert_eq!(answer(store.settle(&settle(2)).await), None);
+    assert_eq!(answer(store.settle(&settle(1)).await), Some(10));
+    assert_eq!(answer(store.settle(&settle(1)).await), None, "settles once");
+    // A denied charge opens nothing.
+    let greedy = Charge {
+        buckets: [with_cost(b, 11)].into_iter().collect(),
+        ..charge(3)
+    };
+    assert!(
+        !store
+            .check_and_take_one(&greedy)
+            .await
+            .expect("answers")
+            .allowed
+    );
+    assert_eq!(answer(store.settle(&settle(3)).await), None);
+}
+
 /// Runs every case against `store`, naming each as it goes.
 async fn conforms(store: impl Store) {
     macro_rules! cases {
@@ -232,6 +398,8 @@ async fn conforms(store: impl Store) {
         a_refilled_bucket_is_the_same_as_a_new_one,
         charges_in_one_call_are_independent,
         identities_and_operations_keep_their_own_buckets,
+        a_settle_far_above_its_estimate_is_bounded,
+        a_reservation_settles_only_while_open_and_once,
     );
 }
 

@@ -13,10 +13,6 @@ use tollgate::bucket::{Budget, Ledger, Mark, Shape, Tat};
 use tollgate::config::scopes::Percent;
 use tollgate::window::Window;
 
-/// How far debt may push a TAT past now: far beyond what these cases
-/// reach, so the cap never hides a debt.
-const MAX_AHEAD: u64 = 1 << 48;
-
 /// One operation on one bucket.
 #[derive(Debug, Clone)]
 enum Op {
@@ -143,20 +139,29 @@ fn run(shape: Shape, ops: &[Op]) -> Vec<Event> {
                 }
                 let r = open.remove(pick % open.len());
                 let actual = r.estimate.saturating_sub(refund) + debt;
-                (tat, ledger) = shape.settle(
-                    tat,
-                    ledger,
-                    now,
-                    r.estimate,
-                    actual,
-                    Some(r.mark),
-                    MAX_AHEAD,
-                );
+                let before = if tat.is_full_at(now) {
+                    Tat {
+                        ticks: now,
+                        frac: 0,
+                    }
+                } else {
+                    tat
+                };
+                (tat, ledger) = shape.settle(tat, ledger, now, r.estimate, actual, Some(r.mark), 0);
                 events[r.event].tokens = actual.min(r.estimate);
                 if actual > r.estimate {
+                    // The debt the settle took, which its ceiling (one
+                    // period past empty) may have cut: the whole tokens
+                    // the TAT moved, rounded down.
+                    let moved = i128::from(tat.ticks) * i128::from(shape.capacity)
+                        + i128::from(tat.frac)
+                        - i128::from(before.ticks) * i128::from(shape.capacity)
+                        - i128::from(before.frac);
+                    let taken = u64::try_from(moved / i128::from(shape.period)).unwrap_or(0);
+                    assert!(taken <= actual - r.estimate);
                     events.push(Event {
                         at: now,
-                        tokens: actual - r.estimate,
+                        tokens: taken,
                         kind: Kind::Debt,
                     });
                 }
@@ -391,7 +396,7 @@ proptest! {
                         taken: r.taken,
                         ledger: Ledger::default(),
                     };
-                    state = budget.settle(state, w.1, r.estimate, actual, Some(mark), u64::MAX);
+                    state = budget.settle(state, w.1, r.estimate, actual, Some(mark), 0);
                     *counted.get_mut(&r.window).unwrap() -= r.estimate - actual;
                     if r.window == w {
                         *spent.get_mut(&w).unwrap() -= r.estimate - actual;

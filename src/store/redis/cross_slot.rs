@@ -2,7 +2,8 @@
 //! whose buckets span hash slots, decided by *reserve and refund*.
 //!
 //! Each charge becomes one script call's work (coalesced with others on
-//! its node), or on Cluster one per slot it touches. A charge split over
+//! its node), or on Cluster one per slot it touches (an atomic batch whose
+//! entries name different scopes). A charge split over
 //! slots is allowed only when every part is; if any part denies or fails,
 //! the parts that took give their tokens back in a second round trip,
 //! bounded by the ledgers their takes left. Others may see the reservation
@@ -64,12 +65,17 @@ impl Inner {
                 vec![(0..charge.buckets.len()).collect()]
             };
             let mut plan = Vec::with_capacity(parts.len());
+            let lone = parts.len() == 1;
             for part in parts {
                 plan.push((work.len(), part.clone()));
                 work.push(Charge {
                     buckets: part.iter().map(|&i| charge.buckets[i]).collect(),
                     dry_run: charge.dry_run,
                     marks: charge.marks,
+                    // A reservation's buckets share its scope's slot; one
+                    // split over slots opens nothing, so it cannot settle
+                    // (the estimate stands) rather than settle twice.
+                    open: charge.open.filter(|_| lone),
                 });
             }
             plans.push(plan);

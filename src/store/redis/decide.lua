@@ -8,8 +8,8 @@
 -- that charge only. Errors about the node (READONLY, OOM) fail the call.
 --
 -- KEYS     every key of every charge, charge after charge: its bucket keys,
---          then (a settle of a reservation only) the key that records the
---          reservation as settled. On Cluster the caller sends only keys of
+--          then (a charge that opens a reservation, or a settle of one) the
+--          key that records the reservation as open. On Cluster the caller sends only keys of
 --          one hash slot in one call.
 -- ARGV[1]  every charge's numbers, packed (struct, little-endian), charge
 --          after charge, so the script reads each bucket with one unpack
@@ -21,11 +21,16 @@
 --                              bucket's ledger), 2 settle (apply real costs to
 --                              buckets charged earlier: a refund, or Cluster
 --                              giving back a cross-slot reservation),
---                              3 settle a reservation: at most once, and
---                              only before its deadline;
+--                              3 settle a reservation: only while it is
+--                              open (its record exists; the settle
+--                              deletes it), so at most once, and only
+--                              before its deadline; 8 added to 4 or 5: the
+--                              charge also opens a reservation, writing
+--                              its record when it takes;
 --                        n     how many buckets it has, >= 1;
 --            '<i8'     mode 3 only: the reservation's deadline, in
---                      microseconds of Redis's clock;
+--                      microseconds of Redis's clock; modes 12, 13: how
+--                      long the reservation stays open, in microseconds;
 --          then per bucket:
 --            '<i8i8i8i8' capacity  C, tokens (a budget: the budget), >= 1
 --                        period    P > 0: a token bucket refilling in P
@@ -39,20 +44,25 @@
 --                                  judged but never denies
 --                        reserve   decide: tokens the request must leave (its
 --                                  priority's headroom), >= 0;
---                                  settle: the real cost, >= 0
+--                                  settle: the real cost, >= 0, at most
+--                                  cost + C (the caller caps it)
 --            '<i8i8i8i8' P = 0 only: four window boundaries (µs, strictly
 --                        increasing), computed by the replica around its
 --                        own clock: the windows [b1,b2), [b2,b3), [b3,b4).
 --                        The one holding Redis's clock is used, so the
 --                        replica's clock never decides the window; if none
 --                        does, the charge fails (status -2).
---            '<i8i8i8i8i8i8i8' settles only: the reservation's mark, taken
---                        ticks, taken frac (the state the charge left;
+--            '<i8i8i8i8i8i8i8i8i8' settles only: the reservation's mark,
+--                        taken ticks, taken frac (the state the charge left;
 --                        ticks < 0 for none), born, given whole, given
 --                        frac (the bucket's ledger then); then the
 --                        difference |real - estimate| * P / C as whole
 --                        microseconds and a fraction of C, computed by the
---                        caller in 128-bit integers (token buckets only).
+--                        caller in 128-bit integers (token buckets only);
+--                        then the ceiling of the extra, whole and fraction:
+--                        a bucket's furthest TAT past now (2P without
+--                        headroom, (C - reserve)*P/C with it), a budget's
+--                        highest spend (2C without, C - reserve with it).
 --
 -- Clock: "now" is Redis's TIME in microseconds, read once for the whole
 -- batch, never the caller's clock, so every Tollgate replica shares one
@@ -69,8 +79,8 @@
 -- "ticks:frac" text is still read. An absent key is a full bucket. Taking n tokens moves the
 -- TAT by n*P/C exactly; a bucket conforms when the TAT it would have after
 -- taking n + reserve is at most P ahead of now. A settle above the estimate
--- pushes the TAT further (debt: later requests wait), at most 2^48 µs past
--- now; below, it pulls the TAT back by the difference but never by more
+-- pushes the TAT further (debt: later requests wait), never past its
+-- ceiling (so at most 2P past now), and never pulls it back; below, it pulls the TAT back by the difference but never by more
 -- than the reservation still holds (the TAT it left, less every refund
 -- given since, less now; nothing if the bucket was made again since), and
 -- never before now: a bucket is never fuller than full, and tokens that
@@ -83,19 +93,25 @@
 -- at its window's end.
 --
 -- Exactness: Lua 5.1 numbers are doubles, exact below 2^53. Times are
--- microseconds since the epoch (about 2^51); a TAT is at most 2^48 past
--- now. With P split as q*C + r, n*P/C = n*q + n*r/C, where n*q <= P and
+-- microseconds since the epoch (about 2^51); a TAT is at most two periods
+-- (P is at most 366 days, so under 2^46 µs) past now. With P split as q*C + r, n*P/C = n*q + n*r/C, where n*q <= P and
 -- n*r < C^2 < 2^53 when n <= C (the config caps a bucket's C at 50,000,000
 -- and a request's n + reserve at C); a settle's difference comes in whole
--- and fractional parts, each below 2^48 and C. A bucket's given total only
+-- and fractional parts, at most P and below C (the caller caps the real
+-- cost at the estimate plus C), and so does a settle's ceiling (2P). A bucket's given total only
 -- grows while its key lives (it is forgotten when full): it would take 2^53
 -- µs (285 years) of refunds to one never-full bucket to lose exactness. A
--- budget's C is at most 2^50 and its spend at most 2^52. Window arithmetic uses math.fmod, which is
+-- budget's C is at most 2^50 and its spend at most 2C = 2^51. Window arithmetic uses math.fmod, which is
 -- exact. Every value is an exact integer and every floor() divides exactly.
 --
 -- Expiry: a written bucket gets PX = time until full, a budget PX = time
 -- until its window ends, so memory follows active keys only. A denied or
 -- dry-run charge writes nothing.
+--
+-- Open reservations: a charge that opens one writes its record (PX: its
+-- settle_within) only when it takes; a settle needs the record and deletes
+-- it. A record lost to eviction therefore refuses a settle (the estimate
+-- stands) and can never let one apply twice.
 --
 -- Returns {now, then per charge: status, then per bucket: conforms, ticks,
 -- frac, and (modes 2 to 5) born, given whole, given frac}
@@ -118,8 +134,6 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local floor, fmod = math.floor, math.fmod
 local pack, unpack = struct.pack, struct.unpack
-local MAX_AHEAD = 281474976710656 -- 2^48 µs
-local MAX_SPEND = 4503599627370496 -- 2^52
 
 -- Returns nil for an error about this charge's own data (a key of another
 -- type), which fails that charge alone; raises any other (READONLY, OOM),
@@ -326,12 +340,18 @@ local function rare_fns()
     end
     local dw, df = m[6], m[7]
     if actual > est then
-      st, sf = st + dw, sf + df
-      if sf >= cap then
-        st, sf = st + 1, sf - cap
+      local nt, nf = st + dw, sf + df
+      if nf >= cap then
+        nt, nf = nt + 1, nf - cap
       end
-      if st >= now + MAX_AHEAD then
-        st, sf = now + MAX_AHEAD, 0
+      -- Never past the ceiling; a TAT already past it stays.
+      local ct, cf = now + m[8], m[9]
+      if nt > ct or (nt == ct and nf > cf) then
+        if not (st > ct or (st == ct and sf > cf)) then
+          st, sf = ct, cf
+        end
+      else
+        st, sf = nt, nf
       end
       return st, sf, born, gw, gf, store(key, st, sf, born, gw, gf)
     end
@@ -369,15 +389,19 @@ local function rare_fns()
   end
 
   -- One budget's settle: its window's end and spend after the real cost.
-  local function settle_spend(key, est, actual, wend, taken)
+  local function settle_spend(key, est, actual, wend, taken, ceiling)
     local spent = load_spend(key, wend)
     if not spent then
       return nil
     end
     if actual >= est then
-      spent = spent + (actual - est)
-      if spent > MAX_SPEND then
-        spent = MAX_SPEND
+      -- Never past the ceiling; a spend already past it stays.
+      local grown = spent + (actual - est)
+      if grown > ceiling then
+        grown = ceiling
+      end
+      if grown > spent then
+        spent = grown
       end
     elseif taken < 0 or taken == wend then
       spent = spent - (est - actual)
@@ -404,7 +428,8 @@ local function rare_fns()
       local cap, period, est, actual, wend
       cap, period, est, actual, wend, at = read(at)
       local m = {}
-      m[1], m[2], m[3], m[4], m[5], m[6], m[7], at = unpack('<i8i8i8i8i8i8i8', blob, at)
+      m[1], m[2], m[3], m[4], m[5], m[6], m[7], m[8], m[9], at =
+        unpack('<i8i8i8i8i8i8i8i8i8', blob, at)
       if est < 0 then
         est = -est
       end
@@ -419,7 +444,7 @@ local function rare_fns()
     local marker = once and KEYS[k0 + n + 1]
     if once and now > deadline then
       refused = -3
-    elseif once and redis.call('EXISTS', marker) == 1 then
+    elseif once and redis.call('EXISTS', marker) == 0 then
       refused = -4
     end
     if refused then
@@ -435,7 +460,7 @@ local function rare_fns()
       if p[2] > 0 then
         a, b, c, d, e, ok = settle_tokens(KEYS[k0 + i], p[1], p[3], p[4], p[6])
       else
-        a, b, c, d, e, ok = settle_spend(KEYS[k0 + i], p[3], p[4], p[5], p[6][1])
+        a, b, c, d, e, ok = settle_spend(KEYS[k0 + i], p[3], p[4], p[5], p[6][1], p[6][8])
       end
       if not a or not ok then
         out[status] = -1
@@ -446,7 +471,7 @@ local function rare_fns()
       out[o + 4], out[o + 5], out[o + 6] = c, d, e
     end
     if once then
-      set(marker, '1', deadline - now + 1)
+      redis.call('DEL', marker)
     end
     return at
   end
@@ -462,8 +487,12 @@ end
 
 -- Judges a charge's buckets, then takes from all or none. Returns the
 -- position after the charge's numbers.
-local function decide(k0, at, n, dry, marked)
+local function decide(k0, at, n, dry, marked, open)
   local allowed, failed = 1, false
+  local within
+  if open then
+    within, at = unpack('<i8', blob, at)
+  end
   for i = 1, n do
     -- Read inline: the token bucket is the hot case.
     local cap, period, cost, reserve
@@ -552,6 +581,10 @@ local function decide(k0, at, n, dry, marked)
     out[status] = -2
   elseif failed then
     out[status] = -1
+  elseif open and allowed == 1 and not dry then
+    -- Taken: record the reservation as open. Should the write fail, it
+    -- cannot settle and its estimate stands.
+    set(KEYS[k0 + n + 1], '1', within)
   end
   return at
 end
@@ -599,6 +632,10 @@ local k0, at = 0, 1
 while at <= #blob do
   local mode, n
   mode, n, at = unpack('<BH', blob, at)
+  local open = mode >= 8
+  if open then
+    mode = mode - 8
+  end
   if mode == 2 or mode == 3 then
     at = rare_fns().settle(k0, at, n, mode == 3)
     if mode == 3 then
@@ -606,7 +643,10 @@ while at <= #blob do
     end
   else
     at = mode == 0 and n == 1 and decide_lone(k0, at)
-      or decide(k0, at, n, mode % 2 == 1, mode >= 4)
+      or decide(k0, at, n, mode % 2 == 1, mode >= 4, open)
+    if open then
+      k0 = k0 + 1
+    end
   end
   k0 = k0 + n
 end

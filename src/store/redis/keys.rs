@@ -63,16 +63,16 @@ pub fn bucket_key(prefix: &str, bucket: &BucketCharge<'_>) -> String {
     out
 }
 
-/// The key that records a reservation as settled, in the hash slot of the
-/// buckets it charged (`bucket`, any of them):
-/// `<prefix>{<scope>}:%settled:<id in hex>`. No bucket key has a rule part
-/// starting with `%s` (escaping writes `%` only before two hex digits).
-pub fn settled_key(prefix: &str, bucket: &BucketCharge<'_>, id: &[u8; 16]) -> String {
+/// The key that records a reservation as open (made, not yet settled), in
+/// the hash slot of the buckets it charged (`bucket`, any of them):
+/// `<prefix>{<scope>}:%open:<id in hex>`. No bucket key has a rule part
+/// starting with `%o` (escaping writes `%` only before two hex digits).
+pub fn open_key(prefix: &str, bucket: &BucketCharge<'_>, id: &[u8; 16]) -> String {
     let mut out = String::with_capacity(prefix.len() + 48 + bucket.key.scope.len());
     out.push_str(prefix);
     out.push('{');
     push_tag(&mut out, bucket.key.scope);
-    out.push_str("}:%settled:");
+    out.push_str("}:%open:");
     for b in id {
         let _ = write!(out, "{b:02x}");
     }

@@ -18,8 +18,8 @@
 //! Every key carries its scope as the hash tag (see [`keys`]), so a charge
 //! from one request is always one script on one node: exactly atomic on
 //! standalone, on Sentinel and on Cluster. Only a charge that mixes scopes
-//! (the limiter never builds one from a single request) can span slots on
-//! Cluster; it is decided by *reserve and refund*: each slot's part is one
+//! (the limiter never builds one from a single request; an atomic batch
+//! across scopes is one) can span slots on Cluster; it is decided by *reserve and refund*: each slot's part is one
 //! atomic script, and if any part denies, the parts that took give their
 //! tokens back in a second round trip. Others may see the reservation
 //! meanwhile (admitting less, never more); a denied charge takes nothing.

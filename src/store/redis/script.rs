@@ -7,11 +7,9 @@
 
 use redis::Cmd;
 
-use super::keys::{bucket_key, settled_key};
-use crate::bucket::{Ledger, Mark, Shape, Tat};
-use crate::store::{
-    BucketCharge, Charge, ChargeOutcome, MAX_DEBT_US, Settled, Settlement, StoreError,
-};
+use super::keys::{bucket_key, open_key};
+use crate::bucket::{Budget, Ledger, Mark, Shape, Tat};
+use crate::store::{BucketCharge, Charge, ChargeOutcome, Settled, Settlement, StoreError};
 use crate::window::Window;
 
 /// The script's source.
@@ -111,8 +109,14 @@ fn header(mode: u8, n: usize) -> Vec<u8> {
 /// `now_us`: the instant to offer calendar windows around.
 pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, marked: bool, now_us: u64) -> Encoded {
     let n = charge.buckets.len().min(usize::from(u16::MAX));
-    let mode = u8::from(charge.dry_run) | if marked { 4 } else { 0 };
+    let open = charge.open.filter(|_| n > 0);
+    let mode = u8::from(charge.dry_run)
+        | if marked || open.is_some() { 4 } else { 0 }
+        | if open.is_some() { 8 } else { 0 };
     let mut numbers = header(mode, n);
+    if let Some(open) = open {
+        numbers.extend_from_slice(&i8_of(open.within_us));
+    }
     for b in &charge.buckets[..n] {
         let cost = i64::try_from(b.cost.max(1)).unwrap_or(i64::MAX);
         push_bucket(
@@ -123,13 +127,21 @@ pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, marked: bool, now_us: u6
             now_us,
         );
     }
+    let mut keys: Vec<String> = charge.buckets[..n]
+        .iter()
+        .map(|b| bucket_key(prefix, b))
+        .collect();
+    if let (Some(open), Some(first)) = (open, charge.buckets.first()) {
+        keys.push(open_key(prefix, first, &open.id));
+    }
     Encoded {
-        keys: charge.buckets[..n]
-            .iter()
-            .map(|b| bucket_key(prefix, b))
-            .collect(),
+        keys,
         buckets: n,
-        per_bucket: if marked { MARKED } else { PLAIN },
+        per_bucket: if marked || open.is_some() {
+            MARKED
+        } else {
+            PLAIN
+        },
         numbers,
     }
 }
@@ -144,9 +156,11 @@ pub(crate) fn encode_settle(prefix: &str, settlement: &Settlement<'_>, now_us: u
     }
     for part in &settlement.buckets[..n] {
         let b = &part.charge;
+        // A settle takes at most the capacity above its estimate.
+        let actual = part.actual.min(b.cost.saturating_add(b.shape.capacity));
         // A settle's estimate may be 0: an Envoy refund of nothing.
         let cost = i64::try_from(b.cost).unwrap_or(i64::MAX);
-        push_bucket(&mut numbers, b, cost, part.actual, now_us);
+        push_bucket(&mut numbers, b, cost, actual, now_us);
         let mark = part.mark.unwrap_or_default();
         let taken_ticks = match part.mark {
             Some(m) => i64::try_from(m.taken.ticks).unwrap_or(i64::MAX),
@@ -161,23 +175,31 @@ pub(crate) fn encode_settle(prefix: &str, settlement: &Settlement<'_>, now_us: u
         ] {
             numbers.extend_from_slice(&i8_of(n));
         }
-        // |actual - estimate|·P/C, exactly; at most the debt bound, which is
-        // all the script would keep anyway.
-        let diff = shape_us(b.shape).time_of(part.actual.abs_diff(b.cost));
-        let (whole, frac) = if diff.ticks < MAX_DEBT_US {
-            (diff.ticks, diff.frac)
-        } else {
-            (MAX_DEBT_US, 0)
+        // |actual - estimate|·P/C, exactly: at most one period.
+        let shape = shape_us(b.shape);
+        let diff = shape.time_of(actual.abs_diff(b.cost));
+        // How far the extra may go: a bucket's TAT ceiling past now, or a
+        // budget's spend ceiling (see Shape::ceiling, Budget::ceiling).
+        let ceiling = match b.window {
+            None => shape.ceiling(0, b.reserve),
+            Some(_) => Tat {
+                ticks: Budget {
+                    amount: b.shape.capacity,
+                }
+                .ceiling(b.reserve),
+                frac: 0,
+            },
         };
-        numbers.extend_from_slice(&i8_of(whole));
-        numbers.extend_from_slice(&i8_of(frac));
+        for n in [diff.ticks, diff.frac, ceiling.ticks, ceiling.frac] {
+            numbers.extend_from_slice(&i8_of(n));
+        }
     }
     let mut keys: Vec<String> = settlement.buckets[..n]
         .iter()
         .map(|p| bucket_key(prefix, &p.charge))
         .collect();
     if let (Some(once), Some(first)) = (settlement.once, settlement.buckets.first()) {
-        keys.push(settled_key(prefix, &first.charge, &once.id));
+        keys.push(open_key(prefix, &first.charge, &once.id));
     }
     Encoded {
         keys,
@@ -362,6 +384,7 @@ mod tests {
             }],
             dry_run: false,
             marks: false,
+            open: None,
         }
     }
 

@@ -34,6 +34,7 @@ pub fn charge(identity: &str, capacity: u64, period: Duration) -> Charge<'_> {
         }],
         dry_run: false,
         marks: false,
+        open: None,
     }
 }
 
