@@ -43,6 +43,10 @@ pub fn spawn(
     debounce: Duration,
     control: &mpsc::Sender<Control>,
 ) -> notify::Result<FileWatch> {
+    // What the files hold now, taken before this returns (and so before
+    // the server answers anyone): taken on the task instead, it could see
+    // a change made after start-up as the starting point and miss it.
+    let last = fingerprint(&paths);
     // One pending wake-up is enough: the task reads the files afresh.
     let (wake, woken) = mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -53,7 +57,7 @@ pub fn spawn(
     for dir in directories(&paths) {
         watcher.watch(&dir, RecursiveMode::NonRecursive)?;
     }
-    let task = tokio::spawn(debounced(paths, debounce, woken, control.downgrade()));
+    let task = tokio::spawn(debounced(paths, last, debounce, woken, control.downgrade()));
     Ok(FileWatch {
         _watcher: watcher,
         task,
@@ -85,11 +89,11 @@ fn directories(paths: &[PathBuf]) -> Vec<PathBuf> {
 
 async fn debounced(
     paths: Vec<PathBuf>,
+    mut last: u64,
     debounce: Duration,
     mut woken: mpsc::Receiver<()>,
     control: mpsc::WeakSender<Control>,
 ) {
-    let mut last = fingerprint(&paths);
     while woken.recv().await.is_some() {
         // Wait for quiet: a save in several steps, or a ConfigMap swap,
         // is one change.
