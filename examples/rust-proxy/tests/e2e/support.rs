@@ -66,6 +66,18 @@ fn wait_until_listening(addr: SocketAddr, child: &mut Child, within: Duration) -
     false
 }
 
+/// Polls `ready` every 20 ms for at most `within`.
+fn wait_for(ready: impl Fn() -> bool, within: Duration) -> bool {
+    let step = Duration::from_millis(20);
+    for _ in 0..within.as_millis() / step.as_millis() {
+        if ready() {
+            return true;
+        }
+        std::thread::sleep(step);
+    }
+    false
+}
+
 /// A running `tollgate serve`.
 #[derive(Debug)]
 pub struct Tollgate {
@@ -102,7 +114,20 @@ impl Tollgate {
                 .stderr(log)
                 .spawn()
                 .expect("start tollgate");
-            if wait_until_listening(addr, &mut child, Duration::from_secs(30)) {
+            // Something answering at `addr` may be another test's server
+            // that took the same free port first (this one then exits on
+            // its failed bind): only this child's own "serving" line, with
+            // the address, says the port is ours.
+            let ours = || {
+                let needle = addr.to_string();
+                self_log(&dir)
+                    .lines()
+                    .any(|l| l.contains("serving") && l.contains(&needle))
+            };
+            if wait_until_listening(addr, &mut child, Duration::from_secs(30))
+                && wait_for(ours, Duration::from_secs(10))
+                && matches!(child.try_wait(), Ok(None))
+            {
                 return Self { child, addr, dir };
             }
             // Lost the port to someone else, or a bad config: try again,
