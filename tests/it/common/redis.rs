@@ -25,11 +25,14 @@ pub fn wait_until(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
 }
 
 /// A port `p` such that `p` and `p + 10000` (Cluster's bus) are free now.
+/// Both stay below Linux's ephemeral range (32768 and up), so no outgoing
+/// connection of a parallel test can take one between this check and the
+/// server's bind.
 pub fn free_port() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let seed = (std::process::id() % 400) as u16 * 20;
     loop {
-        let p = 20_000 + (seed + NEXT.fetch_add(1, Ordering::Relaxed)) % 9_000;
+        let p = 20_000 + (seed + NEXT.fetch_add(1, Ordering::Relaxed)) % 2_760;
         if TcpListener::bind(("127.0.0.1", p)).is_ok()
             && TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok()
         {

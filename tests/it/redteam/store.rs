@@ -14,7 +14,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::common::redis::{Server, Standalone};
+use crate::common::redis::{Server, Standalone, free_port as redis_port};
 use crate::common::{TestServer, ask, free_port, metrics_get, req};
 
 /// Asks `n` times as `identity` (or, with `None`, as a new identity each
@@ -202,7 +202,7 @@ async fn one_scope_filling_the_embedded_store_leaves_another_scopes_limits_whole
     );
 }
 
-// --- 3: an eviction policy that can drop settled markers ----------------
+// --- 3: an eviction policy that can drop open-reservation records ------
 
 const EVICTING: [&str; 7] = [
     "volatile-lru",
@@ -253,7 +253,7 @@ async fn start_or_refuse(config: Config) -> Result<TestServer, String> {
 async fn tollgate_refuses_to_start_on_a_redis_that_can_evict_its_keys() {
     let dir = tempfile::tempdir().expect("dir");
     for policy in EVICTING {
-        let redis = Server::redis(dir.path(), free_port(), &["--maxmemory-policy", policy]);
+        let redis = Server::redis(dir.path(), redis_port(), &["--maxmemory-policy", policy]);
         let refused = start_or_refuse(on_redis(
             redis.port,
             &format!("evict-{policy}"),
@@ -270,7 +270,7 @@ async fn tollgate_refuses_to_start_on_a_redis_that_can_evict_its_keys() {
     }
     let redis = Server::redis(
         dir.path(),
-        free_port(),
+        redis_port(),
         &["--maxmemory-policy", "noeviction"],
     );
     let server = start_or_refuse(on_redis(
@@ -290,7 +290,7 @@ async fn with_warn_an_evicting_redis_serves_and_says_so_in_metrics() {
     let dir = tempfile::tempdir().expect("dir");
     let redis = Server::redis(
         dir.path(),
-        free_port(),
+        redis_port(),
         &["--maxmemory-policy", "volatile-lru"],
     );
     let metrics = free_port();
@@ -315,7 +315,7 @@ async fn with_warn_an_evicting_redis_serves_and_says_so_in_metrics() {
 #[tokio::test]
 async fn an_evicting_redis_found_on_reconnect_makes_the_replica_unready_until_fixed() {
     let dir = tempfile::tempdir().expect("dir");
-    let port = free_port();
+    let port = redis_port();
     let metrics = free_port();
     // Redis is not up yet: Tollgate starts and waits for it.
     let server = start_or_refuse(on_redis(
