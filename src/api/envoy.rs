@@ -586,7 +586,6 @@ scopes:
 
         fn rules_replaced(&self, _: &[&str]) {}
 
-
         fn condition(&self) -> crate::store::Condition {
             crate::store::Condition::default()
         }

@@ -261,7 +261,7 @@ pub struct RedisConfig {
     pub breaker_cool_down: Duration,
     /// What Tollgate does when Redis's `maxmemory-policy` can evict its
     /// keys (every policy but `noeviction`): an evicted bucket is a full
-    /// one, and an evicted settled marker lets a settle be replayed.
+    /// one, and an evicted open-reservation record refuses its settle.
     #[serde(default)]
     pub on_evicting_policy: OnEvictingPolicy,
     /// Tests only, never read from a file: microseconds added to this

@@ -2,8 +2,8 @@
 //!
 //! Every key Tollgate writes expires, so any `volatile-*` policy can evict
 //! it as well as any `allkeys-*` one. An evicted bucket reads as a full one
-//! (it admits a new burst), and an evicted settled marker lets the same
-//! settle apply again. Only `noeviction` keeps them: Redis then refuses
+//! (it admits a new burst), and an evicted open-reservation record
+//! refuses its settle (the estimate stands). Only `noeviction` keeps them: Redis then refuses
 //! writes when full (`OOM`), which is a store failure the breaker and each
 //! scope's `failure_mode` handle.
 //!
@@ -77,8 +77,8 @@ impl Eviction {
         let why = evicting.as_deref().map(|policy| {
             format!(
                 "Redis's maxmemory-policy is {policy}, which can evict Tollgate's keys \
-                 (an evicted bucket admits a new burst, an evicted settled marker lets a \
-                 settle apply twice); set it to noeviction, or accept the risk with \
+                 (an evicted bucket admits a new burst, an evicted open reservation \
+                 cannot be settled); set it to noeviction, or accept the risk with \
                  store.redis.on_evicting_policy: warn"
             )
         });

@@ -97,8 +97,8 @@ impl Tollgate {
             std::fs::write(&config, format!("listen: {addr}\n{scopes}")).expect("write config");
             let log = std::fs::File::create(dir.path().join("tollgate.log")).expect("log file");
             let mut command = Command::new(tollgate_bin());
-            // Tollgate reads every TOLLGATE_* variable as a config override
-            // and refuses unknown ones, TOLLGATE_BIN included: the config is
+            // Tollgate reads TOLLGATE_* variables that name a config
+            // section as overrides (TOLLGATE_LISTEN would move it): the config is
             // the file written above and nothing else.
             for (name, _) in std::env::vars_os() {
                 if name.to_string_lossy().starts_with("TOLLGATE_") {
