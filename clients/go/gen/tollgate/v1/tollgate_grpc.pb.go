@@ -64,7 +64,8 @@ type RateLimiterClient interface {
 	//   - FAILED_PRECONDITION: already settled (on any replica), or past its
 	//     `settle_within` (the estimate stands);
 	//   - PERMISSION_DENIED: with `callers` configured, the caller may not
-	//     decide on the reservation's scope;
+	//     decide on the reservation's scope, or another caller made it (checked
+	//     before the signature, so it says nothing of the token's validity);
 	//   - UNAVAILABLE: the store could not answer, whatever the scope's
 	//     failure_mode. Settling again is safe, as a reservation settles at
 	//     most once; if the first attempt reached the store, the second is
@@ -147,7 +148,8 @@ type RateLimiterServer interface {
 	//   - FAILED_PRECONDITION: already settled (on any replica), or past its
 	//     `settle_within` (the estimate stands);
 	//   - PERMISSION_DENIED: with `callers` configured, the caller may not
-	//     decide on the reservation's scope;
+	//     decide on the reservation's scope, or another caller made it (checked
+	//     before the signature, so it says nothing of the token's validity);
 	//   - UNAVAILABLE: the store could not answer, whatever the scope's
 	//     failure_mode. Settling again is safe, as a reservation settles at
 	//     most once; if the first attempt reached the store, the second is
