@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tollgate under ghz, in one command: five scenarios, one table, one JSON.
 #
-#   benches/ghz/run.sh [--store memory|redis] [--quick]
+#   benches/ghz/run.sh [--store memory|redis] [--quick] [--syscalls]
 #
 # Installs ghz when missing (pinned, into target/go-bin) while it builds
 # release Tollgate and the no-op server (the `noop` binary of benches/tools),
@@ -21,6 +21,15 @@
 # Tollgate's peak RSS (VmHWM). Loopback only; every run is bounded in time;
 # everything started here is stopped on exit. --quick: 4 s + 3 s of load per
 # scenario, about 40 s in all once release Tollgate is built.
+# Each row also counts context switches per decision (every thread's
+# voluntary + involuntary switches, from /proc/PID/task/*/status). Beside the
+# table it prints ratios measured in this same run: each scenario's CPU per
+# decision against the no-op handler's, and Redis CPU per decision against a
+# plain SET from 50 clients (redis-benchmark, no pipelining, Redis's own
+# utime + stime). --syscalls: after the table, scenarios (a) and (e) once
+# more for a fixed 20,000 calls under `strace -c -f`, to count syscalls per
+# decision by kind and writes per response (strace slows the server, which
+# changes how calls batch: read these as counts, never as CPU).
 # Needs redis-server and redis-cli (for redis), python3, and Go (for ghz).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -28,12 +37,14 @@ cd "$root"
 
 store=redis
 quick=0
+syscalls=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --store) store=$2; shift 2 ;;
     --store=*) store=${1#--store=}; shift ;;
     --quick) quick=1; shift ;;
-    *) echo "usage: $0 [--store memory|redis] [--quick]" >&2; exit 2 ;;
+    --syscalls) syscalls=1; shift ;;
+    *) echo "usage: $0 [--store memory|redis] [--quick] [--syscalls]" >&2; exit 2 ;;
   esac
 done
 case "$store" in memory|redis) ;; *) echo "--store: memory or redis" >&2; exit 2 ;; esac
@@ -84,6 +95,9 @@ tollgate=${BENCH_TOLLGATE:-$bin/tollgate}
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
 cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"; }
 hwm_of() { awk '/VmHWM/ { print $2 }' "/proc/$1/status"; }
+# Context switches of every thread of a process (threads that ended are lost,
+# which is why the runtimes here keep theirs).
+switches_of() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/^(non)?voluntary_ctxt_switches/ { s += $2 } END { print s + 0 }'; }
 
 redis_pid=
 if [ "$store" = redis ]; then
@@ -143,15 +157,15 @@ evalsha_calls() { [ -n "$redis_pid" ] && rcli INFO commandstats | sed -n 's/^cmd
 # run NAME PID ARGS...: one ghz run with CPU, calls and denials around it.
 run() {
   local name=$1 pid=$2; shift 2
-  local c0 r0=0 e0 d0=0 c1 r1=0 e1 d1=0
-  c0=$(cpu_of "$pid"); e0=$(evalsha_calls)
+  local c0 r0=0 e0 d0=0 c1 r1=0 e1 d1=0 s0 s1
+  c0=$(cpu_of "$pid"); e0=$(evalsha_calls); s0=$(switches_of "$pid")
   [ -n "$redis_pid" ] && r0=$(cpu_of "$redis_pid")
   [ "$pid" != "$noop_pid" ] && d0=$(denied_total)
   timeout 120 "$ghz" --insecure -c "$concurrency" --duration-stop=wait -O json "$@" >"$work/$name.json" 2>"$work/$name.err" || true
-  c1=$(cpu_of "$pid"); e1=$(evalsha_calls)
+  c1=$(cpu_of "$pid"); e1=$(evalsha_calls); s1=$(switches_of "$pid")
   [ -n "$redis_pid" ] && r1=$(cpu_of "$redis_pid")
   [ "$pid" != "$noop_pid" ] && d1=$(denied_total)
-  echo "{\"name\":\"$name\",\"tg_cpu\":$(awk "BEGIN { print $c1 - $c0 }"),\"redis_cpu\":$(awk "BEGIN { print $r1 - $r0 }"),\"evalsha\":$((e1 - e0)),\"denied\":$((d1 - d0)),\"rss_kb\":$(hwm_of "$pid")}" >"$work/$name.meta"
+  echo "{\"name\":\"$name\",\"tg_cpu\":$(awk "BEGIN { print $c1 - $c0 }"),\"redis_cpu\":$(awk "BEGIN { print $r1 - $r0 }"),\"evalsha\":$((e1 - e0)),\"denied\":$((d1 - d0)),\"rss_kb\":$(hwm_of "$pid"),\"switches\":$((s1 - s0))}" >"$work/$name.meta"
 }
 
 scenario() {
@@ -207,6 +221,40 @@ scenario e tollgate.v1.RateLimiter/ShouldAllow "$noop_pid" \
   -d '{"scope":"a","identity":"user-{{randomInt 0 100000}}","operation":"op"}'
 redis_pid=$saved_redis
 
+# A plain SET from 50 clients, no pipelining: what Redis spends on the
+# cheapest write, against which a decision's Redis CPU is read.
+if [ -n "$redis_pid" ]; then
+  echo "ghz: Redis SET baseline (redis-benchmark, 50 clients)" >&2
+  n_set=$([ "$quick" = 1 ] && echo 50000 || echo 200000)
+  rcli FLUSHALL >/dev/null
+  r0=$(cpu_of "$redis_pid")
+  redis-benchmark -p "$redis_port" -c 50 -n "$n_set" -t set -P 1 -q >"$work/set.txt" 2>&1
+  r1=$(cpu_of "$redis_pid")
+  echo "{\"calls\":$n_set,\"redis_cpu\":$(awk "BEGIN { print $r1 - $r0 }")}" >"$work/set.meta"
+fi
+
+# strace_run NAME PID ARGS...: a fixed 20,000 calls with every thread of PID
+# under `strace -c -f`, counting syscalls by kind.
+strace_run() {
+  local name=$1 pid=$2; shift 2
+  strace -c -f -qq -o "$work/$name.strace" -p "$pid" &
+  local st=$!
+  sleep 1 # strace attaches to every thread before the load starts
+  timeout 120 "$ghz" --insecure -c "$concurrency" -n 20000 -O json "$@" >"$work/$name.json" 2>"$work/$name.err" || true
+  kill -INT "$st"; wait "$st" 2>/dev/null || true
+}
+if [ "$syscalls" = 1 ]; then
+  command -v strace >/dev/null || { echo "ghz: --syscalls needs strace" >&2; exit 1; }
+  echo "ghz: syscalls per decision, (a) and (e), under strace" >&2
+  strace_run e-strace "$noop_pid" --call tollgate.v1.RateLimiter/ShouldAllow \
+    -d '{"scope":"a","identity":"user-{{randomInt 0 100000}}","operation":"op"}' "127.0.0.1:$noop_port"
+  port=$grpc_port
+  start_tollgate a-strace
+  strace_run a-strace "$tg_pid" --call tollgate.v1.RateLimiter/ShouldAllow \
+    -d '{"scope":"a","identity":"user-{{randomInt 0 100000}}","operation":"op"}' "127.0.0.1:$grpc_port"
+  stop_tollgate
+fi
+
 python3 - "$work" "$out" "$store" "$quick" "$concurrency" <<'PY'
 import json, os, platform, subprocess, sys
 work, out, store, quick, conc = sys.argv[1:]
@@ -230,6 +278,7 @@ for key in "abcde":
             "tollgate_cpu_us": round(m["tg_cpu"] * 1e6 / n, 1),
             "redis_cpu_us": round(m["redis_cpu"] * 1e6 / n, 2) if store == "redis" and key != "e" else None,
             "peak_rss_mb": round(m["rss_kb"] / 1024, 1),
+            "switches_per_decision": round(m["switches"] / n, 2),
         })
 machine = {
     "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
@@ -237,15 +286,64 @@ machine = {
     "redis": subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip() if store == "redis" else None,
     "store": store, "quick": quick == "1", "concurrency": int(conc),
 }
-json.dump({"machine": machine, "rows": rows}, open(f"{out}/ghz-{store}.json", "w"), indent=1)
+def row(scenario, phase="saturation"):
+    return next(r for r in rows if r["scenario"] == names[scenario] and r["phase"] == phase)
+noop = row("e")
+ratios = []
+for key in "abcd":
+    r = row(key)
+    ratios.append({"what": f"{names[key]}: Tollgate CPU per decision", "against": "no-op handler's CPU per call",
+                   "ratio": round(r["tollgate_cpu_us"] / noop["tollgate_cpu_us"], 2)})
+if os.path.exists(f"{work}/set.meta"):
+    sm = json.load(open(f"{work}/set.meta"))
+    set_us = sm["redis_cpu"] * 1e6 / sm["calls"]
+    for key in "acd":
+        r = row(key)
+        ratios.append({"what": f"{names[key]}: Redis CPU per decision", "against": f"a plain SET's ({set_us:.1f} µs, 50 clients)",
+                       "ratio": round(r["redis_cpu_us"] / set_us, 2)})
+def strace_counts(name):
+    path = f"{work}/{name}.strace"
+    if not os.path.exists(path):
+        return None
+    g = json.load(open(f"{work}/{name}.json"))
+    n = max((g.get("statusCodeDistribution") or {}).get("OK", 0), 1)
+    calls = {}
+    for line in open(path):
+        parts = line.split()
+        if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+            calls[parts[-1]] = int(parts[3])
+    writes = sum(calls.get(k, 0) for k in ("write", "writev", "sendto", "sendmsg", "sendmmsg"))
+    return {"calls": n, "writes_per_response": round(writes / n, 3),
+            "per_decision": {k: round(v / n, 3) for k, v in sorted(calls.items(), key=lambda kv: -kv[1])}}
+syscalls = {k: v for k, v in (("a", strace_counts("a-strace")), ("e", strace_counts("e-strace"))) if v}
+json.dump({"machine": machine, "rows": rows, "ratios": ratios, "syscalls": syscalls},
+          open(f"{out}/ghz-{store}.json", "w"), indent=1)
 f = lambda v, d=2: "–" if v is None else f"{v:.{d}f}"
 denied = lambda r: "–" if r["denied_share"] is None else f"{r['denied_share']:.1%}"
 print(f"\nstore: {store}, concurrency {conc}, {machine['cores']} cores ({machine['cpu']}), {'quick' if quick == '1' else 'full'} run")
-print("| scenario | phase | decisions/s | p50 ms | p95 ms | p99 ms | errors | denied | Redis calls/decision | Tollgate CPU µs/decision | Redis CPU µs/decision | peak RSS MB |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("\n| ratio, this run | against | ratio |")
+print("|---|---|---|")
+for q in ratios:
+    print(f"| {q['what']} | {q['against']} | {q['ratio']:.2f}× |")
+print()
+print("| scenario | phase | decisions/s | p50 ms | p95 ms | p99 ms | errors | denied | Redis calls/decision | Tollgate CPU µs/decision | Redis CPU µs/decision | peak RSS MB | switches/decision |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     print(f"| {r['scenario']} | {r['phase']} | {r['decisions_per_s']} | {f(r['p50_ms'])} | {f(r['p95_ms'])} | {f(r['p99_ms'])} | "
           f"{r['errors']} | {denied(r)} | "
-          f"{f(r['redis_calls_per_decision'], 3)} | {f(r['tollgate_cpu_us'], 1)} | {f(r['redis_cpu_us'], 1)} | {f(r['peak_rss_mb'], 1)} |")
+          f"{f(r['redis_calls_per_decision'], 3)} | {f(r['tollgate_cpu_us'], 1)} | {f(r['redis_cpu_us'], 1)} | {f(r['peak_rss_mb'], 1)} | "
+          f"{f(r['switches_per_decision'], 2)} |")
+if syscalls:
+    kinds = []
+    for v in syscalls.values():
+        kinds += [k for k in v["per_decision"] if k not in kinds]
+    kinds = kinds[:10]
+    heads = [names[k] for k in syscalls]
+    print(f"\nsyscalls per decision under strace -c -f, 20,000 calls (counts, not CPU)")
+    print("| syscall | " + " | ".join(heads) + " |")
+    print("|---|" + "---|" * len(heads))
+    print("| writes per response | " + " | ".join(f"{v['writes_per_response']:.3f}" for v in syscalls.values()) + " |")
+    for k in kinds:
+        print(f"| {k} | " + " | ".join(f"{v['per_decision'].get(k, 0):.3f}" for v in syscalls.values()) + " |")
 print(f"\nJSON: {out}/ghz-{store}.json")
 PY
