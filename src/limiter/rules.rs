@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::Request;
 use super::descriptors::{DescriptorKeys, DescriptorTree};
-use super::limit::Limit;
+use super::limit::{Limit, LimitKind};
 use crate::config::{FailureMode, Per, UnknownScope};
 use crate::store::{BucketCharge, BucketKey};
 
@@ -61,7 +61,12 @@ impl ScopeRules {
         'r: 'q,
     {
         let matching = self.limits.iter().filter(|l| l.matches(req));
-        let by_descriptor = self.descriptor_tree.find(req.entries);
+        // An unlimited rule, or one that admits nothing, has no bucket; the
+        // joint planner reads them from the tree itself.
+        let by_descriptor = self
+            .descriptor_tree
+            .find(req.entries)
+            .filter(|l| l.kind == LimitKind::Bucket);
         for limit in matching.chain(by_descriptor) {
             let (identity, operation) = match limit.per {
                 Per::Scope => (None, None),
