@@ -497,18 +497,28 @@ impl Walk<'_> {
             self.name(&join(at, "name"), n);
             self.names.push(n.clone());
         }
-        let replaces = self.replaces(&join(at, "replaces"), f.get("replaces").copied(), named.as_deref());
+        let replaces = self.replaces(
+            &join(at, "replaces"),
+            f.get("replaces").copied(),
+            named.as_deref(),
+        );
         let unlimited = self.flag(&join(at, "unlimited"), f.get("unlimited"));
         let (unit, requests_per_unit) = if unlimited {
             if f.contains_key("unit") {
                 self.problem(&join(at, "unit"), "must not be set when unlimited is true");
             }
             if f.contains_key("requests_per_unit") {
-                self.note(&join(at, "requests_per_unit"), "ignored: the rule is unlimited");
+                self.note(
+                    &join(at, "requests_per_unit"),
+                    "ignored: the rule is unlimited",
+                );
             }
             (Some(Duration::ZERO), Some(0))
         } else {
-            (self.unit(&join(at, "unit"), f.get("unit").copied()), self.requests(at, &f))
+            (
+                self.unit(&join(at, "unit"), f.get("unit").copied()),
+                self.requests(at, &f),
+            )
         };
         Some(EnvoyRateLimit {
             name: named.clone().unwrap_or_else(|| path.join(".")),
@@ -529,7 +539,10 @@ impl Walk<'_> {
         let found = UNITS.iter().find(|(n, _)| n.eq_ignore_ascii_case(&u));
         if found.is_none() {
             let names: Vec<&str> = UNITS.iter().map(|(n, _)| *n).collect();
-            self.problem(at, format!("unknown unit {u:?} (one of {})", names.join(", ")));
+            self.problem(
+                at,
+                format!("unknown unit {u:?} (one of {})", names.join(", ")),
+            );
         }
         found.map(|(_, d)| *d)
     }
@@ -539,7 +552,10 @@ impl Walk<'_> {
         let at = join(at, "requests_per_unit");
         match f.get("requests_per_unit") {
             None => {
-                self.note(&at, "absent, so 0, as upstream reads it: every request is denied");
+                self.note(
+                    &at,
+                    "absent, so 0, as upstream reads it: every request is denied",
+                );
                 Some(0)
             }
             Some(Yaml::Integer(n)) if *n >= 0 && n.unsigned_abs() <= MAX_CAPACITY => {
@@ -607,7 +623,10 @@ mod tests {
     }
 
     fn has(problems: &[String], what: &str) {
-        assert!(problems.iter().any(|p| p.contains(what)), "{what} not in {problems:?}");
+        assert!(
+            problems.iter().any(|p| p.contains(what)),
+            "{what} not in {problems:?}"
+        );
     }
 
     #[test]
@@ -615,14 +634,26 @@ mod tests {
         let p = problems(
             "domain: d\ndescriptors:\n  - key: a\n    descriptors:\n      - key: b\n        rate_limit: {unit: second, requests_per_unit: 1, quota_mode: true}\n        colour: red\n",
         );
-        has(&p, "f.yaml: descriptors[0].descriptors[0].rate_limit.quota_mode: unknown field");
-        has(&p, "f.yaml: descriptors[0].descriptors[0].colour: unknown field");
+        has(
+            &p,
+            "f.yaml: descriptors[0].descriptors[0].rate_limit.quota_mode: unknown field",
+        );
+        has(
+            &p,
+            "f.yaml: descriptors[0].descriptors[0].colour: unknown field",
+        );
         has(
             &problems("domain: d\ndescriptors:\n  - key: a\n    shadowmode: true\n"),
             "descriptors[0].shadowmode: unknown field",
         );
-        has(&problems("domain: d\n1: x\n"), "field names must be strings");
-        has(&problems("domain: d\ndescriptors: [a]\n"), "descriptors[0]: must be a mapping");
+        has(
+            &problems("domain: d\n1: x\n"),
+            "field names must be strings",
+        );
+        has(
+            &problems("domain: d\ndescriptors: [a]\n"),
+            "descriptors[0]: must be a mapping",
+        );
     }
 
     #[test]
@@ -630,11 +661,26 @@ mod tests {
         let p = problems(
             "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: fortnight, requests_per_unit: -1}\n",
         );
-        has(&p, "descriptors[0].rate_limit.unit: unknown unit \"fortnight\"");
-        has(&p, "descriptors[0].rate_limit.requests_per_unit: must be a whole number from 0");
-        assert_eq!(problems("descriptors: []\n"), vec!["f.yaml: domain: is required"]);
-        has(&problems("domain: \"\"\n"), "f.yaml: domain: must not be empty");
-        has(&problems("domain: d\ndescriptors:\n  - key: \"\"\n"), "descriptors[0].key: must not be empty");
+        has(
+            &p,
+            "descriptors[0].rate_limit.unit: unknown unit \"fortnight\"",
+        );
+        has(
+            &p,
+            "descriptors[0].rate_limit.requests_per_unit: must be a whole number from 0",
+        );
+        assert_eq!(
+            problems("descriptors: []\n"),
+            vec!["f.yaml: domain: is required"]
+        );
+        has(
+            &problems("domain: \"\"\n"),
+            "f.yaml: domain: must not be empty",
+        );
+        has(
+            &problems("domain: d\ndescriptors:\n  - key: \"\"\n"),
+            "descriptors[0].key: must not be empty",
+        );
         has(
             &problems("domain: d\ndescriptors:\n  - {key: a, value: x}\n  - {key: a, value: x}\n"),
             "descriptors[1]: repeats the key and value of descriptors[0]",
@@ -651,15 +697,23 @@ mod tests {
         let p = problems(
             "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unlimited: true, unit: second}\n",
         );
-        has(&p, "descriptors[0].rate_limit.unit: must not be set when unlimited is true");
+        has(
+            &p,
+            "descriptors[0].rate_limit.unit: must not be set when unlimited is true",
+        );
         let p = problems(
             "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: second, requests_per_unit: 1, name: me, replaces: [{name: me}, {name: \"\"}, {}]}\n",
         );
-        has(&p, "rate_limit.replaces[0].name: names this rate_limit itself (\"me\")");
+        has(
+            &p,
+            "rate_limit.replaces[0].name: names this rate_limit itself (\"me\")",
+        );
         has(&p, "rate_limit.replaces[1].name: must not be empty");
         has(&p, "rate_limit.replaces[2].name: must not be empty");
         has(
-            &problems("domain: d\ndescriptors:\n  - key: a\n    value: x\n    share_threshold: true\n"),
+            &problems(
+                "domain: d\ndescriptors:\n  - key: a\n    value: x\n    share_threshold: true\n",
+            ),
             "descriptors[0].share_threshold: can only be used with a wildcard value",
         );
     }
@@ -671,12 +725,20 @@ mod tests {
             "f.yaml",
         )
         .unwrap();
-        let [ip, files, ldap] = &d.descriptors[..] else { panic!("{d:?}") };
+        let [ip, files, ldap] = &d.descriptors[..] else {
+            panic!("{d:?}")
+        };
         assert_eq!(ip.rate_limit.as_ref().unwrap().requests_per_unit, 0);
         assert_eq!(files.value, EnvoyValue::Pattern("files/*".into()));
-        assert!(files.share_threshold && files.quota && files.detailed_metric && files.value_to_metric);
+        assert!(
+            files.share_threshold && files.quota && files.detailed_metric && files.value_to_metric
+        );
         assert_eq!(files.metadata.as_ref().unwrap()[0].0, "team");
-        assert_eq!(files.rate_limit.as_ref().unwrap().requests_per_unit, 0, "absent is 0");
+        assert_eq!(
+            files.rate_limit.as_ref().unwrap().requests_per_unit,
+            0,
+            "absent is 0"
+        );
         let free = ldap.rate_limit.as_ref().unwrap();
         assert!(free.unlimited && free.named && free.replaces == ["ghost"]);
         let notes = d.notes.join("\n");

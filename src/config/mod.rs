@@ -70,6 +70,9 @@ pub const SECTIONS: &[&str] = &[
     "envoy_ratelimit_configs",
     "envoy_response_headers",
     "envoy_ratelimit_draft",
+    "envoy_shadow_mode",
+    "envoy_quota_mode",
+    "envoy_dynamic_metadata",
     "scopes",
     "tls",
     "callers",
@@ -146,6 +149,18 @@ pub struct Config {
     /// draft is still moving.
     #[serde(default)]
     pub envoy_ratelimit_draft: RateLimitDraft,
+    /// Every Envoy descriptor's limits are shadow: judged, charged when they
+    /// have room, counted, never denying (upstream's `SHADOW_MODE`).
+    #[serde(default)]
+    pub envoy_shadow_mode: bool,
+    /// Every Envoy descriptor is a quota-mode descriptor (upstream's
+    /// `QUOTA_MODE`).
+    #[serde(default)]
+    pub envoy_quota_mode: bool,
+    /// Envoy answers carry dynamic metadata in envoyproxy/ratelimit's shape
+    /// (upstream's `RESPONSE_DYNAMIC_METADATA`).
+    #[serde(default)]
+    pub envoy_dynamic_metadata: bool,
     /// The rate-limited scopes.
     #[serde(default)]
     pub scopes: Vec<ScopeConfig>,

@@ -53,6 +53,8 @@ impl Rules {
             scopes,
             unknown_scope: config.unknown_scope,
             failure_mode: config.failure_mode,
+            envoy_shadow_mode: config.envoy_shadow_mode,
+            envoy_quota_mode: config.envoy_quota_mode,
         })
     }
 }

@@ -341,12 +341,12 @@ mod tests {
 
     #[test]
     fn a_shared_wildcard_gives_every_value_one_unforgeable_identity() {
-        let mut shared = node("f", ValueMatch::wildcard("files/*"), "", vec![node(
-            "m",
-            ValueMatch::Any,
-            "per-method",
-            vec![],
-        )]);
+        let mut shared = node(
+            "f",
+            ValueMatch::wildcard("files/*"),
+            "",
+            vec![node("m", ValueMatch::Any, "per-method", vec![])],
+        );
         shared.share = true;
         let tree = DescriptorTree {
             roots: vec![shared, node("g", ValueMatch::wildcard("g*"), "own", vec![])],

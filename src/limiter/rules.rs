@@ -18,6 +18,10 @@ pub struct Rules {
     pub unknown_scope: UnknownScope,
     /// The failure mode of scopes that set none, and of unknown scopes.
     pub failure_mode: FailureMode,
+    /// `envoy_shadow_mode`: every Envoy descriptor's limits are shadow.
+    pub envoy_shadow_mode: bool,
+    /// `envoy_quota_mode`: every Envoy descriptor is a quota descriptor.
+    pub envoy_quota_mode: bool,
 }
 
 /// One scope's limits.

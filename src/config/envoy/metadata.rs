@@ -64,9 +64,8 @@ fn value(node: &Yaml, depth: usize) -> Result<MetadataValue, (String, String)> {
         Yaml::Hash(map) => {
             let mut out = Vec::with_capacity(map.len());
             for (k, v) in map {
-                let key = scalar_text(k).ok_or_else(|| {
-                    (String::new(), format!("keys must be scalars, not {k:?}"))
-                })?;
+                let key = scalar_text(k)
+                    .ok_or_else(|| (String::new(), format!("keys must be scalars, not {k:?}")))?;
                 let v = value(v, depth + 1).map_err(|(at, e)| (format!(".{key}{at}"), e))?;
                 out.push((key, v));
             }
