@@ -1,0 +1,266 @@
+//! envoyproxy/ratelimit compatibility, over the wire: the fixtures of
+//! `tests/corpus/envoy/` (our own, written from upstream's documented
+//! behaviour) load from upstream's runtime layout and decide as upstream's
+//! README says, on the embedded store and on Redis; the refused ones are
+//! refused, naming the problem.
+
+use std::path::{Path, PathBuf};
+
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use envoy_types::pb::google::protobuf::value::Kind;
+use tollgate::config::Config;
+use tonic::transport::Channel;
+
+use crate::common::TestServer;
+use crate::common::redis::Standalone;
+
+fn corpus() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/envoy")
+}
+
+/// `RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/RUNTIME_APPDIRECTORY`.
+fn runtime_config_dir() -> PathBuf {
+    corpus().join("runtime/current/ratelimit/config")
+}
+
+fn config(store: &str) -> String {
+    format!(
+        "{store}\nenvoy_dynamic_metadata: true\nenvoy_ratelimit_configs: [{:?}]\n",
+        runtime_config_dir()
+    )
+}
+
+type Client = RateLimitServiceClient<Channel>;
+
+async fn start(yaml: &str) -> (TestServer, Client) {
+    let server = TestServer::start_config(Config::from_yaml(yaml).expect("corpus loads")).await;
+    let client = RateLimitServiceClient::connect(server.url())
+        .await
+        .expect("connect");
+    (server, client)
+}
+
+fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
+    RateLimitDescriptor {
+        entries: entries
+            .iter()
+            .map(|(k, v)| Entry {
+                key: (*k).to_owned(),
+                value: (*v).to_owned(),
+            })
+            .collect(),
+        ..RateLimitDescriptor::default()
+    }
+}
+
+async fn ask(c: &mut Client, domain: &str, descriptors: &[&[(&str, &str)]]) -> RateLimitResponse {
+    let request = RateLimitRequest {
+        domain: domain.to_owned(),
+        descriptors: descriptors.iter().map(|d| descriptor(d)).collect(),
+        hits_addend: 0,
+    };
+    c.should_rate_limit(request)
+        .await
+        .expect("answer")
+        .into_inner()
+}
+
+/// The overall code, then each descriptor's code and remainder.
+fn seen(r: &RateLimitResponse) -> (Code, Vec<(Code, u32)>) {
+    let code = |c: i32| Code::try_from(c).expect("code");
+    (
+        code(r.overall_code),
+        r.statuses
+            .iter()
+            .map(|s| (code(s.code), s.limit_remaining))
+            .collect(),
+    )
+}
+
+use Code::{Ok as OK, OverLimit as OVER};
+
+/// Upstream's README, example 3: an address with `requests_per_unit: 0` is
+/// always over the limit, and (here) a request it denies takes nothing.
+async fn black_list(c: &mut Client) {
+    let banned: &[(&str, &str)] = &[("remote_address", "203.0.113.9")];
+    let other: &[(&str, &str)] = &[("remote_address", "198.51.100.1")];
+    for _ in 0..2 {
+        let r = ask(c, "per_ip", &[banned]).await;
+        assert_eq!(seen(&r), (OVER, vec![(OVER, 0)]));
+        let limit = r.statuses[0].current_limit.as_ref().expect("limit");
+        assert_eq!(limit.requests_per_unit, 0);
+    }
+    let r = ask(c, "per_ip", &[other, banned]).await;
+    assert_eq!(seen(&r).0, OVER);
+    assert_eq!(seen(&r).1[1].0, OVER);
+    // The other address's 2 per hour are all still there.
+    assert_eq!(seen(&ask(c, "per_ip", &[other]).await), (OK, vec![(OK, 1)]));
+    assert_eq!(seen(&ask(c, "per_ip", &[other]).await), (OK, vec![(OK, 0)]));
+    assert_eq!(seen(&ask(c, "per_ip", &[other]).await).0, OVER);
+}
+
+/// Upstream's README, examples 9 and 11: `share_threshold` gives a wildcard
+/// one bucket for every value; without it each value has its own; a `*`
+/// may sit in the middle of a value.
+async fn shared_wildcard(c: &mut Client) {
+    for path in ["shared/a.pdf", "shared/b.csv", "shared/c.txt"] {
+        assert_eq!(seen(&ask(c, "files", &[&[("path", path)]]).await).0, OK);
+    }
+    let r = ask(c, "files", &[&[("path", "shared/d.txt")]]).await;
+    assert_eq!(seen(&r), (OVER, vec![(OVER, 0)]));
+    assert_eq!(seen(&ask(c, "files", &[&[("path", "own/a")]]).await).0, OK);
+    assert_eq!(
+        seen(&ask(c, "files", &[&[("path", "own/a")]]).await).0,
+        OVER
+    );
+    assert_eq!(seen(&ask(c, "files", &[&[("path", "own/b")]]).await).0, OK);
+    let action = |id: &str| format!("/api/{id}/action");
+    assert_eq!(
+        seen(&ask(c, "files", &[&[("path", &action("1"))]]).await).0,
+        OK
+    );
+    assert_eq!(
+        seen(&ask(c, "files", &[&[("path", &action("2"))]]).await).0,
+        OK
+    );
+    assert_eq!(
+        seen(&ask(c, "files", &[&[("path", &action("1"))]]).await).0,
+        OVER
+    );
+    let r = ask(c, "files", &[&[("path", "/api/1/other")]]).await;
+    assert_eq!(r.statuses[0].current_limit, None, "no wildcard matches");
+}
+
+/// Quota mode: over only when every quota descriptor is over; a rate-limit
+/// descriptor over its limit still denies; what is over takes nothing.
+async fn quota_mode(c: &mut Client) {
+    let team: &[(&str, &str)] = &[("team_quota", "t")];
+    let org: &[(&str, &str)] = &[("org_quota", "o")];
+    let user: &[(&str, &str)] = &[("user", "u")];
+    let r = ask(c, "quota", &[team, org, user]).await;
+    assert_eq!(seen(&r), (OK, vec![(OK, 1), (OK, 0), (OK, 4)]));
+    // The org quota is over, the team quota is not: the request passes, and
+    // the team quota and the user's limit are charged.
+    let r = ask(c, "quota", &[team, org, user]).await;
+    assert_eq!(seen(&r), (OK, vec![(OK, 0), (OVER, 0), (OK, 3)]));
+    // Both quotas are over: the request is over, and takes nothing.
+    let r = ask(c, "quota", &[team, org, user]).await;
+    assert_eq!(seen(&r).0, OVER);
+    assert_eq!(seen(&r).1[..2], [(OVER, 0), (OVER, 0)]);
+    assert_eq!(seen(&ask(c, "quota", &[user]).await), (OK, vec![(OK, 2)]));
+    // A rate-limit descriptor over its limit denies, whatever the quotas.
+    let busy: &[(&str, &str)] = &[("user", "busy")];
+    for _ in 0..5 {
+        ask(c, "quota", &[busy]).await;
+    }
+    let fresh: &[(&str, &str)] = &[("team_quota", "fresh")];
+    let r = ask(c, "quota", &[fresh, busy]).await;
+    assert_eq!(seen(&r).0, OVER);
+    assert_eq!(seen(&ask(c, "quota", &[fresh]).await), (OK, vec![(OK, 1)]));
+}
+
+/// Shadow mode, replaces, unlimited and metadata (upstream's examples 5,
+/// 6 and 7, and `RESPONSE_DYNAMIC_METADATA`).
+async fn other_fields(c: &mut Client) {
+    let trial: &[(&str, &str)] = &[("service", "s"), ("user", "trial")];
+    for _ in 0..3 {
+        assert_eq!(seen(&ask(c, "fields", &[trial]).await).0, OK);
+    }
+    let amy: &[(&str, &str)] = &[("service", "s"), ("user", "amy")];
+    let premium: &[(&str, &str)] = &[("plan", "premium")];
+    for left in [2, 1] {
+        let r = ask(c, "fields", &[amy, premium]).await;
+        assert_eq!(seen(&r), (OK, vec![(OK, 0), (OK, left)]));
+        assert_eq!(r.statuses[0].current_limit, None, "per-user was replaced");
+    }
+    let r = ask(c, "fields", &[&[("ldap", "x")]]).await;
+    assert_eq!(seen(&r), (OK, vec![(OK, u32::MAX)]));
+    let r = ask(c, "fields", &[amy]).await;
+    assert_eq!(seen(&r), (OK, vec![(OK, 0)]));
+    let meta = r.dynamic_metadata.expect("dynamic metadata");
+    let text = |v: &envoy_types::pb::google::protobuf::Value| match &v.kind {
+        Some(Kind::StringValue(s)) => s.clone(),
+        other => format!("{other:?}"),
+    };
+    assert_eq!(text(&meta.fields["domain"]), "fields");
+    let Some(Kind::StructValue(m)) = &meta.fields["metadata"].kind else {
+        panic!("{meta:?}");
+    };
+    assert_eq!(text(&m.fields["tier"]), "standard");
+    let Some(Kind::ListValue(list)) = &meta.fields["descriptors"].kind else {
+        panic!("{meta:?}");
+    };
+    assert!(format!("{list:?}").contains("user=amy"), "{list:?}");
+    // Over the limit, the descriptor's rule does not pass: no metadata.
+    let r = ask(c, "fields", &[amy]).await;
+    assert_eq!(seen(&r).0, OVER);
+    assert!(
+        !r.dynamic_metadata
+            .expect("meta")
+            .fields
+            .contains_key("metadata")
+    );
+}
+
+async fn run_every_example(yaml: &str) {
+    let (_server, mut c) = start(yaml).await;
+    black_list(&mut c).await;
+    shared_wildcard(&mut c).await;
+    quota_mode(&mut c).await;
+    other_fields(&mut c).await;
+}
+
+#[tokio::test]
+async fn the_corpus_decides_as_upstream_documents_on_the_embedded_store() {
+    run_every_example(&config("store: { kind: memory }")).await;
+}
+
+#[tokio::test]
+async fn the_corpus_decides_as_upstream_documents_on_redis() {
+    let redis = Standalone::start();
+    let store = format!(
+        "store:\n  kind: redis\n  redis:\n    urls: [{:?}]\n    key_prefix: \"test:envoy-compat:\"\n",
+        redis.url()
+    );
+    run_every_example(&config(&store)).await;
+}
+
+#[test]
+fn every_refused_fixture_is_refused_naming_its_problem() {
+    let dir = corpus().join("refused");
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("refused/")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    entries.sort();
+    assert!(entries.len() >= 12, "{entries:?}");
+    for path in entries {
+        let files = if path.is_dir() {
+            std::fs::read_dir(&path)
+                .expect("dir")
+                .map(|e| e.expect("entry").path())
+                .collect()
+        } else {
+            vec![path.clone()]
+        };
+        let expected: Vec<String> = files
+            .iter()
+            .flat_map(|f| {
+                let text = std::fs::read_to_string(f).expect("fixture");
+                text.lines()
+                    .filter_map(|l| l.strip_prefix("# refused: ").map(str::to_owned))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(expected.len(), 1, "{path:?} says what it expects once");
+        let yaml = format!("envoy_ratelimit_configs: [{path:?}]\n");
+        let err = Config::from_yaml(&yaml)
+            .expect_err(&format!("{path:?} is refused"))
+            .to_string();
+        assert!(err.contains(&expected[0]), "{path:?}: {err}");
+    }
+}
