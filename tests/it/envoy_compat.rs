@@ -264,3 +264,107 @@ fn every_refused_fixture_is_refused_naming_its_problem() {
         assert!(err.contains(&expected[0]), "{path:?}: {err}");
     }
 }
+
+/// Every field of `msg` and of the messages inside it was known to the
+/// descriptor: none decoded as unknown.
+fn no_unknown_fields(msg: &prost_reflect::DynamicMessage, at: &str) {
+    use prost_reflect::Value;
+    assert_eq!(msg.unknown_fields().count(), 0, "unknown fields at {at}");
+    for (field, value) in msg.fields() {
+        let here = format!("{at}.{}", field.name());
+        let items: Vec<&Value> = match value {
+            Value::List(items) => items.iter().collect(),
+            Value::Map(map) => map.values().collect(),
+            v => vec![v],
+        };
+        for item in items {
+            if let Value::Message(m) = item {
+                no_unknown_fields(m, &here);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_rls_descriptors_reflection_serves_decode_what_envoy_types_encodes() {
+    use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
+        DescriptorStatus, Quota, RateLimit, quota::ExpirationSpecifier,
+    };
+    use envoy_types::pb::google::protobuf::{Duration, Struct, Timestamp, UInt64Value, Value};
+    use prost::Message;
+
+    let pool = prost_reflect::DescriptorPool::decode(tollgate::pb::ENVOY_RLS_FILE_DESCRIPTOR_SET)
+        .expect("descriptor set");
+    let mut d = descriptor(&[("k", "v")]);
+    d.limit = Some(RateLimitOverride {
+        requests_per_unit: 3,
+        unit: 2,
+    });
+    d.hits_addend = Some(UInt64Value { value: 7 });
+    d.is_negative_hits = true;
+    let request = RateLimitRequest {
+        domain: "d".into(),
+        descriptors: vec![d],
+        hits_addend: 2,
+    };
+    let quota = Quota {
+        requests: 4,
+        id: "q".into(),
+        expiration_specifier: Some(ExpirationSpecifier::ValidUntil(Timestamp {
+            seconds: 9,
+            nanos: 1,
+        })),
+    };
+    let header = HeaderValue {
+        key: "k".into(),
+        value: "v".into(),
+        raw_value: b"r".to_vec(),
+    };
+    let response = RateLimitResponse {
+        overall_code: 2,
+        statuses: vec![DescriptorStatus {
+            code: 2,
+            current_limit: Some(RateLimit {
+                name: "n".into(),
+                requests_per_unit: 5,
+                unit: 7,
+            }),
+            limit_remaining: 6,
+            duration_until_reset: Some(Duration {
+                seconds: 1,
+                nanos: 2,
+            }),
+            quota: Some(quota.clone()),
+        }],
+        response_headers_to_add: vec![header.clone()],
+        request_headers_to_add: vec![header],
+        raw_body: b"body".to_vec(),
+        dynamic_metadata: Some(Struct {
+            fields: [(
+                "a".to_owned(),
+                Value {
+                    kind: Some(Kind::BoolValue(true)),
+                },
+            )]
+            .into(),
+        }),
+        quota: Some(quota),
+    };
+    for (name, bytes) in [
+        ("RateLimitRequest", request.encode_to_vec()),
+        ("RateLimitResponse", response.encode_to_vec()),
+    ] {
+        let full = format!("envoy.service.ratelimit.v3.{name}");
+        let desc = pool.get_message_by_name(&full).expect(&full);
+        let msg = prost_reflect::DynamicMessage::decode(desc, bytes.as_slice()).expect(&full);
+        no_unknown_fields(&msg, name);
+        assert_eq!(msg.encode_to_vec().len(), bytes.len(), "{name}");
+    }
+    let service = pool
+        .get_service_by_name("envoy.service.ratelimit.v3.RateLimitService")
+        .expect("service");
+    let method = service.methods().next().expect("method");
+    assert_eq!(method.name(), "ShouldRateLimit");
+}
