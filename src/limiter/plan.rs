@@ -771,4 +771,52 @@ scopes:
                 .is_err()
         );
     }
+
+    fn judged(allowed: bool, quota: bool, over: bool) -> Decision {
+        let mut d = decision(&[], &outcome(allowed, &[]));
+        d.quota = quota;
+        if over {
+            d.buckets.push(BucketReport {
+                rule: "r".into(),
+                limit: 1,
+                period: Duration::from_secs(1),
+                remaining: 0,
+                reset_after: Duration::ZERO,
+                retry_after: None,
+                exhausted: true,
+                shadow: false,
+            });
+        }
+        d
+    }
+
+    #[test]
+    fn quota_descriptors_are_charged_again_only_when_some_but_not_all_are_over() {
+        // Rate-limit descriptor fine, one quota over, one not: retry without it.
+        let first = [
+            judged(false, false, false),
+            judged(false, true, true),
+            judged(false, true, false),
+        ];
+        assert!(!Decision::overall(&first));
+        assert_eq!(quota_retry(&first), Some(vec![true, false, true]));
+        // Every quota over, or a rate-limit descriptor over: the denial stands.
+        let all = [judged(false, true, true), judged(false, true, true)];
+        assert_eq!(quota_retry(&all), None);
+        let rate = [
+            judged(false, false, true),
+            judged(false, true, false),
+            judged(false, true, true),
+        ];
+        assert_eq!(quota_retry(&rate), None);
+        // After the retry: an over quota descriptor alone does not deny.
+        let after = [
+            judged(true, false, false),
+            judged(false, true, true),
+            judged(true, true, false),
+        ];
+        assert!(Decision::overall(&after));
+        assert!(!Decision::overall(&[judged(false, true, true)]));
+        assert_eq!(quota_retry(&after), None, "allowed: nothing to retry");
+    }
 }

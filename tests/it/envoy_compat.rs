@@ -27,9 +27,11 @@ fn runtime_config_dir() -> PathBuf {
     corpus().join("runtime/current/ratelimit/config")
 }
 
-fn config(store: &str) -> String {
+/// A config of the corpus's runtime directory, after `extra` (a store, a
+/// setting).
+fn config(extra: &str) -> String {
     format!(
-        "{store}\nenvoy_dynamic_metadata: true\nenvoy_ratelimit_configs: [{:?}]\n",
+        "{extra}\nenvoy_dynamic_metadata: true\nenvoy_ratelimit_configs: [{:?}]\n",
         runtime_config_dir()
     )
 }
@@ -367,4 +369,34 @@ fn the_rls_descriptors_reflection_serves_decode_what_envoy_types_encodes() {
         .expect("service");
     let method = service.methods().next().expect("method");
     assert_eq!(method.name(), "ShouldRateLimit");
+}
+
+/// Upstream's `SHADOW_MODE` and `QUOTA_MODE`, as `envoy_shadow_mode` and
+/// `envoy_quota_mode`.
+#[tokio::test]
+async fn the_global_shadow_and_quota_modes_apply_to_every_descriptor() {
+    let (server, mut c) = start(&config("envoy_shadow_mode: true")).await;
+    let other: &[(&str, &str)] = &[("remote_address", "198.51.100.7")];
+    for _ in 0..4 {
+        let r = ask(&mut c, "per_ip", &[other]).await;
+        assert_eq!(seen(&r).0, OK, "shadow: never denies");
+    }
+    // Even the black list only counts.
+    let banned: &[(&str, &str)] = &[("remote_address", "203.0.113.9")];
+    assert_eq!(seen(&ask(&mut c, "per_ip", &[banned]).await).0, OK);
+    drop((server, c));
+
+    let (_server, mut c) = start(&config("envoy_quota_mode: true")).await;
+    // Two addresses (2 an hour each) in one request act as quotas: with one
+    // of them used up, the other carries the request.
+    let a: &[(&str, &str)] = &[("remote_address", "192.0.2.1")];
+    let b: &[(&str, &str)] = &[("remote_address", "192.0.2.2")];
+    ask(&mut c, "per_ip", &[a]).await;
+    ask(&mut c, "per_ip", &[a]).await;
+    let r = ask(&mut c, "per_ip", &[a, b]).await;
+    assert_eq!(seen(&r), (OK, vec![(OVER, 0), (OK, 1)]));
+    let r = ask(&mut c, "per_ip", &[a, b]).await;
+    assert_eq!(seen(&r), (OK, vec![(OVER, 0), (OK, 0)]));
+    let r = ask(&mut c, "per_ip", &[a, b]).await;
+    assert_eq!(seen(&r).0, OVER, "every quota over");
 }
