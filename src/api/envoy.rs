@@ -273,8 +273,9 @@ impl<S: Store> EnvoyRateLimitApi<S> {
     /// then the checks, as a dry run; then the charges together, or, when
     /// a check denied, the charges as a dry run too, so a denied request
     /// takes nothing. Decisions come back in descriptor order. Each kind
-    /// present is one store call, so a request costs at most three
-    /// (docs/envoy.md; a test counts them).
+    /// present is one store call, so a request costs at most three, plus
+    /// one for each kind whose quota-mode descriptors are charged again
+    /// (`Limiter::decide_together_on`; docs/envoy.md; a test counts them).
     async fn decide(
         &self,
         rules: &limiter::Rules,
