@@ -400,3 +400,26 @@ async fn the_global_shadow_and_quota_modes_apply_to_every_descriptor() {
     let r = ask(&mut c, "per_ip", &[a, b]).await;
     assert_eq!(seen(&r).0, OVER, "every quota over");
 }
+
+#[tokio::test]
+async fn quota_mode_costs_a_second_store_call_only_when_some_quotas_are_over() {
+    let metrics = crate::common::free_port();
+    let extra = format!("metrics: {{listen: \"127.0.0.1:{metrics}\"}}");
+    let (_server, mut c) = start(&config(&extra)).await;
+    let calls = async || {
+        let text = crate::common::metrics_get(metrics, "/metrics").await;
+        text.lines()
+            .find_map(|l| l.strip_prefix("tollgate_store_duration_seconds_count "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let team: &[(&str, &str)] = &[("team_quota", "calls")];
+    let org: &[(&str, &str)] = &[("org_quota", "calls")];
+    // (overall, store calls): both have room; org over, team not; both over.
+    for (want, want_calls) in [(OK, 1), (OK, 2), (OVER, 1)] {
+        let before = calls().await;
+        let r = ask(&mut c, "quota", &[team, org]).await;
+        assert_eq!(seen(&r).0, want, "{r:?}");
+        assert_eq!(calls().await - before, want_calls, "{r:?}");
+    }
+}
