@@ -375,7 +375,9 @@ fn the_rls_descriptors_reflection_serves_decode_what_envoy_types_encodes() {
 /// `envoy_quota_mode`.
 #[tokio::test]
 async fn the_global_shadow_and_quota_modes_apply_to_every_descriptor() {
-    let (server, mut c) = start(&config("envoy_shadow_mode: true")).await;
+    let metrics = crate::common::free_port();
+    let extra = format!("envoy_shadow_mode: true\nmetrics: {{listen: \"127.0.0.1:{metrics}\"}}");
+    let (server, mut c) = start(&config(&extra)).await;
     let other: &[(&str, &str)] = &[("remote_address", "198.51.100.7")];
     for _ in 0..4 {
         let r = ask(&mut c, "per_ip", &[other]).await;
@@ -384,6 +386,13 @@ async fn the_global_shadow_and_quota_modes_apply_to_every_descriptor() {
     // Even the black list only counts.
     let banned: &[(&str, &str)] = &[("remote_address", "203.0.113.9")];
     assert_eq!(seen(&ask(&mut c, "per_ip", &[banned]).await).0, OK);
+    let text = crate::common::metrics_get(metrics, "/metrics").await;
+    for line in [
+        r#"tollgate_shadow_denials_total{api="envoy",scope="per_ip",rule="remote_address"} 2"#,
+        r#"tollgate_shadow_denials_total{api="envoy",scope="per_ip",rule="remote_address_203.0.113.9"} 1"#,
+    ] {
+        assert!(text.contains(line), "{line} not in\n{text}");
+    }
     drop((server, c));
 
     let (_server, mut c) = start(&config("envoy_quota_mode: true")).await;
