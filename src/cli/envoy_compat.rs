@@ -66,7 +66,8 @@ pub(crate) fn report(dir: &Path) -> (String, bool) {
                     let _ = writeln!(
                         out,
                         "{name}: refused\n  domain {:?} is already defined in {} \
-                         (upstream refuses it too, unless MERGE_DOMAIN_CONFIG)",
+                         (upstream refuses it too, unless MERGE_DOMAIN_CONFIG; \
+                         Tollgate's envoy_merge_domains merges them)",
                         d.name,
                         first.display()
                     );

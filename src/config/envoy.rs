@@ -155,6 +155,39 @@ pub fn load_all(paths: &[PathBuf]) -> Result<Vec<EnvoyDomain>, ConfigError> {
     Ok(domains)
 }
 
+/// Merges the domains defined in several files into one each, in file
+/// order (`envoy_merge_domains`, upstream's `MERGE_DOMAIN_CONFIG`): a later
+/// file's top-level descriptors join the first file's. As upstream, two
+/// top-level descriptors of one domain with the same key and value are
+/// refused, naming both files; nested descriptors are not merged.
+pub fn merge(domains: Vec<EnvoyDomain>) -> Result<Vec<EnvoyDomain>, ConfigError> {
+    let mut problems = Vec::new();
+    let mut out: Vec<EnvoyDomain> = Vec::new();
+    for d in domains {
+        let Some(first) = out.iter_mut().find(|o| o.name == d.name) else {
+            out.push(d);
+            continue;
+        };
+        for (i, desc) in d.descriptors.into_iter().enumerate() {
+            let same = |o: &EnvoyDescriptor| o.key == desc.key && o.value == desc.value;
+            if first.descriptors.iter().any(same) {
+                problems.push(format!(
+                    "{}: descriptors[{i}]: repeats the key and value of a descriptor of \
+                     domain {:?} in {}",
+                    d.origin, d.name, first.origin
+                ));
+            } else {
+                first.descriptors.push(desc);
+            }
+        }
+        let notes = d.notes.into_iter().map(|n| format!("{}: {n}", d.origin));
+        first.notes.extend(notes);
+        first.origin = format!("{}, {}", first.origin, d.origin);
+    }
+    ConfigError::check(problems)?;
+    Ok(out)
+}
+
 /// A file as itself; a directory as its `.yaml` and `.yml` files, sorted, not
 /// descending into subdirectories.
 fn expand(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {

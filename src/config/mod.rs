@@ -73,6 +73,7 @@ pub const SECTIONS: &[&str] = &[
     "envoy_shadow_mode",
     "envoy_quota_mode",
     "envoy_dynamic_metadata",
+    "envoy_merge_domains",
     "scopes",
     "tls",
     "callers",
@@ -161,6 +162,10 @@ pub struct Config {
     /// (upstream's `RESPONSE_DYNAMIC_METADATA`).
     #[serde(default)]
     pub envoy_dynamic_metadata: bool,
+    /// A domain may be spread over several envoyproxy/ratelimit files, whose
+    /// top-level descriptors are merged (upstream's `MERGE_DOMAIN_CONFIG`).
+    #[serde(default)]
+    pub envoy_merge_domains: bool,
     /// The rate-limited scopes.
     #[serde(default)]
     pub scopes: Vec<ScopeConfig>,
@@ -396,6 +401,10 @@ impl Config {
         self.store.read_secrets(&mut problems);
         self.reservations.read_secret(&mut problems);
         match envoy::load_all(&self.envoy_ratelimit_configs) {
+            Ok(domains) if self.envoy_merge_domains => match envoy::merge(domains) {
+                Ok(domains) => self.envoy_domains = domains,
+                Err(e) => problems.extend(e.problems),
+            },
             Ok(domains) => self.envoy_domains = domains,
             Err(e) => problems.extend(e.problems),
         }

@@ -432,3 +432,51 @@ async fn quota_mode_costs_a_second_store_call_only_when_some_quotas_are_over() {
         assert_eq!(calls().await - before, want_calls, "{r:?}");
     }
 }
+
+/// Upstream's `MERGE_DOMAIN_CONFIG`, as `envoy_merge_domains`.
+#[tokio::test]
+async fn merged_domains_draw_their_rules_from_every_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write =
+        |name: &str, text: &str| std::fs::write(dir.path().join(name), text).expect("write");
+    write(
+        "a.yaml",
+        "domain: m\ndescriptors:\n  - key: x\n    rate_limit: {unit: hour, requests_per_unit: 1}\n",
+    );
+    write(
+        "b.yaml",
+        "domain: m\ndescriptors:\n  - key: y\n    rate_limit: {unit: hour, requests_per_unit: 2}\n",
+    );
+    let yaml = |merge: bool| {
+        format!(
+            "envoy_merge_domains: {merge}\nenvoy_ratelimit_configs: [{:?}]\n",
+            dir.path()
+        )
+    };
+    let err = Config::from_yaml(&yaml(false))
+        .expect_err("two files, one domain")
+        .to_string();
+    assert!(err.contains("domain: \"m\" is already defined in"), "{err}");
+    let (_server, mut c) = start(&yaml(true)).await;
+    let x: &[(&str, &str)] = &[("x", "1")];
+    let y: &[(&str, &str)] = &[("y", "1")];
+    assert_eq!(
+        seen(&ask(&mut c, "m", &[x, y]).await),
+        (OK, vec![(OK, 0), (OK, 1)])
+    );
+    assert_eq!(seen(&ask(&mut c, "m", &[x]).await).0, OVER);
+    // A top-level key and value in two files is refused, naming both.
+    write(
+        "c.yaml",
+        "domain: m\ndescriptors:\n  - key: x\n    rate_limit: {unit: hour, requests_per_unit: 5}\n",
+    );
+    let err = Config::from_yaml(&yaml(true))
+        .expect_err("x twice")
+        .to_string();
+    assert!(
+        err.contains(
+            "c.yaml: descriptors[0]: repeats the key and value of a descriptor of domain \"m\" in"
+        ),
+        "{err}"
+    );
+}
