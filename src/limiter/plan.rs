@@ -152,6 +152,9 @@ struct Special<'r> {
     /// scope, and whether it denies (it is neither shadow nor under the
     /// global shadow mode).
     nothing: Option<(&'r Limit, &'r str, bool)>,
+    /// Its rule when it charges no bucket (unlimited, or admits nothing),
+    /// with its scope: its `replaces` still drop other rules.
+    unbucketed: Option<(&'r Limit, &'r str)>,
 }
 
 impl<'r> Special<'r> {
@@ -167,6 +170,9 @@ impl<'r> Special<'r> {
             nothing: rule
                 .filter(|l| l.kind == LimitKind::Nothing)
                 .map(|l| (l, scope, !l.shadow && !shadow)),
+            unbucketed: rule
+                .filter(|l| l.kind != LimitKind::Bucket)
+                .map(|l| (l, scope)),
         }
     }
 
@@ -216,7 +222,7 @@ where
                 p.limit.replaces.iter().map(move |r| (scope, &**r))
             })
             .collect();
-        for (l, scope, _) in specials.iter().filter_map(|s| s.nothing) {
+        for (l, scope) in specials.iter().filter_map(|s| s.unbucketed) {
             replaced.extend(l.replaces.iter().map(|r| (scope, &**r)));
         }
         let is_replaced =

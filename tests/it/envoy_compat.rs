@@ -181,6 +181,14 @@ async fn other_fields(c: &mut Client) {
     }
     let r = ask(c, "fields", &[&[("ldap", "x")]]).await;
     assert_eq!(seen(&r), (OK, vec![(OK, u32::MAX)]));
+    // An unlimited rule replaces too: carl's per-user limit is not charged.
+    let carl: &[(&str, &str)] = &[("service", "s"), ("user", "carl")];
+    for _ in 0..2 {
+        let r = ask(c, "fields", &[carl, &[("staff", "x")]]).await;
+        assert_eq!(seen(&r), (OK, vec![(OK, 0), (OK, u32::MAX)]));
+    }
+    assert_eq!(seen(&ask(c, "fields", &[carl]).await), (OK, vec![(OK, 0)]));
+    assert_eq!(seen(&ask(c, "fields", &[carl]).await).0, OVER);
     let r = ask(c, "fields", &[amy]).await;
     assert_eq!(seen(&r), (OK, vec![(OK, 0)]));
     let meta = r.dynamic_metadata.expect("dynamic metadata");
