@@ -177,16 +177,15 @@ fn describe<'a>(
     let shared = || scope.and_then(|s| s.descriptor_tree.shared_identity(&entries));
     let identity = match keys.and_then(|k| value_of(&k.identity)) {
         Some(v) => Cow::Borrowed(v),
-        None if let Some(shared) = shared() => Cow::Owned(shared),
-        None => {
+        None => Cow::Owned(shared().unwrap_or_else(|| {
             // The priority entry is not part of who the caller is.
             let who: Vec<(&str, &str)> = entries
                 .iter()
                 .copied()
                 .filter(|(k, _)| Some(*k) != priority_key)
                 .collect();
-            Cow::Owned(canonical(&who))
-        }
+            canonical(&who)
+        })),
     };
     let operation = keys.and_then(|k| value_of(&k.operation)).unwrap_or("");
     let priority = priority_of(&entries, priority_key);
