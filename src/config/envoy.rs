@@ -418,7 +418,13 @@ impl Walk<'_> {
             self.name(&join(at, "key"), k);
         }
         let value = self.value(&join(at, "value"), f.get("value").copied());
-        let flags = self.flags(at, &f, value.as_ref());
+        let [
+            shadow,
+            quota,
+            share_threshold,
+            detailed_metric,
+            value_to_metric,
+        ] = self.flags(at, &f, value.as_ref());
         let metadata = self.metadata(&join(at, "metadata"), f.get("metadata").copied());
         let (key, value) = (key?, value?);
         let mut here = path.to_vec();
@@ -439,11 +445,11 @@ impl Walk<'_> {
             key,
             value,
             rate_limit,
-            shadow: flags[0],
-            quota: flags[1],
-            share_threshold: flags[2],
-            detailed_metric: flags[3],
-            value_to_metric: flags[4],
+            shadow,
+            quota,
+            share_threshold,
+            detailed_metric,
+            value_to_metric,
             metadata,
             children,
         })
