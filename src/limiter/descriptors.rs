@@ -146,26 +146,23 @@ impl DescriptorTree {
     /// descriptor that leaves the tree, or ends on a node without a limit,
     /// has no limit.
     pub fn find(&self, entries: &[(&str, &str)]) -> Option<&Limit> {
-        self.walk(entries)?.last()?.limit.as_ref()
+        self.end(entries)?.0.limit.as_ref()
     }
 
-    /// The node each entry reaches, or `None` when the descriptor leaves
-    /// the tree.
-    fn walk(&self, entries: &[(&str, &str)]) -> Option<Vec<&DescriptorNode>> {
+    /// The node the last entry reaches, and whether a `share_threshold`
+    /// wildcard matched on the way; `None` when the descriptor leaves the
+    /// tree. Allocates nothing: it runs for every Envoy descriptor.
+    fn end(&self, entries: &[(&str, &str)]) -> Option<(&DescriptorNode, bool)> {
         let mut level = &self.roots;
-        let mut path = Vec::with_capacity(entries.len());
+        let mut reached = None;
+        let mut shared = false;
         for (key, value) in entries {
-            let node = level
-                .iter()
-                .enumerate()
-                .filter(|(_, n)| n.key == *key)
-                .filter_map(|(i, n)| n.value.rank(value, i).map(|r| (r, n)))
-                .min_by_key(|(r, _)| *r)
-                .map(|(_, n)| n)?;
-            path.push(node);
+            let node = choose(level, key, value)?;
+            shared |= node.shares();
+            reached = Some(node);
             level = &node.children;
         }
-        Some(path)
+        reached.map(|n| (n, shared))
     }
 
     /// The identity of the bucket `entries` draw on when a node on their
@@ -174,26 +171,46 @@ impl DescriptorTree {
     /// as written, so every value the wildcard matches shares one bucket.
     /// `None` when no shared wildcard applies or no limit is reached.
     pub fn shared_identity(&self, entries: &[(&str, &str)]) -> Option<String> {
-        let path = self.walk(entries)?;
-        path.last()?.limit.as_ref()?;
-        let mut shared = false;
-        let values: Vec<String> = entries
-            .iter()
-            .zip(&path)
-            .map(|((_, v), node)| match &node.value {
+        let (end, shared) = self.end(entries)?;
+        if !shared || end.limit.is_none() {
+            return None;
+        }
+        let mut level = &self.roots;
+        let mut values = Vec::with_capacity(entries.len());
+        for (key, value) in entries {
+            let node = choose(level, key, value)?;
+            values.push(match &node.value {
                 ValueMatch::Wildcard { pattern, .. } if node.share => {
-                    shared = true;
                     format!("{SHARED_MARK}{pattern}")
                 }
-                _ => (*v).to_owned(),
-            })
-            .collect();
+                _ => (*value).to_owned(),
+            });
+            level = &node.children;
+        }
         let entries: Vec<(&str, &str)> = entries
             .iter()
             .zip(&values)
             .map(|((k, _), v)| (*k, v.as_str()))
             .collect();
-        shared.then(|| canonical(&entries))
+        Some(canonical(&entries))
+    }
+}
+
+/// The node of `level` that an entry `key=value` takes: the most specific.
+fn choose<'t>(level: &'t [DescriptorNode], key: &str, value: &str) -> Option<&'t DescriptorNode> {
+    level
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.key == key)
+        .filter_map(|(i, n)| n.value.rank(value, i).map(|r| (r, n)))
+        .min_by_key(|(r, _)| *r)
+        .map(|(_, n)| n)
+}
+
+impl DescriptorNode {
+    /// A `share_threshold` wildcard.
+    fn shares(&self) -> bool {
+        self.share && matches!(self.value, ValueMatch::Wildcard { .. })
     }
 }
 
