@@ -488,3 +488,35 @@ async fn merged_domains_draw_their_rules_from_every_file() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_reload_applies_the_envoy_service_settings() {
+    let yaml = |on: bool| {
+        format!(
+            "envoy_dynamic_metadata: {on}\nenvoy_shadow_mode: {on}\nenvoy_ratelimit_configs: [{:?}]\n",
+            runtime_config_dir()
+        )
+    };
+    let server = TestServer::start(&yaml(false)).await;
+    let mut c = RateLimitServiceClient::connect(server.url())
+        .await
+        .expect("connect");
+    let banned: &[(&str, &str)] = &[("remote_address", "203.0.113.9")];
+    let r = ask(&mut c, "per_ip", &[banned]).await;
+    assert_eq!((seen(&r).0, r.dynamic_metadata.is_some()), (OVER, false));
+    server.reload(&yaml(true)).await;
+    let mut last = (OVER, false);
+    for _ in 0..50 {
+        let r = ask(&mut c, "per_ip", &[banned]).await;
+        last = (seen(&r).0, r.dynamic_metadata.is_some());
+        if last == (OK, true) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        last,
+        (OK, true),
+        "shadow mode and dynamic metadata after the reload"
+    );
+}
