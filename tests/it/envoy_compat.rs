@@ -520,3 +520,13 @@ async fn a_reload_applies_the_envoy_service_settings() {
         "shadow mode and dynamic metadata after the reload"
     );
 }
+
+#[tokio::test]
+async fn the_corpus_decides_as_upstream_documents_on_a_redis_cluster() {
+    let cluster = crate::common::redis::Cluster::start();
+    let store = format!(
+        "store:\n  kind: redis\n  redis:\n    mode: cluster\n    urls: {:?}\n    key_prefix: \"test:envoy-compat-cluster:\"\n",
+        cluster.urls()
+    );
+    run_every_example(&config(&store)).await;
+}
