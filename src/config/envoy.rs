@@ -624,8 +624,8 @@ impl Walk<'_> {
                 continue;
             };
             let name = match f.get("name") {
+                None | Some(Yaml::Null) => Some(String::new()),
                 Some(n) => self.string(&join(&here, "name"), n),
-                None => Some(String::new()),
             };
             let Some(n) = name else { continue };
             let name_at = join(&here, "name");
