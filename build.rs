@@ -1,4 +1,5 @@
-//! Code generation for `proto/` and nothing else.
+//! Code generation for `proto/` and nothing else; and the descriptors of
+//! Envoy's RLS v3 from `reflection/`, for server reflection only.
 
 fn main() -> anyhow::Result<()> {
     let protos = [
@@ -18,5 +19,13 @@ fn main() -> anyhow::Result<()> {
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }
+    // `envoy-types` serves the RLS but exports no descriptors; these files
+    // describe its messages for reflection (see reflection/README.md).
+    let rls = protox::compile(["envoy/service/ratelimit/v3/rls.proto"], ["reflection"])?;
+    std::fs::write(
+        out.join("envoy_rls_descriptor.bin"),
+        prost::Message::encode_to_vec(&rls),
+    )?;
+    println!("cargo:rerun-if-changed=reflection");
     Ok(())
 }

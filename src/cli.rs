@@ -5,8 +5,10 @@
 //! outside `api` that speaks proto, as a client.
 
 mod admin;
+mod envoy_compat;
 
 pub(crate) use admin::{ExplainArgs, TopArgs, explain, top};
+pub(crate) use envoy_compat::check_envoy_compat;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -37,10 +39,18 @@ pub(crate) enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Validate a config file and print a summary of its scopes and rules.
+    /// Validate a config file and print a summary of its scopes and rules;
+    /// or, with --envoy-compat, report on an envoyproxy/ratelimit config
+    /// directory.
     CheckConfig {
         /// The YAML config file.
-        file: PathBuf,
+        #[arg(required_unless_present = "envoy_compat")]
+        file: Option<PathBuf>,
+        /// An envoyproxy/ratelimit config directory (or runtime root): say
+        /// per file whether Tollgate loads it, and every field whose meaning
+        /// differs from upstream's.
+        #[arg(long, value_name = "DIR", conflicts_with = "file")]
+        envoy_compat: Option<PathBuf>,
     },
     /// Ask a running Tollgate for one decision, and print it.
     Allow(Box<AllowArgs>),

@@ -34,7 +34,14 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::CheckConfig { file } => Ok(cli::check_config(&file)),
+        Command::CheckConfig {
+            envoy_compat: Some(dir),
+            ..
+        } => Ok(cli::check_envoy_compat(&dir)),
+        Command::CheckConfig { file, .. } => match file {
+            Some(file) => Ok(cli::check_config(&file)),
+            None => anyhow::bail!("check-config needs a FILE or --envoy-compat DIR"),
+        },
         Command::Allow(args) => {
             print!("{}", cli::allow(*args).await?);
             Ok(ExitCode::SUCCESS)

@@ -238,6 +238,7 @@ fn routes(
     let max = grpc.max_message_size;
     let descriptors = [
         pb::FILE_DESCRIPTOR_SET,
+        pb::ENVOY_RLS_FILE_DESCRIPTOR_SET,
         tonic_health::pb::FILE_DESCRIPTOR_SET,
     ];
     let mut v1 = tonic_reflection::server::Builder::configure();

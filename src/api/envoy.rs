@@ -35,8 +35,8 @@ use super::validate::{
 };
 use crate::config::security::DEFAULT_MAX_ENVOY_DESCRIPTORS;
 use crate::error::InvalidField;
-use crate::limiter::descriptors::{DescriptorKeys, canonical};
-use crate::limiter::{self, BucketReport, Decision, Limiter, Priority};
+use crate::limiter::descriptors::canonical;
+use crate::limiter::{self, BucketReport, Decision, Limiter, Priority, ScopeRules};
 use crate::observe::Observer;
 use crate::store::Store;
 
@@ -116,10 +116,11 @@ impl<'a> Described<'a> {
     }
 }
 
-/// Validates the request; translates each descriptor under `keys`.
+/// Validates the request; translates each descriptor under the rules of
+/// its `scope` (its domain), if configured.
 fn to_domain<'a>(
     req: &'a RateLimitRequest,
-    keys: Option<&DescriptorKeys>,
+    scope: Option<&ScopeRules>,
     max_descriptors: usize,
 ) -> Result<Vec<Described<'a>>, InvalidField> {
     validate::text("domain", &req.domain, MAX_SCOPE_LEN, true)?;
@@ -138,7 +139,7 @@ fn to_domain<'a>(
     req.descriptors
         .iter()
         .enumerate()
-        .map(|(i, d)| describe(d, &format!("descriptors[{i}]"), req.hits_addend, keys))
+        .map(|(i, d)| describe(d, &format!("descriptors[{i}]"), req.hits_addend, scope))
         .collect()
 }
 
@@ -146,8 +147,9 @@ fn describe<'a>(
     d: &'a RateLimitDescriptor,
     at: &str,
     request_hits: u32,
-    keys: Option<&DescriptorKeys>,
+    scope: Option<&ScopeRules>,
 ) -> Result<Described<'a>, InvalidField> {
+    let keys = scope.and_then(|s| s.descriptor_keys.as_ref());
     if d.limit.is_some() {
         // Limits come from the operator's validated config only. A bucket's
         // state is meaningful against one capacity and period; letting each
@@ -170,17 +172,20 @@ fn describe<'a>(
             .map(|(_, v)| *v)
     };
     let priority_key = keys.and_then(|k| k.priority.as_deref());
+    // A rule reached through a `share_threshold` wildcard keeps one bucket
+    // for every value the wildcard matches.
+    let shared = || scope.and_then(|s| s.descriptor_tree.shared_identity(&entries));
     let identity = match keys.and_then(|k| value_of(&k.identity)) {
         Some(v) => Cow::Borrowed(v),
-        None => {
+        None => Cow::Owned(shared().unwrap_or_else(|| {
             // The priority entry is not part of who the caller is.
             let who: Vec<(&str, &str)> = entries
                 .iter()
                 .copied()
                 .filter(|(k, _)| Some(*k) != priority_key)
                 .collect();
-            Cow::Owned(canonical(&who))
-        }
+            canonical(&who)
+        })),
     };
     let operation = keys.and_then(|k| value_of(&k.operation)).unwrap_or("");
     let priority = priority_of(&entries, priority_key);
@@ -267,8 +272,9 @@ impl<S: Store> EnvoyRateLimitApi<S> {
     /// then the checks, as a dry run; then the charges together, or, when
     /// a check denied, the charges as a dry run too, so a denied request
     /// takes nothing. Decisions come back in descriptor order. Each kind
-    /// present is one store call, so a request costs at most three
-    /// (docs/envoy.md; a test counts them).
+    /// present is one store call, so a request costs at most three, plus
+    /// one for each kind whose quota-mode descriptors are charged again
+    /// (`Limiter::decide_together_on`; docs/envoy.md; a test counts them).
     async fn decide(
         &self,
         rules: &limiter::Rules,
@@ -294,7 +300,7 @@ impl<S: Store> EnvoyRateLimitApi<S> {
         } else {
             self.limiter.decide_together_on(rules, &checks).await?
         };
-        if checked.iter().any(|d| !d.allowed) {
+        if !Decision::overall(&checked) {
             for r in &mut charges {
                 r.dry_run = true;
             }
@@ -336,40 +342,9 @@ impl<S: Store> RateLimitService for EnvoyRateLimitApi<S> {
         let (rules, settings) = (&snapshot.rules, &snapshot.extra);
         let caller = settings.access.identify("envoy", &request)?;
         let req = request.into_inner();
-        let keys = rules
-            .scope(&req.domain)
-            .and_then(|s| s.descriptor_keys.as_ref());
-        let described = to_domain(&req, keys, self.max_descriptors)?;
-        settings
-            .access
-            .check_decision("envoy", caller.as_deref(), "domain", &req.domain, false)?;
-        // The Envoy forms of the grants ShouldAllow checks: a check reads a
-        // bucket without taking (a dry run), and many descriptors are many
-        // decisions at once (a batch). A route's own few are not a batch.
-        if described.iter().any(|d| d.kind == Kind::Check) {
-            settings.access.check_privilege(
-                "envoy",
-                caller.as_deref(),
-                Privilege::DryRun,
-                &req.domain,
-            )?;
-        }
-        if described.len() > UNBATCHED_DESCRIPTORS {
-            settings.access.check_privilege(
-                "envoy",
-                caller.as_deref(),
-                Privilege::Batch,
-                &req.domain,
-            )?;
-        }
-        if described.iter().any(|d| d.kind == Kind::Refund) {
-            settings.access.check_privilege(
-                "envoy",
-                caller.as_deref(),
-                Privilege::Refund,
-                &req.domain,
-            )?;
-        }
+        let scope = rules.scope(&req.domain);
+        let described = to_domain(&req, scope, self.max_descriptors)?;
+        authorize(settings, caller.as_deref(), &req.domain, &described)?;
         let requests: Vec<limiter::Request<'_>> =
             described.iter().map(|d| d.request(&req.domain)).collect();
         let kinds: Vec<Kind> = described.iter().map(|d| d.kind).collect();
@@ -387,8 +362,70 @@ impl<S: Store> RateLimitService for EnvoyRateLimitApi<S> {
         for (r, d) in requests.iter().zip(&decisions) {
             self.observer.decided("envoy", rules, r, Ok(d), took);
         }
-        Ok(Response::new(to_proto(&decisions, settings.envoy_headers)))
+        let mut response = to_proto(&decisions, settings.envoy_headers);
+        if settings.envoy_dynamic_metadata {
+            let passed = passed_metadata(scope, &described, &decisions);
+            response.dynamic_metadata = Some(super::envoy_metadata::answer(&req, passed));
+        }
+        Ok(Response::new(response))
     }
+}
+
+/// Checks the caller's grants: the domain, and the Envoy forms of the
+/// grants ShouldAllow checks. A check reads a bucket without taking (a dry
+/// run), and many descriptors are many decisions at once (a batch); a
+/// route's own few are not a batch.
+fn authorize(
+    settings: &Settings,
+    caller: Option<&super::auth::Caller>,
+    domain: &str,
+    described: &[Described<'_>],
+) -> Result<(), Status> {
+    settings
+        .access
+        .check_decision("envoy", caller, "domain", domain, false)?;
+    let needs = [
+        (
+            described.iter().any(|d| d.kind == Kind::Check),
+            Privilege::DryRun,
+        ),
+        (described.len() > UNBATCHED_DESCRIPTORS, Privilege::Batch),
+        (
+            described.iter().any(|d| d.kind == Kind::Refund),
+            Privilege::Refund,
+        ),
+    ];
+    for (needed, privilege) in needs {
+        if needed {
+            settings
+                .access
+                .check_privilege("envoy", caller, privilege, domain)?;
+        }
+    }
+    Ok(())
+}
+
+/// The `metadata:` blocks of the rules of the descriptors that passed, in
+/// request order: a descriptor whose status is OK and whose rule in the
+/// tree was charged (not replaced, not unlimited), as upstream hands back.
+fn passed_metadata<'r>(
+    scope: Option<&'r ScopeRules>,
+    described: &[Described<'_>],
+    decisions: &[Decision],
+) -> Vec<&'r crate::config::envoy::Metadata> {
+    let Some(scope) = scope else {
+        return Vec::new();
+    };
+    described
+        .iter()
+        .zip(decisions)
+        .filter(|(_, d)| !over_limit(d))
+        .filter_map(|(desc, d)| {
+            let rule = scope.descriptor_tree.find(&desc.entries)?;
+            let charged = d.buckets.iter().any(|b| b.rule == rule.name);
+            charged.then_some(rule.metadata.as_deref()?)
+        })
+        .collect()
 }
 
 /// True when this descriptor's own limits (or its unknown scope) denied.
@@ -399,7 +436,7 @@ fn over_limit(d: &Decision) -> bool {
 }
 
 fn to_proto(decisions: &[Decision], headers_draft: Option<Draft>) -> RateLimitResponse {
-    let allowed = decisions.iter().all(|d| d.allowed);
+    let allowed = Decision::overall(decisions);
     let statuses = decisions
         .iter()
         .map(|d| {
@@ -416,10 +453,17 @@ fn to_proto(decisions: &[Decision], headers_draft: Option<Draft>) -> RateLimitRe
                     .filter(|b| !b.shadow)
                     .min_by_key(|b| b.remaining)
             });
+            // An unlimited rule has no limit and all of it left, as upstream
+            // reports it.
+            let unlimited = d.unlimited && primary.is_none();
             DescriptorStatus {
                 code: code.into(),
                 current_limit: primary.map(current_limit),
-                limit_remaining: primary.map_or(0, |b| clamp_u32(b.remaining)),
+                limit_remaining: if unlimited {
+                    u32::MAX
+                } else {
+                    primary.map_or(0, |b| clamp_u32(b.remaining))
+                },
                 duration_until_reset: primary.map(|b| duration(b.reset_after)),
                 ..DescriptorStatus::default()
             }

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod auth;
 pub mod envoy;
+mod envoy_metadata;
 pub mod headers;
 pub mod settings;
 pub mod tollgate;

@@ -26,6 +26,9 @@ pub struct Settings {
     /// The rate-limit headers Envoy's answers carry, `None` for none
     /// (`envoy_response_headers`, `envoy_ratelimit_draft`).
     pub envoy_headers: Option<Draft>,
+    /// `envoy_dynamic_metadata`: Envoy's answers carry dynamic metadata in
+    /// envoyproxy/ratelimit's shape.
+    pub envoy_dynamic_metadata: bool,
     /// `reservations.max_settle_within`: the longest `settle_within` a
     /// request may ask for.
     pub max_settle_within: Duration,
@@ -39,6 +42,7 @@ impl Settings {
             envoy_headers: config
                 .envoy_response_headers
                 .then_some(config.envoy_ratelimit_draft),
+            envoy_dynamic_metadata: config.envoy_dynamic_metadata,
             max_settle_within: config.reservations.max_settle_within,
         }
     }
@@ -49,6 +53,7 @@ impl Settings {
         Self {
             access: Authorizer::new(None, observer),
             envoy_headers: None,
+            envoy_dynamic_metadata: false,
             max_settle_within: DEFAULT_MAX_SETTLE_WITHIN,
         }
     }

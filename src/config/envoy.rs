@@ -4,8 +4,14 @@
 //! compiler turns a domain into a scope beside those of Tollgate's own config,
 //! and every `rate_limit` into a token bucket with capacity
 //! `requests_per_unit` that refills completely in one `unit`. The YAML is
-//! walked by hand so that every problem names its file and exact field path,
-//! and any field we do not implement is refused rather than ignored.
+//! walked by hand so that every problem names its file and exact field path;
+//! every field envoyproxy/ratelimit knows is read, and any other is refused.
+//! Where a field's meaning here differs from upstream's, the walk leaves a
+//! note (`EnvoyDomain::notes`) for `tollgate check-config --envoy-compat`.
+
+mod metadata;
+
+pub use metadata::{MAX_METADATA_DEPTH, Metadata, MetadataValue};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -31,15 +37,22 @@ pub const UNITS: [(&str, Duration); 7] = [
     ("year", Duration::from_secs(365 * 86_400)),
 ];
 
-/// Fields we know of but do not implement: naming them beats "unknown field".
-const UNSUPPORTED: [(&str, &str); 3] = [
-    ("quota_mode", "is not supported"),
-    (
-        "value_to_metric",
-        "is not supported: metrics never carry descriptor values",
-    ),
-    ("share_threshold", "is not supported"),
+/// The fields of a descriptor, as envoyproxy/ratelimit names them.
+const DESCRIPTOR_FIELDS: [&str; 10] = [
+    "key",
+    "value",
+    "rate_limit",
+    "descriptors",
+    "shadow_mode",
+    "quota_mode",
+    "share_threshold",
+    "detailed_metric",
+    "value_to_metric",
+    "metadata",
 ];
+
+/// The fields of a `rate_limit`.
+const RATE_LIMIT_FIELDS: [&str; 5] = ["unit", "requests_per_unit", "name", "unlimited", "replaces"];
 
 /// One file: a domain and its descriptor rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +63,9 @@ pub struct EnvoyDomain {
     pub origin: String,
     /// The descriptors that match a descriptor's first entry.
     pub descriptors: Vec<EnvoyDescriptor>,
+    /// Where a field loaded with a meaning that differs from
+    /// envoyproxy/ratelimit's, and how: `path: what differs`.
+    pub notes: Vec<String>,
 }
 
 /// One `descriptors` entry.
@@ -59,11 +75,24 @@ pub struct EnvoyDescriptor {
     pub key: String,
     /// The entry values it matches.
     pub value: EnvoyValue,
-    /// The limit of a descriptor that ends here; `None` for no limit (absent
-    /// or `unlimited: true`).
+    /// The limit of a descriptor that ends here; `None` for none.
     pub rate_limit: Option<EnvoyRateLimit>,
     /// `shadow_mode`: judged and counted, never denies.
     pub shadow: bool,
+    /// `quota_mode`: among a request's quota descriptors, the request is
+    /// over the limit only when all of them are.
+    pub quota: bool,
+    /// `share_threshold`: every value its wildcard `value` matches draws on
+    /// one bucket, not one per value.
+    pub share_threshold: bool,
+    /// `detailed_metric`: upstream's per-value stat names. Read, and noted:
+    /// Tollgate's metrics never carry a descriptor value.
+    pub detailed_metric: bool,
+    /// `value_to_metric`: as `detailed_metric`.
+    pub value_to_metric: bool,
+    /// `metadata`: handed back in the answer's dynamic metadata when it
+    /// passes (`envoy_dynamic_metadata`).
+    pub metadata: Option<Metadata>,
     /// The descriptors that match the next entry.
     pub children: Vec<EnvoyDescriptor>,
 }
@@ -75,8 +104,9 @@ pub enum EnvoyValue {
     Any,
     /// Exactly this value.
     Exact(String),
-    /// Values that start with this (a `value` ending in `*`).
-    Prefix(String),
+    /// A `value` holding `*`, as written: each `*` matches any run of
+    /// characters, the empty one too (`files/*`, `/api/*/action`).
+    Pattern(String),
 }
 
 /// A `rate_limit`.
@@ -84,11 +114,18 @@ pub enum EnvoyValue {
 pub struct EnvoyRateLimit {
     /// Its `name`, or the path of keys and values that leads to it.
     pub name: String,
-    /// `requests_per_unit`: the bucket's capacity.
+    /// True when `name` was written: only such a rule can be named by a
+    /// `replaces`, as upstream has it.
+    pub named: bool,
+    /// `requests_per_unit`: the bucket's capacity. 0 denies every request
+    /// and takes nothing (upstream's "black list").
     pub requests_per_unit: u64,
-    /// `unit`, as a length: the bucket's refill period.
+    /// `unit`, as a length: the bucket's refill period; zero when unlimited.
     pub unit: Duration,
-    /// The rule names of this file that it stands in for.
+    /// `unlimited: true`: never limited, but still a rule (it can replace
+    /// others, and reports an unlimited remainder).
+    pub unlimited: bool,
+    /// The rule names that it stands in for.
     pub replaces: Vec<String>,
 }
 
@@ -116,6 +153,39 @@ pub fn load_all(paths: &[PathBuf]) -> Result<Vec<EnvoyDomain>, ConfigError> {
     }
     ConfigError::check(problems)?;
     Ok(domains)
+}
+
+/// Merges the domains defined in several files into one each, in file
+/// order (`envoy_merge_domains`, upstream's `MERGE_DOMAIN_CONFIG`): a later
+/// file's top-level descriptors join the first file's. As upstream, two
+/// top-level descriptors of one domain with the same key and value are
+/// refused, naming both files; nested descriptors are not merged.
+pub fn merge(domains: Vec<EnvoyDomain>) -> Result<Vec<EnvoyDomain>, ConfigError> {
+    let mut problems = Vec::new();
+    let mut out: Vec<EnvoyDomain> = Vec::new();
+    for d in domains {
+        let Some(first) = out.iter_mut().find(|o| o.name == d.name) else {
+            out.push(d);
+            continue;
+        };
+        for (i, desc) in d.descriptors.into_iter().enumerate() {
+            let same = |o: &EnvoyDescriptor| o.key == desc.key && o.value == desc.value;
+            if first.descriptors.iter().any(same) {
+                problems.push(format!(
+                    "{}: descriptors[{i}]: repeats the key and value of a descriptor of \
+                     domain {:?} in {}",
+                    d.origin, d.name, first.origin
+                ));
+            } else {
+                first.descriptors.push(desc);
+            }
+        }
+        let notes = d.notes.into_iter().map(|n| format!("{}: {n}", d.origin));
+        first.notes.extend(notes);
+        first.origin = format!("{}, {}", first.origin, d.origin);
+    }
+    ConfigError::check(problems)?;
+    Ok(out)
 }
 
 /// A file as itself; a directory as its `.yaml` and `.yml` files, sorted, not
@@ -149,6 +219,7 @@ pub fn parse(text: &str, origin: &str) -> Result<EnvoyDomain, ConfigError> {
     let mut walk = Walk {
         origin,
         problems: Vec::new(),
+        notes: Vec::new(),
         names: Vec::new(),
         references: Vec::new(),
     };
@@ -174,11 +245,13 @@ pub fn parse(text: &str, origin: &str) -> Result<EnvoyDomain, ConfigError> {
     }
 }
 
-/// Collects problems while walking one file.
+/// Collects problems and notes while walking one file.
 struct Walk<'a> {
     origin: &'a str,
     problems: Vec<String>,
-    /// Every rule name in the file.
+    /// Where a field's meaning differs from upstream's: `path: how`.
+    notes: Vec<String>,
+    /// Every rule name written in the file.
     names: Vec<String>,
     /// Every `replaces` entry, with its path, to check once all names are in.
     references: Vec<(String, String)>,
@@ -191,6 +264,10 @@ impl Walk<'_> {
         } else {
             self.problems.push(format!("{}: {at}: {what}", self.origin));
         }
+    }
+
+    fn note(&mut self, at: &str, what: impl std::fmt::Display) {
+        self.notes.push(format!("{at}: {what}"));
     }
 
     /// The fields of a mapping, refusing any not in `known`.
@@ -210,16 +287,13 @@ impl Walk<'_> {
                 self.problem(at, format!("field names must be strings, not {k:?}"));
                 continue;
             };
-            let here = join(at, k);
-            if let Some((_, why)) = UNSUPPORTED.iter().find(|(f, _)| f == k) {
-                self.problem(&here, why);
-            } else if !known.contains(&k.as_str()) {
+            if known.contains(&k.as_str()) {
+                out.insert(k.as_str(), v);
+            } else {
                 self.problem(
-                    &here,
+                    &join(at, k),
                     format!("unknown field (known: {})", known.join(", ")),
                 );
-            } else {
-                out.insert(k.as_str(), v);
             }
         }
         Some(out)
@@ -275,13 +349,18 @@ impl Walk<'_> {
         let roots = self.descriptors("descriptors", fields.get("descriptors").copied(), &[]);
         for (at, name) in std::mem::take(&mut self.references) {
             if !self.names.contains(&name) {
-                self.problem(&at, format!("names no rate_limit of this file: {name:?}"));
+                // Upstream loads it too; it replaces nothing.
+                self.note(
+                    &at,
+                    format!("names no rate_limit of this file ({name:?}): it replaces nothing"),
+                );
             }
         }
         Some(EnvoyDomain {
             name: domain?,
             origin: self.origin.to_owned(),
             descriptors: roots,
+            notes: std::mem::take(&mut self.notes),
         })
     }
 
@@ -327,18 +406,7 @@ impl Walk<'_> {
     }
 
     fn descriptor(&mut self, at: &str, node: &Yaml, path: &[String]) -> Option<EnvoyDescriptor> {
-        let f = self.fields(
-            at,
-            node,
-            &[
-                "key",
-                "value",
-                "rate_limit",
-                "descriptors",
-                "shadow_mode",
-                "detailed_metric",
-            ],
-        )?;
+        let f = self.fields(at, node, &DESCRIPTOR_FIELDS)?;
         let key = match f.get("key") {
             Some(k) => self.string(&join(at, "key"), k),
             None => {
@@ -349,25 +417,20 @@ impl Walk<'_> {
         if let Some(k) = &key {
             self.name(&join(at, "key"), k);
         }
-        let value = match f.get("value") {
-            None | Some(Yaml::Null) => Some(EnvoyValue::Any),
-            Some(v) => self.string(&join(at, "value"), v).map(|v| {
-                // Only a trailing `*` is a wildcard, as in envoyproxy/ratelimit.
-                match v.strip_suffix('*') {
-                    Some(prefix) => EnvoyValue::Prefix(prefix.to_owned()),
-                    None => EnvoyValue::Exact(v),
-                }
-            }),
-        };
-        let shadow = self.flag(&join(at, "shadow_mode"), f.get("shadow_mode"));
-        // Accepted for compatibility; it changes only envoyproxy's stat names.
-        self.flag(&join(at, "detailed_metric"), f.get("detailed_metric"));
+        let value = self.value(&join(at, "value"), f.get("value").copied());
+        let [
+            shadow,
+            quota,
+            share_threshold,
+            detailed_metric,
+            value_to_metric,
+        ] = self.flags(at, &f, value.as_ref());
+        let metadata = self.metadata(&join(at, "metadata"), f.get("metadata").copied());
         let (key, value) = (key?, value?);
         let mut here = path.to_vec();
         here.push(match &value {
             EnvoyValue::Any => key.clone(),
-            EnvoyValue::Exact(v) => format!("{key}_{v}"),
-            EnvoyValue::Prefix(p) => format!("{key}_{p}*"),
+            EnvoyValue::Exact(v) | EnvoyValue::Pattern(v) => format!("{key}_{v}"),
         });
         let rate_limit = match f.get("rate_limit") {
             None | Some(Yaml::Null) => None,
@@ -383,77 +446,176 @@ impl Walk<'_> {
             value,
             rate_limit,
             shadow,
+            quota,
+            share_threshold,
+            detailed_metric,
+            value_to_metric,
+            metadata,
             children,
         })
     }
 
-    fn rate_limit(&mut self, at: &str, node: &Yaml, path: &[String]) -> Option<EnvoyRateLimit> {
-        let f = self.fields(
-            at,
-            node,
-            &["unit", "requests_per_unit", "name", "unlimited", "replaces"],
-        )?;
-        let name = match f.get("name") {
-            Some(n) => self.string(&join(at, "name"), n),
-            None => Some(path.join(".")),
-        };
-        if let Some(n) = &name {
-            self.name(&join(at, "name"), n);
-        }
-        if self.flag(&join(at, "unlimited"), f.get("unlimited")) {
-            for field in ["unit", "requests_per_unit"] {
-                if f.contains_key(field) {
-                    self.problem(&join(at, field), "must not be set when unlimited is true");
+    /// A descriptor's `value`: absent or empty matches any value (upstream
+    /// keys both by the key alone), and one holding `*` is a wildcard.
+    fn value(&mut self, at: &str, node: Option<&Yaml>) -> Option<EnvoyValue> {
+        match node {
+            None | Some(Yaml::Null) => Some(EnvoyValue::Any),
+            Some(v) => self.string(at, v).map(|v| {
+                if v.is_empty() {
+                    EnvoyValue::Any
+                } else if v.contains('*') {
+                    EnvoyValue::Pattern(v)
+                } else {
+                    EnvoyValue::Exact(v)
                 }
-            }
-            return None;
-        }
-        let period = match f.get("unit") {
-            None => {
-                self.problem(&join(at, "unit"), "is required");
-                None
-            }
-            Some(u) => self.string(&join(at, "unit"), u).and_then(|u| {
-                let found = UNITS.iter().find(|(n, _)| n.eq_ignore_ascii_case(&u));
-                if found.is_none() {
-                    let names: Vec<&str> = UNITS.iter().map(|(n, _)| *n).collect();
-                    self.problem(
-                        &join(at, "unit"),
-                        format!("unknown unit {u:?} (one of {})", names.join(", ")),
-                    );
-                }
-                found.map(|(_, d)| *d)
             }),
-        };
-        let capacity = match f.get("requests_per_unit") {
-            None => {
-                self.problem(&join(at, "requests_per_unit"), "is required");
-                None
-            }
-            Some(Yaml::Integer(n)) if *n > 0 && n.unsigned_abs() <= MAX_CAPACITY => {
-                Some(n.unsigned_abs())
-            }
-            Some(_) => {
-                self.problem(
-                    &join(at, "requests_per_unit"),
-                    format!("must be a whole number from 1 to {MAX_CAPACITY}"),
+        }
+    }
+
+    /// `shadow_mode`, `quota_mode`, `share_threshold`, `detailed_metric`
+    /// and `value_to_metric`, in that order, with their checks and notes.
+    fn flags(
+        &mut self,
+        at: &str,
+        f: &HashMap<&str, &Yaml>,
+        value: Option<&EnvoyValue>,
+    ) -> [bool; 5] {
+        let names = [
+            "shadow_mode",
+            "quota_mode",
+            "share_threshold",
+            "detailed_metric",
+            "value_to_metric",
+        ];
+        let flags = names.map(|n| self.flag(&join(at, n), f.get(n)));
+        if flags[2] && value.is_some_and(|v| !matches!(v, EnvoyValue::Pattern(_))) {
+            self.problem(
+                &join(at, "share_threshold"),
+                "can only be used with a wildcard value (one holding `*`)",
+            );
+        }
+        for (on, field) in [(flags[3], "detailed_metric"), (flags[4], "value_to_metric")] {
+            if on {
+                self.note(
+                    &join(at, field),
+                    "no per-value metric: Tollgate's metrics are per rule, never per \
+                     descriptor value; the busiest values per rule are its heavy hitters",
                 );
+            }
+        }
+        if flags[1] {
+            self.note(
+                &join(at, "quota_mode"),
+                "a quota descriptor over its limit takes nothing; when some of a \
+                 request's quota descriptors are over, the rest are charged in a second \
+                 store call",
+            );
+        }
+        flags
+    }
+
+    fn metadata(&mut self, at: &str, node: Option<&Yaml>) -> Option<Metadata> {
+        let node = node?;
+        match metadata::parse(node) {
+            Ok(m) if m.is_empty() => None,
+            Ok(m) => Some(m),
+            Err((below, why)) => {
+                self.problem(&format!("{at}{below}"), why);
                 None
             }
+        }
+    }
+
+    fn rate_limit(&mut self, at: &str, node: &Yaml, path: &[String]) -> Option<EnvoyRateLimit> {
+        let f = self.fields(at, node, &RATE_LIMIT_FIELDS)?;
+        let named = match f.get("name") {
+            Some(n) => self.string(&join(at, "name"), n),
+            None => None,
         };
-        let replaces = self.replaces(&join(at, "replaces"), f.get("replaces").copied());
-        let (name, unit, requests_per_unit) = (name?, period?, capacity?);
-        self.names.push(name.clone());
+        if let Some(n) = &named {
+            self.name(&join(at, "name"), n);
+            self.names.push(n.clone());
+        }
+        let replaces = self.replaces(
+            &join(at, "replaces"),
+            f.get("replaces").copied(),
+            named.as_deref(),
+        );
+        let unlimited = self.flag(&join(at, "unlimited"), f.get("unlimited"));
+        let (unit, requests_per_unit) = if unlimited {
+            if f.contains_key("unit") {
+                self.problem(&join(at, "unit"), "must not be set when unlimited is true");
+            }
+            if f.contains_key("requests_per_unit") {
+                self.note(
+                    &join(at, "requests_per_unit"),
+                    "ignored: the rule is unlimited",
+                );
+            }
+            (Some(Duration::ZERO), Some(0))
+        } else {
+            (
+                self.unit(&join(at, "unit"), f.get("unit").copied()),
+                self.requests(at, &f),
+            )
+        };
         Some(EnvoyRateLimit {
-            name,
-            requests_per_unit,
-            unit,
+            name: named.clone().unwrap_or_else(|| path.join(".")),
+            named: named.is_some(),
+            requests_per_unit: requests_per_unit?,
+            unit: unit?,
+            unlimited,
             replaces,
         })
     }
 
-    /// `replaces: [{name: ...}, ...]`: the rule names this one stands in for.
-    fn replaces(&mut self, at: &str, node: Option<&Yaml>) -> Vec<String> {
+    fn unit(&mut self, at: &str, node: Option<&Yaml>) -> Option<Duration> {
+        let Some(node) = node else {
+            self.problem(at, "is required");
+            return None;
+        };
+        let u = self.string(at, node)?;
+        let found = UNITS.iter().find(|(n, _)| n.eq_ignore_ascii_case(&u));
+        if found.is_none() {
+            let names: Vec<&str> = UNITS.iter().map(|(n, _)| *n).collect();
+            self.problem(
+                at,
+                format!("unknown unit {u:?} (one of {})", names.join(", ")),
+            );
+        }
+        found.map(|(_, d)| *d)
+    }
+
+    /// `requests_per_unit`, 0 included; absent is 0, as upstream reads it.
+    fn requests(&mut self, at: &str, f: &HashMap<&str, &Yaml>) -> Option<u64> {
+        let at = join(at, "requests_per_unit");
+        match f.get("requests_per_unit") {
+            None => {
+                self.note(
+                    &at,
+                    "absent, so 0, as upstream reads it: every request is denied",
+                );
+                Some(0)
+            }
+            Some(Yaml::Integer(n)) if *n >= 0 && n.unsigned_abs() <= MAX_CAPACITY => {
+                Some(n.unsigned_abs())
+            }
+            Some(_) => {
+                self.problem(
+                    &at,
+                    format!(
+                        "must be a whole number from 0 to {MAX_CAPACITY} (Tollgate's \
+                         exactness bound; upstream allows up to 4294967295)"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// `replaces: [{name: ...}, ...]`: the rule names this one stands in
+    /// for. `own` is this rule's own `name`, which it may not replace.
+    fn replaces(&mut self, at: &str, node: Option<&Yaml>, own: Option<&str>) -> Vec<String> {
         let list = self.list(at, node);
         let mut out = Vec::new();
         for (i, item) in list.iter().enumerate() {
@@ -462,14 +624,17 @@ impl Walk<'_> {
                 continue;
             };
             let name = match f.get("name") {
+                None | Some(Yaml::Null) => Some(String::new()),
                 Some(n) => self.string(&join(&here, "name"), n),
-                None => {
-                    self.problem(&join(&here, "name"), "is required");
-                    None
-                }
             };
-            if let Some(n) = name {
-                self.references.push((join(&here, "name"), n.clone()));
+            let Some(n) = name else { continue };
+            let name_at = join(&here, "name");
+            if n.is_empty() {
+                self.problem(&name_at, "must not be empty");
+            } else if own == Some(n.as_str()) {
+                self.problem(&name_at, format!("names this rate_limit itself ({n:?})"));
+            } else {
+                self.references.push((name_at, n.clone()));
                 out.push(n);
             }
         }
@@ -496,44 +661,136 @@ mod tests {
         }
     }
 
-    #[test]
-    fn unsupported_and_unknown_fields_are_named_with_their_path() {
-        let p = problems(
-            "domain: d\ndescriptors:\n  - key: a\n    descriptors:\n      - key: b\n        rate_limit: {unit: second, requests_per_unit: 1, quota_mode: true}\n        colour: red\n",
-        );
+    fn has(problems: &[String], what: &str) {
         assert!(
-            p.iter().any(|p| p.starts_with(
-                "f.yaml: descriptors[0].descriptors[0].rate_limit.quota_mode: is not supported"
-            )),
-            "{p:?}"
-        );
-        assert!(
-            p.iter()
-                .any(|p| p
-                    .starts_with("f.yaml: descriptors[0].descriptors[0].colour: unknown field")),
-            "{p:?}"
+            problems.iter().any(|p| p.contains(what)),
+            "{what} not in {problems:?}"
         );
     }
 
     #[test]
-    fn bad_units_and_counts_are_refused() {
+    fn unknown_and_misplaced_fields_are_named_with_their_path() {
         let p = problems(
-            "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: fortnight, requests_per_unit: 0}\n",
+            "domain: d\ndescriptors:\n  - key: a\n    descriptors:\n      - key: b\n        rate_limit: {unit: second, requests_per_unit: 1, quota_mode: true}\n        colour: red\n",
         );
-        assert!(
-            p.iter()
-                .any(|p| p.contains("descriptors[0].rate_limit.unit: unknown unit \"fortnight\"")),
-            "{p:?}"
+        has(
+            &p,
+            "f.yaml: descriptors[0].descriptors[0].rate_limit.quota_mode: unknown field",
         );
-        assert!(
-            p.iter()
-                .any(|p| p.contains("descriptors[0].rate_limit.requests_per_unit: must be")),
-            "{p:?}"
+        has(
+            &p,
+            "f.yaml: descriptors[0].descriptors[0].colour: unknown field",
+        );
+        has(
+            &problems("domain: d\ndescriptors:\n  - key: a\n    shadowmode: true\n"),
+            "descriptors[0].shadowmode: unknown field",
+        );
+        has(
+            &problems("domain: d\n1: x\n"),
+            "field names must be strings",
+        );
+        has(
+            &problems("domain: d\ndescriptors: [a]\n"),
+            "descriptors[0]: must be a mapping",
+        );
+    }
+
+    #[test]
+    fn bad_units_empty_names_and_duplicates_are_refused() {
+        let p = problems(
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: fortnight, requests_per_unit: -1}\n",
+        );
+        has(
+            &p,
+            "descriptors[0].rate_limit.unit: unknown unit \"fortnight\"",
+        );
+        has(
+            &p,
+            "descriptors[0].rate_limit.requests_per_unit: must be a whole number from 0",
         );
         assert_eq!(
             problems("descriptors: []\n"),
             vec!["f.yaml: domain: is required"]
         );
+        has(
+            &problems("domain: \"\"\n"),
+            "f.yaml: domain: must not be empty",
+        );
+        has(
+            &problems("domain: d\ndescriptors:\n  - key: \"\"\n"),
+            "descriptors[0].key: must not be empty",
+        );
+        has(
+            &problems("domain: d\ndescriptors:\n  - {key: a, value: x}\n  - {key: a, value: x}\n"),
+            "descriptors[1]: repeats the key and value of descriptors[0]",
+        );
+        // An empty value is no value, as upstream keys it.
+        has(
+            &problems("domain: d\ndescriptors:\n  - {key: a}\n  - {key: a, value: \"\"}\n"),
+            "descriptors[1]: repeats",
+        );
+    }
+
+    #[test]
+    fn unlimited_with_a_unit_and_bad_replaces_are_refused() {
+        let p = problems(
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unlimited: true, unit: second}\n",
+        );
+        has(
+            &p,
+            "descriptors[0].rate_limit.unit: must not be set when unlimited is true",
+        );
+        let p = problems(
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: second, requests_per_unit: 1, name: me, replaces: [{name: me}, {name: \"\"}, {}]}\n",
+        );
+        has(
+            &p,
+            "rate_limit.replaces[0].name: names this rate_limit itself (\"me\")",
+        );
+        has(&p, "rate_limit.replaces[1].name: must not be empty");
+        has(&p, "rate_limit.replaces[2].name: must not be empty");
+        has(
+            &problems(
+                "domain: d\ndescriptors:\n  - key: a\n    value: x\n    share_threshold: true\n",
+            ),
+            "descriptors[0].share_threshold: can only be used with a wildcard value",
+        );
+    }
+
+    #[test]
+    fn every_upstream_field_loads_and_differences_are_noted() {
+        let d = parse(
+            "domain: d\ndescriptors:\n  - key: ip\n    value: 10.0.0.1\n    rate_limit: {unit: second, requests_per_unit: 0}\n  - key: f\n    value: files/*\n    share_threshold: true\n    quota_mode: true\n    detailed_metric: true\n    value_to_metric: true\n    metadata: {team: a}\n    rate_limit: {unit: hour}\n  - key: ldap\n    rate_limit: {unlimited: true, requests_per_unit: 5, name: free, replaces: [{name: ghost}]}\n",
+            "f.yaml",
+        )
+        .unwrap();
+        let [ip, files, ldap] = &d.descriptors[..] else {
+            panic!("{d:?}")
+        };
+        assert_eq!(ip.rate_limit.as_ref().unwrap().requests_per_unit, 0);
+        assert_eq!(files.value, EnvoyValue::Pattern("files/*".into()));
+        assert!(
+            files.share_threshold && files.quota && files.detailed_metric && files.value_to_metric
+        );
+        assert_eq!(files.metadata.as_ref().unwrap()[0].0, "team");
+        assert_eq!(
+            files.rate_limit.as_ref().unwrap().requests_per_unit,
+            0,
+            "absent is 0"
+        );
+        let free = ldap.rate_limit.as_ref().unwrap();
+        assert!(free.unlimited && free.named && free.replaces == ["ghost"]);
+        let notes = d.notes.join("\n");
+        for n in [
+            "descriptors[1].detailed_metric: no per-value metric",
+            "descriptors[1].value_to_metric: no per-value metric",
+            "descriptors[1].quota_mode:",
+            "descriptors[1].rate_limit.requests_per_unit: absent, so 0",
+            "descriptors[2].rate_limit.requests_per_unit: ignored",
+            "descriptors[2].rate_limit.replaces[0].name: names no rate_limit of this file (\"ghost\")",
+        ] {
+            assert!(notes.contains(n), "{n} not in\n{notes}");
+        }
     }
 
     #[test]
@@ -544,9 +801,10 @@ mod tests {
         )
         .unwrap();
         let user = &domain.descriptors[0];
-        assert_eq!(user.value, EnvoyValue::Prefix("vip".into()));
+        assert_eq!(user.value, EnvoyValue::Pattern("vip*".into()));
         let minute = user.rate_limit.as_ref().unwrap();
         assert_eq!(minute.name, "user_vip*");
+        assert!(!minute.named);
         assert_eq!(minute.requests_per_unit, 60);
         assert_eq!(minute.unit, Duration::from_secs(60));
         let daily = user.children[0].rate_limit.as_ref().unwrap();

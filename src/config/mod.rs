@@ -70,6 +70,10 @@ pub const SECTIONS: &[&str] = &[
     "envoy_ratelimit_configs",
     "envoy_response_headers",
     "envoy_ratelimit_draft",
+    "envoy_shadow_mode",
+    "envoy_quota_mode",
+    "envoy_dynamic_metadata",
+    "envoy_merge_domains",
     "scopes",
     "tls",
     "callers",
@@ -146,6 +150,22 @@ pub struct Config {
     /// draft is still moving.
     #[serde(default)]
     pub envoy_ratelimit_draft: RateLimitDraft,
+    /// Every Envoy descriptor's limits are shadow: judged, charged when they
+    /// have room, counted, never denying (upstream's `SHADOW_MODE`).
+    #[serde(default)]
+    pub envoy_shadow_mode: bool,
+    /// Every Envoy descriptor is a quota-mode descriptor (upstream's
+    /// `QUOTA_MODE`).
+    #[serde(default)]
+    pub envoy_quota_mode: bool,
+    /// Envoy answers carry dynamic metadata in envoyproxy/ratelimit's shape
+    /// (upstream's `RESPONSE_DYNAMIC_METADATA`).
+    #[serde(default)]
+    pub envoy_dynamic_metadata: bool,
+    /// A domain may be spread over several envoyproxy/ratelimit files, whose
+    /// top-level descriptors are merged (upstream's `MERGE_DOMAIN_CONFIG`).
+    #[serde(default)]
+    pub envoy_merge_domains: bool,
     /// The rate-limited scopes.
     #[serde(default)]
     pub scopes: Vec<ScopeConfig>,
@@ -381,6 +401,10 @@ impl Config {
         self.store.read_secrets(&mut problems);
         self.reservations.read_secret(&mut problems);
         match envoy::load_all(&self.envoy_ratelimit_configs) {
+            Ok(domains) if self.envoy_merge_domains => match envoy::merge(domains) {
+                Ok(domains) => self.envoy_domains = domains,
+                Err(e) => problems.extend(e.problems),
+            },
             Ok(domains) => self.envoy_domains = domains,
             Err(e) => problems.extend(e.problems),
         }

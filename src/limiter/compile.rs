@@ -10,7 +10,7 @@ use std::sync::Arc;
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 use super::descriptors::{DescriptorKeys, DescriptorNode, DescriptorTree, ValueMatch};
-use super::limit::Limit;
+use super::limit::{Limit, LimitKind};
 use super::rules::{Rules, ScopeRules};
 use crate::bucket::Shape;
 use crate::config::{
@@ -53,6 +53,8 @@ impl Rules {
             scopes,
             unknown_scope: config.unknown_scope,
             failure_mode: config.failure_mode,
+            envoy_shadow_mode: config.envoy_shadow_mode,
+            envoy_quota_mode: config.envoy_quota_mode,
         })
     }
 }
@@ -107,6 +109,10 @@ fn compile_limit(config: &LimitConfig) -> Result<Limit, ConfigError> {
         ],
         shadow: config.shadow,
         replaces: Vec::new(),
+        replaceable: true,
+        kind: LimitKind::Bucket,
+        quota: false,
+        metadata: None,
     })
 }
 
@@ -139,6 +145,16 @@ fn compile_descriptor(d: &EnvoyDescriptor) -> DescriptorNode {
         };
         let mut limit = Limit::for_descriptor(&r.name, shape, d.shadow);
         limit.replaces = r.replaces.iter().map(|n| Arc::from(n.as_str())).collect();
+        limit.replaceable = r.named;
+        limit.kind = if r.unlimited {
+            LimitKind::Unlimited
+        } else if r.requests_per_unit == 0 {
+            LimitKind::Nothing
+        } else {
+            LimitKind::Bucket
+        };
+        limit.quota = d.quota;
+        limit.metadata = d.metadata.clone().map(Arc::new);
         limit
     });
     DescriptorNode {
@@ -146,8 +162,9 @@ fn compile_descriptor(d: &EnvoyDescriptor) -> DescriptorNode {
         value: match &d.value {
             EnvoyValue::Any => ValueMatch::Any,
             EnvoyValue::Exact(v) => ValueMatch::Exact(v.clone()),
-            EnvoyValue::Prefix(p) => ValueMatch::Prefix(p.clone()),
+            EnvoyValue::Pattern(p) => ValueMatch::wildcard(p),
         },
+        share: d.share_threshold,
         limit,
         children: d.children.iter().map(compile_descriptor).collect(),
     }

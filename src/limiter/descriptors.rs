@@ -33,22 +33,58 @@ pub enum ValueMatch {
     Any,
     /// Exactly this value.
     Exact(String),
-    /// Values that start with this (a YAML value `prefix*`).
-    Prefix(String),
+    /// A YAML value holding `*`: each `*` matches any run of characters,
+    /// the empty one too.
+    Wildcard {
+        /// The value as written, `files/*`: what a shared bucket is keyed by.
+        pattern: String,
+        /// `pattern` split at each `*`, so at least two parts.
+        parts: Vec<String>,
+    },
 }
 
 impl ValueMatch {
-    /// Lower ranks win: an exact value beats a prefix, which beats any value.
-    fn rank(&self, value: &str) -> Option<(u8, usize)> {
+    /// The wildcard of a YAML value holding `*`.
+    pub fn wildcard(pattern: &str) -> Self {
+        Self::Wildcard {
+            pattern: pattern.to_owned(),
+            parts: pattern.split('*').map(str::to_owned).collect(),
+        }
+    }
+
+    /// Lower ranks win: an exact value beats a wildcard, which beats any
+    /// value; among wildcards the first in file order (`index`) wins, as in
+    /// envoyproxy/ratelimit.
+    fn rank(&self, value: &str, index: usize) -> Option<(u8, usize)> {
         match self {
             Self::Exact(v) => (v == value).then_some((0, 0)),
-            // A longer prefix is the more specific one.
-            Self::Prefix(p) => value
-                .starts_with(p.as_str())
-                .then_some((1, usize::MAX - p.len())),
+            Self::Wildcard { parts, .. } => wildcard_matches(parts, value).then_some((1, index)),
             Self::Any => Some((2, 0)),
         }
     }
+}
+
+/// Whether `value` is `parts` joined by runs of any characters: it starts
+/// with the first part, ends with the last, and holds the others in order
+/// between them, none overlapping.
+fn wildcard_matches(parts: &[String], value: &str) -> bool {
+    let (Some(first), Some(last)) = (parts.first(), parts.last()) else {
+        return false;
+    };
+    if parts.len() < 2 || value.len() < first.len() + last.len() {
+        return parts.len() < 2 && first == value;
+    }
+    if !value.starts_with(first.as_str()) || !value.ends_with(last.as_str()) {
+        return false;
+    }
+    let mut rest = &value[first.len()..value.len() - last.len()];
+    for part in &parts[1..parts.len() - 1] {
+        match rest.find(part.as_str()) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    true
 }
 
 /// One node of a descriptor tree.
@@ -58,6 +94,9 @@ pub struct DescriptorNode {
     pub key: String,
     /// The entry values this node matches.
     pub value: ValueMatch,
+    /// envoyproxy's `share_threshold`: every value this node's wildcard
+    /// matches draws on one bucket.
+    pub share: bool,
     /// The limit of a descriptor that ends here; `None` means no limit.
     pub limit: Option<Limit>,
     /// The nodes that match the next entry.
@@ -102,25 +141,83 @@ impl DescriptorTree {
     }
 
     /// The limit for `entries`, if any. At each level the most specific node
-    /// wins (exact value, then longest prefix, then any value) and the walk
-    /// never backtracks, as in envoyproxy/ratelimit: a descriptor that leaves
-    /// the tree, or ends on a node without a limit, has no limit.
+    /// wins (exact value, then the first wildcard that matches, then any
+    /// value) and the walk never backtracks, as in envoyproxy/ratelimit: a
+    /// descriptor that leaves the tree, or ends on a node without a limit,
+    /// has no limit.
     pub fn find(&self, entries: &[(&str, &str)]) -> Option<&Limit> {
+        self.end(entries)?.0.limit.as_ref()
+    }
+
+    /// The node the last entry reaches, and whether a `share_threshold`
+    /// wildcard matched on the way; `None` when the descriptor leaves the
+    /// tree. Allocates nothing: it runs for every Envoy descriptor.
+    fn end(&self, entries: &[(&str, &str)]) -> Option<(&DescriptorNode, bool)> {
         let mut level = &self.roots;
-        let mut found = None;
+        let mut reached = None;
+        let mut shared = false;
         for (key, value) in entries {
-            let node = level
-                .iter()
-                .filter(|n| n.key == *key)
-                .filter_map(|n| n.value.rank(value).map(|r| (r, n)))
-                .min_by_key(|(r, _)| *r)
-                .map(|(_, n)| n)?;
-            found = Some(node);
+            let node = choose(level, key, value)?;
+            shared |= node.shares();
+            reached = Some(node);
             level = &node.children;
         }
-        found.and_then(|n| n.limit.as_ref())
+        reached.map(|n| (n, shared))
+    }
+
+    /// The identity of the bucket `entries` draw on when a node on their
+    /// way matched with `share_threshold`: the canonical descriptor with
+    /// each such entry's value replaced by [`SHARED_MARK`] and the wildcard
+    /// as written, so every value the wildcard matches shares one bucket.
+    /// `None` when no shared wildcard applies or no limit is reached.
+    pub fn shared_identity(&self, entries: &[(&str, &str)]) -> Option<String> {
+        let (end, shared) = self.end(entries)?;
+        if !shared || end.limit.is_none() {
+            return None;
+        }
+        let mut level = &self.roots;
+        let mut values = Vec::with_capacity(entries.len());
+        for (key, value) in entries {
+            let node = choose(level, key, value)?;
+            values.push(match &node.value {
+                ValueMatch::Wildcard { pattern, .. } if node.share => {
+                    format!("{SHARED_MARK}{pattern}")
+                }
+                _ => (*value).to_owned(),
+            });
+            level = &node.children;
+        }
+        let entries: Vec<(&str, &str)> = entries
+            .iter()
+            .zip(&values)
+            .map(|((k, _), v)| (*k, v.as_str()))
+            .collect();
+        Some(canonical(&entries))
     }
 }
+
+/// The node of `level` that an entry `key=value` takes: the most specific.
+fn choose<'t>(level: &'t [DescriptorNode], key: &str, value: &str) -> Option<&'t DescriptorNode> {
+    level
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.key == key)
+        .filter_map(|(i, n)| n.value.rank(value, i).map(|r| (r, n)))
+        .min_by_key(|(r, _)| *r)
+        .map(|(_, n)| n)
+}
+
+impl DescriptorNode {
+    /// A `share_threshold` wildcard.
+    fn shares(&self) -> bool {
+        self.share && matches!(self.value, ValueMatch::Wildcard { .. })
+    }
+}
+
+/// Opens a shared wildcard's value in a bucket's identity: a control
+/// character, which validation refuses in every value a caller sends, so a
+/// caller cannot name the shared bucket by sending the wildcard as a value.
+pub const SHARED_MARK: char = '\u{2}';
 
 /// Opens every canonical descriptor string; see [`canonical`].
 pub const CANONICAL_MARK: char = '\u{1}';
@@ -178,6 +275,7 @@ mod tests {
         DescriptorNode {
             key: key.to_owned(),
             value,
+            share: false,
             limit: if l.is_empty() { None } else { limit(l) },
             children,
         }
@@ -202,7 +300,7 @@ mod tests {
                         vec![],
                     )],
                 ),
-                node("user", ValueMatch::Prefix("bot-".into()), "bots", vec![]),
+                node("user", ValueMatch::wildcard("bot-*"), "bots", vec![]),
                 node(
                     "user",
                     ValueMatch::Exact("alice".into()),
@@ -235,6 +333,49 @@ mod tests {
         );
         assert_eq!(name(&tree, &[("path", "/b")]), None);
         assert_eq!(name(&tree, &[]), None);
+    }
+
+    #[test]
+    fn wildcards_match_anywhere_and_the_first_in_file_order_wins() {
+        let parts = |p: &str| match ValueMatch::wildcard(p) {
+            ValueMatch::Wildcard { parts, .. } => parts,
+            _ => unreachable!(),
+        };
+        let m = |p: &str, v: &str| wildcard_matches(&parts(p), v);
+        assert!(m("files/*", "files/a.pdf") && m("files/*", "files/"));
+        assert!(!m("files/*", "file"));
+        assert!(m("/api/*/action", "/api/7/action") && !m("/api/*/action", "/api/7/other"));
+        assert!(m("/a/*/r/*/x", "/a/1/r/2/x") && !m("/a/*/r/*/x", "/a/1/x"));
+        assert!(!m("ab*ba", "aba"), "the prefix and suffix may not overlap");
+        let tree = DescriptorTree {
+            roots: vec![
+                node("k", ValueMatch::wildcard("a*"), "first", vec![]),
+                node("k", ValueMatch::wildcard("ab*"), "longer", vec![]),
+            ],
+        };
+        assert_eq!(name(&tree, &[("k", "abc")]), Some("first"));
+    }
+
+    #[test]
+    fn a_shared_wildcard_gives_every_value_one_unforgeable_identity() {
+        let mut shared = node(
+            "f",
+            ValueMatch::wildcard("files/*"),
+            "",
+            vec![node("m", ValueMatch::Any, "per-method", vec![])],
+        );
+        shared.share = true;
+        let tree = DescriptorTree {
+            roots: vec![shared, node("g", ValueMatch::wildcard("g*"), "own", vec![])],
+        };
+        let a = tree.shared_identity(&[("f", "files/a"), ("m", "GET")]);
+        let b = tree.shared_identity(&[("f", "files/b"), ("m", "GET")]);
+        assert_eq!(a, b);
+        assert_eq!(a.as_deref(), Some("\u{1}f=\u{2}files/*,m=GET"));
+        assert_ne!(a, tree.shared_identity(&[("f", "files/a"), ("m", "PUT")]));
+        // No limit at the end, or no shared wildcard on the way: none.
+        assert_eq!(tree.shared_identity(&[("f", "files/a")]), None);
+        assert_eq!(tree.shared_identity(&[("g", "g1")]), None);
     }
 
     #[test]

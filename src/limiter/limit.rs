@@ -10,7 +10,22 @@ use globset::GlobSet;
 use super::{Priority, Request};
 use crate::bucket::Shape;
 use crate::config::Per;
+use crate::config::envoy::Metadata;
 use crate::window::Window;
+
+/// What a limit does with the requests it applies to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LimitKind {
+    /// Charges a bucket of its shape: every limit of Tollgate's own config,
+    /// and envoyproxy/ratelimit's `requests_per_unit` from 1 up.
+    #[default]
+    Bucket,
+    /// envoyproxy/ratelimit's `unlimited: true`: no bucket, always passes.
+    Unlimited,
+    /// envoyproxy/ratelimit's `requests_per_unit: 0`: no bucket, always
+    /// denies (unless shadow), and the request it denies takes nothing.
+    Nothing,
+}
 
 /// One limit, ready to match.
 #[derive(Debug, Clone)]
@@ -41,6 +56,17 @@ pub struct Limit {
     /// decided together draws on both, those are dropped (envoyproxy's
     /// `replaces`).
     pub replaces: Vec<Arc<str>>,
+    /// Whether another rule's `replaces` can drop this one: only a rule
+    /// whose `name` was written, as in envoyproxy/ratelimit.
+    pub replaceable: bool,
+    /// Bucket, unlimited, or admits nothing.
+    pub kind: LimitKind,
+    /// envoyproxy's `quota_mode`: a descriptor over this limit denies the
+    /// request only when every quota descriptor of it is over.
+    pub quota: bool,
+    /// envoyproxy's `metadata`, handed back to Envoy when the descriptor
+    /// passes.
+    pub metadata: Option<Arc<Metadata>>,
 }
 
 impl Limit {
@@ -60,6 +86,10 @@ impl Limit {
             reserve: [0; 3],
             shadow,
             replaces: Vec::new(),
+            replaceable: true,
+            kind: LimitKind::Bucket,
+            quota: false,
+            metadata: None,
         }
     }
 

@@ -137,12 +137,33 @@ pub struct Decision {
     /// For an allowed request with `settle_within`: the token that settles
     /// it, on any replica.
     pub reservation: Option<String>,
+    /// An Envoy quota-mode descriptor's decision: its denial alone does not
+    /// deny the request it is part of (see [`Decision::overall`]).
+    pub quota: bool,
+    /// An Envoy descriptor whose rule is `unlimited`.
+    pub unlimited: bool,
 }
 
 impl Decision {
     /// The most restrictive bucket, if any applied.
     pub fn primary(&self) -> Option<&BucketReport> {
         self.primary.and_then(|i| self.buckets.get(i))
+    }
+
+    /// True when one of the decision's own enforced buckets (or a rule that
+    /// admits nothing) denied it, rather than another decision made with it.
+    pub fn over(&self) -> bool {
+        !self.allowed && self.buckets.iter().any(|b| b.exhausted && !b.shadow)
+    }
+
+    /// Whether decisions made together pass as one request, as
+    /// envoyproxy/ratelimit has it: every decision that is not a quota
+    /// descriptor's is allowed, and of the quota descriptors' decisions, if
+    /// there are any, at least one is.
+    pub fn overall(decisions: &[Decision]) -> bool {
+        let quota = || decisions.iter().filter(|d| d.quota);
+        decisions.iter().all(|d| d.allowed || d.quota)
+            && (quota().next().is_none() || quota().any(|d| d.allowed))
     }
 }
 
@@ -359,20 +380,47 @@ impl<S: Store, E> Limiter<S, E> {
     /// the caller already read from (Envoy's API reads the scope's
     /// `descriptor_keys` there first: both must come from one snapshot, or a
     /// reload between the two reads would mix two configs in one decision).
+    ///
+    /// Envoy's quota-mode descriptors are the exception to all or nothing:
+    /// when only some of them are over, the request passes if the rest of it
+    /// does, so it is charged again without them, in a second store call.
+    /// Each charge is atomic, so nothing is ever over-admitted; the over
+    /// ones take nothing.
     pub async fn decide_together_on(
         &self,
         rules: &Rules,
         reqs: &[Request<'_>],
     ) -> Result<Vec<Decision>, DecideError> {
-        let joint = match Joint::plan(rules, reqs) {
-            Ok(joint) => joint,
+        let first = match Joint::plan(rules, reqs) {
+            Ok(joint) => self.charge_together(rules, reqs, &joint).await?,
             Err(denied) => return Ok(vec![*denied; reqs.len()]),
         };
+        let Some(keep) = plan::quota_retry(&first) else {
+            return Ok(first);
+        };
+        let mut second = match Joint::plan_some(rules, reqs, &keep) {
+            Ok(joint) => self.charge_together(rules, reqs, &joint).await?,
+            Err(denied) => return Ok(vec![*denied; reqs.len()]),
+        };
+        for ((d, first), kept) in second.iter_mut().zip(first).zip(keep) {
+            if !kept {
+                *d = first;
+            }
+        }
+        Ok(second)
+    }
+
+    /// One atomic charge of a joint plan, and its decisions.
+    async fn charge_together(
+        &self,
+        rules: &Rules,
+        reqs: &[Request<'_>],
+        joint: &Joint<'_, '_>,
+    ) -> Result<Vec<Decision>, DecideError> {
         let Some(charge) = joint.charge() else {
             return Ok(joint.nothing_to_charge());
         };
-        let outcome = self.store.check_and_take_one(&charge).await;
-        match outcome {
+        match self.store.check_and_take_one(&charge).await {
             Ok(outcome) => Ok(joint.decisions(&outcome)),
             Err(e) => joint.failed(rules, reqs, e),
         }

@@ -7,6 +7,7 @@
 
 use smallvec::SmallVec;
 
+use super::limit::{Limit, LimitKind};
 use super::rules::{Planned, Rules};
 use super::{BucketReport, DecideError, Decision, Request};
 use crate::config::{FailureMode, UnknownScope};
@@ -135,7 +136,55 @@ pub(crate) struct Joint<'r, 'q> {
     dry_run: bool,
     /// How many requests were planned.
     requests: usize,
+    /// Per request: what its descriptor rule says beyond its buckets.
+    specials: Vec<Special<'r>>,
 }
+
+/// What an Envoy descriptor's rule says beyond the buckets it charges.
+#[derive(Debug, Clone, Copy, Default)]
+struct Special<'r> {
+    /// A quota-mode descriptor: its own limit alone does not deny the
+    /// request ([`Decision::overall`]).
+    quota: bool,
+    /// Its rule is `unlimited`.
+    unlimited: bool,
+    /// Its rule admits nothing (`requests_per_unit: 0`), with the rule's
+    /// scope, and whether it denies (it is neither shadow nor under the
+    /// global shadow mode).
+    nothing: Option<(&'r Limit, &'r str, bool)>,
+    /// Its rule when it charges no bucket (unlimited, or admits nothing),
+    /// with its scope: its `replaces` still drop other rules.
+    unbucketed: Option<(&'r Limit, &'r str)>,
+}
+
+impl<'r> Special<'r> {
+    /// The special of a descriptor whose rule in the tree is `rule`, under
+    /// the global quota and shadow modes `quota` and `shadow`.
+    fn of(rule: Option<&'r Limit>, scope: &'r str, quota: bool, shadow: bool) -> Self {
+        let kind = rule.map(|l| l.kind);
+        let unlimited = kind == Some(LimitKind::Unlimited);
+        Self {
+            // Upstream leaves unlimited descriptors out of the quota count.
+            quota: !unlimited && (quota || rule.is_some_and(|l| l.quota)),
+            unlimited,
+            nothing: rule
+                .filter(|l| l.kind == LimitKind::Nothing)
+                .map(|l| (l, scope, !l.shadow && !shadow)),
+            unbucketed: rule
+                .filter(|l| l.kind != LimitKind::Bucket)
+                .map(|l| (l, scope)),
+        }
+    }
+
+    /// Its rule admits nothing and denies.
+    fn blocks(&self) -> bool {
+        self.nothing.is_some_and(|(_, _, enforced)| enforced)
+    }
+}
+
+/// A joint plan's requests, their buckets by owner, and what each
+/// descriptor's rule says beyond them.
+type Gathered<'r, 'q> = (Vec<(Planned<'r, 'q>, usize)>, Vec<Special<'r>>);
 
 /// One planned bucket of a joint plan.
 #[derive(Debug)]
@@ -155,41 +204,43 @@ where
     /// one names an unknown scope that is denied (boxed: it is rare, and a
     /// `Decision` holds its first bucket inline).
     pub(crate) fn plan(rules: &'r Rules, reqs: &[Request<'q>]) -> Result<Self, Box<Decision>> {
-        let mut planned: Vec<(Planned<'r, 'q>, usize)> = Vec::new();
-        let mut denied = None;
-        for (owner, req) in reqs.iter().enumerate() {
-            match rules.scope(req.scope) {
-                Some(scope) => {
-                    let mut mine = Buckets::new();
-                    scope.buckets(req, &mut mine);
-                    planned.extend(mine.into_iter().map(|p| (p, owner)));
-                }
-                None => {
-                    let d = unknown_scope(rules, req.scope);
-                    if !d.allowed {
-                        denied = Some(d);
-                    }
-                }
-            }
-        }
-        if let Some(d) = denied {
-            return Err(Box::new(d));
-        }
-        let replaced: Vec<(&str, &str)> = planned
+        Self::plan_some(rules, reqs, &vec![true; reqs.len()])
+    }
+
+    /// Plans together the requests of `reqs` that `include` marks; the
+    /// others draw on nothing, and their decisions are placeholders.
+    pub(crate) fn plan_some(
+        rules: &'r Rules,
+        reqs: &[Request<'q>],
+        include: &[bool],
+    ) -> Result<Self, Box<Decision>> {
+        let (planned, mut specials) = Self::gather(rules, reqs, include)?;
+        let mut replaced: Vec<(&str, &str)> = planned
             .iter()
             .flat_map(|(p, _)| {
                 let scope = p.charge.key.scope;
                 p.limit.replaces.iter().map(move |r| (scope, &**r))
             })
             .collect();
+        for (l, scope) in specials.iter().filter_map(|s| s.unbucketed) {
+            replaced.extend(l.replaces.iter().map(|r| (scope, &**r)));
+        }
+        let is_replaced =
+            |scope: &str, l: &Limit| l.replaceable && replaced.contains(&(scope, &*l.name));
+        for s in &mut specials {
+            if s.nothing.is_some_and(|(l, scope, _)| is_replaced(scope, l)) {
+                s.nothing = None;
+            }
+        }
         let mut joint = Self {
             buckets: Vec::with_capacity(planned.len()),
             slots: Vec::with_capacity(planned.len()),
-            dry_run: reqs.iter().all(|r| r.dry_run),
+            dry_run: reqs.iter().all(|r| r.dry_run) || specials.iter().any(Special::blocks),
             requests: reqs.len(),
+            specials,
         };
         for (planned, owner) in planned {
-            if replaced.contains(&(planned.charge.key.scope, &*planned.limit.name)) {
+            if is_replaced(planned.charge.key.scope, planned.limit) {
                 continue;
             }
             let slot = joint.slot_for(planned.charge);
@@ -201,6 +252,54 @@ where
         }
         joint.merge_headroom();
         Ok(joint)
+    }
+
+    /// Each included request's buckets, and for an Envoy descriptor (one
+    /// with entries) what its rule in the tree says beyond them. Under the
+    /// global shadow mode an Envoy descriptor's buckets are all shadow.
+    fn gather(
+        rules: &'r Rules,
+        reqs: &[Request<'q>],
+        include: &[bool],
+    ) -> Result<Gathered<'r, 'q>, Box<Decision>> {
+        let mut planned = Vec::new();
+        let mut specials = vec![Special::default(); reqs.len()];
+        let mut denied = None;
+        let included = reqs.iter().enumerate().filter(|(i, _)| include[*i]);
+        for (owner, req) in included {
+            let Some(scope) = rules.scope(req.scope) else {
+                let d = unknown_scope(rules, req.scope);
+                if !d.allowed {
+                    denied = Some(d);
+                }
+                continue;
+            };
+            let mut mine = Buckets::new();
+            scope.buckets(req, &mut mine);
+            let envoy = !req.entries.is_empty();
+            let shadow = envoy && rules.envoy_shadow_mode;
+            if envoy {
+                let rule = scope.descriptor_tree.find(req.entries);
+                specials[owner] = Special::of(rule, &scope.name, rules.envoy_quota_mode, shadow);
+            }
+            planned.extend(mine.into_iter().map(|mut p| {
+                p.charge.shadow |= shadow;
+                (p, owner)
+            }));
+        }
+        match denied {
+            Some(d) => Err(Box::new(d)),
+            None => Ok((planned, specials)),
+        }
+    }
+
+    /// The plan of a refund: a rule that admits nothing refuses no refund.
+    pub(crate) fn for_refund(mut self) -> Self {
+        for s in &mut self.specials {
+            s.nothing = None;
+        }
+        self.dry_run = false;
+        self
     }
 
     /// Gives each shared slot the headroom its requests leave together. A
@@ -263,8 +362,11 @@ where
     }
 
     /// Every request's decision from the joint outcome: all allowed or all
-    /// denied. A shared bucket reports the summed cost it was judged on.
+    /// denied. A shared bucket reports the summed cost it was judged on. A
+    /// rule that admits nothing denies them all, and is reported as a
+    /// bucket of capacity 0 that can never pass.
     pub(crate) fn decisions(&self, outcome: &ChargeOutcome) -> Vec<Decision> {
+        let allowed = outcome.allowed && !self.specials.iter().any(Special::blocks);
         (0..self.requests)
             .map(|i| {
                 let (mine, outcomes): (Vec<Planned<'r, 'q>>, Vec<BucketOutcome>) = self
@@ -278,23 +380,22 @@ where
                         (p, outcome.buckets.get(b.slot).copied().unwrap_or(UNSET))
                     })
                     .unzip();
-                let mut d = decision(
-                    &mine,
-                    &ChargeOutcome {
-                        allowed: outcome.allowed,
-                        buckets: outcomes.into(),
-                        now_us: outcome.now_us,
-                    },
-                );
-                d.allowed = outcome.allowed;
+                let mut d = decision_of(&mine, outcome.allowed, &outcomes);
+                d.allowed = allowed;
+                self.specials[i].apply(&mut d);
                 d
             })
             .collect()
     }
 
-    /// The decisions when no bucket applies: every request allowed.
+    /// The decisions when no bucket applies: allowed, unless a rule that
+    /// admits nothing denies.
     pub(crate) fn nothing_to_charge(&self) -> Vec<Decision> {
-        vec![allowed(); self.requests]
+        self.decisions(&ChargeOutcome {
+            allowed: true,
+            buckets: SmallVec::new(),
+            now_us: 0,
+        })
     }
 
     /// The decisions when the store failed: the strictest failure mode among
@@ -316,6 +417,65 @@ where
             None => Ok(vec![degraded(); self.requests]),
         }
     }
+}
+
+impl Special<'_> {
+    /// Marks `d` with what the descriptor's rule says beyond its buckets.
+    fn apply(&self, d: &mut Decision) {
+        d.quota = self.quota;
+        d.unlimited = self.unlimited;
+        let Some((l, _, enforced)) = self.nothing else {
+            return;
+        };
+        d.buckets.push(BucketReport {
+            rule: l.name.clone(),
+            limit: 0,
+            period: std::time::Duration::from_nanos(l.shape.period),
+            remaining: 0,
+            reset_after: std::time::Duration::ZERO,
+            retry_after: None,
+            exhausted: true,
+            shadow: !enforced,
+        });
+        if enforced {
+            d.primary = Some(d.buckets.len() - 1);
+            d.retry_after = None;
+            d.reason = Some(format!(
+                "rule {:?} admits no requests (requests_per_unit: 0)",
+                l.name
+            ));
+        }
+    }
+}
+
+/// When decisions made together were denied only because some of their
+/// quota-mode descriptors were over (every other descriptor had room, and
+/// some quota descriptor did too): which requests to charge again, the
+/// quota descriptors that were over left out. `None` when a second charge
+/// cannot change the answer.
+pub(crate) fn quota_retry(first: &[Decision]) -> Option<Vec<bool>> {
+    if Decision::overall(first) {
+        return None;
+    }
+    let over: Vec<bool> = first.iter().map(Decision::over).collect();
+    let (mut quota, mut quota_over) = (0, 0);
+    for (d, &o) in first.iter().zip(&over) {
+        if o && !d.quota {
+            return None;
+        }
+        quota += usize::from(d.quota);
+        quota_over += usize::from(d.quota && o);
+    }
+    if quota_over == 0 || quota_over == quota {
+        return None;
+    }
+    Some(
+        first
+            .iter()
+            .zip(&over)
+            .map(|(d, &o)| !(d.quota && o))
+            .collect(),
+    )
 }
 
 /// Stands in for an outcome a store failed to return; never read as allowing,
@@ -616,5 +776,53 @@ scopes:
                 .failed(&rules, &reqs[..1], StoreError::transient("down"))
                 .is_err()
         );
+    }
+
+    fn judged(allowed: bool, quota: bool, over: bool) -> Decision {
+        let mut d = decision(&[], &outcome(allowed, &[]));
+        d.quota = quota;
+        if over {
+            d.buckets.push(BucketReport {
+                rule: "r".into(),
+                limit: 1,
+                period: Duration::from_secs(1),
+                remaining: 0,
+                reset_after: Duration::ZERO,
+                retry_after: None,
+                exhausted: true,
+                shadow: false,
+            });
+        }
+        d
+    }
+
+    #[test]
+    fn quota_descriptors_are_charged_again_only_when_some_but_not_all_are_over() {
+        // Rate-limit descriptor fine, one quota over, one not: retry without it.
+        let first = [
+            judged(false, false, false),
+            judged(false, true, true),
+            judged(false, true, false),
+        ];
+        assert!(!Decision::overall(&first));
+        assert_eq!(quota_retry(&first), Some(vec![true, false, true]));
+        // Every quota over, or a rate-limit descriptor over: the denial stands.
+        let all = [judged(false, true, true), judged(false, true, true)];
+        assert_eq!(quota_retry(&all), None);
+        let rate = [
+            judged(false, false, true),
+            judged(false, true, false),
+            judged(false, true, true),
+        ];
+        assert_eq!(quota_retry(&rate), None);
+        // After the retry: an over quota descriptor alone does not deny.
+        let after = [
+            judged(true, false, false),
+            judged(false, true, true),
+            judged(true, true, false),
+        ];
+        assert!(Decision::overall(&after));
+        assert!(!Decision::overall(&[judged(false, true, true)]));
+        assert_eq!(quota_retry(&after), None, "allowed: nothing to retry");
     }
 }

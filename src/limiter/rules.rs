@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::Request;
 use super::descriptors::{DescriptorKeys, DescriptorTree};
-use super::limit::Limit;
+use super::limit::{Limit, LimitKind};
 use crate::config::{FailureMode, Per, UnknownScope};
 use crate::store::{BucketCharge, BucketKey};
 
@@ -18,6 +18,10 @@ pub struct Rules {
     pub unknown_scope: UnknownScope,
     /// The failure mode of scopes that set none, and of unknown scopes.
     pub failure_mode: FailureMode,
+    /// `envoy_shadow_mode`: every Envoy descriptor's limits are shadow.
+    pub envoy_shadow_mode: bool,
+    /// `envoy_quota_mode`: every Envoy descriptor is a quota descriptor.
+    pub envoy_quota_mode: bool,
 }
 
 /// One scope's limits.
@@ -61,7 +65,12 @@ impl ScopeRules {
         'r: 'q,
     {
         let matching = self.limits.iter().filter(|l| l.matches(req));
-        let by_descriptor = self.descriptor_tree.find(req.entries);
+        // An unlimited rule, or one that admits nothing, has no bucket; the
+        // joint planner reads them from the tree itself.
+        let by_descriptor = self
+            .descriptor_tree
+            .find(req.entries)
+            .filter(|l| l.kind == LimitKind::Bucket);
         for limit in matching.chain(by_descriptor) {
             let (identity, operation) = match limit.per {
                 Per::Scope => (None, None),

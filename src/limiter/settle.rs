@@ -228,7 +228,7 @@ impl<S: Store, E> Limiter<S, E> {
         rules: &Rules,
         reqs: &[Request<'_>],
     ) -> Result<Vec<Decision>, DecideError> {
-        let joint = match Joint::plan(rules, reqs) {
+        let joint = match Joint::plan(rules, reqs).map(Joint::for_refund) {
             Ok(joint) => joint,
             // An unknown scope has nothing to refund.
             Err(_) => return Ok(vec![allowed(); reqs.len()]),

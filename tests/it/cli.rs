@@ -84,6 +84,42 @@ fn check_config_prints_a_summary_of_the_example() {
     );
 }
 
+#[test]
+fn check_config_envoy_compat_reports_each_file_and_what_differs() {
+    let run = |dir: &str| {
+        let out = Command::new(BIN)
+            .args(["check-config", "--envoy-compat", dir])
+            .output()
+            .expect("run");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    // A runtime root: its <subdirectory>/config/ files are read.
+    let (ok, stdout) = run("tests/corpus/envoy/runtime/current");
+    assert!(ok, "{stdout}");
+    for line in [
+        "ratelimit/config/quota.yaml: loaded, domain \"quota\"",
+        "  differs: descriptors[0].quota_mode:",
+        "  differs: descriptors[0].detailed_metric: no per-value metric",
+        "differs in every file:",
+        "4 loaded, 0 refused",
+    ] {
+        assert!(stdout.contains(line), "{line} not in\n{stdout}");
+    }
+    let (ok, stdout) = run("tests/corpus/envoy/refused/duplicate-domain");
+    assert!(!ok, "{stdout}");
+    assert!(
+        stdout.contains("b.yaml: refused\n  domain \"twice\" is already defined in"),
+        "{stdout}"
+    );
+    let (ok, stdout) = run("tests/corpus/envoy/refused");
+    assert!(!ok, "{stdout}");
+    assert!(stdout.contains("self_replaces.yaml: refused\n"), "{stdout}");
+    assert!(stdout.contains("duplicate-domain: skipped"), "{stdout}");
+}
+
 /// Runs `check-config` on `path`, asserts that it fails, and returns stderr.
 fn check_config_fails(path: &std::path::Path) -> String {
     let out = Command::new(BIN)

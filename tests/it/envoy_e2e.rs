@@ -70,6 +70,16 @@ impl Envoy {
     /// Starts Envoy from the deploy template, pointing at `upstream` and
     /// `rls`, after `edit` has had its way with the YAML.
     async fn start(upstream: SocketAddr, rls: SocketAddr, edit: impl Fn(String) -> String) -> Self {
+        Self::start_with(upstream, rls, edit, &[]).await
+    }
+
+    /// [`Envoy::start`], with `extra` command-line arguments.
+    async fn start_with(
+        upstream: SocketAddr,
+        rls: SocketAddr,
+        edit: impl Fn(String) -> String,
+        extra: &[&str],
+    ) -> Self {
         let template = std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/envoy/envoy.yaml"),
         )
@@ -102,6 +112,7 @@ impl Envoy {
             ])
             .arg("--log-path")
             .arg(&log)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -322,6 +333,107 @@ async fn envoy_enforces_tollgate_limits_end_to_end() {
     // dave's own bucket was not charged by the denial: two more pass.
     assert_eq!(as_user("dave").await.status, 200);
     assert_eq!(as_user("dave").await.status, 200);
+}
+
+const TAGGED_LIMITS: &str = r#"
+domain: edge
+descriptors:
+  - key: user
+    metadata:
+      tier: standard
+      owner: { team: edge }
+    rate_limit: { unit: hour, requests_per_unit: 1 }
+"#;
+
+/// Envoy's HTTP connection manager, writing each request's status and the
+/// rate-limit filter's dynamic metadata to `log`, one line per request.
+fn with_access_log(yaml: String, log: &Path) -> String {
+    let access_log = format!(
+        r#"                stat_prefix: ingress
+                access_log:
+                  - name: envoy.access_loggers.file
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+                      path: {log:?}
+                      log_format:
+                        text_format_source:
+                          inline_string: "%RESPONSE_CODE% %DYNAMIC_METADATA(envoy.filters.http.ratelimit)%\n"
+"#
+    );
+    assert_eq!(
+        yaml.matches(
+            "                stat_prefix: ingress
+"
+        )
+        .count(),
+        1
+    );
+    yaml.replace(
+        "                stat_prefix: ingress
+",
+        &access_log,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_logs_the_dynamic_metadata_tollgate_answers_with() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limits = dir.path().join("edge.yaml");
+    std::fs::write(&limits, TAGGED_LIMITS).expect("write limits");
+    let config = Config::from_yaml(&format!(
+        "envoy_dynamic_metadata: true
+envoy_ratelimit_configs: [{limits:?}]
+"
+    ))
+    .expect("config");
+    let tollgate = common::tollgate::start_tollgate(config).await;
+    let upstream = start_upstream().await;
+    let log = dir.path().join("access.log");
+    let envoy = Envoy::start_with(
+        upstream,
+        tollgate.addr,
+        |y| with_access_log(y, &log),
+        &["--file-flush-interval-msec", "50"],
+    )
+    .await;
+    let as_erin = || get(envoy.listen, "/", &[("x-user-id", "erin")]);
+    assert_eq!(as_erin().await.expect("request").status, 200);
+    assert_eq!(as_erin().await.expect("request").status, 429);
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        lines = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        if lines.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(lines.len(), 2, "{lines:?}\n{}", envoy.log_text());
+    let json = |line: &str| -> serde_json::Value {
+        let (_, meta) = line.split_once(' ').expect("status and metadata");
+        serde_json::from_str(meta).unwrap_or_else(|e| panic!("{e}: {line}"))
+    };
+    let (allowed, denied) = (json(&lines[0]), json(&lines[1]));
+    assert!(
+        lines[0].starts_with("200 ") && lines[1].starts_with("429 "),
+        "{lines:?}"
+    );
+    assert_eq!(allowed["domain"], "edge", "{allowed}");
+    let entries = &allowed["descriptors"][0]["entries"];
+    assert!(
+        entries
+            .as_array()
+            .is_some_and(|e| e.iter().any(|v| v == "user=erin")),
+        "{allowed}"
+    );
+    assert_eq!(allowed["metadata"]["tier"], "standard", "{allowed}");
+    assert_eq!(allowed["metadata"]["owner"]["team"], "edge", "{allowed}");
+    // Over the limit, the rule did not pass: its metadata is not handed back.
+    assert_eq!(denied["domain"], "edge", "{denied}");
+    assert!(denied.get("metadata").is_none(), "{denied}");
 }
 
 /// An RLS that answers as the `x-user-id` descriptor says: a gRPC status

@@ -383,9 +383,13 @@ async fn envoyproxy_ratelimit_yaml_with_nested_descriptors_decides_as_documented
         go(&[("user", "ann"), ("path", "/cart")]).await,
         (Code::Ok, None, 0)
     );
-    // Wildcard values and unlimited.
+    // Wildcard values and unlimited: all of an unlimited rule is left, as
+    // envoyproxy/ratelimit reports it.
     for _ in 0..10 {
-        assert_eq!(go(&[("user", "internal-batch")]).await, (Code::Ok, None, 0));
+        assert_eq!(
+            go(&[("user", "internal-batch")]).await,
+            (Code::Ok, None, u32::MAX)
+        );
     }
     // An exact value beats the any-value rule.
     assert_eq!(
@@ -424,7 +428,7 @@ fn a_domain_defined_twice_is_refused_naming_both_files() {
         err.contains("is already defined in scopes[0] of the Tollgate config"),
         "{err}"
     );
-    // An unsupported field names its file and path.
+    // A field in the wrong place names its file and path.
     let d = write(
         dir.path(),
         "d.yaml",
@@ -435,7 +439,7 @@ fn a_domain_defined_twice_is_refused_naming_both_files() {
         .to_string();
     assert!(
         err.contains(&format!(
-            "{}: descriptors[0].rate_limit.quota_mode: is not supported",
+            "{}: descriptors[0].rate_limit.quota_mode: unknown field",
             d.display()
         )),
         "{err}"
@@ -510,20 +514,33 @@ async fn replaces_drops_the_named_limit_and_shadow_mode_never_denies() {
 }
 
 #[test]
-fn replaces_must_name_a_rate_limit_of_the_file() {
+fn a_replaces_naming_no_rule_loads_and_one_naming_its_own_rule_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
+    // Upstream loads a replaces that names nothing; it replaces nothing, and
+    // check-config --envoy-compat says so.
     let file = write(
         dir.path(),
-        "bad.yaml",
+        "dangling.yaml",
         "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: 1, replaces: [{name: nope}]}\n",
     );
+    let config = Config::from_yaml(&with_envoy_configs(&[&file])).expect("loads");
+    assert!(
+        config.envoy_domains[0].notes.iter().any(|n| n.contains(
+            "descriptors[0].rate_limit.replaces[0].name: names no rate_limit of this file (\"nope\")"
+        )),
+        "{:?}",
+        config.envoy_domains[0].notes
+    );
+    let file = write(
+        dir.path(),
+        "self.yaml",
+        "domain: e\ndescriptors:\n  - key: k\n    rate_limit: {name: me, unit: second, requests_per_unit: 1, replaces: [{name: me}]}\n",
+    );
     let err = Config::from_yaml(&with_envoy_configs(&[&file]))
-        .expect_err("dangling replaces")
+        .expect_err("self-replacing")
         .to_string();
     assert!(
-        err.contains(
-            "descriptors[0].rate_limit.replaces[0].name: names no rate_limit of this file: \"nope\""
-        ),
+        err.contains("descriptors[0].rate_limit.replaces[0].name: names this rate_limit itself"),
         "{err}"
     );
 }

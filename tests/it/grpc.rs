@@ -428,7 +428,7 @@ async fn health_is_serving_when_ready_and_not_serving_while_draining() {
 }
 
 #[tokio::test]
-async fn reflection_lists_the_rate_limiter_service() {
+async fn reflection_lists_the_rate_limiter_and_envoy_rls_services() {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
@@ -462,6 +462,27 @@ async fn reflection_lists_the_rate_limiter_service() {
         names.contains(&"grpc.health.v1.Health".to_owned()),
         "{names:?}"
     );
+    assert!(
+        names.contains(&"envoy.service.ratelimit.v3.RateLimitService".to_owned()),
+        "{names:?}"
+    );
+    // And a reflection client can fetch the RLS's descriptors by symbol.
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(
+            "envoy.service.ratelimit.v3.RateLimitService".to_owned(),
+        )),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let response = stream.message().await.expect("message").expect("answer");
+    let Some(MessageResponse::FileDescriptorResponse(files)) = response.message_response else {
+        panic!("unexpected reflection answer: {response:?}");
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
     server.shutdown().await;
 }
 

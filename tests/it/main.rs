@@ -10,6 +10,7 @@ mod common;
 mod deny_cache;
 mod deploy;
 mod docs;
+mod envoy_compat;
 mod envoy_e2e;
 mod envoy_rls;
 mod fault_matrix;

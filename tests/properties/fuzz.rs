@@ -22,11 +22,24 @@ fn cases(ci: u32) -> u32 {
         .unwrap_or(ci)
 }
 
+/// Every `.yaml` file under `tests/corpus/<dir>`, subdirectories included
+/// (the envoy corpus keeps upstream's runtime layout and refused files).
 fn corpus(dir: &str) -> Vec<String> {
-    let mut files: Vec<_> = std::fs::read_dir(format!("tests/corpus/{dir}"))
-        .expect("corpus")
-        .map(|e| e.expect("entry").path())
-        .collect();
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).expect("corpus") {
+            let p = entry.expect("entry").path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|e| e == "yaml") {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(
+        std::path::Path::new(&format!("tests/corpus/{dir}")),
+        &mut files,
+    );
     files.sort();
     files
         .iter()
