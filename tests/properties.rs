@@ -127,6 +127,7 @@ proptest! {
                 let charge = Charge {
                     buckets: buckets.iter().map(|&i| BucketCharge {
                         key: key(i), shape: shape(i), cost, shadow: false, reserve: 0, window: None,
+                        max_delay: std::time::Duration::ZERO,
                     }).collect(),
                     dry_run: false, marks: false, open: None,
                 };

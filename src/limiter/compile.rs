@@ -107,6 +107,7 @@ fn compile_limit(config: &LimitConfig) -> Result<Limit, ConfigError> {
         ],
         shadow: config.shadow,
         replaces: Vec::new(),
+        max_delay: config.max_delay.unwrap_or_default(),
     })
 }
 

@@ -4,6 +4,7 @@
 //! both end up as a [`Limit`]; this is its one home.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use globset::GlobSet;
 
@@ -41,6 +42,9 @@ pub struct Limit {
     /// decided together draws on both, those are dropped (envoyproxy's
     /// `replaces`).
     pub replaces: Vec<Arc<str>>,
+    /// Shaping: the longest this limit lets a request wait instead of
+    /// denying it (bounded again by the request's `max_wait`); zero: never.
+    pub max_delay: Duration,
 }
 
 impl Limit {
@@ -60,6 +64,7 @@ impl Limit {
             reserve: [0; 3],
             shadow,
             replaces: Vec::new(),
+            max_delay: Duration::ZERO,
         }
     }
 

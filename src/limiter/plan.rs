@@ -243,6 +243,9 @@ where
                 s.cost = s.cost.saturating_add(charge.cost);
                 // A bucket enforced by any request is enforced.
                 s.shadow &= charge.shadow;
+                // Shaping: the shared bucket waits no longer than any of
+                // its requests may.
+                s.max_delay = s.max_delay.min(charge.max_delay);
                 at
             }
             None => {
@@ -284,6 +287,7 @@ where
                         allowed: outcome.allowed,
                         buckets: outcomes.into(),
                         now_us: outcome.now_us,
+                        delay: outcome.delay,
                     },
                 );
                 d.allowed = outcome.allowed;
@@ -356,7 +360,11 @@ fn unknown_scope(rules: &Rules, scope: &str) -> Decision {
 
 /// Builds the decision for one request from the store's outcome.
 pub(crate) fn decision(planned: &[Planned<'_, '_>], outcome: &ChargeOutcome) -> Decision {
-    decision_of(planned, outcome.allowed, &outcome.buckets)
+    let mut d = decision_of(planned, outcome.allowed, &outcome.buckets);
+    if outcome.allowed {
+        d.delay = outcome.delay;
+    }
+    d
 }
 
 /// Builds the decision for one request from whether the store allowed it
@@ -475,6 +483,7 @@ scopes:
                 })
                 .collect(),
             now_us: 0,
+            delay: Duration::ZERO,
         }
     }
 

@@ -220,6 +220,7 @@ impl Entry {
             // Only a reservation reads the store's clock, and a denial
             // makes none.
             now_us: 0,
+            delay: std::time::Duration::ZERO,
         }
     }
 
@@ -241,7 +242,9 @@ impl Entry {
 /// The one bucket a charge must have for a local answer.
 fn cacheable<'c, 'a>(charge: &'c Charge<'a>) -> Option<&'c BucketCharge<'a>> {
     match charge.buckets.as_slice() {
-        [b] if !b.shadow => Some(b),
+        // A shaped request (one that may wait) is never answered from a
+        // denial held for another, nor held: its answer depends on its wait.
+        [b] if !b.shadow && b.max_delay.is_zero() => Some(b),
         _ => None,
     }
 }

@@ -268,6 +268,7 @@ impl Parts {
             shadow: false,
             reserve: 0,
             window: None,
+            max_delay: std::time::Duration::ZERO,
         }
     }
 }
