@@ -1,0 +1,389 @@
+//! Shaping (issue 24): a limit with `max_delay` admits a request that would
+//! conform soon with a `delay` instead of denying it, and the promise moves
+//! from decision times to release times (decided at + delay): over any
+//! interval `t` the cost released is at most `C + r·t`.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use tollgate::bucket::Shape;
+use tollgate::config::Config;
+use tollgate::limiter::{Decision, Limiter, Request, Rules};
+use tollgate::pb::tollgate::v1::ShouldAllowRequest;
+use tollgate::store::memory::MemoryStore;
+use tollgate::store::{BucketCharge, BucketKey, Charge, Store, StoreExt};
+
+use crate::common::TestServer;
+use crate::common::redis::{Standalone, conn};
+
+const MS: Duration = Duration::from_millis(1);
+
+const SPREAD: &str = r#"
+scopes:
+  - name: agents
+    limits:
+      - { name: per-team, per: identity, capacity: 10, refill_period: 1s, max_delay: 2s }
+  - name: pair
+    limits:
+      - { name: per-team, per: identity, capacity: 10, refill_period: 1s, max_delay: 2s }
+      - { name: per-scope, per: scope, capacity: 5, refill_period: 1s, max_delay: 500ms }
+"#;
+
+fn limiter(yaml: &str) -> Limiter<MemoryStore> {
+    let config = Config::from_yaml(yaml).expect("valid config");
+    Limiter::new(
+        Rules::compile(&config).expect("rules"),
+        MemoryStore::default(),
+    )
+}
+
+fn waiting<'a>(scope: &'a str, identity: &'a str, max_wait: Option<Duration>) -> Request<'a> {
+    Request {
+        max_wait,
+        ..Request::new(scope, identity, "op")
+    }
+}
+
+async fn decide(l: &Limiter<MemoryStore>, r: &Request<'_>) -> Decision {
+    l.decide(r).await.expect("decide")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_30_is_spread_at_the_rate_to_the_tick() {
+    let l = limiter(SPREAD);
+    let r = waiting("agents", "team-a", Some(2 * Duration::from_secs(1)));
+    let mut answers = Vec::new();
+    for _ in 0..32 {
+        answers.push(decide(&l, &r).await);
+    }
+    for (i, d) in answers[..10].iter().enumerate() {
+        assert!(d.allowed && d.delay.is_zero(), "request {i}: {d:?}");
+    }
+    for (i, d) in answers[10..30].iter().enumerate() {
+        let want = 100 * MS * (i as u32 + 1);
+        assert!(d.allowed, "request {}: {d:?}", i + 10);
+        assert_eq!(d.delay, want, "request {}", i + 10);
+    }
+    for d in &answers[30..] {
+        assert!(!d.allowed && d.delay.is_zero(), "{d:?}");
+        // The same request would be admitted, with a delay of exactly
+        // max_delay, 0.1 s from now.
+        assert_eq!(d.retry_after, Some(100 * MS));
+    }
+    tokio::time::advance(100 * MS - Duration::from_nanos(1)).await;
+    assert!(!decide(&l, &r).await.allowed, "a nanosecond early");
+    tokio::time::advance(Duration::from_nanos(1)).await;
+    let on_time = decide(&l, &r).await;
+    assert!(on_time.allowed);
+    assert_eq!(on_time.delay, 2 * Duration::from_secs(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_max_wait_shorter_than_the_delay_is_denied_and_takes_nothing() {
+    let l = limiter(SPREAD);
+    let patient = waiting("agents", "team-a", Some(Duration::from_secs(2)));
+    for _ in 0..12 {
+        assert!(decide(&l, &patient).await.allowed);
+    }
+    // The next needs 0.3 s: a caller that can wait 0.25 s is denied, told
+    // when a wait of 0.25 s would do, and takes nothing.
+    let hurried = waiting("agents", "team-a", Some(250 * MS));
+    let d = decide(&l, &hurried).await;
+    assert!(!d.allowed && d.delay.is_zero(), "{d:?}");
+    assert_eq!(d.retry_after, Some(50 * MS));
+    // A caller that cannot wait at all keeps today's answer.
+    let d = decide(&l, &waiting("agents", "team-a", None)).await;
+    assert!(!d.allowed);
+    assert_eq!(d.retry_after, Some(300 * MS));
+    // Nothing was taken: the next patient request waits 0.3 s, not more.
+    let d = decide(&l, &patient).await;
+    assert_eq!((d.allowed, d.delay), (true, 300 * MS));
+}
+
+#[tokio::test(start_paused = true)]
+async fn several_buckets_wait_for_the_slowest_all_or_nothing() {
+    let l = limiter(SPREAD);
+    let r = waiting("pair", "team-a", Some(Duration::from_secs(2)));
+    // The scope's bucket (5/s) runs out first: 0.2 s apart from then on.
+    for i in 0..5 {
+        assert_eq!(decide(&l, &r).await.delay, Duration::ZERO, "request {i}");
+    }
+    for i in 1..=2u32 {
+        let d = decide(&l, &r).await;
+        assert_eq!((d.allowed, d.delay), (true, 200 * MS * i));
+    }
+    // The scope's max_delay is 0.5 s: the next needs 0.6 s there, so it is
+    // denied, and team-a's own bucket (which would let it through at once)
+    // keeps its tokens.
+    let d = decide(&l, &r).await;
+    assert!(!d.allowed, "{d:?}");
+    assert_eq!(d.retry_after, Some(100 * MS));
+    let own = d.buckets.iter().find(|b| &*b.rule == "per-team").unwrap();
+    assert_eq!(own.remaining, 3, "10 less the 7 admitted");
+}
+
+fn burst_bucket(rule: &str) -> BucketCharge<'_> {
+    BucketCharge {
+        max_delay: Duration::from_secs(2),
+        ..BucketCharge::new(
+            BucketKey {
+                scope: "shaping",
+                rule,
+                identity: Some("fleet"),
+                operation: None,
+            },
+            Shape {
+                capacity: 10,
+                period: 1_000_000_000,
+            },
+            1,
+        )
+    }
+}
+
+/// Checks the release times (µs, any order) of unit-cost requests against
+/// `C + r·t` on every interval, widened by `slack_us`: for the `k`
+/// releases between two of them, `(k - C)·P <= C·(t + slack)`.
+fn assert_released_within_the_limit(mut releases: Vec<u64>, slack_us: u64, what: &str) {
+    const C: u64 = 10;
+    const P_US: u64 = 1_000_000;
+    releases.sort_unstable();
+    for i in 0..releases.len() {
+        for j in i..releases.len() {
+            let k = (j - i + 1) as u64;
+            let t = releases[j] - releases[i] + slack_us;
+            assert!(
+                k.saturating_sub(C) * P_US <= C * t,
+                "{what}: {k} released in {t} µs: {:?}",
+                &releases[i..=j]
+            );
+        }
+    }
+}
+
+/// Two replicas' stores on one Redis, 200 concurrent charges per round:
+/// every release (Redis's clock at the decision plus the delay) keeps the
+/// limit, in each of 5 rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_release_at_most_the_limit_over_any_interval() {
+    let redis = Standalone::start();
+    let stores = [redis.store("shaping"), redis.store("shaping")];
+    for round in 0..5 {
+        let rule = format!("round-{round}");
+        let charges = (0..200).map(|i| {
+            let store = stores[i % 2].clone();
+            let rule = rule.clone();
+            tokio::spawn(async move {
+                let charge = Charge::of([burst_bucket(&rule)]);
+                store.check_and_take_one(&charge).await
+            })
+        });
+        let mut releases = Vec::new();
+        let mut denied = 0;
+        for outcome in join_all(charges).await {
+            let o = outcome.unwrap().expect("store answers");
+            if o.allowed {
+                assert!(o.delay <= Duration::from_secs(2), "{o:?}");
+                releases.push(o.now_us + o.delay.as_micros() as u64);
+            } else {
+                let wait = o.buckets[0].retry_after.expect("a retry can pass");
+                assert!(wait <= Duration::from_secs(1), "{o:?}");
+                denied += 1;
+            }
+        }
+        let delayed = releases.len().saturating_sub(10);
+        eprintln!(
+            "round {round}: {} admitted ({delayed} delayed), {denied} denied",
+            releases.len()
+        );
+        assert!(releases.len() >= 30 && denied > 0, "round {round}");
+        assert_released_within_the_limit(releases, 0, &format!("round {round}"));
+    }
+}
+
+/// The same through two Tollgate servers: the answers carry only the
+/// delay, so each decision's instant is bracketed by Redis's `TIME` read
+/// before and after the burst, and the check allows that much slack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tollgate_servers_release_at_most_the_limit() {
+    let redis = Standalone::start();
+    let yaml = format!(
+        r#"
+store:
+  kind: redis
+  redis:
+    urls: ["{}"]
+    key_prefix: "test:shaping-servers:"
+    response_timeout: 2s
+    wait_timeout: 2s
+    connect_timeout: 2s
+failure_mode: closed
+scopes:
+  - name: agents
+    limits:
+      - {{ name: per-team, per: identity, capacity: 10, refill_period: 1s, max_delay: 2s }}
+"#,
+        redis.url()
+    );
+    let config = || Config::from_yaml(&yaml).unwrap();
+    let replicas = [
+        TestServer::start_config(config()).await,
+        TestServer::start_config(config()).await,
+    ];
+    let clients = [replicas[0].client().await, replicas[1].client().await];
+    let redis_now = || -> u64 {
+        let (s, us): (u64, u64) = redis::cmd("TIME")
+            .query(&mut conn(redis.server.port).unwrap())
+            .unwrap();
+        s * 1_000_000 + us
+    };
+    for round in 0..5 {
+        let identity = format!("fleet-{round}");
+        let before = redis_now();
+        let calls = (0..200).map(|i| {
+            let mut client = clients[i % 2].clone();
+            let request = ShouldAllowRequest {
+                scope: "agents".into(),
+                identity: identity.clone(),
+                max_wait: Some(prost_types::Duration {
+                    seconds: 2,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            };
+            tokio::spawn(async move { client.should_allow(request).await })
+        });
+        let answers = join_all(calls).await;
+        let after = redis_now();
+        let mut delays = Vec::new();
+        for answer in answers {
+            let a = answer.unwrap().expect("no store error").into_inner();
+            assert!(!a.degraded);
+            if a.allowed {
+                let d = crate::common::to_std(&a.delay).unwrap_or_default();
+                assert!(d <= Duration::from_secs(2), "{a:?}");
+                delays.push(d.as_micros() as u64);
+            }
+        }
+        let slack = after - before;
+        eprintln!(
+            "round {round}: {} admitted through 2 servers, decided within {slack} µs",
+            delays.len()
+        );
+        assert!(delays.len() >= 30, "round {round}");
+        assert_released_within_the_limit(delays, slack, &format!("servers, round {round}"));
+    }
+}
+
+/// The conformance of a shaped charge on any store: a burst of 30 against
+/// 10/s with waits up to 2 s gets 10 at once and 20 waits spaced by the
+/// rate (Redis's clock moves between calls, so the waits are bounds), and a
+/// denial takes nothing.
+pub(crate) async fn a_shaped_burst_is_spread_and_a_denial_takes_nothing(store: &impl Store) {
+    let b = burst_bucket("conformance-shaped");
+    let started = tokio::time::Instant::now();
+    let mut waits = Vec::new();
+    for _ in 0..30 {
+        let o = store.check_and_take_single(&b, false).await.unwrap();
+        assert!(o.allowed, "{o:?}");
+        waits.push(o.delay);
+    }
+    let elapsed = started.elapsed();
+    assert!(waits[..10].iter().all(|w| w.is_zero()), "{waits:?}");
+    for pair in waits[10..].windows(2) {
+        assert!(pair[1] <= pair[0] + 100 * MS, "never faster: {waits:?}");
+    }
+    assert!(waits[29] <= 2 * Duration::from_secs(1), "{waits:?}");
+    assert!(
+        waits[29] + elapsed >= 2 * Duration::from_secs(1),
+        "{waits:?}"
+    );
+    // One that cannot wait long enough is denied and takes nothing: a dry
+    // run that may wait longer sees the same wait before and after it.
+    let hurried = BucketCharge {
+        max_delay: 500 * MS,
+        ..b
+    };
+    let patient = BucketCharge {
+        max_delay: 3 * Duration::from_secs(1),
+        ..b
+    };
+    let before = store.check_and_take_single(&patient, true).await.unwrap();
+    let o = store.check_and_take_single(&hurried, false).await.unwrap();
+    assert!(!o.allowed && o.delay.is_zero(), "{o:?}");
+    assert!(o.buckets[0].retry_after.is_some());
+    let after = store.check_and_take_single(&patient, true).await.unwrap();
+    assert!(before.allowed && after.allowed && !before.delay.is_zero());
+    assert!(
+        after.delay <= before.delay,
+        "the denial took nothing: {before:?} then {after:?}"
+    );
+}
+
+#[test]
+fn a_max_delay_the_limit_cannot_keep_is_refused_with_its_path() {
+    let limit = |fields: &str| {
+        format!(
+            "scopes:\n  - name: s\n    limits:\n      - {{ name: l, per: identity, {fields} }}\n"
+        )
+    };
+    let cases = [
+        (
+            "budget: 10, window: day, max_delay: 1s",
+            "scopes[0].limits[0].max_delay: a budget has no rate",
+        ),
+        (
+            "capacity: 10, refill_period: 1s, shadow: true, max_delay: 1s",
+            "scopes[0].limits[0].max_delay: a shadow limit never denies",
+        ),
+        (
+            "capacity: 10, refill_period: 1s, max_delay: 2h",
+            "scopes[0].limits[0].max_delay: must be between 1ms and 1h",
+        ),
+        (
+            "capacity: 10, refill_period: 1s, max_delay: 0s",
+            "scopes[0].limits[0].max_delay: must be between 1ms and 1h",
+        ),
+        (
+            "capacity: 10, refill_period: 1s, max_delay: 1500ns",
+            "scopes[0].limits[0].max_delay: must be between 1ms and 1h",
+        ),
+    ];
+    for (fields, want) in cases {
+        let yaml = limit(fields);
+        let err = Config::from_yaml(&yaml).unwrap_err().to_string();
+        assert!(err.contains(want), "{yaml}\n{err}");
+    }
+    Config::from_yaml(&limit("capacity: 10, refill_period: 1s, max_delay: 1h"))
+        .expect("1h is the most");
+}
+
+#[tokio::test]
+async fn a_bad_max_wait_is_invalid_argument_naming_it_and_takes_nothing() {
+    let server = TestServer::start(SPREAD).await;
+    let mut client = server.client().await;
+    let ask = |seconds: i64, nanos: i32| ShouldAllowRequest {
+        scope: "agents".into(),
+        identity: "team-b".into(),
+        max_wait: Some(prost_types::Duration { seconds, nanos }),
+        ..Default::default()
+    };
+    for (seconds, nanos) in [(-1, 0), (3601, 0), (0, -5)] {
+        let status = client.should_allow(ask(seconds, nanos)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().starts_with("max_wait: "), "{status:?}");
+    }
+    // Nothing was taken: the bucket still holds all 10.
+    let a = client.should_allow(ask(2, 0)).await.unwrap().into_inner();
+    assert_eq!((a.allowed, a.remaining), (true, 9));
+    // Through the wire, a delayed allow carries `delay`.
+    for _ in 0..9 {
+        client.should_allow(ask(2, 0)).await.unwrap();
+    }
+    let a = client.should_allow(ask(2, 0)).await.unwrap().into_inner();
+    let delay = crate::common::to_std(&a.delay).expect("a delay");
+    assert!(a.allowed && delay > 50 * MS && delay <= 100 * MS, "{a:?}");
+    // Zero is the same as unset: no wait, denied as before.
+    let a = client.should_allow(ask(0, 0)).await.unwrap().into_inner();
+    assert!(!a.allowed && a.delay.is_none(), "{a:?}");
+}
