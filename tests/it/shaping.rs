@@ -387,3 +387,93 @@ async fn a_bad_max_wait_is_invalid_argument_naming_it_and_takes_nothing() {
     let a = client.should_allow(ask(0, 0)).await.unwrap().into_inner();
     assert!(!a.allowed && a.delay.is_none(), "{a:?}");
 }
+
+#[tokio::test]
+async fn delayed_admissions_are_counted_with_their_delays_per_rule() {
+    let metrics = crate::common::free_port();
+    let server = TestServer::start(&format!(
+        "metrics: {{ listen: 127.0.0.1:{metrics} }}\n{SPREAD}"
+    ))
+    .await;
+    let mut client = server.client().await;
+    for _ in 0..12 {
+        let r = ShouldAllowRequest {
+            scope: "agents".into(),
+            identity: "team-c".into(),
+            max_wait: Some(prost_types::Duration {
+                seconds: 2,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        assert!(client.should_allow(r).await.unwrap().into_inner().allowed);
+    }
+    let text = crate::common::metrics_get(metrics, "/metrics").await;
+    let labels = r#"{api="tollgate",scope="agents",rule="per-team"}"#;
+    let line = |name: &str| {
+        let prefix = format!("{name}{labels} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("{name} in\n{text}"))
+            .to_owned()
+    };
+    assert_eq!(line("tollgate_delayed_admissions_total"), "2");
+    assert_eq!(line("tollgate_admission_delay_seconds_count"), "2");
+    let sum: f64 = line("tollgate_admission_delay_seconds_sum")
+        .parse()
+        .unwrap();
+    assert!(
+        sum > 0.1 && sum <= 0.3,
+        "0.1 s and 0.2 s, less the time between calls: {sum}"
+    );
+}
+
+/// Envoy's RLS v3 has no delay: a limit with `max_delay` answers Envoy
+/// OVER_LIMIT where a caller that could wait would get a delay.
+#[tokio::test]
+async fn envoy_gets_over_limit_where_a_delay_would_be_needed() {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+    use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+
+    let yaml = format!("{SPREAD}    descriptor_keys: {{ identity: team }}\n");
+    let server = TestServer::start(&yaml).await;
+    let mut envoy = RateLimitServiceClient::new(server.channel().await);
+    let request = RateLimitRequest {
+        domain: "pair".into(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: vec![Entry {
+                key: "team".into(),
+                value: "team-e".into(),
+            }],
+            ..Default::default()
+        }],
+        hits_addend: 0,
+    };
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        let answer = envoy.should_rate_limit(request.clone()).await.unwrap();
+        codes.push(answer.into_inner().overall_code);
+    }
+    // The scope's bucket holds 5: the sixth would need 0.2 s of delay.
+    assert_eq!(codes[..5], [Code::Ok as i32; 5]);
+    assert_eq!(codes[5], Code::OverLimit as i32);
+    // The same request over tollgate.v1 with max_wait is delayed instead.
+    let mut client = server.client().await;
+    let a = client
+        .should_allow(ShouldAllowRequest {
+            scope: "pair".into(),
+            identity: "team-e".into(),
+            max_wait: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(a.allowed && a.delay.is_some(), "{a:?}");
+}
