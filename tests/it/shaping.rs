@@ -29,6 +29,16 @@ scopes:
       - { name: per-scope, per: scope, capacity: 5, refill_period: 1s, max_delay: 500ms }
 "#;
 
+/// For the tests on a real clock: one token every 10 s, so the time the
+/// calls themselves take never refills one.
+const SLOW: &str = r#"
+scopes:
+  - name: slow
+    descriptor_keys: { identity: team }
+    limits:
+      - { name: per-team, per: identity, capacity: 10, refill_period: 100s, max_delay: 20s }
+"#;
+
 fn limiter(yaml: &str) -> Limiter<MemoryStore> {
     let config = Config::from_yaml(yaml).expect("valid config");
     Limiter::new(
@@ -360,10 +370,10 @@ fn a_max_delay_the_limit_cannot_keep_is_refused_with_its_path() {
 
 #[tokio::test]
 async fn a_bad_max_wait_is_invalid_argument_naming_it_and_takes_nothing() {
-    let server = TestServer::start(SPREAD).await;
+    let server = TestServer::start(SLOW).await;
     let mut client = server.client().await;
     let ask = |seconds: i64, nanos: i32| ShouldAllowRequest {
-        scope: "agents".into(),
+        scope: "slow".into(),
         identity: "team-b".into(),
         max_wait: Some(prost_types::Duration { seconds, nanos }),
         ..Default::default()
@@ -374,15 +384,19 @@ async fn a_bad_max_wait_is_invalid_argument_naming_it_and_takes_nothing() {
         assert!(status.message().starts_with("max_wait: "), "{status:?}");
     }
     // Nothing was taken: the bucket still holds all 10.
-    let a = client.should_allow(ask(2, 0)).await.unwrap().into_inner();
+    let a = client.should_allow(ask(20, 0)).await.unwrap().into_inner();
     assert_eq!((a.allowed, a.remaining), (true, 9));
-    // Through the wire, a delayed allow carries `delay`.
+    // Through the wire, a delayed allow carries `delay`: one token, 10 s.
     for _ in 0..9 {
-        client.should_allow(ask(2, 0)).await.unwrap();
+        client.should_allow(ask(20, 0)).await.unwrap();
     }
-    let a = client.should_allow(ask(2, 0)).await.unwrap().into_inner();
+    let a = client.should_allow(ask(20, 0)).await.unwrap().into_inner();
     let delay = crate::common::to_std(&a.delay).expect("a delay");
-    assert!(a.allowed && delay > 50 * MS && delay <= 100 * MS, "{a:?}");
+    let ten = Duration::from_secs(10);
+    assert!(
+        a.allowed && delay > ten - Duration::from_secs(1) && delay <= ten,
+        "{a:?}"
+    );
     // Zero is the same as unset: no wait, denied as before.
     let a = client.should_allow(ask(0, 0)).await.unwrap().into_inner();
     assert!(!a.allowed && a.delay.is_none(), "{a:?}");
@@ -392,16 +406,16 @@ async fn a_bad_max_wait_is_invalid_argument_naming_it_and_takes_nothing() {
 async fn delayed_admissions_are_counted_with_their_delays_per_rule() {
     let metrics = crate::common::free_port();
     let server = TestServer::start(&format!(
-        "metrics: {{ listen: 127.0.0.1:{metrics} }}\n{SPREAD}"
+        "metrics: {{ listen: 127.0.0.1:{metrics} }}\n{SLOW}"
     ))
     .await;
     let mut client = server.client().await;
     for _ in 0..12 {
         let r = ShouldAllowRequest {
-            scope: "agents".into(),
+            scope: "slow".into(),
             identity: "team-c".into(),
             max_wait: Some(prost_types::Duration {
-                seconds: 2,
+                seconds: 20,
                 nanos: 0,
             }),
             ..Default::default()
@@ -409,7 +423,7 @@ async fn delayed_admissions_are_counted_with_their_delays_per_rule() {
         assert!(client.should_allow(r).await.unwrap().into_inner().allowed);
     }
     let text = crate::common::metrics_get(metrics, "/metrics").await;
-    let labels = r#"{api="tollgate",scope="agents",rule="per-team"}"#;
+    let labels = r#"{api="tollgate",scope="slow",rule="per-team"}"#;
     let line = |name: &str| {
         let prefix = format!("{name}{labels} ");
         text.lines()
@@ -423,8 +437,8 @@ async fn delayed_admissions_are_counted_with_their_delays_per_rule() {
         .parse()
         .unwrap();
     assert!(
-        sum > 0.1 && sum <= 0.3,
-        "0.1 s and 0.2 s, less the time between calls: {sum}"
+        sum > 28.0 && sum <= 30.0,
+        "10 s and 20 s, less the time between calls: {sum}"
     );
 }
 
@@ -438,11 +452,10 @@ async fn envoy_gets_over_limit_where_a_delay_would_be_needed() {
     use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
     use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 
-    let yaml = format!("{SPREAD}    descriptor_keys: {{ identity: team }}\n");
-    let server = TestServer::start(&yaml).await;
+    let server = TestServer::start(SLOW).await;
     let mut envoy = RateLimitServiceClient::new(server.channel().await);
     let request = RateLimitRequest {
-        domain: "pair".into(),
+        domain: "slow".into(),
         descriptors: vec![RateLimitDescriptor {
             entries: vec![Entry {
                 key: "team".into(),
@@ -453,21 +466,21 @@ async fn envoy_gets_over_limit_where_a_delay_would_be_needed() {
         hits_addend: 0,
     };
     let mut codes = Vec::new();
-    for _ in 0..6 {
+    for _ in 0..11 {
         let answer = envoy.should_rate_limit(request.clone()).await.unwrap();
         codes.push(answer.into_inner().overall_code);
     }
-    // The scope's bucket holds 5: the sixth would need 0.2 s of delay.
-    assert_eq!(codes[..5], [Code::Ok as i32; 5]);
-    assert_eq!(codes[5], Code::OverLimit as i32);
+    // The bucket holds 10: the eleventh would need 10 s of delay.
+    assert_eq!(codes[..10], [Code::Ok as i32; 10]);
+    assert_eq!(codes[10], Code::OverLimit as i32);
     // The same request over tollgate.v1 with max_wait is delayed instead.
     let mut client = server.client().await;
     let a = client
         .should_allow(ShouldAllowRequest {
-            scope: "pair".into(),
+            scope: "slow".into(),
             identity: "team-e".into(),
             max_wait: Some(prost_types::Duration {
-                seconds: 1,
+                seconds: 20,
                 nanos: 0,
             }),
             ..Default::default()
@@ -476,4 +489,61 @@ async fn envoy_gets_over_limit_where_a_delay_would_be_needed() {
         .unwrap()
         .into_inner();
     assert!(a.allowed && a.delay.is_some(), "{a:?}");
+}
+
+/// The deny cache never answers a request that may wait from a denial held
+/// for one that could not, and never holds a shaped denial: a later
+/// request with a longer wait must reach the store and pass.
+#[tokio::test(start_paused = true)]
+async fn the_deny_cache_never_denies_what_a_wait_would_pass() {
+    use tollgate::store::deny_cache::DenyCache;
+    let store = DenyCache::new(MemoryStore::default(), true);
+    let plain = BucketCharge {
+        max_delay: Duration::ZERO,
+        ..burst_bucket("cached")
+    };
+    for _ in 0..10 {
+        assert!(
+            store
+                .check_and_take_single(&plain, false)
+                .await
+                .unwrap()
+                .allowed
+        );
+    }
+    // Denied without a wait, twice: the second is answered locally.
+    assert!(
+        !store
+            .check_and_take_single(&plain, false)
+            .await
+            .unwrap()
+            .allowed
+    );
+    assert!(
+        !store
+            .check_and_take_single(&plain, false)
+            .await
+            .unwrap()
+            .allowed
+    );
+    assert_eq!(store.answered_locally(), 1);
+    // A request that may wait goes to the store and is admitted for later.
+    let shaped = burst_bucket("cached");
+    let o = store.check_and_take_single(&shaped, false).await.unwrap();
+    assert_eq!((o.allowed, o.delay), (true, 100 * MS));
+    // A shaped denial is not held: a longer wait passes right after it.
+    let short = BucketCharge {
+        max_delay: 50 * MS,
+        ..shaped
+    };
+    assert!(
+        !store
+            .check_and_take_single(&short, false)
+            .await
+            .unwrap()
+            .allowed
+    );
+    let o = store.check_and_take_single(&shaped, false).await.unwrap();
+    assert_eq!((o.allowed, o.delay), (true, 200 * MS));
+    assert_eq!(store.answered_locally(), 1, "only the unshaped repeat");
 }
