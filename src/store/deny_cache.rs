@@ -47,6 +47,10 @@
 //! - Budgets: a denied budget cannot hold the cost again before its window
 //!   ends (spend only grows within a window); the local answer carries the
 //!   remaining the store reported.
+//! - Shaping: a charge that may wait (a bucket with a `max_delay`) is never
+//!   answered here nor held: whether it passes depends on its wait, and a
+//!   denial held for a request that could not wait would deny one that can.
+//!   A delayed take through this replica drops entries like any take.
 //! - Priorities: an entry answers only the same cost with the same headroom
 //!   to keep, so a CRITICAL request is never denied on a SHEDDABLE one's
 //!   behalf.

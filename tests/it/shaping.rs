@@ -547,3 +547,93 @@ async fn the_deny_cache_never_denies_what_a_wait_would_pass() {
     assert_eq!((o.allowed, o.delay), (true, 200 * MS));
     assert_eq!(store.answered_locally(), 1, "only the unshaped repeat");
 }
+
+const COMBINED: &str = r#"
+scopes:
+  - name: agents
+    limits:
+      - name: per-team
+        per: identity
+        capacity: 10
+        refill_period: 1s
+        max_delay: 2s
+        headroom: { normal: 20%, sheddable: 50% }
+"#;
+
+/// Headroom: a request waits until the bucket holds its cost plus the
+/// headroom its priority must leave. A dry run reports the delay and takes
+/// nothing.
+#[tokio::test(start_paused = true)]
+async fn each_priority_waits_for_its_own_headroom() {
+    use tollgate::limiter::Priority;
+    let l = limiter(COMBINED);
+    let critical = Request {
+        priority: Priority::Critical,
+        ..waiting("agents", "team-a", Some(Duration::from_secs(2)))
+    };
+    for _ in 0..10 {
+        assert_eq!(decide(&l, &critical).await.delay, Duration::ZERO);
+    }
+    for (priority, want) in [
+        (Priority::Critical, 100 * MS),
+        (Priority::Normal, 300 * MS),
+        (Priority::Sheddable, 600 * MS),
+    ] {
+        let dry = Request {
+            priority,
+            dry_run: true,
+            ..critical
+        };
+        let d = decide(&l, &dry).await;
+        assert_eq!((d.allowed, d.delay), (true, want), "{priority:?}");
+    }
+}
+
+/// A reservation made with a delay settles as any other: settling for
+/// nothing gives its token back, so the next wait is as before it.
+#[tokio::test(start_paused = true)]
+async fn a_delayed_reservation_settles_like_any_other() {
+    let l = limiter(SPREAD);
+    let r = waiting("agents", "team-a", Some(Duration::from_secs(2)));
+    for _ in 0..10 {
+        decide(&l, &r).await;
+    }
+    let reserve = Request {
+        settle_within: Some(Duration::from_secs(60)),
+        ..r
+    };
+    let d = decide(&l, &reserve).await;
+    assert_eq!((d.allowed, d.delay), (true, 100 * MS));
+    let token = d.reservation.expect("a reservation");
+    l.settle(&token, 0).await.expect("settles");
+    let d = decide(&l, &r).await;
+    assert_eq!(
+        (d.allowed, d.delay),
+        (true, 100 * MS),
+        "the token came back"
+    );
+}
+
+/// An atomic batch: a bucket its entries share waits no longer than the
+/// entry that can wait least, and every entry gets the one delay.
+#[tokio::test(start_paused = true)]
+async fn an_atomic_batch_waits_as_one_within_its_least_patient_entry() {
+    let l = limiter(SPREAD);
+    let patient = waiting("agents", "team-a", Some(Duration::from_secs(2)));
+    for _ in 0..10 {
+        decide(&l, &patient).await;
+    }
+    let both = [patient, patient];
+    let ds = l.decide_together(&both).await.expect("decide");
+    for d in &ds {
+        assert_eq!((d.allowed, d.delay), (true, 200 * MS), "{d:?}");
+    }
+    let hurried = waiting("agents", "team-a", None);
+    let ds = l
+        .decide_together(&[patient, hurried])
+        .await
+        .expect("decide");
+    assert!(ds.iter().all(|d| !d.allowed && d.delay.is_zero()), "{ds:?}");
+    // It took nothing: the next lone request waits 0.3 s.
+    assert_eq!(decide(&l, &patient).await.delay, 300 * MS);
+}
