@@ -637,3 +637,23 @@ async fn an_atomic_batch_waits_as_one_within_its_least_patient_entry() {
     // It took nothing: the next lone request waits 0.3 s.
     assert_eq!(decide(&l, &patient).await.delay, 300 * MS);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_asks_with_max_wait_and_prints_the_delay() {
+    let server = TestServer::start(SLOW).await;
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["allow", "--addr", &server.url(), "--scope", "slow"])
+            .args(["--identity", "team-f"])
+            .args(extra)
+            .output()
+            .expect("run");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let drained = tokio::task::block_in_place(|| run(&["--cost", "10"]));
+    assert!(drained.starts_with("ALLOWED rule=per-team"), "{drained}");
+    let held = tokio::task::block_in_place(|| run(&["--max-wait", "20s"]));
+    assert!(held.starts_with("ALLOWED delay=9."), "{held}");
+    let denied = tokio::task::block_in_place(|| run(&["--max-wait", "5s"]));
+    assert!(denied.starts_with("DENIED retry_after="), "{denied}");
+}
