@@ -657,3 +657,41 @@ async fn the_cli_asks_with_max_wait_and_prints_the_delay() {
     let denied = tokio::task::block_in_place(|| run(&["--max-wait", "5s"]));
     assert!(denied.starts_with("DENIED retry_after="), "{denied}");
 }
+
+/// On Cluster, a charge whose buckets span hash slots (two scopes) is
+/// decided without delay: its parts could not agree on one release. It is
+/// allowed now or denied, as if the caller could not wait, and a denial
+/// takes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_cluster_a_charge_across_slots_is_decided_without_delay() {
+    let redis = tokio::task::spawn_blocking(crate::common::redis::Cluster::start)
+        .await
+        .unwrap();
+    let store = redis.store("shaping-slots");
+    let bucket = |scope| BucketCharge {
+        key: BucketKey {
+            scope,
+            ..burst_bucket("x").key
+        },
+        ..burst_bucket("x")
+    };
+    let (a, b) = (bucket("scope-a"), bucket("scope-b"));
+    for _ in 0..10 {
+        assert!(
+            store
+                .check_and_take_single(&a, false)
+                .await
+                .unwrap()
+                .allowed
+        );
+    }
+    // Alone, a's bucket would admit the next with a delay.
+    let alone = store.check_and_take_single(&a, true).await.unwrap();
+    assert!(alone.allowed && !alone.delay.is_zero(), "{alone:?}");
+    // Together with b's (another slot), it is denied, with no delay.
+    let both = store.check_and_take_one(&Charge::of([a, b])).await.unwrap();
+    assert!(!both.allowed && both.delay.is_zero(), "{both:?}");
+    // b gave back what its part took: it still holds all 10.
+    let b_left = store.check_and_take_single(&b, true).await.unwrap();
+    assert_eq!(b_left.buckets[0].remaining, 10, "{b_left:?}");
+}
