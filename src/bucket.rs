@@ -350,6 +350,63 @@ impl Shape {
     }
 }
 
+// ---------------------------------------------------------------------
+// Shaping (issue 24): admit with a delay instead of denying.
+//
+// A request that does not conform now but would at `now + d` may be
+// admitted now with the instruction "wait d", when `d` is within the
+// bound it may wait (the limit's `max_delay`, the request's `max_wait`).
+// Its tokens are taken as of its release `s = now + D` (`D` the largest
+// wait of the charge's buckets): the state it leaves is `max(TAT, s) +
+// n·P/C`, at most `s + P`. Each admitted request's slice of TAT time,
+// `[max(TAT, s), max(TAT, s) + n·P/C]`, then starts no earlier than its
+// release and ends no later than its release plus `P`, and the slices of
+// one bucket never overlap. So the cost released (taken at its `s`) in any
+// interval `[a, b]` fits in `[a, b + P]`: at most `C + r·(b - a)`, the
+// promise of an unshaped bucket, moved from decision times to release
+// times.
+// ---------------------------------------------------------------------
+
+/// How a request that may wait up to a bound fares against a [`Verdict`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// It conforms now.
+    Now,
+    /// It conforms after this many ticks, within the bound: admitted, to be
+    /// released then.
+    After(u64),
+    /// It would need longer than the bound: denied. This many ticks from
+    /// now the same request would be admitted (with a wait of the bound).
+    Beyond(u64),
+    /// It never conforms: its cost (and reserve) exceeds the capacity.
+    Never,
+}
+
+impl Verdict {
+    /// How this verdict's request fares when it may wait up to `bound`
+    /// ticks. A bound of 0 is today's answer: [`Wait::Beyond`] carries the
+    /// verdict's own `retry_after`.
+    pub fn wait_within(&self, bound: u64) -> Wait {
+        if self.conforms {
+            return Wait::Now;
+        }
+        match self.retry_after {
+            None => Wait::Never,
+            Some(d) if d <= bound => Wait::After(d),
+            Some(d) => Wait::Beyond(d - bound),
+        }
+    }
+}
+
+impl Shape {
+    /// The state a request of `cost` leaves when it is released at
+    /// `release` (at or after its decision, and at or after the time its
+    /// own bucket lets it conform): `max(TAT, release) + cost·P/C`.
+    pub fn take_at(self, stored: Tat, release: u64, cost: u64) -> Tat {
+        self.advance(self.normalise(stored, release), cost)
+    }
+}
+
 /// True when `a` is later than `b`, both `ticks + frac/C` of one shape.
 fn later(a: Tat, b: Tat) -> bool {
     (a.ticks, a.frac) > (b.ticks, b.frac)
@@ -621,5 +678,73 @@ mod tests {
         // 30_000 tokens take exactly 10_000_000 ticks after the drain.
         assert_eq!(tat.ticks, 1_000_000 + 1_000 + 10_000_000);
         assert_eq!(tat.frac, 0);
+    }
+
+    /// Issue 24: 10/s with capacity 10, waits of up to 2 s, 32 requests at
+    /// one instant: 10 now, 20 released 0.1 s apart, the rest denied with
+    /// the time until a wait of 2 s would do.
+    #[test]
+    fn a_burst_is_spread_at_the_rate_within_the_bound() {
+        let shape = Shape {
+            capacity: 10,
+            period: SEC,
+        };
+        let (now, bound) = (50 * SEC, 2 * SEC);
+        let mut tat = Tat::default();
+        let mut waits = Vec::new();
+        for _ in 0..32 {
+            let v = shape.judge(tat, now, 1);
+            let wait = v.wait_within(bound);
+            match wait {
+                Wait::Now => tat = v.after,
+                Wait::After(d) => tat = shape.take_at(tat, now + d, 1),
+                _ => {}
+            }
+            waits.push(wait);
+        }
+        assert!(waits[..10].iter().all(|w| *w == Wait::Now));
+        for (i, w) in waits[10..30].iter().enumerate() {
+            assert_eq!(
+                *w,
+                Wait::After((i as u64 + 1) * SEC / 10),
+                "request {}",
+                i + 10
+            );
+        }
+        assert_eq!(waits[30..], [Wait::Beyond(SEC / 10); 2]);
+        // A wait beyond the bound is exact: 0.1 s later the same request
+        // is admitted with a wait of exactly the bound.
+        let v = shape.judge(tat, now + SEC / 10, 1);
+        assert_eq!(v.wait_within(bound), Wait::After(bound));
+        assert_eq!(v.wait_within(bound - 1), Wait::Beyond(1));
+    }
+
+    /// A release later than the bucket's own TAT (another bucket of the
+    /// charge waited longer) takes from the release, not from the TAT: the
+    /// tokens never refill "into the past".
+    #[test]
+    fn a_release_after_the_tat_takes_from_the_release() {
+        let shape = Shape {
+            capacity: 10,
+            period: SEC,
+        };
+        let tat = Tat {
+            ticks: 10 * SEC,
+            frac: 0,
+        };
+        assert_eq!(
+            shape.take_at(tat, 12 * SEC, 1),
+            Tat {
+                ticks: 12 * SEC + SEC / 10,
+                frac: 0
+            }
+        );
+        assert_eq!(
+            shape.take_at(tat, 9 * SEC, 1),
+            Tat {
+                ticks: 10 * SEC + SEC / 10,
+                frac: 0
+            }
+        );
     }
 }

@@ -116,6 +116,10 @@ pub(crate) struct Question {
     /// The request's priority: which headroom it may take.
     #[arg(long, default_value = "normal", value_parser = ["critical", "normal", "sheddable"])]
     priority: String,
+    /// Shaping: the longest this caller can wait (e.g. `2s`); a limit with
+    /// `max_delay` may then answer ALLOWED with a delay instead of DENIED.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_wait: Option<Duration>,
 }
 
 impl Question {
@@ -135,6 +139,9 @@ impl Question {
             }
             .into(),
             settle_within: None,
+            max_wait: self
+                .max_wait
+                .and_then(|d| prost_types::Duration::try_from(d).ok()),
         }
     }
 }
@@ -266,6 +273,9 @@ pub(crate) async fn allow(args: AllowArgs) -> anyhow::Result<String> {
             .map(|d| format!("{:.3}s", d.seconds as f64 + f64::from(d.nanos) / 1e9))
     };
     let _ = write!(out, "{}", if r.allowed { "ALLOWED" } else { "DENIED" });
+    if let Some(s) = secs(&r.delay) {
+        let _ = write!(out, " delay={s}");
+    }
     if let Some(s) = secs(&r.retry_after) {
         let _ = write!(out, " retry_after={s}");
     }

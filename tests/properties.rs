@@ -52,6 +52,47 @@ proptest! {
         }
     }
 
+    /// Shaping (issue 24): requests admitted with a wait are charged as of
+    /// their release, and for every interval of release times the
+    /// released cost is at most C + r·t, whatever the bounds and even when
+    /// another bucket of the charge makes a request wait longer than this
+    /// one needs (`extra`), which releases out of decision order.
+    #[test]
+    fn no_interval_of_releases_holds_more_than_capacity_plus_refill(
+        shape in shapes(),
+        arrivals in prop::collection::vec(
+            (0u64..2_000_000, 1u64..=50, 0u64..5_000_000, 0u64..3_000_000), 1..200),
+    ) {
+        use tollgate::bucket::Wait;
+        let mut now = 1_000_000_000u64;
+        let mut tat = Tat::default();
+        let mut released: Vec<(u64, u64)> = Vec::new();
+        for (gap, cost, bound, extra) in arrivals {
+            now += gap;
+            let v = shape.judge(tat, now, cost);
+            let own = match v.wait_within(bound) {
+                Wait::Now => 0,
+                Wait::After(d) => d,
+                Wait::Beyond(_) | Wait::Never => continue,
+            };
+            let wait = own.max(extra);
+            tat = shape.take_at(tat, now + wait, cost);
+            prop_assert!(tat.ticks <= now + wait + shape.period, "conforms at its release");
+            released.push((now + wait, cost));
+        }
+        released.sort_unstable();
+        for i in 0..released.len() {
+            let mut sum = 0u128;
+            for j in i..released.len() {
+                sum += u128::from(released[j].1);
+                let elapsed = u128::from(released[j].0 - released[i].0);
+                let bound = u128::from(shape.capacity) * (u128::from(shape.period) + elapsed);
+                prop_assert!(sum * u128::from(shape.period) <= bound,
+                    "{sum} released in {elapsed} ticks by {shape:?}");
+            }
+        }
+    }
+
     /// One tick before retry_after the same request is denied; at it, allowed.
     #[test]
     fn retry_after_is_the_first_tick_that_allows(shape in shapes(), arrivals in arrivals(), cost in 1u64..=1_000) {
@@ -127,6 +168,7 @@ proptest! {
                 let charge = Charge {
                     buckets: buckets.iter().map(|&i| BucketCharge {
                         key: key(i), shape: shape(i), cost, shadow: false, reserve: 0, window: None,
+                        max_delay: std::time::Duration::ZERO,
                     }).collect(),
                     dry_run: false, marks: false, open: None,
                 };

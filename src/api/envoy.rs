@@ -112,6 +112,9 @@ impl<'a> Described<'a> {
             priority: self.priority,
             settle_within: None,
             caller: None,
+            // Envoy's RLS v3 has no delay: a limit with `max_delay` answers
+            // it as it would any caller that cannot wait.
+            max_wait: None,
         }
     }
 }

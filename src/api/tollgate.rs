@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use super::Settings;
 use super::auth::Privilege;
 use super::validate::{self, MAX_IDENTITY_LEN, MAX_OPERATION_LEN, MAX_SCOPE_LEN};
+use crate::config::MAX_MAX_DELAY;
 use crate::config::security::DEFAULT_MAX_BATCH;
 use crate::error::InvalidField;
 use crate::limiter::reservation::MAX_TOKEN_LEN;
@@ -85,6 +86,7 @@ pub(super) fn to_domain<'a>(
                 .ok_or_else(|| validate::invalid(&path("settle_within"), "must be at least 1ms"))?,
         ),
     };
+    let max_wait = max_wait(req, &path("max_wait"))?;
     Ok(limiter::Request {
         scope: &req.scope,
         identity: &req.identity,
@@ -96,7 +98,21 @@ pub(super) fn to_domain<'a>(
         priority,
         settle_within,
         caller: None,
+        max_wait,
     })
+}
+
+/// Shaping: the request's `max_wait`, 0 to 1h; zero is the same as unset
+/// (the caller cannot wait).
+fn max_wait(req: &pb::ShouldAllowRequest, at: &str) -> Result<Option<Duration>, InvalidField> {
+    let Some(d) = &req.max_wait else {
+        return Ok(None);
+    };
+    let d = Duration::try_from(*d)
+        .ok()
+        .filter(|d| *d <= MAX_MAX_DELAY)
+        .ok_or_else(|| validate::invalid(at, "must be between 0 and 1h"))?;
+    Ok((!d.is_zero()).then_some(d))
 }
 
 /// A std duration as a protobuf one.
@@ -122,6 +138,7 @@ pub(super) fn to_proto(d: Decision) -> pb::ShouldAllowResponse {
         reason: d.reason.unwrap_or_default(),
         buckets: d.buckets.into_iter().map(bucket_status).collect(),
         reservation: d.reservation.unwrap_or_default(),
+        delay: (!d.delay.is_zero()).then(|| duration(d.delay)),
     }
 }
 

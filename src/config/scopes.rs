@@ -16,6 +16,10 @@ pub const MAX_BUDGET: u64 = 1 << 50;
 pub const MIN_REFILL_PERIOD: Duration = Duration::from_millis(1);
 /// The longest refill period.
 pub const MAX_REFILL_PERIOD: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// The longest a limit may make a request wait (`max_delay`): the bound of
+/// a shaped bucket's TAT ahead of now is `refill_period` plus this.
+pub const MAX_MAX_DELAY: Duration = Duration::from_secs(3600);
 /// The longest scope or rule name.
 pub const MAX_NAME_LEN: usize = 128;
 
@@ -116,6 +120,11 @@ pub struct LimitConfig {
     /// Judge and count, but never deny because of this limit.
     #[serde(default)]
     pub shadow: bool,
+    /// Shaping: a request this limit would let through within this long
+    /// is admitted with that delay instead of denied (when the request
+    /// says it may wait that long: its `max_wait`). Absent: no delay.
+    #[serde(default, with = "humantime_serde")]
+    pub max_delay: Option<Duration>,
 }
 
 /// `headroom: {normal: 10%, sheddable: 30%}`.
@@ -224,6 +233,9 @@ fn validate_limits(problems: &mut Vec<String>, at: &str, limits: &[LimitConfig])
                 h.normal.0
             ));
         }
+        if let Some(delay) = limit.max_delay {
+            validate_max_delay(problems, &at, limit, delay);
+        }
         if let Some(ops) = &limit.operations {
             if ops.is_empty() {
                 problems.push(format!(
@@ -241,6 +253,26 @@ fn validate_limits(problems: &mut Vec<String>, at: &str, limits: &[LimitConfig])
                 problems.push(format!("{at}.when: attribute names must not be empty"));
             }
         }
+    }
+}
+
+/// Checks a limit's `max_delay` (shaping): token buckets that enforce
+/// only, 1ms to [`MAX_MAX_DELAY`], whole microseconds (Redis's tick).
+fn validate_max_delay(problems: &mut Vec<String>, at: &str, limit: &LimitConfig, delay: Duration) {
+    if limit.budget.is_some() {
+        problems.push(format!(
+            "{at}.max_delay: a budget has no rate to spread requests at; only a token bucket delays"
+        ));
+    } else if limit.shadow {
+        problems.push(format!(
+            "{at}.max_delay: a shadow limit never denies, so it never delays"
+        ));
+    } else if !(Duration::from_millis(1)..=MAX_MAX_DELAY).contains(&delay) {
+        problems.push(format!("{at}.max_delay: must be between 1ms and 1h"));
+    } else if !delay.subsec_nanos().is_multiple_of(1_000) {
+        problems.push(format!(
+            "{at}.max_delay: must be a whole number of microseconds"
+        ));
     }
 }
 

@@ -113,6 +113,7 @@ fn compile_limit(config: &LimitConfig) -> Result<Limit, ConfigError> {
         kind: LimitKind::Bucket,
         quota: false,
         metadata: None,
+        max_delay: config.max_delay.unwrap_or_default(),
     })
 }
 

@@ -4,6 +4,7 @@
 //! both end up as a [`Limit`]; this is its one home.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use globset::GlobSet;
 
@@ -67,6 +68,9 @@ pub struct Limit {
     /// envoyproxy's `metadata`, handed back to Envoy when the descriptor
     /// passes.
     pub metadata: Option<Arc<Metadata>>,
+    /// Shaping: the longest this limit lets a request wait instead of
+    /// denying it (bounded again by the request's `max_wait`); zero: never.
+    pub max_delay: Duration,
 }
 
 impl Limit {
@@ -90,6 +94,7 @@ impl Limit {
             kind: LimitKind::Bucket,
             quota: false,
             metadata: None,
+            max_delay: Duration::ZERO,
         }
     }
 

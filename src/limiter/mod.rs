@@ -59,6 +59,10 @@ pub struct Request<'a> {
     /// The configured caller making the request, if callers are
     /// configured: a reservation names it, and only it may settle.
     pub caller: Option<&'a str>,
+    /// Shaping: the longest the caller can wait before proceeding. A limit
+    /// with `max_delay` then admits with a delay (at most this) instead of
+    /// denying. `None`: the caller cannot wait; no delay, ever.
+    pub max_wait: Option<Duration>,
 }
 
 /// How much of a bucket's headroom a request may take.
@@ -112,6 +116,7 @@ impl<'a> Request<'a> {
             priority: Priority::Normal,
             settle_within: None,
             caller: None,
+            max_wait: None,
         }
     }
 }
@@ -142,6 +147,9 @@ pub struct Decision {
     pub quota: bool,
     /// An Envoy descriptor whose rule is `unlimited`.
     pub unlimited: bool,
+    /// Shaping: how long an allowed request must wait before it proceeds;
+    /// its tokens were taken as of then. Zero: at once (and for a denial).
+    pub delay: Duration,
 }
 
 impl Decision {

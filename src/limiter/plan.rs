@@ -342,6 +342,9 @@ where
                 s.cost = s.cost.saturating_add(charge.cost);
                 // A bucket enforced by any request is enforced.
                 s.shadow &= charge.shadow;
+                // Shaping: the shared bucket waits no longer than any of
+                // its requests may.
+                s.max_delay = s.max_delay.min(charge.max_delay);
                 at
             }
             None => {
@@ -382,6 +385,9 @@ where
                     .unzip();
                 let mut d = decision_of(&mine, outcome.allowed, &outcomes);
                 d.allowed = allowed;
+                if allowed {
+                    d.delay = outcome.delay;
+                }
                 self.specials[i].apply(&mut d);
                 d
             })
@@ -395,6 +401,7 @@ where
             allowed: true,
             buckets: SmallVec::new(),
             now_us: 0,
+            delay: std::time::Duration::ZERO,
         })
     }
 
@@ -516,7 +523,11 @@ fn unknown_scope(rules: &Rules, scope: &str) -> Decision {
 
 /// Builds the decision for one request from the store's outcome.
 pub(crate) fn decision(planned: &[Planned<'_, '_>], outcome: &ChargeOutcome) -> Decision {
-    decision_of(planned, outcome.allowed, &outcome.buckets)
+    let mut d = decision_of(planned, outcome.allowed, &outcome.buckets);
+    if outcome.allowed {
+        d.delay = outcome.delay;
+    }
+    d
 }
 
 /// Builds the decision for one request from whether the store allowed it
@@ -635,6 +646,7 @@ scopes:
                 })
                 .collect(),
             now_us: 0,
+            delay: Duration::ZERO,
         }
     }
 

@@ -92,6 +92,7 @@ impl ScopeRules {
                     shadow: limit.shadow,
                     reserve: limit.reserve_for(req.priority),
                     window: limit.window.as_ref(),
+                    max_delay: limit.max_delay.min(req.max_wait.unwrap_or_default()),
                 },
             }));
         }

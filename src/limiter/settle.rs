@@ -180,6 +180,8 @@ impl<S: Store, E> Limiter<S, E> {
                     // bounds its debt: a sheddable settle never eats it.
                     reserve: b.reserve,
                     window: window.as_ref(),
+                    // A settle never waits.
+                    max_delay: std::time::Duration::ZERO,
                 },
                 actual,
                 mark: Some(b.mark),
@@ -253,6 +255,7 @@ impl<S: Store, E> Limiter<S, E> {
                 allowed: true,
                 buckets: buckets.into(),
                 now_us: 0,
+                delay: std::time::Duration::ZERO,
             })),
             Ok(_) => Err(DecideError::StoreUnavailable {
                 scope: reqs.first().map(|r| r.scope.to_owned()).unwrap_or_default(),

@@ -73,6 +73,45 @@ pub struct Metrics {
     access_denied: Family<AccessLabels, Counter>,
     calls_shed: Counter<u64, AtomicU64>,
     settles: Family<ReloadLabels, Counter>,
+    shaping: Shaping,
+}
+
+/// Shaping's metrics (issue 24): admissions with a delay, and the delays.
+struct Shaping {
+    delayed: Family<RuleLabels, Counter>,
+    delay_seconds: Family<RuleLabels, Histogram, fn() -> Histogram>,
+}
+
+impl Shaping {
+    fn register(registry: &mut Registry) -> Self {
+        let delayed = Family::<RuleLabels, Counter>::default();
+        registry.register(
+            "delayed_admissions",
+            "Requests allowed with a delay (shaping), by API, scope and rule",
+            delayed.clone(),
+        );
+        let delay_seconds: Family<RuleLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| {
+                // 1ms .. ~2.5 min: a limit's max_delay is at most 1h.
+                Histogram::new(exponential_buckets(1e-3, 2.5, 14))
+            });
+        registry.register(
+            "admission_delay_seconds",
+            "The delay of each request allowed with one (shaping), by API, scope and rule",
+            delay_seconds.clone(),
+        );
+        Self {
+            delayed,
+            delay_seconds,
+        }
+    }
+
+    fn record(&self, labels: RuleLabels, delay: Duration) {
+        self.delay_seconds
+            .get_or_create(&labels)
+            .observe(delay.as_secs_f64());
+        self.delayed.get_or_create(&labels).inc();
+    }
 }
 
 impl fmt::Debug for Metrics {
@@ -208,6 +247,7 @@ impl Metrics {
         let settles = register_settles(&mut registry);
         zero_known_series(&reloads, &store_errors);
         Self {
+            shaping: Shaping::register(&mut registry),
             registry,
             settles,
             access_denied,
@@ -250,6 +290,14 @@ impl Metrics {
                     rule: b.rule.clone(),
                 })
                 .inc();
+        }
+        if decision.allowed && !decision.delay.is_zero() {
+            let labels = RuleLabels {
+                api,
+                scope: scope.clone(),
+                rule: rule.clone(),
+            };
+            self.shaping.record(labels, decision.delay);
         }
         self.decisions
             .get_or_create(&DecisionLabels {

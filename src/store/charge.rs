@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use smallvec::SmallVec;
 
-use crate::bucket::{Budget, Ledger, Mark, Shape, Tat, Verdict};
+use crate::bucket::{Budget, Ledger, Mark, Shape, Tat, Verdict, Wait};
 use crate::window::Window;
 
 /// Names one bucket. Stores encode it into their own key format; every part
@@ -47,6 +47,12 @@ pub struct BucketCharge<'a> {
     /// window, and the bucket counts spend in the window that holds the
     /// store's clock instead of refilling at a rate.
     pub window: Option<&'a Window>,
+    /// Shaping: the longest the request may wait for this bucket (the
+    /// limit's `max_delay`, no longer than the request's `max_wait`). A
+    /// request this bucket would let through within it is admitted with
+    /// that wait instead of denied. Zero: no wait, today's answer. Ignored
+    /// for shadow buckets and budgets, which never delay.
+    pub max_delay: Duration,
 }
 
 impl<'a> BucketCharge<'a> {
@@ -59,6 +65,7 @@ impl<'a> BucketCharge<'a> {
             shadow: false,
             reserve: 0,
             window: None,
+            max_delay: Duration::ZERO,
         }
     }
 }
@@ -76,6 +83,57 @@ impl BucketCharge<'_> {
                 amount: self.shape.capacity,
             }
             .judge(stored, window_end, now, self.cost, self.reserve),
+        }
+    }
+
+    /// [`BucketCharge::judge`] for a request that may wait up to
+    /// `max_delay` (in ticks of `tick_ns` nanoseconds, rounded down, so a
+    /// wait never exceeds it). The verdict `conforms` when the bucket lets
+    /// the request through within that wait, and its `retry_after` is then
+    /// the time until it would within the bound ([`Wait::Beyond`]). The
+    /// second value is the wait, 0 when it conforms now.
+    pub fn judge_shaped(
+        &self,
+        stored: Tat,
+        now: u64,
+        window_end: u64,
+        tick_ns: u64,
+    ) -> (Verdict, u64) {
+        let verdict = self.judge(stored, now, window_end);
+        if self.shadow || self.window.is_some() || self.max_delay.is_zero() {
+            return (verdict, 0);
+        }
+        let bound = u64::try_from(self.max_delay.as_nanos() / u128::from(tick_ns.max(1)))
+            .unwrap_or(u64::MAX);
+        match verdict.wait_within(bound) {
+            Wait::Now | Wait::Never => (verdict, 0),
+            Wait::After(wait) => (
+                Verdict {
+                    conforms: true,
+                    retry_after: None,
+                    ..verdict
+                },
+                wait,
+            ),
+            Wait::Beyond(retry) => (
+                Verdict {
+                    retry_after: Some(retry),
+                    ..verdict
+                },
+                0,
+            ),
+        }
+    }
+
+    /// The state this charge leaves when its request is released `wait`
+    /// ticks after `now`: `verdict.after` for no wait, else the tokens taken
+    /// as of the release ([`Shape::take_at`]). Budgets never wait.
+    pub fn taken_at(&self, verdict: &Verdict, now: u64, wait: u64) -> Tat {
+        if wait == 0 || self.window.is_some() {
+            verdict.after
+        } else {
+            self.shape
+                .take_at(verdict.before, now.saturating_add(wait), self.cost)
         }
     }
 
@@ -227,6 +285,10 @@ pub struct ChargeOutcome {
     /// The store's clock at the decision, in microseconds since the Unix
     /// epoch: a reservation's deadline counts from it.
     pub now_us: u64,
+    /// Shaping: how long an allowed request must wait before it proceeds
+    /// (the largest wait of its buckets); its tokens were taken as of then.
+    /// Zero when it may proceed at once, and for a denial.
+    pub delay: Duration,
 }
 
 /// One bucket's part in a settlement.

@@ -47,6 +47,10 @@
 //! - Budgets: a denied budget cannot hold the cost again before its window
 //!   ends (spend only grows within a window); the local answer carries the
 //!   remaining the store reported.
+//! - Shaping: a charge that may wait (a bucket with a `max_delay`) is never
+//!   answered here nor held: whether it passes depends on its wait, and a
+//!   denial held for a request that could not wait would deny one that can.
+//!   A delayed take through this replica drops entries like any take.
 //! - Priorities: an entry answers only the same cost with the same headroom
 //!   to keep, so a CRITICAL request is never denied on a SHEDDABLE one's
 //!   behalf.
@@ -220,6 +224,7 @@ impl Entry {
             // Only a reservation reads the store's clock, and a denial
             // makes none.
             now_us: 0,
+            delay: std::time::Duration::ZERO,
         }
     }
 
@@ -241,7 +246,9 @@ impl Entry {
 /// The one bucket a charge must have for a local answer.
 fn cacheable<'c, 'a>(charge: &'c Charge<'a>) -> Option<&'c BucketCharge<'a>> {
     match charge.buckets.as_slice() {
-        [b] if !b.shadow => Some(b),
+        // A shaped request (one that may wait) is never answered from a
+        // denial held for another, nor held: its answer depends on its wait.
+        [b] if !b.shadow && b.max_delay.is_zero() => Some(b),
         _ => None,
     }
 }

@@ -373,6 +373,8 @@ impl Inner {
 
         let mut verdicts: SmallVec<[(Verdict, bool, Ledger); INLINE]> = SmallVec::new();
         let mut allowed = true;
+        // Shaping: the largest wait of the buckets, the request's release.
+        let mut wait = 0;
         for (bucket, slot) in charge.buckets.iter().zip(&slots) {
             let key = &buf[slot.start..slot.end];
             let table = guard_for(&mut guards, slot.shard);
@@ -380,8 +382,9 @@ impl Inner {
                 .find(slot.hash, |e| *e.key == *key)
                 .map(|e| (e.tat, e.ledger));
             let stored = found.map(|(tat, _)| tat).unwrap_or_default();
-            let verdict = bucket.judge(stored, now, window_end(bucket, now));
+            let (verdict, own) = bucket.judge_shaped(stored, now, window_end(bucket, now), 1);
             allowed &= verdict.conforms || bucket.shadow;
+            wait = wait.max(own);
             let ledger = found.map_or_else(|| Ledger::new(now), |(_, l)| l);
             verdicts.push((verdict, found.is_none(), ledger));
         }
@@ -407,7 +410,11 @@ impl Inner {
             charge.buckets.iter().zip(&verdicts).zip(&slots)
         {
             let taken = take && verdict.conforms;
-            let state = if taken { verdict.after } else { verdict.before };
+            let state = if taken {
+                bucket.taken_at(verdict, now, wait)
+            } else {
+                verdict.before
+            };
             let mark = Mark {
                 taken: state,
                 ledger: *ledger,
@@ -426,6 +433,7 @@ impl Inner {
             allowed,
             buckets: outcomes,
             now_us: now / 1_000,
+            delay: Duration::from_nanos(if allowed { wait } else { 0 }),
         })
     }
 
@@ -505,11 +513,15 @@ impl Inner {
         let (stored, ledger) = found
             .as_ref()
             .map_or_else(|| (Tat::default(), Ledger::new(now)), |e| (e.tat, e.ledger));
-        let verdict = bucket.judge(stored, now, window_end(bucket, now));
+        let (verdict, wait) = bucket.judge_shaped(stored, now, window_end(bucket, now), 1);
         let allowed = verdict.conforms || bucket.shadow;
         let taken = allowed && !dry_run && verdict.conforms;
         let mark = Mark {
-            taken: if taken { verdict.after } else { verdict.before },
+            taken: if taken {
+                bucket.taken_at(&verdict, now, wait)
+            } else {
+                verdict.before
+            },
             ledger,
         };
         if taken {
@@ -526,6 +538,7 @@ impl Inner {
             allowed,
             buckets: smallvec::smallvec![outcome(bucket, &verdict, mark, now)],
             now_us: now / 1_000,
+            delay: Duration::from_nanos(if allowed { wait } else { 0 }),
         })
     }
 
@@ -809,6 +822,7 @@ mod tests {
             shadow: false,
             reserve: 0,
             window: None,
+            max_delay: std::time::Duration::ZERO,
         };
         let mut buf = SmallVec::new();
         encode(&mut buf, &bucket);

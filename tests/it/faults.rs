@@ -39,6 +39,7 @@ fn bucket<'a>(rule: &'a str, identity: Option<&'a str>, capacity: u64) -> Bucket
         shadow: false,
         reserve: 0,
         window: None,
+        max_delay: std::time::Duration::ZERO,
     }
 }
 

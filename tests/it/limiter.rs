@@ -287,5 +287,6 @@ fn bytes_of(rule: &str, identity: Option<&str>, capacity: u64, period_s: u64) ->
         shadow: false,
         reserve: 0,
         window: None,
+        max_delay: std::time::Duration::ZERO,
     })
 }

@@ -23,6 +23,7 @@ mod redis_topologies;
 mod redteam;
 mod reload;
 mod security;
+mod shaping;
 mod status_page;
 mod store_conformance;
 mod watch;

@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use crate::common::redis::{Cluster, Sentinel, Standalone};
+use crate::shaping::a_shaped_burst_is_spread_and_a_denial_takes_nothing;
 use tollgate::bucket::Shape;
 use tollgate::store::memory::MemoryStore;
 use tollgate::store::{
@@ -34,6 +35,7 @@ fn bucket<'a>(scope: &'a str, rule: &'a str, capacity: u64, period_ms: u64) -> B
         shadow: false,
         reserve: 0,
         window: None,
+        max_delay: std::time::Duration::ZERO,
     }
 }
 
@@ -310,6 +312,7 @@ async fn a_settle_far_above_its_estimate_is_bounded(store: &impl Store) {
     };
     let budget = BucketCharge {
         window: Some(&hour),
+        max_delay: std::time::Duration::ZERO,
         ..bucket("debt-budget", "r", 10, 1)
     };
     assert_eq!(
@@ -319,6 +322,7 @@ async fn a_settle_far_above_its_estimate_is_bounded(store: &impl Store) {
     let shed = BucketCharge {
         reserve: 4,
         window: Some(&hour),
+        max_delay: std::time::Duration::ZERO,
         ..bucket("debt-budget-headroom", "r", 10, 1)
     };
     assert_eq!(
@@ -400,6 +404,7 @@ async fn conforms(store: impl Store) {
         identities_and_operations_keep_their_own_buckets,
         a_settle_far_above_its_estimate_is_bounded,
         a_reservation_settles_only_while_open_and_once,
+        a_shaped_burst_is_spread_and_a_denial_takes_nothing,
     );
 }
 

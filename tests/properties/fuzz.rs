@@ -281,6 +281,7 @@ impl Parts {
             shadow: false,
             reserve: 0,
             window: None,
+            max_delay: std::time::Duration::ZERO,
         }
     }
 }

@@ -24,6 +24,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/tollgate-rs/tollgate/clients/go/internal/fields"
 	"github.com/tollgate-rs/tollgate/clients/go/tollgate"
@@ -56,6 +57,13 @@ type Config struct {
 	Attributes func(ctx context.Context, fullMethod string) map[string]string
 	// LegacyHeaders also sends x-ratelimit-limit, -remaining and -reset.
 	LegacyHeaders bool
+	// MaxWait turns on shaping: each call asks with this MaxWait (or less:
+	// what is left before the call's deadline), and a call a limit with
+	// max_delay admits for later is held for its Delay before its handler
+	// runs, with ratelimit-delay metadata (seconds, to the millisecond). A
+	// call cancelled meanwhile ends with its context's error. Zero: allowed
+	// now or denied, as without shaping.
+	MaxWait time.Duration
 	// OnError, if set, hears of every call Tollgate could not answer
 	// (including those let through by fail-open) and every refusal of a
 	// call as invalid.
@@ -126,6 +134,7 @@ func (l *Limiter) decide(ctx context.Context, method string, setHeader func(meta
 		l.report(ctx, method, err)
 		return status.Error(codes.InvalidArgument, err.Error())
 	}
+	req.MaxWait = l.maxWait(ctx)
 	d, err := l.decider.Decide(ctx, req)
 	if err != nil {
 		return l.refuse(ctx, method, err)
@@ -134,13 +143,43 @@ func (l *Limiter) decide(ctx context.Context, method string, setHeader func(meta
 		l.report(ctx, method, d.Unreachable)
 	}
 	ds := []tollgate.Decision{d}
+	md := fieldsMetadata(ds, l.cfg.LegacyHeaders)
+	if d.Allowed && d.Delay > 0 {
+		md.Set("ratelimit-delay", strconv.FormatFloat(d.Delay.Seconds(), 'f', 3, 64))
+	}
 	// Header metadata is best effort: it fails only when headers were
 	// already sent, which cannot be before the handler runs.
-	_ = setHeader(fieldsMetadata(ds, l.cfg.LegacyHeaders))
+	_ = setHeader(md)
 	if d.Allowed {
-		return nil
+		return waitOut(ctx, d.Delay)
 	}
 	return denial(ds)
+}
+
+// maxWait is the MaxWait to ask with: the configured one, cut to what is
+// left before the call's deadline, if it has one.
+func (l *Limiter) maxWait(ctx context.Context) time.Duration {
+	wait := l.cfg.MaxWait
+	if deadline, ok := ctx.Deadline(); ok && wait > 0 {
+		wait = min(wait, time.Until(deadline))
+	}
+	return max(wait, 0)
+}
+
+// waitOut holds an allowed call for its delay (shaping); it returns the
+// context's status if the call ends first.
+func waitOut(ctx context.Context, delay time.Duration) error {
+	if delay <= 0 {
+		return nil
+	}
+	timer := time.NewTimer(delay)
+	defer timer.Stop()
+	select {
+	case <-timer.C:
+		return nil
+	case <-ctx.Done():
+		return status.FromContextError(ctx.Err()).Err()
+	}
 }
 
 func (l *Limiter) request(ctx context.Context, method string) (tollgate.Request, error) {

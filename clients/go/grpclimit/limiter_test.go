@@ -3,6 +3,7 @@ package grpclimit_test
 import (
 	"context"
 	"net"
+	"strconv"
 	"testing"
 	"time"
 
@@ -262,5 +263,56 @@ func TestAMissingRequiredIdentityIsInvalidArgument(t *testing.T) {
 	client := serve(t, l.UnaryServerInterceptor())
 	if _, err := client.Check(context.Background(), &healthpb.HealthCheckRequest{}); status.Code(err) != codes.InvalidArgument {
 		t.Fatalf("want INVALID_ARGUMENT, got %v", err)
+	}
+}
+
+const oneASecondShaped = `
+scopes:
+  - name: api
+    limits:
+      - { name: per-user, per: identity, capacity: 1, refill_period: 1s, max_delay: 20s }
+`
+
+// Shaping: a call a limit admits for later runs after its delay, with
+// ratelimit-delay metadata; one whose deadline is nearer than the delay is
+// refused (the MaxWait asked with is cut to the deadline) and takes nothing.
+func TestMaxWaitHoldsACallButNeverPastItsDeadline(t *testing.T) {
+	tg := tollgatetest.Start(t, oneASecondShaped)
+	c, err := tollgate.NewClient(tg.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	l, err := grpclimit.New(c, grpclimit.Config{
+		Scope:    grpclimit.Static("api"),
+		Identity: grpclimit.Metadata("x-user"),
+		MaxWait:  20 * time.Second,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := serve(t, l.UnaryServerInterceptor())
+	if _, err := check(client, "ann"); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(metadata.AppendToOutgoingContext(context.Background(), "x-user", "ann"), 500*time.Millisecond)
+	defer cancel()
+	_, err = client.Check(ctx, &healthpb.HealthCheckRequest{})
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("behind a 0.5 s deadline, a 1 s wait: %v", err)
+	}
+	start := time.Now()
+	header, err := check(client, "ann")
+	held := time.Since(start)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := header.Get("ratelimit-delay")
+	if len(got) != 1 {
+		t.Fatalf("ratelimit-delay: %v", got)
+	}
+	wait, err := strconv.ParseFloat(got[0], 64)
+	if err != nil || wait <= 0.5 || wait > 1 || held < time.Duration(wait*float64(time.Second))-10*time.Millisecond {
+		t.Fatalf("ratelimit-delay %v, held %v", got, held)
 	}
 }

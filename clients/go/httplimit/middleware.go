@@ -29,6 +29,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/tollgate-rs/tollgate/clients/go/internal/fields"
 	"github.com/tollgate-rs/tollgate/clients/go/mcp"
@@ -86,6 +87,14 @@ type Config struct {
 	// mcp.RateLimitedCode (see docs/mcp.md for the choice).
 	MCPErrorCode int
 
+	// MaxWait turns on shaping: each request is sent with this MaxWait (or
+	// less: what is left before its context's deadline), and a request a
+	// limit with max_delay admits for later is held here for its Delay,
+	// then passed on with a RateLimit-Delay header (seconds, to the
+	// millisecond). A client that goes away meanwhile gets nothing
+	// forwarded. Zero: allowed now or denied, as without shaping.
+	MaxWait time.Duration
+
 	// OnError, if set, hears of every call Tollgate could not answer
 	// (including those let through by fail-open) and every refusal of a
 	// request as invalid, for logs and metrics. It must not write to w.
@@ -116,6 +125,7 @@ type handler struct {
 
 func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	base, err := h.request(r)
+	base.MaxWait = h.maxWait(r)
 	if err != nil {
 		h.report(r, err)
 		writePlainProblem(w, http.StatusBadRequest, "Bad request", err.Error())
@@ -186,7 +196,44 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	setFields(w.Header(), ds, h.cfg.LegacyHeaders)
+	if !h.waitOut(w, r, ds) {
+		return
+	}
 	h.next.ServeHTTP(w, r)
+}
+
+// maxWait is the MaxWait to send for r: the configured one, cut to what is
+// left before r's deadline, if it has one.
+func (h *handler) maxWait(r *http.Request) time.Duration {
+	wait := h.cfg.MaxWait
+	if deadline, ok := r.Context().Deadline(); ok && wait > 0 {
+		wait = min(wait, time.Until(deadline))
+	}
+	return max(wait, 0)
+}
+
+// waitOut holds an allowed request for the longest Delay of its decisions
+// (shaping), saying so in a RateLimit-Delay header. It reports false, having
+// answered, when the client went away first.
+func (h *handler) waitOut(w http.ResponseWriter, r *http.Request, ds []tollgate.Decision) bool {
+	var delay time.Duration
+	for i := range ds {
+		delay = max(delay, ds[i].Delay)
+	}
+	if delay <= 0 {
+		return true
+	}
+	w.Header().Set("RateLimit-Delay", strconv.FormatFloat(delay.Seconds(), 'f', 3, 64))
+	timer := time.NewTimer(delay)
+	defer timer.Stop()
+	select {
+	case <-timer.C:
+		return true
+	case <-r.Context().Done():
+		// The client went away; nobody reads this answer.
+		w.WriteHeader(http.StatusServiceUnavailable)
+		return false
+	}
 }
 
 // request builds the question for r, before any MCP calls are read.

@@ -16,6 +16,7 @@ import (
 	"math/big"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -468,5 +469,57 @@ func TestTheMCPDenialCodeIs429UnlessConfigured(t *testing.T) {
 		if resp.StatusCode != 429 || json.Unmarshal(b, &rpc) != nil || rpc.Error.Code != tc.want {
 			t.Fatalf("MCPErrorCode %d: %d %s, want code %d", tc.set, resp.StatusCode, b, tc.want)
 		}
+	}
+}
+
+const oneASecondShaped = `
+scopes:
+  - name: demo
+    limits:
+      - { name: per-user, per: identity, capacity: 1, refill_period: 1s, max_delay: 20s }
+`
+
+// Shaping: MaxWait is cut to what is left before the request's deadline. A
+// request that needs a 1 s wait is refused (429) behind a 0.5 s timeout, and
+// held for its wait, then forwarded with RateLimit-Delay, without one.
+func TestMaxWaitHoldsARequestButNeverPastItsDeadline(t *testing.T) {
+	tg := tollgatetest.Start(t, oneASecondShaped)
+	c, err := tollgate.NewClient(tg.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	limit, err := httplimit.New(c, httplimit.Config{
+		Scope:    httplimit.Static("demo"),
+		Identity: httplimit.Header("X-User"),
+		MaxWait:  20 * time.Second,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := &recorder{}
+	patient := httptest.NewServer(limit(rec))
+	t.Cleanup(patient.Close)
+	hurried := httptest.NewServer(http.TimeoutHandler(limit(rec), 500*time.Millisecond, "timeout"))
+	t.Cleanup(hurried.Close)
+
+	if resp := get(t, patient.URL, "ann"); resp.StatusCode != http.StatusNoContent {
+		t.Fatalf("first: %d", resp.StatusCode)
+	}
+	if resp := get(t, hurried.URL, "ann"); resp.StatusCode != http.StatusTooManyRequests {
+		t.Fatalf("behind a 0.5 s deadline, a 1 s wait: %d", resp.StatusCode)
+	}
+	start := time.Now()
+	resp := get(t, patient.URL, "ann")
+	held := time.Since(start)
+	if resp.StatusCode != http.StatusNoContent || rec.count() != 2 {
+		t.Fatalf("held: %d, upstream saw %d", resp.StatusCode, rec.count())
+	}
+	wait, err := strconv.ParseFloat(resp.Header.Get("RateLimit-Delay"), 64)
+	if err != nil || wait <= 0.5 || wait > 1 {
+		t.Fatalf("RateLimit-Delay %q", resp.Header.Get("RateLimit-Delay"))
+	}
+	if held < time.Duration(wait*float64(time.Second))-10*time.Millisecond {
+		t.Fatalf("held %v for a delay of %.3f s", held, wait)
 	}
 }

@@ -67,6 +67,11 @@ type Request struct {
 	// the server's reservations.max_settle_within (1h unless set). Only for
 	// Decide: a batch cannot reserve.
 	SettleWithin time.Duration
+	// MaxWait, when not zero, is the longest this caller can wait before
+	// proceeding (at most 1h): a limit with max_delay then allows a request
+	// it would let through within that time with a Delay instead of
+	// denying it. Zero: allowed now or denied, as without shaping.
+	MaxWait time.Duration
 }
 
 // Decision is Tollgate's answer, or the client's own under the failure
@@ -106,6 +111,10 @@ type Decision struct {
 	// to hand [Client.Settle] once the real cost is known. It is empty on a
 	// denial, a dry run, and a degraded decision (which took nothing).
 	Reservation string
+	// Delay is set when allowed for later (the Request had MaxWait and a
+	// limit with max_delay admitted it): wait this long, then proceed. Its
+	// tokens were taken as of then. Zero: proceed at once.
+	Delay time.Duration
 }
 
 // Settlement is what [Client.Settle] did.
@@ -156,6 +165,9 @@ func (r *Request) proto() *tollgatev1.ShouldAllowRequest {
 	if r.SettleWithin != 0 {
 		p.SettleWithin = durationpb.New(r.SettleWithin)
 	}
+	if r.MaxWait != 0 {
+		p.MaxWait = durationpb.New(r.MaxWait)
+	}
 	return p
 }
 
@@ -171,6 +183,7 @@ func decisionFromProto(p *tollgatev1.ShouldAllowResponse) Decision {
 		Reason:      p.GetReason(),
 		Reservation: p.GetReservation(),
 		Buckets:     bucketsFromProto(p.GetBuckets()),
+		Delay:       p.GetDelay().AsDuration(),
 	}
 }
 

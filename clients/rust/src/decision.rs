@@ -28,6 +28,8 @@ pub const MIN_SETTLE_WITHIN: Duration = Duration::from_millis(1);
 pub const MAX_SETTLE_WITHIN: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The most bytes in a reservation token.
 pub const MAX_RESERVATION_BYTES: usize = 16 * 1024;
+/// The longest `max_wait` Tollgate accepts.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 
 /// How much of a limit's headroom a request may take.
 ///
@@ -90,6 +92,11 @@ pub struct DecisionRequest {
     /// (1 h unless set). Only for [`crate::Client::should_allow`]: a batch
     /// cannot reserve.
     pub settle_within: Option<Duration>,
+    /// Shaping: the longest this caller can wait before proceeding. A limit
+    /// with `max_delay` then admits a request it would let through within
+    /// that time with a [`Decision::delay`] instead of denying it. `None`:
+    /// the caller cannot wait (allow now or deny). At most [`MAX_WAIT`].
+    pub max_wait: Option<Duration>,
 }
 
 impl DecisionRequest {
@@ -144,6 +151,14 @@ impl DecisionRequest {
         self
     }
 
+    /// Says the caller can wait up to `max_wait` before proceeding: see
+    /// [`DecisionRequest::max_wait`].
+    #[must_use]
+    pub fn with_max_wait(mut self, max_wait: Duration) -> Self {
+        self.max_wait = Some(max_wait);
+        self
+    }
+
     /// Makes `cost` an estimate, to be settled within `within`: see
     /// [`DecisionRequest::settle_within`] and [`crate::Client::settle`].
     #[must_use]
@@ -187,6 +202,12 @@ impl DecisionRequest {
                 format!("must be between {MIN_SETTLE_WITHIN:?} and {MAX_SETTLE_WITHIN:?}"),
             ));
         }
+        if self.max_wait.is_some_and(|w| w > MAX_WAIT) {
+            return Err(Error::invalid(
+                field("max_wait"),
+                format!("must be at most {MAX_WAIT:?}"),
+            ));
+        }
         Ok(())
     }
 
@@ -220,6 +241,9 @@ impl DecisionRequest {
             // Checked by `validate` to fit.
             settle_within: self
                 .settle_within
+                .and_then(|d| prost_types::Duration::try_from(d).ok()),
+            max_wait: self
+                .max_wait
                 .and_then(|d| prost_types::Duration::try_from(d).ok()),
         }
     }
@@ -272,6 +296,10 @@ pub struct Decision {
     /// for a denial, a dry run, and a degraded answer (which took nothing,
     /// so there is nothing to settle).
     pub reservation: Option<Reservation>,
+    /// Shaping: when allowed for later (the request said it could wait,
+    /// [`DecisionRequest::max_wait`]), how long to wait before proceeding;
+    /// zero to proceed at once.
+    pub delay: Duration,
 }
 
 impl Decision {
@@ -432,6 +460,7 @@ impl From<pb::ShouldAllowResponse> for Decision {
             reservation: Some(r.reservation)
                 .filter(|t| !t.is_empty())
                 .map(Reservation),
+            delay: duration(r.delay).unwrap_or_default(),
         }
     }
 }

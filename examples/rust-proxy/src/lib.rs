@@ -71,6 +71,10 @@ pub struct Args {
     /// Also send `X-RateLimit-Limit`, `-Remaining` and `-Reset`.
     #[arg(long)]
     pub legacy_headers: bool,
+    /// Shaping: hold a request up to this long (such as `2s`) when a limit
+    /// with `max_delay` admits it for later, instead of a 429. Absent: never.
+    #[arg(long, value_parser = parse_duration)]
+    pub max_wait: Option<Duration>,
 }
 
 fn parse_failure_mode(s: &str) -> Result<FailureMode, String> {
@@ -112,10 +116,13 @@ pub fn limited_router(args: &Args) -> Result<Router, tollgate_client::Error> {
                 .map(|c| c.0.ip().to_string())
         }),
     };
-    let limits = TollgateLayer::new(client, Extractor::fixed(&args.scope))
+    let mut limits = TollgateLayer::new(client, Extractor::fixed(&args.scope))
         .identity(identity)
         .operation(Extractor::path())
         .legacy_headers(args.legacy_headers);
+    if let Some(max_wait) = args.max_wait {
+        limits = limits.max_wait(max_wait);
+    }
     let router = plain_router(args.upstream.clone());
     if !args.mcp {
         return Ok(router.layer(limits));

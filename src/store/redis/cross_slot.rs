@@ -19,7 +19,8 @@ use futures_util::future::join_all;
 
 use super::{Inner, keys};
 use crate::store::{
-    BucketOutcome, Charge, ChargeOutcome, SettleBucket, Settled, Settlement, StoreError,
+    BucketCharge, BucketOutcome, Charge, ChargeOutcome, SettleBucket, Settled, Settlement,
+    StoreError,
 };
 
 /// How one charge maps onto script calls: `(work index, bucket indices)` per
@@ -69,7 +70,20 @@ impl Inner {
             for part in parts {
                 plan.push((work.len(), part.clone()));
                 work.push(Charge {
-                    buckets: part.iter().map(|&i| charge.buckets[i]).collect(),
+                    // Shaping: the parts of a split charge are decided on
+                    // their own, and could not agree on one release, so
+                    // such a charge is decided without waits.
+                    buckets: part
+                        .iter()
+                        .map(|&i| BucketCharge {
+                            max_delay: if lone {
+                                charge.buckets[i].max_delay
+                            } else {
+                                Duration::ZERO
+                            },
+                            ..charge.buckets[i]
+                        })
+                        .collect(),
                     dry_run: charge.dry_run,
                     marks: charge.marks,
                     // A reservation's buckets share its scope's slot; one
@@ -142,10 +156,11 @@ impl Inner {
                 continue;
             }
             let mut buckets = smallvec::smallvec![UNSET; charge.buckets.len()];
-            let mut now_us = 0;
+            let (mut now_us, mut delay) = (0, Duration::ZERO);
             for (w, part) in plan {
                 if let Ok(o) = &done[*w] {
                     now_us = o.now_us;
+                    delay = delay.max(o.delay);
                     for (k, &i) in part.iter().enumerate() {
                         buckets[i] = o.buckets[k];
                     }
@@ -155,6 +170,7 @@ impl Inner {
                 allowed,
                 buckets,
                 now_us,
+                delay: if allowed { delay } else { Duration::ZERO },
             }));
         }
         if !refunds.is_empty() {

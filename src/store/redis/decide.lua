@@ -26,7 +26,9 @@
 --                              deletes it), so at most once, and only
 --                              before its deadline; 8 added to 4 or 5: the
 --                              charge also opens a reservation, writing
---                              its record when it takes;
+--                              its record when it takes; 16 added to 0,
+--                              1, 4, 5 (and 12, 13): the charge is shaped
+--                              (see Shaping below);
 --                        n     how many buckets it has, >= 1;
 --            '<i8'     mode 3 only: the reservation's deadline, in
 --                      microseconds of Redis's clock; modes 12, 13: how
@@ -63,6 +65,18 @@
 --                        a bucket's furthest TAT past now (2P without
 --                        headroom, (C - reserve)*P/C with it), a budget's
 --                        highest spend (2C without, C - reserve with it).
+--            '<i8'     shaped charges only, after each bucket's numbers
+--                      (and window boundaries): the longest the request
+--                      may wait for this bucket, in microseconds (0 for a
+--                      shadow bucket or a budget, which never delay).
+--
+-- Shaping (issue 24): a shaped charge's bucket that does not hold its cost
+-- now, but would within its wait bound, conforms with that wait. The
+-- charge's wait D is the largest of its buckets'; when it is allowed, each
+-- token bucket is charged as of the release now + D: its TAT becomes
+-- max(TAT, now + D) + n*P/C (src/bucket.rs, Shape::take_at), so the cost
+-- released in any interval still fits C + r*t. The reply carries D right
+-- after the charge's status.
 --
 -- Clock: "now" is Redis's TIME in microseconds, read once for the whole
 -- batch, never the caller's clock, so every Tollgate replica shares one
@@ -113,8 +127,9 @@
 -- it. A record lost to eviction therefore refuses a settle (the estimate
 -- stands) and can never let one apply twice.
 --
--- Returns {now, then per charge: status, then per bucket: conforms, ticks,
--- frac, and (modes 2 to 5) born, given whole, given frac}
+-- Returns {now, then per charge: status, (shaped charges) its wait D in
+-- microseconds (0 unless allowed), then per bucket: conforms, ticks, frac,
+-- and (modes 2 to 5) born, given whole, given frac}
 --   now       the batch's instant, microseconds since the Unix epoch
 --   status    1 allowed (every non-shadow bucket held its cost) or settled,
 --             0 denied, -1 failed (a key of another type among its keys),
@@ -122,7 +137,8 @@
 --             reservation's deadline has passed, -4 it was settled before.
 --             On any status below 1 but 0 nothing changed and the numbers
 --             after it mean nothing.
---   conforms  1 when bucket i held its cost (a settle: 1)
+--   conforms  1 when bucket i held its cost (a settle: 1; shaped: within
+--             its wait bound)
 --   ticks, frac  bucket i's state after the decision (taken or not): a
 --             TAT never earlier than now, or a budget's window end and
 --             spend. The caller derives remaining, reset_after and
@@ -485,10 +501,26 @@ local function rare_fns()
   return rare
 end
 
+-- ---------------------------------------------------------------------
+-- Shaping (issue 24). Per bucket of a shaped charge: capacity, period,
+-- cost, at 3i-2, 3i-1, 3i (token buckets only).
+local shaping = {}
+
+-- Bucket i's state after taking its cost as of the release s, from its
+-- state before (ticks, frac, never earlier than now): max(TAT, s) + n*P/C.
+local function take_at(ticks, frac, s, i)
+  if ticks < s or (ticks == s and frac == 0) then
+    ticks, frac = s, 0
+  end
+  return advance(ticks, frac, shaping[i * 3], shaping[i * 3 - 2], shaping[i * 3 - 1])
+end
+-- ---------------------------------------------------------------------
+
 -- Judges a charge's buckets, then takes from all or none. Returns the
 -- position after the charge's numbers.
-local function decide(k0, at, n, dry, marked, open)
+local function decide(k0, at, n, dry, marked, open, shaped)
   local allowed, failed = 1, false
+  local wait = 0
   local within
   if open then
     within, at = unpack('<i8', blob, at)
@@ -500,6 +532,10 @@ local function decide(k0, at, n, dry, marked, open)
     local wend = 0
     if period <= 0 then
       wend, at = rare_fns().window_end(period, at)
+    end
+    local bound = 0
+    if shaped then
+      bound, at = unpack('<i8', blob, at)
     end
     local shadow = cost < 0
     if shadow then
@@ -529,6 +565,22 @@ local function decide(k0, at, n, dry, marked, open)
         end
         local limit = now + period
         conforms = ct < limit or (ct == limit and cf == 0)
+        if not conforms and bound > 0 then
+          -- Shaping: the wait until it conforms, ceil(check - P) - now.
+          local need = ct - period - now
+          if cf > 0 then
+            need = need + 1
+          end
+          if need <= bound then
+            conforms = true
+            if not shadow and need > wait then
+              wait = need
+            end
+          end
+        end
+        if shaped then
+          shaping[i * 3 - 2], shaping[i * 3 - 1], shaping[i * 3] = cap, period, cost
+        end
       end
       wend = 0
     elseif not wend then
@@ -554,12 +606,22 @@ local function decide(k0, at, n, dry, marked, open)
   end
   local status = #out + 1
   out[status] = allowed
+  if shaped then
+    if allowed ~= 1 then
+      wait = 0
+    end
+    out[status + 1] = wait
+  end
   for i = 1, n do
     local j = (i - 1) * 9
     local conforms, ticks, frac = judged[j + 1], judged[j + 2], judged[j + 3]
     local born, gw, gf = judged[j + 7], judged[j + 8], judged[j + 9]
     if allowed == 1 and not dry and not failed and conforms then
-      ticks, frac = judged[j + 4], judged[j + 5]
+      if wait > 0 and judged[j + 6] == 0 then
+        ticks, frac = take_at(ticks, frac, now + wait, i)
+      else
+        ticks, frac = judged[j + 4], judged[j + 5]
+      end
       local wend = judged[j + 6]
       local ok
       if wend > 0 then
@@ -632,6 +694,10 @@ local k0, at = 0, 1
 while at <= #blob do
   local mode, n
   mode, n, at = unpack('<BH', blob, at)
+  local shaped = mode >= 16
+  if shaped then
+    mode = mode - 16
+  end
   local open = mode >= 8
   if open then
     mode = mode - 8
@@ -642,8 +708,8 @@ while at <= #blob do
       k0 = k0 + 1
     end
   else
-    at = mode == 0 and n == 1 and decide_lone(k0, at)
-      or decide(k0, at, n, mode % 2 == 1, mode >= 4, open)
+    at = mode == 0 and n == 1 and not shaped and decide_lone(k0, at)
+      or decide(k0, at, n, mode % 2 == 1, mode >= 4, open, shaped)
     if open then
       k0 = k0 + 1
     end

@@ -143,6 +143,7 @@ mod tests {
             shadow: false,
             reserve: 0,
             window: None,
+            max_delay: std::time::Duration::ZERO,
         }
     }
 

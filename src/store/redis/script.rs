@@ -50,13 +50,15 @@ pub(crate) struct Encoded {
     pub(crate) per_bucket: usize,
     /// Its numbers, packed as the script unpacks them (see its header).
     pub(crate) numbers: Vec<u8>,
+    /// Shaping: the reply carries the charge's wait after its status.
+    pub(crate) shaped: bool,
 }
 
 impl Encoded {
     /// Integers the script answers for this charge: status, then six per
     /// bucket.
     pub(crate) fn reply_len(&self) -> usize {
-        1 + self.per_bucket * self.buckets
+        1 + usize::from(self.shaped) + self.per_bucket * self.buckets
     }
 }
 
@@ -110,9 +112,11 @@ fn header(mode: u8, n: usize) -> Vec<u8> {
 pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, marked: bool, now_us: u64) -> Encoded {
     let n = charge.buckets.len().min(usize::from(u16::MAX));
     let open = charge.open.filter(|_| n > 0);
+    let shaped = is_shaped(charge);
     let mode = u8::from(charge.dry_run)
         | if marked || open.is_some() { 4 } else { 0 }
-        | if open.is_some() { 8 } else { 0 };
+        | if open.is_some() { 8 } else { 0 }
+        | if shaped { 16 } else { 0 };
     let mut numbers = header(mode, n);
     if let Some(open) = open {
         numbers.extend_from_slice(&i8_of(open.within_us));
@@ -126,6 +130,9 @@ pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, marked: bool, now_us: u6
             b.reserve,
             now_us,
         );
+        if shaped {
+            numbers.extend_from_slice(&i8_of(bound_us(b)));
+        }
     }
     let mut keys: Vec<String> = charge.buckets[..n]
         .iter()
@@ -143,6 +150,7 @@ pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, marked: bool, now_us: u6
             PLAIN
         },
         numbers,
+        shaped,
     }
 }
 
@@ -206,6 +214,7 @@ pub(crate) fn encode_settle(prefix: &str, settlement: &Settlement<'_>, now_us: u
         buckets: n,
         per_bucket: MARKED,
         numbers,
+        shaped: false,
     }
 }
 
@@ -224,6 +233,21 @@ pub(crate) fn evalsha<'a>(sha: &str, batch: impl Iterator<Item = &'a Encoded> + 
     }
     cmd.arg(numbers);
     cmd
+}
+
+/// Shaping: the longest bucket `b` lets a request wait, in whole
+/// microseconds (rounded down, so a wait never exceeds the request's
+/// bound); 0 for a shadow bucket or a budget, which never delay.
+fn bound_us(b: &BucketCharge<'_>) -> u64 {
+    if b.shadow || b.window.is_some() {
+        return 0;
+    }
+    u64::try_from(b.max_delay.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// True when a charge is sent shaped: some bucket may make it wait.
+fn is_shaped(charge: &Charge<'_>) -> bool {
+    charge.buckets.iter().any(|b| bound_us(b) > 0)
 }
 
 /// The state (and, in a reply of six per bucket, the ledger) of bucket `i`
@@ -262,14 +286,14 @@ pub(crate) fn missed_window(reply: &[i64]) -> bool {
 
 /// Reads how many integers a reply holds per bucket of a charge of
 /// `buckets`, checking its length and its failure statuses.
-fn check(reply: &[i64], buckets: usize) -> Result<usize, StoreError> {
+fn check(reply: &[i64], buckets: usize, head: usize) -> Result<usize, StoreError> {
     let per = [PLAIN, MARKED]
         .into_iter()
-        .find(|per| reply.len() == 1 + per * buckets);
+        .find(|per| reply.len() == head + per * buckets);
     let Some(per) = per else {
         return Err(StoreError::permanent(BadReply {
             got: reply.len(),
-            expected: 1 + PLAIN * buckets,
+            expected: head + PLAIN * buckets,
         }));
     };
     match reply[0] {
@@ -296,8 +320,16 @@ pub(crate) fn outcome(
     now: i64,
     reply: &[i64],
 ) -> Result<ChargeOutcome, StoreError> {
-    let per = check(reply, charge.buckets.len())?;
+    let shaped = is_shaped(charge);
+    let per = check(reply, charge.buckets.len(), 1 + usize::from(shaped))?;
     let now = u64::try_from(now).unwrap_or(0);
+    // A shaped reply's wait sits after its status; the buckets follow it.
+    let status = reply[0];
+    let (delay, reply) = if shaped {
+        (u64::try_from(reply[1]).unwrap_or(0), &reply[1..])
+    } else {
+        (0, reply)
+    };
     let buckets = charge
         .buckets
         .iter()
@@ -316,15 +348,16 @@ pub(crate) fn outcome(
             let retry_after = if conforms {
                 None
             } else {
-                b.judge(state, now, state.ticks).retry_after
+                b.judge_shaped(state, now, state.ticks, 1_000).0.retry_after
             };
             b.outcome(conforms, retry_after, mark, now, 1_000)
         })
         .collect();
     Ok(ChargeOutcome {
-        allowed: reply[0] == 1,
+        allowed: status == 1,
         buckets,
         now_us: now,
+        delay: std::time::Duration::from_micros(delay),
     })
 }
 
@@ -334,7 +367,7 @@ pub(crate) fn settled(
     now: i64,
     reply: &[i64],
 ) -> Result<Settled, StoreError> {
-    let per = check(reply, settlement.buckets.len())?;
+    let per = check(reply, settlement.buckets.len(), 1)?;
     match reply[0] {
         -3 => return Ok(Settled::Expired),
         -4 => return Ok(Settled::AlreadySettled),
@@ -381,6 +414,7 @@ mod tests {
                 shadow: false,
                 reserve: 0,
                 window: None,
+                max_delay: std::time::Duration::ZERO,
             }],
             dry_run: false,
             marks: false,

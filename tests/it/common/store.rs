@@ -31,6 +31,7 @@ pub fn charge(identity: &str, capacity: u64, period: Duration) -> Charge<'_> {
             shadow: false,
             reserve: 0,
             window: None,
+            max_delay: std::time::Duration::ZERO,
         }],
         dry_run: false,
         marks: false,

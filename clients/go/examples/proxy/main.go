@@ -54,6 +54,7 @@ type options struct {
 	failureMode    string
 	deadline       time.Duration
 	legacyHeaders  bool
+	maxWait        time.Duration
 }
 
 func parseFlags(args []string, stderr io.Writer) (options, error) {
@@ -73,6 +74,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.failureMode, "failure-mode", "open", "when Tollgate cannot answer: open (pass requests on) or closed (503)")
 	fs.DurationVar(&o.deadline, "deadline", tollgate.DefaultDeadline, "how long to wait for Tollgate's answer, such as 50ms")
 	fs.BoolVar(&o.legacyHeaders, "legacy-headers", false, "also send X-RateLimit-Limit, -Remaining and -Reset")
+	fs.DurationVar(&o.maxWait, "max-wait", 0, "shaping: hold a request up to this long when a limit with max_delay admits it for later, such as 2s; 0: never")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -131,6 +133,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		MCPPath:       o.mcpPath,
 		MaxBodyBytes:  o.maxBodyBytes,
 		MCPErrorCode:  o.mcpErrorCode,
+		MaxWait:       o.maxWait,
 		OnError:       func(r *http.Request, err error) { errorLog.printf("%s %s: %v", r.Method, r.URL.Path, err) },
 	})
 	if err != nil {

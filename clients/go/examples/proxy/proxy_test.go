@@ -544,3 +544,74 @@ func TestMCPErrorCodeFlagSetsTheDenialCode(t *testing.T) {
 		t.Fatalf("third search: %d %s, want code -32023", r.status, r.body)
 	}
 }
+
+const shapedRule = `
+scopes:
+  - name: agents
+    limits:
+      - { name: per-team, per: identity, capacity: 10, refill_period: 1s, max_delay: 2s }
+`
+
+// Shaping (issue 24): a burst of 30 requests at once against 10/s, with
+// -max-wait 2s, reaches the upstream spread at the rate, with no 429: ten
+// at once, then one every 0.1 s. The upstream's arrival times are printed
+// for the record.
+func TestABurstIsSpreadAtTheRateInsteadOfRefused(t *testing.T) {
+	srv := tollgatetest.Start(t, shapedRule)
+	var mu sync.Mutex
+	var arrivals []time.Time
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		arrivals = append(arrivals, time.Now())
+		mu.Unlock()
+	}))
+	t.Cleanup(up.Close)
+	proxy := startProxy(t, srv.Addr, up.URL, "-scope", "agents", "-max-wait", "2s")
+
+	start := time.Now()
+	statuses := make([]response, 30)
+	var wg sync.WaitGroup
+	for i := range statuses {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			statuses[i] = send(t, "GET", proxy+"/tools", "team-a", "")
+		}()
+	}
+	wg.Wait()
+	delayed := 0
+	for i, r := range statuses {
+		if r.status != http.StatusOK {
+			t.Fatalf("request %d: %d %s", i, r.status, r.body)
+		}
+		if r.header.Get("RateLimit-Delay") != "" {
+			delayed++
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(arrivals) != 30 {
+		t.Fatalf("the upstream saw %d requests, want 30", len(arrivals))
+	}
+	offsets := make([]string, len(arrivals))
+	for i, at := range arrivals {
+		offsets[i] = fmt.Sprintf("%.3f", at.Sub(start).Seconds())
+	}
+	t.Logf("upstream arrival times (s after the burst was sent): %s", strings.Join(offsets, " "))
+	if delayed != 20 {
+		t.Fatalf("%d answers carry RateLimit-Delay, want 20", delayed)
+	}
+	// Released at 10/s: the k-th arrival after the first ten is at least
+	// k·0.1 s after the first (less the spread of the burst's own
+	// decisions), and the whole burst is through within about 2 s.
+	first := arrivals[0]
+	for k := 10; k < 30; k++ {
+		want := time.Duration(k-9) * 100 * time.Millisecond
+		if got := arrivals[k].Sub(first); got < want-150*time.Millisecond {
+			t.Errorf("arrival %d came %v after the first, want at least %v", k, got, want)
+		}
+	}
+	if last := arrivals[29].Sub(start); last > 3*time.Second {
+		t.Errorf("the last request arrived %v after the burst", last)
+	}
+}

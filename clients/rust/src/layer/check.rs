@@ -117,9 +117,11 @@ async fn decide_plain<B>(
     };
     let decisions = [decision];
     if decisions[0].allowed {
+        let mut headers = headers::render(&decisions, config.headers);
+        wait_out(&decisions, &mut headers).await;
         Checked::Forward {
             request: Request::from_parts(parts, body),
-            headers: headers::render(&decisions, config.headers),
+            headers,
         }
     } else {
         Checked::Respond(too_many_requests(config, &decisions))
@@ -176,7 +178,9 @@ async fn decide_mcp<B>(
         Err(e) => return Checked::Respond(error_response(&e)),
     };
     if !headers::denied(&decisions) {
-        return forward(headers::render(&decisions, config.headers));
+        let mut headers = headers::render(&decisions, config.headers);
+        wait_out(&decisions, &mut headers).await;
+        return forward(headers);
     }
 
     let retry_after = headers::retry_after(&decisions);
@@ -208,12 +212,28 @@ fn keys(config: &Config, parts: &Parts) -> Result<DecisionRequest, String> {
     let mut request = DecisionRequest::new(scope)
         .with_identity(optional(config.identity.as_ref())?)
         .with_operation(optional(config.operation.as_ref())?);
+    request.max_wait = config.max_wait;
     for (name, extractor) in &config.attributes {
         if let Some(value) = extractor.extract(parts)? {
             request = request.with_attribute(name.clone(), value);
         }
     }
     Ok(request)
+}
+
+/// Shaping: holds an allowed request for the longest delay of its
+/// decisions, and says so in `RateLimit-Delay` (seconds, to the
+/// millisecond). The delay is never more than the `max_wait` asked with.
+async fn wait_out(decisions: &[Decision], headers: &mut http::HeaderMap) {
+    let delay = decisions.iter().map(|d| d.delay).max().unwrap_or_default();
+    if delay.is_zero() {
+        return;
+    }
+    let shown = format!("{}.{:03}", delay.as_secs(), delay.subsec_millis());
+    if let Ok(value) = HeaderValue::from_str(&shown) {
+        headers.insert(http::HeaderName::from_static("ratelimit-delay"), value);
+    }
+    tokio::time::sleep(delay).await;
 }
 
 fn too_many_requests(config: &Config, decisions: &[Decision]) -> Response<Full<Bytes>> {

@@ -13,7 +13,9 @@
 //! What the caller sees:
 //!
 //! - Allowed: the request goes on, and the response gets `RateLimit-Policy`
-//!   and `RateLimit` (and `X-RateLimit-*` if asked).
+//!   and `RateLimit` (and `X-RateLimit-*` if asked). With
+//!   [`TollgateLayer::max_wait`], a request allowed for later is held for
+//!   its delay first, and the response gets `RateLimit-Delay`.
 //! - Denied: a 429 with `Retry-After`, the same headers, and an
 //!   `application/problem+json` body; on an MCP endpoint, a JSON-RPC error.
 //! - Tollgate unavailable: the client's [`crate::FailureMode`] decides; when
@@ -85,6 +87,9 @@ struct Config {
     operation: Option<Extractor>,
     attributes: Vec<(String, Extractor)>,
     headers: HeaderOptions,
+    /// Shaping: the longest a request may be held before it goes on; `None`
+    /// never holds one (allowed now, or a 429).
+    max_wait: Option<std::time::Duration>,
 }
 
 impl TollgateLayer {
@@ -99,6 +104,7 @@ impl TollgateLayer {
                 operation: None,
                 attributes: Vec::new(),
                 headers: HeaderOptions::default(),
+                max_wait: None,
             }),
         }
     }
@@ -127,6 +133,18 @@ impl TollgateLayer {
     pub fn attribute(self, name: impl Into<String>, value: Extractor) -> Self {
         let name = name.into();
         self.edit(|c| c.attributes.push((name, value)))
+    }
+
+    /// Shaping: asks with [`crate::DecisionRequest::max_wait`] `max_wait`,
+    /// so a limit with `max_delay` may admit a request for later instead of
+    /// denying it; the layer then holds the request for the decision's
+    /// [`crate::Decision::delay`] (never more than `max_wait`) before the
+    /// inner service sees it, and the response says so in a
+    /// `RateLimit-Delay` header (seconds, to the millisecond). A caller that
+    /// goes away meanwhile drops the future, and nothing goes on.
+    #[must_use]
+    pub fn max_wait(self, max_wait: std::time::Duration) -> Self {
+        self.edit(|c| c.max_wait = Some(max_wait))
     }
 
     /// Also add `X-RateLimit-Limit`, `X-RateLimit-Remaining` and

@@ -152,6 +152,7 @@ async fn latency() {
         failure_mode: FailureMode::Open,
         deadline: Duration::from_secs(1),
         legacy_headers: false,
+        max_wait: None,
     };
     let plain = serve_in_process(plain_router(args.upstream.clone())).await;
     let limited = serve_in_process(limited_router(&args).unwrap()).await;

@@ -11,4 +11,5 @@ mod latency;
 mod mcp;
 mod proxy;
 mod reservations;
+mod shaping;
 mod support;

@@ -276,6 +276,8 @@ pub struct Seen {
     pub path: String,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// When it arrived (its head; the body is read after).
+    pub at: tokio::time::Instant,
 }
 
 /// An upstream HTTP server that answers 200 `upstream saw <path>` and
@@ -323,6 +325,7 @@ async fn record(
     State(seen): State<Arc<Mutex<Vec<Seen>>>>,
     request: Request,
 ) -> (StatusCode, String) {
+    let at = tokio::time::Instant::now();
     let (parts, body) = request.into_parts();
     let body = body
         .collect()
@@ -335,6 +338,7 @@ async fn record(
         path: path.clone(),
         headers: parts.headers,
         body,
+        at,
     });
     (StatusCode::OK, format!("upstream saw {path}"))
 }

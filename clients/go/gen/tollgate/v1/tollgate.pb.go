@@ -122,7 +122,13 @@ type ShouldAllowRequest struct {
 	// (default 1 h); refused in a batch. After it, the estimate stands. A
 	// denial, a dry run, a degraded answer or a request no limit applies to
 	// reserves nothing.
-	SettleWithin  *durationpb.Duration `protobuf:"bytes,8,opt,name=settle_within,json=settleWithin,proto3" json:"settle_within,omitempty"`
+	SettleWithin *durationpb.Duration `protobuf:"bytes,8,opt,name=settle_within,json=settleWithin,proto3" json:"settle_within,omitempty"`
+	// Shaping: the longest this caller can wait before proceeding. A limit
+	// with `max_delay` then admits a request it would let through within
+	// min(max_delay, max_wait) with that `delay` instead of denying it. Unset
+	// or zero: the caller cannot wait, and the answer is allow-now or deny,
+	// as without shaping. At most 1 h.
+	MaxWait       *durationpb.Duration `protobuf:"bytes,20,opt,name=max_wait,json=maxWait,proto3" json:"max_wait,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -209,6 +215,13 @@ func (x *ShouldAllowRequest) GetPriority() Priority {
 func (x *ShouldAllowRequest) GetSettleWithin() *durationpb.Duration {
 	if x != nil {
 		return x.SettleWithin
+	}
+	return nil
+}
+
+func (x *ShouldAllowRequest) GetMaxWait() *durationpb.Duration {
+	if x != nil {
+		return x.MaxWait
 	}
 	return nil
 }
@@ -359,7 +372,13 @@ type ShouldAllowResponse struct {
 	// sharing the store and the signing key (`reservations.secret`) accepts
 	// it, once, before its deadline. Signed, not encrypted: it carries the
 	// scope, identity and operation. Empty otherwise.
-	Reservation   string `protobuf:"bytes,10,opt,name=reservation,proto3" json:"reservation,omitempty"`
+	Reservation string `protobuf:"bytes,10,opt,name=reservation,proto3" json:"reservation,omitempty"`
+	// Shaping: set when allowed, the request was sent with `max_wait`, and a
+	// limit with `max_delay` admitted it for later: wait this long before
+	// proceeding (never more than `max_wait`). Its tokens were taken as of
+	// then, so the cost released at the end of these waits, not the
+	// decisions, obeys each limit. Unset: proceed at once.
+	Delay         *durationpb.Duration `protobuf:"bytes,20,opt,name=delay,proto3" json:"delay,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -462,6 +481,13 @@ func (x *ShouldAllowResponse) GetReservation() string {
 		return x.Reservation
 	}
 	return ""
+}
+
+func (x *ShouldAllowResponse) GetDelay() *durationpb.Duration {
+	if x != nil {
+		return x.Delay
+	}
+	return nil
 }
 
 type SettleRequest struct {
@@ -686,7 +712,7 @@ var File_tollgate_v1_tollgate_proto protoreflect.FileDescriptor
 
 const file_tollgate_v1_tollgate_proto_rawDesc = "" +
 	"\n" +
-	"\x1atollgate/v1/tollgate.proto\x12\vtollgate.v1\x1a\x1egoogle/protobuf/duration.proto\"\x94\x03\n" +
+	"\x1atollgate/v1/tollgate.proto\x12\vtollgate.v1\x1a\x1egoogle/protobuf/duration.proto\"\xca\x03\n" +
 	"\x12ShouldAllowRequest\x12\x14\n" +
 	"\x05scope\x18\x01 \x01(\tR\x05scope\x12\x1a\n" +
 	"\bidentity\x18\x02 \x01(\tR\bidentity\x12\x1c\n" +
@@ -697,7 +723,8 @@ const file_tollgate_v1_tollgate_proto_rawDesc = "" +
 	"attributes\x18\x06 \x03(\v2/.tollgate.v1.ShouldAllowRequest.AttributesEntryR\n" +
 	"attributes\x121\n" +
 	"\bpriority\x18\a \x01(\x0e2\x15.tollgate.v1.PriorityR\bpriority\x12>\n" +
-	"\rsettle_within\x18\b \x01(\v2\x19.google.protobuf.DurationR\fsettleWithin\x1a=\n" +
+	"\rsettle_within\x18\b \x01(\v2\x19.google.protobuf.DurationR\fsettleWithin\x124\n" +
+	"\bmax_wait\x18\x14 \x01(\v2\x19.google.protobuf.DurationR\amaxWait\x1a=\n" +
 	"\x0fAttributesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xac\x02\n" +
@@ -710,7 +737,7 @@ const file_tollgate_v1_tollgate_proto_rawDesc = "" +
 	"\vretry_after\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\n" +
 	"retryAfter\x12\x1c\n" +
 	"\texhausted\x18\x06 \x01(\bR\texhausted\x12>\n" +
-	"\rrefill_period\x18\a \x01(\v2\x19.google.protobuf.DurationR\frefillPeriod\"\xfa\x02\n" +
+	"\rrefill_period\x18\a \x01(\v2\x19.google.protobuf.DurationR\frefillPeriod\"\xab\x03\n" +
 	"\x13ShouldAllowResponse\x12\x18\n" +
 	"\aallowed\x18\x01 \x01(\bR\aallowed\x12:\n" +
 	"\vretry_after\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\n" +
@@ -724,7 +751,8 @@ const file_tollgate_v1_tollgate_proto_rawDesc = "" +
 	"\bdegraded\x18\b \x01(\bR\bdegraded\x12\x16\n" +
 	"\x06reason\x18\t \x01(\tR\x06reason\x12 \n" +
 	"\vreservation\x18\n" +
-	" \x01(\tR\vreservation\"R\n" +
+	" \x01(\tR\vreservation\x12/\n" +
+	"\x05delay\x18\x14 \x01(\v2\x19.google.protobuf.DurationR\x05delay\"R\n" +
 	"\rSettleRequest\x12 \n" +
 	"\vreservation\x18\x01 \x01(\tR\vreservation\x12\x1f\n" +
 	"\vactual_cost\x18\x02 \x01(\x04R\n" +
@@ -777,26 +805,28 @@ var file_tollgate_v1_tollgate_proto_depIdxs = []int32{
 	8,  // 0: tollgate.v1.ShouldAllowRequest.attributes:type_name -> tollgate.v1.ShouldAllowRequest.AttributesEntry
 	0,  // 1: tollgate.v1.ShouldAllowRequest.priority:type_name -> tollgate.v1.Priority
 	9,  // 2: tollgate.v1.ShouldAllowRequest.settle_within:type_name -> google.protobuf.Duration
-	9,  // 3: tollgate.v1.BucketStatus.reset_after:type_name -> google.protobuf.Duration
-	9,  // 4: tollgate.v1.BucketStatus.retry_after:type_name -> google.protobuf.Duration
-	9,  // 5: tollgate.v1.BucketStatus.refill_period:type_name -> google.protobuf.Duration
-	9,  // 6: tollgate.v1.ShouldAllowResponse.retry_after:type_name -> google.protobuf.Duration
-	9,  // 7: tollgate.v1.ShouldAllowResponse.reset_after:type_name -> google.protobuf.Duration
-	2,  // 8: tollgate.v1.ShouldAllowResponse.buckets:type_name -> tollgate.v1.BucketStatus
-	2,  // 9: tollgate.v1.SettleResponse.buckets:type_name -> tollgate.v1.BucketStatus
-	1,  // 10: tollgate.v1.ShouldAllowBatchRequest.requests:type_name -> tollgate.v1.ShouldAllowRequest
-	3,  // 11: tollgate.v1.ShouldAllowBatchResponse.responses:type_name -> tollgate.v1.ShouldAllowResponse
-	1,  // 12: tollgate.v1.RateLimiter.ShouldAllow:input_type -> tollgate.v1.ShouldAllowRequest
-	6,  // 13: tollgate.v1.RateLimiter.ShouldAllowBatch:input_type -> tollgate.v1.ShouldAllowBatchRequest
-	4,  // 14: tollgate.v1.RateLimiter.Settle:input_type -> tollgate.v1.SettleRequest
-	3,  // 15: tollgate.v1.RateLimiter.ShouldAllow:output_type -> tollgate.v1.ShouldAllowResponse
-	7,  // 16: tollgate.v1.RateLimiter.ShouldAllowBatch:output_type -> tollgate.v1.ShouldAllowBatchResponse
-	5,  // 17: tollgate.v1.RateLimiter.Settle:output_type -> tollgate.v1.SettleResponse
-	15, // [15:18] is the sub-list for method output_type
-	12, // [12:15] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	9,  // 3: tollgate.v1.ShouldAllowRequest.max_wait:type_name -> google.protobuf.Duration
+	9,  // 4: tollgate.v1.BucketStatus.reset_after:type_name -> google.protobuf.Duration
+	9,  // 5: tollgate.v1.BucketStatus.retry_after:type_name -> google.protobuf.Duration
+	9,  // 6: tollgate.v1.BucketStatus.refill_period:type_name -> google.protobuf.Duration
+	9,  // 7: tollgate.v1.ShouldAllowResponse.retry_after:type_name -> google.protobuf.Duration
+	9,  // 8: tollgate.v1.ShouldAllowResponse.reset_after:type_name -> google.protobuf.Duration
+	2,  // 9: tollgate.v1.ShouldAllowResponse.buckets:type_name -> tollgate.v1.BucketStatus
+	9,  // 10: tollgate.v1.ShouldAllowResponse.delay:type_name -> google.protobuf.Duration
+	2,  // 11: tollgate.v1.SettleResponse.buckets:type_name -> tollgate.v1.BucketStatus
+	1,  // 12: tollgate.v1.ShouldAllowBatchRequest.requests:type_name -> tollgate.v1.ShouldAllowRequest
+	3,  // 13: tollgate.v1.ShouldAllowBatchResponse.responses:type_name -> tollgate.v1.ShouldAllowResponse
+	1,  // 14: tollgate.v1.RateLimiter.ShouldAllow:input_type -> tollgate.v1.ShouldAllowRequest
+	6,  // 15: tollgate.v1.RateLimiter.ShouldAllowBatch:input_type -> tollgate.v1.ShouldAllowBatchRequest
+	4,  // 16: tollgate.v1.RateLimiter.Settle:input_type -> tollgate.v1.SettleRequest
+	3,  // 17: tollgate.v1.RateLimiter.ShouldAllow:output_type -> tollgate.v1.ShouldAllowResponse
+	7,  // 18: tollgate.v1.RateLimiter.ShouldAllowBatch:output_type -> tollgate.v1.ShouldAllowBatchResponse
+	5,  // 19: tollgate.v1.RateLimiter.Settle:output_type -> tollgate.v1.SettleResponse
+	17, // [17:20] is the sub-list for method output_type
+	14, // [14:17] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_tollgate_v1_tollgate_proto_init() }
