@@ -233,7 +233,7 @@ async fn the_corpus_decides_as_upstream_documents_on_the_embedded_store() {
 async fn the_corpus_decides_as_upstream_documents_on_redis() {
     let redis = Standalone::start();
     let store = format!(
-        "store:\n  kind: redis\n  redis:\n    urls: [{:?}]\n    key_prefix: \"test:envoy-compat:\"\n",
+        "store:\n  kind: redis\n  redis:\n    urls: [{:?}]\n    key_prefix: \"test:envoy-compat:\"\n{TIMEOUTS}",
         redis.url()
     );
     run_every_example(&config(&store)).await;
@@ -521,11 +521,17 @@ async fn a_reload_applies_the_envoy_service_settings() {
     );
 }
 
+/// Store timeouts for the Redis runs: the default 50 ms is what a
+/// production store answers in, but a test machine busy with parallel builds
+/// can exceed it, and the examples' scopes fail open, which would read as an
+/// over-admission.
+const TIMEOUTS: &str = "    response_timeout: 5s\n    wait_timeout: 5s\n";
+
 #[tokio::test]
 async fn the_corpus_decides_as_upstream_documents_on_a_redis_cluster() {
     let cluster = crate::common::redis::Cluster::start();
     let store = format!(
-        "store:\n  kind: redis\n  redis:\n    mode: cluster\n    urls: {:?}\n    key_prefix: \"test:envoy-compat-cluster:\"\n",
+        "store:\n  kind: redis\n  redis:\n    mode: cluster\n    urls: {:?}\n    key_prefix: \"test:envoy-compat-cluster:\"\n{TIMEOUTS}",
         cluster.urls()
     );
     run_every_example(&config(&store)).await;
