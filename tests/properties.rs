@@ -100,6 +100,7 @@ fn key(i: usize) -> BucketKey<'static> {
         rule: "r",
         identity: Some(IDS[i]),
         operation: None,
+        hash_tag: Default::default(),
     }
 }
 

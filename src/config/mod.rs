@@ -37,8 +37,9 @@ pub use analytics::{AnalyticsConfig, ReloadConfig};
 pub use envoy::{EnvoyDescriptor, EnvoyDomain, EnvoyRateLimit, EnvoyValue};
 pub use reservations::{ReservationsConfig, SecretFiles, Secrets};
 pub use scopes::{
-    DescriptorKeysConfig, FailureMode, HeadroomConfig, LimitConfig, MAX_BUDGET, MAX_CAPACITY,
-    MAX_NAME_LEN, MAX_REFILL_PERIOD, MIN_REFILL_PERIOD, Per, Percent, ScopeConfig, UnknownScope,
+    DescriptorKeysConfig, FailureMode, HashTag, HeadroomConfig, LimitConfig, MAX_BUDGET,
+    MAX_CAPACITY, MAX_NAME_LEN, MAX_REFILL_PERIOD, MIN_REFILL_PERIOD, Per, Percent, ScopeConfig,
+    UnknownScope,
 };
 pub use security::{CallerConfig, GrpcConfig, TlsConfig};
 pub use store::{
@@ -498,6 +499,25 @@ mod tests {
             .map(|k| k.trim().trim_matches('`'))
             .collect();
         assert_eq!(keys, SECTIONS);
+    }
+
+    #[test]
+    fn a_scope_s_hash_tag_defaults_to_the_scope_and_a_bad_one_names_its_field() {
+        let yaml = |tag: &str| {
+            format!(
+                "scopes:\n  - name: a\n    limits: []\n  - name: b\n    {tag}\n    limits: []\n"
+            )
+        };
+        let config = Config::from_yaml(&yaml("hash_tag: identity_operation")).unwrap();
+        assert_eq!(config.scopes[0].hash_tag, HashTag::Scope);
+        assert_eq!(config.scopes[1].hash_tag, HashTag::IdentityOperation);
+        let e = Config::from_yaml(&yaml("hash_tag: user"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("scopes[1].hash_tag: must be scope, identity or identity_operation"),
+            "{e}"
+        );
     }
 
     #[test]

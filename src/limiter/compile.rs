@@ -14,7 +14,8 @@ use super::limit::Limit;
 use super::rules::{Rules, ScopeRules};
 use crate::bucket::Shape;
 use crate::config::{
-    Config, ConfigError, EnvoyDescriptor, EnvoyDomain, EnvoyValue, FailureMode, LimitConfig,
+    Config, ConfigError, EnvoyDescriptor, EnvoyDomain, EnvoyValue, FailureMode, HashTag,
+    LimitConfig,
 };
 use crate::window::Window;
 
@@ -42,6 +43,7 @@ impl Rules {
                     operation: k.operation,
                     priority: k.priority,
                 }),
+                hash_tag: s.hash_tag,
             };
             scopes.insert(scope.name.clone(), scope);
         }
@@ -128,6 +130,7 @@ fn compile_domain(domain: &EnvoyDomain, failure_mode: FailureMode) -> ScopeRules
             roots: domain.descriptors.iter().map(compile_descriptor).collect(),
         },
         descriptor_keys: None,
+        hash_tag: HashTag::default(),
     }
 }
 

@@ -803,6 +803,7 @@ mod tests {
                 rule: "r",
                 identity: Some("x"),
                 operation: None,
+                hash_tag: Default::default(),
             },
             shape,
             cost: 1,

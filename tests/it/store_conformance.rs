@@ -25,6 +25,7 @@ fn bucket<'a>(scope: &'a str, rule: &'a str, capacity: u64, period_ms: u64) -> B
             rule,
             identity: Some("alice"),
             operation: None,
+            hash_tag: Default::default(),
         },
         shape: Shape {
             capacity,

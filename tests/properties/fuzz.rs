@@ -259,6 +259,7 @@ impl Parts {
                 rule: &self.rule,
                 identity: self.identity.as_deref(),
                 operation: self.operation.as_deref(),
+                hash_tag: Default::default(),
             },
             shape: Shape {
                 capacity: self.capacity,
