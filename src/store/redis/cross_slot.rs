@@ -36,17 +36,89 @@ const UNSET: BucketOutcome = BucketOutcome {
     mark: crate::bucket::Mark::EMPTY,
 };
 
-/// A charge's bucket indices grouped by hash tag, in first-seen order.
-fn split_by_tag(charge: &Charge<'_>) -> Vec<Vec<usize>> {
+/// Bucket indices grouped by hash tag (`tags`, one per bucket), in
+/// first-seen order.
+fn split_by_tag(tags: impl IntoIterator<Item = String>) -> Vec<Vec<usize>> {
     let mut parts: Vec<(String, Vec<usize>)> = Vec::new();
-    for (i, b) in charge.buckets.iter().enumerate() {
-        let tag = keys::hash_tag(&b.key);
+    for (i, tag) in tags.into_iter().enumerate() {
         match parts.iter_mut().find(|(t, _)| *t == tag) {
             Some((_, part)) => part.push(i),
             None => parts.push((tag, vec![i])),
         }
     }
     parts.into_iter().map(|(_, part)| part).collect()
+}
+
+/// One charge's outcome from its parts' (`done`, by work index): allowed
+/// when every part was, failed when any part failed.
+fn outcome_of(
+    charge: &Charge<'_>,
+    plan: &Plan,
+    done: &[Result<ChargeOutcome, StoreError>],
+) -> Result<ChargeOutcome, StoreError> {
+    if let Some(e) = plan.iter().find_map(|(w, _)| done[*w].as_ref().err()) {
+        return Err(e.clone());
+    }
+    let allowed = plan
+        .iter()
+        .all(|(w, _)| done[*w].as_ref().is_ok_and(|o| o.allowed));
+    let mut buckets = smallvec::smallvec![UNSET; charge.buckets.len()];
+    let mut now_us = 0;
+    for (w, part) in plan {
+        if let Ok(o) = &done[*w] {
+            now_us = o.now_us;
+            for (k, &i) in part.iter().enumerate() {
+                buckets[i] = o.buckets[k];
+            }
+        }
+    }
+    Ok(ChargeOutcome {
+        allowed,
+        buckets,
+        now_us,
+    })
+}
+
+/// What the parts of a charge that was not allowed must give back: each
+/// part that took (not one that was only judged), as a settlement bounded
+/// by the state its take left, with the charge's bucket indices it covers.
+fn refunds_of<'a>(
+    charge: &Charge<'a>,
+    plan: &Plan,
+    work: &[Charge<'a>],
+    done: &[Result<ChargeOutcome, StoreError>],
+) -> Vec<(Settlement<'a>, Vec<usize>)> {
+    let mut out = Vec::new();
+    for (w, part) in plan {
+        let Ok(took) = &done[*w] else { continue };
+        if !took.allowed || work[*w].dry_run {
+            continue;
+        }
+        let taken: Vec<(usize, usize)> = part
+            .iter()
+            .enumerate()
+            .filter(|&(k, &i)| !charge.buckets[i].shadow || took.buckets[k].conforms)
+            .map(|(k, &i)| (k, i))
+            .collect();
+        if taken.is_empty() {
+            continue;
+        }
+        // Each bucket's state after the take bounds the refund: no more
+        // than the reservation still holds.
+        let settlement = Settlement {
+            buckets: taken
+                .iter()
+                .map(|&(k, i)| SettleBucket {
+                    charge: charge.buckets[i],
+                    actual: 0,
+                    mark: Some(took.buckets[k].mark),
+                })
+                .collect(),
+            once: None,
+        };
+        out.push((settlement, taken.iter().map(|&(_, i)| i).collect()));
+    }
+    out
 }
 
 impl Inner {
@@ -60,7 +132,7 @@ impl Inner {
             let parts = if charge.buckets.is_empty() {
                 Vec::new()
             } else if self.topology.is_cluster() {
-                split_by_tag(charge)
+                split_by_tag(charge.buckets.iter().map(|b| keys::hash_tag(&b.key)))
             } else {
                 vec![(0..charge.buckets.len()).collect()]
             };
@@ -89,78 +161,83 @@ impl Inner {
         self: &Arc<Self>,
         charges: &[Charge<'_>],
     ) -> Vec<Result<ChargeOutcome, StoreError>> {
-        let (work, plans) = self.work(charges);
+        let (mut work, plans) = self.work(charges);
         // A charge split over slots needs its parts' ledgers, to bound the
         // refund should another part deny.
         let split = plans.iter().any(|p| p.len() > 1);
-        let done = self.run(&work, split).await;
+        let done = self.run_phased(&mut work, &plans, split).await;
 
         let mut outcomes = Vec::with_capacity(charges.len());
         let mut refunds: Vec<Settlement<'_>> = Vec::new();
         let mut refunded: Vec<(usize, Vec<usize>)> = Vec::new();
         for (c, (charge, plan)) in charges.iter().zip(&plans).enumerate() {
-            let failed = plan.iter().find_map(|(w, _)| done[*w].as_ref().err());
-            let allowed = failed.is_none()
-                && plan
-                    .iter()
-                    .all(|(w, _)| done[*w].as_ref().is_ok_and(|o| o.allowed));
+            let outcome = outcome_of(charge, plan, &done);
             // Reserve and refund: a part that took while another part denied
             // (or failed) gives its tokens back, so a charge that is not
             // allowed takes nothing.
-            if !allowed && !charge.dry_run {
-                for (w, part) in plan {
-                    let Ok(took) = &done[*w] else { continue };
-                    if !took.allowed {
-                        continue;
-                    }
-                    let taken: Vec<(usize, usize)> = part
-                        .iter()
-                        .enumerate()
-                        .filter(|&(k, &i)| !charge.buckets[i].shadow || took.buckets[k].conforms)
-                        .map(|(k, &i)| (k, i))
-                        .collect();
-                    if !taken.is_empty() {
-                        // Each bucket's state after the take bounds the
-                        // refund: no more than the reservation still holds.
-                        refunds.push(Settlement {
-                            buckets: taken
-                                .iter()
-                                .map(|&(k, i)| SettleBucket {
-                                    charge: charge.buckets[i],
-                                    actual: 0,
-                                    mark: Some(took.buckets[k].mark),
-                                })
-                                .collect(),
-                            once: None,
-                        });
-                        refunded.push((c, taken.iter().map(|&(_, i)| i).collect()));
-                    }
+            if !outcome.as_ref().is_ok_and(|o| o.allowed) && !charge.dry_run {
+                for (settlement, taken) in refunds_of(charge, plan, &work, &done) {
+                    refunds.push(settlement);
+                    refunded.push((c, taken));
                 }
             }
-            if let Some(e) = failed {
-                outcomes.push(Err(e.clone()));
-                continue;
-            }
-            let mut buckets = smallvec::smallvec![UNSET; charge.buckets.len()];
-            let mut now_us = 0;
-            for (w, part) in plan {
-                if let Ok(o) = &done[*w] {
-                    now_us = o.now_us;
-                    for (k, &i) in part.iter().enumerate() {
-                        buckets[i] = o.buckets[k];
-                    }
-                }
-            }
-            outcomes.push(Ok(ChargeOutcome {
-                allowed,
-                buckets,
-                now_us,
-            }));
+            outcomes.push(outcome);
         }
         if !refunds.is_empty() {
             self.refund(&refunds, &refunded, &mut outcomes).await;
         }
         outcomes
+    }
+
+    /// Runs the work in two rounds when a charge spans an identity's slot
+    /// and its scope's (`hash_tag: identity`): the identity's parts first,
+    /// then the scope's shared part, taken only if they all allowed, and
+    /// else only judged (a dry run, so the denial still reports every
+    /// bucket). An identity over its own limit then never reserves from,
+    /// nor refunds to, the bucket every identity shares: it cannot make
+    /// others wait by being denied, and concurrent refunds to one hot
+    /// bucket (which its ledger bounds conservatively) do not arise from
+    /// it. Other work, and charges across scopes, go in the first round.
+    async fn run_phased(
+        self: &Arc<Self>,
+        work: &mut [Charge<'_>],
+        plans: &[Plan],
+        marks: bool,
+    ) -> Vec<Result<ChargeOutcome, StoreError>> {
+        let mut later = vec![false; work.len()];
+        for plan in plans {
+            let spreads = |w: usize| work[w].buckets.iter().any(|b| keys::spreads(&b.key));
+            if plan.iter().any(|(w, _)| spreads(*w)) {
+                for (w, _) in plan.iter().filter(|(w, _)| !spreads(*w)) {
+                    later[*w] = true;
+                }
+            }
+        }
+        let first: Vec<usize> = (0..work.len()).filter(|&w| !later[w]).collect();
+        let mut done: Vec<Result<ChargeOutcome, StoreError>> = (0..work.len())
+            .map(|_| Err(StoreError::permanent("a part was never run")))
+            .collect();
+        let round: Vec<Charge<'_>> = first.iter().map(|&w| work[w].clone()).collect();
+        for (&w, result) in first.iter().zip(self.run(&round, marks).await) {
+            done[w] = result;
+        }
+        if first.len() == work.len() {
+            return done;
+        }
+        for plan in plans {
+            let ready = plan
+                .iter()
+                .all(|(w, _)| later[*w] || done[*w].as_ref().is_ok_and(|o| o.allowed));
+            for (w, _) in plan.iter().filter(|(w, _)| later[*w]) {
+                work[*w].dry_run |= !ready;
+            }
+        }
+        let second: Vec<usize> = (0..work.len()).filter(|&w| later[w]).collect();
+        let round: Vec<Charge<'_>> = second.iter().map(|&w| work[w].clone()).collect();
+        for (&w, result) in second.iter().zip(self.run(&round, marks).await) {
+            done[w] = result;
+        }
+        done
     }
 
     /// Gives back what the parts in `refunds` reserved (each bounded by the
@@ -194,6 +271,43 @@ impl Inner {
                 bucket.reset_after = back[k].reset_after;
             }
         }
+    }
+
+    /// Applies a settlement whose buckets span hash slots, one script call
+    /// per slot. Only a refund (no [`Once`](crate::store::Once)) can: an
+    /// Envoy `is_negative_hits` of a per-scope and a per-identity bucket
+    /// under `hash_tag: identity`. Each part only gives back, so a part that
+    /// fails leaves its tokens taken (admitting less, never more), and its
+    /// error is the answer. A reservation's settle cannot span slots: a
+    /// charge split over slots opened no record (see [`Inner::work`]), so
+    /// it is answered as the script answers a settle with no record.
+    pub(super) async fn settle_across(
+        self: &Arc<Self>,
+        settlement: &Settlement<'_>,
+    ) -> Result<Settled, StoreError> {
+        if settlement.once.is_some() {
+            return Ok(Settled::AlreadySettled);
+        }
+        let buckets = &settlement.buckets;
+        let parts = split_by_tag(buckets.iter().map(|b| keys::hash_tag(&b.charge.key)));
+        let settlements: Vec<Settlement<'_>> = parts
+            .iter()
+            .map(|part| Settlement {
+                buckets: part.iter().map(|&i| buckets[i]).collect(),
+                once: None,
+            })
+            .collect();
+        let done = join_all(settlements.iter().map(|s| self.settle_on_node(s))).await;
+        let mut after = vec![UNSET; buckets.len()];
+        for (part, result) in parts.iter().zip(done) {
+            let Settled::Applied(outcomes) = result? else {
+                return Err(StoreError::permanent("a refund was answered as a settle"));
+            };
+            for (&i, outcome) in part.iter().zip(outcomes) {
+                after[i] = outcome;
+            }
+        }
+        Ok(Settled::Applied(after))
     }
 
     /// Decides each work item through its node's coalescer: concurrent

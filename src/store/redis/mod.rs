@@ -291,8 +291,22 @@ impl Inner {
     }
 
     /// Applies one settlement: one script call (coalesced with others), on
-    /// the buckets' hash slot.
+    /// the buckets' hash slot; on Cluster, one whose buckets span slots (a
+    /// refund under `hash_tag: identity`) goes by `cross_slot.rs`.
     async fn settle(self: &Arc<Self>, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
+        let mut slots = settlement.buckets.iter().map(|b| keys::slot(&b.charge.key));
+        let first = slots.next();
+        if self.topology.is_cluster() && slots.any(|s| Some(s) != first) {
+            return self.settle_across(settlement).await;
+        }
+        self.settle_on_node(settlement).await
+    }
+
+    /// Applies a settlement whose buckets share a node (on Cluster, a slot).
+    async fn settle_on_node(
+        self: &Arc<Self>,
+        settlement: &Settlement<'_>,
+    ) -> Result<Settled, StoreError> {
         if settlement.buckets.is_empty() {
             return Ok(Settled::Applied(Vec::new()));
         }
