@@ -104,6 +104,25 @@ async fn run(
     join_all(tasks).await.into_iter().map(|t| t.unwrap()).sum()
 }
 
+/// The mean `MEMORY USAGE` of up to 50 keys matching `pattern` on every
+/// node, with one such key.
+fn memory_per_key(topo: &Cluster, pattern: &str) -> (f64, String) {
+    let (mut bytes, mut n, mut sample) = (0i64, 0i64, String::new());
+    for node in &topo.nodes {
+        let mut c = conn(node.port).unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query(&mut c).unwrap();
+        for key in keys.into_iter().take(50) {
+            let used: i64 = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(&key)
+                .query(&mut c)
+                .unwrap();
+            (bytes, n, sample) = (bytes + used, n + 1, key);
+        }
+    }
+    (bytes as f64 / n.max(1) as f64, sample)
+}
+
 fn share(part: u64, total: u64) -> f64 {
     part as f64 / total.max(1) as f64
 }
@@ -122,6 +141,11 @@ scopes:
     hash_tag: identity
     limits:
       - { name: all, per: scope, capacity: 1000000, refill_period: 1h }
+      - { name: per-user, per: identity, capacity: 100, refill_period: 1h }
+  - name: spent
+    hash_tag: identity
+    limits:
+      - { name: all, per: scope, capacity: 1, refill_period: 24h }
       - { name: per-user, per: identity, capacity: 100, refill_period: 1h }
 ";
 
@@ -168,6 +192,13 @@ async fn one_scope_spreads_over_every_shard_with_hash_tag_identity() {
         }
     }
 
+    // What an identity's bucket costs Redis, spread or packed.
+    for pattern in ["test:spread:{spread:*", "test:spread:{packed}:*"] {
+        let (bytes, key) = memory_per_key(&topo, pattern);
+        eprintln!("MEMORY USAGE, mean of up to 150 keys like {key}: {bytes:.1} bytes");
+        assert!(bytes > 0.0 && bytes < 160.0, "{bytes} bytes per bucket");
+    }
+
     // A global limit: every decision also charges the scope's one bucket,
     // in one slot, by reserve and refund. Its shard runs the identities'
     // share plus the scope slot's coalesced calls.
@@ -202,6 +233,19 @@ async fn one_scope_spreads_over_every_shard_with_hash_tag_identity() {
         scope_calls < 3_000.0 / 2.0,
         "coalescing shares the scope slot's calls: {scope_calls:.0} for 3000 decisions"
     );
+
+    // The same once the global limit is spent: each denial takes from the
+    // identity, is denied by the scope, and gives the identity's token back.
+    let before = keys_now(&topo);
+    reset_stats(&topo);
+    assert_eq!(run(&replicas, ids("spent"), 32).await, 1);
+    let nodes = per_node(&topo, &before);
+    let calls: u64 = nodes.iter().map(|n| n.1).sum();
+    eprintln!(
+        "global limit spent: (keys, script calls) per shard {nodes:?}: {:.2} calls per decision",
+        calls as f64 / 3_000.0
+    );
+    assert!(calls > 2 * 3_000, "take and refund per identity: {calls}");
 }
 
 /// Two replicas, 100 concurrent calls for one identity with a limit of 10,
