@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use tollgate::config::Config;
+use tollgate::config::{Config, HashTag};
 use tollgate::limiter::{Limiter, Request, Rules, SettleError, Signer};
 use tollgate::store::redis::RedisStore;
+use tollgate::store::{SettleBucket, Settled, Settlement, Store};
 
 use crate::common::redis::{Cluster, conn};
 
@@ -327,7 +328,9 @@ async fn a_scope_limit_across_slots_never_over_admits() {
 /// A reload that changes a scope's tag moves its per-identity buckets to
 /// new keys: they start full (that limit resets, as for a changed shape),
 /// and the old keys expire by themselves. A per-scope bucket keeps its key
-/// whatever the tag, so the scope-wide limit carries over.
+/// whatever the tag, so the scope-wide limit carries over. Then what spans
+/// slots under `identity`: a reservation (no record, refused) and a refund
+/// (given back to each slot).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_changes_the_tag_resets_only_what_moves() {
     let topo = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
@@ -360,4 +363,48 @@ async fn a_reload_that_changes_the_tag_resets_only_what_moves() {
     assert!(!decide("carol").await.unwrap().allowed);
     let d = decide("dave").await.unwrap();
     assert_eq!(remaining(&d), [1, 1]);
+
+    // Under `identity`, a reservation across the scope's slot and erin's
+    // opens no record: its settle is refused, and its estimate stands.
+    limiter.replace_rules(rules("identity"));
+    let mut req = Request::new("api", "erin", "op");
+    req.settle_within = Some(Duration::from_secs(60));
+    let token = limiter.decide(&req).await.unwrap().reservation.unwrap();
+    assert!(matches!(
+        limiter.settle(&token, 0).await,
+        Err(SettleError::AlreadySettled)
+    ));
+    assert!(
+        !decide("frank").await.unwrap().allowed,
+        "the scope is spent"
+    );
+
+    // A refund across the two slots (Envoy's negative hits) gives back to
+    // each: frank is allowed again.
+    let charge = |rule: &'static str, identity, capacity| {
+        let mut b = crate::common::store::charge(identity, capacity, Duration::from_secs(86_400))
+            .buckets[0];
+        (b.key.scope, b.key.rule, b.key.hash_tag) = ("api", rule, HashTag::Identity);
+        b
+    };
+    let mut all = charge("all", "", 5);
+    all.key.identity = None;
+    let refund = Settlement {
+        buckets: [all, charge("per-user", "erin", 2)]
+            .into_iter()
+            .map(|b| SettleBucket {
+                charge: b,
+                actual: 0,
+                mark: None,
+            })
+            .collect(),
+        once: None,
+    };
+    let back = limiter.store().settle(&refund).await.unwrap();
+    let Settled::Applied(back) = back else {
+        panic!("{back:?}")
+    };
+    let left: Vec<u64> = back.iter().map(|b| b.remaining).collect();
+    assert_eq!(left, [1, 2]);
+    assert!(decide("frank").await.unwrap().allowed);
 }

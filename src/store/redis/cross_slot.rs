@@ -2,7 +2,8 @@
 //! whose buckets span hash slots, decided by *reserve and refund*.
 //!
 //! Each charge becomes one script call's work (coalesced with others on
-//! its node), or on Cluster one per slot it touches (an atomic batch whose
+//! its node), or on Cluster one per slot it touches (an identity's buckets
+//! and its scope's under `hash_tag: identity`, or an atomic batch whose
 //! entries name different scopes). A charge split over
 //! slots is allowed only when every part is; if any part denies or fails,
 //! the parts that took give their tokens back in a second round trip,
