@@ -47,6 +47,19 @@ fn script_calls(port: u16) -> u64 {
         .map_or(0, |n| n.parse().unwrap())
 }
 
+/// Socket reads the node on `port` processed since its stats were reset:
+/// script calls per read say how many calls each wake-up of Redis served
+/// (several arrive together when many slots' calls are in flight at once).
+fn reads(port: u16) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query(&mut conn(port).unwrap())
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_reads_processed:"))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
 fn reset_stats(topo: &Cluster) {
     for node in &topo.nodes {
         let _: () = redis::cmd("CONFIG")
@@ -180,7 +193,15 @@ async fn one_scope_spreads_over_every_shard_with_hash_tag_identity() {
         let nodes = per_node(&topo, &before);
         let keys: i64 = nodes.iter().map(|n| n.0).sum();
         let calls: u64 = nodes.iter().map(|n| n.1).sum();
-        eprintln!("{scope}: (keys, script calls) per shard {nodes:?}");
+        let per_read: Vec<String> = topo
+            .nodes
+            .iter()
+            .zip(&nodes)
+            .map(|(n, (_, c))| format!("{:.2}", *c as f64 / reads(n.port).max(1) as f64))
+            .collect();
+        eprintln!(
+            "{scope}: (keys, script calls) per shard {nodes:?}, script calls per socket read {per_read:?}"
+        );
         assert_eq!(keys, 3_000, "one bucket per identity");
         for &(k, c) in &nodes {
             let (k, c) = (share(k as u64, 3_000), share(c, calls));
