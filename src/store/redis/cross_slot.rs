@@ -208,7 +208,9 @@ impl Inner {
         let mut later = vec![false; work.len()];
         for plan in plans {
             let spreads = |w: usize| work[w].buckets.iter().any(|b| keys::spreads(&b.key));
-            if plan.iter().any(|(w, _)| spreads(*w)) {
+            // A dry run takes nothing, so its parts may all go at once.
+            let takes = plan.first().is_some_and(|(w, _)| !work[*w].dry_run);
+            if takes && plan.iter().any(|(w, _)| spreads(*w)) {
                 for (w, _) in plan.iter().filter(|(w, _)| !spreads(*w)) {
                     later[*w] = true;
                 }
