@@ -402,10 +402,15 @@ pub(crate) async fn run(fault: Fault, hold: Duration, end: Duration) -> Vec<Row>
 }
 
 fn summarize(fault: Fault, calls: &[Call], injected: Duration, healed: Duration) -> Vec<Row> {
-    // The hot bucket is shared by both replicas: one bound for the run.
+    // The hot bucket is shared by both replicas: one bound for the run,
+    // over the time from the first call's start to the last call's end,
+    // which holds every take Redis made (a call's take may come well
+    // before its answer: under `hash_tag: identity`, a second round trip
+    // to the scope's slot follows it).
     let hot: Vec<&Call> = calls.iter().filter(|c| c.hot).collect();
-    let span = match (hot.first(), hot.last()) {
-        (Some(a), Some(b)) => (b.at - a.at).as_secs_f64(),
+    let first = hot.iter().map(|c| c.at.saturating_sub(c.took)).min();
+    let span = match (first, hot.iter().map(|c| c.at).max()) {
+        (Some(a), Some(b)) => (b - a).as_secs_f64(),
         _ => 0.0,
     };
     let bound = HOT_CAPACITY + HOT_RATE * span;
