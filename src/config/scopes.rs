@@ -201,6 +201,17 @@ impl Percent {
     }
 }
 
+impl HashTag {
+    /// Its name in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Scope => "scope",
+            Self::Identity => "identity",
+            Self::IdentityOperation => "identity_operation",
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for HashTag {
     /// By hand, so a wrong value is answered with the choices.
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
