@@ -349,9 +349,7 @@ async fn a_scope_limit_across_slots_never_over_admits() {
 /// A reload that changes a scope's tag moves its per-identity buckets to
 /// new keys: they start full (that limit resets, as for a changed shape),
 /// and the old keys expire by themselves. A per-scope bucket keeps its key
-/// whatever the tag, so the scope-wide limit carries over. Then what spans
-/// slots under `identity`: a reservation (no record, refused) and a refund
-/// (given back to each slot).
+/// whatever the tag, so the scope-wide limit carries over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_changes_the_tag_resets_only_what_moves() {
     let topo = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
@@ -384,34 +382,75 @@ async fn a_reload_that_changes_the_tag_resets_only_what_moves() {
     assert!(!decide("carol").await.unwrap().allowed);
     let d = decide("dave").await.unwrap();
     assert_eq!(remaining(&d), [1, 1]);
+}
 
-    // Under `identity`, a reservation across the scope's slot and erin's
-    // opens no record: its settle is refused, and its estimate stands.
-    limiter.replace_rules(rules("identity"));
-    let mut req = Request::new("api", "erin", "op");
-    req.settle_within = Some(Duration::from_secs(60));
-    let token = limiter.decide(&req).await.unwrap().reservation.unwrap();
+/// Under `hash_tag: identity`, a reservation of a global and a per-identity
+/// limit spans two slots. Its record is in the identity's slot, so it
+/// settles once, on either replica: below the estimate it gives back in
+/// both slots, above it the extra reaches the scope's bucket too. A refund
+/// across the slots (Envoy's negative hits) gives back in each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_across_slots_settles_once_in_every_slot() {
+    let topo = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let yaml = "failure_mode: closed\nscopes:\n  - name: api\n    hash_tag: identity\n    limits:\n      - { name: all, per: scope, capacity: 2, refill_period: 24h }\n      - { name: per-user, per: identity, capacity: 2, refill_period: 24h }\n";
+    let replicas = replicas(&topo, yaml, "settle");
+    let reserve = |id: &'static str| {
+        let replica = replicas[0].clone();
+        async move {
+            let mut req = Request::new("api", id, "op");
+            req.settle_within = Some(Duration::from_secs(60));
+            replica
+                .decide(&req)
+                .await
+                .unwrap()
+                .reservation
+                .expect("reserved")
+        }
+    };
+    let left = |s: &tollgate::limiter::Settlement| -> Vec<u64> {
+        s.buckets.iter().map(|b| b.remaining).collect()
+    };
+    let allowed = |id: &'static str| {
+        let replica = replicas[1].clone();
+        async move {
+            let d = replica
+                .decide(&Request::new("api", id, "op"))
+                .await
+                .unwrap();
+            d.allowed
+        }
+    };
+
+    // Below the estimate: both slots get their token back, once.
+    let token = reserve("erin").await;
+    let settled = replicas[1].settle(&token, 0).await.expect("settles");
+    assert_eq!(left(&settled), [2, 2]);
     assert!(matches!(
-        limiter.settle(&token, 0).await,
+        replicas[0].settle(&token, 0).await,
         Err(SettleError::AlreadySettled)
     ));
+
+    // Above it: the extra is taken from the scope's bucket as well, which
+    // had one token left after the reservation.
+    let token = reserve("erin").await;
+    let settled = replicas[1].settle(&token, 2).await.expect("settles");
+    assert_eq!(left(&settled), [0, 0]);
     assert!(
-        !decide("frank").await.unwrap().allowed,
-        "the scope is spent"
+        !allowed("frank").await,
+        "the debt reached the scope's bucket"
     );
 
-    // A refund across the two slots (Envoy's negative hits) gives back to
-    // each: frank is allowed again.
-    let charge = |rule: &'static str, identity, capacity| {
-        let mut b = crate::common::store::charge(identity, capacity, Duration::from_secs(86_400))
-            .buckets[0];
+    // A refund of both buckets, across their slots.
+    let bucket = |rule: &'static str, identity| {
+        let mut b =
+            crate::common::store::charge(identity, 2, Duration::from_secs(86_400)).buckets[0];
         (b.key.scope, b.key.rule, b.key.hash_tag) = ("api", rule, HashTag::Identity);
         b
     };
-    let mut all = charge("all", "", 5);
+    let mut all = bucket("all", "");
     all.key.identity = None;
     let refund = Settlement {
-        buckets: [all, charge("per-user", "erin", 2)]
+        buckets: [all, bucket("per-user", "erin")]
             .into_iter()
             .map(|b| SettleBucket {
                 charge: b,
@@ -421,11 +460,10 @@ async fn a_reload_that_changes_the_tag_resets_only_what_moves() {
             .collect(),
         once: None,
     };
-    let back = limiter.store().settle(&refund).await.unwrap();
-    let Settled::Applied(back) = back else {
-        panic!("{back:?}")
+    let Settled::Applied(back) = replicas[0].store().settle(&refund).await.unwrap() else {
+        panic!("a refund applies")
     };
-    let left: Vec<u64> = back.iter().map(|b| b.remaining).collect();
-    assert_eq!(left, [1, 2]);
-    assert!(decide("frank").await.unwrap().allowed);
+    let back: Vec<u64> = back.iter().map(|b| b.remaining).collect();
+    assert_eq!(back, [1, 1]);
+    assert!(allowed("frank").await);
 }

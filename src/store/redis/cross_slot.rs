@@ -20,7 +20,7 @@ use futures_util::future::join_all;
 
 use super::{Inner, keys};
 use crate::store::{
-    BucketOutcome, Charge, ChargeOutcome, SettleBucket, Settled, Settlement, StoreError,
+    BucketKey, BucketOutcome, Charge, ChargeOutcome, SettleBucket, Settled, Settlement, StoreError,
 };
 
 /// How one charge maps onto script calls: `(work index, bucket indices)` per
@@ -48,6 +48,18 @@ fn split_by_tag(tags: impl IntoIterator<Item = String>) -> Vec<Vec<usize>> {
         }
     }
     parts.into_iter().map(|(_, part)| part).collect()
+}
+
+/// The part of a charge split over slots that holds (or held) its
+/// reservation's record: the first whose buckets are in an identity's slot.
+/// `key` gives bucket `i`'s key.
+fn record_part<'k, 'a: 'k>(
+    parts: &[Vec<usize>],
+    key: impl Fn(usize) -> &'k BucketKey<'a>,
+) -> Option<usize> {
+    parts
+        .iter()
+        .position(|part| part.iter().any(|&i| keys::spreads(key(i))))
 }
 
 /// One charge's outcome from its parts' (`done`, by work index): allowed
@@ -138,17 +150,22 @@ impl Inner {
                 vec![(0..charge.buckets.len()).collect()]
             };
             let mut plan = Vec::with_capacity(parts.len());
-            let lone = parts.len() == 1;
-            for part in parts {
+            // A reservation's record goes with its one part, or with its
+            // first part in an identity's slot (decided first), where its
+            // settle looks for it (see `settle_across`). One split over
+            // scopes' slots alone opens nothing, so it cannot settle (the
+            // estimate stands) rather than settle twice.
+            let record = match parts.len() {
+                1 => Some(0),
+                _ => record_part(&parts, |i| &charge.buckets[i].key),
+            };
+            for (n, part) in parts.into_iter().enumerate() {
                 plan.push((work.len(), part.clone()));
                 work.push(Charge {
                     buckets: part.iter().map(|&i| charge.buckets[i]).collect(),
                     dry_run: charge.dry_run,
                     marks: charge.marks,
-                    // A reservation's buckets share its scope's slot; one
-                    // split over slots opens nothing, so it cannot settle
-                    // (the estimate stands) rather than settle twice.
-                    open: charge.open.filter(|_| lone),
+                    open: charge.open.filter(|_| record == Some(n)),
                 });
             }
             plans.push(plan);
@@ -277,40 +294,88 @@ impl Inner {
     }
 
     /// Applies a settlement whose buckets span hash slots, one script call
-    /// per slot. Only a refund (no [`Once`](crate::store::Once)) can: an
-    /// Envoy `is_negative_hits` of a per-scope and a per-identity bucket
-    /// under `hash_tag: identity`. Each part only gives back, so a part that
-    /// fails leaves its tokens taken (admitting less, never more), and its
-    /// error is the answer. A reservation's settle cannot span slots: a
-    /// charge split over slots opened no record (see [`Inner::work`]), so
-    /// it is answered as the script answers a settle with no record.
+    /// per slot. A refund (no [`Once`](crate::store::Once)) is applied in every slot at once:
+    /// each part only gives back, so a part that fails leaves its tokens
+    /// taken (admitting less, never more), and its error is the answer.
+    ///
+    /// A reservation's settle (with `Once`) goes by its record, which its
+    /// charge opened in its first part in an identity's slot (see
+    /// [`Inner::work`]): that part is settled with the record, atomically
+    /// and at most once, and the other parts without it. The order keeps
+    /// every failure on the side of admitting less: a refund below the
+    /// estimate gives back elsewhere only after the record's part applied
+    /// (so never twice), and a settle above it takes its extra elsewhere
+    /// first (so an interrupted or refused settle has taken more, never
+    /// less). A charge split over scopes' slots alone opened no record: its
+    /// settle is answered as the script answers one with no record.
     pub(super) async fn settle_across(
         self: &Arc<Self>,
         settlement: &Settlement<'_>,
     ) -> Result<Settled, StoreError> {
-        if settlement.once.is_some() {
-            return Ok(Settled::AlreadySettled);
-        }
         let buckets = &settlement.buckets;
         let parts = split_by_tag(buckets.iter().map(|b| keys::hash_tag(&b.charge.key)));
-        let settlements: Vec<Settlement<'_>> = parts
+        let mut after = vec![UNSET; buckets.len()];
+        let Some(once) = settlement.once else {
+            let all: Vec<usize> = (0..parts.len()).collect();
+            self.settle_parts(buckets, &parts, &all, &mut after).await?;
+            return Ok(Settled::Applied(after));
+        };
+        let Some(record) = record_part(&parts, |i| &buckets[i].charge.key) else {
+            return Ok(Settled::AlreadySettled);
+        };
+        let rest: Vec<usize> = (0..parts.len()).filter(|&n| n != record).collect();
+        let debt = buckets.iter().any(|b| b.actual > b.charge.cost);
+        if debt {
+            self.settle_parts(buckets, &parts, &rest, &mut after)
+                .await?;
+        }
+        let with_record = Settlement {
+            buckets: parts[record].iter().map(|&i| buckets[i]).collect(),
+            once: Some(once),
+        };
+        match self.settle_on_node(&with_record).await? {
+            Settled::Applied(outcomes) => {
+                for (&i, outcome) in parts[record].iter().zip(outcomes) {
+                    after[i] = outcome;
+                }
+            }
+            refused => return Ok(refused),
+        }
+        if !debt {
+            self.settle_parts(buckets, &parts, &rest, &mut after)
+                .await?;
+        }
+        Ok(Settled::Applied(after))
+    }
+
+    /// Applies the parts `which` of a settlement's `buckets` unconditionally
+    /// (no record), one script call per part, all at once, and writes each
+    /// bucket's state after it into `after`. The first failure is the
+    /// answer; the other parts were applied.
+    async fn settle_parts(
+        self: &Arc<Self>,
+        buckets: &[SettleBucket<'_>],
+        parts: &[Vec<usize>],
+        which: &[usize],
+        after: &mut [BucketOutcome],
+    ) -> Result<(), StoreError> {
+        let settlements: Vec<Settlement<'_>> = which
             .iter()
-            .map(|part| Settlement {
-                buckets: part.iter().map(|&i| buckets[i]).collect(),
+            .map(|&n| Settlement {
+                buckets: parts[n].iter().map(|&i| buckets[i]).collect(),
                 once: None,
             })
             .collect();
         let done = join_all(settlements.iter().map(|s| self.settle_on_node(s))).await;
-        let mut after = vec![UNSET; buckets.len()];
-        for (part, result) in parts.iter().zip(done) {
+        for (&n, result) in which.iter().zip(done) {
             let Settled::Applied(outcomes) = result? else {
                 return Err(StoreError::permanent("a refund was answered as a settle"));
             };
-            for (&i, outcome) in part.iter().zip(outcomes) {
+            for (&i, outcome) in parts[n].iter().zip(outcomes) {
                 after[i] = outcome;
             }
         }
-        Ok(Settled::Applied(after))
+        Ok(())
     }
 
     /// Decides each work item through its node's coalescer: concurrent

@@ -25,7 +25,11 @@
 //! the identity's parts before the scope's shared one, and if any part
 //! denies, the parts that took give their tokens back in another round
 //! trip. Others may see the reservation meanwhile (admitting less, never
-//! more); a denied charge takes nothing.
+//! more); a denied charge takes nothing. A settlement across slots is one
+//! call per slot too, the one holding a reservation's record applied at
+//! most once, and ordered so that a failure between them admits less
+//! (see `cross_slot.rs`): the one place where a settle is not all or
+//! nothing.
 //! That path, with batches of charges, is in `cross_slot.rs`; the
 //! connections are in `lanes.rs`, behind the topologies of `topology.rs`.
 //!
@@ -295,7 +299,8 @@ impl Inner {
 
     /// Applies one settlement: one script call (coalesced with others), on
     /// the buckets' hash slot; on Cluster, one whose buckets span slots (a
-    /// refund under `hash_tag: identity`) goes by `cross_slot.rs`.
+    /// settle or a refund under `hash_tag: identity`) goes by
+    /// `cross_slot.rs`.
     async fn settle(self: &Arc<Self>, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
         let mut slots = settlement.buckets.iter().map(|b| keys::slot(&b.charge.key));
         let first = slots.next();
