@@ -64,6 +64,7 @@ pub const SECTIONS: &[&str] = &[
     "store",
     "failure_mode",
     "unknown_scope",
+    "hash_tag",
     "log",
     "metrics",
     "drain_delay",
@@ -115,6 +116,10 @@ pub struct Config {
     /// What to do with a request for a scope that is not configured.
     #[serde(default)]
     pub unknown_scope: UnknownScope,
+    /// The Redis hash tag of scopes that set none, and of every
+    /// envoyproxy/ratelimit domain (see [`HashTag`]).
+    #[serde(default)]
+    pub hash_tag: HashTag,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -509,8 +514,9 @@ mod tests {
             )
         };
         let config = Config::from_yaml(&yaml("hash_tag: identity_operation")).unwrap();
-        assert_eq!(config.scopes[0].hash_tag, HashTag::Scope);
-        assert_eq!(config.scopes[1].hash_tag, HashTag::IdentityOperation);
+        assert_eq!(config.hash_tag, HashTag::Scope);
+        assert_eq!(config.scopes[0].hash_tag, None);
+        assert_eq!(config.scopes[1].hash_tag, Some(HashTag::IdentityOperation));
         let e = Config::from_yaml(&yaml("hash_tag: user"))
             .unwrap_err()
             .to_string();
@@ -518,6 +524,13 @@ mod tests {
             e.contains("scopes[1].hash_tag: must be scope, identity or identity_operation"),
             "{e}"
         );
+        let e = Config::from_yaml("hash_tag: slot\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hash_tag: must be scope, identity"), "{e}");
+        let env = [("TOLLGATE_HASH_TAG".to_owned(), "identity".to_owned())];
+        let config = Config::from_yaml_with_env("scopes: []\n", env).unwrap();
+        assert_eq!(config.hash_tag, HashTag::Identity);
     }
 
     #[test]

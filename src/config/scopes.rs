@@ -58,9 +58,10 @@ pub struct ScopeConfig {
     #[serde(default)]
     pub descriptor_keys: Option<DescriptorKeysConfig>,
     /// Which parts of a bucket's key choose its Redis Cluster hash slot
-    /// (see [`HashTag`]). The embedded store ignores it.
+    /// (see [`HashTag`]); absent, the top-level `hash_tag`. The embedded
+    /// store ignores it.
     #[serde(default)]
-    pub hash_tag: HashTag,
+    pub hash_tag: Option<HashTag>,
 }
 
 /// Which parts of a bucket's key pick its Redis hash slot: buckets with the
