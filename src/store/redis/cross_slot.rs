@@ -4,11 +4,13 @@
 //! Each charge becomes one script call's work (coalesced with others on
 //! its node), or on Cluster one per slot it touches (an identity's buckets
 //! and its scope's under `hash_tag: identity`, or an atomic batch whose
-//! entries name different scopes). A charge split over
-//! slots is allowed only when every part is; if any part denies or fails,
-//! the parts that took give their tokens back in a second round trip,
-//! bounded by the ledgers their takes left. Others may see the reservation
-//! meanwhile (admitting less, never more); a denied charge takes nothing.
+//! entries name different scopes). A charge split over slots is allowed
+//! only when every part is; if any part denies or fails, the parts that
+//! took give their tokens back in another round trip, bounded by the
+//! ledgers their takes left. Others may see the reservation meanwhile
+//! (admitting less, never more); a denied charge takes nothing. An
+//! identity's parts go before its scope's shared one (`run_phased`), and a
+//! settlement over slots is applied part by part (`settle_across`).
 //! A lone charge on one node never comes here: see
 //! [`Store::check_and_take_one`](super::Store::check_and_take_one) for
 //! `RedisStore`.
