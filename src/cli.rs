@@ -188,9 +188,10 @@ fn summary(config: &Config, rules: &Rules) -> String {
     for scope in scopes {
         let _ = writeln!(
             out,
-            "scope {} (failure_mode {:?}, {} limits, {} descriptor rules)",
+            "scope {} (failure_mode {:?}, hash_tag {}, {} limits, {} descriptor rules)",
             scope.name,
             scope.failure_mode,
+            scope.hash_tag.name(),
             scope.limits.len(),
             scope.descriptor_tree.limit_count()
         );

@@ -141,6 +141,7 @@ fn key(i: usize) -> BucketKey<'static> {
         rule: "r",
         identity: Some(IDS[i]),
         operation: None,
+        hash_tag: Default::default(),
     }
 }
 

@@ -37,8 +37,9 @@ pub use analytics::{AnalyticsConfig, ReloadConfig};
 pub use envoy::{EnvoyDescriptor, EnvoyDomain, EnvoyRateLimit, EnvoyValue};
 pub use reservations::{ReservationsConfig, SecretFiles, Secrets};
 pub use scopes::{
-    DescriptorKeysConfig, FailureMode, HeadroomConfig, LimitConfig, MAX_BUDGET, MAX_CAPACITY,
-    MAX_MAX_DELAY, MAX_NAME_LEN, MAX_REFILL_PERIOD, MIN_REFILL_PERIOD, Per, Percent, ScopeConfig,
+    DescriptorKeysConfig, FailureMode, HashTag, HeadroomConfig, LimitConfig, MAX_BUDGET,
+    MAX_CAPACITY, MAX_MAX_DELAY, MAX_NAME_LEN, MAX_REFILL_PERIOD, MIN_REFILL_PERIOD, Per, Percent,
+    ScopeConfig,
     UnknownScope,
 };
 pub use security::{CallerConfig, GrpcConfig, TlsConfig};
@@ -64,6 +65,7 @@ pub const SECTIONS: &[&str] = &[
     "store",
     "failure_mode",
     "unknown_scope",
+    "hash_tag",
     "log",
     "metrics",
     "drain_delay",
@@ -119,6 +121,10 @@ pub struct Config {
     /// What to do with a request for a scope that is not configured.
     #[serde(default)]
     pub unknown_scope: UnknownScope,
+    /// The Redis hash tag of scopes that set none, and of every
+    /// envoyproxy/ratelimit domain (see [`HashTag`]).
+    #[serde(default)]
+    pub hash_tag: HashTag,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -523,6 +529,33 @@ mod tests {
             .map(|k| k.trim().trim_matches('`'))
             .collect();
         assert_eq!(keys, SECTIONS);
+    }
+
+    #[test]
+    fn a_scope_s_hash_tag_defaults_to_the_scope_and_a_bad_one_names_its_field() {
+        let yaml = |tag: &str| {
+            format!(
+                "scopes:\n  - name: a\n    limits: []\n  - name: b\n    {tag}\n    limits: []\n"
+            )
+        };
+        let config = Config::from_yaml(&yaml("hash_tag: identity_operation")).unwrap();
+        assert_eq!(config.hash_tag, HashTag::Scope);
+        assert_eq!(config.scopes[0].hash_tag, None);
+        assert_eq!(config.scopes[1].hash_tag, Some(HashTag::IdentityOperation));
+        let e = Config::from_yaml(&yaml("hash_tag: user"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("scopes[1].hash_tag: must be scope, identity or identity_operation"),
+            "{e}"
+        );
+        let e = Config::from_yaml("hash_tag: slot\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hash_tag: must be scope, identity"), "{e}");
+        let env = [("TOLLGATE_HASH_TAG".to_owned(), "identity".to_owned())];
+        let config = Config::from_yaml_with_env("scopes: []\n", env).unwrap();
+        assert_eq!(config.hash_tag, HashTag::Identity);
     }
 
     #[test]

@@ -61,6 +61,37 @@ pub struct ScopeConfig {
     /// operation. Absent: the whole descriptor is the identity.
     #[serde(default)]
     pub descriptor_keys: Option<DescriptorKeysConfig>,
+    /// Which parts of a bucket's key choose its Redis Cluster hash slot
+    /// (see [`HashTag`]); absent, the top-level `hash_tag`. The embedded
+    /// store ignores it.
+    #[serde(default)]
+    pub hash_tag: Option<HashTag>,
+}
+
+/// Which parts of a bucket's key pick its Redis hash slot: buckets with the
+/// same tag share a slot, so a charge of them is one atomic script call on
+/// Cluster, and a charge whose buckets have different tags is decided by
+/// reserve and refund. Only the Redis store reads it; on standalone and
+/// Sentinel every key is on one node anyway, and the tag changes only the
+/// key's text.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum HashTag {
+    /// The scope alone: all of a scope's buckets share one slot, so every
+    /// request is one script, and one scope is one shard's work. The
+    /// default: it keeps every decision and every settle atomic, and the
+    /// keys of configs written before the choice existed.
+    #[default]
+    Scope,
+    /// The scope and the identity: an identity's buckets (per identity, per
+    /// identity and operation, its budgets and open reservations) share a
+    /// slot, and identities spread over the Cluster. Per-scope and
+    /// per-operation buckets stay in the scope's slot.
+    Identity,
+    /// The scope, the identity and the operation: each (identity,
+    /// operation) pair's buckets get a slot of their own, for one identity
+    /// too hot for one shard. Its per-identity buckets are then in another
+    /// slot than its per-pair ones.
+    IdentityOperation,
 }
 
 /// Names the Envoy descriptor entries that a scope reads, such as
@@ -177,6 +208,32 @@ impl Percent {
     pub fn of(self, whole: u64) -> u64 {
         let v = u128::from(whole) * u128::from(self.0);
         u64::try_from(v.div_ceil(100)).unwrap_or(u64::MAX)
+    }
+}
+
+impl HashTag {
+    /// Its name in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Scope => "scope",
+            Self::Identity => "identity",
+            Self::IdentityOperation => "identity_operation",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HashTag {
+    /// By hand, so a wrong value is answered with the choices.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "scope" => Ok(Self::Scope),
+            "identity" => Ok(Self::Identity),
+            "identity_operation" => Ok(Self::IdentityOperation),
+            _ => Err(serde::de::Error::custom(format!(
+                "must be scope, identity or identity_operation, not {text:?}"
+            ))),
+        }
     }
 }
 

@@ -14,7 +14,8 @@ use super::limit::{Limit, LimitKind};
 use super::rules::{Rules, ScopeRules};
 use crate::bucket::Shape;
 use crate::config::{
-    Config, ConfigError, EnvoyDescriptor, EnvoyDomain, EnvoyValue, FailureMode, LimitConfig,
+    Config, ConfigError, EnvoyDescriptor, EnvoyDomain, EnvoyValue, FailureMode, HashTag,
+    LimitConfig,
 };
 use crate::window::Window;
 
@@ -42,11 +43,13 @@ impl Rules {
                     operation: k.operation,
                     priority: k.priority,
                 }),
+                hash_tag: s.hash_tag.unwrap_or(config.hash_tag),
             };
             scopes.insert(scope.name.clone(), scope);
         }
         for domain in &config.envoy_domains {
-            let scope = compile_domain(domain, config.failure_mode);
+            let mut scope = compile_domain(domain, config.failure_mode);
+            scope.hash_tag = config.hash_tag;
             scopes.insert(scope.name.clone(), scope);
         }
         Ok(Self {
@@ -135,6 +138,7 @@ fn compile_domain(domain: &EnvoyDomain, failure_mode: FailureMode) -> ScopeRules
             roots: domain.descriptors.iter().map(compile_descriptor).collect(),
         },
         descriptor_keys: None,
+        hash_tag: HashTag::default(),
     }
 }
 
@@ -198,6 +202,26 @@ mod tests {
         assert_eq!(&*daily.name, "daily");
         assert_eq!(daily.shape.period, 86_400_000_000_000);
         assert!(scope.descriptor_tree.find(&[("user", "bob")]).is_none());
+    }
+
+    #[test]
+    fn a_scope_without_a_hash_tag_takes_the_top_level_one() {
+        let mut config = Config::from_yaml(
+            "hash_tag: identity\nscopes:\n  - name: a\n  - name: b\n    hash_tag: scope\n",
+        )
+        .unwrap();
+        // An envoyproxy/ratelimit domain has no scope entry: it takes it too.
+        let domain = crate::config::envoy::parse("domain: d\ndescriptors: []\n", "d.yaml");
+        config.envoy_domains.push(domain.unwrap());
+        let rules = Rules::compile(&config).unwrap();
+        assert_eq!(rules.hash_tag_of("a"), HashTag::Identity);
+        assert_eq!(rules.hash_tag_of("b"), HashTag::Scope);
+        assert_eq!(rules.hash_tag_of("d"), HashTag::Identity);
+        let config = Config::from_yaml("scopes:\n  - name: a\n").unwrap();
+        assert_eq!(
+            Rules::compile(&config).unwrap().hash_tag_of("a"),
+            HashTag::Scope
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use super::Request;
 use super::descriptors::{DescriptorKeys, DescriptorTree};
 use super::limit::{Limit, LimitKind};
-use crate::config::{FailureMode, Per, UnknownScope};
+use crate::config::{FailureMode, HashTag, Per, UnknownScope};
 use crate::store::{BucketCharge, BucketKey};
 
 /// The live rule set: every scope, compiled. Swapped whole on reload.
@@ -38,6 +38,8 @@ pub struct ScopeRules {
     pub descriptor_tree: DescriptorTree,
     /// Which Envoy descriptor entries are the identity and the operation.
     pub descriptor_keys: Option<DescriptorKeys>,
+    /// Which parts of its buckets' keys choose their Redis hash slot.
+    pub hash_tag: HashTag,
 }
 
 impl Rules {
@@ -49,6 +51,12 @@ impl Rules {
     /// Every scope, in no particular order.
     pub fn scopes(&self) -> impl Iterator<Item = &ScopeRules> {
         self.scopes.values()
+    }
+
+    /// The hash tag of `scope`'s keys: the default for a scope a reload
+    /// removed.
+    pub fn hash_tag_of(&self, scope: &str) -> HashTag {
+        self.scope(scope).map_or(HashTag::default(), |s| s.hash_tag)
     }
 
     /// The failure mode that governs `scope`.
@@ -86,6 +94,7 @@ impl ScopeRules {
                         rule: &limit.key_name,
                         identity,
                         operation,
+                        hash_tag: self.hash_tag,
                     },
                     shape: limit.shape,
                     cost: req.cost,

@@ -161,6 +161,9 @@ impl<S: Store, E> Limiter<S, E> {
             .iter()
             .map(|b| window_of(rules, &reservation.scope, b))
             .collect();
+        // The live tag: one a reload changed finds no open record under
+        // the new keys, so the settle is refused (the estimate stands).
+        let hash_tag = rules.hash_tag_of(&reservation.scope);
         let parts: Vec<SettleBucket<'_>> = reservation
             .buckets
             .iter()
@@ -172,6 +175,7 @@ impl<S: Store, E> Limiter<S, E> {
                         rule: &b.rule,
                         identity: b.identity.as_deref(),
                         operation: b.operation.as_deref(),
+                        hash_tag,
                     },
                     shape: b.shape,
                     cost: b.cost,

@@ -10,6 +10,7 @@ use std::time::Duration;
 use smallvec::SmallVec;
 
 use crate::bucket::{Budget, Ledger, Mark, Shape, Tat, Verdict, Wait};
+use crate::config::HashTag;
 use crate::window::Window;
 
 /// Names one bucket. Stores encode it into their own key format; every part
@@ -25,6 +26,10 @@ pub struct BucketKey<'a> {
     pub identity: Option<&'a str>,
     /// The operation, for per-operation buckets.
     pub operation: Option<&'a str>,
+    /// Which of the parts above choose the bucket's Redis hash slot: its
+    /// scope's setting. Part of the key, so a change starts fresh buckets
+    /// where it moves them. The embedded store ignores it.
+    pub hash_tag: HashTag,
 }
 
 /// One bucket's part in a charge.

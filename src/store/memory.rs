@@ -816,6 +816,7 @@ mod tests {
                 rule: "r",
                 identity: Some("x"),
                 operation: None,
+                hash_tag: Default::default(),
             },
             shape,
             cost: 1,

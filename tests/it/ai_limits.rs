@@ -416,6 +416,7 @@ async fn open_reservations_count_against_the_memory_bound() {
             rule: "r",
             identity: Some("a"),
             operation: None,
+            hash_tag: Default::default(),
         },
         Shape {
             capacity: 10,
@@ -501,6 +502,7 @@ async fn a_day_budget_resets_at_midnight_on_a_paused_clock() {
             rule: "daily",
             identity: Some("team"),
             operation: None,
+            hash_tag: Default::default(),
         },
         Shape {
             capacity: 100,

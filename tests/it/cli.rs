@@ -78,6 +78,7 @@ fn check_config_prints_a_summary_of_the_example() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("scope github-mcp"), "{stdout}");
+    assert!(stdout.contains("hash_tag scope,"), "{stdout}");
     assert!(
         stdout.contains("per-user-search: 5 per 1m per IdentityOperation"),
         "{stdout}"
@@ -158,6 +159,13 @@ fn check_config_names_every_bad_field_and_fails() {
     );
     let stderr = check_config_fails(&path);
     assert!(stderr.contains("scopes[0].limits[0].per"), "{stderr}");
+
+    let path = config_file(&dir, "scopes:\n  - name: x\n    hash_tag: user\n");
+    let stderr = check_config_fails(&path);
+    assert!(
+        stderr.contains("scopes[0].hash_tag: must be scope, identity or identity_operation"),
+        "{stderr}"
+    );
 }
 
 #[test]

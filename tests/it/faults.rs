@@ -30,6 +30,7 @@ fn bucket<'a>(rule: &'a str, identity: Option<&'a str>, capacity: u64) -> Bucket
             rule,
             identity,
             operation: None,
+            hash_tag: Default::default(),
         },
         shape: Shape {
             capacity,

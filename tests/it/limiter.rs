@@ -278,6 +278,7 @@ fn bytes_of(rule: &str, identity: Option<&str>, capacity: u64, period_s: u64) ->
             rule,
             identity,
             operation: None,
+            hash_tag: Default::default(),
         },
         shape: tollgate::bucket::Shape {
             capacity,

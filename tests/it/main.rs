@@ -5,6 +5,7 @@
 mod admin;
 mod ai_limits;
 mod cli;
+mod cluster_spread;
 mod coalescing;
 mod common;
 mod deny_cache;

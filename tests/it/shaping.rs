@@ -141,6 +141,7 @@ fn burst_bucket(rule: &str) -> BucketCharge<'_> {
                 rule,
                 identity: Some("fleet"),
                 operation: None,
+                hash_tag: Default::default(),
             },
             Shape {
                 capacity: 10,

@@ -10,10 +10,11 @@ use std::time::Duration;
 use crate::common::redis::{Cluster, Sentinel, Standalone};
 use crate::shaping::a_shaped_burst_is_spread_and_a_denial_takes_nothing;
 use tollgate::bucket::Shape;
+use tollgate::config::HashTag;
 use tollgate::store::memory::MemoryStore;
 use tollgate::store::{
-    BucketCharge, BucketKey, Charge, ChargeOutcome, Once, Open, SettleBucket, Settled, Settlement,
-    Store, StoreExt,
+    BucketCharge, BucketKey, Charge, ChargeOutcome, Condition, Once, Open, SettleBucket, Settled,
+    Settlement, Store, StoreError, StoreExt,
 };
 use tollgate::window::Window;
 
@@ -26,6 +27,7 @@ fn bucket<'a>(scope: &'a str, rule: &'a str, capacity: u64, period_ms: u64) -> B
             rule,
             identity: Some("alice"),
             operation: None,
+            hash_tag: Default::default(),
         },
         shape: Shape {
             capacity,
@@ -429,4 +431,57 @@ async fn redis_sentinel_conforms() {
 async fn redis_cluster_conforms() {
     let redis = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
     conforms(redis.store("conformance")).await;
+    // Again with every key tagged as `hash_tag: identity_operation` makes
+    // it: each identity (and operation) in a slot of its own.
+    let tag = HashTag::IdentityOperation;
+    conforms(Retagged(redis.store("conformance-tagged"), tag)).await;
+}
+
+/// A store whose every bucket is keyed under the hash tag `.1`, as the
+/// limiter asks for a scope configured so.
+#[derive(Debug)]
+struct Retagged<S>(S, HashTag);
+
+impl<S: Store> Retagged<S> {
+    fn charge<'a>(&self, charge: &Charge<'a>) -> Charge<'a> {
+        let mut charge = charge.clone();
+        for b in &mut charge.buckets {
+            b.key.hash_tag = self.1;
+        }
+        charge
+    }
+}
+
+impl<S: Store> Store for Retagged<S> {
+    async fn check_and_take_each(
+        &self,
+        charges: &[Charge<'_>],
+    ) -> Vec<Result<ChargeOutcome, StoreError>> {
+        let charges: Vec<Charge<'_>> = charges.iter().map(|c| self.charge(c)).collect();
+        self.0.check_and_take_each(&charges).await
+    }
+
+    async fn check_and_take_one(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
+        self.0.check_and_take_one(&self.charge(charge)).await
+    }
+
+    async fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
+        let mut settlement = settlement.clone();
+        for b in &mut settlement.buckets {
+            b.charge.key.hash_tag = self.1;
+        }
+        self.0.settle(&settlement).await
+    }
+
+    fn is_available(&self) -> bool {
+        self.0.is_available()
+    }
+
+    fn rules_replaced(&self, scopes: &[&str]) {
+        self.0.rules_replaced(scopes);
+    }
+
+    fn condition(&self) -> Condition {
+        self.0.condition()
+    }
 }

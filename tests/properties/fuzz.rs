@@ -9,7 +9,7 @@
 use proptest::prelude::*;
 use tollgate::api::validate;
 use tollgate::bucket::Shape;
-use tollgate::config::{Config, envoy};
+use tollgate::config::{Config, HashTag, envoy};
 use tollgate::limiter::Rules;
 use tollgate::store::redis::keys::bucket_key;
 use tollgate::store::{BucketCharge, BucketKey, check_settings};
@@ -238,20 +238,27 @@ proptest! {
         }
     }
 
-    /// Key building: bounded, one hash tag (the scope's), and two different
-    /// buckets never share a key.
+    /// Key building: bounded, one hash tag (the scope's, with the parts its
+    /// `hash_tag` names), and two different buckets never share a key,
+    /// whatever tag each was keyed under.
     #[test]
     fn keys_are_bounded_tagged_once_and_injective(
         a in parts(), b in parts(),
     ) {
         let (ka, kb) = (bucket_key("tg2:", &a.charge()), bucket_key("tg2:", &b.charge()));
         for k in [&ka, &kb] {
-            prop_assert!(k.len() <= 5 + 3 * 128 + 3 * 64 + 48 + 2 * 65 + 8, "{} bytes", k.len());
+            let tagged = 2 * (3 * 64 + 1);
+            prop_assert!(k.len() <= 5 + 3 * 128 + 3 * 64 + 48 + 2 * 65 + 8 + tagged, "{} bytes", k.len());
             prop_assert_eq!(k.matches('{').count(), 1);
             prop_assert_eq!(k.matches('}').count(), 1);
             prop_assert!(k.is_ascii());
         }
-        prop_assert_eq!(ka == kb, a == b, "{} vs {}", ka, kb);
+        let bucket = |p: &Parts| (p.scope.clone(), p.rule.clone(), p.identity.clone(), p.operation.clone(), p.capacity);
+        if bucket(&a) != bucket(&b) {
+            prop_assert_ne!(&ka, &kb);
+        } else if a.tag == b.tag {
+            prop_assert_eq!(&ka, &kb);
+        }
     }
 }
 
@@ -262,6 +269,7 @@ struct Parts {
     identity: Option<String>,
     operation: Option<String>,
     capacity: u64,
+    tag: HashTag,
 }
 
 impl Parts {
@@ -272,6 +280,7 @@ impl Parts {
                 rule: &self.rule,
                 identity: self.identity.as_deref(),
                 operation: self.operation.as_deref(),
+                hash_tag: self.tag,
             },
             shape: Shape {
                 capacity: self.capacity,
@@ -303,12 +312,18 @@ fn parts() -> impl Strategy<Value = Parts> {
         prop::option::of(long.clone()),
         prop::option::of(long),
         1u64..3,
+        prop_oneof![
+            Just(HashTag::Scope),
+            Just(HashTag::Identity),
+            Just(HashTag::IdentityOperation)
+        ],
     )
-        .prop_map(|(scope, rule, identity, operation, capacity)| Parts {
+        .prop_map(|(scope, rule, identity, operation, capacity, tag)| Parts {
             scope,
             rule,
             identity,
             operation,
             capacity,
+            tag,
         })
 }

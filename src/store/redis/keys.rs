@@ -1,10 +1,12 @@
-//! Redis key schema: a versioned prefix, the scope as the hash tag, the rule
+//! Redis key schema: a versioned prefix, the hash tag (the scope, and as the
+//! scope's `hash_tag` says, the identity and the operation), the rule
 //! and its shape, then the caller's parts, each escaped (or hashed, when
 //! long) so no value can reach another key.
 //!
 //! ```text
-//! <prefix>{<scope>}:<rule>:<capacity>/<period µs>:<identity>:<operation>
-//! e.g. tg2:{payments}:per-user:100/60000000:alice:*
+//! <prefix>{<tag>}:<rule>:<capacity>/<period µs>:<identity>:<operation>
+//! e.g. tg2:{payments}:per-user:100/60000000:alice:*        (hash_tag: scope)
+//!      tg2:{payments:alice}:per-user:100/60000000:alice:*  (hash_tag: identity)
 //! ```
 //!
 //! - Every part is percent-escaped: bytes outside `[A-Za-z0-9-_.~@+/=]`
@@ -22,12 +24,19 @@
 //!   escaped value can be; an empty value is the empty string.
 //! - The hash tag is the escaped scope, or `%` for an empty scope (a lone `%`
 //!   is never produced by escaping; an empty tag `{}` would hash the whole key
-//!   and scatter one scope's buckets over slots). The prefix may not contain
-//!   braces, so the scope's tag is the first one in the key and callers can
-//!   never choose a slot.
+//!   and scatter one scope's buckets over slots). With the scope's
+//!   `hash_tag: identity`, a bucket that has an identity adds `:` and its
+//!   part (escaped, or hashed when long) to the tag; with
+//!   `identity_operation`, the operation follows likewise (with `*` for an
+//!   absent identity). A bucket without those parts keeps the scope's tag,
+//!   so per-scope buckets keep their keys whatever the setting. The prefix
+//!   may not contain braces, so this tag is the first one in the key, and
+//!   since escaping removes every brace, callers can never choose a slot:
+//!   they can only be spread by the hash of their own name.
 
 use std::fmt::Write as _;
 
+use crate::config::HashTag;
 use crate::store::keys::KeyPart;
 use crate::store::{BucketCharge, BucketKey};
 
@@ -40,7 +49,7 @@ pub fn bucket_key(prefix: &str, bucket: &BucketCharge<'_>) -> String {
     let mut out = String::with_capacity(prefix.len() + 48 + key.scope.len() + key.rule.len());
     out.push_str(prefix);
     out.push('{');
-    push_tag(&mut out, key.scope);
+    push_tag(&mut out, key);
     out.push_str("}:");
     push_escaped(&mut out, key.rule);
     // The script's units: microseconds, a stray sub-microsecond rounded up.
@@ -48,30 +57,36 @@ pub fn bucket_key(prefix: &str, bucket: &BucketCharge<'_>) -> String {
     let _ = write!(out, ":{}/{period_us}", bucket.shape.capacity);
     for part in [key.identity, key.operation] {
         out.push(':');
-        match KeyPart::of(part) {
-            KeyPart::Absent => out.push('*'),
-            KeyPart::Plain(value) => push_escaped(&mut out, value),
-            KeyPart::Hashed(hash) => {
-                out.push('#');
-                for b in hash {
-                    // Writing to a String cannot fail.
-                    let _ = write!(out, "{b:02x}");
-                }
-            }
-        }
+        push_part(&mut out, part);
     }
     out
 }
 
+/// A caller's part as keys write it: `*` when absent, else escaped, or `#`
+/// and its SHA-256 in hex when long.
+fn push_part(out: &mut String, part: Option<&str>) {
+    match KeyPart::of(part) {
+        KeyPart::Absent => out.push('*'),
+        KeyPart::Plain(value) => push_escaped(out, value),
+        KeyPart::Hashed(hash) => {
+            out.push('#');
+            for b in hash {
+                // Writing to a String cannot fail.
+                let _ = write!(out, "{b:02x}");
+            }
+        }
+    }
+}
+
 /// The key that records a reservation as open (made, not yet settled), in
 /// the hash slot of the buckets it charged (`bucket`, any of them):
-/// `<prefix>{<scope>}:%open:<id in hex>`. No bucket key has a rule part
+/// `<prefix>{<tag>}:%open:<id in hex>`. No bucket key has a rule part
 /// starting with `%o` (escaping writes `%` only before two hex digits).
 pub fn open_key(prefix: &str, bucket: &BucketCharge<'_>, id: &[u8; 16]) -> String {
     let mut out = String::with_capacity(prefix.len() + 48 + bucket.key.scope.len());
     out.push_str(prefix);
     out.push('{');
-    push_tag(&mut out, bucket.key.scope);
+    push_tag(&mut out, &bucket.key);
     out.push_str("}:%open:");
     for b in id {
         let _ = write!(out, "{b:02x}");
@@ -82,8 +97,19 @@ pub fn open_key(prefix: &str, bucket: &BucketCharge<'_>, id: &[u8; 16]) -> Strin
 /// The hash tag of a bucket's key: buckets with equal tags share a slot.
 pub(crate) fn hash_tag(key: &BucketKey<'_>) -> String {
     let mut out = String::new();
-    push_tag(&mut out, key.scope);
+    push_tag(&mut out, key);
     out
+}
+
+/// True when the bucket's tag holds more than its scope: its slot is its
+/// identity's (or identity and operation's), not the one its scope's
+/// shared buckets are in.
+pub(crate) fn spreads(key: &BucketKey<'_>) -> bool {
+    match key.hash_tag {
+        HashTag::Scope => false,
+        HashTag::Identity => key.identity.is_some(),
+        HashTag::IdentityOperation => key.identity.is_some() || key.operation.is_some(),
+    }
 }
 
 /// The Cluster hash slot of a bucket's key (CRC16 of its hash tag, modulo
@@ -104,11 +130,27 @@ pub(crate) fn slot(key: &BucketKey<'_>) -> u16 {
     crc % 16_384
 }
 
-fn push_tag(out: &mut String, scope: &str) {
-    if scope.is_empty() {
+/// The tag: the scope, then the parts its `hash_tag` names that the bucket
+/// has. Escaped parts hold no `:`, so the scope ends at the first one.
+fn push_tag(out: &mut String, key: &BucketKey<'_>) {
+    if key.scope.is_empty() {
         out.push('%');
     } else {
-        push_escaped(out, scope);
+        push_escaped(out, key.scope);
+    }
+    let (identity, operation) = match key.hash_tag {
+        HashTag::Scope => (None, None),
+        HashTag::Identity => (key.identity, None),
+        HashTag::IdentityOperation => (key.identity, key.operation),
+    };
+    if identity.is_none() && operation.is_none() {
+        return;
+    }
+    out.push(':');
+    push_part(out, identity);
+    if operation.is_some() {
+        out.push(':');
+        push_part(out, operation);
     }
 }
 
@@ -134,6 +176,7 @@ mod tests {
                 rule: "per-user",
                 identity,
                 operation,
+                hash_tag: HashTag::Scope,
             },
             shape: crate::bucket::Shape {
                 capacity: 100,
@@ -220,6 +263,67 @@ mod tests {
         );
     }
 
+    fn tagged<'a>(
+        tag: HashTag,
+        identity: Option<&'a str>,
+        operation: Option<&'a str>,
+    ) -> BucketCharge<'a> {
+        let mut b = key(identity, operation);
+        b.key.hash_tag = tag;
+        b
+    }
+
+    #[test]
+    fn the_tag_adds_the_parts_the_scope_names() {
+        let at = |tag, identity, operation| bucket_key("tg2:", &tagged(tag, identity, operation));
+        let (id, op) = (Some("a:b"), Some("tools/call"));
+        assert_eq!(
+            at(HashTag::Identity, id, None),
+            "tg2:{payments:a%3Ab}:per-user:100/60000000:a%3Ab:*"
+        );
+        assert_eq!(
+            at(HashTag::Identity, id, op),
+            "tg2:{payments:a%3Ab}:per-user:100/60000000:a%3Ab:tools/call"
+        );
+        assert_eq!(
+            at(HashTag::IdentityOperation, id, op),
+            "tg2:{payments:a%3Ab:tools/call}:per-user:100/60000000:a%3Ab:tools/call"
+        );
+        assert_eq!(
+            at(HashTag::IdentityOperation, None, op),
+            "tg2:{payments:*:tools/call}:per-user:100/60000000:*:tools/call"
+        );
+        // A bucket without the named parts keeps the scope's key.
+        for tag in [HashTag::Identity, HashTag::IdentityOperation] {
+            assert_eq!(at(tag, None, None), at(HashTag::Scope, None, None));
+        }
+        // An identity's open records share its buckets' slot.
+        let b = tagged(HashTag::Identity, id, None);
+        assert!(open_key("tg2:", &b, &[0; 16]).starts_with("tg2:{payments:a%3Ab}:%open:"));
+        assert_eq!(slot(&b.key), slot(&tagged(HashTag::Identity, id, op).key));
+    }
+
+    #[test]
+    fn a_tagged_identity_cannot_pick_its_slot_or_grow_the_key() {
+        // Braces in an identity are escaped: the tag stays the first one.
+        let k = bucket_key("p:", &tagged(HashTag::Identity, Some("}{x}"), None));
+        assert_eq!(k.matches('{').count(), 1, "{k}");
+        assert!(k.starts_with("p:{payments:%7D%7Bx%7D}:"), "{k}");
+        // A long identity is hashed in the tag as in the key.
+        let long = "x".repeat(20_000);
+        let k = bucket_key(
+            "p:",
+            &tagged(HashTag::IdentityOperation, Some(&long), Some(&long)),
+        );
+        assert!(k.len() < 400, "{}", k.len());
+        // Different identities spread over slots.
+        let slots: std::collections::HashSet<u16> = (0..100)
+            .map(|i| format!("user-{i}"))
+            .map(|id| slot(&tagged(HashTag::Identity, Some(&id), None).key))
+            .collect();
+        assert!(slots.len() > 90, "{}", slots.len());
+    }
+
     #[test]
     fn the_shape_is_part_of_the_key() {
         let a = key(Some("alice"), None);
@@ -238,6 +342,7 @@ mod tests {
                 rule: "r",
                 identity: None,
                 operation: None,
+                hash_tag: HashTag::Identity,
             })
         };
         assert_eq!(at("foo"), 12182);

@@ -15,14 +15,21 @@
 //! redirections are followed one command at a time (see `cluster.rs`).
 //!
 //! # Atomicity, per topology
-//! Every key carries its scope as the hash tag (see [`keys`]), so a charge
-//! from one request is always one script on one node: exactly atomic on
-//! standalone, on Sentinel and on Cluster. Only a charge that mixes scopes
-//! (the limiter never builds one from a single request; an atomic batch
-//! across scopes is one) can span slots on Cluster; it is decided by *reserve and refund*: each slot's part is one
-//! atomic script, and if any part denies, the parts that took give their
-//! tokens back in a second round trip. Others may see the reservation
-//! meanwhile (admitting less, never more); a denied charge takes nothing.
+//! Every key carries a hash tag (see [`keys`]): its scope, and with the
+//! scope's `hash_tag: identity` its identity too. A charge whose buckets
+//! share a tag is one script on one node: exactly atomic on standalone, on
+//! Sentinel and on Cluster. On Cluster, a charge whose buckets have
+//! different tags spans slots: an identity's buckets beside a per-scope one
+//! under `hash_tag: identity`, or an atomic batch across scopes. It is
+//! decided by *reserve and refund*: each slot's part is one atomic script,
+//! the identity's parts before the scope's shared one, and if any part
+//! denies, the parts that took give their tokens back in another round
+//! trip. Others may see the reservation meanwhile (admitting less, never
+//! more); a denied charge takes nothing. A settlement across slots is one
+//! call per slot too, the one holding a reservation's record applied at
+//! most once, and ordered so that a failure between them admits less
+//! (see `cross_slot.rs`): the one place where a settle is not all or
+//! nothing.
 //! That path, with batches of charges, is in `cross_slot.rs`; the
 //! connections are in `lanes.rs`, behind the topologies of `topology.rs`.
 //!
@@ -291,8 +298,23 @@ impl Inner {
     }
 
     /// Applies one settlement: one script call (coalesced with others), on
-    /// the buckets' hash slot.
+    /// the buckets' hash slot; on Cluster, one whose buckets span slots (a
+    /// settle or a refund under `hash_tag: identity`) goes by
+    /// `cross_slot.rs`.
     async fn settle(self: &Arc<Self>, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
+        let mut slots = settlement.buckets.iter().map(|b| keys::slot(&b.charge.key));
+        let first = slots.next();
+        if self.topology.is_cluster() && slots.any(|s| Some(s) != first) {
+            return self.settle_across(settlement).await;
+        }
+        self.settle_on_node(settlement).await
+    }
+
+    /// Applies a settlement whose buckets share a node (on Cluster, a slot).
+    async fn settle_on_node(
+        self: &Arc<Self>,
+        settlement: &Settlement<'_>,
+    ) -> Result<Settled, StoreError> {
         if settlement.buckets.is_empty() {
             return Ok(Settled::Applied(Vec::new()));
         }

@@ -405,6 +405,7 @@ mod tests {
                     rule: "r",
                     identity: Some("i"),
                     operation: None,
+                    hash_tag: Default::default(),
                 },
                 shape: Shape {
                     capacity: 3,

@@ -22,6 +22,7 @@ pub fn charge(identity: &str, capacity: u64, period: Duration) -> Charge<'_> {
                 rule: "r",
                 identity: Some(identity),
                 operation: None,
+                hash_tag: Default::default(),
             },
             shape: Shape {
                 capacity,
