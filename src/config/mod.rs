@@ -16,6 +16,7 @@
 //! - [`scopes`]: scopes and their limits;
 //! - [`store`]: the embedded store's and Redis's settings;
 //! - [`envoy`]: envoyproxy/ratelimit YAML files, read as extra scopes;
+//! - [`penalty`]: a scope's penalty box (strikes, escalating bans);
 //! - [`analytics`]: heavy hitters, and reload on file change.
 
 use std::collections::HashMap;
@@ -28,6 +29,7 @@ use serde::Deserialize;
 
 pub mod analytics;
 pub mod envoy;
+pub mod penalty;
 pub mod reservations;
 pub mod scopes;
 pub mod security;
@@ -35,6 +37,10 @@ pub mod store;
 
 pub use analytics::{AnalyticsConfig, ReloadConfig};
 pub use envoy::{EnvoyDescriptor, EnvoyDomain, EnvoyRateLimit, EnvoyValue};
+pub use penalty::{
+    DEFAULT_FORGIVE_AFTER, DEFAULT_MAX_BAN, DEFAULT_PENALTY_FACTOR, PenaltyConfig, PenaltyOn,
+    PenaltyPer,
+};
 pub use reservations::{ReservationsConfig, SecretFiles, Secrets};
 pub use scopes::{
     DescriptorKeysConfig, FailureMode, HeadroomConfig, LimitConfig, MAX_BUDGET, MAX_CAPACITY,

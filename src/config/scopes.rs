@@ -57,6 +57,10 @@ pub struct ScopeConfig {
     /// operation. Absent: the whole descriptor is the identity.
     #[serde(default)]
     pub descriptor_keys: Option<DescriptorKeysConfig>,
+    /// The penalty box: callers denied again and again are banned for a
+    /// while (see [`super::penalty`]). Absent: no one is ever banned.
+    #[serde(default)]
+    pub penalty: Option<super::penalty::PenaltyConfig>,
 }
 
 /// Names the Envoy descriptor entries that a scope reads, such as
@@ -190,6 +194,9 @@ pub enum Per {
 pub(crate) fn validate_scope(problems: &mut Vec<String>, at: &str, scope: &ScopeConfig) {
     check_name(problems, &format!("{at}.name"), &scope.name);
     validate_limits(problems, at, &scope.limits);
+    if let Some(penalty) = &scope.penalty {
+        penalty.validate(problems, at, &scope.limits);
+    }
     if let Some(keys) = &scope.descriptor_keys {
         for (field, key) in [
             ("identity", &keys.identity),
