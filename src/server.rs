@@ -97,7 +97,7 @@ pub async fn run(
     } = prepared;
     let metrics = Arc::new(Metrics::new());
     let store = store::build_served(&config.store, metrics.clone())?;
-    store.inner().inner().check_at_start().await?;
+    store.inner().inner().inner().check_at_start().await?;
     let signer = Signer::with_secrets(&crate::reload::secrets(&config));
     let hitters = Arc::new(Hitters::new(Sizes {
         counters: config.analytics.counters,

@@ -128,7 +128,7 @@ proptest! {
                     buckets: buckets.iter().map(|&i| BucketCharge {
                         key: key(i), shape: shape(i), cost, shadow: false, reserve: 0, window: None,
                     }).collect(),
-                    dry_run: false, marks: false, open: None,
+                    dry_run: false, marks: false, open: None, penalty: None,
                 };
                 let outcome = store.decide(&charge).expect("room");
                 let fits = buckets.iter().all(|&i| left[i] >= cost);

@@ -109,6 +109,15 @@ pub fn duration(d: Duration) -> prost_types::Duration {
 
 pub(super) fn to_proto(d: Decision) -> pb::ShouldAllowResponse {
     let primary = d.primary().cloned();
+    let denial_reason = if d.allowed {
+        pb::DenialReason::Unspecified
+    } else if d.banned() {
+        pb::DenialReason::Banned
+    } else if d.buckets.is_empty() {
+        pb::DenialReason::Unspecified
+    } else {
+        pb::DenialReason::RateLimited
+    };
     pb::ShouldAllowResponse {
         allowed: d.allowed,
         retry_after: d.retry_after.map(duration),
@@ -122,6 +131,7 @@ pub(super) fn to_proto(d: Decision) -> pb::ShouldAllowResponse {
         reason: d.reason.unwrap_or_default(),
         buckets: d.buckets.into_iter().map(bucket_status).collect(),
         reservation: d.reservation.unwrap_or_default(),
+        denial_reason: denial_reason.into(),
     }
 }
 

@@ -11,6 +11,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 use super::descriptors::{DescriptorKeys, DescriptorNode, DescriptorTree, ValueMatch};
 use super::limit::Limit;
+use super::penalty::ScopePenalty;
 use super::rules::{Rules, ScopeRules};
 use crate::bucket::Shape;
 use crate::config::{
@@ -42,6 +43,7 @@ impl Rules {
                     operation: k.operation,
                     priority: k.priority,
                 }),
+                penalty: s.penalty.as_ref().map(ScopePenalty::compile),
             };
             scopes.insert(scope.name.clone(), scope);
         }
@@ -128,6 +130,7 @@ fn compile_domain(domain: &EnvoyDomain, failure_mode: FailureMode) -> ScopeRules
             roots: domain.descriptors.iter().map(compile_descriptor).collect(),
         },
         descriptor_keys: None,
+        penalty: None,
     }
 }
 

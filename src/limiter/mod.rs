@@ -16,12 +16,13 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use smallvec::SmallVec;
 
-use crate::store::{Store, StoreError};
+use crate::store::{Charge, PenaltyOutcome, Store, StoreError};
 
 pub mod compile;
 pub mod descriptors;
 pub mod explain;
 pub mod limit;
+pub mod penalty;
 pub(crate) mod plan;
 pub mod reservation;
 pub mod rules;
@@ -137,12 +138,21 @@ pub struct Decision {
     /// For an allowed request with `settle_within`: the token that settles
     /// it, on any replica.
     pub reservation: Option<String>,
+    /// What the scope's penalty box did: a ban in force (the request is
+    /// denied, `retry_after` runs to the ban's end, and `buckets` is empty
+    /// unless this very denial started the ban), or a strike counted.
+    pub penalty: PenaltyOutcome,
 }
 
 impl Decision {
     /// The most restrictive bucket, if any applied.
     pub fn primary(&self) -> Option<&BucketReport> {
         self.primary.and_then(|i| self.buckets.get(i))
+    }
+
+    /// True when the caller is in its scope's penalty box.
+    pub fn banned(&self) -> bool {
+        self.penalty.banned.is_some()
     }
 }
 
@@ -307,7 +317,8 @@ impl<S: Store, E> Limiter<S, E> {
         }
         // One bucket, the common case, stays inline in the charge and its
         // outcome: no list is built on the way down or back up.
-        let charge = plan::charge(&buckets, req.dry_run);
+        let mut charge = plan::charge(&buckets, req.dry_run);
+        charge.penalty = plan::penalty(rules, req, &buckets);
         match self.store.check_and_take_one(&charge).await {
             Ok(outcome) => Ok(plan::decision(&buckets, &outcome)),
             Err(e) => plan::failed(rules, req.scope, e),
@@ -332,7 +343,10 @@ impl<S: Store, E> Limiter<S, E> {
             .iter()
             .zip(reqs)
             .filter_map(|(p, r)| match p {
-                Ok(buckets) => Some(plan::charge(buckets, r.dry_run)),
+                Ok(buckets) => Some(Charge {
+                    penalty: plan::penalty(rules, r, buckets),
+                    ..plan::charge(buckets, r.dry_run)
+                }),
                 Err(_) => None,
             })
             .collect();

@@ -80,7 +80,22 @@ pub(crate) fn charge<'q>(buckets: &[Planned<'_, 'q>], dry_run: bool) -> Charge<'
         dry_run,
         marks: false,
         open: None,
+        penalty: None,
     }
+}
+
+/// The penalty part of `req`'s charge, when its scope has a penalty box.
+pub(crate) fn penalty<'q>(
+    rules: &Rules,
+    req: &Request<'q>,
+    buckets: &[Planned<'_, 'q>],
+) -> Option<crate::store::Penalty<'q>> {
+    let scope = buckets.first()?.charge.key.scope;
+    rules
+        .scope(req.scope)?
+        .penalty
+        .as_ref()?
+        .part(scope, req, buckets)
 }
 
 /// What a request gets when the store failed: the scope's failure mode.
@@ -259,6 +274,7 @@ where
             dry_run: self.dry_run,
             marks: false,
             open: None,
+            penalty: None,
         })
     }
 
@@ -284,6 +300,7 @@ where
                         allowed: outcome.allowed,
                         buckets: outcomes.into(),
                         now_us: outcome.now_us,
+                        penalty: Default::default(),
                     },
                 );
                 d.allowed = outcome.allowed;
@@ -356,7 +373,15 @@ fn unknown_scope(rules: &Rules, scope: &str) -> Decision {
 
 /// Builds the decision for one request from the store's outcome.
 pub(crate) fn decision(planned: &[Planned<'_, '_>], outcome: &ChargeOutcome) -> Decision {
-    decision_of(planned, outcome.allowed, &outcome.buckets)
+    let mut d = decision_of(planned, outcome.allowed, &outcome.buckets);
+    d.penalty = outcome.penalty;
+    if let Some(ban) = outcome.penalty.banned {
+        // Banned: denied until the ban ends, whatever the buckets say.
+        d.allowed = false;
+        d.retry_after = Some(ban.retry_after);
+        d.reason = None;
+    }
+    d
 }
 
 /// Builds the decision for one request from whether the store allowed it
@@ -475,6 +500,7 @@ scopes:
                 })
                 .collect(),
             now_us: 0,
+            penalty: Default::default(),
         }
     }
 

@@ -34,6 +34,8 @@ pub struct ScopeRules {
     pub descriptor_tree: DescriptorTree,
     /// Which Envoy descriptor entries are the identity and the operation.
     pub descriptor_keys: Option<DescriptorKeys>,
+    /// The scope's penalty box, if it has one.
+    pub penalty: Option<super::penalty::ScopePenalty>,
 }
 
 impl Rules {

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use super::ban_cache::BanCache;
 use super::deny_cache::DenyCache;
 use super::observed::{Observed, StoreObserver};
 use super::{
@@ -11,10 +12,11 @@ use super::{
 };
 use crate::config::{ConfigError, StoreConfig, StoreKind};
 
-/// The store a server decides on: the deny cache in front of the observed
-/// store, in front of the store the config chose. The cache sits outside
-/// the observer, so a local answer is not counted as a store call.
-pub type Served<O> = DenyCache<Observed<AnyStore, O>>;
+/// The store a server decides on: the ban cache and the deny cache in
+/// front of the observed store, in front of the store the config chose.
+/// The caches sit outside the observer, so a local answer is not counted
+/// as a store call.
+pub type Served<O> = BanCache<DenyCache<Observed<AnyStore, O>>>;
 
 /// Builds [`Served`] for `config`, reporting every store call to
 /// `observer`. Needs a tokio runtime (see [`build`]).
@@ -23,7 +25,10 @@ pub fn build_served<O: StoreObserver>(
     observer: Arc<O>,
 ) -> Result<Served<O>, BuildError> {
     let observed = Observed::new(build(config)?, observer);
-    Ok(DenyCache::new(observed, config.deny_cache_on()))
+    Ok(BanCache::new(DenyCache::new(
+        observed,
+        config.deny_cache_on(),
+    )))
 }
 
 /// Checks the store settings that only the store itself can judge (such as

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use smallvec::SmallVec;
 
+use super::penalty::{Penalty, PenaltyOutcome};
 use crate::bucket::{Budget, Ledger, Mark, Shape, Tat, Verdict};
 use crate::window::Window;
 
@@ -173,6 +174,11 @@ pub struct Charge<'a> {
     /// ([`Store::settle`](super::Store::settle) removes it). A record that
     /// is lost (evicted) can only refuse a settle, never allow a second.
     pub open: Option<Open>,
+    /// The scope's penalty box, for a charge on one caller's behalf: a
+    /// banned caller is denied before any bucket is read, and a denial by a
+    /// bucket that strikes is counted, in the same atomic step (see
+    /// [`super::penalty`]). `None`: no penalty box applies.
+    pub penalty: Option<Penalty<'a>>,
 }
 
 /// A reservation opened by a charge: see [`Charge::open`].
@@ -193,6 +199,7 @@ impl<'a> Charge<'a> {
             dry_run: false,
             marks: false,
             open: None,
+            penalty: None,
         }
     }
 }
@@ -227,6 +234,9 @@ pub struct ChargeOutcome {
     /// The store's clock at the decision, in microseconds since the Unix
     /// epoch: a reservation's deadline counts from it.
     pub now_us: u64,
+    /// What the penalty box did: a ban in force (then `allowed` is false,
+    /// and `buckets` is empty: none was read), a strike counted.
+    pub penalty: PenaltyOutcome,
 }
 
 /// One bucket's part in a settlement.

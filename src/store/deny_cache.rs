@@ -22,6 +22,9 @@
 //! apart move the deadline by as many millionths of `t`.
 //!
 //! # What it covers
+//! - A charge behind a penalty box is never answered here: its denial is
+//!   a strike the store counts. Once the caller is banned, the ban cache
+//!   (`ban_cache.rs`) answers it.
 //! - Only charges of one enforced bucket are answered locally. A charge of
 //!   several buckets needs every bucket's state for its exact `retry_after`,
 //!   and a shadow bucket never denies, so those always go to the store.
@@ -114,13 +117,13 @@ const MAX_KEPT: usize = 64;
 
 /// A key part as an entry keeps it: short text as is, long text hashed.
 #[derive(Debug)]
-enum Part {
+pub(super) enum Part {
     Text(Box<str>),
     Digest([u8; 32]),
 }
 
 impl Part {
-    fn of(text: &str) -> Self {
+    pub(super) fn of(text: &str) -> Self {
         if text.len() <= MAX_KEPT {
             Self::Text(text.into())
         } else {
@@ -129,14 +132,14 @@ impl Part {
     }
 
     /// True when this is `text`'s part.
-    fn is(&self, text: &str) -> bool {
+    pub(super) fn is(&self, text: &str) -> bool {
         match self {
             Self::Text(t) => **t == *text,
             Self::Digest(d) => text.len() > MAX_KEPT && digest(text) == *d,
         }
     }
 
-    fn heap_bytes(&self) -> usize {
+    pub(super) fn heap_bytes(&self) -> usize {
         match self {
             Self::Text(t) => t.len(),
             Self::Digest(_) => 0,
@@ -220,6 +223,7 @@ impl Entry {
             // Only a reservation reads the store's clock, and a denial
             // makes none.
             now_us: 0,
+            penalty: Default::default(),
         }
     }
 
@@ -238,10 +242,12 @@ impl Entry {
     }
 }
 
-/// The one bucket a charge must have for a local answer.
+/// The one bucket a charge must have for a local answer. A charge behind
+/// a penalty box is never answered here: each of its denials is a strike
+/// the store must count (the ban cache answers it once it is banned).
 fn cacheable<'c, 'a>(charge: &'c Charge<'a>) -> Option<&'c BucketCharge<'a>> {
     match charge.buckets.as_slice() {
-        [b] if !b.shadow => Some(b),
+        [b] if !b.shadow && charge.penalty.is_none() => Some(b),
         _ => None,
     }
 }

@@ -26,6 +26,7 @@ use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::keys::KeyPart;
+use super::penalty::{Ban, Penalty, PenaltyKey, PenaltyOutcome, Record};
 use super::{
     BucketCharge, BucketOutcome, Charge, ChargeOutcome, Condition, Settled, Settlement, Store,
     StoreError,
@@ -82,6 +83,12 @@ struct Inner {
     max_bytes: usize,
     /// Bucket bytes per scope, and the room kept for each configured one.
     room: Mutex<Room>,
+    /// Penalty-box records by caller (see [`super::penalty`]), each with
+    /// when it may be forgotten. Locked before any bucket's shard by a
+    /// charge that carries a penalty, and held through its decision, so
+    /// the ban check, the charge and the strike are one step. Counted in
+    /// `held` and in its scope's room like buckets.
+    penalties: Mutex<std::collections::HashMap<Box<[u8]>, (Record, u64)>>,
 }
 
 /// Bucket bytes per scope, and the room reserved for each configured scope.
@@ -227,6 +234,7 @@ impl MemoryStore {
                 held: AtomicUsize::new(0),
                 max_bytes,
                 room: Mutex::default(),
+                penalties: Mutex::default(),
             }),
         }
     }
@@ -325,6 +333,7 @@ impl Inner {
             self.held.fetch_sub(freed, Ordering::Relaxed);
             left += table.len();
         }
+        self.sweep_penalties(now);
         let mut open = self.open.lock();
         let before = open.len();
         open.retain(|_, deadline| *deadline >= now);
@@ -334,6 +343,13 @@ impl Inner {
     }
 
     fn decide(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
+        match &charge.penalty {
+            Some(penalty) => self.decide_penalized(charge, penalty),
+            None => self.decide_plain(charge),
+        }
+    }
+
+    fn decide_plain(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
         let Some(open) = charge.open.filter(|_| !charge.dry_run) else {
             return self.decide_any(charge);
         };
@@ -426,6 +442,7 @@ impl Inner {
             allowed,
             buckets: outcomes,
             now_us: now / 1_000,
+            penalty: Default::default(),
         })
     }
 
@@ -478,6 +495,135 @@ fn window_end(bucket: &BucketCharge<'_>, now: u64) -> u64 {
 /// What remembering one open reservation costs against the bound.
 const MARKER_BYTES: usize = 64;
 
+/// What one penalty record costs against the bound besides its key: the
+/// record and its deadline (48 B) in a `HashMap` entry at its load factor,
+/// and the key's allocation; counted high like [`BUCKET_OVERHEAD`].
+pub const PENALTY_OVERHEAD: usize = 144;
+
+/// A penalty record's key: its scope, identity (hashed when long) and
+/// operation, each tagged and length-prefixed like a bucket's parts.
+fn penalty_key(key: &PenaltyKey<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + key.scope.len());
+    for part in [
+        KeyPart::Plain(key.scope),
+        KeyPart::of(Some(key.identity)),
+        KeyPart::of(key.operation),
+    ] {
+        match part {
+            KeyPart::Absent => out.push(0),
+            KeyPart::Plain(s) => {
+                out.push(1);
+                out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+                out.extend_from_slice(s.as_bytes());
+            }
+            KeyPart::Hashed(h) => {
+                out.push(2);
+                out.extend_from_slice(&h);
+            }
+        }
+    }
+    out
+}
+
+/// The outcome of a charge whose caller is banned until `until` (ticks).
+fn banned(until: u64, now: u64, started: bool) -> PenaltyOutcome {
+    PenaltyOutcome {
+        banned: Some(Ban {
+            retry_after: Duration::from_nanos(until.saturating_sub(now)),
+            until_us: until / 1_000,
+            started,
+        }),
+        struck: started,
+    }
+}
+
+/// True when `outcome` is a denial by a bucket whose denial strikes.
+fn strikes(penalty: &Penalty<'_>, outcome: &ChargeOutcome) -> bool {
+    !outcome.allowed
+        && outcome
+            .buckets
+            .iter()
+            .zip(&penalty.strikes_from)
+            .any(|(b, &strikes)| strikes && !b.conforms)
+}
+
+impl Inner {
+    /// A charge behind a penalty box: the ban check, the charge and the
+    /// strike under the penalty lock, so they are one step.
+    fn decide_penalized(
+        &self,
+        charge: &Charge<'_>,
+        penalty: &Penalty<'_>,
+    ) -> Result<ChargeOutcome, StoreError> {
+        let key = penalty_key(&penalty.key);
+        let mut records = self.penalties.lock();
+        let now = self.now();
+        let found = records.get(key.as_slice()).map(|(r, _)| *r);
+        let mut record = found.unwrap_or_default();
+        if record.banned_at(now) {
+            return Ok(ChargeOutcome {
+                allowed: false,
+                buckets: SmallVec::new(),
+                now_us: now / 1_000,
+                penalty: banned(record.ban_until, now, false),
+            });
+        }
+        let mut outcome = self.decide_plain(charge)?;
+        if charge.dry_run || !strikes(penalty, &outcome) {
+            return Ok(outcome);
+        }
+        let scope = penalty.key.scope.as_bytes();
+        // A full store counts no strike for a caller it holds no record
+        // of: the denial stands, and nothing else changes.
+        if found.is_none()
+            && self
+                .make_room(&[(scope, PENALTY_OVERHEAD + key.len())])
+                .is_err()
+        {
+            return Ok(outcome);
+        }
+        let started = record.strike(&penalty.rule, now);
+        records.insert(key.into(), (record, record.forget_at(&penalty.rule)));
+        outcome.penalty = if started {
+            banned(record.ban_until, now, true)
+        } else {
+            PenaltyOutcome {
+                banned: None,
+                struck: true,
+            }
+        };
+        Ok(outcome)
+    }
+
+    /// Forgets the penalty records that mean nothing at `now` any more.
+    fn sweep_penalties(&self, now: u64) {
+        let mut records = self.penalties.lock();
+        let mut freed: Vec<(Box<[u8]>, usize)> = Vec::new();
+        records.retain(|key, (_, forget_at)| {
+            let keep = *forget_at > now;
+            if !keep {
+                freed.push((key.clone(), PENALTY_OVERHEAD + key.len()));
+            }
+            keep
+        });
+        drop(records);
+        let mut room = self.room.lock();
+        for (key, bytes) in freed {
+            room.give(penalty_scope(&key), bytes);
+            self.held.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The scope of a key [`penalty_key`] made: its first part, plain.
+fn penalty_scope(key: &[u8]) -> &[u8] {
+    let len = key
+        .get(1..5)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map_or(0, |b| u32::from_le_bytes(b) as usize);
+    key.get(5..5 + len).unwrap_or_default()
+}
+
 impl Inner {
     /// The common case, one bucket: one key, one lock, no lists.
     fn decide_one(
@@ -526,6 +672,7 @@ impl Inner {
             allowed,
             buckets: smallvec::smallvec![outcome(bucket, &verdict, mark, now)],
             now_us: now / 1_000,
+            penalty: Default::default(),
         })
     }
 

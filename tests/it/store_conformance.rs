@@ -49,6 +49,7 @@ async fn one(store: &impl Store, buckets: Vec<BucketCharge<'_>>, dry_run: bool) 
             dry_run,
             marks: false,
             open: None,
+            penalty: None,
         }])
         .await
         .expect("store answers");
@@ -180,18 +181,21 @@ async fn charges_in_one_call_are_independent(store: &impl Store) {
                 dry_run: false,
                 marks: false,
                 open: None,
+                penalty: None,
             },
             Charge {
                 buckets: smallvec::smallvec![b],
                 dry_run: false,
                 marks: false,
                 open: None,
+                penalty: None,
             },
             Charge {
                 buckets: smallvec::smallvec![],
                 dry_run: false,
                 marks: false,
                 open: None,
+                penalty: None,
             },
         ])
         .await
@@ -234,6 +238,7 @@ async fn reserve(store: &impl Store, b: BucketCharge<'_>) -> tollgate::bucket::M
             dry_run: false,
             marks: true,
             open: None,
+            penalty: None,
         })
         .await
         .expect("store answers");
@@ -340,6 +345,7 @@ async fn a_reservation_settles_only_while_open_and_once(store: &impl Store) {
             id: [id; 16],
             within_us: 60_000_000,
         }),
+        penalty: None,
     };
     let taken = store.check_and_take_one(&charge(1)).await.expect("answers");
     assert!(taken.allowed);

@@ -76,6 +76,10 @@ impl Inner {
                     // split over slots opens nothing, so it cannot settle
                     // (the estimate stands) rather than settle twice.
                     open: charge.open.filter(|_| lone),
+                    // A penalty box's key shares its scope's slot, as the
+                    // buckets of one caller's charge do: a charge split
+                    // over slots mixes scopes and carries none.
+                    penalty: charge.penalty.clone().filter(|_| lone),
                 });
             }
             plans.push(plan);
@@ -155,6 +159,7 @@ impl Inner {
                 allowed,
                 buckets,
                 now_us,
+                penalty: Default::default(),
             }));
         }
         if !refunds.is_empty() {

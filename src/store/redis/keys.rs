@@ -29,7 +29,7 @@
 use std::fmt::Write as _;
 
 use crate::store::keys::KeyPart;
-use crate::store::{BucketCharge, BucketKey};
+use crate::store::{BucketCharge, BucketKey, PenaltyKey};
 
 /// The default prefix (a config default); the number is the schema's version.
 pub use crate::config::DEFAULT_REDIS_KEY_PREFIX as DEFAULT_PREFIX;
@@ -77,6 +77,41 @@ pub fn open_key(prefix: &str, bucket: &BucketCharge<'_>, id: &[u8; 16]) -> Strin
         let _ = write!(out, "{b:02x}");
     }
     out
+}
+
+/// The key of a caller's penalty-box record, in its scope's hash slot, so
+/// one script call reads it with the scope's buckets:
+/// `<prefix>{<scope>}:%pen:<identity>:<operation>`, the caller's parts
+/// escaped or hashed as a bucket's are (`*` for no operation). No bucket
+/// key has a rule part starting with `%p` (escaping writes `%` only before
+/// two hex digits).
+pub fn penalty_key(prefix: &str, key: &PenaltyKey<'_>) -> String {
+    let mut out = String::with_capacity(prefix.len() + 48 + key.scope.len());
+    out.push_str(prefix);
+    out.push('{');
+    push_tag(&mut out, key.scope);
+    out.push_str("}:%pen");
+    for part in [Some(key.identity), key.operation] {
+        out.push(':');
+        push_part(&mut out, part);
+    }
+    out
+}
+
+/// One caller-controlled part: `*` when absent, escaped, or `#` and its
+/// SHA-256 in hex when long.
+fn push_part(out: &mut String, part: Option<&str>) {
+    match KeyPart::of(part) {
+        KeyPart::Absent => out.push('*'),
+        KeyPart::Plain(value) => push_escaped(out, value),
+        KeyPart::Hashed(hash) => {
+            out.push('#');
+            for b in hash {
+                // Writing to a String cannot fail.
+                let _ = write!(out, "{b:02x}");
+            }
+        }
+    }
 }
 
 /// The hash tag of a bucket's key: buckets with equal tags share a slot.

@@ -7,9 +7,12 @@
 
 use redis::Cmd;
 
-use super::keys::{bucket_key, open_key};
+use super::keys::{bucket_key, open_key, penalty_key};
 use crate::bucket::{Budget, Ledger, Mark, Shape, Tat};
-use crate::store::{BucketCharge, Charge, ChargeOutcome, Settled, Settlement, StoreError};
+use crate::store::{
+    Ban, BucketCharge, Charge, ChargeOutcome, Penalty, PenaltyOutcome, Settled, Settlement,
+    StoreError,
+};
 use crate::window::Window;
 
 /// The script's source.
@@ -50,13 +53,16 @@ pub(crate) struct Encoded {
     pub(crate) per_bucket: usize,
     /// Its numbers, packed as the script unpacks them (see its header).
     pub(crate) numbers: Vec<u8>,
+    /// Integers the script answers after the buckets': 3 for a charge
+    /// behind a penalty box (ban end, started, struck), else 0.
+    pub(crate) trailer: usize,
 }
 
 impl Encoded {
     /// Integers the script answers for this charge: status, then six per
     /// bucket.
     pub(crate) fn reply_len(&self) -> usize {
-        1 + self.per_bucket * self.buckets
+        1 + self.per_bucket * self.buckets + self.trailer
     }
 }
 
@@ -110,10 +116,15 @@ fn header(mode: u8, n: usize) -> Vec<u8> {
 pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, marked: bool, now_us: u64) -> Encoded {
     let n = charge.buckets.len().min(usize::from(u16::MAX));
     let open = charge.open.filter(|_| n > 0);
+    let penalty = charge.penalty.as_ref().filter(|_| n > 0);
     let mode = u8::from(charge.dry_run)
         | if marked || open.is_some() { 4 } else { 0 }
-        | if open.is_some() { 8 } else { 0 };
+        | if open.is_some() { 8 } else { 0 }
+        | if penalty.is_some() { PENALTY_MODE } else { 0 };
     let mut numbers = header(mode, n);
+    if let Some(p) = penalty {
+        push_penalty(&mut numbers, p, n);
+    }
     if let Some(open) = open {
         numbers.extend_from_slice(&i8_of(open.within_us));
     }
@@ -134,6 +145,9 @@ pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, marked: bool, now_us: u6
     if let (Some(open), Some(first)) = (open, charge.buckets.first()) {
         keys.push(open_key(prefix, first, &open.id));
     }
+    if let Some(p) = penalty {
+        keys.push(penalty_key(prefix, &p.key));
+    }
     Encoded {
         keys,
         buckets: n,
@@ -143,6 +157,51 @@ pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, marked: bool, now_us: u6
             PLAIN
         },
         numbers,
+        trailer: if penalty.is_some() { TRAILER } else { 0 },
+    }
+}
+
+/// The mode bit of a charge behind a penalty box.
+const PENALTY_MODE: u8 = 16;
+
+/// Integers a penalty box adds to a charge's reply: the ban's end, whether
+/// this charge started it, whether it struck.
+const TRAILER: usize = 3;
+
+/// Packs a penalty box's rule (in microseconds) and one strike flag per
+/// bucket of the `n` sent.
+fn push_penalty(numbers: &mut Vec<u8>, penalty: &Penalty<'_>, n: usize) {
+    let r = penalty.rule.in_micros();
+    for v in [
+        r.strikes,
+        r.within_ns,
+        r.ban_ns,
+        r.factor,
+        r.max_ban_ns,
+        r.forgive_ns,
+    ] {
+        numbers.extend_from_slice(&i8_of(v));
+    }
+    for i in 0..n {
+        let strikes = penalty.strikes_from.get(i).copied().unwrap_or(false);
+        numbers.push(u8::from(strikes));
+    }
+}
+
+/// Reads a penalty box's trailer (`ban end, started, struck`) decided at
+/// `now` (both microseconds of Redis's clock).
+fn penalty_outcome(trailer: &[i64], now: u64) -> PenaltyOutcome {
+    let [until, started, struck] = *trailer else {
+        return PenaltyOutcome::default();
+    };
+    let until = u64::try_from(until).unwrap_or(0);
+    PenaltyOutcome {
+        banned: (until > now).then(|| Ban {
+            retry_after: std::time::Duration::from_micros(until - now),
+            until_us: until,
+            started: started == 1,
+        }),
+        struck: struck == 1,
     }
 }
 
@@ -206,6 +265,7 @@ pub(crate) fn encode_settle(prefix: &str, settlement: &Settlement<'_>, now_us: u
         buckets: n,
         per_bucket: MARKED,
         numbers,
+        trailer: 0,
     }
 }
 
@@ -296,8 +356,30 @@ pub(crate) fn outcome(
     now: i64,
     reply: &[i64],
 ) -> Result<ChargeOutcome, StoreError> {
+    let trailer = if charge.penalty.is_some() && !charge.buckets.is_empty() {
+        TRAILER
+    } else {
+        0
+    };
+    let Some(split) = reply.len().checked_sub(trailer) else {
+        return Err(StoreError::permanent(BadReply {
+            got: reply.len(),
+            expected: 1 + PLAIN * charge.buckets.len() + trailer,
+        }));
+    };
+    let (reply, trailer) = reply.split_at(split);
     let per = check(reply, charge.buckets.len())?;
     let now = u64::try_from(now).unwrap_or(0);
+    let penalty = penalty_outcome(trailer, now);
+    if penalty.banned.is_some_and(|b| !b.started) {
+        // Banned before this charge: no bucket was read.
+        return Ok(ChargeOutcome {
+            allowed: false,
+            buckets: smallvec::SmallVec::new(),
+            now_us: now,
+            penalty,
+        });
+    }
     let buckets = charge
         .buckets
         .iter()
@@ -325,6 +407,7 @@ pub(crate) fn outcome(
         allowed: reply[0] == 1,
         buckets,
         now_us: now,
+        penalty,
     })
 }
 
@@ -385,6 +468,7 @@ mod tests {
             dry_run: false,
             marks: false,
             open: None,
+            penalty: None,
         }
     }
 

@@ -35,6 +35,7 @@ pub fn charge(identity: &str, capacity: u64, period: Duration) -> Charge<'_> {
         dry_run: false,
         marks: false,
         open: None,
+        penalty: None,
     }
 }
 

@@ -1,0 +1,310 @@
+//! The penalty box: strikes counted with the denials that earn them, bans
+//! that escalate exactly and are forgiven, a banned caller answered without
+//! touching its buckets, and, across two replicas on Redis (standalone and
+//! Cluster), strikes that add up and bans answered from memory.
+
+use std::time::Duration;
+
+use crate::common::TestServer;
+use crate::common::redis::{Cluster, Standalone, conn};
+use crate::common::{ask, req, to_std};
+use tollgate::config::Config;
+use tollgate::limiter::{Decision, Limiter, Request, Rules};
+use tollgate::pb::tollgate::v1::DenialReason;
+use tollgate::store::ban_cache::BanCache;
+use tollgate::store::memory::MemoryStore;
+
+const ESCALATING: &str = r#"
+scopes:
+  - name: api
+    limits:
+      - { name: per-user, per: identity, capacity: 1, refill_period: 1h }
+    penalty: { strikes: 20, within: 1m, ban: 1m, factor: 2, max_ban: 5m, forgive_after: 1h }
+"#;
+
+fn limiter(yaml: &str) -> Limiter<BanCache<MemoryStore>> {
+    let config = Config::from_yaml(yaml).expect("valid config");
+    Limiter::new(
+        Rules::compile(&config).expect("rules"),
+        BanCache::new(MemoryStore::default()),
+    )
+}
+
+async fn decide(l: &Limiter<BanCache<MemoryStore>>, r: &Request<'_>) -> Decision {
+    l.decide(r).await.expect("the embedded store answers")
+}
+
+/// Denials 1 ms apart until the caller is banned: how many it took, and
+/// the decision that banned.
+async fn offend(l: &Limiter<BanCache<MemoryStore>>, r: &Request<'_>) -> (u32, Decision) {
+    for denials in 1..=100 {
+        let d = decide(l, r).await;
+        assert!(!d.allowed, "the bucket is empty: every request is denied");
+        if d.banned() {
+            return (denials, d);
+        }
+        tokio::time::advance(Duration::from_millis(1)).await;
+    }
+    panic!("100 denials and no ban");
+}
+
+/// Waits out a ban of exactly `ban`, checking it one nanosecond before its
+/// end and letting go at it.
+async fn serve_ban(l: &Limiter<BanCache<MemoryStore>>, r: &Request<'_>, ban: Duration) {
+    tokio::time::advance(ban - Duration::from_nanos(1)).await;
+    let last = decide(l, r).await;
+    assert!(last.banned(), "still banned one nanosecond before the end");
+    assert_eq!(last.retry_after, Some(Duration::from_nanos(1)));
+    tokio::time::advance(Duration::from_nanos(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn bans_escalate_exactly_to_the_tick_up_to_max_ban_and_are_forgiven() {
+    let l = limiter(ESCALATING);
+    let r = Request::new("api", "agent-7", "retry");
+    assert!(decide(&l, &r).await.allowed, "the one token");
+    for (offence, minutes) in [1u64, 2, 4, 5, 5].into_iter().enumerate() {
+        let (denials, d) = offend(&l, &r).await;
+        assert_eq!(denials, 20, "offence {offence}: the 20th denial bans");
+        let ban = Duration::from_secs(60 * minutes);
+        assert_eq!(d.retry_after, Some(ban), "offence {offence}");
+        assert!(d.penalty.banned.unwrap().started);
+        assert!(
+            !d.buckets.is_empty(),
+            "the denial that bans read its bucket"
+        );
+        serve_ban(&l, &r, ban).await;
+    }
+    // An hour without a strike after the last ban: forgiven, and the bucket
+    // has refilled its one token meanwhile.
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    assert!(decide(&l, &r).await.allowed);
+    let (denials, d) = offend(&l, &r).await;
+    assert_eq!(denials, 20);
+    assert_eq!(d.retry_after, Some(Duration::from_secs(60)), "back to 1m");
+}
+
+#[tokio::test(start_paused = true)]
+async fn strikes_outside_the_window_start_a_new_count() {
+    let l = limiter(ESCALATING);
+    let r = Request::new("api", "slow", "retry");
+    assert!(decide(&l, &r).await.allowed);
+    // 19 denials, then a minute's pause: the window is over.
+    for _ in 0..19 {
+        assert!(!decide(&l, &r).await.banned());
+        tokio::time::advance(Duration::from_millis(1)).await;
+    }
+    tokio::time::advance(Duration::from_secs(60)).await;
+    let (denials, _) = offend(&l, &r).await;
+    assert_eq!(denials, 20, "the old window's strikes do not count");
+}
+
+const READS_AND_LOGINS: &str = r#"
+scopes:
+  - name: app
+    limits:
+      - { name: logins, per: identity, capacity: 1, refill_period: 1h, operations: [login] }
+      - { name: reads, per: identity, capacity: 100, refill_period: 366d, operations: [read] }
+    penalty: { strikes: 3, within: 1m, ban: 1m, on: [logins] }
+"#;
+
+#[tokio::test(start_paused = true)]
+async fn a_banned_caller_is_denied_everywhere_in_the_scope_and_takes_nothing() {
+    let l = limiter(READS_AND_LOGINS);
+    let (login, read) = (
+        Request::new("app", "mallory", "login"),
+        Request::new("app", "mallory", "read"),
+    );
+    assert_eq!(decide(&l, &read).await.buckets[0].remaining, 99);
+    assert!(decide(&l, &login).await.allowed);
+    for _ in 0..2 {
+        assert!(!decide(&l, &login).await.banned());
+    }
+    let banned = decide(&l, &login).await;
+    assert!(banned.banned(), "the third failed login bans");
+    for _ in 0..50 {
+        let d = decide(&l, &read).await;
+        assert!(!d.allowed && d.banned());
+        assert!(d.buckets.is_empty(), "no bucket was read");
+        assert_eq!(d.retry_after, Some(Duration::from_secs(60)));
+    }
+    assert!(
+        l.store().answered_locally() >= 49,
+        "after the first answer, from memory"
+    );
+    tokio::time::advance(Duration::from_secs(60)).await;
+    let d = decide(&l, &read).await;
+    assert!(d.allowed);
+    assert_eq!(
+        d.buckets[0].remaining, 98,
+        "the 50 banned reads took nothing"
+    );
+    // Reads never strike: only `logins` is in `on`.
+    let other = Request::new("app", "reader", "read");
+    for _ in 0..100 {
+        decide(&l, &other).await;
+    }
+    for _ in 0..10 {
+        let d = decide(&l, &other).await;
+        assert!(!d.allowed && !d.banned() && !d.penalty.struck);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn dry_runs_and_the_anonymous_caller_never_strike() {
+    let l = limiter(READS_AND_LOGINS);
+    let mut dry = Request::new("app", "tester", "login");
+    dry.dry_run = true;
+    assert!(
+        decide(&l, &Request::new("app", "tester", "login"))
+            .await
+            .allowed
+    );
+    for _ in 0..10 {
+        let d = decide(&l, &dry).await;
+        assert!(!d.allowed && !d.penalty.struck);
+    }
+    let anon = Request::new("app", "", "login");
+    for _ in 0..10 {
+        assert!(!decide(&l, &anon).await.banned());
+    }
+}
+
+/// EVALSHA calls answered by the Redis servers on `ports`, summed.
+fn evalsha_calls(ports: &[u16]) -> u64 {
+    ports
+        .iter()
+        .map(|&port| {
+            let stats: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query(&mut conn(port).unwrap())
+                .unwrap();
+            stats
+                .lines()
+                .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+                .and_then(|r| r.split(',').next()?.parse().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// Every key under `prefix` on the servers on `ports`, with its value.
+fn snapshot(ports: &[u16], prefix: &str) -> Vec<(String, Vec<u8>)> {
+    let mut all = Vec::new();
+    for &port in ports {
+        let mut c = conn(port).unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query(&mut c)
+            .unwrap();
+        for k in keys {
+            let v: Vec<u8> = redis::cmd("GET").arg(&k).query(&mut c).unwrap();
+            all.push((k, v));
+        }
+    }
+    all.sort();
+    all
+}
+
+fn replica_yaml(mode: &str, urls: &[String], prefix: &str) -> String {
+    format!(
+        r#"
+store:
+  kind: redis
+  redis:
+    mode: {mode}
+    urls: {urls:?}
+    key_prefix: "{prefix}"
+    response_timeout: 2s
+    wait_timeout: 2s
+    connect_timeout: 2s
+failure_mode: closed
+scopes:
+  - name: app
+    limits:
+      - {{ name: logins, per: identity, capacity: 1, refill_period: 1h, operations: [login] }}
+      - {{ name: reads, per: identity, capacity: 100, refill_period: 366d, operations: [read] }}
+    penalty: {{ strikes: 10, within: 1m, ban: 1m, on: [logins] }}
+"#
+    )
+}
+
+/// Two replicas on one Redis: strikes from both add up to one ban; after
+/// each replica's first banned answer, a banned caller costs no script
+/// call; and a banned request writes nothing at all.
+async fn two_replicas_share_strikes_and_answer_bans_from_memory(
+    mode: &str,
+    urls: Vec<String>,
+    ports: &[u16],
+) {
+    let prefix = format!("test:penalty:{mode}:");
+    let yaml = replica_yaml(mode, &urls, &prefix);
+    let config = || Config::from_yaml(&yaml).unwrap();
+    let replicas = [
+        TestServer::start_config(config()).await,
+        TestServer::start_config(config()).await,
+    ];
+    let mut clients = [replicas[0].client().await, replicas[1].client().await];
+    assert!(
+        ask(&mut clients[0], req("app", "bot", "read"))
+            .await
+            .allowed
+    );
+    assert!(
+        ask(&mut clients[1], req("app", "bot", "login"))
+            .await
+            .allowed
+    );
+    // Ten failed logins, alternating replicas: the tenth, on replica 1,
+    // bans.
+    for i in 0..10 {
+        let a = ask(&mut clients[i % 2], req("app", "bot", "login")).await;
+        assert!(!a.allowed);
+        let banned = a.denial_reason == DenialReason::Banned as i32;
+        assert_eq!(banned, i == 9, "strike {} of 10", i + 1);
+        if banned {
+            let wait = to_std(&a.retry_after).unwrap();
+            assert!(wait <= Duration::from_secs(60) && wait > Duration::from_secs(59));
+        }
+    }
+    let before = snapshot(ports, &prefix);
+    let calls = evalsha_calls(ports);
+    for i in 0..20 {
+        let op = if i % 3 == 0 { "login" } else { "read" };
+        let a = ask(&mut clients[i % 2], req("app", "bot", op)).await;
+        assert!(!a.allowed);
+        assert_eq!(a.denial_reason, DenialReason::Banned as i32);
+        assert!(a.buckets.is_empty());
+    }
+    assert_eq!(
+        evalsha_calls(ports) - calls,
+        1,
+        "replica 0 asks Redis once and learns the ban; replica 1 knew it"
+    );
+    assert_eq!(
+        snapshot(ports, &prefix),
+        before,
+        "banned requests write nothing"
+    );
+    let reads = ask(&mut clients[0], req("app", "other", "read")).await;
+    assert!(reads.allowed, "another caller is not banned");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_redis_standalone_share_strikes_and_bans() {
+    let redis = Standalone::start();
+    let port = redis.server.port;
+    two_replicas_share_strikes_and_answer_bans_from_memory(
+        "standalone",
+        vec![redis.url()],
+        &[port],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_redis_cluster_share_strikes_and_bans() {
+    let cluster = Cluster::start();
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+    two_replicas_share_strikes_and_answer_bans_from_memory("cluster", cluster.urls(), &ports).await;
+}
