@@ -394,9 +394,13 @@ impl<S: Store> RateLimitService for EnvoyRateLimitApi<S> {
 /// True when this descriptor's own limits (or its unknown scope) denied.
 fn over_limit(d: &Decision) -> bool {
     !d.allowed
-        && (d.buckets.iter().any(|b| b.exhausted && !b.shadow)
+        && (d.banned()
+            || d.buckets.iter().any(|b| b.exhausted && !b.shadow)
             || (d.buckets.is_empty() && d.reason.is_some()))
 }
+
+/// The header an Envoy answer carries when a descriptor's caller is banned.
+pub const BANNED_HEADER: (&str, &str) = ("x-tollgate-denied", "banned");
 
 fn to_proto(decisions: &[Decision], headers_draft: Option<Draft>) -> RateLimitResponse {
     let allowed = decisions.iter().all(|d| d.allowed);
@@ -416,19 +420,33 @@ fn to_proto(decisions: &[Decision], headers_draft: Option<Draft>) -> RateLimitRe
                     .filter(|b| !b.shadow)
                     .min_by_key(|b| b.remaining)
             });
+            // A banned caller may come back when its ban ends.
+            let reset = match d.penalty.banned {
+                Some(ban) => Some(duration(ban.retry_after)),
+                None => primary.map(|b| duration(b.reset_after)),
+            };
             DescriptorStatus {
                 code: code.into(),
                 current_limit: primary.map(current_limit),
                 limit_remaining: primary.map_or(0, |b| clamp_u32(b.remaining)),
-                duration_until_reset: primary.map(|b| duration(b.reset_after)),
+                duration_until_reset: reset,
                 ..DescriptorStatus::default()
             }
         })
         .collect();
-    let response_headers_to_add = match headers_draft {
+    let mut response_headers_to_add = match headers_draft {
         Some(draft) => headers(decisions, allowed, draft),
         None => Vec::new(),
     };
+    // Why, for a banned caller, whatever the header settings: a client
+    // that keeps retrying should learn it is in the penalty box.
+    if decisions.iter().any(Decision::banned) {
+        response_headers_to_add.push(HeaderValue {
+            key: BANNED_HEADER.0.to_owned(),
+            value: BANNED_HEADER.1.to_owned(),
+            ..HeaderValue::default()
+        });
+    }
     RateLimitResponse {
         overall_code: if allowed { Code::Ok } else { Code::OverLimit }.into(),
         statuses,

@@ -61,6 +61,14 @@ pub struct ScopeConfig {
     /// while (see [`super::penalty`]). Absent: no one is ever banned.
     #[serde(default)]
     pub penalty: Option<super::penalty::PenaltyConfig>,
+    /// Identities (or globs) the penalty box never bans; their limits
+    /// still apply.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Identities (or globs) always denied in this scope, without a store
+    /// call: a ban with no end.
+    #[serde(default)]
+    pub deny: Vec<String>,
 }
 
 /// Names the Envoy descriptor entries that a scope reads, such as
@@ -196,6 +204,15 @@ pub(crate) fn validate_scope(problems: &mut Vec<String>, at: &str, scope: &Scope
     validate_limits(problems, at, &scope.limits);
     if let Some(penalty) = &scope.penalty {
         penalty.validate(problems, at, &scope.limits);
+    }
+    for (field, list) in [("allow", &scope.allow), ("deny", &scope.deny)] {
+        for (k, glob) in list.iter().enumerate() {
+            if glob.is_empty() {
+                problems.push(format!("{at}.{field}[{k}]: must not be empty"));
+            } else if let Err(e) = globset::Glob::new(glob) {
+                problems.push(format!("{at}.{field}[{k}]: {}", e.kind()));
+            }
+        }
     }
     if let Some(keys) = &scope.descriptor_keys {
         for (field, key) in [

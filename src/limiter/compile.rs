@@ -11,7 +11,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 use super::descriptors::{DescriptorKeys, DescriptorNode, DescriptorTree, ValueMatch};
 use super::limit::Limit;
-use super::penalty::ScopePenalty;
+use super::penalty::{IdentityLists, ScopePenalty};
 use super::rules::{Rules, ScopeRules};
 use crate::bucket::Shape;
 use crate::config::{
@@ -44,6 +44,10 @@ impl Rules {
                     priority: k.priority,
                 }),
                 penalty: s.penalty.as_ref().map(ScopePenalty::compile),
+                lists: IdentityLists {
+                    allow: identity_globs(&s.allow, "allow")?,
+                    deny: identity_globs(&s.deny, "deny")?,
+                },
             };
             scopes.insert(scope.name.clone(), scope);
         }
@@ -131,7 +135,18 @@ fn compile_domain(domain: &EnvoyDomain, failure_mode: FailureMode) -> ScopeRules
         },
         descriptor_keys: None,
         penalty: None,
+        lists: IdentityLists::default(),
     }
+}
+
+/// An allow or deny list, `None` when empty.
+fn identity_globs(globs: &[String], field: &str) -> Result<Option<GlobSet>, ConfigError> {
+    if globs.is_empty() {
+        return Ok(None);
+    }
+    glob_set(globs)
+        .map(Some)
+        .map_err(|e| ConfigError::one(format!("{field}: {e}")))
 }
 
 fn compile_descriptor(d: &EnvoyDescriptor) -> DescriptorNode {

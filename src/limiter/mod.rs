@@ -142,6 +142,9 @@ pub struct Decision {
     /// denied, `retry_after` runs to the ban's end, and `buckets` is empty
     /// unless this very denial started the ban), or a strike counted.
     pub penalty: PenaltyOutcome,
+    /// True when the identity is on the scope's `deny:` list: denied with
+    /// no `retry_after`, and no store call.
+    pub deny_listed: bool,
 }
 
 impl Decision {
@@ -150,9 +153,10 @@ impl Decision {
         self.primary.and_then(|i| self.buckets.get(i))
     }
 
-    /// True when the caller is in its scope's penalty box.
+    /// True when the caller is in its scope's penalty box, or on its deny
+    /// list.
     pub fn banned(&self) -> bool {
-        self.penalty.banned.is_some()
+        self.penalty.banned.is_some() || self.deny_listed
     }
 }
 
@@ -382,9 +386,10 @@ impl<S: Store, E> Limiter<S, E> {
             Ok(joint) => joint,
             Err(denied) => return Ok(vec![*denied; reqs.len()]),
         };
-        let Some(charge) = joint.charge() else {
+        let Some(mut charge) = joint.charge() else {
             return Ok(joint.nothing_to_charge());
         };
+        charge.penalty = joint.penalty(rules, reqs);
         let outcome = self.store.check_and_take_one(&charge).await;
         match outcome {
             Ok(outcome) => Ok(joint.decisions(&outcome)),

@@ -4,12 +4,34 @@
 
 use std::sync::Arc;
 
+use globset::GlobSet;
 use smallvec::SmallVec;
 
 use super::Request;
 use super::rules::Planned;
 use crate::config::{PenaltyConfig, PenaltyOn, PenaltyPer};
 use crate::store::{Penalty, PenaltyKey, PenaltyRule};
+
+/// A scope's static identity lists, as globs.
+#[derive(Debug, Clone, Default)]
+pub struct IdentityLists {
+    /// Never banned by the penalty box (their limits still apply).
+    pub allow: Option<GlobSet>,
+    /// Always denied, without a store call.
+    pub deny: Option<GlobSet>,
+}
+
+impl IdentityLists {
+    /// True when `identity` is on the allow list.
+    pub fn allows(&self, identity: &str) -> bool {
+        self.allow.as_ref().is_some_and(|g| g.is_match(identity))
+    }
+
+    /// True when `identity` is on the deny list.
+    pub fn denies(&self, identity: &str) -> bool {
+        self.deny.as_ref().is_some_and(|g| g.is_match(identity))
+    }
+}
 
 /// One scope's penalty box.
 #[derive(Debug, Clone, PartialEq, Eq)]

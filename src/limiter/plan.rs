@@ -26,6 +26,8 @@ pub(crate) enum Unplanned {
     UnknownScope,
     /// No limit of its scope applies to it.
     NoBucket,
+    /// Its identity is on the scope's deny list.
+    DenyListed,
 }
 
 impl Unplanned {
@@ -34,6 +36,12 @@ impl Unplanned {
         match self {
             Self::UnknownScope => unknown_scope(rules, scope),
             Self::NoBucket => allowed(),
+            Self::DenyListed => Decision {
+                allowed: false,
+                deny_listed: true,
+                reason: Some(format!("the identity is on scope {scope:?}'s deny list")),
+                ..Decision::default()
+            },
         }
     }
 }
@@ -51,6 +59,9 @@ where
     'r: 'q,
 {
     let scope = rules.scope(req.scope).ok_or(Unplanned::UnknownScope)?;
+    if scope.lists.denies(req.identity) {
+        return Err(Unplanned::DenyListed);
+    }
     scope.buckets(req, buckets);
     if buckets.is_empty() {
         Err(Unplanned::NoBucket)
@@ -91,11 +102,12 @@ pub(crate) fn penalty<'q>(
     buckets: &[Planned<'_, 'q>],
 ) -> Option<crate::store::Penalty<'q>> {
     let scope = buckets.first()?.charge.key.scope;
-    rules
-        .scope(req.scope)?
-        .penalty
-        .as_ref()?
-        .part(scope, req, buckets)
+    let rules = rules.scope(req.scope)?;
+    if rules.lists.allows(req.identity) {
+        // Allow-listed: spared the penalty box, not the limits.
+        return None;
+    }
+    rules.penalty.as_ref()?.part(scope, req, buckets)
 }
 
 /// What a request gets when the store failed: the scope's failure mode.
@@ -174,6 +186,9 @@ where
         let mut denied = None;
         for (owner, req) in reqs.iter().enumerate() {
             match rules.scope(req.scope) {
+                Some(scope) if scope.lists.denies(req.identity) => {
+                    denied = Some(Unplanned::DenyListed.decision(rules, req.scope));
+                }
                 Some(scope) => {
                     let mut mine = Buckets::new();
                     scope.buckets(req, &mut mine);
@@ -278,6 +293,32 @@ where
         })
     }
 
+    /// The penalty part of the joint charge: only when every request is
+    /// the same caller's in one scope (an Envoy request's descriptors, as a
+    /// rule), so one record answers for the whole charge. A bucket's
+    /// denial strikes when any request drawing on it counts it.
+    pub(crate) fn penalty(
+        &self,
+        rules: &Rules,
+        reqs: &[Request<'q>],
+    ) -> Option<crate::store::Penalty<'q>> {
+        let (first, rest) = reqs.split_first()?;
+        let same = |r: &Request<'q>| {
+            r.scope == first.scope && r.identity == first.identity && r.operation == first.operation
+        };
+        if !rest.iter().all(same) {
+            return None;
+        }
+        let mine: Vec<Planned<'r, 'q>> = self.buckets.iter().map(|b| b.planned).collect();
+        let mut part = penalty(rules, first, &mine)?;
+        let mut flags: SmallVec<[bool; 4]> = SmallVec::from_elem(false, self.slots.len());
+        for (b, &strikes) in self.buckets.iter().zip(&part.strikes_from) {
+            flags[b.slot] |= strikes;
+        }
+        part.strikes_from = flags;
+        Some(part)
+    }
+
     /// Every request's decision from the joint outcome: all allowed or all
     /// denied. A shared bucket reports the summed cost it was judged on.
     pub(crate) fn decisions(&self, outcome: &ChargeOutcome) -> Vec<Decision> {
@@ -300,7 +341,7 @@ where
                         allowed: outcome.allowed,
                         buckets: outcomes.into(),
                         now_us: outcome.now_us,
-                        penalty: Default::default(),
+                        penalty: outcome.penalty,
                     },
                 );
                 d.allowed = outcome.allowed;

@@ -36,6 +36,8 @@ pub struct ScopeRules {
     pub descriptor_keys: Option<DescriptorKeys>,
     /// The scope's penalty box, if it has one.
     pub penalty: Option<super::penalty::ScopePenalty>,
+    /// Identities the penalty box spares, and identities always denied.
+    pub lists: super::penalty::IdentityLists,
 }
 
 impl Rules {

@@ -73,6 +73,14 @@ pub struct Metrics {
     access_denied: Family<AccessLabels, Counter>,
     calls_shed: Counter<u64, AtomicU64>,
     settles: Family<ReloadLabels, Counter>,
+    /// Penalty-box strikes and bans started, by configured scope.
+    strikes: Family<ScopeLabels, Counter>,
+    bans_started: Family<ScopeLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScopeLabels {
+    scope: Arc<str>,
 }
 
 impl fmt::Debug for Metrics {
@@ -207,8 +215,11 @@ impl Metrics {
         );
         let settles = register_settles(&mut registry);
         zero_known_series(&reloads, &store_errors);
+        let (strikes, bans_started) = register_penalties(&mut registry);
         Self {
             registry,
+            strikes,
+            bans_started,
             settles,
             access_denied,
             calls_shed,
@@ -239,9 +250,20 @@ impl Metrics {
             "degraded"
         } else if decision.allowed {
             "allowed"
+        } else if decision.banned() {
+            "banned"
         } else {
             "denied"
         };
+        if decision.penalty.struck {
+            let labels = ScopeLabels {
+                scope: scope.clone(),
+            };
+            self.strikes.get_or_create(&labels).inc();
+            if decision.penalty.banned.is_some_and(|b| b.started) {
+                self.bans_started.get_or_create(&labels).inc();
+            }
+        }
         for b in decision.buckets.iter().filter(|b| b.shadow && b.exhausted) {
             self.shadow_denials
                 .get_or_create(&RuleLabels {
@@ -281,6 +303,18 @@ impl Metrics {
                         .inc_by(0);
                 }
             }
+        }
+    }
+
+    /// Makes the penalty series of every scope with a penalty box exist at
+    /// zero (at start and after each reload).
+    pub fn known_penalties(&self, rules: &Rules) {
+        for scope in rules.scopes().filter(|s| s.penalty.is_some()) {
+            let labels = ScopeLabels {
+                scope: scope.name.clone(),
+            };
+            self.strikes.get_or_create(&labels).inc_by(0);
+            self.bans_started.get_or_create(&labels).inc_by(0);
         }
     }
 
@@ -359,6 +393,24 @@ fn labels(rules: &Rules, scope: &str, decision: &Decision) -> (Arc<str>, Arc<str
         ),
         None => (UNCONFIGURED.into(), "".into()),
     }
+}
+
+fn register_penalties(
+    registry: &mut Registry,
+) -> (Family<ScopeLabels, Counter>, Family<ScopeLabels, Counter>) {
+    let strikes = Family::<ScopeLabels, Counter>::default();
+    registry.register(
+        "penalty_strikes",
+        "Denials counted as strikes by a scope's penalty box",
+        strikes.clone(),
+    );
+    let bans = Family::<ScopeLabels, Counter>::default();
+    registry.register(
+        "bans_started",
+        "Bans a scope's penalty box started (strikes reached)",
+        bans.clone(),
+    );
+    (strikes, bans)
 }
 
 /// The store reports each call here (see [`crate::store::observed`]).

@@ -308,3 +308,100 @@ async fn two_replicas_on_redis_cluster_share_strikes_and_bans() {
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
     two_replicas_share_strikes_and_answer_bans_from_memory("cluster", cluster.urls(), &ports).await;
 }
+
+const LISTS: &str = r#"
+scopes:
+  - name: app
+    limits:
+      - { name: per-user, per: identity, capacity: 1, refill_period: 1h }
+    penalty: { strikes: 3, within: 1m, ban: 1m }
+    allow: ["trusted-*"]
+    deny: ["evil", "scraper-?"]
+"#;
+
+#[tokio::test(start_paused = true)]
+async fn the_allow_list_spares_the_box_not_the_limits_and_the_deny_list_costs_no_store_call() {
+    let l = limiter(LISTS);
+    let trusted = Request::new("app", "trusted-ci", "x");
+    assert!(decide(&l, &trusted).await.allowed);
+    for _ in 0..20 {
+        let d = decide(&l, &trusted).await;
+        assert!(!d.allowed, "its limit still applies");
+        assert!(!d.banned() && !d.penalty.struck, "but it never strikes");
+    }
+    let held = l.store().inner().len();
+    for who in ["evil", "scraper-1"] {
+        let d = decide(&l, &Request::new("app", who, "x")).await;
+        assert!(!d.allowed && d.banned() && d.deny_listed);
+        assert_eq!(d.retry_after, None, "a deny list has no end");
+        assert!(d.reason.unwrap().contains("deny list"));
+    }
+    assert_eq!(l.store().inner().len(), held, "no bucket was made");
+    let bad = Config::from_yaml(&LISTS.replace("\"scraper-?\"", "\"[\"")).unwrap_err();
+    assert!(
+        bad.problems
+            .iter()
+            .any(|p| p.starts_with("scopes[0].deny[1]: ")),
+        "{:?}",
+        bad.problems
+    );
+}
+
+#[tokio::test]
+async fn envoy_answers_a_banned_descriptor_over_limit_until_the_ban_ends_and_says_why() {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+    use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+
+    let server = TestServer::start(
+        r#"
+scopes:
+  - name: edge
+    descriptor_keys: { identity: user }
+    limits:
+      - { name: per-user, per: identity, capacity: 1, refill_period: 1h }
+    penalty: { strikes: 2, within: 1m, ban: 90s }
+"#,
+    )
+    .await;
+    let mut envoy = RateLimitServiceClient::new(server.channel().await);
+    let request = || RateLimitRequest {
+        domain: "edge".into(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: vec![Entry {
+                key: "user".into(),
+                value: "looping-agent".into(),
+            }],
+            ..Default::default()
+        }],
+        hits_addend: 0,
+    };
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        answers.push(
+            envoy
+                .should_rate_limit(request())
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    assert_eq!(answers[0].overall_code, Code::Ok as i32);
+    let banned_header = |a: &envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse| {
+        a.response_headers_to_add
+            .iter()
+            .any(|h| h.key == "x-tollgate-denied" && h.value == "banned")
+    };
+    assert!(!banned_header(&answers[1]), "one strike is not a ban");
+    for a in &answers[2..] {
+        assert_eq!(a.overall_code, Code::OverLimit as i32);
+        assert!(banned_header(a));
+        let reset = a.statuses[0].duration_until_reset.as_ref().unwrap();
+        assert!(
+            (89..=90).contains(&reset.seconds),
+            "until the ban ends: {reset:?}"
+        );
+    }
+}
