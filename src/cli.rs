@@ -1,12 +1,15 @@
-//! The command line: `serve`, `check-config`, the `allow` client, and the
-//! admin clients `top` and `explain` ([`admin`]).
+//! The command line: `serve`, `check-config`, the `allow` client, the
+//! admin clients `top` and `explain` ([`admin`]), and the penalty box's
+//! `ban`, `unban` and `bans` ([`bans`]).
 //!
 //! This module belongs to the binary, not the library: it is the one place
 //! outside `api` that speaks proto, as a client.
 
 mod admin;
+mod bans;
 
 pub(crate) use admin::{ExplainArgs, TopArgs, explain, top};
+pub(crate) use bans::{BanArgs, BansArgs, Target as UnbanArgs, ban, bans, unban};
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -50,6 +53,12 @@ pub(crate) enum Command {
     /// Show which limits apply to a request and what each bucket holds now,
     /// taking nothing.
     Explain(ExplainArgs),
+    /// Put a caller in a scope's penalty box for a while.
+    Ban(BanArgs),
+    /// Lift a caller's ban and clear its history.
+    Unban(UnbanArgs),
+    /// List the callers banned in a scope; several --addr are merged.
+    Bans(BansArgs),
 }
 
 /// The `allow` subcommand's flags.

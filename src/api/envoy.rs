@@ -598,6 +598,13 @@ scopes:
             Err(StoreError::transient("connection refused"))
         }
 
+        async fn penalties(
+            &self,
+            _: &crate::store::PenaltyOp<'_>,
+        ) -> Result<crate::store::PenaltyAnswer, StoreError> {
+            Err(StoreError::transient("connection refused"))
+        }
+
         fn is_available(&self) -> bool {
             false
         }

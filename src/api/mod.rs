@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod bans;
 pub mod envoy;
 pub mod headers;
 pub mod settings;

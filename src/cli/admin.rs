@@ -45,7 +45,7 @@ pub(crate) struct TopArgs {
 }
 
 /// `body` as a request carrying `token` as `authorization: Bearer …`.
-fn authed<T>(token: Option<&str>, body: T) -> anyhow::Result<tonic::Request<T>> {
+pub(super) fn authed<T>(token: Option<&str>, body: T) -> anyhow::Result<tonic::Request<T>> {
     let mut request = tonic::Request::new(body);
     if let Some(token) = token {
         let value = format!("Bearer {token}").parse()?;

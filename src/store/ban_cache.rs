@@ -39,7 +39,7 @@ use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::deny_cache::Part;
-use super::penalty::{Ban, PenaltyKey, PenaltyOutcome};
+use super::penalty::{Ban, PenaltyAnswer, PenaltyKey, PenaltyOp, PenaltyOutcome};
 use super::{Charge, ChargeOutcome, Settled, Settlement, Store, StoreError};
 
 /// The most bans held at once, over all shards.
@@ -215,7 +215,11 @@ impl<S: Store> BanCache<S> {
         let (Some(penalty), Some(ban)) = (&charge.penalty, outcome.penalty.banned) else {
             return;
         };
-        let key = &penalty.key;
+        self.hold(&penalty.key, &ban, sent);
+    }
+
+    /// Keeps `key`'s ban, learned from a call sent at `sent`.
+    fn hold(&self, key: &PenaltyKey<'_>, ban: &Ban, sent: Instant) {
         let hash = self.hash(key);
         let mut shard = self.shard(hash).lock();
         let now = Instant::now();
@@ -306,6 +310,22 @@ impl<S: Store> Store for BanCache<S> {
 
     async fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
         self.inner.settle(settlement).await
+    }
+
+    /// A ban set through this replica is answered here from then on; an
+    /// unban through it is seen here at once (other replicas: within
+    /// [`MAX_HOLD`]).
+    async fn penalties(&self, op: &PenaltyOp<'_>) -> Result<PenaltyAnswer, StoreError> {
+        let sent = Instant::now();
+        let answer = self.inner.penalties(op).await?;
+        match (op, &answer) {
+            (PenaltyOp::Ban { key, .. }, PenaltyAnswer::Banned(ban)) => {
+                self.hold(key, ban, sent);
+            }
+            (PenaltyOp::Unban { key }, _) => self.forget(key),
+            _ => {}
+        }
+        Ok(answer)
     }
 
     fn is_available(&self) -> bool {

@@ -8,7 +8,8 @@ use super::ban_cache::BanCache;
 use super::deny_cache::DenyCache;
 use super::observed::{Observed, StoreObserver};
 use super::{
-    BuildError, Charge, ChargeOutcome, Settled, Settlement, Store, StoreError, memory, redis,
+    BuildError, Charge, ChargeOutcome, PenaltyAnswer, PenaltyOp, Settled, Settlement, Store,
+    StoreError, memory, redis,
 };
 use crate::config::{ConfigError, StoreConfig, StoreKind};
 
@@ -104,6 +105,13 @@ impl Store for AnyStore {
         match self {
             Self::Memory(s) => s.settle(settlement).await,
             Self::Redis(s) => s.settle(settlement).await,
+        }
+    }
+
+    async fn penalties(&self, op: &PenaltyOp<'_>) -> Result<PenaltyAnswer, StoreError> {
+        match self {
+            Self::Memory(s) => s.penalties(op).await,
+            Self::Redis(s) => s.penalties(op).await,
         }
     }
 

@@ -69,7 +69,8 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use super::{
-    BucketCharge, BucketOutcome, Charge, ChargeOutcome, Settled, Settlement, Store, StoreError,
+    BucketCharge, BucketOutcome, Charge, ChargeOutcome, PenaltyAnswer, PenaltyOp, Settled,
+    Settlement, Store, StoreError,
 };
 use crate::bucket::{Mark, Shape, Tat};
 
@@ -486,6 +487,10 @@ impl<S: Store> Store for DenyCache<S> {
             cache.forget(settlement.buckets.iter().map(|b| &b.charge));
         }
         settled
+    }
+
+    async fn penalties(&self, op: &PenaltyOp<'_>) -> Result<PenaltyAnswer, StoreError> {
+        self.inner.penalties(op).await
     }
 
     fn is_available(&self) -> bool {

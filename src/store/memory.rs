@@ -26,7 +26,9 @@ use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::keys::KeyPart;
-use super::penalty::{Ban, Penalty, PenaltyKey, PenaltyOutcome, Record};
+use super::penalty::{
+    Ban, BanEntry, Penalty, PenaltyAnswer, PenaltyKey, PenaltyOp, PenaltyOutcome, Record,
+};
 use super::{
     BucketCharge, BucketOutcome, Charge, ChargeOutcome, Condition, Settled, Settlement, Store,
     StoreError,
@@ -615,6 +617,122 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// An operator's ban, unban or listing, under the penalty lock.
+    fn penalties(&self, op: &PenaltyOp<'_>) -> Result<PenaltyAnswer, StoreError> {
+        let mut records = self.penalties.lock();
+        let now = self.now();
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        match *op {
+            PenaltyOp::Ban {
+                key,
+                duration,
+                forget,
+            } => {
+                let k = penalty_key(&key);
+                let found = records.get(k.as_slice()).copied();
+                if found.is_none() {
+                    let bytes = PENALTY_OVERHEAD + k.len();
+                    self.make_room(&[(key.scope.as_bytes(), bytes)])?;
+                }
+                let (mut record, forget_at) = found.unwrap_or_default();
+                record.ban_until = now.saturating_add(ns(duration));
+                let keep = record.ban_until.saturating_add(ns(forget)).max(forget_at);
+                records.insert(k.into(), (record, keep));
+                Ok(PenaltyAnswer::Banned(Ban {
+                    retry_after: duration,
+                    until_us: record.ban_until / 1_000,
+                    started: true,
+                }))
+            }
+            PenaltyOp::Unban { key } => {
+                let k = penalty_key(&key);
+                let gone = records.remove(k.as_slice());
+                if gone.is_some() {
+                    let bytes = PENALTY_OVERHEAD + k.len();
+                    self.room.lock().give(key.scope.as_bytes(), bytes);
+                    self.held.fetch_sub(bytes, Ordering::Relaxed);
+                }
+                Ok(PenaltyAnswer::Unbanned(
+                    gone.is_some_and(|(r, _)| r.banned_at(now)),
+                ))
+            }
+            PenaltyOp::List {
+                scope,
+                offset,
+                limit,
+            } => Ok(list_bans(&records, scope, now, offset, limit)),
+        }
+    }
+}
+
+/// A page of `scope`'s bans in force at `now`, by ban end then caller.
+fn list_bans(
+    records: &std::collections::HashMap<Box<[u8]>, (Record, u64)>,
+    scope: &str,
+    now: u64,
+    offset: u64,
+    limit: u64,
+) -> PenaltyAnswer {
+    let mut bans: Vec<(u64, &[u8])> = records
+        .iter()
+        .filter(|(k, (r, _))| r.banned_at(now) && penalty_scope(k) == scope.as_bytes())
+        .map(|(k, (r, _))| (r.ban_until, &**k))
+        .collect();
+    bans.sort_unstable();
+    let total = bans.len() as u64;
+    let page = bans
+        .into_iter()
+        .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+        .take(usize::try_from(limit).unwrap_or(usize::MAX))
+        .map(|(until, key)| {
+            let (identity, operation) = penalty_caller(key);
+            BanEntry {
+                identity,
+                operation,
+                remaining: Duration::from_nanos(until - now),
+                until_us: until / 1_000,
+            }
+        })
+        .collect();
+    PenaltyAnswer::Listed { total, bans: page }
+}
+
+/// The identity and operation of a key [`penalty_key`] made, a hashed part
+/// as `#` and its SHA-256 in hex.
+fn penalty_caller(key: &[u8]) -> (String, Option<String>) {
+    let mut at = 0;
+    let mut next = || -> Option<String> {
+        let tag = *key.get(at)?;
+        at += 1;
+        match tag {
+            1 => {
+                let len = u32::from_le_bytes(key.get(at..at + 4)?.try_into().ok()?) as usize;
+                let text = key.get(at + 4..at + 4 + len)?;
+                at += 4 + len;
+                Some(String::from_utf8_lossy(text).into_owned())
+            }
+            2 => {
+                let hash = key.get(at..at + 32)?;
+                at += 32;
+                Some(format!("#{}", hex(hash)))
+            }
+            _ => None,
+        }
+    };
+    let _scope = next();
+    let identity = next().unwrap_or_default();
+    (identity, next())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
 /// The scope of a key [`penalty_key`] made: its first part, plain.
 fn penalty_scope(key: &[u8]) -> &[u8] {
     let len = key
@@ -873,6 +991,10 @@ impl Store for MemoryStore {
 
     async fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
         self.inner.settle(settlement)
+    }
+
+    async fn penalties(&self, op: &PenaltyOp<'_>) -> Result<PenaltyAnswer, StoreError> {
+        self.inner.penalties(op)
     }
 
     /// The embedded store is always available: it lives in this process.

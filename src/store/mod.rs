@@ -26,7 +26,9 @@ pub use charge::{
     Settled, Settlement,
 };
 pub use observed::{Observed, StoreObserver};
-pub use penalty::{Ban, Penalty, PenaltyKey, PenaltyOutcome, PenaltyRule};
+pub use penalty::{
+    Ban, BanEntry, Penalty, PenaltyAnswer, PenaltyKey, PenaltyOp, PenaltyOutcome, PenaltyRule,
+};
 pub use redis::BuildError;
 
 /// Why a store could not decide.
@@ -84,7 +86,7 @@ impl StoreError {
 /// A bucket that is absent is full. A store may forget a bucket once it has
 /// refilled completely, so memory grows with active buckets only.
 ///
-/// # Six methods, all required
+/// # Seven methods, all required
 /// Every method is required, so a decorator (the deny cache, the observed
 /// store, [`AnyStore`]) cannot forget to pass one on; conveniences built on
 /// them live in [`StoreExt`], which every store gets for free.
@@ -111,6 +113,14 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         &self,
         settlement: &Settlement<'_>,
     ) -> impl Future<Output = Result<Settled, StoreError>> + Send;
+
+    /// The penalty box's operator side: bans, unbans and listings, on the
+    /// store's clock. A ban set here is what charges behind the scope's
+    /// penalty box meet (see [`penalty`]).
+    fn penalties(
+        &self,
+        op: &PenaltyOp<'_>,
+    ) -> impl Future<Output = Result<PenaltyAnswer, StoreError>> + Send;
 
     /// True while the store can answer: used for health reporting.
     fn is_available(&self) -> bool;

@@ -174,6 +174,67 @@ impl Record {
     }
 }
 
+/// What an operator asks of the penalty box ([`super::Store::penalties`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PenaltyOp<'a> {
+    /// Bans `key` for `duration` from the store's clock now, replacing any
+    /// ban it is serving. Its record is kept `forget` past the ban's end,
+    /// so the escalation it carries is forgiven as the scope says.
+    Ban {
+        /// Who.
+        key: PenaltyKey<'a>,
+        /// How long.
+        duration: Duration,
+        /// The scope's `forgive_after`.
+        forget: Duration,
+    },
+    /// Lifts `key`'s ban and clears its history: strikes and level.
+    Unban {
+        /// Who.
+        key: PenaltyKey<'a>,
+    },
+    /// The callers of `scope` banned now, ordered by ban end then caller:
+    /// at most `limit`, skipping the first `offset`.
+    List {
+        /// Whose bans.
+        scope: &'a str,
+        /// How many to skip.
+        offset: u64,
+        /// The most to return.
+        limit: u64,
+    },
+}
+
+/// What the penalty box answered an operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PenaltyAnswer {
+    /// The ban is in force until then.
+    Banned(Ban),
+    /// The caller's record was cleared; `true` when it was banned.
+    Unbanned(bool),
+    /// A page of bans, and how many bans the scope has in all.
+    Listed {
+        /// Bans in force in the scope, all pages.
+        total: u64,
+        /// This page.
+        bans: Vec<BanEntry>,
+    },
+}
+
+/// One ban in a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BanEntry {
+    /// The caller as the store keeps it: as sent, or `#` and its SHA-256
+    /// in hex when longer than 64 bytes.
+    pub identity: String,
+    /// The operation, for a box per identity and operation.
+    pub operation: Option<String>,
+    /// Until the ban ends, from the store's clock at the listing.
+    pub remaining: Duration,
+    /// When it ends, microseconds since the Unix epoch, store clock.
+    pub until_us: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

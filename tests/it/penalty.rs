@@ -198,7 +198,7 @@ fn snapshot(ports: &[u16], prefix: &str) -> Vec<(String, Vec<u8>)> {
             .query(&mut c)
             .unwrap();
         for k in keys {
-            let v: Vec<u8> = redis::cmd("GET").arg(&k).query(&mut c).unwrap();
+            let v: Vec<u8> = redis::cmd("DUMP").arg(&k).query(&mut c).unwrap();
             all.push((k, v));
         }
     }
@@ -288,6 +288,21 @@ async fn two_replicas_share_strikes_and_answer_bans_from_memory(
     );
     let reads = ask(&mut clients[0], req("app", "other", "read")).await;
     assert!(reads.allowed, "another caller is not banned");
+    // The ban the strikes started is listed, from either replica.
+    for replica in &replicas {
+        let mut admin =
+            tollgate::pb::tollgate::v1::admin_client::AdminClient::new(replica.channel().await);
+        let list = admin
+            .list_bans(tollgate::pb::tollgate::v1::ListBansRequest {
+                scope: "app".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let who: Vec<&str> = list.bans.iter().map(|b| b.identity.as_str()).collect();
+        assert_eq!((list.total, who), (1, vec!["bot"]));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -404,4 +419,208 @@ scopes:
             "until the ban ends: {reset:?}"
         );
     }
+}
+
+/// `tollgate <args>`, its stdout, and whether it succeeded.
+fn cli(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .output()
+        .expect("tollgate runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_ban_list_and_unban_across_two_replicas_on_redis() {
+    use tollgate::pb::tollgate::v1::admin_client::AdminClient;
+    use tollgate::pb::tollgate::v1::{BanRequest, ListBansRequest, UnbanRequest};
+    use tollgate::store::ban_cache::MAX_HOLD;
+
+    let redis = Standalone::start();
+    let yaml = replica_yaml("standalone", &[redis.url()], "test:penalty:admin:");
+    let config = || Config::from_yaml(&yaml).unwrap();
+    let replicas = [
+        TestServer::start_config(config()).await,
+        TestServer::start_config(config()).await,
+    ];
+    let mut clients = [replicas[0].client().await, replicas[1].client().await];
+    let mut admin = [
+        AdminClient::new(replicas[0].channel().await),
+        AdminClient::new(replicas[1].channel().await),
+    ];
+    let ban = |identity: &str, secs: i64| BanRequest {
+        scope: "app".into(),
+        identity: identity.into(),
+        duration: Some(prost_types::Duration {
+            seconds: secs,
+            nanos: 0,
+        }),
+        reason: "abuse report #42".into(),
+        ..Default::default()
+    };
+    // Banned through replica 0, answered by replica 1.
+    let set = admin[0]
+        .ban(ban("spammer", 600))
+        .await
+        .unwrap()
+        .into_inner();
+    let left = to_std(&set.remaining).unwrap();
+    assert!(left > Duration::from_secs(599) && left <= Duration::from_secs(600));
+    for client in &mut clients {
+        let a = ask(client, req("app", "spammer", "read")).await;
+        assert_eq!(a.denial_reason, DenialReason::Banned as i32);
+        assert!(to_std(&a.retry_after).unwrap() > Duration::from_secs(598));
+    }
+    // Four more, listed by ban end from either replica, two to a page.
+    for (i, who) in ["b1", "b2", "b3", "b4"].iter().enumerate() {
+        admin[1].ban(ban(who, 60 + i as i64)).await.unwrap();
+    }
+    for a in &mut admin {
+        let mut seen = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = a
+                .list_bans(ListBansRequest {
+                    scope: "app".into(),
+                    page_size: 2,
+                    page_token: token,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(page.total, 5);
+            assert!(page.bans.len() <= 2);
+            seen.extend(page.bans.into_iter().map(|b| b.identity));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        assert_eq!(seen, ["b1", "b2", "b3", "b4", "spammer"]);
+    }
+    let (ok, listed) = cli(&[
+        "bans",
+        "--addr",
+        &replicas[0].url(),
+        "--addr",
+        &replicas[1].url(),
+        "--scope",
+        "app",
+    ]);
+    assert!(ok, "{listed}");
+    assert!(listed.starts_with("5 ban(s) in scope app"), "{listed}");
+    assert!(listed.contains("  spammer  "), "{listed}");
+    // Unbanned through replica 0: at once there, within a hold on 1.
+    let unban = UnbanRequest {
+        scope: "app".into(),
+        identity: "spammer".into(),
+        ..Default::default()
+    };
+    assert!(admin[0].unban(unban).await.unwrap().into_inner().was_banned);
+    assert!(
+        ask(&mut clients[0], req("app", "spammer", "read"))
+            .await
+            .allowed
+    );
+    tokio::time::sleep(MAX_HOLD).await;
+    assert!(
+        ask(&mut clients[1], req("app", "spammer", "read"))
+            .await
+            .allowed
+    );
+    let (ok, out) = cli(&[
+        "unban",
+        "--addr",
+        &replicas[1].url(),
+        "--scope",
+        "app",
+        "--identity",
+        "b1",
+    ]);
+    assert!(ok && out.contains("was banned"), "{out}");
+    let (ok, out) = cli(&[
+        "ban",
+        "--addr",
+        &replicas[1].url(),
+        "--scope",
+        "app",
+        "--identity",
+        "b1",
+        "--duration",
+        "90s",
+    ]);
+    assert!(
+        ok && out.starts_with("BANNED scope=app identity=b1 for 90.000s"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn operator_calls_refuse_bad_input_naming_the_field() {
+    use tollgate::pb::tollgate::v1::admin_client::AdminClient;
+    use tollgate::pb::tollgate::v1::{BanRequest, ListBansRequest};
+
+    let server = TestServer::start(READS_AND_LOGINS).await;
+    let mut admin = AdminClient::new(server.channel().await);
+    let good = BanRequest {
+        scope: "app".into(),
+        identity: "x".into(),
+        duration: Some(prost_types::Duration {
+            seconds: 60,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    let refused =
+        async |admin: &mut AdminClient<_>, r: BanRequest| admin.ban(r).await.expect_err("refused");
+    let e = refused(
+        &mut admin,
+        BanRequest {
+            identity: "i".repeat(257),
+            ..good.clone()
+        },
+    )
+    .await;
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().starts_with("identity: "), "{}", e.message());
+    let e = refused(
+        &mut admin,
+        BanRequest {
+            duration: None,
+            ..good.clone()
+        },
+    )
+    .await;
+    assert!(e.message().starts_with("duration: "), "{}", e.message());
+    let e = refused(
+        &mut admin,
+        BanRequest {
+            operation: "read".into(),
+            ..good.clone()
+        },
+    )
+    .await;
+    assert!(e.message().starts_with("operation: "), "{}", e.message());
+    let e = refused(
+        &mut admin,
+        BanRequest {
+            scope: "nope".into(),
+            ..good.clone()
+        },
+    )
+    .await;
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    let e = admin
+        .list_bans(ListBansRequest {
+            scope: "app".into(),
+            page_size: 1001,
+            ..Default::default()
+        })
+        .await
+        .expect_err("too big a page");
+    assert!(e.message().starts_with("page_size: "), "{}", e.message());
+    admin.ban(good).await.expect("a good ban is taken");
 }

@@ -637,9 +637,11 @@ end
 -- rule '<i8i8i8i8i8i8' (strikes, within, ban, factor, max_ban,
 -- forgive_after; times in microseconds) and one byte per bucket (1: a
 -- denial by this bucket is a strike), then the rest of the charge as
--- usual; its last key is the caller's record
+-- usual; its last two keys are the caller's record
 -- ('<prefix>{<scope>}:%pen:...', in the slot of the buckets), '<i8i8i8i8i8'
--- (window start, strikes in it, level, ban until, last strike). A banned
+-- (window start, strikes in it, level, ban until, last strike), and the
+-- scope's index of bans ('<prefix>{<scope>}:%bans', see penalty.lua),
+-- written only when a ban starts. A banned
 -- caller (now < ban until) is denied without reading a bucket; otherwise
 -- the charge is decided as usual, and a denial (not a dry run) by a
 -- striking bucket counts a strike, the strikes-th in the window starting a
@@ -728,6 +730,20 @@ local function penalty_fns()
     out[o + 1], out[o + 2], out[o + 3] = ban_until, 0, 0
   end
 
+  -- Lists a ban in the scope's index (the key after the record's): a
+  -- sorted set of the record keys' caller parts by ban end, kept while
+  -- its latest ban lasts, for ListBans. A failure here fails nothing.
+  local function index_ban(index, key, ban_until)
+    local member = string.match(key, '.*:%%pen:(.*)$') or key
+    redis.pcall('ZREMRANGEBYSCORE', index, '-inf', now)
+    redis.pcall('ZADD', index, ban_until, member)
+    local ms = floor((ban_until - now + 999) / 1000)
+    local ttl = redis.pcall('PTTL', index)
+    if type(ttl) == 'number' and ttl < ms then
+      redis.pcall('PEXPIRE', index, ms)
+    end
+  end
+
   local function penalized(k0, at, n, mode, open)
     local r = {}
     r.strikes, r.within, r.ban, r.factor, r.max_ban, r.forgive, at =
@@ -758,6 +774,7 @@ local function penalty_fns()
         forget_at(rec, r) - now)
       if started then
         ban_until = rec[4]
+        index_ban(KEYS[k0 + n + (open and 1 or 0) + 2], key, ban_until)
       end
     end
     out[#out + 1] = ban_until
@@ -793,7 +810,7 @@ while at <= #blob do
     if open then
       k0 = k0 + 1
     end
-    k0 = k0 + 1
+    k0 = k0 + 2
   else
     at = mode == 0 and n == 1 and decide_lone(k0, at)
       or decide(k0, at, n, mode % 2 == 1, mode >= 4, open)

@@ -98,6 +98,51 @@ pub fn penalty_key(prefix: &str, key: &PenaltyKey<'_>) -> String {
     out
 }
 
+/// The key of a scope's index of bans in force, in its hash slot: a
+/// sorted set whose members are the caller parts of penalty keys (after
+/// `%pen:`) and whose scores are the bans' ends, for listing them:
+/// `<prefix>{<scope>}:%bans`.
+pub fn bans_key(prefix: &str, scope: &str) -> String {
+    let mut out = String::with_capacity(prefix.len() + 16 + scope.len());
+    out.push_str(prefix);
+    out.push('{');
+    push_tag(&mut out, scope);
+    out.push_str("}:%bans");
+    out
+}
+
+/// Reads back a caller part [`penalty_key`] wrote (`<identity>:<op>`): the
+/// identity and the operation, unescaped (a hashed part stays `#` and its
+/// hex).
+pub fn caller_of(member: &str) -> (String, Option<String>) {
+    let (identity, operation) = member.split_once(':').unwrap_or((member, "*"));
+    let operation = (operation != "*").then(|| unescape(operation));
+    (unescape(identity), operation)
+}
+
+fn unescape(part: &str) -> String {
+    let bytes = part.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// One caller-controlled part: `*` when absent, escaped, or `#` and its
 /// SHA-256 in hex when long.
 fn push_part(out: &mut String, part: Option<&str>) {

@@ -7,7 +7,7 @@
 
 use redis::Cmd;
 
-use super::keys::{bucket_key, open_key, penalty_key};
+use super::keys::{bans_key, bucket_key, open_key, penalty_key};
 use crate::bucket::{Budget, Ledger, Mark, Shape, Tat};
 use crate::store::{
     Ban, BucketCharge, Charge, ChargeOutcome, Penalty, PenaltyOutcome, Settled, Settlement,
@@ -147,6 +147,7 @@ pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, marked: bool, now_us: u6
     }
     if let Some(p) = penalty {
         keys.push(penalty_key(prefix, &p.key));
+        keys.push(bans_key(prefix, p.key.scope));
     }
     Encoded {
         keys,
