@@ -85,7 +85,7 @@ impl ScopePenalty {
                     && self
                         .on
                         .as_ref()
-                        .is_none_or(|names| names.iter().any(|n| *n == p.limit.name))
+                        .is_none_or(|names| names.contains(&p.limit.name))
             })
             .collect();
         Some(Penalty {

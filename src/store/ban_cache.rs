@@ -29,7 +29,7 @@
 //! full, or once per [`MAX_HOLD`] as it learns; if none has expired, the
 //! new ban is not cached, and the store keeps answering it.
 
-use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -187,9 +187,7 @@ impl<S: Store> BanCache<S> {
     }
 
     fn hash(&self, key: &PenaltyKey<'_>) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
-        h.finish()
+        self.hasher.hash_one(key)
     }
 
     fn shard(&self, hash: u64) -> &Mutex<Shard> {

@@ -90,8 +90,12 @@ struct Inner {
     /// charge that carries a penalty, and held through its decision, so
     /// the ban check, the charge and the strike are one step. Counted in
     /// `held` and in its scope's room like buckets.
-    penalties: Mutex<std::collections::HashMap<Box<[u8]>, (Record, u64)>>,
+    penalties: Mutex<Records>,
 }
+
+/// Penalty-box records by their key ([`penalty_key`]), each with the tick
+/// after which it may be forgotten.
+type Records = std::collections::HashMap<Box<[u8]>, (Record, u64)>;
 
 /// Bucket bytes per scope, and the room reserved for each configured scope.
 ///
@@ -667,13 +671,7 @@ impl Inner {
 }
 
 /// A page of `scope`'s bans in force at `now`, by ban end then caller.
-fn list_bans(
-    records: &std::collections::HashMap<Box<[u8]>, (Record, u64)>,
-    scope: &str,
-    now: u64,
-    offset: u64,
-    limit: u64,
-) -> PenaltyAnswer {
+fn list_bans(records: &Records, scope: &str, now: u64, offset: u64, limit: u64) -> PenaltyAnswer {
     let mut bans: Vec<(u64, &[u8])> = records
         .iter()
         .filter(|(k, (r, _))| r.banned_at(now) && penalty_scope(k) == scope.as_bytes())
