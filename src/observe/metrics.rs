@@ -74,6 +74,10 @@ pub struct Metrics {
     calls_shed: Counter<u64, AtomicU64>,
     settles: Family<ReloadLabels, Counter>,
     /// Penalty-box strikes and bans started, by configured scope.
+    penalties: PenaltyMetrics,
+}
+
+struct PenaltyMetrics {
     strikes: Family<ScopeLabels, Counter>,
     bans_started: Family<ScopeLabels, Counter>,
 }
@@ -215,11 +219,9 @@ impl Metrics {
         );
         let settles = register_settles(&mut registry);
         zero_known_series(&reloads, &store_errors);
-        let (strikes, bans_started) = register_penalties(&mut registry);
         Self {
+            penalties: register_penalties(&mut registry), // before `registry` moves
             registry,
-            strikes,
-            bans_started,
             settles,
             access_denied,
             calls_shed,
@@ -259,9 +261,9 @@ impl Metrics {
             let labels = ScopeLabels {
                 scope: scope.clone(),
             };
-            self.strikes.get_or_create(&labels).inc();
+            self.penalties.strikes.get_or_create(&labels).inc();
             if decision.penalty.banned.is_some_and(|b| b.started) {
-                self.bans_started.get_or_create(&labels).inc();
+                self.penalties.bans_started.get_or_create(&labels).inc();
             }
         }
         for b in decision.buckets.iter().filter(|b| b.shadow && b.exhausted) {
@@ -313,8 +315,8 @@ impl Metrics {
             let labels = ScopeLabels {
                 scope: scope.name.clone(),
             };
-            self.strikes.get_or_create(&labels).inc_by(0);
-            self.bans_started.get_or_create(&labels).inc_by(0);
+            self.penalties.strikes.get_or_create(&labels).inc_by(0);
+            self.penalties.bans_started.get_or_create(&labels).inc_by(0);
         }
     }
 
@@ -395,9 +397,7 @@ fn labels(rules: &Rules, scope: &str, decision: &Decision) -> (Arc<str>, Arc<str
     }
 }
 
-fn register_penalties(
-    registry: &mut Registry,
-) -> (Family<ScopeLabels, Counter>, Family<ScopeLabels, Counter>) {
+fn register_penalties(registry: &mut Registry) -> PenaltyMetrics {
     let strikes = Family::<ScopeLabels, Counter>::default();
     registry.register(
         "penalty_strikes",
@@ -410,7 +410,10 @@ fn register_penalties(
         "Bans a scope's penalty box started (strikes reached)",
         bans.clone(),
     );
-    (strikes, bans)
+    PenaltyMetrics {
+        strikes,
+        bans_started: bans,
+    }
 }
 
 /// The store reports each call here (see [`crate::store::observed`]).

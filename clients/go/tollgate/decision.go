@@ -106,6 +106,10 @@ type Decision struct {
 	// to hand [Client.Settle] once the real cost is known. It is empty on a
 	// denial, a dry run, and a degraded decision (which took nothing).
 	Reservation string
+	// Banned is true when the caller is in the scope's penalty box (or on
+	// its deny list): RetryAfter runs to the ban's end, and nothing was
+	// taken. Tell the client it is being abusive, not merely fast.
+	Banned bool
 }
 
 // Settlement is what [Client.Settle] did.
@@ -171,6 +175,7 @@ func decisionFromProto(p *tollgatev1.ShouldAllowResponse) Decision {
 		Reason:      p.GetReason(),
 		Reservation: p.GetReservation(),
 		Buckets:     bucketsFromProto(p.GetBuckets()),
+		Banned:      p.GetDenialReason() == tollgatev1.DenialReason_DENIAL_REASON_BANNED,
 	}
 }
 

@@ -272,6 +272,9 @@ pub struct Decision {
     /// for a denial, a dry run, and a degraded answer (which took nothing,
     /// so there is nothing to settle).
     pub reservation: Option<Reservation>,
+    /// True when the caller is in the scope's penalty box (or on its deny
+    /// list): `retry_after` runs to the ban's end, and nothing was taken.
+    pub banned: bool,
 }
 
 impl Decision {
@@ -432,6 +435,7 @@ impl From<pb::ShouldAllowResponse> for Decision {
             reservation: Some(r.reservation)
                 .filter(|t| !t.is_empty())
                 .map(Reservation),
+            banned: r.denial_reason == pb::DenialReason::Banned as i32,
         }
     }
 }
