@@ -624,3 +624,41 @@ async fn operator_calls_refuse_bad_input_naming_the_field() {
     assert!(e.message().starts_with("page_size: "), "{}", e.message());
     admin.ban(good).await.expect("a good ban is taken");
 }
+
+#[tokio::test(start_paused = true)]
+async fn penalty_records_count_against_the_embedded_store_bound_and_are_swept() {
+    let max = 64 * 1024;
+    let store = MemoryStore::with_max_bytes(1, max);
+    let config = Config::from_yaml(READS_AND_LOGINS).unwrap();
+    let l = Limiter::new(Rules::compile(&config).unwrap(), store.clone());
+    // Far more callers than fit: each makes a bucket and strikes once.
+    let mut degraded = 0;
+    for i in 0..2_000 {
+        let who = format!("caller-{i:0>200}");
+        let login = Request::new("app", &who, "login");
+        for _ in 0..2 {
+            let d = l.decide(&login).await.expect("fails open, never errors");
+            degraded += u32::from(d.degraded);
+        }
+        assert!(store.bytes_held() <= max, "{} > {max}", store.bytes_held());
+    }
+    assert!(degraded > 0, "the bound was reached");
+    // An hour on, the buckets are full and the strikes forgiven: nothing
+    // is left to keep, and the sweeper gives back every byte.
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    store.sweep();
+    assert_eq!(store.bytes_held(), 0, "records and buckets give their bytes back");
+}
+
+#[tokio::test(start_paused = true)]
+async fn strikes_count_in_batches_and_a_banned_caller_cannot_reserve() {
+    let l = limiter(READS_AND_LOGINS);
+    let login = Request::new("app", "batcher", "login");
+    let ds = l.decide_each(&[login, login, login, login]).await;
+    let banned: Vec<bool> = ds.iter().map(|d| d.as_ref().unwrap().banned()).collect();
+    assert_eq!(banned, [false, false, false, true], "the third strike bans");
+    let mut reserve = Request::new("app", "batcher", "read");
+    reserve.settle_within = Some(Duration::from_secs(10));
+    let d = decide(&l, &reserve).await;
+    assert!(d.banned() && d.reservation.is_none());
+}
