@@ -37,7 +37,7 @@ use crate::pb::tollgate::v1::rate_limiter_server::RateLimiterServer;
 pub use crate::reload::Prepared;
 use crate::reload::{self, Reloader};
 use crate::shutdown::{self, Control};
-use crate::store::{self, BuildError, Served, Store};
+use crate::store::{self, BuildError, PenaltyAnswer, PenaltyOp, Served, Store};
 use crate::watch::FileWatch;
 
 /// The health service name that tracks readiness, besides the empty name.
@@ -123,6 +123,7 @@ pub async fn run(
         health.clone(),
         metrics.clone(),
     ));
+    let bans = tokio::spawn(watch_bans(limiter.clone(), metrics.clone()));
     for name in source.iter().flat_map(|s| &s.ignored) {
         tracing::warn!("{name} ignored: it names no config section");
     }
@@ -142,6 +143,7 @@ pub async fn run(
         async move {
             shutdown::until_shutdown(&mut control, || reloader.reload()).await;
             watcher.abort();
+            bans.abort();
             let drain_delay = reloader.drain_delay();
             shutdown::drain(&health, &["", HEALTH_SERVICE], drain_delay).await;
             stopping.cancel();
@@ -334,6 +336,32 @@ async fn watch_store<S: Store, E>(
             };
             health.set_service_status(HEALTH_SERVICE, status).await;
             last = Some(up);
+        }
+    }
+}
+
+/// How often the gauge of active bans is read from the store.
+pub const BANS_GAUGE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Keeps `tollgate_bans_active{scope}` in step with the store: one listing
+/// of no bans (just the count) per scope with a penalty box, every
+/// [`BANS_GAUGE_INTERVAL`]. A failed read leaves the last value.
+async fn watch_bans<S: Store, E>(limiter: Arc<Limiter<S, E>>, metrics: Arc<Metrics>) {
+    let mut tick = tokio::time::interval(BANS_GAUGE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let rules = limiter.rules();
+        for scope in rules.scopes().filter(|s| s.penalty.is_some()) {
+            let list = PenaltyOp::List {
+                scope: &scope.name,
+                offset: 0,
+                limit: 0,
+            };
+            if let Ok(PenaltyAnswer::Listed { total, .. }) = limiter.store().penalties(&list).await
+            {
+                metrics.bans_active(&scope.name, total);
+            }
         }
     }
 }

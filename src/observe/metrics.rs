@@ -80,6 +80,7 @@ pub struct Metrics {
 struct PenaltyMetrics {
     strikes: Family<ScopeLabels, Counter>,
     bans_started: Family<ScopeLabels, Counter>,
+    active: Family<ScopeLabels, Gauge<i64, AtomicI64>>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -317,7 +318,17 @@ impl Metrics {
             };
             self.penalties.strikes.get_or_create(&labels).inc_by(0);
             self.penalties.bans_started.get_or_create(&labels).inc_by(0);
+            let _ = self.penalties.active.get_or_create(&labels);
         }
+    }
+
+    /// Sets how many callers of `scope` are banned now.
+    pub fn bans_active(&self, scope: &Arc<str>, banned: u64) {
+        let labels = ScopeLabels {
+            scope: scope.clone(),
+        };
+        let n = i64::try_from(banned).unwrap_or(i64::MAX);
+        self.penalties.active.get_or_create(&labels).set(n);
     }
 
     /// Counts a decision refused because the store failed in closed mode.
@@ -410,9 +421,16 @@ fn register_penalties(registry: &mut Registry) -> PenaltyMetrics {
         "Bans a scope's penalty box started (strikes reached)",
         bans.clone(),
     );
+    let active = Family::<ScopeLabels, Gauge<i64, AtomicI64>>::default();
+    registry.register(
+        "bans_active",
+        "Callers banned now in a scope, as the store lists them (read every 10 s)",
+        active.clone(),
+    );
     PenaltyMetrics {
         strikes,
         bans_started: bans,
+        active,
     }
 }
 

@@ -501,6 +501,23 @@ async fn operators_ban_list_and_unban_across_two_replicas_on_redis() {
         }
         assert_eq!(seen, ["b1", "b2", "b3", "b4", "spammer"]);
     }
+    // A replica started now reads the count into its gauge at once.
+    let port = crate::common::free_port();
+    let metered = format!("metrics:\n  listen: 127.0.0.1:{port}\n{yaml}");
+    let third = TestServer::start_config(Config::from_yaml(&metered).unwrap()).await;
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = crate::common::metrics_get(port, "/metrics").await;
+        if text.contains("tollgate_bans_active{scope=\"app\"} 5") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        text.contains("tollgate_bans_active{scope=\"app\"} 5"),
+        "{text}"
+    );
+    third.shutdown().await;
     let (ok, listed) = cli(&[
         "bans",
         "--addr",
@@ -647,7 +664,11 @@ async fn penalty_records_count_against_the_embedded_store_bound_and_are_swept() 
     // is left to keep, and the sweeper gives back every byte.
     tokio::time::advance(Duration::from_secs(3600)).await;
     store.sweep();
-    assert_eq!(store.bytes_held(), 0, "records and buckets give their bytes back");
+    assert_eq!(
+        store.bytes_held(),
+        0,
+        "records and buckets give their bytes back"
+    );
 }
 
 #[tokio::test(start_paused = true)]
