@@ -518,6 +518,9 @@ async fn operators_ban_list_and_unban_across_two_replicas_on_redis() {
         "{text}"
     );
     third.shutdown().await;
+    let (ok, top) = cli(&["top", "--addr", &replicas[0].url(), "-n", "1", "-k", "2"]);
+    assert!(ok, "{top}");
+    assert!(top.contains("BANNED in app: 5\n    b1 "), "{top}");
     let (ok, listed) = cli(&[
         "bans",
         "--addr",
