@@ -112,6 +112,7 @@ pub async fn run(
         tls.spawn_reloader(stopped.clone());
     }
     let board = Arc::new(Board::new(hitters, limiter.clone(), store_kind(&config)));
+    let ban_board = board.clone();
     serve_metrics(&config, &observer, &board, metrics_tls, &stopped).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
@@ -123,7 +124,11 @@ pub async fn run(
         health.clone(),
         metrics.clone(),
     ));
-    let bans = tokio::spawn(watch_bans(limiter.clone(), metrics.clone()));
+    let bans = tokio::spawn(watch_bans(
+        limiter.clone(),
+        metrics.clone(),
+        ban_board.clone(),
+    ));
     for name in source.iter().flat_map(|s| &s.ignored) {
         tracing::warn!("{name} ignored: it names no config section");
     }
@@ -342,11 +347,18 @@ async fn watch_store<S: Store, E>(
 
 /// How often the gauge of active bans is read from the store.
 pub const BANS_GAUGE_INTERVAL: Duration = Duration::from_secs(10);
+/// Bans the status page shows per scope.
+pub const BANS_SHOWN: u64 = 10;
 
-/// Keeps `tollgate_bans_active{scope}` in step with the store: one listing
-/// of no bans (just the count) per scope with a penalty box, every
-/// [`BANS_GAUGE_INTERVAL`]. A failed read leaves the last value.
-async fn watch_bans<S: Store, E>(limiter: Arc<Limiter<S, E>>, metrics: Arc<Metrics>) {
+/// Keeps `tollgate_bans_active{scope}` and the status page's bans in step
+/// with the store: one listing of the first [`BANS_SHOWN`] per scope with a
+/// penalty box, every [`BANS_GAUGE_INTERVAL`]. A failed read leaves the
+/// last values.
+async fn watch_bans<S: Store, E>(
+    limiter: Arc<Limiter<S, E>>,
+    metrics: Arc<Metrics>,
+    board: Arc<Board>,
+) {
     let mut tick = tokio::time::interval(BANS_GAUGE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -356,11 +368,12 @@ async fn watch_bans<S: Store, E>(limiter: Arc<Limiter<S, E>>, metrics: Arc<Metri
             let list = PenaltyOp::List {
                 scope: &scope.name,
                 offset: 0,
-                limit: 0,
+                limit: BANS_SHOWN,
             };
-            if let Ok(PenaltyAnswer::Listed { total, .. }) = limiter.store().penalties(&list).await
-            {
+            let listed = limiter.store().penalties(&list).await;
+            if let Ok(PenaltyAnswer::Listed { total, bans }) = listed {
                 metrics.bans_active(&scope.name, total);
+                board.banned(&scope.name, total, &bans);
             }
         }
     }

@@ -517,6 +517,14 @@ async fn operators_ban_list_and_unban_across_two_replicas_on_redis() {
         text.contains("tollgate_bans_active{scope=\"app\"} 5"),
         "{text}"
     );
+    // So does its status page, with the first bans and the time left.
+    let page = crate::common::metrics_get(port, "/").await;
+    assert!(page.contains("banned now: <b>5</b>"), "{page}");
+    assert!(
+        page.contains("<li><code>b1</code>: 59 s left</li>")
+            || page.contains("<li><code>b1</code>: 60 s left</li>"),
+        "{page}"
+    );
     third.shutdown().await;
     let (ok, top) = cli(&["top", "--addr", &replicas[0].url(), "-n", "1", "-k", "2"]);
     assert!(ok, "{top}");
