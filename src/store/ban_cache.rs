@@ -253,6 +253,10 @@ impl<S: Store> Store for BanCache<S> {
         &self,
         charges: &[Charge<'_>],
     ) -> Vec<Result<ChargeOutcome, StoreError>> {
+        if charges.iter().all(|c| c.penalty.is_none()) {
+            // No penalty box involved: nothing to answer or learn.
+            return self.inner.check_and_take_each(charges).await;
+        }
         let sent = Instant::now();
         let local: Vec<Option<ChargeOutcome>> =
             charges.iter().map(|c| self.answer(c, sent)).collect();

@@ -86,11 +86,12 @@ struct Inner {
     /// Bucket bytes per scope, and the room kept for each configured one.
     room: Mutex<Room>,
     /// Penalty-box records by caller (see [`super::penalty`]), each with
-    /// when it may be forgotten. Locked before any bucket's shard by a
-    /// charge that carries a penalty, and held through its decision, so
-    /// the ban check, the charge and the strike are one step. Counted in
-    /// `held` and in its scope's room like buckets.
-    penalties: Mutex<Records>,
+    /// when it may be forgotten, in shards by key hash. A charge that
+    /// carries a penalty locks its caller's shard before any bucket's, and
+    /// holds it through its decision, so the ban check, the charge and the
+    /// strike are one step. Counted in `held` and in its scope's room like
+    /// buckets.
+    penalties: Box<[Mutex<Records>]>,
 }
 
 /// Penalty-box records by their key ([`penalty_key`]), each with the tick
@@ -240,7 +241,7 @@ impl MemoryStore {
                 held: AtomicUsize::new(0),
                 max_bytes,
                 room: Mutex::default(),
-                penalties: Mutex::default(),
+                penalties: (0..PENALTY_SHARDS).map(|_| Mutex::default()).collect(),
             }),
         }
     }
@@ -501,6 +502,9 @@ fn window_end(bucket: &BucketCharge<'_>, now: u64) -> u64 {
 /// What remembering one open reservation costs against the bound.
 const MARKER_BYTES: usize = 64;
 
+/// Shards of penalty records: boxed callers' charges rarely meet on one.
+const PENALTY_SHARDS: usize = 16;
+
 /// What one penalty record costs against the bound besides its key: the
 /// record and its deadline (48 B) in a `HashMap` entry at its load factor,
 /// and the key's allocation; counted high like [`BUCKET_OVERHEAD`].
@@ -562,7 +566,7 @@ impl Inner {
         penalty: &Penalty<'_>,
     ) -> Result<ChargeOutcome, StoreError> {
         let key = penalty_key(&penalty.key);
-        let mut records = self.penalties.lock();
+        let mut records = self.penalty_shard(&key).lock();
         let now = self.now();
         let found = records.get(key.as_slice()).map(|(r, _)| *r);
         let mut record = found.unwrap_or_default();
@@ -601,18 +605,23 @@ impl Inner {
         Ok(outcome)
     }
 
+    /// The shard that holds the record keyed `key`.
+    fn penalty_shard(&self, key: &[u8]) -> &Mutex<Records> {
+        &self.penalties[(self.hasher.hash_one(key) >> 40) as usize % PENALTY_SHARDS]
+    }
+
     /// Forgets the penalty records that mean nothing at `now` any more.
     fn sweep_penalties(&self, now: u64) {
-        let mut records = self.penalties.lock();
         let mut freed: Vec<(Box<[u8]>, usize)> = Vec::new();
-        records.retain(|key, (_, forget_at)| {
-            let keep = *forget_at > now;
-            if !keep {
-                freed.push((key.clone(), PENALTY_OVERHEAD + key.len()));
-            }
-            keep
-        });
-        drop(records);
+        for shard in self.penalties.iter() {
+            shard.lock().retain(|key, (_, forget_at)| {
+                let keep = *forget_at > now;
+                if !keep {
+                    freed.push((key.clone(), PENALTY_OVERHEAD + key.len()));
+                }
+                keep
+            });
+        }
         let mut room = self.room.lock();
         for (key, bytes) in freed {
             room.give(penalty_scope(&key), bytes);
@@ -622,9 +631,9 @@ impl Inner {
 }
 
 impl Inner {
-    /// An operator's ban, unban or listing, under the penalty lock.
+    /// An operator's ban, unban or listing, under the caller's shard's
+    /// lock (a listing: each shard's in turn).
     fn penalties(&self, op: &PenaltyOp<'_>) -> Result<PenaltyAnswer, StoreError> {
-        let mut records = self.penalties.lock();
         let now = self.now();
         let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         match *op {
@@ -634,6 +643,7 @@ impl Inner {
                 forget,
             } => {
                 let k = penalty_key(&key);
+                let mut records = self.penalty_shard(&k).lock();
                 let found = records.get(k.as_slice()).copied();
                 if found.is_none() {
                     let bytes = PENALTY_OVERHEAD + k.len();
@@ -651,7 +661,7 @@ impl Inner {
             }
             PenaltyOp::Unban { key } => {
                 let k = penalty_key(&key);
-                let gone = records.remove(k.as_slice());
+                let gone = self.penalty_shard(&k).lock().remove(k.as_slice());
                 if gone.is_some() {
                     let bytes = PENALTY_OVERHEAD + k.len();
                     self.room.lock().give(key.scope.as_bytes(), bytes);
@@ -665,26 +675,38 @@ impl Inner {
                 scope,
                 offset,
                 limit,
-            } => Ok(list_bans(&records, scope, now, offset, limit)),
+            } => Ok(self.list_bans(scope, now, offset, limit)),
         }
     }
 }
 
-/// A page of `scope`'s bans in force at `now`, by ban end then caller.
-fn list_bans(records: &Records, scope: &str, now: u64, offset: u64, limit: u64) -> PenaltyAnswer {
-    let mut bans: Vec<(u64, &[u8])> = records
-        .iter()
-        .filter(|(k, (r, _))| r.banned_at(now) && penalty_scope(k) == scope.as_bytes())
-        .map(|(k, (r, _))| (r.ban_until, &**k))
-        .collect();
-    bans.sort_unstable();
+impl Inner {
+    /// A page of `scope`'s bans in force at `now`, by ban end then caller.
+    fn list_bans(&self, scope: &str, now: u64, offset: u64, limit: u64) -> PenaltyAnswer {
+        let mut bans: Vec<(u64, Box<[u8]>)> = Vec::new();
+        for shard in self.penalties.iter() {
+            bans.extend(
+                shard
+                    .lock()
+                    .iter()
+                    .filter(|(k, (r, _))| r.banned_at(now) && penalty_scope(k) == scope.as_bytes())
+                    .map(|(k, (r, _))| (r.ban_until, k.clone())),
+            );
+        }
+        bans.sort_unstable();
+        page_of(bans, now, offset, limit)
+    }
+}
+
+/// The page of `bans` (ban end and key, sorted) from `offset`.
+fn page_of(bans: Vec<(u64, Box<[u8]>)>, now: u64, offset: u64, limit: u64) -> PenaltyAnswer {
     let total = bans.len() as u64;
     let page = bans
         .into_iter()
         .skip(usize::try_from(offset).unwrap_or(usize::MAX))
         .take(usize::try_from(limit).unwrap_or(usize::MAX))
         .map(|(until, key)| {
-            let (identity, operation) = penalty_caller(key);
+            let (identity, operation) = penalty_caller(&key);
             BanEntry {
                 identity,
                 operation,
