@@ -134,6 +134,7 @@ impl Question {
             }
             .into(),
             settle_within: None,
+            strike: false,
         }
     }
 }

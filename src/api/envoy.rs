@@ -112,6 +112,7 @@ impl<'a> Described<'a> {
             priority: self.priority,
             settle_within: None,
             caller: None,
+            strike: false,
         }
     }
 }

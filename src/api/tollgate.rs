@@ -96,6 +96,7 @@ pub(super) fn to_domain<'a>(
         priority,
         settle_within,
         caller: None,
+        strike: req.strike,
     })
 }
 

@@ -60,6 +60,9 @@ pub struct Request<'a> {
     /// The configured caller making the request, if callers are
     /// configured: a reservation names it, and only it may settle.
     pub caller: Option<&'a str>,
+    /// Count this request as a strike in the scope's penalty box whatever
+    /// its decision (an outcome the caller reports, such as a failed login).
+    pub strike: bool,
 }
 
 /// How much of a bucket's headroom a request may take.
@@ -113,6 +116,7 @@ impl<'a> Request<'a> {
             priority: Priority::Normal,
             settle_within: None,
             caller: None,
+            strike: false,
         }
     }
 }

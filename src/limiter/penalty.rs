@@ -99,6 +99,7 @@ impl ScopePenalty {
             },
             rule: self.rule,
             strikes_from,
+            forced: req.strike,
         })
     }
 }

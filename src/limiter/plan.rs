@@ -416,7 +416,9 @@ fn unknown_scope(rules: &Rules, scope: &str) -> Decision {
 pub(crate) fn decision(planned: &[Planned<'_, '_>], outcome: &ChargeOutcome) -> Decision {
     let mut d = decision_of(planned, outcome.allowed, &outcome.buckets);
     d.penalty = outcome.penalty;
-    if let Some(ban) = outcome.penalty.banned {
+    // A reported strike may start a ban on a request that was allowed: it
+    // stands as decided (it took its cost), and the ban meets the next.
+    if let Some(ban) = outcome.penalty.banned.filter(|_| !outcome.allowed) {
         // Banned: denied until the ban ends, whatever the buckets say.
         d.allowed = false;
         d.retry_after = Some(ban.retry_after);

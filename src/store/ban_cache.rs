@@ -376,6 +376,7 @@ mod tests {
                 },
                 rule,
                 strikes_from: SmallVec::new(),
+                forced: false,
             }),
             ..Charge::default()
         }

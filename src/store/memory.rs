@@ -579,7 +579,7 @@ impl Inner {
             });
         }
         let mut outcome = self.decide_plain(charge)?;
-        if charge.dry_run || !strikes(penalty, &outcome) {
+        if !penalty.forced && (charge.dry_run || !strikes(penalty, &outcome)) {
             return Ok(outcome);
         }
         let scope = penalty.key.scope.as_bytes();

@@ -10,8 +10,9 @@
 //! 1. a caller whose ban has not ended is denied at once: no bucket is
 //!    read, nothing is taken ([`PenaltyOutcome::banned`]);
 //! 2. otherwise the charge is decided as usual;
-//! 3. if it was denied (not a dry run) by a bucket that strikes, the strike
-//!    is counted, and the `strikes`-th strike within `within` starts a ban.
+//! 3. if it was denied (not a dry run) by a bucket that strikes, or the
+//!    charge is a strike by itself ([`Penalty::forced`]), the strike is
+//!    counted, and the `strikes`-th strike within `within` starts a ban.
 //!
 //! All times are the store's own ticks: nanoseconds on the embedded store,
 //! microseconds in the script.
@@ -90,6 +91,10 @@ pub struct Penalty<'a> {
     /// One per bucket of the charge, in order: true when that bucket's
     /// denial is a strike (a limit named in `on`; never a shadow bucket).
     pub strikes_from: smallvec::SmallVec<[bool; 4]>,
+    /// A strike whatever the decision, dry run included: an outcome the
+    /// caller reports (a failed login). Not while banned: then nothing is
+    /// judged.
+    pub forced: bool,
 }
 
 /// What the penalty box did with a charge.

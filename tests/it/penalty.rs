@@ -694,3 +694,21 @@ async fn strikes_count_in_batches_and_a_banned_caller_cannot_reserve() {
     let d = decide(&l, &reserve).await;
     assert!(d.banned() && d.reservation.is_none());
 }
+
+#[tokio::test]
+async fn failed_logins_reported_as_strikes_over_grpc_ban_the_guesser() {
+    let server = TestServer::start(READS_AND_LOGINS).await;
+    let mut client = server.client().await;
+    let report = || tollgate::pb::tollgate::v1::ShouldAllowRequest {
+        dry_run: true,
+        strike: true,
+        ..req("app", "guesser", "read")
+    };
+    for i in 0..3 {
+        let a = ask(&mut client, report()).await;
+        assert!(a.allowed, "report {i}: the answer stands as decided");
+    }
+    let next = ask(&mut client, req("app", "guesser", "read")).await;
+    assert_eq!(next.denial_reason, DenialReason::Banned as i32);
+    assert!(to_std(&next.retry_after).unwrap() > Duration::from_secs(59));
+}

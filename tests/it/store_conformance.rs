@@ -405,6 +405,7 @@ fn boxed<'a>(
                 forgive_ns: 600_000 * MS,
             },
             strikes_from: strikes_from.iter().copied().collect(),
+            forced: false,
         }),
         ..Charge::of(buckets)
     }
@@ -438,6 +439,26 @@ async fn the_third_strike_bans_and_a_banned_charge_takes_nothing(store: &impl St
         let o = store.check_and_take_one(&only_wide).await.unwrap();
         assert!(!o.allowed && !o.penalty.struck && o.penalty.banned.is_none());
     }
+}
+
+/// Strikes a caller reports (failed logins, as dry runs) count like
+/// denials: the third bans, and the ban meets the next charge.
+async fn reported_strikes_ban_like_denials(store: &impl Store) {
+    let b = bucket("reported", "r", 100, 60_000);
+    let mut report = boxed("reported", "guesser", vec![b], &[true]);
+    report.dry_run = true;
+    report.penalty.as_mut().unwrap().forced = true;
+    for strike in 1..=3 {
+        let o = store.check_and_take_one(&report).await.unwrap();
+        assert!(o.allowed, "a dry run with room is allowed");
+        assert!(o.penalty.struck, "strike {strike}");
+        assert_eq!(o.penalty.banned.is_some(), strike == 3);
+    }
+    let next = boxed("reported", "guesser", vec![b], &[true]);
+    let o = store.check_and_take_one(&next).await.unwrap();
+    assert!(!o.allowed && o.penalty.banned.is_some());
+    let o = one(store, vec![b], true).await;
+    assert_eq!(o.buckets[0].remaining, 100, "the reports took nothing");
 }
 
 /// An operator's ban is met by charges, listed with the caller as sent
@@ -524,6 +545,7 @@ async fn conforms(store: impl Store) {
         a_reservation_settles_only_while_open_and_once,
         the_third_strike_bans_and_a_banned_charge_takes_nothing,
         operators_ban_list_and_unban,
+        reported_strikes_ban_like_denials,
     );
 }
 

@@ -67,6 +67,10 @@ type Request struct {
 	// the server's reservations.max_settle_within (1h unless set). Only for
 	// Decide: a batch cannot reserve.
 	SettleWithin time.Duration
+	// Strike counts this request as a strike in the scope's penalty box
+	// whatever it is decided: report a failed login as a DryRun with a
+	// Strike.
+	Strike bool
 }
 
 // Decision is Tollgate's answer, or the client's own under the failure
@@ -154,6 +158,7 @@ func (r *Request) proto() *tollgatev1.ShouldAllowRequest {
 		DryRun:     r.DryRun,
 		Attributes: r.Attributes,
 		Priority:   tollgatev1.Priority(r.Priority),
+		Strike:     r.Strike,
 	}
 	// Zero means unset; a negative one goes as it is, for Tollgate to
 	// refuse naming settle_within.

@@ -90,6 +90,9 @@ pub struct DecisionRequest {
     /// (1 h unless set). Only for [`crate::Client::should_allow`]: a batch
     /// cannot reserve.
     pub settle_within: Option<Duration>,
+    /// Counts this request as a strike in the scope's penalty box whatever
+    /// it is decided: report a failed login as a dry run with a strike.
+    pub strike: bool,
 }
 
 impl DecisionRequest {
@@ -221,6 +224,7 @@ impl DecisionRequest {
             settle_within: self
                 .settle_within
                 .and_then(|d| prost_types::Duration::try_from(d).ok()),
+            strike: self.strike,
         }
     }
 }

@@ -634,9 +634,10 @@ end
 -- The penalty box (mode bit 16). src/store/penalty.rs is the reference.
 --
 -- A charge with the bit set carries, right after its header, its scope's
--- rule '<i8i8i8i8i8i8' (strikes, within, ban, factor, max_ban,
--- forgive_after; times in microseconds) and one byte per bucket (1: a
--- denial by this bucket is a strike), then the rest of the charge as
+-- rule '<i8i8i8i8i8i8i8' (strikes, within, ban, factor, max_ban,
+-- forgive_after, times in microseconds; then 1 when the charge is a
+-- strike whatever its decision, a reported one) and one byte per bucket
+-- (1: a denial by this bucket is a strike), then the rest of the charge as
 -- usual; its last two keys are the caller's record
 -- ('<prefix>{<scope>}:%pen:...', in the slot of the buckets), '<i8i8i8i8i8'
 -- (window start, strikes in it, level, ban until, last strike), and the
@@ -746,8 +747,9 @@ local function penalty_fns()
 
   local function penalized(k0, at, n, mode, open)
     local r = {}
-    r.strikes, r.within, r.ban, r.factor, r.max_ban, r.forgive, at =
-      unpack('<i8i8i8i8i8i8', blob, at)
+    local forced
+    r.strikes, r.within, r.ban, r.factor, r.max_ban, r.forgive, forced, at =
+      unpack('<i8i8i8i8i8i8i8', blob, at)
     local flags = { string.byte(blob, at, at + n - 1) }
     at = at + n
     local key = KEYS[k0 + n + (open and 1 or 0) + 1]
@@ -759,7 +761,7 @@ local function penalty_fns()
     end
     local status = #out + 1
     at = decide(k0, at, n, mode % 2 == 1, mode >= 4, open)
-    local struck = false
+    local struck = forced == 1 and out[status] >= 0
     if out[status] == 0 and mode % 2 == 0 then
       for i = 1, n do
         if flags[i] == 1 and out[status + 1 + per * (i - 1)] == 0 then

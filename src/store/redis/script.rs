@@ -180,6 +180,7 @@ fn push_penalty(numbers: &mut Vec<u8>, penalty: &Penalty<'_>, n: usize) {
         r.factor,
         r.max_ban_ns,
         r.forgive_ns,
+        u64::from(penalty.forced),
     ] {
         numbers.extend_from_slice(&i8_of(v));
     }

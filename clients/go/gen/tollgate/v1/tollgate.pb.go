@@ -175,7 +175,14 @@ type ShouldAllowRequest struct {
 	// (default 1 h); refused in a batch. After it, the estimate stands. A
 	// denial, a dry run, a degraded answer or a request no limit applies to
 	// reserves nothing.
-	SettleWithin  *durationpb.Duration `protobuf:"bytes,8,opt,name=settle_within,json=settleWithin,proto3" json:"settle_within,omitempty"`
+	SettleWithin *durationpb.Duration `protobuf:"bytes,8,opt,name=settle_within,json=settleWithin,proto3" json:"settle_within,omitempty"`
+	// Count this request as a strike in the scope's penalty box, whatever it
+	// is decided (an outcome the caller reports, such as a failed login),
+	// atomically with the decision. With `dry_run` the strike is all it
+	// does. A strike that starts a ban leaves this answer as decided: the
+	// ban meets the caller's next request. Ignored in a scope without a
+	// penalty box, for an allow-listed identity and for the anonymous caller.
+	Strike        bool `protobuf:"varint,30,opt,name=strike,proto3" json:"strike,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -264,6 +271,13 @@ func (x *ShouldAllowRequest) GetSettleWithin() *durationpb.Duration {
 		return x.SettleWithin
 	}
 	return nil
+}
+
+func (x *ShouldAllowRequest) GetStrike() bool {
+	if x != nil {
+		return x.Strike
+	}
+	return false
 }
 
 // The state of one bucket that applied to a request.
@@ -751,7 +765,7 @@ var File_tollgate_v1_tollgate_proto protoreflect.FileDescriptor
 
 const file_tollgate_v1_tollgate_proto_rawDesc = "" +
 	"\n" +
-	"\x1atollgate/v1/tollgate.proto\x12\vtollgate.v1\x1a\x1egoogle/protobuf/duration.proto\"\x94\x03\n" +
+	"\x1atollgate/v1/tollgate.proto\x12\vtollgate.v1\x1a\x1egoogle/protobuf/duration.proto\"\xac\x03\n" +
 	"\x12ShouldAllowRequest\x12\x14\n" +
 	"\x05scope\x18\x01 \x01(\tR\x05scope\x12\x1a\n" +
 	"\bidentity\x18\x02 \x01(\tR\bidentity\x12\x1c\n" +
@@ -762,7 +776,8 @@ const file_tollgate_v1_tollgate_proto_rawDesc = "" +
 	"attributes\x18\x06 \x03(\v2/.tollgate.v1.ShouldAllowRequest.AttributesEntryR\n" +
 	"attributes\x121\n" +
 	"\bpriority\x18\a \x01(\x0e2\x15.tollgate.v1.PriorityR\bpriority\x12>\n" +
-	"\rsettle_within\x18\b \x01(\v2\x19.google.protobuf.DurationR\fsettleWithin\x1a=\n" +
+	"\rsettle_within\x18\b \x01(\v2\x19.google.protobuf.DurationR\fsettleWithin\x12\x16\n" +
+	"\x06strike\x18\x1e \x01(\bR\x06strike\x1a=\n" +
 	"\x0fAttributesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xac\x02\n" +
