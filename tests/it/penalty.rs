@@ -257,7 +257,9 @@ async fn two_replicas_share_strikes_and_answer_bans_from_memory(
     );
     // Ten failed logins, alternating replicas: the tenth, on replica 1,
     // bans.
+    let mut learned = tokio::time::Instant::now();
     for i in 0..10 {
+        learned = tokio::time::Instant::now();
         let a = ask(&mut clients[i % 2], req("app", "bot", "login")).await;
         assert!(!a.allowed);
         let banned = a.denial_reason == DenialReason::Banned as i32;
@@ -276,11 +278,21 @@ async fn two_replicas_share_strikes_and_answer_bans_from_memory(
         assert_eq!(a.denial_reason, DenialReason::Banned as i32);
         assert!(a.buckets.is_empty());
     }
-    assert_eq!(
-        evalsha_calls(ports) - calls,
-        1,
-        "replica 0 asks Redis once and learns the ban; replica 1 knew it"
-    );
+    let calls = evalsha_calls(ports) - calls;
+    let took = learned.elapsed();
+    if took < tollgate::store::ban_cache::MAX_HOLD {
+        assert_eq!(
+            calls, 1,
+            "replica 0 asks Redis once and learns the ban; replica 1 knew it"
+        );
+    } else {
+        // A slow machine: each replica may ask once more per hold gone by.
+        let holds = took.as_millis() / tollgate::store::ban_cache::MAX_HOLD.as_millis();
+        assert!(
+            calls >= 1 && calls <= 1 + 2 * holds as u64,
+            "{calls} in {took:?}"
+        );
+    }
     assert_eq!(
         snapshot(ports, &prefix),
         before,
