@@ -641,6 +641,7 @@ scopes:
   - name: demo
     limits:
       - {name: per-user, per: identity, capacity: 1, refill_period: 1h}
+    penalty: {strikes: 5, within: 1m, ban: 1m}
   - name: trial
     limits:
       - {name: per-user-trial, per: identity, capacity: 1, refill_period: 1h, shadow: true}

@@ -1,13 +1,16 @@
-//! The command line: `serve`, `check-config`, the `allow` client, and the
-//! admin clients `top` and `explain` ([`admin`]).
+//! The command line: `serve`, `check-config`, the `allow` client, the
+//! admin clients `top` and `explain` ([`admin`]), and the penalty box's
+//! `ban`, `unban` and `bans` ([`bans`]).
 //!
 //! This module belongs to the binary, not the library: it is the one place
 //! outside `api` that speaks proto, as a client.
 
 mod admin;
+mod bans;
 mod envoy_compat;
 
 pub(crate) use admin::{ExplainArgs, TopArgs, explain, top};
+pub(crate) use bans::{BanArgs, BansArgs, Target as UnbanArgs, ban, bans, unban};
 pub(crate) use envoy_compat::check_envoy_compat;
 
 use std::fmt::Write as _;
@@ -60,6 +63,12 @@ pub(crate) enum Command {
     /// Show which limits apply to a request and what each bucket holds now,
     /// taking nothing.
     Explain(ExplainArgs),
+    /// Put a caller in a scope's penalty box for a while.
+    Ban(BanArgs),
+    /// Lift a caller's ban and clear its history.
+    Unban(UnbanArgs),
+    /// List the callers banned in a scope; several --addr are merged.
+    Bans(BansArgs),
 }
 
 /// The `allow` subcommand's flags.
@@ -142,6 +151,7 @@ impl Question {
             max_wait: self
                 .max_wait
                 .and_then(|d| prost_types::Duration::try_from(d).ok()),
+            strike: false,
         }
     }
 }

@@ -54,6 +54,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", cli::explain(args).await?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Ban(args) => {
+            print!("{}", cli::ban(args).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Unban(args) => {
+            print!("{}", cli::unban(args).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bans(args) => {
+            print!("{}", cli::bans(args).await?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Serve { config } => {
             let prepared = Prepared::load(ConfigSource::new(config, std::env::vars()))?;
             let log = &prepared.config.log;

@@ -69,6 +69,7 @@ use crate::store::{self, Store};
 /// are reported to `observer`.
 pub fn snapshot(config: &Config, rules: Rules, observer: &Arc<Observer>) -> Snapshot {
     observer.metrics.known_rules(&rules);
+    observer.metrics.known_penalties(&rules);
     Generation {
         rules: Arc::new(rules),
         extra: Settings::new(config, observer.clone()),

@@ -37,7 +37,7 @@ use crate::pb::tollgate::v1::rate_limiter_server::RateLimiterServer;
 pub use crate::reload::Prepared;
 use crate::reload::{self, Reloader};
 use crate::shutdown::{self, Control};
-use crate::store::{self, BuildError, Served, Store};
+use crate::store::{self, BuildError, PenaltyAnswer, PenaltyOp, Served, Store};
 use crate::watch::FileWatch;
 
 /// The health service name that tracks readiness, besides the empty name.
@@ -97,7 +97,7 @@ pub async fn run(
     } = prepared;
     let metrics = Arc::new(Metrics::new());
     let store = store::build_served(&config.store, metrics.clone())?;
-    store.inner().inner().check_at_start().await?;
+    store.inner().inner().inner().check_at_start().await?;
     let signer = Signer::with_secrets(&crate::reload::secrets(&config));
     let hitters = Arc::new(Hitters::new(Sizes {
         counters: config.analytics.counters,
@@ -112,6 +112,7 @@ pub async fn run(
         tls.spawn_reloader(stopped.clone());
     }
     let board = Arc::new(Board::new(hitters, limiter.clone(), store_kind(&config)));
+    let ban_board = board.clone();
     serve_metrics(&config, &observer, &board, metrics_tls, &stopped).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
@@ -122,6 +123,11 @@ pub async fn run(
         limiter.clone(),
         health.clone(),
         metrics.clone(),
+    ));
+    let bans = tokio::spawn(watch_bans(
+        limiter.clone(),
+        metrics.clone(),
+        ban_board.clone(),
     ));
     for name in source.iter().flat_map(|s| &s.ignored) {
         tracing::warn!("{name} ignored: it names no config section");
@@ -142,6 +148,7 @@ pub async fn run(
         async move {
             shutdown::until_shutdown(&mut control, || reloader.reload()).await;
             watcher.abort();
+            bans.abort();
             let drain_delay = reloader.drain_delay();
             shutdown::drain(&health, &["", HEALTH_SERVICE], drain_delay).await;
             stopping.cancel();
@@ -335,6 +342,40 @@ async fn watch_store<S: Store, E>(
             };
             health.set_service_status(HEALTH_SERVICE, status).await;
             last = Some(up);
+        }
+    }
+}
+
+/// How often the gauge of active bans is read from the store.
+pub const BANS_GAUGE_INTERVAL: Duration = Duration::from_secs(10);
+/// Bans the status page shows per scope.
+pub const BANS_SHOWN: u64 = 10;
+
+/// Keeps `tollgate_bans_active{scope}` and the status page's bans in step
+/// with the store: one listing of the first [`BANS_SHOWN`] per scope with a
+/// penalty box, every [`BANS_GAUGE_INTERVAL`]. A failed read leaves the
+/// last values.
+async fn watch_bans<S: Store, E>(
+    limiter: Arc<Limiter<S, E>>,
+    metrics: Arc<Metrics>,
+    board: Arc<Board>,
+) {
+    let mut tick = tokio::time::interval(BANS_GAUGE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let rules = limiter.rules();
+        for scope in rules.scopes().filter(|s| s.penalty.is_some()) {
+            let list = PenaltyOp::List {
+                scope: &scope.name,
+                offset: 0,
+                limit: BANS_SHOWN,
+            };
+            let listed = limiter.store().penalties(&list).await;
+            if let Ok(PenaltyAnswer::Listed { total, bans }) = listed {
+                metrics.bans_active(&scope.name, total);
+                board.banned(&scope.name, total, &bans);
+            }
         }
     }
 }

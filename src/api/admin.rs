@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::auth::Caller;
+use super::bans;
 use super::tollgate::{duration, to_domain, to_proto};
 use super::validate::{self, MAX_SCOPE_LEN};
 use super::{Settings, Snapshot};
@@ -312,5 +313,54 @@ impl<S: Store> pb::admin_server::Admin for AdminApi<S> {
             limits,
             decision: Some(to_proto(e.decision)),
         }))
+    }
+
+    async fn ban(
+        &self,
+        request: Request<pb::BanRequest>,
+    ) -> Result<Response<pb::BanResponse>, Status> {
+        let snapshot = self.limiter.snapshot();
+        let caller = authorize(&snapshot, &request, "Ban")?;
+        let req = request.into_inner();
+        validate::text("scope", &req.scope, MAX_SCOPE_LEN, true)?;
+        check_scope(&snapshot, caller.as_deref(), "Ban", "scope", &req.scope)?;
+        let who = caller.as_ref().map_or("", |c| &*c.name);
+        let store = self.limiter.store();
+        let answer = bans::ban(store, &snapshot.rules, who, &req).await?;
+        Ok(Response::new(answer))
+    }
+
+    async fn unban(
+        &self,
+        request: Request<pb::UnbanRequest>,
+    ) -> Result<Response<pb::UnbanResponse>, Status> {
+        let snapshot = self.limiter.snapshot();
+        let caller = authorize(&snapshot, &request, "Unban")?;
+        let req = request.into_inner();
+        validate::text("scope", &req.scope, MAX_SCOPE_LEN, true)?;
+        check_scope(&snapshot, caller.as_deref(), "Unban", "scope", &req.scope)?;
+        let who = caller.as_ref().map_or("", |c| &*c.name);
+        let store = self.limiter.store();
+        let answer = bans::unban(store, &snapshot.rules, who, &req).await?;
+        Ok(Response::new(answer))
+    }
+
+    async fn list_bans(
+        &self,
+        request: Request<pb::ListBansRequest>,
+    ) -> Result<Response<pb::ListBansResponse>, Status> {
+        let snapshot = self.limiter.snapshot();
+        let caller = authorize(&snapshot, &request, "ListBans")?;
+        let req = request.into_inner();
+        validate::text("scope", &req.scope, MAX_SCOPE_LEN, true)?;
+        check_scope(
+            &snapshot,
+            caller.as_deref(),
+            "ListBans",
+            "scope",
+            &req.scope,
+        )?;
+        let answer = bans::list(self.limiter.store(), &snapshot.rules, &req).await?;
+        Ok(Response::new(answer))
     }
 }

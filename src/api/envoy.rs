@@ -115,6 +115,7 @@ impl<'a> Described<'a> {
             // Envoy's RLS v3 has no delay: a limit with `max_delay` answers
             // it as it would any caller that cannot wait.
             max_wait: None,
+            strike: false,
         }
     }
 }
@@ -434,9 +435,13 @@ fn passed_metadata<'r>(
 /// True when this descriptor's own limits (or its unknown scope) denied.
 fn over_limit(d: &Decision) -> bool {
     !d.allowed
-        && (d.buckets.iter().any(|b| b.exhausted && !b.shadow)
+        && (d.banned()
+            || d.buckets.iter().any(|b| b.exhausted && !b.shadow)
             || (d.buckets.is_empty() && d.reason.is_some()))
 }
+
+/// The header an Envoy answer carries when a descriptor's caller is banned.
+pub const BANNED_HEADER: (&str, &str) = ("x-tollgate-denied", "banned");
 
 fn to_proto(decisions: &[Decision], headers_draft: Option<Draft>) -> RateLimitResponse {
     let allowed = Decision::overall(decisions);
@@ -459,6 +464,11 @@ fn to_proto(decisions: &[Decision], headers_draft: Option<Draft>) -> RateLimitRe
             // An unlimited rule has no limit and all of it left, as upstream
             // reports it.
             let unlimited = d.unlimited && primary.is_none();
+            // A banned caller may come back when its ban ends.
+            let reset = match d.penalty.banned {
+                Some(ban) => Some(duration(ban.retry_after)),
+                None => primary.map(|b| duration(b.reset_after)),
+            };
             DescriptorStatus {
                 code: code.into(),
                 current_limit: primary.map(current_limit),
@@ -467,15 +477,24 @@ fn to_proto(decisions: &[Decision], headers_draft: Option<Draft>) -> RateLimitRe
                 } else {
                     primary.map_or(0, |b| clamp_u32(b.remaining))
                 },
-                duration_until_reset: primary.map(|b| duration(b.reset_after)),
+                duration_until_reset: reset,
                 ..DescriptorStatus::default()
             }
         })
         .collect();
-    let response_headers_to_add = match headers_draft {
+    let mut response_headers_to_add = match headers_draft {
         Some(draft) => headers(decisions, allowed, draft),
         None => Vec::new(),
     };
+    // Why, for a banned caller, whatever the header settings: a client
+    // that keeps retrying should learn it is in the penalty box.
+    if decisions.iter().any(Decision::banned) {
+        response_headers_to_add.push(HeaderValue {
+            key: BANNED_HEADER.0.to_owned(),
+            value: BANNED_HEADER.1.to_owned(),
+            ..HeaderValue::default()
+        });
+    }
     RateLimitResponse {
         overall_code: if allowed { Code::Ok } else { Code::OverLimit }.into(),
         statuses,
@@ -624,6 +643,13 @@ scopes:
             &self,
             _: &crate::store::Settlement<'_>,
         ) -> Result<crate::store::Settled, StoreError> {
+            Err(StoreError::transient("connection refused"))
+        }
+
+        async fn penalties(
+            &self,
+            _: &crate::store::PenaltyOp<'_>,
+        ) -> Result<crate::store::PenaltyAnswer, StoreError> {
             Err(StoreError::transient("connection refused"))
         }
 

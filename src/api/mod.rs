@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod bans;
 pub mod envoy;
 mod envoy_metadata;
 pub mod headers;

@@ -99,6 +99,7 @@ pub(super) fn to_domain<'a>(
         settle_within,
         caller: None,
         max_wait,
+        strike: req.strike,
     })
 }
 
@@ -125,6 +126,15 @@ pub fn duration(d: Duration) -> prost_types::Duration {
 
 pub(super) fn to_proto(d: Decision) -> pb::ShouldAllowResponse {
     let primary = d.primary().cloned();
+    let denial_reason = if d.allowed {
+        pb::DenialReason::Unspecified
+    } else if d.banned() {
+        pb::DenialReason::Banned
+    } else if d.buckets.is_empty() {
+        pb::DenialReason::Unspecified
+    } else {
+        pb::DenialReason::RateLimited
+    };
     pb::ShouldAllowResponse {
         allowed: d.allowed,
         retry_after: d.retry_after.map(duration),
@@ -139,6 +149,7 @@ pub(super) fn to_proto(d: Decision) -> pb::ShouldAllowResponse {
         buckets: d.buckets.into_iter().map(bucket_status).collect(),
         reservation: d.reservation.unwrap_or_default(),
         delay: (!d.delay.is_zero()).then(|| duration(d.delay)),
+        denial_reason: denial_reason.into(),
     }
 }
 

@@ -45,7 +45,7 @@ pub(crate) struct TopArgs {
 }
 
 /// `body` as a request carrying `token` as `authorization: Bearer …`.
-fn authed<T>(token: Option<&str>, body: T) -> anyhow::Result<tonic::Request<T>> {
+pub(super) fn authed<T>(token: Option<&str>, body: T) -> anyhow::Result<tonic::Request<T>> {
     let mut request = tonic::Request::new(body);
     if let Some(token) = token {
         let value = format!("Bearer {token}").parse()?;
@@ -133,7 +133,59 @@ async fn screen(args: &TopArgs, clients: &mut Clients) -> String {
             (Err(e), _) | (_, Err(e)) => failed.push(format!("{addr}: {}", e.message())),
         }
     }
-    render(args, &merge_tops(tops), &merge_usage(usages), &failed)
+    let usage = merge_usage(usages);
+    let mut out = render(args, &merge_tops(tops), &usage, &failed);
+    out.push_str(&banned(args, clients, &usage).await);
+    out
+}
+
+/// Who is banned in each scope shown, and until when: bans live in the
+/// store, so the first replica that answers speaks for all. Scopes
+/// without a penalty box answer nothing and are left out.
+async fn banned(
+    args: &TopArgs,
+    clients: &mut Clients,
+    usage: &BTreeMap<(String, String), Summed>,
+) -> String {
+    let mut scopes: Vec<&str> = usage.keys().map(|(s, _)| s.as_str()).collect();
+    scopes.dedup();
+    let mut out = String::new();
+    for scope in scopes {
+        for (_, client) in clients.iter_mut() {
+            let request = pb::ListBansRequest {
+                scope: scope.to_owned(),
+                page_size: u32::try_from(args.limit.clamp(1, 1_000)).unwrap_or(1_000),
+                page_token: String::new(),
+            };
+            let Ok(request) = authed(args.token.as_deref(), request) else {
+                break;
+            };
+            let page = match client.list_bans(request).await {
+                Ok(page) => page.into_inner(),
+                // No penalty box in this scope: no replica has bans for it.
+                Err(e) if e.code() == tonic::Code::FailedPrecondition => break,
+                Err(_) => continue,
+            };
+            if page.total > 0 {
+                let _ = writeln!(out, "\nBANNED in {scope}: {}", page.total);
+                for b in &page.bans {
+                    let left = b.remaining.as_ref().map_or_else(String::new, secs);
+                    let op = if b.operation.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", b.operation)
+                    };
+                    let _ = writeln!(
+                        out,
+                        "    {:<36} {left:>10} left",
+                        format!("{}{op}", b.identity)
+                    );
+                }
+            }
+            break;
+        }
+    }
+    out
 }
 
 /// Per (scope, rule), the replicas' lists merged as the module doc says.

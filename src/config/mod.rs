@@ -16,6 +16,7 @@
 //! - [`scopes`]: scopes and their limits;
 //! - [`store`]: the embedded store's and Redis's settings;
 //! - [`envoy`]: envoyproxy/ratelimit YAML files, read as extra scopes;
+//! - [`penalty`]: a scope's penalty box (strikes, escalating bans);
 //! - [`analytics`]: heavy hitters, and reload on file change.
 
 use std::collections::HashMap;
@@ -28,6 +29,7 @@ use serde::Deserialize;
 
 pub mod analytics;
 pub mod envoy;
+pub mod penalty;
 pub mod reservations;
 pub mod scopes;
 pub mod security;
@@ -35,6 +37,10 @@ pub mod store;
 
 pub use analytics::{AnalyticsConfig, ReloadConfig};
 pub use envoy::{EnvoyDescriptor, EnvoyDomain, EnvoyRateLimit, EnvoyValue};
+pub use penalty::{
+    DEFAULT_FORGIVE_AFTER, DEFAULT_MAX_BAN, DEFAULT_PENALTY_FACTOR, PenaltyConfig, PenaltyOn,
+    PenaltyPer,
+};
 pub use reservations::{ReservationsConfig, SecretFiles, Secrets};
 pub use scopes::{
     DescriptorKeysConfig, FailureMode, HashTag, HeadroomConfig, LimitConfig, MAX_BUDGET,
@@ -468,6 +474,15 @@ impl Config {
         for (i, scope) in self.scopes.iter().enumerate() {
             let at = format!("scopes[{i}]");
             scopes::validate_scope(&mut problems, &at, scope);
+            if scope.penalty.is_some() && scope.hash_tag.unwrap_or(self.hash_tag) != HashTag::Scope
+            {
+                // The penalty box's record and its scope's list of bans
+                // live in the scope's slot, with the charge they judge.
+                problems.push(format!(
+                    "{at}.penalty: needs hash_tag scope (a penalty box and identity-spread \
+                     buckets are not supported together yet)"
+                ));
+            }
             if defined.contains_key(scope.name.as_str()) {
                 problems.push(format!("{at}.name: duplicate scope {:?}", scope.name));
             } else {
@@ -529,6 +544,27 @@ mod tests {
             .map(|k| k.trim().trim_matches('`'))
             .collect();
         assert_eq!(keys, SECTIONS);
+    }
+
+    #[test]
+    fn a_penalty_box_is_refused_beside_spread_buckets_and_delays() {
+        let yaml = |top: &str, extra: &str, delay: &str| {
+            format!(
+                "{top}scopes:\n  - name: a\n    {extra}\n    penalty: {{ strikes: 3, within: 1m, ban: 1m }}\n    limits:\n      - {{ name: l, per: identity, capacity: 1, refill_period: 1s{delay} }}\n"
+            )
+        };
+        assert!(Config::from_yaml(&yaml("", "hash_tag: scope", "")).is_ok());
+        for (top, extra) in [("", "hash_tag: identity"), ("hash_tag: identity\n", "allow: []")] {
+            let e = Config::from_yaml(&yaml(top, extra, "")).unwrap_err().to_string();
+            assert!(e.contains("scopes[0].penalty: needs hash_tag scope"), "{e}");
+        }
+        let e = Config::from_yaml(&yaml("", "allow: []", ", max_delay: 1s"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("scopes[0].limits[0].max_delay: not supported in a scope with a penalty box"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -66,6 +66,18 @@ pub struct ScopeConfig {
     /// store ignores it.
     #[serde(default)]
     pub hash_tag: Option<HashTag>,
+    /// The penalty box: callers denied again and again are banned for a
+    /// while (see [`super::penalty`]). Absent: no one is ever banned.
+    #[serde(default)]
+    pub penalty: Option<super::penalty::PenaltyConfig>,
+    /// Identities (or globs) the penalty box never bans; their limits
+    /// still apply.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Identities (or globs) always denied in this scope, without a store
+    /// call: a ban with no end.
+    #[serde(default)]
+    pub deny: Vec<String>,
 }
 
 /// Which parts of a bucket's key pick its Redis hash slot: buckets with the
@@ -256,6 +268,26 @@ pub enum Per {
 pub(crate) fn validate_scope(problems: &mut Vec<String>, at: &str, scope: &ScopeConfig) {
     check_name(problems, &format!("{at}.name"), &scope.name);
     validate_limits(problems, at, &scope.limits);
+    if let Some(penalty) = &scope.penalty {
+        penalty.validate(problems, at, &scope.limits);
+        for (j, limit) in scope.limits.iter().enumerate() {
+            if limit.max_delay.is_some() {
+                problems.push(format!(
+                    "{at}.limits[{j}].max_delay: not supported in a scope with a penalty box \
+                     (a delayed request is neither a denial nor a strike yet)"
+                ));
+            }
+        }
+    }
+    for (field, list) in [("allow", &scope.allow), ("deny", &scope.deny)] {
+        for (k, glob) in list.iter().enumerate() {
+            if glob.is_empty() {
+                problems.push(format!("{at}.{field}[{k}]: must not be empty"));
+            } else if let Err(e) = globset::Glob::new(glob) {
+                problems.push(format!("{at}.{field}[{k}]: {}", e.kind()));
+            }
+        }
+    }
     if let Some(keys) = &scope.descriptor_keys {
         for (field, key) in [
             ("identity", &keys.identity),

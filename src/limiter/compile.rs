@@ -11,6 +11,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 use super::descriptors::{DescriptorKeys, DescriptorNode, DescriptorTree, ValueMatch};
 use super::limit::{Limit, LimitKind};
+use super::penalty::{IdentityLists, ScopePenalty};
 use super::rules::{Rules, ScopeRules};
 use crate::bucket::Shape;
 use crate::config::{
@@ -44,6 +45,11 @@ impl Rules {
                     priority: k.priority,
                 }),
                 hash_tag: s.hash_tag.unwrap_or(config.hash_tag),
+                penalty: s.penalty.as_ref().map(ScopePenalty::compile),
+                lists: IdentityLists {
+                    allow: identity_globs(&s.allow, "allow")?,
+                    deny: identity_globs(&s.deny, "deny")?,
+                },
             };
             scopes.insert(scope.name.clone(), scope);
         }
@@ -139,7 +145,19 @@ fn compile_domain(domain: &EnvoyDomain, failure_mode: FailureMode) -> ScopeRules
         },
         descriptor_keys: None,
         hash_tag: HashTag::default(),
+        penalty: None,
+        lists: IdentityLists::default(),
     }
+}
+
+/// An allow or deny list, `None` when empty.
+fn identity_globs(globs: &[String], field: &str) -> Result<Option<GlobSet>, ConfigError> {
+    if globs.is_empty() {
+        return Ok(None);
+    }
+    glob_set(globs)
+        .map(Some)
+        .map_err(|e| ConfigError::one(format!("{field}: {e}")))
 }
 
 fn compile_descriptor(d: &EnvoyDescriptor) -> DescriptorNode {

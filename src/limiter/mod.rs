@@ -16,12 +16,13 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use smallvec::SmallVec;
 
-use crate::store::{Store, StoreError};
+use crate::store::{Charge, PenaltyOutcome, Store, StoreError};
 
 pub mod compile;
 pub mod descriptors;
 pub mod explain;
 pub mod limit;
+pub mod penalty;
 pub(crate) mod plan;
 pub mod reservation;
 pub mod rules;
@@ -63,6 +64,9 @@ pub struct Request<'a> {
     /// with `max_delay` then admits with a delay (at most this) instead of
     /// denying. `None`: the caller cannot wait; no delay, ever.
     pub max_wait: Option<Duration>,
+    /// Count this request as a strike in the scope's penalty box whatever
+    /// its decision (an outcome the caller reports, such as a failed login).
+    pub strike: bool,
 }
 
 /// How much of a bucket's headroom a request may take.
@@ -117,6 +121,7 @@ impl<'a> Request<'a> {
             settle_within: None,
             caller: None,
             max_wait: None,
+            strike: false,
         }
     }
 }
@@ -150,6 +155,13 @@ pub struct Decision {
     /// Shaping: how long an allowed request must wait before it proceeds;
     /// its tokens were taken as of then. Zero: at once (and for a denial).
     pub delay: Duration,
+    /// What the scope's penalty box did: a ban in force (the request is
+    /// denied, `retry_after` runs to the ban's end, and `buckets` is empty
+    /// unless this very denial started the ban), or a strike counted.
+    pub penalty: PenaltyOutcome,
+    /// True when the identity is on the scope's `deny:` list: denied with
+    /// no `retry_after`, and no store call.
+    pub deny_listed: bool,
 }
 
 impl Decision {
@@ -172,6 +184,12 @@ impl Decision {
         let quota = || decisions.iter().filter(|d| d.quota);
         decisions.iter().all(|d| d.allowed || d.quota)
             && (quota().next().is_none() || quota().any(|d| d.allowed))
+    }
+
+    /// True when the caller is in its scope's penalty box, or on its deny
+    /// list.
+    pub fn banned(&self) -> bool {
+        self.penalty.banned.is_some() || self.deny_listed
     }
 }
 
@@ -336,7 +354,8 @@ impl<S: Store, E> Limiter<S, E> {
         }
         // One bucket, the common case, stays inline in the charge and its
         // outcome: no list is built on the way down or back up.
-        let charge = plan::charge(&buckets, req.dry_run);
+        let mut charge = plan::charge(&buckets, req.dry_run);
+        charge.penalty = plan::penalty(rules, req, &buckets);
         match self.store.check_and_take_one(&charge).await {
             Ok(outcome) => Ok(plan::decision(&buckets, &outcome)),
             Err(e) => plan::failed(rules, req.scope, e),
@@ -361,7 +380,10 @@ impl<S: Store, E> Limiter<S, E> {
             .iter()
             .zip(reqs)
             .filter_map(|(p, r)| match p {
-                Ok(buckets) => Some(plan::charge(buckets, r.dry_run)),
+                Ok(buckets) => Some(Charge {
+                    penalty: plan::penalty(rules, r, buckets),
+                    ..plan::charge(buckets, r.dry_run)
+                }),
                 Err(_) => None,
             })
             .collect();
@@ -425,10 +447,12 @@ impl<S: Store, E> Limiter<S, E> {
         reqs: &[Request<'_>],
         joint: &Joint<'_, '_>,
     ) -> Result<Vec<Decision>, DecideError> {
-        let Some(charge) = joint.charge() else {
+        let Some(mut charge) = joint.charge() else {
             return Ok(joint.nothing_to_charge());
         };
-        match self.store.check_and_take_one(&charge).await {
+        charge.penalty = joint.penalty(rules, reqs);
+        let outcome = self.store.check_and_take_one(&charge).await;
+        match outcome {
             Ok(outcome) => Ok(joint.decisions(&outcome)),
             Err(e) => joint.failed(rules, reqs, e),
         }

@@ -27,6 +27,8 @@ pub(crate) enum Unplanned {
     UnknownScope,
     /// No limit of its scope applies to it.
     NoBucket,
+    /// Its identity is on the scope's deny list.
+    DenyListed,
 }
 
 impl Unplanned {
@@ -35,6 +37,12 @@ impl Unplanned {
         match self {
             Self::UnknownScope => unknown_scope(rules, scope),
             Self::NoBucket => allowed(),
+            Self::DenyListed => Decision {
+                allowed: false,
+                deny_listed: true,
+                reason: Some(format!("the identity is on scope {scope:?}'s deny list")),
+                ..Decision::default()
+            },
         }
     }
 }
@@ -52,6 +60,9 @@ where
     'r: 'q,
 {
     let scope = rules.scope(req.scope).ok_or(Unplanned::UnknownScope)?;
+    if scope.lists.denies(req.identity) {
+        return Err(Unplanned::DenyListed);
+    }
     scope.buckets(req, buckets);
     if buckets.is_empty() {
         Err(Unplanned::NoBucket)
@@ -81,7 +92,23 @@ pub(crate) fn charge<'q>(buckets: &[Planned<'_, 'q>], dry_run: bool) -> Charge<'
         dry_run,
         marks: false,
         open: None,
+        penalty: None,
     }
+}
+
+/// The penalty part of `req`'s charge, when its scope has a penalty box.
+pub(crate) fn penalty<'q>(
+    rules: &Rules,
+    req: &Request<'q>,
+    buckets: &[Planned<'_, 'q>],
+) -> Option<crate::store::Penalty<'q>> {
+    let scope = buckets.first()?.charge.key.scope;
+    let rules = rules.scope(req.scope)?;
+    if rules.lists.allows(req.identity) {
+        // Allow-listed: spared the penalty box, not the limits.
+        return None;
+    }
+    rules.penalty.as_ref()?.part(scope, req, buckets)
 }
 
 /// What a request gets when the store failed: the scope's failure mode.
@@ -274,6 +301,10 @@ where
                 }
                 continue;
             };
+            if scope.lists.denies(req.identity) {
+                denied = Some(Unplanned::DenyListed.decision(rules, req.scope));
+                continue;
+            }
             let mut mine = Buckets::new();
             scope.buckets(req, &mut mine);
             let envoy = !req.entries.is_empty();
@@ -361,7 +392,34 @@ where
             dry_run: self.dry_run,
             marks: false,
             open: None,
+            penalty: None,
         })
+    }
+
+    /// The penalty part of the joint charge: only when every request is
+    /// the same caller's in one scope (an Envoy request's descriptors, as a
+    /// rule), so one record answers for the whole charge. A bucket's
+    /// denial strikes when any request drawing on it counts it.
+    pub(crate) fn penalty(
+        &self,
+        rules: &Rules,
+        reqs: &[Request<'q>],
+    ) -> Option<crate::store::Penalty<'q>> {
+        let (first, rest) = reqs.split_first()?;
+        let same = |r: &Request<'q>| {
+            r.scope == first.scope && r.identity == first.identity && r.operation == first.operation
+        };
+        if !rest.iter().all(same) {
+            return None;
+        }
+        let mine: Vec<Planned<'r, 'q>> = self.buckets.iter().map(|b| b.planned).collect();
+        let mut part = penalty(rules, first, &mine)?;
+        let mut flags: SmallVec<[bool; 4]> = SmallVec::from_elem(false, self.slots.len());
+        for (b, &strikes) in self.buckets.iter().zip(&part.strikes_from) {
+            flags[b.slot] |= strikes;
+        }
+        part.strikes_from = flags;
+        Some(part)
     }
 
     /// Every request's decision from the joint outcome: all allowed or all
@@ -383,10 +441,19 @@ where
                         (p, outcome.buckets.get(b.slot).copied().unwrap_or(UNSET))
                     })
                     .unzip();
-                let mut d = decision_of(&mine, outcome.allowed, &outcomes);
+                let mut d = decision(
+                    &mine,
+                    &ChargeOutcome {
+                        allowed: outcome.allowed,
+                        buckets: outcomes.into(),
+                        now_us: outcome.now_us,
+                        delay: outcome.delay,
+                        penalty: outcome.penalty,
+                    },
+                );
                 d.allowed = allowed;
-                if allowed {
-                    d.delay = outcome.delay;
+                if !allowed {
+                    d.delay = std::time::Duration::ZERO;
                 }
                 self.specials[i].apply(&mut d);
                 d
@@ -402,6 +469,7 @@ where
             buckets: SmallVec::new(),
             now_us: 0,
             delay: std::time::Duration::ZERO,
+            penalty: Default::default(),
         })
     }
 
@@ -527,6 +595,15 @@ pub(crate) fn decision(planned: &[Planned<'_, '_>], outcome: &ChargeOutcome) -> 
     if outcome.allowed {
         d.delay = outcome.delay;
     }
+    d.penalty = outcome.penalty;
+    // A reported strike may start a ban on a request that was allowed: it
+    // stands as decided (it took its cost), and the ban meets the next.
+    if let Some(ban) = outcome.penalty.banned.filter(|_| !outcome.allowed) {
+        // Banned: denied until the ban ends, whatever the buckets say.
+        d.allowed = false;
+        d.retry_after = Some(ban.retry_after);
+        d.reason = None;
+    }
     d
 }
 
@@ -647,6 +724,7 @@ scopes:
                 .collect(),
             now_us: 0,
             delay: Duration::ZERO,
+            penalty: Default::default(),
         }
     }
 

@@ -40,6 +40,10 @@ pub struct ScopeRules {
     pub descriptor_keys: Option<DescriptorKeys>,
     /// Which parts of its buckets' keys choose their Redis hash slot.
     pub hash_tag: HashTag,
+    /// The scope's penalty box, if it has one.
+    pub penalty: Option<super::penalty::ScopePenalty>,
+    /// Identities the penalty box spares, and identities always denied.
+    pub lists: super::penalty::IdentityLists,
 }
 
 impl Rules {

@@ -76,6 +76,7 @@ impl<S: Store, E> Limiter<S, E> {
         let charge = Charge {
             marks: true,
             open: Some(Open { id, within_us }),
+            penalty: plan::penalty(rules, req, buckets),
             ..plan::charge(buckets, false)
         };
         let outcome = match self.store.check_and_take_one(&charge).await {
@@ -260,6 +261,7 @@ impl<S: Store, E> Limiter<S, E> {
                 buckets: buckets.into(),
                 now_us: 0,
                 delay: std::time::Duration::ZERO,
+                penalty: Default::default(),
             })),
             Ok(_) => Err(DecideError::StoreUnavailable {
                 scope: reqs.first().map(|r| r.scope.to_owned()).unwrap_or_default(),

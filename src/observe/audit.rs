@@ -6,7 +6,7 @@ use tokio::time::Instant;
 
 use super::metrics::Metrics;
 use crate::bucket::{Shape, Tat};
-use crate::limiter::Decision;
+use crate::limiter::{Decision, Request};
 
 /// Audit lines allowed per second, as a burst that refills over one second.
 pub const AUDIT_LINES_PER_SECOND: u64 = 20;
@@ -58,6 +58,23 @@ impl Audit {
             retry_after_ms = d.retry_after.map(|r| r.as_millis() as u64),
             reason = d.reason.as_deref().unwrap_or(""),
             "denied"
+        );
+    }
+
+    /// Logs a ban a penalty box started, from the same budget.
+    pub fn banned(&self, metrics: &Metrics, api: &str, req: &Request<'_>, d: &Decision) {
+        if !self.admit(metrics) {
+            return;
+        }
+        tracing::warn!(
+            target: "tollgate::audit",
+            api,
+            scope = req.scope,
+            identity = req.identity,
+            operation = req.operation,
+            ban_ms = d.retry_after.map(|r| r.as_millis() as u64),
+            until_us = d.penalty.banned.map(|b| b.until_us),
+            "banned"
         );
     }
 

@@ -74,6 +74,19 @@ pub struct Metrics {
     calls_shed: Counter<u64, AtomicU64>,
     settles: Family<ReloadLabels, Counter>,
     shaping: Shaping,
+    /// Penalty-box strikes and bans started, by configured scope.
+    penalties: PenaltyMetrics,
+}
+
+struct PenaltyMetrics {
+    strikes: Family<ScopeLabels, Counter>,
+    bans_started: Family<ScopeLabels, Counter>,
+    active: Family<ScopeLabels, Gauge<i64, AtomicI64>>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScopeLabels {
+    scope: Arc<str>,
 }
 
 /// Shaping's metrics (issue 24): admissions with a delay, and the delays.
@@ -248,6 +261,7 @@ impl Metrics {
         zero_known_series(&reloads, &store_errors);
         Self {
             shaping: Shaping::register(&mut registry),
+            penalties: register_penalties(&mut registry), // before `registry` moves
             registry,
             settles,
             access_denied,
@@ -279,9 +293,20 @@ impl Metrics {
             "degraded"
         } else if decision.allowed {
             "allowed"
+        } else if decision.banned() {
+            "banned"
         } else {
             "denied"
         };
+        if decision.penalty.struck {
+            let labels = ScopeLabels {
+                scope: scope.clone(),
+            };
+            self.penalties.strikes.get_or_create(&labels).inc();
+            if decision.penalty.banned.is_some_and(|b| b.started) {
+                self.penalties.bans_started.get_or_create(&labels).inc();
+            }
+        }
         for b in decision.buckets.iter().filter(|b| b.shadow && b.exhausted) {
             self.shadow_denials
                 .get_or_create(&RuleLabels {
@@ -330,6 +355,28 @@ impl Metrics {
                 }
             }
         }
+    }
+
+    /// Makes the penalty series of every scope with a penalty box exist at
+    /// zero (at start and after each reload).
+    pub fn known_penalties(&self, rules: &Rules) {
+        for scope in rules.scopes().filter(|s| s.penalty.is_some()) {
+            let labels = ScopeLabels {
+                scope: scope.name.clone(),
+            };
+            self.penalties.strikes.get_or_create(&labels).inc_by(0);
+            self.penalties.bans_started.get_or_create(&labels).inc_by(0);
+            let _ = self.penalties.active.get_or_create(&labels);
+        }
+    }
+
+    /// Sets how many callers of `scope` are banned now.
+    pub fn bans_active(&self, scope: &Arc<str>, banned: u64) {
+        let labels = ScopeLabels {
+            scope: scope.clone(),
+        };
+        let n = i64::try_from(banned).unwrap_or(i64::MAX);
+        self.penalties.active.get_or_create(&labels).set(n);
     }
 
     /// Counts a decision refused because the store failed in closed mode.
@@ -406,6 +453,32 @@ fn labels(rules: &Rules, scope: &str, decision: &Decision) -> (Arc<str>, Arc<str
                 .map_or_else(|| "".into(), |b| b.rule.clone()),
         ),
         None => (UNCONFIGURED.into(), "".into()),
+    }
+}
+
+fn register_penalties(registry: &mut Registry) -> PenaltyMetrics {
+    let strikes = Family::<ScopeLabels, Counter>::default();
+    registry.register(
+        "penalty_strikes",
+        "Denials counted as strikes by a scope's penalty box",
+        strikes.clone(),
+    );
+    let bans = Family::<ScopeLabels, Counter>::default();
+    registry.register(
+        "bans_started",
+        "Bans a scope's penalty box started (strikes reached)",
+        bans.clone(),
+    );
+    let active = Family::<ScopeLabels, Gauge<i64, AtomicI64>>::default();
+    registry.register(
+        "bans_active",
+        "Callers banned now in a scope, as the store lists them (read every 10 s)",
+        active.clone(),
+    );
+    PenaltyMetrics {
+        strikes,
+        bans_started: bans,
+        active,
     }
 }
 

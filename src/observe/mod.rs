@@ -62,6 +62,9 @@ impl Observer {
             Ok(d) => {
                 self.metrics.decision(api, rules, req.scope, d, took);
                 self.hitters.record(req.scope, req.identity, d);
+                if d.penalty.banned.is_some_and(|b| b.started) {
+                    self.audit.banned(&self.metrics, api, req, d);
+                }
                 if !d.allowed {
                     self.audit.denied(
                         &self.metrics,

@@ -73,6 +73,31 @@ pub struct Board {
     /// `memory` or `redis (standalone)` and so on.
     store_kind: String,
     config: Mutex<ConfigLog>,
+    /// Per scope with a penalty box: its bans as last read from the store
+    /// (by the server's ban watcher, every few seconds).
+    bans: Mutex<std::collections::HashMap<String, BansView>>,
+}
+
+/// A scope's bans as last read from the store.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BansView {
+    /// Callers banned, all of them.
+    pub total: u64,
+    /// The first few, by ban end.
+    pub first: Vec<BannedView>,
+    /// When the store was read, RFC 3339 in UTC.
+    pub read_at: String,
+}
+
+/// One banned caller.
+#[derive(Debug, Clone, Serialize)]
+pub struct BannedView {
+    /// As the store keeps it (`#` and a SHA-256 for a long one).
+    pub identity: String,
+    /// Its operation, for a box per identity and operation.
+    pub operation: Option<String>,
+    /// Seconds of ban left when read.
+    pub seconds_left: u64,
 }
 
 impl std::fmt::Debug for Board {
@@ -100,7 +125,25 @@ impl Board {
                 loaded_at: rfc3339_now(),
                 history: VecDeque::new(),
             }),
+            bans: Mutex::default(),
         }
+    }
+
+    /// Notes `scope`'s bans, as just read from the store.
+    pub fn banned(&self, scope: &str, total: u64, first: &[crate::store::BanEntry]) {
+        let view = BansView {
+            total,
+            first: first
+                .iter()
+                .map(|b| BannedView {
+                    identity: b.identity.clone(),
+                    operation: b.operation.clone(),
+                    seconds_left: b.remaining.as_secs(),
+                })
+                .collect(),
+            read_at: rfc3339_now(),
+        };
+        self.bans.lock().insert(scope.to_owned(), view);
     }
 
     /// Notes a reload: accepted ones bump the config version.
@@ -132,6 +175,7 @@ impl Board {
         let scopes = scopes
             .into_iter()
             .map(|s| ScopeView {
+                bans: self.bans.lock().get(&*s.name).cloned(),
                 name: s.name.to_string(),
                 failure_mode: format!("{:?}", s.failure_mode).to_lowercase(),
                 rules: self
@@ -275,6 +319,8 @@ pub struct ScopeView {
     pub failure_mode: String,
     /// Its rules.
     pub rules: Vec<RuleView>,
+    /// Its penalty box's bans, once read; `None` without a penalty box.
+    pub bans: Option<BansView>,
 }
 
 /// One rule.

@@ -4,17 +4,20 @@
 
 use std::sync::Arc;
 
+use super::ban_cache::BanCache;
 use super::deny_cache::DenyCache;
 use super::observed::{Observed, StoreObserver};
 use super::{
-    BuildError, Charge, ChargeOutcome, Settled, Settlement, Store, StoreError, memory, redis,
+    BuildError, Charge, ChargeOutcome, PenaltyAnswer, PenaltyOp, Settled, Settlement, Store,
+    StoreError, memory, redis,
 };
 use crate::config::{ConfigError, StoreConfig, StoreKind};
 
-/// The store a server decides on: the deny cache in front of the observed
-/// store, in front of the store the config chose. The cache sits outside
-/// the observer, so a local answer is not counted as a store call.
-pub type Served<O> = DenyCache<Observed<AnyStore, O>>;
+/// The store a server decides on: the ban cache and the deny cache in
+/// front of the observed store, in front of the store the config chose.
+/// The caches sit outside the observer, so a local answer is not counted
+/// as a store call.
+pub type Served<O> = BanCache<DenyCache<Observed<AnyStore, O>>>;
 
 /// Builds [`Served`] for `config`, reporting every store call to
 /// `observer`. Needs a tokio runtime (see [`build`]).
@@ -23,7 +26,10 @@ pub fn build_served<O: StoreObserver>(
     observer: Arc<O>,
 ) -> Result<Served<O>, BuildError> {
     let observed = Observed::new(build(config)?, observer);
-    Ok(DenyCache::new(observed, config.deny_cache_on()))
+    Ok(BanCache::new(DenyCache::new(
+        observed,
+        config.deny_cache_on(),
+    )))
 }
 
 /// Checks the store settings that only the store itself can judge (such as
@@ -99,6 +105,13 @@ impl Store for AnyStore {
         match self {
             Self::Memory(s) => s.settle(settlement).await,
             Self::Redis(s) => s.settle(settlement).await,
+        }
+    }
+
+    async fn penalties(&self, op: &PenaltyOp<'_>) -> Result<PenaltyAnswer, StoreError> {
+        match self {
+            Self::Memory(s) => s.penalties(op).await,
+            Self::Redis(s) => s.penalties(op).await,
         }
     }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use smallvec::SmallVec;
 
+use super::penalty::{Penalty, PenaltyOutcome};
 use crate::bucket::{Budget, Ledger, Mark, Shape, Tat, Verdict, Wait};
 use crate::config::HashTag;
 use crate::window::Window;
@@ -236,6 +237,11 @@ pub struct Charge<'a> {
     /// ([`Store::settle`](super::Store::settle) removes it). A record that
     /// is lost (evicted) can only refuse a settle, never allow a second.
     pub open: Option<Open>,
+    /// The scope's penalty box, for a charge on one caller's behalf: a
+    /// banned caller is denied before any bucket is read, and a denial by a
+    /// bucket that strikes is counted, in the same atomic step (see
+    /// [`super::penalty`]). `None`: no penalty box applies.
+    pub penalty: Option<Penalty<'a>>,
 }
 
 /// A reservation opened by a charge: see [`Charge::open`].
@@ -256,6 +262,7 @@ impl<'a> Charge<'a> {
             dry_run: false,
             marks: false,
             open: None,
+            penalty: None,
         }
     }
 }
@@ -294,6 +301,9 @@ pub struct ChargeOutcome {
     /// (the largest wait of its buckets); its tokens were taken as of then.
     /// Zero when it may proceed at once, and for a denial.
     pub delay: Duration,
+    /// What the penalty box did: a ban in force (then `allowed` is false,
+    /// and `buckets` is empty: none was read), a strike counted.
+    pub penalty: PenaltyOutcome,
 }
 
 /// One bucket's part in a settlement.

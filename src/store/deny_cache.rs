@@ -22,6 +22,9 @@
 //! apart move the deadline by as many millionths of `t`.
 //!
 //! # What it covers
+//! - A charge behind a penalty box is never answered here: its denial is
+//!   a strike the store counts. Once the caller is banned, the ban cache
+//!   (`ban_cache.rs`) answers it.
 //! - Only charges of one enforced bucket are answered locally. A charge of
 //!   several buckets needs every bucket's state for its exact `retry_after`,
 //!   and a shadow bucket never denies, so those always go to the store.
@@ -70,7 +73,8 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use super::{
-    BucketCharge, BucketOutcome, Charge, ChargeOutcome, Settled, Settlement, Store, StoreError,
+    BucketCharge, BucketOutcome, Charge, ChargeOutcome, PenaltyAnswer, PenaltyOp, Settled,
+    Settlement, Store, StoreError,
 };
 use crate::bucket::{Mark, Shape, Tat};
 
@@ -118,13 +122,13 @@ const MAX_KEPT: usize = 64;
 
 /// A key part as an entry keeps it: short text as is, long text hashed.
 #[derive(Debug)]
-enum Part {
+pub(super) enum Part {
     Text(Box<str>),
     Digest([u8; 32]),
 }
 
 impl Part {
-    fn of(text: &str) -> Self {
+    pub(super) fn of(text: &str) -> Self {
         if text.len() <= MAX_KEPT {
             Self::Text(text.into())
         } else {
@@ -133,14 +137,14 @@ impl Part {
     }
 
     /// True when this is `text`'s part.
-    fn is(&self, text: &str) -> bool {
+    pub(super) fn is(&self, text: &str) -> bool {
         match self {
             Self::Text(t) => **t == *text,
             Self::Digest(d) => text.len() > MAX_KEPT && digest(text) == *d,
         }
     }
 
-    fn heap_bytes(&self) -> usize {
+    pub(super) fn heap_bytes(&self) -> usize {
         match self {
             Self::Text(t) => t.len(),
             Self::Digest(_) => 0,
@@ -225,6 +229,7 @@ impl Entry {
             // makes none.
             now_us: 0,
             delay: std::time::Duration::ZERO,
+            penalty: Default::default(),
         }
     }
 
@@ -243,12 +248,16 @@ impl Entry {
     }
 }
 
-/// The one bucket a charge must have for a local answer.
+/// The one bucket a charge must have for a local answer. A charge behind
+/// a penalty box is never answered here: each of its denials is a strike
+/// the store must count (the ban cache answers it once it is banned).
 fn cacheable<'c, 'a>(charge: &'c Charge<'a>) -> Option<&'c BucketCharge<'a>> {
     match charge.buckets.as_slice() {
         // A shaped request (one that may wait) is never answered from a
         // denial held for another, nor held: its answer depends on its wait.
-        [b] if !b.shadow && b.max_delay.is_zero() => Some(b),
+        // Nor is a charge with a penalty box: each denial must reach the
+        // store to count as a strike.
+        [b] if !b.shadow && b.max_delay.is_zero() && charge.penalty.is_none() => Some(b),
         _ => None,
     }
 }
@@ -487,6 +496,10 @@ impl<S: Store> Store for DenyCache<S> {
             cache.forget(settlement.buckets.iter().map(|b| &b.charge));
         }
         settled
+    }
+
+    async fn penalties(&self, op: &PenaltyOp<'_>) -> Result<PenaltyAnswer, StoreError> {
+        self.inner.penalties(op).await
     }
 
     fn is_available(&self) -> bool {

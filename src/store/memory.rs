@@ -26,6 +26,9 @@ use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::keys::KeyPart;
+use super::penalty::{
+    Ban, BanEntry, Penalty, PenaltyAnswer, PenaltyKey, PenaltyOp, PenaltyOutcome, Record,
+};
 use super::{
     BucketCharge, BucketOutcome, Charge, ChargeOutcome, Condition, Settled, Settlement, Store,
     StoreError,
@@ -82,7 +85,18 @@ struct Inner {
     max_bytes: usize,
     /// Bucket bytes per scope, and the room kept for each configured one.
     room: Mutex<Room>,
+    /// Penalty-box records by caller (see [`super::penalty`]), each with
+    /// when it may be forgotten, in shards by key hash. A charge that
+    /// carries a penalty locks its caller's shard before any bucket's, and
+    /// holds it through its decision, so the ban check, the charge and the
+    /// strike are one step. Counted in `held` and in its scope's room like
+    /// buckets.
+    penalties: Box<[Mutex<Records>]>,
 }
+
+/// Penalty-box records by their key ([`penalty_key`]), each with the tick
+/// after which it may be forgotten.
+type Records = std::collections::HashMap<Box<[u8]>, (Record, u64)>;
 
 /// Bucket bytes per scope, and the room reserved for each configured scope.
 ///
@@ -227,6 +241,7 @@ impl MemoryStore {
                 held: AtomicUsize::new(0),
                 max_bytes,
                 room: Mutex::default(),
+                penalties: (0..PENALTY_SHARDS).map(|_| Mutex::default()).collect(),
             }),
         }
     }
@@ -325,6 +340,7 @@ impl Inner {
             self.held.fetch_sub(freed, Ordering::Relaxed);
             left += table.len();
         }
+        self.sweep_penalties(now);
         let mut open = self.open.lock();
         let before = open.len();
         open.retain(|_, deadline| *deadline >= now);
@@ -334,6 +350,13 @@ impl Inner {
     }
 
     fn decide(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
+        match &charge.penalty {
+            Some(penalty) => self.decide_penalized(charge, penalty),
+            None => self.decide_plain(charge),
+        }
+    }
+
+    fn decide_plain(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
         let Some(open) = charge.open.filter(|_| !charge.dry_run) else {
             return self.decide_any(charge);
         };
@@ -434,6 +457,7 @@ impl Inner {
             buckets: outcomes,
             now_us: now / 1_000,
             delay: Duration::from_nanos(if allowed { wait } else { 0 }),
+            penalty: Default::default(),
         })
     }
 
@@ -485,6 +509,267 @@ fn window_end(bucket: &BucketCharge<'_>, now: u64) -> u64 {
 
 /// What remembering one open reservation costs against the bound.
 const MARKER_BYTES: usize = 64;
+
+/// Shards of penalty records: boxed callers' charges rarely meet on one.
+const PENALTY_SHARDS: usize = 16;
+
+/// What one penalty record costs against the bound besides its key: the
+/// record and its deadline (48 B) in a `HashMap` entry at its load factor,
+/// and the key's allocation; counted high like [`BUCKET_OVERHEAD`].
+pub const PENALTY_OVERHEAD: usize = 144;
+
+/// A penalty record's key: its scope, identity (hashed when long) and
+/// operation, each tagged and length-prefixed like a bucket's parts.
+fn penalty_key(key: &PenaltyKey<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + key.scope.len());
+    for part in [
+        KeyPart::Plain(key.scope),
+        KeyPart::of(Some(key.identity)),
+        KeyPart::of(key.operation),
+    ] {
+        match part {
+            KeyPart::Absent => out.push(0),
+            KeyPart::Plain(s) => {
+                out.push(1);
+                out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+                out.extend_from_slice(s.as_bytes());
+            }
+            KeyPart::Hashed(h) => {
+                out.push(2);
+                out.extend_from_slice(&h);
+            }
+        }
+    }
+    out
+}
+
+/// The outcome of a charge whose caller is banned until `until` (ticks).
+fn banned(until: u64, now: u64, started: bool) -> PenaltyOutcome {
+    PenaltyOutcome {
+        banned: Some(Ban {
+            retry_after: Duration::from_nanos(until.saturating_sub(now)),
+            until_us: until / 1_000,
+            started,
+        }),
+        struck: started,
+    }
+}
+
+/// True when `outcome` is a denial by a bucket whose denial strikes.
+fn strikes(penalty: &Penalty<'_>, outcome: &ChargeOutcome) -> bool {
+    !outcome.allowed
+        && outcome
+            .buckets
+            .iter()
+            .zip(&penalty.strikes_from)
+            .any(|(b, &strikes)| strikes && !b.conforms)
+}
+
+impl Inner {
+    /// A charge behind a penalty box: the ban check, the charge and the
+    /// strike under the penalty lock, so they are one step.
+    fn decide_penalized(
+        &self,
+        charge: &Charge<'_>,
+        penalty: &Penalty<'_>,
+    ) -> Result<ChargeOutcome, StoreError> {
+        let key = penalty_key(&penalty.key);
+        let mut records = self.penalty_shard(&key).lock();
+        let now = self.now();
+        let found = records.get(key.as_slice()).map(|(r, _)| *r);
+        let mut record = found.unwrap_or_default();
+        if record.banned_at(now) {
+            return Ok(ChargeOutcome {
+                allowed: false,
+                buckets: SmallVec::new(),
+                now_us: now / 1_000,
+                delay: std::time::Duration::ZERO,
+                penalty: banned(record.ban_until, now, false),
+            });
+        }
+        let mut outcome = self.decide_plain(charge)?;
+        if !penalty.forced && (charge.dry_run || !strikes(penalty, &outcome)) {
+            return Ok(outcome);
+        }
+        let scope = penalty.key.scope.as_bytes();
+        // A full store counts no strike for a caller it holds no record
+        // of: the denial stands, and nothing else changes.
+        if found.is_none()
+            && self
+                .make_room(&[(scope, PENALTY_OVERHEAD + key.len())])
+                .is_err()
+        {
+            return Ok(outcome);
+        }
+        let started = record.strike(&penalty.rule, now);
+        records.insert(key.into(), (record, record.forget_at(&penalty.rule)));
+        outcome.penalty = if started {
+            banned(record.ban_until, now, true)
+        } else {
+            PenaltyOutcome {
+                banned: None,
+                struck: true,
+            }
+        };
+        Ok(outcome)
+    }
+
+    /// The shard that holds the record keyed `key`.
+    fn penalty_shard(&self, key: &[u8]) -> &Mutex<Records> {
+        &self.penalties[(self.hasher.hash_one(key) >> 40) as usize % PENALTY_SHARDS]
+    }
+
+    /// Forgets the penalty records that mean nothing at `now` any more.
+    fn sweep_penalties(&self, now: u64) {
+        let mut freed: Vec<(Box<[u8]>, usize)> = Vec::new();
+        for shard in self.penalties.iter() {
+            shard.lock().retain(|key, (_, forget_at)| {
+                let keep = *forget_at > now;
+                if !keep {
+                    freed.push((key.clone(), PENALTY_OVERHEAD + key.len()));
+                }
+                keep
+            });
+        }
+        let mut room = self.room.lock();
+        for (key, bytes) in freed {
+            room.give(penalty_scope(&key), bytes);
+            self.held.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Inner {
+    /// An operator's ban, unban or listing, under the caller's shard's
+    /// lock (a listing: each shard's in turn).
+    fn penalties(&self, op: &PenaltyOp<'_>) -> Result<PenaltyAnswer, StoreError> {
+        let now = self.now();
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        match *op {
+            PenaltyOp::Ban {
+                key,
+                duration,
+                forget,
+            } => {
+                let k = penalty_key(&key);
+                let mut records = self.penalty_shard(&k).lock();
+                let found = records.get(k.as_slice()).copied();
+                if found.is_none() {
+                    let bytes = PENALTY_OVERHEAD + k.len();
+                    self.make_room(&[(key.scope.as_bytes(), bytes)])?;
+                }
+                let (mut record, forget_at) = found.unwrap_or_default();
+                record.ban_until = now.saturating_add(ns(duration));
+                let keep = record.ban_until.saturating_add(ns(forget)).max(forget_at);
+                records.insert(k.into(), (record, keep));
+                Ok(PenaltyAnswer::Banned(Ban {
+                    retry_after: duration,
+                    until_us: record.ban_until / 1_000,
+                    started: true,
+                }))
+            }
+            PenaltyOp::Unban { key } => {
+                let k = penalty_key(&key);
+                let gone = self.penalty_shard(&k).lock().remove(k.as_slice());
+                if gone.is_some() {
+                    let bytes = PENALTY_OVERHEAD + k.len();
+                    self.room.lock().give(key.scope.as_bytes(), bytes);
+                    self.held.fetch_sub(bytes, Ordering::Relaxed);
+                }
+                Ok(PenaltyAnswer::Unbanned(
+                    gone.is_some_and(|(r, _)| r.banned_at(now)),
+                ))
+            }
+            PenaltyOp::List {
+                scope,
+                offset,
+                limit,
+            } => Ok(self.list_bans(scope, now, offset, limit)),
+        }
+    }
+}
+
+impl Inner {
+    /// A page of `scope`'s bans in force at `now`, by ban end then caller.
+    fn list_bans(&self, scope: &str, now: u64, offset: u64, limit: u64) -> PenaltyAnswer {
+        let mut bans: Vec<(u64, Box<[u8]>)> = Vec::new();
+        for shard in self.penalties.iter() {
+            bans.extend(
+                shard
+                    .lock()
+                    .iter()
+                    .filter(|(k, (r, _))| r.banned_at(now) && penalty_scope(k) == scope.as_bytes())
+                    .map(|(k, (r, _))| (r.ban_until, k.clone())),
+            );
+        }
+        bans.sort_unstable();
+        page_of(bans, now, offset, limit)
+    }
+}
+
+/// The page of `bans` (ban end and key, sorted) from `offset`.
+fn page_of(bans: Vec<(u64, Box<[u8]>)>, now: u64, offset: u64, limit: u64) -> PenaltyAnswer {
+    let total = bans.len() as u64;
+    let page = bans
+        .into_iter()
+        .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+        .take(usize::try_from(limit).unwrap_or(usize::MAX))
+        .map(|(until, key)| {
+            let (identity, operation) = penalty_caller(&key);
+            BanEntry {
+                identity,
+                operation,
+                remaining: Duration::from_nanos(until - now),
+                until_us: until / 1_000,
+            }
+        })
+        .collect();
+    PenaltyAnswer::Listed { total, bans: page }
+}
+
+/// The identity and operation of a key [`penalty_key`] made, a hashed part
+/// as `#` and its SHA-256 in hex.
+fn penalty_caller(key: &[u8]) -> (String, Option<String>) {
+    let mut at = 0;
+    let mut next = || -> Option<String> {
+        let tag = *key.get(at)?;
+        at += 1;
+        match tag {
+            1 => {
+                let len = u32::from_le_bytes(key.get(at..at + 4)?.try_into().ok()?) as usize;
+                let text = key.get(at + 4..at + 4 + len)?;
+                at += 4 + len;
+                Some(String::from_utf8_lossy(text).into_owned())
+            }
+            2 => {
+                let hash = key.get(at..at + 32)?;
+                at += 32;
+                Some(format!("#{}", hex(hash)))
+            }
+            _ => None,
+        }
+    };
+    let _scope = next();
+    let identity = next().unwrap_or_default();
+    (identity, next())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// The scope of a key [`penalty_key`] made: its first part, plain.
+fn penalty_scope(key: &[u8]) -> &[u8] {
+    let len = key
+        .get(1..5)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map_or(0, |b| u32::from_le_bytes(b) as usize);
+    key.get(5..5 + len).unwrap_or_default()
+}
 
 impl Inner {
     /// The common case, one bucket: one key, one lock, no lists.
@@ -539,6 +824,7 @@ impl Inner {
             buckets: smallvec::smallvec![outcome(bucket, &verdict, mark, now)],
             now_us: now / 1_000,
             delay: Duration::from_nanos(if allowed { wait } else { 0 }),
+            penalty: Default::default(),
         })
     }
 
@@ -739,6 +1025,10 @@ impl Store for MemoryStore {
 
     async fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
         self.inner.settle(settlement)
+    }
+
+    async fn penalties(&self, op: &PenaltyOp<'_>) -> Result<PenaltyAnswer, StoreError> {
+        self.inner.penalties(op)
     }
 
     /// The embedded store is always available: it lives in this process.

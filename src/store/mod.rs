@@ -2,20 +2,22 @@
 //!
 //! This file is the contract: the [`Store`] trait and its error. What a
 //! store is asked and answers is in [`charge`]; the stores themselves are
-//! [`memory`] (the embedded default) and [`redis`]; [`deny_cache`] and
-//! [`observed`] wrap any store, and [`build`] assembles the stack a config
+//! [`memory`] (the embedded default) and [`redis`]; [`ban_cache`],
+//! [`deny_cache`] and [`observed`] wrap any store, and [`build`] assembles the stack a config
 //! asks for.
 
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
+pub mod ban_cache;
 pub mod build;
 pub mod charge;
 pub mod deny_cache;
 pub mod keys;
 pub mod memory;
 pub mod observed;
+pub mod penalty;
 pub mod redis;
 
 pub use build::{AnyStore, Served, build, build_served, check_settings};
@@ -24,6 +26,9 @@ pub use charge::{
     Settled, Settlement,
 };
 pub use observed::{Observed, StoreObserver};
+pub use penalty::{
+    Ban, BanEntry, Penalty, PenaltyAnswer, PenaltyKey, PenaltyOp, PenaltyOutcome, PenaltyRule,
+};
 pub use redis::BuildError;
 
 /// Why a store could not decide.
@@ -68,6 +73,11 @@ impl StoreError {
 ///   every shadow bucket that holds its cost;
 /// - otherwise nothing is taken from any bucket.
 ///
+/// A charge that carries a [`Penalty`] is judged behind its caller's
+/// penalty box in the same atomic step: a caller banned at that instant is
+/// denied with nothing read or taken, and a denial that strikes is counted
+/// (and may start a ban) together with it (see [`penalty`]).
+///
 /// No other decision may observe a state between the check and the take. The
 /// charges of one call are independent of each other: each is atomic on its
 /// own, they may be decided in any order, and one charge's failure never
@@ -76,7 +86,7 @@ impl StoreError {
 /// A bucket that is absent is full. A store may forget a bucket once it has
 /// refilled completely, so memory grows with active buckets only.
 ///
-/// # Five methods, all required
+/// # Seven methods, all required
 /// Every method is required, so a decorator (the deny cache, the observed
 /// store, [`AnyStore`]) cannot forget to pass one on; conveniences built on
 /// them live in [`StoreExt`], which every store gets for free.
@@ -103,6 +113,14 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         &self,
         settlement: &Settlement<'_>,
     ) -> impl Future<Output = Result<Settled, StoreError>> + Send;
+
+    /// The penalty box's operator side: bans, unbans and listings, on the
+    /// store's clock. A ban set here is what charges behind the scope's
+    /// penalty box meet (see [`penalty`]).
+    fn penalties(
+        &self,
+        op: &PenaltyOp<'_>,
+    ) -> impl Future<Output = Result<PenaltyAnswer, StoreError>> + Send;
 
     /// True while the store can answer: used for health reporting.
     fn is_available(&self) -> bool;
@@ -162,6 +180,7 @@ pub trait StoreExt: Store {
                 dry_run,
                 marks: false,
                 open: None,
+                penalty: None,
             };
             self.check_and_take_one(&charge).await
         }

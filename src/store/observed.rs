@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Charge, ChargeOutcome, Settled, Settlement, Store, StoreError};
+use super::{
+    Charge, ChargeOutcome, PenaltyAnswer, PenaltyOp, Settled, Settlement, Store, StoreError,
+};
 
 /// Told of every call through an [`Observed`] store.
 pub trait StoreObserver: Send + Sync + fmt::Debug + 'static {
@@ -92,6 +94,13 @@ impl<S: Store, O: StoreObserver> Store for Observed<S, O> {
     async fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
         let started = Instant::now();
         let result = self.inner.settle(settlement).await;
+        self.report(started, &result);
+        result
+    }
+
+    async fn penalties(&self, op: &PenaltyOp<'_>) -> Result<PenaltyAnswer, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.penalties(op).await;
         self.report(started, &result);
         result
     }

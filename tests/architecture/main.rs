@@ -185,6 +185,7 @@ const BANS: &[Ban] = &[
             "tollgate::store::memory",
             "tollgate::store::redis",
             "tollgate::store::deny_cache",
+            "tollgate::store::ban_cache",
         ],
         but: &[],
     },

@@ -432,6 +432,7 @@ async fn open_reservations_count_against_the_memory_bound() {
             id,
             within_us: 60_000_000,
         }),
+        penalty: None,
     };
     // Room for the one bucket, not for the record of an open reservation.
     let store = MemoryStore::with_max_bytes(1, MemoryStore::bytes_of(&bucket) + 10);
@@ -519,6 +520,7 @@ async fn a_day_budget_resets_at_midnight_on_a_paused_clock() {
             dry_run: false,
             marks: false,
             open: None,
+            penalty: None,
         }
     };
     let spend = store.check_and_take_one(&charge(60)).await.unwrap();

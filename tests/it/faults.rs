@@ -65,6 +65,7 @@ async fn absent_shadow_buckets_that_cannot_pay_do_not_fill_the_memory_bound() {
                 dry_run: false,
                 marks: false,
                 open: None,
+                penalty: None,
             })
             .await
             .expect("the store is not full: only the scope's bucket is held");
@@ -116,6 +117,7 @@ async fn in_a_redis_pipeline_one_failed_reply_does_not_fail_the_others() {
         dry_run: false,
         marks: false,
         open: None,
+        penalty: None,
     };
     assert!(
         store
@@ -162,6 +164,7 @@ async fn the_memory_bound_is_in_bytes_and_long_identities_are_hashed() {
             dry_run: false,
             marks: false,
             open: None,
+            penalty: None,
         };
         assert!(store.check_and_take_one(&c).await.expect("room").allowed);
     }
@@ -176,6 +179,7 @@ async fn the_memory_bound_is_in_bytes_and_long_identities_are_hashed() {
             dry_run: false,
             marks: false,
             open: None,
+            penalty: None,
         };
         refused += usize::from(store.check_and_take_one(&c).await.is_err());
     }
@@ -196,6 +200,7 @@ async fn redis_keys_stay_bounded_for_huge_identities() {
             dry_run: false,
             marks: false,
             open: None,
+            penalty: None,
         };
         assert!(store.check_and_take_one(&c).await.unwrap().allowed);
     }

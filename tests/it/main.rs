@@ -18,6 +18,7 @@ mod fault_matrix;
 mod faults;
 mod grpc;
 mod limiter;
+mod penalty;
 mod redis_config;
 mod redis_standalone;
 mod redis_topologies;

@@ -95,6 +95,7 @@ async fn a_bucket_expires_when_full_and_its_memory_is_measured() {
         dry_run: false,
         marks: false,
         open: None,
+        penalty: None,
     };
     assert!(store.check_and_take(&[drain]).await.unwrap()[0].allowed);
     let key = &bucket_key("test:expiry:", &drain_bucket);

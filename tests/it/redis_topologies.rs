@@ -113,6 +113,7 @@ async fn cluster_spreads_scopes_over_slots_and_reloads_flushed_scripts() {
         dry_run: false,
         marks: false,
         open: None,
+        penalty: None,
     };
     let out = store
         .check_and_take(std::slice::from_ref(&mixed))

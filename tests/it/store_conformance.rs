@@ -13,8 +13,9 @@ use tollgate::bucket::Shape;
 use tollgate::config::HashTag;
 use tollgate::store::memory::MemoryStore;
 use tollgate::store::{
-    BucketCharge, BucketKey, Charge, ChargeOutcome, Condition, Once, Open, SettleBucket, Settled,
-    Settlement, Store, StoreError, StoreExt,
+    BucketCharge, BucketKey, Charge, ChargeOutcome, Condition, Once, Open, Penalty, PenaltyAnswer,
+    PenaltyKey, PenaltyOp, PenaltyRule, SettleBucket, Settled, Settlement, Store, StoreError,
+    StoreExt,
 };
 use tollgate::window::Window;
 
@@ -53,6 +54,7 @@ async fn one(store: &impl Store, buckets: Vec<BucketCharge<'_>>, dry_run: bool) 
             dry_run,
             marks: false,
             open: None,
+            penalty: None,
         }])
         .await
         .expect("store answers");
@@ -184,18 +186,21 @@ async fn charges_in_one_call_are_independent(store: &impl Store) {
                 dry_run: false,
                 marks: false,
                 open: None,
+                penalty: None,
             },
             Charge {
                 buckets: smallvec::smallvec![b],
                 dry_run: false,
                 marks: false,
                 open: None,
+                penalty: None,
             },
             Charge {
                 buckets: smallvec::smallvec![],
                 dry_run: false,
                 marks: false,
                 open: None,
+                penalty: None,
             },
         ])
         .await
@@ -238,6 +243,7 @@ async fn reserve(store: &impl Store, b: BucketCharge<'_>) -> tollgate::bucket::M
             dry_run: false,
             marks: true,
             open: None,
+            penalty: None,
         })
         .await
         .expect("store answers");
@@ -346,6 +352,7 @@ async fn a_reservation_settles_only_while_open_and_once(store: &impl Store) {
             id: [id; 16],
             within_us: 60_000_000,
         }),
+        penalty: None,
     };
     let taken = store.check_and_take_one(&charge(1)).await.expect("answers");
     assert!(taken.allowed);
@@ -383,6 +390,143 @@ async fn a_reservation_settles_only_while_open_and_once(store: &impl Store) {
     assert_eq!(answer(store.settle(&settle(3)).await), None);
 }
 
+fn boxed<'a>(
+    scope: &'a str,
+    identity: &'a str,
+    buckets: Vec<BucketCharge<'a>>,
+    strikes_from: &[bool],
+) -> Charge<'a> {
+    Charge {
+        penalty: Some(Penalty {
+            key: PenaltyKey {
+                scope,
+                identity,
+                operation: None,
+            },
+            rule: PenaltyRule {
+                strikes: 3,
+                within_ns: 60_000 * MS,
+                ban_ns: 60_000 * MS,
+                factor: 2,
+                max_ban_ns: 600_000 * MS,
+                forgive_ns: 600_000 * MS,
+            },
+            strikes_from: strikes_from.iter().copied().collect(),
+            forced: false,
+        }),
+        ..Charge::of(buckets)
+    }
+}
+
+/// The penalty box: only striking buckets' denials strike, the third bans
+/// for the rule's `ban`, and a banned charge reads and takes nothing.
+async fn the_third_strike_bans_and_a_banned_charge_takes_nothing(store: &impl Store) {
+    let wide = bucket("boxed", "wide", 5, 60_000);
+    let narrow = bucket("boxed", "narrow", 1, 60_000);
+    let charge = boxed("boxed", "alice", vec![wide, narrow], &[false, true]);
+    assert!(store.check_and_take_one(&charge).await.unwrap().allowed);
+    for strike in 1..=3 {
+        let o = store.check_and_take_one(&charge).await.unwrap();
+        assert!(!o.allowed && o.penalty.struck, "strike {strike}");
+        assert_eq!(o.penalty.banned.is_some(), strike == 3, "strike {strike}");
+    }
+    let o = store.check_and_take_one(&charge).await.unwrap();
+    let ban = o.penalty.banned.expect("banned");
+    assert!(!ban.started && !o.penalty.struck && o.buckets.is_empty());
+    assert!(
+        ban.retry_after > Duration::from_secs(59) && ban.retry_after <= Duration::from_secs(60),
+        "{:?}",
+        ban.retry_after
+    );
+    let o = one(store, vec![wide], true).await;
+    assert_eq!(o.buckets[0].remaining, 4, "nothing taken since the first");
+    // A denial by a bucket that does not strike never bans.
+    let only_wide = boxed("boxed", "bob", vec![with_cost(wide, 6)], &[false]);
+    for _ in 0..5 {
+        let o = store.check_and_take_one(&only_wide).await.unwrap();
+        assert!(!o.allowed && !o.penalty.struck && o.penalty.banned.is_none());
+    }
+}
+
+/// Strikes a caller reports (failed logins, as dry runs) count like
+/// denials: the third bans, and the ban meets the next charge.
+async fn reported_strikes_ban_like_denials(store: &impl Store) {
+    let b = bucket("reported", "r", 100, 60_000);
+    let mut report = boxed("reported", "guesser", vec![b], &[true]);
+    report.dry_run = true;
+    report.penalty.as_mut().unwrap().forced = true;
+    for strike in 1..=3 {
+        let o = store.check_and_take_one(&report).await.unwrap();
+        assert!(o.allowed, "a dry run with room is allowed");
+        assert!(o.penalty.struck, "strike {strike}");
+        assert_eq!(o.penalty.banned.is_some(), strike == 3);
+    }
+    let next = boxed("reported", "guesser", vec![b], &[true]);
+    let o = store.check_and_take_one(&next).await.unwrap();
+    assert!(!o.allowed && o.penalty.banned.is_some());
+    let o = one(store, vec![b], true).await;
+    assert_eq!(o.buckets[0].remaining, 100, "the reports took nothing");
+}
+
+/// An operator's ban is met by charges, listed with the caller as sent
+/// (a long one hashed), and lifted by an unban.
+async fn operators_ban_list_and_unban(store: &impl Store) {
+    let odd = "a:b%c {d}";
+    let long = "x".repeat(100);
+    let ban = |identity| PenaltyOp::Ban {
+        key: PenaltyKey {
+            scope: "operated",
+            identity,
+            operation: None,
+        },
+        duration: Duration::from_secs(30),
+        forget: Duration::from_secs(60),
+    };
+    for who in [odd, long.as_str()] {
+        let PenaltyAnswer::Banned(b) = store.penalties(&ban(who)).await.unwrap() else {
+            panic!("not banned");
+        };
+        assert_eq!(b.retry_after, Duration::from_secs(30));
+    }
+    let charge = boxed(
+        "operated",
+        odd,
+        vec![bucket("operated", "r", 5, 60_000)],
+        &[true],
+    );
+    let o = store.check_and_take_one(&charge).await.unwrap();
+    assert!(!o.allowed && o.penalty.banned.is_some());
+    let list = PenaltyOp::List {
+        scope: "operated",
+        offset: 0,
+        limit: 10,
+    };
+    let PenaltyAnswer::Listed { total, bans } = store.penalties(&list).await.unwrap() else {
+        panic!("not a listing");
+    };
+    assert_eq!(total, 2);
+    let mut who: Vec<&str> = bans.iter().map(|b| b.identity.as_str()).collect();
+    who.sort_unstable();
+    assert_eq!(who[1], odd, "the caller as sent");
+    assert!(who[0].starts_with('#') && who[0].len() == 65, "{}", who[0]);
+    let unban = PenaltyOp::Unban {
+        key: PenaltyKey {
+            scope: "operated",
+            identity: odd,
+            operation: None,
+        },
+    };
+    assert_eq!(
+        store.penalties(&unban).await.unwrap(),
+        PenaltyAnswer::Unbanned(true)
+    );
+    assert!(store.check_and_take_one(&charge).await.unwrap().allowed);
+    let PenaltyAnswer::Listed { total, .. } = store.penalties(&list).await.unwrap() else {
+        panic!("not a listing");
+    };
+    assert_eq!(total, 1);
+}
+
 /// Runs every case against `store`, naming each as it goes.
 async fn conforms(store: impl Store) {
     macro_rules! cases {
@@ -407,6 +551,9 @@ async fn conforms(store: impl Store) {
         a_settle_far_above_its_estimate_is_bounded,
         a_reservation_settles_only_while_open_and_once,
         a_shaped_burst_is_spread_and_a_denial_takes_nothing,
+        the_third_strike_bans_and_a_banned_charge_takes_nothing,
+        operators_ban_list_and_unban,
+        reported_strikes_ban_like_denials,
     );
 }
 
@@ -471,6 +618,10 @@ impl<S: Store> Store for Retagged<S> {
             b.charge.key.hash_tag = self.1;
         }
         self.0.settle(&settlement).await
+    }
+
+    async fn penalties(&self, op: &PenaltyOp<'_>) -> Result<PenaltyAnswer, StoreError> {
+        self.0.penalties(op).await
     }
 
     fn is_available(&self) -> bool {

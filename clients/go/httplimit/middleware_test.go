@@ -523,3 +523,44 @@ func TestMaxWaitHoldsARequestButNeverPastItsDeadline(t *testing.T) {
 		t.Fatalf("held %v for a delay of %.3f s", held, wait)
 	}
 }
+
+// A caller Tollgate has banned (here: on the scope's deny list) gets the
+// abnormal-usage problem type, not quota-exceeded.
+func TestABannedCallerGetsTheAbnormalUsageProblemType(t *testing.T) {
+	tg := tollgatetest.Start(t, oneEach+"    deny: [\"mallory\"]\n")
+	srv, rec := serve(t, tg.Addr, httplimit.Config{
+		Scope:    httplimit.Static("demo"),
+		Identity: httplimit.Header("X-User"),
+	})
+	for _, tc := range []struct{ user, want string }{
+		{"mallory", httplimit.AbnormalUsageType},
+		{"alice", ""},
+		{"alice", httplimit.QuotaExceededType},
+	} {
+		req, _ := http.NewRequest("GET", srv.URL, nil)
+		req.Header.Set("X-User", tc.user)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		if tc.want == "" {
+			if resp.StatusCode != 204 {
+				t.Fatalf("%s: got %d", tc.user, resp.StatusCode)
+			}
+			continue
+		}
+		var p struct {
+			Type string `json:"type"`
+		}
+		if err := json.NewDecoder(resp.Body).Decode(&p); err != nil {
+			t.Fatal(err)
+		}
+		if resp.StatusCode != 429 || p.Type != tc.want {
+			t.Fatalf("%s: got %d %q, want 429 %q", tc.user, resp.StatusCode, p.Type, tc.want)
+		}
+	}
+	if rec.count() != 1 {
+		t.Fatalf("upstream saw %d requests, want alice's first", rec.count())
+	}
+}

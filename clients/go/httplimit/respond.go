@@ -15,6 +15,10 @@ import (
 // headers-11 section 5.1, with its "violated-policies" extension member.
 const QuotaExceededType = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 
+// AbnormalUsageType is the problem type of draft-ietf-httpapi-ratelimit-
+// headers-11 section 5.3, for a client Tollgate's penalty box has banned.
+const AbnormalUsageType = "https://iana.org/assignments/http-problem-types#abnormal-usage-detected"
+
 // RateLimitedCode is the JSON-RPC error code of a rate-limited call.
 //
 // Deprecated: use [mcp.RateLimitedCode]; this alias goes in the next
@@ -68,6 +72,11 @@ func writeQuotaExceeded(w http.ResponseWriter, ds []tollgate.Decision, legacy bo
 	}
 	if p.ViolatedPolicies == nil {
 		p.ViolatedPolicies = []string{}
+	}
+	for _, d := range ds {
+		if !d.Allowed && d.Banned {
+			p.Type, p.Title = AbnormalUsageType, "Abnormal usage detected"
+		}
 	}
 	if wait, ok := fields.RetryAfter(ds); ok {
 		p.Detail = "Retry in " + strconv.FormatInt(fields.CeilSeconds(wait), 10) + " s."

@@ -72,6 +72,10 @@ type Request struct {
 	// it would let through within that time with a Delay instead of
 	// denying it. Zero: allowed now or denied, as without shaping.
 	MaxWait time.Duration
+	// Strike counts this request as a strike in the scope's penalty box
+	// whatever it is decided: report a failed login as a DryRun with a
+	// Strike.
+	Strike bool
 }
 
 // Decision is Tollgate's answer, or the client's own under the failure
@@ -115,6 +119,10 @@ type Decision struct {
 	// limit with max_delay admitted it): wait this long, then proceed. Its
 	// tokens were taken as of then. Zero: proceed at once.
 	Delay time.Duration
+	// Banned is true when the caller is in the scope's penalty box (or on
+	// its deny list): RetryAfter runs to the ban's end, and nothing was
+	// taken. Tell the client it is being abusive, not merely fast.
+	Banned bool
 }
 
 // Settlement is what [Client.Settle] did.
@@ -159,6 +167,7 @@ func (r *Request) proto() *tollgatev1.ShouldAllowRequest {
 		DryRun:     r.DryRun,
 		Attributes: r.Attributes,
 		Priority:   tollgatev1.Priority(r.Priority),
+		Strike:     r.Strike,
 	}
 	// Zero means unset; a negative one goes as it is, for Tollgate to
 	// refuse naming settle_within.
@@ -184,6 +193,7 @@ func decisionFromProto(p *tollgatev1.ShouldAllowResponse) Decision {
 		Reservation: p.GetReservation(),
 		Buckets:     bucketsFromProto(p.GetBuckets()),
 		Delay:       p.GetDelay().AsDuration(),
+		Banned:      p.GetDenialReason() == tollgatev1.DenialReason_DENIAL_REASON_BANNED,
 	}
 }
 

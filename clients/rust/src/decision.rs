@@ -97,6 +97,9 @@ pub struct DecisionRequest {
     /// that time with a [`Decision::delay`] instead of denying it. `None`:
     /// the caller cannot wait (allow now or deny). At most [`MAX_WAIT`].
     pub max_wait: Option<Duration>,
+    /// Counts this request as a strike in the scope's penalty box whatever
+    /// it is decided: report a failed login as a dry run with a strike.
+    pub strike: bool,
 }
 
 impl DecisionRequest {
@@ -245,6 +248,7 @@ impl DecisionRequest {
             max_wait: self
                 .max_wait
                 .and_then(|d| prost_types::Duration::try_from(d).ok()),
+            strike: self.strike,
         }
     }
 }
@@ -300,6 +304,9 @@ pub struct Decision {
     /// [`DecisionRequest::max_wait`]), how long to wait before proceeding;
     /// zero to proceed at once.
     pub delay: Duration,
+    /// True when the caller is in the scope's penalty box (or on its deny
+    /// list): `retry_after` runs to the ban's end, and nothing was taken.
+    pub banned: bool,
 }
 
 impl Decision {
@@ -461,6 +468,7 @@ impl From<pb::ShouldAllowResponse> for Decision {
                 .filter(|t| !t.is_empty())
                 .map(Reservation),
             delay: duration(r.delay).unwrap_or_default(),
+            banned: r.denial_reason == pb::DenialReason::Banned as i32,
         }
     }
 }

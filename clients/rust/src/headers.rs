@@ -46,6 +46,10 @@ pub const X_RATELIMIT_RESET: HeaderName =
 /// The problem type of draft-11 section 5.1.
 pub const QUOTA_EXCEEDED_TYPE: &str =
     "https://iana.org/assignments/http-problem-types#quota-exceeded";
+/// The problem type of draft-11 section 5.3, for a caller Tollgate's
+/// penalty box has banned.
+pub const ABNORMAL_USAGE_TYPE: &str =
+    "https://iana.org/assignments/http-problem-types#abnormal-usage-detected";
 /// The media type of an RFC 9457 problem document.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -127,11 +131,18 @@ fn bucket(b: &BucketStatus) -> tollgate_headers::Bucket<'_> {
 }
 
 /// The `application/problem+json` body of a 429 (RFC 9457, with draft-11's
-/// `quota-exceeded` type and `violated-policies` member).
+/// `quota-exceeded` type, or `abnormal-usage-detected` for a banned
+/// caller, and `violated-policies` member).
 pub fn problem_details(decisions: &[Decision]) -> Vec<u8> {
+    let banned = decisions.iter().any(|d| !d.allowed && d.banned);
+    let (kind, title) = if banned {
+        (ABNORMAL_USAGE_TYPE, "Abnormal usage detected")
+    } else {
+        (QUOTA_EXCEEDED_TYPE, "Quota exceeded")
+    };
     let mut body = serde_json::json!({
-        "type": QUOTA_EXCEEDED_TYPE,
-        "title": "Quota exceeded",
+        "type": kind,
+        "title": title,
         "status": 429,
         "violated-policies": violated_policies(decisions),
     });
@@ -357,5 +368,16 @@ mod tests {
         assert_eq!(body["status"], 429);
         assert_eq!(body["violated-policies"], serde_json::json!(["per-user"]));
         assert_eq!(body["detail"], "Retry in 3 s.");
+    }
+
+    #[test]
+    fn a_banned_caller_gets_the_abnormal_usage_problem_type() {
+        let mut banned = denied_per_user(90_000);
+        banned.banned = true;
+        banned.buckets.clear();
+        let body: serde_json::Value = serde_json::from_slice(&problem_details(&[banned])).unwrap();
+        assert_eq!(body["type"], ABNORMAL_USAGE_TYPE);
+        assert_eq!(body["title"], "Abnormal usage detected");
+        assert_eq!(body["detail"], "Retry in 90 s.");
     }
 }

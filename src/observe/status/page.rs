@@ -180,7 +180,35 @@ fn scope_html(out: &mut String, scope: &ScopeView, window: Window) {
     for rule in &scope.rules {
         rule_html(out, &scope.name, rule, window);
     }
-    out.push_str("</div></section>");
+    out.push_str("</div>");
+    if let Some(bans) = &scope.bans {
+        bans_html(out, bans);
+    }
+    out.push_str("</section>");
+}
+
+/// A scope's penalty box: how many are banned, and the first few.
+fn bans_html(out: &mut String, bans: &super::BansView) {
+    let _ = write!(
+        out,
+        "<p class=\"bans\">banned now: <b>{}</b> <small>(read {})</small></p><ul class=\"bans\">",
+        bans.total,
+        escape(&bans.read_at)
+    );
+    for b in &bans.first {
+        let op = b
+            .operation
+            .as_deref()
+            .map(|o| format!(" <small>{}</small>", escape(o)))
+            .unwrap_or_default();
+        let _ = write!(
+            out,
+            "<li><code>{}</code>{op}: {} s left</li>",
+            escape(&b.identity),
+            b.seconds_left
+        );
+    }
+    out.push_str("</ul>");
 }
 
 fn rule_html(out: &mut String, scope: &str, r: &RuleView, window: Window) {

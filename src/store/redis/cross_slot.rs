@@ -94,6 +94,12 @@ fn outcome_of(
         buckets,
         now_us,
         delay: if allowed { delay } else { Duration::ZERO },
+        // A lone part carried the charge's penalty box, and its outcome is
+        // the charge's; a split charge carries none.
+        penalty: match plan.as_slice() {
+            [(w, _)] => done[*w].as_ref().map(|o| o.penalty).unwrap_or_default(),
+            _ => Default::default(),
+        },
     })
 }
 
@@ -185,6 +191,11 @@ impl Inner {
                     dry_run: charge.dry_run,
                     marks: charge.marks,
                     open: charge.open.filter(|_| record == Some(n)),
+                    // A penalty box's key shares its scope's slot, as the
+                    // buckets of one caller's charge do under `hash_tag:
+                    // scope` (the only tag a penalty box is allowed with): a
+                    // charge split over slots mixes scopes and carries none.
+                    penalty: charge.penalty.clone().filter(|_| lone),
                 });
             }
             plans.push(plan);

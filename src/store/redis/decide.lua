@@ -30,6 +30,8 @@
 --                              1, 4, 5 (and 12, 13): the charge is shaped
 --                              (see Shaping below);
 --                        n     how many buckets it has, >= 1;
+--            (mode bit 32, a charge behind a penalty box, never shaped:
+--            its rule and flags; see "The penalty box" below)
 --            '<i8'     mode 3 only: the reservation's deadline, in
 --                      microseconds of Redis's clock; modes 12, 13: how
 --                      long the reservation stays open, in microseconds;
@@ -690,10 +692,174 @@ local function decide_lone(k0, at)
   return at
 end
 
+-- ---------------------------------------------------------------------
+-- The penalty box (mode bit 32). src/store/penalty.rs is the reference.
+--
+-- A charge with the bit set carries, right after its header, its scope's
+-- rule '<i8i8i8i8i8i8i8' (strikes, within, ban, factor, max_ban,
+-- forgive_after, times in microseconds; then 1 when the charge is a
+-- strike whatever its decision, a reported one) and one byte per bucket
+-- (1: a denial by this bucket is a strike), then the rest of the charge as
+-- usual; its last two keys are the caller's record
+-- ('<prefix>{<scope>}:%pen:...', in the slot of the buckets), '<i8i8i8i8i8'
+-- (window start, strikes in it, level, ban until, last strike), and the
+-- scope's index of bans ('<prefix>{<scope>}:%bans', see penalty.lua),
+-- written only when a ban starts. A banned
+-- caller (now < ban until) is denied without reading a bucket; otherwise
+-- the charge is decided as usual, and a denial (not a dry run) by a
+-- striking bucket counts a strike, the strikes-th in the window starting a
+-- ban of ban * factor^level, at most max_ban; the level is forgiven after
+-- forgive_after without a strike or a ban. The record expires when it
+-- means nothing any more. Its reply is the charge's as usual (all zeros
+-- when banned), then three more integers: the ban's end (0 for none), 1
+-- when this charge started it, 1 when this charge struck.
+-- ---------------------------------------------------------------------
+local penalty = nil
+local function penalty_fns()
+  if penalty then
+    return penalty
+  end
+  local max, min = math.max, math.min
+
+  -- The record at key as a table, {0,0,0,0,0} when absent; nil on a data
+  -- error.
+  local function load_record(key)
+    local v = get(key)
+    if v == nil then
+      return nil
+    end
+    if v and #v == 40 then
+      local a, b, c, d, e = unpack('<i8i8i8i8i8', v)
+      return { a, b, c, d, e }
+    end
+    return { 0, 0, 0, 0, 0 }
+  end
+
+  local function ban_at(r, level)
+    local d = min(r.ban, r.max_ban)
+    for _ = 1, level do
+      if d >= r.max_ban or r.factor <= 1 then
+        break
+      end
+      d = min(d * r.factor, r.max_ban)
+    end
+    return d
+  end
+
+  -- Counts a strike at now; true when it starts a ban.
+  local function strike(rec, r)
+    if rec[3] > 0 and now >= max(rec[5], rec[4]) + r.forgive then
+      rec[3] = 0
+    end
+    if rec[2] == 0 or now >= rec[1] + r.within then
+      rec[1], rec[2] = now, 0
+    end
+    rec[2], rec[5] = rec[2] + 1, now
+    if rec[2] < r.strikes then
+      return false
+    end
+    rec[4] = now + ban_at(r, rec[3])
+    rec[3] = min(rec[3] + 1, 64)
+    rec[2] = 0
+    return true
+  end
+
+  local function forget_at(rec, r)
+    return max(max(rec[5], rec[4]) + r.forgive, rec[1] + r.within, rec[4])
+  end
+
+  -- The position after a charge's numbers, unread.
+  local function skip(at, n, open)
+    if open then
+      at = at + 8
+    end
+    for _ = 1, n do
+      local _, period = unpack('<i8i8', blob, at)
+      at = at + 32
+      if period == 0 then
+        at = at + 32
+      end
+    end
+    return at
+  end
+
+  -- A charge answered without its buckets: status, zeros, the trailer.
+  local function answer(status, n, per, ban_until)
+    out[#out + 1] = status
+    for _ = 1, n * per do
+      out[#out + 1] = 0
+    end
+    local o = #out
+    out[o + 1], out[o + 2], out[o + 3] = ban_until, 0, 0
+  end
+
+  -- Lists a ban in the scope's index (the key after the record's): a
+  -- sorted set of the record keys' caller parts by ban end, kept while
+  -- its latest ban lasts, for ListBans. A failure here fails nothing.
+  local function index_ban(index, key, ban_until)
+    local member = string.match(key, '.*:%%pen:(.*)$') or key
+    redis.pcall('ZREMRANGEBYSCORE', index, '-inf', now)
+    redis.pcall('ZADD', index, ban_until, member)
+    local ms = floor((ban_until - now + 999) / 1000)
+    local ttl = redis.pcall('PTTL', index)
+    if type(ttl) == 'number' and ttl < ms then
+      redis.pcall('PEXPIRE', index, ms)
+    end
+  end
+
+  local function penalized(k0, at, n, mode, open)
+    local r = {}
+    local forced
+    r.strikes, r.within, r.ban, r.factor, r.max_ban, r.forgive, forced, at =
+      unpack('<i8i8i8i8i8i8i8', blob, at)
+    local flags = { string.byte(blob, at, at + n - 1) }
+    at = at + n
+    local key = KEYS[k0 + n + (open and 1 or 0) + 1]
+    local per = mode >= 4 and 6 or 3
+    local rec = load_record(key)
+    if rec == nil or now < rec[4] then
+      answer(rec == nil and -1 or 0, n, per, rec and rec[4] or 0)
+      return skip(at, n, open)
+    end
+    local status = #out + 1
+    at = decide(k0, at, n, mode % 2 == 1, mode >= 4, open)
+    local struck = forced == 1 and out[status] >= 0
+    if out[status] == 0 and mode % 2 == 0 then
+      for i = 1, n do
+        if flags[i] == 1 and out[status + 1 + per * (i - 1)] == 0 then
+          struck = true
+        end
+      end
+    end
+    local started, ban_until = false, 0
+    if struck then
+      started = strike(rec, r)
+      set(key, pack('<i8i8i8i8i8', rec[1], rec[2], rec[3], rec[4], rec[5]),
+        forget_at(rec, r) - now)
+      if started then
+        ban_until = rec[4]
+        index_ban(KEYS[k0 + n + (open and 1 or 0) + 2], key, ban_until)
+      end
+    end
+    out[#out + 1] = ban_until
+    out[#out + 1] = started and 1 or 0
+    out[#out + 1] = struck and 1 or 0
+    return at
+  end
+
+  penalty = penalized
+  return penalty
+end
+-- ------------------------------ end of the penalty box ----------------
+
 local k0, at = 0, 1
 while at <= #blob do
   local mode, n
   mode, n, at = unpack('<BH', blob, at)
+  local pen = mode >= 32
+  if pen then
+    mode = mode - 32
+  end
   local shaped = mode >= 16
   if shaped then
     mode = mode - 16
@@ -707,6 +873,12 @@ while at <= #blob do
     if mode == 3 then
       k0 = k0 + 1
     end
+  elseif pen then
+    at = penalty_fns()(k0, at, n, mode, open)
+    if open then
+      k0 = k0 + 1
+    end
+    k0 = k0 + 2
   else
     at = mode == 0 and n == 1 and not shaped and decide_lone(k0, at)
       or decide(k0, at, n, mode % 2 == 1, mode >= 4, open, shaped)

@@ -38,7 +38,7 @@ use std::fmt::Write as _;
 
 use crate::config::HashTag;
 use crate::store::keys::KeyPart;
-use crate::store::{BucketCharge, BucketKey};
+use crate::store::{BucketCharge, BucketKey, PenaltyKey};
 
 /// The default prefix (a config default); the number is the schema's version.
 pub use crate::config::DEFAULT_REDIS_KEY_PREFIX as DEFAULT_PREFIX;
@@ -94,6 +94,81 @@ pub fn open_key(prefix: &str, bucket: &BucketCharge<'_>, id: &[u8; 16]) -> Strin
     out
 }
 
+/// The key of a caller's penalty-box record, in its scope's hash slot, so
+/// one script call reads it with the scope's buckets:
+/// `<prefix>{<scope>}:%pen:<identity>:<operation>`, the caller's parts
+/// escaped or hashed as a bucket's are (`*` for no operation). No bucket
+/// key has a rule part starting with `%p` (escaping writes `%` only before
+/// two hex digits).
+pub fn penalty_key(prefix: &str, key: &PenaltyKey<'_>) -> String {
+    let mut out = String::with_capacity(prefix.len() + 48 + key.scope.len());
+    out.push_str(prefix);
+    out.push('{');
+    push_scope_tag(&mut out, key.scope);
+    out.push_str("}:%pen");
+    for part in [Some(key.identity), key.operation] {
+        out.push(':');
+        push_part(&mut out, part);
+    }
+    out
+}
+
+/// The key of a scope's index of bans in force, in its hash slot: a
+/// sorted set whose members are the caller parts of penalty keys (after
+/// `%pen:`) and whose scores are the bans' ends, for listing them:
+/// `<prefix>{<scope>}:%bans`.
+pub fn bans_key(prefix: &str, scope: &str) -> String {
+    let mut out = String::with_capacity(prefix.len() + 16 + scope.len());
+    out.push_str(prefix);
+    out.push('{');
+    push_scope_tag(&mut out, scope);
+    out.push_str("}:%bans");
+    out
+}
+
+/// Reads back a caller part [`penalty_key`] wrote (`<identity>:<op>`): the
+/// identity and the operation, unescaped (a hashed part stays `#` and its
+/// hex).
+pub fn caller_of(member: &str) -> (String, Option<String>) {
+    let (identity, operation) = member.split_once(':').unwrap_or((member, "*"));
+    let operation = (operation != "*").then(|| unescape(operation));
+    (unescape(identity), operation)
+}
+
+fn unescape(part: &str) -> String {
+    let bytes = part.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A scope's own tag, as `hash_tag: scope` writes it: the penalty box's
+/// keys live there whatever the scope's buckets use (config allows a
+/// penalty box only with `hash_tag: scope`).
+fn push_scope_tag(out: &mut String, scope: &str) {
+    if scope.is_empty() {
+        out.push('%');
+    } else {
+        push_escaped(out, scope);
+    }
+}
+
 /// The hash tag of a bucket's key: buckets with equal tags share a slot.
 pub(crate) fn hash_tag(key: &BucketKey<'_>) -> String {
     let mut out = String::new();
@@ -133,11 +208,7 @@ pub(crate) fn slot(key: &BucketKey<'_>) -> u16 {
 /// The tag: the scope, then the parts its `hash_tag` names that the bucket
 /// has. Escaped parts hold no `:`, so the scope ends at the first one.
 fn push_tag(out: &mut String, key: &BucketKey<'_>) {
-    if key.scope.is_empty() {
-        out.push('%');
-    } else {
-        push_escaped(out, key.scope);
-    }
+    push_scope_tag(out, key.scope);
     let (identity, operation) = match key.hash_tag {
         HashTag::Scope => (None, None),
         HashTag::Identity => (key.identity, None),

@@ -55,7 +55,10 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use redis::{ErrorKind, ServerErrorKind, Value};
 
-use super::{Charge, ChargeOutcome, Condition, Settled, Settlement, Store, StoreError};
+use super::{
+    Charge, ChargeOutcome, Condition, PenaltyAnswer, PenaltyOp, Settled, Settlement, Store,
+    StoreError,
+};
 use crate::config::RedisConfig;
 
 pub mod breaker;
@@ -66,6 +69,7 @@ mod cross_slot;
 mod eviction;
 pub mod keys;
 mod lanes;
+mod penalties;
 mod script;
 mod topology;
 
@@ -444,6 +448,10 @@ fn call_failed(e: CallError) -> StoreError {
 }
 
 impl Store for RedisStore {
+    async fn penalties(&self, op: &PenaltyOp<'_>) -> Result<PenaltyAnswer, StoreError> {
+        self.inner.penalties(op).await
+    }
+
     async fn check_and_take_each(
         &self,
         charges: &[Charge<'_>],

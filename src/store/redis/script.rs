@@ -7,9 +7,12 @@
 
 use redis::Cmd;
 
-use super::keys::{bucket_key, open_key};
+use super::keys::{bans_key, bucket_key, open_key, penalty_key};
 use crate::bucket::{Budget, Ledger, Mark, Shape, Tat};
-use crate::store::{BucketCharge, Charge, ChargeOutcome, Settled, Settlement, StoreError};
+use crate::store::{
+    Ban, BucketCharge, Charge, ChargeOutcome, Penalty, PenaltyOutcome, Settled, Settlement,
+    StoreError,
+};
 use crate::window::Window;
 
 /// The script's source.
@@ -52,13 +55,16 @@ pub(crate) struct Encoded {
     pub(crate) numbers: Vec<u8>,
     /// Shaping: the reply carries the charge's wait after its status.
     pub(crate) shaped: bool,
+    /// Integers the script answers after the buckets': 3 for a charge
+    /// behind a penalty box (ban end, started, struck), else 0.
+    pub(crate) trailer: usize,
 }
 
 impl Encoded {
     /// Integers the script answers for this charge: status, then six per
     /// bucket.
     pub(crate) fn reply_len(&self) -> usize {
-        1 + usize::from(self.shaped) + self.per_bucket * self.buckets
+        1 + usize::from(self.shaped) + self.per_bucket * self.buckets + self.trailer
     }
 }
 
@@ -112,12 +118,20 @@ fn header(mode: u8, n: usize) -> Vec<u8> {
 pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, marked: bool, now_us: u64) -> Encoded {
     let n = charge.buckets.len().min(usize::from(u16::MAX));
     let open = charge.open.filter(|_| n > 0);
-    let shaped = is_shaped(charge);
+    let penalty = charge.penalty.as_ref().filter(|_| n > 0);
+    // A charge behind a penalty box is never shaped: config refuses
+    // `max_delay` in a scope with one, and the script's penalty box reads
+    // plain replies.
+    let shaped = is_shaped(charge) && charge.penalty.is_none();
     let mode = u8::from(charge.dry_run)
         | if marked || open.is_some() { 4 } else { 0 }
         | if open.is_some() { 8 } else { 0 }
-        | if shaped { 16 } else { 0 };
+        | if shaped { 16 } else { 0 }
+        | if penalty.is_some() { PENALTY_MODE } else { 0 };
     let mut numbers = header(mode, n);
+    if let Some(p) = penalty {
+        push_penalty(&mut numbers, p, n);
+    }
     if let Some(open) = open {
         numbers.extend_from_slice(&i8_of(open.within_us));
     }
@@ -141,6 +155,10 @@ pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, marked: bool, now_us: u6
     if let (Some(open), Some(first)) = (open, charge.buckets.first()) {
         keys.push(open_key(prefix, first, &open.id));
     }
+    if let Some(p) = penalty {
+        keys.push(penalty_key(prefix, &p.key));
+        keys.push(bans_key(prefix, p.key.scope));
+    }
     Encoded {
         keys,
         buckets: n,
@@ -151,6 +169,52 @@ pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, marked: bool, now_us: u6
         },
         numbers,
         shaped,
+        trailer: if penalty.is_some() { TRAILER } else { 0 },
+    }
+}
+
+/// The mode bit of a charge behind a penalty box.
+const PENALTY_MODE: u8 = 32;
+
+/// Integers a penalty box adds to a charge's reply: the ban's end, whether
+/// this charge started it, whether it struck.
+const TRAILER: usize = 3;
+
+/// Packs a penalty box's rule (in microseconds) and one strike flag per
+/// bucket of the `n` sent.
+fn push_penalty(numbers: &mut Vec<u8>, penalty: &Penalty<'_>, n: usize) {
+    let r = penalty.rule.in_micros();
+    for v in [
+        r.strikes,
+        r.within_ns,
+        r.ban_ns,
+        r.factor,
+        r.max_ban_ns,
+        r.forgive_ns,
+        u64::from(penalty.forced),
+    ] {
+        numbers.extend_from_slice(&i8_of(v));
+    }
+    for i in 0..n {
+        let strikes = penalty.strikes_from.get(i).copied().unwrap_or(false);
+        numbers.push(u8::from(strikes));
+    }
+}
+
+/// Reads a penalty box's trailer (`ban end, started, struck`) decided at
+/// `now` (both microseconds of Redis's clock).
+fn penalty_outcome(trailer: &[i64], now: u64) -> PenaltyOutcome {
+    let [until, started, struck] = *trailer else {
+        return PenaltyOutcome::default();
+    };
+    let until = u64::try_from(until).unwrap_or(0);
+    PenaltyOutcome {
+        banned: (until > now).then(|| Ban {
+            retry_after: std::time::Duration::from_micros(until - now),
+            until_us: until,
+            started: started == 1,
+        }),
+        struck: struck == 1,
     }
 }
 
@@ -215,6 +279,7 @@ pub(crate) fn encode_settle(prefix: &str, settlement: &Settlement<'_>, now_us: u
         per_bucket: MARKED,
         numbers,
         shaped: false,
+        trailer: 0,
     }
 }
 
@@ -320,9 +385,32 @@ pub(crate) fn outcome(
     now: i64,
     reply: &[i64],
 ) -> Result<ChargeOutcome, StoreError> {
-    let shaped = is_shaped(charge);
+    let trailer = if charge.penalty.is_some() && !charge.buckets.is_empty() {
+        TRAILER
+    } else {
+        0
+    };
+    let shaped = is_shaped(charge) && charge.penalty.is_none();
+    let Some(split) = reply.len().checked_sub(trailer) else {
+        return Err(StoreError::permanent(BadReply {
+            got: reply.len(),
+            expected: 1 + PLAIN * charge.buckets.len() + trailer,
+        }));
+    };
+    let (reply, trailer) = reply.split_at(split);
     let per = check(reply, charge.buckets.len(), 1 + usize::from(shaped))?;
     let now = u64::try_from(now).unwrap_or(0);
+    let penalty = penalty_outcome(trailer, now);
+    if penalty.banned.is_some_and(|b| !b.started) {
+        // Banned before this charge: no bucket was read.
+        return Ok(ChargeOutcome {
+            allowed: false,
+            buckets: smallvec::SmallVec::new(),
+            now_us: now,
+            delay: std::time::Duration::ZERO,
+            penalty,
+        });
+    }
     // A shaped reply's wait sits after its status; the buckets follow it.
     let status = reply[0];
     let (delay, reply) = if shaped {
@@ -358,6 +446,7 @@ pub(crate) fn outcome(
         buckets,
         now_us: now,
         delay: std::time::Duration::from_micros(delay),
+        penalty,
     })
 }
 
@@ -420,6 +509,7 @@ mod tests {
             dry_run: false,
             marks: false,
             open: None,
+            penalty: None,
         }
     }
 

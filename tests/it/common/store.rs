@@ -37,6 +37,7 @@ pub fn charge(identity: &str, capacity: u64, period: Duration) -> Charge<'_> {
         dry_run: false,
         marks: false,
         open: None,
+        penalty: None,
     }
 }
 

@@ -134,6 +134,452 @@ func (RankBy) EnumDescriptor() ([]byte, []int) {
 	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{1}
 }
 
+type BanRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// A scope with a penalty box.
+	Scope string `protobuf:"bytes,1,opt,name=scope,proto3" json:"scope,omitempty"`
+	// The caller, 1 to 256 bytes.
+	Identity string `protobuf:"bytes,2,opt,name=identity,proto3" json:"identity,omitempty"`
+	// The operation, required when the scope bans per identity and
+	// operation, refused otherwise.
+	Operation string `protobuf:"bytes,3,opt,name=operation,proto3" json:"operation,omitempty"`
+	// 1 ms to 366 days.
+	Duration *durationpb.Duration `protobuf:"bytes,4,opt,name=duration,proto3" json:"duration,omitempty"`
+	// Why, for the audit line; at most 256 bytes.
+	Reason        string `protobuf:"bytes,5,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BanRequest) Reset() {
+	*x = BanRequest{}
+	mi := &file_tollgate_v1_admin_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BanRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BanRequest) ProtoMessage() {}
+
+func (x *BanRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tollgate_v1_admin_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BanRequest.ProtoReflect.Descriptor instead.
+func (*BanRequest) Descriptor() ([]byte, []int) {
+	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *BanRequest) GetScope() string {
+	if x != nil {
+		return x.Scope
+	}
+	return ""
+}
+
+func (x *BanRequest) GetIdentity() string {
+	if x != nil {
+		return x.Identity
+	}
+	return ""
+}
+
+func (x *BanRequest) GetOperation() string {
+	if x != nil {
+		return x.Operation
+	}
+	return ""
+}
+
+func (x *BanRequest) GetDuration() *durationpb.Duration {
+	if x != nil {
+		return x.Duration
+	}
+	return nil
+}
+
+func (x *BanRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type BanResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Until the ban ends, from the store's clock now.
+	Remaining *durationpb.Duration `protobuf:"bytes,1,opt,name=remaining,proto3" json:"remaining,omitempty"`
+	// When it ends, microseconds since the Unix epoch on the store's clock.
+	UntilUnixMicros int64 `protobuf:"varint,2,opt,name=until_unix_micros,json=untilUnixMicros,proto3" json:"until_unix_micros,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *BanResponse) Reset() {
+	*x = BanResponse{}
+	mi := &file_tollgate_v1_admin_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BanResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BanResponse) ProtoMessage() {}
+
+func (x *BanResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tollgate_v1_admin_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BanResponse.ProtoReflect.Descriptor instead.
+func (*BanResponse) Descriptor() ([]byte, []int) {
+	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *BanResponse) GetRemaining() *durationpb.Duration {
+	if x != nil {
+		return x.Remaining
+	}
+	return nil
+}
+
+func (x *BanResponse) GetUntilUnixMicros() int64 {
+	if x != nil {
+		return x.UntilUnixMicros
+	}
+	return 0
+}
+
+type UnbanRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Scope    string                 `protobuf:"bytes,1,opt,name=scope,proto3" json:"scope,omitempty"`
+	Identity string                 `protobuf:"bytes,2,opt,name=identity,proto3" json:"identity,omitempty"`
+	// As in BanRequest.
+	Operation string `protobuf:"bytes,3,opt,name=operation,proto3" json:"operation,omitempty"`
+	// Why, for the audit line; at most 256 bytes.
+	Reason        string `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UnbanRequest) Reset() {
+	*x = UnbanRequest{}
+	mi := &file_tollgate_v1_admin_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UnbanRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UnbanRequest) ProtoMessage() {}
+
+func (x *UnbanRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tollgate_v1_admin_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UnbanRequest.ProtoReflect.Descriptor instead.
+func (*UnbanRequest) Descriptor() ([]byte, []int) {
+	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *UnbanRequest) GetScope() string {
+	if x != nil {
+		return x.Scope
+	}
+	return ""
+}
+
+func (x *UnbanRequest) GetIdentity() string {
+	if x != nil {
+		return x.Identity
+	}
+	return ""
+}
+
+func (x *UnbanRequest) GetOperation() string {
+	if x != nil {
+		return x.Operation
+	}
+	return ""
+}
+
+func (x *UnbanRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type UnbanResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// True when a ban was in force.
+	WasBanned     bool `protobuf:"varint,1,opt,name=was_banned,json=wasBanned,proto3" json:"was_banned,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UnbanResponse) Reset() {
+	*x = UnbanResponse{}
+	mi := &file_tollgate_v1_admin_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UnbanResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UnbanResponse) ProtoMessage() {}
+
+func (x *UnbanResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tollgate_v1_admin_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UnbanResponse.ProtoReflect.Descriptor instead.
+func (*UnbanResponse) Descriptor() ([]byte, []int) {
+	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *UnbanResponse) GetWasBanned() bool {
+	if x != nil {
+		return x.WasBanned
+	}
+	return false
+}
+
+type ListBansRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Scope string                 `protobuf:"bytes,1,opt,name=scope,proto3" json:"scope,omitempty"`
+	// 1 to 1000; 0 means 100.
+	PageSize uint32 `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// The `next_page_token` of the previous page; empty for the first.
+	PageToken     string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListBansRequest) Reset() {
+	*x = ListBansRequest{}
+	mi := &file_tollgate_v1_admin_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListBansRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListBansRequest) ProtoMessage() {}
+
+func (x *ListBansRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tollgate_v1_admin_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListBansRequest.ProtoReflect.Descriptor instead.
+func (*ListBansRequest) Descriptor() ([]byte, []int) {
+	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *ListBansRequest) GetScope() string {
+	if x != nil {
+		return x.Scope
+	}
+	return ""
+}
+
+func (x *ListBansRequest) GetPageSize() uint32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListBansRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+type BannedCaller struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// As the store keeps it: a caller over 64 bytes is `#` and the hex of
+	// its SHA-256.
+	Identity string `protobuf:"bytes,1,opt,name=identity,proto3" json:"identity,omitempty"`
+	// Empty unless the scope bans per identity and operation.
+	Operation       string               `protobuf:"bytes,2,opt,name=operation,proto3" json:"operation,omitempty"`
+	Remaining       *durationpb.Duration `protobuf:"bytes,3,opt,name=remaining,proto3" json:"remaining,omitempty"`
+	UntilUnixMicros int64                `protobuf:"varint,4,opt,name=until_unix_micros,json=untilUnixMicros,proto3" json:"until_unix_micros,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *BannedCaller) Reset() {
+	*x = BannedCaller{}
+	mi := &file_tollgate_v1_admin_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BannedCaller) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BannedCaller) ProtoMessage() {}
+
+func (x *BannedCaller) ProtoReflect() protoreflect.Message {
+	mi := &file_tollgate_v1_admin_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BannedCaller.ProtoReflect.Descriptor instead.
+func (*BannedCaller) Descriptor() ([]byte, []int) {
+	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *BannedCaller) GetIdentity() string {
+	if x != nil {
+		return x.Identity
+	}
+	return ""
+}
+
+func (x *BannedCaller) GetOperation() string {
+	if x != nil {
+		return x.Operation
+	}
+	return ""
+}
+
+func (x *BannedCaller) GetRemaining() *durationpb.Duration {
+	if x != nil {
+		return x.Remaining
+	}
+	return nil
+}
+
+func (x *BannedCaller) GetUntilUnixMicros() int64 {
+	if x != nil {
+		return x.UntilUnixMicros
+	}
+	return 0
+}
+
+type ListBansResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Bans  []*BannedCaller        `protobuf:"bytes,1,rep,name=bans,proto3" json:"bans,omitempty"`
+	// Empty on the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	// Bans in force in the scope, over all pages.
+	Total         uint64 `protobuf:"varint,3,opt,name=total,proto3" json:"total,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListBansResponse) Reset() {
+	*x = ListBansResponse{}
+	mi := &file_tollgate_v1_admin_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListBansResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListBansResponse) ProtoMessage() {}
+
+func (x *ListBansResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tollgate_v1_admin_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListBansResponse.ProtoReflect.Descriptor instead.
+func (*ListBansResponse) Descriptor() ([]byte, []int) {
+	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *ListBansResponse) GetBans() []*BannedCaller {
+	if x != nil {
+		return x.Bans
+	}
+	return nil
+}
+
+func (x *ListBansResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
+func (x *ListBansResponse) GetTotal() uint64 {
+	if x != nil {
+		return x.Total
+	}
+	return 0
+}
+
 type TopIdentitiesRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The scope; empty means every scope seen.
@@ -151,7 +597,7 @@ type TopIdentitiesRequest struct {
 
 func (x *TopIdentitiesRequest) Reset() {
 	*x = TopIdentitiesRequest{}
-	mi := &file_tollgate_v1_admin_proto_msgTypes[0]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -163,7 +609,7 @@ func (x *TopIdentitiesRequest) String() string {
 func (*TopIdentitiesRequest) ProtoMessage() {}
 
 func (x *TopIdentitiesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tollgate_v1_admin_proto_msgTypes[0]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -176,7 +622,7 @@ func (x *TopIdentitiesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TopIdentitiesRequest.ProtoReflect.Descriptor instead.
 func (*TopIdentitiesRequest) Descriptor() ([]byte, []int) {
-	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{0}
+	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *TopIdentitiesRequest) GetScope() string {
@@ -224,7 +670,7 @@ type TopIdentitiesResponse struct {
 
 func (x *TopIdentitiesResponse) Reset() {
 	*x = TopIdentitiesResponse{}
-	mi := &file_tollgate_v1_admin_proto_msgTypes[1]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -236,7 +682,7 @@ func (x *TopIdentitiesResponse) String() string {
 func (*TopIdentitiesResponse) ProtoMessage() {}
 
 func (x *TopIdentitiesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tollgate_v1_admin_proto_msgTypes[1]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -249,7 +695,7 @@ func (x *TopIdentitiesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TopIdentitiesResponse.ProtoReflect.Descriptor instead.
 func (*TopIdentitiesResponse) Descriptor() ([]byte, []int) {
-	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{1}
+	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *TopIdentitiesResponse) GetRules() []*RuleTop {
@@ -280,7 +726,7 @@ type RuleTop struct {
 
 func (x *RuleTop) Reset() {
 	*x = RuleTop{}
-	mi := &file_tollgate_v1_admin_proto_msgTypes[2]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -292,7 +738,7 @@ func (x *RuleTop) String() string {
 func (*RuleTop) ProtoMessage() {}
 
 func (x *RuleTop) ProtoReflect() protoreflect.Message {
-	mi := &file_tollgate_v1_admin_proto_msgTypes[2]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -305,7 +751,7 @@ func (x *RuleTop) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RuleTop.ProtoReflect.Descriptor instead.
 func (*RuleTop) Descriptor() ([]byte, []int) {
-	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{2}
+	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RuleTop) GetScope() string {
@@ -377,7 +823,7 @@ type IdentityCount struct {
 
 func (x *IdentityCount) Reset() {
 	*x = IdentityCount{}
-	mi := &file_tollgate_v1_admin_proto_msgTypes[3]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -389,7 +835,7 @@ func (x *IdentityCount) String() string {
 func (*IdentityCount) ProtoMessage() {}
 
 func (x *IdentityCount) ProtoReflect() protoreflect.Message {
-	mi := &file_tollgate_v1_admin_proto_msgTypes[3]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -402,7 +848,7 @@ func (x *IdentityCount) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IdentityCount.ProtoReflect.Descriptor instead.
 func (*IdentityCount) Descriptor() ([]byte, []int) {
-	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{3}
+	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *IdentityCount) GetIdentity() string {
@@ -437,7 +883,7 @@ type UtilizationRequest struct {
 
 func (x *UtilizationRequest) Reset() {
 	*x = UtilizationRequest{}
-	mi := &file_tollgate_v1_admin_proto_msgTypes[4]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -449,7 +895,7 @@ func (x *UtilizationRequest) String() string {
 func (*UtilizationRequest) ProtoMessage() {}
 
 func (x *UtilizationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tollgate_v1_admin_proto_msgTypes[4]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -462,7 +908,7 @@ func (x *UtilizationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UtilizationRequest.ProtoReflect.Descriptor instead.
 func (*UtilizationRequest) Descriptor() ([]byte, []int) {
-	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{4}
+	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *UtilizationRequest) GetScope() string {
@@ -488,7 +934,7 @@ type UtilizationResponse struct {
 
 func (x *UtilizationResponse) Reset() {
 	*x = UtilizationResponse{}
-	mi := &file_tollgate_v1_admin_proto_msgTypes[5]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -500,7 +946,7 @@ func (x *UtilizationResponse) String() string {
 func (*UtilizationResponse) ProtoMessage() {}
 
 func (x *UtilizationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tollgate_v1_admin_proto_msgTypes[5]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -513,7 +959,7 @@ func (x *UtilizationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UtilizationResponse.ProtoReflect.Descriptor instead.
 func (*UtilizationResponse) Descriptor() ([]byte, []int) {
-	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{5}
+	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *UtilizationResponse) GetRules() []*RuleUtilization {
@@ -553,7 +999,7 @@ type RuleUtilization struct {
 
 func (x *RuleUtilization) Reset() {
 	*x = RuleUtilization{}
-	mi := &file_tollgate_v1_admin_proto_msgTypes[6]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -565,7 +1011,7 @@ func (x *RuleUtilization) String() string {
 func (*RuleUtilization) ProtoMessage() {}
 
 func (x *RuleUtilization) ProtoReflect() protoreflect.Message {
-	mi := &file_tollgate_v1_admin_proto_msgTypes[6]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -578,7 +1024,7 @@ func (x *RuleUtilization) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RuleUtilization.ProtoReflect.Descriptor instead.
 func (*RuleUtilization) Descriptor() ([]byte, []int) {
-	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{6}
+	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *RuleUtilization) GetScope() string {
@@ -686,7 +1132,7 @@ type CapacityHint struct {
 
 func (x *CapacityHint) Reset() {
 	*x = CapacityHint{}
-	mi := &file_tollgate_v1_admin_proto_msgTypes[7]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -698,7 +1144,7 @@ func (x *CapacityHint) String() string {
 func (*CapacityHint) ProtoMessage() {}
 
 func (x *CapacityHint) ProtoReflect() protoreflect.Message {
-	mi := &file_tollgate_v1_admin_proto_msgTypes[7]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -711,7 +1157,7 @@ func (x *CapacityHint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CapacityHint.ProtoReflect.Descriptor instead.
 func (*CapacityHint) Descriptor() ([]byte, []int) {
-	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{7}
+	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *CapacityHint) GetKind() string {
@@ -747,7 +1193,7 @@ type ExplainRequest struct {
 
 func (x *ExplainRequest) Reset() {
 	*x = ExplainRequest{}
-	mi := &file_tollgate_v1_admin_proto_msgTypes[8]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -759,7 +1205,7 @@ func (x *ExplainRequest) String() string {
 func (*ExplainRequest) ProtoMessage() {}
 
 func (x *ExplainRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tollgate_v1_admin_proto_msgTypes[8]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -772,7 +1218,7 @@ func (x *ExplainRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExplainRequest.ProtoReflect.Descriptor instead.
 func (*ExplainRequest) Descriptor() ([]byte, []int) {
-	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{8}
+	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ExplainRequest) GetRequest() *ShouldAllowRequest {
@@ -797,7 +1243,7 @@ type ExplainResponse struct {
 
 func (x *ExplainResponse) Reset() {
 	*x = ExplainResponse{}
-	mi := &file_tollgate_v1_admin_proto_msgTypes[9]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -809,7 +1255,7 @@ func (x *ExplainResponse) String() string {
 func (*ExplainResponse) ProtoMessage() {}
 
 func (x *ExplainResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tollgate_v1_admin_proto_msgTypes[9]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -822,7 +1268,7 @@ func (x *ExplainResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExplainResponse.ProtoReflect.Descriptor instead.
 func (*ExplainResponse) Descriptor() ([]byte, []int) {
-	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{9}
+	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ExplainResponse) GetScopeConfigured() bool {
@@ -866,7 +1312,7 @@ type LimitExplained struct {
 
 func (x *LimitExplained) Reset() {
 	*x = LimitExplained{}
-	mi := &file_tollgate_v1_admin_proto_msgTypes[10]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -878,7 +1324,7 @@ func (x *LimitExplained) String() string {
 func (*LimitExplained) ProtoMessage() {}
 
 func (x *LimitExplained) ProtoReflect() protoreflect.Message {
-	mi := &file_tollgate_v1_admin_proto_msgTypes[10]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -891,7 +1337,7 @@ func (x *LimitExplained) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LimitExplained.ProtoReflect.Descriptor instead.
 func (*LimitExplained) Descriptor() ([]byte, []int) {
-	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{10}
+	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *LimitExplained) GetRule() string {
@@ -954,7 +1400,39 @@ var File_tollgate_v1_admin_proto protoreflect.FileDescriptor
 
 const file_tollgate_v1_admin_proto_rawDesc = "" +
 	"\n" +
-	"\x17tollgate/v1/admin.proto\x12\vtollgate.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1atollgate/v1/tollgate.proto\"\xa8\x01\n" +
+	"\x17tollgate/v1/admin.proto\x12\vtollgate.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1atollgate/v1/tollgate.proto\"\xab\x01\n" +
+	"\n" +
+	"BanRequest\x12\x14\n" +
+	"\x05scope\x18\x01 \x01(\tR\x05scope\x12\x1a\n" +
+	"\bidentity\x18\x02 \x01(\tR\bidentity\x12\x1c\n" +
+	"\toperation\x18\x03 \x01(\tR\toperation\x125\n" +
+	"\bduration\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\bduration\x12\x16\n" +
+	"\x06reason\x18\x05 \x01(\tR\x06reason\"r\n" +
+	"\vBanResponse\x127\n" +
+	"\tremaining\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\tremaining\x12*\n" +
+	"\x11until_unix_micros\x18\x02 \x01(\x03R\x0funtilUnixMicros\"v\n" +
+	"\fUnbanRequest\x12\x14\n" +
+	"\x05scope\x18\x01 \x01(\tR\x05scope\x12\x1a\n" +
+	"\bidentity\x18\x02 \x01(\tR\bidentity\x12\x1c\n" +
+	"\toperation\x18\x03 \x01(\tR\toperation\x12\x16\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\".\n" +
+	"\rUnbanResponse\x12\x1d\n" +
+	"\n" +
+	"was_banned\x18\x01 \x01(\bR\twasBanned\"c\n" +
+	"\x0fListBansRequest\x12\x14\n" +
+	"\x05scope\x18\x01 \x01(\tR\x05scope\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\rR\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\"\xad\x01\n" +
+	"\fBannedCaller\x12\x1a\n" +
+	"\bidentity\x18\x01 \x01(\tR\bidentity\x12\x1c\n" +
+	"\toperation\x18\x02 \x01(\tR\toperation\x127\n" +
+	"\tremaining\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\tremaining\x12*\n" +
+	"\x11until_unix_micros\x18\x04 \x01(\x03R\x0funtilUnixMicros\"\x7f\n" +
+	"\x10ListBansResponse\x12-\n" +
+	"\x04bans\x18\x01 \x03(\v2\x19.tollgate.v1.BannedCallerR\x04bans\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12\x14\n" +
+	"\x05total\x18\x03 \x01(\x04R\x05total\"\xa8\x01\n" +
 	"\x14TopIdentitiesRequest\x12\x14\n" +
 	"\x05scope\x18\x01 \x01(\tR\x05scope\x12\x12\n" +
 	"\x04rule\x18\x02 \x01(\tR\x04rule\x12+\n" +
@@ -1026,11 +1504,14 @@ const file_tollgate_v1_admin_proto_rawDesc = "" +
 	"\x06RankBy\x12\x17\n" +
 	"\x13RANK_BY_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11RANK_BY_DECISIONS\x10\x01\x12\x13\n" +
-	"\x0fRANK_BY_DENIALS\x10\x022\xf7\x01\n" +
+	"\x0fRANK_BY_DENIALS\x10\x022\xba\x03\n" +
 	"\x05Admin\x12V\n" +
 	"\rTopIdentities\x12!.tollgate.v1.TopIdentitiesRequest\x1a\".tollgate.v1.TopIdentitiesResponse\x12P\n" +
 	"\vUtilization\x12\x1f.tollgate.v1.UtilizationRequest\x1a .tollgate.v1.UtilizationResponse\x12D\n" +
-	"\aExplain\x12\x1b.tollgate.v1.ExplainRequest\x1a\x1c.tollgate.v1.ExplainResponseB\xb1\x01\n" +
+	"\aExplain\x12\x1b.tollgate.v1.ExplainRequest\x1a\x1c.tollgate.v1.ExplainResponse\x128\n" +
+	"\x03Ban\x12\x17.tollgate.v1.BanRequest\x1a\x18.tollgate.v1.BanResponse\x12>\n" +
+	"\x05Unban\x12\x19.tollgate.v1.UnbanRequest\x1a\x1a.tollgate.v1.UnbanResponse\x12G\n" +
+	"\bListBans\x12\x1c.tollgate.v1.ListBansRequest\x1a\x1d.tollgate.v1.ListBansResponseB\xb1\x01\n" +
 	"\x0fcom.tollgate.v1B\n" +
 	"AdminProtoP\x01ZEgithub.com/tollgate-rs/tollgate/clients/go/gen/tollgate/v1;tollgatev1\xa2\x02\x03TXX\xaa\x02\vTollgate.V1\xca\x02\vTollgate\\V1\xe2\x02\x17Tollgate\\V1\\GPBMetadata\xea\x02\fTollgate::V1b\x06proto3"
 
@@ -1047,54 +1528,71 @@ func file_tollgate_v1_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_tollgate_v1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_tollgate_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_tollgate_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_tollgate_v1_admin_proto_goTypes = []any{
 	(Window)(0),                   // 0: tollgate.v1.Window
 	(RankBy)(0),                   // 1: tollgate.v1.RankBy
-	(*TopIdentitiesRequest)(nil),  // 2: tollgate.v1.TopIdentitiesRequest
-	(*TopIdentitiesResponse)(nil), // 3: tollgate.v1.TopIdentitiesResponse
-	(*RuleTop)(nil),               // 4: tollgate.v1.RuleTop
-	(*IdentityCount)(nil),         // 5: tollgate.v1.IdentityCount
-	(*UtilizationRequest)(nil),    // 6: tollgate.v1.UtilizationRequest
-	(*UtilizationResponse)(nil),   // 7: tollgate.v1.UtilizationResponse
-	(*RuleUtilization)(nil),       // 8: tollgate.v1.RuleUtilization
-	(*CapacityHint)(nil),          // 9: tollgate.v1.CapacityHint
-	(*ExplainRequest)(nil),        // 10: tollgate.v1.ExplainRequest
-	(*ExplainResponse)(nil),       // 11: tollgate.v1.ExplainResponse
-	(*LimitExplained)(nil),        // 12: tollgate.v1.LimitExplained
-	(*durationpb.Duration)(nil),   // 13: google.protobuf.Duration
-	(*ShouldAllowRequest)(nil),    // 14: tollgate.v1.ShouldAllowRequest
-	(*ShouldAllowResponse)(nil),   // 15: tollgate.v1.ShouldAllowResponse
-	(*BucketStatus)(nil),          // 16: tollgate.v1.BucketStatus
+	(*BanRequest)(nil),            // 2: tollgate.v1.BanRequest
+	(*BanResponse)(nil),           // 3: tollgate.v1.BanResponse
+	(*UnbanRequest)(nil),          // 4: tollgate.v1.UnbanRequest
+	(*UnbanResponse)(nil),         // 5: tollgate.v1.UnbanResponse
+	(*ListBansRequest)(nil),       // 6: tollgate.v1.ListBansRequest
+	(*BannedCaller)(nil),          // 7: tollgate.v1.BannedCaller
+	(*ListBansResponse)(nil),      // 8: tollgate.v1.ListBansResponse
+	(*TopIdentitiesRequest)(nil),  // 9: tollgate.v1.TopIdentitiesRequest
+	(*TopIdentitiesResponse)(nil), // 10: tollgate.v1.TopIdentitiesResponse
+	(*RuleTop)(nil),               // 11: tollgate.v1.RuleTop
+	(*IdentityCount)(nil),         // 12: tollgate.v1.IdentityCount
+	(*UtilizationRequest)(nil),    // 13: tollgate.v1.UtilizationRequest
+	(*UtilizationResponse)(nil),   // 14: tollgate.v1.UtilizationResponse
+	(*RuleUtilization)(nil),       // 15: tollgate.v1.RuleUtilization
+	(*CapacityHint)(nil),          // 16: tollgate.v1.CapacityHint
+	(*ExplainRequest)(nil),        // 17: tollgate.v1.ExplainRequest
+	(*ExplainResponse)(nil),       // 18: tollgate.v1.ExplainResponse
+	(*LimitExplained)(nil),        // 19: tollgate.v1.LimitExplained
+	(*durationpb.Duration)(nil),   // 20: google.protobuf.Duration
+	(*ShouldAllowRequest)(nil),    // 21: tollgate.v1.ShouldAllowRequest
+	(*ShouldAllowResponse)(nil),   // 22: tollgate.v1.ShouldAllowResponse
+	(*BucketStatus)(nil),          // 23: tollgate.v1.BucketStatus
 }
 var file_tollgate_v1_admin_proto_depIdxs = []int32{
-	0,  // 0: tollgate.v1.TopIdentitiesRequest.window:type_name -> tollgate.v1.Window
-	1,  // 1: tollgate.v1.TopIdentitiesRequest.by:type_name -> tollgate.v1.RankBy
-	4,  // 2: tollgate.v1.TopIdentitiesResponse.rules:type_name -> tollgate.v1.RuleTop
-	0,  // 3: tollgate.v1.RuleTop.window:type_name -> tollgate.v1.Window
-	1,  // 4: tollgate.v1.RuleTop.by:type_name -> tollgate.v1.RankBy
-	5,  // 5: tollgate.v1.RuleTop.identities:type_name -> tollgate.v1.IdentityCount
-	0,  // 6: tollgate.v1.UtilizationRequest.window:type_name -> tollgate.v1.Window
-	8,  // 7: tollgate.v1.UtilizationResponse.rules:type_name -> tollgate.v1.RuleUtilization
-	0,  // 8: tollgate.v1.RuleUtilization.window:type_name -> tollgate.v1.Window
-	13, // 9: tollgate.v1.RuleUtilization.refill_period:type_name -> google.protobuf.Duration
-	9,  // 10: tollgate.v1.RuleUtilization.hints:type_name -> tollgate.v1.CapacityHint
-	14, // 11: tollgate.v1.ExplainRequest.request:type_name -> tollgate.v1.ShouldAllowRequest
-	12, // 12: tollgate.v1.ExplainResponse.limits:type_name -> tollgate.v1.LimitExplained
-	15, // 13: tollgate.v1.ExplainResponse.decision:type_name -> tollgate.v1.ShouldAllowResponse
-	13, // 14: tollgate.v1.LimitExplained.refill_period:type_name -> google.protobuf.Duration
-	16, // 15: tollgate.v1.LimitExplained.bucket:type_name -> tollgate.v1.BucketStatus
-	2,  // 16: tollgate.v1.Admin.TopIdentities:input_type -> tollgate.v1.TopIdentitiesRequest
-	6,  // 17: tollgate.v1.Admin.Utilization:input_type -> tollgate.v1.UtilizationRequest
-	10, // 18: tollgate.v1.Admin.Explain:input_type -> tollgate.v1.ExplainRequest
-	3,  // 19: tollgate.v1.Admin.TopIdentities:output_type -> tollgate.v1.TopIdentitiesResponse
-	7,  // 20: tollgate.v1.Admin.Utilization:output_type -> tollgate.v1.UtilizationResponse
-	11, // 21: tollgate.v1.Admin.Explain:output_type -> tollgate.v1.ExplainResponse
-	19, // [19:22] is the sub-list for method output_type
-	16, // [16:19] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	20, // 0: tollgate.v1.BanRequest.duration:type_name -> google.protobuf.Duration
+	20, // 1: tollgate.v1.BanResponse.remaining:type_name -> google.protobuf.Duration
+	20, // 2: tollgate.v1.BannedCaller.remaining:type_name -> google.protobuf.Duration
+	7,  // 3: tollgate.v1.ListBansResponse.bans:type_name -> tollgate.v1.BannedCaller
+	0,  // 4: tollgate.v1.TopIdentitiesRequest.window:type_name -> tollgate.v1.Window
+	1,  // 5: tollgate.v1.TopIdentitiesRequest.by:type_name -> tollgate.v1.RankBy
+	11, // 6: tollgate.v1.TopIdentitiesResponse.rules:type_name -> tollgate.v1.RuleTop
+	0,  // 7: tollgate.v1.RuleTop.window:type_name -> tollgate.v1.Window
+	1,  // 8: tollgate.v1.RuleTop.by:type_name -> tollgate.v1.RankBy
+	12, // 9: tollgate.v1.RuleTop.identities:type_name -> tollgate.v1.IdentityCount
+	0,  // 10: tollgate.v1.UtilizationRequest.window:type_name -> tollgate.v1.Window
+	15, // 11: tollgate.v1.UtilizationResponse.rules:type_name -> tollgate.v1.RuleUtilization
+	0,  // 12: tollgate.v1.RuleUtilization.window:type_name -> tollgate.v1.Window
+	20, // 13: tollgate.v1.RuleUtilization.refill_period:type_name -> google.protobuf.Duration
+	16, // 14: tollgate.v1.RuleUtilization.hints:type_name -> tollgate.v1.CapacityHint
+	21, // 15: tollgate.v1.ExplainRequest.request:type_name -> tollgate.v1.ShouldAllowRequest
+	19, // 16: tollgate.v1.ExplainResponse.limits:type_name -> tollgate.v1.LimitExplained
+	22, // 17: tollgate.v1.ExplainResponse.decision:type_name -> tollgate.v1.ShouldAllowResponse
+	20, // 18: tollgate.v1.LimitExplained.refill_period:type_name -> google.protobuf.Duration
+	23, // 19: tollgate.v1.LimitExplained.bucket:type_name -> tollgate.v1.BucketStatus
+	9,  // 20: tollgate.v1.Admin.TopIdentities:input_type -> tollgate.v1.TopIdentitiesRequest
+	13, // 21: tollgate.v1.Admin.Utilization:input_type -> tollgate.v1.UtilizationRequest
+	17, // 22: tollgate.v1.Admin.Explain:input_type -> tollgate.v1.ExplainRequest
+	2,  // 23: tollgate.v1.Admin.Ban:input_type -> tollgate.v1.BanRequest
+	4,  // 24: tollgate.v1.Admin.Unban:input_type -> tollgate.v1.UnbanRequest
+	6,  // 25: tollgate.v1.Admin.ListBans:input_type -> tollgate.v1.ListBansRequest
+	10, // 26: tollgate.v1.Admin.TopIdentities:output_type -> tollgate.v1.TopIdentitiesResponse
+	14, // 27: tollgate.v1.Admin.Utilization:output_type -> tollgate.v1.UtilizationResponse
+	18, // 28: tollgate.v1.Admin.Explain:output_type -> tollgate.v1.ExplainResponse
+	3,  // 29: tollgate.v1.Admin.Ban:output_type -> tollgate.v1.BanResponse
+	5,  // 30: tollgate.v1.Admin.Unban:output_type -> tollgate.v1.UnbanResponse
+	8,  // 31: tollgate.v1.Admin.ListBans:output_type -> tollgate.v1.ListBansResponse
+	26, // [26:32] is the sub-list for method output_type
+	20, // [20:26] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_tollgate_v1_admin_proto_init() }
@@ -1109,7 +1607,7 @@ func file_tollgate_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tollgate_v1_admin_proto_rawDesc), len(file_tollgate_v1_admin_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   11,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -26,6 +26,9 @@ const (
 	Admin_TopIdentities_FullMethodName = "/tollgate.v1.Admin/TopIdentities"
 	Admin_Utilization_FullMethodName   = "/tollgate.v1.Admin/Utilization"
 	Admin_Explain_FullMethodName       = "/tollgate.v1.Admin/Explain"
+	Admin_Ban_FullMethodName           = "/tollgate.v1.Admin/Ban"
+	Admin_Unban_FullMethodName         = "/tollgate.v1.Admin/Unban"
+	Admin_ListBans_FullMethodName      = "/tollgate.v1.Admin/ListBans"
 )
 
 // AdminClient is the client API for Admin service.
@@ -46,6 +49,17 @@ type AdminClient interface {
 	// Which limits of a scope apply to a request and the state of each bucket
 	// now, without taking anything.
 	Explain(ctx context.Context, in *ExplainRequest, opts ...grpc.CallOption) (*ExplainResponse, error)
+	// Puts a caller in a scope's penalty box for `duration`, from the
+	// store's clock now, replacing any ban it serves. Every replica sharing
+	// the store answers it; this one at once, others from their next store
+	// call. The scope must have a `penalty:` section.
+	Ban(ctx context.Context, in *BanRequest, opts ...grpc.CallOption) (*BanResponse, error)
+	// Lifts a caller's ban and clears its history (strikes and escalation):
+	// at once on this replica, within a second on the others.
+	Unban(ctx context.Context, in *UnbanRequest, opts ...grpc.CallOption) (*UnbanResponse, error)
+	// The callers of a scope banned now, by ban end, a page at a time. Kept
+	// in the store, so every replica gives the same list.
+	ListBans(ctx context.Context, in *ListBansRequest, opts ...grpc.CallOption) (*ListBansResponse, error)
 }
 
 type adminClient struct {
@@ -86,6 +100,36 @@ func (c *adminClient) Explain(ctx context.Context, in *ExplainRequest, opts ...g
 	return out, nil
 }
 
+func (c *adminClient) Ban(ctx context.Context, in *BanRequest, opts ...grpc.CallOption) (*BanResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(BanResponse)
+	err := c.cc.Invoke(ctx, Admin_Ban_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) Unban(ctx context.Context, in *UnbanRequest, opts ...grpc.CallOption) (*UnbanResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(UnbanResponse)
+	err := c.cc.Invoke(ctx, Admin_Unban_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) ListBans(ctx context.Context, in *ListBansRequest, opts ...grpc.CallOption) (*ListBansResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListBansResponse)
+	err := c.cc.Invoke(ctx, Admin_ListBans_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -104,6 +148,17 @@ type AdminServer interface {
 	// Which limits of a scope apply to a request and the state of each bucket
 	// now, without taking anything.
 	Explain(context.Context, *ExplainRequest) (*ExplainResponse, error)
+	// Puts a caller in a scope's penalty box for `duration`, from the
+	// store's clock now, replacing any ban it serves. Every replica sharing
+	// the store answers it; this one at once, others from their next store
+	// call. The scope must have a `penalty:` section.
+	Ban(context.Context, *BanRequest) (*BanResponse, error)
+	// Lifts a caller's ban and clears its history (strikes and escalation):
+	// at once on this replica, within a second on the others.
+	Unban(context.Context, *UnbanRequest) (*UnbanResponse, error)
+	// The callers of a scope banned now, by ban end, a page at a time. Kept
+	// in the store, so every replica gives the same list.
+	ListBans(context.Context, *ListBansRequest) (*ListBansResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -122,6 +177,15 @@ func (UnimplementedAdminServer) Utilization(context.Context, *UtilizationRequest
 }
 func (UnimplementedAdminServer) Explain(context.Context, *ExplainRequest) (*ExplainResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Explain not implemented")
+}
+func (UnimplementedAdminServer) Ban(context.Context, *BanRequest) (*BanResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Ban not implemented")
+}
+func (UnimplementedAdminServer) Unban(context.Context, *UnbanRequest) (*UnbanResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Unban not implemented")
+}
+func (UnimplementedAdminServer) ListBans(context.Context, *ListBansRequest) (*ListBansResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListBans not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -198,6 +262,60 @@ func _Admin_Explain_Handler(srv interface{}, ctx context.Context, dec func(inter
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_Ban_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(BanRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).Ban(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_Ban_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).Ban(ctx, req.(*BanRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_Unban_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UnbanRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).Unban(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_Unban_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).Unban(ctx, req.(*UnbanRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_ListBans_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListBansRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).ListBans(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_ListBans_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).ListBans(ctx, req.(*ListBansRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -216,6 +334,18 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Explain",
 			Handler:    _Admin_Explain_Handler,
+		},
+		{
+			MethodName: "Ban",
+			Handler:    _Admin_Ban_Handler,
+		},
+		{
+			MethodName: "Unban",
+			Handler:    _Admin_Unban_Handler,
+		},
+		{
+			MethodName: "ListBans",
+			Handler:    _Admin_ListBans_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

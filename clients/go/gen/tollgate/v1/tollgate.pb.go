@@ -84,6 +84,59 @@ func (Priority) EnumDescriptor() ([]byte, []int) {
 	return file_tollgate_v1_tollgate_proto_rawDescGZIP(), []int{0}
 }
 
+// Why a request was denied.
+type DenialReason int32
+
+const (
+	// Allowed, or denied for a reason not listed (an unknown scope denied).
+	DenialReason_DENIAL_REASON_UNSPECIFIED DenialReason = 0
+	// A limit's bucket did not hold the cost.
+	DenialReason_DENIAL_REASON_RATE_LIMITED DenialReason = 1
+	// The caller is banned by the scope's penalty box until `retry_after`.
+	DenialReason_DENIAL_REASON_BANNED DenialReason = 2
+)
+
+// Enum value maps for DenialReason.
+var (
+	DenialReason_name = map[int32]string{
+		0: "DENIAL_REASON_UNSPECIFIED",
+		1: "DENIAL_REASON_RATE_LIMITED",
+		2: "DENIAL_REASON_BANNED",
+	}
+	DenialReason_value = map[string]int32{
+		"DENIAL_REASON_UNSPECIFIED":  0,
+		"DENIAL_REASON_RATE_LIMITED": 1,
+		"DENIAL_REASON_BANNED":       2,
+	}
+)
+
+func (x DenialReason) Enum() *DenialReason {
+	p := new(DenialReason)
+	*p = x
+	return p
+}
+
+func (x DenialReason) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (DenialReason) Descriptor() protoreflect.EnumDescriptor {
+	return file_tollgate_v1_tollgate_proto_enumTypes[1].Descriptor()
+}
+
+func (DenialReason) Type() protoreflect.EnumType {
+	return &file_tollgate_v1_tollgate_proto_enumTypes[1]
+}
+
+func (x DenialReason) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use DenialReason.Descriptor instead.
+func (DenialReason) EnumDescriptor() ([]byte, []int) {
+	return file_tollgate_v1_tollgate_proto_rawDescGZIP(), []int{1}
+}
+
 // One question to the limiter.
 //
 // Limits on input (violations get INVALID_ARGUMENT naming the field, and take
@@ -128,7 +181,14 @@ type ShouldAllowRequest struct {
 	// min(max_delay, max_wait) with that `delay` instead of denying it. Unset
 	// or zero: the caller cannot wait, and the answer is allow-now or deny,
 	// as without shaping. At most 1 h.
-	MaxWait       *durationpb.Duration `protobuf:"bytes,20,opt,name=max_wait,json=maxWait,proto3" json:"max_wait,omitempty"`
+	MaxWait *durationpb.Duration `protobuf:"bytes,20,opt,name=max_wait,json=maxWait,proto3" json:"max_wait,omitempty"`
+	// Count this request as a strike in the scope's penalty box, whatever it
+	// is decided (an outcome the caller reports, such as a failed login),
+	// atomically with the decision. With `dry_run` the strike is all it
+	// does. A strike that starts a ban leaves this answer as decided: the
+	// ban meets the caller's next request. Ignored in a scope without a
+	// penalty box, for an allow-listed identity and for the anonymous caller.
+	Strike        bool `protobuf:"varint,30,opt,name=strike,proto3" json:"strike,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -224,6 +284,13 @@ func (x *ShouldAllowRequest) GetMaxWait() *durationpb.Duration {
 		return x.MaxWait
 	}
 	return nil
+}
+
+func (x *ShouldAllowRequest) GetStrike() bool {
+	if x != nil {
+		return x.Strike
+	}
+	return false
 }
 
 // The state of one bucket that applied to a request.
@@ -378,7 +445,12 @@ type ShouldAllowResponse struct {
 	// proceeding (never more than `max_wait`). Its tokens were taken as of
 	// then, so the cost released at the end of these waits, not the
 	// decisions, obeys each limit. Unset: proceed at once.
-	Delay         *durationpb.Duration `protobuf:"bytes,20,opt,name=delay,proto3" json:"delay,omitempty"`
+	Delay *durationpb.Duration `protobuf:"bytes,20,opt,name=delay,proto3" json:"delay,omitempty"`
+	// Why the request was denied, to branch on (`reason` is for people).
+	// DENIAL_REASON_BANNED: the caller is in the scope's penalty box;
+	// `retry_after` runs to the ban's end on the store's clock, and nothing
+	// was taken. UNSPECIFIED when allowed.
+	DenialReason  DenialReason `protobuf:"varint,30,opt,name=denial_reason,json=denialReason,proto3,enum=tollgate.v1.DenialReason" json:"denial_reason,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -488,6 +560,13 @@ func (x *ShouldAllowResponse) GetDelay() *durationpb.Duration {
 		return x.Delay
 	}
 	return nil
+}
+
+func (x *ShouldAllowResponse) GetDenialReason() DenialReason {
+	if x != nil {
+		return x.DenialReason
+	}
+	return DenialReason_DENIAL_REASON_UNSPECIFIED
 }
 
 type SettleRequest struct {
@@ -712,7 +791,7 @@ var File_tollgate_v1_tollgate_proto protoreflect.FileDescriptor
 
 const file_tollgate_v1_tollgate_proto_rawDesc = "" +
 	"\n" +
-	"\x1atollgate/v1/tollgate.proto\x12\vtollgate.v1\x1a\x1egoogle/protobuf/duration.proto\"\xca\x03\n" +
+	"\x1atollgate/v1/tollgate.proto\x12\vtollgate.v1\x1a\x1egoogle/protobuf/duration.proto\"\xe2\x03\n" +
 	"\x12ShouldAllowRequest\x12\x14\n" +
 	"\x05scope\x18\x01 \x01(\tR\x05scope\x12\x1a\n" +
 	"\bidentity\x18\x02 \x01(\tR\bidentity\x12\x1c\n" +
@@ -724,7 +803,8 @@ const file_tollgate_v1_tollgate_proto_rawDesc = "" +
 	"attributes\x121\n" +
 	"\bpriority\x18\a \x01(\x0e2\x15.tollgate.v1.PriorityR\bpriority\x12>\n" +
 	"\rsettle_within\x18\b \x01(\v2\x19.google.protobuf.DurationR\fsettleWithin\x124\n" +
-	"\bmax_wait\x18\x14 \x01(\v2\x19.google.protobuf.DurationR\amaxWait\x1a=\n" +
+	"\bmax_wait\x18\x14 \x01(\v2\x19.google.protobuf.DurationR\amaxWait\x12\x16\n" +
+	"\x06strike\x18\x1e \x01(\bR\x06strike\x1a=\n" +
 	"\x0fAttributesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xac\x02\n" +
@@ -737,7 +817,7 @@ const file_tollgate_v1_tollgate_proto_rawDesc = "" +
 	"\vretry_after\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\n" +
 	"retryAfter\x12\x1c\n" +
 	"\texhausted\x18\x06 \x01(\bR\texhausted\x12>\n" +
-	"\rrefill_period\x18\a \x01(\v2\x19.google.protobuf.DurationR\frefillPeriod\"\xab\x03\n" +
+	"\rrefill_period\x18\a \x01(\v2\x19.google.protobuf.DurationR\frefillPeriod\"\xeb\x03\n" +
 	"\x13ShouldAllowResponse\x12\x18\n" +
 	"\aallowed\x18\x01 \x01(\bR\aallowed\x12:\n" +
 	"\vretry_after\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\n" +
@@ -752,7 +832,8 @@ const file_tollgate_v1_tollgate_proto_rawDesc = "" +
 	"\x06reason\x18\t \x01(\tR\x06reason\x12 \n" +
 	"\vreservation\x18\n" +
 	" \x01(\tR\vreservation\x12/\n" +
-	"\x05delay\x18\x14 \x01(\v2\x19.google.protobuf.DurationR\x05delay\"R\n" +
+	"\x05delay\x18\x14 \x01(\v2\x19.google.protobuf.DurationR\x05delay\x12>\n" +
+	"\rdenial_reason\x18\x1e \x01(\x0e2\x19.tollgate.v1.DenialReasonR\fdenialReason\"R\n" +
 	"\rSettleRequest\x12 \n" +
 	"\vreservation\x18\x01 \x01(\tR\vreservation\x12\x1f\n" +
 	"\vactual_cost\x18\x02 \x01(\x04R\n" +
@@ -768,7 +849,11 @@ const file_tollgate_v1_tollgate_proto_rawDesc = "" +
 	"\bPriority\x12\x13\n" +
 	"\x0fPRIORITY_NORMAL\x10\x00\x12\x15\n" +
 	"\x11PRIORITY_CRITICAL\x10\x01\x12\x16\n" +
-	"\x12PRIORITY_SHEDDABLE\x10\x022\x83\x02\n" +
+	"\x12PRIORITY_SHEDDABLE\x10\x02*g\n" +
+	"\fDenialReason\x12\x1d\n" +
+	"\x19DENIAL_REASON_UNSPECIFIED\x10\x00\x12\x1e\n" +
+	"\x1aDENIAL_REASON_RATE_LIMITED\x10\x01\x12\x18\n" +
+	"\x14DENIAL_REASON_BANNED\x10\x022\x83\x02\n" +
 	"\vRateLimiter\x12P\n" +
 	"\vShouldAllow\x12\x1f.tollgate.v1.ShouldAllowRequest\x1a .tollgate.v1.ShouldAllowResponse\x12_\n" +
 	"\x10ShouldAllowBatch\x12$.tollgate.v1.ShouldAllowBatchRequest\x1a%.tollgate.v1.ShouldAllowBatchResponse\x12A\n" +
@@ -787,46 +872,48 @@ func file_tollgate_v1_tollgate_proto_rawDescGZIP() []byte {
 	return file_tollgate_v1_tollgate_proto_rawDescData
 }
 
-var file_tollgate_v1_tollgate_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_tollgate_v1_tollgate_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
 var file_tollgate_v1_tollgate_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_tollgate_v1_tollgate_proto_goTypes = []any{
 	(Priority)(0),                    // 0: tollgate.v1.Priority
-	(*ShouldAllowRequest)(nil),       // 1: tollgate.v1.ShouldAllowRequest
-	(*BucketStatus)(nil),             // 2: tollgate.v1.BucketStatus
-	(*ShouldAllowResponse)(nil),      // 3: tollgate.v1.ShouldAllowResponse
-	(*SettleRequest)(nil),            // 4: tollgate.v1.SettleRequest
-	(*SettleResponse)(nil),           // 5: tollgate.v1.SettleResponse
-	(*ShouldAllowBatchRequest)(nil),  // 6: tollgate.v1.ShouldAllowBatchRequest
-	(*ShouldAllowBatchResponse)(nil), // 7: tollgate.v1.ShouldAllowBatchResponse
-	nil,                              // 8: tollgate.v1.ShouldAllowRequest.AttributesEntry
-	(*durationpb.Duration)(nil),      // 9: google.protobuf.Duration
+	(DenialReason)(0),                // 1: tollgate.v1.DenialReason
+	(*ShouldAllowRequest)(nil),       // 2: tollgate.v1.ShouldAllowRequest
+	(*BucketStatus)(nil),             // 3: tollgate.v1.BucketStatus
+	(*ShouldAllowResponse)(nil),      // 4: tollgate.v1.ShouldAllowResponse
+	(*SettleRequest)(nil),            // 5: tollgate.v1.SettleRequest
+	(*SettleResponse)(nil),           // 6: tollgate.v1.SettleResponse
+	(*ShouldAllowBatchRequest)(nil),  // 7: tollgate.v1.ShouldAllowBatchRequest
+	(*ShouldAllowBatchResponse)(nil), // 8: tollgate.v1.ShouldAllowBatchResponse
+	nil,                              // 9: tollgate.v1.ShouldAllowRequest.AttributesEntry
+	(*durationpb.Duration)(nil),      // 10: google.protobuf.Duration
 }
 var file_tollgate_v1_tollgate_proto_depIdxs = []int32{
-	8,  // 0: tollgate.v1.ShouldAllowRequest.attributes:type_name -> tollgate.v1.ShouldAllowRequest.AttributesEntry
+	9,  // 0: tollgate.v1.ShouldAllowRequest.attributes:type_name -> tollgate.v1.ShouldAllowRequest.AttributesEntry
 	0,  // 1: tollgate.v1.ShouldAllowRequest.priority:type_name -> tollgate.v1.Priority
-	9,  // 2: tollgate.v1.ShouldAllowRequest.settle_within:type_name -> google.protobuf.Duration
-	9,  // 3: tollgate.v1.ShouldAllowRequest.max_wait:type_name -> google.protobuf.Duration
-	9,  // 4: tollgate.v1.BucketStatus.reset_after:type_name -> google.protobuf.Duration
-	9,  // 5: tollgate.v1.BucketStatus.retry_after:type_name -> google.protobuf.Duration
-	9,  // 6: tollgate.v1.BucketStatus.refill_period:type_name -> google.protobuf.Duration
-	9,  // 7: tollgate.v1.ShouldAllowResponse.retry_after:type_name -> google.protobuf.Duration
-	9,  // 8: tollgate.v1.ShouldAllowResponse.reset_after:type_name -> google.protobuf.Duration
-	2,  // 9: tollgate.v1.ShouldAllowResponse.buckets:type_name -> tollgate.v1.BucketStatus
-	9,  // 10: tollgate.v1.ShouldAllowResponse.delay:type_name -> google.protobuf.Duration
-	2,  // 11: tollgate.v1.SettleResponse.buckets:type_name -> tollgate.v1.BucketStatus
-	1,  // 12: tollgate.v1.ShouldAllowBatchRequest.requests:type_name -> tollgate.v1.ShouldAllowRequest
-	3,  // 13: tollgate.v1.ShouldAllowBatchResponse.responses:type_name -> tollgate.v1.ShouldAllowResponse
-	1,  // 14: tollgate.v1.RateLimiter.ShouldAllow:input_type -> tollgate.v1.ShouldAllowRequest
-	6,  // 15: tollgate.v1.RateLimiter.ShouldAllowBatch:input_type -> tollgate.v1.ShouldAllowBatchRequest
-	4,  // 16: tollgate.v1.RateLimiter.Settle:input_type -> tollgate.v1.SettleRequest
-	3,  // 17: tollgate.v1.RateLimiter.ShouldAllow:output_type -> tollgate.v1.ShouldAllowResponse
-	7,  // 18: tollgate.v1.RateLimiter.ShouldAllowBatch:output_type -> tollgate.v1.ShouldAllowBatchResponse
-	5,  // 19: tollgate.v1.RateLimiter.Settle:output_type -> tollgate.v1.SettleResponse
-	17, // [17:20] is the sub-list for method output_type
-	14, // [14:17] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	10, // 2: tollgate.v1.ShouldAllowRequest.settle_within:type_name -> google.protobuf.Duration
+	10, // 3: tollgate.v1.ShouldAllowRequest.max_wait:type_name -> google.protobuf.Duration
+	10, // 4: tollgate.v1.BucketStatus.reset_after:type_name -> google.protobuf.Duration
+	10, // 5: tollgate.v1.BucketStatus.retry_after:type_name -> google.protobuf.Duration
+	10, // 6: tollgate.v1.BucketStatus.refill_period:type_name -> google.protobuf.Duration
+	10, // 7: tollgate.v1.ShouldAllowResponse.retry_after:type_name -> google.protobuf.Duration
+	10, // 8: tollgate.v1.ShouldAllowResponse.reset_after:type_name -> google.protobuf.Duration
+	3,  // 9: tollgate.v1.ShouldAllowResponse.buckets:type_name -> tollgate.v1.BucketStatus
+	10, // 10: tollgate.v1.ShouldAllowResponse.delay:type_name -> google.protobuf.Duration
+	1,  // 11: tollgate.v1.ShouldAllowResponse.denial_reason:type_name -> tollgate.v1.DenialReason
+	3,  // 12: tollgate.v1.SettleResponse.buckets:type_name -> tollgate.v1.BucketStatus
+	2,  // 13: tollgate.v1.ShouldAllowBatchRequest.requests:type_name -> tollgate.v1.ShouldAllowRequest
+	4,  // 14: tollgate.v1.ShouldAllowBatchResponse.responses:type_name -> tollgate.v1.ShouldAllowResponse
+	2,  // 15: tollgate.v1.RateLimiter.ShouldAllow:input_type -> tollgate.v1.ShouldAllowRequest
+	7,  // 16: tollgate.v1.RateLimiter.ShouldAllowBatch:input_type -> tollgate.v1.ShouldAllowBatchRequest
+	5,  // 17: tollgate.v1.RateLimiter.Settle:input_type -> tollgate.v1.SettleRequest
+	4,  // 18: tollgate.v1.RateLimiter.ShouldAllow:output_type -> tollgate.v1.ShouldAllowResponse
+	8,  // 19: tollgate.v1.RateLimiter.ShouldAllowBatch:output_type -> tollgate.v1.ShouldAllowBatchResponse
+	6,  // 20: tollgate.v1.RateLimiter.Settle:output_type -> tollgate.v1.SettleResponse
+	18, // [18:21] is the sub-list for method output_type
+	15, // [15:18] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_tollgate_v1_tollgate_proto_init() }
@@ -839,7 +926,7 @@ func file_tollgate_v1_tollgate_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tollgate_v1_tollgate_proto_rawDesc), len(file_tollgate_v1_tollgate_proto_rawDesc)),
-			NumEnums:      1,
+			NumEnums:      2,
 			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   1,
