@@ -45,8 +45,7 @@ pub use reservations::{ReservationsConfig, SecretFiles, Secrets};
 pub use scopes::{
     DescriptorKeysConfig, FailureMode, HashTag, HeadroomConfig, LimitConfig, MAX_BUDGET,
     MAX_CAPACITY, MAX_MAX_DELAY, MAX_NAME_LEN, MAX_REFILL_PERIOD, MIN_REFILL_PERIOD, Per, Percent,
-    ScopeConfig,
-    UnknownScope,
+    ScopeConfig, UnknownScope,
 };
 pub use security::{CallerConfig, GrpcConfig, TlsConfig};
 pub use store::{
@@ -554,15 +553,22 @@ mod tests {
             )
         };
         assert!(Config::from_yaml(&yaml("", "hash_tag: scope", "")).is_ok());
-        for (top, extra) in [("", "hash_tag: identity"), ("hash_tag: identity\n", "allow: []")] {
-            let e = Config::from_yaml(&yaml(top, extra, "")).unwrap_err().to_string();
+        for (top, extra) in [
+            ("", "hash_tag: identity"),
+            ("hash_tag: identity\n", "allow: []"),
+        ] {
+            let e = Config::from_yaml(&yaml(top, extra, ""))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("scopes[0].penalty: needs hash_tag scope"), "{e}");
         }
         let e = Config::from_yaml(&yaml("", "allow: []", ", max_delay: 1s"))
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("scopes[0].limits[0].max_delay: not supported in a scope with a penalty box"),
+            e.contains(
+                "scopes[0].limits[0].max_delay: not supported in a scope with a penalty box"
+            ),
             "{e}"
         );
     }
