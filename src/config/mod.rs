@@ -29,6 +29,7 @@ use serde::Deserialize;
 pub mod analytics;
 pub mod envoy;
 pub mod reservations;
+pub mod rlqs;
 pub mod scopes;
 pub mod security;
 pub mod store;
@@ -36,6 +37,7 @@ pub mod store;
 pub use analytics::{AnalyticsConfig, ReloadConfig};
 pub use envoy::{EnvoyDescriptor, EnvoyDomain, EnvoyRateLimit, EnvoyValue};
 pub use reservations::{ReservationsConfig, SecretFiles, Secrets};
+pub use rlqs::{BlanketRule, RlqsConfig, RlqsDomainConfig};
 pub use scopes::{
     DescriptorKeysConfig, FailureMode, HeadroomConfig, LimitConfig, MAX_BUDGET, MAX_CAPACITY,
     MAX_NAME_LEN, MAX_REFILL_PERIOD, MIN_REFILL_PERIOD, Per, Percent, ScopeConfig, UnknownScope,
@@ -77,6 +79,7 @@ pub const SECTIONS: &[&str] = &[
     "analytics",
     "reload",
     "reservations",
+    "rlqs",
 ];
 
 /// Whether the environment variable `name` overrides the config: it is
@@ -169,6 +172,9 @@ pub struct Config {
     /// Settle-later reservations.
     #[serde(default)]
     pub reservations: ReservationsConfig,
+    /// Envoy quota streaming (RLQS): domains, the bucket mapping, bounds.
+    #[serde(default)]
+    pub rlqs: RlqsConfig,
 }
 
 fn default_listen() -> String {
@@ -454,6 +460,8 @@ impl Config {
                 }
             }
         }
+        let names: Vec<&str> = defined.keys().copied().collect();
+        self.rlqs.validate(&mut problems, &names);
         ConfigError::check(problems)
     }
 }
