@@ -5,11 +5,13 @@ pub mod admin;
 pub mod auth;
 pub mod envoy;
 pub mod headers;
+pub mod rlqs;
 pub mod settings;
 pub mod tollgate;
 pub mod validate;
 
 pub use admin::AdminApi;
 pub use envoy::EnvoyRateLimitApi;
+pub use rlqs::QuotaApi;
 pub use settings::{Settings, Snapshot};
 pub use tollgate::RateLimiterApi;
