@@ -21,6 +21,7 @@ mod redis_standalone;
 mod redis_topologies;
 mod redteam;
 mod reload;
+mod rlqs;
 mod security;
 mod status_page;
 mod store_conformance;
