@@ -100,7 +100,10 @@ impl RlqsConfig {
         for (name, value) in [
             ("max_buckets_per_stream", self.max_buckets_per_stream),
             ("max_reports_per_message", self.max_reports_per_message),
-            ("max_streams_per_connection", self.max_streams_per_connection),
+            (
+                "max_streams_per_connection",
+                self.max_streams_per_connection,
+            ),
         ] {
             if !(1..=MAX_RLQS_BOUND).contains(&value) {
                 problems.push(format!(

@@ -162,7 +162,11 @@ impl Reply {
 }
 
 /// A minimal HTTP/1.1 GET: one request per connection.
-pub(crate) async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> std::io::Result<Reply> {
+pub(crate) async fn get(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<Reply> {
     let mut stream = TcpStream::connect(addr).await?;
     let mut req = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n");
     for (k, v) in headers {

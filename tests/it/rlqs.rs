@@ -173,7 +173,10 @@ async fn streams_of_one_bucket_split_its_limit_and_an_unchanged_share_is_resent(
     };
     assert!(a_rate < alone, "a shrinks: {a_rate} of {alone}");
     assert!(a_rate + b_rate <= RATE * 1000, "{a_rate} + {b_rate}");
-    assert!(u64::from(a_burst + b_burst) <= BURST + 2, "{a_burst} + {b_burst}");
+    assert!(
+        u64::from(a_burst + b_burst) <= BURST + 2,
+        "{a_burst} + {b_burst}"
+    );
 
     // Reporting again, with nothing changed, extends the same strategy.
     a.send(report("fleet", std::slice::from_ref(&t1), 0)).await;
@@ -187,13 +190,15 @@ async fn streams_of_one_bucket_split_its_limit_and_an_unchanged_share_is_resent(
 async fn unmapped_buckets_and_unknown_domains_get_the_configured_blanket_rule() {
     let server = TestServer::start(&config("")).await;
     let mut s = Quota::open(server.channel().await).await.expect("open");
-    s.send(report("fleet", &[bucket(&[("colour", "red")])], 1)).await;
+    s.send(report("fleet", &[bucket(&[("colour", "red")])], 1))
+        .await;
     assert_eq!(
         told(&s.next().await.expect("answer"))[0].1,
         Told::Blanket(BlanketRule::DenyAll, 15)
     );
     let mut s = Quota::open(server.channel().await).await.expect("open");
-    s.send(report("nowhere", &[bucket(&[("tenant", "t1")])], 1)).await;
+    s.send(report("nowhere", &[bucket(&[("tenant", "t1")])], 1))
+        .await;
     assert_eq!(
         told(&s.next().await.expect("answer"))[0].1,
         Told::Blanket(BlanketRule::DenyAll, 15)
@@ -201,7 +206,8 @@ async fn unmapped_buckets_and_unknown_domains_get_the_configured_blanket_rule() 
 
     let open = TestServer::start(&config("").replace("deny_all", "allow_all")).await;
     let mut s = Quota::open(open.channel().await).await.expect("open");
-    s.send(report("fleet", &[bucket(&[("colour", "red")])], 1)).await;
+    s.send(report("fleet", &[bucket(&[("colour", "red")])], 1))
+        .await;
     assert_eq!(
         told(&s.next().await.expect("answer"))[0].1,
         Told::Blanket(BlanketRule::AllowAll, 15)
@@ -231,10 +237,15 @@ async fn every_bound_a_stream_can_grow_is_enforced_when_exceeded() {
     // unmatched rule and holds nothing.
     let mut s = Quota::open(server.channel().await).await.expect("open");
     for t in ["t1", "t2"] {
-        s.send(report("fleet", &[bucket(&[("tenant", t)])], 1)).await;
-        assert!(matches!(told(&s.next().await.expect("answer"))[0].1, Told::Share(..)));
+        s.send(report("fleet", &[bucket(&[("tenant", t)])], 1))
+            .await;
+        assert!(matches!(
+            told(&s.next().await.expect("answer"))[0].1,
+            Told::Share(..)
+        ));
     }
-    s.send(report("fleet", &[bucket(&[("tenant", "t3")])], 1)).await;
+    s.send(report("fleet", &[bucket(&[("tenant", "t3")])], 1))
+        .await;
     assert_eq!(
         told(&s.next().await.expect("answer"))[0].1,
         Told::Blanket(BlanketRule::DenyAll, 15)
@@ -242,19 +253,31 @@ async fn every_bound_a_stream_can_grow_is_enforced_when_exceeded() {
 
     // Reports per message (3).
     let mut s = Quota::open(server.channel().await).await.expect("open");
-    let four: Vec<BucketId> = (0..4).map(|i| bucket(&[("tenant", &format!("x{i}"))])).collect();
+    let four: Vec<BucketId> = (0..4)
+        .map(|i| bucket(&[("tenant", &format!("x{i}"))]))
+        .collect();
     s.send(report("fleet", &four, 1)).await;
     let e = s.next().await.expect_err("too many reports");
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().starts_with("bucket_quota_usages: has 4 reports"), "{e:?}");
+    assert!(
+        e.message()
+            .starts_with("bucket_quota_usages: has 4 reports"),
+        "{e:?}"
+    );
 
     // Entries per BucketId (16), and a key's length (128).
     let keys: Vec<String> = (0..17).map(|i| format!("k{i}")).collect();
     let wide: Vec<(&str, &str)> = keys.iter().map(|k| (k.as_str(), "v")).collect();
     let long = "k".repeat(129);
     for (id, field) in [
-        (bucket(&wide), "bucket_quota_usages[0].bucket_id.bucket: has 17 entries"),
-        (bucket(&[(long.as_str(), "v")]), "bucket_quota_usages[0].bucket_id.bucket.key: "),
+        (
+            bucket(&wide),
+            "bucket_quota_usages[0].bucket_id.bucket: has 17 entries",
+        ),
+        (
+            bucket(&[(long.as_str(), "v")]),
+            "bucket_quota_usages[0].bucket_id.bucket.key: ",
+        ),
     ] {
         let mut s = Quota::open(server.channel().await).await.expect("open");
         s.send(report("fleet", &[id], 1)).await;
@@ -272,11 +295,15 @@ async fn every_bound_a_stream_can_grow_is_enforced_when_exceeded() {
         Ok(mut third) => third.next().await.expect_err("third refused"),
     };
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-    assert!(e.message().contains("rlqs.max_streams_per_connection"), "{e:?}");
+    assert!(
+        e.message().contains("rlqs.max_streams_per_connection"),
+        "{e:?}"
+    );
 }
 
 #[tokio::test]
-async fn reported_usage_is_charged_to_the_real_bucket_and_an_empty_one_is_denied_for_its_retry_after() {
+async fn reported_usage_is_charged_to_the_real_bucket_and_an_empty_one_is_denied_for_its_retry_after()
+ {
     let server = TestServer::start(&config("")).await;
     let t1 = bucket(&[("tenant", "t1")]);
     let mut s = Quota::open(server.channel().await).await.expect("open");
@@ -310,14 +337,16 @@ async fn a_caller_may_stream_only_the_domains_it_is_granted() {
     })
     .await
     .expect("open");
-    s.send(report("fleet", &[bucket(&[("tenant", "t1")])], 1)).await;
+    s.send(report("fleet", &[bucket(&[("tenant", "t1")])], 1))
+        .await;
     let e = s.next().await.expect_err("refused");
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
 
     let e = match Quota::open(server.channel().await).await {
         Err(e) => e,
         Ok(mut s) => {
-            s.send(report("fleet", &[bucket(&[("tenant", "t1")])], 1)).await;
+            s.send(report("fleet", &[bucket(&[("tenant", "t1")])], 1))
+                .await;
             s.next().await.expect_err("no token")
         }
     };
@@ -347,9 +376,10 @@ impl RlqsEnvoy {
         )
         .expect("read deploy/envoy/envoy-rlqs.yaml");
         let (listen, admin) = (common::free_port(), common::free_port());
-        for (from, port) in TEMPLATE_PORTS
-            .iter()
-            .zip([listen, upstream.port(), tollgate.port(), admin])
+        for (from, port) in
+            TEMPLATE_PORTS
+                .iter()
+                .zip([listen, upstream.port(), tollgate.port(), admin])
         {
             assert_eq!(yaml.matches(from).count(), 1, "{from:?} once");
             yaml = yaml.replace(from, &format!("port_value: {port}"));
@@ -384,7 +414,10 @@ impl RlqsEnvoy {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("Envoy not ready: {}", std::fs::read_to_string(&envoy.log).unwrap_or_default());
+        panic!(
+            "Envoy not ready: {}",
+            std::fs::read_to_string(&envoy.log).unwrap_or_default()
+        );
     }
 
     fn stop(&mut self) {
@@ -417,7 +450,10 @@ struct Tally {
 impl Tally {
     /// Allowed among those sent in seconds `from..to` of the run.
     fn allowed_in(&self, from: usize, to: usize) -> u64 {
-        self.by_second[from..to].iter().map(|a| a.load(Ordering::Relaxed)).sum()
+        self.by_second[from..to]
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .sum()
     }
 }
 
@@ -489,14 +525,20 @@ async fn two_envoys_share_one_limit_and_the_busy_one_gets_the_larger_share() {
     let busy = RlqsEnvoy::start(upstream, tollgate.addr).await;
     let quiet = RlqsEnvoy::start(upstream, tollgate.addr).await;
     let (b, q) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     tokio::join!(
         drive(busy.listen, 18, RUN, b.clone()),
         drive(quiet.listen, 6, RUN, q.clone()),
     );
     let secs = started.elapsed().as_secs_f64();
-    let (ba, qa) = (b.allowed.load(Ordering::Relaxed), q.allowed.load(Ordering::Relaxed));
-    let (bs, qs) = (b.settled.load(Ordering::Relaxed), q.settled.load(Ordering::Relaxed));
+    let (ba, qa) = (
+        b.allowed.load(Ordering::Relaxed),
+        q.allowed.load(Ordering::Relaxed),
+    );
+    let (bs, qs) = (
+        b.settled.load(Ordering::Relaxed),
+        q.settled.load(Ordering::Relaxed),
+    );
     let total = ba + qa;
     println!(
         "rlqs fleet (2 Envoys, 18/s and 6/s offered, limit {RATE}/s burst {BURST}, {secs:.1}s): \
@@ -507,8 +549,15 @@ async fn two_envoys_share_one_limit_and_the_busy_one_gets_the_larger_share() {
         BURST as f64 + RATE as f64 * secs,
         bound(secs),
     );
-    assert_eq!(b.other.load(Ordering::Relaxed) + q.other.load(Ordering::Relaxed), 0);
-    assert!(total <= bound(secs), "{total} admitted past {}", bound(secs));
+    assert_eq!(
+        b.other.load(Ordering::Relaxed) + q.other.load(Ordering::Relaxed),
+        0
+    );
+    assert!(
+        total <= bound(secs),
+        "{total} admitted past {}",
+        bound(secs)
+    );
     assert!(bs > qs, "second half: busy {bs}, quiet {qs}");
     assert!(qs > 0, "the quiet Envoy starves");
 }
@@ -522,7 +571,7 @@ async fn a_third_envoy_joins_and_one_leaves_and_the_total_still_holds() {
     let c = RlqsEnvoy::start(upstream, tollgate.addr).await;
     let tallies: Vec<Arc<Tally>> = (0..3).map(|_| Arc::new(Tally::default())).collect();
     let zero = tokio::time::Instant::now();
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     // a all along; b until 8 s, then its Envoy stops; c from 4 s.
     let (ta, tb, tc) = (tallies[0].clone(), tallies[1].clone(), tallies[2].clone());
     let secs = |s| Duration::from_secs(s);
@@ -536,7 +585,10 @@ async fn a_third_envoy_joins_and_one_leaves_and_the_total_still_holds() {
     };
     tokio::join!(drive_from(a.listen, 12, secs(18), ta, zero), leave, join);
     let took = started.elapsed().as_secs_f64();
-    let total: u64 = tallies.iter().map(|t| t.allowed.load(Ordering::Relaxed)).sum();
+    let total: u64 = tallies
+        .iter()
+        .map(|t| t.allowed.load(Ordering::Relaxed))
+        .sum();
     // Windows: alone or two, three (c joined), and, after b left and
     // every stream has reported since, two again.
     let windows: Vec<[u64; 3]> = tallies
@@ -552,7 +604,11 @@ async fn a_third_envoy_joins_and_one_leaves_and_the_total_still_holds() {
         BURST as f64 + RATE as f64 * took,
         bound(took),
     );
-    assert!(total <= bound(took), "{total} admitted past {}", bound(took));
+    assert!(
+        total <= bound(took),
+        "{total} admitted past {}",
+        bound(took)
+    );
     assert!(windows[2][1] > 0, "the newcomer gets a share: {windows:?}");
     // b's share goes back: a admits more a second once b has gone than
     // while three shared (5 s against 4 s).

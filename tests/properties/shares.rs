@@ -26,7 +26,11 @@ fn holding(pool: Pool, demands: &[Option<u64>], parts: &[(u64, u64)]) -> Vec<Mem
             let each = pool.rate_milli / n;
             let assigned = each * a / 100;
             let outstanding = assigned + (each - assigned) * extra / 100;
-            Member { demand_milli, assigned, outstanding }
+            Member {
+                demand_milli,
+                assigned,
+                outstanding,
+            }
         })
         .collect()
 }
@@ -35,7 +39,11 @@ fn holding(pool: Pool, demands: &[Option<u64>], parts: &[(u64, u64)]) -> Vec<Mem
 /// `confirm`) each has reported since, so it holds no more than that.
 fn apply(members: &mut [Member], new: &[u64], confirm: bool) {
     for (m, &n) in members.iter_mut().zip(new) {
-        m.outstanding = if confirm { n } else { m.outstanding.max(m.assigned).max(n) };
+        m.outstanding = if confirm {
+            n
+        } else {
+            m.outstanding.max(m.assigned).max(n)
+        };
         m.assigned = n;
     }
 }

@@ -130,7 +130,9 @@ impl Hub {
     /// the reporter its own, unchanged or not, which extends it).
     pub(crate) fn report(&self, r: Report) {
         let mut state = self.lock();
-        let State { streams, groups, .. } = &mut *state;
+        let State {
+            streams, groups, ..
+        } = &mut *state;
         let seats = groups.entry(r.group).or_default();
         let seat = seats.entry(r.stream).or_insert_with(|| Seat {
             bucket_id: r.bucket_id.clone(),

@@ -26,7 +26,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::Settings;
 use super::auth::{Caller, PeerInfo};
-use super::validate::{self, MAX_DESCRIPTOR_ENTRIES, MAX_DESCRIPTOR_KEY_LEN, MAX_DESCRIPTOR_VALUE_LEN, MAX_SCOPE_LEN};
+use super::validate::{
+    self, MAX_DESCRIPTOR_ENTRIES, MAX_DESCRIPTOR_KEY_LEN, MAX_DESCRIPTOR_VALUE_LEN, MAX_SCOPE_LEN,
+};
 use crate::config::{RlqsConfig, RlqsDomainConfig};
 use crate::limiter::descriptors::canonical;
 use crate::limiter::shares::Pool;
@@ -86,14 +88,21 @@ impl<S: Store> RateLimitQuotaService for QuotaApi<S> {
         &self,
         request: Request<Streaming<RateLimitQuotaUsageReports>>,
     ) -> Result<Response<Self::StreamRateLimitQuotasStream>, Status> {
-        let caller = self.limiter.snapshot().extra.access.identify("rlqs", &request)?;
+        let caller = self
+            .limiter
+            .snapshot()
+            .extra
+            .access
+            .identify("rlqs", &request)?;
         // The connection is its peer's address and port.
         let peer = request
             .extensions()
             .get::<PeerInfo>()
             .and_then(|p| p.remote_addr);
         let (outbox, answers) = mpsc::channel(OUTBOX);
-        let id = self.hub.open(peer, self.config.max_streams_per_connection, outbox.clone())?;
+        let id = self
+            .hub
+            .open(peer, self.config.max_streams_per_connection, outbox.clone())?;
         let stream = Stream {
             id,
             peer,
@@ -148,15 +157,12 @@ struct Mapped {
 
 impl<S: Store> Stream<S> {
     async fn run(mut self, mut inbound: Streaming<RateLimitQuotaUsageReports>) {
-        loop {
-            match inbound.message().await {
-                Ok(Some(m)) => {
-                    if let Err(status) = self.on_message(m).await {
-                        let _ = self.outbox.send(Err(status)).await;
-                        break;
-                    }
-                }
-                Ok(None) | Err(_) => break,
+        // The stream ends when Envoy closes it or it breaks, or when a
+        // message is refused (its status is the stream's last answer).
+        while let Ok(Some(m)) = inbound.message().await {
+            if let Err(status) = self.on_message(m).await {
+                let _ = self.outbox.send(Err(status)).await;
+                break;
             }
         }
         self.hub.close(self.id, self.peer);
@@ -166,10 +172,13 @@ impl<S: Store> Stream<S> {
         let now = Instant::now();
         let domain = self.domain_of(&m.domain)?;
         let snapshot = self.limiter.snapshot();
-        snapshot
-            .extra
-            .access
-            .check_decision("rlqs", self.caller.as_deref(), "domain", &domain, false)?;
+        snapshot.extra.access.check_decision(
+            "rlqs",
+            self.caller.as_deref(),
+            "domain",
+            &domain,
+            false,
+        )?;
         validate_reports(&m, self.config.max_reports_per_message)?;
         let mapping = self
             .config
@@ -182,7 +191,9 @@ impl<S: Store> Stream<S> {
             let Some(id) = usage.bucket_id.as_ref() else {
                 continue;
             };
-            let seen = usage.num_requests_allowed.saturating_add(usage.num_requests_denied);
+            let seen = usage
+                .num_requests_allowed
+                .saturating_add(usage.num_requests_denied);
             match self.track(id, &domain, mapping.as_ref(), seen, now) {
                 Track::Answer(a) => answers.push(wire::action(id, a)),
                 Track::Mapped(group, demand_milli, elapsed) => mapped.push(Mapped {
@@ -430,7 +441,12 @@ fn validate_reports(m: &RateLimitQuotaUsageReports, max: usize) -> Result<(), St
         }
         for (k, v) in &id.bucket {
             validate::text(&format!("{at}.bucket.key"), k, MAX_DESCRIPTOR_KEY_LEN, true)?;
-            validate::text(&format!("{at}.bucket[{k}]"), v, MAX_DESCRIPTOR_VALUE_LEN, false)?;
+            validate::text(
+                &format!("{at}.bucket[{k}]"),
+                v,
+                MAX_DESCRIPTOR_VALUE_LEN,
+                false,
+            )?;
         }
     }
     Ok(())

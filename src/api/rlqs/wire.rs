@@ -78,7 +78,9 @@ pub(crate) fn action(bucket_id: &BucketId, a: Assignment) -> BucketAction {
             blanket(BlanketRule::DenyAll),
             Duration::from_secs(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)),
         ),
-        Assignment::Share { rate_milli, burst } => (token_bucket(rate_milli, burst), ASSIGNMENT_TTL),
+        Assignment::Share { rate_milli, burst } => {
+            (token_bucket(rate_milli, burst), ASSIGNMENT_TTL)
+        }
     };
     BucketAction {
         bucket_id: Some(bucket_id.clone()),
