@@ -136,7 +136,7 @@ pub async fn run(
     );
     warn_if_exposed(&config);
     let router = routes(&config.grpc, &limiter, &observer, health_service)?;
-    let router = router.add_service(quota_service(&config, &limiter));
+    let router = router.add_service(quota_service(&config, &limiter, &observer));
 
     let (stopping, cancel) = (CancellationToken::new(), CancellationToken::new());
     let stop = {
@@ -268,9 +268,11 @@ fn routes(
 fn quota_service(
     config: &Config,
     limiter: &SharedLimiter,
+    observer: &Arc<Observer>,
 ) -> RateLimitQuotaServiceServer<QuotaApi<Served<Metrics>>> {
-    RateLimitQuotaServiceServer::new(QuotaApi::new(limiter.clone(), config.rlqs.clone()))
-        .max_decoding_message_size(config.grpc.max_message_size)
+    let api = QuotaApi::new(limiter.clone(), config.rlqs.clone())
+        .with_metrics(observer.metrics.rlqs.clone());
+    RateLimitQuotaServiceServer::new(api).max_decoding_message_size(config.grpc.max_message_size)
 }
 
 /// The HTTP/2 bounds of `grpc`, and the in-flight cap.

@@ -73,6 +73,8 @@ pub struct Metrics {
     access_denied: Family<AccessLabels, Counter>,
     calls_shed: Counter<u64, AtomicU64>,
     settles: Family<ReloadLabels, Counter>,
+    /// Envoy quota streaming's series.
+    pub rlqs: super::rlqs::RlqsMetrics,
 }
 
 impl fmt::Debug for Metrics {
@@ -208,6 +210,7 @@ impl Metrics {
         let settles = register_settles(&mut registry);
         zero_known_series(&reloads, &store_errors);
         Self {
+            rlqs: super::rlqs::RlqsMetrics::register(&mut registry),
             registry,
             settles,
             access_denied,

@@ -614,3 +614,83 @@ async fn a_third_envoy_joins_and_one_leaves_and_the_total_still_holds() {
     // while three shared (5 s against 4 s).
     assert!(windows[0][2] * 4 > windows[0][1] * 5, "{windows:?}");
 }
+
+#[tokio::test]
+async fn a_bucket_idle_for_three_reports_is_abandoned_and_its_share_given_back() {
+    let server = TestServer::start(&config("")).await;
+    let t1 = bucket(&[("tenant", "t1")]);
+    let mut s = Quota::open(server.channel().await).await.expect("open");
+    s.send(report("fleet", std::slice::from_ref(&t1), 1)).await;
+    assert!(matches!(
+        told(&s.next().await.expect("share"))[0].1,
+        Told::Share(..)
+    ));
+    for _ in 1..3 {
+        s.send(report("fleet", std::slice::from_ref(&t1), 0)).await;
+        assert!(matches!(
+            told(&s.next().await.expect("extended"))[0].1,
+            Told::Share(..)
+        ));
+    }
+    s.send(report("fleet", std::slice::from_ref(&t1), 0)).await;
+    assert_eq!(
+        told(&s.next().await.expect("abandoned"))[0],
+        (t1, Told::Abandon)
+    );
+    // The share went back: a newcomer on the bucket is alone again.
+    let mut other = Quota::open(server.channel().await).await.expect("open");
+    other
+        .send(report("fleet", &[bucket(&[("tenant", "t1")])], 1))
+        .await;
+    assert_eq!(
+        told(&other.next().await.expect("share"))[0].1,
+        Told::Share(18_000, 18)
+    );
+}
+
+#[tokio::test]
+async fn streams_buckets_shares_and_reports_are_counted_with_bounded_labels() {
+    let port = common::free_port();
+    let server = TestServer::start(&config(&format!(
+        "metrics: {{ listen: \"127.0.0.1:{port}\" }}\n"
+    )))
+    .await;
+    let mut s = Quota::open(server.channel().await).await.expect("open");
+    s.send(report(
+        "fleet",
+        &[bucket(&[("tenant", "secret-tenant")])],
+        3,
+    ))
+    .await;
+    s.next().await.expect("share");
+    let text = common::metrics_get(port, "/metrics").await;
+    for line in [
+        "tollgate_rlqs_streams 1",
+        "tollgate_rlqs_buckets 1",
+        r#"tollgate_rlqs_bucket_reports_total{scope="fleet"} 1"#,
+        r#"tollgate_rlqs_requests_total{scope="fleet",result="allowed"} 3"#,
+        r#"tollgate_rlqs_assigned_millitokens_per_second{scope="fleet",rule="shared"} 18000"#,
+    ] {
+        assert!(text.contains(line), "{line} not in\n{text}");
+    }
+    assert!(
+        !text.contains("secret-tenant"),
+        "a BucketId value in a label"
+    );
+    drop(s);
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = common::metrics_get(port, "/metrics").await;
+        if text.contains("tollgate_rlqs_streams 0") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for line in [
+        "tollgate_rlqs_streams 0",
+        "tollgate_rlqs_buckets 0",
+        r#"tollgate_rlqs_assigned_millitokens_per_second{scope="fleet",rule="shared"} 0"#,
+    ] {
+        assert!(text.contains(line), "{line} not in\n{text}");
+    }
+}

@@ -9,8 +9,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::rate_limit_quota::v3::{BucketId, RateLimitQuotaResponse};
@@ -19,6 +19,7 @@ use tonic::Status;
 
 use super::wire::{self, Assignment};
 use crate::limiter::shares::{self, Member, Pool};
+use crate::observe::rlqs::RlqsMetrics;
 
 /// Where a stream's answers go.
 pub(crate) type Outbox = mpsc::Sender<Result<RateLimitQuotaResponse, Status>>;
@@ -31,6 +32,8 @@ pub(crate) type GroupKey = (String, String, String);
 pub struct Hub {
     state: Mutex<State>,
     next: AtomicU64,
+    /// Streams, seats and shares, as they change.
+    metrics: RlqsMetrics,
 }
 
 #[derive(Debug, Default)]
@@ -50,6 +53,9 @@ struct Seat {
     member: Member,
     /// The burst that goes with its share, in tokens.
     burst: u64,
+    /// The rules its share was computed for, whose assigned-rate series
+    /// it counts in.
+    rules: Vec<Arc<str>>,
 }
 
 /// One bucket report, as the hub needs it.
@@ -65,11 +71,26 @@ pub(crate) struct Report {
     pub(crate) demand_milli: Option<u64>,
     /// The limits that apply to the group.
     pub(crate) pools: Vec<Pool>,
+    /// Their rule names, for the metrics.
+    pub(crate) rules: Vec<Arc<str>>,
     /// Set when a bucket of the group is empty: deny everywhere this long.
     pub(crate) deny_for: Option<Duration>,
 }
 
 impl Hub {
+    /// A hub that reports to `metrics`.
+    pub fn with_metrics(metrics: RlqsMetrics) -> Self {
+        Self {
+            metrics,
+            ..Self::default()
+        }
+    }
+
+    /// Its metrics, for the streams to count reports in.
+    pub(crate) fn metrics(&self) -> &RlqsMetrics {
+        &self.metrics
+    }
+
     /// Opens a stream on `peer`'s connection with its outbox, unless the
     /// connection already holds `max` streams.
     pub(crate) fn open(
@@ -88,21 +109,26 @@ impl Hub {
         *open += 1;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         state.streams.insert(id, outbox);
+        self.metrics.stream(1);
         Ok(id)
     }
 
     /// Forgets a stream and every share it held.
     pub(crate) fn close(&self, stream: u64, peer: Option<SocketAddr>) {
         let mut state = self.lock();
-        state.streams.remove(&stream);
+        if state.streams.remove(&stream).is_some() {
+            self.metrics.stream(-1);
+        }
         if let Some(open) = state.connections.get_mut(&peer) {
             *open = open.saturating_sub(1);
             if *open == 0 {
                 state.connections.remove(&peer);
             }
         }
-        state.groups.retain(|_, seats| {
-            seats.remove(&stream);
+        state.groups.retain(|group, seats| {
+            if let Some(seat) = seats.remove(&stream) {
+                self.vacate(group, &seat);
+            }
             !seats.is_empty()
         });
     }
@@ -111,7 +137,9 @@ impl Hub {
     pub(crate) fn leave(&self, stream: u64, group: &GroupKey) {
         let mut state = self.lock();
         if let Some(seats) = state.groups.get_mut(group) {
-            seats.remove(&stream);
+            if let Some(seat) = seats.remove(&stream) {
+                self.vacate(group, &seat);
+            }
             if seats.is_empty() {
                 state.groups.remove(group);
             }
@@ -133,11 +161,16 @@ impl Hub {
         let State {
             streams, groups, ..
         } = &mut *state;
+        let scope = r.group.0.clone();
         let seats = groups.entry(r.group).or_default();
-        let seat = seats.entry(r.stream).or_insert_with(|| Seat {
-            bucket_id: r.bucket_id.clone(),
-            member: Member::default(),
-            burst: 0,
+        let seat = seats.entry(r.stream).or_insert_with(|| {
+            self.metrics.bucket(1);
+            Seat {
+                bucket_id: r.bucket_id.clone(),
+                member: Member::default(),
+                burst: 0,
+                rules: Vec::new(),
+            }
         });
         if r.demand_milli.is_some() {
             seat.member.demand_milli = r.demand_milli;
@@ -156,8 +189,12 @@ impl Hub {
             let Some(seat) = seats.get_mut(id) else {
                 continue;
             };
+            let moved = rates[k] != seat.member.assigned;
+            self.metrics
+                .share(&scope, &seat.rules, -signed(seat.member.assigned));
+            self.metrics.share(&scope, &r.rules, signed(rates[k]));
+            seat.rules.clone_from(&r.rules);
             let m = &mut seat.member;
-            let moved = rates[k] != m.assigned;
             m.outstanding = m.outstanding.max(m.assigned).max(rates[k]);
             m.assigned = rates[k];
             seat.burst = bursts[k];
@@ -186,11 +223,22 @@ impl Hub {
         }
     }
 
+    /// Takes a seat's share out of the metrics.
+    fn vacate(&self, group: &GroupKey, seat: &Seat) {
+        self.metrics.bucket(-1);
+        self.metrics
+            .share(&group.0, &seat.rules, -signed(seat.member.assigned));
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic elsewhere cannot leave the counts half-written: every
         // change under the lock is a few plain assignments.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+fn signed(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// Each member's share: the least any pool gives it, so that every pool's

@@ -33,6 +33,8 @@ use crate::config::{RlqsConfig, RlqsDomainConfig};
 use crate::limiter::descriptors::canonical;
 use crate::limiter::shares::Pool;
 use crate::limiter::{self, Decision, Limiter};
+use crate::observe::metrics::UNCONFIGURED;
+use crate::observe::rlqs::RlqsMetrics;
 use crate::store::Store;
 
 pub mod hub;
@@ -77,6 +79,14 @@ impl<S> QuotaApi<S> {
     /// The streams and what they hold, for metrics and tests.
     pub fn hub(&self) -> Arc<Hub> {
         self.hub.clone()
+    }
+
+    /// Counts streams, buckets, shares and reports in `metrics`.
+    pub fn with_metrics(self, metrics: RlqsMetrics) -> Self {
+        Self {
+            hub: Arc::new(Hub::with_metrics(metrics)),
+            ..self
+        }
     }
 }
 
@@ -185,15 +195,20 @@ impl<S: Store> Stream<S> {
             .domain(&domain)
             .filter(|_| snapshot.rules.scope(&domain).is_some())
             .cloned();
+        let scope_label = if snapshot.rules.scope(&domain).is_some() {
+            domain.as_str()
+        } else {
+            UNCONFIGURED
+        };
         let mut answers = Vec::new();
         let mut mapped = Vec::new();
         for (index, usage) in m.bucket_quota_usages.iter().enumerate() {
             let Some(id) = usage.bucket_id.as_ref() else {
                 continue;
             };
-            let seen = usage
-                .num_requests_allowed
-                .saturating_add(usage.num_requests_denied);
+            let (allowed, denied) = (usage.num_requests_allowed, usage.num_requests_denied);
+            self.hub.metrics().report(scope_label, allowed, denied);
+            let seen = allowed.saturating_add(denied);
             match self.track(id, &domain, mapping.as_ref(), seen, now) {
                 Track::Answer(a) => answers.push(wire::action(id, a)),
                 Track::Mapped(group, demand_milli, elapsed) => mapped.push(Mapped {
@@ -332,6 +347,12 @@ impl<S: Store> Stream<S> {
                 bucket_id,
                 demand_milli: b.demand_milli,
                 pools: pools(d),
+                rules: d
+                    .buckets
+                    .iter()
+                    .filter(|b| !b.shadow)
+                    .map(|b| b.rule.clone())
+                    .collect(),
                 deny_for,
             });
         }
