@@ -694,3 +694,86 @@ async fn streams_buckets_shares_and_reports_are_counted_with_bounded_labels() {
         assert!(text.contains(line), "{line} not in\n{text}");
     }
 }
+
+#[test]
+fn the_rlqs_section_is_named_as_restart_only_on_reload() {
+    let old = tollgate::config::Config::from_yaml(&config("")).expect("config");
+    let new = tollgate::config::Config::from_yaml(&config("").replace("deny_all", "allow_all"))
+        .expect("config");
+    assert_eq!(tollgate::reload::restart_only_changes(&old, &new), ["rlqs"]);
+}
+
+/// Serves `yaml` on `addr`, binding it again if a previous server has only
+/// just let it go.
+async fn serve_on(yaml: &str, addr: SocketAddr) -> (TestServer, tempfile::NamedTempFile) {
+    let file = tempfile::NamedTempFile::new().expect("config file");
+    std::fs::write(file.path(), yaml).expect("write config");
+    let source = tollgate::config::ConfigSource::new(file.path(), std::iter::empty());
+    let prepared = tollgate::server::Prepared::load(source).expect("valid config");
+    let mut listener = None;
+    for _ in 0..100 {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                listener = Some(l);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let (control, task) = tollgate::server::spawn(prepared, listener.expect("port free again"));
+    (TestServer::spawned(addr, control, task), file)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_total_over_a_tollgate_restart_is_printed_and_traffic_stays_limited() {
+    let yaml = config("shutdown_grace: 1s\n");
+    let addr = SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    let (first, _file) = serve_on(&yaml, addr).await;
+    let upstream = start_upstream().await;
+    let a = RlqsEnvoy::start(upstream, addr).await;
+    let b = RlqsEnvoy::start(upstream, addr).await;
+    let tallies: Vec<Arc<Tally>> = (0..2).map(|_| Arc::new(Tally::default())).collect();
+    let zero = tokio::time::Instant::now();
+    let run = Duration::from_secs(16);
+    let restart = async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        first.shutdown().await;
+        let down = zero.elapsed();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let again = serve_on(&yaml, addr).await;
+        (down, zero.elapsed(), again)
+    };
+    let (_, _, (down, up, _second)) = tokio::join!(
+        drive_from(a.listen, 12, run, tallies[0].clone(), zero),
+        drive_from(b.listen, 12, run, tallies[1].clone(), zero),
+        restart,
+    );
+    let took = zero.elapsed().as_secs_f64();
+    let total: u64 = tallies
+        .iter()
+        .map(|t| t.allowed.load(Ordering::Relaxed))
+        .sum();
+    let late: u64 = tallies.iter().map(|t| t.allowed_in(11, 16)).sum();
+    println!(
+        "rlqs restart (2 Envoys at 12/s, Tollgate down from {:.1}s to {:.1}s, {took:.1}s): \
+         admitted {total} (a {}, b {}); seconds 11-16: {late}; C + R·t = {:.0}",
+        down.as_secs_f64(),
+        up.as_secs_f64(),
+        tallies[0].allowed.load(Ordering::Relaxed),
+        tallies[1].allowed.load(Ordering::Relaxed),
+        BURST as f64 + RATE as f64 * took,
+    );
+    // Limited before, through and after the restart: the Envoys keep their
+    // shares while Tollgate is down, and get new ones after.
+    assert!(
+        late <= bound(5.0),
+        "{late} admitted in 5 s after the restart"
+    );
+    assert!(late > 0, "nothing admitted after the restart");
+    // The embedded store starts full again, so the restart may hand out C
+    // once more.
+    assert!(
+        total <= bound(took) + BURST,
+        "{total} admitted over the restart"
+    );
+}
