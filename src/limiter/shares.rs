@@ -93,7 +93,7 @@ fn moves(current: u64, target: u64) -> bool {
     if current == 0 {
         return target > 0;
     }
-    let step = (current * STEP_PERMILLE / 1000).max(MIN_STEP_MILLI);
+    let step = permille(current, STEP_PERMILLE).max(MIN_STEP_MILLI);
     current.abs_diff(target) > step
 }
 
@@ -106,13 +106,14 @@ pub fn targets(pool: Pool, members: &[Member]) -> Vec<u64> {
     if n == 0 {
         return Vec::new();
     }
-    let avail = pool.rate_milli - pool.rate_milli * HEADROOM_PERMILLE / 1000;
+    let avail = pool.rate_milli - permille(pool.rate_milli, HEADROOM_PERMILLE);
     let floor = FLOOR_MILLI.min(avail / n);
     let asks: Vec<u64> = members
         .iter()
         .map(|m| {
+            // Demand comes from what an Envoy reports: any u64.
             let ask = m.demand_milli.map_or(avail / n, |d| {
-                d.saturating_add(d * DEMAND_SLACK_PERMILLE / 1000)
+                d.saturating_add(permille(d, DEMAND_SLACK_PERMILLE))
             });
             ask.max(floor)
         })
@@ -127,6 +128,11 @@ pub fn targets(pool: Pool, members: &[Member]) -> Vec<u64> {
         left -= out[i];
     }
     out
+}
+
+/// `p` thousandths of `x`, rounded down, without overflow.
+fn permille(x: u64, p: u64) -> u64 {
+    u64::try_from(u128::from(x) * u128::from(p) / 1000).unwrap_or(u64::MAX)
 }
 
 /// A member's burst for a share: its part of C in proportion to its part
@@ -210,6 +216,18 @@ mod tests {
     fn small_moves_are_not_sent() {
         let m = member(Some(7_500), 10_000);
         assert_eq!(rebalance(POOL, &[m]), vec![10_000]);
+    }
+
+    #[test]
+    fn extreme_demands_and_rates_do_not_overflow() {
+        let huge = Pool {
+            rate_milli: u64::MAX,
+            burst: u64::MAX,
+        };
+        let members = [member(Some(u64::MAX), u64::MAX / 4), member(None, 0)];
+        let new = rebalance(huge, &members);
+        assert!(new.iter().all(|&n| n <= u64::MAX / 2), "{new:?}");
+        assert_eq!(targets(POOL, &[member(Some(u64::MAX), 0)]), vec![18_000]);
     }
 
     #[test]

@@ -320,6 +320,15 @@ async fn reported_usage_is_charged_to_the_real_bucket_and_an_empty_one_is_denied
     let mut client = server.client().await;
     let r = common::ask(&mut client, common::req("fleet", "t1", "")).await;
     assert!(!r.allowed, "{r:?}");
+    // Counts at the top of their range are taken in stride, not a panic.
+    let mut huge = report("fleet", &[bucket(&[("tenant", "t1")])], u64::MAX);
+    huge.bucket_quota_usages[0].num_requests_denied = u64::MAX;
+    s.send(huge).await;
+    let answer = told(&s.next().await.expect("answer"));
+    assert!(
+        matches!(answer[0].1, Told::Blanket(BlanketRule::DenyAll, _)),
+        "{answer:?}"
+    );
 }
 
 #[tokio::test]

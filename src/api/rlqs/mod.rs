@@ -29,7 +29,7 @@ use super::auth::{Caller, PeerInfo};
 use super::validate::{
     self, MAX_DESCRIPTOR_ENTRIES, MAX_DESCRIPTOR_KEY_LEN, MAX_DESCRIPTOR_VALUE_LEN, MAX_SCOPE_LEN,
 };
-use crate::config::{RlqsConfig, RlqsDomainConfig};
+use crate::config::{MAX_CAPACITY, RlqsConfig, RlqsDomainConfig};
 use crate::limiter::descriptors::canonical;
 use crate::limiter::shares::Pool;
 use crate::limiter::{self, Decision, Limiter};
@@ -320,7 +320,9 @@ impl<S: Store> Stream<S> {
         let requests: Vec<limiter::Request<'_>> = mapped
             .iter()
             .map(|b| limiter::Request {
-                cost: b.allowed,
+                // A settle takes at most a bucket's capacity more; the
+                // clamp keeps an Envoy's count within what the store takes.
+                cost: b.allowed.min(MAX_CAPACITY),
                 ..limiter::Request::new(domain, &b.group.1, &b.group.2)
             })
             .collect();
