@@ -786,3 +786,28 @@ async fn the_total_over_a_tollgate_restart_is_printed_and_traffic_stays_limited(
         "{total} admitted over the restart"
     );
 }
+
+#[tokio::test]
+async fn usage_is_charged_the_same_way_on_redis() {
+    let redis = common::redis::Standalone::start();
+    let mut config = tollgate::config::Config::from_yaml(&config("")).expect("config");
+    config.store.kind = tollgate::config::StoreKind::Redis;
+    config.store.redis = redis.config("rlqs-usage");
+    let server = TestServer::start_config(config).await;
+    let t1 = bucket(&[("tenant", "t1")]);
+    let mut s = Quota::open(server.channel().await).await.expect("open");
+    s.send(report("fleet", std::slice::from_ref(&t1), 1)).await;
+    assert!(matches!(
+        told(&s.next().await.expect("share"))[0].1,
+        Told::Share(..)
+    ));
+    s.send(report("fleet", &[t1], 2 * BURST)).await;
+    let answer = told(&s.next().await.expect("answer"));
+    assert!(
+        matches!(answer[0].1, Told::Blanket(BlanketRule::DenyAll, 1..=2)),
+        "{answer:?}"
+    );
+    let mut client = server.client().await;
+    let r = common::ask(&mut client, common::req("fleet", "t1", "")).await;
+    assert!(!r.allowed, "{r:?}");
+}
