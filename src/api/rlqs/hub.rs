@@ -8,6 +8,7 @@
 //! [`crate::limiter::shares`]; this file keeps the state between reports.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::service::rate_limit_quota::v3::{BucketId, RateLimitQuotaResponse};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tonic::Status;
 
 use super::wire::{self, Assignment};
@@ -42,6 +44,10 @@ struct State {
     /// Open streams per connection (the peer's address and port).
     connections: HashMap<Option<SocketAddr>, usize>,
     groups: HashMap<GroupKey, HashMap<u64, Seat>>,
+    /// Groups whose shares are to be sent again when a denial ends, and
+    /// when: one timer per group at most, however many reports arrive
+    /// meanwhile, pushed back when a later denial runs longer.
+    resends: HashMap<GroupKey, Instant>,
 }
 
 /// One stream's place in a group.
@@ -209,17 +215,37 @@ impl Hub {
         }
     }
 
-    /// Sends every member of `group` its share again: a denial pushed to
-    /// them has ended, and without this each would fall back to its own
-    /// `expired_assignment_behavior` until its next report.
-    pub(crate) fn resend(&self, group: &GroupKey) {
-        let state = self.lock();
-        let Some(seats) = state.groups.get(group) else {
-            return;
+    /// Sends every member of `group` its share again, if its denial has
+    /// ended by `now`; otherwise says when it ends. Without this each
+    /// Envoy would fall back to its own `expired_assignment_behavior`
+    /// until its next report.
+    pub(crate) fn resend_if_due(&self, group: &GroupKey, now: Instant) -> Option<Instant> {
+        let mut state = self.lock();
+        match state.resends.get(group) {
+            Some(&until) if until > now => return Some(until),
+            _ => state.resends.remove(group),
         };
+        let seats = state.groups.get(group)?;
         for (id, seat) in seats {
             let a = wire::assignment(seat.member.assigned, seat.burst);
             send(&state.streams, *id, &seat.bucket_id, a);
+        }
+        None
+    }
+
+    /// Records that `group` is denied until `until`; true when no timer
+    /// is waiting for it yet, so the caller starts one.
+    pub(crate) fn claim_resend(&self, group: &GroupKey, until: Instant) -> bool {
+        match self.lock().resends.entry(group.clone()) {
+            Entry::Occupied(mut e) => {
+                let later = (*e.get()).max(until);
+                e.insert(later);
+                false
+            }
+            Entry::Vacant(e) => {
+                e.insert(until);
+                true
+            }
         }
     }
 

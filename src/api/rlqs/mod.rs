@@ -365,11 +365,20 @@ impl<S> Stream<S> {
     /// Gives `group` its shares back when a denial of `wait` (rounded up
     /// to whole seconds, as Envoy reads its TTL) ends.
     fn resend_after(&self, group: GroupKey, wait: Duration) {
-        let hub = self.hub.clone();
         let wait = Duration::from_secs(wait.as_secs() + u64::from(wait.subsec_nanos() > 0));
+        if !self.hub.claim_resend(&group, Instant::now() + wait) {
+            return;
+        }
+        let hub = self.hub.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(wait).await;
-            hub.resend(&group);
+            let mut until = Instant::now() + wait;
+            loop {
+                tokio::time::sleep_until(until).await;
+                match hub.resend_if_due(&group, Instant::now()) {
+                    Some(later) => until = later,
+                    None => break,
+                }
+            }
         });
     }
 }
