@@ -203,6 +203,10 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.shutdown_grace != new.shutdown_grace {
         changed.push("shutdown_grace");
     }
+    // Each quota stream holds its mapping and bounds from its start.
+    if differ(&old.rlqs, &new.rlqs) {
+        changed.push("rlqs");
+    }
     // `reservations` (the signing secrets and `max_settle_within`) is
     // applied by a reload.
     changed

@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_service_server::RateLimitQuotaServiceServer;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -21,7 +22,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tower::layer::util::{Identity, Stack};
 
-use crate::api::{AdminApi, EnvoyRateLimitApi, RateLimiterApi, Settings};
+use crate::api::{AdminApi, EnvoyRateLimitApi, QuotaApi, RateLimiterApi, Settings};
 use crate::config::{Config, ConfigError, GrpcConfig};
 use crate::limiter::{Limiter, Signer};
 use crate::net::bounds::InFlightLimitLayer;
@@ -141,6 +142,7 @@ pub async fn run(
     );
     warn_if_exposed(&config);
     let router = routes(&config.grpc, &limiter, &observer, health_service)?;
+    let router = router.add_service(quota_service(&config, &limiter, &observer));
 
     let (stopping, cancel) = (CancellationToken::new(), CancellationToken::new());
     let stop = {
@@ -268,6 +270,17 @@ fn routes(
         .add_service(RateLimiterServer::new(ours).max_decoding_message_size(max))
         .add_service(RateLimitServiceServer::new(envoy).max_decoding_message_size(max))
         .add_service(AdminServer::new(admin).max_decoding_message_size(max)))
+}
+
+/// Envoy's quota streaming (RLQS), on the same port and grants.
+fn quota_service(
+    config: &Config,
+    limiter: &SharedLimiter,
+    observer: &Arc<Observer>,
+) -> RateLimitQuotaServiceServer<QuotaApi<Served<Metrics>>> {
+    let api = QuotaApi::new(limiter.clone(), config.rlqs.clone())
+        .with_metrics(observer.metrics.rlqs.clone());
+    RateLimitQuotaServiceServer::new(api).max_decoding_message_size(config.grpc.max_message_size)
 }
 
 /// The HTTP/2 bounds of `grpc`, and the in-flight cap.

@@ -316,3 +316,6 @@ mod window;
 
 #[path = "properties/ai.rs"]
 mod ai;
+
+#[path = "properties/shares.rs"]
+mod shares;

@@ -7,11 +7,13 @@ pub mod bans;
 pub mod envoy;
 mod envoy_metadata;
 pub mod headers;
+pub mod rlqs;
 pub mod settings;
 pub mod tollgate;
 pub mod validate;
 
 pub use admin::AdminApi;
 pub use envoy::EnvoyRateLimitApi;
+pub use rlqs::QuotaApi;
 pub use settings::{Settings, Snapshot};
 pub use tollgate::RateLimiterApi;

@@ -31,6 +31,7 @@ pub mod analytics;
 pub mod envoy;
 pub mod penalty;
 pub mod reservations;
+pub mod rlqs;
 pub mod scopes;
 pub mod security;
 pub mod store;
@@ -42,6 +43,7 @@ pub use penalty::{
     PenaltyPer,
 };
 pub use reservations::{ReservationsConfig, SecretFiles, Secrets};
+pub use rlqs::{BlanketRule, RlqsConfig, RlqsDomainConfig};
 pub use scopes::{
     DescriptorKeysConfig, FailureMode, HashTag, HeadroomConfig, LimitConfig, MAX_BUDGET,
     MAX_CAPACITY, MAX_MAX_DELAY, MAX_NAME_LEN, MAX_REFILL_PERIOD, MIN_REFILL_PERIOD, Per, Percent,
@@ -89,6 +91,7 @@ pub const SECTIONS: &[&str] = &[
     "analytics",
     "reload",
     "reservations",
+    "rlqs",
 ];
 
 /// Whether the environment variable `name` overrides the config: it is
@@ -201,6 +204,9 @@ pub struct Config {
     /// Settle-later reservations.
     #[serde(default)]
     pub reservations: ReservationsConfig,
+    /// Envoy quota streaming (RLQS): domains, the bucket mapping, bounds.
+    #[serde(default)]
+    pub rlqs: RlqsConfig,
 }
 
 fn default_listen() -> String {
@@ -499,6 +505,8 @@ impl Config {
                 }
             }
         }
+        let names: Vec<&str> = defined.keys().copied().collect();
+        self.rlqs.validate(&mut problems, &names);
         ConfigError::check(problems)
     }
 }

@@ -27,6 +27,8 @@ pub(crate) mod plan;
 pub mod reservation;
 pub mod rules;
 mod settle;
+pub mod shares;
+mod usage;
 
 pub use limit::Limit;
 use plan::{Joint, Plan};

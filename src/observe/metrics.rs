@@ -74,6 +74,8 @@ pub struct Metrics {
     calls_shed: Counter<u64, AtomicU64>,
     settles: Family<ReloadLabels, Counter>,
     shaping: Shaping,
+    /// Envoy quota streaming's series.
+    pub rlqs: super::rlqs::RlqsMetrics,
     /// Penalty-box strikes and bans started, by configured scope.
     penalties: PenaltyMetrics,
 }
@@ -260,6 +262,7 @@ impl Metrics {
         let settles = register_settles(&mut registry);
         zero_known_series(&reloads, &store_errors);
         Self {
+            rlqs: super::rlqs::RlqsMetrics::register(&mut registry),
             shaping: Shaping::register(&mut registry),
             penalties: register_penalties(&mut registry), // before `registry` moves
             registry,

@@ -12,6 +12,7 @@ pub mod audit;
 pub mod hitters;
 pub mod logs;
 pub mod metrics;
+pub mod rlqs;
 pub mod sketch;
 pub mod status;
 

@@ -219,7 +219,13 @@ const BANS: &[Ban] = &[
 
 /// Rooms whose code holds no float: no `f32`/`f64` type, float literal, or
 /// name ending in `_f32`/`_f64` (such as `Duration::as_secs_f64`).
-const FLOAT_FREE: &[&str] = &["tollgate::bucket", "tollgate::window"];
+const FLOAT_FREE: &[&str] = &[
+    "tollgate::bucket",
+    "tollgate::window",
+    // Fair shares of a limit across RLQS streams: in millitokens, like the
+    // bucket math they split.
+    "tollgate::limiter::shares",
+];
 
 /// The room whose every `.await` must be on a method of a trait declared in
 /// `AWAITS_ONLY_ON`, or on one of its own async fns.

@@ -36,7 +36,7 @@ const TEMPLATE_PORTS: [&str; 4] = [
     "port_value: 9901",
 ];
 
-fn envoy_binary() -> PathBuf {
+pub(crate) fn envoy_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("ENVOY_BIN") {
         return PathBuf::from(p);
     }
@@ -158,8 +158,8 @@ impl Drop for Envoy {
 
 /// An HTTP response, as far as these tests care.
 #[derive(Debug)]
-struct Reply {
-    status: u16,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
     headers: Vec<(String, String)>,
 }
 
@@ -173,7 +173,11 @@ impl Reply {
 }
 
 /// A minimal HTTP/1.1 GET: one request per connection.
-async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> std::io::Result<Reply> {
+pub(crate) async fn get(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<Reply> {
     let mut stream = TcpStream::connect(addr).await?;
     let mut req = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n");
     for (k, v) in headers {
@@ -201,7 +205,7 @@ async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> std::io:
 /// The upstream service: 200 "ok" to everything. Each request header
 /// `x-reply-<name>` comes back as the response header `<name>`, so that a
 /// test can have the upstream report, say, the tokens a call used.
-async fn start_upstream() -> SocketAddr {
+pub(crate) async fn start_upstream() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {

@@ -24,6 +24,7 @@ mod redis_standalone;
 mod redis_topologies;
 mod redteam;
 mod reload;
+mod rlqs;
 mod security;
 mod shaping;
 mod status_page;

@@ -1,0 +1,240 @@
+//! Fair shares of one limit across the Envoy quota streams that draw on it.
+//!
+//! Plain computation in integers: rates in millitokens per second, bursts
+//! in tokens. [`rebalance`] water-fills a limit's rate across its members by
+//! their measured demand, holding back [`HEADROOM_PERMILLE`] for newcomers;
+//! it shrinks at once, grows only out of what no member still holds, and
+//! leaves a share alone unless it moves by more than the step. The caller
+//! keeps what each member may still hold (`outstanding`): a member that
+//! was told to shrink holds its old share until it has reported since.
+//! docs/rlqs.md states the algorithm and its constants.
+
+/// Of a limit's rate, the part (in thousandths) never planned for members
+/// that have already reported, so that a newcomer gets a share at once.
+pub const HEADROOM_PERMILLE: u64 = 100;
+
+/// Demand is planned with this much slack (in thousandths) on top, so a
+/// member whose traffic creeps up is not denied before its next report.
+pub const DEMAND_SLACK_PERMILLE: u64 = 250;
+
+/// A share moves only when the new one differs from the current one by more
+/// than this part of it (in thousandths) ...
+pub const STEP_PERMILLE: u64 = 100;
+
+/// ... and by more than this, in millitokens per second (half a token/s).
+pub const MIN_STEP_MILLI: u64 = 500;
+
+/// The least share planned for an active member while the limit has room
+/// for one per member: one token per second.
+pub const FLOOR_MILLI: u64 = 1000;
+
+/// A limit, as a pool to share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pool {
+    /// The limit's refill rate R, in millitokens per second.
+    pub rate_milli: u64,
+    /// The limit's capacity C, in tokens.
+    pub burst: u64,
+}
+
+/// One member (one stream's bucket) of a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Member {
+    /// Requests per second it saw (allowed and denied), in thousandths;
+    /// `None` until it has reported over a measured interval.
+    pub demand_milli: Option<u64>,
+    /// The share it was last told, in millitokens per second.
+    pub assigned: u64,
+    /// The most it may still hold: `assigned`, or more while a shrink it
+    /// was told has not been confirmed by a report since.
+    pub outstanding: u64,
+}
+
+/// The new share of each member, in `members`' order.
+///
+/// For `Σ max(outstanding, assigned) ≤ R` on entry, the result keeps
+/// `Σ max(outstanding, new) ≤ R`: a share grows only out of what no member
+/// may still hold.
+pub fn rebalance(pool: Pool, members: &[Member]) -> Vec<u64> {
+    let targets = targets(pool, members);
+    let mut new: Vec<u64> = members.iter().map(|m| m.assigned).collect();
+    let mut growers = Vec::new();
+    for (i, (m, &target)) in members.iter().zip(&targets).enumerate() {
+        if !moves(m.assigned, target) {
+            continue;
+        }
+        if target < m.assigned {
+            new[i] = target;
+        } else {
+            growers.push(i);
+        }
+    }
+    let held: u64 = members
+        .iter()
+        .zip(&new)
+        .map(|(m, &n)| m.outstanding.max(m.assigned).max(n))
+        .sum();
+    let mut free = pool.rate_milli.saturating_sub(held);
+    for i in growers {
+        let m = &members[i];
+        // What it already holds covers part of the growth.
+        let room = m.outstanding.max(m.assigned) - m.assigned;
+        let want = targets[i] - m.assigned;
+        let from_free = want.saturating_sub(room).min(free);
+        free -= from_free;
+        new[i] = m.assigned + (want.min(room) + from_free);
+    }
+    new
+}
+
+/// Whether a share moves from `current` to `target`: always from nothing,
+/// otherwise by more than the step.
+fn moves(current: u64, target: u64) -> bool {
+    if current == 0 {
+        return target > 0;
+    }
+    let step = permille(current, STEP_PERMILLE).max(MIN_STEP_MILLI);
+    current.abs_diff(target) > step
+}
+
+/// Water-filling: every member gets up to an equal share of the rate less
+/// the headroom, and what members asking for less leave goes to the others.
+/// A member not measured yet asks for an equal share; none is planned below
+/// the floor while the rate has room for it.
+pub fn targets(pool: Pool, members: &[Member]) -> Vec<u64> {
+    let n = members.len() as u64;
+    if n == 0 {
+        return Vec::new();
+    }
+    let avail = pool.rate_milli - permille(pool.rate_milli, HEADROOM_PERMILLE);
+    let floor = FLOOR_MILLI.min(avail / n);
+    let asks: Vec<u64> = members
+        .iter()
+        .map(|m| {
+            // Demand comes from what an Envoy reports: any u64.
+            let ask = m.demand_milli.map_or(avail / n, |d| {
+                d.saturating_add(permille(d, DEMAND_SLACK_PERMILLE))
+            });
+            ask.max(floor)
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..members.len()).collect();
+    order.sort_by_key(|&i| asks[i]);
+    let mut out = vec![0; members.len()];
+    let mut left = avail;
+    for (k, &i) in order.iter().enumerate() {
+        let level = left / (n - k as u64);
+        out[i] = asks[i].min(level);
+        left -= out[i];
+    }
+    out
+}
+
+/// `p` thousandths of `x`, rounded down, without overflow.
+fn permille(x: u64, p: u64) -> u64 {
+    u64::try_from(u128::from(x) * u128::from(p) / 1000).unwrap_or(u64::MAX)
+}
+
+/// A member's burst for a share: its part of C in proportion to its part
+/// of R, rounded down.
+pub fn burst_of(pool: Pool, share_milli: u64) -> u64 {
+    if pool.rate_milli == 0 {
+        return 0;
+    }
+    let b = u128::from(pool.burst) * u128::from(share_milli) / u128::from(pool.rate_milli);
+    u64::try_from(b).unwrap_or(pool.burst)
+}
+
+/// Envoy's token bucket for a share: `tokens_per_fill` every
+/// `fill_interval_secs`, never faster than the share. Envoy reads the fill
+/// interval in whole seconds, so a share under one token per second is one
+/// token every few seconds, up to [`MAX_FILL_SECS`]; below that, `None`.
+pub fn token_bucket_of(share_milli: u64) -> Option<(u64, u64)> {
+    if share_milli >= 1000 {
+        return Some((share_milli / 1000, 1));
+    }
+    if share_milli == 0 {
+        return None;
+    }
+    let secs = 1000u64.div_ceil(share_milli);
+    (secs <= MAX_FILL_SECS).then_some((1, secs))
+}
+
+/// The longest fill interval handed out: one token a minute.
+pub const MAX_FILL_SECS: u64 = 60;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(demand: Option<u64>, assigned: u64) -> Member {
+        Member {
+            demand_milli: demand,
+            assigned,
+            outstanding: assigned,
+        }
+    }
+
+    const POOL: Pool = Pool {
+        rate_milli: 20_000,
+        burst: 20,
+    };
+
+    #[test]
+    fn the_busy_member_gets_the_larger_share_and_headroom_is_left() {
+        let t = targets(POOL, &[member(Some(15_000), 0), member(Some(5_000), 0)]);
+        // 18/s to plan: the quiet one asks 6.25/s, the busy one gets the rest.
+        assert_eq!(t, vec![11_750, 6_250]);
+    }
+
+    #[test]
+    fn a_shrink_is_at_once_and_growth_waits_for_what_others_still_hold() {
+        // One member held everything; a newcomer arrives.
+        let old = Member {
+            demand_milli: Some(30_000),
+            assigned: 18_000,
+            outstanding: 18_000,
+        };
+        let new = rebalance(POOL, &[old, member(None, 0)]);
+        assert_eq!(new[0], 9_000, "shrinks at once");
+        // Only the unheld 2/s is free until the first member confirms.
+        assert_eq!(new[1], 2_000);
+        let confirmed = Member {
+            assigned: 9_000,
+            outstanding: 9_000,
+            ..old
+        };
+        let newcomer = Member {
+            demand_milli: None,
+            assigned: 2_000,
+            outstanding: 2_000,
+        };
+        assert_eq!(rebalance(POOL, &[confirmed, newcomer])[1], 9_000);
+    }
+
+    #[test]
+    fn small_moves_are_not_sent() {
+        let m = member(Some(7_500), 10_000);
+        assert_eq!(rebalance(POOL, &[m]), vec![10_000]);
+    }
+
+    #[test]
+    fn extreme_demands_and_rates_do_not_overflow() {
+        let huge = Pool {
+            rate_milli: u64::MAX,
+            burst: u64::MAX,
+        };
+        let members = [member(Some(u64::MAX), u64::MAX / 4), member(None, 0)];
+        let new = rebalance(huge, &members);
+        assert!(new.iter().all(|&n| n <= u64::MAX / 2), "{new:?}");
+        assert_eq!(targets(POOL, &[member(Some(u64::MAX), 0)]), vec![18_000]);
+    }
+
+    #[test]
+    fn token_buckets_never_run_faster_than_the_share() {
+        assert_eq!(token_bucket_of(6_999), Some((6, 1)));
+        assert_eq!(token_bucket_of(400), Some((1, 3)));
+        assert_eq!(token_bucket_of(10), None);
+        assert_eq!(burst_of(POOL, 5_000), 5);
+    }
+}

@@ -1,0 +1,56 @@
+//! Settled usage: requests already let through elsewhere (by an Envoy on
+//! its quota share), charged after the fact to the buckets they draw on.
+
+use super::plan::Joint;
+use super::{DecideError, Decision, Limiter, Request, Rules};
+use crate::store::{ChargeOutcome, SettleBucket, Settled, Store, StoreError};
+
+impl<S: Store, E> Limiter<S, E> {
+    /// Takes each request's `cost` from the buckets it draws on, together,
+    /// whether or not they hold it: the requests were already admitted, so
+    /// a bucket may go into debt (at most one period past empty, as a
+    /// settle above its estimate does), and later requests wait. A cost of
+    /// 0 takes nothing and reads the buckets' state. The decisions always
+    /// allow; their buckets say what is left. A store failure follows the
+    /// scopes' failure mode, like a decision.
+    pub async fn charge_usage_on(
+        &self,
+        rules: &Rules,
+        reqs: &[Request<'_>],
+    ) -> Result<Vec<Decision>, DecideError> {
+        let joint = match Joint::plan(rules, reqs) {
+            Ok(joint) => joint,
+            // An unknown scope has nothing to charge.
+            Err(d) => return Ok(vec![*d; reqs.len()]),
+        };
+        let Some(charge) = joint.charge() else {
+            return Ok(joint.nothing_to_charge());
+        };
+        let settlement = crate::store::Settlement {
+            buckets: charge
+                .buckets
+                .iter()
+                .map(|&b| SettleBucket {
+                    charge: crate::store::BucketCharge { cost: 0, ..b },
+                    actual: b.cost,
+                    mark: None,
+                })
+                .collect(),
+            once: None,
+        };
+        match self.store.settle(&settlement).await {
+            Ok(Settled::Applied(buckets)) => Ok(joint.decisions(&ChargeOutcome {
+                allowed: true,
+                buckets: buckets.into(),
+                now_us: 0,
+                delay: std::time::Duration::ZERO,
+                penalty: Default::default(),
+            })),
+            Ok(_) => Err(DecideError::StoreUnavailable {
+                scope: reqs.first().map(|r| r.scope.to_owned()).unwrap_or_default(),
+                source: StoreError::permanent("a usage charge was refused as a reservation"),
+            }),
+            Err(e) => joint.failed(rules, reqs, e),
+        }
+    }
+}
