@@ -26,6 +26,7 @@ use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::keys::KeyPart;
+use super::lease::{LeaseCall, LeaseOp, LeaseOutcome, Pool};
 use super::{
     BucketCharge, BucketOutcome, Charge, ChargeOutcome, Condition, Settled, Settlement, Store,
     StoreError,
@@ -68,6 +69,9 @@ struct Inner {
     epoch: Instant,
     /// The wall clock at `epoch`, nanoseconds since the Unix epoch.
     wall_at_epoch: u64,
+    /// Concurrency pools with a live lease (see [`super::lease`]); an
+    /// emptied pool is dropped, so this holds active pools only.
+    leases: Mutex<hashbrown::HashMap<Box<[u8]>, Pool>>,
     /// Open reservations' ids, each kept until its deadline (ticks) or its
     /// settle, which removes it: only an open id settles, so a reservation
     /// settles at most once. Counted in `held`.
@@ -223,6 +227,7 @@ impl MemoryStore {
                 hasher: RandomState::new(),
                 epoch: Instant::now(),
                 wall_at_epoch,
+                leases: Mutex::default(),
                 open: Mutex::default(),
                 held: AtomicUsize::new(0),
                 max_bytes,
@@ -470,6 +475,58 @@ impl Inner {
             })
             .collect()
     }
+}
+
+/// The most concurrency pools with a live lease the embedded store holds;
+/// an acquire that would open one more fails alone (a permanent error).
+pub const MAX_LEASE_POOLS: usize = 100_000;
+
+impl Inner {
+    /// Applies one lease call under the pools' lock, at one instant of the
+    /// store's clock (microseconds, as on Redis).
+    fn lease(&self, call: &LeaseCall<'_>) -> Result<LeaseOutcome, StoreError> {
+        let now_us = self.now() / 1_000;
+        let key = pool_key(call);
+        let mut pools = self.leases.lock();
+        if !pools.contains_key(&key) {
+            if !matches!(call.op, LeaseOp::Acquire { .. }) {
+                return Ok(Pool::default().apply(call, now_us));
+            }
+            if pools.len() >= MAX_LEASE_POOLS {
+                return Err(StoreError::permanent(
+                    "the embedded store holds its most concurrency pools",
+                ));
+            }
+        }
+        let pool = pools.entry(key.clone()).or_default();
+        let outcome = pool.apply(call, now_us);
+        if pool.is_empty() {
+            pools.remove(&key);
+        }
+        Ok(outcome)
+    }
+}
+
+/// A pool's key: scope, rule and the caller's parts (long ones hashed),
+/// each length-prefixed so no value can reach another pool.
+fn pool_key(call: &LeaseCall<'_>) -> Box<[u8]> {
+    let pool = &call.pool;
+    let mut out = Vec::with_capacity(64 + pool.scope.len() + pool.rule.len());
+    let mut push = |tag: u8, bytes: &[u8]| {
+        out.push(tag);
+        out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        out.extend_from_slice(bytes);
+    };
+    push(b's', pool.scope.as_bytes());
+    push(b'r', pool.rule.as_bytes());
+    for part in [pool.identity, pool.operation] {
+        match KeyPart::of(part) {
+            KeyPart::Absent => push(b'a', &[]),
+            KeyPart::Plain(v) => push(b'p', v.as_bytes()),
+            KeyPart::Hashed(h) => push(b'h', &h),
+        }
+    }
+    out.into_boxed_slice()
 }
 
 /// What the store reports of one bucket left as `mark` says at `now`.
@@ -742,6 +799,10 @@ impl Store for MemoryStore {
     }
 
     /// The embedded store is always available: it lives in this process.
+    async fn lease(&self, call: &LeaseCall<'_>) -> Result<LeaseOutcome, StoreError> {
+        self.inner.lease(call)
+    }
+
     fn is_available(&self) -> bool {
         true
     }

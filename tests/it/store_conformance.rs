@@ -13,8 +13,8 @@ use tollgate::bucket::Shape;
 use tollgate::config::HashTag;
 use tollgate::store::memory::MemoryStore;
 use tollgate::store::{
-    BucketCharge, BucketKey, Charge, ChargeOutcome, Condition, Once, Open, SettleBucket, Settled,
-    Settlement, Store, StoreError, StoreExt,
+    BucketCharge, BucketKey, Charge, ChargeOutcome, Condition, LeaseCall, LeaseOutcome, Once, Open,
+    SettleBucket, Settled, Settlement, Store, StoreError, StoreExt,
 };
 use tollgate::window::Window;
 
@@ -471,6 +471,12 @@ impl<S: Store> Store for Retagged<S> {
             b.charge.key.hash_tag = self.1;
         }
         self.0.settle(&settlement).await
+    }
+
+    async fn lease(&self, call: &LeaseCall<'_>) -> Result<LeaseOutcome, StoreError> {
+        let mut call = *call;
+        call.pool.hash_tag = self.1;
+        self.0.lease(&call).await
     }
 
     fn is_available(&self) -> bool {

@@ -66,6 +66,7 @@ mod cross_slot;
 mod eviction;
 pub mod keys;
 mod lanes;
+mod lease;
 mod script;
 mod topology;
 
@@ -89,6 +90,8 @@ struct Inner {
     topology: Topology,
     /// The script's SHA1, for `EVALSHA`.
     sha: String,
+    /// The lease script's SHA1 (`lease.lua`).
+    lease_sha: String,
     /// Every key starts with it: the schema version, or a test's namespace.
     prefix: String,
     /// Bounds each round trip.
@@ -138,6 +141,7 @@ impl RedisStore {
                 slot_breakers: topology.is_cluster().then(|| SlotBreakers::new(settings)),
                 topology,
                 sha: script::sha1(),
+                lease_sha: lease::sha1(),
                 prefix: config.key_prefix.clone(),
                 response_timeout: config.response_timeout,
                 connect_timeout: config.connect_timeout,
@@ -503,6 +507,10 @@ impl Store for RedisStore {
             inner.lost_if_opened(opened);
         }
         result
+    }
+
+    async fn lease(&self, call: &super::LeaseCall<'_>) -> Result<super::LeaseOutcome, StoreError> {
+        self.inner.lease(call).await
     }
 
     fn is_available(&self) -> bool {
