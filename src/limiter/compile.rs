@@ -10,11 +10,12 @@ use std::sync::Arc;
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 use super::descriptors::{DescriptorKeys, DescriptorNode, DescriptorTree, ValueMatch};
+use super::lease::Pool;
 use super::limit::{Limit, LimitKind};
 use super::rules::{Rules, ScopeRules};
 use crate::bucket::Shape;
 use crate::config::{
-    Config, ConfigError, EnvoyDescriptor, EnvoyDomain, EnvoyValue, FailureMode, HashTag,
+    Config, ConfigError, DEFAULT_MAX_LEASE, EnvoyDescriptor, EnvoyDomain, EnvoyValue, FailureMode, HashTag,
     LimitConfig,
 };
 use crate::window::Window;
@@ -28,10 +29,15 @@ impl Rules {
         let mut scopes =
             hashbrown::HashMap::with_capacity(config.scopes.len() + config.envoy_domains.len());
         for s in &config.scopes {
-            let limits = s
-                .limits
-                .iter()
+            let (concurrency, rates): (Vec<_>, Vec<_>) =
+                s.limits.iter().partition(|l| l.concurrency.is_some());
+            let limits = rates
+                .into_iter()
                 .map(compile_limit)
+                .collect::<Result<Vec<_>, _>>()?;
+            let pools = concurrency
+                .into_iter()
+                .map(compile_pool)
                 .collect::<Result<Vec<_>, _>>()?;
             let scope = ScopeRules {
                 name: s.name.as_str().into(),
@@ -44,6 +50,7 @@ impl Rules {
                     priority: k.priority,
                 }),
                 hash_tag: s.hash_tag.unwrap_or(config.hash_tag),
+                pools,
             };
             scopes.insert(scope.name.clone(), scope);
         }
@@ -60,6 +67,22 @@ impl Rules {
             envoy_quota_mode: config.envoy_quota_mode,
         })
     }
+}
+
+/// A concurrency limit: a [`Limit`] for matching (its shape's capacity is
+/// the concurrency, so headroom shares are of it), and the pool's bounds.
+fn compile_pool(config: &LimitConfig) -> Result<Pool, ConfigError> {
+    let concurrency = config.concurrency.unwrap_or(1);
+    let mut plain = config.clone();
+    plain.concurrency = None;
+    plain.capacity = concurrency;
+    let limit = compile_limit(&plain)?;
+    Ok(Pool {
+        limit,
+        concurrency,
+        max_lease: config.max_lease.unwrap_or(DEFAULT_MAX_LEASE),
+        weight: config.weight.unwrap_or(1),
+    })
 }
 
 fn compile_limit(config: &LimitConfig) -> Result<Limit, ConfigError> {
@@ -139,6 +162,7 @@ fn compile_domain(domain: &EnvoyDomain, failure_mode: FailureMode) -> ScopeRules
         },
         descriptor_keys: None,
         hash_tag: HashTag::default(),
+        pools: Vec::new(),
     }
 }
 

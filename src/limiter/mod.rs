@@ -21,12 +21,14 @@ use crate::store::{Store, StoreError};
 pub mod compile;
 pub mod descriptors;
 pub mod explain;
+pub mod lease;
 pub mod limit;
 pub(crate) mod plan;
 pub mod reservation;
 pub mod rules;
 mod settle;
 
+pub use lease::{LeaseAction, LeaseDecision, LeaseError, Pool};
 pub use limit::Limit;
 use plan::{Joint, Plan};
 pub use reservation::Signer;

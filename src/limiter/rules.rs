@@ -40,6 +40,9 @@ pub struct ScopeRules {
     pub descriptor_keys: Option<DescriptorKeys>,
     /// Which parts of its buckets' keys choose their Redis hash slot.
     pub hash_tag: HashTag,
+    /// Its concurrency limits, in config order; rate decisions never see
+    /// them (see [`super::lease`]).
+    pub pools: Vec<super::Pool>,
 }
 
 impl Rules {
