@@ -6,11 +6,13 @@ pub mod auth;
 pub mod envoy;
 mod envoy_metadata;
 pub mod headers;
+pub mod leases;
 pub mod settings;
 pub mod tollgate;
 pub mod validate;
 
 pub use admin::AdminApi;
 pub use envoy::EnvoyRateLimitApi;
+pub use leases::LeasesApi;
 pub use settings::{Settings, Snapshot};
 pub use tollgate::RateLimiterApi;

@@ -15,8 +15,8 @@ use super::limit::{Limit, LimitKind};
 use super::rules::{Rules, ScopeRules};
 use crate::bucket::Shape;
 use crate::config::{
-    Config, ConfigError, DEFAULT_MAX_LEASE, EnvoyDescriptor, EnvoyDomain, EnvoyValue, FailureMode, HashTag,
-    LimitConfig,
+    Config, ConfigError, DEFAULT_MAX_LEASE, EnvoyDescriptor, EnvoyDomain, EnvoyValue, FailureMode,
+    HashTag, LimitConfig,
 };
 use crate::window::Window;
 

@@ -182,7 +182,10 @@ impl<S: Store, E> Limiter<S, E> {
         action: LeaseAction,
     ) -> Result<LeaseDecision, LeaseError> {
         let Some(scope) = rules.scope(req.scope) else {
-            return Ok(unmatched(rules.unknown_scope == UnknownScope::Allow, action));
+            return Ok(unmatched(
+                rules.unknown_scope == UnknownScope::Allow,
+                action,
+            ));
         };
         let Some(pool) = scope.pools.iter().find(|p| p.limit.matches(req)) else {
             return Ok(unmatched(true, action));

@@ -1,0 +1,162 @@
+//! `tollgate.v1.Leases`: concurrency limits over the wire. Validates every
+//! field, authorises the caller as for a decision on the scope, and calls
+//! the limiter's lease path.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use super::Settings;
+use super::tollgate::duration;
+use super::validate::{self, MAX_IDENTITY_LEN, MAX_OPERATION_LEN, MAX_SCOPE_LEN};
+use crate::error::InvalidField;
+use crate::limiter::{self, LeaseAction, LeaseDecision, Limiter, Priority};
+use crate::pb::tollgate::v1 as pb;
+use crate::store::Store;
+use crate::store::lease::MAX_LEASE_ID_LEN;
+
+/// Serves `tollgate.v1.Leases` over a shared limiter.
+#[derive(Debug)]
+pub struct LeasesApi<S> {
+    /// Its snapshot also says who may call.
+    limiter: Arc<Limiter<S, Settings>>,
+}
+
+impl<S> LeasesApi<S> {
+    /// Serves `limiter` to the callers its snapshot grants.
+    pub fn new(limiter: Arc<Limiter<S, Settings>>) -> Self {
+        Self { limiter }
+    }
+}
+
+/// Validates a target and borrows it as the limiter's request.
+fn target(t: Option<&pb::LeaseTarget>) -> Result<&pb::LeaseTarget, InvalidField> {
+    let t = t.ok_or_else(|| validate::invalid("target", "is required"))?;
+    validate::text("target.scope", &t.scope, MAX_SCOPE_LEN, true)?;
+    validate::text("target.identity", &t.identity, MAX_IDENTITY_LEN, false)?;
+    validate::text("target.operation", &t.operation, MAX_OPERATION_LEN, false)?;
+    validate::text("target.lease_id", &t.lease_id, MAX_LEASE_ID_LEN, true)?;
+    if !t.attributes.is_empty() {
+        validate::attributes("target.attributes", t.attributes.iter())?;
+    }
+    Ok(t)
+}
+
+fn request_of(t: &pb::LeaseTarget, priority: Priority, dry_run: bool) -> limiter::Request<'_> {
+    limiter::Request {
+        attributes: &t.attributes,
+        priority,
+        dry_run,
+        ..limiter::Request::new(&t.scope, &t.identity, &t.operation)
+    }
+}
+
+/// An optional time to live; a negative one is refused here, its range by
+/// the limiter (which knows the limit's `max_lease`).
+fn ttl(d: Option<&prost_types::Duration>) -> Result<Option<Duration>, InvalidField> {
+    d.map(|d| {
+        Duration::try_from(*d)
+            .map_err(|_| validate::invalid("ttl", "must be between 1ms and the limit's max_lease"))
+    })
+    .transpose()
+}
+
+fn priority(p: i32) -> Result<Priority, InvalidField> {
+    match pb::Priority::try_from(p) {
+        Ok(pb::Priority::Normal) => Ok(Priority::Normal),
+        Ok(pb::Priority::Critical) => Ok(Priority::Critical),
+        Ok(pb::Priority::Sheddable) => Ok(Priority::Sheddable),
+        Err(_) => Err(validate::invalid(
+            "priority",
+            format!("{p} is not a Priority"),
+        )),
+    }
+}
+
+impl<S: Store> LeasesApi<S> {
+    /// Authorises the caller on the target's scope, then calls the limiter.
+    async fn call<T>(
+        &self,
+        request: &Request<T>,
+        req: &limiter::Request<'_>,
+        lease_id: &str,
+        action: LeaseAction,
+    ) -> Result<LeaseDecision, Status> {
+        let snapshot = self.limiter.snapshot();
+        let (rules, settings) = (&snapshot.rules, &snapshot.extra);
+        let caller = settings.access.identify("tollgate", request)?;
+        settings.access.check_decision(
+            "tollgate",
+            caller.as_deref(),
+            "target.scope",
+            req.scope,
+            req.dry_run,
+        )?;
+        Ok(self.limiter.lease_on(rules, req, lease_id, action).await?)
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> pb::leases_server::Leases for LeasesApi<S> {
+    async fn acquire(
+        &self,
+        request: Request<pb::AcquireRequest>,
+    ) -> Result<Response<pb::AcquireResponse>, Status> {
+        let body = request.get_ref();
+        let t = target(body.target.as_ref())?;
+        let action = LeaseAction::Acquire {
+            weight: (body.weight > 0).then_some(u64::from(body.weight)),
+            ttl: ttl(body.ttl.as_ref())?,
+        };
+        let req = request_of(t, priority(body.priority)?, body.dry_run);
+        let d = self.call(&request, &req, &t.lease_id, action).await?;
+        Ok(Response::new(pb::AcquireResponse {
+            granted: d.ok,
+            lease_id: t.lease_id.clone(),
+            ttl: (d.ok && !d.ttl.is_zero()).then(|| duration(d.ttl)),
+            expires_at_unix_micros: d.expires_at_us,
+            in_flight: d.in_flight,
+            limit: d.limit,
+            retry_after: d.retry_after.map(duration),
+            degraded: d.degraded,
+            rule: d.rule.to_string(),
+            reason: d.reason.unwrap_or_default(),
+        }))
+    }
+
+    async fn renew(
+        &self,
+        request: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        let body = request.get_ref();
+        let t = target(body.target.as_ref())?;
+        let action = LeaseAction::Renew {
+            ttl: ttl(body.ttl.as_ref())?,
+        };
+        let req = request_of(t, Priority::Normal, false);
+        let d = self.call(&request, &req, &t.lease_id, action).await?;
+        Ok(Response::new(pb::RenewResponse {
+            renewed: d.ok,
+            ttl: (d.ok && !d.ttl.is_zero()).then(|| duration(d.ttl)),
+            expires_at_unix_micros: d.expires_at_us,
+            degraded: d.degraded,
+        }))
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let body = request.get_ref();
+        let t = target(body.target.as_ref())?;
+        let req = request_of(t, Priority::Normal, false);
+        let d = self
+            .call(&request, &req, &t.lease_id, LeaseAction::Release)
+            .await?;
+        Ok(Response::new(pb::ReleaseResponse {
+            in_flight: d.in_flight,
+            degraded: d.degraded,
+        }))
+    }
+}
