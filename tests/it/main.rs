@@ -17,6 +17,7 @@ mod envoy_rls;
 mod fault_matrix;
 mod faults;
 mod grpc;
+mod leases;
 mod limiter;
 mod redis_config;
 mod redis_standalone;
