@@ -28,6 +28,11 @@ scopes:
         per: identity
         concurrency: 5
         max_lease: 1m
+  - name: big
+    limits:
+      - name: many
+        per: scope
+        concurrency: 10000
   - name: strict
     failure_mode: closed
     limits:
@@ -371,4 +376,28 @@ async fn each_bound_exceeded_is_invalid_argument_naming_its_field_and_takes_noth
         })
         .await;
     assert!(twice.is_ok(), "release is idempotent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_leases_expiring_together_are_all_removed_on_redis() {
+    let redis = Standalone::start();
+    let l = Arc::new(Limiter::new(rules(POOLS), redis.store("leases-many")));
+    let ttl = Duration::from_secs(4);
+    let granted = join_all((0..3_000).map(|i| {
+        let l = l.clone();
+        async move { lease(&l, "big", "", &format!("m{i}"), acquire(ttl)).await }
+    }))
+    .await;
+    assert!(
+        granted
+            .iter()
+            .all(|g| g.as_ref().is_ok_and(|g| g.ok && !g.degraded))
+    );
+    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+    let after = lease(&l, "big", "", "next", acquire(ttl)).await.unwrap();
+    assert!(after.ok);
+    assert_eq!(
+        after.in_flight, 1,
+        "every expired lease and its weight is gone"
+    );
 }
