@@ -255,7 +255,7 @@ fn routes(
     let envoy = EnvoyRateLimitApi::new(limiter.clone(), observer.clone())
         .with_max_descriptors(grpc.max_envoy_descriptors);
     let admin = AdminApi::new(limiter.clone(), observer.hitters.clone());
-    let leases = LeasesApi::new(limiter.clone());
+    let leases = LeasesApi::new(limiter.clone(), observer.clone());
     Ok(server_builder(grpc, &observer.metrics)
         .add_service(health_service.max_decoding_message_size(max))
         .add_service(v1.build_v1()?.max_decoding_message_size(max))

@@ -12,6 +12,7 @@ use super::tollgate::duration;
 use super::validate::{self, MAX_IDENTITY_LEN, MAX_OPERATION_LEN, MAX_SCOPE_LEN};
 use crate::error::InvalidField;
 use crate::limiter::{self, LeaseAction, LeaseDecision, Limiter, Priority};
+use crate::observe::Observer;
 use crate::pb::tollgate::v1 as pb;
 use crate::store::Store;
 use crate::store::lease::MAX_LEASE_ID_LEN;
@@ -21,13 +22,30 @@ use crate::store::lease::MAX_LEASE_ID_LEN;
 pub struct LeasesApi<S> {
     /// Its snapshot also says who may call.
     limiter: Arc<Limiter<S, Settings>>,
+    observer: Arc<Observer>,
 }
 
 impl<S> LeasesApi<S> {
-    /// Serves `limiter` to the callers its snapshot grants.
-    pub fn new(limiter: Arc<Limiter<S, Settings>>) -> Self {
-        Self { limiter }
+    /// Serves `limiter` to the callers its snapshot grants, counting calls
+    /// in `observer`'s metrics.
+    pub fn new(limiter: Arc<Limiter<S, Settings>>, observer: Arc<Observer>) -> Self {
+        Self { limiter, observer }
     }
+}
+
+/// A call's result as its metric names it.
+fn result_of(action: LeaseAction, d: &LeaseDecision) -> (&'static str, &'static str) {
+    let (call, ok, not) = match action {
+        LeaseAction::Acquire { .. } => ("acquire", "granted", "refused"),
+        LeaseAction::Renew { .. } => ("renew", "renewed", "lost"),
+        LeaseAction::Release => ("release", "released", "released"),
+    };
+    let result = match (d.degraded, d.ok) {
+        (true, _) => "degraded",
+        (false, true) => ok,
+        (false, false) => not,
+    };
+    (call, result)
 }
 
 /// Validates a target and borrows it as the limiter's request.
@@ -93,7 +111,17 @@ impl<S: Store> LeasesApi<S> {
             req.scope,
             req.dry_run,
         )?;
-        Ok(self.limiter.lease_on(rules, req, lease_id, action).await?)
+        let d = self.limiter.lease_on(rules, req, lease_id, action).await?;
+        // Only a configured pool is counted: its scope and rule come from
+        // the config, so the labels stay bounded.
+        if !d.rule.is_empty() {
+            let (call, result) = result_of(action, &d);
+            let scope: Arc<str> = req.scope.into();
+            self.observer
+                .metrics
+                .lease(&scope, &d.rule, call, result, d.expired);
+        }
+        Ok(d)
     }
 }
 

@@ -75,6 +75,8 @@ pub struct LeaseDecision {
     pub degraded: bool,
     /// Why a refusal has no retry_after.
     pub reason: Option<String>,
+    /// Leases of the pool that expired unreleased, removed by this call.
+    pub expired: u64,
 }
 
 /// Why a lease call was not decided.
@@ -246,5 +248,6 @@ fn decided(pool: &Pool, call: &LeaseCall<'_>, o: &LeaseOutcome) -> LeaseDecision
         degraded: false,
         reason: (refused_acquire && o.earliest_expiry_us.is_none())
             .then(|| "weight over the limit's room for this priority".to_owned()),
+        expired: o.expired,
     }
 }

@@ -79,6 +79,9 @@ pub struct LeaseOutcome {
     pub earliest_expiry_us: Option<u64>,
     /// The store's clock at the call, in microseconds.
     pub now_us: u64,
+    /// Leases of the pool this call found expired and removed: held until
+    /// their expiry and never released (the leak signal).
+    pub expired: u64,
 }
 
 /// A pool of live leases, as the embedded store keeps it.
@@ -121,7 +124,7 @@ impl Pool {
 
     /// Applies `call` at `now_us`, expired leases removed first.
     pub fn apply(&mut self, call: &LeaseCall<'_>, now_us: u64) -> LeaseOutcome {
-        self.expire(now_us);
+        let expired = self.expire(now_us) as u64;
         let held = self.leases.get(call.lease_id).copied();
         let (ok, expires_at_us) = match (call.op, held) {
             (LeaseOp::Acquire { .. }, Some((at, _))) => (true, at),
@@ -167,6 +170,7 @@ impl Pool {
             in_flight: self.in_flight,
             earliest_expiry_us: self.earliest_for(call, ok),
             now_us,
+            expired,
         }
     }
 
@@ -227,6 +231,7 @@ mod tests {
         let mut pool = Pool::default();
         assert!(pool.apply(&call("a", acquire(2)), 10).ok);
         let again = pool.apply(&call("a", acquire(2)), 20);
+        assert_eq!(again.expired, 0);
         assert_eq!(
             (again.ok, again.expires_at_us, again.in_flight),
             (true, 110, 2)
@@ -242,7 +247,8 @@ mod tests {
         let mut pool = Pool::default();
         pool.apply(&call("a", acquire(3)), 0);
         assert!(!pool.apply(&call("b", acquire(1)), 99).ok);
-        assert!(pool.apply(&call("b", acquire(1)), 100).ok);
+        let after = pool.apply(&call("b", acquire(1)), 100);
+        assert_eq!((after.ok, after.expired), (true, 1));
         assert!(!pool.apply(&call("a", LeaseOp::Renew { ttl_us: 5 }), 100).ok);
     }
 

@@ -401,3 +401,48 @@ async fn thousands_of_leases_expiring_together_are_all_removed_on_redis() {
         "every expired lease and its weight is gone"
     );
 }
+
+#[tokio::test]
+async fn lease_calls_and_leases_expired_unreleased_are_counted_per_rule() {
+    let metrics = crate::common::free_port();
+    let server = TestServer::start(&format!(
+        "metrics: {{ listen: 127.0.0.1:{metrics} }}\n{POOLS}"
+    ))
+    .await;
+    let mut c = LeasesClient::new(server.channel().await);
+    let short = Some(prost_types::Duration {
+        seconds: 0,
+        nanos: 1_000_000,
+    });
+    for id in ["leak-1", "leak-2"] {
+        let req = AcquireRequest {
+            target: target(id),
+            ttl: short,
+            ..Default::default()
+        };
+        assert!(c.acquire(req).await.unwrap().into_inner().granted);
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let lost = c
+        .renew(RenewRequest {
+            target: target("leak-1"),
+            ttl: None,
+        })
+        .await
+        .unwrap();
+    assert!(!lost.into_inner().renewed);
+    c.release(ReleaseRequest {
+        target: target("leak-2"),
+    })
+    .await
+    .unwrap();
+    let text = crate::common::metrics_get(metrics, "/metrics").await;
+    for line in [
+        r#"tollgate_lease_calls_total{scope="llm",rule="streams",call="acquire",result="granted"} 2"#,
+        r#"tollgate_lease_calls_total{scope="llm",rule="streams",call="renew",result="lost"} 1"#,
+        r#"tollgate_lease_calls_total{scope="llm",rule="streams",call="release",result="released"} 1"#,
+        r#"tollgate_leases_expired_total{scope="llm",rule="streams"} 2"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+    }
+}

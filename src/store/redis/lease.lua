@@ -15,10 +15,11 @@
 -- ARGV[6]  acquire, renew: time to live, microseconds, >= 1
 -- ARGV[7]  acquire: 1 for a dry run (judge, record nothing), else 0
 --
--- Returns {ok, expires_at, in_flight, earliest, now}: ok 1 or 0; the
+-- Returns {ok, expires_at, in_flight, earliest, now, expired}: ok 1 or 0; the
 -- lease's expiry (0 unless ok for acquire or renew); the live weight after
 -- the call; for a refused acquire whose weight could ever fit, the earliest
--- expiry of a live lease, else -1; and now.
+-- expiry of a live lease, else -1; now; and how many expired leases this
+-- call removed (never released: the leak signal).
 --
 -- Clock: "now" is Redis's TIME in microseconds, read once. A lease is live
 -- while now < expiry. Every lease expired at now is removed (and its
@@ -108,4 +109,4 @@ else
   in_flight = 0
 end
 
-return {ok, at, in_flight, earliest, now}
+return {ok, at, in_flight, earliest, now, #expired}

@@ -40,11 +40,11 @@ fn command(sha: &str, prefix: &str, call: &LeaseCall<'_>) -> Cmd {
     cmd
 }
 
-/// Reads the script's `{ok, expires_at, in_flight, earliest, now}`.
+/// Reads the script's `{ok, expires_at, in_flight, earliest, now, expired}`.
 fn outcome(reply: &[i64]) -> Result<LeaseOutcome, StoreError> {
-    let &[ok, at, in_flight, earliest, now] = reply else {
+    let &[ok, at, in_flight, earliest, now, expired] = reply else {
         return Err(StoreError::permanent(format!(
-            "lease script replied with {} integers, expected 5",
+            "lease script replied with {} integers, expected 6",
             reply.len()
         )));
     };
@@ -55,6 +55,7 @@ fn outcome(reply: &[i64]) -> Result<LeaseOutcome, StoreError> {
         in_flight: unsigned(in_flight),
         earliest_expiry_us: u64::try_from(earliest).ok(),
         now_us: unsigned(now),
+        expired: unsigned(expired),
     })
 }
 
@@ -132,7 +133,10 @@ mod tests {
     #[test]
     fn a_short_reply_is_an_error_not_a_panic() {
         assert!(outcome(&[1, 2]).is_err());
-        let o = outcome(&[0, 0, 5, -1, 7]).unwrap();
-        assert_eq!((o.ok, o.in_flight, o.earliest_expiry_us), (false, 5, None));
+        let o = outcome(&[0, 0, 5, -1, 7, 2]).unwrap();
+        assert_eq!(
+            (o.ok, o.in_flight, o.earliest_expiry_us, o.expired),
+            (false, 5, None, 2)
+        );
     }
 }
