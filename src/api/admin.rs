@@ -275,6 +275,13 @@ impl<S: Store> pb::admin_server::Admin for AdminApi<S> {
             &req.scope,
         )?;
         let e = self.limiter.explain_on(&snapshot.rules, &domain).await?;
+        let pools = self
+            .limiter
+            .explain_pools(&snapshot.rules, &domain)
+            .await
+            .into_iter()
+            .map(pool_explained)
+            .collect();
         let mut buckets = e.decision.buckets.iter();
         let limits = e
             .limits
@@ -311,6 +318,20 @@ impl<S: Store> pb::admin_server::Admin for AdminApi<S> {
             scope_configured: e.scope_configured,
             limits,
             decision: Some(to_proto(e.decision)),
+            pools,
         }))
+    }
+}
+
+fn pool_explained(p: crate::limiter::PoolExplained) -> pb::PoolExplained {
+    pb::PoolExplained {
+        rule: p.rule.to_string(),
+        per: per_name(p.per).to_owned(),
+        concurrency: p.concurrency,
+        max_lease: Some(duration(p.max_lease)),
+        applies: p.skipped_because.is_none(),
+        skipped_because: p.skipped_because.unwrap_or_default(),
+        in_flight: p.in_flight.unwrap_or_default(),
+        in_flight_known: p.in_flight.is_some(),
     }
 }

@@ -251,3 +251,69 @@ fn decided(pool: &Pool, call: &LeaseCall<'_>, o: &LeaseOutcome) -> LeaseDecision
         expired: o.expired,
     }
 }
+
+/// One concurrency limit of a scope, explained for a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolExplained {
+    /// Its rule name.
+    pub rule: Arc<str>,
+    /// What a pool is kept per.
+    pub per: Per,
+    /// Its limit.
+    pub concurrency: u64,
+    /// Its longest lease.
+    pub max_lease: Duration,
+    /// Why it is not the request's pool; `None` for the pool.
+    pub skipped_because: Option<String>,
+    /// The pool's live weight now, for the request's pool, when the store
+    /// answered a dry run.
+    pub in_flight: Option<u64>,
+}
+
+/// A lease id no caller can send (the API refuses control characters), for
+/// the dry run that reads a pool's weight: it can match no real lease.
+const PROBE_ID: &str = "\u{0}explain";
+
+impl<S: Store, E> Limiter<S, E> {
+    /// The scope's concurrency limits for `req`, in config order: which is
+    /// its pool, why the others are not, and the pool's live weight from a
+    /// dry-run acquire (which records nothing). A store that cannot answer
+    /// leaves the weight unknown.
+    pub async fn explain_pools(&self, rules: &Rules, req: &Request<'_>) -> Vec<PoolExplained> {
+        let Some(scope) = rules.scope(req.scope) else {
+            return Vec::new();
+        };
+        let mut found = false;
+        let mut out = Vec::with_capacity(scope.pools.len());
+        for pool in &scope.pools {
+            let mut skipped = super::explain::skipped_because(&pool.limit, req);
+            if skipped.is_none() && found {
+                skipped = Some("an earlier concurrency limit is the pool".to_owned());
+            }
+            let mut in_flight = None;
+            if skipped.is_none() {
+                found = true;
+                let probe = LeaseAction::Acquire {
+                    weight: Some(1),
+                    ttl: Some(MIN_LEASE_TTL),
+                };
+                let dry = Request {
+                    dry_run: true,
+                    ..*req
+                };
+                if let Ok(call) = pool.call(&scope.name, scope.hash_tag, &dry, PROBE_ID, probe) {
+                    in_flight = self.store().lease(&call).await.ok().map(|o| o.in_flight);
+                }
+            }
+            out.push(PoolExplained {
+                rule: pool.limit.name.clone(),
+                per: pool.limit.per,
+                concurrency: pool.concurrency,
+                max_lease: pool.max_lease,
+                skipped_because: skipped,
+                in_flight,
+            });
+        }
+        out
+    }
+}

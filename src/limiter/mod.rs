@@ -28,7 +28,7 @@ pub mod reservation;
 pub mod rules;
 mod settle;
 
-pub use lease::{LeaseAction, LeaseDecision, LeaseError, Pool};
+pub use lease::{LeaseAction, LeaseDecision, LeaseError, Pool, PoolExplained};
 pub use limit::Limit;
 use plan::{Joint, Plan};
 pub use reservation::Signer;

@@ -446,3 +446,48 @@ async fn lease_calls_and_leases_expired_unreleased_are_counted_per_rule() {
         assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
     }
 }
+
+#[tokio::test]
+async fn explain_names_the_pool_and_its_live_weight_and_records_nothing() {
+    use tollgate::pb::tollgate::v1::ExplainRequest;
+    use tollgate::pb::tollgate::v1::ShouldAllowRequest;
+    use tollgate::pb::tollgate::v1::admin_client::AdminClient;
+    let server = TestServer::start(POOLS).await;
+    let mut c = LeasesClient::new(server.channel().await);
+    for id in ["e1", "e2"] {
+        let req = AcquireRequest {
+            target: target(id),
+            weight: 2,
+            ..Default::default()
+        };
+        assert!(c.acquire(req).await.unwrap().into_inner().granted);
+    }
+    let mut admin = AdminClient::new(server.channel().await);
+    let ask = ShouldAllowRequest {
+        scope: "llm".into(),
+        identity: "carol".into(),
+        operation: "chat".into(),
+        ..Default::default()
+    };
+    for _ in 0..2 {
+        let e = admin
+            .explain(ExplainRequest {
+                request: Some(ask.clone()),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let pool = &e.pools[0];
+        assert_eq!(
+            (pool.rule.as_str(), pool.per.as_str()),
+            ("streams", "identity")
+        );
+        assert!(pool.applies && pool.in_flight_known, "{pool:?}");
+        assert_eq!(
+            (pool.in_flight, pool.concurrency),
+            (4, 5),
+            "the probe holds nothing"
+        );
+        assert!(e.limits.is_empty(), "a pool is not a bucket limit");
+    }
+}
