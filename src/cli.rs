@@ -142,6 +142,8 @@ impl Question {
             max_wait: self
                 .max_wait
                 .and_then(|d| prost_types::Duration::try_from(d).ok()),
+            lease_id: String::new(),
+            lease_ttl: None,
         }
     }
 }

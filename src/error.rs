@@ -53,6 +53,7 @@ impl From<LeaseError> for Status {
             LeaseError::Invalid { .. } => Status::invalid_argument(e.to_string()),
             // UNAVAILABLE, as for decisions: not a refusal of the lease.
             LeaseError::StoreUnavailable { .. } => Status::unavailable(e.to_string()),
+            LeaseError::Decide(e) => e.into(),
         }
     }
 }

@@ -11,7 +11,7 @@ use super::Settings;
 use super::tollgate::duration;
 use super::validate::{self, MAX_IDENTITY_LEN, MAX_OPERATION_LEN, MAX_SCOPE_LEN};
 use crate::error::InvalidField;
-use crate::limiter::{self, LeaseAction, LeaseDecision, Limiter, Priority};
+use crate::limiter::{self, LeaseAction, LeaseDecision, LeaseError, Limiter, Priority};
 use crate::observe::Observer;
 use crate::pb::tollgate::v1 as pb;
 use crate::store::Store;
@@ -187,4 +187,55 @@ impl<S: Store> pb::leases_server::Leases for LeasesApi<S> {
             degraded: d.degraded,
         }))
     }
+}
+
+/// A ShouldAllow's lease fields, validated: `None` when it asks for no
+/// lease.
+pub(super) fn lease_fields(
+    req: &pb::ShouldAllowRequest,
+) -> Result<Option<(&str, Option<Duration>)>, InvalidField> {
+    if req.lease_id.is_empty() && req.lease_ttl.is_none() {
+        return Ok(None);
+    }
+    validate::text("lease_id", &req.lease_id, MAX_LEASE_ID_LEN, true)?;
+    let ttl = req
+        .lease_ttl
+        .map(|d| {
+            Duration::try_from(d).map_err(|_| {
+                validate::invalid("lease_ttl", "must be between 1ms and the limit's max_lease")
+            })
+        })
+        .transpose()?;
+    Ok(Some((&req.lease_id, ttl)))
+}
+
+/// The answer to a ShouldAllow that took a lease with its rates, reported
+/// to `observer` as any decision is.
+pub(super) fn leased_answer(
+    observer: &Observer,
+    rules: &crate::limiter::Rules,
+    req: &limiter::Request<'_>,
+    lease_id: &str,
+    answer: Result<(limiter::Decision, Option<LeaseDecision>), LeaseError>,
+    started: tokio::time::Instant,
+) -> Result<Response<pb::ShouldAllowResponse>, Status> {
+    let took = started.elapsed();
+    match &answer {
+        Ok((d, _)) => observer.decided("tollgate", rules, req, Ok(d), took),
+        Err(LeaseError::Decide(e)) => observer.decided("tollgate", rules, req, Err(e), took),
+        Err(_) => {}
+    }
+    let (decision, lease) = answer?;
+    let mut out = super::tollgate::to_proto(decision);
+    out.lease = lease.map(|l| pb::LeaseGrant {
+        granted: l.ok,
+        lease_id: lease_id.to_owned(),
+        ttl: (l.ok && !l.ttl.is_zero()).then(|| duration(l.ttl)),
+        expires_at_unix_micros: l.expires_at_us,
+        in_flight: l.in_flight,
+        limit: l.limit,
+        rule: l.rule.to_string(),
+        degraded: l.degraded,
+    });
+    Ok(Response::new(out))
 }

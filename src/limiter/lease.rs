@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Limit, Limiter, Request, Rules};
+use super::{DecideError, Decision, Limit, Limiter, Request, Rules};
 use crate::config::{FailureMode, Per, UnknownScope};
 use crate::store::{BucketKey, LeaseCall, LeaseOp, LeaseOutcome, Store, StoreError};
 
@@ -98,6 +98,10 @@ pub enum LeaseError {
         /// What the store said.
         source: StoreError,
     },
+    /// A decision with a lease: the rates could not be decided (the lease,
+    /// if taken, was given back).
+    #[error(transparent)]
+    Decide(#[from] DecideError),
 }
 
 impl Pool {
@@ -315,5 +319,61 @@ impl<S: Store, E> Limiter<S, E> {
             });
         }
         out
+    }
+}
+
+impl<S: Store, E> Limiter<S, E> {
+    /// Decides `req` against the scope's rates and, when a concurrency
+    /// limit matches, takes the lease `lease_id` with them: all or nothing.
+    /// The lease is acquired first; a refused lease denies the request and
+    /// takes nothing from any bucket, and a request the rates deny (or
+    /// cannot decide) gives the lease back. Not one atomic step: while the
+    /// rates are decided the lease is held, so others may be refused
+    /// meanwhile (admitting less, never more). With no concurrency limit
+    /// matching, it is [`Limiter::decide_on`] and the lease is `None`.
+    pub async fn decide_leased(
+        &self,
+        rules: &Rules,
+        req: &Request<'_>,
+        lease_id: &str,
+        ttl: Option<Duration>,
+    ) -> Result<(Decision, Option<LeaseDecision>), LeaseError> {
+        let has_pool = rules
+            .scope(req.scope)
+            .is_some_and(|s| s.pools.iter().any(|p| p.limit.matches(req)));
+        if !has_pool {
+            return Ok((self.decide_on(rules, req).await?, None));
+        }
+        let weight = None;
+        let lease = self
+            .lease_on(rules, req, lease_id, LeaseAction::Acquire { weight, ttl })
+            .await?;
+        if !lease.ok {
+            let denied =
+                Decision {
+                    allowed: false,
+                    retry_after: lease.retry_after,
+                    reason: Some(lease.reason.clone().unwrap_or_else(|| {
+                        format!("concurrency limit {:?} is full", &*lease.rule)
+                    })),
+                    ..Decision::default()
+                };
+            return Ok((denied, Some(lease)));
+        }
+        let decided = self.decide_on(rules, req).await;
+        if decided.as_ref().is_ok_and(|d| d.allowed) {
+            return Ok((decided?, Some(lease)));
+        }
+        let mut given_back = lease;
+        if !req.dry_run && !given_back.degraded {
+            let released = self
+                .lease_on(rules, req, lease_id, LeaseAction::Release)
+                .await;
+            given_back.in_flight = released.map_or(given_back.in_flight, |r| r.in_flight);
+        }
+        given_back.ok = false;
+        given_back.expires_at_us = 0;
+        given_back.ttl = Duration::ZERO;
+        Ok((decided?, Some(given_back)))
     }
 }

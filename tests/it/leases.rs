@@ -33,6 +33,10 @@ scopes:
       - name: many
         per: scope
         concurrency: 10000
+  - name: mixed
+    limits:
+      - {name: one-stream, per: identity, concurrency: 1}
+      - {name: two-per-hour, per: identity, capacity: 2, refill_period: 1h}
   - name: strict
     failure_mode: closed
     limits:
@@ -490,4 +494,110 @@ async fn explain_names_the_pool_and_its_live_weight_and_records_nothing() {
         );
         assert!(e.limits.is_empty(), "a pool is not a bucket limit");
     }
+}
+
+#[tokio::test]
+async fn should_allow_with_a_lease_takes_the_rates_and_the_lease_or_neither() {
+    use tollgate::pb::tollgate::v1::ShouldAllowRequest;
+    let server = TestServer::start(POOLS).await;
+    let mut rates = server.client().await;
+    let mut leases = LeasesClient::new(server.channel().await);
+    let ask = |lease_id: &str, dry_run: bool| ShouldAllowRequest {
+        scope: "mixed".into(),
+        identity: "dave".into(),
+        lease_id: lease_id.into(),
+        dry_run,
+        ..Default::default()
+    };
+    let remaining =
+        async |c: &mut tollgate::pb::tollgate::v1::rate_limiter_client::RateLimiterClient<_>| {
+            let probe = ShouldAllowRequest {
+                lease_id: String::new(),
+                ..ask("", true)
+            };
+            c.should_allow(probe).await.unwrap().into_inner().remaining
+        };
+    let first = rates
+        .should_allow(ask("s1", false))
+        .await
+        .unwrap()
+        .into_inner();
+    let lease = first.lease.clone().expect("a lease");
+    assert!(first.allowed && lease.granted, "{first:?}");
+    assert_eq!(
+        (
+            lease.lease_id.as_str(),
+            lease.rule.as_str(),
+            lease.in_flight
+        ),
+        ("s1", "one-stream", 1)
+    );
+    assert_eq!(remaining(&mut rates).await, 1);
+    // The lease is full: denied, and no token taken.
+    let second = rates
+        .should_allow(ask("s2", false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!second.allowed && !second.lease.as_ref().expect("a lease").granted);
+    assert!(second.retry_after.is_some(), "{second:?}");
+    assert_eq!(
+        remaining(&mut rates).await,
+        1,
+        "a refused lease takes no tokens"
+    );
+    let target = |id: &str| {
+        Some(LeaseTarget {
+            scope: "mixed".into(),
+            identity: "dave".into(),
+            lease_id: id.into(),
+            ..Default::default()
+        })
+    };
+    leases
+        .release(ReleaseRequest {
+            target: target("s1"),
+        })
+        .await
+        .unwrap();
+    assert!(
+        rates
+            .should_allow(ask("s3", false))
+            .await
+            .unwrap()
+            .into_inner()
+            .allowed
+    );
+    leases
+        .release(ReleaseRequest {
+            target: target("s3"),
+        })
+        .await
+        .unwrap();
+    // The rates are spent: denied, and the lease it took is given back.
+    let spent = rates
+        .should_allow(ask("s4", false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!spent.allowed, "{spent:?}");
+    let given_back = spent.lease.expect("a lease");
+    assert!(!given_back.granted);
+    assert_eq!(
+        given_back.in_flight, 0,
+        "a request the rates deny holds no lease"
+    );
+    let free = AcquireRequest {
+        target: target("s5"),
+        dry_run: true,
+        ..Default::default()
+    };
+    let probe = leases.acquire(free).await.unwrap().into_inner();
+    assert_eq!((probe.granted, probe.in_flight), (true, 0));
+    // Bounds: a lease id too long is refused naming it, taking nothing.
+    let e = rates
+        .should_allow(ask(&"x".repeat(129), false))
+        .await
+        .expect_err("refused");
+    assert!(e.message().starts_with("lease_id:"), "{}", e.message());
 }
