@@ -284,13 +284,12 @@ impl Metrics {
             "Calls refused with RESOURCE_EXHAUSTED because grpc.max_in_flight were running",
             calls_shed.clone(),
         );
-        let settles = register_settles(&mut registry);
         zero_known_series(&reloads, &store_errors);
         Self {
             shaping: Shaping::register(&mut registry),
             leases: Leases::register(&mut registry),
+            settles: register_settles(&mut registry),
             registry,
-            settles,
             access_denied,
             calls_shed,
             decisions,
