@@ -828,6 +828,47 @@ impl Store for MemoryStore {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn pools_past_the_bound_fail_alone_and_a_freed_one_makes_room() {
+        let store = MemoryStore::default();
+        fn call(identity: &str, op: LeaseOp) -> LeaseCall<'_> {
+            LeaseCall {
+                pool: crate::store::BucketKey {
+                    scope: "s",
+                    rule: "r",
+                    identity: Some(identity),
+                    operation: None,
+                    hash_tag: Default::default(),
+                },
+                lease_id: "l",
+                op,
+            }
+        }
+        let acquire = LeaseOp::Acquire {
+            limit: 1,
+            weight: 1,
+            reserve: 0,
+            ttl_us: 60_000_000,
+            dry_run: false,
+        };
+        for i in 0..MAX_LEASE_POOLS {
+            let id = i.to_string();
+            assert!(store.lease(&call(&id, acquire)).await.unwrap().ok);
+        }
+        let over = store.lease(&call("one-more", acquire)).await.unwrap_err();
+        assert!(!over.transient, "{over}");
+        // Renewing or releasing in an absent pool opens none.
+        assert!(
+            !store
+                .lease(&call("one-more", LeaseOp::Release))
+                .await
+                .unwrap()
+                .ok
+        );
+        assert!(store.lease(&call("0", LeaseOp::Release)).await.unwrap().ok);
+        assert!(store.lease(&call("one-more", acquire)).await.unwrap().ok);
+    }
+
     #[test]
     fn a_scope_that_fills_the_store_leaves_the_others_their_reservations() {
         let mut room = Room::default();
