@@ -5,6 +5,7 @@ fn main() -> anyhow::Result<()> {
     let protos = [
         "proto/tollgate/v1/tollgate.proto",
         "proto/tollgate/v1/admin.proto",
+        "proto/tollgate/v1/leases.proto",
     ];
     let files = protox::compile(protos, ["proto"])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);

@@ -152,6 +152,8 @@ impl Question {
                 .max_wait
                 .and_then(|d| prost_types::Duration::try_from(d).ok()),
             strike: false,
+            lease_id: String::new(),
+            lease_ttl: None,
         }
     }
 }

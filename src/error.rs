@@ -3,7 +3,7 @@
 use tonic::Status;
 
 use crate::limiter::reservation::TokenError;
-use crate::limiter::{DecideError, SettleError};
+use crate::limiter::{DecideError, LeaseError, SettleError};
 
 /// A request field that failed validation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -43,6 +43,17 @@ impl From<SettleError> for Status {
                 Status::failed_precondition(e.to_string())
             }
             SettleError::Store(_) => Status::unavailable(e.to_string()),
+        }
+    }
+}
+
+impl From<LeaseError> for Status {
+    fn from(e: LeaseError) -> Self {
+        match e {
+            LeaseError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+            // UNAVAILABLE, as for decisions: not a refusal of the lease.
+            LeaseError::StoreUnavailable { .. } => Status::unavailable(e.to_string()),
+            LeaseError::Decide(e) => e.into(),
         }
     }
 }

@@ -22,7 +22,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tower::layer::util::{Identity, Stack};
 
-use crate::api::{AdminApi, EnvoyRateLimitApi, QuotaApi, RateLimiterApi, Settings};
+use crate::api::{AdminApi, EnvoyRateLimitApi, LeasesApi, QuotaApi, RateLimiterApi, Settings};
 use crate::config::{Config, ConfigError, GrpcConfig};
 use crate::limiter::{Limiter, Signer};
 use crate::net::bounds::InFlightLimitLayer;
@@ -34,6 +34,7 @@ use crate::observe::metrics::Metrics;
 use crate::observe::status::Board;
 use crate::pb;
 use crate::pb::tollgate::v1::admin_server::AdminServer;
+use crate::pb::tollgate::v1::leases_server::LeasesServer;
 use crate::pb::tollgate::v1::rate_limiter_server::RateLimiterServer;
 pub use crate::reload::Prepared;
 use crate::reload::{self, Reloader};
@@ -263,13 +264,15 @@ fn routes(
     let envoy = EnvoyRateLimitApi::new(limiter.clone(), observer.clone())
         .with_max_descriptors(grpc.max_envoy_descriptors);
     let admin = AdminApi::new(limiter.clone(), observer.hitters.clone());
+    let leases = LeasesApi::new(limiter.clone(), observer.clone());
     Ok(server_builder(grpc, &observer.metrics)
         .add_service(health_service.max_decoding_message_size(max))
         .add_service(v1.build_v1()?.max_decoding_message_size(max))
         .add_service(v1alpha.build_v1alpha()?.max_decoding_message_size(max))
         .add_service(RateLimiterServer::new(ours).max_decoding_message_size(max))
         .add_service(RateLimitServiceServer::new(envoy).max_decoding_message_size(max))
-        .add_service(AdminServer::new(admin).max_decoding_message_size(max)))
+        .add_service(AdminServer::new(admin).max_decoding_message_size(max))
+        .add_service(LeasesServer::new(leases).max_decoding_message_size(max)))
 }
 
 /// Envoy's quota streaming (RLQS), on the same port and grants.

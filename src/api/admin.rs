@@ -276,6 +276,13 @@ impl<S: Store> pb::admin_server::Admin for AdminApi<S> {
             &req.scope,
         )?;
         let e = self.limiter.explain_on(&snapshot.rules, &domain).await?;
+        let pools = self
+            .limiter
+            .explain_pools(&snapshot.rules, &domain)
+            .await
+            .into_iter()
+            .map(pool_explained)
+            .collect();
         let mut buckets = e.decision.buckets.iter();
         let limits = e
             .limits
@@ -312,6 +319,7 @@ impl<S: Store> pb::admin_server::Admin for AdminApi<S> {
             scope_configured: e.scope_configured,
             limits,
             decision: Some(to_proto(e.decision)),
+            pools,
         }))
     }
 
@@ -362,5 +370,18 @@ impl<S: Store> pb::admin_server::Admin for AdminApi<S> {
         )?;
         let answer = bans::list(self.limiter.store(), &snapshot.rules, &req).await?;
         Ok(Response::new(answer))
+    }
+}
+
+fn pool_explained(p: crate::limiter::PoolExplained) -> pb::PoolExplained {
+    pb::PoolExplained {
+        rule: p.rule.to_string(),
+        per: per_name(p.per).to_owned(),
+        concurrency: p.concurrency,
+        max_lease: Some(duration(p.max_lease)),
+        applies: p.skipped_because.is_none(),
+        skipped_because: p.skipped_because.unwrap_or_default(),
+        in_flight: p.in_flight.unwrap_or_default(),
+        in_flight_known: p.in_flight.is_some(),
     }
 }

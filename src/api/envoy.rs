@@ -653,6 +653,13 @@ scopes:
             Err(StoreError::transient("connection refused"))
         }
 
+        async fn lease(
+            &self,
+            _: &crate::store::LeaseCall<'_>,
+        ) -> Result<crate::store::LeaseOutcome, StoreError> {
+            Err(StoreError::transient("connection refused"))
+        }
+
         fn is_available(&self) -> bool {
             false
         }

@@ -7,6 +7,7 @@ pub mod bans;
 pub mod envoy;
 mod envoy_metadata;
 pub mod headers;
+pub mod leases;
 pub mod rlqs;
 pub mod settings;
 pub mod tollgate;
@@ -14,6 +15,7 @@ pub mod validate;
 
 pub use admin::AdminApi;
 pub use envoy::EnvoyRateLimitApi;
+pub use leases::LeasesApi;
 pub use rlqs::QuotaApi;
 pub use settings::{Settings, Snapshot};
 pub use tollgate::RateLimiterApi;

@@ -150,6 +150,7 @@ pub(super) fn to_proto(d: Decision) -> pb::ShouldAllowResponse {
         reservation: d.reservation.unwrap_or_default(),
         delay: (!d.delay.is_zero()).then(|| duration(d.delay)),
         denial_reason: denial_reason.into(),
+        lease: None,
     }
 }
 
@@ -181,6 +182,7 @@ impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
             caller: caller.as_deref().map(|c| &*c.name),
             ..to_domain(&req, "")?
         };
+        let lease = super::leases::lease_fields(&req)?;
         let max = settings.max_settle_within;
         if domain.settle_within.is_some_and(|d| d > max) {
             return Err(validate::invalid(
@@ -199,6 +201,20 @@ impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
             &req.scope,
             req.dry_run,
         )?;
+        if let Some((lease_id, ttl)) = lease {
+            let answer = self
+                .limiter
+                .decide_leased(rules, &domain, lease_id, ttl)
+                .await;
+            return super::leases::leased_answer(
+                &self.observer,
+                rules,
+                &domain,
+                lease_id,
+                answer,
+                started,
+            );
+        }
         let result = self.limiter.decide_on(rules, &domain).await;
         self.observer.decided(
             "tollgate",
@@ -241,6 +257,12 @@ impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
                     return Err(validate::invalid(
                         &format!("requests[{i}].settle_within"),
                         "is not supported in a batch: reserve with ShouldAllow",
+                    ));
+                }
+                if !r.lease_id.is_empty() || r.lease_ttl.is_some() {
+                    return Err(validate::invalid(
+                        &format!("requests[{i}].lease_id"),
+                        "is not supported in a batch: take a lease with ShouldAllow",
                     ));
                 }
                 to_domain(r, &format!("requests[{i}]."))

@@ -45,9 +45,9 @@ pub use penalty::{
 pub use reservations::{ReservationsConfig, SecretFiles, Secrets};
 pub use rlqs::{BlanketRule, RlqsConfig, RlqsDomainConfig};
 pub use scopes::{
-    DescriptorKeysConfig, FailureMode, HashTag, HeadroomConfig, LimitConfig, MAX_BUDGET,
-    MAX_CAPACITY, MAX_MAX_DELAY, MAX_NAME_LEN, MAX_REFILL_PERIOD, MIN_REFILL_PERIOD, Per, Percent,
-    ScopeConfig, UnknownScope,
+    DEFAULT_MAX_LEASE, DescriptorKeysConfig, FailureMode, HashTag, HeadroomConfig, LimitConfig,
+    MAX_BUDGET, MAX_CAPACITY, MAX_CONCURRENCY, MAX_MAX_DELAY, MAX_MAX_LEASE, MAX_NAME_LEN,
+    MAX_REFILL_PERIOD, MIN_MAX_LEASE, MIN_REFILL_PERIOD, Per, Percent, ScopeConfig, UnknownScope,
 };
 pub use security::{CallerConfig, GrpcConfig, TlsConfig};
 pub use store::{

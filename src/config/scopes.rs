@@ -20,6 +20,17 @@ pub const MAX_REFILL_PERIOD: Duration = Duration::from_secs(366 * 24 * 3600);
 /// The longest a limit may make a request wait (`max_delay`): the bound of
 /// a shaped bucket's TAT ahead of now is `refill_period` plus this.
 pub const MAX_MAX_DELAY: Duration = Duration::from_secs(3600);
+/// The largest concurrency limit: the most weight (and so leases) one pool
+/// holds live at once. It bounds a pool's memory, and the work of a script
+/// call, which is at most linear in the leases that expire in it.
+pub const MAX_CONCURRENCY: u64 = 10_000;
+/// A concurrency limit's `max_lease` when it sets none.
+pub const DEFAULT_MAX_LEASE: Duration = Duration::from_secs(300);
+/// The shortest `max_lease` a concurrency limit may set.
+pub const MIN_MAX_LEASE: Duration = Duration::from_secs(1);
+/// The longest `max_lease`: the longest a crashed caller can hold a slot.
+pub const MAX_MAX_LEASE: Duration = Duration::from_secs(24 * 3600);
+
 /// The longest scope or rule name.
 pub const MAX_NAME_LEN: usize = 128;
 
@@ -168,6 +179,19 @@ pub struct LimitConfig {
     /// says it may wait that long: its `max_wait`). Absent: no delay.
     #[serde(default, with = "humantime_serde")]
     pub max_delay: Option<Duration>,
+    /// A concurrency limit instead of a bucket: at most this much weight
+    /// held at once by live leases (see `docs/leases.md`).
+    #[serde(default)]
+    pub concurrency: Option<u64>,
+    /// A concurrency limit's longest lease (and so the longest a crashed
+    /// caller holds a slot): an acquire or renew may ask for at most this
+    /// time to live. Default [`DEFAULT_MAX_LEASE`].
+    #[serde(default, with = "humantime_serde")]
+    pub max_lease: Option<Duration>,
+    /// A concurrency limit's weight for an acquire that names none; 1 when
+    /// absent.
+    #[serde(default)]
+    pub weight: Option<u64>,
 }
 
 /// `headroom: {normal: 10%, sheddable: 30%}`.
@@ -310,9 +334,22 @@ fn validate_limits(problems: &mut Vec<String>, at: &str, limits: &[LimitConfig])
         if !rules.insert(limit.name.as_str()) {
             problems.push(format!("{at}.name: duplicate limit {:?}", limit.name));
         }
-        match limit.budget {
-            Some(budget) => validate_budget(problems, &at, limit, budget),
-            None => validate_bucket(problems, &at, limit),
+        match (limit.concurrency, limit.budget) {
+            (Some(n), _) => validate_concurrency(problems, &at, limit, n),
+            (None, Some(budget)) => validate_budget(problems, &at, limit, budget),
+            (None, None) => validate_bucket(problems, &at, limit),
+        }
+        if limit.concurrency.is_none() {
+            for (field, set) in [
+                ("max_lease", limit.max_lease.is_some()),
+                ("weight", limit.weight.is_some()),
+            ] {
+                if set {
+                    problems.push(format!(
+                        "{at}.{field}: only a concurrency limit has one (add `concurrency`)"
+                    ));
+                }
+            }
         }
         if let Some(h) = limit.headroom
             && h.sheddable.0 < h.normal.0
@@ -322,7 +359,9 @@ fn validate_limits(problems: &mut Vec<String>, at: &str, limits: &[LimitConfig])
                 h.normal.0
             ));
         }
-        if let Some(delay) = limit.max_delay {
+        if let Some(delay) = limit.max_delay
+            && limit.concurrency.is_none()
+        {
             validate_max_delay(problems, &at, limit, delay);
         }
         if let Some(ops) = &limit.operations {
@@ -394,6 +433,47 @@ fn validate_bucket(problems: &mut Vec<String>, at: &str, limit: &LimitConfig) {
     }
 }
 
+/// Checks a concurrency limit's fields, and names each field it cannot
+/// have: a pool has no rate, no window, no delay, and is never a shadow.
+fn validate_concurrency(problems: &mut Vec<String>, at: &str, limit: &LimitConfig, n: u64) {
+    if n == 0 || n > MAX_CONCURRENCY {
+        problems.push(format!(
+            "{at}.concurrency: must be between 1 and {MAX_CONCURRENCY}"
+        ));
+    }
+    if let Some(lease) = limit.max_lease {
+        if !(MIN_MAX_LEASE..=MAX_MAX_LEASE).contains(&lease) {
+            problems.push(format!("{at}.max_lease: must be between 1s and 24h"));
+        } else if !lease.subsec_nanos().is_multiple_of(1_000) {
+            problems.push(format!(
+                "{at}.max_lease: must be a whole number of microseconds"
+            ));
+        }
+    }
+    if let Some(w) = limit.weight
+        && (w == 0 || w > n)
+    {
+        problems.push(format!(
+            "{at}.weight: must be between 1 and concurrency ({n})"
+        ));
+    }
+    for (field, set) in [
+        ("capacity", limit.capacity != 0),
+        ("refill_period", !limit.refill_period.is_zero()),
+        ("budget", limit.budget.is_some()),
+        ("window", limit.window.is_some()),
+        ("time_zone", limit.time_zone.is_some()),
+        ("max_delay", limit.max_delay.is_some()),
+        ("shadow", limit.shadow),
+    ] {
+        if set {
+            problems.push(format!(
+                "{at}.{field}: a concurrency limit counts leases held at once; it cannot have one"
+            ));
+        }
+    }
+}
+
 /// Checks a budget's fields.
 fn validate_budget(problems: &mut Vec<String>, at: &str, limit: &LimitConfig, budget: u64) {
     if budget == 0 || budget > MAX_BUDGET {
@@ -444,5 +524,81 @@ pub(crate) fn check_name(problems: &mut Vec<String>, at: &str, name: &str) {
         problems.push(format!("{at}: must be at most {MAX_NAME_LEN} bytes"));
     } else if name.chars().any(char::is_control) {
         problems.push(format!("{at}: must not contain control characters"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn problems(limit: &str) -> String {
+        let yaml = format!("scopes:\n  - name: s\n    limits:\n      - {limit}\n");
+        match Config::from_yaml(&yaml) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_concurrency_limit_parses_with_its_defaults() {
+        let yaml = "scopes:\n  - name: s\n    limits:\n      - {name: streams, per: identity, concurrency: 3}\n";
+        let config = Config::from_yaml(yaml).unwrap();
+        let limit = &config.scopes[0].limits[0];
+        assert_eq!(limit.concurrency, Some(3));
+        assert_eq!(limit.max_lease, None);
+    }
+
+    #[test]
+    fn concurrency_bounds_are_refused_by_field_path() {
+        let at = "scopes[0].limits[0]";
+        for (limit, want) in [
+            (
+                "{name: c, per: scope, concurrency: 0}",
+                "concurrency: must be between 1 and 10000",
+            ),
+            (
+                "{name: c, per: scope, concurrency: 10001}",
+                "concurrency: must be between",
+            ),
+            (
+                "{name: c, per: scope, concurrency: 3, max_lease: 25h}",
+                "max_lease: must be between 1s and 24h",
+            ),
+            (
+                "{name: c, per: scope, concurrency: 3, max_lease: 10ms}",
+                "max_lease: must be between",
+            ),
+            (
+                "{name: c, per: scope, concurrency: 3, weight: 4}",
+                "weight: must be between 1 and concurrency (3)",
+            ),
+        ] {
+            let got = problems(limit);
+            assert!(got.contains(&format!("{at}.{want}")), "{limit}: {got}");
+        }
+    }
+
+    #[test]
+    fn a_concurrency_limit_names_each_field_it_cannot_have() {
+        for field in [
+            "capacity: 3",
+            "refill_period: 1s",
+            "budget: 5",
+            "window: day",
+            "max_delay: 1s",
+            "shadow: true",
+        ] {
+            let got = problems(&format!("{{name: c, per: scope, concurrency: 3, {field}}}"));
+            let name = field.split(':').next().unwrap();
+            assert!(
+                got.contains(&format!("scopes[0].limits[0].{name}: a concurrency limit")),
+                "{field}: {got}"
+            );
+        }
+        let got = problems("{name: c, per: scope, capacity: 3, refill_period: 1s, max_lease: 1m}");
+        assert!(
+            got.contains("scopes[0].limits[0].max_lease: only a concurrency limit"),
+            "{got}"
+        );
     }
 }

@@ -10,13 +10,14 @@ use std::sync::Arc;
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 use super::descriptors::{DescriptorKeys, DescriptorNode, DescriptorTree, ValueMatch};
+use super::lease::Pool;
 use super::limit::{Limit, LimitKind};
 use super::penalty::{IdentityLists, ScopePenalty};
 use super::rules::{Rules, ScopeRules};
 use crate::bucket::Shape;
 use crate::config::{
-    Config, ConfigError, EnvoyDescriptor, EnvoyDomain, EnvoyValue, FailureMode, HashTag,
-    LimitConfig,
+    Config, ConfigError, DEFAULT_MAX_LEASE, EnvoyDescriptor, EnvoyDomain, EnvoyValue, FailureMode,
+    HashTag, LimitConfig,
 };
 use crate::window::Window;
 
@@ -29,10 +30,15 @@ impl Rules {
         let mut scopes =
             hashbrown::HashMap::with_capacity(config.scopes.len() + config.envoy_domains.len());
         for s in &config.scopes {
-            let limits = s
-                .limits
-                .iter()
+            let (concurrency, rates): (Vec<_>, Vec<_>) =
+                s.limits.iter().partition(|l| l.concurrency.is_some());
+            let limits = rates
+                .into_iter()
                 .map(compile_limit)
+                .collect::<Result<Vec<_>, _>>()?;
+            let pools = concurrency
+                .into_iter()
+                .map(compile_pool)
                 .collect::<Result<Vec<_>, _>>()?;
             let scope = ScopeRules {
                 name: s.name.as_str().into(),
@@ -50,6 +56,7 @@ impl Rules {
                     allow: identity_globs(&s.allow, "allow")?,
                     deny: identity_globs(&s.deny, "deny")?,
                 },
+                pools,
             };
             scopes.insert(scope.name.clone(), scope);
         }
@@ -66,6 +73,22 @@ impl Rules {
             envoy_quota_mode: config.envoy_quota_mode,
         })
     }
+}
+
+/// A concurrency limit: a [`Limit`] for matching (its shape's capacity is
+/// the concurrency, so headroom shares are of it), and the pool's bounds.
+fn compile_pool(config: &LimitConfig) -> Result<Pool, ConfigError> {
+    let concurrency = config.concurrency.unwrap_or(1);
+    let mut plain = config.clone();
+    plain.concurrency = None;
+    plain.capacity = concurrency;
+    let limit = compile_limit(&plain)?;
+    Ok(Pool {
+        limit,
+        concurrency,
+        max_lease: config.max_lease.unwrap_or(DEFAULT_MAX_LEASE),
+        weight: config.weight.unwrap_or(1),
+    })
 }
 
 fn compile_limit(config: &LimitConfig) -> Result<Limit, ConfigError> {
@@ -147,6 +170,7 @@ fn compile_domain(domain: &EnvoyDomain, failure_mode: FailureMode) -> ScopeRules
         hash_tag: HashTag::default(),
         penalty: None,
         lists: IdentityLists::default(),
+        pools: Vec::new(),
     }
 }
 

@@ -52,7 +52,7 @@ pub fn limits(scope: &ScopeRules, req: &Request<'_>) -> Vec<LimitExplained> {
         .collect()
 }
 
-fn skipped_because(limit: &super::Limit, req: &Request<'_>) -> Option<String> {
+pub(super) fn skipped_because(limit: &super::Limit, req: &Request<'_>) -> Option<String> {
     if let Some(ops) = &limit.operations
         && !ops.is_match(req.operation)
     {

@@ -21,6 +21,7 @@ use crate::store::{Charge, PenaltyOutcome, Store, StoreError};
 pub mod compile;
 pub mod descriptors;
 pub mod explain;
+pub mod lease;
 pub mod limit;
 pub mod penalty;
 pub(crate) mod plan;
@@ -30,6 +31,7 @@ mod settle;
 pub mod shares;
 mod usage;
 
+pub use lease::{LeaseAction, LeaseDecision, LeaseError, Pool, PoolExplained};
 pub use limit::Limit;
 use plan::{Joint, Plan};
 pub use reservation::Signer;

@@ -44,6 +44,9 @@ pub struct ScopeRules {
     pub penalty: Option<super::penalty::ScopePenalty>,
     /// Identities the penalty box spares, and identities always denied.
     pub lists: super::penalty::IdentityLists,
+    /// Its concurrency limits, in config order; rate decisions never see
+    /// them (see [`super::lease`]).
+    pub pools: Vec<super::Pool>,
 }
 
 impl Rules {

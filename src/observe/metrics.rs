@@ -78,6 +78,7 @@ pub struct Metrics {
     pub rlqs: super::rlqs::RlqsMetrics,
     /// Penalty-box strikes and bans started, by configured scope.
     penalties: PenaltyMetrics,
+    leases: Leases,
 }
 
 struct PenaltyMetrics {
@@ -89,6 +90,45 @@ struct PenaltyMetrics {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ScopeLabels {
     scope: Arc<str>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LeaseLabels {
+    scope: Arc<str>,
+    rule: Arc<str>,
+    call: &'static str,
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    scope: Arc<str>,
+    rule: Arc<str>,
+}
+
+/// Concurrency limits' metrics (issue 20): lease calls by result, and
+/// leases that expired without a release (a caller died or forgot).
+struct Leases {
+    calls: Family<LeaseLabels, Counter>,
+    expired: Family<PoolLabels, Counter>,
+}
+
+impl Leases {
+    fn register(registry: &mut Registry) -> Self {
+        let calls = Family::<LeaseLabels, Counter>::default();
+        registry.register(
+            "lease_calls",
+            "Lease calls (acquire, renew, release) by scope, rule and result",
+            calls.clone(),
+        );
+        let expired = Family::<PoolLabels, Counter>::default();
+        registry.register(
+            "leases_expired",
+            "Leases removed at their expiry, never released, by scope and rule: the leak signal",
+            expired.clone(),
+        );
+        Self { calls, expired }
+    }
 }
 
 /// Shaping's metrics (issue 24): admissions with a delay, and the delays.
@@ -259,14 +299,14 @@ impl Metrics {
             "Calls refused with RESOURCE_EXHAUSTED because grpc.max_in_flight were running",
             calls_shed.clone(),
         );
-        let settles = register_settles(&mut registry);
         zero_known_series(&reloads, &store_errors);
         Self {
             rlqs: super::rlqs::RlqsMetrics::register(&mut registry),
             shaping: Shaping::register(&mut registry),
             penalties: register_penalties(&mut registry), // before `registry` moves
+            leases: Leases::register(&mut registry),
+            settles: register_settles(&mut registry),
             registry,
-            settles,
             access_denied,
             calls_shed,
             decisions,
@@ -279,6 +319,33 @@ impl Metrics {
             store_evicting,
             reloads,
             audit_suppressed,
+        }
+    }
+
+    /// Counts one lease call of a configured pool (`scope` and `rule` come
+    /// from the config, so labels stay bounded), and the expired leases it
+    /// found.
+    pub fn lease(
+        &self,
+        scope: &Arc<str>,
+        rule: &Arc<str>,
+        call: &'static str,
+        result: &'static str,
+        expired: u64,
+    ) {
+        let labels = LeaseLabels {
+            scope: scope.clone(),
+            rule: rule.clone(),
+            call,
+            result,
+        };
+        self.leases.calls.get_or_create(&labels).inc();
+        if expired > 0 {
+            let pool = PoolLabels {
+                scope: scope.clone(),
+                rule: rule.clone(),
+            };
+            self.leases.expired.get_or_create(&pool).inc_by(expired);
         }
     }
 

@@ -311,6 +311,10 @@ impl<S: Store> Store for BanCache<S> {
         Ok(outcome)
     }
 
+    async fn lease(&self, call: &super::LeaseCall<'_>) -> Result<super::LeaseOutcome, StoreError> {
+        self.inner.lease(call).await
+    }
+
     async fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
         self.inner.settle(settlement).await
     }

@@ -115,6 +115,13 @@ impl Store for AnyStore {
         }
     }
 
+    async fn lease(&self, call: &super::LeaseCall<'_>) -> Result<super::LeaseOutcome, StoreError> {
+        match self {
+            Self::Memory(s) => s.lease(call).await,
+            Self::Redis(s) => s.lease(call).await,
+        }
+    }
+
     fn is_available(&self) -> bool {
         match self {
             Self::Memory(s) => s.is_available(),

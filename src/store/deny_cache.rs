@@ -444,6 +444,11 @@ impl<S: Store> DenyCache<S> {
 }
 
 impl<S: Store> Store for DenyCache<S> {
+    /// Leases pass through: the cache knows buckets only.
+    async fn lease(&self, call: &super::LeaseCall<'_>) -> Result<super::LeaseOutcome, StoreError> {
+        self.inner.lease(call).await
+    }
+
     async fn check_and_take_each(
         &self,
         charges: &[Charge<'_>],

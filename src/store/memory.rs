@@ -26,6 +26,7 @@ use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::keys::KeyPart;
+use super::lease::{LeaseCall, LeaseOp, LeaseOutcome, Pool};
 use super::penalty::{
     Ban, BanEntry, Penalty, PenaltyAnswer, PenaltyKey, PenaltyOp, PenaltyOutcome, Record,
 };
@@ -71,6 +72,9 @@ struct Inner {
     epoch: Instant,
     /// The wall clock at `epoch`, nanoseconds since the Unix epoch.
     wall_at_epoch: u64,
+    /// Concurrency pools with a live lease (see [`super::lease`]); an
+    /// emptied pool is dropped, so this holds active pools only.
+    leases: Mutex<hashbrown::HashMap<Box<[u8]>, Pool>>,
     /// Open reservations' ids, each kept until its deadline (ticks) or its
     /// settle, which removes it: only an open id settles, so a reservation
     /// settles at most once. Counted in `held`.
@@ -237,6 +241,7 @@ impl MemoryStore {
                 hasher: RandomState::new(),
                 epoch: Instant::now(),
                 wall_at_epoch,
+                leases: Mutex::default(),
                 open: Mutex::default(),
                 held: AtomicUsize::new(0),
                 max_bytes,
@@ -494,6 +499,58 @@ impl Inner {
             })
             .collect()
     }
+}
+
+/// The most concurrency pools with a live lease the embedded store holds;
+/// an acquire that would open one more fails alone (a permanent error).
+pub const MAX_LEASE_POOLS: usize = 100_000;
+
+impl Inner {
+    /// Applies one lease call under the pools' lock, at one instant of the
+    /// store's clock (microseconds, as on Redis).
+    fn lease(&self, call: &LeaseCall<'_>) -> Result<LeaseOutcome, StoreError> {
+        let now_us = self.now() / 1_000;
+        let key = pool_key(call);
+        let mut pools = self.leases.lock();
+        if !pools.contains_key(&key) {
+            if !matches!(call.op, LeaseOp::Acquire { .. }) {
+                return Ok(Pool::default().apply(call, now_us));
+            }
+            if pools.len() >= MAX_LEASE_POOLS {
+                return Err(StoreError::permanent(
+                    "the embedded store holds its most concurrency pools",
+                ));
+            }
+        }
+        let pool = pools.entry(key.clone()).or_default();
+        let outcome = pool.apply(call, now_us);
+        if pool.is_empty() {
+            pools.remove(&key);
+        }
+        Ok(outcome)
+    }
+}
+
+/// A pool's key: scope, rule and the caller's parts (long ones hashed),
+/// each length-prefixed so no value can reach another pool.
+fn pool_key(call: &LeaseCall<'_>) -> Box<[u8]> {
+    let pool = &call.pool;
+    let mut out = Vec::with_capacity(64 + pool.scope.len() + pool.rule.len());
+    let mut push = |tag: u8, bytes: &[u8]| {
+        out.push(tag);
+        out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        out.extend_from_slice(bytes);
+    };
+    push(b's', pool.scope.as_bytes());
+    push(b'r', pool.rule.as_bytes());
+    for part in [pool.identity, pool.operation] {
+        match KeyPart::of(part) {
+            KeyPart::Absent => push(b'a', &[]),
+            KeyPart::Plain(v) => push(b'p', v.as_bytes()),
+            KeyPart::Hashed(h) => push(b'h', &h),
+        }
+    }
+    out.into_boxed_slice()
 }
 
 /// What the store reports of one bucket left as `mark` says at `now`.
@@ -1032,6 +1089,10 @@ impl Store for MemoryStore {
     }
 
     /// The embedded store is always available: it lives in this process.
+    async fn lease(&self, call: &LeaseCall<'_>) -> Result<LeaseOutcome, StoreError> {
+        self.inner.lease(call)
+    }
+
     fn is_available(&self) -> bool {
         true
     }
@@ -1056,6 +1117,47 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn pools_past_the_bound_fail_alone_and_a_freed_one_makes_room() {
+        let store = MemoryStore::default();
+        fn call(identity: &str, op: LeaseOp) -> LeaseCall<'_> {
+            LeaseCall {
+                pool: crate::store::BucketKey {
+                    scope: "s",
+                    rule: "r",
+                    identity: Some(identity),
+                    operation: None,
+                    hash_tag: Default::default(),
+                },
+                lease_id: "l",
+                op,
+            }
+        }
+        let acquire = LeaseOp::Acquire {
+            limit: 1,
+            weight: 1,
+            reserve: 0,
+            ttl_us: 60_000_000,
+            dry_run: false,
+        };
+        for i in 0..MAX_LEASE_POOLS {
+            let id = i.to_string();
+            assert!(store.lease(&call(&id, acquire)).await.unwrap().ok);
+        }
+        let over = store.lease(&call("one-more", acquire)).await.unwrap_err();
+        assert!(!over.transient, "{over}");
+        // Renewing or releasing in an absent pool opens none.
+        assert!(
+            !store
+                .lease(&call("one-more", LeaseOp::Release))
+                .await
+                .unwrap()
+                .ok
+        );
+        assert!(store.lease(&call("0", LeaseOp::Release)).await.unwrap().ok);
+        assert!(store.lease(&call("one-more", acquire)).await.unwrap().ok);
+    }
 
     #[test]
     fn a_scope_that_fills_the_store_leaves_the_others_their_reservations() {

@@ -15,6 +15,7 @@ pub mod build;
 pub mod charge;
 pub mod deny_cache;
 pub mod keys;
+pub mod lease;
 pub mod memory;
 pub mod observed;
 pub mod penalty;
@@ -25,6 +26,7 @@ pub use charge::{
     BucketCharge, BucketKey, BucketOutcome, Charge, ChargeOutcome, Once, Open, SettleBucket,
     Settled, Settlement,
 };
+pub use lease::{LeaseCall, LeaseOp, LeaseOutcome};
 pub use observed::{Observed, StoreObserver};
 pub use penalty::{
     Ban, BanEntry, Penalty, PenaltyAnswer, PenaltyKey, PenaltyOp, PenaltyOutcome, PenaltyRule,
@@ -86,7 +88,12 @@ impl StoreError {
 /// A bucket that is absent is full. A store may forget a bucket once it has
 /// refilled completely, so memory grows with active buckets only.
 ///
-/// # Seven methods, all required
+/// Leases of concurrency limits are the eighth method, [`Store::lease`]:
+/// one operation on one pool, atomic on its own, with the rules stated in
+/// [`lease`] (a lease is live while the store's clock is before its
+/// expiry; expired leases are removed before anything is counted).
+///
+/// # Eight methods, all required
 /// Every method is required, so a decorator (the deny cache, the observed
 /// store, [`AnyStore`]) cannot forget to pass one on; conveniences built on
 /// them live in [`StoreExt`], which every store gets for free.
@@ -121,6 +128,14 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         &self,
         op: &PenaltyOp<'_>,
     ) -> impl Future<Output = Result<PenaltyAnswer, StoreError>> + Send;
+
+    /// Applies one lease operation to its pool atomically, by the rules of
+    /// [`lease`], on the store's own clock: never more than the limit's
+    /// weight live at any instant, an acquire of a live id counted once.
+    fn lease(
+        &self,
+        call: &LeaseCall<'_>,
+    ) -> impl Future<Output = Result<LeaseOutcome, StoreError>> + Send;
 
     /// True while the store can answer: used for health reporting.
     fn is_available(&self) -> bool;

@@ -105,6 +105,13 @@ impl<S: Store, O: StoreObserver> Store for Observed<S, O> {
         result
     }
 
+    async fn lease(&self, call: &super::LeaseCall<'_>) -> Result<super::LeaseOutcome, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.lease(call).await;
+        self.report(started, &result);
+        result
+    }
+
     fn is_available(&self) -> bool {
         self.inner.is_available()
     }

@@ -17,6 +17,7 @@ mod envoy_rls;
 mod fault_matrix;
 mod faults;
 mod grpc;
+mod leases;
 mod limiter;
 mod penalty;
 mod redis_config;

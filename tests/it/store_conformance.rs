@@ -13,9 +13,9 @@ use tollgate::bucket::Shape;
 use tollgate::config::HashTag;
 use tollgate::store::memory::MemoryStore;
 use tollgate::store::{
-    BucketCharge, BucketKey, Charge, ChargeOutcome, Condition, Once, Open, Penalty, PenaltyAnswer,
-    PenaltyKey, PenaltyOp, PenaltyRule, SettleBucket, Settled, Settlement, Store, StoreError,
-    StoreExt,
+    BucketCharge, BucketKey, Charge, ChargeOutcome, Condition, LeaseCall, LeaseOp, LeaseOutcome,
+    Once, Open, Penalty, PenaltyAnswer, PenaltyKey, PenaltyOp, PenaltyRule, SettleBucket, Settled,
+    Settlement, Store, StoreError, StoreExt,
 };
 use tollgate::window::Window;
 
@@ -527,6 +527,80 @@ async fn operators_ban_list_and_unban(store: &impl Store) {
     assert_eq!(total, 1);
 }
 
+/// Leases: weights count once per id, a dry run and a refusal record
+/// nothing, a priority's reserve is kept free, release is idempotent, and
+/// renewing an unknown lease reports it lost.
+async fn leases_count_weight_once_and_never_exceed_the_limit(store: &impl Store) {
+    let call = |id: &'static str, op: LeaseOp| LeaseCall {
+        pool: BucketKey {
+            scope: "leases",
+            rule: "streams",
+            identity: Some("alice"),
+            operation: None,
+            hash_tag: Default::default(),
+        },
+        lease_id: id,
+        op,
+    };
+    let acquire = |weight: u64, reserve: u64, dry_run: bool| LeaseOp::Acquire {
+        limit: 5,
+        weight,
+        reserve,
+        ttl_us: 60_000_000,
+        dry_run,
+    };
+    let go =
+        async |id: &'static str, op: LeaseOp| store.lease(&call(id, op)).await.expect("answers");
+    let a = go("a", acquire(3, 0, false)).await;
+    assert!(a.ok);
+    assert_eq!(a.in_flight, 3);
+    assert_eq!(a.expires_at_us, a.now_us + 60_000_000);
+    let again = go("a", acquire(3, 0, false)).await;
+    assert_eq!(
+        (again.ok, again.in_flight, again.expires_at_us),
+        (true, 3, a.expires_at_us)
+    );
+    let dry = go("d", acquire(2, 0, true)).await;
+    assert_eq!(
+        (dry.ok, dry.in_flight),
+        (true, 3),
+        "a dry run records nothing"
+    );
+    let kept = go("b", acquire(2, 1, false)).await;
+    assert!(!kept.ok, "the reserve is kept free");
+    assert_eq!(kept.earliest_expiry_us, Some(a.expires_at_us));
+    let b = go("b", acquire(2, 0, false)).await;
+    assert_eq!((b.ok, b.in_flight), (true, 5));
+    let full = go("c", acquire(1, 0, false)).await;
+    assert_eq!(
+        (full.ok, full.in_flight),
+        (false, 5),
+        "a refusal takes nothing"
+    );
+    let never = go("c", acquire(5, 1, false)).await;
+    assert_eq!((never.ok, never.earliest_expiry_us), (false, None));
+    let renew = go(
+        "a",
+        LeaseOp::Renew {
+            ttl_us: 120_000_000,
+        },
+    )
+    .await;
+    assert!(renew.ok && renew.expires_at_us >= a.expires_at_us);
+    assert!(
+        !go("zz", LeaseOp::Renew { ttl_us: 1_000 }).await.ok,
+        "unknown: lost"
+    );
+    let released = go("a", LeaseOp::Release).await;
+    assert_eq!((released.ok, released.in_flight), (true, 2));
+    assert!(
+        !go("a", LeaseOp::Release).await.ok,
+        "a second release finds nothing"
+    );
+    assert!(go("b", LeaseOp::Release).await.ok);
+    assert_eq!(go("c", acquire(5, 0, true)).await.in_flight, 0);
+}
+
 /// Runs every case against `store`, naming each as it goes.
 async fn conforms(store: impl Store) {
     conforms_spread(&store).await;
@@ -556,6 +630,7 @@ async fn conforms_spread(store: &impl Store) {
         a_settle_far_above_its_estimate_is_bounded,
         a_reservation_settles_only_while_open_and_once,
         a_shaped_burst_is_spread_and_a_denial_takes_nothing,
+        leases_count_weight_once_and_never_exceed_the_limit,
     );
 }
 
@@ -635,6 +710,12 @@ impl<S: Store> Store for Retagged<S> {
 
     async fn penalties(&self, op: &PenaltyOp<'_>) -> Result<PenaltyAnswer, StoreError> {
         self.0.penalties(op).await
+    }
+
+    async fn lease(&self, call: &LeaseCall<'_>) -> Result<LeaseOutcome, StoreError> {
+        let mut call = *call;
+        call.pool.hash_tag = self.1;
+        self.0.lease(&call).await
     }
 
     fn is_available(&self) -> bool {

@@ -249,6 +249,9 @@ impl DecisionRequest {
                 .max_wait
                 .and_then(|d| prost_types::Duration::try_from(d).ok()),
             strike: self.strike,
+            // Leases are not in this client yet (see docs/leases.md).
+            lease_id: String::new(),
+            lease_ttl: None,
         }
     }
 }

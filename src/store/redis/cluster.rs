@@ -66,6 +66,19 @@ pub(crate) async fn eval(
     timeout: Duration,
     try_again: TryAgain,
 ) -> Result<Vec<i64>, CallError> {
+    eval_source(topology, cmd, script::SOURCE, slot, timeout, try_again).await
+}
+
+/// [`eval`] of the script whose source is `source` (the lease script's
+/// calls come here too): a `NOSCRIPT` loads that source.
+pub(crate) async fn eval_source(
+    topology: &Topology,
+    cmd: &Cmd,
+    source: &str,
+    slot: u16,
+    timeout: Duration,
+    try_again: TryAgain,
+) -> Result<Vec<i64>, CallError> {
     let mut target = Target::Slot;
     let mut loaded = false;
     for _ in 0..MAX_HOPS {
@@ -87,7 +100,7 @@ pub(crate) async fn eval(
                 tokio::time::sleep(TRY_AGAIN_AFTER).await;
             }
             ErrorKind::Server(ServerErrorKind::NoScript) if !loaded => {
-                load(topology, &target, slot, timeout).await?;
+                load(topology, source, &target, slot, timeout).await?;
                 loaded = true;
             }
             _ => return Err(CallError::Redis(error)),
@@ -149,12 +162,13 @@ async fn send(
 /// Loads the script on the node that refused it.
 async fn load(
     topology: &Topology,
+    source: &str,
     target: &Target,
     slot: u16,
     timeout: Duration,
 ) -> Result<(), CallError> {
     let mut load = redis::cmd("SCRIPT");
-    load.arg("LOAD").arg(script::SOURCE);
+    load.arg("LOAD").arg(source);
     let to = RoutingInfo::SingleNode(routing(target, slot));
     let loaded = topology
         .with_cluster(timeout, |mut conn| async move {

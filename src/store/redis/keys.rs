@@ -169,6 +169,28 @@ fn push_scope_tag(out: &mut String, scope: &str) {
     }
 }
 
+/// The two keys of a concurrency pool, in the hash slot of its scope's
+/// buckets of the same tag: `<prefix>{<tag>}:<rule>:%lease:<identity>:<operation>`
+/// (the sorted set of live leases) and the same with `%leasew` (their
+/// weights). No bucket key has a shape part starting with `%l` (escaping
+/// writes `%` only before two hex digits, and `l` is not one).
+pub fn lease_keys(prefix: &str, key: &BucketKey<'_>) -> [String; 2] {
+    [":%lease", ":%leasew"].map(|kind| {
+        let mut out = String::with_capacity(prefix.len() + 48 + key.scope.len() + key.rule.len());
+        out.push_str(prefix);
+        out.push('{');
+        push_tag(&mut out, key);
+        out.push_str("}:");
+        push_escaped(&mut out, key.rule);
+        out.push_str(kind);
+        for part in [key.identity, key.operation] {
+            out.push(':');
+            push_part(&mut out, part);
+        }
+        out
+    })
+}
+
 /// The hash tag of a bucket's key: buckets with equal tags share a slot.
 pub(crate) fn hash_tag(key: &BucketKey<'_>) -> String {
     let mut out = String::new();

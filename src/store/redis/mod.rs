@@ -69,6 +69,7 @@ mod cross_slot;
 mod eviction;
 pub mod keys;
 mod lanes;
+mod lease;
 mod penalties;
 mod script;
 mod topology;
@@ -93,6 +94,8 @@ struct Inner {
     topology: Topology,
     /// The script's SHA1, for `EVALSHA`.
     sha: String,
+    /// The lease script's SHA1 (`lease.lua`).
+    lease_sha: String,
     /// Every key starts with it: the schema version, or a test's namespace.
     prefix: String,
     /// Bounds each round trip.
@@ -142,6 +145,7 @@ impl RedisStore {
                 slot_breakers: topology.is_cluster().then(|| SlotBreakers::new(settings)),
                 topology,
                 sha: script::sha1(),
+                lease_sha: lease::sha1(),
                 prefix: config.key_prefix.clone(),
                 response_timeout: config.response_timeout,
                 connect_timeout: config.connect_timeout,
@@ -511,6 +515,10 @@ impl Store for RedisStore {
             inner.lost_if_opened(opened);
         }
         result
+    }
+
+    async fn lease(&self, call: &super::LeaseCall<'_>) -> Result<super::LeaseOutcome, StoreError> {
+        self.inner.lease(call).await
     }
 
     fn is_available(&self) -> bool {

@@ -1236,7 +1236,10 @@ type ExplainResponse struct {
 	// Every limit of the scope, in config order.
 	Limits []*LimitExplained `protobuf:"bytes,2,rep,name=limits,proto3" json:"limits,omitempty"`
 	// What ShouldAllow would answer now, from a dry run.
-	Decision      *ShouldAllowResponse `protobuf:"bytes,3,opt,name=decision,proto3" json:"decision,omitempty"`
+	Decision *ShouldAllowResponse `protobuf:"bytes,3,opt,name=decision,proto3" json:"decision,omitempty"`
+	// Every concurrency limit of the scope, in config order. The first that
+	// matches is the request's pool; a lease call would draw on it.
+	Pools         []*PoolExplained `protobuf:"bytes,40,rep,name=pools,proto3" json:"pools,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1292,6 +1295,119 @@ func (x *ExplainResponse) GetDecision() *ShouldAllowResponse {
 	return nil
 }
 
+func (x *ExplainResponse) GetPools() []*PoolExplained {
+	if x != nil {
+		return x.Pools
+	}
+	return nil
+}
+
+// One concurrency limit of the scope, explained for the request.
+type PoolExplained struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Rule  string                 `protobuf:"bytes,1,opt,name=rule,proto3" json:"rule,omitempty"`
+	// scope | identity | operation | identity_operation.
+	Per         string               `protobuf:"bytes,2,opt,name=per,proto3" json:"per,omitempty"`
+	Concurrency uint64               `protobuf:"varint,3,opt,name=concurrency,proto3" json:"concurrency,omitempty"`
+	MaxLease    *durationpb.Duration `protobuf:"bytes,4,opt,name=max_lease,json=maxLease,proto3" json:"max_lease,omitempty"`
+	// True for the request's pool: the first concurrency limit that matches.
+	Applies bool `protobuf:"varint,5,opt,name=applies,proto3" json:"applies,omitempty"`
+	// Why it is not the request's pool, when it is not.
+	SkippedBecause string `protobuf:"bytes,6,opt,name=skipped_because,json=skippedBecause,proto3" json:"skipped_because,omitempty"`
+	// The pool's weight held by live leases now (for the applying pool, when
+	// the store answered: see `in_flight_known`).
+	InFlight      uint64 `protobuf:"varint,7,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
+	InFlightKnown bool   `protobuf:"varint,8,opt,name=in_flight_known,json=inFlightKnown,proto3" json:"in_flight_known,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PoolExplained) Reset() {
+	*x = PoolExplained{}
+	mi := &file_tollgate_v1_admin_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PoolExplained) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PoolExplained) ProtoMessage() {}
+
+func (x *PoolExplained) ProtoReflect() protoreflect.Message {
+	mi := &file_tollgate_v1_admin_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PoolExplained.ProtoReflect.Descriptor instead.
+func (*PoolExplained) Descriptor() ([]byte, []int) {
+	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *PoolExplained) GetRule() string {
+	if x != nil {
+		return x.Rule
+	}
+	return ""
+}
+
+func (x *PoolExplained) GetPer() string {
+	if x != nil {
+		return x.Per
+	}
+	return ""
+}
+
+func (x *PoolExplained) GetConcurrency() uint64 {
+	if x != nil {
+		return x.Concurrency
+	}
+	return 0
+}
+
+func (x *PoolExplained) GetMaxLease() *durationpb.Duration {
+	if x != nil {
+		return x.MaxLease
+	}
+	return nil
+}
+
+func (x *PoolExplained) GetApplies() bool {
+	if x != nil {
+		return x.Applies
+	}
+	return false
+}
+
+func (x *PoolExplained) GetSkippedBecause() string {
+	if x != nil {
+		return x.SkippedBecause
+	}
+	return ""
+}
+
+func (x *PoolExplained) GetInFlight() uint64 {
+	if x != nil {
+		return x.InFlight
+	}
+	return 0
+}
+
+func (x *PoolExplained) GetInFlightKnown() bool {
+	if x != nil {
+		return x.InFlightKnown
+	}
+	return false
+}
+
 type LimitExplained struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Rule  string                 `protobuf:"bytes,1,opt,name=rule,proto3" json:"rule,omitempty"`
@@ -1312,7 +1428,7 @@ type LimitExplained struct {
 
 func (x *LimitExplained) Reset() {
 	*x = LimitExplained{}
-	mi := &file_tollgate_v1_admin_proto_msgTypes[17]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1324,7 +1440,7 @@ func (x *LimitExplained) String() string {
 func (*LimitExplained) ProtoMessage() {}
 
 func (x *LimitExplained) ProtoReflect() protoreflect.Message {
-	mi := &file_tollgate_v1_admin_proto_msgTypes[17]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1337,7 +1453,7 @@ func (x *LimitExplained) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LimitExplained.ProtoReflect.Descriptor instead.
 func (*LimitExplained) Descriptor() ([]byte, []int) {
-	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{17}
+	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *LimitExplained) GetRule() string {
@@ -1482,11 +1598,21 @@ const file_tollgate_v1_admin_proto_rawDesc = "" +
 	"\x06figure\x18\x02 \x01(\x01R\x06figure\x12\x18\n" +
 	"\amessage\x18\x03 \x01(\tR\amessage\"K\n" +
 	"\x0eExplainRequest\x129\n" +
-	"\arequest\x18\x01 \x01(\v2\x1f.tollgate.v1.ShouldAllowRequestR\arequest\"\xaf\x01\n" +
+	"\arequest\x18\x01 \x01(\v2\x1f.tollgate.v1.ShouldAllowRequestR\arequest\"\xe1\x01\n" +
 	"\x0fExplainResponse\x12)\n" +
 	"\x10scope_configured\x18\x01 \x01(\bR\x0fscopeConfigured\x123\n" +
 	"\x06limits\x18\x02 \x03(\v2\x1b.tollgate.v1.LimitExplainedR\x06limits\x12<\n" +
-	"\bdecision\x18\x03 \x01(\v2 .tollgate.v1.ShouldAllowResponseR\bdecision\"\xa0\x02\n" +
+	"\bdecision\x18\x03 \x01(\v2 .tollgate.v1.ShouldAllowResponseR\bdecision\x120\n" +
+	"\x05pools\x18( \x03(\v2\x1a.tollgate.v1.PoolExplainedR\x05pools\"\x97\x02\n" +
+	"\rPoolExplained\x12\x12\n" +
+	"\x04rule\x18\x01 \x01(\tR\x04rule\x12\x10\n" +
+	"\x03per\x18\x02 \x01(\tR\x03per\x12 \n" +
+	"\vconcurrency\x18\x03 \x01(\x04R\vconcurrency\x126\n" +
+	"\tmax_lease\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\bmaxLease\x12\x18\n" +
+	"\aapplies\x18\x05 \x01(\bR\aapplies\x12'\n" +
+	"\x0fskipped_because\x18\x06 \x01(\tR\x0eskippedBecause\x12\x1b\n" +
+	"\tin_flight\x18\a \x01(\x04R\binFlight\x12&\n" +
+	"\x0fin_flight_known\x18\b \x01(\bR\rinFlightKnown\"\xa0\x02\n" +
 	"\x0eLimitExplained\x12\x12\n" +
 	"\x04rule\x18\x01 \x01(\tR\x04rule\x12\x10\n" +
 	"\x03per\x18\x02 \x01(\tR\x03per\x12\x1a\n" +
@@ -1528,7 +1654,7 @@ func file_tollgate_v1_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_tollgate_v1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_tollgate_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_tollgate_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_tollgate_v1_admin_proto_goTypes = []any{
 	(Window)(0),                   // 0: tollgate.v1.Window
 	(RankBy)(0),                   // 1: tollgate.v1.RankBy
@@ -1549,16 +1675,17 @@ var file_tollgate_v1_admin_proto_goTypes = []any{
 	(*CapacityHint)(nil),          // 16: tollgate.v1.CapacityHint
 	(*ExplainRequest)(nil),        // 17: tollgate.v1.ExplainRequest
 	(*ExplainResponse)(nil),       // 18: tollgate.v1.ExplainResponse
-	(*LimitExplained)(nil),        // 19: tollgate.v1.LimitExplained
-	(*durationpb.Duration)(nil),   // 20: google.protobuf.Duration
-	(*ShouldAllowRequest)(nil),    // 21: tollgate.v1.ShouldAllowRequest
-	(*ShouldAllowResponse)(nil),   // 22: tollgate.v1.ShouldAllowResponse
-	(*BucketStatus)(nil),          // 23: tollgate.v1.BucketStatus
+	(*PoolExplained)(nil),         // 19: tollgate.v1.PoolExplained
+	(*LimitExplained)(nil),        // 20: tollgate.v1.LimitExplained
+	(*durationpb.Duration)(nil),   // 21: google.protobuf.Duration
+	(*ShouldAllowRequest)(nil),    // 22: tollgate.v1.ShouldAllowRequest
+	(*ShouldAllowResponse)(nil),   // 23: tollgate.v1.ShouldAllowResponse
+	(*BucketStatus)(nil),          // 24: tollgate.v1.BucketStatus
 }
 var file_tollgate_v1_admin_proto_depIdxs = []int32{
-	20, // 0: tollgate.v1.BanRequest.duration:type_name -> google.protobuf.Duration
-	20, // 1: tollgate.v1.BanResponse.remaining:type_name -> google.protobuf.Duration
-	20, // 2: tollgate.v1.BannedCaller.remaining:type_name -> google.protobuf.Duration
+	21, // 0: tollgate.v1.BanRequest.duration:type_name -> google.protobuf.Duration
+	21, // 1: tollgate.v1.BanResponse.remaining:type_name -> google.protobuf.Duration
+	21, // 2: tollgate.v1.BannedCaller.remaining:type_name -> google.protobuf.Duration
 	7,  // 3: tollgate.v1.ListBansResponse.bans:type_name -> tollgate.v1.BannedCaller
 	0,  // 4: tollgate.v1.TopIdentitiesRequest.window:type_name -> tollgate.v1.Window
 	1,  // 5: tollgate.v1.TopIdentitiesRequest.by:type_name -> tollgate.v1.RankBy
@@ -1569,30 +1696,32 @@ var file_tollgate_v1_admin_proto_depIdxs = []int32{
 	0,  // 10: tollgate.v1.UtilizationRequest.window:type_name -> tollgate.v1.Window
 	15, // 11: tollgate.v1.UtilizationResponse.rules:type_name -> tollgate.v1.RuleUtilization
 	0,  // 12: tollgate.v1.RuleUtilization.window:type_name -> tollgate.v1.Window
-	20, // 13: tollgate.v1.RuleUtilization.refill_period:type_name -> google.protobuf.Duration
+	21, // 13: tollgate.v1.RuleUtilization.refill_period:type_name -> google.protobuf.Duration
 	16, // 14: tollgate.v1.RuleUtilization.hints:type_name -> tollgate.v1.CapacityHint
-	21, // 15: tollgate.v1.ExplainRequest.request:type_name -> tollgate.v1.ShouldAllowRequest
-	19, // 16: tollgate.v1.ExplainResponse.limits:type_name -> tollgate.v1.LimitExplained
-	22, // 17: tollgate.v1.ExplainResponse.decision:type_name -> tollgate.v1.ShouldAllowResponse
-	20, // 18: tollgate.v1.LimitExplained.refill_period:type_name -> google.protobuf.Duration
-	23, // 19: tollgate.v1.LimitExplained.bucket:type_name -> tollgate.v1.BucketStatus
-	9,  // 20: tollgate.v1.Admin.TopIdentities:input_type -> tollgate.v1.TopIdentitiesRequest
-	13, // 21: tollgate.v1.Admin.Utilization:input_type -> tollgate.v1.UtilizationRequest
-	17, // 22: tollgate.v1.Admin.Explain:input_type -> tollgate.v1.ExplainRequest
-	2,  // 23: tollgate.v1.Admin.Ban:input_type -> tollgate.v1.BanRequest
-	4,  // 24: tollgate.v1.Admin.Unban:input_type -> tollgate.v1.UnbanRequest
-	6,  // 25: tollgate.v1.Admin.ListBans:input_type -> tollgate.v1.ListBansRequest
-	10, // 26: tollgate.v1.Admin.TopIdentities:output_type -> tollgate.v1.TopIdentitiesResponse
-	14, // 27: tollgate.v1.Admin.Utilization:output_type -> tollgate.v1.UtilizationResponse
-	18, // 28: tollgate.v1.Admin.Explain:output_type -> tollgate.v1.ExplainResponse
-	3,  // 29: tollgate.v1.Admin.Ban:output_type -> tollgate.v1.BanResponse
-	5,  // 30: tollgate.v1.Admin.Unban:output_type -> tollgate.v1.UnbanResponse
-	8,  // 31: tollgate.v1.Admin.ListBans:output_type -> tollgate.v1.ListBansResponse
-	26, // [26:32] is the sub-list for method output_type
-	20, // [20:26] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	22, // 15: tollgate.v1.ExplainRequest.request:type_name -> tollgate.v1.ShouldAllowRequest
+	20, // 16: tollgate.v1.ExplainResponse.limits:type_name -> tollgate.v1.LimitExplained
+	23, // 17: tollgate.v1.ExplainResponse.decision:type_name -> tollgate.v1.ShouldAllowResponse
+	19, // 18: tollgate.v1.ExplainResponse.pools:type_name -> tollgate.v1.PoolExplained
+	21, // 19: tollgate.v1.PoolExplained.max_lease:type_name -> google.protobuf.Duration
+	21, // 20: tollgate.v1.LimitExplained.refill_period:type_name -> google.protobuf.Duration
+	24, // 21: tollgate.v1.LimitExplained.bucket:type_name -> tollgate.v1.BucketStatus
+	9,  // 22: tollgate.v1.Admin.TopIdentities:input_type -> tollgate.v1.TopIdentitiesRequest
+	13, // 23: tollgate.v1.Admin.Utilization:input_type -> tollgate.v1.UtilizationRequest
+	17, // 24: tollgate.v1.Admin.Explain:input_type -> tollgate.v1.ExplainRequest
+	2,  // 25: tollgate.v1.Admin.Ban:input_type -> tollgate.v1.BanRequest
+	4,  // 26: tollgate.v1.Admin.Unban:input_type -> tollgate.v1.UnbanRequest
+	6,  // 27: tollgate.v1.Admin.ListBans:input_type -> tollgate.v1.ListBansRequest
+	10, // 28: tollgate.v1.Admin.TopIdentities:output_type -> tollgate.v1.TopIdentitiesResponse
+	14, // 29: tollgate.v1.Admin.Utilization:output_type -> tollgate.v1.UtilizationResponse
+	18, // 30: tollgate.v1.Admin.Explain:output_type -> tollgate.v1.ExplainResponse
+	3,  // 31: tollgate.v1.Admin.Ban:output_type -> tollgate.v1.BanResponse
+	5,  // 32: tollgate.v1.Admin.Unban:output_type -> tollgate.v1.UnbanResponse
+	8,  // 33: tollgate.v1.Admin.ListBans:output_type -> tollgate.v1.ListBansResponse
+	28, // [28:34] is the sub-list for method output_type
+	22, // [22:28] is the sub-list for method input_type
+	22, // [22:22] is the sub-list for extension type_name
+	22, // [22:22] is the sub-list for extension extendee
+	0,  // [0:22] is the sub-list for field type_name
 }
 
 func init() { file_tollgate_v1_admin_proto_init() }
@@ -1607,7 +1736,7 @@ func file_tollgate_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tollgate_v1_admin_proto_rawDesc), len(file_tollgate_v1_admin_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   18,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -188,7 +188,16 @@ type ShouldAllowRequest struct {
 	// does. A strike that starts a ban leaves this answer as decided: the
 	// ban meets the caller's next request. Ignored in a scope without a
 	// penalty box, for an allow-listed identity and for the anonymous caller.
-	Strike        bool `protobuf:"varint,30,opt,name=strike,proto3" json:"strike,omitempty"`
+	Strike bool `protobuf:"varint,30,opt,name=strike,proto3" json:"strike,omitempty"`
+	// When the scope has a concurrency limit that matches, take this lease
+	// with the rates, all or nothing: the lease is acquired first (a refused
+	// lease denies the request and takes no tokens), and a request the rates
+	// deny gives the lease back. The answer's `lease` says what is held;
+	// renew and release it with tollgate.v1.Leases. 1 to 128 bytes; refused
+	// in a batch. Empty: no lease, as before.
+	LeaseId string `protobuf:"bytes,40,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
+	// The lease's time to live; unset means the limit's `max_lease`.
+	LeaseTtl      *durationpb.Duration `protobuf:"bytes,41,opt,name=lease_ttl,json=leaseTtl,proto3" json:"lease_ttl,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -291,6 +300,20 @@ func (x *ShouldAllowRequest) GetStrike() bool {
 		return x.Strike
 	}
 	return false
+}
+
+func (x *ShouldAllowRequest) GetLeaseId() string {
+	if x != nil {
+		return x.LeaseId
+	}
+	return ""
+}
+
+func (x *ShouldAllowRequest) GetLeaseTtl() *durationpb.Duration {
+	if x != nil {
+		return x.LeaseTtl
+	}
+	return nil
 }
 
 // The state of one bucket that applied to a request.
@@ -450,7 +473,11 @@ type ShouldAllowResponse struct {
 	// DENIAL_REASON_BANNED: the caller is in the scope's penalty box;
 	// `retry_after` runs to the ban's end on the store's clock, and nothing
 	// was taken. UNSPECIFIED when allowed.
-	DenialReason  DenialReason `protobuf:"varint,30,opt,name=denial_reason,json=denialReason,proto3,enum=tollgate.v1.DenialReason" json:"denial_reason,omitempty"`
+	DenialReason DenialReason `protobuf:"varint,30,opt,name=denial_reason,json=denialReason,proto3,enum=tollgate.v1.DenialReason" json:"denial_reason,omitempty"`
+	// Set when the request sent `lease_id` and a concurrency limit applied.
+	// A denial by the concurrency limit carries its `retry_after` above: then
+	// an upper bound (the earliest live lease's expiry), not a lower one.
+	Lease         *LeaseGrant `protobuf:"bytes,40,opt,name=lease,proto3" json:"lease,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -569,6 +596,121 @@ func (x *ShouldAllowResponse) GetDenialReason() DenialReason {
 	return DenialReason_DENIAL_REASON_UNSPECIFIED
 }
 
+func (x *ShouldAllowResponse) GetLease() *LeaseGrant {
+	if x != nil {
+		return x.Lease
+	}
+	return nil
+}
+
+// The lease a ShouldAllow took with its rates.
+type LeaseGrant struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// True when the lease is held: the request was allowed.
+	Granted bool   `protobuf:"varint,1,opt,name=granted,proto3" json:"granted,omitempty"`
+	LeaseId string `protobuf:"bytes,2,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
+	// Time the lease has left, when granted.
+	Ttl *durationpb.Duration `protobuf:"bytes,3,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	// The lease's expiry, microseconds since the Unix epoch on the store's
+	// clock; 0 when not held.
+	ExpiresAtUnixMicros uint64 `protobuf:"varint,4,opt,name=expires_at_unix_micros,json=expiresAtUnixMicros,proto3" json:"expires_at_unix_micros,omitempty"`
+	// The pool's weight held by live leases after the call.
+	InFlight uint64 `protobuf:"varint,5,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
+	// The concurrency limit and its rule.
+	Limit uint64 `protobuf:"varint,6,opt,name=limit,proto3" json:"limit,omitempty"`
+	Rule  string `protobuf:"bytes,7,opt,name=rule,proto3" json:"rule,omitempty"`
+	// The store could not answer and the scope fails open: not recorded.
+	Degraded      bool `protobuf:"varint,8,opt,name=degraded,proto3" json:"degraded,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaseGrant) Reset() {
+	*x = LeaseGrant{}
+	mi := &file_tollgate_v1_tollgate_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseGrant) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseGrant) ProtoMessage() {}
+
+func (x *LeaseGrant) ProtoReflect() protoreflect.Message {
+	mi := &file_tollgate_v1_tollgate_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseGrant.ProtoReflect.Descriptor instead.
+func (*LeaseGrant) Descriptor() ([]byte, []int) {
+	return file_tollgate_v1_tollgate_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *LeaseGrant) GetGranted() bool {
+	if x != nil {
+		return x.Granted
+	}
+	return false
+}
+
+func (x *LeaseGrant) GetLeaseId() string {
+	if x != nil {
+		return x.LeaseId
+	}
+	return ""
+}
+
+func (x *LeaseGrant) GetTtl() *durationpb.Duration {
+	if x != nil {
+		return x.Ttl
+	}
+	return nil
+}
+
+func (x *LeaseGrant) GetExpiresAtUnixMicros() uint64 {
+	if x != nil {
+		return x.ExpiresAtUnixMicros
+	}
+	return 0
+}
+
+func (x *LeaseGrant) GetInFlight() uint64 {
+	if x != nil {
+		return x.InFlight
+	}
+	return 0
+}
+
+func (x *LeaseGrant) GetLimit() uint64 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+func (x *LeaseGrant) GetRule() string {
+	if x != nil {
+		return x.Rule
+	}
+	return ""
+}
+
+func (x *LeaseGrant) GetDegraded() bool {
+	if x != nil {
+		return x.Degraded
+	}
+	return false
+}
+
 type SettleRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The `reservation` of an allowed ShouldAllowResponse. At most 16 KiB.
@@ -585,7 +727,7 @@ type SettleRequest struct {
 
 func (x *SettleRequest) Reset() {
 	*x = SettleRequest{}
-	mi := &file_tollgate_v1_tollgate_proto_msgTypes[3]
+	mi := &file_tollgate_v1_tollgate_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -597,7 +739,7 @@ func (x *SettleRequest) String() string {
 func (*SettleRequest) ProtoMessage() {}
 
 func (x *SettleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tollgate_v1_tollgate_proto_msgTypes[3]
+	mi := &file_tollgate_v1_tollgate_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -610,7 +752,7 @@ func (x *SettleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SettleRequest.ProtoReflect.Descriptor instead.
 func (*SettleRequest) Descriptor() ([]byte, []int) {
-	return file_tollgate_v1_tollgate_proto_rawDescGZIP(), []int{3}
+	return file_tollgate_v1_tollgate_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *SettleRequest) GetReservation() string {
@@ -641,7 +783,7 @@ type SettleResponse struct {
 
 func (x *SettleResponse) Reset() {
 	*x = SettleResponse{}
-	mi := &file_tollgate_v1_tollgate_proto_msgTypes[4]
+	mi := &file_tollgate_v1_tollgate_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -653,7 +795,7 @@ func (x *SettleResponse) String() string {
 func (*SettleResponse) ProtoMessage() {}
 
 func (x *SettleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tollgate_v1_tollgate_proto_msgTypes[4]
+	mi := &file_tollgate_v1_tollgate_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -666,7 +808,7 @@ func (x *SettleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SettleResponse.ProtoReflect.Descriptor instead.
 func (*SettleResponse) Descriptor() ([]byte, []int) {
-	return file_tollgate_v1_tollgate_proto_rawDescGZIP(), []int{4}
+	return file_tollgate_v1_tollgate_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *SettleResponse) GetBuckets() []*BucketStatus {
@@ -700,7 +842,7 @@ type ShouldAllowBatchRequest struct {
 
 func (x *ShouldAllowBatchRequest) Reset() {
 	*x = ShouldAllowBatchRequest{}
-	mi := &file_tollgate_v1_tollgate_proto_msgTypes[5]
+	mi := &file_tollgate_v1_tollgate_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -712,7 +854,7 @@ func (x *ShouldAllowBatchRequest) String() string {
 func (*ShouldAllowBatchRequest) ProtoMessage() {}
 
 func (x *ShouldAllowBatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tollgate_v1_tollgate_proto_msgTypes[5]
+	mi := &file_tollgate_v1_tollgate_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -725,7 +867,7 @@ func (x *ShouldAllowBatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShouldAllowBatchRequest.ProtoReflect.Descriptor instead.
 func (*ShouldAllowBatchRequest) Descriptor() ([]byte, []int) {
-	return file_tollgate_v1_tollgate_proto_rawDescGZIP(), []int{5}
+	return file_tollgate_v1_tollgate_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ShouldAllowBatchRequest) GetRequests() []*ShouldAllowRequest {
@@ -752,7 +894,7 @@ type ShouldAllowBatchResponse struct {
 
 func (x *ShouldAllowBatchResponse) Reset() {
 	*x = ShouldAllowBatchResponse{}
-	mi := &file_tollgate_v1_tollgate_proto_msgTypes[6]
+	mi := &file_tollgate_v1_tollgate_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -764,7 +906,7 @@ func (x *ShouldAllowBatchResponse) String() string {
 func (*ShouldAllowBatchResponse) ProtoMessage() {}
 
 func (x *ShouldAllowBatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tollgate_v1_tollgate_proto_msgTypes[6]
+	mi := &file_tollgate_v1_tollgate_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -777,7 +919,7 @@ func (x *ShouldAllowBatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShouldAllowBatchResponse.ProtoReflect.Descriptor instead.
 func (*ShouldAllowBatchResponse) Descriptor() ([]byte, []int) {
-	return file_tollgate_v1_tollgate_proto_rawDescGZIP(), []int{6}
+	return file_tollgate_v1_tollgate_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ShouldAllowBatchResponse) GetResponses() []*ShouldAllowResponse {
@@ -791,7 +933,7 @@ var File_tollgate_v1_tollgate_proto protoreflect.FileDescriptor
 
 const file_tollgate_v1_tollgate_proto_rawDesc = "" +
 	"\n" +
-	"\x1atollgate/v1/tollgate.proto\x12\vtollgate.v1\x1a\x1egoogle/protobuf/duration.proto\"\xe2\x03\n" +
+	"\x1atollgate/v1/tollgate.proto\x12\vtollgate.v1\x1a\x1egoogle/protobuf/duration.proto\"\xb5\x04\n" +
 	"\x12ShouldAllowRequest\x12\x14\n" +
 	"\x05scope\x18\x01 \x01(\tR\x05scope\x12\x1a\n" +
 	"\bidentity\x18\x02 \x01(\tR\bidentity\x12\x1c\n" +
@@ -804,7 +946,9 @@ const file_tollgate_v1_tollgate_proto_rawDesc = "" +
 	"\bpriority\x18\a \x01(\x0e2\x15.tollgate.v1.PriorityR\bpriority\x12>\n" +
 	"\rsettle_within\x18\b \x01(\v2\x19.google.protobuf.DurationR\fsettleWithin\x124\n" +
 	"\bmax_wait\x18\x14 \x01(\v2\x19.google.protobuf.DurationR\amaxWait\x12\x16\n" +
-	"\x06strike\x18\x1e \x01(\bR\x06strike\x1a=\n" +
+	"\x06strike\x18\x1e \x01(\bR\x06strike\x12\x19\n" +
+	"\blease_id\x18( \x01(\tR\aleaseId\x126\n" +
+	"\tlease_ttl\x18) \x01(\v2\x19.google.protobuf.DurationR\bleaseTtl\x1a=\n" +
 	"\x0fAttributesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xac\x02\n" +
@@ -817,7 +961,7 @@ const file_tollgate_v1_tollgate_proto_rawDesc = "" +
 	"\vretry_after\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\n" +
 	"retryAfter\x12\x1c\n" +
 	"\texhausted\x18\x06 \x01(\bR\texhausted\x12>\n" +
-	"\rrefill_period\x18\a \x01(\v2\x19.google.protobuf.DurationR\frefillPeriod\"\xeb\x03\n" +
+	"\rrefill_period\x18\a \x01(\v2\x19.google.protobuf.DurationR\frefillPeriod\"\x9a\x04\n" +
 	"\x13ShouldAllowResponse\x12\x18\n" +
 	"\aallowed\x18\x01 \x01(\bR\aallowed\x12:\n" +
 	"\vretry_after\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\n" +
@@ -833,7 +977,18 @@ const file_tollgate_v1_tollgate_proto_rawDesc = "" +
 	"\vreservation\x18\n" +
 	" \x01(\tR\vreservation\x12/\n" +
 	"\x05delay\x18\x14 \x01(\v2\x19.google.protobuf.DurationR\x05delay\x12>\n" +
-	"\rdenial_reason\x18\x1e \x01(\x0e2\x19.tollgate.v1.DenialReasonR\fdenialReason\"R\n" +
+	"\rdenial_reason\x18\x1e \x01(\x0e2\x19.tollgate.v1.DenialReasonR\fdenialReason\x12-\n" +
+	"\x05lease\x18( \x01(\v2\x17.tollgate.v1.LeaseGrantR\x05lease\"\x86\x02\n" +
+	"\n" +
+	"LeaseGrant\x12\x18\n" +
+	"\agranted\x18\x01 \x01(\bR\agranted\x12\x19\n" +
+	"\blease_id\x18\x02 \x01(\tR\aleaseId\x12+\n" +
+	"\x03ttl\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x123\n" +
+	"\x16expires_at_unix_micros\x18\x04 \x01(\x04R\x13expiresAtUnixMicros\x12\x1b\n" +
+	"\tin_flight\x18\x05 \x01(\x04R\binFlight\x12\x14\n" +
+	"\x05limit\x18\x06 \x01(\x04R\x05limit\x12\x12\n" +
+	"\x04rule\x18\a \x01(\tR\x04rule\x12\x1a\n" +
+	"\bdegraded\x18\b \x01(\bR\bdegraded\"R\n" +
 	"\rSettleRequest\x12 \n" +
 	"\vreservation\x18\x01 \x01(\tR\vreservation\x12\x1f\n" +
 	"\vactual_cost\x18\x02 \x01(\x04R\n" +
@@ -873,47 +1028,51 @@ func file_tollgate_v1_tollgate_proto_rawDescGZIP() []byte {
 }
 
 var file_tollgate_v1_tollgate_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_tollgate_v1_tollgate_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_tollgate_v1_tollgate_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
 var file_tollgate_v1_tollgate_proto_goTypes = []any{
 	(Priority)(0),                    // 0: tollgate.v1.Priority
 	(DenialReason)(0),                // 1: tollgate.v1.DenialReason
 	(*ShouldAllowRequest)(nil),       // 2: tollgate.v1.ShouldAllowRequest
 	(*BucketStatus)(nil),             // 3: tollgate.v1.BucketStatus
 	(*ShouldAllowResponse)(nil),      // 4: tollgate.v1.ShouldAllowResponse
-	(*SettleRequest)(nil),            // 5: tollgate.v1.SettleRequest
-	(*SettleResponse)(nil),           // 6: tollgate.v1.SettleResponse
-	(*ShouldAllowBatchRequest)(nil),  // 7: tollgate.v1.ShouldAllowBatchRequest
-	(*ShouldAllowBatchResponse)(nil), // 8: tollgate.v1.ShouldAllowBatchResponse
-	nil,                              // 9: tollgate.v1.ShouldAllowRequest.AttributesEntry
-	(*durationpb.Duration)(nil),      // 10: google.protobuf.Duration
+	(*LeaseGrant)(nil),               // 5: tollgate.v1.LeaseGrant
+	(*SettleRequest)(nil),            // 6: tollgate.v1.SettleRequest
+	(*SettleResponse)(nil),           // 7: tollgate.v1.SettleResponse
+	(*ShouldAllowBatchRequest)(nil),  // 8: tollgate.v1.ShouldAllowBatchRequest
+	(*ShouldAllowBatchResponse)(nil), // 9: tollgate.v1.ShouldAllowBatchResponse
+	nil,                              // 10: tollgate.v1.ShouldAllowRequest.AttributesEntry
+	(*durationpb.Duration)(nil),      // 11: google.protobuf.Duration
 }
 var file_tollgate_v1_tollgate_proto_depIdxs = []int32{
-	9,  // 0: tollgate.v1.ShouldAllowRequest.attributes:type_name -> tollgate.v1.ShouldAllowRequest.AttributesEntry
+	10, // 0: tollgate.v1.ShouldAllowRequest.attributes:type_name -> tollgate.v1.ShouldAllowRequest.AttributesEntry
 	0,  // 1: tollgate.v1.ShouldAllowRequest.priority:type_name -> tollgate.v1.Priority
-	10, // 2: tollgate.v1.ShouldAllowRequest.settle_within:type_name -> google.protobuf.Duration
-	10, // 3: tollgate.v1.ShouldAllowRequest.max_wait:type_name -> google.protobuf.Duration
-	10, // 4: tollgate.v1.BucketStatus.reset_after:type_name -> google.protobuf.Duration
-	10, // 5: tollgate.v1.BucketStatus.retry_after:type_name -> google.protobuf.Duration
-	10, // 6: tollgate.v1.BucketStatus.refill_period:type_name -> google.protobuf.Duration
-	10, // 7: tollgate.v1.ShouldAllowResponse.retry_after:type_name -> google.protobuf.Duration
-	10, // 8: tollgate.v1.ShouldAllowResponse.reset_after:type_name -> google.protobuf.Duration
-	3,  // 9: tollgate.v1.ShouldAllowResponse.buckets:type_name -> tollgate.v1.BucketStatus
-	10, // 10: tollgate.v1.ShouldAllowResponse.delay:type_name -> google.protobuf.Duration
-	1,  // 11: tollgate.v1.ShouldAllowResponse.denial_reason:type_name -> tollgate.v1.DenialReason
-	3,  // 12: tollgate.v1.SettleResponse.buckets:type_name -> tollgate.v1.BucketStatus
-	2,  // 13: tollgate.v1.ShouldAllowBatchRequest.requests:type_name -> tollgate.v1.ShouldAllowRequest
-	4,  // 14: tollgate.v1.ShouldAllowBatchResponse.responses:type_name -> tollgate.v1.ShouldAllowResponse
-	2,  // 15: tollgate.v1.RateLimiter.ShouldAllow:input_type -> tollgate.v1.ShouldAllowRequest
-	7,  // 16: tollgate.v1.RateLimiter.ShouldAllowBatch:input_type -> tollgate.v1.ShouldAllowBatchRequest
-	5,  // 17: tollgate.v1.RateLimiter.Settle:input_type -> tollgate.v1.SettleRequest
-	4,  // 18: tollgate.v1.RateLimiter.ShouldAllow:output_type -> tollgate.v1.ShouldAllowResponse
-	8,  // 19: tollgate.v1.RateLimiter.ShouldAllowBatch:output_type -> tollgate.v1.ShouldAllowBatchResponse
-	6,  // 20: tollgate.v1.RateLimiter.Settle:output_type -> tollgate.v1.SettleResponse
-	18, // [18:21] is the sub-list for method output_type
-	15, // [15:18] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	11, // 2: tollgate.v1.ShouldAllowRequest.settle_within:type_name -> google.protobuf.Duration
+	11, // 3: tollgate.v1.ShouldAllowRequest.max_wait:type_name -> google.protobuf.Duration
+	11, // 4: tollgate.v1.ShouldAllowRequest.lease_ttl:type_name -> google.protobuf.Duration
+	11, // 5: tollgate.v1.BucketStatus.reset_after:type_name -> google.protobuf.Duration
+	11, // 6: tollgate.v1.BucketStatus.retry_after:type_name -> google.protobuf.Duration
+	11, // 7: tollgate.v1.BucketStatus.refill_period:type_name -> google.protobuf.Duration
+	11, // 8: tollgate.v1.ShouldAllowResponse.retry_after:type_name -> google.protobuf.Duration
+	11, // 9: tollgate.v1.ShouldAllowResponse.reset_after:type_name -> google.protobuf.Duration
+	3,  // 10: tollgate.v1.ShouldAllowResponse.buckets:type_name -> tollgate.v1.BucketStatus
+	11, // 11: tollgate.v1.ShouldAllowResponse.delay:type_name -> google.protobuf.Duration
+	1,  // 12: tollgate.v1.ShouldAllowResponse.denial_reason:type_name -> tollgate.v1.DenialReason
+	5,  // 13: tollgate.v1.ShouldAllowResponse.lease:type_name -> tollgate.v1.LeaseGrant
+	11, // 14: tollgate.v1.LeaseGrant.ttl:type_name -> google.protobuf.Duration
+	3,  // 15: tollgate.v1.SettleResponse.buckets:type_name -> tollgate.v1.BucketStatus
+	2,  // 16: tollgate.v1.ShouldAllowBatchRequest.requests:type_name -> tollgate.v1.ShouldAllowRequest
+	4,  // 17: tollgate.v1.ShouldAllowBatchResponse.responses:type_name -> tollgate.v1.ShouldAllowResponse
+	2,  // 18: tollgate.v1.RateLimiter.ShouldAllow:input_type -> tollgate.v1.ShouldAllowRequest
+	8,  // 19: tollgate.v1.RateLimiter.ShouldAllowBatch:input_type -> tollgate.v1.ShouldAllowBatchRequest
+	6,  // 20: tollgate.v1.RateLimiter.Settle:input_type -> tollgate.v1.SettleRequest
+	4,  // 21: tollgate.v1.RateLimiter.ShouldAllow:output_type -> tollgate.v1.ShouldAllowResponse
+	9,  // 22: tollgate.v1.RateLimiter.ShouldAllowBatch:output_type -> tollgate.v1.ShouldAllowBatchResponse
+	7,  // 23: tollgate.v1.RateLimiter.Settle:output_type -> tollgate.v1.SettleResponse
+	21, // [21:24] is the sub-list for method output_type
+	18, // [18:21] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_tollgate_v1_tollgate_proto_init() }
@@ -927,7 +1086,7 @@ func file_tollgate_v1_tollgate_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tollgate_v1_tollgate_proto_rawDesc), len(file_tollgate_v1_tollgate_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   8,
+			NumMessages:   9,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
