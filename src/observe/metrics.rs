@@ -181,6 +181,25 @@ impl Default for Metrics {
     }
 }
 
+/// The two latency histograms: a whole decision, and one store call.
+fn register_durations(registry: &mut Registry) -> (Histogram, Histogram) {
+    // 1µs .. ~4s: the embedded store answers in microseconds, Redis in
+    // fractions of a millisecond, a struggling Redis in its timeout.
+    let decision_seconds = Histogram::new(exponential_buckets(1e-6, 2.5, 17));
+    registry.register(
+        "decision_duration_seconds",
+        "Time to decide one request, input validation to answer",
+        decision_seconds.clone(),
+    );
+    let store_seconds = Histogram::new(exponential_buckets(1e-6, 2.5, 17));
+    registry.register(
+        "store_duration_seconds",
+        "Time of one call to the store",
+        store_seconds.clone(),
+    );
+    (decision_seconds, store_seconds)
+}
+
 fn register_settles(registry: &mut Registry) -> Family<ReloadLabels, Counter> {
     let settles = Family::<ReloadLabels, Counter>::default();
     registry.register(
@@ -253,20 +272,7 @@ impl Metrics {
             "Requests a shadow limit would have denied (it did not)",
             shadow_denials.clone(),
         );
-        // 1µs .. ~4s: the embedded store answers in microseconds, Redis in
-        // fractions of a millisecond, a struggling Redis in its timeout.
-        let decision_seconds = Histogram::new(exponential_buckets(1e-6, 2.5, 17));
-        registry.register(
-            "decision_duration_seconds",
-            "Time to decide one request, input validation to answer",
-            decision_seconds.clone(),
-        );
-        let store_seconds = Histogram::new(exponential_buckets(1e-6, 2.5, 17));
-        registry.register(
-            "store_duration_seconds",
-            "Time of one call to the store",
-            store_seconds.clone(),
-        );
+        let (decision_seconds, store_seconds) = register_durations(&mut registry);
         let store_errors = Family::<StoreErrorLabels, Counter>::default();
         registry.register(
             "store_errors",
