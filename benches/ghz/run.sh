@@ -12,7 +12,9 @@
 #   (c) mixed: Zipf identities, 4 buckets per call (scope, identity,
 #       operation, identity x operation), some denied;
 #   (d) Envoy RLS, 2 descriptors per call;
-#   (e) the no-op handler, as the ceiling.
+#   (e) the no-op handler, as the ceiling;
+#   (f) the hot key of (b) in a scope with a penalty box: banned after its
+#       third denial, then answered from the ban cache.
 # Each scenario runs at saturation (concurrency 50), then at a fixed rate of
 # half the saturated rate, where latency is read. Per row: decisions/s, p50,
 # p95, p99, errors, denied share (Tollgate's own counters), Redis script
@@ -138,6 +140,10 @@ scopes:
       - { name: per-user, per: identity, capacity: 20, refill_period: 1s }
       - { name: per-op, per: operation, capacity: 10000000, refill_period: 1s }
       - { name: per-user-op, per: identity_operation, capacity: 10, refill_period: 1s }
+  - name: f          # (b) behind a penalty box: banned after 3 denials
+    penalty: { strikes: 3, within: 1m, ban: 1h }
+    limits:
+      - { name: per-user, per: identity, capacity: 10, refill_period: 1m }
 YAML
 # (c): Zipf(1.1) over 100k identities, 4 operations; ghz cycles the list.
 python3 - "$work/zipf.json" <<'PY'
@@ -151,7 +157,7 @@ json.dump([{"scope": "c", "identity": f"u{i}", "operation": ops[j % 4]}
            for j, i in enumerate(ids)], open(sys.argv[1], "w"))
 PY
 
-denied_total() { curl -s "127.0.0.1:$metrics_port/metrics" | awk '/^tollgate_decisions_total/ && /result="denied"/ { s += $NF } END { print s + 0 }'; }
+denied_total() { curl -s "127.0.0.1:$metrics_port/metrics" | awk '/^tollgate_decisions_total/ && /result="(denied|banned)"/ { s += $NF } END { print s + 0 }'; }
 evalsha_calls() { [ -n "$redis_pid" ] && rcli INFO commandstats | sed -n 's/^cmdstat_evalsha:calls=\([0-9]*\).*/\1/p' | grep . || echo 0; }
 
 # run NAME PID ARGS...: one ghz run with CPU, calls and denials around it.
@@ -209,6 +215,11 @@ scenario d envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit "$tg_pid"
   --proto benches/ghz/rls.proto \
   -d '{"domain":"d","descriptors":[{"entries":[{"key":"user","value":"u{{randomInt 0 100000}}"}]},{"entries":[{"key":"remote_address","value":"10.{{randomInt 0 250}}.{{randomInt 0 250}}.1"}]}]}'
 stop_tollgate
+echo "ghz: (f) hot key, banned" >&2
+start_tollgate f
+scenario f tollgate.v1.RateLimiter/ShouldAllow "$tg_pid" \
+  -d '{"scope":"f","identity":"hot","operation":"op"}'
+stop_tollgate
 echo "ghz: (e) no-op handler" >&2
 "$bin/noop" --listen "127.0.0.1:$noop_port" >"$work/noop.log" 2>&1 &
 noop_pid=$!
@@ -259,9 +270,10 @@ python3 - "$work" "$out" "$store" "$quick" "$concurrency" <<'PY'
 import json, os, platform, subprocess, sys
 work, out, store, quick, conc = sys.argv[1:]
 names = {"a": "(a) many identities", "b": "(b) hot key", "c": "(c) mixed, 4 buckets",
-         "d": "(d) Envoy RLS, 2 descr.", "e": "(e) no-op handler"}
+         "d": "(d) Envoy RLS, 2 descr.", "e": "(e) no-op handler",
+         "f": "(f) hot key, banned"}
 rows = []
-for key in "abcde":
+for key in "abcdef":
     for phase in ("sat", "half"):
         g = json.load(open(f"{work}/{key}-{phase}.json"))
         m = json.load(open(f"{work}/{key}-{phase}.meta"))
@@ -290,7 +302,7 @@ def row(scenario, phase="saturation"):
     return next(r for r in rows if r["scenario"] == names[scenario] and r["phase"] == phase)
 noop = row("e")
 ratios = []
-for key in "abcd":
+for key in "abcdf":
     r = row(key)
     ratios.append({"what": f"{names[key]}: Tollgate CPU per decision", "against": "no-op handler's CPU per call",
                    "ratio": round(r["tollgate_cpu_us"] / noop["tollgate_cpu_us"], 2)})
