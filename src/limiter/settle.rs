@@ -243,16 +243,30 @@ impl<S: Store, E> Limiter<S, E> {
         let Some(charge) = joint.charge() else {
             return Ok(joint.nothing_to_charge());
         };
+        let refund = charge.buckets.iter().map(|&b| SettleBucket {
+            charge: b,
+            actual: 0,
+            mark: None,
+        });
+        self.settle_joint(rules, reqs, &joint, refund, "a refund")
+            .await
+    }
+
+    /// Applies `buckets` (the settle of `joint`'s one charge) and answers
+    /// every request allowed, with what its buckets hold after: a refund,
+    /// or usage admitted elsewhere. `what` names the call should the store
+    /// take it for a reservation's settle. A store failure follows the
+    /// scopes' failure mode, like a decision.
+    pub(super) async fn settle_joint<'b>(
+        &self,
+        rules: &Rules,
+        reqs: &[Request<'_>],
+        joint: &Joint<'_, '_>,
+        buckets: impl Iterator<Item = SettleBucket<'b>>,
+        what: &str,
+    ) -> Result<Vec<Decision>, DecideError> {
         let settlement = crate::store::Settlement {
-            buckets: charge
-                .buckets
-                .iter()
-                .map(|&b| SettleBucket {
-                    charge: b,
-                    actual: 0,
-                    mark: None,
-                })
-                .collect(),
+            buckets: buckets.collect(),
             once: None,
         };
         match self.store.settle(&settlement).await {
@@ -260,12 +274,12 @@ impl<S: Store, E> Limiter<S, E> {
                 allowed: true,
                 buckets: buckets.into(),
                 now_us: 0,
-                delay: std::time::Duration::ZERO,
+                delay: Duration::ZERO,
                 penalty: Default::default(),
             })),
             Ok(_) => Err(DecideError::StoreUnavailable {
                 scope: reqs.first().map(|r| r.scope.to_owned()).unwrap_or_default(),
-                source: StoreError::permanent("a refund was refused as a reservation"),
+                source: StoreError::permanent(format!("{what} was refused as a reservation")),
             }),
             Err(e) => joint.failed(rules, reqs, e),
         }

@@ -3,7 +3,7 @@
 
 use super::plan::Joint;
 use super::{DecideError, Decision, Limiter, Request, Rules};
-use crate::store::{ChargeOutcome, SettleBucket, Settled, Store, StoreError};
+use crate::store::{SettleBucket, Store};
 
 impl<S: Store, E> Limiter<S, E> {
     /// Takes each request's `cost` from the buckets it draws on, together,
@@ -26,31 +26,12 @@ impl<S: Store, E> Limiter<S, E> {
         let Some(charge) = joint.charge() else {
             return Ok(joint.nothing_to_charge());
         };
-        let settlement = crate::store::Settlement {
-            buckets: charge
-                .buckets
-                .iter()
-                .map(|&b| SettleBucket {
-                    charge: crate::store::BucketCharge { cost: 0, ..b },
-                    actual: b.cost,
-                    mark: None,
-                })
-                .collect(),
-            once: None,
-        };
-        match self.store.settle(&settlement).await {
-            Ok(Settled::Applied(buckets)) => Ok(joint.decisions(&ChargeOutcome {
-                allowed: true,
-                buckets: buckets.into(),
-                now_us: 0,
-                delay: std::time::Duration::ZERO,
-                penalty: Default::default(),
-            })),
-            Ok(_) => Err(DecideError::StoreUnavailable {
-                scope: reqs.first().map(|r| r.scope.to_owned()).unwrap_or_default(),
-                source: StoreError::permanent("a usage charge was refused as a reservation"),
-            }),
-            Err(e) => joint.failed(rules, reqs, e),
-        }
+        let usage = charge.buckets.iter().map(|&b| SettleBucket {
+            charge: crate::store::BucketCharge { cost: 0, ..b },
+            actual: b.cost,
+            mark: None,
+        });
+        self.settle_joint(rules, reqs, &joint, usage, "a usage charge")
+            .await
     }
 }

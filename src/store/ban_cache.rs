@@ -261,41 +261,10 @@ impl<S: Store> Store for BanCache<S> {
         let sent = Instant::now();
         let local: Vec<Option<ChargeOutcome>> =
             charges.iter().map(|c| self.answer(c, sent)).collect();
-        if local.iter().all(Option::is_none) {
-            let answers = self.inner.check_and_take_each(charges).await;
-            for (charge, outcome) in charges.iter().zip(&answers) {
-                if let Ok(outcome) = outcome {
-                    self.learn(charge, outcome, sent);
-                }
-            }
-            return answers;
-        }
-        let asked: Vec<Charge<'_>> = charges
-            .iter()
-            .zip(&local)
-            .filter(|(_, l)| l.is_none())
-            .map(|(c, _)| c.clone())
-            .collect();
-        let answers = if asked.is_empty() {
-            Vec::new()
-        } else {
-            self.inner.check_and_take_each(&asked).await
-        };
-        for (charge, outcome) in asked.iter().zip(&answers) {
-            if let Ok(outcome) = outcome {
-                self.learn(charge, outcome, sent);
-            }
-        }
-        let mut answers = answers.into_iter();
-        local
-            .into_iter()
-            .map(|l| match l {
-                Some(local) => Ok(local),
-                None => answers.next().unwrap_or_else(|| {
-                    Err(StoreError::permanent("store returned too few outcomes"))
-                }),
-            })
-            .collect()
+        super::deny_cache::ask_the_rest(&self.inner, charges, local, |charge, outcome| {
+            self.learn(charge, outcome, sent);
+        })
+        .await
     }
 
     async fn check_and_take_one(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {

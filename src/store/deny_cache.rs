@@ -459,34 +459,10 @@ impl<S: Store> Store for DenyCache<S> {
         let sent = Instant::now();
         let local: Vec<Option<ChargeOutcome>> =
             charges.iter().map(|c| cache.answer(c, sent)).collect();
-        let asked: Vec<Charge<'_>> = charges
-            .iter()
-            .zip(&local)
-            .filter(|(_, l)| l.is_none())
-            .map(|(c, _)| c.clone())
-            .collect();
-        let answers = if asked.is_empty() {
-            Vec::new()
-        } else {
-            self.inner.check_and_take_each(&asked).await
-        };
-        // Per charge: a failed charge teaches the cache nothing, and never
-        // hides the others' outcomes.
-        for (charge, outcome) in asked.iter().zip(&answers) {
-            if let Ok(outcome) = outcome {
-                cache.learn(charge, outcome, sent);
-            }
-        }
-        let mut answers = answers.into_iter();
-        local
-            .into_iter()
-            .map(|l| match l {
-                Some(local) => Ok(local),
-                None => answers.next().unwrap_or_else(|| {
-                    Err(StoreError::permanent("store returned too few outcomes"))
-                }),
-            })
-            .collect()
+        ask_the_rest(&self.inner, charges, local, |charge, outcome| {
+            cache.learn(charge, outcome, sent);
+        })
+        .await
     }
 
     async fn check_and_take_one(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
@@ -521,6 +497,54 @@ impl<S: Store> Store for DenyCache<S> {
     fn condition(&self) -> super::Condition {
         self.inner.condition()
     }
+}
+
+/// Answers `charges` from `local` where it holds an answer, and asks
+/// `inner` for the others in one call, handing each store answer to
+/// `learn`: what a cache in front of a store does with a batch. Per charge:
+/// a failed charge teaches nothing, and never hides the others' outcomes.
+pub(super) async fn ask_the_rest<S: Store>(
+    inner: &S,
+    charges: &[Charge<'_>],
+    local: Vec<Option<ChargeOutcome>>,
+    mut learn: impl FnMut(&Charge<'_>, &ChargeOutcome),
+) -> Vec<Result<ChargeOutcome, StoreError>> {
+    if local.iter().all(Option::is_none) {
+        // Nothing answered here: ask for the batch as it is, uncopied.
+        let answers = inner.check_and_take_each(charges).await;
+        for (charge, outcome) in charges.iter().zip(&answers) {
+            if let Ok(outcome) = outcome {
+                learn(charge, outcome);
+            }
+        }
+        return answers;
+    }
+    let asked: Vec<Charge<'_>> = charges
+        .iter()
+        .zip(&local)
+        .filter(|(_, l)| l.is_none())
+        .map(|(c, _)| c.clone())
+        .collect();
+    let answers = if asked.is_empty() {
+        Vec::new()
+    } else {
+        inner.check_and_take_each(&asked).await
+    };
+    for (charge, outcome) in asked.iter().zip(&answers) {
+        if let Ok(outcome) = outcome {
+            learn(charge, outcome);
+        }
+    }
+    let mut answers = answers.into_iter();
+    local
+        .into_iter()
+        .map(|l| match l {
+            Some(local) => Ok(local),
+            None => answers
+                .next()
+                .unwrap_or_else(|| Err(StoreError::permanent("store returned too few outcomes"))),
+        })
+        .collect()
 }
 
 #[cfg(test)]
