@@ -1,5 +1,5 @@
 //! Coalescing: concurrent charges bound for one Redis node share one script
-//! call.
+//! call; so do concurrent lease calls (`lease.rs`), in their own queues.
 //!
 //! Each node (on Cluster, each hash slot, since one script may only touch
 //! one slot) has a queue and a task that drains it. Natural batching, no
@@ -22,7 +22,6 @@ use std::sync::{Arc, Weak};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
-use super::script::Encoded;
 use crate::store::StoreError;
 
 /// The most charges one call carries. Redis runs one script at a time, so
@@ -38,38 +37,52 @@ pub(crate) struct Reply {
     pub(crate) ints: Vec<i64>,
 }
 
+/// One item of a batch, encoded for its script.
+pub(crate) trait Work: Send + Sync + 'static {
+    /// Integers the script answers for this item.
+    fn reply_len(&self) -> usize;
+}
+
 /// Decides a batch: one script call, as a rule (see [`split`]), and one
-/// reply per charge, in batch order.
-pub(crate) trait BatchCall: Send + Sync + 'static {
+/// reply per item, in batch order.
+pub(crate) trait BatchCall<W: Work>: Send + Sync + 'static {
     /// `node` is the queue's: 0, or on Cluster the batch's hash slot.
     fn call(
         &self,
         node: u16,
-        batch: &[&Encoded],
+        batch: &[&W],
     ) -> impl Future<Output = Vec<Result<Reply, StoreError>>> + Send;
 }
 
-/// A charge waiting for its batch.
+/// An item waiting for its batch.
 #[derive(Debug)]
-struct Job {
-    charge: Encoded,
+struct Job<W> {
+    charge: W,
     reply: oneshot::Sender<Result<Reply, StoreError>>,
 }
 
 /// The queues, one per node (or slot), each drained by its own task.
-#[derive(Debug, Default)]
-pub(crate) struct Coalescer {
-    queues: Mutex<HashMap<u16, mpsc::UnboundedSender<Job>>>,
+#[derive(Debug)]
+pub(crate) struct Coalescer<W> {
+    queues: Mutex<HashMap<u16, mpsc::UnboundedSender<Job<W>>>>,
 }
 
-impl Coalescer {
+impl<W> Default for Coalescer<W> {
+    fn default() -> Self {
+        Self {
+            queues: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<W: Work> Coalescer<W> {
     /// Queues `charge` for `node`'s next call, starting the node's task on
     /// first use. The task holds `owner` weakly and ends when it is dropped.
-    pub(crate) fn submit<B: BatchCall>(
+    pub(crate) fn submit<B: BatchCall<W>>(
         &self,
         owner: &Arc<B>,
         node: u16,
-        charge: Encoded,
+        charge: W,
     ) -> oneshot::Receiver<Result<Reply, StoreError>> {
         let (reply, answer) = oneshot::channel();
         let mut job = Job { charge, reply };
@@ -95,8 +108,12 @@ impl Coalescer {
 }
 
 /// One node's task: take what is queued, send it as one call, answer each.
-async fn drain<B: BatchCall>(owner: Weak<B>, node: u16, mut jobs: mpsc::UnboundedReceiver<Job>) {
-    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+async fn drain<W: Work, B: BatchCall<W>>(
+    owner: Weak<B>,
+    node: u16,
+    mut jobs: mpsc::UnboundedReceiver<Job<W>>,
+) {
+    let mut batch: Vec<Job<W>> = Vec::with_capacity(MAX_BATCH);
     while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // Whoever stopped waiting gets nothing taken on their behalf.
         batch.retain(|job| !job.reply.is_closed());
@@ -104,7 +121,7 @@ async fn drain<B: BatchCall>(owner: Weak<B>, node: u16, mut jobs: mpsc::Unbounde
             continue;
         }
         let Some(owner) = owner.upgrade() else { return };
-        let charges: Vec<&Encoded> = batch.iter().map(|job| &job.charge).collect();
+        let charges: Vec<&W> = batch.iter().map(|job| &job.charge).collect();
         let replies = owner.call(node, &charges).await;
         drop(charges);
         drop(owner);
@@ -113,7 +130,7 @@ async fn drain<B: BatchCall>(owner: Weak<B>, node: u16, mut jobs: mpsc::Unbounde
 }
 
 /// Hands each job its reply, in batch order.
-fn answer(batch: &mut Vec<Job>, replies: Vec<Result<Reply, StoreError>>) {
+fn answer<W>(batch: &mut Vec<Job<W>>, replies: Vec<Result<Reply, StoreError>>) {
     let mut replies = replies.into_iter();
     for job in batch.drain(..) {
         let reply = replies.next().unwrap_or_else(|| {
@@ -126,11 +143,11 @@ fn answer(batch: &mut Vec<Job>, replies: Vec<Result<Reply, StoreError>>) {
     }
 }
 
-/// Splits one script call's reply for `batch` into each charge's part: the
-/// reply is `now`, then per charge its status and triples, in batch order.
-/// A call that failed fails every charge it carried (Redis decided none).
-pub(crate) fn split(
-    batch: &[&Encoded],
+/// Splits one script call's reply for `batch` into each item's part: the
+/// reply is `now`, then each item's integers, in batch order. A call that
+/// failed fails every item it carried (Redis decided none).
+pub(crate) fn split<W: Work>(
+    batch: &[&W],
     result: Result<Vec<i64>, StoreError>,
 ) -> Vec<Result<Reply, StoreError>> {
     let expected = 1 + batch.iter().map(|e| e.reply_len()).sum::<usize>();
@@ -139,7 +156,7 @@ pub(crate) fn split(
             Ok(ints)
         } else {
             Err(StoreError::permanent(format!(
-                "decision script replied with {} integers for a batch, expected {expected}",
+                "a script replied with {} integers for a batch, expected {expected}",
                 ints.len()
             )))
         }

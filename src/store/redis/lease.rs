@@ -1,11 +1,13 @@
-//! Leases on Redis: one `EVALSHA` of `lease.lua` per operation, on the
-//! pool's node (on Cluster, its hash slot), behind the same breaker as the
-//! slot's charges. Not coalesced: a lease call is one small script, and its
-//! reply is its own.
+//! Leases on Redis: each operation goes through its pool's node queue (on
+//! Cluster, its hash slot's), and concurrent operations share one `EVALSHA`
+//! of `lease.lua`, as charges share `decide.lua`'s (`coalesce.rs`), behind
+//! the same breaker as the slot's charges.
 
+use futures_util::future::join_all;
 use redis::{Cmd, ErrorKind, ServerErrorKind};
 
 use super::cluster::{self, TryAgain};
+use super::coalesce::{self, BatchCall, Reply, Work};
 use super::keys::{self, lease_keys};
 use super::topology::{CallError, Request};
 use super::{Inner, call_failed, circuit_open};
@@ -19,35 +21,77 @@ pub(crate) fn sha1() -> String {
     redis::Script::new(SOURCE).get_hash().to_owned()
 }
 
-/// The `EVALSHA` of one call.
-fn command(sha: &str, prefix: &str, call: &LeaseCall<'_>) -> Cmd {
-    let [pool, weights] = lease_keys(prefix, &call.pool);
-    let (op, limit, weight, reserve, ttl, dry) = match call.op {
+/// Integers the script answers per operation.
+const REPLY_LEN: usize = 5;
+
+/// One operation, encoded for its batch: its two keys and seven arguments
+/// (see the script's header).
+#[derive(Debug)]
+pub(crate) struct Encoded {
+    keys: [String; 2],
+    op: &'static str,
+    lease_id: String,
+    numbers: [u64; 4],
+    dry_run: bool,
+}
+
+impl Work for Encoded {
+    fn reply_len(&self) -> usize {
+        REPLY_LEN
+    }
+}
+
+fn encode(prefix: &str, call: &LeaseCall<'_>) -> Encoded {
+    let (op, limit, weight, reserve, ttl, dry_run) = match call.op {
         LeaseOp::Acquire {
             limit,
             weight,
             reserve,
             ttl_us,
             dry_run,
-        } => ("a", limit, weight, reserve, ttl_us, u8::from(dry_run)),
-        LeaseOp::Renew { ttl_us } => ("r", 0, 0, 0, ttl_us, 0),
-        LeaseOp::Release => ("l", 0, 0, 0, 0, 0),
+        } => ("a", limit, weight, reserve, ttl_us, dry_run),
+        LeaseOp::Renew { ttl_us } => ("r", 0, 0, 0, ttl_us, false),
+        LeaseOp::Release => ("l", 0, 0, 0, 0, false),
     };
+    Encoded {
+        keys: lease_keys(prefix, &call.pool),
+        op,
+        lease_id: call.lease_id.to_owned(),
+        numbers: [limit, weight, reserve, ttl],
+        dry_run,
+    }
+}
+
+/// The `EVALSHA` of a batch.
+fn evalsha<'a>(sha: &str, batch: impl Iterator<Item = &'a Encoded> + Clone) -> Cmd {
     let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(sha).arg(2).arg(pool).arg(weights);
-    cmd.arg(op).arg(call.lease_id);
-    cmd.arg(limit).arg(weight).arg(reserve).arg(ttl).arg(dry);
+    cmd.arg(sha).arg(2 * batch.clone().count());
+    for e in batch.clone() {
+        cmd.arg(e.keys[0].as_str()).arg(e.keys[1].as_str());
+    }
+    for e in batch {
+        cmd.arg(e.op).arg(e.lease_id.as_str());
+        for n in e.numbers {
+            cmd.arg(n);
+        }
+        cmd.arg(u8::from(e.dry_run));
+    }
     cmd
 }
 
-/// Reads the script's `{ok, expires_at, in_flight, earliest, now, expired}`.
-fn outcome(reply: &[i64]) -> Result<LeaseOutcome, StoreError> {
-    let &[ok, at, in_flight, earliest, now, expired] = reply else {
+/// Reads one operation's `{ok, expires_at, in_flight, earliest, expired}`.
+fn outcome(now: i64, reply: &[i64]) -> Result<LeaseOutcome, StoreError> {
+    let &[ok, at, in_flight, earliest, expired] = reply else {
         return Err(StoreError::permanent(format!(
-            "lease script replied with {} integers, expected 6",
+            "lease script replied with {} integers, expected {REPLY_LEN}",
             reply.len()
         )));
     };
+    if ok < 0 {
+        return Err(StoreError::permanent(
+            "a lease pool's key in Redis holds another type",
+        ));
+    }
     let unsigned = |n: i64| u64::try_from(n).unwrap_or(0);
     Ok(LeaseOutcome {
         ok: ok == 1,
@@ -60,15 +104,26 @@ fn outcome(reply: &[i64]) -> Result<LeaseOutcome, StoreError> {
 }
 
 impl Inner {
-    /// One lease call behind its breaker (on Cluster, its slot's).
-    pub(super) async fn lease(&self, call: &LeaseCall<'_>) -> Result<LeaseOutcome, StoreError> {
+    /// One lease operation behind its breaker (on Cluster, its slot's), in
+    /// its node's next batch.
+    pub(super) async fn lease(
+        self: &std::sync::Arc<Self>,
+        call: &LeaseCall<'_>,
+    ) -> Result<LeaseOutcome, StoreError> {
         let slot_breaker = self.breaker_for_key(&call.pool);
         let breaker = slot_breaker.as_deref().unwrap_or(&self.breaker);
         if !breaker.admit() {
             return Err(circuit_open());
         }
-        let cmd = command(&self.lease_sha, &self.prefix, call);
-        let result = self.send_lease(&cmd, call).await;
+        let node = if self.topology.is_cluster() {
+            keys::slot(&call.pool)
+        } else {
+            0
+        };
+        let answer = self
+            .lease_coalescer
+            .submit(self, node, encode(&self.prefix, call));
+        let result = self.await_batch(answer).await;
         let opened = match &result {
             Err(e) if e.transient => breaker.failed(e),
             _ => {
@@ -80,28 +135,15 @@ impl Inner {
             self.lost_if_opened(opened);
         }
         let reply = result?;
-        let outcome = outcome(&reply)?;
-        self.clock.observe(reply[4]);
-        Ok(outcome)
+        self.clock.observe(reply.now);
+        outcome(reply.now, &reply.ints)
     }
 
-    /// Sends `cmd`; on `NOSCRIPT` (which ran nothing) loads the lease script
-    /// and sends it once more. Never resent after a timeout.
-    async fn send_lease(&self, cmd: &Cmd, call: &LeaseCall<'_>) -> Result<Vec<i64>, StoreError> {
+    /// A standalone or Sentinel batch; on `NOSCRIPT` (which ran nothing)
+    /// loads the lease script and sends it once more. Never resent after a
+    /// timeout.
+    async fn send_leases(&self, cmd: &Cmd) -> Result<Vec<i64>, StoreError> {
         let timeout = self.response_timeout;
-        if self.topology.is_cluster() {
-            let slot = keys::slot(&call.pool);
-            return cluster::eval_source(
-                &self.topology,
-                cmd,
-                SOURCE,
-                slot,
-                timeout,
-                TryAgain::Wait,
-            )
-            .await
-            .map_err(call_failed);
-        }
         for attempt in 0..2 {
             match self
                 .topology
@@ -124,6 +166,49 @@ impl Inner {
         }
         Err(StoreError::transient("Redis kept answering NOSCRIPT"))
     }
+
+    /// A batch on Cluster, to its slot's node; a batch whose keys a slot
+    /// migration split gets `TRYAGAIN` (it ran nothing), and then each
+    /// operation goes alone, as charges do.
+    async fn send_leases_on_cluster(
+        &self,
+        slot: u16,
+        batch: &[&Encoded],
+    ) -> Vec<Result<Reply, StoreError>> {
+        let timeout = self.response_timeout;
+        let eval = |batch: &[&Encoded], again| {
+            let cmd = evalsha(&self.lease_sha, batch.iter().copied());
+            async move { cluster::eval_source(&self.topology, &cmd, SOURCE, slot, timeout, again).await }
+        };
+        if batch.len() == 1 {
+            let result = eval(batch, TryAgain::Wait).await;
+            return coalesce::split(batch, result.map_err(call_failed));
+        }
+        match eval(batch, TryAgain::Return).await {
+            Err(CallError::Redis(e))
+                if e.kind() == ErrorKind::Server(ServerErrorKind::TryAgain) =>
+            {
+                let alone = batch.iter().map(|&one| async move {
+                    let result = eval(&[one], TryAgain::Wait).await.map_err(call_failed);
+                    coalesce::split(&[one], result).pop().unwrap_or_else(|| {
+                        Err(StoreError::permanent("a lease call answered no operation"))
+                    })
+                });
+                join_all(alone).await
+            }
+            result => coalesce::split(batch, result.map_err(call_failed)),
+        }
+    }
+}
+
+impl BatchCall<Encoded> for Inner {
+    async fn call(&self, node: u16, batch: &[&Encoded]) -> Vec<Result<Reply, StoreError>> {
+        if self.topology.is_cluster() {
+            return self.send_leases_on_cluster(node, batch).await;
+        }
+        let cmd = evalsha(&self.lease_sha, batch.iter().copied());
+        coalesce::split(batch, self.send_leases(&cmd).await)
+    }
 }
 
 #[cfg(test)]
@@ -132,11 +217,12 @@ mod tests {
 
     #[test]
     fn a_short_reply_is_an_error_not_a_panic() {
-        assert!(outcome(&[1, 2]).is_err());
-        let o = outcome(&[0, 0, 5, -1, 7, 2]).unwrap();
+        assert!(outcome(7, &[1, 2]).is_err());
+        assert!(outcome(7, &[-1, 0, 0, -1, 0]).is_err());
+        let o = outcome(7, &[0, 0, 5, -1, 2]).unwrap();
         assert_eq!(
-            (o.ok, o.in_flight, o.earliest_expiry_us, o.expired),
-            (false, 5, None, 2)
+            (o.ok, o.in_flight, o.earliest_expiry_us, o.expired, o.now_us),
+            (false, 5, None, 2, 7)
         );
     }
 }

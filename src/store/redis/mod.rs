@@ -110,7 +110,9 @@ struct Inner {
     slot_breakers: Option<SlotBreakers>,
     /// Concurrent charges bound for one node (on Cluster, one slot) share
     /// one script call.
-    coalescer: Coalescer,
+    coalescer: Coalescer<script::Encoded>,
+    /// So do concurrent lease operations, in a call of their own script.
+    lease_coalescer: Coalescer<lease::Encoded>,
     /// Where calendar windows are offered around.
     clock: clock::ReplicaClock,
     /// Redis's eviction policy, as last read, and what to do about it.
@@ -151,6 +153,7 @@ impl RedisStore {
                 connect_timeout: config.connect_timeout,
                 breaker: Breaker::new(settings),
                 coalescer: Coalescer::default(),
+                lease_coalescer: Coalescer::default(),
                 clock: clock::ReplicaClock::new(config.host_clock_skew_us),
                 eviction: eviction::Eviction::new(config.on_evicting_policy),
             }),
@@ -268,15 +271,23 @@ impl Inner {
         node: u16,
         encoded: script::Encoded,
     ) -> Result<Reply, StoreError> {
-        // Queued behind at most one call in flight, then its own call.
-        let bound = self.response_timeout.saturating_mul(2);
         let answer = self.coalescer.submit(self, node, encoded);
-        let reply = tokio::time::timeout(bound, answer)
-            .await
-            .map_err(|_| call_failed(CallError::Timeout(bound)))?
-            .map_err(|_| StoreError::transient("Redis batch task ended"))??;
+        let reply = self.await_batch(answer).await?;
         self.clock.observe(reply.now);
         Ok(reply)
+    }
+
+    /// Waits for an item's part of its batch's reply: queued behind at most
+    /// one call in flight, then its own call.
+    async fn await_batch(
+        &self,
+        answer: tokio::sync::oneshot::Receiver<Result<Reply, StoreError>>,
+    ) -> Result<Reply, StoreError> {
+        let bound = self.response_timeout.saturating_mul(2);
+        tokio::time::timeout(bound, answer)
+            .await
+            .map_err(|_| call_failed(CallError::Timeout(bound)))?
+            .map_err(|_| StoreError::transient("Redis batch task ended"))?
     }
 
     /// Submits what `encode` makes of the offered instant; if no offered
@@ -373,7 +384,7 @@ impl Inner {
     }
 }
 
-impl BatchCall for Inner {
+impl BatchCall<script::Encoded> for Inner {
     /// One `EVALSHA` for the whole batch. On standalone and Sentinel, a
     /// `NOSCRIPT` (which ran nothing) loads the script and sends the same
     /// batch once more. On Cluster, `node` is the batch's hash slot; see

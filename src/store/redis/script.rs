@@ -60,10 +60,10 @@ pub(crate) struct Encoded {
     pub(crate) trailer: usize,
 }
 
-impl Encoded {
-    /// Integers the script answers for this charge: status, then six per
-    /// bucket.
-    pub(crate) fn reply_len(&self) -> usize {
+impl super::coalesce::Work for Encoded {
+    /// Integers the script answers for this charge: its status, its wait
+    /// (shaped), three or six per bucket, then its trailer.
+    fn reply_len(&self) -> usize {
         1 + usize::from(self.shaped) + self.per_bucket * self.buckets + self.trailer
     }
 }
@@ -484,6 +484,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::store::redis::coalesce::Work as _;
     use crate::store::{BucketCharge, BucketKey};
 
     fn charge(cost: u64) -> Charge<'static> {
