@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tollgate under ghz, in one command: five scenarios, one table, one JSON.
 #
-#   benches/ghz/run.sh [--store memory|redis] [--quick] [--syscalls]
+#   benches/ghz/run.sh [--store memory|redis] [--quick] [--syscalls] [--workers N]
 #
 # Installs ghz when missing (pinned, into target/go-bin) while it builds
 # release Tollgate and the no-op server (the `noop` binary of benches/tools),
@@ -14,7 +14,10 @@
 #   (d) Envoy RLS, 2 descriptors per call;
 #   (e) the no-op handler, as the ceiling;
 #   (f) the hot key of (b) in a scope with a penalty box: banned after its
-#       third denial, then answered from the ban cache.
+#       third denial, then answered from the ban cache;
+#   (g) a lease acquire (tollgate.v1.Leases/Acquire): 100k identities, each
+#       with a pool of 10 and leases that expire after 1 s, never released;
+#   (h) a budget: 100k identities, each with a daily budget, mostly allowed.
 # Each scenario runs at saturation (concurrency 50), then at a fixed rate of
 # half the saturated rate, where latency is read. Per row: decisions/s, p50,
 # p95, p99, errors, denied share (Tollgate's own counters), Redis script
@@ -32,6 +35,9 @@
 # more for a fixed 20,000 calls under `strace -c -f`, to count syscalls per
 # decision by kind and writes per response (strace slows the server, which
 # changes how calls batch: read these as counts, never as CPU).
+# --workers N: Tollgate and the no-op server both run N tokio workers
+# (TOKIO_WORKER_THREADS; the default is one per core), to compare layouts in
+# one run.
 # Needs redis-server and redis-cli (for redis), python3, and Go (for ghz).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -46,7 +52,9 @@ while [ $# -gt 0 ]; do
     --store=*) store=${1#--store=}; shift ;;
     --quick) quick=1; shift ;;
     --syscalls) syscalls=1; shift ;;
-    *) echo "usage: $0 [--store memory|redis] [--quick] [--syscalls]" >&2; exit 2 ;;
+    --workers) export TOKIO_WORKER_THREADS=$2; shift 2 ;;
+    --workers=*) export TOKIO_WORKER_THREADS=${1#--workers=}; shift ;;
+    *) echo "usage: $0 [--store memory|redis] [--quick] [--syscalls] [--workers N]" >&2; exit 2 ;;
   esac
 done
 case "$store" in memory|redis) ;; *) echo "--store: memory or redis" >&2; exit 2 ;; esac
@@ -144,6 +152,12 @@ scopes:
     penalty: { strikes: 3, within: 1m, ban: 1h }
     limits:
       - { name: per-user, per: identity, capacity: 10, refill_period: 1m }
+  - name: g          # a lease per call, expiring after 1 s
+    limits:
+      - { name: in-flight, per: identity, concurrency: 10, max_lease: 1s }
+  - name: h          # a budget per identity
+    limits:
+      - { name: daily, per: identity, budget: 1000000, window: day }
 YAML
 # (c): Zipf(1.1) over 100k identities, 4 operations; ghz cycles the list.
 python3 - "$work/zipf.json" <<'PY'
@@ -220,6 +234,16 @@ start_tollgate f
 scenario f tollgate.v1.RateLimiter/ShouldAllow "$tg_pid" \
   -d '{"scope":"f","identity":"hot","operation":"op"}'
 stop_tollgate
+echo "ghz: (g) lease acquire" >&2
+start_tollgate g
+scenario g tollgate.v1.Leases/Acquire "$tg_pid" \
+  -d '{"target":{"scope":"g","identity":"user-{{randomInt 0 100000}}","lease_id":"{{newUUID}}"}}'
+stop_tollgate
+echo "ghz: (h) budget" >&2
+start_tollgate h
+scenario h tollgate.v1.RateLimiter/ShouldAllow "$tg_pid" \
+  -d '{"scope":"h","identity":"user-{{randomInt 0 100000}}","operation":"op"}'
+stop_tollgate
 echo "ghz: (e) no-op handler" >&2
 "$bin/noop" --listen "127.0.0.1:$noop_port" >"$work/noop.log" 2>&1 &
 noop_pid=$!
@@ -245,13 +269,20 @@ if [ -n "$redis_pid" ]; then
 fi
 
 # strace_run NAME PID ARGS...: a fixed 20,000 calls with every thread of PID
-# under `strace -c -f`, counting syscalls by kind.
+# under `strace -c -f`, counting syscalls by kind; then 20,000 more with only
+# the writes traced and each descriptor named (`-yy`), to tell writes to the
+# gRPC callers from writes to Redis and the runtime's eventfd wake-ups.
 strace_run() {
   local name=$1 pid=$2; shift 2
   strace -c -f -qq -o "$work/$name.strace" -p "$pid" &
   local st=$!
   sleep 1 # strace attaches to every thread before the load starts
   timeout 120 "$ghz" --insecure -c "$concurrency" -n 20000 -O json "$@" >"$work/$name.json" 2>"$work/$name.err" || true
+  kill -INT "$st"; wait "$st" 2>/dev/null || true
+  strace -f -qq -yy -s 0 -e trace=write,writev,sendto,sendmsg -o "$work/$name.writes" -p "$pid" &
+  st=$!
+  sleep 1
+  timeout 120 "$ghz" --insecure -c "$concurrency" -n 20000 -O json "$@" >"$work/$name-writes.json" 2>>"$work/$name.err" || true
   kill -INT "$st"; wait "$st" 2>/dev/null || true
 }
 if [ "$syscalls" = 1 ]; then
@@ -266,14 +297,14 @@ if [ "$syscalls" = 1 ]; then
   stop_tollgate
 fi
 
-python3 - "$work" "$out" "$store" "$quick" "$concurrency" <<'PY'
-import json, os, platform, subprocess, sys
-work, out, store, quick, conc = sys.argv[1:]
+python3 - "$work" "$out" "$store" "$quick" "$concurrency" "$redis_port" "$grpc_port" "$noop_port" <<'PY'
+import json, os, platform, re, subprocess, sys
+work, out, store, quick, conc, redis_port, *grpc_ports = sys.argv[1:]
 names = {"a": "(a) many identities", "b": "(b) hot key", "c": "(c) mixed, 4 buckets",
          "d": "(d) Envoy RLS, 2 descr.", "e": "(e) no-op handler",
-         "f": "(f) hot key, banned"}
+         "f": "(f) hot key, banned", "g": "(g) lease acquire", "h": "(h) budget"}
 rows = []
-for key in "abcdef":
+for key in "abcdefgh":
     for phase in ("sat", "half"):
         g = json.load(open(f"{work}/{key}-{phase}.json"))
         m = json.load(open(f"{work}/{key}-{phase}.meta"))
@@ -297,19 +328,20 @@ machine = {
     "cores": os.cpu_count(), "kernel": platform.release(),
     "redis": subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip() if store == "redis" else None,
     "store": store, "quick": quick == "1", "concurrency": int(conc),
+    "workers": int(os.environ["TOKIO_WORKER_THREADS"]) if os.environ.get("TOKIO_WORKER_THREADS") else os.cpu_count(),
 }
 def row(scenario, phase="saturation"):
     return next(r for r in rows if r["scenario"] == names[scenario] and r["phase"] == phase)
 noop = row("e")
 ratios = []
-for key in "abcdf":
+for key in "abcdfgh":
     r = row(key)
     ratios.append({"what": f"{names[key]}: Tollgate CPU per decision", "against": "no-op handler's CPU per call",
                    "ratio": round(r["tollgate_cpu_us"] / noop["tollgate_cpu_us"], 2)})
 if os.path.exists(f"{work}/set.meta"):
     sm = json.load(open(f"{work}/set.meta"))
     set_us = sm["redis_cpu"] * 1e6 / sm["calls"]
-    for key in "acd":
+    for key in "acdgh":
         r = row(key)
         ratios.append({"what": f"{names[key]}: Redis CPU per decision", "against": f"a plain SET's ({set_us:.1f} µs, 50 clients)",
                        "ratio": round(r["redis_cpu_us"] / set_us, 2)})
@@ -326,13 +358,37 @@ def strace_counts(name):
             calls[parts[-1]] = int(parts[3])
     writes = sum(calls.get(k, 0) for k in ("write", "writev", "sendto", "sendmsg", "sendmmsg"))
     return {"calls": n, "writes_per_response": round(writes / n, 3),
+            "writes_by_target": writes_by_target(name),
             "per_decision": {k: round(v / n, 3) for k, v in sorted(calls.items(), key=lambda kv: -kv[1])}}
+def writes_by_target(name):
+    """Writes per decision from the `-yy` pass, by what they were written to."""
+    path, gpath = f"{work}/{name}.writes", f"{work}/{name}-writes.json"
+    if not (os.path.exists(path) and os.path.exists(gpath)):
+        return None
+    g = json.load(open(gpath))
+    n = max((g.get("statusCodeDistribution") or {}).get("OK", 0), 1)
+    kinds = {"callers": 0, "redis": 0, "eventfd": 0, "other": 0}
+    call = re.compile(r"^\d+\s+(write|writev|sendto|sendmsg)\(\d+<([^>]*)>")
+    for line in open(path):
+        m = call.match(line)
+        if not m:
+            continue  # a "resumed" line: its call was counted where it began
+        target = m.group(2)
+        if "eventfd" in target:
+            kinds["eventfd"] += 1
+        elif f"->127.0.0.1:{redis_port}]" in target:
+            kinds["redis"] += 1
+        elif f"127.0.0.1:{grpc_ports[0]}->" in target or f"127.0.0.1:{grpc_ports[1]}->" in target:
+            kinds["callers"] += 1
+        else:
+            kinds["other"] += 1
+    return {k: round(v / n, 3) for k, v in kinds.items()}
 syscalls = {k: v for k, v in (("a", strace_counts("a-strace")), ("e", strace_counts("e-strace"))) if v}
 json.dump({"machine": machine, "rows": rows, "ratios": ratios, "syscalls": syscalls},
           open(f"{out}/ghz-{store}.json", "w"), indent=1)
 f = lambda v, d=2: "–" if v is None else f"{v:.{d}f}"
 denied = lambda r: "–" if r["denied_share"] is None else f"{r['denied_share']:.1%}"
-print(f"\nstore: {store}, concurrency {conc}, {machine['cores']} cores ({machine['cpu']}), {'quick' if quick == '1' else 'full'} run")
+print(f"\nstore: {store}, concurrency {conc}, {machine['cores']} cores ({machine['cpu']}), {machine['workers']} tokio workers, {'quick' if quick == '1' else 'full'} run")
 print("\n| ratio, this run | against | ratio |")
 print("|---|---|---|")
 for q in ratios:
@@ -355,6 +411,9 @@ if syscalls:
     print("| syscall | " + " | ".join(heads) + " |")
     print("|---|" + "---|" * len(heads))
     print("| writes per response | " + " | ".join(f"{v['writes_per_response']:.3f}" for v in syscalls.values()) + " |")
+    for kind, label in (("callers", "of them, to gRPC callers"), ("redis", "to Redis"), ("eventfd", "to an eventfd (a worker woken)"), ("other", "to anything else")):
+        if all(v.get("writes_by_target") for v in syscalls.values()):
+            print(f"| {label} (`-yy` pass) | " + " | ".join(f"{v['writes_by_target'][kind]:.3f}" for v in syscalls.values()) + " |")
     for k in kinds:
         print(f"| {k} | " + " | ".join(f"{v['per_decision'].get(k, 0):.3f}" for v in syscalls.values()) + " |")
 print(f"\nJSON: {out}/ghz-{store}.json")
