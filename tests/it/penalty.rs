@@ -553,7 +553,8 @@ async fn operators_ban_list_and_unban_across_two_replicas_on_redis() {
     assert!(ok, "{listed}");
     assert!(listed.starts_with("5 ban(s) in scope app"), "{listed}");
     assert!(listed.contains("  spammer  "), "{listed}");
-    // Unbanned through replica 0: at once there, within a hold on 1.
+    // Unbanned through replica 0: at once there, and on replica 1 as the
+    // published change arrives (timed in ban_feed.rs; here within a hold).
     let unban = UnbanRequest {
         scope: "app".into(),
         identity: "spammer".into(),

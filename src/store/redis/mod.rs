@@ -67,6 +67,7 @@ mod cluster;
 mod coalesce;
 mod cross_slot;
 mod eviction;
+mod invalidation;
 pub mod keys;
 mod lanes;
 mod lease;
@@ -115,6 +116,12 @@ struct Inner {
     clock: clock::ReplicaClock,
     /// Redis's eviction policy, as last read, and what to do about it.
     eviction: eviction::Eviction,
+    /// Operator bans and unbans made through other replicas, as heard on
+    /// the subscription (`invalidation.rs`), for the ban cache.
+    ban_feed: Arc<crate::store::ban_cache::BanFeed>,
+    /// Where that subscription connects; taken by
+    /// [`RedisStore::spawn_ban_subscriber`].
+    ban_source: std::sync::Mutex<Option<invalidation::Source>>,
 }
 
 impl RedisStore {
@@ -153,6 +160,8 @@ impl RedisStore {
                 coalescer: Coalescer::default(),
                 clock: clock::ReplicaClock::new(config.host_clock_skew_us),
                 eviction: eviction::Eviction::new(config.on_evicting_policy),
+                ban_feed: Arc::default(),
+                ban_source: std::sync::Mutex::new(Some(invalidation::Source::of(config)?)),
             }),
         })
     }
@@ -204,6 +213,27 @@ impl RedisStore {
                 }
             }
         })
+    }
+}
+
+impl RedisStore {
+    /// What tells this replica's ban cache of bans and unbans made through
+    /// other replicas; live once [`RedisStore::spawn_ban_subscriber`] runs.
+    pub fn ban_feed(&self) -> Arc<crate::store::ban_cache::BanFeed> {
+        self.inner.ban_feed.clone()
+    }
+
+    /// Starts the subscription that feeds [`RedisStore::ban_feed`] (see
+    /// `invalidation.rs`): made again whenever it ends, until the store
+    /// and the feed are dropped. `None` when already started.
+    pub fn spawn_ban_subscriber(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let source = self.inner.ban_source.lock().ok()?.take()?;
+        Some(invalidation::spawn(
+            Arc::downgrade(&self.inner.ban_feed),
+            source,
+            invalidation::channel(&self.inner.prefix),
+            self.inner.connect_timeout + self.inner.response_timeout,
+        ))
     }
 }
 

@@ -1,12 +1,14 @@
 //! The penalty box's operator side on Redis: one `EVAL` of `penalty.lua`
 //! per ban, unban or listing, on the scope's hash slot. Operators call it
 //! rarely, so it sends the script's source each time: no script cache to
-//! load or lose.
+//! load or lose. A ban or an unban is also published, by the same script,
+//! to every replica's ban cache (see `invalidation.rs`).
 
 use std::time::Duration;
 
 use redis::Value;
 
+use super::invalidation;
 use super::keys::{bans_key, caller_of, penalty_key};
 use super::topology::Request;
 use super::{Inner, call_failed};
@@ -35,13 +37,19 @@ impl Inner {
                     .arg(bans_key(&self.prefix, key.scope))
                     .arg("ban")
                     .arg(micros(duration).max(1))
-                    .arg(micros(forget));
+                    .arg(micros(forget))
+                    .arg(invalidation::channel(&self.prefix))
+                    .arg(invalidation::message(&key));
             }
             PenaltyOp::Unban { key } => {
                 cmd.arg(2)
                     .arg(penalty_key(&self.prefix, &key))
                     .arg(bans_key(&self.prefix, key.scope))
-                    .arg("unban");
+                    .arg("unban")
+                    .arg(0)
+                    .arg(0)
+                    .arg(invalidation::channel(&self.prefix))
+                    .arg(invalidation::message(&key));
             }
             PenaltyOp::List {
                 scope,

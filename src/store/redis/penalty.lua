@@ -10,9 +10,14 @@
 --          ':%pen:'), score the ban's end in microseconds. Both keys share
 --          the scope's hash slot.
 -- ARGV[1]  'ban', 'unban' or 'list'
--- ARGV[2]  ban: the ban's length, µs; list: how many to skip
+-- ARGV[2]  ban: the ban's length, µs; list: how many to skip; unban: 0
 -- ARGV[3]  ban: how long the record outlives the ban (the scope's
---          forgive_after), µs; list: the most to return
+--          forgive_after), µs; list: the most to return; unban: 0
+-- ARGV[4]  ban, unban: the channel every replica's ban cache listens on,
+--          '<prefix>%bans:changed' (see redis/invalidation.rs)
+-- ARGV[5]  ban, unban: the message, '<scope>\n<identity>\n<operation>'
+--          (operation empty for a box per identity), published there in
+--          the same atomic step as the change
 --
 -- Clock: "now" is Redis's TIME in microseconds.
 --
@@ -58,6 +63,7 @@ end
 if op == 'unban' then
   redis.call('DEL', key)
   redis.call('ZREM', index, member)
+  redis.call('PUBLISH', ARGV[4], ARGV[5])
   return { now, rec[4] > now and 1 or 0 }
 end
 
@@ -71,4 +77,5 @@ redis.call('ZADD', index, untl, member)
 if redis.call('PTTL', index) < px(untl - now) then
   redis.call('PEXPIRE', index, px(untl - now))
 end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
 return { now, untl }
