@@ -725,3 +725,59 @@ async fn failed_logins_reported_as_strikes_over_grpc_ban_the_guesser() {
     assert_eq!(next.denial_reason, DenialReason::Banned as i32);
     assert!(to_std(&next.retry_after).unwrap() > Duration::from_secs(59));
 }
+
+const QUOTAS: &str = r#"
+envoy_quota_mode: true
+scopes:
+  - name: edge
+    limits:
+      - { name: team, per: identity, capacity: 1, refill_period: 1h, when: { quota: team } }
+      - { name: org, per: identity, capacity: 100, refill_period: 1h, when: { quota: org } }
+    penalty: { strikes: 2, within: 1m, ban: 1m }
+"#;
+
+/// Envoy's quota mode: a request whose first charge is denied only because
+/// some quota descriptors are over is charged again without them. It
+/// strikes at most once, and only when it is denied for good.
+#[tokio::test(start_paused = true)]
+async fn an_envoy_quota_retry_strikes_only_a_request_denied_for_good_and_only_once() {
+    use std::collections::HashMap;
+    let l = limiter(QUOTAS);
+    let team_attrs = HashMap::from([("quota".to_owned(), "team".to_owned())]);
+    let org_attrs = HashMap::from([("quota".to_owned(), "org".to_owned())]);
+    // Entries make them Envoy descriptors, which the global quota mode
+    // makes quota descriptors.
+    let entries = [("user", "agent")];
+    let quota = |identity, attrs| Request {
+        attributes: attrs,
+        entries: &entries,
+        ..Request::new("edge", identity, "call")
+    };
+    let (team, org) = (quota("agent", &team_attrs), quota("agent", &org_attrs));
+    // The team quota is spent at once; then every request is denied on it
+    // first, and passes on the org quota: no strike, so never banned.
+    for i in 0..6 {
+        let ds = l.decide_together(&[team, org]).await.unwrap();
+        assert!(Decision::overall(&ds), "request {i} passes");
+        assert!(ds.iter().all(|d| !d.banned()), "request {i} struck");
+    }
+    // Denied for good on the team quota alone: one strike each, so the
+    // second bans (2 strikes), as if nothing had struck before.
+    let alone = l.decide_together(&[team]).await.unwrap();
+    assert!(!alone[0].allowed && !alone[0].banned());
+    let alone = l.decide_together(&[team]).await.unwrap();
+    assert!(alone[0].banned(), "the second denial for good bans");
+
+    // Every quota over: the denial stands on them, and its one strike is
+    // reported after it (the first charge held it back).
+    let twice = quota("other", &team_attrs);
+    let ds = l.decide_together(&[twice, twice]).await.unwrap();
+    assert!(!Decision::overall(&ds) && ds.iter().all(|d| !d.banned()));
+    let ds = l.decide_together(&[twice, twice]).await.unwrap();
+    assert!(!Decision::overall(&ds), "denied; its strike starts the ban");
+    let ds = l.decide_together(&[twice, twice]).await.unwrap();
+    assert!(
+        ds.iter().all(Decision::banned),
+        "two strikes, one per request"
+    );
+}
