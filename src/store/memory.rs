@@ -28,7 +28,8 @@ use tokio::time::Instant;
 use super::keys::KeyPart;
 use super::lease::{LeaseCall, LeaseOp, LeaseOutcome, Pool};
 use super::penalty::{
-    Ban, BanEntry, Penalty, PenaltyAnswer, PenaltyKey, PenaltyOp, PenaltyOutcome, Record,
+    Ban, BanCursor, BanEntry, BanPosition, Penalty, PenaltyAnswer, PenaltyKey, PenaltyOp,
+    PenaltyOutcome, Record,
 };
 use super::{
     BucketCharge, BucketOutcome, Charge, ChargeOutcome, Condition, Settled, Settlement, Store,
@@ -739,16 +740,22 @@ impl Inner {
             }
             PenaltyOp::List {
                 scope,
-                offset,
+                after,
                 limit,
-            } => Ok(self.list_bans(scope, now, offset, limit)),
+            } => Ok(self.list_bans(scope, now, after, limit)),
         }
     }
 }
 
 impl Inner {
     /// A page of `scope`'s bans in force at `now`, by ban end then caller.
-    fn list_bans(&self, scope: &str, now: u64, offset: u64, limit: u64) -> PenaltyAnswer {
+    fn list_bans(
+        &self,
+        scope: &str,
+        now: u64,
+        after: Option<BanCursor<'_>>,
+        limit: u64,
+    ) -> PenaltyAnswer {
         let mut bans: Vec<(u64, Box<[u8]>)> = Vec::new();
         for shard in self.penalties.iter() {
             bans.extend(
@@ -760,17 +767,32 @@ impl Inner {
             );
         }
         bans.sort_unstable();
-        page_of(bans, now, offset, limit)
+        page_of(bans, now, after, limit)
     }
 }
 
-/// The page of `bans` (ban end and key, sorted) from `offset`.
-fn page_of(bans: Vec<(u64, Box<[u8]>)>, now: u64, offset: u64, limit: u64) -> PenaltyAnswer {
+/// The page of `bans` (ban end and key, sorted) after `after`.
+fn page_of(
+    bans: Vec<(u64, Box<[u8]>)>,
+    now: u64,
+    after: Option<BanCursor<'_>>,
+    limit: u64,
+) -> PenaltyAnswer {
     let total = bans.len() as u64;
+    let from = after.map_or(0, |c| {
+        bans.partition_point(|(until, key)| {
+            BanCursor {
+                until: *until,
+                caller: key,
+            } <= c
+        })
+    });
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let more = bans.len().saturating_sub(from) > limit;
     let page = bans
         .into_iter()
-        .skip(usize::try_from(offset).unwrap_or(usize::MAX))
-        .take(usize::try_from(limit).unwrap_or(usize::MAX))
+        .skip(from)
+        .take(limit)
         .map(|(until, key)| {
             let (identity, operation) = penalty_caller(&key);
             BanEntry {
@@ -778,10 +800,18 @@ fn page_of(bans: Vec<(u64, Box<[u8]>)>, now: u64, offset: u64, limit: u64) -> Pe
                 operation,
                 remaining: Duration::from_nanos(until - now),
                 until_us: until / 1_000,
+                position: BanPosition {
+                    until,
+                    caller: key.into_vec(),
+                },
             }
         })
         .collect();
-    PenaltyAnswer::Listed { total, bans: page }
+    PenaltyAnswer::Listed {
+        total,
+        bans: page,
+        more,
+    }
 }
 
 /// The identity and operation of a key [`penalty_key`] made, a hashed part

@@ -29,7 +29,8 @@ pub use charge::{
 pub use lease::{LeaseCall, LeaseOp, LeaseOutcome};
 pub use observed::{Observed, StoreObserver};
 pub use penalty::{
-    Ban, BanEntry, Penalty, PenaltyAnswer, PenaltyKey, PenaltyOp, PenaltyOutcome, PenaltyRule,
+    Ban, BanCursor, BanEntry, BanPosition, Penalty, PenaltyAnswer, PenaltyKey, PenaltyOp,
+    PenaltyOutcome, PenaltyRule,
 };
 pub use redis::BuildError;
 

@@ -663,6 +663,20 @@ async fn operator_calls_refuse_bad_input_naming_the_field() {
         .await
         .expect_err("too big a page");
     assert!(e.message().starts_with("page_size: "), "{}", e.message());
+    // A token ListBans never gave, or longer than any it gives.
+    let long = format!("1.{}", "A".repeat(tollgate::api::bans::MAX_PAGE_TOKEN_LEN));
+    for token in ["2", "x.AAAA", "12.!!", long.as_str()] {
+        let e = admin
+            .list_bans(ListBansRequest {
+                scope: "app".into(),
+                page_token: token.into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("not a token");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{token}");
+        assert!(e.message().starts_with("page_token: "), "{}", e.message());
+    }
     admin.ban(good).await.expect("a good ban is taken");
 }
 

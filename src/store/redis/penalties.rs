@@ -12,7 +12,7 @@ use super::invalidation;
 use super::keys::{bans_key, caller_of, penalty_key};
 use super::topology::Request;
 use super::{Inner, call_failed};
-use crate::store::{Ban, BanEntry, PenaltyAnswer, PenaltyOp, StoreError};
+use crate::store::{Ban, BanEntry, BanPosition, PenaltyAnswer, PenaltyOp, StoreError};
 
 /// The script's source.
 const SOURCE: &str = include_str!("penalty.lua");
@@ -53,14 +53,15 @@ impl Inner {
             }
             PenaltyOp::List {
                 scope,
-                offset,
+                after,
                 limit,
             } => {
                 cmd.arg(1)
                     .arg(bans_key(&self.prefix, scope))
                     .arg("list")
-                    .arg(offset)
-                    .arg(limit);
+                    .arg(after.map_or(String::new(), |c| c.until.to_string()))
+                    .arg(limit)
+                    .arg(after.map_or(&[][..], |c| c.caller));
             }
         }
         let reply: Vec<Value> = self
@@ -94,8 +95,9 @@ fn answer(op: &PenaltyOp<'_>, reply: &[Value]) -> Option<PenaltyAnswer> {
         PenaltyOp::Unban { .. } => PenaltyAnswer::Unbanned(int(reply.get(1)?)? == 1),
         PenaltyOp::List { .. } => {
             let total = int(reply.get(1)?)?;
+            let more = int(reply.get(2)?)? == 1;
             let mut bans = Vec::new();
-            for pair in reply.get(2..)?.chunks(2) {
+            for pair in reply.get(3..)?.chunks(2) {
                 let [Value::BulkString(member), until] = pair else {
                     return None;
                 };
@@ -106,9 +108,13 @@ fn answer(op: &PenaltyOp<'_>, reply: &[Value]) -> Option<PenaltyAnswer> {
                     operation,
                     remaining: Duration::from_micros(until.saturating_sub(now)),
                     until_us: until,
+                    position: BanPosition {
+                        until,
+                        caller: member.clone(),
+                    },
                 });
             }
-            PenaltyAnswer::Listed { total, bans }
+            PenaltyAnswer::Listed { total, bans, more }
         }
     })
 }

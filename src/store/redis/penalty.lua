@@ -10,11 +10,13 @@
 --          ':%pen:'), score the ban's end in microseconds. Both keys share
 --          the scope's hash slot.
 -- ARGV[1]  'ban', 'unban' or 'list'
--- ARGV[2]  ban: the ban's length, µs; list: how many to skip; unban: 0
+-- ARGV[2]  ban: the ban's length, µs; list: the end (score) of the ban
+--          the page resumes after, '' for the first page; unban: 0
 -- ARGV[3]  ban: how long the record outlives the ban (the scope's
 --          forgive_after), µs; list: the most to return; unban: 0
 -- ARGV[4]  ban, unban: the channel every replica's ban cache listens on,
---          '<prefix>%bans:changed' (see redis/invalidation.rs)
+--          '<prefix>%bans:changed' (see redis/invalidation.rs); list: the
+--          member the page resumes after
 -- ARGV[5]  ban, unban: the message, '<scope>\n<identity>\n<operation>'
 --          (operation empty for a box per identity), published there in
 --          the same atomic step as the change
@@ -22,8 +24,9 @@
 -- Clock: "now" is Redis's TIME in microseconds.
 --
 -- Returns ban {now, until}; unban {now, 1 when a ban was in force, else 0};
--- list {now, total, then per ban: member, until}, bans ordered by their end
--- then member, after dropping ended ones from the index.
+-- list {now, total, more, then per ban: member, until}, bans ordered by
+-- their end then member, after dropping ended ones from the index; more is
+-- 1 when bans follow the page.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -37,14 +40,53 @@ local function px(us)
   return ms
 end
 
+-- True when a <= b byte by byte, as Redis orders the members of one
+-- score (Lua's own comparison follows the server's locale).
+local function bytes_le(a, b)
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then
+      return x < y
+    end
+  end
+  return #a <= #b
+end
+
+-- The rank of the first ban after (score, member) in the index's order.
+local function rank_after(index, score, member)
+  local have = redis.call('ZSCORE', index, member)
+  if have and tonumber(have) == score then
+    return redis.call('ZRANK', index, member) + 1
+  end
+  -- That ban is gone (ended, lifted, replaced): count those before it.
+  local rank = redis.call('ZCOUNT', index, '-inf', '(' .. score)
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', index, score, score)) do
+    if bytes_le(m, member) then
+      rank = rank + 1
+    end
+  end
+  return rank
+end
+
 if op == 'list' then
   local index = KEYS[1]
   redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
   local total = redis.call('ZCARD', index)
-  local page = redis.call('ZRANGEBYSCORE', index, '(' .. now, '+inf', 'WITHSCORES',
-    'LIMIT', tonumber(ARGV[2]), tonumber(ARGV[3]))
-  local out = { now, total }
-  for i = 1, #page, 2 do
+  local limit = tonumber(ARGV[3])
+  local from = 0
+  if ARGV[2] ~= '' then
+    from = rank_after(index, tonumber(ARGV[2]), ARGV[4])
+  end
+  local page = {}
+  if limit > 0 then
+    page = redis.call('ZRANGE', index, from, from + limit, 'WITHSCORES')
+  end
+  local more = 0
+  if #page > 2 * limit then
+    more = 1
+  end
+  local out = { now, total, more }
+  for i = 1, math.min(#page, 2 * limit), 2 do
     out[#out + 1] = page[i]
     out[#out + 1] = tonumber(page[i + 1])
   end
