@@ -122,6 +122,7 @@ pub(super) async fn ban(
         key,
         duration: length,
         forget: Duration::from_nanos(penalty.rule.forgive_ns),
+        reason: &req.reason,
     };
     let PenaltyAnswer::Banned(ban) = store.penalties(&op).await.map_err(unavailable)? else {
         return Err(Status::internal(
@@ -224,6 +225,7 @@ pub(super) async fn list(
                 operation: b.operation.unwrap_or_default(),
                 remaining: Some(duration(b.remaining)),
                 until_unix_micros: i64::try_from(b.until_us).unwrap_or(i64::MAX),
+                reason: b.reason,
             })
             .collect(),
     })

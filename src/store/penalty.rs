@@ -192,6 +192,9 @@ pub enum PenaltyOp<'a> {
         duration: Duration,
         /// The scope's `forgive_after`.
         forget: Duration,
+        /// Why, as the operator said (at most 256 bytes; may be empty):
+        /// kept with the ban and listed with it.
+        reason: &'a str,
     },
     /// Lifts `key`'s ban and clears its history: strikes and level.
     Unban {
@@ -275,6 +278,9 @@ pub struct BanEntry {
     pub until_us: u64,
     /// Its place in the store's order, to list the bans after it.
     pub position: BanPosition,
+    /// The reason of the operator's ban that set it; empty for a ban the
+    /// penalty box started.
+    pub reason: String,
 }
 
 #[cfg(test)]

@@ -553,6 +553,12 @@ async fn operators_ban_list_and_unban_across_two_replicas_on_redis() {
     assert!(ok, "{listed}");
     assert!(listed.starts_with("5 ban(s) in scope app"), "{listed}");
     assert!(listed.contains("  spammer  "), "{listed}");
+    // The operator's reason is kept with each ban, and listed with it.
+    assert_eq!(
+        listed.matches("  reason: abuse report #42\n").count(),
+        5,
+        "{listed}"
+    );
     // Unbanned through replica 0: at once there, and on replica 1 as the
     // published change arrives (timed in ban_feed.rs; here within a hold).
     let unban = UnbanRequest {

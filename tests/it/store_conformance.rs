@@ -481,6 +481,11 @@ async fn operators_ban_list_and_unban(store: &impl Store) {
         },
         duration: Duration::from_secs(30),
         forget: Duration::from_secs(60),
+        reason: if identity == odd {
+            "abuse report #7"
+        } else {
+            ""
+        },
     };
     for who in [odd, long.as_str()] {
         let PenaltyAnswer::Banned(b) = store.penalties(&ban(who)).await.unwrap() else {
@@ -507,6 +512,31 @@ async fn operators_ban_list_and_unban(store: &impl Store) {
     assert_eq!(total, 2);
     let mut who: Vec<&str> = bans.iter().map(|b| b.identity.as_str()).collect();
     who.sort_unstable();
+    // Each ban lists the reason its operator gave, if any.
+    for b in &bans {
+        let want = if b.identity == odd {
+            "abuse report #7"
+        } else {
+            ""
+        };
+        assert_eq!(b.reason, want, "{}", b.identity);
+    }
+    // A ban that replaces it with no reason lists none.
+    let again = PenaltyOp::Ban {
+        key: PenaltyKey {
+            scope: "operated",
+            identity: odd,
+            operation: None,
+        },
+        duration: Duration::from_secs(30),
+        forget: Duration::from_secs(60),
+        reason: "",
+    };
+    store.penalties(&again).await.unwrap();
+    let PenaltyAnswer::Listed { bans, .. } = store.penalties(&list).await.unwrap() else {
+        panic!("not a listing");
+    };
+    assert!(bans.iter().all(|b| b.reason.is_empty()), "{bans:?}");
     assert_eq!(who[1], odd, "the caller as sent");
     assert!(who[0].starts_with('#') && who[0].len() == 65, "{}", who[0]);
     let unban = PenaltyOp::Unban {
@@ -542,6 +572,7 @@ async fn a_listing_resumes_after_its_last_ban_whatever_ends(store: &impl Store) 
             key: key(who),
             duration: Duration::from_secs(10 * (i as u64 + 1)),
             forget: Duration::from_secs(60),
+            reason: "",
         };
         store.penalties(&ban).await.unwrap();
     }

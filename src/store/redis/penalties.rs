@@ -9,7 +9,7 @@ use std::time::Duration;
 use redis::Value;
 
 use super::invalidation;
-use super::keys::{bans_key, caller_of, penalty_key};
+use super::keys::{bans_key, caller_of, penalty_key, reasons_key};
 use super::topology::Request;
 use super::{Inner, call_failed};
 use crate::store::{Ban, BanEntry, BanPosition, PenaltyAnswer, PenaltyOp, StoreError};
@@ -31,20 +31,24 @@ impl Inner {
                 key,
                 duration,
                 forget,
+                reason,
             } => {
-                cmd.arg(2)
+                cmd.arg(3)
                     .arg(penalty_key(&self.prefix, &key))
                     .arg(bans_key(&self.prefix, key.scope))
+                    .arg(reasons_key(&self.prefix, key.scope))
                     .arg("ban")
                     .arg(micros(duration).max(1))
                     .arg(micros(forget))
                     .arg(invalidation::channel(&self.prefix))
-                    .arg(invalidation::message(&key));
+                    .arg(invalidation::message(&key))
+                    .arg(reason);
             }
             PenaltyOp::Unban { key } => {
-                cmd.arg(2)
+                cmd.arg(3)
                     .arg(penalty_key(&self.prefix, &key))
                     .arg(bans_key(&self.prefix, key.scope))
+                    .arg(reasons_key(&self.prefix, key.scope))
                     .arg("unban")
                     .arg(0)
                     .arg(0)
@@ -56,8 +60,9 @@ impl Inner {
                 after,
                 limit,
             } => {
-                cmd.arg(1)
+                cmd.arg(2)
                     .arg(bans_key(&self.prefix, scope))
+                    .arg(reasons_key(&self.prefix, scope))
                     .arg("list")
                     .arg(after.map_or(String::new(), |c| c.until.to_string()))
                     .arg(limit)
@@ -97,9 +102,13 @@ fn answer(op: &PenaltyOp<'_>, reply: &[Value]) -> Option<PenaltyAnswer> {
             let total = int(reply.get(1)?)?;
             let more = int(reply.get(2)?)? == 1;
             let mut bans = Vec::new();
-            for pair in reply.get(3..)?.chunks(2) {
-                let [Value::BulkString(member), until] = pair else {
+            for ban in reply.get(3..)?.chunks(3) {
+                let [Value::BulkString(member), until, reason] = ban else {
                     return None;
+                };
+                let reason = match reason {
+                    Value::BulkString(r) => String::from_utf8_lossy(r).into_owned(),
+                    _ => String::new(),
                 };
                 let until = int(until)?;
                 let (identity, operation) = caller_of(&String::from_utf8_lossy(member));
@@ -112,6 +121,7 @@ fn answer(op: &PenaltyOp<'_>, reply: &[Value]) -> Option<PenaltyAnswer> {
                         until,
                         caller: member.clone(),
                     },
+                    reason,
                 });
             }
             PenaltyAnswer::Listed { total, bans, more }

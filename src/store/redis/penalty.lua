@@ -7,8 +7,12 @@
 --          strike); list: the scope's index
 -- KEYS[2]  ban, unban: the scope's index of bans, '<prefix>{<scope>}:%bans',
 --          a sorted set: member the record key's caller part (after
---          ':%pen:'), score the ban's end in microseconds. Both keys share
---          the scope's hash slot.
+--          ':%pen:'), score the ban's end in microseconds; list: the
+--          scope's reasons (KEYS[3])
+-- KEYS[3]  ban, unban: the scope's reasons, '<prefix>{<scope>}:%bans:why',
+--          a hash: field the index's member, value '<until>:<reason>' of
+--          the operator's ban that set it (naming no later ban). Every key
+--          shares the scope's hash slot.
 -- ARGV[1]  'ban', 'unban' or 'list'
 -- ARGV[2]  ban: the ban's length, µs; list: the end (score) of the ban
 --          the page resumes after, '' for the first page; unban: 0
@@ -20,11 +24,12 @@
 -- ARGV[5]  ban, unban: the message, '<scope>\n<identity>\n<operation>'
 --          (operation empty for a box per identity), published there in
 --          the same atomic step as the change
+-- ARGV[6]  ban: the operator's reason, '' for none
 --
 -- Clock: "now" is Redis's TIME in microseconds.
 --
 -- Returns ban {now, until}; unban {now, 1 when a ban was in force, else 0};
--- list {now, total, more, then per ban: member, until}, bans ordered by
+-- list {now, total, more, then per ban: member, until, reason}, bans ordered by
 -- their end then member, after dropping ended ones from the index; more is
 -- 1 when bans follow the page.
 
@@ -59,7 +64,8 @@ local function rank_after(index, score, member)
     return redis.call('ZRANK', index, member) + 1
   end
   -- That ban is gone (ended, lifted, replaced): count those before it.
-  local rank = redis.call('ZCOUNT', index, '-inf', '(' .. score)
+  -- Lua's '..' would print the score in 14 digits: format it whole.
+  local rank = redis.call('ZCOUNT', index, '-inf', string.format('(%d', score))
   for _, m in ipairs(redis.call('ZRANGEBYSCORE', index, score, score)) do
     if bytes_le(m, member) then
       rank = rank + 1
@@ -87,13 +93,23 @@ if op == 'list' then
   end
   local out = { now, total, more }
   for i = 1, math.min(#page, 2 * limit), 2 do
+    local until_us = tonumber(page[i + 1])
+    local why = redis.call('HGET', KEYS[2], page[i])
+    local reason = ''
+    if why then
+      local at, text = string.match(why, '^(%d+):(.*)$')
+      if at and tonumber(at) == until_us then
+        reason = text
+      end
+    end
     out[#out + 1] = page[i]
-    out[#out + 1] = tonumber(page[i + 1])
+    out[#out + 1] = until_us
+    out[#out + 1] = reason
   end
   return out
 end
 
-local key, index = KEYS[1], KEYS[2]
+local key, index, reasons = KEYS[1], KEYS[2], KEYS[3]
 local member = string.match(key, '.*:%%pen:(.*)$') or key
 local v = redis.call('GET', key)
 local rec = { 0, 0, 0, 0, 0 }
@@ -105,6 +121,7 @@ end
 if op == 'unban' then
   redis.call('DEL', key)
   redis.call('ZREM', index, member)
+  redis.call('HDEL', reasons, member)
   redis.call('PUBLISH', ARGV[4], ARGV[5])
   return { now, rec[4] > now and 1 or 0 }
 end
@@ -118,6 +135,15 @@ redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
 redis.call('ZADD', index, untl, member)
 if redis.call('PTTL', index) < px(untl - now) then
   redis.call('PEXPIRE', index, px(untl - now))
+end
+-- A reason lives until the latest ban of the scope ends, like the index.
+if ARGV[6] ~= '' then
+  redis.call('HSET', reasons, member, string.format('%d:%s', untl, ARGV[6]))
+  if redis.call('PTTL', reasons) < px(untl - now) then
+    redis.call('PEXPIRE', reasons, px(untl - now))
+  end
+else
+  redis.call('HDEL', reasons, member)
 end
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return { now, untl }
