@@ -165,6 +165,10 @@ pub struct Condition {
     /// True when the store answers but this replica should not take
     /// traffic (an evicting policy under `on_evicting_policy: refuse`).
     pub unready: bool,
+    /// Whether other replicas' operator bans and unbans reach this one at
+    /// once (Redis: its subscription is up); `None` for a store no other
+    /// replica shares.
+    pub ban_changes_heard: Option<bool>,
 }
 
 /// Conveniences over [`Store`], for every store.

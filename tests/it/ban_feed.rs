@@ -150,9 +150,14 @@ async fn operator_changes_reach_the_other_replica_at_once(
     let prefix = format!("test:penalty:feed:{mode}:");
     let channel = format!("{prefix}%bans:changed");
     let config = Config::from_yaml(&yaml(mode, &urls, &prefix)).unwrap();
+    let metrics = crate::common::free_port();
+    let metered = format!(
+        "metrics: {{listen: \"127.0.0.1:{metrics}\"}}\n{}",
+        yaml(mode, &urls, &prefix)
+    );
     let replicas = [
-        TestServer::start_config(config.clone()).await,
         TestServer::start_config(config).await,
+        TestServer::start_config(Config::from_yaml(&metered).unwrap()).await,
     ];
     let mut clients = [replicas[0].client().await, replicas[1].client().await];
     let mut admin = AdminClient::new(replicas[0].channel().await);
@@ -161,6 +166,15 @@ async fn operator_changes_reach_the_other_replica_at_once(
     });
     // Redis counts a subscriber before the replica reads its confirmation.
     tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = crate::common::metrics_get(metrics, "/metrics").await;
+        if text.contains("tollgate_ban_changes_subscribed 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(text.contains("tollgate_ban_changes_subscribed 1"), "{text}");
 
     // Unban through replica 0: replica 1 serves the caller at once.
     admin.ban(ban("spammer", 600)).await.unwrap();

@@ -561,6 +561,7 @@ impl Store for RedisStore {
             clock_skew_us: self.inner.clock.skew_us(),
             unready: evicting.is_some() && self.inner.eviction.refuses(),
             evicting_policy: evicting,
+            ban_changes_heard: Some(self.inner.ban_feed.is_live()),
         }
     }
 
