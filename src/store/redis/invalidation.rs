@@ -36,7 +36,9 @@
 //! the connection closing (a restart, `CLIENT KILL TYPE pubsub`, a
 //! failover) ends the subscription: the feed is lost, and a new one is
 //! made after [`RETRY_AFTER`] (the next URL, or the sentinels asked
-//! again). The task ends once the store and its cache are dropped.
+//! again), waiting twice as long after each attempt that fails, up to
+//! [`RETRY_AT_MOST`]. The task ends once the store and its cache are
+//! dropped.
 //!
 //! On Cluster, a ping proves the subscribed node live, not the bus from
 //! the node that ran the script: a change published while the bus between
@@ -63,8 +65,12 @@ pub(crate) const PING_EVERY: Duration = Duration::from_millis(200);
 /// A ping not answered within this ends the subscription.
 pub(crate) const PONG_WITHIN: Duration = Duration::from_millis(600);
 
-/// Pause before a new subscription after one ended or failed.
+/// Pause before a new subscription after one ended; doubled after each
+/// attempt that made none, up to [`RETRY_AT_MOST`].
 pub(crate) const RETRY_AFTER: Duration = Duration::from_millis(100);
+
+/// The longest pause between attempts while Redis cannot be reached.
+pub(crate) const RETRY_AT_MOST: Duration = Duration::from_secs(2);
 
 /// The channel the penalty script publishes changes on.
 pub(crate) fn channel(prefix: &str) -> String {
@@ -162,6 +168,7 @@ pub(crate) fn spawn(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut attempt = 0usize;
+        let mut pause = RETRY_AFTER;
         while feed.strong_count() > 0 {
             let why = match tokio::time::timeout(timeout, source.connect(attempt)).await {
                 Ok(Ok(pubsub)) => listen(&feed, pubsub, &channel, timeout).await,
@@ -171,13 +178,15 @@ pub(crate) fn spawn(
             if let Some(feed) = feed.upgrade() {
                 if feed.is_live() {
                     tracing::warn!(error = %why, "lost the ban-change subscription; bans held at most 1 s until it is back");
+                    pause = RETRY_AFTER;
                 } else {
-                    tracing::debug!(error = %why, "no ban-change subscription yet");
+                    tracing::debug!(error = %why, "no ban-change subscription");
+                    pause = (pause * 2).min(RETRY_AT_MOST);
                 }
                 feed.lost();
             }
             attempt = attempt.wrapping_add(1);
-            tokio::time::sleep(RETRY_AFTER).await;
+            tokio::time::sleep(pause).await;
         }
     })
 }
