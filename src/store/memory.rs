@@ -1291,4 +1291,43 @@ mod tests {
         encode(&mut buf, &bucket);
         assert_eq!(scope_of(&buf), b"tenant-a");
     }
+
+    #[tokio::test]
+    async fn an_operators_reason_counts_against_the_bound_and_is_given_back() {
+        let store = MemoryStore::with_max_bytes(1, 2_048);
+        let key = PenaltyKey {
+            scope: "s",
+            identity: "bot",
+            operation: None,
+        };
+        let ban = |reason| PenaltyOp::Ban {
+            key,
+            duration: Duration::from_secs(60),
+            forget: Duration::from_secs(60),
+            reason,
+        };
+        let long = "r".repeat(256);
+        store.penalties(&ban("")).await.unwrap();
+        let bare = store.bytes_held();
+        store.penalties(&ban(&long)).await.unwrap();
+        assert_eq!(store.bytes_held(), bare + 256, "the reason is counted");
+        store.penalties(&ban("short")).await.unwrap();
+        assert_eq!(store.bytes_held(), bare + 5, "a shorter one gives back");
+        // Past the bound: refused, and the ban and its reason stand.
+        let many = "m".repeat(256);
+        let full = MemoryStore::with_max_bytes(1, bare + 100);
+        full.penalties(&ban("")).await.unwrap();
+        assert!(full.penalties(&ban(&many)).await.is_err(), "over the bound");
+        let list = PenaltyOp::List {
+            scope: "s",
+            after: None,
+            limit: 10,
+        };
+        let Ok(PenaltyAnswer::Listed { bans, .. }) = full.penalties(&list).await else {
+            panic!("not a listing");
+        };
+        assert_eq!((bans.len(), bans[0].reason.as_str()), (1, ""));
+        store.penalties(&PenaltyOp::Unban { key }).await.unwrap();
+        assert_eq!(store.bytes_held(), 0, "an unban gives every byte back");
+    }
 }
