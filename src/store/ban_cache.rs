@@ -21,7 +21,8 @@
 //! - **fed**: a store that tells every replica of each operator change
 //!   ([`BanFeed`]; Redis publishes it from the script that made the
 //!   change) has the affected entry dropped as the message arrives. While
-//!   the feed is proven live, an entry answers up to [`FED_HOLD`];
+//!   the feed is proven live, an entry answers up to [`FED_HOLD`] (on
+//!   Redis Cluster, [`MAX_HOLD`]: there a live subscription proves less);
 //! - **unfed** (no feed, or a feed not proven live: its connection is down,
 //!   being remade, or has not answered a ping for a while): **no entry
 //!   answers for more than [`MAX_HOLD`]** after its send; then the store is
@@ -67,11 +68,11 @@ pub const MAX_ENTRIES: usize = 65_536;
 /// again: the longest an operator's change can go unseen here.
 pub const MAX_HOLD: Duration = Duration::from_secs(1);
 
-/// The longest a ban is answered locally while a [`BanFeed`] is proven
-/// live. Not needed while the feed works (it drops changed entries); it
-/// bounds what a change the feed could not see costs (on Cluster, a
-/// message lost on the cluster bus), at one store call per banned caller
-/// and replica per 10 s.
+/// The longest a ban is answered locally while a [`BanFeed`] whose pings
+/// prove every change delivered is live. Not needed while the feed works
+/// (it drops changed entries); it bounds what a mistake could cost, at one
+/// store call per banned caller and replica per 10 s. A feed whose pings
+/// prove less (Redis Cluster's: see [`BanFeed::with_hold`]) holds less.
 pub const FED_HOLD: Duration = Duration::from_secs(10);
 
 /// The most bytes one held ban accounts for (see [`BanCache::bytes`]).
@@ -121,24 +122,35 @@ pub struct BanFeed {
     base: Instant,
     /// The cache it feeds, once one is attached.
     table: OnceLock<Weak<Table>>,
+    /// The longest an entry answers while the feed vouches for it.
+    hold: Duration,
 }
 
 impl Default for BanFeed {
     fn default() -> Self {
+        Self::with_hold(FED_HOLD)
+    }
+}
+
+impl BanFeed {
+    /// A feed with no subscription yet, whose vouching holds a ban up to
+    /// [`FED_HOLD`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A feed whose vouching holds a ban up to `hold` (at least
+    /// [`MAX_HOLD`]): less than [`FED_HOLD`] where a live subscription
+    /// does not prove every change delivered.
+    pub fn with_hold(hold: Duration) -> Self {
         Self {
             current: AtomicU64::new(0),
             made: AtomicU64::new(0),
             confirmed_ns: AtomicU64::new(0),
             base: Instant::now(),
             table: OnceLock::new(),
+            hold: hold.max(MAX_HOLD),
         }
-    }
-}
-
-impl BanFeed {
-    /// A feed with no subscription yet.
-    pub fn new() -> Self {
-        Self::default()
     }
 
     /// A subscription whose `SUBSCRIBE` was sent at `sent` is confirmed:
@@ -220,7 +232,7 @@ struct Entry {
     /// [`MAX_HOLD`] after the send.
     until: Instant,
     /// Until when it may answer while its feed vouches for it: `ends`,
-    /// but at most [`FED_HOLD`] after the send (`until` with no feed).
+    /// but at most the feed's hold after the send (`until` with no feed).
     fed_until: Instant,
     /// The feed's subscription when the charge was sent (0: none).
     subscription: u64,
@@ -333,7 +345,7 @@ impl<S: Store> BanCache<S> {
     }
 
     /// `inner` with the ban cache in front, told of other replicas'
-    /// operator changes by `feed`: bans are held up to [`FED_HOLD`] while
+    /// operator changes by `feed`: bans are held up to the feed's hold while
     /// the feed is proven live. A feed serves one cache; a second is left
     /// unfed.
     pub fn with_feed(inner: S, feed: Option<Arc<BanFeed>>) -> Self {
@@ -446,11 +458,7 @@ impl<S: Store> BanCache<S> {
                 return;
             }
         }
-        let fed_hold = if self.feed.is_some() {
-            FED_HOLD
-        } else {
-            MAX_HOLD
-        };
+        let fed_hold = self.feed.as_ref().map_or(MAX_HOLD, |f| f.hold);
         let entry = Entry {
             hash,
             scope: Part::of(key.scope),
@@ -692,6 +700,24 @@ mod tests {
         feed.confirmed(Instant::now());
         assert!(!held(&cache, "bot"));
         assert!(!held(&cache, "early"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_feed_that_proves_less_holds_no_longer_than_none() {
+        let feed = Arc::new(BanFeed::with_hold(MAX_HOLD));
+        let cache = BanCache::with_feed(MemoryStore::default(), Some(feed.clone()));
+        feed.subscribed(Instant::now());
+        cache.learn(&penalized("bot"), &banned_for(3600), cache.sent());
+        tokio::time::advance(MAX_HOLD - Duration::from_nanos(1)).await;
+        feed.confirmed(Instant::now());
+        assert!(held(&cache, "bot"));
+        tokio::time::advance(Duration::from_nanos(1)).await;
+        feed.confirmed(Instant::now());
+        assert!(!held(&cache, "bot"), "vouched for, but at most MAX_HOLD");
+        // And the change still arrives at once.
+        cache.learn(&penalized("bot"), &banned_for(3600), cache.sent());
+        feed.changed(Some(&penalized("bot").penalty.unwrap().key));
+        assert!(!held(&cache, "bot"));
     }
 
     #[tokio::test(start_paused = true)]

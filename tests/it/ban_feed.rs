@@ -1,8 +1,8 @@
 //! Operator bans and unbans reach every replica at once on Redis
 //! (standalone, Sentinel, Cluster): two replicas, a ban held in replica
-//! 1's memory well past `MAX_HOLD`, and an unban through replica 0 that
-//! replica 1 serves on its next request; and a killed subscription that
-//! leaves no ban served stale past `MAX_HOLD`.
+//! 1's memory (past `MAX_HOLD` but on Cluster), and an unban through
+//! replica 0 that replica 1 serves on its next request; and a killed
+//! subscription that leaves no ban served stale past `MAX_HOLD`.
 
 use std::time::Duration;
 
@@ -126,19 +126,22 @@ async fn poll(
     None
 }
 
-/// Replica 1 holds `who`'s ban in memory past `MAX_HOLD`: its answers
-/// then cost no script call.
-async fn held_past_max_hold(client: &mut RateLimiterClient<Channel>, who: &str, ports: &[u16]) {
+/// Replica 1 holds `who`'s ban in memory (past `MAX_HOLD` when `long`,
+/// as the feed lets it but on Cluster): its answers then cost no script
+/// call.
+async fn held(client: &mut RateLimiterClient<Channel>, who: &str, ports: &[u16], long: bool) {
     // The ban's own message may reach replica 1 after its first answer
     // and drop what it learned: let it arrive first.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(banned(client, who).await.is_some(), "replica 1 learns it");
-    tokio::time::sleep(MAX_HOLD + Duration::from_millis(300)).await;
+    if long {
+        tokio::time::sleep(MAX_HOLD + Duration::from_millis(300)).await;
+    }
     let calls = evalsha_calls(ports);
     for _ in 0..5 {
         assert!(banned(client, who).await.is_some());
     }
-    assert_eq!(evalsha_calls(ports), calls, "held past MAX_HOLD, fed");
+    assert_eq!(evalsha_calls(ports), calls, "held in memory");
 }
 
 async fn operator_changes_reach_the_other_replica_at_once(
@@ -147,6 +150,9 @@ async fn operator_changes_reach_the_other_replica_at_once(
     ports: &[u16],
 ) {
     assert!(FED_HOLD >= AT_ONCE * 20 && MAX_HOLD >= AT_ONCE * 5);
+    // On Cluster a live subscription proves less, and bans are held at
+    // most MAX_HOLD: still five times the time a change may take here.
+    let long = mode != "cluster";
     let prefix = format!("test:penalty:feed:{mode}:");
     let channel = format!("{prefix}%bans:changed");
     let config = Config::from_yaml(&yaml(mode, &urls, &prefix)).unwrap();
@@ -178,7 +184,7 @@ async fn operator_changes_reach_the_other_replica_at_once(
 
     // Unban through replica 0: replica 1 serves the caller at once.
     admin.ban(ban("spammer", 600)).await.unwrap();
-    held_past_max_hold(&mut clients[1], "spammer", ports).await;
+    held(&mut clients[1], "spammer", ports, long).await;
     let sent = Instant::now();
     admin.unban(unban("spammer")).await.unwrap();
     let rpc = sent.elapsed();
@@ -191,7 +197,7 @@ async fn operator_changes_reach_the_other_replica_at_once(
 
     // A ban that replaces a longer one reaches it at once too.
     admin.ban(ban("spammer", 600)).await.unwrap();
-    held_past_max_hold(&mut clients[1], "spammer", ports).await;
+    held(&mut clients[1], "spammer", ports, long).await;
     admin.ban(ban("spammer", 5)).await.unwrap();
     let (took, _) = poll(&mut clients[1], "spammer", AT_ONCE, |b| {
         b.is_some_and(|left| left <= Duration::from_secs(5))
@@ -203,7 +209,7 @@ async fn operator_changes_reach_the_other_replica_at_once(
     // The subscriptions are killed, and the ban is lifted in Redis with no
     // message (as if it were lost): no ban is served stale past MAX_HOLD.
     admin.ban(ban("lost", 600)).await.unwrap();
-    held_past_max_hold(&mut clients[1], "lost", ports).await;
+    held(&mut clients[1], "lost", ports, long).await;
     for &p in ports {
         let _: i64 = redis::cmd("CLIENT")
             .arg("KILL")
@@ -226,8 +232,13 @@ async fn operator_changes_reach_the_other_replica_at_once(
     poll(&mut clients[1], "lost", MAX_HOLD * 3, |b| b.is_none())
         .await
         .expect("served again");
+    // The bound runs from the send of the request that cached the ban,
+    // before `lifted`; the slack is the request that sees it lifted.
     let took = lifted.elapsed();
-    assert!(took <= MAX_HOLD, "served stale for {took:?} after the kill");
+    assert!(
+        took <= MAX_HOLD + Duration::from_millis(250),
+        "served stale for {took:?} after the kill"
+    );
     println!("{mode}: subscription killed, ban lifted unpublished -> served after {took:?}");
 
     // The subscriptions come back, and carry changes at once again.
@@ -238,7 +249,7 @@ async fn operator_changes_reach_the_other_replica_at_once(
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
     admin.ban(ban("again", 600)).await.unwrap();
-    held_past_max_hold(&mut clients[1], "again", ports).await;
+    held(&mut clients[1], "again", ports, long).await;
     admin.unban(unban("again")).await.unwrap();
     let (took, _) = poll(&mut clients[1], "again", AT_ONCE, |b| b.is_none())
         .await

@@ -42,8 +42,10 @@
 //!
 //! On Cluster, a ping proves the subscribed node live, not the bus from
 //! the node that ran the script: a change published while the bus between
-//! the two is cut is not heard, and is then served stale until the cached
-//! ban's hold ends (at most `ban_cache::FED_HOLD`).
+//! the two is cut is not heard. So on Cluster the ban cache holds a ban no
+//! longer than without a feed (`ban_cache::MAX_HOLD`, 1 s): a change
+//! arrives at once as a rule, and one the bus lost within 1 s, as before
+//! the subscription existed.
 
 use std::sync::Weak;
 use std::time::Duration;

@@ -60,6 +60,7 @@ use super::{
     StoreError,
 };
 use crate::config::RedisConfig;
+use crate::store::ban_cache::BanFeed;
 
 pub mod breaker;
 mod clock;
@@ -118,7 +119,7 @@ struct Inner {
     eviction: eviction::Eviction,
     /// Operator bans and unbans made through other replicas, as heard on
     /// the subscription (`invalidation.rs`), for the ban cache.
-    ban_feed: Arc<crate::store::ban_cache::BanFeed>,
+    ban_feed: Arc<BanFeed>,
     /// Where that subscription connects; taken by
     /// [`RedisStore::spawn_ban_subscriber`].
     ban_source: std::sync::Mutex<Option<invalidation::Source>>,
@@ -147,6 +148,14 @@ impl RedisStore {
             cool_down: config.breaker_cool_down,
         };
         let topology = Topology::build(config)?;
+        // On Cluster a ping proves the subscribed node, not the bus a
+        // change crosses to reach it: hold no longer than without a feed
+        // (`invalidation.rs`).
+        let ban_feed = if topology.is_cluster() {
+            BanFeed::with_hold(crate::store::ban_cache::MAX_HOLD)
+        } else {
+            BanFeed::new()
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 slot_breakers: topology.is_cluster().then(|| SlotBreakers::new(settings)),
@@ -160,7 +169,7 @@ impl RedisStore {
                 coalescer: Coalescer::default(),
                 clock: clock::ReplicaClock::new(config.host_clock_skew_us),
                 eviction: eviction::Eviction::new(config.on_evicting_policy),
-                ban_feed: Arc::default(),
+                ban_feed: Arc::new(ban_feed),
                 ban_source: std::sync::Mutex::new(Some(invalidation::Source::of(config)?)),
             }),
         })
@@ -219,7 +228,7 @@ impl RedisStore {
 impl RedisStore {
     /// What tells this replica's ban cache of bans and unbans made through
     /// other replicas; live once [`RedisStore::spawn_ban_subscriber`] runs.
-    pub fn ban_feed(&self) -> Arc<crate::store::ban_cache::BanFeed> {
+    pub fn ban_feed(&self) -> Arc<BanFeed> {
         self.inner.ban_feed.clone()
     }
 
