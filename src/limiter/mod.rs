@@ -481,13 +481,17 @@ impl<S: Store, E> Limiter<S, E> {
 impl<S: Store, E> Limiter<S, E> {
     /// Reports the strike a joint charge held back, as a dry run of the
     /// same buckets that takes nothing. A failure loses the strike, not
-    /// the answer: the request was decided already.
+    /// the answer: the request was decided already. A charge that was a
+    /// dry run itself owes none (a dry run never strikes).
     async fn strike_together(&self, rules: &Rules, reqs: &[Request<'_>], joint: &Joint<'_, '_>) {
         let (Some(mut charge), Some(mut penalty)) =
             (joint.charge(), joint.penalty(rules, reqs, true))
         else {
             return;
         };
+        if charge.dry_run {
+            return;
+        }
         penalty.forced = true;
         charge.dry_run = true;
         charge.penalty = Some(penalty);

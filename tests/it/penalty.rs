@@ -788,6 +788,15 @@ async fn an_envoy_quota_retry_strikes_only_a_request_denied_for_good_and_only_on
     let alone = l.decide_together(&[team]).await.unwrap();
     assert!(alone[0].banned(), "the second denial for good bans");
 
+    // Dry runs never strike, whatever is over.
+    let dry = Request {
+        dry_run: true,
+        ..quota("other", &team_attrs)
+    };
+    for _ in 0..3 {
+        let ds = l.decide_together(&[dry, dry]).await.unwrap();
+        assert!(ds.iter().all(|d| !d.banned()), "a dry run struck");
+    }
     // Every quota over: the denial stands on them, and its one strike is
     // reported after it (the first charge held it back).
     let twice = quota("other", &team_attrs);
