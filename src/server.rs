@@ -384,11 +384,11 @@ async fn watch_bans<S: Store, E>(
         for scope in rules.scopes().filter(|s| s.penalty.is_some()) {
             let list = PenaltyOp::List {
                 scope: &scope.name,
-                offset: 0,
+                after: None,
                 limit: BANS_SHOWN,
             };
             let listed = limiter.store().penalties(&list).await;
-            if let Ok(PenaltyAnswer::Listed { total, bans }) = listed {
+            if let Ok(PenaltyAnswer::Listed { total, bans, .. }) = listed {
                 metrics.bans_active(&scope.name, total);
                 board.banned(&scope.name, total, &bans);
             }

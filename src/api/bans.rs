@@ -12,7 +12,9 @@ use crate::config::PenaltyPer;
 use crate::limiter::Rules;
 use crate::limiter::penalty::ScopePenalty;
 use crate::pb::tollgate::v1 as pb;
-use crate::store::{PenaltyAnswer, PenaltyKey, PenaltyOp, Store};
+use crate::store::{BanPosition, PenaltyAnswer, PenaltyKey, PenaltyOp, Store};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 /// The longest ban an operator may set.
 pub const MAX_BAN: Duration = Duration::from_secs(366 * 24 * 3600);
@@ -22,6 +24,33 @@ pub const MAX_REASON_LEN: usize = 256;
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 /// The most bans per ListBans page.
 pub const MAX_PAGE_SIZE: u32 = 1_000;
+
+/// The longest `page_token` ListBans gives: a ban's end and the store's
+/// key of a caller (at most a few hundred bytes), base64.
+pub const MAX_PAGE_TOKEN_LEN: usize = 2_048;
+
+/// The page token that resumes after `position`: the ban's end, a dot,
+/// and the caller's store key in URL-safe base64. A place, not a count, so
+/// bans ending between two pages shift nothing.
+fn token(position: &BanPosition) -> String {
+    format!(
+        "{}.{}",
+        position.until,
+        URL_SAFE_NO_PAD.encode(&position.caller)
+    )
+}
+
+/// The position a [`token`] names, if `text` is one.
+fn from_token(text: &str) -> Option<BanPosition> {
+    if text.len() > MAX_PAGE_TOKEN_LEN {
+        return None;
+    }
+    let (until, caller) = text.split_once('.')?;
+    Some(BanPosition {
+        until: until.parse().ok()?,
+        caller: URL_SAFE_NO_PAD.decode(caller).ok()?,
+    })
+}
 
 /// The penalty box of `scope`, or why it cannot be used.
 fn penalty_of<'r>(rules: &'r Rules, scope: &str) -> Result<&'r ScopePenalty, Status> {
@@ -93,6 +122,7 @@ pub(super) async fn ban(
         key,
         duration: length,
         forget: Duration::from_nanos(penalty.rule.forgive_ns),
+        reason: &req.reason,
     };
     let PenaltyAnswer::Banned(ban) = store.penalties(&op).await.map_err(unavailable)? else {
         return Err(Status::internal(
@@ -162,30 +192,31 @@ pub(super) async fn list(
         }
         n => n,
     };
-    let offset = match req.page_token.as_str() {
-        "" => 0,
-        t => t
-            .parse::<u64>()
-            .map_err(|_| validate::invalid("page_token", "is not a token ListBans gave"))?,
+    let after = match req.page_token.as_str() {
+        "" => None,
+        t => Some(
+            from_token(t)
+                .ok_or_else(|| validate::invalid("page_token", "is not a token ListBans gave"))?,
+        ),
     };
     let op = PenaltyOp::List {
         scope: &req.scope,
-        offset,
+        after: after.as_ref().map(BanPosition::cursor),
         limit: u64::from(size),
     };
-    let PenaltyAnswer::Listed { total, bans } = store.penalties(&op).await.map_err(unavailable)?
+    let PenaltyAnswer::Listed { total, bans, more } =
+        store.penalties(&op).await.map_err(unavailable)?
     else {
         return Err(Status::internal(
             "the store answered a listing with something else",
         ));
     };
-    let next = offset + bans.len() as u64;
+    let next_page_token = match bans.last() {
+        Some(last) if more => token(&last.position),
+        _ => String::new(),
+    };
     Ok(pb::ListBansResponse {
-        next_page_token: if next < total {
-            next.to_string()
-        } else {
-            String::new()
-        },
+        next_page_token,
         total,
         bans: bans
             .into_iter()
@@ -194,6 +225,7 @@ pub(super) async fn list(
                 operation: b.operation.unwrap_or_default(),
                 remaining: Some(duration(b.remaining)),
                 until_unix_micros: i64::try_from(b.until_us).unwrap_or(i64::MAX),
+                reason: b.reason,
             })
             .collect(),
     })

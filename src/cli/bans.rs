@@ -144,9 +144,14 @@ pub(crate) async fn bans(args: BansArgs) -> anyhow::Result<String> {
             format!(" operation={}", b.operation)
         };
         let left = b.remaining.as_ref().map_or_else(String::new, secs);
+        let why = if b.reason.is_empty() {
+            String::new()
+        } else {
+            format!("  reason: {}", b.reason)
+        };
         let _ = writeln!(
             out,
-            "  {}{op}  {left} left, until {}",
+            "  {}{op}  {left} left, until {}{why}",
             b.identity,
             when(b.until_unix_micros)
         );

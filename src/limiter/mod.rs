@@ -420,20 +420,33 @@ impl<S: Store, E> Limiter<S, E> {
     /// does, so it is charged again without them, in a second store call.
     /// Each charge is atomic, so nothing is ever over-admitted; the over
     /// ones take nothing.
+    ///
+    /// A request strikes at most once, and only when denied for good: with
+    /// two quota descriptors or more, the first charge holds back their
+    /// strikes; the second charge counts them, and when none follows but
+    /// the denial stands on them, one more call reports the strike (a dry
+    /// run that takes nothing).
     pub async fn decide_together_on(
         &self,
         rules: &Rules,
         reqs: &[Request<'_>],
     ) -> Result<Vec<Decision>, DecideError> {
-        let first = match Joint::plan(rules, reqs) {
-            Ok(joint) => self.charge_together(rules, reqs, &joint).await?,
+        let joint = match Joint::plan(rules, reqs) {
+            Ok(joint) => joint,
             Err(denied) => return Ok(vec![*denied; reqs.len()]),
         };
+        let held_back = joint.quota_may_retry();
+        let first = self
+            .charge_together(rules, reqs, &joint, !held_back)
+            .await?;
         let Some(keep) = plan::quota_retry(&first) else {
+            if held_back && plan::strike_owed(rules, reqs, &first) {
+                self.strike_together(rules, reqs, &joint).await;
+            }
             return Ok(first);
         };
         let mut second = match Joint::plan_some(rules, reqs, &keep) {
-            Ok(joint) => self.charge_together(rules, reqs, &joint).await?,
+            Ok(joint) => self.charge_together(rules, reqs, &joint, true).await?,
             Err(denied) => return Ok(vec![*denied; reqs.len()]),
         };
         for ((d, first), kept) in second.iter_mut().zip(first).zip(keep) {
@@ -444,17 +457,19 @@ impl<S: Store, E> Limiter<S, E> {
         Ok(second)
     }
 
-    /// One atomic charge of a joint plan, and its decisions.
+    /// One atomic charge of a joint plan, and its decisions; quota-mode
+    /// descriptors' denials strike only with `quota_strikes`.
     async fn charge_together(
         &self,
         rules: &Rules,
         reqs: &[Request<'_>],
         joint: &Joint<'_, '_>,
+        quota_strikes: bool,
     ) -> Result<Vec<Decision>, DecideError> {
         let Some(mut charge) = joint.charge() else {
             return Ok(joint.nothing_to_charge());
         };
-        charge.penalty = joint.penalty(rules, reqs);
+        charge.penalty = joint.penalty(rules, reqs, quota_strikes);
         let outcome = self.store.check_and_take_one(&charge).await;
         match outcome {
             Ok(outcome) => Ok(joint.decisions(&outcome)),
@@ -464,6 +479,25 @@ impl<S: Store, E> Limiter<S, E> {
 }
 
 impl<S: Store, E> Limiter<S, E> {
+    /// Reports the strike a joint charge held back, as a dry run of the
+    /// same buckets that takes nothing. A failure loses the strike, not
+    /// the answer: the request was decided already. A charge that was a
+    /// dry run itself owes none (a dry run never strikes).
+    async fn strike_together(&self, rules: &Rules, reqs: &[Request<'_>], joint: &Joint<'_, '_>) {
+        let (Some(mut charge), Some(mut penalty)) =
+            (joint.charge(), joint.penalty(rules, reqs, true))
+        else {
+            return;
+        };
+        if charge.dry_run {
+            return;
+        }
+        penalty.forced = true;
+        charge.dry_run = true;
+        charge.penalty = Some(penalty);
+        let _ = self.store.check_and_take_one(&charge).await;
+    }
+
     /// Which limits of `req`'s scope apply and what each bucket holds now,
     /// from a dry run: nothing is taken. The store's failure mode applies
     /// as to any decision.

@@ -65,6 +65,13 @@ impl ScopePenalty {
         }
     }
 
+    /// True when a denial by the limit named `name` strikes.
+    pub(crate) fn strikes_on(&self, name: &str) -> bool {
+        self.on
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| &**n == name))
+    }
+
     /// The penalty part of the charge for `req` in `scope` drawing on
     /// `buckets`. The anonymous caller (an empty identity) is never boxed:
     /// it is every caller that gave no identity, and one ban would shut

@@ -396,14 +396,24 @@ where
         })
     }
 
+    /// True when a denial of this charge may not stand: two quota-mode
+    /// descriptors or more, so some being over may be answered by a second
+    /// charge without them ([`quota_retry`]).
+    pub(crate) fn quota_may_retry(&self) -> bool {
+        self.specials.iter().filter(|s| s.quota).count() >= 2
+    }
+
     /// The penalty part of the joint charge: only when every request is
     /// the same caller's in one scope (an Envoy request's descriptors, as a
     /// rule), so one record answers for the whole charge. A bucket's
-    /// denial strikes when any request drawing on it counts it.
+    /// denial strikes when any request drawing on it counts it; with
+    /// `quota_strikes` false, a quota-mode descriptor's requests do not
+    /// count theirs (its denial may not stand).
     pub(crate) fn penalty(
         &self,
         rules: &Rules,
         reqs: &[Request<'q>],
+        quota_strikes: bool,
     ) -> Option<crate::store::Penalty<'q>> {
         let (first, rest) = reqs.split_first()?;
         let same = |r: &Request<'q>| {
@@ -416,7 +426,8 @@ where
         let mut part = penalty(rules, first, &mine)?;
         let mut flags: SmallVec<[bool; 4]> = SmallVec::from_elem(false, self.slots.len());
         for (b, &strikes) in self.buckets.iter().zip(&part.strikes_from) {
-            flags[b.slot] |= strikes;
+            let quota = self.specials.get(b.owner).is_some_and(|s| s.quota);
+            flags[b.slot] |= strikes && (quota_strikes || !quota);
         }
         part.strikes_from = flags;
         Some(part)
@@ -551,6 +562,27 @@ pub(crate) fn quota_retry(first: &[Decision]) -> Option<Vec<bool>> {
             .map(|(d, &o)| !(d.quota && o))
             .collect(),
     )
+}
+
+/// True when decisions made together, denied for good, owe a strike their
+/// charge did not count: it was made with quota-mode descriptors' strikes
+/// held back ([`Joint::penalty`]), no retry followed, and an over bucket's
+/// limit strikes in the scope's penalty box.
+pub(crate) fn strike_owed(rules: &Rules, reqs: &[Request<'_>], first: &[Decision]) -> bool {
+    let Some(penalty) = reqs
+        .first()
+        .and_then(|r| rules.scope(r.scope))
+        .and_then(|s| s.penalty.as_ref())
+    else {
+        return false;
+    };
+    !Decision::overall(first)
+        && !first.iter().any(|d| d.banned() || d.penalty.struck)
+        && first
+            .iter()
+            .filter(|d| d.over())
+            .flat_map(|d| &d.buckets)
+            .any(|b| b.exhausted && !b.shadow && penalty.strikes_on(&b.rule))
 }
 
 /// Stands in for an outcome a store failed to return; never read as allowing,

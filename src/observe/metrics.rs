@@ -85,6 +85,8 @@ struct PenaltyMetrics {
     strikes: Family<ScopeLabels, Counter>,
     bans_started: Family<ScopeLabels, Counter>,
     active: Family<ScopeLabels, Gauge<i64, AtomicI64>>,
+    /// 1 while other replicas' operator changes reach this one at once.
+    changes_heard: Gauge<i64, AtomicI64>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -481,6 +483,9 @@ impl Metrics {
         self.store_clock_skew.set(skew as f64 / 1e6);
         self.store_evicting
             .set(i64::from(condition.evicting_policy.is_some()));
+        self.penalties
+            .changes_heard
+            .set(i64::from(condition.ban_changes_heard.unwrap_or(true)));
     }
 
     /// Counts a config reload.
@@ -551,10 +556,17 @@ fn register_penalties(registry: &mut Registry) -> PenaltyMetrics {
         "Callers banned now in a scope, as the store lists them (read every 10 s)",
         active.clone(),
     );
+    let changes_heard = Gauge::default();
+    registry.register(
+        "ban_changes_subscribed",
+        "1 while this replica hears other replicas' operator bans and unbans at once (or, on the embedded store, has none to hear); 0 while its subscription is down and its ban cache holds a ban at most 1 s",
+        changes_heard.clone(),
+    );
     PenaltyMetrics {
         strikes,
         bans_started: bans,
         active,
+        changes_heard,
     }
 }
 

@@ -25,11 +25,13 @@ pub fn build_served<O: StoreObserver>(
     config: &StoreConfig,
     observer: Arc<O>,
 ) -> Result<Served<O>, BuildError> {
-    let observed = Observed::new(build(config)?, observer);
-    Ok(BanCache::new(DenyCache::new(
-        observed,
-        config.deny_cache_on(),
-    )))
+    let store = build(config)?;
+    let feed = store.ban_feed();
+    let observed = Observed::new(store, observer);
+    Ok(BanCache::with_feed(
+        DenyCache::new(observed, config.deny_cache_on()),
+        feed,
+    ))
 }
 
 /// Checks the store settings that only the store itself can judge (such as
@@ -56,6 +58,7 @@ pub fn build(config: &StoreConfig) -> Result<AnyStore, BuildError> {
         StoreKind::Redis => {
             let store = redis::RedisStore::new(&config.redis)?;
             store.spawn_prober(config.redis.breaker_cool_down);
+            store.spawn_ban_subscriber();
             AnyStore::Redis(store)
         }
     })
@@ -72,6 +75,16 @@ pub enum AnyStore {
 }
 
 impl AnyStore {
+    /// What tells the ban cache of other replicas' operator bans and
+    /// unbans: Redis's subscription; none for the embedded store, which
+    /// no other replica shares.
+    pub fn ban_feed(&self) -> Option<Arc<super::ban_cache::BanFeed>> {
+        match self {
+            Self::Memory(_) => None,
+            Self::Redis(s) => Some(s.ban_feed()),
+        }
+    }
+
     /// What must hold before the server takes traffic: on Redis, an
     /// eviction policy that keeps Tollgate's keys (or the config's leave to
     /// serve on one). Redis being down is not a reason to refuse.

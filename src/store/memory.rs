@@ -28,7 +28,8 @@ use tokio::time::Instant;
 use super::keys::KeyPart;
 use super::lease::{LeaseCall, LeaseOp, LeaseOutcome, Pool};
 use super::penalty::{
-    Ban, BanEntry, Penalty, PenaltyAnswer, PenaltyKey, PenaltyOp, PenaltyOutcome, Record,
+    Ban, BanCursor, BanEntry, BanPosition, Penalty, PenaltyAnswer, PenaltyKey, PenaltyOp,
+    PenaltyOutcome, Record,
 };
 use super::{
     BucketCharge, BucketOutcome, Charge, ChargeOutcome, Condition, Settled, Settlement, Store,
@@ -99,8 +100,14 @@ struct Inner {
 }
 
 /// Penalty-box records by their key ([`penalty_key`]), each with the tick
-/// after which it may be forgotten.
-type Records = std::collections::HashMap<Box<[u8]>, (Record, u64)>;
+/// after which it may be forgotten, and the reason of the operator's ban
+/// with that ban's end (it names no later ban).
+type Records = std::collections::HashMap<Box<[u8]>, (Record, u64, Option<(u64, Box<str>)>)>;
+
+/// The bytes a penalty record keyed `key` with `reason` accounts for.
+fn record_bytes(key: &[u8], reason: Option<&(u64, Box<str>)>) -> usize {
+    PENALTY_OVERHEAD + key.len() + reason.map_or(0, |(_, r)| r.len())
+}
 
 /// Bucket bytes per scope, and the room reserved for each configured scope.
 ///
@@ -633,7 +640,7 @@ impl Inner {
         let key = penalty_key(&penalty.key);
         let mut records = self.penalty_shard(&key).lock();
         let now = self.now();
-        let found = records.get(key.as_slice()).map(|(r, _)| *r);
+        let found = records.get(key.as_slice()).map(|(r, _, _)| *r);
         let mut record = found.unwrap_or_default();
         if record.banned_at(now) {
             return Ok(ChargeOutcome {
@@ -659,7 +666,13 @@ impl Inner {
             return Ok(outcome);
         }
         let started = record.strike(&penalty.rule, now);
-        records.insert(key.into(), (record, record.forget_at(&penalty.rule)));
+        let forget_at = record.forget_at(&penalty.rule);
+        match records.get_mut(key.as_slice()) {
+            Some(held) => (held.0, held.1) = (record, forget_at),
+            None => {
+                records.insert(key.into(), (record, forget_at, None));
+            }
+        }
         outcome.penalty = if started {
             banned(record.ban_until, now, true)
         } else {
@@ -680,10 +693,10 @@ impl Inner {
     fn sweep_penalties(&self, now: u64) {
         let mut freed: Vec<(Box<[u8]>, usize)> = Vec::new();
         for shard in self.penalties.iter() {
-            shard.lock().retain(|key, (_, forget_at)| {
+            shard.lock().retain(|key, (_, forget_at, reason)| {
                 let keep = *forget_at > now;
                 if !keep {
-                    freed.push((key.clone(), PENALTY_OVERHEAD + key.len()));
+                    freed.push((key.clone(), record_bytes(key, reason.as_ref())));
                 }
                 keep
             });
@@ -707,18 +720,26 @@ impl Inner {
                 key,
                 duration,
                 forget,
+                reason,
             } => {
                 let k = penalty_key(&key);
                 let mut records = self.penalty_shard(&k).lock();
-                let found = records.get(k.as_slice()).copied();
-                if found.is_none() {
-                    let bytes = PENALTY_OVERHEAD + k.len();
-                    self.make_room(&[(key.scope.as_bytes(), bytes)])?;
-                }
-                let (mut record, forget_at) = found.unwrap_or_default();
+                let found = records.remove(k.as_slice());
+                let (mut record, forget_at, old) = found.clone().unwrap_or_default();
                 record.ban_until = now.saturating_add(ns(duration));
+                let why = (!reason.is_empty()).then(|| (record.ban_until, reason.into()));
+                let (had, needs) = (
+                    found.as_ref().map_or(0, |_| record_bytes(&k, old.as_ref())),
+                    record_bytes(&k, why.as_ref()),
+                );
+                if let Err(e) = self.resize(key.scope.as_bytes(), had, needs) {
+                    if let Some(found) = found {
+                        records.insert(k.into(), found);
+                    }
+                    return Err(e);
+                }
                 let keep = record.ban_until.saturating_add(ns(forget)).max(forget_at);
-                records.insert(k.into(), (record, keep));
+                records.insert(k.into(), (record, keep, why));
                 Ok(PenaltyAnswer::Banned(Ban {
                     retry_after: duration,
                     until_us: record.ban_until / 1_000,
@@ -728,60 +749,94 @@ impl Inner {
             PenaltyOp::Unban { key } => {
                 let k = penalty_key(&key);
                 let gone = self.penalty_shard(&k).lock().remove(k.as_slice());
-                if gone.is_some() {
-                    let bytes = PENALTY_OVERHEAD + k.len();
+                if let Some((_, _, reason)) = &gone {
+                    let bytes = record_bytes(&k, reason.as_ref());
                     self.room.lock().give(key.scope.as_bytes(), bytes);
                     self.held.fetch_sub(bytes, Ordering::Relaxed);
                 }
                 Ok(PenaltyAnswer::Unbanned(
-                    gone.is_some_and(|(r, _)| r.banned_at(now)),
+                    gone.is_some_and(|(r, _, _)| r.banned_at(now)),
                 ))
             }
             PenaltyOp::List {
                 scope,
-                offset,
+                after,
                 limit,
-            } => Ok(self.list_bans(scope, now, offset, limit)),
+            } => Ok(self.list_bans(scope, now, after, limit)),
         }
     }
 }
 
 impl Inner {
     /// A page of `scope`'s bans in force at `now`, by ban end then caller.
-    fn list_bans(&self, scope: &str, now: u64, offset: u64, limit: u64) -> PenaltyAnswer {
-        let mut bans: Vec<(u64, Box<[u8]>)> = Vec::new();
+    fn list_bans(
+        &self,
+        scope: &str,
+        now: u64,
+        after: Option<BanCursor<'_>>,
+        limit: u64,
+    ) -> PenaltyAnswer {
+        let mut bans: Vec<Listed> = Vec::new();
         for shard in self.penalties.iter() {
             bans.extend(
                 shard
                     .lock()
                     .iter()
-                    .filter(|(k, (r, _))| r.banned_at(now) && penalty_scope(k) == scope.as_bytes())
-                    .map(|(k, (r, _))| (r.ban_until, k.clone())),
+                    .filter(|(k, (r, _, _))| {
+                        r.banned_at(now) && penalty_scope(k) == scope.as_bytes()
+                    })
+                    .map(|(k, (r, _, why))| {
+                        // A reason names the ban it came with, not a later one.
+                        let reason = why.as_ref().filter(|(until, _)| *until == r.ban_until);
+                        (r.ban_until, k.clone(), reason.map(|(_, r)| r.clone()))
+                    }),
             );
         }
         bans.sort_unstable();
-        page_of(bans, now, offset, limit)
+        page_of(bans, now, after, limit)
     }
 }
 
-/// The page of `bans` (ban end and key, sorted) from `offset`.
-fn page_of(bans: Vec<(u64, Box<[u8]>)>, now: u64, offset: u64, limit: u64) -> PenaltyAnswer {
+/// A ban listed: its end, its record's key, its reason.
+type Listed = (u64, Box<[u8]>, Option<Box<str>>);
+
+/// The page of `bans` (ban end and key, sorted) after `after`.
+fn page_of(bans: Vec<Listed>, now: u64, after: Option<BanCursor<'_>>, limit: u64) -> PenaltyAnswer {
     let total = bans.len() as u64;
+    let from = after.map_or(0, |c| {
+        bans.partition_point(|(until, key, _)| {
+            BanCursor {
+                until: *until,
+                caller: key,
+            } <= c
+        })
+    });
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let more = bans.len().saturating_sub(from) > limit;
     let page = bans
         .into_iter()
-        .skip(usize::try_from(offset).unwrap_or(usize::MAX))
-        .take(usize::try_from(limit).unwrap_or(usize::MAX))
-        .map(|(until, key)| {
+        .skip(from)
+        .take(limit)
+        .map(|(until, key, reason)| {
             let (identity, operation) = penalty_caller(&key);
             BanEntry {
                 identity,
                 operation,
                 remaining: Duration::from_nanos(until - now),
                 until_us: until / 1_000,
+                position: BanPosition {
+                    until,
+                    caller: key.into_vec(),
+                },
+                reason: reason.map(String::from).unwrap_or_default(),
             }
         })
         .collect();
-    PenaltyAnswer::Listed { total, bans: page }
+    PenaltyAnswer::Listed {
+        total,
+        bans: page,
+        more,
+    }
 }
 
 /// The identity and operation of a key [`penalty_key`] made, a hashed part
@@ -974,6 +1029,21 @@ impl Inner {
                     self.max_bytes
                 )));
             }
+        }
+        Ok(())
+    }
+
+    /// Grows or shrinks what one record of `scope` accounts for, from
+    /// `had` bytes to `needs`; refused, as [`Inner::make_room`], when the
+    /// store or the scope's room is full.
+    fn resize(&self, scope: &[u8], had: usize, needs: usize) -> Result<(), StoreError> {
+        if needs > had {
+            return self.make_room(&[(scope, needs - had)]);
+        }
+        let freed = had - needs;
+        if freed > 0 {
+            self.room.lock().give(scope, freed);
+            self.held.fetch_sub(freed, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -1220,5 +1290,44 @@ mod tests {
         let mut buf = SmallVec::new();
         encode(&mut buf, &bucket);
         assert_eq!(scope_of(&buf), b"tenant-a");
+    }
+
+    #[tokio::test]
+    async fn an_operators_reason_counts_against_the_bound_and_is_given_back() {
+        let store = MemoryStore::with_max_bytes(1, 2_048);
+        let key = PenaltyKey {
+            scope: "s",
+            identity: "bot",
+            operation: None,
+        };
+        let ban = |reason| PenaltyOp::Ban {
+            key,
+            duration: Duration::from_secs(60),
+            forget: Duration::from_secs(60),
+            reason,
+        };
+        let long = "r".repeat(256);
+        store.penalties(&ban("")).await.unwrap();
+        let bare = store.bytes_held();
+        store.penalties(&ban(&long)).await.unwrap();
+        assert_eq!(store.bytes_held(), bare + 256, "the reason is counted");
+        store.penalties(&ban("short")).await.unwrap();
+        assert_eq!(store.bytes_held(), bare + 5, "a shorter one gives back");
+        // Past the bound: refused, and the ban and its reason stand.
+        let many = "m".repeat(256);
+        let full = MemoryStore::with_max_bytes(1, bare + 100);
+        full.penalties(&ban("")).await.unwrap();
+        assert!(full.penalties(&ban(&many)).await.is_err(), "over the bound");
+        let list = PenaltyOp::List {
+            scope: "s",
+            after: None,
+            limit: 10,
+        };
+        let Ok(PenaltyAnswer::Listed { bans, .. }) = full.penalties(&list).await else {
+            panic!("not a listing");
+        };
+        assert_eq!((bans.len(), bans[0].reason.as_str()), (1, ""));
+        store.penalties(&PenaltyOp::Unban { key }).await.unwrap();
+        assert_eq!(store.bytes_held(), 0, "an unban gives every byte back");
     }
 }

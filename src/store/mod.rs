@@ -29,7 +29,8 @@ pub use charge::{
 pub use lease::{LeaseCall, LeaseOp, LeaseOutcome};
 pub use observed::{Observed, StoreObserver};
 pub use penalty::{
-    Ban, BanEntry, Penalty, PenaltyAnswer, PenaltyKey, PenaltyOp, PenaltyOutcome, PenaltyRule,
+    Ban, BanCursor, BanEntry, BanPosition, Penalty, PenaltyAnswer, PenaltyKey, PenaltyOp,
+    PenaltyOutcome, PenaltyRule,
 };
 pub use redis::BuildError;
 
@@ -164,6 +165,10 @@ pub struct Condition {
     /// True when the store answers but this replica should not take
     /// traffic (an evicting policy under `on_evicting_policy: refuse`).
     pub unready: bool,
+    /// Whether other replicas' operator bans and unbans reach this one at
+    /// once (Redis: its subscription is up); `None` for a store no other
+    /// replica shares.
+    pub ban_changes_heard: Option<bool>,
 }
 
 /// Conveniences over [`Store`], for every store.

@@ -192,6 +192,9 @@ pub enum PenaltyOp<'a> {
         duration: Duration,
         /// The scope's `forgive_after`.
         forget: Duration,
+        /// Why, as the operator said (at most 256 bytes; may be empty):
+        /// kept with the ban and listed with it.
+        reason: &'a str,
     },
     /// Lifts `key`'s ban and clears its history: strikes and level.
     Unban {
@@ -199,15 +202,48 @@ pub enum PenaltyOp<'a> {
         key: PenaltyKey<'a>,
     },
     /// The callers of `scope` banned now, ordered by ban end then caller:
-    /// at most `limit`, skipping the first `offset`.
+    /// at most `limit`, those after `after` (all when `None`). Bans that
+    /// end between two pages shift nothing: a page resumes after the last
+    /// one listed, not at a count.
     List {
         /// Whose bans.
         scope: &'a str,
-        /// How many to skip.
-        offset: u64,
+        /// Where the previous page ended.
+        after: Option<BanCursor<'a>>,
         /// The most to return.
         limit: u64,
     },
+}
+
+/// A place in a store's order of bans: a ban's end in the store's ticks,
+/// then the store's own key of its caller. Opaque outside the store that
+/// made it ([`BanEntry::position`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BanCursor<'a> {
+    /// The ban's end, in the store's ticks.
+    pub until: u64,
+    /// The store's key of the caller.
+    pub caller: &'a [u8],
+}
+
+/// A listed ban's place in its store's order, to resume a listing after
+/// it ([`BanCursor`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BanPosition {
+    /// The ban's end, in the store's ticks.
+    pub until: u64,
+    /// The store's key of the caller.
+    pub caller: Vec<u8>,
+}
+
+impl BanPosition {
+    /// The cursor that resumes after this ban.
+    pub fn cursor(&self) -> BanCursor<'_> {
+        BanCursor {
+            until: self.until,
+            caller: &self.caller,
+        }
+    }
 }
 
 /// What the penalty box answered an operator.
@@ -223,6 +259,8 @@ pub enum PenaltyAnswer {
         total: u64,
         /// This page.
         bans: Vec<BanEntry>,
+        /// True when more bans follow this page.
+        more: bool,
     },
 }
 
@@ -238,6 +276,11 @@ pub struct BanEntry {
     pub remaining: Duration,
     /// When it ends, microseconds since the Unix epoch, store clock.
     pub until_us: u64,
+    /// Its place in the store's order, to list the bans after it.
+    pub position: BanPosition,
+    /// The reason of the operator's ban that set it; empty for a ban the
+    /// penalty box started.
+    pub reason: String,
 }
 
 #[cfg(test)]

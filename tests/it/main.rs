@@ -4,6 +4,7 @@
 
 mod admin;
 mod ai_limits;
+mod ban_feed;
 mod cli;
 mod cluster_spread;
 mod coalescing;

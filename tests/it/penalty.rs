@@ -553,7 +553,14 @@ async fn operators_ban_list_and_unban_across_two_replicas_on_redis() {
     assert!(ok, "{listed}");
     assert!(listed.starts_with("5 ban(s) in scope app"), "{listed}");
     assert!(listed.contains("  spammer  "), "{listed}");
-    // Unbanned through replica 0: at once there, within a hold on 1.
+    // The operator's reason is kept with each ban, and listed with it.
+    assert_eq!(
+        listed.matches("  reason: abuse report #42\n").count(),
+        5,
+        "{listed}"
+    );
+    // Unbanned through replica 0: at once there, and on replica 1 as the
+    // published change arrives (timed in ban_feed.rs; here within a hold).
     let unban = UnbanRequest {
         scope: "app".into(),
         identity: "spammer".into(),
@@ -662,6 +669,20 @@ async fn operator_calls_refuse_bad_input_naming_the_field() {
         .await
         .expect_err("too big a page");
     assert!(e.message().starts_with("page_size: "), "{}", e.message());
+    // A token ListBans never gave, or longer than any it gives.
+    let long = format!("1.{}", "A".repeat(tollgate::api::bans::MAX_PAGE_TOKEN_LEN));
+    for token in ["2", "x.AAAA", "12.!!", long.as_str()] {
+        let e = admin
+            .list_bans(ListBansRequest {
+                scope: "app".into(),
+                page_token: token.into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("not a token");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{token}");
+        assert!(e.message().starts_with("page_token: "), "{}", e.message());
+    }
     admin.ban(good).await.expect("a good ban is taken");
 }
 
@@ -723,4 +744,69 @@ async fn failed_logins_reported_as_strikes_over_grpc_ban_the_guesser() {
     let next = ask(&mut client, req("app", "guesser", "read")).await;
     assert_eq!(next.denial_reason, DenialReason::Banned as i32);
     assert!(to_std(&next.retry_after).unwrap() > Duration::from_secs(59));
+}
+
+const QUOTAS: &str = r#"
+envoy_quota_mode: true
+scopes:
+  - name: edge
+    limits:
+      - { name: team, per: identity, capacity: 1, refill_period: 1h, when: { quota: team } }
+      - { name: org, per: identity, capacity: 100, refill_period: 1h, when: { quota: org } }
+    penalty: { strikes: 2, within: 1m, ban: 1m }
+"#;
+
+/// Envoy's quota mode: a request whose first charge is denied only because
+/// some quota descriptors are over is charged again without them. It
+/// strikes at most once, and only when it is denied for good.
+#[tokio::test(start_paused = true)]
+async fn an_envoy_quota_retry_strikes_only_a_request_denied_for_good_and_only_once() {
+    use std::collections::HashMap;
+    let l = limiter(QUOTAS);
+    let team_attrs = HashMap::from([("quota".to_owned(), "team".to_owned())]);
+    let org_attrs = HashMap::from([("quota".to_owned(), "org".to_owned())]);
+    // Entries make them Envoy descriptors, which the global quota mode
+    // makes quota descriptors.
+    let entries = [("user", "agent")];
+    let quota = |identity, attrs| Request {
+        attributes: attrs,
+        entries: &entries,
+        ..Request::new("edge", identity, "call")
+    };
+    let (team, org) = (quota("agent", &team_attrs), quota("agent", &org_attrs));
+    // The team quota is spent at once; then every request is denied on it
+    // first, and passes on the org quota: no strike, so never banned.
+    for i in 0..6 {
+        let ds = l.decide_together(&[team, org]).await.unwrap();
+        assert!(Decision::overall(&ds), "request {i} passes");
+        assert!(ds.iter().all(|d| !d.banned()), "request {i} struck");
+    }
+    // Denied for good on the team quota alone: one strike each, so the
+    // second bans (2 strikes), as if nothing had struck before.
+    let alone = l.decide_together(&[team]).await.unwrap();
+    assert!(!alone[0].allowed && !alone[0].banned());
+    let alone = l.decide_together(&[team]).await.unwrap();
+    assert!(alone[0].banned(), "the second denial for good bans");
+
+    // Dry runs never strike, whatever is over.
+    let dry = Request {
+        dry_run: true,
+        ..quota("other", &team_attrs)
+    };
+    for _ in 0..3 {
+        let ds = l.decide_together(&[dry, dry]).await.unwrap();
+        assert!(ds.iter().all(|d| !d.banned()), "a dry run struck");
+    }
+    // Every quota over: the denial stands on them, and its one strike is
+    // reported after it (the first charge held it back).
+    let twice = quota("other", &team_attrs);
+    let ds = l.decide_together(&[twice, twice]).await.unwrap();
+    assert!(!Decision::overall(&ds) && ds.iter().all(|d| !d.banned()));
+    let ds = l.decide_together(&[twice, twice]).await.unwrap();
+    assert!(!Decision::overall(&ds), "denied; its strike starts the ban");
+    let ds = l.decide_together(&[twice, twice]).await.unwrap();
+    assert!(
+        ds.iter().all(Decision::banned),
+        "two strikes, one per request"
+    );
 }

@@ -13,9 +13,9 @@ use tollgate::bucket::Shape;
 use tollgate::config::HashTag;
 use tollgate::store::memory::MemoryStore;
 use tollgate::store::{
-    BucketCharge, BucketKey, Charge, ChargeOutcome, Condition, LeaseCall, LeaseOp, LeaseOutcome,
-    Once, Open, Penalty, PenaltyAnswer, PenaltyKey, PenaltyOp, PenaltyRule, SettleBucket, Settled,
-    Settlement, Store, StoreError, StoreExt,
+    BanPosition, BucketCharge, BucketKey, Charge, ChargeOutcome, Condition, LeaseCall, LeaseOp,
+    LeaseOutcome, Once, Open, Penalty, PenaltyAnswer, PenaltyKey, PenaltyOp, PenaltyRule,
+    SettleBucket, Settled, Settlement, Store, StoreError, StoreExt,
 };
 use tollgate::window::Window;
 
@@ -481,6 +481,11 @@ async fn operators_ban_list_and_unban(store: &impl Store) {
         },
         duration: Duration::from_secs(30),
         forget: Duration::from_secs(60),
+        reason: if identity == odd {
+            "abuse report #7"
+        } else {
+            ""
+        },
     };
     for who in [odd, long.as_str()] {
         let PenaltyAnswer::Banned(b) = store.penalties(&ban(who)).await.unwrap() else {
@@ -498,15 +503,40 @@ async fn operators_ban_list_and_unban(store: &impl Store) {
     assert!(!o.allowed && o.penalty.banned.is_some());
     let list = PenaltyOp::List {
         scope: "operated",
-        offset: 0,
+        after: None,
         limit: 10,
     };
-    let PenaltyAnswer::Listed { total, bans } = store.penalties(&list).await.unwrap() else {
+    let PenaltyAnswer::Listed { total, bans, .. } = store.penalties(&list).await.unwrap() else {
         panic!("not a listing");
     };
     assert_eq!(total, 2);
     let mut who: Vec<&str> = bans.iter().map(|b| b.identity.as_str()).collect();
     who.sort_unstable();
+    // Each ban lists the reason its operator gave, if any.
+    for b in &bans {
+        let want = if b.identity == odd {
+            "abuse report #7"
+        } else {
+            ""
+        };
+        assert_eq!(b.reason, want, "{}", b.identity);
+    }
+    // A ban that replaces it with no reason lists none.
+    let again = PenaltyOp::Ban {
+        key: PenaltyKey {
+            scope: "operated",
+            identity: odd,
+            operation: None,
+        },
+        duration: Duration::from_secs(30),
+        forget: Duration::from_secs(60),
+        reason: "",
+    };
+    store.penalties(&again).await.unwrap();
+    let PenaltyAnswer::Listed { bans, .. } = store.penalties(&list).await.unwrap() else {
+        panic!("not a listing");
+    };
+    assert!(bans.iter().all(|b| b.reason.is_empty()), "{bans:?}");
     assert_eq!(who[1], odd, "the caller as sent");
     assert!(who[0].starts_with('#') && who[0].len() == 65, "{}", who[0]);
     let unban = PenaltyOp::Unban {
@@ -525,6 +555,60 @@ async fn operators_ban_list_and_unban(store: &impl Store) {
         panic!("not a listing");
     };
     assert_eq!(total, 1);
+}
+
+/// A listing resumes after the last ban it listed, not at a count: bans
+/// that end (here, are lifted) between pages shift nothing, whether or not
+/// the last one listed is still there.
+async fn a_listing_resumes_after_its_last_ban_whatever_ends(store: &impl Store) {
+    let key = |identity| PenaltyKey {
+        scope: "paged",
+        identity,
+        operation: None,
+    };
+    let callers = ["p1", "p2", "p3", "p4", "p5"];
+    for (i, who) in callers.iter().enumerate() {
+        let ban = PenaltyOp::Ban {
+            key: key(who),
+            duration: Duration::from_secs(10 * (i as u64 + 1)),
+            forget: Duration::from_secs(60),
+            reason: "",
+        };
+        store.penalties(&ban).await.unwrap();
+    }
+    let page = async |after: Option<&BanPosition>| {
+        let list = PenaltyOp::List {
+            scope: "paged",
+            after: after.map(BanPosition::cursor),
+            limit: 2,
+        };
+        let PenaltyAnswer::Listed { bans, more, .. } = store.penalties(&list).await.unwrap() else {
+            panic!("not a listing");
+        };
+        let who: Vec<String> = bans.iter().map(|b| b.identity.clone()).collect();
+        (who, more, bans.last().map(|b| b.position.clone()))
+    };
+    let lift = async |who| {
+        let unban = PenaltyOp::Unban { key: key(who) };
+        store.penalties(&unban).await.unwrap();
+    };
+    let (first, more, last) = page(None).await;
+    assert_eq!(
+        (first, more),
+        (vec!["p1".to_owned(), "p2".to_owned()], true)
+    );
+    // Both listed bans end, the last listed one too.
+    lift("p1").await;
+    lift("p2").await;
+    let (second, more, last) = page(last.as_ref()).await;
+    assert_eq!(
+        (second, more),
+        (vec!["p3".to_owned(), "p4".to_owned()], true)
+    );
+    // One before the last listed ends; the last listed is still there.
+    lift("p3").await;
+    let (third, more, _) = page(last.as_ref()).await;
+    assert_eq!((third, more), (vec!["p5".to_owned()], false));
 }
 
 /// Leases: weights count once per id, a dry run and a refusal record
@@ -608,6 +692,7 @@ async fn conforms(store: impl Store) {
         &store,
         the_third_strike_bans_and_a_banned_charge_takes_nothing,
         operators_ban_list_and_unban,
+        a_listing_resumes_after_its_last_ban_whatever_ends,
         reported_strikes_ban_like_denials,
     );
 }

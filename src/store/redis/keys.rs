@@ -113,6 +113,13 @@ pub fn penalty_key(prefix: &str, key: &PenaltyKey<'_>) -> String {
     out
 }
 
+/// The hash of the reasons operators gave for a scope's bans,
+/// `<prefix>{<scope>}:%bans:why` (field: the index's member, value: the
+/// ban's end in µs, `:`, the reason), in the scope's hash slot.
+pub fn reasons_key(prefix: &str, scope: &str) -> String {
+    bans_key(prefix, scope) + ":why"
+}
+
 /// The key of a scope's index of bans in force, in its hash slot: a
 /// sorted set whose members are the caller parts of penalty keys (after
 /// `%pen:`) and whose scores are the bans' ends, for listing them:

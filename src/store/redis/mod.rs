@@ -60,6 +60,7 @@ use super::{
     StoreError,
 };
 use crate::config::RedisConfig;
+use crate::store::ban_cache::BanFeed;
 
 pub mod breaker;
 mod clock;
@@ -67,6 +68,7 @@ mod cluster;
 mod coalesce;
 mod cross_slot;
 mod eviction;
+mod invalidation;
 pub mod keys;
 mod lanes;
 mod lease;
@@ -117,6 +119,12 @@ struct Inner {
     clock: clock::ReplicaClock,
     /// Redis's eviction policy, as last read, and what to do about it.
     eviction: eviction::Eviction,
+    /// Operator bans and unbans made through other replicas, as heard on
+    /// the subscription (`invalidation.rs`), for the ban cache.
+    ban_feed: Arc<BanFeed>,
+    /// Where that subscription connects; taken by
+    /// [`RedisStore::spawn_ban_subscriber`].
+    ban_source: std::sync::Mutex<Option<invalidation::Source>>,
 }
 
 impl RedisStore {
@@ -142,6 +150,14 @@ impl RedisStore {
             cool_down: config.breaker_cool_down,
         };
         let topology = Topology::build(config)?;
+        // On Cluster a ping proves the subscribed node, not the bus a
+        // change crosses to reach it: hold no longer than without a feed
+        // (`invalidation.rs`).
+        let ban_feed = if topology.is_cluster() {
+            BanFeed::with_hold(crate::store::ban_cache::MAX_HOLD)
+        } else {
+            BanFeed::new()
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 slot_breakers: topology.is_cluster().then(|| SlotBreakers::new(settings)),
@@ -156,6 +172,8 @@ impl RedisStore {
                 lease_coalescer: Coalescer::default(),
                 clock: clock::ReplicaClock::new(config.host_clock_skew_us),
                 eviction: eviction::Eviction::new(config.on_evicting_policy),
+                ban_feed: Arc::new(ban_feed),
+                ban_source: std::sync::Mutex::new(Some(invalidation::Source::of(config)?)),
             }),
         })
     }
@@ -207,6 +225,27 @@ impl RedisStore {
                 }
             }
         })
+    }
+}
+
+impl RedisStore {
+    /// What tells this replica's ban cache of bans and unbans made through
+    /// other replicas; live once [`RedisStore::spawn_ban_subscriber`] runs.
+    pub fn ban_feed(&self) -> Arc<BanFeed> {
+        self.inner.ban_feed.clone()
+    }
+
+    /// Starts the subscription that feeds [`RedisStore::ban_feed`] (see
+    /// `invalidation.rs`): made again whenever it ends, until the store
+    /// and the feed are dropped. `None` when already started.
+    pub fn spawn_ban_subscriber(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let source = self.inner.ban_source.lock().ok()?.take()?;
+        Some(invalidation::spawn(
+            Arc::downgrade(&self.inner.ban_feed),
+            source,
+            invalidation::channel(&self.inner.prefix),
+            self.inner.connect_timeout + self.inner.response_timeout,
+        ))
     }
 }
 
@@ -542,6 +581,7 @@ impl Store for RedisStore {
             clock_skew_us: self.inner.clock.skew_us(),
             unready: evicting.is_some() && self.inner.eviction.refuses(),
             evicting_policy: evicting,
+            ban_changes_heard: Some(self.inner.ban_feed.is_live()),
         }
     }
 

@@ -250,17 +250,7 @@ impl Topology {
     /// down and serves by its failure mode until Redis comes.
     pub(crate) fn build(config: &RedisConfig) -> Result<Self, BuildError> {
         let tcp = tcp_settings(config);
-        let infos = config
-            .urls
-            .iter()
-            .map(|u| {
-                u.as_str()
-                    .into_connection_info()
-                    .and_then(|i| with_tls(with_auth(i, config), config))
-                    .map(|i| i.set_tcp_settings(tcp.clone()))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(BuildError::Url)?;
+        let infos = node_infos(config)?;
         let client = |e: RedisError| BuildError::Client(e.to_string());
         let connect = Some(config.connect_timeout);
         let lanes = config.pool_size.max(1);
@@ -285,26 +275,13 @@ impl Topology {
                     .map_err(|e| BuildError::Client(e.to_string()))?;
                 Self::Standalone(Lanes::new(pool, lanes))
             }
-            RedisMode::Sentinel => {
-                let sentinels = sentinel_infos(config)?
-                    .into_iter()
-                    .map(|i| i.set_tcp_settings(tcp.clone()))
-                    .collect();
-                let sentinel = redis::sentinel::SentinelClient::build(
-                    sentinels,
-                    config.master_name.clone().unwrap_or_default(),
-                    Some(sentinel_node(config)),
-                    redis::sentinel::SentinelServerType::Master,
-                )
-                .map_err(client)?;
-                Self::Sentinel(Lanes::new(
-                    SentinelConnector {
-                        client: tokio::sync::Mutex::new(sentinel),
-                        connection,
-                    },
-                    lanes,
-                ))
-            }
+            RedisMode::Sentinel => Self::Sentinel(Lanes::new(
+                SentinelConnector {
+                    client: tokio::sync::Mutex::new(sentinel_client(config)?),
+                    connection,
+                },
+                lanes,
+            )),
             RedisMode::Cluster => {
                 // Retries off: the client would resend a whole request after
                 // a redirect or a dropped connection, possibly after the
@@ -386,6 +363,41 @@ impl Topology {
             Self::Cluster(l) => l.forget_all(),
         }
     }
+}
+
+/// Each URL's connection info, with the config's credentials, TLS and
+/// socket settings.
+pub(crate) fn node_infos(config: &RedisConfig) -> Result<Vec<ConnectionInfo>, BuildError> {
+    let tcp = tcp_settings(config);
+    config
+        .urls
+        .iter()
+        .map(|u| {
+            u.as_str()
+                .into_connection_info()
+                .and_then(|i| with_tls(with_auth(i, config), config))
+                .map(|i| i.set_tcp_settings(tcp.clone()))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(BuildError::Url)
+}
+
+/// A client that asks the sentinels for the current primary.
+pub(crate) fn sentinel_client(
+    config: &RedisConfig,
+) -> Result<redis::sentinel::SentinelClient, BuildError> {
+    let tcp = tcp_settings(config);
+    let sentinels = sentinel_infos(config)?
+        .into_iter()
+        .map(|i| i.set_tcp_settings(tcp.clone()))
+        .collect();
+    redis::sentinel::SentinelClient::build(
+        sentinels,
+        config.master_name.clone().unwrap_or_default(),
+        Some(sentinel_node(config)),
+        redis::sentinel::SentinelServerType::Master,
+    )
+    .map_err(|e| BuildError::Client(e.to_string()))
 }
 
 fn with_auth(info: ConnectionInfo, config: &RedisConfig) -> ConnectionInfo {

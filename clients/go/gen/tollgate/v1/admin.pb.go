@@ -456,8 +456,11 @@ type BannedCaller struct {
 	Operation       string               `protobuf:"bytes,2,opt,name=operation,proto3" json:"operation,omitempty"`
 	Remaining       *durationpb.Duration `protobuf:"bytes,3,opt,name=remaining,proto3" json:"remaining,omitempty"`
 	UntilUnixMicros int64                `protobuf:"varint,4,opt,name=until_unix_micros,json=untilUnixMicros,proto3" json:"until_unix_micros,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// The `reason` of the operator's Ban that set this ban; empty for a ban
+	// the penalty box started, or one set with no reason.
+	Reason        string `protobuf:"bytes,50,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *BannedCaller) Reset() {
@@ -516,6 +519,13 @@ func (x *BannedCaller) GetUntilUnixMicros() int64 {
 		return x.UntilUnixMicros
 	}
 	return 0
+}
+
+func (x *BannedCaller) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
 }
 
 type ListBansResponse struct {
@@ -1539,12 +1549,13 @@ const file_tollgate_v1_admin_proto_rawDesc = "" +
 	"\x05scope\x18\x01 \x01(\tR\x05scope\x12\x1b\n" +
 	"\tpage_size\x18\x02 \x01(\rR\bpageSize\x12\x1d\n" +
 	"\n" +
-	"page_token\x18\x03 \x01(\tR\tpageToken\"\xad\x01\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\"\xc5\x01\n" +
 	"\fBannedCaller\x12\x1a\n" +
 	"\bidentity\x18\x01 \x01(\tR\bidentity\x12\x1c\n" +
 	"\toperation\x18\x02 \x01(\tR\toperation\x127\n" +
 	"\tremaining\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\tremaining\x12*\n" +
-	"\x11until_unix_micros\x18\x04 \x01(\x03R\x0funtilUnixMicros\"\x7f\n" +
+	"\x11until_unix_micros\x18\x04 \x01(\x03R\x0funtilUnixMicros\x12\x16\n" +
+	"\x06reason\x182 \x01(\tR\x06reason\"\x7f\n" +
 	"\x10ListBansResponse\x12-\n" +
 	"\x04bans\x18\x01 \x03(\v2\x19.tollgate.v1.BannedCallerR\x04bans\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12\x14\n" +
