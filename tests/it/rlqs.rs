@@ -924,3 +924,148 @@ async fn two_replicas_on_one_redis_hold_their_envoys_to_one_limit() {
     assert!(ba > qa && bs > qs, "busy {ba} ({bs}), quiet {qa} ({qs})");
     assert!(qs > 0, "the quiet Envoy starves");
 }
+
+#[tokio::test]
+async fn reflection_lists_and_resolves_the_quota_service() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    const SERVICE: &str = "envoy.service.rate_limit_quota.v3.RateLimitQuotaService";
+    let server = TestServer::start(&config("")).await;
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let mut ask = async |m: MessageRequest| {
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(m),
+        };
+        let mut stream = client
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .expect("reflection")
+            .into_inner();
+        let answer = stream.message().await.expect("message").expect("answer");
+        answer.message_response.expect("a response")
+    };
+    let MessageResponse::ListServicesResponse(list) =
+        ask(MessageRequest::ListServices(String::new())).await
+    else {
+        panic!("not a list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.iter().any(|n| n == SERVICE), "{names:?}");
+    let MessageResponse::FileDescriptorResponse(files) =
+        ask(MessageRequest::FileContainingSymbol(SERVICE.to_owned())).await
+    else {
+        panic!("no descriptor for {SERVICE}");
+    };
+    // The file and its imports, each fetched by name as grpcurl does,
+    // resolve into one pool.
+    let mut files: Vec<prost_types::FileDescriptorProto> = files
+        .file_descriptor_proto
+        .iter()
+        .map(|b| prost::Message::decode(b.as_slice()).expect("a file"))
+        .collect();
+    let mut pool = prost_reflect::DescriptorPool::new();
+    for _ in 0..32 {
+        let Some(next) = files.iter().position(|f| {
+            f.dependency
+                .iter()
+                .all(|d| pool.get_file_by_name(d).is_some())
+        }) else {
+            let wanted: Vec<String> = files
+                .iter()
+                .flat_map(|f| f.dependency.clone())
+                .filter(|d| {
+                    pool.get_file_by_name(d).is_none() && !files.iter().any(|f| f.name() == d)
+                })
+                .collect();
+            let Some(name) = wanted.first() else {
+                panic!("imports that never resolve: {files:?}");
+            };
+            let MessageResponse::FileDescriptorResponse(more) =
+                ask(MessageRequest::FileByFilename(name.clone())).await
+            else {
+                panic!("no file {name}");
+            };
+            for b in &more.file_descriptor_proto {
+                files.push(prost::Message::decode(b.as_slice()).expect("a file"));
+            }
+            continue;
+        };
+        let file = files.remove(next);
+        if pool.get_file_by_name(file.name()).is_none() {
+            pool.add_file_descriptor_proto(file)
+                .expect("the file resolves");
+        }
+        if files.is_empty() {
+            break;
+        }
+    }
+    let method = pool
+        .get_service_by_name(SERVICE)
+        .expect("service")
+        .methods()
+        .next()
+        .expect("method");
+    assert_eq!(method.name(), "StreamRateLimitQuotas");
+    assert!(method.is_client_streaming() && method.is_server_streaming());
+}
+
+#[test]
+fn the_quota_descriptors_reflection_serves_decode_what_envoy_types_encodes() {
+    use envoy_types::pb::envoy::r#type::v3::{RateLimitStrategy, TokenBucket};
+    use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_response::BucketAction;
+    use envoy_types::pb::envoy::service::rate_limit_quota::v3::rate_limit_quota_response::bucket_action::QuotaAssignmentAction;
+    use envoy_types::pb::google::protobuf::UInt32Value;
+    use prost::Message;
+
+    let pool = prost_reflect::DescriptorPool::decode(tollgate::pb::ENVOY_RLS_FILE_DESCRIPTOR_SET)
+        .expect("descriptor set");
+    let usage = report("fleet", &[bucket(&[("tenant", "t1")])], 3);
+    let mut denied = usage.clone();
+    denied.bucket_quota_usages[0].num_requests_denied = 4;
+    let strategy = |s| RateLimitStrategy { strategy: Some(s) };
+    let assign = |s| BucketAction {
+        bucket_id: Some(bucket(&[("tenant", "t1")])),
+        bucket_action: Some(Action::QuotaAssignmentAction(QuotaAssignmentAction {
+            assignment_time_to_live: Some(PbDuration {
+                seconds: 15,
+                nanos: 0,
+            }),
+            rate_limit_strategy: Some(strategy(s)),
+        })),
+    };
+    let response = RateLimitQuotaResponse {
+        bucket_action: vec![
+            assign(Strategy::TokenBucket(TokenBucket {
+                max_tokens: 9,
+                tokens_per_fill: Some(UInt32Value { value: 9 }),
+                fill_interval: Some(PbDuration {
+                    seconds: 1,
+                    nanos: 1,
+                }),
+            })),
+            assign(Strategy::BlanketRule(BlanketRule::DenyAll.into())),
+            BucketAction {
+                bucket_id: Some(bucket(&[("tenant", "t2")])),
+                bucket_action: Some(Action::AbandonAction(Default::default())),
+            },
+        ],
+    };
+    for (name, bytes) in [
+        ("RateLimitQuotaUsageReports", denied.encode_to_vec()),
+        ("RateLimitQuotaResponse", response.encode_to_vec()),
+    ] {
+        let full = format!("envoy.service.rate_limit_quota.v3.{name}");
+        let desc = pool.get_message_by_name(&full).expect(&full);
+        let msg = prost_reflect::DynamicMessage::decode(desc, bytes.as_slice()).expect(&full);
+        crate::envoy_compat::no_unknown_fields(&msg, name);
+        assert_eq!(
+            msg.encode_to_vec(),
+            bytes,
+            "{name} round-trips byte for byte"
+        );
+    }
+}
