@@ -289,6 +289,35 @@ mod tests {
     }
 
     #[test]
+    fn other_replicas_streams_count_in_the_water_fill() {
+        // The same levels as if the other stream were one of ours.
+        let ours = [member(Some(15_000), 0)];
+        let fleet = Fleet {
+            streams: 1,
+            ask_milli: 6_250,
+        };
+        assert_eq!(targets_among(POOL, &ours, fleet), vec![11_750]);
+        // An unmeasured stream asks an equal share of the whole fleet.
+        let fresh = [member(None, 0)];
+        let three = Fleet {
+            streams: 2,
+            ask_milli: 40_000,
+        };
+        assert_eq!(targets_among(POOL, &fresh, three), vec![6_000]);
+    }
+
+    #[test]
+    fn growth_stays_within_the_cap_and_shrinks_do_not_wait_for_it() {
+        let grows = member(None, 1_000);
+        let shrinks = member(Some(1_000), 8_000);
+        let new = rebalance_to(&[grows, shrinks], &[9_000, 1_250], 10_000);
+        // 8 000 is still held by the shrinking one: 1 000 is free.
+        assert_eq!(new, vec![2_000, 1_250]);
+        assert_eq!(wanted(&[grows, shrinks], &[9_000, 1_250]), 17_000);
+        assert_eq!(held(&[grows, shrinks]), 9_000);
+    }
+
+    #[test]
     fn small_moves_are_not_sent() {
         let m = member(Some(7_500), 10_000);
         assert_eq!(rebalance(POOL, &[m]), vec![10_000]);

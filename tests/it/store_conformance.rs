@@ -729,6 +729,7 @@ async fn redis_standalone_conforms() {
 async fn redis_sentinel_conforms() {
     let redis = tokio::task::spawn_blocking(Sentinel::start).await.unwrap();
     conforms(redis.store("conformance")).await;
+    demand_is_shared_within_the_limit(&redis.store("conformance-demand")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
