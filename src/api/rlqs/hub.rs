@@ -15,8 +15,8 @@
 //! (one async gate per group, held across the store call): the store's
 //! entry for this replica then never says less than its streams may hold.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -49,6 +49,15 @@ pub const DEMAND_TTL: Duration = Duration::from_secs(20);
 /// The most replicas a group keeps entries for; a replica past it gets no
 /// share of that group (its streams are denied) until an entry expires.
 pub const MAX_REPLICAS: u64 = 64;
+
+/// While the store holds back a group's growth (another replica's streams
+/// still hold the rest), the group is published again this often, up to
+/// [`GROWTH_RETRIES`] times: a report interval, after which the streams'
+/// own reports take over.
+pub const GROWTH_RETRY_EVERY: Duration = Duration::from_secs(1);
+
+/// See [`GROWTH_RETRY_EVERY`].
+pub const GROWTH_RETRIES: u32 = 5;
 
 /// Every stream of this replica, and the groups their buckets draw on.
 #[derive(Debug)]
@@ -93,6 +102,8 @@ struct State {
     /// when: one timer per group at most, however many reports arrive
     /// meanwhile, pushed back when a later denial runs longer.
     resends: HashMap<GroupKey, Instant>,
+    /// Groups whose held-back growth is being retried: one task per group.
+    retrying: HashSet<GroupKey>,
 }
 
 /// One group on this replica.
@@ -240,30 +251,52 @@ impl Hub {
     /// group's demand to the store, rebalances the group within what the
     /// store grants, and sends every stream whose share moved its new one
     /// (and the reporter its own, unchanged or not, which extends it).
-    pub(crate) async fn report<S: Store>(&self, store: &S, r: Report) {
+    /// True when the store granted less than the streams' targets: other
+    /// replicas still hold the rest (see [`Hub::republish`]).
+    pub(crate) async fn report<S: Store>(&self, store: &S, r: Report) -> bool {
         let gate = self.gate(&r.group);
         let _one_at_a_time = gate.lock().await;
         let Some(publication) = self.prepare(Some(&r), &r.group) else {
-            return;
+            return false;
         };
         let answer = self.publish(store, &r.group, &publication).await;
+        let blocked = held_back(&answer, &publication);
         self.apply(Some(&r), &r.group, answer);
+        blocked
     }
 
-    /// Publishes `group` again after a stream left it, so the others (here
-    /// and on other replicas) may grow into what it gave back; forgets the
-    /// group once no stream of this replica draws on it.
-    pub(crate) async fn republish<S: Store>(&self, store: &S, group: &GroupKey) {
+    /// Publishes `group` again: after a stream left it, so the others (here
+    /// and on other replicas) may grow into what it gave back; and while
+    /// its growth is held back, so it grows as soon as another replica's
+    /// streams have confirmed a shrink, not only at its own next report.
+    /// Forgets the group once no stream of this replica draws on it. True
+    /// while growth is still held back.
+    pub(crate) async fn republish<S: Store>(&self, store: &S, group: &GroupKey) -> bool {
         let gate = self.gate(group);
         let _one_at_a_time = gate.lock().await;
+        let mut blocked = false;
         if let Some(publication) = self.prepare(None, group) {
             let answer = self.publish(store, group, &publication).await;
+            blocked = held_back(&answer, &publication);
             self.apply(None, group, answer);
         }
         let mut state = self.lock();
         if state.groups.get(group).is_some_and(|g| g.seats.is_empty()) {
             state.groups.remove(group);
+            blocked = false;
         }
+        blocked
+    }
+
+    /// Claims the retries of `group`'s held-back growth: true when none
+    /// runs for it yet, so the caller starts one (and ends it).
+    pub(crate) fn claim_retry(&self, group: &GroupKey) -> bool {
+        self.lock().retrying.insert(group.clone())
+    }
+
+    /// Ends the retries of `group`.
+    pub(crate) fn end_retry(&self, group: &GroupKey) {
+        self.lock().retrying.remove(group);
     }
 
     /// The group's gate, creating the group if new.
@@ -446,6 +479,13 @@ impl Hub {
         // change under the lock is a few plain assignments.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// True when the store answered with less than the group asked for.
+fn held_back(answer: &Result<DemandAnswer, StoreError>, p: &Publication) -> bool {
+    answer
+        .as_ref()
+        .is_ok_and(|a| a.granted_milli < p.held_milli)
 }
 
 /// The limit that binds the group in the store: the one of least rate.

@@ -369,8 +369,32 @@ impl<S: Store> Stream<S> {
                 hash_tag: rules.hash_tag_of(domain),
                 deny_for,
             };
-            self.hub.report(self.limiter.store(), report).await;
+            let group = report.group.clone();
+            if self.hub.report(self.limiter.store(), report).await {
+                self.retry_growth(group);
+            }
         }
+    }
+}
+
+impl<S: Store> Stream<S> {
+    /// Publishes `group` again every [`hub::GROWTH_RETRY_EVERY`] while the
+    /// store holds its growth back, up to [`hub::GROWTH_RETRIES`] times;
+    /// one task per group.
+    fn retry_growth(&self, group: GroupKey) {
+        if !self.hub.claim_retry(&group) {
+            return;
+        }
+        let (hub, limiter) = (self.hub.clone(), self.limiter.clone());
+        tokio::spawn(async move {
+            for _ in 0..hub::GROWTH_RETRIES {
+                tokio::time::sleep(hub::GROWTH_RETRY_EVERY).await;
+                if !hub.republish(limiter.store(), &group).await {
+                    break;
+                }
+            }
+            hub.end_retry(&group);
+        });
     }
 }
 
