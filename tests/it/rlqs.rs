@@ -925,7 +925,9 @@ async fn two_replicas_on_one_redis_hold_their_envoys_to_one_limit() {
         bound(secs)
     );
     assert!(most <= RATE * 1000, "the replicas assigned {most} at once");
-    assert!(ba > qa && bs > qs, "busy {ba} ({bs}), quiet {qa} ({qs})");
+    // Once the shares have settled: over the whole run, the Envoy that
+    // reported first leads (docs/rlqs.md, Measured).
+    assert!(bs > qs, "second half: busy {bs}, quiet {qs}");
     assert!(qs > 0, "the quiet Envoy starves");
 }
 
