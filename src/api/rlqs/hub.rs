@@ -160,10 +160,16 @@ pub(crate) struct Report {
 struct Publication {
     /// The binding limit's rule, which names the store's entry.
     rule: Arc<str>,
+    /// Places the entry in the scope's slot.
     hash_tag: HashTag,
+    /// What the streams would hold at their targets, with what they still
+    /// hold: the most this replica asks to hold.
     held_milli: u64,
+    /// What they ask for, for the other replicas' water-fill.
     ask_milli: u64,
+    /// How many they are, likewise.
     streams: u64,
+    /// The binding limit's rate, which live entries never sum above.
     limit_milli: u64,
 }
 
