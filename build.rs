@@ -1,5 +1,5 @@
 //! Code generation for `proto/` and nothing else; and the descriptors of
-//! Envoy's RLS v3 from `reflection/`, for server reflection only.
+//! Envoy's RLS v3 and RLQS from `reflection/`, for server reflection only.
 
 fn main() -> anyhow::Result<()> {
     let protos = [
@@ -20,9 +20,16 @@ fn main() -> anyhow::Result<()> {
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }
-    // `envoy-types` serves the RLS but exports no descriptors; these files
-    // describe its messages for reflection (see reflection/README.md).
-    let rls = protox::compile(["envoy/service/ratelimit/v3/rls.proto"], ["reflection"])?;
+    // `envoy-types` serves the RLS and RLQS but exports no descriptors;
+    // these files describe their messages for reflection (see
+    // reflection/README.md).
+    let rls = protox::compile(
+        [
+            "envoy/service/ratelimit/v3/rls.proto",
+            "envoy/service/rate_limit_quota/v3/rlqs.proto",
+        ],
+        ["reflection"],
+    )?;
     std::fs::write(
         out.join("envoy_rls_descriptor.bin"),
         prost::Message::encode_to_vec(&rls),

@@ -660,6 +660,13 @@ scopes:
             Err(StoreError::transient("connection refused"))
         }
 
+        async fn demand(
+            &self,
+            _: &crate::store::DemandCall<'_>,
+        ) -> Result<crate::store::DemandAnswer, StoreError> {
+            Err(StoreError::transient("connection refused"))
+        }
+
         fn is_available(&self) -> bool {
             false
         }

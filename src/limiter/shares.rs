@@ -7,6 +7,11 @@
 //! leaves a share alone unless it moves by more than the step. The caller
 //! keeps what each member may still hold (`outstanding`): a member that
 //! was told to shrink holds its old share until it has reported since.
+//!
+//! Across replicas, the members of one replica are water-filled together
+//! with the rest of the fleet's streams ([`Fleet`], as the store last told
+//! it: each of them asks an equal part of what they ask in all), and grow
+//! only within the rate the store granted this replica ([`rebalance_to`]).
 //! docs/rlqs.md states the algorithm and its constants.
 
 /// Of a limit's rate, the part (in thousandths) never planned for members
@@ -56,10 +61,16 @@ pub struct Member {
 /// `Σ max(outstanding, new) ≤ R`: a share grows only out of what no member
 /// may still hold.
 pub fn rebalance(pool: Pool, members: &[Member]) -> Vec<u64> {
-    let targets = targets(pool, members);
+    rebalance_to(members, &targets(pool, members), pool.rate_milli)
+}
+
+/// The new share of each member, moving towards `targets` and growing only
+/// within `cap`: for `Σ max(outstanding, assigned) ≤ cap` on entry, the
+/// result keeps `Σ max(outstanding, new) ≤ cap`.
+pub fn rebalance_to(members: &[Member], targets: &[u64], cap: u64) -> Vec<u64> {
     let mut new: Vec<u64> = members.iter().map(|m| m.assigned).collect();
     let mut growers = Vec::new();
-    for (i, (m, &target)) in members.iter().zip(&targets).enumerate() {
+    for (i, (m, &target)) in members.iter().zip(targets).enumerate() {
         if !moves(m.assigned, target) {
             continue;
         }
@@ -74,7 +85,7 @@ pub fn rebalance(pool: Pool, members: &[Member]) -> Vec<u64> {
         .zip(&new)
         .map(|(m, &n)| m.outstanding.max(m.assigned).max(n))
         .sum();
-    let mut free = pool.rate_milli.saturating_sub(held);
+    let mut free = cap.saturating_sub(held);
     for i in growers {
         let m = &members[i];
         // What it already holds covers part of the growth.
@@ -102,13 +113,65 @@ fn moves(current: u64, target: u64) -> bool {
 /// A member not measured yet asks for an equal share; none is planned below
 /// the floor while the rate has room for it.
 pub fn targets(pool: Pool, members: &[Member]) -> Vec<u64> {
-    let n = members.len() as u64;
-    if n == 0 {
+    targets_among(pool, members, Fleet::default())
+}
+
+/// The rest of the fleet (other replicas' streams on the same group), as
+/// the store last told it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Fleet {
+    /// How many streams.
+    pub streams: u64,
+    /// What they ask for in all, in millitokens per second.
+    pub ask_milli: u64,
+}
+
+/// [`targets`] for this replica's `members` among the rest of the fleet:
+/// the water-fill runs over every stream of the fleet, each of the others
+/// asking an equal part of `fleet.ask_milli`, and returns the members'
+/// part. Every replica that sees the same fleet computes the same levels.
+pub fn targets_among(pool: Pool, members: &[Member], fleet: Fleet) -> Vec<u64> {
+    let asks = asks(pool, members, fleet);
+    let n = members.len() as u64 + fleet.streams;
+    if members.is_empty() {
         return Vec::new();
     }
-    let avail = pool.rate_milli - permille(pool.rate_milli, HEADROOM_PERMILLE);
+    let avail = available(pool);
     let floor = FLOOR_MILLI.min(avail / n);
-    let asks: Vec<u64> = members
+    let other = match fleet.streams {
+        0 => None,
+        k => Some(((fleet.ask_milli / k).max(floor), k)),
+    };
+    // (ask, how many ask it, which member or none for the others)
+    let mut order: Vec<(u64, u64, Option<usize>)> = asks
+        .iter()
+        .enumerate()
+        .map(|(i, &a)| (a, 1, Some(i)))
+        .chain(other.map(|(a, k)| (a, k, None)))
+        .collect();
+    order.sort_by_key(|&(a, ..)| a);
+    let mut out = vec![0; members.len()];
+    let (mut left, mut remaining) = (avail, n);
+    for (ask, count, who) in order {
+        // Equal asks get one level, rounded down: never more than is left.
+        let each = ask.min(left / remaining);
+        if let Some(i) = who {
+            out[i] = each;
+        }
+        left -= each.saturating_mul(count).min(left);
+        remaining -= count;
+    }
+    out
+}
+
+/// What each member asks for, among `fleet`: its demand plus slack, or an
+/// equal share of the rate less the headroom when not measured yet; at
+/// least the floor while the rate has room for one per stream.
+pub fn asks(pool: Pool, members: &[Member], fleet: Fleet) -> Vec<u64> {
+    let n = (members.len() as u64 + fleet.streams).max(1);
+    let avail = available(pool);
+    let floor = FLOOR_MILLI.min(avail / n);
+    members
         .iter()
         .map(|m| {
             // Demand comes from what an Envoy reports: any u64.
@@ -117,17 +180,30 @@ pub fn targets(pool: Pool, members: &[Member]) -> Vec<u64> {
             });
             ask.max(floor)
         })
-        .collect();
-    let mut order: Vec<usize> = (0..members.len()).collect();
-    order.sort_by_key(|&i| asks[i]);
-    let mut out = vec![0; members.len()];
-    let mut left = avail;
-    for (k, &i) in order.iter().enumerate() {
-        let level = left / (n - k as u64);
-        out[i] = asks[i].min(level);
-        left -= out[i];
-    }
-    out
+        .collect()
+}
+
+/// The rate less the headroom: what the water-fill plans.
+fn available(pool: Pool) -> u64 {
+    pool.rate_milli - permille(pool.rate_milli, HEADROOM_PERMILLE)
+}
+
+/// What `members` may hold now: `Σ max(outstanding, assigned)`.
+pub fn held(members: &[Member]) -> u64 {
+    members
+        .iter()
+        .map(|m| m.outstanding.max(m.assigned))
+        .fold(0, u64::saturating_add)
+}
+
+/// What `members` would hold if every one reached its target, with what
+/// they still hold: `Σ max(outstanding, assigned, target)`.
+pub fn wanted(members: &[Member], targets: &[u64]) -> u64 {
+    members
+        .iter()
+        .zip(targets)
+        .map(|(m, &t)| m.outstanding.max(m.assigned).max(t))
+        .fold(0, u64::saturating_add)
 }
 
 /// `p` thousandths of `x`, rounded down, without overflow.
@@ -210,6 +286,35 @@ mod tests {
             outstanding: 2_000,
         };
         assert_eq!(rebalance(POOL, &[confirmed, newcomer])[1], 9_000);
+    }
+
+    #[test]
+    fn other_replicas_streams_count_in_the_water_fill() {
+        // The same levels as if the other stream were one of ours.
+        let ours = [member(Some(15_000), 0)];
+        let fleet = Fleet {
+            streams: 1,
+            ask_milli: 6_250,
+        };
+        assert_eq!(targets_among(POOL, &ours, fleet), vec![11_750]);
+        // An unmeasured stream asks an equal share of the whole fleet.
+        let fresh = [member(None, 0)];
+        let three = Fleet {
+            streams: 2,
+            ask_milli: 40_000,
+        };
+        assert_eq!(targets_among(POOL, &fresh, three), vec![6_000]);
+    }
+
+    #[test]
+    fn growth_stays_within_the_cap_and_shrinks_do_not_wait_for_it() {
+        let grows = member(None, 1_000);
+        let shrinks = member(Some(1_000), 8_000);
+        let new = rebalance_to(&[grows, shrinks], &[9_000, 1_250], 10_000);
+        // 8 000 is still held by the shrinking one: 1 000 is free.
+        assert_eq!(new, vec![2_000, 1_250]);
+        assert_eq!(wanted(&[grows, shrinks], &[9_000, 1_250]), 17_000);
+        assert_eq!(held(&[grows, shrinks]), 9_000);
     }
 
     #[test]

@@ -514,6 +514,13 @@ impl<S: Store> Store for BanCache<S> {
         self.inner.lease(call).await
     }
 
+    async fn demand(
+        &self,
+        call: &super::DemandCall<'_>,
+    ) -> Result<super::DemandAnswer, StoreError> {
+        self.inner.demand(call).await
+    }
+
     async fn settle(&self, settlement: &Settlement<'_>) -> Result<Settled, StoreError> {
         self.inner.settle(settlement).await
     }

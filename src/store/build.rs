@@ -135,6 +135,16 @@ impl Store for AnyStore {
         }
     }
 
+    async fn demand(
+        &self,
+        call: &super::DemandCall<'_>,
+    ) -> Result<super::DemandAnswer, StoreError> {
+        match self {
+            Self::Memory(s) => s.demand(call).await,
+            Self::Redis(s) => s.demand(call).await,
+        }
+    }
+
     fn is_available(&self) -> bool {
         match self {
             Self::Memory(s) => s.is_available(),

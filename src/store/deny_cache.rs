@@ -449,6 +449,14 @@ impl<S: Store> Store for DenyCache<S> {
         self.inner.lease(call).await
     }
 
+    /// Quota demand passes through: it takes no tokens.
+    async fn demand(
+        &self,
+        call: &super::DemandCall<'_>,
+    ) -> Result<super::DemandAnswer, StoreError> {
+        self.inner.demand(call).await
+    }
+
     async fn check_and_take_each(
         &self,
         charges: &[Charge<'_>],

@@ -13,6 +13,7 @@ use std::sync::Arc;
 pub mod ban_cache;
 pub mod build;
 pub mod charge;
+pub mod demand;
 pub mod deny_cache;
 pub mod keys;
 pub mod lease;
@@ -26,6 +27,7 @@ pub use charge::{
     BucketCharge, BucketKey, BucketOutcome, Charge, ChargeOutcome, Once, Open, SettleBucket,
     Settled, Settlement,
 };
+pub use demand::{DemandAnswer, DemandCall, Others};
 pub use lease::{LeaseCall, LeaseOp, LeaseOutcome};
 pub use observed::{Observed, StoreObserver};
 pub use penalty::{
@@ -94,7 +96,10 @@ impl StoreError {
 /// [`lease`] (a lease is live while the store's clock is before its
 /// expiry; expired leases are removed before anything is counted).
 ///
-/// # Eight methods, all required
+/// The ninth, [`Store::demand`], shares what Envoy quota streams hold of a
+/// limit across replicas, by the rules of [`demand`].
+///
+/// # Nine methods, all required
 /// Every method is required, so a decorator (the deny cache, the observed
 /// store, [`AnyStore`]) cannot forget to pass one on; conveniences built on
 /// them live in [`StoreExt`], which every store gets for free.
@@ -137,6 +142,15 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         &self,
         call: &LeaseCall<'_>,
     ) -> impl Future<Output = Result<LeaseOutcome, StoreError>> + Send;
+
+    /// Publishes one replica's quota demand for a group and answers the
+    /// other replicas' live demand, by the rules of [`demand`], on the
+    /// store's clock: the sum of what replicas may hold never exceeds the
+    /// limit.
+    fn demand(
+        &self,
+        call: &DemandCall<'_>,
+    ) -> impl Future<Output = Result<DemandAnswer, StoreError>> + Send;
 
     /// True while the store can answer: used for health reporting.
     fn is_available(&self) -> bool;

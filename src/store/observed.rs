@@ -112,6 +112,16 @@ impl<S: Store, O: StoreObserver> Store for Observed<S, O> {
         result
     }
 
+    async fn demand(
+        &self,
+        call: &super::DemandCall<'_>,
+    ) -> Result<super::DemandAnswer, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.demand(call).await;
+        self.report(started, &result);
+        result
+    }
+
     fn is_available(&self) -> bool {
         self.inner.is_available()
     }

@@ -277,7 +277,7 @@ fn every_refused_fixture_is_refused_naming_its_problem() {
 
 /// Every field of `msg` and of the messages inside it was known to the
 /// descriptor: none decoded as unknown.
-fn no_unknown_fields(msg: &prost_reflect::DynamicMessage, at: &str) {
+pub(crate) fn no_unknown_fields(msg: &prost_reflect::DynamicMessage, at: &str) {
     use prost_reflect::Value;
     assert_eq!(msg.unknown_fields().count(), 0, "unknown fields at {at}");
     for (field, value) in msg.fields() {

@@ -13,8 +13,9 @@ use tollgate::bucket::Shape;
 use tollgate::config::HashTag;
 use tollgate::store::memory::MemoryStore;
 use tollgate::store::{
-    BanPosition, BucketCharge, BucketKey, Charge, ChargeOutcome, Condition, LeaseCall, LeaseOp,
-    LeaseOutcome, Once, Open, Penalty, PenaltyAnswer, PenaltyKey, PenaltyOp, PenaltyRule,
+    BanPosition, BucketCharge, BucketKey, Charge, ChargeOutcome, Condition, DemandAnswer,
+    DemandCall, LeaseCall, LeaseOp, LeaseOutcome, Once, Open, Penalty, PenaltyAnswer, PenaltyKey,
+    PenaltyOp, PenaltyRule,
     SettleBucket, Settled, Settlement, Store, StoreError, StoreExt,
 };
 use tollgate::window::Window;
@@ -685,6 +686,74 @@ async fn leases_count_weight_once_and_never_exceed_the_limit(store: &impl Store)
     assert_eq!(go("c", acquire(5, 0, true)).await.in_flight, 0);
 }
 
+/// Quota demand shared by replicas (Redis only: the embedded store is one
+/// replica): a replica grows only out of what the others leave of the
+/// limit, may always keep or lower its own, is refused past the bound of
+/// replicas, and an entry that is not written again expires.
+async fn demand_is_shared_within_the_limit(store: &impl Store) {
+    let key = |identity: &'static str| BucketKey {
+        scope: "fleet",
+        rule: "shared",
+        identity: Some(identity),
+        operation: Some(""),
+        hash_tag: Default::default(),
+    };
+    let call = |identity: &'static str, replica: u64, held: u64, ttl_ms: u64| DemandCall {
+        key: key(identity),
+        replica,
+        held_milli: held,
+        ask_milli: held,
+        streams: 1,
+        limit_milli: 20_000,
+        ttl_us: ttl_ms * 1_000,
+        max_replicas: 2,
+    };
+    let go = async |c: DemandCall<'static>| store.demand(&c).await.unwrap();
+    let a = go(call("g", 1, 15_000, 60_000)).await;
+    assert_eq!((a.granted_milli, a.others.replicas), (15_000, 0));
+    let b = go(call("g", 2, 15_000, 60_000)).await;
+    assert_eq!(b.granted_milli, 5_000, "only what replica 1 leaves");
+    assert_eq!((b.others.held_milli, b.others.streams), (15_000, 1));
+    assert_eq!(go(call("g", 1, 8_000, 60_000)).await.granted_milli, 8_000);
+    assert_eq!(go(call("g", 2, 15_000, 60_000)).await.granted_milli, 12_000);
+    let keep = go(call("g", 1, 10_000, 60_000)).await;
+    assert_eq!(keep.granted_milli, 8_000, "keeps its own, no more");
+    assert_eq!(keep.others.held_milli + keep.granted_milli, 20_000);
+    // Past the bound of replicas: refused, nothing written.
+    let third = go(call("g", 3, 1_000, 60_000)).await;
+    assert_eq!((third.granted_milli, third.others.replicas), (0, 2));
+    assert_eq!(go(call("g", 1, 8_000, 60_000)).await.others.replicas, 1);
+    // An entry not written again expires, and its part comes back.
+    go(call("h", 1, 20_000, 200)).await;
+    assert_eq!(go(call("h", 2, 20_000, 200)).await.granted_milli, 0);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let back = go(call("h", 2, 20_000, 60_000)).await;
+    assert_eq!((back.granted_milli, back.others.replicas), (20_000, 0));
+}
+
+#[tokio::test]
+async fn the_embedded_store_is_one_replica_and_grants_what_is_asked() {
+    let store = MemoryStore::default();
+    let call = DemandCall {
+        key: BucketKey {
+            scope: "fleet",
+            rule: "shared",
+            identity: Some("g"),
+            operation: None,
+            hash_tag: Default::default(),
+        },
+        replica: 1,
+        held_milli: 7_000,
+        ask_milli: 7_000,
+        streams: 2,
+        limit_milli: 20_000,
+        ttl_us: 1_000_000,
+        max_replicas: 2,
+    };
+    let a: DemandAnswer = store.demand(&call).await.unwrap();
+    assert_eq!((a.granted_milli, a.others.streams), (7_000, 0));
+}
+
 /// Runs every case against `store`, naming each as it goes.
 async fn conforms(store: impl Store) {
     conforms_spread(&store).await;
@@ -739,12 +808,14 @@ async fn memory_store_conforms() {
 async fn redis_standalone_conforms() {
     let redis = Standalone::start();
     conforms(redis.store("conformance")).await;
+    demand_is_shared_within_the_limit(&redis.store("conformance-demand")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_sentinel_conforms() {
     let redis = tokio::task::spawn_blocking(Sentinel::start).await.unwrap();
     conforms(redis.store("conformance")).await;
+    demand_is_shared_within_the_limit(&redis.store("conformance-demand")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -755,6 +826,7 @@ async fn redis_cluster_conforms() {
     // it: each identity (and operation) in a slot of its own.
     let tag = HashTag::IdentityOperation;
     conforms_spread(&Retagged(redis.store("conformance-tagged"), tag)).await;
+    demand_is_shared_within_the_limit(&Retagged(redis.store("conformance-demand"), tag)).await;
 }
 
 /// A store whose every bucket is keyed under the hash tag `.1`, as the
@@ -801,6 +873,12 @@ impl<S: Store> Store for Retagged<S> {
         let mut call = *call;
         call.pool.hash_tag = self.1;
         self.0.lease(&call).await
+    }
+
+    async fn demand(&self, call: &DemandCall<'_>) -> Result<DemandAnswer, StoreError> {
+        let mut call = *call;
+        call.key.hash_tag = self.1;
+        self.0.demand(&call).await
     }
 
     fn is_available(&self) -> bool {

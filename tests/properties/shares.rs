@@ -102,3 +102,129 @@ proptest! {
         }
     }
 }
+
+/// One replica of a fleet: its members, and what the store holds for it.
+#[derive(Debug, Clone, Default)]
+struct Replica {
+    members: Vec<Member>,
+    published: u64,
+}
+
+/// The store's rule (`store::demand`): keep or lower at will, raise only
+/// out of what the others leave of the limit.
+fn grant(rate: u64, asked: u64, mine: u64, others: u64) -> u64 {
+    asked.min(mine.max(rate.saturating_sub(others)))
+}
+
+/// One report on replica `r`, as the hub runs it: confirm, publish what
+/// its members would hold at their fleet targets, rebalance within the
+/// grant.
+fn report_on(pool: Pool, fleet: &mut [Replica], r: usize, confirm: bool) {
+    let others: Vec<&Replica> = fleet
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != r)
+        .map(|(_, x)| x)
+        .collect();
+    let view = shares::Fleet {
+        streams: others.iter().map(|x| x.members.len() as u64).sum(),
+        ask_milli: others
+            .iter()
+            .map(|x| {
+                shares::asks(pool, &x.members, shares::Fleet::default())
+                    .iter()
+                    .sum::<u64>()
+            })
+            .sum(),
+    };
+    let others_held: u64 = others.iter().map(|x| x.published).sum();
+    let me = &mut fleet[r];
+    if confirm {
+        for m in &mut me.members {
+            m.outstanding = m.assigned;
+        }
+    }
+    let targets = shares::targets_among(pool, &me.members, view);
+    let asked = shares::wanted(&me.members, &targets);
+    let granted = grant(pool.rate_milli, asked, me.published, others_held);
+    let new = shares::rebalance_to(&me.members, &targets, granted);
+    apply(&mut me.members, &new, false);
+    me.published = granted;
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Across replicas that each rebalance their own members within what the
+    /// store grants them, what all members may hold never sums past R (nor
+    /// their bursts past C), in any order of reports.
+    #[test]
+    fn a_fleet_of_replicas_never_holds_more_than_the_rate(
+        pool in pools(),
+        sizes in prop::collection::vec(1usize..5, 2..5),
+        demands in prop::collection::vec(prop::option::of(0u64..=20_000_000), 20),
+        steps in prop::collection::vec(
+            (0usize..5, any::<bool>(), 0usize..5, prop::option::of(0u64..=20_000_000)),
+            1..40,
+        ),
+    ) {
+        let mut next = demands.iter().copied().cycle();
+        let mut fleet: Vec<Replica> = sizes
+            .iter()
+            .map(|&n| Replica {
+                members: (0..n)
+                    .map(|_| Member { demand_milli: next.next().flatten(), ..Member::default() })
+                    .collect(),
+                published: 0,
+            })
+            .collect();
+        for (r, confirm, who, demand) in steps {
+            let r = r % fleet.len();
+            report_on(pool, &mut fleet, r, confirm);
+            // Demand moves between reports, so shares shrink and grow.
+            let members = &mut fleet[r].members;
+            let who = who % members.len();
+            members[who].demand_milli = demand;
+            let all: u64 = fleet.iter().map(|x| held(&x.members)).sum();
+            let published: u64 = fleet.iter().map(|x| x.published).sum();
+            prop_assert!(all <= published && published <= pool.rate_milli,
+                "{all} held, {published} published of {}: {fleet:?}", pool.rate_milli);
+            let bursts: u64 = fleet
+                .iter()
+                .flat_map(|x| &x.members)
+                .map(|m| shares::burst_of(pool, m.outstanding.max(m.assigned)))
+                .sum();
+            prop_assert!(bursts <= pool.burst, "{bursts} of burst {}", pool.burst);
+        }
+    }
+
+    /// Every member of every replica gets a share once each replica has
+    /// reported a few times, with room for one token per second each.
+    #[test]
+    fn no_member_of_the_fleet_starves(
+        sizes in prop::collection::vec(1usize..4, 2..4),
+        demands in prop::collection::vec(prop::option::of(0u64..=20_000_000), 12),
+        spare in 0u64..=1_000_000,
+    ) {
+        let n: u64 = sizes.iter().map(|&s| s as u64).sum();
+        let pool = Pool { rate_milli: 2 * FLOOR_MILLI * n + spare, burst: 1000 };
+        let mut next = demands.iter().copied().cycle();
+        let mut fleet: Vec<Replica> = sizes
+            .iter()
+            .map(|&k| Replica {
+                members: (0..k)
+                    .map(|_| Member { demand_milli: next.next().flatten(), ..Member::default() })
+                    .collect(),
+                published: 0,
+            })
+            .collect();
+        for _ in 0..4 {
+            for r in 0..fleet.len() {
+                report_on(pool, &mut fleet, r, true);
+            }
+        }
+        for m in fleet.iter().flat_map(|x| &x.members) {
+            prop_assert!(m.assigned > 0, "{m:?} starves in {fleet:?}");
+        }
+    }
+}

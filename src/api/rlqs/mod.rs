@@ -119,6 +119,7 @@ impl<S: Store> RateLimitQuotaService for QuotaApi<S> {
             caller,
             domain: None,
             buckets: HashMap::new(),
+            left: Vec::new(),
             limiter: self.limiter.clone(),
             config: self.config.clone(),
             hub: self.hub.clone(),
@@ -138,6 +139,8 @@ struct Stream<S> {
     domain: Option<String>,
     /// Its buckets by their canonical `BucketId`.
     buckets: HashMap<String, Tracked>,
+    /// Groups it abandoned while reading a message, to publish again.
+    left: Vec<GroupKey>,
     limiter: Arc<Limiter<S, Settings>>,
     config: Arc<RlqsConfig>,
     hub: Arc<Hub>,
@@ -175,7 +178,9 @@ impl<S: Store> Stream<S> {
                 break;
             }
         }
-        self.hub.close(self.id, self.peer);
+        for group in self.hub.close(self.id, self.peer) {
+            self.hub.republish(self.limiter.store(), &group).await;
+        }
     }
 
     async fn on_message(&mut self, m: RateLimitQuotaUsageReports) -> Result<(), Status> {
@@ -225,6 +230,10 @@ impl<S: Store> Stream<S> {
         }
         if !mapped.is_empty() {
             self.settle(&snapshot.rules, &domain, &m, mapped).await;
+        }
+        // Abandoned buckets give their shares back to the fleet.
+        for group in std::mem::take(&mut self.left) {
+            self.hub.republish(self.limiter.store(), &group).await;
         }
         Ok(())
     }
@@ -295,8 +304,10 @@ impl<S: Store> Stream<S> {
         let elapsed = now.saturating_duration_since(t.last);
         t.last = now;
         if t.idle >= IDLE_REPORTS {
-            if let Some(g) = &t.group {
-                self.hub.leave(self.id, g);
+            if let Some(g) = &t.group
+                && self.hub.leave(self.id, g)
+            {
+                self.left.push(g.clone());
             }
             self.buckets.remove(&key);
             return Track::Answer(Assignment::Abandon);
@@ -343,7 +354,7 @@ impl<S: Store> Stream<S> {
             if let Some(wait) = deny_for {
                 self.resend_after(b.group.clone(), wait);
             }
-            self.hub.report(Report {
+            let report = Report {
                 stream: self.id,
                 group: b.group,
                 bucket_id,
@@ -355,9 +366,35 @@ impl<S: Store> Stream<S> {
                     .filter(|b| !b.shadow)
                     .map(|b| b.rule.clone())
                     .collect(),
+                hash_tag: rules.hash_tag_of(domain),
                 deny_for,
-            });
+            };
+            let group = report.group.clone();
+            if self.hub.report(self.limiter.store(), report).await {
+                self.retry_growth(group);
+            }
         }
+    }
+}
+
+impl<S: Store> Stream<S> {
+    /// Publishes `group` again every [`hub::GROWTH_RETRY_EVERY`] while the
+    /// store holds its growth back, up to [`hub::GROWTH_RETRIES`] times;
+    /// one task per group.
+    fn retry_growth(&self, group: GroupKey) {
+        if !self.hub.claim_retry(&group) {
+            return;
+        }
+        let (hub, limiter) = (self.hub.clone(), self.limiter.clone());
+        tokio::spawn(async move {
+            for _ in 0..hub::GROWTH_RETRIES {
+                tokio::time::sleep(hub::GROWTH_RETRY_EVERY).await;
+                if !hub.republish(limiter.store(), &group).await {
+                    break;
+                }
+            }
+            hub.end_retry(&group);
+        });
     }
 }
 

@@ -198,6 +198,26 @@ pub fn lease_keys(prefix: &str, key: &BucketKey<'_>) -> [String; 2] {
     })
 }
 
+/// The key of a group's quota demand (see [`crate::store::demand`]), in
+/// the hash slot of its scope's buckets of the same tag:
+/// `<prefix>{<tag>}:<rule>:%rlqs:<identity>:<operation>`, a hash of one
+/// entry per replica. Like [`lease_keys`], no bucket key has a shape part
+/// starting with `%r` (`r` is not a hex digit).
+pub fn demand_key(prefix: &str, key: &BucketKey<'_>) -> String {
+    let mut out = String::with_capacity(prefix.len() + 48 + key.scope.len() + key.rule.len());
+    out.push_str(prefix);
+    out.push('{');
+    push_tag(&mut out, key);
+    out.push_str("}:");
+    push_escaped(&mut out, key.rule);
+    out.push_str(":%rlqs");
+    for part in [key.identity, key.operation] {
+        out.push(':');
+        push_part(&mut out, part);
+    }
+    out
+}
+
 /// The hash tag of a bucket's key: buckets with equal tags share a slot.
 pub(crate) fn hash_tag(key: &BucketKey<'_>) -> String {
     let mut out = String::new();

@@ -67,6 +67,7 @@ mod clock;
 mod cluster;
 mod coalesce;
 mod cross_slot;
+mod demand;
 mod eviction;
 mod invalidation;
 pub mod keys;
@@ -98,6 +99,8 @@ struct Inner {
     sha: String,
     /// The lease script's SHA1 (`lease.lua`).
     lease_sha: String,
+    /// The quota demand script's SHA1 (`demand.lua`).
+    demand_sha: String,
     /// Every key starts with it: the schema version, or a test's namespace.
     prefix: String,
     /// Bounds each round trip.
@@ -164,6 +167,7 @@ impl RedisStore {
                 topology,
                 sha: script::sha1(),
                 lease_sha: lease::sha1(),
+                demand_sha: demand::sha1(),
                 prefix: config.key_prefix.clone(),
                 response_timeout: config.response_timeout,
                 connect_timeout: config.connect_timeout,
@@ -569,6 +573,13 @@ impl Store for RedisStore {
 
     async fn lease(&self, call: &super::LeaseCall<'_>) -> Result<super::LeaseOutcome, StoreError> {
         self.inner.lease(call).await
+    }
+
+    async fn demand(
+        &self,
+        call: &super::DemandCall<'_>,
+    ) -> Result<super::DemandAnswer, StoreError> {
+        self.inner.demand(call).await
     }
 
     fn is_available(&self) -> bool {
