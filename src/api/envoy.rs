@@ -754,6 +754,66 @@ scopes:
         assert_eq!(r.statuses[0].code, Code::Ok as i32);
     }
 
+    const POOL: &str = "
+failure_mode: closed
+scopes:
+  - name: backend
+    descriptor_keys: { operation: route, lease_id: lease_id }
+    limits:
+      - { name: slow, per: operation, concurrency: 1, max_lease: 1m }
+";
+
+    /// `[route=slow, lease_id=<id>]`, sent on stream done when `done`.
+    fn slow(id: &str, done: bool) -> Request<RateLimitRequest> {
+        let entry = |key: &str, value: &str| Entry {
+            key: key.into(),
+            value: value.into(),
+        };
+        Request::new(RateLimitRequest {
+            domain: "backend".into(),
+            descriptors: vec![RateLimitDescriptor {
+                entries: vec![entry("route", "slow"), entry("lease_id", id)],
+                is_negative_hits: done,
+                ..RateLimitDescriptor::default()
+            }],
+            hits_addend: 0,
+        })
+    }
+
+    #[tokio::test]
+    async fn lease_calls_are_counted_and_a_down_store_follows_the_failure_mode() {
+        let pool = api(POOL, MemoryStore::new(1));
+        for (id, done, want) in [
+            ("a", false, Code::Ok),
+            ("b", false, Code::OverLimit),
+            ("a", true, Code::Ok),
+            ("b", false, Code::Ok),
+        ] {
+            let r = pool.should_rate_limit(slow(id, done)).await.unwrap();
+            assert_eq!(r.into_inner().overall_code, want as i32, "{id} {done}");
+        }
+        let text = pool.observer.metrics.encode();
+        for line in [
+            r#"tollgate_lease_calls_total{scope="backend",rule="slow",call="acquire",result="granted"} 2"#,
+            r#"tollgate_lease_calls_total{scope="backend",rule="slow",call="acquire",result="refused"} 1"#,
+            r#"tollgate_lease_calls_total{scope="backend",rule="slow",call="release",result="released"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
+
+        let closed = api(POOL, DownStore);
+        let status = closed
+            .should_rate_limit(slow("c", false))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        let open = api(&POOL.replace("closed", "open"), DownStore);
+        for done in [false, true] {
+            let r = open.should_rate_limit(slow("c", done)).await.unwrap();
+            assert_eq!(r.into_inner().overall_code, Code::Ok as i32);
+        }
+    }
+
     fn bucket(limit: u64, period: Duration) -> BucketReport {
         BucketReport {
             rule: Arc::from("r"),
