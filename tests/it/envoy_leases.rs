@@ -188,6 +188,30 @@ async fn a_lease_descriptor_holds_a_slot_until_envoy_sends_it_negative() {
 }
 
 #[tokio::test]
+async fn a_lease_descriptor_with_hits_addend_zero_asks_without_taking() {
+    let mut t = Rls::start(&backend("30s", "")).await;
+    let check = |id: &str| RateLimitDescriptor {
+        hits_addend: Some(UInt64Value { value: 0 }),
+        ..slow("a", id)
+    };
+    for _ in 0..5 {
+        assert_eq!(code(&t.ask(vec![check("c1")]).await), Code::Ok);
+    }
+    assert_eq!(
+        in_flight(t.server.channel().await).await,
+        0,
+        "checks took nothing"
+    );
+    for id in ["r1", "r2", "r3"] {
+        assert_eq!(code(&t.ask(vec![slow("a", id)]).await), Code::Ok);
+    }
+    let full = t.ask(vec![check("c1")]).await;
+    assert_eq!(code(&full), Code::OverLimit, "{full:?}");
+    assert!(seconds(&full.statuses[0].duration_until_reset) > 29.0);
+    assert_eq!(in_flight(t.server.channel().await).await, 3);
+}
+
+#[tokio::test]
 async fn rates_and_a_lease_in_one_request_are_all_or_nothing() {
     let mut t = Rls::start(&backend_with_rates()).await;
     for (user, id) in [("x", "x1"), ("x", "x2"), ("y", "y1")] {
