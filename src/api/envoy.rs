@@ -10,7 +10,11 @@
 //! - every entry is also an attribute, for `when`.
 //!
 //! All descriptors of a request are decided together: if any is over its
-//! limit, none takes tokens.
+//! limit, none takes tokens. A descriptor that reaches a concurrency limit
+//! holds a lease named by its `descriptor_keys.lease_id` entry, with the
+//! rates, all or nothing (`lease.rs`).
+
+mod lease;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -36,7 +40,7 @@ use super::validate::{
 use crate::config::security::DEFAULT_MAX_ENVOY_DESCRIPTORS;
 use crate::error::InvalidField;
 use crate::limiter::descriptors::canonical;
-use crate::limiter::{self, BucketReport, Decision, Limiter, Priority, ScopeRules};
+use crate::limiter::{self, BucketReport, Decision, LeaseError, Limiter, Priority, ScopeRules};
 use crate::observe::Observer;
 use crate::store::Store;
 
@@ -86,6 +90,10 @@ struct Described<'a> {
     cost: u64,
     priority: Priority,
     kind: Kind,
+    /// The lease id, when the descriptor reaches one of the scope's
+    /// concurrency limits: it acquires that lease (a check: would it
+    /// fit?), or with `is_negative_hits` releases it.
+    lease: Option<&'a str>,
 }
 
 /// What a descriptor asks.
@@ -143,7 +151,12 @@ fn to_domain<'a>(
     req.descriptors
         .iter()
         .enumerate()
-        .map(|(i, d)| describe(d, &format!("descriptors[{i}]"), req.hits_addend, scope))
+        .map(|(i, d)| {
+            let at = format!("descriptors[{i}]");
+            let mut described = describe(d, &at, req.hits_addend, scope)?;
+            described.lease = lease::lease_id(&described, scope, &req.domain, &at)?;
+            Ok(described)
+        })
         .collect()
 }
 
@@ -176,17 +189,19 @@ fn describe<'a>(
             .map(|(_, v)| *v)
     };
     let priority_key = keys.and_then(|k| k.priority.as_deref());
+    let lease_key = keys.and_then(|k| k.lease_id.as_deref());
     // A rule reached through a `share_threshold` wildcard keeps one bucket
     // for every value the wildcard matches.
     let shared = || scope.and_then(|s| s.descriptor_tree.shared_identity(&entries));
     let identity = match keys.and_then(|k| value_of(&k.identity)) {
         Some(v) => Cow::Borrowed(v),
         None => Cow::Owned(shared().unwrap_or_else(|| {
-            // The priority entry is not part of who the caller is.
+            // The priority and the lease id are not part of who the
+            // caller is: one caller's requests share buckets and a pool.
             let who: Vec<(&str, &str)> = entries
                 .iter()
                 .copied()
-                .filter(|(k, _)| Some(*k) != priority_key)
+                .filter(|(k, _)| Some(*k) != priority_key && Some(*k) != lease_key)
                 .collect();
             canonical(&who)
         })),
@@ -221,6 +236,7 @@ fn describe<'a>(
         },
         priority,
         kind,
+        lease: None,
     })
 }
 
@@ -352,21 +368,30 @@ impl<S: Store> RateLimitService for EnvoyRateLimitApi<S> {
         let requests: Vec<limiter::Request<'_>> =
             described.iter().map(|d| d.request(&req.domain)).collect();
         let kinds: Vec<Kind> = described.iter().map(|d| d.kind).collect();
-        let result = self.decide(rules, &requests, &kinds).await;
+        let leases: Vec<Option<&str>> = described.iter().map(|d| d.lease).collect();
+        let result = if leases.iter().all(Option::is_none) {
+            let decided = self.decide(rules, &requests, &kinds).await;
+            decided.map(|d| (d, Vec::new())).map_err(LeaseError::from)
+        } else {
+            self.decide_leased(rules, &requests, &kinds, &leases).await
+        };
         let took = started.elapsed();
-        let decisions = match result {
-            Ok(decisions) => decisions,
+        let (decisions, held) = match result {
+            Ok(decided) => decided,
             Err(e) => {
-                if let Some(first) = requests.first() {
-                    self.observer.decided("envoy", rules, first, Err(&e), took);
+                if let (Some(first), LeaseError::Decide(e)) = (requests.first(), &e) {
+                    self.observer.decided("envoy", rules, first, Err(e), took);
                 }
                 return Err(e.into());
             }
         };
-        for (r, d) in requests.iter().zip(&decisions) {
-            self.observer.decided("envoy", rules, r, Ok(d), took);
+        for (i, (r, d)) in requests.iter().zip(&decisions).enumerate() {
+            // A release is a lease call, counted as one; it decides no rate.
+            if !(kinds[i] == Kind::Refund && leases[i].is_some()) {
+                self.observer.decided("envoy", rules, r, Ok(d), took);
+            }
         }
-        let mut response = to_proto(&decisions, settings.envoy_headers);
+        let mut response = to_proto(&decisions, &held, settings.envoy_headers);
         if settings.envoy_dynamic_metadata {
             let passed = passed_metadata(scope, &described, &decisions);
             response.dynamic_metadata = Some(super::envoy_metadata::answer(&req, passed));
@@ -394,8 +419,11 @@ fn authorize(
             Privilege::DryRun,
         ),
         (described.len() > UNBATCHED_DESCRIPTORS, Privilege::Batch),
+        // A lease's release gives back only what its own acquire took.
         (
-            described.iter().any(|d| d.kind == Kind::Refund),
+            described
+                .iter()
+                .any(|d| d.kind == Kind::Refund && d.lease.is_none()),
             Privilege::Refund,
         ),
     ];
@@ -443,11 +471,21 @@ fn over_limit(d: &Decision) -> bool {
 /// The header an Envoy answer carries when a descriptor's caller is banned.
 pub const BANNED_HEADER: (&str, &str) = ("x-tollgate-denied", "banned");
 
-fn to_proto(decisions: &[Decision], headers_draft: Option<Draft>) -> RateLimitResponse {
+/// The answer to a request decided as `decisions`, whose descriptors held
+/// the leases `held` (empty when none did).
+fn to_proto(
+    decisions: &[Decision],
+    held: &[Option<lease::Held>],
+    headers_draft: Option<Draft>,
+) -> RateLimitResponse {
     let allowed = Decision::overall(decisions);
     let statuses = decisions
         .iter()
-        .map(|d| {
+        .enumerate()
+        .map(|(i, d)| {
+            if let Some(h) = held.get(i).and_then(Option::as_ref) {
+                return lease_status(d, h);
+            }
             let code = if over_limit(d) {
                 Code::OverLimit
             } else {
@@ -500,6 +538,39 @@ fn to_proto(decisions: &[Decision], headers_draft: Option<Draft>) -> RateLimitRe
         statuses,
         response_headers_to_add,
         ..RateLimitResponse::default()
+    }
+}
+
+/// The status of a descriptor that holds a lease: `OVER_LIMIT` until the
+/// earliest live lease expires when its pool refused it; otherwise its
+/// rates' status, or, with no rate of its own, the pool's room left.
+fn lease_status(d: &Decision, h: &lease::Held) -> DescriptorStatus {
+    let room = clamp_u32(h.lease.limit.saturating_sub(h.lease.in_flight));
+    if h.refused {
+        return DescriptorStatus {
+            code: Code::OverLimit.into(),
+            limit_remaining: 0,
+            duration_until_reset: h.lease.retry_after.map(duration),
+            ..DescriptorStatus::default()
+        };
+    }
+    let primary = d.primary().or_else(|| {
+        d.buckets
+            .iter()
+            .filter(|b| !b.shadow)
+            .min_by_key(|b| b.remaining)
+    });
+    DescriptorStatus {
+        code: if over_limit(d) {
+            Code::OverLimit
+        } else {
+            Code::Ok
+        }
+        .into(),
+        current_limit: primary.map(current_limit),
+        limit_remaining: primary.map_or(room, |b| clamp_u32(b.remaining).min(room)),
+        duration_until_reset: primary.map(|b| duration(b.reset_after)),
+        ..DescriptorStatus::default()
     }
 }
 
@@ -688,6 +759,66 @@ scopes:
         let r = open.should_rate_limit(alice()).await.unwrap().into_inner();
         assert_eq!(r.overall_code, Code::Ok as i32);
         assert_eq!(r.statuses[0].code, Code::Ok as i32);
+    }
+
+    const POOL: &str = "
+failure_mode: closed
+scopes:
+  - name: backend
+    descriptor_keys: { operation: route, lease_id: lease_id }
+    limits:
+      - { name: slow, per: operation, concurrency: 1, max_lease: 1m }
+";
+
+    /// `[route=slow, lease_id=<id>]`, sent on stream done when `done`.
+    fn slow(id: &str, done: bool) -> Request<RateLimitRequest> {
+        let entry = |key: &str, value: &str| Entry {
+            key: key.into(),
+            value: value.into(),
+        };
+        Request::new(RateLimitRequest {
+            domain: "backend".into(),
+            descriptors: vec![RateLimitDescriptor {
+                entries: vec![entry("route", "slow"), entry("lease_id", id)],
+                is_negative_hits: done,
+                ..RateLimitDescriptor::default()
+            }],
+            hits_addend: 0,
+        })
+    }
+
+    #[tokio::test]
+    async fn lease_calls_are_counted_and_a_down_store_follows_the_failure_mode() {
+        let pool = api(POOL, MemoryStore::new(1));
+        for (id, done, want) in [
+            ("a", false, Code::Ok),
+            ("b", false, Code::OverLimit),
+            ("a", true, Code::Ok),
+            ("b", false, Code::Ok),
+        ] {
+            let r = pool.should_rate_limit(slow(id, done)).await.unwrap();
+            assert_eq!(r.into_inner().overall_code, want as i32, "{id} {done}");
+        }
+        let text = pool.observer.metrics.encode();
+        for line in [
+            r#"tollgate_lease_calls_total{scope="backend",rule="slow",call="acquire",result="granted"} 2"#,
+            r#"tollgate_lease_calls_total{scope="backend",rule="slow",call="acquire",result="refused"} 1"#,
+            r#"tollgate_lease_calls_total{scope="backend",rule="slow",call="release",result="released"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
+
+        let closed = api(POOL, DownStore);
+        let status = closed
+            .should_rate_limit(slow("c", false))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        let open = api(&POOL.replace("closed", "open"), DownStore);
+        for done in [false, true] {
+            let r = open.should_rate_limit(slow("c", done)).await.unwrap();
+            assert_eq!(r.into_inner().overall_code, Code::Ok as i32);
+        }
     }
 
     fn bucket(limit: u64, period: Duration) -> BucketReport {

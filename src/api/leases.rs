@@ -34,7 +34,7 @@ impl<S> LeasesApi<S> {
 }
 
 /// A call's result as its metric names it.
-fn result_of(action: LeaseAction, d: &LeaseDecision) -> (&'static str, &'static str) {
+pub(super) fn result_of(action: LeaseAction, d: &LeaseDecision) -> (&'static str, &'static str) {
     let (call, ok, not) = match action {
         LeaseAction::Acquire { .. } => ("acquire", "granted", "refused"),
         LeaseAction::Renew { .. } => ("renew", "renewed", "lost"),

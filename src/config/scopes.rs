@@ -132,6 +132,14 @@ pub struct DescriptorKeysConfig {
     /// `normal` or `sheddable` (any case). Absent entry: `normal`.
     #[serde(default)]
     pub priority: Option<String>,
+    /// The entry key whose value is a lease id (Envoy's `x-request-id`,
+    /// through a `request_headers` action): a descriptor that reaches one
+    /// of the scope's concurrency limits holds the lease of that id, and
+    /// gives it back when the same descriptor comes with
+    /// `is_negative_hits`. Required when the scope has a concurrency limit:
+    /// a lease taken without an id could never be given back.
+    #[serde(default)]
+    pub lease_id: Option<String>,
 }
 
 /// One limit: a family of token buckets.
@@ -317,10 +325,53 @@ pub(crate) fn validate_scope(problems: &mut Vec<String>, at: &str, scope: &Scope
             ("identity", &keys.identity),
             ("operation", &keys.operation),
             ("priority", &keys.priority),
+            ("lease_id", &keys.lease_id),
         ] {
             if let Some(key) = key {
                 check_name(problems, &format!("{at}.descriptor_keys.{field}"), key);
             }
+        }
+        validate_lease_key(problems, at, keys, &scope.limits);
+    }
+}
+
+/// Checks `descriptor_keys.lease_id` of a scope Envoy reaches (it has
+/// `descriptor_keys`): required when the scope has a concurrency limit, for
+/// an Envoy descriptor that reached the pool without a lease id would hold
+/// a slot no descriptor could give back (until `max_lease`); and not an
+/// entry that is also the identity, operation or priority.
+fn validate_lease_key(
+    problems: &mut Vec<String>,
+    at: &str,
+    keys: &DescriptorKeysConfig,
+    limits: &[LimitConfig],
+) {
+    let Some(lease_key) = &keys.lease_id else {
+        if let Some((j, pool)) = limits
+            .iter()
+            .enumerate()
+            .find(|(_, l)| l.concurrency.is_some())
+        {
+            problems.push(format!(
+                "{at}.descriptor_keys.lease_id: is required: Envoy descriptors reach the \
+                 concurrency limit {:?} ({at}.limits[{j}]), and a lease taken without an id \
+                 could never be released (it would hold its slot until max_lease); name the \
+                 entry that carries the request id, such as `lease_id: lease_id`",
+                pool.name
+            ));
+        }
+        return;
+    };
+    for (field, key) in [
+        ("identity", &keys.identity),
+        ("operation", &keys.operation),
+        ("priority", &keys.priority),
+    ] {
+        if key.as_ref() == Some(lease_key) {
+            problems.push(format!(
+                "{at}.descriptor_keys.lease_id: {lease_key:?} is also descriptor_keys.{field}; \
+                 a lease id is unique per request, so it cannot also be the {field}"
+            ));
         }
     }
 }
@@ -576,6 +627,42 @@ mod tests {
             let got = problems(limit);
             assert!(got.contains(&format!("{at}.{want}")), "{limit}: {got}");
         }
+    }
+
+    /// Envoy reaches a scope's pools through `descriptor_keys`; without a
+    /// lease id entry an acquire could never be released.
+    #[test]
+    fn an_envoy_scope_with_a_pool_needs_a_lease_id_entry() {
+        let yaml = |keys: &str| {
+            format!(
+                "scopes:\n  - name: s\n    descriptor_keys: {keys}\n    limits:\n      \
+                 - {{name: r, per: identity, capacity: 5, refill_period: 1s}}\n      \
+                 - {{name: streams, per: identity, concurrency: 3}}\n"
+            )
+        };
+        let err = |keys: &str| match Config::from_yaml(&yaml(keys)) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        };
+        let got = err("{identity: user}");
+        assert!(
+            got.contains("scopes[0].descriptor_keys.lease_id: is required")
+                && got.contains("\"streams\" (scopes[0].limits[1])"),
+            "{got}"
+        );
+        let got = err("{identity: user, lease_id: user}");
+        assert!(
+            got.contains(
+                "scopes[0].descriptor_keys.lease_id: \"user\" is also descriptor_keys.identity"
+            ),
+            "{got}"
+        );
+        assert_eq!(err("{identity: user, lease_id: lease_id}"), "");
+        // A scope Envoy maps no descriptor onto (no descriptor_keys) keeps
+        // its pools for tollgate.v1 callers.
+        let plain =
+            "scopes:\n  - name: s\n    limits:\n      - {name: c, per: scope, concurrency: 3}\n";
+        assert!(Config::from_yaml(plain).is_ok());
     }
 
     #[test]

@@ -49,6 +49,7 @@ impl Rules {
                     identity: k.identity,
                     operation: k.operation,
                     priority: k.priority,
+                    lease_id: k.lease_id,
                 }),
                 hash_tag: s.hash_tag.unwrap_or(config.hash_tag),
                 penalty: s.penalty.as_ref().map(ScopePenalty::compile),

@@ -24,6 +24,11 @@ pub struct DescriptorKeys {
     /// `sheddable`); absent or missing means normal. It is never part of a
     /// whole-descriptor identity, so one caller's priorities share buckets.
     pub priority: Option<String>,
+    /// The entry whose value is a lease id: a descriptor that reaches a
+    /// concurrency limit holds (or, with `is_negative_hits`, releases) the
+    /// lease of that id. Never part of a whole-descriptor identity, so
+    /// one caller's requests share a pool.
+    pub lease_id: Option<String>,
 }
 
 /// How a node matches an entry's value.

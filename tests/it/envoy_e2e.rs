@@ -59,9 +59,9 @@ pub(crate) fn envoy_binary() -> PathBuf {
 }
 
 /// A running Envoy, killed on drop.
-struct Envoy {
-    child: Child,
-    listen: SocketAddr,
+pub(crate) struct Envoy {
+    pub(crate) child: Child,
+    pub(crate) listen: SocketAddr,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -69,7 +69,11 @@ struct Envoy {
 impl Envoy {
     /// Starts Envoy from the deploy template, pointing at `upstream` and
     /// `rls`, after `edit` has had its way with the YAML.
-    async fn start(upstream: SocketAddr, rls: SocketAddr, edit: impl Fn(String) -> String) -> Self {
+    pub(crate) async fn start(
+        upstream: SocketAddr,
+        rls: SocketAddr,
+        edit: impl Fn(String) -> String,
+    ) -> Self {
         Self::start_with(upstream, rls, edit, &[]).await
     }
 
@@ -144,7 +148,7 @@ impl Envoy {
         panic!("Envoy not ready after 15s: {}", self.log_text());
     }
 
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
@@ -164,7 +168,7 @@ pub(crate) struct Reply {
 }
 
 impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))

@@ -14,6 +14,7 @@ mod deploy;
 mod docs;
 mod envoy_compat;
 mod envoy_e2e;
+mod envoy_leases;
 mod envoy_rls;
 mod fault_matrix;
 mod faults;
