@@ -99,7 +99,66 @@ pub fn render(decisions: &[Decision], options: HeaderOptions) -> HeaderMap {
             headers.insert(name, value);
         }
     }
+    let (policy, limit) = lease_items(decisions);
+    append_items(&mut headers, "ratelimit-policy", &policy);
+    append_items(&mut headers, "ratelimit", &limit);
     headers
+}
+
+/// The quota unit parameter of a concurrency limit's `RateLimit-Policy`
+/// item: its quota counts requests in flight, so the item has no `w`.
+pub const CONCURRENT_UNIT: &str = ";qu=\"concurrent-requests\"";
+
+/// The `RateLimit-Policy` and `RateLimit` items of the leases behind
+/// `decisions` (docs/leases.md): `"<rule>";q=<concurrency>;qu="concurrent-requests"`
+/// per pool that applied; `"<rule>";r=<slots left>` for a lease held, or
+/// `"<rule>";r=0;t=<seconds>` for a full pool (t when a retry can pass). A
+/// degraded lease says nothing. Rendered here rather than in
+/// `tollgate-headers`, whose output the Go client and the server share
+/// through the test vectors.
+fn lease_items(decisions: &[Decision]) -> (Vec<String>, Vec<String>) {
+    let (mut policy, mut limit) = (Vec::new(), Vec::new());
+    for d in decisions {
+        let Some(l) = d
+            .lease
+            .as_ref()
+            .filter(|l| !l.degraded && !l.rule.is_empty())
+        else {
+            continue;
+        };
+        let rule = tollgate_headers::sf_string(&l.rule);
+        policy.push(format!("{rule};q={}{CONCURRENT_UNIT}", l.limit));
+        if l.granted {
+            limit.push(format!("{rule};r={}", l.limit.saturating_sub(l.in_flight)));
+        } else if d.lease_denied() {
+            let t = d
+                .retry_after
+                .map(|r| format!(";t={}", ceil_secs(r)))
+                .unwrap_or_default();
+            limit.push(format!("{rule};r=0{t}"));
+        }
+    }
+    (policy, limit)
+}
+
+fn append_items(headers: &mut HeaderMap, name: &'static str, items: &[String]) {
+    if items.is_empty() {
+        return;
+    }
+    let mut value = headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_default();
+    for item in items {
+        if !value.is_empty() {
+            value.push_str(", ");
+        }
+        value.push_str(item);
+    }
+    if let Ok(v) = HeaderValue::try_from(value) {
+        headers.insert(HeaderName::from_static(name), v);
+    }
 }
 
 fn views(decisions: &[Decision]) -> Vec<tollgate_headers::Decision<'_>> {

@@ -37,6 +37,7 @@ pub mod decision;
 pub mod error;
 pub mod headers;
 pub mod layer;
+pub mod lease;
 pub mod mcp;
 pub mod pb;
 
@@ -45,6 +46,7 @@ pub use decision::{
     BucketStatus, Decision, DecisionRequest, FailureCause, Priority, Reservation, Settlement,
 };
 pub use error::Error;
+pub use lease::{Lease, LeaseTarget};
 
 /// The README's examples, compiled as doctests.
 #[cfg(doctest)]
