@@ -21,7 +21,7 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use tokio::sync::watch;
 use tollgate_client::Client;
-use tollgate_client::layer::{Concurrency, Extractor, TollgateLayer};
+use tollgate_client::layer::{Concurrency, Extractor, McpLayer, TollgateLayer};
 
 use crate::support::{Http, Proxy, Reply, Tollgate};
 
@@ -64,6 +64,16 @@ async fn handle(State(app): State<App>, request: Request) -> Response {
                 .and_then(|q| q.parse().ok())
                 .unwrap_or(10);
             Response::new(Body::new(Ticks::new(n)))
+        }
+        "/mcp" => {
+            let body = request.into_body().collect().await.unwrap().to_bytes();
+            if body.windows(6).any(|w| w == b"\"slow\"") {
+                let mut open = app.open.clone();
+                app.running.fetch_add(1, Ordering::SeqCst);
+                let _ = open.wait_for(|o| *o).await;
+                app.running.fetch_sub(1, Ordering::SeqCst);
+            }
+            Response::new(Body::from(r#"{"jsonrpc":"2.0","id":7,"result":{}}"#))
         }
         _ => Response::new(Body::from("ok")),
     }
@@ -117,27 +127,7 @@ impl Served {
             .build()
             .unwrap();
         let layer = TollgateLayer::new(client, Extractor::fixed("demo")).concurrency(concurrency);
-        let (gate, open) = watch::channel(false);
-        let app = App {
-            open,
-            running: Arc::default(),
-            most: Arc::default(),
-        };
-        let router = axum::Router::new()
-            .fallback(handle)
-            .with_state(app.clone())
-            .layer(layer);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
-        });
-        Self {
-            addr,
-            app,
-            gate,
-            task,
-        }
+        Self::start_with(|router| router.layer(layer)).await
     }
 
     fn url(&self, path: &str) -> String {
@@ -344,16 +334,69 @@ async fn the_proxy_holds_a_lease_per_request_with_its_flag() {
     until_ok(&proxy.url("/fast"), Duration::from_secs(3)).await;
 }
 
+/// Under the MCP layer, each tools/call holds a lease while it runs; other
+/// methods take none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mcp_layer_holds_a_lease_per_tools_call() {
+    let tollgate = Tollgate::start(
+        "
+scopes:
+  - name: demo
+    limits:
+      - {name: tool-calls, per: scope, operations: [\"tools/call:*\"], concurrency: 1}
+",
+    );
+    let client = Client::builder(tollgate.endpoint())
+        .deadline(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let limits = TollgateLayer::new(client, Extractor::fixed("demo"))
+        .concurrency(Concurrency::new().ttl(Duration::from_secs(10)));
+    let served =
+        Served::start_with(|router| router.layer(McpLayer::new(limits).path("/mcp"))).await;
+    let call = |tool: &str| {
+        format!(r#"{{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{{"name":"{tool}"}}}}"#)
+    };
+    let json = [("content-type", "application/json")];
+    let url = served.url("/mcp");
+    let slow = call("slow");
+    let first = tokio::spawn(async move { Http::new().post(&url, &json, slow).await });
+    served.wait_running(1).await;
+    let second = Http::new()
+        .post(&served.url("/mcp"), &json, call("fast"))
+        .await;
+    assert_eq!(second.status, StatusCode::TOO_MANY_REQUESTS, "{second:?}");
+    assert!(second.json()["error"].is_object(), "{second:?}");
+    assert!((1..=10).contains(&retry_after(&second)));
+    let list = r#"{"jsonrpc":"2.0","id":8,"method":"tools/list"}"#;
+    let listed = Http::new().post(&served.url("/mcp"), &json, list).await;
+    assert_eq!(listed.status, StatusCode::OK, "tools/list takes no lease");
+    served.gate.send(true).unwrap();
+    assert_eq!(first.await.unwrap().status, StatusCode::OK);
+    let mut passed = false;
+    for _ in 0..100 {
+        let r = Http::new()
+            .post(&served.url("/mcp"), &json, call("fast"))
+            .await;
+        if r.status == StatusCode::OK {
+            passed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(passed, "the slot never came back");
+}
+
 impl Served {
-    /// `handle` with no layer: an upstream for the proxy.
-    async fn start_plain() -> Self {
+    /// `handle` behind `wrap`, on a free port.
+    async fn start_with(wrap: impl FnOnce(axum::Router) -> axum::Router) -> Self {
         let (gate, open) = watch::channel(false);
         let app = App {
             open,
             running: Arc::default(),
             most: Arc::default(),
         };
-        let router = axum::Router::new().fallback(handle).with_state(app.clone());
+        let router = wrap(axum::Router::new().fallback(handle).with_state(app.clone()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
@@ -365,5 +408,10 @@ impl Served {
             gate,
             task,
         }
+    }
+
+    /// `handle` with no layer: an upstream for the proxy.
+    async fn start_plain() -> Self {
+        Self::start_with(|router| router).await
     }
 }
