@@ -32,6 +32,7 @@ import (
 	"time"
 
 	"github.com/tollgate-rs/tollgate/clients/go/internal/fields"
+	"github.com/tollgate-rs/tollgate/clients/go/internal/leasehold"
 	"github.com/tollgate-rs/tollgate/clients/go/mcp"
 	"github.com/tollgate-rs/tollgate/clients/go/tollgate"
 )
@@ -199,9 +200,9 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.refuse(w, r, err)
 		return
 	}
-	if targets := held(reqs, ds); len(targets) > 0 {
-		leases := hold(r.Context(), h.leaser, targets, h.cfg.Concurrency.ttl(), func(err error) { h.report(r, err) })
-		defer leases.end()
+	if targets := leasehold.Held(reqs, ds); len(targets) > 0 {
+		leases := leasehold.Hold(r.Context(), h.leaser, targets, h.cfg.Concurrency.ttl(), func(err error) { h.report(r, err) })
+		defer leases.End()
 	}
 	for i := range ds {
 		if ds[i].Unreachable != nil {
