@@ -415,3 +415,26 @@ impl Served {
         Self::start_with(|router| router).await
     }
 }
+
+/// A Tollgate the client cannot reach, failing open: requests pass,
+/// unleased, with no lease headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tollgate_unreachable_leased_requests_fail_open() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let client = Client::builder(format!("127.0.0.1:{port}"))
+        .deadline(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let layer =
+        TollgateLayer::new(client, Extractor::fixed("demo")).concurrency(Concurrency::new());
+    let served = Served::start_with(|router| router.layer(layer)).await;
+    for _ in 0..3 {
+        let r = Http::new().get(&served.url("/fast"), &[]).await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        assert_eq!(r.header("ratelimit-policy"), None);
+    }
+}
