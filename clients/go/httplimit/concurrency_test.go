@@ -2,6 +2,7 @@ package httplimit_test
 
 import (
 	"context"
+	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -361,5 +362,49 @@ func TestConcurrencyNeedsALeaserAndAKnownStatus(t *testing.T) {
 	_, err = httplimit.New(c, httplimit.Config{Scope: httplimit.Static("demo"), Concurrency: &httplimit.Concurrency{DenyStatus: 500}})
 	if err == nil || !strings.Contains(err.Error(), "DenyStatus") {
 		t.Errorf("DenyStatus 500: %v", err)
+	}
+}
+
+// A lease Tollgate no longer knows (here: it restarted, and its embedded
+// store with it) is reported lost at the next renew, and the stream it
+// covered goes on to its end, unleased.
+func TestALostLeaseIsReportedAndTheResponseGoesOn(t *testing.T) {
+	tg := tollgatetest.Start(t, pool(1))
+	lost := make(chan struct{}, 10)
+	stream := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		for i := 0; i < 50; i++ { // 5 s
+			_, _ = io.WriteString(w, "token ")
+			w.(http.Flusher).Flush()
+			time.Sleep(100 * time.Millisecond)
+		}
+	})
+	srv := leasedWith(t, tg.Addr, httplimit.Config{
+		Scope:       httplimit.Static("demo"),
+		Concurrency: &httplimit.Concurrency{TTL: 900 * time.Millisecond},
+		OnError: func(_ *http.Request, err error) {
+			if errors.Is(err, httplimit.ErrLeaseLost) {
+				lost <- struct{}{}
+			}
+		},
+	}, stream)
+	resp, err := http.Get(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if err := tg.Restart(); err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || strings.Count(string(body), "token") != 50 {
+		t.Fatalf("the stream after its lease was lost: %d tokens, %v", strings.Count(string(body), "token"), err)
+	}
+	select {
+	case <-lost:
+	default:
+		t.Fatal("no renew reported the lease lost")
+	}
+	if len(lost) > 0 {
+		t.Errorf("%d more reports: renewing should stop at the first", len(lost))
 	}
 }
