@@ -18,6 +18,9 @@
 //!   its delay first, and the response gets `RateLimit-Delay`.
 //! - Denied: a 429 with `Retry-After`, the same headers, and an
 //!   `application/problem+json` body; on an MCP endpoint, a JSON-RPC error.
+//! - With [`TollgateLayer::concurrency`]: a lease held until the response
+//!   body ends or is dropped; a full pool is a 429 (or 503, if asked) with
+//!   `Retry-After`.
 //! - Tollgate unavailable: the client's [`crate::FailureMode`] decides; when
 //!   closed, a 503.
 //! - Bad input (no scope, a key over Tollgate's length limits): a 400.
