@@ -408,3 +408,31 @@ func TestALostLeaseIsReportedAndTheResponseGoesOn(t *testing.T) {
 		t.Errorf("%d more reports: renewing should stop at the first", len(lost))
 	}
 }
+
+// With RequestIDHeader, the header's value is the lease id: two requests
+// sending one id share one lease (which is why it is only for a header a
+// trusted proxy sets), and a request with another id is refused.
+func TestRequestIDHeaderNamesTheLease(t *testing.T) {
+	tg := tollgatetest.Start(t, pool(1))
+	g := newGate()
+	srv := leased(t, tg.Addr, httplimit.Concurrency{RequestIDHeader: "X-Request-Id"}, g)
+	send := func(id string) int {
+		req, _ := http.NewRequest("GET", srv.URL, nil)
+		req.Header.Set("X-Request-Id", id)
+		return do(t, http.DefaultClient, req).StatusCode
+	}
+	done := make(chan int, 2)
+	go func() { done <- send("req-1") }()
+	g.wait(t, 1)
+	go func() { done <- send("req-1") }()
+	g.wait(t, 1)
+	if got := send("req-2"); got != http.StatusTooManyRequests {
+		t.Errorf("another id while req-1 holds the slot: %d", got)
+	}
+	close(g.open)
+	for range 2 {
+		if s := <-done; s != http.StatusOK {
+			t.Errorf("a request of req-1: %d", s)
+		}
+	}
+}
