@@ -193,6 +193,13 @@ fn bucket(b: &BucketStatus) -> tollgate_headers::Bucket<'_> {
 /// `quota-exceeded` type, or `abnormal-usage-detected` for a banned
 /// caller, and `violated-policies` member).
 pub fn problem_details(decisions: &[Decision]) -> Vec<u8> {
+    problem_details_with_status(decisions, http::StatusCode::TOO_MANY_REQUESTS)
+}
+
+/// [`problem_details`] for a refusal answered with another status: 503
+/// for a full concurrency pool that protects a backend (see
+/// [`crate::layer::Concurrency::deny_status`]).
+pub fn problem_details_with_status(decisions: &[Decision], status: http::StatusCode) -> Vec<u8> {
     let banned = decisions.iter().any(|d| !d.allowed && d.banned);
     let (kind, title) = if banned {
         (ABNORMAL_USAGE_TYPE, "Abnormal usage detected")
@@ -202,7 +209,7 @@ pub fn problem_details(decisions: &[Decision]) -> Vec<u8> {
     let mut body = serde_json::json!({
         "type": kind,
         "title": title,
-        "status": 429,
+        "status": status.as_u16(),
         "violated-policies": violated_policies(decisions),
     });
     let reasons: Vec<&str> = decisions
@@ -438,5 +445,39 @@ mod tests {
         assert_eq!(body["type"], ABNORMAL_USAGE_TYPE);
         assert_eq!(body["title"], "Abnormal usage detected");
         assert_eq!(body["detail"], "Retry in 90 s.");
+    }
+
+    fn leased(granted: bool, in_flight: u64) -> Decision {
+        Decision {
+            allowed: granted,
+            retry_after: (!granted).then(|| Duration::from_millis(2_500)),
+            lease: Some(crate::lease::Lease {
+                granted,
+                limit: 3,
+                in_flight,
+                rule: "streams".into(),
+                ..crate::lease::Lease::default()
+            }),
+            ..Decision::default()
+        }
+    }
+
+    #[test]
+    fn a_lease_adds_a_concurrent_requests_policy_and_the_slots_left() {
+        let h = render(&[leased(true, 2)], HeaderOptions::default());
+        assert_eq!(
+            get(&h, "ratelimit-policy"),
+            Some(r#""streams";q=3;qu="concurrent-requests""#)
+        );
+        assert_eq!(get(&h, "ratelimit"), Some(r#""streams";r=1"#));
+
+        let h = render(&[leased(false, 3)], HeaderOptions::default());
+        assert_eq!(get(&h, "ratelimit"), Some(r#""streams";r=0;t=3"#));
+        assert_eq!(get(&h, "retry-after"), Some("3"));
+        assert_eq!(violated_policies(&[leased(false, 3)]), ["streams"]);
+
+        let mut degraded = leased(true, 0);
+        degraded.lease.as_mut().unwrap().degraded = true;
+        assert!(render(&[degraded], HeaderOptions::default()).is_empty());
     }
 }

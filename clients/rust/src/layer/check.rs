@@ -291,10 +291,11 @@ fn deny_status(config: &Config, decisions: &[Decision]) -> StatusCode {
 }
 
 fn too_many_requests(config: &Config, decisions: &[Decision]) -> Response<Full<Bytes>> {
+    let status = deny_status(config, decisions);
     respond(
-        deny_status(config, decisions),
+        status,
         PROBLEM_JSON,
-        headers::problem_details(decisions),
+        headers::problem_details_with_status(decisions, status),
         headers::render(decisions, config.headers),
     )
 }

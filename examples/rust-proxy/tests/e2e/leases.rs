@@ -329,6 +329,11 @@ async fn the_proxy_holds_a_lease_per_request_with_its_flag() {
     let second = Http::new().get(&proxy.url("/fast"), &[]).await;
     assert_eq!(second.status, StatusCode::SERVICE_UNAVAILABLE, "{second:?}");
     assert!((1..=10).contains(&retry_after(&second)));
+    assert_eq!(second.json()["status"], 503);
+    assert_eq!(
+        second.json()["violated-policies"],
+        serde_json::json!(["streams"])
+    );
     upstream.gate.send(true).unwrap();
     assert_eq!(first.await.unwrap().status, StatusCode::OK);
     until_ok(&proxy.url("/fast"), Duration::from_secs(3)).await;
