@@ -443,3 +443,34 @@ async fn with_tollgate_unreachable_leased_requests_fail_open() {
         assert_eq!(r.header("ratelimit-policy"), None);
     }
 }
+
+/// A lease that expired while Tollgate was frozen past its TTL is reported
+/// lost once, and the stream it covered goes on to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lease_is_reported_once_and_the_stream_goes_on() {
+    let tollgate = Tollgate::start(&pool(1));
+    let lost = Arc::new(AtomicUsize::new(0));
+    let counted = lost.clone();
+    let concurrency = Concurrency::new()
+        .ttl(Duration::from_millis(900))
+        .on_renew_failure(move |_, e| {
+            if e.is_none() {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    let served = Served::start(&tollgate, concurrency).await;
+    let url = served.url("/stream?50"); // 5 s
+    let stream = tokio::spawn(async move { Http::new().get(&url, &[]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tollgate.pause();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    tollgate.resume();
+    let whole = stream.await.unwrap();
+    assert_eq!(whole.status, StatusCode::OK);
+    assert_eq!(whole.body.len(), 50 * "token ".len(), "the stream was cut");
+    assert_eq!(
+        lost.load(Ordering::SeqCst),
+        1,
+        "lost once, then no more renewing"
+    );
+}
