@@ -27,6 +27,7 @@ import (
 	"time"
 
 	"github.com/tollgate-rs/tollgate/clients/go/internal/fields"
+	"github.com/tollgate-rs/tollgate/clients/go/internal/leasehold"
 	"github.com/tollgate-rs/tollgate/clients/go/tollgate"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
@@ -68,12 +69,42 @@ type Config struct {
 	// (including those let through by fail-open) and every refusal of a
 	// call as invalid.
 	OnError func(ctx context.Context, fullMethod string, err error)
+	// Concurrency, if set, makes UnaryServerInterceptor and
+	// StreamServerInterceptor hold a lease in the scope's concurrency limit
+	// while each call's handler runs: see Concurrency. Limit cannot (it
+	// never hears when the call ends), so it takes none. The Decider must
+	// also renew and release leases (*tollgate.Client does).
+	Concurrency *Concurrency
+}
+
+// Concurrency holds a lease in the scope's concurrency limit (see
+// docs/leases.md) for the lifetime of each call: taken with the rates in
+// the one ShouldAllow, renewed every TTL/3 while the handler runs (a stream
+// included), and released when the handler returns or the call's context
+// ends. A full pool is RESOURCE_EXHAUSTED with RetryInfo (the earliest live
+// lease's expiry, an upper bound), or UNAVAILABLE with Unavailable set. A
+// lost lease is reported to OnError (leases lost: the call goes on).
+type Concurrency struct {
+	// TTL is each lease's time to live; 0 means 30s. At most the limit's
+	// max_lease.
+	TTL time.Duration
+	// RequestIDMetadata, if set, names request metadata whose value (1 to
+	// 128 visible ASCII bytes) becomes the lease id; only when a trusted
+	// proxy sets it, since calls sharing an id share one lease. Otherwise
+	// the id is random.
+	RequestIDMetadata string
+	// Unavailable answers UNAVAILABLE instead of RESOURCE_EXHAUSTED when
+	// the pool is full: for a pool protecting a backend shared by all
+	// callers.
+	Unavailable bool
 }
 
 // Limiter decides gRPC calls with Tollgate.
 type Limiter struct {
 	decider Decider
-	cfg     Config
+	// leaser is the decider as a Leaser, when Concurrency is on.
+	leaser leasehold.Leaser
+	cfg    Config
 }
 
 // New returns a Limiter. It fails only on a Config without a Scope.
@@ -84,7 +115,14 @@ func New(d Decider, cfg Config) (*Limiter, error) {
 	if cfg.Scope == nil {
 		return nil, errors.New("grpclimit: Config.Scope is required")
 	}
-	return &Limiter{decider: d, cfg: cfg}, nil
+	l := &Limiter{decider: d, cfg: cfg}
+	if cfg.Concurrency != nil {
+		var ok bool
+		if l.leaser, ok = d.(leasehold.Leaser); !ok {
+			return nil, errors.New("grpclimit: Config.Concurrency needs a Decider that renews and releases leases")
+		}
+	}
+	return l, nil
 }
 
 // Limit decides the call whose server context ctx is, and returns nil to
@@ -101,8 +139,13 @@ func (l *Limiter) Limit(ctx context.Context) error {
 // keeping Limit's status codes as they are.
 func (l *Limiter) UnaryServerInterceptor() grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-		if err := l.limit(ctx, info.FullMethod); err != nil {
+		setHeader := func(md metadata.MD) error { return grpc.SetHeader(ctx, md) }
+		held, err := l.decide(ctx, info.FullMethod, setHeader, true)
+		if err != nil {
 			return nil, err
+		}
+		if held != nil {
+			defer held.End()
 		}
 		return handler(ctx, req)
 	}
@@ -115,8 +158,12 @@ func (l *Limiter) UnaryServerInterceptor() grpc.UnaryServerInterceptor {
 // matters. The fields go out as the stream's header metadata.
 func (l *Limiter) StreamServerInterceptor() grpc.StreamServerInterceptor {
 	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-		if err := l.decide(ss.Context(), info.FullMethod, ss.SetHeader); err != nil {
+		held, err := l.decide(ss.Context(), info.FullMethod, ss.SetHeader, true)
+		if err != nil {
 			return err
+		}
+		if held != nil {
+			defer held.End()
 		}
 		return handler(srv, ss)
 	}
@@ -124,20 +171,28 @@ func (l *Limiter) StreamServerInterceptor() grpc.StreamServerInterceptor {
 
 // limit decides the call whose server context ctx is.
 func (l *Limiter) limit(ctx context.Context, method string) error {
-	return l.decide(ctx, method, func(md metadata.MD) error { return grpc.SetHeader(ctx, md) })
+	_, err := l.decide(ctx, method, func(md metadata.MD) error { return grpc.SetHeader(ctx, md) }, false)
+	return err
 }
 
 // decide asks Tollgate about one call, and hands the fields to setHeader.
-func (l *Limiter) decide(ctx context.Context, method string, setHeader func(metadata.MD) error) error {
+// With leased and Concurrency on, the call takes a lease, which the caller
+// must End when the call does.
+func (l *Limiter) decide(ctx context.Context, method string, setHeader func(metadata.MD) error, leased bool) (*leasehold.Holder, error) {
 	req, err := l.request(ctx, method)
 	if err != nil {
 		l.report(ctx, method, err)
-		return status.Error(codes.InvalidArgument, err.Error())
+		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	req.MaxWait = l.maxWait(ctx)
+	c := l.cfg.Concurrency
+	if leased && c != nil {
+		req.LeaseID = leasehold.ID(firstMetadata(ctx, c.RequestIDMetadata))
+		req.LeaseTTL = c.ttl()
+	}
 	d, err := l.decider.Decide(ctx, req)
 	if err != nil {
-		return l.refuse(ctx, method, err)
+		return nil, l.refuse(ctx, method, err)
 	}
 	if d.Unreachable != nil {
 		l.report(ctx, method, d.Unreachable)
@@ -150,10 +205,38 @@ func (l *Limiter) decide(ctx context.Context, method string, setHeader func(meta
 	// Header metadata is best effort: it fails only when headers were
 	// already sent, which cannot be before the handler runs.
 	_ = setHeader(md)
-	if d.Allowed {
-		return waitOut(ctx, d.Delay)
+	if !d.Allowed {
+		return nil, denial(ds, c != nil && c.Unavailable && d.LeaseDenied())
 	}
-	return denial(ds)
+	var held *leasehold.Holder
+	if targets := leasehold.Held([]tollgate.Request{req}, ds); len(targets) > 0 {
+		held = leasehold.Hold(ctx, l.leaser, targets, c.ttl(), func(err error) { l.report(ctx, method, err) })
+	}
+	if err := waitOut(ctx, d.Delay); err != nil {
+		if held != nil {
+			held.End()
+		}
+		return nil, err
+	}
+	return held, nil
+}
+
+func (c *Concurrency) ttl() time.Duration {
+	if c.TTL > 0 {
+		return c.TTL
+	}
+	return leasehold.DefaultTTL
+}
+
+// firstMetadata is the first value of the named request metadata, or "".
+func firstMetadata(ctx context.Context, name string) string {
+	if name == "" {
+		return ""
+	}
+	if v := metadata.ValueFromIncomingContext(ctx, name); len(v) > 0 {
+		return v[0]
+	}
+	return ""
 }
 
 // maxWait is the MaxWait to ask with: the configured one, cut to what is
@@ -239,8 +322,9 @@ func fieldsMetadata(ds []tollgate.Decision, legacy bool) metadata.MD {
 	return md
 }
 
-// denial is the RESOURCE_EXHAUSTED status of a denied call.
-func denial(ds []tollgate.Decision) error {
+// denial is the RESOURCE_EXHAUSTED status of a denied call (UNAVAILABLE,
+// with the same details, for a full backend pool).
+func denial(ds []tollgate.Decision, unavailable bool) error {
 	violated := fields.ViolatedPolicies(ds)
 	msg := "rate limited"
 	if len(violated) > 0 {
@@ -252,7 +336,11 @@ func denial(ds []tollgate.Decision) error {
 	} else if reasons := fields.Reasons(ds); len(reasons) > 0 {
 		msg += ": " + strings.Join(reasons, "; ")
 	}
-	st := status.New(codes.ResourceExhausted, msg)
+	code := codes.ResourceExhausted
+	if unavailable {
+		code = codes.Unavailable
+	}
+	st := status.New(code, msg)
 	quota := &errdetails.QuotaFailure{}
 	for _, rule := range violated {
 		quota.Violations = append(quota.Violations, &errdetails.QuotaFailure_Violation{

@@ -32,6 +32,7 @@ import (
 	"time"
 
 	"github.com/tollgate-rs/tollgate/clients/go/internal/fields"
+	"github.com/tollgate-rs/tollgate/clients/go/internal/leasehold"
 	"github.com/tollgate-rs/tollgate/clients/go/mcp"
 	"github.com/tollgate-rs/tollgate/clients/go/tollgate"
 )
@@ -95,6 +96,11 @@ type Config struct {
 	// forwarded. Zero: allowed now or denied, as without shaping.
 	MaxWait time.Duration
 
+	// Concurrency, if set, holds a lease in the scope's concurrency limit
+	// for the lifetime of each request: see Concurrency. The Decider must
+	// be a Leaser too (*tollgate.Client is).
+	Concurrency *Concurrency
+
 	// OnError, if set, hears of every call Tollgate could not answer
 	// (including those let through by fail-open) and every refusal of a
 	// request as invalid, for logs and metrics. It must not write to w.
@@ -112,15 +118,27 @@ func New(d Decider, cfg Config) (func(http.Handler) http.Handler, error) {
 	if cfg.MaxBodyBytes <= 0 {
 		cfg.MaxBodyBytes = DefaultMaxBodyBytes
 	}
+	var leaser Leaser
+	if cfg.Concurrency != nil {
+		var ok bool
+		if leaser, ok = d.(Leaser); !ok {
+			return nil, errors.New("httplimit: Config.Concurrency needs a Decider that is also a Leaser")
+		}
+		if s := cfg.Concurrency.DenyStatus; s != 0 && s != http.StatusTooManyRequests && s != http.StatusServiceUnavailable {
+			return nil, fmt.Errorf("httplimit: Concurrency.DenyStatus %d: want 0, 429 or 503", s)
+		}
+	}
 	return func(next http.Handler) http.Handler {
-		return &handler{decider: d, cfg: cfg, next: next}
+		return &handler{decider: d, leaser: leaser, cfg: cfg, next: next}
 	}, nil
 }
 
 type handler struct {
 	decider Decider
-	cfg     Config
-	next    http.Handler
+	// leaser is the decider as a Leaser, when Concurrency is on.
+	leaser Leaser
+	cfg    Config
+	next   http.Handler
 }
 
 func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -160,8 +178,9 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 
 	var ds []tollgate.Decision
+	var reqs []tollgate.Request
 	if rpc.JSONRPC {
-		reqs := rpc.Requests(base)
+		reqs = h.leased(r, rpc.Requests(base), true)
 		if len(reqs) == 1 {
 			var d tollgate.Decision
 			d, err = h.decider.Decide(r.Context(), reqs[0])
@@ -172,13 +191,18 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			ds, err = h.decider.DecideBatchAtomic(r.Context(), reqs)
 		}
 	} else {
+		reqs = h.leased(r, []tollgate.Request{base}, false)
 		var d tollgate.Decision
-		d, err = h.decider.Decide(r.Context(), base)
+		d, err = h.decider.Decide(r.Context(), reqs[0])
 		ds = []tollgate.Decision{d}
 	}
 	if err != nil {
 		h.refuse(w, r, err)
 		return
+	}
+	if targets := leasehold.Held(reqs, ds); len(targets) > 0 {
+		leases := leasehold.Hold(r.Context(), h.leaser, targets, h.cfg.Concurrency.ttl(), func(err error) { h.report(r, err) })
+		defer leases.End()
 	}
 	for i := range ds {
 		if ds[i].Unreachable != nil {
@@ -188,10 +212,14 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 
 	if fields.Denied(ds) {
+		status := http.StatusTooManyRequests
+		if h.cfg.Concurrency != nil && h.cfg.Concurrency.DenyStatus != 0 && leaseDenied(ds) {
+			status = h.cfg.Concurrency.DenyStatus
+		}
 		if rpc.JSONRPC {
-			writeRPCDenial(w, rpc, ds, h.cfg.MCPErrorCode, h.cfg.LegacyHeaders)
+			writeRPCDenial(w, rpc, ds, h.cfg.MCPErrorCode, h.cfg.LegacyHeaders, status)
 		} else {
-			writeQuotaExceeded(w, ds, h.cfg.LegacyHeaders)
+			writeQuotaExceeded(w, ds, h.cfg.LegacyHeaders, status)
 		}
 		return
 	}

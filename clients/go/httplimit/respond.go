@@ -61,13 +61,15 @@ func writeProblem(w http.ResponseWriter, p problem) {
 }
 
 // writeQuotaExceeded answers a denial that is not an MCP call: 429 with the
-// rate-limit headers and a quota-exceeded problem document.
-func writeQuotaExceeded(w http.ResponseWriter, ds []tollgate.Decision, legacy bool) {
+// rate-limit headers and a quota-exceeded problem document (status is 503
+// instead for a full pool that Concurrency.DenyStatus says protects a
+// backend).
+func writeQuotaExceeded(w http.ResponseWriter, ds []tollgate.Decision, legacy bool, status int) {
 	setFields(w.Header(), ds, legacy)
 	p := problem{
 		Type:             QuotaExceededType,
 		Title:            "Quota exceeded",
-		Status:           http.StatusTooManyRequests,
+		Status:           status,
 		ViolatedPolicies: fields.ViolatedPolicies(ds),
 	}
 	if p.ViolatedPolicies == nil {
@@ -90,12 +92,12 @@ func writeQuotaExceeded(w http.ResponseWriter, ds []tollgate.Decision, legacy bo
 
 // writeRPCDenial answers a denied MCP call or batch: 429 with the
 // rate-limit headers (Retry-After included) and JSON-RPC error objects.
-func writeRPCDenial(w http.ResponseWriter, body mcp.Body, ds []tollgate.Decision, code int, legacy bool) {
+func writeRPCDenial(w http.ResponseWriter, body mcp.Body, ds []tollgate.Decision, code int, legacy bool, status int) {
 	setFields(w.Header(), ds, legacy)
 	if code == 0 {
 		code = mcp.RateLimitedCode
 	}
-	writeJSON(w, http.StatusTooManyRequests, "application/json", body.DenialWithCode(ds, code))
+	writeJSON(w, status, "application/json", body.DenialWithCode(ds, code))
 }
 
 func writePlainProblem(w http.ResponseWriter, status int, title, detail string) {

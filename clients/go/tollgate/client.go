@@ -113,6 +113,9 @@ func WithDialOptions(opts ...grpc.DialOption) Option {
 // make one per process and share it.
 type Client struct {
 	rpc tollgatev1.RateLimiterClient
+	// leases serves AcquireLease, RenewLease and ReleaseLease, on the same
+	// connection.
+	leases tollgatev1.LeasesClient
 	// conn is closed by Close; nil when the caller owns the connection.
 	conn *grpc.ClientConn
 	// deadline bounds every call, so a slow Tollgate costs at most this.
@@ -185,6 +188,7 @@ func newConfig(opts []Option) config {
 func newClient(conn grpc.ClientConnInterface, cfg config) *Client {
 	c := &Client{
 		rpc:      tollgatev1.NewRateLimiterClient(conn),
+		leases:   tollgatev1.NewLeasesClient(conn),
 		deadline: cfg.deadline,
 		failure:  cfg.failureMode,
 	}

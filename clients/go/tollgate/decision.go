@@ -76,6 +76,15 @@ type Request struct {
 	// whatever it is decided: report a failed login as a DryRun with a
 	// Strike.
 	Strike bool
+	// LeaseID, when not empty, also takes a lease of this id in the scope's
+	// concurrency limit that matches, all or nothing with the rates: a full
+	// pool denies the request (taking no tokens), and a request the rates
+	// deny gives its lease back. The Decision's Lease says what is held. 1
+	// to [MaxLeaseIDBytes] bytes; only for Decide. See docs/leases.md.
+	LeaseID string
+	// LeaseTTL is how long the lease lives unless renewed; zero means the
+	// limit's max_lease.
+	LeaseTTL time.Duration
 }
 
 // Decision is Tollgate's answer, or the client's own under the failure
@@ -123,6 +132,12 @@ type Decision struct {
 	// its deny list): RetryAfter runs to the ban's end, and nothing was
 	// taken. Tell the client it is being abusive, not merely fast.
 	Banned bool
+	// Lease is set when the Request carried a LeaseID and one of the
+	// scope's concurrency limits matched. A denial with Lease.Granted false
+	// and no exhausted bucket was denied by the concurrency limit: then
+	// RetryAfter is an upper bound of the wait (the earliest live lease's
+	// expiry), not a lower one.
+	Lease *Lease
 }
 
 // Settlement is what [Client.Settle] did.
@@ -177,6 +192,10 @@ func (r *Request) proto() *tollgatev1.ShouldAllowRequest {
 	if r.MaxWait != 0 {
 		p.MaxWait = durationpb.New(r.MaxWait)
 	}
+	p.LeaseId = r.LeaseID
+	if r.LeaseTTL != 0 {
+		p.LeaseTtl = durationpb.New(r.LeaseTTL)
+	}
 	return p
 }
 
@@ -194,6 +213,7 @@ func decisionFromProto(p *tollgatev1.ShouldAllowResponse) Decision {
 		Buckets:     bucketsFromProto(p.GetBuckets()),
 		Delay:       p.GetDelay().AsDuration(),
 		Banned:      p.GetDenialReason() == tollgatev1.DenialReason_DENIAL_REASON_BANNED,
+		Lease:       leaseFromProto(p.GetLease()),
 	}
 }
 
@@ -237,11 +257,23 @@ func (d *Decision) DeniedByBatch() bool {
 	return true
 }
 
+// LeaseDenied reports whether the request was denied by its concurrency
+// limit: it asked for a lease, the pool was full, and no rate was charged.
+// (A request the rates denied has Lease.Granted false too, but carries the
+// buckets that denied it.)
+func (d *Decision) LeaseDenied() bool {
+	return !d.Allowed && !d.Banned && d.Lease != nil && !d.Lease.Granted && len(d.Buckets) == 0
+}
+
 // ViolatedPolicies names the rules that denied: the exhausted buckets of
-// this decision, or none when it was allowed.
+// this decision (or its concurrency limit, when that denied), or none when
+// it was allowed.
 func (d *Decision) ViolatedPolicies() []string {
 	if d.Allowed {
 		return nil
+	}
+	if d.LeaseDenied() && d.Lease.Rule != "" {
+		return []string{d.Lease.Rule}
 	}
 	var out []string
 	for _, b := range d.Buckets {

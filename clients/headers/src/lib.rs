@@ -159,6 +159,14 @@ fn push_param(out: &mut String, key: &str, n: u64) {
     out.push_str(&n.to_string());
 }
 
+/// `rule` as an RFC 9651 String, by the rule in the crate docs: the form
+/// every rule name takes in these headers.
+pub fn sf_string(rule: &str) -> String {
+    let mut out = String::new();
+    push_rule(&mut out, rule);
+    out
+}
+
 /// Writes `rule` as an RFC 9651 String, by the rule in the crate docs.
 fn push_rule(out: &mut String, rule: &str) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";

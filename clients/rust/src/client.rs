@@ -15,6 +15,7 @@ use crate::decision::{
 };
 use crate::error::Error;
 use crate::pb::tollgate::v1 as pb;
+use crate::pb::tollgate::v1::leases_client::LeasesClient;
 use crate::pb::tollgate::v1::rate_limiter_client::RateLimiterClient;
 
 /// How long a call may take, from sending to the answer, unless set.
@@ -116,7 +117,8 @@ impl ClientBuilder {
             .tcp_nodelay(true);
         let channel: Channel = endpoint.connect_lazy();
         Ok(Client {
-            grpc: RateLimiterClient::new(channel),
+            grpc: RateLimiterClient::new(channel.clone()),
+            leases: LeasesClient::new(channel),
             deadline: self.deadline,
             shared: Arc::new(Shared {
                 failure_mode: self.failure_mode,
@@ -131,6 +133,8 @@ impl ClientBuilder {
 #[derive(Clone, Debug)]
 pub struct Client {
     grpc: RateLimiterClient<Channel>,
+    /// `tollgate.v1.Leases`, on the same connection (see `crate::lease`).
+    pub(crate) leases: LeasesClient<Channel>,
     /// Per client value rather than shared, so [`Client::with_deadline`] can
     /// give one call site a different deadline without another connection.
     deadline: Duration,
@@ -169,6 +173,11 @@ impl Client {
     /// The deadline of this client's calls.
     pub fn deadline(&self) -> Duration {
         self.deadline
+    }
+
+    /// False while the circuit breaker skips calls.
+    pub(crate) fn breaker_allows(&self) -> bool {
+        self.shared.breaker.allows_call()
     }
 
     /// The failure mode this client was built with.
@@ -338,7 +347,7 @@ impl Client {
 
     /// Sorts a call's outcome into an answer, a failure the policy covers,
     /// or an error it does not; and tells the breaker.
-    fn sort<T>(
+    pub(crate) fn sort<T>(
         &self,
         answer: Result<Result<tonic::Response<T>, tonic::Status>, tokio::time::error::Elapsed>,
     ) -> Result<Result<T, FailureCause>, Error> {
@@ -387,7 +396,7 @@ impl Client {
 
     /// Applies the failure mode: `Open` hands the cause on for a local
     /// decision, `Closed` turns it into an error.
-    fn fail(&self, cause: FailureCause) -> Result<FailureCause, Error> {
+    pub(crate) fn fail(&self, cause: FailureCause) -> Result<FailureCause, Error> {
         match self.shared.failure_mode {
             FailureMode::Open => Ok(cause),
             FailureMode::Closed => Err(Error::Unavailable(cause)),

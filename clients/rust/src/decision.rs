@@ -100,6 +100,14 @@ pub struct DecisionRequest {
     /// Counts this request as a strike in the scope's penalty box whatever
     /// it is decided: report a failed login as a dry run with a strike.
     pub strike: bool,
+    /// Also takes a lease of this id in the scope's concurrency limit that
+    /// matches, all or nothing with the rates: a full pool denies the
+    /// request (taking no tokens), and a request the rates deny gives its
+    /// lease back. [`Decision::lease`] says what is held. 1 to
+    /// [`crate::lease::MAX_LEASE_ID_BYTES`] bytes; not in a batch.
+    pub lease_id: Option<String>,
+    /// The lease's time to live; `None` means the limit's `max_lease`.
+    pub lease_ttl: Option<Duration>,
 }
 
 impl DecisionRequest {
@@ -170,6 +178,26 @@ impl DecisionRequest {
         self
     }
 
+    /// Takes a lease `id` with the rates: see [`DecisionRequest::lease_id`].
+    #[must_use]
+    pub fn with_lease(mut self, id: impl Into<String>, ttl: Option<Duration>) -> Self {
+        self.lease_id = Some(id.into());
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// The lease this request asks for, as [`crate::Client::renew_lease`]
+    /// and [`crate::Client::release_lease`] name it.
+    pub fn lease_target(&self) -> crate::lease::LeaseTarget {
+        crate::lease::LeaseTarget {
+            scope: self.scope.clone(),
+            identity: self.identity.clone(),
+            operation: self.operation.clone(),
+            attributes: self.attributes.clone(),
+            lease_id: self.lease_id.clone().unwrap_or_default(),
+        }
+    }
+
     /// Checks the request against Tollgate's input limits. `prefix` is put
     /// before the field name, such as `requests[2].`.
     pub(crate) fn validate(&self, prefix: &str) -> Result<(), Error> {
@@ -205,6 +233,12 @@ impl DecisionRequest {
                 format!("must be between {MIN_SETTLE_WITHIN:?} and {MAX_SETTLE_WITHIN:?}"),
             ));
         }
+        if let Some(id) = &self.lease_id {
+            if id.is_empty() {
+                return Err(Error::invalid(field("lease_id"), "must not be empty"));
+            }
+            check_text(&field("lease_id"), id, crate::lease::MAX_LEASE_ID_BYTES)?;
+        }
         if self.max_wait.is_some_and(|w| w > MAX_WAIT) {
             return Err(Error::invalid(
                 field("max_wait"),
@@ -223,6 +257,12 @@ impl DecisionRequest {
             return Err(Error::invalid(
                 format!("{prefix}settle_within"),
                 "is not supported in a batch: reserve with Client::should_allow",
+            ));
+        }
+        if self.lease_id.is_some() {
+            return Err(Error::invalid(
+                format!("{prefix}lease_id"),
+                "is not supported in a batch: take a lease with Client::should_allow",
             ));
         }
         Ok(())
@@ -249,9 +289,10 @@ impl DecisionRequest {
                 .max_wait
                 .and_then(|d| prost_types::Duration::try_from(d).ok()),
             strike: self.strike,
-            // Leases are not in this client yet (see docs/leases.md).
-            lease_id: String::new(),
-            lease_ttl: None,
+            lease_id: self.lease_id.clone().unwrap_or_default(),
+            lease_ttl: self
+                .lease_ttl
+                .and_then(|d| prost_types::Duration::try_from(d).ok()),
         }
     }
 }
@@ -310,9 +351,24 @@ pub struct Decision {
     /// True when the caller is in the scope's penalty box (or on its deny
     /// list): `retry_after` runs to the ban's end, and nothing was taken.
     pub banned: bool,
+    /// Set when the request carried a lease id and one of the scope's
+    /// concurrency limits matched: see [`Decision::lease_denied`].
+    pub lease: Option<crate::lease::Lease>,
 }
 
 impl Decision {
+    /// True when the request was denied by its concurrency limit: the pool
+    /// was full, and no rate was charged. Then `retry_after` is an upper
+    /// bound of the wait (the earliest live lease's expiry), not a lower
+    /// one. (A request the rates denied has an ungranted lease too, but
+    /// carries the buckets that denied it.)
+    pub fn lease_denied(&self) -> bool {
+        !self.allowed
+            && !self.banned
+            && self.buckets.is_empty()
+            && self.lease.as_ref().is_some_and(|l| !l.granted)
+    }
+
     /// The fail-open answer: allowed, degraded, counted nowhere.
     pub(crate) fn fail_open(cause: FailureCause) -> Self {
         Self {
@@ -340,10 +396,16 @@ impl Decision {
     /// hold the cost. Empty when allowed.
     pub fn violated_policies(&self) -> impl Iterator<Item = &str> {
         let denied = !self.allowed;
+        let pool = self
+            .lease
+            .as_ref()
+            .filter(|l| self.lease_denied() && !l.rule.is_empty())
+            .map(|l| l.rule.as_str());
         self.buckets
             .iter()
             .filter(move |b| denied && b.exhausted)
             .map(|b| b.rule.as_str())
+            .chain(pool)
     }
 }
 
@@ -472,6 +534,7 @@ impl From<pb::ShouldAllowResponse> for Decision {
                 .map(Reservation),
             delay: duration(r.delay).unwrap_or_default(),
             banned: r.denial_reason == pb::DenialReason::Banned as i32,
+            lease: r.lease.map(crate::lease::Lease::from),
         }
     }
 }

@@ -99,7 +99,66 @@ pub fn render(decisions: &[Decision], options: HeaderOptions) -> HeaderMap {
             headers.insert(name, value);
         }
     }
+    let (policy, limit) = lease_items(decisions);
+    append_items(&mut headers, "ratelimit-policy", &policy);
+    append_items(&mut headers, "ratelimit", &limit);
     headers
+}
+
+/// The quota unit parameter of a concurrency limit's `RateLimit-Policy`
+/// item: its quota counts requests in flight, so the item has no `w`.
+pub const CONCURRENT_UNIT: &str = ";qu=\"concurrent-requests\"";
+
+/// The `RateLimit-Policy` and `RateLimit` items of the leases behind
+/// `decisions` (docs/leases.md): `"<rule>";q=<concurrency>;qu="concurrent-requests"`
+/// per pool that applied; `"<rule>";r=<slots left>` for a lease held, or
+/// `"<rule>";r=0;t=<seconds>` for a full pool (t when a retry can pass). A
+/// degraded lease says nothing. Rendered here rather than in
+/// `tollgate-headers`, whose output the Go client and the server share
+/// through the test vectors.
+fn lease_items(decisions: &[Decision]) -> (Vec<String>, Vec<String>) {
+    let (mut policy, mut limit) = (Vec::new(), Vec::new());
+    for d in decisions {
+        let Some(l) = d
+            .lease
+            .as_ref()
+            .filter(|l| !l.degraded && !l.rule.is_empty())
+        else {
+            continue;
+        };
+        let rule = tollgate_headers::sf_string(&l.rule);
+        policy.push(format!("{rule};q={}{CONCURRENT_UNIT}", l.limit));
+        if l.granted {
+            limit.push(format!("{rule};r={}", l.limit.saturating_sub(l.in_flight)));
+        } else if d.lease_denied() {
+            let t = d
+                .retry_after
+                .map(|r| format!(";t={}", ceil_secs(r)))
+                .unwrap_or_default();
+            limit.push(format!("{rule};r=0{t}"));
+        }
+    }
+    (policy, limit)
+}
+
+fn append_items(headers: &mut HeaderMap, name: &'static str, items: &[String]) {
+    if items.is_empty() {
+        return;
+    }
+    let mut value = headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_default();
+    for item in items {
+        if !value.is_empty() {
+            value.push_str(", ");
+        }
+        value.push_str(item);
+    }
+    if let Ok(v) = HeaderValue::try_from(value) {
+        headers.insert(HeaderName::from_static(name), v);
+    }
 }
 
 fn views(decisions: &[Decision]) -> Vec<tollgate_headers::Decision<'_>> {
@@ -134,6 +193,13 @@ fn bucket(b: &BucketStatus) -> tollgate_headers::Bucket<'_> {
 /// `quota-exceeded` type, or `abnormal-usage-detected` for a banned
 /// caller, and `violated-policies` member).
 pub fn problem_details(decisions: &[Decision]) -> Vec<u8> {
+    problem_details_with_status(decisions, http::StatusCode::TOO_MANY_REQUESTS)
+}
+
+/// [`problem_details`] for a refusal answered with another status: 503
+/// for a full concurrency pool that protects a backend (see
+/// [`crate::layer::Concurrency::deny_status`]).
+pub fn problem_details_with_status(decisions: &[Decision], status: http::StatusCode) -> Vec<u8> {
     let banned = decisions.iter().any(|d| !d.allowed && d.banned);
     let (kind, title) = if banned {
         (ABNORMAL_USAGE_TYPE, "Abnormal usage detected")
@@ -143,7 +209,7 @@ pub fn problem_details(decisions: &[Decision]) -> Vec<u8> {
     let mut body = serde_json::json!({
         "type": kind,
         "title": title,
-        "status": 429,
+        "status": status.as_u16(),
         "violated-policies": violated_policies(decisions),
     });
     let reasons: Vec<&str> = decisions
@@ -379,5 +445,39 @@ mod tests {
         assert_eq!(body["type"], ABNORMAL_USAGE_TYPE);
         assert_eq!(body["title"], "Abnormal usage detected");
         assert_eq!(body["detail"], "Retry in 90 s.");
+    }
+
+    fn leased(granted: bool, in_flight: u64) -> Decision {
+        Decision {
+            allowed: granted,
+            retry_after: (!granted).then(|| Duration::from_millis(2_500)),
+            lease: Some(crate::lease::Lease {
+                granted,
+                limit: 3,
+                in_flight,
+                rule: "streams".into(),
+                ..crate::lease::Lease::default()
+            }),
+            ..Decision::default()
+        }
+    }
+
+    #[test]
+    fn a_lease_adds_a_concurrent_requests_policy_and_the_slots_left() {
+        let h = render(&[leased(true, 2)], HeaderOptions::default());
+        assert_eq!(
+            get(&h, "ratelimit-policy"),
+            Some(r#""streams";q=3;qu="concurrent-requests""#)
+        );
+        assert_eq!(get(&h, "ratelimit"), Some(r#""streams";r=1"#));
+
+        let h = render(&[leased(false, 3)], HeaderOptions::default());
+        assert_eq!(get(&h, "ratelimit"), Some(r#""streams";r=0;t=3"#));
+        assert_eq!(get(&h, "retry-after"), Some("3"));
+        assert_eq!(violated_policies(&[leased(false, 3)]), ["streams"]);
+
+        let mut degraded = leased(true, 0);
+        degraded.lease.as_mut().unwrap().degraded = true;
+        assert!(render(&[degraded], HeaderOptions::default()).is_empty());
     }
 }

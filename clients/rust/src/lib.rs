@@ -19,6 +19,10 @@
 //! - [`layer::McpLayer`], MCP-aware extraction stacked on top of it (and
 //!   [`mcp`], what it charges): on an MCP endpoint each JSON-RPC call is
 //!   decided, and a denial is a JSON-RPC error.
+//! - [`lease`] and [`layer::Concurrency`]: concurrency limits. A request
+//!   can take a lease with its rates ([`DecisionRequest::with_lease`]), and
+//!   the layer can hold one for the lifetime of each request, renewing it
+//!   while the response streams and releasing it when the body ends.
 //! - [`headers`]: every HTTP rendering of a decision
 //!   (draft-ietf-httpapi-ratelimit-headers-11, `Retry-After`, problem+json);
 //!   the headers come from `tollgate-headers`, which the server shares.
@@ -37,6 +41,7 @@ pub mod decision;
 pub mod error;
 pub mod headers;
 pub mod layer;
+pub mod lease;
 pub mod mcp;
 pub mod pb;
 
@@ -45,6 +50,7 @@ pub use decision::{
     BucketStatus, Decision, DecisionRequest, FailureCause, Priority, Reservation, Settlement,
 };
 pub use error::Error;
+pub use lease::{Lease, LeaseTarget};
 
 /// The README's examples, compiled as doctests.
 #[cfg(doctest)]

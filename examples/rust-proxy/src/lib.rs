@@ -21,7 +21,7 @@ use http::{HeaderMap, StatusCode, Uri};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tollgate_client::layer::{Extractor, McpLayer, TollgateLayer};
+use tollgate_client::layer::{Concurrency, Extractor, McpLayer, TollgateLayer};
 use tollgate_client::{Client, FailureMode};
 
 /// The command line.
@@ -75,6 +75,27 @@ pub struct Args {
     /// with `max_delay` admits it for later, instead of a 429. Absent: never.
     #[arg(long, value_parser = parse_duration)]
     pub max_wait: Option<Duration>,
+    /// Hold a lease in the scope's concurrency limit for the lifetime of
+    /// each request (with --mcp, of each tools/call), renewed while the
+    /// response streams and released when it ends or the client goes away.
+    #[arg(long)]
+    pub concurrency: bool,
+    /// With --concurrency, each lease's time to live, renewed every third
+    /// of it; at most the limit's `max_lease`.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+    /// With --concurrency, the status when the pool is full: 429, or 503
+    /// for a pool protecting the upstream.
+    #[arg(long, default_value_t = 429, value_parser = parse_deny_status)]
+    pub concurrency_status: u16,
+}
+
+fn parse_deny_status(s: &str) -> Result<u16, String> {
+    match s {
+        "429" => Ok(429),
+        "503" => Ok(503),
+        _ => Err(format!("{s:?}: want 429 or 503")),
+    }
 }
 
 fn parse_failure_mode(s: &str) -> Result<FailureMode, String> {
@@ -122,6 +143,22 @@ pub fn limited_router(args: &Args) -> Result<Router, tollgate_client::Error> {
         .legacy_headers(args.legacy_headers);
     if let Some(max_wait) = args.max_wait {
         limits = limits.max_wait(max_wait);
+    }
+    if args.concurrency {
+        let status =
+            StatusCode::from_u16(args.concurrency_status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
+        limits = limits.concurrency(
+            Concurrency::new()
+                .ttl(args.lease_ttl)
+                .deny_status(status)
+                .on_renew_failure(|t, e| match e {
+                    None => eprintln!(
+                        "rust-proxy: lease {} lost; the response goes on",
+                        t.lease_id
+                    ),
+                    Some(e) => eprintln!("rust-proxy: renewing lease {}: {e}", t.lease_id),
+                }),
+        );
     }
     let router = plain_router(args.upstream.clone());
     if !args.mcp {

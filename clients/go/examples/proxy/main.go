@@ -2,7 +2,7 @@
 // before passing it upstream, built on the httplimit middleware.
 //
 //	go run ./examples/proxy -listen 127.0.0.1:8080 -upstream http://127.0.0.1:9000 \
-//	    -tollgate 127.0.0.1:50051 -scope demo -identity-header X-User [-mcp]
+//	    -tollgate 127.0.0.1:50051 -scope demo -identity-header X-User [-mcp] [-concurrency]
 //
 // It prints "listening on ADDR" once it accepts connections (with -listen
 // on port 0 that is how to learn the port), and drains in-flight requests on
@@ -55,6 +55,9 @@ type options struct {
 	deadline       time.Duration
 	legacyHeaders  bool
 	maxWait        time.Duration
+	concurrency    bool
+	leaseTTL       time.Duration
+	denyStatus     int
 }
 
 func parseFlags(args []string, stderr io.Writer) (options, error) {
@@ -75,6 +78,9 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.DurationVar(&o.deadline, "deadline", tollgate.DefaultDeadline, "how long to wait for Tollgate's answer, such as 50ms")
 	fs.BoolVar(&o.legacyHeaders, "legacy-headers", false, "also send X-RateLimit-Limit, -Remaining and -Reset")
 	fs.DurationVar(&o.maxWait, "max-wait", 0, "shaping: hold a request up to this long when a limit with max_delay admits it for later, such as 2s; 0: never")
+	fs.BoolVar(&o.concurrency, "concurrency", false, "hold a lease in the scope's concurrency limit for the lifetime of each request (with -mcp: each tools/call)")
+	fs.DurationVar(&o.leaseTTL, "lease-ttl", httplimit.DefaultLeaseTTL, "with -concurrency, each lease's time to live, renewed every third of it; at most the limit's max_lease")
+	fs.IntVar(&o.denyStatus, "concurrency-status", http.StatusTooManyRequests, "with -concurrency, the status when the pool is full: 429, or 503 for a pool protecting the upstream")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -124,6 +130,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 
 	logger := log.New(stderr, "proxy: ", log.LstdFlags)
 	errorLog := &throttledLog{logger: logger, every: time.Second}
+	var concurrency *httplimit.Concurrency
+	if o.concurrency {
+		concurrency = &httplimit.Concurrency{TTL: o.leaseTTL, DenyStatus: o.denyStatus}
+	}
 	limit, err := httplimit.New(client, httplimit.Config{
 		Scope:         httplimit.Static(o.scope),
 		Identity:      identity,
@@ -134,6 +144,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		MaxBodyBytes:  o.maxBodyBytes,
 		MCPErrorCode:  o.mcpErrorCode,
 		MaxWait:       o.maxWait,
+		Concurrency:   concurrency,
 		OnError:       func(r *http.Request, err error) { errorLog.printf("%s %s: %v", r.Method, r.URL.Path, err) },
 	})
 	if err != nil {

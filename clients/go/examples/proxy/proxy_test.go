@@ -615,3 +615,63 @@ func TestABurstIsSpreadAtTheRateInsteadOfRefused(t *testing.T) {
 		t.Errorf("the last request arrived %v after the burst", last)
 	}
 }
+
+// With -concurrency and -mcp, each tools/call holds a lease for as long as
+// the upstream takes: a second call while the first runs is refused, other
+// methods are not leased, and the slot comes back when the first ends.
+func TestConcurrencyHoldsALeasePerToolsCall(t *testing.T) {
+	srv := tollgatetest.Start(t, `
+scopes:
+  - name: demo
+    limits:
+      - {name: tool-calls, per: identity, operations: ["tools/call:*"], concurrency: 1}
+`)
+	entered := make(chan struct{}, 1)
+	release := make(chan struct{})
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		if bytes.Contains(body, []byte(`"slow"`)) {
+			entered <- struct{}{}
+			<-release
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = io.WriteString(w, `{"jsonrpc":"2.0","id":1,"result":{}}`)
+	}))
+	t.Cleanup(up.Close)
+	var once sync.Once
+	open := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(open) // runs before up.Close, which waits for the handler
+	proxy := startProxy(t, srv.Addr, up.URL, "-scope", "demo", "-mcp", "-concurrency", "-lease-ttl", "10s", "-deadline", "2s")
+	call := func(tool string) string {
+		return `{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"` + tool + `"}}`
+	}
+
+	first := make(chan response, 1)
+	go func() { first <- send(t, "POST", proxy+"/mcp", "alice", call("slow")) }()
+	select {
+	case <-entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the first call did not reach the upstream")
+	}
+	second := send(t, "POST", proxy+"/mcp", "alice", call("fast"))
+	if second.status != http.StatusTooManyRequests || !bytes.Contains(second.body, []byte(`"error"`)) {
+		t.Fatalf("a second tools/call while the first runs: %d %s", second.status, second.body)
+	}
+	if ra, err := strconv.Atoi(second.header.Get("Retry-After")); err != nil || ra < 1 || ra > 10 {
+		t.Errorf("Retry-After %q: want 1..10 s", second.header.Get("Retry-After"))
+	}
+	expectHeader(t, second, "RateLimit-Policy", `"tool-calls";q=1;qu="concurrent-requests"`)
+	if r := send(t, "POST", proxy+"/mcp", "alice", `{"jsonrpc":"2.0","id":8,"method":"tools/list"}`); r.status != http.StatusOK {
+		t.Errorf("tools/list is not leased, yet got %d", r.status)
+	}
+	if r := send(t, "POST", proxy+"/mcp", "bob", call("fast")); r.status != http.StatusOK {
+		t.Errorf("bob has a pool of his own, yet got %d", r.status)
+	}
+	open()
+	if r := <-first; r.status != http.StatusOK {
+		t.Fatalf("the first call: %d %s", r.status, r.body)
+	}
+	if r := send(t, "POST", proxy+"/mcp", "alice", call("fast")); r.status != http.StatusOK {
+		t.Errorf("after the first call ended: %d %s", r.status, r.body)
+	}
+}

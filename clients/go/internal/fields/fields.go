@@ -74,8 +74,9 @@ func Headers(ds []tollgate.Decision, legacy bool) []Header {
 			out = append(out, Header{Name: name, Value: v})
 		}
 	}
-	add("ratelimit-policy", f.Policy)
-	add("ratelimit", f.RateLimit)
+	policy, limit := leaseItems(ds)
+	add("ratelimit-policy", join(f.Policy, policy))
+	add("ratelimit", join(f.RateLimit, limit))
 	if Denied(ds) {
 		add("retry-after", f.RetryAfter)
 	}
@@ -85,6 +86,57 @@ func Headers(ds []tollgate.Decision, legacy bool) []Header {
 		add("x-ratelimit-reset", f.LegacyReset)
 	}
 	return out
+}
+
+// ConcurrentUnit is the quota unit parameter (`qu`) of a concurrency
+// limit's RateLimit-Policy item: its quota counts requests in flight, not
+// requests per window, so the item has no `w`.
+const ConcurrentUnit = `;qu="concurrent-requests"`
+
+// leaseItems are the RateLimit-Policy and RateLimit items of the leases
+// behind ds (see docs/leases.md): `"<rule>";q=<concurrency>;qu="concurrent-requests"`
+// for each pool that applied, and, when a lease was held, `"<rule>";r=<slots
+// left>`, or, when the pool was full, `"<rule>";r=0` with t, the seconds
+// until the earliest live lease expires, if a retry can pass. A degraded
+// lease says nothing: no pool was consulted. These are rendered here rather
+// than in Render, whose output the Rust client and the server share through
+// the test vectors.
+func leaseItems(ds []tollgate.Decision) (policy, limit string) {
+	var ps, ls []string
+	for i := range ds {
+		d := &ds[i]
+		l := d.Lease
+		if l == nil || l.Degraded || l.Rule == "" {
+			continue
+		}
+		ps = append(ps, sfString(l.Rule)+";q="+strconv.FormatUint(l.Limit, 10)+ConcurrentUnit)
+		switch {
+		case l.Granted:
+			left := uint64(0)
+			if l.InFlight < l.Limit {
+				left = l.Limit - l.InFlight
+			}
+			ls = append(ls, sfString(l.Rule)+";r="+strconv.FormatUint(left, 10))
+		case d.LeaseDenied():
+			item := sfString(l.Rule) + ";r=0"
+			if d.RetryAfter > 0 {
+				item += ";t=" + strconv.FormatInt(CeilSeconds(d.RetryAfter), 10)
+			}
+			ls = append(ls, item)
+		}
+	}
+	return strings.Join(ps, ", "), strings.Join(ls, ", ")
+}
+
+func join(a, b string) string {
+	switch {
+	case a == "":
+		return b
+	case b == "":
+		return a
+	default:
+		return a + ", " + b
+	}
 }
 
 // CeilSeconds is d in whole seconds, rounded up.

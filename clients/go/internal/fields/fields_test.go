@@ -144,3 +144,43 @@ func TestAnAtomicBatchDenialTakesItsWaitFromTheEntriesThatDenied(t *testing.T) {
 		t.Fatalf("violated: %v", got)
 	}
 }
+
+func TestALeaseAddsAConcurrentRequestsPolicyAndTheSlotsLeft(t *testing.T) {
+	leased := func(granted bool, inFlight uint64) tollgate.Decision {
+		d := tollgate.Decision{Allowed: granted, Lease: &tollgate.Lease{Granted: granted, Limit: 3, InFlight: inFlight, Rule: "streams"}}
+		if !granted {
+			d.RetryAfter = 2500 * time.Millisecond
+		}
+		return d
+	}
+	get := func(hs []Header, name string) string {
+		for _, h := range hs {
+			if h.Name == name {
+				return h.Value
+			}
+		}
+		return ""
+	}
+	hs := Headers([]tollgate.Decision{leased(true, 2)}, false)
+	if got := get(hs, "ratelimit-policy"); got != `"streams";q=3;qu="concurrent-requests"` {
+		t.Errorf("policy %q", got)
+	}
+	if got := get(hs, "ratelimit"); got != `"streams";r=1` {
+		t.Errorf("allowed: ratelimit %q", got)
+	}
+	hs = Headers([]tollgate.Decision{leased(false, 3)}, false)
+	if got := get(hs, "ratelimit"); got != `"streams";r=0;t=3` {
+		t.Errorf("denied: ratelimit %q", got)
+	}
+	if got := get(hs, "retry-after"); got != "3" {
+		t.Errorf("denied: retry-after %q", got)
+	}
+	if got := ViolatedPolicies([]tollgate.Decision{leased(false, 3)}); len(got) != 1 || got[0] != "streams" {
+		t.Errorf("violated %v", got)
+	}
+	degraded := leased(true, 0)
+	degraded.Lease.Degraded = true
+	if hs := Headers([]tollgate.Decision{degraded}, false); len(hs) != 0 {
+		t.Errorf("a degraded lease: %v", hs)
+	}
+}

@@ -10,6 +10,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use pin_project_lite::pin_project;
 
+use super::lease::LeaseGuard;
+
 pin_project! {
     /// The request body the inner service receives: untouched and streaming,
     /// or, when the layer read it for MCP extraction, the same bytes from
@@ -72,16 +74,17 @@ pin_project! {
     #[project = ResponseBodyProj]
     #[derive(Debug)]
     pub enum ResponseBody<B> {
-        /// The inner service's body.
-        Inner { #[pin] body: B },
+        /// The inner service's body, and the request's leases, released
+        /// when it ends or is dropped.
+        Inner { #[pin] body: B, lease: Option<LeaseGuard> },
         /// The layer's own answer.
         Local { #[pin] body: Full<Bytes> },
     }
 }
 
 impl<B> ResponseBody<B> {
-    pub(crate) fn inner(body: B) -> Self {
-        Self::Inner { body }
+    pub(crate) fn inner(body: B, lease: Option<LeaseGuard>) -> Self {
+        Self::Inner { body, lease }
     }
 
     pub(crate) fn local(body: Full<Bytes>) -> Self {
@@ -98,21 +101,29 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project() {
-            ResponseBodyProj::Inner { body } => body.poll_frame(cx),
+            ResponseBodyProj::Inner { body, lease } => {
+                let frame = body.poll_frame(cx);
+                if matches!(frame, Poll::Ready(None | Some(Err(_)))) {
+                    // The body ended (or broke): give the slot back now,
+                    // not when the connection gets round to dropping it.
+                    *lease = None;
+                }
+                frame
+            }
             ResponseBodyProj::Local { body } => body.poll_frame(cx).map_err(never),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Inner { body } => body.is_end_stream(),
+            Self::Inner { body, .. } => body.is_end_stream(),
             Self::Local { body } => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Inner { body } => body.size_hint(),
+            Self::Inner { body, .. } => body.size_hint(),
             Self::Local { body } => body.size_hint(),
         }
     }

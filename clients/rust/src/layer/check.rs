@@ -13,6 +13,7 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
 
 use super::Config;
+use super::lease::{LeaseGuard, hold};
 use super::mcp::McpBody;
 use crate::decision::{Decision, DecisionRequest, MAX_BATCH};
 use crate::error::Error;
@@ -29,6 +30,8 @@ pub(crate) enum Checked<B> {
     Forward {
         request: Request<B>,
         headers: http::HeaderMap,
+        /// The request's leases, held until its response body ends.
+        lease: Option<LeaseGuard>,
     },
     /// Answer with this, without calling the inner service.
     Respond(Response<Full<Bytes>>),
@@ -53,7 +56,10 @@ where
             }
         };
         match parts.extensions.remove::<McpBody>() {
-            None => decide_plain(&config, parts, body, base).await,
+            None => {
+                let base = with_lease(&config, &parts, base);
+                decide_plain(&config, parts, body, base).await
+            }
             Some(McpBody::Read {
                 body: mcp::Body::JsonRpc { calls, batch },
                 error_code,
@@ -117,11 +123,13 @@ async fn decide_plain<B>(
     };
     let decisions = [decision];
     if decisions[0].allowed {
+        let lease = held(config, std::slice::from_ref(&base), &decisions);
         let mut headers = headers::render(&decisions, config.headers);
         wait_out(&decisions, &mut headers).await;
         Checked::Forward {
             request: Request::from_parts(parts, body),
             headers,
+            lease,
         }
     } else {
         Checked::Respond(too_many_requests(config, &decisions))
@@ -147,13 +155,18 @@ async fn decide_mcp<B>(
     batch: bool,
     error_code: i64,
 ) -> Checked<B> {
-    let forward = |headers| Checked::Forward {
+    let lease_id = config
+        .concurrency
+        .as_ref()
+        .map(|c| (c.lease_id(&parts), c.ttl));
+    let forward = |headers, lease| Checked::Forward {
         request: Request::from_parts(parts, body),
         headers,
+        lease,
     };
     if calls.is_empty() {
         // Only notifications and responses: nothing is charged.
-        return forward(http::HeaderMap::new());
+        return forward(http::HeaderMap::new(), None);
     }
 
     // One entry per distinct operation, costing the number of its calls.
@@ -165,10 +178,17 @@ async fn decide_mcp<B>(
             &format!("a JSON-RPC batch may hold at most {MAX_BATCH} distinct operations"),
         ));
     }
-    let requests: Vec<DecisionRequest> = costs
+    let mut requests: Vec<DecisionRequest> = costs
         .into_iter()
         .map(|(operation, cost)| base.clone().with_operation(operation).with_cost(cost))
         .collect();
+    // A lease per tools/call: a body of one call (a batch is decided
+    // atomically, which cannot take a lease; see docs/leases.md).
+    if let ([one], Some((id, ttl))) = (requests.as_mut_slice(), lease_id)
+        && (one.operation == "tools/call" || one.operation.starts_with("tools/call:"))
+    {
+        *one = std::mem::take(one).with_lease(id, Some(ttl));
+    }
     let answer = match requests.as_slice() {
         [one] => config.client.should_allow(one).await.map(|d| vec![d]),
         many => config.client.should_allow_batch_atomic(many).await,
@@ -178,9 +198,10 @@ async fn decide_mcp<B>(
         Err(e) => return Checked::Respond(error_response(&e)),
     };
     if !headers::denied(&decisions) {
+        let lease = held(config, &requests, &decisions);
         let mut headers = headers::render(&decisions, config.headers);
         wait_out(&decisions, &mut headers).await;
-        return forward(headers);
+        return forward(headers, lease);
     }
 
     let retry_after = headers::retry_after(&decisions);
@@ -191,7 +212,7 @@ async fn decide_mcp<B>(
         .map_or("", |d| d.reason.as_str());
     let body = mcp::denial(error_code, calls, batch, retry_after, &violated, reason);
     Checked::Respond(respond(
-        StatusCode::TOO_MANY_REQUESTS,
+        deny_status(config, &decisions),
         mcp::JSON,
         body,
         headers::render(&decisions, config.headers),
@@ -236,11 +257,45 @@ async fn wait_out(decisions: &[Decision], headers: &mut http::HeaderMap) {
     tokio::time::sleep(delay).await;
 }
 
+/// Gives `request` a lease id when the layer holds leases.
+fn with_lease(config: &Config, parts: &Parts, request: DecisionRequest) -> DecisionRequest {
+    match &config.concurrency {
+        Some(c) => request.with_lease(c.lease_id(parts), Some(c.ttl)),
+        None => request,
+    }
+}
+
+/// Starts holding the leases an allowed request was granted; a degraded
+/// lease is not recorded, so there is nothing to renew or release.
+fn held(
+    config: &Config,
+    requests: &[DecisionRequest],
+    decisions: &[Decision],
+) -> Option<LeaseGuard> {
+    let c = config.concurrency.as_ref()?;
+    let targets: Vec<_> = requests
+        .iter()
+        .zip(decisions)
+        .filter(|(_, d)| d.allowed && d.lease.as_ref().is_some_and(|l| l.granted && !l.degraded))
+        .map(|(r, _)| r.lease_target())
+        .collect();
+    (!targets.is_empty()).then(|| hold(config.client.clone(), targets, c))
+}
+
+/// 429, or the configured status when a concurrency limit denied.
+fn deny_status(config: &Config, decisions: &[Decision]) -> StatusCode {
+    match &config.concurrency {
+        Some(c) if decisions.iter().any(Decision::lease_denied) => c.deny_status,
+        _ => StatusCode::TOO_MANY_REQUESTS,
+    }
+}
+
 fn too_many_requests(config: &Config, decisions: &[Decision]) -> Response<Full<Bytes>> {
+    let status = deny_status(config, decisions);
     respond(
-        StatusCode::TOO_MANY_REQUESTS,
+        status,
         PROBLEM_JSON,
-        headers::problem_details(decisions),
+        headers::problem_details_with_status(decisions, status),
         headers::render(decisions, config.headers),
     )
 }

@@ -10,6 +10,7 @@ use tower::Service;
 
 use super::body::ResponseBody;
 use super::check::{CheckFuture, Checked};
+use super::lease::LeaseGuard;
 
 pin_project! {
     /// The response future of [`super::Tollgate`].
@@ -30,7 +31,7 @@ pin_project! {
         Checking { check: CheckFuture<B>, service: Option<S> },
         /// Allowed: the inner service has the request; `headers` go on its
         /// response.
-        Calling { #[pin] future: F, headers: HeaderMap },
+        Calling { #[pin] future: F, headers: HeaderMap, lease: Option<LeaseGuard> },
     }
 }
 
@@ -77,22 +78,36 @@ where
                     Checked::Respond(response) => {
                         return Poll::Ready(Ok(response.map(ResponseBody::local)));
                     }
-                    Checked::Forward { request, headers } => {
+                    Checked::Forward {
+                        request,
+                        headers,
+                        lease,
+                    } => {
                         let Some(mut service) = service.take() else {
                             // Only reachable by polling again after Ready, which
                             // the Future contract forbids.
                             panic!("ResponseFuture polled after completion");
                         };
                         let future = service.call(request);
-                        this.state.set(State::Calling { future, headers });
+                        this.state.set(State::Calling {
+                            future,
+                            headers,
+                            lease,
+                        });
                     }
                 },
-                StateProj::Calling { future, headers } => {
+                StateProj::Calling {
+                    future,
+                    headers,
+                    lease,
+                } => {
+                    // An error drops the lease with the future: released.
                     let mut response = ready!(future.poll(cx))?;
                     for (name, value) in headers.iter() {
                         response.headers_mut().append(name, value.clone());
                     }
-                    return Poll::Ready(Ok(response.map(ResponseBody::inner)));
+                    let lease = lease.take();
+                    return Poll::Ready(Ok(response.map(|b| ResponseBody::inner(b, lease))));
                 }
             }
         }

@@ -18,6 +18,9 @@
 //!   its delay first, and the response gets `RateLimit-Delay`.
 //! - Denied: a 429 with `Retry-After`, the same headers, and an
 //!   `application/problem+json` body; on an MCP endpoint, a JSON-RPC error.
+//! - With [`TollgateLayer::concurrency`]: a lease held until the response
+//!   body ends or is dropped; a full pool is a 429 (or 503, if asked) with
+//!   `Retry-After`.
 //! - Tollgate unavailable: the client's [`crate::FailureMode`] decides; when
 //!   closed, a 503.
 //! - Bad input (no scope, a key over Tollgate's length limits): a 400.
@@ -41,6 +44,7 @@ mod body;
 mod check;
 mod extract;
 mod future;
+mod lease;
 mod mcp;
 
 use std::sync::Arc;
@@ -56,6 +60,7 @@ use crate::headers::HeaderOptions;
 pub use body::{RequestBody, ResponseBody};
 pub use extract::{Extractor, PeerIdentity};
 pub use future::ResponseFuture;
+pub use lease::{Concurrency, DEFAULT_LEASE_TTL};
 pub use mcp::{DEFAULT_MAX_BODY_BYTES, Mcp, McpFuture, McpLayer};
 
 /// The layer's name before it became [`TollgateLayer`] (tower has its own
@@ -90,6 +95,8 @@ struct Config {
     /// Shaping: the longest a request may be held before it goes on; `None`
     /// never holds one (allowed now, or a 429).
     max_wait: Option<std::time::Duration>,
+    /// Holds a lease per request when set.
+    concurrency: Option<Concurrency>,
 }
 
 impl TollgateLayer {
@@ -105,6 +112,7 @@ impl TollgateLayer {
                 attributes: Vec::new(),
                 headers: HeaderOptions::default(),
                 max_wait: None,
+                concurrency: None,
             }),
         }
     }
@@ -145,6 +153,14 @@ impl TollgateLayer {
     #[must_use]
     pub fn max_wait(self, max_wait: std::time::Duration) -> Self {
         self.edit(|c| c.max_wait = Some(max_wait))
+    }
+
+    /// Holds a lease in the scope's concurrency limit for the lifetime of
+    /// each request (under [`McpLayer`], of each `tools/call`): see
+    /// [`Concurrency`].
+    #[must_use]
+    pub fn concurrency(self, concurrency: Concurrency) -> Self {
+        self.edit(|c| c.concurrency = Some(concurrency))
     }
 
     /// Also add `X-RateLimit-Limit`, `X-RateLimit-Remaining` and

@@ -153,6 +153,9 @@ async fn latency() {
         deadline: Duration::from_secs(1),
         legacy_headers: false,
         max_wait: None,
+        concurrency: false,
+        lease_ttl: Duration::from_secs(30),
+        concurrency_status: 429,
     };
     let plain = serve_in_process(plain_router(args.upstream.clone())).await;
     let limited = serve_in_process(limited_router(&args).unwrap()).await;

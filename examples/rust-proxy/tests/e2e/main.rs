@@ -8,6 +8,7 @@
 
 mod client;
 mod latency;
+mod leases;
 mod mcp;
 mod proxy;
 mod reservations;
