@@ -563,6 +563,13 @@ async fn explain_lists_at_most_100_live_leases_on_redis() {
     a_listing_is_bounded_and_read_only(&l, Duration::from_millis(20)).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_lists_at_most_100_live_leases_on_cluster() {
+    let redis = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let l = Limiter::new(rules(POOLS), redis.store("leases-list-c"));
+    a_listing_is_bounded_and_read_only(&l, Duration::from_millis(20)).await;
+}
+
 /// `tollgate_leases_in_flight`: the latest weight per pool this replica
 /// called on, summed per scope and rule, forgotten `max_lease` after.
 async fn the_gauge_sums_the_pools_seen(store: &str) {
@@ -599,6 +606,15 @@ async fn the_gauge_sums_the_pools_seen(store: &str) {
         };
         assert!(c.acquire(req).await.unwrap().into_inner().granted);
     }
+    // A ShouldAllow that takes a lease is seen too.
+    let with_lease = tollgate::pb::tollgate::v1::ShouldAllowRequest {
+        scope: "mixed".into(),
+        identity: "dave".into(),
+        lease_id: "m1".into(),
+        ..Default::default()
+    };
+    let answer = server.client().await.should_allow(with_lease).await;
+    assert!(answer.unwrap().into_inner().allowed);
     let gauge = |text: &str, scope: &str, rule: &str| {
         let head = format!(r#"tollgate_leases_in_flight{{scope="{scope}",rule="{rule}"}} "#);
         text.lines()
@@ -613,6 +629,7 @@ async fn the_gauge_sums_the_pools_seen(store: &str) {
         "one pool, its latest weight"
     );
     assert_eq!(gauge(&text, "brief", "quick"), 1);
+    assert_eq!(gauge(&text, "mixed", "one-stream"), 1);
     c.release(ReleaseRequest {
         target: to("llm", "alice", "a1"),
     })
