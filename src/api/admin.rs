@@ -276,13 +276,9 @@ impl<S: Store> pb::admin_server::Admin for AdminApi<S> {
             &req.scope,
         )?;
         let e = self.limiter.explain_on(&snapshot.rules, &domain).await?;
-        let pools = self
-            .limiter
-            .explain_pools(&snapshot.rules, &domain)
-            .await
-            .into_iter()
-            .map(pool_explained)
-            .collect();
+        let mut pools = self.limiter.explain_pools(&snapshot.rules, &domain).await;
+        let live = pools.iter_mut().find_map(|p| p.live.take());
+        let pools = pools.into_iter().map(pool_explained).collect();
         let mut buckets = e.decision.buckets.iter();
         let limits = e
             .limits
@@ -320,6 +316,19 @@ impl<S: Store> pb::admin_server::Admin for AdminApi<S> {
             limits,
             decision: Some(to_proto(e.decision)),
             pools,
+            live_leases_known: live.is_some(),
+            live_leases_not_listed: live
+                .as_ref()
+                .map_or(0, |(l, total)| total.saturating_sub(l.len() as u64)),
+            live_leases: live.map_or_else(Vec::new, |(l, _)| {
+                l.into_iter()
+                    .map(|l| pb::LiveLease {
+                        lease_id: l.lease_id.into(),
+                        expires_at_unix_micros: l.expires_at_us,
+                        weight: l.weight,
+                    })
+                    .collect()
+            }),
         }))
     }
 

@@ -804,6 +804,7 @@ scopes:
             r#"tollgate_lease_calls_total{scope="backend",rule="slow",call="acquire",result="granted"} 2"#,
             r#"tollgate_lease_calls_total{scope="backend",rule="slow",call="acquire",result="refused"} 1"#,
             r#"tollgate_lease_calls_total{scope="backend",rule="slow",call="release",result="released"} 1"#,
+            r#"tollgate_leases_in_flight{scope="backend",rule="slow"} 1"#,
         ] {
             assert!(text.contains(line), "{line} not in\n{text}");
         }

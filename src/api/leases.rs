@@ -120,6 +120,7 @@ impl<S: Store> LeasesApi<S> {
             self.observer
                 .metrics
                 .lease(&scope, &d.rule, call, result, d.expired);
+            self.observer.metrics.lease_seen(&scope, &d);
         }
         Ok(d)
     }
@@ -226,6 +227,9 @@ pub(super) fn leased_answer(
         Err(_) => {}
     }
     let (decision, lease) = answer?;
+    if let Some(l) = &lease {
+        observer.metrics.lease_seen(&req.scope.into(), l);
+    }
     let mut out = super::tollgate::to_proto(decision);
     out.lease = lease.map(|l| pb::LeaseGrant {
         granted: l.ok,

@@ -376,9 +376,14 @@ pub(crate) async fn explain(args: ExplainArgs) -> anyhow::Result<String> {
         .explain(authed(args.token.as_deref(), explain)?)
         .await?
         .into_inner();
+    Ok(render_explain(&e, &request.scope))
+}
+
+/// `tollgate explain`'s text for an answer about `scope`.
+fn render_explain(e: &pb::ExplainResponse, scope: &str) -> String {
     let mut out = String::new();
     if !e.scope_configured {
-        let _ = writeln!(out, "scope {:?} is not configured", request.scope);
+        let _ = writeln!(out, "scope {scope:?} is not configured");
     }
     if let Some(d) = &e.decision {
         let _ = write!(
@@ -425,7 +430,45 @@ pub(crate) async fn explain(args: ExplainArgs) -> anyhow::Result<String> {
         }
         out.push('\n');
     }
-    Ok(out)
+    render_pools(&mut out, e);
+    out
+}
+
+/// The concurrency limits, and the live leases of the request's pool.
+fn render_pools(out: &mut String, e: &pb::ExplainResponse) {
+    for p in &e.pools {
+        let _ = write!(
+            out,
+            "  {:<20} per {:<18} {} at once: ",
+            p.rule, p.per, p.concurrency
+        );
+        match (p.applies, p.in_flight_known) {
+            (true, true) => {
+                let _ = write!(out, "the pool, {}/{} held", p.in_flight, p.concurrency);
+            }
+            (true, false) => out.push_str("the pool, weight held unknown"),
+            (false, _) => {
+                let _ = write!(out, "not the pool: {}", p.skipped_because);
+            }
+        }
+        out.push('\n');
+    }
+    if !e.live_leases_known {
+        return;
+    }
+    for l in &e.live_leases {
+        let at = std::time::UNIX_EPOCH + Duration::from_micros(l.expires_at_unix_micros);
+        let _ = writeln!(
+            out,
+            "    lease {:?} weight {} expires {} (store clock)",
+            l.lease_id,
+            l.weight,
+            humantime::format_rfc3339_millis(at)
+        );
+    }
+    if e.live_leases_not_listed > 0 {
+        let _ = writeln!(out, "    and {} more live leases", e.live_leases_not_listed);
+    }
 }
 
 fn secs(d: &prost_types::Duration) -> String {
@@ -435,6 +478,38 @@ fn secs(d: &prost_types::Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn explain_prints_the_pool_and_its_live_leases() {
+        let e = pb::ExplainResponse {
+            scope_configured: true,
+            pools: vec![pb::PoolExplained {
+                rule: "streams".into(),
+                per: "identity".into(),
+                concurrency: 3,
+                applies: true,
+                in_flight: 2,
+                in_flight_known: true,
+                ..Default::default()
+            }],
+            live_leases: vec![pb::LiveLease {
+                lease_id: "r-1".into(),
+                expires_at_unix_micros: 1_000_000,
+                weight: 2,
+            }],
+            live_leases_not_listed: 4,
+            live_leases_known: true,
+            ..Default::default()
+        };
+        let text = render_explain(&e, "llm");
+        assert!(text.contains("streams"), "{text}");
+        assert!(text.contains("the pool, 2/3 held"), "{text}");
+        assert!(
+            text.contains(r#"lease "r-1" weight 2 expires 1970-01-01T00:00:01.000Z (store clock)"#),
+            "{text}"
+        );
+        assert!(text.contains("and 4 more live leases"), "{text}");
+    }
 
     fn top(identities: &[(&str, u64, u64)], absent: u64) -> pb::RuleTop {
         pb::RuleTop {

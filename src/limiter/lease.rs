@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use super::{DecideError, Decision, Limit, Limiter, Request, Rules};
 use crate::config::{FailureMode, Per, UnknownScope};
-use crate::store::{BucketKey, LeaseCall, LeaseOp, LeaseOutcome, Store, StoreError};
+use crate::store::{BucketKey, LeaseCall, LeaseOp, LeaseOutcome, LiveLease, Store, StoreError};
 
 /// The shortest time to live a lease may ask for.
 pub const MIN_LEASE_TTL: Duration = Duration::from_millis(1);
@@ -77,6 +77,46 @@ pub struct LeaseDecision {
     pub reason: Option<String>,
     /// Leases of the pool that expired unreleased, removed by this call.
     pub expired: u64,
+    /// The pool, when the store answered for it (for a replica's view of
+    /// the weight in flight); `None` when no pool applied or degraded.
+    pub seen: Option<PoolSeen>,
+}
+
+/// Which pool a store answer was about, and how long its leases can live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSeen {
+    /// The pool among its rule's: a digest of the caller's parts the limit
+    /// is kept per (all zero for a per-scope pool), 16 bytes of SHA-256.
+    pub id: [u8; 16],
+    /// The limit's `max_lease`: the latest lease this answer saw is gone
+    /// this long after it, unless renewed.
+    pub max_lease: Duration,
+}
+
+impl PoolSeen {
+    fn of(pool: &Pool, call: &LeaseCall<'_>) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut id = [0; 16];
+        if call.pool.identity.is_some() || call.pool.operation.is_some() {
+            let mut h = Sha256::new();
+            for part in [call.pool.identity, call.pool.operation] {
+                // Length-prefixed, with absence apart from empty.
+                match part {
+                    None => h.update([0]),
+                    Some(v) => {
+                        h.update([1]);
+                        h.update((v.len() as u64).to_le_bytes());
+                        h.update(v.as_bytes());
+                    }
+                }
+            }
+            id.copy_from_slice(&h.finalize()[..16]);
+        }
+        Self {
+            id,
+            max_lease: pool.max_lease,
+        }
+    }
 }
 
 /// Why a lease call was not decided.
@@ -233,7 +273,7 @@ fn ttl_of(call: &LeaseCall<'_>) -> Duration {
         LeaseOp::Acquire { ttl_us, .. } | LeaseOp::Renew { ttl_us } => {
             Duration::from_micros(ttl_us)
         }
-        LeaseOp::Release => Duration::ZERO,
+        LeaseOp::Release | LeaseOp::List { .. } => Duration::ZERO,
     }
 }
 
@@ -253,6 +293,7 @@ fn decided(pool: &Pool, call: &LeaseCall<'_>, o: &LeaseOutcome) -> LeaseDecision
         reason: (refused_acquire && o.earliest_expiry_us.is_none())
             .then(|| "weight over the limit's room for this priority".to_owned()),
         expired: o.expired,
+        seen: Some(PoolSeen::of(pool, call)),
     }
 }
 
@@ -272,7 +313,14 @@ pub struct PoolExplained {
     /// The pool's live weight now, for the request's pool, when the store
     /// answered a dry run.
     pub in_flight: Option<u64>,
+    /// The request's pool's live leases, soonest expiry first, at most
+    /// [`EXPLAIN_MAX_LEASES`], and how many are live in all; `None` for
+    /// another pool, or when the store did not answer.
+    pub live: Option<(Vec<LiveLease>, u64)>,
 }
+
+/// The most live leases Explain lists; the rest are counted.
+pub const EXPLAIN_MAX_LEASES: u32 = 100;
 
 /// A lease id no caller can send (the API refuses control characters), for
 /// the dry run that reads a pool's weight: it can match no real lease.
@@ -294,9 +342,12 @@ impl<S: Store, E> Limiter<S, E> {
             if skipped.is_none() && found {
                 skipped = Some("an earlier concurrency limit is the pool".to_owned());
             }
-            let mut in_flight = None;
+            let (mut in_flight, mut live) = (None, None);
             if skipped.is_none() {
                 found = true;
+                live = self
+                    .live_leases(pool, &scope.name, scope.hash_tag, req)
+                    .await;
                 let probe = LeaseAction::Acquire {
                     weight: Some(1),
                     ttl: Some(MIN_LEASE_TTL),
@@ -316,9 +367,28 @@ impl<S: Store, E> Limiter<S, E> {
                 max_lease: pool.max_lease,
                 skipped_because: skipped,
                 in_flight,
+                live,
             });
         }
         out
+    }
+
+    /// The pool's first live leases and their count, read only.
+    async fn live_leases(
+        &self,
+        pool: &Pool,
+        scope: &str,
+        hash_tag: crate::config::HashTag,
+        req: &Request<'_>,
+    ) -> Option<(Vec<LiveLease>, u64)> {
+        let mut call = pool
+            .call(scope, hash_tag, req, PROBE_ID, LeaseAction::Release)
+            .ok()?;
+        call.op = LeaseOp::List {
+            max: EXPLAIN_MAX_LEASES,
+        };
+        let o = self.store().lease(&call).await.ok()?;
+        Some((o.live, o.live_total))
     }
 }
 

@@ -31,7 +31,9 @@ mod settle;
 pub mod shares;
 mod usage;
 
-pub use lease::{LeaseAction, LeaseDecision, LeaseError, Pool, PoolExplained};
+pub use lease::{
+    EXPLAIN_MAX_LEASES, LeaseAction, LeaseDecision, LeaseError, Pool, PoolExplained, PoolSeen,
+};
 pub use limit::Limit;
 use plan::{Joint, Plan};
 pub use reservation::Signer;

@@ -113,6 +113,9 @@ struct PoolLabels {
 struct Leases {
     calls: Family<LeaseLabels, Counter>,
     expired: Family<PoolLabels, Counter>,
+    in_flight: Family<PoolLabels, Gauge>,
+    /// What `in_flight` is set from at each scrape.
+    seen: super::in_flight::InFlight,
 }
 
 impl Leases {
@@ -129,7 +132,29 @@ impl Leases {
             "Leases removed at their expiry, never released, by scope and rule: the leak signal",
             expired.clone(),
         );
-        Self { calls, expired }
+        let in_flight = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "leases_in_flight",
+            "Weight held by live leases, by scope and rule, in the pools this replica called on \
+             within their max_lease (see docs/leases.md#metrics)",
+            in_flight.clone(),
+        );
+        Self {
+            calls,
+            expired,
+            in_flight,
+            seen: super::in_flight::InFlight::default(),
+        }
+    }
+
+    /// Sets the gauge from the pools seen, at `now`.
+    fn refresh(&self, now: tokio::time::Instant) {
+        for ((scope, rule), sum) in self.seen.sums(now) {
+            let labels = PoolLabels { scope, rule };
+            self.in_flight
+                .get_or_create(&labels)
+                .set(i64::try_from(sum).unwrap_or(i64::MAX));
+        }
     }
 }
 
@@ -357,6 +382,20 @@ impl Metrics {
         }
     }
 
+    /// Notes a pool's weight in flight after a lease call the store
+    /// answered (`d.seen`), for `tollgate_leases_in_flight`; `scope` is a
+    /// configured scope, `d.rule` a configured rule.
+    pub fn lease_seen(&self, scope: &Arc<str>, d: &crate::limiter::LeaseDecision) {
+        let Some(seen) = d.seen.filter(|_| !d.rule.is_empty()) else {
+            return;
+        };
+        let labels = (scope.clone(), d.rule.clone());
+        let now = tokio::time::Instant::now();
+        self.leases
+            .seen
+            .record(&labels, seen.id, d.in_flight, seen.max_lease, now);
+    }
+
     /// Counts one decision of `api` ("tollgate" or "envoy") and its latency.
     pub fn decision(
         &self,
@@ -517,6 +556,7 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn encode(&self) -> String {
+        self.leases.refresh(tokio::time::Instant::now());
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -10,6 +10,7 @@
 
 pub mod audit;
 pub mod hitters;
+pub mod in_flight;
 pub mod logs;
 pub mod metrics;
 pub mod rlqs;

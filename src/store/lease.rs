@@ -61,10 +61,28 @@ pub enum LeaseOp {
     },
     /// Remove the lease, if live.
     Release,
+    /// Read the pool's live leases, soonest expiry first, at most `max` of
+    /// them; changes nothing (an expired lease is skipped, not removed).
+    /// The call's `lease_id` is ignored.
+    List {
+        /// The most leases to answer.
+        max: u32,
+    },
+}
+
+/// One live lease, as [`LeaseOp::List`] answers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveLease {
+    /// The caller-chosen id.
+    pub lease_id: Box<str>,
+    /// Its expiry in microseconds on the store's clock.
+    pub expires_at_us: u64,
+    /// Its weight.
+    pub weight: u64,
 }
 
 /// What a store answers to a [`LeaseCall`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LeaseOutcome {
     /// Acquire: granted (or already held). Renew: renewed. Release: the
     /// lease was live and is now gone.
@@ -82,6 +100,12 @@ pub struct LeaseOutcome {
     /// Leases of the pool this call found expired and removed: held until
     /// their expiry and never released (the leak signal).
     pub expired: u64,
+    /// [`LeaseOp::List`]: the first live leases, soonest expiry first;
+    /// empty for every other operation.
+    pub live: Vec<LiveLease>,
+    /// [`LeaseOp::List`]: how many leases are live (listed or not); 0 for
+    /// every other operation.
+    pub live_total: u64,
 }
 
 /// A pool of live leases, as the embedded store keeps it.
@@ -124,6 +148,9 @@ impl Pool {
 
     /// Applies `call` at `now_us`, expired leases removed first.
     pub fn apply(&mut self, call: &LeaseCall<'_>, now_us: u64) -> LeaseOutcome {
+        if let LeaseOp::List { max } = call.op {
+            return self.list(max, now_us);
+        }
         let expired = self.expire(now_us) as u64;
         let held = self.leases.get(call.lease_id).copied();
         let (ok, expires_at_us) = match (call.op, held) {
@@ -162,7 +189,7 @@ impl Pool {
                 self.in_flight = self.in_flight.saturating_sub(weight);
                 (true, 0)
             }
-            (LeaseOp::Renew { .. } | LeaseOp::Release, None) => (false, 0),
+            (LeaseOp::Renew { .. } | LeaseOp::Release | LeaseOp::List { .. }, _) => (false, 0),
         };
         LeaseOutcome {
             ok,
@@ -171,6 +198,31 @@ impl Pool {
             earliest_expiry_us: self.earliest_for(call, ok),
             now_us,
             expired,
+            ..LeaseOutcome::default()
+        }
+    }
+
+    /// The live leases at `now_us`, soonest expiry first, at most `max`:
+    /// read only, as on Redis (an expired lease is skipped, left for the
+    /// next call that changes the pool to remove and count). `in_flight` is
+    /// the live weight.
+    fn list(&self, max: u32, now_us: u64) -> LeaseOutcome {
+        let live = || self.by_expiry.iter().filter(move |(at, _)| *at > now_us);
+        let weight = |id: &str| self.leases.get(id).map_or(0, |&(_, w)| w);
+        LeaseOutcome {
+            ok: true,
+            in_flight: live().map(|(_, id)| weight(id)).sum(),
+            now_us,
+            live: live()
+                .take(max as usize)
+                .map(|(at, id)| LiveLease {
+                    lease_id: id.clone(),
+                    expires_at_us: *at,
+                    weight: weight(id),
+                })
+                .collect(),
+            live_total: live().count() as u64,
+            ..LeaseOutcome::default()
         }
     }
 
@@ -275,5 +327,32 @@ mod tests {
         };
         let refused = pool.apply(&call("a", op), 0);
         assert_eq!((refused.ok, refused.earliest_expiry_us), (false, None));
+    }
+
+    #[test]
+    fn a_list_is_bounded_read_only_and_skips_the_expired() {
+        let mut pool = Pool::default();
+        let at = |ttl_us| LeaseOp::Acquire {
+            limit: 10,
+            weight: 2,
+            reserve: 0,
+            ttl_us,
+            dry_run: false,
+        };
+        pool.apply(&call("b", at(300)), 0);
+        pool.apply(&call("a", at(200)), 0);
+        pool.apply(&call("c", at(400)), 0);
+        pool.apply(&call("gone", at(50)), 0);
+        let listed = pool.apply(&call("", LeaseOp::List { max: 2 }), 100);
+        let ids: Vec<_> = listed.live.iter().map(|l| &*l.lease_id).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert_eq!(listed.live[0].expires_at_us, 200);
+        assert_eq!(listed.live[0].weight, 2);
+        assert_eq!((listed.live_total, listed.in_flight), (3, 6));
+        assert_eq!((listed.expired, listed.ok), (0, true));
+        // Nothing was removed: the next change still finds the expired one.
+        assert_eq!(pool.apply(&call("d", at(1)), 100).expired, 1);
+        let none = pool.apply(&call("", LeaseOp::List { max: 0 }), 100);
+        assert_eq!((none.live.len(), none.live_total), (0, 4));
     }
 }

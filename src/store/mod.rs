@@ -28,7 +28,7 @@ pub use charge::{
     Settled, Settlement,
 };
 pub use demand::{DemandAnswer, DemandCall, Others};
-pub use lease::{LeaseCall, LeaseOp, LeaseOutcome};
+pub use lease::{LeaseCall, LeaseOp, LeaseOutcome, LiveLease};
 pub use observed::{Observed, StoreObserver};
 pub use penalty::{
     Ban, BanCursor, BanEntry, BanPosition, Penalty, PenaltyAnswer, PenaltyKey, PenaltyOp,

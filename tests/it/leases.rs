@@ -493,7 +493,169 @@ async fn explain_names_the_pool_and_its_live_weight_and_records_nothing() {
             "the probe holds nothing"
         );
         assert!(e.limits.is_empty(), "a pool is not a bucket limit");
+        assert!(e.live_leases_known);
+        let ids: HashSet<_> = e.live_leases.iter().map(|l| l.lease_id.as_str()).collect();
+        assert_eq!(ids, HashSet::from(["e1", "e2"]));
+        assert!(
+            e.live_leases
+                .iter()
+                .all(|l| l.weight == 2 && l.expires_at_unix_micros > 0)
+        );
+        assert_eq!(e.live_leases_not_listed, 0);
     }
+}
+
+/// 150 live leases in a per-scope pool and 1 expired: Explain's read
+/// lists the first 100 by expiry, counts all 150, and changes nothing (the
+/// expired lease is still there for the next call to count as leaked).
+async fn a_listing_is_bounded_and_read_only<S: Store>(l: &Limiter<S>, wait: Duration) {
+    let held = async |id: &str, ttl| lease(l, "big", "", id, acquire(ttl)).await;
+    for i in 0..150 {
+        let ttl = Duration::from_secs(60) + Duration::from_millis(i);
+        assert!(held(&format!("l{i:03}"), ttl).await.unwrap().ok);
+    }
+    assert!(held("brief", Duration::from_millis(1)).await.unwrap().ok);
+    tokio::time::sleep(wait).await;
+    // The store's read alone: bounded, and it removes nothing.
+    let rules = l.rules();
+    let call = tollgate::store::LeaseCall {
+        pool: tollgate::store::BucketKey {
+            scope: "big",
+            rule: "many",
+            identity: None,
+            operation: None,
+            hash_tag: rules.scope("big").unwrap().hash_tag,
+        },
+        lease_id: "",
+        op: tollgate::store::LeaseOp::List { max: 3 },
+    };
+    let three = l.store().lease(&call).await.unwrap();
+    assert_eq!((three.live.len(), three.live_total), (3, 150));
+    assert_eq!((three.in_flight, three.expired), (150, 0));
+    let next = held("next", Duration::from_secs(1)).await.unwrap();
+    assert_eq!(next.expired, 1, "the listing removed nothing");
+    // Explain's: the first 100 of the 151 live now, soonest expiry first.
+    let req = Request::new("big", "", "chat");
+    let pools = l.explain_pools(&rules, &req).await;
+    let (live, total) = pools[0].live.clone().expect("the store answered");
+    assert_eq!((live.len(), total), (100, 151));
+    let ids: Vec<_> = live.iter().map(|l| l.lease_id.to_string()).collect();
+    let mut want = vec!["next".to_owned()];
+    want.extend((0..99).map(|i| format!("l{i:03}")));
+    assert_eq!(ids, want, "soonest expiry first, the expired skipped");
+    assert!(live.iter().all(|l| l.weight == 1));
+    assert!(
+        live.windows(2)
+            .all(|w| w[0].expires_at_us <= w[1].expires_at_us)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn explain_lists_at_most_100_live_leases_on_the_embedded_store() {
+    let l = Limiter::new(rules(POOLS), MemoryStore::default());
+    a_listing_is_bounded_and_read_only(&l, Duration::from_millis(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_lists_at_most_100_live_leases_on_redis() {
+    let redis = Standalone::start();
+    let l = Limiter::new(rules(POOLS), redis.store("leases-list"));
+    a_listing_is_bounded_and_read_only(&l, Duration::from_millis(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_lists_at_most_100_live_leases_on_cluster() {
+    let redis = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let l = Limiter::new(rules(POOLS), redis.store("leases-list-c"));
+    a_listing_is_bounded_and_read_only(&l, Duration::from_millis(20)).await;
+}
+
+/// `tollgate_leases_in_flight`: the latest weight per pool this replica
+/// called on, summed per scope and rule, forgotten `max_lease` after.
+async fn the_gauge_sums_the_pools_seen(store: &str) {
+    let metrics = crate::common::free_port();
+    let server = TestServer::start(&format!(
+        "metrics: {{ listen: 127.0.0.1:{metrics} }}\n{store}{POOLS}  - name: brief
+    limits:
+      - {{name: quick, per: identity, concurrency: 5, max_lease: 1s}}
+"
+    ))
+    .await;
+    let mut c = LeasesClient::new(server.channel().await);
+    let to = |scope: &str, identity: &str, id: &str| {
+        Some(LeaseTarget {
+            scope: scope.into(),
+            identity: identity.into(),
+            operation: "chat".into(),
+            lease_id: id.into(),
+            ..Default::default()
+        })
+    };
+    for (scope, who, id, weight) in [
+        ("llm", "alice", "a1", 2),
+        ("llm", "alice", "a2", 1),
+        ("llm", "bob", "b1", 1),
+        ("big", "alice", "s1", 1),
+        ("big", "bob", "s2", 1),
+        ("brief", "carol", "q1", 1),
+    ] {
+        let req = AcquireRequest {
+            target: to(scope, who, id),
+            weight,
+            ..Default::default()
+        };
+        assert!(c.acquire(req).await.unwrap().into_inner().granted);
+    }
+    // A ShouldAllow that takes a lease is seen too.
+    let with_lease = tollgate::pb::tollgate::v1::ShouldAllowRequest {
+        scope: "mixed".into(),
+        identity: "dave".into(),
+        lease_id: "m1".into(),
+        ..Default::default()
+    };
+    let answer = server.client().await.should_allow(with_lease).await;
+    assert!(answer.unwrap().into_inner().allowed);
+    let gauge = |text: &str, scope: &str, rule: &str| {
+        let head = format!(r#"tollgate_leases_in_flight{{scope="{scope}",rule="{rule}"}} "#);
+        text.lines()
+            .find_map(|l| l.strip_prefix(&head)?.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{head} in\n{text}"))
+    };
+    let text = crate::common::metrics_get(metrics, "/metrics").await;
+    assert_eq!(gauge(&text, "llm", "streams"), 4, "alice's 3 and bob's 1");
+    assert_eq!(
+        gauge(&text, "big", "many"),
+        2,
+        "one pool, its latest weight"
+    );
+    assert_eq!(gauge(&text, "brief", "quick"), 1);
+    assert_eq!(gauge(&text, "mixed", "one-stream"), 1);
+    c.release(ReleaseRequest {
+        target: to("llm", "alice", "a1"),
+    })
+    .await
+    .unwrap();
+    // brief's pool is forgotten max_lease (1s) after its last call, with
+    // no call since: its lease has expired by then.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let text = crate::common::metrics_get(metrics, "/metrics").await;
+    assert_eq!(gauge(&text, "llm", "streams"), 2);
+    assert_eq!(gauge(&text, "brief", "quick"), 0);
+}
+
+#[tokio::test]
+async fn the_in_flight_gauge_on_the_embedded_store() {
+    the_gauge_sums_the_pools_seen("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_flight_gauge_on_redis() {
+    let redis = Standalone::start();
+    let store = format!(
+        "store: {{ kind: redis, redis: {{ urls: [\"{}\"], key_prefix: \"test:gauge:\" }} }}\n",
+        redis.url()
+    );
+    the_gauge_sums_the_pools_seen(&store).await;
 }
 
 #[tokio::test]

@@ -15,8 +15,7 @@ use tollgate::store::memory::MemoryStore;
 use tollgate::store::{
     BanPosition, BucketCharge, BucketKey, Charge, ChargeOutcome, Condition, DemandAnswer,
     DemandCall, LeaseCall, LeaseOp, LeaseOutcome, Once, Open, Penalty, PenaltyAnswer, PenaltyKey,
-    PenaltyOp, PenaltyRule,
-    SettleBucket, Settled, Settlement, Store, StoreError, StoreExt,
+    PenaltyOp, PenaltyRule, SettleBucket, Settled, Settlement, Store, StoreError, StoreExt,
 };
 use tollgate::window::Window;
 

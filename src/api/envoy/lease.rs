@@ -229,6 +229,7 @@ impl<S: Store> EnvoyRateLimitApi<S> {
         self.observer
             .metrics
             .lease(&scope, &d.rule, call, result, d.expired);
+        self.observer.metrics.lease_seen(&scope, d);
     }
 }
 

@@ -4,14 +4,14 @@
 //! the same breaker as the slot's charges.
 
 use futures_util::future::join_all;
-use redis::{Cmd, ErrorKind, ServerErrorKind};
+use redis::{Cmd, ErrorKind, ServerErrorKind, Value};
 
 use super::cluster::{self, TryAgain};
 use super::coalesce::{self, BatchCall, Reply, Work};
 use super::keys::{self, lease_keys};
 use super::topology::{CallError, Request};
 use super::{Inner, call_failed, circuit_open};
-use crate::store::{LeaseCall, LeaseOp, LeaseOutcome, StoreError};
+use crate::store::{LeaseCall, LeaseOp, LeaseOutcome, LiveLease, StoreError};
 
 /// The script's source.
 pub(crate) const SOURCE: &str = include_str!("lease.lua");
@@ -20,6 +20,10 @@ pub(crate) const SOURCE: &str = include_str!("lease.lua");
 pub(crate) fn sha1() -> String {
     redis::Script::new(SOURCE).get_hash().to_owned()
 }
+
+/// The read-only listing script (`LeaseOp::List`), sent apart from the
+/// batches: its reply is not five integers per operation.
+const LIST_SOURCE: &str = include_str!("lease_list.lua");
 
 /// Integers the script answers per operation.
 const REPLY_LEN: usize = 5;
@@ -52,6 +56,9 @@ fn encode(prefix: &str, call: &LeaseCall<'_>) -> Encoded {
         } => ("a", limit, weight, reserve, ttl_us, dry_run),
         LeaseOp::Renew { ttl_us } => ("r", 0, 0, 0, ttl_us, false),
         LeaseOp::Release => ("l", 0, 0, 0, 0, false),
+        // Never batched (`Inner::lease` sends a list apart); a release
+        // of the empty id would change nothing.
+        LeaseOp::List { .. } => ("l", 0, 0, 0, 0, false),
     };
     Encoded {
         keys: lease_keys(prefix, &call.pool),
@@ -100,12 +107,46 @@ fn outcome(now: i64, reply: &[i64]) -> Result<LeaseOutcome, StoreError> {
         earliest_expiry_us: u64::try_from(earliest).ok(),
         now_us: unsigned(now),
         expired: unsigned(expired),
+        ..LeaseOutcome::default()
+    })
+}
+
+/// Reads the listing script's `{now, live, in_flight, (id, expiry,
+/// weight)...}`.
+fn listed(reply: Vec<Value>) -> Result<LeaseOutcome, StoreError> {
+    let bad = || StoreError::permanent("the lease listing script replied in another shape");
+    let int = |v: &Value| match v {
+        Value::Int(n) => u64::try_from(*n).map_err(|_| bad()),
+        _ => Err(bad()),
+    };
+    let (head, rest) = reply.split_at_checked(3).ok_or_else(bad)?;
+    if rest.len() % 3 != 0 {
+        return Err(bad());
+    }
+    let live = rest
+        .chunks_exact(3)
+        .map(|l| match &l[0] {
+            Value::BulkString(id) => Ok(LiveLease {
+                lease_id: String::from_utf8_lossy(id).into(),
+                expires_at_us: int(&l[1])?,
+                weight: int(&l[2])?,
+            }),
+            _ => Err(bad()),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(LeaseOutcome {
+        ok: true,
+        now_us: int(&head[0])?,
+        live_total: int(&head[1])?,
+        in_flight: int(&head[2])?,
+        live,
+        ..LeaseOutcome::default()
     })
 }
 
 impl Inner {
     /// One lease operation behind its breaker (on Cluster, its slot's), in
-    /// its node's next batch.
+    /// its node's next batch; a list goes alone.
     pub(super) async fn lease(
         self: &std::sync::Arc<Self>,
         call: &LeaseCall<'_>,
@@ -114,6 +155,10 @@ impl Inner {
         let breaker = slot_breaker.as_deref().unwrap_or(&self.breaker);
         if !breaker.admit() {
             return Err(circuit_open());
+        }
+        if let LeaseOp::List { max } = call.op {
+            // A read for Explain: it neither trips nor heals the breaker.
+            return self.list_leases(call, max).await;
         }
         let node = if self.topology.is_cluster() {
             keys::slot(&call.pool)
@@ -137,6 +182,27 @@ impl Inner {
         let reply = result?;
         self.clock.observe(reply.now);
         outcome(reply.now, &reply.ints)
+    }
+
+    /// A pool's live leases, in one `EVAL` of the read-only listing script
+    /// (routed by its keys on Cluster).
+    async fn list_leases(
+        &self,
+        call: &LeaseCall<'_>,
+        max: u32,
+    ) -> Result<LeaseOutcome, StoreError> {
+        let [pool, weights] = lease_keys(&self.prefix, &call.pool);
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(LIST_SOURCE).arg(2).arg(pool).arg(weights).arg(max);
+        let reply = self
+            .topology
+            .call::<Vec<Value>>(Request::Cmd(&cmd), self.response_timeout)
+            .await
+            .map_err(call_failed)?;
+        let outcome = listed(reply)?;
+        self.clock
+            .observe(i64::try_from(outcome.now_us).unwrap_or(i64::MAX));
+        Ok(outcome)
     }
 
     /// A standalone or Sentinel batch; on `NOSCRIPT` (which ran nothing)
@@ -224,5 +290,25 @@ mod tests {
             (o.ok, o.in_flight, o.earliest_expiry_us, o.expired, o.now_us),
             (false, 5, None, 2, 7)
         );
+    }
+
+    #[test]
+    fn a_listing_reply_is_read_or_refused() {
+        let id = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let ok = listed(vec![
+            Value::Int(9),
+            Value::Int(3),
+            Value::Int(4),
+            id("a"),
+            Value::Int(20),
+            Value::Int(1),
+        ])
+        .unwrap();
+        assert_eq!((ok.now_us, ok.live_total, ok.in_flight), (9, 3, 4));
+        assert_eq!(&*ok.live[0].lease_id, "a");
+        assert_eq!((ok.live[0].expires_at_us, ok.live[0].weight), (20, 1));
+        assert!(listed(vec![Value::Int(9)]).is_err());
+        assert!(listed(vec![Value::Int(9), Value::Int(3), Value::Int(4), id("a")]).is_err());
+        assert!(listed(vec![Value::Int(9), Value::Int(-3), Value::Int(4)]).is_err());
     }
 }

@@ -1249,9 +1249,16 @@ type ExplainResponse struct {
 	Decision *ShouldAllowResponse `protobuf:"bytes,3,opt,name=decision,proto3" json:"decision,omitempty"`
 	// Every concurrency limit of the scope, in config order. The first that
 	// matches is the request's pool; a lease call would draw on it.
-	Pools         []*PoolExplained `protobuf:"bytes,40,rep,name=pools,proto3" json:"pools,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Pools []*PoolExplained `protobuf:"bytes,40,rep,name=pools,proto3" json:"pools,omitempty"`
+	// Its first live leases, soonest expiry first, at most 100.
+	LiveLeases []*LiveLease `protobuf:"bytes,60,rep,name=live_leases,json=liveLeases,proto3" json:"live_leases,omitempty"`
+	// Live leases of the pool not in `live_leases`.
+	LiveLeasesNotListed uint64 `protobuf:"varint,61,opt,name=live_leases_not_listed,json=liveLeasesNotListed,proto3" json:"live_leases_not_listed,omitempty"`
+	// False when there is no pool for the request, or the store did not
+	// answer: then the two fields above say nothing.
+	LiveLeasesKnown bool `protobuf:"varint,62,opt,name=live_leases_known,json=liveLeasesKnown,proto3" json:"live_leases_known,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *ExplainResponse) Reset() {
@@ -1312,6 +1319,90 @@ func (x *ExplainResponse) GetPools() []*PoolExplained {
 	return nil
 }
 
+func (x *ExplainResponse) GetLiveLeases() []*LiveLease {
+	if x != nil {
+		return x.LiveLeases
+	}
+	return nil
+}
+
+func (x *ExplainResponse) GetLiveLeasesNotListed() uint64 {
+	if x != nil {
+		return x.LiveLeasesNotListed
+	}
+	return 0
+}
+
+func (x *ExplainResponse) GetLiveLeasesKnown() bool {
+	if x != nil {
+		return x.LiveLeasesKnown
+	}
+	return false
+}
+
+// One live lease of a concurrency pool.
+type LiveLease struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	LeaseId string                 `protobuf:"bytes,1,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
+	// When it expires, on the store's clock, as Acquire's
+	// `expires_at_unix_micros`.
+	ExpiresAtUnixMicros uint64 `protobuf:"varint,2,opt,name=expires_at_unix_micros,json=expiresAtUnixMicros,proto3" json:"expires_at_unix_micros,omitempty"`
+	Weight              uint64 `protobuf:"varint,3,opt,name=weight,proto3" json:"weight,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *LiveLease) Reset() {
+	*x = LiveLease{}
+	mi := &file_tollgate_v1_admin_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LiveLease) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LiveLease) ProtoMessage() {}
+
+func (x *LiveLease) ProtoReflect() protoreflect.Message {
+	mi := &file_tollgate_v1_admin_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LiveLease.ProtoReflect.Descriptor instead.
+func (*LiveLease) Descriptor() ([]byte, []int) {
+	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *LiveLease) GetLeaseId() string {
+	if x != nil {
+		return x.LeaseId
+	}
+	return ""
+}
+
+func (x *LiveLease) GetExpiresAtUnixMicros() uint64 {
+	if x != nil {
+		return x.ExpiresAtUnixMicros
+	}
+	return 0
+}
+
+func (x *LiveLease) GetWeight() uint64 {
+	if x != nil {
+		return x.Weight
+	}
+	return 0
+}
+
 // One concurrency limit of the scope, explained for the request.
 type PoolExplained struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1334,7 +1425,7 @@ type PoolExplained struct {
 
 func (x *PoolExplained) Reset() {
 	*x = PoolExplained{}
-	mi := &file_tollgate_v1_admin_proto_msgTypes[17]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1346,7 +1437,7 @@ func (x *PoolExplained) String() string {
 func (*PoolExplained) ProtoMessage() {}
 
 func (x *PoolExplained) ProtoReflect() protoreflect.Message {
-	mi := &file_tollgate_v1_admin_proto_msgTypes[17]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1359,7 +1450,7 @@ func (x *PoolExplained) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PoolExplained.ProtoReflect.Descriptor instead.
 func (*PoolExplained) Descriptor() ([]byte, []int) {
-	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{17}
+	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *PoolExplained) GetRule() string {
@@ -1438,7 +1529,7 @@ type LimitExplained struct {
 
 func (x *LimitExplained) Reset() {
 	*x = LimitExplained{}
-	mi := &file_tollgate_v1_admin_proto_msgTypes[18]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1450,7 +1541,7 @@ func (x *LimitExplained) String() string {
 func (*LimitExplained) ProtoMessage() {}
 
 func (x *LimitExplained) ProtoReflect() protoreflect.Message {
-	mi := &file_tollgate_v1_admin_proto_msgTypes[18]
+	mi := &file_tollgate_v1_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1463,7 +1554,7 @@ func (x *LimitExplained) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LimitExplained.ProtoReflect.Descriptor instead.
 func (*LimitExplained) Descriptor() ([]byte, []int) {
-	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{18}
+	return file_tollgate_v1_admin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *LimitExplained) GetRule() string {
@@ -1609,12 +1700,20 @@ const file_tollgate_v1_admin_proto_rawDesc = "" +
 	"\x06figure\x18\x02 \x01(\x01R\x06figure\x12\x18\n" +
 	"\amessage\x18\x03 \x01(\tR\amessage\"K\n" +
 	"\x0eExplainRequest\x129\n" +
-	"\arequest\x18\x01 \x01(\v2\x1f.tollgate.v1.ShouldAllowRequestR\arequest\"\xe1\x01\n" +
+	"\arequest\x18\x01 \x01(\v2\x1f.tollgate.v1.ShouldAllowRequestR\arequest\"\xfb\x02\n" +
 	"\x0fExplainResponse\x12)\n" +
 	"\x10scope_configured\x18\x01 \x01(\bR\x0fscopeConfigured\x123\n" +
 	"\x06limits\x18\x02 \x03(\v2\x1b.tollgate.v1.LimitExplainedR\x06limits\x12<\n" +
 	"\bdecision\x18\x03 \x01(\v2 .tollgate.v1.ShouldAllowResponseR\bdecision\x120\n" +
-	"\x05pools\x18( \x03(\v2\x1a.tollgate.v1.PoolExplainedR\x05pools\"\x97\x02\n" +
+	"\x05pools\x18( \x03(\v2\x1a.tollgate.v1.PoolExplainedR\x05pools\x127\n" +
+	"\vlive_leases\x18< \x03(\v2\x16.tollgate.v1.LiveLeaseR\n" +
+	"liveLeases\x123\n" +
+	"\x16live_leases_not_listed\x18= \x01(\x04R\x13liveLeasesNotListed\x12*\n" +
+	"\x11live_leases_known\x18> \x01(\bR\x0fliveLeasesKnown\"s\n" +
+	"\tLiveLease\x12\x19\n" +
+	"\blease_id\x18\x01 \x01(\tR\aleaseId\x123\n" +
+	"\x16expires_at_unix_micros\x18\x02 \x01(\x04R\x13expiresAtUnixMicros\x12\x16\n" +
+	"\x06weight\x18\x03 \x01(\x04R\x06weight\"\x97\x02\n" +
 	"\rPoolExplained\x12\x12\n" +
 	"\x04rule\x18\x01 \x01(\tR\x04rule\x12\x10\n" +
 	"\x03per\x18\x02 \x01(\tR\x03per\x12 \n" +
@@ -1665,7 +1764,7 @@ func file_tollgate_v1_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_tollgate_v1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_tollgate_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_tollgate_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_tollgate_v1_admin_proto_goTypes = []any{
 	(Window)(0),                   // 0: tollgate.v1.Window
 	(RankBy)(0),                   // 1: tollgate.v1.RankBy
@@ -1686,17 +1785,18 @@ var file_tollgate_v1_admin_proto_goTypes = []any{
 	(*CapacityHint)(nil),          // 16: tollgate.v1.CapacityHint
 	(*ExplainRequest)(nil),        // 17: tollgate.v1.ExplainRequest
 	(*ExplainResponse)(nil),       // 18: tollgate.v1.ExplainResponse
-	(*PoolExplained)(nil),         // 19: tollgate.v1.PoolExplained
-	(*LimitExplained)(nil),        // 20: tollgate.v1.LimitExplained
-	(*durationpb.Duration)(nil),   // 21: google.protobuf.Duration
-	(*ShouldAllowRequest)(nil),    // 22: tollgate.v1.ShouldAllowRequest
-	(*ShouldAllowResponse)(nil),   // 23: tollgate.v1.ShouldAllowResponse
-	(*BucketStatus)(nil),          // 24: tollgate.v1.BucketStatus
+	(*LiveLease)(nil),             // 19: tollgate.v1.LiveLease
+	(*PoolExplained)(nil),         // 20: tollgate.v1.PoolExplained
+	(*LimitExplained)(nil),        // 21: tollgate.v1.LimitExplained
+	(*durationpb.Duration)(nil),   // 22: google.protobuf.Duration
+	(*ShouldAllowRequest)(nil),    // 23: tollgate.v1.ShouldAllowRequest
+	(*ShouldAllowResponse)(nil),   // 24: tollgate.v1.ShouldAllowResponse
+	(*BucketStatus)(nil),          // 25: tollgate.v1.BucketStatus
 }
 var file_tollgate_v1_admin_proto_depIdxs = []int32{
-	21, // 0: tollgate.v1.BanRequest.duration:type_name -> google.protobuf.Duration
-	21, // 1: tollgate.v1.BanResponse.remaining:type_name -> google.protobuf.Duration
-	21, // 2: tollgate.v1.BannedCaller.remaining:type_name -> google.protobuf.Duration
+	22, // 0: tollgate.v1.BanRequest.duration:type_name -> google.protobuf.Duration
+	22, // 1: tollgate.v1.BanResponse.remaining:type_name -> google.protobuf.Duration
+	22, // 2: tollgate.v1.BannedCaller.remaining:type_name -> google.protobuf.Duration
 	7,  // 3: tollgate.v1.ListBansResponse.bans:type_name -> tollgate.v1.BannedCaller
 	0,  // 4: tollgate.v1.TopIdentitiesRequest.window:type_name -> tollgate.v1.Window
 	1,  // 5: tollgate.v1.TopIdentitiesRequest.by:type_name -> tollgate.v1.RankBy
@@ -1707,32 +1807,33 @@ var file_tollgate_v1_admin_proto_depIdxs = []int32{
 	0,  // 10: tollgate.v1.UtilizationRequest.window:type_name -> tollgate.v1.Window
 	15, // 11: tollgate.v1.UtilizationResponse.rules:type_name -> tollgate.v1.RuleUtilization
 	0,  // 12: tollgate.v1.RuleUtilization.window:type_name -> tollgate.v1.Window
-	21, // 13: tollgate.v1.RuleUtilization.refill_period:type_name -> google.protobuf.Duration
+	22, // 13: tollgate.v1.RuleUtilization.refill_period:type_name -> google.protobuf.Duration
 	16, // 14: tollgate.v1.RuleUtilization.hints:type_name -> tollgate.v1.CapacityHint
-	22, // 15: tollgate.v1.ExplainRequest.request:type_name -> tollgate.v1.ShouldAllowRequest
-	20, // 16: tollgate.v1.ExplainResponse.limits:type_name -> tollgate.v1.LimitExplained
-	23, // 17: tollgate.v1.ExplainResponse.decision:type_name -> tollgate.v1.ShouldAllowResponse
-	19, // 18: tollgate.v1.ExplainResponse.pools:type_name -> tollgate.v1.PoolExplained
-	21, // 19: tollgate.v1.PoolExplained.max_lease:type_name -> google.protobuf.Duration
-	21, // 20: tollgate.v1.LimitExplained.refill_period:type_name -> google.protobuf.Duration
-	24, // 21: tollgate.v1.LimitExplained.bucket:type_name -> tollgate.v1.BucketStatus
-	9,  // 22: tollgate.v1.Admin.TopIdentities:input_type -> tollgate.v1.TopIdentitiesRequest
-	13, // 23: tollgate.v1.Admin.Utilization:input_type -> tollgate.v1.UtilizationRequest
-	17, // 24: tollgate.v1.Admin.Explain:input_type -> tollgate.v1.ExplainRequest
-	2,  // 25: tollgate.v1.Admin.Ban:input_type -> tollgate.v1.BanRequest
-	4,  // 26: tollgate.v1.Admin.Unban:input_type -> tollgate.v1.UnbanRequest
-	6,  // 27: tollgate.v1.Admin.ListBans:input_type -> tollgate.v1.ListBansRequest
-	10, // 28: tollgate.v1.Admin.TopIdentities:output_type -> tollgate.v1.TopIdentitiesResponse
-	14, // 29: tollgate.v1.Admin.Utilization:output_type -> tollgate.v1.UtilizationResponse
-	18, // 30: tollgate.v1.Admin.Explain:output_type -> tollgate.v1.ExplainResponse
-	3,  // 31: tollgate.v1.Admin.Ban:output_type -> tollgate.v1.BanResponse
-	5,  // 32: tollgate.v1.Admin.Unban:output_type -> tollgate.v1.UnbanResponse
-	8,  // 33: tollgate.v1.Admin.ListBans:output_type -> tollgate.v1.ListBansResponse
-	28, // [28:34] is the sub-list for method output_type
-	22, // [22:28] is the sub-list for method input_type
-	22, // [22:22] is the sub-list for extension type_name
-	22, // [22:22] is the sub-list for extension extendee
-	0,  // [0:22] is the sub-list for field type_name
+	23, // 15: tollgate.v1.ExplainRequest.request:type_name -> tollgate.v1.ShouldAllowRequest
+	21, // 16: tollgate.v1.ExplainResponse.limits:type_name -> tollgate.v1.LimitExplained
+	24, // 17: tollgate.v1.ExplainResponse.decision:type_name -> tollgate.v1.ShouldAllowResponse
+	20, // 18: tollgate.v1.ExplainResponse.pools:type_name -> tollgate.v1.PoolExplained
+	19, // 19: tollgate.v1.ExplainResponse.live_leases:type_name -> tollgate.v1.LiveLease
+	22, // 20: tollgate.v1.PoolExplained.max_lease:type_name -> google.protobuf.Duration
+	22, // 21: tollgate.v1.LimitExplained.refill_period:type_name -> google.protobuf.Duration
+	25, // 22: tollgate.v1.LimitExplained.bucket:type_name -> tollgate.v1.BucketStatus
+	9,  // 23: tollgate.v1.Admin.TopIdentities:input_type -> tollgate.v1.TopIdentitiesRequest
+	13, // 24: tollgate.v1.Admin.Utilization:input_type -> tollgate.v1.UtilizationRequest
+	17, // 25: tollgate.v1.Admin.Explain:input_type -> tollgate.v1.ExplainRequest
+	2,  // 26: tollgate.v1.Admin.Ban:input_type -> tollgate.v1.BanRequest
+	4,  // 27: tollgate.v1.Admin.Unban:input_type -> tollgate.v1.UnbanRequest
+	6,  // 28: tollgate.v1.Admin.ListBans:input_type -> tollgate.v1.ListBansRequest
+	10, // 29: tollgate.v1.Admin.TopIdentities:output_type -> tollgate.v1.TopIdentitiesResponse
+	14, // 30: tollgate.v1.Admin.Utilization:output_type -> tollgate.v1.UtilizationResponse
+	18, // 31: tollgate.v1.Admin.Explain:output_type -> tollgate.v1.ExplainResponse
+	3,  // 32: tollgate.v1.Admin.Ban:output_type -> tollgate.v1.BanResponse
+	5,  // 33: tollgate.v1.Admin.Unban:output_type -> tollgate.v1.UnbanResponse
+	8,  // 34: tollgate.v1.Admin.ListBans:output_type -> tollgate.v1.ListBansResponse
+	29, // [29:35] is the sub-list for method output_type
+	23, // [23:29] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_tollgate_v1_admin_proto_init() }
@@ -1747,7 +1848,7 @@ func file_tollgate_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tollgate_v1_admin_proto_rawDesc), len(file_tollgate_v1_admin_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   19,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
