@@ -3,11 +3,10 @@
 //! the slot's charges. Not coalesced: a replica publishes a group at most
 //! once per report of one of its streams.
 
-use redis::{Cmd, ErrorKind, ServerErrorKind};
+use redis::Cmd;
 
 use super::cluster::{self, TryAgain};
 use super::keys::{self, demand_key};
-use super::topology::{CallError, Request};
 use super::{Inner, call_failed, circuit_open};
 use crate::store::demand::MAX_DEMAND_VALUE;
 use crate::store::{DemandAnswer, DemandCall, Others, StoreError};
@@ -100,27 +99,7 @@ impl Inner {
             .await
             .map_err(call_failed);
         }
-        for attempt in 0..2 {
-            match self
-                .topology
-                .call::<Vec<i64>>(Request::Cmd(cmd), timeout)
-                .await
-            {
-                Ok(ints) => return Ok(ints),
-                Err(CallError::Redis(e))
-                    if attempt == 0 && e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
-                {
-                    let mut load = redis::cmd("SCRIPT");
-                    load.arg("LOAD").arg(SOURCE);
-                    self.topology
-                        .call::<redis::Value>(Request::Cmd(&load), timeout)
-                        .await
-                        .map_err(call_failed)?;
-                }
-                Err(e) => return Err(call_failed(e)),
-            }
-        }
-        Err(StoreError::transient("Redis kept answering NOSCRIPT"))
+        self.eval_loading(cmd, SOURCE).await
     }
 }
 

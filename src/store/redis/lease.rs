@@ -205,34 +205,6 @@ impl Inner {
         Ok(outcome)
     }
 
-    /// A standalone or Sentinel batch; on `NOSCRIPT` (which ran nothing)
-    /// loads the lease script and sends it once more. Never resent after a
-    /// timeout.
-    async fn send_leases(&self, cmd: &Cmd) -> Result<Vec<i64>, StoreError> {
-        let timeout = self.response_timeout;
-        for attempt in 0..2 {
-            match self
-                .topology
-                .call::<Vec<i64>>(Request::Cmd(cmd), timeout)
-                .await
-            {
-                Ok(ints) => return Ok(ints),
-                Err(CallError::Redis(e))
-                    if attempt == 0 && e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
-                {
-                    let mut load = redis::cmd("SCRIPT");
-                    load.arg("LOAD").arg(SOURCE);
-                    self.topology
-                        .call::<redis::Value>(Request::Cmd(&load), timeout)
-                        .await
-                        .map_err(call_failed)?;
-                }
-                Err(e) => return Err(call_failed(e)),
-            }
-        }
-        Err(StoreError::transient("Redis kept answering NOSCRIPT"))
-    }
-
     /// A batch on Cluster, to its slot's node; a batch whose keys a slot
     /// migration split gets `TRYAGAIN` (it ran nothing), and then each
     /// operation goes alone, as charges do.
@@ -273,7 +245,7 @@ impl BatchCall<Encoded> for Inner {
             return self.send_leases_on_cluster(node, batch).await;
         }
         let cmd = evalsha(&self.lease_sha, batch.iter().copied());
-        coalesce::split(batch, self.send_leases(&cmd).await)
+        coalesce::split(batch, self.eval_loading(&cmd, SOURCE).await)
     }
 }
 

@@ -298,15 +298,6 @@ impl Inner {
         }
     }
 
-    async fn load_script(&self) -> Result<(), CallError> {
-        let mut load = redis::cmd("SCRIPT");
-        load.arg("LOAD").arg(script::SOURCE);
-        self.topology
-            .call::<Value>(Request::Cmd(&load), self.response_timeout)
-            .await
-            .map(|_| ())
-    }
-
     /// Queues one encoded charge on its node's next call and waits for its
     /// part of the reply.
     async fn submit(
@@ -443,19 +434,36 @@ impl BatchCall<script::Encoded> for Inner {
 
 impl Inner {
     /// Sends a standalone or Sentinel script call; on `NOSCRIPT` loads the
-    /// script and sends it once more.
+    /// decision script and sends it once more.
     async fn call_once(&self, cmd: &redis::Cmd) -> Result<Vec<i64>, StoreError> {
+        self.eval_loading(cmd, script::SOURCE).await
+    }
+
+    /// Sends the standalone or Sentinel `EVALSHA` `cmd` of the script whose
+    /// source is `source`; on `NOSCRIPT` (which ran nothing) loads it and
+    /// sends `cmd` once more. Never resent after a timeout.
+    pub(super) async fn eval_loading(
+        &self,
+        cmd: &redis::Cmd,
+        source: &str,
+    ) -> Result<Vec<i64>, StoreError> {
+        let timeout = self.response_timeout;
         for attempt in 0..2 {
             match self
                 .topology
-                .call::<Vec<i64>>(Request::Cmd(cmd), self.response_timeout)
+                .call::<Vec<i64>>(Request::Cmd(cmd), timeout)
                 .await
             {
                 Ok(ints) => return Ok(ints),
                 Err(CallError::Redis(e))
                     if attempt == 0 && e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
                 {
-                    self.load_script().await.map_err(call_failed)?;
+                    let mut load = redis::cmd("SCRIPT");
+                    load.arg("LOAD").arg(source);
+                    self.topology
+                        .call::<Value>(Request::Cmd(&load), timeout)
+                        .await
+                        .map_err(call_failed)?;
                 }
                 Err(e) => return Err(call_failed(e)),
             }
