@@ -368,7 +368,9 @@ def writes_by_target(name):
     g = json.load(open(gpath))
     n = max((g.get("statusCodeDistribution") or {}).get("OK", 0), 1)
     kinds = {"callers": 0, "redis": 0, "eventfd": 0, "other": 0}
-    call = re.compile(r"^\d+\s+(write|writev|sendto|sendmsg)\(\d+<([^>]*)>")
+    # A descriptor prints as `23<TCP:[127.0.0.1:16580->127.0.0.1:41234]>`:
+    # its name may hold a `>` of its own, so it ends at `>` before `,`.
+    call = re.compile(r"^\d+\s+(write|writev|sendto|sendmsg)\(\d+<(.*?)>,")
     for line in open(path):
         m = call.match(line)
         if not m:
