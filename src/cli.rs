@@ -129,6 +129,14 @@ pub(crate) struct Question {
     /// `max_delay` may then answer ALLOWED with a delay instead of DENIED.
     #[arg(long, value_parser = humantime::parse_duration)]
     max_wait: Option<Duration>,
+    /// Concurrency limits: take a lease with this id along with the rates
+    /// (all or nothing). It is held until its TTL ends: this command does
+    /// not release it.
+    #[arg(long)]
+    lease_id: Option<String>,
+    /// The lease's time to live (e.g. `30s`); unset: the limit's `max_lease`.
+    #[arg(long, requires = "lease_id", value_parser = humantime::parse_duration)]
+    lease_ttl: Option<Duration>,
 }
 
 impl Question {
@@ -152,8 +160,10 @@ impl Question {
                 .max_wait
                 .and_then(|d| prost_types::Duration::try_from(d).ok()),
             strike: false,
-            lease_id: String::new(),
-            lease_ttl: None,
+            lease_id: self.lease_id.unwrap_or_default(),
+            lease_ttl: self
+                .lease_ttl
+                .and_then(|d| prost_types::Duration::try_from(d).ok()),
         }
     }
 }
@@ -280,11 +290,19 @@ pub(crate) async fn allow(args: AllowArgs) -> anyhow::Result<String> {
     }
     let mut client = pb::rate_limiter_client::RateLimiterClient::new(channel);
     let r = client.should_allow(request).await?.into_inner();
+    Ok(render(&r))
+}
+
+/// Seconds with milliseconds, as the CLI prints durations.
+fn secs(d: &Option<prost_types::Duration>) -> Option<String> {
+    d.as_ref()
+        .map(|d| format!("{:.3}s", d.seconds as f64 + f64::from(d.nanos) / 1e9))
+}
+
+/// A `ShouldAllow` answer for a terminal: the decision on one line, then a
+/// line per bucket and one for a lease.
+fn render(r: &pb::ShouldAllowResponse) -> String {
     let mut out = String::new();
-    let secs = |d: &Option<prost_types::Duration>| {
-        d.as_ref()
-            .map(|d| format!("{:.3}s", d.seconds as f64 + f64::from(d.nanos) / 1e9))
-    };
     let _ = write!(out, "{}", if r.allowed { "ALLOWED" } else { "DENIED" });
     if let Some(s) = secs(&r.delay) {
         let _ = write!(out, " delay={s}");
@@ -316,5 +334,17 @@ pub(crate) async fn allow(args: AllowArgs) -> anyhow::Result<String> {
         }
         out.push('\n');
     }
-    Ok(out)
+    if let Some(l) = &r.lease {
+        let held = if l.granted { "held" } else { "not held" };
+        let _ = write!(
+            out,
+            "  lease {} ({}): {held}, {}/{} in flight",
+            l.lease_id, l.rule, l.in_flight, l.limit
+        );
+        if let Some(s) = secs(&l.ttl) {
+            let _ = write!(out, ", {s} left");
+        }
+        out.push('\n');
+    }
+    out
 }

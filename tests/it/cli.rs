@@ -188,6 +188,48 @@ fn serve_refuses_a_bad_config_before_binding_any_port() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_takes_a_lease_with_lease_id_and_prints_it() {
+    let yaml = r#"
+scopes:
+  - name: streams
+    limits:
+      - {name: one-at-a-time, per: identity, concurrency: 1, max_lease: 1m}
+"#;
+    let server = TestServer::start(yaml).await;
+    let run = |lease: &str| {
+        Command::new(BIN)
+            .args(["allow", "--addr", &server.url(), "--scope", "streams"])
+            .args([
+                "--identity",
+                "kim",
+                "--lease-id",
+                lease,
+                "--lease-ttl",
+                "30s",
+            ])
+            .output()
+            .expect("run")
+    };
+    let first = tokio::task::block_in_place(|| run("r1"));
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(first.status.success(), "{stdout}");
+    assert!(stdout.starts_with("ALLOWED"), "{stdout}");
+    assert!(
+        stdout.contains("lease r1 (one-at-a-time): held, 1/1 in flight"),
+        "{stdout}"
+    );
+    // The pool holds one: another lease id is refused while r1 lives.
+    let second = tokio::task::block_in_place(|| run("r2"));
+    let stdout = String::from_utf8_lossy(&second.stdout);
+    assert!(stdout.starts_with("DENIED retry_after="), "{stdout}");
+    assert!(
+        stdout.contains("lease r2 (one-at-a-time): not held"),
+        "{stdout}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allow_prints_the_decision() {
     let server = TestServer::start(&limits(1)).await;
     let run = |identity: &str| {
