@@ -645,6 +645,9 @@ scopes:
   - name: trial
     limits:
       - {name: per-user-trial, per: identity, capacity: 1, refill_period: 1h, shadow: true}
+  - name: streams
+    limits:
+      - {name: one-stream, per: identity, concurrency: 1, max_lease: 1s}
 EOF
 # B: Redis on a port where nothing listens. Decisions degraded (fail-open)
 # and unavailable (fail-closed), store errors, the circuit open.
@@ -673,9 +676,9 @@ pid_b=$!; pids+=("$pid_b")
 pyrun scrape "http://127.0.0.1:$metrics_a/metrics" "$work/a.prom"
 pyrun scrape "http://127.0.0.1:$metrics_b/metrics" "$work/b.prom"
 
-decide() { # decide PORT SCOPE IDENTITY PATTERN: the answer must match PATTERN
+decide() { # decide PORT SCOPE IDENTITY PATTERN [ARGS...]: the answer must match PATTERN
   local out
-  out=$(tg allow --addr "http://127.0.0.1:$1" --scope "$2" --identity "$3" 2>&1 || true)
+  out=$(tg allow --addr "http://127.0.0.1:$1" --scope "$2" --identity "$3" "${@:5}" 2>&1 || true)
   # shellcheck disable=SC2053 # $4 is a glob on purpose
   if [[ "$out" == $4 ]]; then
     echo "ok   allow --scope $2 --identity $3: ${out%%$'\n'*}"
@@ -688,6 +691,12 @@ decide "$grpc_a" demo a "DENIED*"
 decide "$grpc_a" demo b "ALLOWED*"
 decide "$grpc_a" trial a "ALLOWED*"
 decide "$grpc_a" trial a "ALLOWED*"  # over the shadow limit: counted, not denied
+# Leases: one held, one refused, then (past max_lease) one more that finds
+# the first expired unreleased, so every lease metric has a sample.
+decide "$grpc_a" streams a "ALLOWED*" --lease-id r1
+decide "$grpc_a" streams a "DENIED*" --lease-id r2
+sleep 1.2
+decide "$grpc_a" streams a "ALLOWED*" --lease-id r3
 decide "$grpc_b" demo a "ALLOWED degraded*"
 decide "$grpc_b" strict a "*unavailable*"  # gRPC UNAVAILABLE: the CLI exits non-zero
 kill -HUP "$pid_a"

@@ -227,8 +227,17 @@ pub(super) fn leased_answer(
         Err(_) => {}
     }
     let (decision, lease) = answer?;
-    if let Some(l) = &lease {
-        observer.metrics.lease_seen(&req.scope.into(), l);
+    if let Some(l) = lease.as_ref().filter(|l| !l.rule.is_empty()) {
+        let scope: Arc<str> = req.scope.into();
+        let action = LeaseAction::Acquire {
+            weight: None,
+            ttl: None,
+        };
+        let (call, result) = result_of(action, l);
+        observer
+            .metrics
+            .lease(&scope, &l.rule, call, result, l.expired);
+        observer.metrics.lease_seen(&scope, l);
     }
     let mut out = super::tollgate::to_proto(decision);
     out.lease = lease.map(|l| pb::LeaseGrant {
