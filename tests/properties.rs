@@ -171,7 +171,7 @@ proptest! {
                         key: key(i), shape: shape(i), cost, shadow: false, reserve: 0, window: None,
                         max_delay: std::time::Duration::ZERO,
                     }).collect(),
-                    dry_run: false, marks: false, open: None, penalty: None,
+                    dry_run: false, marks: false, open: None, penalty: None, lease: None,
                 };
                 let outcome = store.decide(&charge).expect("room");
                 let fits = buckets.iter().all(|&i| left[i] >= cost);

@@ -129,8 +129,13 @@ def main():
     ap.add_argument("--baseline", help="another version of decide.lua to compare")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    scripts = {"current": open(os.path.join(ROOT, "src/store/redis/decide.lua")).read()}
+    # The store sends the pool functions in front of decide.lua; so does this.
+    scripts = {"current": "".join(
+        open(os.path.join(ROOT, "src/store/redis", name)).read()
+        for name in ("lease_pool.lua", "decide.lua"))}
     if args.baseline:
+        # A baseline from before lease_pool.lua existed runs as it is; a
+        # newer one needs the same prefix (pass both files concatenated).
         scripts["baseline"] = open(args.baseline).read()
     port = free_port()
     work = tempfile.mkdtemp(prefix="tollgate-script-cost.")

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{DecideError, Decision, Limit, Limiter, Request, Rules};
-use crate::config::{FailureMode, Per, UnknownScope};
+use crate::config::{FailureMode, HashTag, Per, UnknownScope};
 use crate::store::{BucketKey, LeaseCall, LeaseOp, LeaseOutcome, LiveLease, Store, StoreError};
 
 /// The shortest time to live a lease may ask for.
@@ -395,12 +395,13 @@ impl<S: Store, E> Limiter<S, E> {
 impl<S: Store, E> Limiter<S, E> {
     /// Decides `req` against the scope's rates and, when a concurrency
     /// limit matches, takes the lease `lease_id` with them: all or nothing.
-    /// The lease is acquired first; a refused lease denies the request and
-    /// takes nothing from any bucket, and a request the rates deny (or
-    /// cannot decide) gives the lease back. Not one atomic step: while the
-    /// rates are decided the lease is held, so others may be refused
-    /// meanwhile (admitting less, never more). With no concurrency limit
-    /// matching, it is [`Limiter::decide_on`] and the lease is `None`.
+    ///
+    /// Under `hash_tag: scope` (the default) the pool and the buckets are
+    /// one store step ([`crate::store::Charge::lease`]): judged at one
+    /// instant, the lease recorded only when the rates take, the rates
+    /// taken only when the pool has room, in one round trip. A denial
+    /// takes nothing from either. With no concurrency limit matching, it is
+    /// [`Limiter::decide_on`] and the lease is `None`.
     pub async fn decide_leased(
         &self,
         rules: &Rules,
@@ -408,26 +409,61 @@ impl<S: Store, E> Limiter<S, E> {
         lease_id: &str,
         ttl: Option<Duration>,
     ) -> Result<(Decision, Option<LeaseDecision>), LeaseError> {
-        let has_pool = rules
-            .scope(req.scope)
-            .is_some_and(|s| s.pools.iter().any(|p| p.limit.matches(req)));
-        if !has_pool {
+        let Some(scope) = rules.scope(req.scope) else {
             return Ok((self.decide_on(rules, req).await?, None));
+        };
+        let Some(pool) = scope.pools.iter().find(|p| p.limit.matches(req)) else {
+            return Ok((self.decide_on(rules, req).await?, None));
+        };
+        let weight = None;
+        let action = LeaseAction::Acquire { weight, ttl };
+        let call = pool.call(&scope.name, scope.hash_tag, req, lease_id, action)?;
+        let mut buckets = super::plan::Buckets::new();
+        let planned = super::plan::plan_into(rules, req, &mut buckets).is_ok();
+        if !planned || scope.hash_tag != HashTag::Scope || req.settle_within.is_some() {
+            return self.decide_leased_apart(rules, req, lease_id, ttl).await;
         }
+        let mut charge = super::plan::charge(&buckets, req.dry_run);
+        charge.penalty = super::plan::penalty(rules, req, &buckets);
+        charge.lease = Some(call);
+        match self.store().check_and_take_one(&charge).await {
+            Ok(outcome) => Ok(leased(pool, &call, &buckets, &outcome)),
+            Err(e) => {
+                let d = super::plan::failed(rules, req.scope, e)?;
+                let lease = LeaseDecision {
+                    ok: true,
+                    rule: pool.limit.name.clone(),
+                    limit: pool.concurrency,
+                    ttl: ttl_of(&call),
+                    degraded: true,
+                    ..LeaseDecision::default()
+                };
+                Ok((d, Some(lease)))
+            }
+        }
+    }
+
+    /// [`Limiter::decide_leased`] in steps, where the pool and the buckets
+    /// cannot be one store step (a scope whose `hash_tag` may put them in
+    /// different Redis slots, a reservation, or no rate to charge): the
+    /// lease first; a refused lease denies the request and takes nothing
+    /// from any bucket, and a request the rates deny (or cannot decide)
+    /// gives the lease back. While the rates are decided the lease is held,
+    /// so others may be refused meanwhile (admitting less, never more).
+    async fn decide_leased_apart(
+        &self,
+        rules: &Rules,
+        req: &Request<'_>,
+        lease_id: &str,
+        ttl: Option<Duration>,
+    ) -> Result<(Decision, Option<LeaseDecision>), LeaseError> {
         let weight = None;
         let lease = self
             .lease_on(rules, req, lease_id, LeaseAction::Acquire { weight, ttl })
             .await?;
         if !lease.ok {
-            let denied =
-                Decision {
-                    allowed: false,
-                    retry_after: lease.retry_after,
-                    reason: Some(lease.reason.clone().unwrap_or_else(|| {
-                        format!("concurrency limit {:?} is full", &*lease.rule)
-                    })),
-                    ..Decision::default()
-                };
+            let mut denied = Decision::default();
+            refused_by_pool(&mut denied, &lease);
             return Ok((denied, Some(lease)));
         }
         let decided = self.decide_on(rules, req).await;
@@ -441,9 +477,61 @@ impl<S: Store, E> Limiter<S, E> {
                 .await;
             given_back.in_flight = released.map_or(given_back.in_flight, |r| r.in_flight);
         }
-        given_back.ok = false;
-        given_back.expires_at_us = 0;
-        given_back.ttl = Duration::ZERO;
+        not_held(&mut given_back);
         Ok((decided?, Some(given_back)))
     }
+}
+
+/// A lease the request does not hold: refused, or given back.
+fn not_held(lease: &mut LeaseDecision) {
+    lease.ok = false;
+    lease.expires_at_us = 0;
+    lease.ttl = Duration::ZERO;
+}
+
+/// Denies `d` for a pool without room: it waits for the pool as well as
+/// for any bucket that denied it, and says the pool is full.
+fn refused_by_pool(d: &mut Decision, lease: &LeaseDecision) {
+    let rates_denied = d.buckets.iter().any(|b| b.exhausted && !b.shadow);
+    d.retry_after = match (rates_denied, d.retry_after, lease.retry_after) {
+        (false, _, pool) => pool,
+        (true, Some(rates), Some(pool)) => Some(rates.max(pool)),
+        (true, _, _) => None,
+    };
+    d.allowed = false;
+    d.delay = Duration::ZERO;
+    if !rates_denied || d.reason.is_none() {
+        d.reason = Some(
+            lease
+                .reason
+                .clone()
+                .unwrap_or_else(|| format!("concurrency limit {:?} is full", &*lease.rule)),
+        );
+    }
+}
+
+/// The decision and the lease of one charge that carried both.
+fn leased(
+    pool: &Pool,
+    call: &LeaseCall<'_>,
+    buckets: &[super::rules::Planned<'_, '_>],
+    outcome: &crate::store::ChargeOutcome,
+) -> (Decision, Option<LeaseDecision>) {
+    let mut d = super::plan::decision(buckets, outcome);
+    let Some(o) = &outcome.lease else {
+        // Banned: no pool was read.
+        let lease = LeaseDecision {
+            rule: pool.limit.name.clone(),
+            limit: pool.concurrency,
+            ..LeaseDecision::default()
+        };
+        return (d, Some(lease));
+    };
+    let mut lease = decided(pool, call, o);
+    if !o.ok {
+        refused_by_pool(&mut d, &lease);
+    } else if !outcome.allowed {
+        not_held(&mut lease);
+    }
+    (d, Some(lease))
 }

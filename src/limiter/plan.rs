@@ -92,6 +92,7 @@ pub(crate) fn charge<'q>(buckets: &[Planned<'_, 'q>], dry_run: bool) -> Charge<'
         dry_run,
         marks: false,
         open: None,
+        lease: None,
         penalty: None,
     }
 }
@@ -392,6 +393,7 @@ where
             dry_run: self.dry_run,
             marks: false,
             open: None,
+            lease: None,
             penalty: None,
         })
     }
@@ -459,6 +461,7 @@ where
                         buckets: outcomes.into(),
                         now_us: outcome.now_us,
                         delay: outcome.delay,
+                        lease: None,
                         penalty: outcome.penalty,
                     },
                 );
@@ -480,6 +483,7 @@ where
             buckets: SmallVec::new(),
             now_us: 0,
             delay: std::time::Duration::ZERO,
+            lease: None,
             penalty: Default::default(),
         })
     }
@@ -756,6 +760,7 @@ scopes:
                 .collect(),
             now_us: 0,
             delay: Duration::ZERO,
+            lease: None,
             penalty: Default::default(),
         }
     }

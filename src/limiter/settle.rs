@@ -275,6 +275,7 @@ impl<S: Store, E> Limiter<S, E> {
                 buckets: buckets.into(),
                 now_us: 0,
                 delay: Duration::ZERO,
+                lease: None,
                 penalty: Default::default(),
             })),
             Ok(_) => Err(DecideError::StoreUnavailable {

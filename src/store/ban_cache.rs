@@ -263,6 +263,7 @@ impl Entry {
             buckets: SmallVec::new(),
             now_us: 0,
             delay: std::time::Duration::ZERO,
+            lease: None,
             penalty: PenaltyOutcome {
                 banned: Some(Ban {
                     retry_after: self.ends.saturating_duration_since(now),
@@ -606,6 +607,7 @@ mod tests {
             buckets: SmallVec::new(),
             now_us: 0,
             delay: std::time::Duration::ZERO,
+            lease: None,
             penalty: PenaltyOutcome {
                 banned: Some(Ban {
                     retry_after: Duration::from_secs(secs),

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use smallvec::SmallVec;
 
+use super::lease::{LeaseCall, LeaseOutcome};
 use super::penalty::{Penalty, PenaltyOutcome};
 use crate::bucket::{Budget, Ledger, Mark, Shape, Tat, Verdict, Wait};
 use crate::config::HashTag;
@@ -242,6 +243,16 @@ pub struct Charge<'a> {
     /// bucket that strikes is counted, in the same atomic step (see
     /// [`super::penalty`]). `None`: no penalty box applies.
     pub penalty: Option<Penalty<'a>>,
+    /// A lease taken with the buckets, in the same atomic step: a
+    /// [`super::LeaseOp::Acquire`] (its own `dry_run` is ignored: the charge's
+    /// applies). The pool is judged at the same instant as the buckets, by
+    /// the rules of [`super::lease`]; the charge is allowed only when the
+    /// pool has room for it too (or the id is live, counted once), and
+    /// then, unless a dry run, the lease is recorded with the take. Refused
+    /// by the pool, nothing is taken from any bucket; denied by a bucket,
+    /// no lease is recorded. The pool must be in the buckets' hash slot.
+    /// `None`: no lease.
+    pub lease: Option<LeaseCall<'a>>,
 }
 
 /// A reservation opened by a charge: see [`Charge::open`].
@@ -263,6 +274,7 @@ impl<'a> Charge<'a> {
             marks: false,
             open: None,
             penalty: None,
+            lease: None,
         }
     }
 }
@@ -304,6 +316,14 @@ pub struct ChargeOutcome {
     /// What the penalty box did: a ban in force (then `allowed` is false,
     /// and `buckets` is empty: none was read), a strike counted.
     pub penalty: PenaltyOutcome,
+    /// The charge's lease ([`Charge::lease`]): the pool's own verdict in
+    /// `ok` (room for it, or the id already live) and `expires_at_us` (the
+    /// expiry it has or would have), the pool's live weight, its earliest
+    /// expiry when it had no room, and the expired leases removed. The
+    /// lease is held only when the charge is `allowed` and not a dry run.
+    /// `None` when the charge carried no lease, or a ban answered it before
+    /// anything was read.
+    pub lease: Option<LeaseOutcome>,
 }
 
 /// One bucket's part in a settlement.

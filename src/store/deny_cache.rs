@@ -24,7 +24,8 @@
 //! # What it covers
 //! - A charge behind a penalty box is never answered here: its denial is
 //!   a strike the store counts. Once the caller is banned, the ban cache
-//!   (`ban_cache.rs`) answers it.
+//!   (`ban_cache.rs`) answers it. Nor is a charge that takes a lease: its
+//!   pool is judged with its buckets.
 //! - Only charges of one enforced bucket are answered locally. A charge of
 //!   several buckets needs every bucket's state for its exact `retry_after`,
 //!   and a shadow bucket never denies, so those always go to the store.
@@ -229,6 +230,7 @@ impl Entry {
             // makes none.
             now_us: 0,
             delay: std::time::Duration::ZERO,
+            lease: None,
             penalty: Default::default(),
         }
     }
@@ -257,7 +259,15 @@ fn cacheable<'c, 'a>(charge: &'c Charge<'a>) -> Option<&'c BucketCharge<'a>> {
         // denial held for another, nor held: its answer depends on its wait.
         // Nor is a charge with a penalty box: each denial must reach the
         // store to count as a strike.
-        [b] if !b.shadow && b.max_delay.is_zero() && charge.penalty.is_none() => Some(b),
+        // Nor one with a lease: its pool must be judged (and its expired
+        // leases removed) with the buckets.
+        [b] if !b.shadow
+            && b.max_delay.is_zero()
+            && charge.penalty.is_none()
+            && charge.lease.is_none() =>
+        {
+            Some(b)
+        }
         _ => None,
     }
 }

@@ -362,6 +362,13 @@ impl Inner {
     }
 
     fn decide(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
+        match &charge.lease {
+            Some(lease) => self.decide_leased(charge, lease),
+            None => self.decide_unleased(charge),
+        }
+    }
+
+    fn decide_unleased(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, StoreError> {
         match &charge.penalty {
             Some(penalty) => self.decide_penalized(charge, penalty),
             None => self.decide_plain(charge),
@@ -469,6 +476,7 @@ impl Inner {
             buckets: outcomes,
             now_us: now / 1_000,
             delay: Duration::from_nanos(if allowed { wait } else { 0 }),
+            lease: None,
             penalty: Default::default(),
         })
     }
@@ -524,9 +532,7 @@ impl Inner {
                 return Ok(Pool::default().apply(call, now_us));
             }
             if pools.len() >= MAX_LEASE_POOLS {
-                return Err(StoreError::permanent(
-                    "the embedded store holds its most concurrency pools",
-                ));
+                return Err(pools_full());
             }
         }
         let pool = pools.entry(key.clone()).or_default();
@@ -536,6 +542,74 @@ impl Inner {
         }
         Ok(outcome)
     }
+}
+
+impl Inner {
+    /// A charge with a lease: the pool judged and the charge decided under
+    /// the pools' lock, so no lease call meets the pool between the two;
+    /// the lease is recorded only when the charge took. A pool without
+    /// room turns the charge into a dry run (judged, nothing taken).
+    fn decide_leased(
+        &self,
+        charge: &Charge<'_>,
+        lease: &LeaseCall<'_>,
+    ) -> Result<ChargeOutcome, StoreError> {
+        let LeaseOp::Acquire {
+            limit,
+            weight,
+            reserve,
+            ttl_us,
+            ..
+        } = lease.op
+        else {
+            return Err(StoreError::permanent("a charge's lease must be an acquire"));
+        };
+        let acquire = |dry_run| LeaseCall {
+            op: LeaseOp::Acquire {
+                limit,
+                weight,
+                reserve,
+                ttl_us,
+                dry_run,
+            },
+            ..*lease
+        };
+        let key = pool_key(lease);
+        let mut pools = self.leases.lock();
+        if !pools.contains_key(&key) && pools.len() >= MAX_LEASE_POOLS {
+            return Err(pools_full());
+        }
+        let now_us = self.now() / 1_000;
+        let pool = pools.entry(key.clone()).or_default();
+        let mut judged = pool.apply(&acquire(true), now_us);
+        let inner = Charge {
+            lease: None,
+            dry_run: charge.dry_run || !judged.ok,
+            ..charge.clone()
+        };
+        let outcome = self.decide_unleased(&inner).map(|mut o| {
+            if !judged.ok {
+                o.allowed = false;
+                o.delay = Duration::ZERO;
+            }
+            if o.allowed && !charge.dry_run {
+                let taken = pool.apply(&acquire(false), now_us);
+                (judged.in_flight, judged.expires_at_us) = (taken.in_flight, taken.expires_at_us);
+            }
+            let banned = o.penalty.banned.is_some_and(|b| !b.started);
+            o.lease = (!banned).then_some(judged);
+            o
+        });
+        if pool.is_empty() {
+            pools.remove(&key);
+        }
+        outcome
+    }
+}
+
+/// The error of an acquire that would open one pool too many.
+fn pools_full() -> StoreError {
+    StoreError::permanent("the embedded store holds its most concurrency pools")
 }
 
 /// A pool's key: scope, rule and the caller's parts (long ones hashed),
@@ -648,6 +722,7 @@ impl Inner {
                 buckets: SmallVec::new(),
                 now_us: now / 1_000,
                 delay: std::time::Duration::ZERO,
+                lease: None,
                 penalty: banned(record.ban_until, now, false),
             });
         }
@@ -936,6 +1011,7 @@ impl Inner {
             buckets: smallvec::smallvec![outcome(bucket, &verdict, mark, now)],
             now_us: now / 1_000,
             delay: Duration::from_nanos(if allowed { wait } else { 0 }),
+            lease: None,
             penalty: Default::default(),
         })
     }

@@ -214,6 +214,7 @@ pub trait StoreExt: Store {
                 dry_run,
                 marks: false,
                 open: None,
+                lease: None,
                 penalty: None,
             };
             self.check_and_take_one(&charge).await

@@ -428,6 +428,7 @@ async fn open_reservations_count_against_the_memory_bound() {
         buckets: smallvec::smallvec![bucket],
         dry_run: false,
         marks: true,
+        lease: None,
         open: Some(Open {
             id,
             within_us: 60_000_000,
@@ -519,6 +520,7 @@ async fn a_day_budget_resets_at_midnight_on_a_paused_clock() {
             buckets: smallvec::smallvec![b],
             dry_run: false,
             marks: false,
+            lease: None,
             open: None,
             penalty: None,
         }

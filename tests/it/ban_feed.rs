@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::common::TestServer;
-use crate::common::redis::{Cluster, Sentinel, Standalone, conn, wait_until};
+use crate::common::redis::{Cluster, Sentinel, Standalone, conn, evalsha_calls, wait_until};
 use crate::common::{ask, req, to_std};
 use tollgate::config::Config;
 use tollgate::pb::tollgate::v1::admin_client::AdminClient;
@@ -60,23 +60,6 @@ fn subscribers(ports: &[u16], channel: &str) -> i64 {
                 .query(&mut conn(p).ok()?)
                 .ok()?;
             Some(n)
-        })
-        .sum()
-}
-
-fn evalsha_calls(ports: &[u16]) -> u64 {
-    ports
-        .iter()
-        .map(|&port| {
-            let stats: String = redis::cmd("INFO")
-                .arg("commandstats")
-                .query(&mut conn(port).unwrap())
-                .unwrap();
-            stats
-                .lines()
-                .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-                .and_then(|r| r.split(',').next()?.parse().ok())
-                .unwrap_or(0)
         })
         .sum()
 }

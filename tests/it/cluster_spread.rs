@@ -13,7 +13,7 @@ use tollgate::limiter::{Limiter, Request, Rules, SettleError, Signer};
 use tollgate::store::redis::RedisStore;
 use tollgate::store::{SettleBucket, Settled, Settlement, Store};
 
-use crate::common::redis::{Cluster, conn};
+use crate::common::redis::{Cluster, conn, evalsha_calls};
 
 /// Two replicas: each its own store (its own connections, coalescing queues
 /// and breakers) over the same Cluster, signing reservations alike.
@@ -33,18 +33,6 @@ fn dbsize(port: u16) -> i64 {
     redis::cmd("DBSIZE")
         .query(&mut conn(port).unwrap())
         .unwrap()
-}
-
-/// `EVALSHA` calls the node on `port` ran since its stats were reset.
-fn script_calls(port: u16) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut conn(port).unwrap())
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |n| n.parse().unwrap())
 }
 
 /// Socket reads the node on `port` processed since its stats were reset:
@@ -75,7 +63,7 @@ fn per_node(topo: &Cluster, keys_before: &[i64]) -> Vec<(i64, u64)> {
     topo.nodes
         .iter()
         .zip(keys_before)
-        .map(|(n, before)| (dbsize(n.port) - before, script_calls(n.port)))
+        .map(|(n, before)| (dbsize(n.port) - before, evalsha_calls(&[n.port])))
         .collect()
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 
 use crate::common::TestServer;
-use crate::common::redis::{Standalone, conn};
+use crate::common::redis::{Standalone, conn, evalsha_calls};
 use tollgate::config::Config;
 use tollgate::pb::tollgate::v1::ShouldAllowRequest;
 use tollgate::store::redis::keys::bucket_key;
@@ -15,18 +15,6 @@ use tollgate::store::{Charge, Store, StoreExt};
 /// A charge of 1 from a bucket of 3 tokens per minute.
 fn charge(identity: &str) -> Charge<'_> {
     crate::common::store::charge(identity, 3, Duration::from_secs(60))
-}
-
-fn evalsha_calls(port: u16) -> u64 {
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut conn(port).unwrap())
-        .unwrap();
-    stats
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|r| r.split(',').next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,7 +48,7 @@ scopes:
         TestServer::start_config(config()).await,
     ];
     let clients = [replicas[0].client().await, replicas[1].client().await];
-    let calls_before = evalsha_calls(redis.server.port);
+    let calls_before = evalsha_calls(&[redis.server.port]);
     for round in 0..5 {
         let identity = format!("fresh-{round}");
         let calls = (0..100).map(|i| {
@@ -81,7 +69,7 @@ scopes:
         }
         assert_eq!(admitted, 10, "round {round}: exactly the limit");
     }
-    let calls = evalsha_calls(redis.server.port) - calls_before;
+    let calls = evalsha_calls(&[redis.server.port]) - calls_before;
     eprintln!("500 decisions on 2 replicas: {calls} EVALSHA");
     assert!(calls < 500, "{calls} script calls for 500 decisions");
 }
@@ -91,14 +79,14 @@ async fn concurrent_charges_share_script_calls_and_each_is_decided_alone() {
     let redis = Standalone::start();
     let store = redis.store("coalesce");
     let ids: Vec<String> = (0..200).map(|i| format!("user-{}", i % 50)).collect();
-    let before = evalsha_calls(redis.server.port);
+    let before = evalsha_calls(&[redis.server.port]);
     let outcomes = join_all(ids.iter().map(|id| {
         let store = store.clone();
         let id = id.clone();
         tokio::spawn(async move { store.check_and_take(&[charge(&id)]).await })
     }))
     .await;
-    let calls = evalsha_calls(redis.server.port) - before;
+    let calls = evalsha_calls(&[redis.server.port]) - before;
     let allowed = outcomes
         .into_iter()
         .filter(|o| o.as_ref().unwrap().as_ref().unwrap()[0].allowed)

@@ -64,6 +64,7 @@ async fn absent_shadow_buckets_that_cannot_pay_do_not_fill_the_memory_bound() {
                 buckets: smallvec::smallvec![scope, shadow],
                 dry_run: false,
                 marks: false,
+                lease: None,
                 open: None,
                 penalty: None,
             })
@@ -116,6 +117,7 @@ async fn in_a_redis_pipeline_one_failed_reply_does_not_fail_the_others() {
         buckets: smallvec::smallvec![bucket("per-user", Some(id), 1)],
         dry_run: false,
         marks: false,
+        lease: None,
         open: None,
         penalty: None,
     };
@@ -163,6 +165,7 @@ async fn the_memory_bound_is_in_bytes_and_long_identities_are_hashed() {
             buckets: smallvec::smallvec![bucket("per-user", Some(id), 10)],
             dry_run: false,
             marks: false,
+            lease: None,
             open: None,
             penalty: None,
         };
@@ -178,6 +181,7 @@ async fn the_memory_bound_is_in_bytes_and_long_identities_are_hashed() {
             buckets: smallvec::smallvec![bucket("per-user", Some(id), 10)],
             dry_run: false,
             marks: false,
+            lease: None,
             open: None,
             penalty: None,
         };
@@ -199,6 +203,7 @@ async fn redis_keys_stay_bounded_for_huge_identities() {
             buckets: smallvec::smallvec![bucket("per-user", Some(id), 2)],
             dry_run: false,
             marks: false,
+            lease: None,
             open: None,
             penalty: None,
         };

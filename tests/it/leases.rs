@@ -17,7 +17,7 @@ use tollgate::store::memory::MemoryStore;
 use tollgate::store::redis::RedisStore;
 
 use crate::common::TestServer;
-use crate::common::redis::{Cluster, Sentinel, Standalone};
+use crate::common::redis::{Cluster, Sentinel, Standalone, evalsha_calls};
 
 const POOLS: &str = r#"
 scopes:
@@ -37,6 +37,10 @@ scopes:
     limits:
       - {name: one-stream, per: identity, concurrency: 1}
       - {name: two-per-hour, per: identity, capacity: 2, refill_period: 1h}
+  - name: gate
+    limits:
+      - {name: five-at-once, per: identity, concurrency: 5, max_lease: 1m}
+      - {name: three-an-hour, per: identity, capacity: 3, refill_period: 1h}
   - name: strict
     failure_mode: closed
     limits:
@@ -762,4 +766,88 @@ async fn should_allow_with_a_lease_takes_the_rates_and_the_lease_or_neither() {
         .await
         .expect_err("refused");
     assert!(e.message().starts_with("lease_id:"), "{}", e.message());
+}
+
+/// Rates and a lease in one store step, on Redis with two replicas: 200
+/// concurrent ShouldAllow-with-a-lease for one identity (a pool of 5, a
+/// rate of 3 an hour), 5 rounds: exactly 3 admitted, each holding its
+/// lease; no answer ever sees more than 3 in flight (a request the rates
+/// deny never holds a slot, not even while its rates are decided); and,
+/// asked one at a time, each decision is exactly one script call.
+async fn rates_and_a_lease_are_one_step(a: RedisStore, b: RedisStore, ports: &[u16]) {
+    let rules = rules(POOLS);
+    let replicas = [
+        Arc::new(Limiter::new(rules.clone(), a)),
+        Arc::new(Limiter::new(rules, b)),
+    ];
+    let ttl = Some(Duration::from_secs(30));
+    for round in 0..5 {
+        let identity = format!("gated-{round}");
+        let answers = join_all((0..200).map(|i| {
+            let l = replicas[i % 2].clone();
+            let identity = identity.clone();
+            async move {
+                let req = Request::new("gate", &identity, "chat");
+                let id = format!("req-{i}");
+                let rules = l.rules();
+                l.decide_leased(&rules, &req, &id, ttl)
+                    .await
+                    .expect("the store answers")
+            }
+        }))
+        .await;
+        let admitted: Vec<_> = answers.iter().filter(|(d, _)| d.allowed).collect();
+        assert_eq!(admitted.len(), 3, "round {round}");
+        for (d, lease) in &answers {
+            let lease = lease.as_ref().expect("a pool applies");
+            assert_eq!(lease.ok, d.allowed, "round {round}: {d:?} {lease:?}");
+            assert!(
+                lease.in_flight <= 3,
+                "round {round}: a denied request held a slot: {lease:?}"
+            );
+        }
+        let probe = lease(
+            &replicas[0],
+            "gate",
+            &identity,
+            "probe",
+            LeaseAction::Release,
+        )
+        .await;
+        assert_eq!(probe.expect("answers").in_flight, 3, "round {round}");
+    }
+    let before = evalsha_calls(ports);
+    for i in 0..10 {
+        let l = &replicas[i % 2];
+        let req = Request::new("gate", "one-at-a-time", "chat");
+        l.decide_leased(&l.rules(), &req, &format!("seq-{i}"), ttl)
+            .await
+            .expect("the store answers");
+    }
+    assert_eq!(
+        evalsha_calls(ports) - before,
+        10,
+        "one script call per decision, allowed or denied"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rates_and_a_lease_are_one_step_on_standalone() {
+    let redis = Standalone::start();
+    let ports = [redis.server.port];
+    rates_and_a_lease_are_one_step(redis.store("gate"), redis.store("gate"), &ports).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rates_and_a_lease_are_one_step_on_sentinel() {
+    let redis = tokio::task::spawn_blocking(Sentinel::start).await.unwrap();
+    let ports = [redis.primary.port];
+    rates_and_a_lease_are_one_step(redis.store("gate"), redis.store("gate"), &ports).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rates_and_a_lease_are_one_step_on_cluster() {
+    let redis = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let ports: Vec<u16> = redis.nodes.iter().map(|n| n.port).collect();
+    rates_and_a_lease_are_one_step(redis.store("gate"), redis.store("gate"), &ports).await;
 }

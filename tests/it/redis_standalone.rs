@@ -94,6 +94,7 @@ async fn a_bucket_expires_when_full_and_its_memory_is_measured() {
         buckets: smallvec::smallvec![drain_bucket],
         dry_run: false,
         marks: false,
+        lease: None,
         open: None,
         penalty: None,
     };

@@ -112,6 +112,7 @@ async fn cluster_spreads_scopes_over_slots_and_reloads_flushed_scripts() {
         buckets: smallvec::smallvec![wide, narrow("scope-2"), narrow("scope-3")],
         dry_run: false,
         marks: false,
+        lease: None,
         open: None,
         penalty: None,
     };

@@ -53,6 +53,7 @@ async fn one(store: &impl Store, buckets: Vec<BucketCharge<'_>>, dry_run: bool) 
             buckets: buckets.into(),
             dry_run,
             marks: false,
+            lease: None,
             open: None,
             penalty: None,
         }])
@@ -185,6 +186,7 @@ async fn charges_in_one_call_are_independent(store: &impl Store) {
                 buckets: smallvec::smallvec![a],
                 dry_run: false,
                 marks: false,
+                lease: None,
                 open: None,
                 penalty: None,
             },
@@ -192,6 +194,7 @@ async fn charges_in_one_call_are_independent(store: &impl Store) {
                 buckets: smallvec::smallvec![b],
                 dry_run: false,
                 marks: false,
+                lease: None,
                 open: None,
                 penalty: None,
             },
@@ -199,6 +202,7 @@ async fn charges_in_one_call_are_independent(store: &impl Store) {
                 buckets: smallvec::smallvec![],
                 dry_run: false,
                 marks: false,
+                lease: None,
                 open: None,
                 penalty: None,
             },
@@ -242,6 +246,7 @@ async fn reserve(store: &impl Store, b: BucketCharge<'_>) -> tollgate::bucket::M
             buckets: [b].into_iter().collect(),
             dry_run: false,
             marks: true,
+            lease: None,
             open: None,
             penalty: None,
         })
@@ -348,6 +353,7 @@ async fn a_reservation_settles_only_while_open_and_once(store: &impl Store) {
         buckets: [b].into_iter().collect(),
         dry_run: false,
         marks: true,
+        lease: None,
         open: Some(Open {
             id: [id; 16],
             within_us: 60_000_000,
@@ -685,6 +691,96 @@ async fn leases_count_weight_once_and_never_exceed_the_limit(store: &impl Store)
     assert_eq!(go("c", acquire(5, 0, true)).await.in_flight, 0);
 }
 
+/// A lease taken with a charge (issue 20): the pool and the bucket are
+/// judged together, a pool without room takes no token, a bucket that
+/// denies records no lease, a repeated id counts once in the pool while
+/// the rates are charged again, and a dry run records nothing.
+async fn a_lease_with_a_charge_is_all_or_nothing(store: &impl Store) {
+    let pool = BucketKey {
+        scope: "leased",
+        rule: "streams",
+        identity: Some("alice"),
+        operation: None,
+        hash_tag: Default::default(),
+    };
+    let acquire = |id: &'static str| LeaseCall {
+        pool,
+        lease_id: id,
+        op: LeaseOp::Acquire {
+            limit: 2,
+            weight: 1,
+            reserve: 0,
+            ttl_us: 60_000_000,
+            dry_run: false,
+        },
+    };
+    let rate = bucket("leased", "per-minute", 4, 60_000);
+    let go = async |id: &'static str, dry_run: bool| {
+        let charge = Charge {
+            lease: Some(acquire(id)),
+            ..Charge::of([rate])
+        };
+        let charge = Charge { dry_run, ..charge };
+        let o = store.check_and_take_one(&charge).await.expect("answers");
+        let lease = o.lease.clone().expect("the lease's outcome");
+        (o, lease)
+    };
+    let in_flight = async || {
+        let mut probe = acquire("probe");
+        probe.op = LeaseOp::Acquire {
+            limit: 2,
+            weight: 1,
+            reserve: 0,
+            ttl_us: 1,
+            dry_run: true,
+        };
+        store.lease(&probe).await.expect("answers").in_flight
+    };
+    let (a, la) = go("a", false).await;
+    assert!(a.allowed && la.ok, "{a:?}");
+    assert_eq!((la.in_flight, a.buckets[0].remaining), (1, 3));
+    assert_eq!(la.expires_at_us, la.now_us + 60_000_000);
+    let (again, l) = go("a", false).await;
+    assert!(again.allowed && l.ok);
+    assert_eq!(
+        (l.in_flight, l.expires_at_us, again.buckets[0].remaining),
+        (1, la.expires_at_us, 2),
+        "the same id counts once in the pool; the rates are charged again"
+    );
+    let (dry, l) = go("b", true).await;
+    assert!(dry.allowed && l.ok);
+    assert_eq!((l.in_flight, dry.buckets[0].remaining), (1, 2));
+    assert_eq!(in_flight().await, 1, "a dry run records no lease");
+    let (b, l) = go("b", false).await;
+    assert!(b.allowed && l.ok);
+    assert_eq!((l.in_flight, b.buckets[0].remaining), (2, 1));
+    let (full, l) = go("c", false).await;
+    assert!(!full.allowed && !l.ok, "{full:?}");
+    assert_eq!(l.earliest_expiry_us, Some(la.expires_at_us));
+    assert!(full.buckets[0].conforms, "the bucket had room");
+    assert_eq!(
+        one(store, vec![rate], true).await.buckets[0].remaining,
+        1,
+        "a pool without room takes no token"
+    );
+    let released = store
+        .lease(&LeaseCall {
+            op: LeaseOp::Release,
+            ..acquire("a")
+        })
+        .await
+        .expect("answers");
+    assert_eq!(released.in_flight, 1);
+    assert!(
+        one(store, vec![rate], false).await.allowed,
+        "the last token"
+    );
+    let (spent, l) = go("d", false).await;
+    assert!(!spent.allowed && !spent.buckets[0].conforms);
+    assert!(l.ok, "the pool had room");
+    assert_eq!(in_flight().await, 1, "a bucket's denial records no lease");
+}
+
 /// Quota demand shared by replicas (Redis only: the embedded store is one
 /// replica): a replica grows only out of what the others leave of the
 /// limit, may always keep or lower its own, is refused past the bound of
@@ -762,6 +858,7 @@ async fn conforms(store: impl Store) {
         operators_ban_list_and_unban,
         a_listing_resumes_after_its_last_ban_whatever_ends,
         reported_strikes_ban_like_denials,
+        a_lease_with_a_charge_is_all_or_nothing,
     );
 }
 

@@ -75,6 +75,12 @@ fn outcome_of(
     if let Some(e) = plan.iter().find_map(|(w, _)| done[*w].as_ref().err()) {
         return Err(e.clone());
     }
+    if charge.lease.is_some() && plan.len() != 1 {
+        // `work` sent none of it: see there.
+        return Err(StoreError::permanent(
+            "a charge's lease pool and buckets must share one hash slot",
+        ));
+    }
     let allowed = plan
         .iter()
         .all(|(w, _)| done[*w].as_ref().is_ok_and(|o| o.allowed));
@@ -94,8 +100,12 @@ fn outcome_of(
         buckets,
         now_us,
         delay: if allowed { delay } else { Duration::ZERO },
-        // A lone part carried the charge's penalty box, and its outcome is
-        // the charge's; a split charge carries none.
+        // A lone part carried the charge's penalty box and lease, and its
+        // outcome is the charge's; a split charge carries neither.
+        lease: match plan.as_slice() {
+            [(w, _)] => done[*w].as_ref().ok().and_then(|o| o.lease.clone()),
+            _ => None,
+        },
         penalty: match plan.as_slice() {
             [(w, _)] => done[*w].as_ref().map(|o| o.penalty).unwrap_or_default(),
             _ => Default::default(),
@@ -161,6 +171,22 @@ impl Inner {
                 vec![(0..charge.buckets.len()).collect()]
             };
             let mut plan = Vec::with_capacity(parts.len());
+            // A lease goes in one script with its buckets or not at all: a
+            // charge whose pool and buckets span slots is not sent, and
+            // fails (`outcome_of`). The limiter sends a lease with its rates
+            // only under `hash_tag: scope`, where they share the slot.
+            let lease_apart = charge.lease.as_ref().is_some_and(|l| {
+                parts.len() != 1
+                    || (self.topology.is_cluster()
+                        && charge
+                            .buckets
+                            .first()
+                            .is_some_and(|b| keys::slot(&b.key) != keys::slot(&l.pool)))
+            });
+            if lease_apart {
+                plans.push(plan);
+                continue;
+            }
             // A reservation's record goes with its one part, or with its
             // first part in an identity's slot (decided first), where its
             // settle looks for it (see `settle_across`). One split over
@@ -195,6 +221,7 @@ impl Inner {
                     // buckets of one caller's charge do under `hash_tag:
                     // scope` (the only tag a penalty box is allowed with): a
                     // charge split over slots mixes scopes and carries none.
+                    lease: charge.lease.filter(|_| lone),
                     penalty: charge.penalty.clone().filter(|_| lone),
                 });
             }

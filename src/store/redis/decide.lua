@@ -30,6 +30,8 @@
 --                              1, 4, 5 (and 12, 13): the charge is shaped
 --                              (see Shaping below);
 --                        n     how many buckets it has, >= 1;
+--            (mode bit 64, a charge that takes a lease: the lease's
+--            numbers and id; see "A lease with the charge" below)
 --            (mode bit 32, a charge behind a penalty box, never shaped:
 --            its rule and flags; see "The penalty box" below)
 --            '<i8'     mode 3 only: the reservation's deadline, in
@@ -518,11 +520,106 @@ local function take_at(ticks, frac, s, i)
 end
 -- ---------------------------------------------------------------------
 
+-- ---------------------------------------------------------------------
+-- A lease with the charge (mode bit 64, issue 20). src/store/lease.rs is
+-- the reference; lease.lua applies the same rules to a lease alone, with
+-- the same pool functions (lease_pool.lua, sent in front of this file).
+--
+-- A charge with the bit set carries, right after its header,
+-- '<i8i8i8i8H' (the pool's limit, the lease's weight, the weight its
+-- priority must leave free, its time to live in microseconds; the id's
+-- length) and the id's bytes, then the rest of the charge as usual; its
+-- last two keys are the pool's, in the slot of its buckets. Before any
+-- bucket is judged, the pool's expired leases are removed and the pool is
+-- judged at the same now: room when the id is live (counted once) or its
+-- weight and reserve fit beside the live weight. No room denies the charge
+-- (its buckets are judged and nothing is taken); room, with the charge
+-- allowed and not a dry run, records the lease in the same step as the
+-- take. Its reply is the charge's, then five integers (before a penalty
+-- box's three): room 1 or 0 (-1: a pool key holds another type, and the
+-- charge failed having taken nothing), the lease's expiry (0 without
+-- room), the live weight, the earliest live expiry when there was no room
+-- and the weight could ever fit (else -1), the expired leases removed.
+-- ---------------------------------------------------------------------
+local leasing = nil
+local function lease_fns()
+  if leasing then
+    return leasing
+  end
+  local P = pool_fns(now)
+
+  -- Reads a lease's numbers and id at `at`; returns it and the position
+  -- after it.
+  local function read(at)
+    local l = {}
+    local len
+    l.limit, l.weight, l.reserve, l.ttl, len, at = unpack('<i8i8i8i8H', blob, at)
+    l.id = string.sub(blob, at, at + len - 1)
+    return l, at + len
+  end
+
+  -- Removes the expired leases and judges the acquire; nil when a pool key
+  -- holds another type (nothing was written: both are read first).
+  local function judge(l)
+    local keys = { KEYS[l.k + 1], KEYS[l.k + 2] }
+    local done, r = pcall(function()
+      local expired = P.expire(keys[1], keys[2])
+      local room, held, in_flight, earliest =
+        P.judge(keys[1], keys[2], l.id, l.limit, l.weight, l.reserve)
+      return {
+        keys = keys, room = room, held = held, in_flight = in_flight,
+        earliest = earliest, expired = expired,
+        at = room and (held or now + l.ttl) or 0,
+      }
+    end)
+    if done then
+      return r
+    end
+    local msg = type(r) == 'table' and r.err or tostring(r)
+    if not string.find(msg or '', 'WRONGTYPE') then
+      error(r)
+    end
+    return nil
+  end
+
+  -- Records the lease when the charge took, keeps the keys' expiry, and
+  -- appends the five integers of the reply.
+  local function finish(l, pool, took)
+    local o = #out
+    if not pool then
+      out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] = -1, 0, 0, -1, 0
+      return
+    end
+    local in_flight = pool.in_flight
+    if took and not pool.held then
+      in_flight = P.add(pool.keys[1], pool.keys[2], l.id, pool.at, l.weight)
+    end
+    if (took and not pool.held) or pool.expired > 0 then
+      in_flight = P.keep(pool.keys[1], pool.keys[2], in_flight)
+    end
+    out[o + 1], out[o + 2], out[o + 3] = pool.room and 1 or 0, pool.at, in_flight
+    out[o + 4], out[o + 5] = pool.earliest, pool.expired
+  end
+
+  leasing = { read = read, judge = judge, finish = finish }
+  return leasing
+end
+-- ------------------------------ end of a lease with the charge --------
+
 -- Judges a charge's buckets, then takes from all or none. Returns the
 -- position after the charge's numbers.
-local function decide(k0, at, n, dry, marked, open, shaped)
+local function decide(k0, at, n, dry, marked, open, shaped, lease)
   local allowed, failed = 1, false
   local wait = 0
+  local pool
+  if lease then
+    pool = lease_fns().judge(lease)
+    if not pool then
+      allowed, failed = 0, true
+    elseif not pool.room then
+      allowed = 0
+    end
+  end
   local within
   if open then
     within, at = unpack('<i8', blob, at)
@@ -640,6 +737,9 @@ local function decide(k0, at, n, dry, marked, open, shaped)
     if marked then
       out[o + 4], out[o + 5], out[o + 6] = born, gw, gf
     end
+  end
+  if lease then
+    lease_fns().finish(lease, pool, allowed == 1 and not dry and not failed)
   end
   if failed == 'window' then
     out[status] = -2
@@ -784,9 +884,9 @@ local function penalty_fns()
   end
 
   -- A charge answered without its buckets: status, zeros, the trailer.
-  local function answer(status, n, per, ban_until)
+  local function answer(status, n, per, ban_until, lease)
     out[#out + 1] = status
-    for _ = 1, n * per do
+    for _ = 1, n * per + (lease and 5 or 0) do
       out[#out + 1] = 0
     end
     local o = #out
@@ -807,7 +907,7 @@ local function penalty_fns()
     end
   end
 
-  local function penalized(k0, at, n, mode, open)
+  local function penalized(k0, at, n, mode, open, lease)
     local r = {}
     local forced
     r.strikes, r.within, r.ban, r.factor, r.max_ban, r.forgive, forced, at =
@@ -818,11 +918,11 @@ local function penalty_fns()
     local per = mode >= 4 and 6 or 3
     local rec = load_record(key)
     if rec == nil or now < rec[4] then
-      answer(rec == nil and -1 or 0, n, per, rec and rec[4] or 0)
+      answer(rec == nil and -1 or 0, n, per, rec and rec[4] or 0, lease)
       return skip(at, n, open)
     end
     local status = #out + 1
-    at = decide(k0, at, n, mode % 2 == 1, mode >= 4, open)
+    at = decide(k0, at, n, mode % 2 == 1, mode >= 4, open, false, lease)
     local struck = forced == 1 and out[status] >= 0
     if out[status] == 0 and mode % 2 == 0 then
       for i = 1, n do
@@ -856,6 +956,11 @@ local k0, at = 0, 1
 while at <= #blob do
   local mode, n
   mode, n, at = unpack('<BH', blob, at)
+  local lease = nil
+  if mode >= 64 then
+    mode = mode - 64
+    lease, at = lease_fns().read(at)
+  end
   local pen = mode >= 32
   if pen then
     mode = mode - 32
@@ -868,23 +973,30 @@ while at <= #blob do
   if open then
     mode = mode - 8
   end
+  if lease then
+    -- The pool's two keys come after every other key of the charge.
+    lease.k = k0 + n + (open and 1 or 0) + (pen and 2 or 0)
+  end
   if mode == 2 or mode == 3 then
     at = rare_fns().settle(k0, at, n, mode == 3)
     if mode == 3 then
       k0 = k0 + 1
     end
   elseif pen then
-    at = penalty_fns()(k0, at, n, mode, open)
+    at = penalty_fns()(k0, at, n, mode, open, lease)
     if open then
       k0 = k0 + 1
     end
     k0 = k0 + 2
   else
-    at = mode == 0 and n == 1 and not shaped and decide_lone(k0, at)
-      or decide(k0, at, n, mode % 2 == 1, mode >= 4, open, shaped)
+    at = mode == 0 and n == 1 and not shaped and not lease and decide_lone(k0, at)
+      or decide(k0, at, n, mode % 2 == 1, mode >= 4, open, shaped, lease)
     if open then
       k0 = k0 + 1
     end
+  end
+  if lease then
+    k0 = k0 + 2
   end
   k0 = k0 + n
 end

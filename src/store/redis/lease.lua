@@ -36,91 +36,49 @@
 -- they had all arrived at once. Both keys expire with the latest live
 -- lease, so an abandoned pool costs nothing after it.
 --
--- Numbers pass to Redis through string.format('%d'): Lua's own conversion
--- prints 14 significant digits, and microsecond instants have 16.
+-- The pool functions (expire, judge, add, keep) are lease_pool.lua's, sent
+-- in front of this file; decide.lua uses the same ones for a lease taken
+-- with a charge.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local function int(n)
-  return string.format('%d', n)
-end
-
--- Drop every lease expired at now, with its weight, in chunks: a pool may
--- hold 10,000 leases that all expired together, and Lua's unpack has a
--- limit on the values it hands over at once (a guard: a test removing
--- 9,000 at once passed without it on Redis 7.0). Returns how many.
-local CHUNK = 500
-local function expire(pool, weights)
-  local expired = redis.call('ZRANGEBYSCORE', pool, '-inf', int(now))
-  if #expired == 0 then
-    return 0
-  end
-  local gone = 0
-  for first = 1, #expired, CHUNK do
-    local last = math.min(first + CHUNK - 1, #expired)
-    local ws = redis.call('HMGET', weights, unpack(expired, first, last))
-    for i = 1, #ws do
-      gone = gone + (tonumber(ws[i]) or 0)
-    end
-    redis.call('HDEL', weights, unpack(expired, first, last))
-  end
-  redis.call('ZREMRANGEBYSCORE', pool, '-inf', int(now))
-  if gone > 0 then
-    redis.call('HINCRBY', weights, '', int(-gone))
-  end
-  return #expired
-end
+local P = pool_fns(now)
 
 -- One operation; `a` is the index of its first argument.
 local function one(pool, weights, a)
   local op, id = ARGV[a], ARGV[a + 1]
-  local expired = expire(pool, weights)
-  local in_flight = tonumber(redis.call('HGET', weights, '') or '0')
-  local held = redis.call('ZSCORE', pool, id)
+  local expired = P.expire(pool, weights)
   local ok, at, earliest = 0, 0, -1
+  local in_flight, held
 
   if op == 'a' then
     local limit, weight, reserve = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+    local room
+    room, held, in_flight, earliest = P.judge(pool, weights, id, limit, weight, reserve)
     if held then
-      ok, at = 1, tonumber(held)
-    elseif in_flight + weight + reserve <= limit then
+      ok, at = 1, held
+    elseif room then
       ok, at = 1, now + tonumber(ARGV[a + 5])
       if ARGV[a + 6] ~= '1' then
-        redis.call('ZADD', pool, int(at), id)
-        redis.call('HSET', weights, id, int(weight))
-        in_flight = redis.call('HINCRBY', weights, '', int(weight))
-      end
-    elseif weight + reserve <= limit then
-      local first = redis.call('ZRANGE', pool, 0, 0, 'WITHSCORES')
-      if #first == 2 then
-        earliest = tonumber(first[2])
+        in_flight = P.add(pool, weights, id, at, weight)
       end
     end
-  elseif op == 'r' then
-    if held then
+  else
+    in_flight = tonumber(redis.call('HGET', weights, '') or '0')
+    held = redis.call('ZSCORE', pool, id)
+    if op == 'r' and held then
       ok, at = 1, now + tonumber(ARGV[a + 5])
-      redis.call('ZADD', pool, int(at), id)
-    end
-  elseif op == 'l' then
-    if held then
+      redis.call('ZADD', pool, P.int(at), id)
+    elseif op == 'l' and held then
       ok = 1
       local w = tonumber(redis.call('HGET', weights, id) or '0')
       redis.call('ZREM', pool, id)
       redis.call('HDEL', weights, id)
-      in_flight = redis.call('HINCRBY', weights, '', int(-w))
+      in_flight = redis.call('HINCRBY', weights, '', P.int(-w))
     end
   end
 
-  -- Keep both keys exactly as long as the latest live lease.
-  local last = redis.call('ZRANGE', pool, -1, -1, 'WITHSCORES')
-  if #last == 2 then
-    local ms = math.ceil((tonumber(last[2]) - now) / 1000)
-    redis.call('PEXPIRE', pool, int(ms))
-    redis.call('PEXPIRE', weights, int(ms))
-  else
-    redis.call('DEL', pool, weights)
-    in_flight = 0
-  end
+  in_flight = P.keep(pool, weights, in_flight)
   return {ok, at, in_flight, earliest, expired}
 end
 

@@ -13,8 +13,9 @@ use super::topology::{CallError, Request};
 use super::{Inner, call_failed, circuit_open};
 use crate::store::{LeaseCall, LeaseOp, LeaseOutcome, LiveLease, StoreError};
 
-/// The script's source.
-pub(crate) const SOURCE: &str = include_str!("lease.lua");
+/// The script's source: the pool functions it shares with `decide.lua`,
+/// then its own.
+pub(crate) const SOURCE: &str = concat!(include_str!("lease_pool.lua"), include_str!("lease.lua"));
 
 /// The script's SHA1, as `EVALSHA` wants it.
 pub(crate) fn sha1() -> String {

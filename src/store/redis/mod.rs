@@ -396,13 +396,17 @@ impl Inner {
         script::outcome(charge, reply.now, &reply.ints)
     }
 
-    /// True when `charge`'s buckets cannot go in one script call: on
-    /// Cluster, when they span hash slots.
+    /// True when `charge`'s buckets (and its lease's pool) cannot go in one
+    /// script call: on Cluster, when they span hash slots.
     fn spans_nodes(&self, charge: &Charge<'_>) -> bool {
         self.topology.is_cluster()
             && charge.buckets.split_first().is_some_and(|(first, rest)| {
                 let slot = keys::slot(&first.key);
                 rest.iter().any(|b| keys::slot(&b.key) != slot)
+                    || charge
+                        .lease
+                        .as_ref()
+                        .is_some_and(|l| keys::slot(&l.pool) != slot)
             })
     }
 

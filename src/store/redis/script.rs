@@ -7,16 +7,17 @@
 
 use redis::Cmd;
 
-use super::keys::{bans_key, bucket_key, open_key, penalty_key};
+use super::keys::{bans_key, bucket_key, lease_keys, open_key, penalty_key};
 use crate::bucket::{Budget, Ledger, Mark, Shape, Tat};
 use crate::store::{
-    Ban, BucketCharge, Charge, ChargeOutcome, Penalty, PenaltyOutcome, Settled, Settlement,
-    StoreError,
+    Ban, BucketCharge, Charge, ChargeOutcome, LeaseCall, LeaseOp, LeaseOutcome, Penalty,
+    PenaltyOutcome, Settled, Settlement, StoreError,
 };
 use crate::window::Window;
 
-/// The script's source.
-pub(crate) const SOURCE: &str = include_str!("decide.lua");
+/// The script's source: the concurrency pools' functions it shares with
+/// `lease.lua` (for a lease taken with a charge), then its own.
+pub(crate) const SOURCE: &str = concat!(include_str!("lease_pool.lua"), include_str!("decide.lua"));
 
 /// Why a script reply could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -55,8 +56,9 @@ pub(crate) struct Encoded {
     pub(crate) numbers: Vec<u8>,
     /// Shaping: the reply carries the charge's wait after its status.
     pub(crate) shaped: bool,
-    /// Integers the script answers after the buckets': 3 for a charge
-    /// behind a penalty box (ban end, started, struck), else 0.
+    /// Integers the script answers after the buckets': 5 for a charge
+    /// with a lease (see [`LEASE_TRAILER`]), then 3 for a charge behind a
+    /// penalty box (ban end, started, struck).
     pub(crate) trailer: usize,
 }
 
@@ -123,12 +125,17 @@ pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, marked: bool, now_us: u6
     // `max_delay` in a scope with one, and the script's penalty box reads
     // plain replies.
     let shaped = is_shaped(charge) && charge.penalty.is_none();
+    let lease = charge.lease.as_ref().filter(|_| n > 0);
     let mode = u8::from(charge.dry_run)
         | if marked || open.is_some() { 4 } else { 0 }
         | if open.is_some() { 8 } else { 0 }
         | if shaped { 16 } else { 0 }
-        | if penalty.is_some() { PENALTY_MODE } else { 0 };
+        | if penalty.is_some() { PENALTY_MODE } else { 0 }
+        | if lease.is_some() { LEASE_MODE } else { 0 };
     let mut numbers = header(mode, n);
+    if let Some(l) = lease {
+        push_lease(&mut numbers, l);
+    }
     if let Some(p) = penalty {
         push_penalty(&mut numbers, p, n);
     }
@@ -159,6 +166,9 @@ pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, marked: bool, now_us: u6
         keys.push(penalty_key(prefix, &p.key));
         keys.push(bans_key(prefix, p.key.scope));
     }
+    if let Some(l) = lease {
+        keys.extend(lease_keys(prefix, &l.pool));
+    }
     Encoded {
         keys,
         buckets: n,
@@ -169,8 +179,77 @@ pub(crate) fn encode(prefix: &str, charge: &Charge<'_>, marked: bool, now_us: u6
         },
         numbers,
         shaped,
-        trailer: if penalty.is_some() { TRAILER } else { 0 },
+        trailer: trailer_len(charge),
     }
+}
+
+/// The mode bit of a charge that takes a lease with its buckets.
+const LEASE_MODE: u8 = 64;
+
+/// Integers a lease adds to a charge's reply, before a penalty box's: the
+/// pool's verdict (1 room or live id, 0 none, -1 a pool key of another
+/// type), the lease's expiry, the live weight, the earliest live expiry
+/// (-1 for none) and the expired leases removed.
+const LEASE_TRAILER: usize = 5;
+
+/// Integers a charge's reply holds after its buckets'.
+fn trailer_len(charge: &Charge<'_>) -> usize {
+    if charge.buckets.is_empty() {
+        return 0;
+    }
+    (if charge.lease.is_some() {
+        LEASE_TRAILER
+    } else {
+        0
+    }) + (if charge.penalty.is_some() { TRAILER } else { 0 })
+}
+
+/// Packs a lease's limit, weight, reserve and time to live, then its id
+/// (length, bytes): the id rides in the numbers, never as a key.
+fn push_lease(numbers: &mut Vec<u8>, call: &LeaseCall<'_>) {
+    let (limit, weight, reserve, ttl_us) = match call.op {
+        LeaseOp::Acquire {
+            limit,
+            weight,
+            reserve,
+            ttl_us,
+            ..
+        } => (limit, weight, reserve, ttl_us),
+        // Refused by the stores before encoding; a weight over any limit
+        // takes nothing should one get here.
+        _ => (0, 1, 0, 1),
+    };
+    for v in [limit, weight, reserve, ttl_us] {
+        numbers.extend_from_slice(&i8_of(v));
+    }
+    let id = &call.lease_id.as_bytes()[..call.lease_id.len().min(usize::from(u16::MAX))];
+    numbers.extend_from_slice(&(id.len() as u16).to_le_bytes());
+    numbers.extend_from_slice(id);
+}
+
+/// Reads a lease's trailer (see [`LEASE_TRAILER`]) decided at `now`.
+fn lease_outcome(trailer: &[i64], now: u64) -> Result<LeaseOutcome, StoreError> {
+    let [ok, at, in_flight, earliest, expired] = *trailer else {
+        return Err(StoreError::permanent(BadReply {
+            got: trailer.len(),
+            expected: LEASE_TRAILER,
+        }));
+    };
+    if ok < 0 {
+        return Err(StoreError::permanent(
+            "a key of this charge's lease pool holds a value of another type in Redis",
+        ));
+    }
+    let int = |v: i64| u64::try_from(v).unwrap_or(0);
+    Ok(LeaseOutcome {
+        ok: ok == 1,
+        expires_at_us: int(at),
+        in_flight: int(in_flight),
+        earliest_expiry_us: u64::try_from(earliest).ok(),
+        now_us: now,
+        expired: int(expired),
+        ..LeaseOutcome::default()
+    })
 }
 
 /// The mode bit of a charge behind a penalty box.
@@ -385,11 +464,7 @@ pub(crate) fn outcome(
     now: i64,
     reply: &[i64],
 ) -> Result<ChargeOutcome, StoreError> {
-    let trailer = if charge.penalty.is_some() && !charge.buckets.is_empty() {
-        TRAILER
-    } else {
-        0
-    };
+    let trailer = trailer_len(charge);
     let shaped = is_shaped(charge) && charge.penalty.is_none();
     let Some(split) = reply.len().checked_sub(trailer) else {
         return Err(StoreError::permanent(BadReply {
@@ -400,17 +475,27 @@ pub(crate) fn outcome(
     let (reply, trailer) = reply.split_at(split);
     let per = check(reply, charge.buckets.len(), 1 + usize::from(shaped))?;
     let now = u64::try_from(now).unwrap_or(0);
+    let (lease, trailer) = trailer.split_at(if charge.lease.is_some() {
+        LEASE_TRAILER.min(trailer.len())
+    } else {
+        0
+    });
     let penalty = penalty_outcome(trailer, now);
     if penalty.banned.is_some_and(|b| !b.started) {
-        // Banned before this charge: no bucket was read.
+        // Banned before this charge: no bucket (and no pool) was read.
         return Ok(ChargeOutcome {
             allowed: false,
             buckets: smallvec::SmallVec::new(),
             now_us: now,
             delay: std::time::Duration::ZERO,
+            lease: None,
             penalty,
         });
     }
+    let lease = match charge.lease {
+        Some(_) => Some(lease_outcome(lease, now)?),
+        None => None,
+    };
     // A shaped reply's wait sits after its status; the buckets follow it.
     let status = reply[0];
     let (delay, reply) = if shaped {
@@ -446,6 +531,7 @@ pub(crate) fn outcome(
         buckets,
         now_us: now,
         delay: std::time::Duration::from_micros(delay),
+        lease,
         penalty,
     })
 }
@@ -509,6 +595,7 @@ mod tests {
             }],
             dry_run: false,
             marks: false,
+            lease: None,
             open: None,
             penalty: None,
         }

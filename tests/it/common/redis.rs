@@ -55,6 +55,25 @@ pub fn node_id(port: u16) -> String {
         .unwrap()
 }
 
+/// `EVALSHA` calls the nodes on `ports` ran since they started (or since
+/// their stats were reset), summed.
+pub fn evalsha_calls(ports: &[u16]) -> u64 {
+    ports
+        .iter()
+        .map(|&port| {
+            let stats: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query(&mut conn(port).unwrap())
+                .unwrap();
+            stats
+                .lines()
+                .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+                .and_then(|r| r.split(',').next()?.parse().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
 /// One `redis-server` (or `redis-sentinel`) process.
 #[derive(Debug)]
 pub struct Server {

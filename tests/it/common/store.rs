@@ -36,6 +36,7 @@ pub fn charge(identity: &str, capacity: u64, period: Duration) -> Charge<'_> {
         }],
         dry_run: false,
         marks: false,
+        lease: None,
         open: None,
         penalty: None,
     }
