@@ -240,14 +240,7 @@ impl<S: Store, E> Limiter<S, E> {
         match self.store().lease(&call).await {
             Ok(outcome) => Ok(decided(pool, &call, &outcome)),
             Err(source) => match scope.failure_mode {
-                FailureMode::Open => Ok(LeaseDecision {
-                    ok: true,
-                    rule: pool.limit.name.clone(),
-                    limit: pool.concurrency,
-                    ttl: ttl_of(&call),
-                    degraded: true,
-                    ..LeaseDecision::default()
-                }),
+                FailureMode::Open => Ok(degraded(pool, &call)),
                 FailureMode::Closed => Err(LeaseError::StoreUnavailable {
                     scope: req.scope.to_owned(),
                     source,
@@ -430,14 +423,7 @@ impl<S: Store, E> Limiter<S, E> {
             Ok(outcome) => Ok(leased(pool, &call, &buckets, &outcome)),
             Err(e) => {
                 let d = super::plan::failed(rules, req.scope, e)?;
-                let lease = LeaseDecision {
-                    ok: true,
-                    rule: pool.limit.name.clone(),
-                    limit: pool.concurrency,
-                    ttl: ttl_of(&call),
-                    degraded: true,
-                    ..LeaseDecision::default()
-                };
+                let lease = degraded(pool, &call);
                 Ok((d, Some(lease)))
             }
         }
@@ -482,6 +468,28 @@ impl<S: Store, E> Limiter<S, E> {
     }
 }
 
+/// The unrecorded lease a scope that fails open grants when the store
+/// cannot answer.
+fn degraded(pool: &Pool, call: &LeaseCall<'_>) -> LeaseDecision {
+    LeaseDecision {
+        ok: true,
+        rule: pool.limit.name.clone(),
+        limit: pool.concurrency,
+        ttl: ttl_of(call),
+        degraded: true,
+        ..LeaseDecision::default()
+    }
+}
+
+/// The lease of a request a ban answered before its pool was read.
+fn unread(pool: &Pool) -> LeaseDecision {
+    LeaseDecision {
+        rule: pool.limit.name.clone(),
+        limit: pool.concurrency,
+        ..LeaseDecision::default()
+    }
+}
+
 /// A lease the request does not hold: refused, or given back.
 fn not_held(lease: &mut LeaseDecision) {
     lease.ok = false;
@@ -520,11 +528,7 @@ fn leased(
     let mut d = super::plan::decision(buckets, outcome);
     let Some(o) = &outcome.lease else {
         // Banned: no pool was read.
-        let lease = LeaseDecision {
-            rule: pool.limit.name.clone(),
-            limit: pool.concurrency,
-            ..LeaseDecision::default()
-        };
+        let lease = unread(pool);
         return (d, Some(lease));
     };
     let mut lease = decided(pool, call, o);
@@ -534,4 +538,93 @@ fn leased(
         not_held(&mut lease);
     }
     (d, Some(lease))
+}
+
+/// Requests decided together with one lease, in one store step: see
+/// [`Limiter::decide_together_leased`].
+#[derive(Debug, Clone)]
+pub struct TogetherLeased {
+    /// Every request's decision, as [`Limiter::decide_together_on`] gives.
+    pub decisions: Vec<Decision>,
+    /// The lease: held when `ok` and the requests were allowed.
+    pub lease: LeaseDecision,
+    /// The pool had no room for it: the requests were denied for it.
+    pub refused: bool,
+}
+
+impl<S: Store, E> Limiter<S, E> {
+    /// Decides `reqs` together, as one atomic charge, with the lease
+    /// `lease_id` of `reqs[at]`'s pool in the same store step (Envoy's
+    /// request whose one lease descriptor carries rates beside it). `None`
+    /// when that cannot be one step, and the caller takes the stepwise
+    /// path: no pool matches, the requests span scopes, the scope's
+    /// `hash_tag` is not `scope`, a reservation, a quota-mode denial that
+    /// could be retried without its quotas, or nothing to charge.
+    pub async fn decide_together_leased(
+        &self,
+        rules: &Rules,
+        reqs: &[Request<'_>],
+        at: usize,
+        lease_id: &str,
+    ) -> Result<Option<TogetherLeased>, LeaseError> {
+        let Some(req) = reqs.get(at) else {
+            return Ok(None);
+        };
+        let Some(scope) = rules.scope(req.scope) else {
+            return Ok(None);
+        };
+        let Some(pool) = scope.pools.iter().find(|p| p.limit.matches(req)) else {
+            return Ok(None);
+        };
+        let alone = |r: &Request<'_>| r.scope == req.scope && r.settle_within.is_none();
+        if scope.hash_tag != HashTag::Scope || !reqs.iter().all(alone) {
+            return Ok(None);
+        }
+        let action = LeaseAction::Acquire {
+            weight: None,
+            ttl: None,
+        };
+        let call = pool.call(&scope.name, scope.hash_tag, req, lease_id, action)?;
+        let Ok(joint) = super::plan::Joint::plan(rules, reqs) else {
+            return Ok(None);
+        };
+        let Some(mut charge) = joint.charge().filter(|_| !joint.quota_may_retry()) else {
+            return Ok(None);
+        };
+        charge.penalty = joint.penalty(rules, reqs, true);
+        charge.lease = Some(call);
+        let outcome = match self.store().check_and_take_one(&charge).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                let decisions = joint.failed(rules, reqs, e)?;
+                let lease = degraded(pool, &call);
+                let refused = false;
+                return Ok(Some(TogetherLeased {
+                    decisions,
+                    lease,
+                    refused,
+                }));
+            }
+        };
+        let decisions = joint.decisions(&outcome);
+        // A rule that admits nothing makes the joint charge a dry run: the
+        // pool had room, but nothing was recorded.
+        let recorded = outcome.allowed && (!charge.dry_run || req.dry_run);
+        let (lease, refused) = match &outcome.lease {
+            Some(o) => {
+                let mut lease = decided(pool, &call, o);
+                if o.ok && !recorded {
+                    not_held(&mut lease);
+                }
+                (lease, !o.ok)
+            }
+            // Banned: no pool was read.
+            None => (unread(pool), false),
+        };
+        Ok(Some(TogetherLeased {
+            decisions,
+            lease,
+            refused,
+        }))
+    }
 }

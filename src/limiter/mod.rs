@@ -33,6 +33,7 @@ mod usage;
 
 pub use lease::{
     EXPLAIN_MAX_LEASES, LeaseAction, LeaseDecision, LeaseError, Pool, PoolExplained, PoolSeen,
+    TogetherLeased,
 };
 pub use limit::Limit;
 use plan::{Joint, Plan};

@@ -518,3 +518,40 @@ async fn a_release_that_never_arrives_frees_the_slot_at_max_lease_on_redis() {
     let redis = common::redis::Standalone::start();
     a_lost_release_heals_at_max_lease(&redis_store(&redis, "envoy-leak")).await;
 }
+
+/// Rates and a lease in one Envoy request are one store call, whatever
+/// the answer: allowed, refused by the pool, denied by the rates (the
+/// lease then never recorded, so nothing to give back).
+#[tokio::test]
+async fn rates_and_a_lease_in_one_request_are_one_store_call() {
+    let metrics = common::free_port();
+    let yaml = format!(
+        "metrics: {{listen: \"127.0.0.1:{metrics}\"}}\n{}",
+        backend_with_rates()
+    );
+    let mut t = Rls::start(&yaml).await;
+    let calls = async || {
+        let text = common::metrics_get(metrics, "/metrics").await;
+        text.lines()
+            .find_map(|l| l.strip_prefix("tollgate_store_duration_seconds_count "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // x1, x2 allowed; y1 fills the pool; erin refused by it; x3 denied by
+    // x's rate once y1 is released.
+    for (user, id, want) in [
+        ("x", "x1", Code::Ok),
+        ("x", "x2", Code::Ok),
+        ("y", "y1", Code::Ok),
+        ("erin", "e1", Code::OverLimit),
+    ] {
+        let before = calls().await;
+        assert_eq!(code(&t.ask(vec![slow(user, id)]).await), want, "{id}");
+        assert_eq!(calls().await - before, 1, "{id}: one store call");
+    }
+    assert_eq!(code(&t.ask(vec![done("y", "y1")]).await), Code::Ok);
+    let before = calls().await;
+    assert_eq!(code(&t.ask(vec![slow("x", "x3")]).await), Code::OverLimit);
+    assert_eq!(calls().await - before, 1, "x3: one store call");
+    assert_eq!(in_flight(t.server.channel().await).await, 2, "x3 held none");
+}

@@ -93,9 +93,12 @@ impl<S: Store> EnvoyRateLimitApi<S> {
     ///    refused;
     /// 3. a request denied after all gives back the leases it took.
     ///
-    /// Not one atomic step, as `ShouldAllow` with a `lease_id`: while the
-    /// rates are decided the leases are held, so a pool may refuse another
-    /// request meanwhile (admitting less, never more).
+    /// The common request, one lease descriptor whose rates and the rest
+    /// are charged (no check, no release), goes to the store as one step
+    /// with its lease when it can ([`Self::decide_one_step`]). Otherwise it
+    /// is not one atomic step: while the rates are decided the leases are
+    /// held, so a pool may refuse another request meanwhile (admitting
+    /// less, never more).
     pub(super) async fn decide_leased(
         &self,
         rules: &limiter::Rules,
@@ -103,6 +106,9 @@ impl<S: Store> EnvoyRateLimitApi<S> {
         kinds: &[Kind],
         leases: &[Option<&str>],
     ) -> Result<Decided, LeaseError> {
+        if let Some(decided) = self.decide_one_step(rules, requests, kinds, leases).await? {
+            return Ok(decided);
+        }
         let (held, refused) = self.take_leases(rules, requests, kinds, leases).await?;
         let releases = |i: usize| leases[i].is_some() && kinds[i] == Kind::Refund;
         let rated: Vec<usize> = (0..requests.len()).filter(|&i| !releases(i)).collect();
@@ -140,6 +146,62 @@ impl<S: Store> EnvoyRateLimitApi<S> {
             self.give_back(rules, requests, leases, held).await
         };
         Ok((decisions, held))
+    }
+
+    /// A request of charges only, one of them with a lease: its rates and
+    /// its lease in one store call, all or nothing
+    /// ([`limiter::Limiter::decide_together_leased`]). `None` when it is
+    /// not such a request, or the limiter cannot make it one step.
+    async fn decide_one_step(
+        &self,
+        rules: &limiter::Rules,
+        requests: &[limiter::Request<'_>],
+        kinds: &[Kind],
+        leases: &[Option<&str>],
+    ) -> Result<Option<Decided>, LeaseError> {
+        let mut with_lease = leases
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| Some((i, (*l)?)));
+        let (Some((at, id)), None) = (with_lease.next(), with_lease.next()) else {
+            return Ok(None);
+        };
+        if kinds.iter().any(|k| *k != Kind::Charge) {
+            return Ok(None);
+        }
+        let Some(one) = self
+            .limiter
+            .decide_together_leased(rules, requests, at, id)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let limiter::TogetherLeased {
+            mut decisions,
+            lease,
+            refused,
+        } = one;
+        let action = LeaseAction::Acquire {
+            weight: None,
+            ttl: None,
+        };
+        self.count(requests[at].scope, action, &lease);
+        if refused {
+            refuse(&mut decisions[at], &lease);
+        }
+        let taken = lease.ok && !lease.degraded && !requests[at].dry_run;
+        let mut held = vec![None; requests.len()];
+        held[at] = Some(Held {
+            lease,
+            refused,
+            taken,
+        });
+        if !Decision::overall(&decisions) {
+            // Denied though its charge took (a descriptor's own rule):
+            // give the lease back, as the stepwise path does.
+            held = self.give_back(rules, requests, leases, held).await;
+        }
+        Ok(Some((decisions, held)))
     }
 
     /// Step 1 of [`EnvoyRateLimitApi::decide_leased`]: each descriptor's
