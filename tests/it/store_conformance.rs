@@ -781,6 +781,61 @@ async fn a_lease_with_a_charge_is_all_or_nothing(store: &impl Store) {
     assert_eq!(in_flight().await, 1, "a bucket's denial records no lease");
 }
 
+/// A lease behind a penalty box, in one charge: a pool without room is
+/// no strike (no bucket denied); a bucket's denials strike as ever and the
+/// third bans; a banned charge reads neither its buckets nor its pool.
+async fn a_leased_charge_behind_a_penalty_box(store: &impl Store) {
+    let pool = BucketKey {
+        scope: "boxlease",
+        rule: "streams",
+        identity: Some("carol"),
+        operation: None,
+        hash_tag: Default::default(),
+    };
+    let lease = |id: &'static str, dry_run: bool| LeaseCall {
+        pool,
+        lease_id: id,
+        op: LeaseOp::Acquire {
+            limit: 1,
+            weight: 1,
+            reserve: 0,
+            ttl_us: 60_000_000,
+            dry_run,
+        },
+    };
+    let rate = bucket("boxlease", "two", 2, 60_000);
+    let go = async |id: &'static str| {
+        let charge = Charge {
+            lease: Some(lease(id, false)),
+            ..boxed("boxlease", "carol", vec![rate], &[true])
+        };
+        store.check_and_take_one(&charge).await.expect("answers")
+    };
+    let held = go("l1").await;
+    assert!(held.allowed && held.lease.as_ref().is_some_and(|l| l.ok));
+    let full = go("l2").await;
+    assert!(
+        !full.allowed && !full.penalty.struck,
+        "a full pool is no strike"
+    );
+    assert!(!full.lease.expect("judged").ok);
+    // Same id as the held lease: the pool has room for it; the rate has
+    // one token left, then denies (strikes) until the third bans.
+    assert!(go("l1").await.allowed);
+    for strike in 1..=3 {
+        let o = go("l1").await;
+        assert!(!o.allowed && o.penalty.struck, "strike {strike}");
+    }
+    let banned = go("l1").await;
+    assert!(banned.penalty.banned.is_some_and(|b| !b.started));
+    assert!(
+        banned.lease.is_none() && banned.buckets.is_empty(),
+        "{banned:?}"
+    );
+    let probe = store.lease(&lease("probe", true)).await.expect("answers");
+    assert_eq!(probe.in_flight, 1, "only l1 is held");
+}
+
 /// Quota demand shared by replicas (Redis only: the embedded store is one
 /// replica): a replica grows only out of what the others leave of the
 /// limit, may always keep or lower its own, is refused past the bound of
@@ -859,6 +914,7 @@ async fn conforms(store: impl Store) {
         a_listing_resumes_after_its_last_ban_whatever_ends,
         reported_strikes_ban_like_denials,
         a_lease_with_a_charge_is_all_or_nothing,
+        a_leased_charge_behind_a_penalty_box,
     );
 }
 
