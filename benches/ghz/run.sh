@@ -18,6 +18,9 @@
 #   (g) a lease acquire (tollgate.v1.Leases/Acquire): 100k identities, each
 #       with a pool of 10 and leases that expire after 1 s, never released;
 #   (h) a budget: 100k identities, each with a daily budget, mostly allowed.
+#   (i) rates and a lease in one ShouldAllow (lease_id): 100k identities,
+#       each with the rate of (a) and a pool of 10 leases expiring after
+#       1 s, never released; one store step per decision.
 # Each scenario runs at saturation (concurrency 50), then at a fixed rate of
 # half the saturated rate, where latency is read. Per row: decisions/s, p50,
 # p95, p99, errors, denied share (Tollgate's own counters), Redis script
@@ -99,7 +102,11 @@ bin=$work/bin
 mkdir -p "$bin"
 cp "$target/release/tollgate" "$target/release/noop" "$bin/"
 # BENCH_TOLLGATE runs another build (an older commit's, for a before/after);
-# not TOLLGATE_*, which Tollgate reads as config.
+# not TOLLGATE_*, which Tollgate reads as config. Build that commit with its
+# own CARGO_TARGET_DIR: one shared with this tree leaves its binary in
+# target/release, and cargo may then take this tree's build as fresh.
+# (A worktree of an older commit built into this target dir made every
+# "after" run of one comparison measure the "before" binary.)
 tollgate=${BENCH_TOLLGATE:-$bin/tollgate}
 
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
@@ -158,6 +165,10 @@ scopes:
   - name: h          # a budget per identity
     limits:
       - { name: daily, per: identity, budget: 1000000, window: day }
+  - name: i          # (a)'s rate and a lease per call, in one step
+    limits:
+      - { name: per-user, per: identity, capacity: 1000, refill_period: 1s }
+      - { name: in-flight, per: identity, concurrency: 10, max_lease: 1s }
 YAML
 # (c): Zipf(1.1) over 100k identities, 4 operations; ghz cycles the list.
 python3 - "$work/zipf.json" <<'PY'
@@ -244,6 +255,11 @@ start_tollgate h
 scenario h tollgate.v1.RateLimiter/ShouldAllow "$tg_pid" \
   -d '{"scope":"h","identity":"user-{{randomInt 0 100000}}","operation":"op"}'
 stop_tollgate
+echo "ghz: (i) rates and a lease" >&2
+start_tollgate i
+scenario i tollgate.v1.RateLimiter/ShouldAllow "$tg_pid" \
+  -d '{"scope":"i","identity":"user-{{randomInt 0 100000}}","operation":"op","lease_id":"{{newUUID}}"}'
+stop_tollgate
 echo "ghz: (e) no-op handler" >&2
 "$bin/noop" --listen "127.0.0.1:$noop_port" >"$work/noop.log" 2>&1 &
 noop_pid=$!
@@ -302,9 +318,10 @@ import json, os, platform, re, subprocess, sys
 work, out, store, quick, conc, redis_port, *grpc_ports = sys.argv[1:]
 names = {"a": "(a) many identities", "b": "(b) hot key", "c": "(c) mixed, 4 buckets",
          "d": "(d) Envoy RLS, 2 descr.", "e": "(e) no-op handler",
-         "f": "(f) hot key, banned", "g": "(g) lease acquire", "h": "(h) budget"}
+         "f": "(f) hot key, banned", "g": "(g) lease acquire", "h": "(h) budget",
+         "i": "(i) rates + lease"}
 rows = []
-for key in "abcdefgh":
+for key in "abcdefghi":
     for phase in ("sat", "half"):
         g = json.load(open(f"{work}/{key}-{phase}.json"))
         m = json.load(open(f"{work}/{key}-{phase}.meta"))
@@ -334,14 +351,14 @@ def row(scenario, phase="saturation"):
     return next(r for r in rows if r["scenario"] == names[scenario] and r["phase"] == phase)
 noop = row("e")
 ratios = []
-for key in "abcdfgh":
+for key in "abcdfghi":
     r = row(key)
     ratios.append({"what": f"{names[key]}: Tollgate CPU per decision", "against": "no-op handler's CPU per call",
                    "ratio": round(r["tollgate_cpu_us"] / noop["tollgate_cpu_us"], 2)})
 if os.path.exists(f"{work}/set.meta"):
     sm = json.load(open(f"{work}/set.meta"))
     set_us = sm["redis_cpu"] * 1e6 / sm["calls"]
-    for key in "acdgh":
+    for key in "acdghi":
         r = row(key)
         ratios.append({"what": f"{names[key]}: Redis CPU per decision", "against": f"a plain SET's ({set_us:.1f} µs, 50 clients)",
                        "ratio": round(r["redis_cpu_us"] / set_us, 2)})
