@@ -851,3 +851,58 @@ async fn rates_and_a_lease_are_one_step_on_cluster() {
     let ports: Vec<u16> = redis.nodes.iter().map(|n| n.port).collect();
     rates_and_a_lease_are_one_step(redis.store("gate"), redis.store("gate"), &ports).await;
 }
+
+/// On Redis a pool's two keys live exactly as long as its latest live
+/// lease: set by the acquire that makes the pool, grown (never shortened)
+/// by one that outlives the rest, cut back by a release, gone with the
+/// last lease; and the same for a lease taken with a request's rates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_s_keys_live_as_long_as_its_latest_lease_on_redis() {
+    let redis = Standalone::start();
+    let l = Limiter::new(rules(POOLS), redis.store("pool-ttl"));
+    let mut c = crate::common::redis::conn(redis.server.port).unwrap();
+    let mut ttls = |pattern: &str| -> Vec<i64> {
+        let mut keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query(&mut c).unwrap();
+        keys.sort();
+        keys.iter()
+            .map(|k| redis::cmd("PTTL").arg(k).query(&mut c).unwrap())
+            .collect()
+    };
+    let pattern = "test:pool-ttl:*%lease*:gina:*";
+    let within = |ttls: &[i64], secs: i64| {
+        ttls.len() == 2
+            && ttls
+                .iter()
+                .all(|&t| t > (secs - 2) * 1000 && t <= secs * 1000)
+    };
+    let take = async |id: &str, secs: u64| {
+        let d = lease(&l, "llm", "gina", id, acquire(Duration::from_secs(secs))).await;
+        assert!(d.expect("answers").ok, "{id}");
+    };
+    take("short", 10).await;
+    assert!(within(&ttls(pattern), 10), "{:?}", ttls(pattern));
+    take("long", 50).await;
+    assert!(within(&ttls(pattern), 50), "grown: {:?}", ttls(pattern));
+    take("middle", 30).await;
+    assert!(
+        within(&ttls(pattern), 50),
+        "never shortened: {:?}",
+        ttls(pattern)
+    );
+    lease(&l, "llm", "gina", "long", LeaseAction::Release)
+        .await
+        .unwrap();
+    assert!(within(&ttls(pattern), 30), "cut back: {:?}", ttls(pattern));
+    for id in ["short", "middle"] {
+        lease(&l, "llm", "gina", id, LeaseAction::Release)
+            .await
+            .unwrap();
+    }
+    assert!(ttls(pattern).is_empty(), "gone with the last lease");
+    // The same through the decision script, with the rates.
+    let req = Request::new("gate", "gina", "chat");
+    let ttl = Some(Duration::from_secs(20));
+    let (d, _) = l.decide_leased(&l.rules(), &req, "g1", ttl).await.unwrap();
+    assert!(d.allowed);
+    assert!(within(&ttls(pattern), 20), "{:?}", ttls(pattern));
+}

@@ -592,9 +592,8 @@ local function lease_fns()
     end
     local in_flight = pool.in_flight
     if took and not pool.held then
-      in_flight = P.add(pool.keys[1], pool.keys[2], l.id, pool.at, l.weight)
-    end
-    if (took and not pool.held) or pool.expired > 0 then
+      in_flight = P.add(pool.keys[1], pool.keys[2], l.id, pool.at, l.weight, in_flight)
+    elseif pool.expired > 0 then
       in_flight = P.keep(pool.keys[1], pool.keys[2], in_flight)
     end
     out[o + 1], out[o + 2], out[o + 3] = pool.room and 1 or 0, pool.at, in_flight

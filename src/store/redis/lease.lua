@@ -34,7 +34,11 @@
 -- this script, so a lease never outlives its expiry and no count sees a
 -- dead one. Operations later in a batch see the earlier ones' writes, as if
 -- they had all arrived at once. Both keys expire with the latest live
--- lease, so an abandoned pool costs nothing after it.
+-- lease, so an abandoned pool costs nothing after it: an acquire makes
+-- them live at least as long as its lease (PEXPIRE, or PEXPIRE GT on a
+-- pool that holds leases, whose keys already expire with the latest), and
+-- a renew, a release or expired leases removed set them again exactly.
+-- An operation that changes nothing writes nothing.
 --
 -- The pool functions (expire, judge, add, keep) are lease_pool.lua's, sent
 -- in front of this file; decide.lua uses the same ones for a lease taken
@@ -50,6 +54,8 @@ local function one(pool, weights, a)
   local expired = P.expire(pool, weights)
   local ok, at, earliest = 0, 0, -1
   local in_flight, held
+  -- A change that may shorten the keys' life: they are set again after.
+  local changed = expired > 0
 
   if op == 'a' then
     local limit, weight, reserve = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
@@ -60,7 +66,9 @@ local function one(pool, weights, a)
     elseif room then
       ok, at = 1, now + tonumber(ARGV[a + 5])
       if ARGV[a + 6] ~= '1' then
-        in_flight = P.add(pool, weights, id, at, weight)
+        -- add() keeps the keys at least as long as this lease.
+        in_flight = P.add(pool, weights, id, at, weight, in_flight)
+        changed = false
       end
     end
   else
@@ -69,16 +77,20 @@ local function one(pool, weights, a)
     if op == 'r' and held then
       ok, at = 1, now + tonumber(ARGV[a + 5])
       redis.call('ZADD', pool, P.int(at), id)
+      changed = true
     elseif op == 'l' and held then
       ok = 1
       local w = tonumber(redis.call('HGET', weights, id) or '0')
       redis.call('ZREM', pool, id)
       redis.call('HDEL', weights, id)
       in_flight = redis.call('HINCRBY', weights, '', P.int(-w))
+      changed = true
     end
   end
 
-  in_flight = P.keep(pool, weights, in_flight)
+  if changed then
+    in_flight = P.keep(pool, weights, in_flight)
+  end
   return {ok, at, in_flight, earliest, expired}
 end
 

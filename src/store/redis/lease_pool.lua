@@ -73,15 +73,31 @@ local function pool_fns(now)
     return false, nil, in_flight, earliest
   end
 
-  -- Records a lease; returns the live weight after it.
-  local function add(pool, weights, id, at, weight)
+  -- Records a lease in a pool whose live weight was `was`; returns the
+  -- live weight after it. Both keys then live at least as long as the new
+  -- lease, without reading the pool's latest expiry: a pool that held no
+  -- live lease takes the new one's expiry; one that did already expires
+  -- with its latest lease (every change sets it), so its expiry only
+  -- grows (GT), and a key with leases always has one.
+  local function add(pool, weights, id, at, weight, was)
     redis.call('ZADD', pool, int(at), id)
     redis.call('HSET', weights, id, int(weight))
-    return redis.call('HINCRBY', weights, '', int(weight))
+    local in_flight = redis.call('HINCRBY', weights, '', int(weight))
+    local ms = int(math.ceil((at - now) / 1000))
+    if was == 0 then
+      redis.call('PEXPIRE', pool, ms)
+      redis.call('PEXPIRE', weights, ms)
+    else
+      redis.call('PEXPIRE', pool, ms, 'GT')
+      redis.call('PEXPIRE', weights, ms, 'GT')
+    end
+    return in_flight
   end
 
   -- Keeps both keys exactly as long as the latest live lease, or deletes
-  -- an empty pool. Returns the live weight (0 once deleted).
+  -- an empty pool, after a change that may shorten it (a renew, a
+  -- release, expired leases removed). Returns the live weight (0 once
+  -- deleted).
   local function keep(pool, weights, in_flight)
     local last = redis.call('ZRANGE', pool, -1, -1, 'WITHSCORES')
     if #last == 2 then
