@@ -420,7 +420,14 @@ impl<S: Store, E> Limiter<S, E> {
         charge.penalty = super::plan::penalty(rules, req, &buckets);
         charge.lease = Some(call);
         match self.store().check_and_take_one(&charge).await {
-            Ok(outcome) => Ok(leased(pool, &call, &buckets, &outcome)),
+            Ok(outcome) => {
+                let mut d = super::plan::decision(&buckets, &outcome);
+                let (lease, refused) = lease_of(pool, &call, &charge, req, &outcome);
+                if refused {
+                    refused_by_pool(&mut d, &lease);
+                }
+                Ok((d, Some(lease)))
+            }
             Err(e) => {
                 let d = super::plan::failed(rules, req.scope, e)?;
                 let lease = degraded(pool, &call);
@@ -518,26 +525,27 @@ fn refused_by_pool(d: &mut Decision, lease: &LeaseDecision) {
     }
 }
 
-/// The decision and the lease of one charge that carried both.
-fn leased(
+/// The lease of a charge that carried one ([`crate::store::Charge::lease`])
+/// for `req`, and whether its pool refused it. Held only when the charge
+/// was allowed and recorded: a rule that admits nothing makes an Envoy
+/// joint charge a dry run, where the pool had room but nothing was kept.
+fn lease_of(
     pool: &Pool,
     call: &LeaseCall<'_>,
-    buckets: &[super::rules::Planned<'_, '_>],
+    charge: &crate::store::Charge<'_>,
+    req: &Request<'_>,
     outcome: &crate::store::ChargeOutcome,
-) -> (Decision, Option<LeaseDecision>) {
-    let mut d = super::plan::decision(buckets, outcome);
+) -> (LeaseDecision, bool) {
     let Some(o) = &outcome.lease else {
         // Banned: no pool was read.
-        let lease = unread(pool);
-        return (d, Some(lease));
+        return (unread(pool), false);
     };
     let mut lease = decided(pool, call, o);
-    if !o.ok {
-        refused_by_pool(&mut d, &lease);
-    } else if !outcome.allowed {
+    let recorded = outcome.allowed && (!charge.dry_run || req.dry_run);
+    if o.ok && !recorded {
         not_held(&mut lease);
     }
-    (d, Some(lease))
+    (lease, !o.ok)
 }
 
 /// Requests decided together with one lease, in one store step: see
@@ -607,20 +615,7 @@ impl<S: Store, E> Limiter<S, E> {
             }
         };
         let decisions = joint.decisions(&outcome);
-        // A rule that admits nothing makes the joint charge a dry run: the
-        // pool had room, but nothing was recorded.
-        let recorded = outcome.allowed && (!charge.dry_run || req.dry_run);
-        let (lease, refused) = match &outcome.lease {
-            Some(o) => {
-                let mut lease = decided(pool, &call, o);
-                if o.ok && !recorded {
-                    not_held(&mut lease);
-                }
-                (lease, !o.ok)
-            }
-            // Banned: no pool was read.
-            None => (unread(pool), false),
-        };
+        let (lease, refused) = lease_of(pool, &call, &charge, req, &outcome);
         Ok(Some(TogetherLeased {
             decisions,
             lease,

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::common::TestServer;
-use crate::common::redis::{Cluster, Standalone, conn};
+use crate::common::redis::{Cluster, Standalone, conn, evalsha_calls};
 use crate::common::{ask, req, to_std};
 use tollgate::config::Config;
 use tollgate::limiter::{Decision, Limiter, Request, Rules};
@@ -168,24 +168,6 @@ async fn dry_runs_and_the_anonymous_caller_never_strike() {
     for _ in 0..10 {
         assert!(!decide(&l, &anon).await.banned());
     }
-}
-
-/// EVALSHA calls answered by the Redis servers on `ports`, summed.
-fn evalsha_calls(ports: &[u16]) -> u64 {
-    ports
-        .iter()
-        .map(|&port| {
-            let stats: String = redis::cmd("INFO")
-                .arg("commandstats")
-                .query(&mut conn(port).unwrap())
-                .unwrap();
-            stats
-                .lines()
-                .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-                .and_then(|r| r.split(',').next()?.parse().ok())
-                .unwrap_or(0)
-        })
-        .sum()
 }
 
 /// Every key under `prefix` on the servers on `ports`, with its value.
