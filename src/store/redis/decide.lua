@@ -218,13 +218,17 @@ local function load(key, cap)
   return now, 0, born, gw, gf
 end
 
--- Writes with PX, false when Redis refused the write (a data error).
+-- Writes with PX, false when Redis refused the write (a data error). The
+-- milliseconds go as text made here: Redis 7.0 and older print a number
+-- argument with snprintf('%.17g'), a float's digits, and later versions
+-- print whole numbers quickly themselves; '%d' is exact either way.
+local format = string.format
 local function set(key, value, until_us)
   local ms = floor((until_us + 999) / 1000)
   if ms < 1 then
     ms = 1
   end
-  local ok = redis.pcall('SET', key, value, 'PX', ms)
+  local ok = redis.pcall('SET', key, value, 'PX', format('%d', ms))
   if type(ok) == 'table' and ok.err then
     return own_error(ok) ~= nil
   end
