@@ -1,6 +1,6 @@
 //! In-process decision throughput of the limiter over the embedded store,
-//! the embedded store's memory per active bucket, and the cost of
-//! recording a decision in the heavy hitters.
+//! the embedded store's memory per active bucket, the cost of recording a
+//! decision in the heavy hitters, and of parsing a Redis batch reply.
 //!
 //! Run: `cargo bench --bench limiter`. Single-threaded: each figure is one
 //! core's cost per decision.
@@ -165,7 +165,48 @@ fn hitters_memory() {
     );
 }
 
-criterion_group!(benches, decisions, recording);
+/// What the redis crate's parser costs Tollgate for one coalesced call's
+/// reply: the decision script's reply for 12 one-bucket charges (`now`,
+/// then status, conforms, ticks, frac per charge) as Redis sends it, an
+/// array of integers, and the same integers packed little-endian in one
+/// bulk string (the form weighed in docs/benchmarks.md and dropped: packing
+/// them cost Redis more than parsing them costs here).
+fn redis_reply(c: &mut Criterion) {
+    let now = 1_765_000_000_123_456_i64;
+    let mut ints = vec![now];
+    for i in 0..12 {
+        ints.extend([1, 1, now + 1_000 + i, 37 * i]);
+    }
+    let mut array = format!("*{}\r\n", ints.len());
+    for n in &ints {
+        array += &format!(":{n}\r\n");
+    }
+    let packed: Vec<u8> = ints.iter().flat_map(|n| n.to_le_bytes()).collect();
+    let mut bulk = format!("${}\r\n", packed.len()).into_bytes();
+    bulk.extend(&packed);
+    bulk.extend(b"\r\n");
+    let mut g = c.benchmark_group("redis_reply");
+    g.throughput(Throughput::Elements(12));
+    g.bench_function("12_charges_integer_array", |b| {
+        b.iter(|| {
+            let value = redis::parse_redis_value(black_box(array.as_bytes())).unwrap();
+            redis::from_redis_value::<Vec<i64>>(value).unwrap()
+        })
+    });
+    g.bench_function("12_charges_packed_string", |b| {
+        b.iter(|| {
+            let value = redis::parse_redis_value(black_box(&bulk)).unwrap();
+            let bytes = redis::from_redis_value::<Vec<u8>>(value).unwrap();
+            bytes
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                .collect::<Vec<i64>>()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, decisions, recording, redis_reply);
 
 fn main() {
     // `cargo bench` passes --bench; `cargo test --all-targets` runs each

@@ -2,6 +2,7 @@
 """What one charge costs Redis inside the decision script.
 
     python3 benches/redis/script_cost.py [--baseline OLD.lua] [--rounds 3]
+    python3 benches/redis/script_cost.py --callgrind [--baseline OLD.lua]
 
 Starts its own redis-server on a free loopback port (nothing else on it),
 loads src/store/redis/decide.lua (and, with --baseline, another version of
@@ -18,12 +19,28 @@ Per charge it prints the script's own time (`usec_per_call` from INFO
 commandstats, divided by B) and Redis's whole CPU (from /proc/PID/schedstat,
 in nanoseconds), the median of --rounds rounds, versions alternating within
 a round.
-Standard library only; needs redis-server on PATH.
+
+--callgrind counts instructions instead, which do not depend on the
+machine's load: redis-server runs under `valgrind --tool=callgrind` once per
+version and workload, for 2,000 calls of 12 charges (24,000 charges) and,
+to subtract start-up, for one call; it prints Redis's instructions per
+charge. Three workloads, all sent one call at a time:
+
+  fresh            100,000 keys, capacity 1000, refill 1 s: nearly every
+                   charge finds its bucket absent and makes it, as in (a);
+  existing, taken  50 keys that never refill (capacity 10^6): each charge
+                   reads its bucket and writes it back;
+  existing, denied 50 keys of capacity 10 that never refill: after the
+                   first ten per key, a charge reads and writes nothing.
+
+About 4 minutes with --baseline. Standard library only; needs
+redis-server on PATH, and valgrind for --callgrind.
 """
 
 import argparse
 import os
 import random
+import shutil
 import socket
 import struct
 import subprocess
@@ -124,10 +141,86 @@ def run(conn, pid, sha, batch, pipe, rng):
     return usec_per_call(conn) / batch, cpu
 
 
+WORKLOADS = (
+    # name, keys, capacity, period (µs)
+    ("fresh", 100_000, CAP, PERIOD_US),
+    ("existing, taken", 50, 1_000_000, 10**12),
+    ("existing, denied", 50, 10, 10**12),
+)
+CG_BATCH, CG_CALLS = 12, 2000
+
+
+def start_redis(work, port, wrap=()):
+    redis = subprocess.Popen(
+        [*wrap, "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", work],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Under valgrind, Redis takes seconds to open its port.
+    for _ in range(600):
+        try:
+            return redis, Conn(port)
+        except OSError:
+            if redis.poll() is not None:
+                sys.exit("redis-server exited before opening its port")
+            time.sleep(0.05)
+    redis.kill()
+    sys.exit("redis-server never opened its port")
+
+
+def instructions(text, keys, cap, period, calls, work):
+    """Redis's instructions (callgrind's Ir) from start to shutdown, having
+    answered `calls` calls of CG_BATCH charges."""
+    out = os.path.join(work, "callgrind.out")
+    redis, conn = start_redis(
+        work, free_port(), ("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"))
+    try:
+        sha = conn.call("SCRIPT", "LOAD", text).decode()
+        rng = random.Random(1)
+        blob = (struct.pack("<BH", 0, 1) + struct.pack("<qqqq", cap, period, 1, 0)) * CG_BATCH
+        for _ in range(calls):
+            conn.call("EVALSHA", sha, CG_BATCH,
+                      *[f"bench:{{a}}:per-user:u{rng.randrange(keys)}" for _ in range(CG_BATCH)],
+                      blob)
+        try:
+            conn.call("SHUTDOWN", "NOSAVE")
+        except (ConnectionError, OSError):
+            pass
+        redis.wait(timeout=120)
+    finally:
+        if redis.poll() is None:
+            redis.kill()
+    for line in open(out):
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    sys.exit(f"no totals in {out}")
+
+
+def callgrind(scripts):
+    if not shutil.which("valgrind"):
+        sys.exit("--callgrind needs valgrind (apt-get install -y valgrind)")
+    work = tempfile.mkdtemp(prefix="tollgate-script-cost.")
+    try:
+        print(f"Redis instructions per charge (callgrind; {CG_CALLS} calls of "
+              f"{CG_BATCH} charges, start-up and one call subtracted):")
+        print()
+        print("| workload | version | instructions per charge |")
+        print("|---|---|---|")
+        for name, keys, cap, period in WORKLOADS:
+            for version, text in scripts.items():
+                one = instructions(text, keys, cap, period, 1, work)
+                many = instructions(text, keys, cap, period, CG_CALLS + 1, work)
+                per = (many - one) / (CG_CALLS * CG_BATCH)
+                print(f"| {name} | {version} | {per:,.0f} |", flush=True)
+    finally:
+        subprocess.run(["rm", "-rf", work])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--baseline", help="another version of decide.lua to compare")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--callgrind", action="store_true",
+                    help="count Redis's instructions per charge under callgrind")
     args = ap.parse_args()
     # The store sends the pool functions in front of decide.lua; so does this.
     scripts = {"current": "".join(
@@ -137,21 +230,12 @@ def main():
         # A baseline from before lease_pool.lua existed runs as it is; a
         # newer one needs the same prefix (pass both files concatenated).
         scripts["baseline"] = open(args.baseline).read()
-    port = free_port()
+    if args.callgrind:
+        callgrind(scripts)
+        return
     work = tempfile.mkdtemp(prefix="tollgate-script-cost.")
-    redis = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", work],
-        stdout=subprocess.DEVNULL)
+    redis, conn = start_redis(work, free_port())
     try:
-        for _ in range(100):
-            try:
-                conn = Conn(port)
-                break
-            except OSError:
-                time.sleep(0.05)
-        else:
-            sys.exit("redis-server never opened its port")
         shas = {name: conn.call("SCRIPT", "LOAD", text).decode() for name, text in scripts.items()}
         rng = random.Random(1)
         print("| sending | charges per call | version | script µs per charge | Redis CPU µs per charge |")
