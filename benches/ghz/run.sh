@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tollgate under ghz, in one command: five scenarios, one table, one JSON.
 #
-#   benches/ghz/run.sh [--store memory|redis] [--quick] [--syscalls] [--workers N]
+#   benches/ghz/run.sh [--store memory|redis] [--quick] [--syscalls] [--profile] [--workers N]
 #
 # Installs ghz when missing (pinned, into target/go-bin) while it builds
 # release Tollgate and the no-op server (the `noop` binary of benches/tools),
@@ -38,6 +38,10 @@
 # more for a fixed 20,000 calls under `strace -c -f`, to count syscalls per
 # decision by kind and writes per response (strace slows the server, which
 # changes how calls batch: read these as counts, never as CPU).
+# --profile: scenarios (a) and (e) once more for a fixed 60,000 calls under
+# `perf record --call-graph dwarf`, and a table of CPU per decision by part
+# of the server (benches/ghz/profile_parts.py says which frames make each
+# part); needs perf.
 # --workers N: Tollgate and the no-op server both run N tokio workers
 # (TOKIO_WORKER_THREADS; the default is one per core), to compare layouts in
 # one run.
@@ -49,15 +53,17 @@ cd "$root"
 store=redis
 quick=0
 syscalls=0
+profile=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --store) store=$2; shift 2 ;;
     --store=*) store=${1#--store=}; shift ;;
     --quick) quick=1; shift ;;
     --syscalls) syscalls=1; shift ;;
+    --profile) profile=1; shift ;;
     --workers) export TOKIO_WORKER_THREADS=$2; shift 2 ;;
     --workers=*) export TOKIO_WORKER_THREADS=${1#--workers=}; shift ;;
-    *) echo "usage: $0 [--store memory|redis] [--quick] [--syscalls] [--workers N]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--store memory|redis] [--quick] [--syscalls] [--profile] [--workers N]" >&2; exit 2 ;;
   esac
 done
 case "$store" in memory|redis) ;; *) echo "--store: memory or redis" >&2; exit 2 ;; esac
@@ -301,16 +307,40 @@ strace_run() {
   timeout 120 "$ghz" --insecure -c "$concurrency" -n 20000 -O json "$@" >"$work/$name-writes.json" 2>>"$work/$name.err" || true
   kill -INT "$st"; wait "$st" 2>/dev/null || true
 }
+# profile_run NAME PID ARGS...: a fixed 60,000 calls with PID under `perf
+# record` (499 Hz, call stacks unwound from a copy of each sample's stack),
+# its stacks written out for profile_parts.py.
+profile_run() {
+  local name=$1 pid=$2; shift 2
+  perf record -q -F 499 --call-graph dwarf,16384 -o "$work/$name.data" -p "$pid" >/dev/null 2>&1 &
+  local pf=$!
+  sleep 1
+  timeout 120 "$ghz" --insecure -c "$concurrency" -n 60000 -O json "$@" >"$work/$name.json" 2>"$work/$name.err" || true
+  kill -INT "$pf"; wait "$pf" 2>/dev/null || true
+  perf script -i "$work/$name.data" --no-inline -F ip,sym,dso >"$work/$name.stacks" 2>/dev/null
+}
+# on_a_and_e RUN SUFFIX: RUN (strace_run or profile_run) over the no-op
+# handler with (a)'s calls, as e-SUFFIX, then over a fresh Tollgate, as
+# a-SUFFIX.
+on_a_and_e() {
+  local run=$1 suffix=$2
+  local call=(--call tollgate.v1.RateLimiter/ShouldAllow
+    -d '{"scope":"a","identity":"user-{{randomInt 0 100000}}","operation":"op"}')
+  "$run" "e-$suffix" "$noop_pid" "${call[@]}" "127.0.0.1:$noop_port"
+  port=$grpc_port
+  start_tollgate "a-$suffix"
+  "$run" "a-$suffix" "$tg_pid" "${call[@]}" "127.0.0.1:$grpc_port"
+  stop_tollgate
+}
 if [ "$syscalls" = 1 ]; then
   command -v strace >/dev/null || { echo "ghz: --syscalls needs strace" >&2; exit 1; }
   echo "ghz: syscalls per decision, (a) and (e), under strace" >&2
-  strace_run e-strace "$noop_pid" --call tollgate.v1.RateLimiter/ShouldAllow \
-    -d '{"scope":"a","identity":"user-{{randomInt 0 100000}}","operation":"op"}' "127.0.0.1:$noop_port"
-  port=$grpc_port
-  start_tollgate a-strace
-  strace_run a-strace "$tg_pid" --call tollgate.v1.RateLimiter/ShouldAllow \
-    -d '{"scope":"a","identity":"user-{{randomInt 0 100000}}","operation":"op"}' "127.0.0.1:$grpc_port"
-  stop_tollgate
+  on_a_and_e strace_run strace
+fi
+if [ "$profile" = 1 ]; then
+  command -v perf >/dev/null || { echo "ghz: --profile needs perf" >&2; exit 1; }
+  echo "ghz: CPU by part, (a) and (e), under perf" >&2
+  on_a_and_e profile_run perf
 fi
 
 python3 - "$work" "$out" "$store" "$quick" "$concurrency" "$redis_port" "$grpc_port" "$noop_port" <<'PY'
@@ -437,3 +467,9 @@ if syscalls:
         print(f"| {k} | " + " | ".join(f"{v['per_decision'].get(k, 0):.3f}" for v in syscalls.values()) + " |")
 print(f"\nJSON: {out}/ghz-{store}.json")
 PY
+if [ "$profile" = 1 ]; then
+  ok_of() { python3 -c 'import json, sys; print((json.load(open(sys.argv[1])).get("statusCodeDistribution") or {}).get("OK", 0))' "$1"; }
+  python3 "$root/benches/ghz/profile_parts.py" 499 \
+    "(a)=$work/a-perf.stacks:$(ok_of "$work/a-perf.json")" \
+    "(e) no-op=$work/e-perf.stacks:$(ok_of "$work/e-perf.json")"
+fi
