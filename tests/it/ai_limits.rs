@@ -549,9 +549,16 @@ async fn a_budget_s_key_expires_at_its_window_s_end_and_an_open_reservation_at_i
         TestServer::start_config(on_redis(RedisMode::Standalone, vec![redis.url()], "expiry"))
             .await;
     let mut c = server.client().await;
+    let mut conn = crate::common::redis::conn(redis.server.port).unwrap();
+    // The spend's window is 2 s, aligned to the epoch on Redis's clock: start
+    // in its first half, so it cannot end (taking its key) while this reads.
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query(&mut conn).unwrap();
+    let into_ms = secs % 2 * 1_000 + micros / 1_000;
+    if into_ms >= 1_000 {
+        tokio::time::sleep(Duration::from_millis(2_010 - into_ms)).await;
+    }
     assert!(ask(&mut c, request("spend", "ttl", 1)).await.allowed);
     let r = ask(&mut c, reserving("ttl", 1, Duration::from_secs(30))).await;
-    let mut conn = crate::common::redis::conn(redis.server.port).unwrap();
     let keys = |conn: &mut redis::Connection| -> Vec<String> {
         redis::cmd("KEYS").arg("test:expiry:*").query(conn).unwrap()
     };
@@ -570,8 +577,22 @@ async fn a_budget_s_key_expires_at_its_window_s_end_and_an_open_reservation_at_i
         .iter()
         .find(|k| k.contains("per-window~2000000us"))
         .unwrap();
+    // It ends with its window: between what is left of the window on
+    // Redis's clock just before and just after the read (PX rounds up to
+    // the millisecond).
+    let mut clock = crate::common::redis::conn(redis.server.port).unwrap();
+    let mut window_left = || -> i64 {
+        let (secs, micros): (i64, i64) = redis::cmd("TIME").query(&mut clock).unwrap();
+        2_000 - (secs % 2 * 1_000 + micros / 1_000)
+    };
+    let before = window_left();
     let ms = ttl(budget);
+    let after = window_left();
     assert!(ms > 0 && ms <= 2_000, "{budget}: {ms} ms");
+    assert!(
+        after - 1 <= ms && ms <= before + 1,
+        "{budget}: {ms} ms, the window had {before} to {after} ms left"
+    );
     // Every key Tollgate wrote expires (or already has: -2): memory
     // follows active keys. -1 would be a key without an expiry.
     for key in &keys {
