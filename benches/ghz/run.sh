@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tollgate under ghz, in one command: five scenarios, one table, one JSON.
+# Tollgate under ghz, in one command: ten scenarios, one table, one JSON.
 #
 #   benches/ghz/run.sh [--store memory|redis] [--quick] [--syscalls] [--profile] [--workers N]
 #
@@ -21,6 +21,9 @@
 #   (i) rates and a lease in one ShouldAllow (lease_id): 100k identities,
 #       each with the rate of (a) and a pool of 10 leases expiring after
 #       1 s, never released; one store step per decision.
+#   (j) a lease release (tollgate.v1.Leases/Release) of a live lease: each
+#       phase first acquires one lease per identity (not measured), then
+#       releases them all, one per call.
 # Each scenario runs at saturation (concurrency 50), then at a fixed rate of
 # half the saturated rate, where latency is read. Per row: decisions/s, p50,
 # p95, p99, errors, denied share (Tollgate's own counters), Redis script
@@ -28,7 +31,8 @@
 # (utime + stime from /proc, so they do not depend on the load tool), and
 # Tollgate's peak RSS (VmHWM). Loopback only; every run is bounded in time;
 # everything started here is stopped on exit. --quick: 4 s + 3 s of load per
-# scenario, about 40 s in all once release Tollgate is built.
+# scenario, about 40 s in all once release Tollgate is built, and (j)'s
+# acquires and releases about 15 s more.
 # Each row also counts context switches per decision (every thread's
 # voluntary + involuntary switches, from /proc/PID/task/*/status). Beside the
 # table it prints ratios measured in this same run: each scenario's CPU per
@@ -175,6 +179,9 @@ scopes:
     limits:
       - { name: per-user, per: identity, capacity: 1000, refill_period: 1s }
       - { name: in-flight, per: identity, concurrency: 10, max_lease: 1s }
+  - name: j          # leases acquired, then released
+    limits:
+      - { name: in-flight, per: identity, concurrency: 10, max_lease: 1h }
 YAML
 # (c): Zipf(1.1) over 100k identities, 4 operations; ghz cycles the list.
 python3 - "$work/zipf.json" <<'PY'
@@ -266,6 +273,25 @@ start_tollgate i
 scenario i tollgate.v1.RateLimiter/ShouldAllow "$tg_pid" \
   -d '{"scope":"i","identity":"user-{{randomInt 0 100000}}","operation":"op","lease_id":"{{newUUID}}"}'
 stop_tollgate
+echo "ghz: (j) lease release" >&2
+# Each phase releases leases acquired just before it, one identity and one
+# lease per call number, so every release finds its lease live.
+release_phase() {
+  local phase=$1 n=$2; shift 2
+  local lease='{"target":{"scope":"j","identity":"'"$phase"'-{{.RequestNumber}}","lease_id":"l-{{.RequestNumber}}"}}'
+  timeout 120 "$ghz" --insecure -c "$concurrency" -n "$n" -O json --call tollgate.v1.Leases/Acquire \
+    -d "$lease" "127.0.0.1:$grpc_port" >"$work/j-$phase-acquire.json" 2>"$work/j-$phase-acquire.err" || true
+  local ok
+  ok=$(python3 -c "import json; print((json.load(open('$work/j-$phase-acquire.json')).get('statusCodeDistribution') or {}).get('OK', 0))")
+  [ "$ok" = "$n" ] || echo "ghz: (j) $phase: only $ok of $n acquires answered OK" >&2
+  run "j-$phase" "$tg_pid" --call tollgate.v1.Leases/Release -n "$n" "$@" -d "$lease" "127.0.0.1:$grpc_port"
+}
+start_tollgate j
+if [ "$quick" = 1 ]; then n_release=30000; else n_release=100000; fi
+release_phase sat "$n_release"
+rps=$(python3 -c "import json; print(max(1, int(json.load(open('$work/j-sat.json'))['rps'] / 2)))")
+release_phase half $((n_release / 2)) --rps "$rps"
+stop_tollgate
 echo "ghz: (e) no-op handler" >&2
 "$bin/noop" --listen "127.0.0.1:$noop_port" >"$work/noop.log" 2>&1 &
 noop_pid=$!
@@ -349,9 +375,9 @@ work, out, store, quick, conc, redis_port, *grpc_ports = sys.argv[1:]
 names = {"a": "(a) many identities", "b": "(b) hot key", "c": "(c) mixed, 4 buckets",
          "d": "(d) Envoy RLS, 2 descr.", "e": "(e) no-op handler",
          "f": "(f) hot key, banned", "g": "(g) lease acquire", "h": "(h) budget",
-         "i": "(i) rates + lease"}
+         "i": "(i) rates + lease", "j": "(j) lease release"}
 rows = []
-for key in "abcdefghi":
+for key in "abcdefghij":
     for phase in ("sat", "half"):
         g = json.load(open(f"{work}/{key}-{phase}.json"))
         m = json.load(open(f"{work}/{key}-{phase}.meta"))
@@ -381,14 +407,14 @@ def row(scenario, phase="saturation"):
     return next(r for r in rows if r["scenario"] == names[scenario] and r["phase"] == phase)
 noop = row("e")
 ratios = []
-for key in "abcdfghi":
+for key in "abcdfghij":
     r = row(key)
     ratios.append({"what": f"{names[key]}: Tollgate CPU per decision", "against": "no-op handler's CPU per call",
                    "ratio": round(r["tollgate_cpu_us"] / noop["tollgate_cpu_us"], 2)})
 if os.path.exists(f"{work}/set.meta"):
     sm = json.load(open(f"{work}/set.meta"))
     set_us = sm["redis_cpu"] * 1e6 / sm["calls"]
-    for key in "acdghi":
+    for key in "acdghij":
         r = row(key)
         ratios.append({"what": f"{names[key]}: Redis CPU per decision", "against": f"a plain SET's ({set_us:.1f} µs, 50 clients)",
                        "ratio": round(r["redis_cpu_us"] / set_us, 2)})
