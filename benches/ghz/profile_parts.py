@@ -15,6 +15,9 @@ syscall or a copy counts for the code that asked for it:
                  ::store, ::observe (and the no-op handler's own code);
   gRPC           tonic's codec and service glue, prost, and the generated
                  service (tollgate::pb);
+  service layers the tower and axum layers between the connection and the
+                 service: routing, load shedding, concurrency and in-flight
+                 bounds (tollgate::net), timeouts;
   HTTP/2         h2, hyper and tonic's transport (the connection task);
   the rest       the tokio runtime between tasks, and anything else.
 
@@ -37,6 +40,8 @@ PARTS = (
                   "noop::", "tollgate_bench_tools")),
     ("gRPC (tonic, prost)", ("tonic::codec", "tonic::server", "tonic_prost", "prost::",
                              "tollgate::pb")),
+    ("service layers (tower, axum, tollgate::net)", ("tower::", "axum::", "tollgate::net::",
+                                                      "tollgate::server")),
     ("HTTP/2 (h2, hyper)", ("h2::", "hyper::", "hyper_util::", "tonic::transport")),
     ("the rest (runtime, other)", ("",)),
 )

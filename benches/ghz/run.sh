@@ -42,7 +42,7 @@
 # more for a fixed 20,000 calls under `strace -c -f`, to count syscalls per
 # decision by kind and writes per response (strace slows the server, which
 # changes how calls batch: read these as counts, never as CPU).
-# --profile: scenarios (a) and (e) once more for a fixed 60,000 calls under
+# --profile: scenarios (a), (b) and (e) once more for a fixed 60,000 calls under
 # `perf record --call-graph dwarf`, and a table of CPU per decision by part
 # of the server (benches/ghz/profile_parts.py says which frames make each
 # part); needs perf.
@@ -365,8 +365,12 @@ if [ "$syscalls" = 1 ]; then
 fi
 if [ "$profile" = 1 ]; then
   command -v perf >/dev/null || { echo "ghz: --profile needs perf" >&2; exit 1; }
-  echo "ghz: CPU by part, (a) and (e), under perf" >&2
+  echo "ghz: CPU by part, (a), (b) and (e), under perf" >&2
   on_a_and_e profile_run perf
+  start_tollgate b-perf
+  profile_run b-perf "$tg_pid" --call tollgate.v1.RateLimiter/ShouldAllow \
+    -d '{"scope":"b","identity":"hot","operation":"op"}' "127.0.0.1:$grpc_port"
+  stop_tollgate
 fi
 
 python3 - "$work" "$out" "$store" "$quick" "$concurrency" "$redis_port" "$grpc_port" "$noop_port" <<'PY'
@@ -497,5 +501,6 @@ if [ "$profile" = 1 ]; then
   ok_of() { python3 -c 'import json, sys; print((json.load(open(sys.argv[1])).get("statusCodeDistribution") or {}).get("OK", 0))' "$1"; }
   python3 "$root/benches/ghz/profile_parts.py" 499 \
     "(a)=$work/a-perf.stacks:$(ok_of "$work/a-perf.json")" \
+    "(b)=$work/b-perf.stacks:$(ok_of "$work/b-perf.json")" \
     "(e) no-op=$work/e-perf.stacks:$(ok_of "$work/e-perf.json")"
 fi
