@@ -373,7 +373,9 @@ impl<S: Store> RateLimitService for EnvoyRateLimitApi<S> {
             let decided = self.decide(rules, &requests, &kinds).await;
             decided.map(|d| (d, Vec::new())).map_err(LeaseError::from)
         } else {
-            self.decide_leased(rules, &requests, &kinds, &leases).await
+            // Boxed, as in ShouldAllow: the lease path's future is large, and
+            // inline it would size (and copy) every call's future.
+            Box::pin(self.decide_leased(rules, &requests, &kinds, &leases)).await
         };
         let took = started.elapsed();
         let (decisions, held) = match result {

@@ -202,10 +202,10 @@ impl<S: Store> pb::rate_limiter_server::RateLimiter for RateLimiterApi<S> {
             req.dry_run,
         )?;
         if let Some((lease_id, ttl)) = lease {
-            let answer = self
-                .limiter
-                .decide_leased(rules, &domain, lease_id, ttl)
-                .await;
+            // Boxed: the lease path's future is about 9 KB, and kept inline it
+            // made every call's future that size, copied whole when the call
+            // is boxed (10,288 bytes against 3,120 without it).
+            let answer = Box::pin(self.limiter.decide_leased(rules, &domain, lease_id, ttl)).await;
             return super::leases::leased_answer(
                 &self.observer,
                 rules,
