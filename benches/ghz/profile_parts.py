@@ -123,5 +123,6 @@ def main():
     if redis_runs:
         table("Of the Redis client part", [name for name, _ in REDIS_PARTS], redis_runs, freq)
 
+
 if __name__ == "__main__":
     main()

@@ -121,6 +121,8 @@ tollgate=${BENCH_TOLLGATE:-$bin/tollgate}
 
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
 cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"; }
+# Calls answered OK in a ghz JSON report.
+ok_of() { python3 -c 'import json, sys; print((json.load(open(sys.argv[1])).get("statusCodeDistribution") or {}).get("OK", 0))' "$1"; }
 hwm_of() { awk '/VmHWM/ { print $2 }' "/proc/$1/status"; }
 # Context switches of every thread of a process (threads that ended are lost,
 # which is why the runtimes here keep theirs).
@@ -282,7 +284,7 @@ release_phase() {
   timeout 120 "$ghz" --insecure -c "$concurrency" -n "$n" -O json --call tollgate.v1.Leases/Acquire \
     -d "$lease" "127.0.0.1:$grpc_port" >"$work/j-$phase-acquire.json" 2>"$work/j-$phase-acquire.err" || true
   local ok
-  ok=$(python3 -c "import json; print((json.load(open('$work/j-$phase-acquire.json')).get('statusCodeDistribution') or {}).get('OK', 0))")
+  ok=$(ok_of "$work/j-$phase-acquire.json")
   [ "$ok" = "$n" ] || echo "ghz: (j) $phase: only $ok of $n acquires answered OK" >&2
   run "j-$phase" "$tg_pid" --call tollgate.v1.Leases/Release -n "$n" "$@" -d "$lease" "127.0.0.1:$grpc_port"
 }
@@ -498,7 +500,6 @@ if syscalls:
 print(f"\nJSON: {out}/ghz-{store}.json")
 PY
 if [ "$profile" = 1 ]; then
-  ok_of() { python3 -c 'import json, sys; print((json.load(open(sys.argv[1])).get("statusCodeDistribution") or {}).get("OK", 0))' "$1"; }
   python3 "$root/benches/ghz/profile_parts.py" 499 \
     "(a)=$work/a-perf.stacks:$(ok_of "$work/a-perf.json")" \
     "(b)=$work/b-perf.stacks:$(ok_of "$work/b-perf.json")" \

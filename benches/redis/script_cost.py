@@ -36,7 +36,7 @@ call at a time:
   existing, denied 50 keys of capacity 10 that never refill: after the
                    first ten per key, a charge reads and writes nothing.
 
-About 4 minutes with --baseline. Standard library only; needs
+About a minute with --baseline. Standard library only; needs
 redis-server on PATH, and valgrind for --callgrind.
 """
 
@@ -125,18 +125,22 @@ def usec_per_call(conn):
     return 0.0
 
 
+def evalsha(sha, batch, rng, keys=100_000, cap=CAP, period=PERIOD_US):
+    """One EVALSHA's arguments: `batch` one-bucket charges of cost 1 over
+    `keys` random keys, as scenario (a) sends them."""
+    blob = (struct.pack("<BH", 0, 1) + struct.pack("<qqqq", cap, period, 1, 0)) * batch
+    return ("EVALSHA", sha, batch,
+            *[f"bench:{{a}}:per-user:u{rng.randrange(keys)}" for _ in range(batch)], blob)
+
+
 def run(conn, pid, sha, batch, pipe, rng):
     conn.call("CONFIG", "RESETSTAT")
-    blob = (struct.pack("<BH", 0, 1) + struct.pack("<qqqq", CAP, PERIOD_US, 1, 0)) * batch
     calls = CHARGES // batch
     start = cpu_seconds(pid)
     sent = 0
     while sent < calls:
         n = min(pipe, calls - sent)
-        conn.sock.sendall(b"".join(
-            resp("EVALSHA", sha, batch,
-                 *[f"bench:{{a}}:per-user:u{rng.randrange(100_000)}" for _ in range(batch)], blob)
-            for _ in range(n)))
+        conn.sock.sendall(b"".join(resp(*evalsha(sha, batch, rng)) for _ in range(n)))
         for _ in range(n):
             conn.reply()
         sent += n
@@ -179,11 +183,8 @@ def instructions(text, keys, cap, period, calls, work):
     try:
         sha = conn.call("SCRIPT", "LOAD", text).decode()
         rng = random.Random(1)
-        blob = (struct.pack("<BH", 0, 1) + struct.pack("<qqqq", cap, period, 1, 0)) * CG_BATCH
         for _ in range(calls):
-            conn.call("EVALSHA", sha, CG_BATCH,
-                      *[f"bench:{{a}}:per-user:u{rng.randrange(keys)}" for _ in range(CG_BATCH)],
-                      blob)
+            conn.call(*evalsha(sha, CG_BATCH, rng, keys, cap, period))
         try:
             conn.call("SHUTDOWN", "NOSAVE")
         except (ConnectionError, OSError):
