@@ -34,7 +34,9 @@ call at a time:
   existing, taken  50 keys that never refill (capacity 10^6): each charge
                    reads its bucket and writes it back;
   existing, denied 50 keys of capacity 10 that never refill: after the
-                   first ten per key, a charge reads and writes nothing.
+                   first ten per key, a charge reads and writes nothing;
+  fresh, 4 buckets as fresh, each charge with four buckets (four keys), as
+                   scenario (c) has.
 
 About a minute with --baseline. Standard library only; needs
 redis-server on PATH, and valgrind for --callgrind.
@@ -125,12 +127,17 @@ def usec_per_call(conn):
     return 0.0
 
 
-def evalsha(sha, batch, rng, keys=100_000, cap=CAP, period=PERIOD_US):
-    """One EVALSHA's arguments: `batch` one-bucket charges of cost 1 over
-    `keys` random keys, as scenario (a) sends them."""
-    blob = (struct.pack("<BH", 0, 1) + struct.pack("<qqqq", cap, period, 1, 0)) * batch
-    return ("EVALSHA", sha, batch,
-            *[f"bench:{{a}}:per-user:u{rng.randrange(keys)}" for _ in range(batch)], blob)
+def evalsha(sha, batch, rng, keys=100_000, cap=CAP, period=PERIOD_US, buckets=1):
+    """One EVALSHA's arguments: `batch` charges of cost 1 for distinct
+    identities drawn from `keys`, each with `buckets` buckets (one key per
+    bucket and identity). One-bucket charges go as scenario (a) sends them,
+    with the flag Tollgate adds to such a batch (read it with one MGET)."""
+    charge = struct.pack("<BH", 0, buckets) + struct.pack("<qqqq", cap, period, 1, 0) * buckets
+    names = [f"bench:{{a}}:per-user:u{k}" for k in rng.sample(range(keys), batch)]
+    if buckets > 1:
+        names = [f"{name}:{j}" for name in names for j in range(buckets)]
+    return ("EVALSHA", sha, len(names), *names, charge * batch,
+            *(("1",) if buckets == 1 else ()))
 
 
 def run(conn, pid, sha, batch, pipe, rng):
@@ -149,10 +156,11 @@ def run(conn, pid, sha, batch, pipe, rng):
 
 
 WORKLOADS = (
-    # name, keys, capacity, period (µs)
-    ("fresh", 100_000, CAP, PERIOD_US),
-    ("existing, taken", 50, 1_000_000, 10**12),
-    ("existing, denied", 50, 10, 10**12),
+    # name, keys, capacity, period (µs), buckets per charge
+    ("fresh", 100_000, CAP, PERIOD_US, 1),
+    ("existing, taken", 50, 1_000_000, 10**12, 1),
+    ("existing, denied", 50, 10, 10**12, 1),
+    ("fresh, 4 buckets", 100_000, CAP, PERIOD_US, 4),
 )
 CG_BATCH, CG_CALLS = 12, 2000
 
@@ -174,7 +182,7 @@ def start_redis(work, port, wrap=()):
     sys.exit("redis-server never opened its port")
 
 
-def instructions(text, keys, cap, period, calls, work):
+def instructions(text, keys, cap, period, buckets, calls, work):
     """Redis's instructions (callgrind's Ir) from start to shutdown, having
     answered `calls` calls of CG_BATCH charges."""
     out = os.path.join(work, "callgrind.out")
@@ -184,7 +192,7 @@ def instructions(text, keys, cap, period, calls, work):
         sha = conn.call("SCRIPT", "LOAD", text).decode()
         rng = random.Random(1)
         for _ in range(calls):
-            conn.call(*evalsha(sha, CG_BATCH, rng, keys, cap, period))
+            conn.call(*evalsha(sha, CG_BATCH, rng, keys, cap, period, buckets))
         try:
             conn.call("SHUTDOWN", "NOSAVE")
         except (ConnectionError, OSError):
@@ -200,7 +208,7 @@ def instructions(text, keys, cap, period, calls, work):
     # The part spent running EVALSHA (the script and the commands it calls),
     # which leaves out what depends on the clock (Redis's timers, its
     # expiry deleting keys) and so moves less between runs.
-    annotated = subprocess.run(["callgrind_annotate", "--inclusive=yes", out],
+    annotated = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", out],
                                capture_output=True, text=True, check=True).stdout
     in_eval = next((int(line.split()[0].replace(",", "")) for line in annotated.splitlines()
                     if ":evalGenericCommand " in line), None)
@@ -219,10 +227,10 @@ def callgrind(scripts):
         print()
         print("| workload | version | instructions per charge | of them, running EVALSHA |")
         print("|---|---|---|---|")
-        for name, keys, cap, period in WORKLOADS:
+        for name, keys, cap, period, buckets in WORKLOADS:
             for version, text in scripts.items():
-                one = instructions(text, keys, cap, period, 1, work)
-                many = instructions(text, keys, cap, period, CG_CALLS + 1, work)
+                one = instructions(text, keys, cap, period, buckets, 1, work)
+                many = instructions(text, keys, cap, period, buckets, CG_CALLS + 1, work)
                 per = [(m - o) / (CG_CALLS * CG_BATCH) for m, o in zip(many, one)]
                 print(f"| {name} | {version} | {per[0]:,.0f} | {per[1]:,.0f} |", flush=True)
     finally:

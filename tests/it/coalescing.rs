@@ -131,4 +131,12 @@ async fn a_charge_whose_key_fails_fails_alone_in_its_batch() {
         store.is_available(),
         "one bad key does not open the breaker"
     );
+    // The failed charge wrote nothing: the key is still the list it was.
+    let items: Vec<String> = redis::cmd("LRANGE")
+        .arg(bucket_key("test:alone:", &charge("broken").buckets[0]))
+        .arg(0)
+        .arg(-1)
+        .query(&mut conn(redis.server.port).unwrap())
+        .unwrap();
+    assert_eq!(items, ["x"]);
 }

@@ -431,7 +431,7 @@ impl BatchCall<script::Encoded> for Inner {
         if self.topology.is_cluster() {
             return self.call_on_cluster(node, batch).await;
         }
-        let cmd = script::evalsha(&self.sha, batch.iter().copied());
+        let cmd = script::decide_call(&self.sha, batch.iter().copied());
         coalesce::split(batch, self.call_once(&cmd).await)
     }
 }
@@ -487,7 +487,7 @@ impl Inner {
         batch: &[&script::Encoded],
     ) -> Vec<Result<Reply, StoreError>> {
         let timeout = self.response_timeout;
-        let cmd = script::evalsha(&self.sha, batch.iter().copied());
+        let cmd = script::decide_call(&self.sha, batch.iter().copied());
         if batch.len() == 1 {
             let result = cluster::eval(&self.topology, &cmd, slot, timeout, TryAgain::Wait).await;
             return coalesce::split(batch, result.map_err(call_failed));
@@ -497,7 +497,7 @@ impl Inner {
                 if e.kind() == ErrorKind::Server(ServerErrorKind::TryAgain) =>
             {
                 let alone = batch.iter().map(|&charge| async move {
-                    let cmd = script::evalsha(&self.sha, std::iter::once(charge));
+                    let cmd = script::decide_call(&self.sha, std::iter::once(charge));
                     let result = cluster::eval(&self.topology, &cmd, slot, timeout, TryAgain::Wait)
                         .await
                         .map_err(call_failed);

@@ -379,6 +379,39 @@ pub(crate) fn evalsha<'a>(sha: &str, batch: impl Iterator<Item = &'a Encoded> + 
     cmd
 }
 
+/// One `EVALSHA` of the decision script over `batch`, as [`evalsha`], and
+/// with the script's ARGV[2] when every charge is a plain lone bucket
+/// (mode 0, one key) and no key appears twice: the script then reads the
+/// whole batch with one `MGET` instead of a `GET` per charge (see its
+/// "Reading a batch at once"). A repeated key would make a later charge
+/// read the value from before an earlier one's write, so such a batch
+/// reads per charge as before.
+pub(crate) fn decide_call<'a>(sha: &str, batch: impl Iterator<Item = &'a Encoded> + Clone) -> Cmd {
+    let mut cmd = evalsha(sha, batch.clone());
+    if reads_at_once(batch) {
+        cmd.arg("1");
+    }
+    cmd
+}
+
+/// Whether `batch` is all plain lone charges over distinct keys.
+fn reads_at_once<'a>(batch: impl Iterator<Item = &'a Encoded>) -> bool {
+    let mut keys = Vec::with_capacity(batch.size_hint().0);
+    for e in batch {
+        match (e.keys.as_slice(), e.numbers.first()) {
+            ([key], Some(0)) if e.buckets == 1 => keys.push(key.as_str()),
+            _ => return false,
+        }
+    }
+    // MGET takes its keys from one Lua `unpack`, whose stack is bounded
+    // (8,000 values); a batch holds far fewer.
+    if keys.len() > super::coalesce::MAX_BATCH {
+        return false;
+    }
+    keys.sort_unstable();
+    keys.windows(2).all(|w| w[0] != w[1])
+}
+
 /// Shaping: the longest bucket `b` lets a request wait, in whole
 /// microseconds (rounded down, so a wait never exceeds the request's
 /// bound); 0 for a shadow bucket or a budget, which never delay.
@@ -639,6 +672,39 @@ mod tests {
         assert_eq!(args[5], numbers);
         assert_eq!(args.len(), 6);
         assert_eq!(one.reply_len(), 4);
+    }
+
+    #[test]
+    fn only_lone_plain_charges_over_distinct_keys_are_read_at_once() {
+        let lone = |identity: &'static str| {
+            let mut c = charge(1);
+            c.buckets[0].key.identity = Some(identity);
+            encode("tg1:", &c, false, 0)
+        };
+        let last = |batch: &[&Encoded]| {
+            let cmd = decide_call("abc", batch.iter().copied());
+            match cmd.args_iter().last() {
+                Some(redis::Arg::Simple(b)) => b.to_vec(),
+                _ => Vec::new(),
+            }
+        };
+        let (a, b) = (lone("a"), lone("b"));
+        assert_eq!(last(&[&a, &b]), b"1", "distinct lone keys: one MGET");
+        assert_eq!(last(&[&a]), b"1");
+        // Otherwise the last argument is the packed numbers, as before.
+        assert_ne!(last(&[&a, &b, &lone("a")]), b"1", "a repeated key");
+        let mut dry = charge(1);
+        dry.dry_run = true;
+        assert_ne!(last(&[&a, &encode("tg1:", &dry, false, 0)]), b"1");
+        let mut two = charge(1);
+        two.buckets.push(two.buckets[0]);
+        two.buckets[1].key.rule = "other";
+        assert_ne!(last(&[&a, &encode("tg1:", &two, false, 0)]), b"1");
+        assert_ne!(
+            last(&[&encode("tg1:", &charge(1), true, 0)]),
+            b"1",
+            "marked"
+        );
     }
 
     #[test]
