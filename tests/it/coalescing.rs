@@ -140,3 +140,84 @@ async fn a_charge_whose_key_fails_fails_alone_in_its_batch() {
         .unwrap();
     assert_eq!(items, ["x"]);
 }
+
+/// A charge of 1 from each of the buckets `rules` of `identity`, each of
+/// `capacity` tokens per minute.
+fn several<'a>(identity: &'a str, rules: &[&'static str], capacity: u64) -> Charge<'a> {
+    let mut c = crate::common::store::charge(identity, capacity, Duration::from_secs(60));
+    let first = c.buckets[0];
+    c.buckets.clear();
+    for rule in rules {
+        let mut b = first;
+        b.key.rule = rule;
+        c.buckets.push(b);
+    }
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_of_several_buckets_with_a_key_of_another_type_fails_having_changed_nothing() {
+    let redis = Standalone::start();
+    let store = redis.store("several");
+    let mut admin = conn(redis.server.port).unwrap();
+    let key = |c: &Charge<'_>, i: usize| bucket_key("test:several:", &c.buckets[i]);
+    let value = |admin: &mut redis::Connection, k: &str| -> Option<Vec<u8>> {
+        redis::cmd("GET").arg(k).query(admin).unwrap()
+    };
+
+    // Taken: bucket a absent, b a list, c holding state.
+    let c = several("u", &["a", "b", "c"], 3);
+    store
+        .check_and_take(&[several("u", &["c"], 3)])
+        .await
+        .unwrap();
+    let _: () = redis::cmd("LPUSH")
+        .arg(key(&c, 1))
+        .arg("x")
+        .query(&mut admin)
+        .unwrap();
+    let held = value(&mut admin, &key(&c, 2)).expect("c holds state");
+    let e = store
+        .check_and_take(std::slice::from_ref(&c))
+        .await
+        .unwrap_err();
+    assert!(!e.transient, "about the key, not Redis: {e}");
+    let exists: u64 = redis::cmd("EXISTS")
+        .arg(key(&c, 0))
+        .query(&mut admin)
+        .unwrap();
+    assert_eq!(exists, 0, "bucket a was not made");
+    assert_eq!(
+        value(&mut admin, &key(&c, 2)),
+        Some(held),
+        "bucket c untouched"
+    );
+    let items: Vec<String> = redis::cmd("LRANGE")
+        .arg(key(&c, 1))
+        .arg(0)
+        .arg(-1)
+        .query(&mut admin)
+        .unwrap();
+    assert_eq!(items, ["x"], "the list untouched");
+
+    // Denied by bucket a, with b a list: still a failure, not a denial.
+    let d = several("v", &["a", "b", "c"], 1);
+    store
+        .check_and_take(&[several("v", &["a"], 1)])
+        .await
+        .unwrap();
+    let _: () = redis::cmd("LPUSH")
+        .arg(key(&d, 1))
+        .arg("x")
+        .query(&mut admin)
+        .unwrap();
+    let e = store
+        .check_and_take(std::slice::from_ref(&d))
+        .await
+        .unwrap_err();
+    assert!(!e.transient, "about the key, not Redis: {e}");
+
+    // A charge naming one bucket twice, absent: taken, as decide() takes it.
+    let twice = several("w", &["a", "a"], 3);
+    assert!(store.check_and_take(&[twice]).await.unwrap()[0].allowed);
+}

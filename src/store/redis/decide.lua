@@ -171,6 +171,8 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 -- caller asked for one read of the batch (ARGV[2]); before `unpack` below
 -- names struct's.
 local fetched = ARGV[2] == '1' and redis.call('MGET', unpack(KEYS)) or nil
+-- Lua's own unpack (a list's items as arguments), by another name.
+local spread = unpack
 local floor, fmod = math.floor, math.fmod
 -- The lone-bucket path reads these as upvalues: a global is a table lookup.
 local keys, rpcall = KEYS, redis.pcall
@@ -844,6 +846,125 @@ local function decide_lone(k0, at)
   return at
 end
 
+-- The hot case of several buckets, as decide_lone for one: a plain charge
+-- (mode 0) whose buckets are all token buckets taken at their cost (no
+-- headroom, no shadow), whose states are absent or the plain 12 bytes.
+-- Returns nil, having written nothing, for anything else, and the caller
+-- decides the charge with decide() from the same position. It reads the
+-- charge's keys with one MGET and computes what decide() would.
+--
+-- MGET answers nil for a key of another type as for an absent one, so the
+-- buckets it found absent are written first, with NX: should one refuse
+-- (a key of another type), those made before it are deleted (they were
+-- absent) and the charge fails (status -1) having changed nothing, as a
+-- GET's WRONGTYPE would make it. A denied charge with a bucket MGET found
+-- absent is left to decide(), whose GETs tell a key of another type (a
+-- failure) from an absent one (a denial). A key the charge names twice is judged
+-- twice from the same state and written twice, the last write standing,
+-- as decide() does.
+local function decide_plain(k0, at, n)
+  local vals = redis.call('MGET', spread(keys, k0 + 1, k0 + n))
+  local allowed = 1
+  for i = 1, n do
+    local cap, period, cost, reserve
+    cap, period, cost, reserve, at = unpack('<i8i8i8i8', blob, at)
+    if period <= 0 or cost < 1 or reserve ~= 0 or cost > cap then
+      return nil
+    end
+    local v = vals[i]
+    local ticks, frac = now, 0
+    if v then
+      if #v ~= 12 then
+        return nil
+      end
+      ticks, frac = unpack('<i8i4', v)
+      if frac >= cap or frac < 0 then
+        return nil
+      end
+      if ticks < now or (ticks == now and frac == 0) then
+        ticks, frac = now, 0
+      end
+    end
+    local q = floor(period / cap)
+    local nf = frac + cost * (period - q * cap)
+    local nt = ticks + cost * q
+    if nf >= cap then
+      nt = nt + floor(nf / cap)
+      nf = nf % cap
+    end
+    local limit = now + period
+    local conforms = nt < limit or (nt == limit and nf == 0)
+    if not conforms then
+      allowed = 0
+    end
+    local j = (i - 1) * 5
+    judged[j + 1], judged[j + 2], judged[j + 3] = conforms, ticks, frac
+    judged[j + 4], judged[j + 5] = nt, nf
+  end
+  local status = allowed
+  if allowed == 0 then
+    for i = 1, n do
+      if not vals[i] then
+        return nil
+      end
+    end
+  else
+    -- Absent first (NX), then the rest; each taken bucket is left short of
+    -- full with no ledger: 12 bytes, PX until full.
+    for pass = 1, 2 do
+      for i = 1, n do
+        local v = vals[i]
+        if (pass == 1) == not v then
+          local j = (i - 1) * 5
+          local nt, nf = judged[j + 4], judged[j + 5]
+          local key = keys[k0 + i]
+          local ms = format('%d', floor((nt - now + (nf > 0 and 1 or 0) + 999) / 1000))
+          local ok
+          if v then
+            ok = rpcall('SET', key, pack('<i8i4', nt, nf), 'PX', ms)
+          else
+            ok = rpcall('SET', key, pack('<i8i4', nt, nf), 'PX', ms, 'NX')
+            if not ok then
+              for m = 1, i - 1 do
+                if keys[k0 + m] == key then
+                  -- Made by this charge a moment ago: write it again.
+                  ok = rpcall('SET', key, pack('<i8i4', nt, nf), 'PX', ms)
+                  break
+                end
+              end
+            end
+          end
+          if not ok or (ok.err and not own_error(ok)) then
+            for m = 1, i - 1 do
+              if not vals[m] then
+                redis.call('DEL', keys[k0 + m])
+              end
+            end
+            status = -1
+            break
+          end
+        end
+      end
+      if status == -1 then
+        break
+      end
+    end
+  end
+  local o = #out
+  out[o + 1] = status
+  for i = 1, n do
+    local j = (i - 1) * 5
+    local conforms = judged[j + 1]
+    if allowed == 1 then
+      out[o + 3 * i - 1], out[o + 3 * i], out[o + 3 * i + 1] = 1, judged[j + 4], judged[j + 5]
+    else
+      out[o + 3 * i - 1], out[o + 3 * i], out[o + 3 * i + 1] =
+        conforms and 1 or 0, judged[j + 2], judged[j + 3]
+    end
+  end
+  return at
+end
+
 -- ---------------------------------------------------------------------
 -- The penalty box (mode bit 32). src/store/penalty.rs is the reference.
 --
@@ -1013,6 +1134,9 @@ while at <= size do
     -- The hot case, with no flag to take apart: a plain lone bucket.
     at = decide_lone(k0, at) or decide(k0, at, 1, false, false, false, false, nil)
     k0 = k0 + 1
+  elseif mode == 0 then
+    at = decide_plain(k0, at, n) or decide(k0, at, n, false, false, false, false, nil)
+    k0 = k0 + n
   else
     local lease = nil
     if mode >= 64 then
