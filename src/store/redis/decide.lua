@@ -857,9 +857,10 @@ end
 -- buckets it found absent are written first, with NX: should one refuse
 -- (a key of another type), those made before it are deleted (they were
 -- absent) and the charge fails (status -1) having changed nothing, as a
--- GET's WRONGTYPE would make it. A denied charge with a bucket MGET found
--- absent is left to decide(), whose GETs tell a key of another type (a
--- failure) from an absent one (a denial). A key the charge names twice is judged
+-- GET's WRONGTYPE would make it. A denied charge writes nothing, but a
+-- key of another type must fail it rather than count as a full bucket: one
+-- EXISTS of the buckets MGET found absent tells them apart. A key the
+-- charge names twice is judged
 -- twice from the same state and written twice, the last write standing,
 -- as decide() does.
 local function decide_plain(k0, at, n)
@@ -903,10 +904,15 @@ local function decide_plain(k0, at, n)
   end
   local status = allowed
   if allowed == 0 then
+    local absent = nil
     for i = 1, n do
       if not vals[i] then
-        return nil
+        absent = absent or {}
+        absent[#absent + 1] = keys[k0 + i]
       end
+    end
+    if absent and redis.call('EXISTS', spread(absent)) > 0 then
+      status = -1
     end
   else
     -- Absent first (NX), then the rest; each taken bucket is left short of
