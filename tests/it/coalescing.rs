@@ -164,6 +164,13 @@ async fn a_charge_of_several_buckets_with_a_key_of_another_type_fails_having_cha
     let value = |admin: &mut redis::Connection, k: &str| -> Option<Vec<u8>> {
         redis::cmd("GET").arg(k).query(admin).unwrap()
     };
+    let exists = |admin: &mut redis::Connection, k: &str| -> bool {
+        redis::cmd("EXISTS").arg(k).query(admin).unwrap()
+    };
+    // A key of another type where a bucket should be.
+    let list_at = |admin: &mut redis::Connection, k: &str| {
+        let _: () = redis::cmd("LPUSH").arg(k).arg("x").query(admin).unwrap();
+    };
 
     // Taken: bucket a absent, b a list, c holding state.
     let c = several("u", &["a", "b", "c"], 3);
@@ -171,22 +178,14 @@ async fn a_charge_of_several_buckets_with_a_key_of_another_type_fails_having_cha
         .check_and_take(&[several("u", &["c"], 3)])
         .await
         .unwrap();
-    let _: () = redis::cmd("LPUSH")
-        .arg(key(&c, 1))
-        .arg("x")
-        .query(&mut admin)
-        .unwrap();
+    list_at(&mut admin, &key(&c, 1));
     let held = value(&mut admin, &key(&c, 2)).expect("c holds state");
     let e = store
         .check_and_take(std::slice::from_ref(&c))
         .await
         .unwrap_err();
     assert!(!e.transient, "about the key, not Redis: {e}");
-    let exists: u64 = redis::cmd("EXISTS")
-        .arg(key(&c, 0))
-        .query(&mut admin)
-        .unwrap();
-    assert_eq!(exists, 0, "bucket a was not made");
+    assert!(!exists(&mut admin, &key(&c, 0)), "bucket a was not made");
     assert_eq!(
         value(&mut admin, &key(&c, 2)),
         Some(held),
@@ -206,16 +205,13 @@ async fn a_charge_of_several_buckets_with_a_key_of_another_type_fails_having_cha
         .check_and_take(&[several("v", &["a"], 1)])
         .await
         .unwrap();
-    let _: () = redis::cmd("LPUSH")
-        .arg(key(&d, 1))
-        .arg("x")
-        .query(&mut admin)
-        .unwrap();
+    list_at(&mut admin, &key(&d, 1));
     let e = store
         .check_and_take(std::slice::from_ref(&d))
         .await
         .unwrap_err();
     assert!(!e.transient, "about the key, not Redis: {e}");
+    assert!(!exists(&mut admin, &key(&d, 2)), "bucket c was not made");
 
     // A charge naming one bucket twice, absent: taken, as decide() takes it.
     let twice = several("w", &["a", "a"], 3);

@@ -874,9 +874,8 @@ local function general()
   -- GET's WRONGTYPE would make it. A denied charge writes nothing, but a
   -- key of another type must fail it rather than count as a full bucket: one
   -- EXISTS of the buckets MGET found absent tells them apart. A key the
-  -- charge names twice is judged
-  -- twice from the same state and written twice, the last write standing,
-  -- as decide() does.
+  -- charge names twice is judged twice from the same state and written
+  -- twice, the last write standing, as decide() does.
   local function decide_plain(k0, at, n)
     local vals = redis.call('MGET', spread(keys, k0 + 1, k0 + n))
     local allowed = 1
@@ -1164,7 +1163,8 @@ while at <= size do
     -- The hot case, with no flag to take apart: a plain lone bucket.
     at = decide_lone(k0, at) or general().decide(k0, at, 1, false, false, false, false, nil)
     k0 = k0 + 1
-  elseif mode == 0 then
+  elseif mode == 0 and n > 1 then
+    -- MGET needs a key: a charge of no bucket goes to decide(), as before.
     local g = general()
     at = g.plain(k0, at, n) or g.decide(k0, at, n, false, false, false, false, nil)
     k0 = k0 + n
