@@ -38,8 +38,8 @@ call at a time:
   fresh, 4 buckets as fresh, each charge with four buckets (four keys), as
                    scenario (c) has.
 
-About a minute with --baseline. Standard library only; needs
-redis-server on PATH, and valgrind for --callgrind.
+About a minute and a half with --baseline and --callgrind. Standard
+library only; needs redis-server on PATH, and valgrind for --callgrind.
 """
 
 import argparse
