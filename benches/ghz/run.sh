@@ -28,7 +28,8 @@
 # half the saturated rate, where latency is read. Per row: decisions/s, p50,
 # p95, p99, errors, denied share (Tollgate's own counters), Redis script
 # calls per decision (INFO commandstats), Tollgate and Redis CPU per decision
-# (utime + stime from /proc, so they do not depend on the load tool), and
+# (utime + stime from /proc, so they do not depend on the load tool), of
+# Redis's the time spent running scripts (commandstats' usec), and
 # Tollgate's peak RSS (VmHWM). Loopback only; every run is bounded in time;
 # everything started here is stopped on exit. --quick: 4 s + 3 s of load per
 # scenario, about 40 s in all once release Tollgate is built, and (j)'s
@@ -45,7 +46,9 @@
 # --profile: scenarios (a), (b) and (e) once more for a fixed 60,000 calls under
 # `perf record --call-graph dwarf`, and a table of CPU per decision by part
 # of the server (benches/ghz/profile_parts.py says which frames make each
-# part); needs perf.
+# part); on Redis, the same for redis-server during (a) and during 200,000
+# plain SETs, by part of Redis (running the script, reading calls, writing
+# replies, expiry, waiting for events); needs perf.
 # --workers N: Tollgate and the no-op server both run N tokio workers
 # (TOKIO_WORKER_THREADS; the default is one per core), to compare layouts in
 # one run.
@@ -199,19 +202,22 @@ PY
 
 denied_total() { curl -s "127.0.0.1:$metrics_port/metrics" | awk '/^tollgate_decisions_total/ && /result="(denied|banned)"/ { s += $NF } END { print s + 0 }'; }
 evalsha_calls() { [ -n "$redis_pid" ] && rcli INFO commandstats | sed -n 's/^cmdstat_evalsha:calls=\([0-9]*\).*/\1/p' | grep . || echo 0; }
+# Microseconds Redis has spent running EVALSHA (the scripts and the commands
+# they call), from INFO commandstats.
+evalsha_usec() { [ -n "$redis_pid" ] && rcli INFO commandstats | sed -n 's/^cmdstat_evalsha:calls=[0-9]*,usec=\([0-9]*\).*/\1/p' | grep . || echo 0; }
 
 # run NAME PID ARGS...: one ghz run with CPU, calls and denials around it.
 run() {
   local name=$1 pid=$2; shift 2
-  local c0 r0=0 e0 d0=0 c1 r1=0 e1 d1=0 s0 s1
-  c0=$(cpu_of "$pid"); e0=$(evalsha_calls); s0=$(switches_of "$pid")
+  local c0 r0=0 e0 d0=0 c1 r1=0 e1 d1=0 s0 s1 u0 u1
+  c0=$(cpu_of "$pid"); e0=$(evalsha_calls); u0=$(evalsha_usec); s0=$(switches_of "$pid")
   [ -n "$redis_pid" ] && r0=$(cpu_of "$redis_pid")
   [ "$pid" != "$noop_pid" ] && d0=$(denied_total)
   timeout 120 "$ghz" --insecure -c "$concurrency" --duration-stop=wait -O json "$@" >"$work/$name.json" 2>"$work/$name.err" || true
-  c1=$(cpu_of "$pid"); e1=$(evalsha_calls); s1=$(switches_of "$pid")
+  c1=$(cpu_of "$pid"); e1=$(evalsha_calls); u1=$(evalsha_usec); s1=$(switches_of "$pid")
   [ -n "$redis_pid" ] && r1=$(cpu_of "$redis_pid")
   [ "$pid" != "$noop_pid" ] && d1=$(denied_total)
-  echo "{\"name\":\"$name\",\"tg_cpu\":$(awk "BEGIN { print $c1 - $c0 }"),\"redis_cpu\":$(awk "BEGIN { print $r1 - $r0 }"),\"evalsha\":$((e1 - e0)),\"denied\":$((d1 - d0)),\"rss_kb\":$(hwm_of "$pid"),\"switches\":$((s1 - s0))}" >"$work/$name.meta"
+  echo "{\"name\":\"$name\",\"tg_cpu\":$(awk "BEGIN { print $c1 - $c0 }"),\"redis_cpu\":$(awk "BEGIN { print $r1 - $r0 }"),\"evalsha\":$((e1 - e0)),\"evalsha_usec\":$((u1 - u0)),\"denied\":$((d1 - d0)),\"rss_kb\":$(hwm_of "$pid"),\"switches\":$((s1 - s0))}" >"$work/$name.meta"
 }
 
 scenario() {
@@ -338,14 +344,31 @@ strace_run() {
 # profile_run NAME PID ARGS...: a fixed 60,000 calls with PID under `perf
 # record` (499 Hz, call stacks unwound from a copy of each sample's stack),
 # its stacks written out for profile_parts.py.
+# During (a) on Redis, redis-server is recorded the same way, as redis-a-perf.
 profile_run() {
   local name=$1 pid=$2; shift 2
   perf record -q -F 499 --call-graph dwarf,16384 -o "$work/$name.data" -p "$pid" >/dev/null 2>&1 &
-  local pf=$!
+  local pf=$! rf=
+  if [ "$name" = a-perf ] && [ -n "$redis_pid" ]; then
+    perf record -q -F 499 --call-graph dwarf,16384 -o "$work/redis-$name.data" -p "$redis_pid" >/dev/null 2>&1 &
+    rf=$!
+  fi
   sleep 1
   timeout 120 "$ghz" --insecure -c "$concurrency" -n 60000 -O json "$@" >"$work/$name.json" 2>"$work/$name.err" || true
-  kill -INT "$pf"; wait "$pf" 2>/dev/null || true
+  kill -INT "$pf" $rf; wait "$pf" $rf 2>/dev/null || true
   perf script -i "$work/$name.data" --no-inline -F ip,sym,dso >"$work/$name.stacks" 2>/dev/null
+  [ -z "$rf" ] || perf script -i "$work/redis-$name.data" --no-inline -F ip,sym,dso >"$work/redis-$name.stacks" 2>/dev/null
+}
+# profile_set: Redis recorded the same way while it answers 200,000 plain
+# SETs from 50 clients, as the baseline's, for the table of Redis's parts.
+profile_set() {
+  rcli FLUSHALL >/dev/null
+  perf record -q -F 499 --call-graph dwarf,16384 -o "$work/redis-set-perf.data" -p "$redis_pid" >/dev/null 2>&1 &
+  local rf=$!
+  sleep 1
+  redis-benchmark -p "$redis_port" -c 50 -n 200000 -t set -P 1 -q >/dev/null 2>&1
+  kill -INT "$rf"; wait "$rf" 2>/dev/null || true
+  perf script -i "$work/redis-set-perf.data" --no-inline -F ip,sym,dso >"$work/redis-set-perf.stacks" 2>/dev/null
 }
 # on_a_and_e RUN SUFFIX: RUN (strace_run or profile_run) over the no-op
 # handler with (a)'s calls, as e-SUFFIX, then over a fresh Tollgate, as
@@ -373,6 +396,7 @@ if [ "$profile" = 1 ]; then
   profile_run b-perf "$tg_pid" --call tollgate.v1.RateLimiter/ShouldAllow \
     -d '{"scope":"b","identity":"hot","operation":"op"}' "127.0.0.1:$grpc_port"
   stop_tollgate
+  [ -z "$redis_pid" ] || profile_set
 fi
 
 python3 - "$work" "$out" "$store" "$quick" "$concurrency" "$redis_port" "$grpc_port" "$noop_port" <<'PY'
@@ -399,6 +423,8 @@ for key in "abcdefghij":
             "redis_calls_per_decision": round(m["evalsha"] / n, 4) if store == "redis" and key != "e" else None,
             "tollgate_cpu_us": round(m["tg_cpu"] * 1e6 / n, 1),
             "redis_cpu_us": round(m["redis_cpu"] * 1e6 / n, 2) if store == "redis" and key != "e" else None,
+            # Of Redis's CPU, the part running the scripts (commandstats).
+            "redis_script_us": round(m.get("evalsha_usec", 0) / n, 2) if store == "redis" and key != "e" else None,
             "peak_rss_mb": round(m["rss_kb"] / 1024, 1),
             "switches_per_decision": round(m["switches"] / n, 2),
         })
@@ -475,12 +501,12 @@ print("|---|---|---|")
 for q in ratios:
     print(f"| {q['what']} | {q['against']} | {q['ratio']:.2f}× |")
 print()
-print("| scenario | phase | decisions/s | p50 ms | p95 ms | p99 ms | errors | denied | Redis calls/decision | Tollgate CPU µs/decision | Redis CPU µs/decision | peak RSS MB | switches/decision |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| scenario | phase | decisions/s | p50 ms | p95 ms | p99 ms | errors | denied | Redis calls/decision | Tollgate CPU µs/decision | Redis CPU µs/decision | of it in scripts µs | peak RSS MB | switches/decision |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     print(f"| {r['scenario']} | {r['phase']} | {r['decisions_per_s']} | {f(r['p50_ms'])} | {f(r['p95_ms'])} | {f(r['p99_ms'])} | "
           f"{r['errors']} | {denied(r)} | "
-          f"{f(r['redis_calls_per_decision'], 3)} | {f(r['tollgate_cpu_us'], 1)} | {f(r['redis_cpu_us'], 1)} | {f(r['peak_rss_mb'], 1)} | "
+          f"{f(r['redis_calls_per_decision'], 3)} | {f(r['tollgate_cpu_us'], 1)} | {f(r['redis_cpu_us'], 1)} | {f(r['redis_script_us'], 1)} | {f(r['peak_rss_mb'], 1)} | "
           f"{f(r['switches_per_decision'], 2)} |")
 if syscalls:
     kinds = []
@@ -504,4 +530,9 @@ if [ "$profile" = 1 ]; then
     "(a)=$work/a-perf.stacks:$(ok_of "$work/a-perf.json")" \
     "(b)=$work/b-perf.stacks:$(ok_of "$work/b-perf.json")" \
     "(e) no-op=$work/e-perf.stacks:$(ok_of "$work/e-perf.json")"
+  if [ -n "$redis_pid" ]; then
+    python3 "$root/benches/ghz/profile_parts.py" --redis 499 \
+      "(a)=$work/redis-a-perf.stacks:$(ok_of "$work/a-perf.json")" \
+      "plain SET=$work/redis-set-perf.stacks:200000"
+  fi
 fi
