@@ -132,8 +132,10 @@
 -- appears twice, and a lone charge writes only its own), so the value is
 -- the one a GET would read. MGET answers nil both for an absent key and
 -- for a key of another type, so a bucket it found absent is written with
--- NX: a key of another type then refuses the write, and the charge fails
--- (status -1) having written nothing, as a GET's WRONGTYPE would make it.
+-- NX and GET: a key of another type then refuses the write with
+-- WRONGTYPE, and the charge fails (status -1) having written nothing, as a
+-- GET's WRONGTYPE would make it. ARGV[2] also says every charge is a
+-- plain lone bucket, whose header and numbers are then read at once.
 -- One MGET costs Redis less than a GET per charge: about 4% of a charge's
 -- instructions (script_cost.py --callgrind; docs/benchmarks.md).
 --
