@@ -38,6 +38,11 @@ call at a time:
   fresh, 4 buckets as fresh, each charge with four buckets (four keys), as
                    scenario (c) has.
 
+--keep DIR (with --callgrind) keeps each profile of 2,000 calls as
+DIR/<workload>.<version>.out: `callgrind_annotate --inclusive=yes` on one
+shows where a charge's instructions go (Debian's Redis has no symbols for
+Lua's internals, so some frames are addresses).
+
 About a minute and a half with --baseline and --callgrind. Standard
 library only; needs redis-server on PATH, and valgrind for --callgrind.
 """
@@ -182,9 +187,10 @@ def start_redis(work, port, wrap=()):
     sys.exit("redis-server never opened its port")
 
 
-def instructions(text, keys, cap, period, buckets, calls, work):
+def instructions(text, keys, cap, period, buckets, calls, work, keep=None):
     """Redis's instructions (callgrind's Ir) from start to shutdown, having
-    answered `calls` calls of CG_BATCH charges."""
+    answered `calls` calls of CG_BATCH charges; the profile is copied to
+    `keep` when given."""
     out = os.path.join(work, "callgrind.out")
     redis, conn = start_redis(
         work, free_port(), ("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"))
@@ -214,10 +220,12 @@ def instructions(text, keys, cap, period, buckets, calls, work):
                     if ":evalGenericCommand " in line), None)
     if total is None or in_eval is None:
         sys.exit(f"no totals in {out}")
+    if keep:
+        shutil.copyfile(out, keep)
     return total, in_eval
 
 
-def callgrind(scripts):
+def callgrind(scripts, keep=None):
     if not shutil.which("valgrind"):
         sys.exit("--callgrind needs valgrind (apt-get install -y valgrind)")
     work = tempfile.mkdtemp(prefix="tollgate-script-cost.")
@@ -230,7 +238,10 @@ def callgrind(scripts):
         for name, keys, cap, period, buckets in WORKLOADS:
             for version, text in scripts.items():
                 one = instructions(text, keys, cap, period, buckets, 1, work)
-                many = instructions(text, keys, cap, period, buckets, CG_CALLS + 1, work)
+                kept = None
+                if keep:
+                    kept = os.path.join(keep, f"{name.replace(', ', '-').replace(' ', '-')}.{version}.out")
+                many = instructions(text, keys, cap, period, buckets, CG_CALLS + 1, work, kept)
                 per = [(m - o) / (CG_CALLS * CG_BATCH) for m, o in zip(many, one)]
                 print(f"| {name} | {version} | {per[0]:,.0f} | {per[1]:,.0f} |", flush=True)
     finally:
@@ -243,7 +254,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--callgrind", action="store_true",
                     help="count Redis's instructions per charge under callgrind")
+    ap.add_argument("--keep", metavar="DIR",
+                    help="with --callgrind, keep each workload's profile in DIR, "
+                         "for callgrind_annotate")
     args = ap.parse_args()
+    if args.keep and not args.callgrind:
+        ap.error("--keep goes with --callgrind")
     # The store sends the pool functions in front of decide.lua; so does this.
     scripts = {"current": "".join(
         open(os.path.join(ROOT, "src/store/redis", name)).read()
@@ -253,7 +269,9 @@ def main():
         # newer one needs the same prefix (pass both files concatenated).
         scripts["baseline"] = open(args.baseline).read()
     if args.callgrind:
-        callgrind(scripts)
+        if args.keep:
+            os.makedirs(args.keep, exist_ok=True)
+        callgrind(scripts, args.keep)
         return
     work = tempfile.mkdtemp(prefix="tollgate-script-cost.")
     redis, conn = start_redis(work, free_port())
