@@ -48,7 +48,8 @@
 # of the server (benches/ghz/profile_parts.py says which frames make each
 # part); on Redis, the same for redis-server during (a) and during 200,000
 # plain SETs, by part of Redis (running the script, reading calls, writing
-# replies, expiry, waiting for events); needs perf.
+# replies, expiry, waiting for events); needs perf. The `perf script`
+# stacks are kept in OUT/profile/ (target/ghz/profile by default).
 # --workers N: Tollgate and the no-op server both run N tokio workers
 # (TOKIO_WORKER_THREADS; the default is one per core), to compare layouts in
 # one run.
@@ -535,4 +536,10 @@ if [ "$profile" = 1 ]; then
       "(a)=$work/redis-a-perf.stacks:$(ok_of "$work/a-perf.json")" \
       "plain SET=$work/redis-set-perf.stacks:200000"
   fi
+  # The stacks stay, for questions the tables do not answer (which lock a
+  # worker waited on, what a part is made of).
+  rm -rf "$out/profile"
+  mkdir -p "$out/profile"
+  cp "$work"/*.stacks "$out/profile/"
+  echo "stacks: $out/profile/" >&2
 fi
