@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::common::redis::{Secured, Standalone, conn, store_config, wait_until};
+use crate::common::redis::{Secured, Standalone, conn, evalsha_calls, store_config, wait_until};
 use crate::common::store::charge;
 use tollgate::config::{Config, RedisMode, Secret};
 use tollgate::limiter::{DecideError, Limiter, Request, Rules};
@@ -112,6 +112,102 @@ async fn a_bucket_expires_when_full_and_its_memory_is_measured() {
     tokio::time::sleep(Duration::from_millis(350)).await;
     let exists: i64 = redis::cmd("EXISTS").arg(key).query(&mut c).unwrap();
     assert_eq!(exists, 0, "a full bucket is forgotten");
+}
+
+/// A bucket's state as the script stores it: its TAT in microseconds and
+/// the fraction of a microsecond beyond it, in capacity-ths.
+fn stored_state(admin: &mut redis::Connection, key: &str) -> (i64, i64) {
+    let v: Vec<u8> = redis::cmd("GET").arg(key).query(admin).unwrap();
+    assert_eq!(v.len(), 12, "a plain bucket is 12 bytes");
+    let ticks = i64::from_le_bytes(v[..8].try_into().unwrap());
+    let frac = i32::from_le_bytes(v[8..].try_into().unwrap());
+    (ticks, i64::from(frac))
+}
+
+/// The one-bucket path's arithmetic, read back from Redis. 7 tokens per
+/// 10 s is an emission interval of 1,428,571 µs and 3/7 µs, so the
+/// fraction carries into a whole microsecond every few takes: each take
+/// must move the stored TAT by exactly one interval, which a wrong
+/// quotient, remainder or carry would not, and no take may be lost or
+/// doubled (over-admission) on the way.
+#[tokio::test]
+async fn a_lone_bucket_moves_by_exactly_one_interval_at_an_uneven_rate() {
+    let redis = Standalone::start();
+    let store = redis.store("uneven");
+    let c = charge("alice", 7, Duration::from_secs(10));
+    let key = bucket_key("test:uneven:", &c.buckets[0]);
+    let mut admin = conn(redis.server.port).unwrap();
+    let (q, r) = (10_000_000 / 7, 10_000_000 % 7);
+    assert_eq!((q, r), (1_428_571, 3));
+    let mut next: Option<(i64, i64)> = None;
+    for take in 1..=7 {
+        let out = store
+            .check_and_take(std::slice::from_ref(&c))
+            .await
+            .unwrap();
+        assert!(out[0].allowed, "take {take}");
+        assert_eq!(out[0].buckets[0].remaining, 7 - take);
+        let (ticks, frac) = stored_state(&mut admin, &key);
+        if let Some(expected) = next {
+            assert_eq!((ticks, frac), expected, "take {take}");
+        } else {
+            // A fresh bucket: one interval past Redis's clock.
+            let now = now_us(redis.server.port) as i64;
+            assert!(ticks > now && ticks <= now + q, "TAT {ticks} at {now}");
+            assert_eq!(frac, r);
+        }
+        let f = frac + r;
+        next = Some((ticks + q + f / 7, f % 7));
+    }
+    // Empty: the eighth is denied and changes nothing.
+    let before = stored_state(&mut admin, &key);
+    let out = store
+        .check_and_take(std::slice::from_ref(&c))
+        .await
+        .unwrap();
+    assert!(!out[0].allowed);
+    assert_eq!(stored_state(&mut admin, &key), before);
+}
+
+/// Fresh buckets of different limits decided in one script call each get
+/// the expiry of their own limit: the script reuses the last fresh
+/// bucket's PX text only when it is the same.
+#[tokio::test]
+async fn fresh_buckets_of_different_limits_in_one_call_keep_their_own_expiry() {
+    let redis = Standalone::start();
+    let store = redis.store("mixed");
+    // Loads the script, so the call below is one EVALSHA.
+    store
+        .check_and_take(&[charge("warm", 1, Duration::from_secs(1))])
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..16).map(|i| format!("u{i}")).collect();
+    // Alternating: 10 per second (full again after 100 ms) and 1 per 10 s
+    // (after 10 s).
+    let charges: Vec<Charge<'_>> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            if i % 2 == 0 {
+                charge(id, 10, Duration::from_secs(1))
+            } else {
+                charge(id, 1, Duration::from_secs(10))
+            }
+        })
+        .collect();
+    let calls = evalsha_calls(&[redis.server.port]);
+    // On this single-threaded runtime every charge is queued before the
+    // coalescer's task runs, so they share one call.
+    let out = store.check_and_take(&charges).await.unwrap();
+    assert_eq!(evalsha_calls(&[redis.server.port]) - calls, 1, "one call");
+    assert!(out.iter().all(|o| o.allowed));
+    let mut admin = conn(redis.server.port).unwrap();
+    for (i, c) in charges.iter().enumerate() {
+        let key = bucket_key("test:mixed:", &c.buckets[0]);
+        let pttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut admin).unwrap();
+        let within = if i % 2 == 0 { 50..=100 } else { 9_000..=10_000 };
+        assert!(within.contains(&pttl), "charge {i}: PTTL {pttl}");
+    }
 }
 
 #[tokio::test]

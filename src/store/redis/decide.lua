@@ -1204,6 +1204,7 @@ if fetched then
     if decide_lone(k0, cap, period, cost, reserve) then
       at = past
     else
+      -- decide() reads from past the charge's 3-byte header ('<BH').
       at = general().decide(k0, at + 3, 1, false, false, false, false, nil)
     end
     k0 = k0 + 1
