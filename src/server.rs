@@ -8,6 +8,9 @@
 //! configured address. The stop sequence itself lives in [`crate::shutdown`],
 //! and the reload procedure and its snapshot in [`crate::reload`].
 
+mod cores;
+
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,6 +81,9 @@ pub enum ServerError {
     /// Reflection could not be built from the descriptors.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// A core's thread or runtime could not be started.
+    #[error("starting a core: {0}")]
+    Runtime(std::io::Error),
     /// The store could not be built (it is not connected yet, so this is
     /// about settings, never about Redis being down).
     #[error(transparent)]
@@ -145,24 +151,52 @@ pub async fn run(
     let router = routes(&config.grpc, &limiter, &observer, health_service)?;
     let router = router.add_service(quota_service(&config, &limiter, &observer));
 
-    let (stopping, cancel) = (CancellationToken::new(), CancellationToken::new());
-    let stop = {
-        let stopping = stopping.clone();
-        async move {
-            shutdown::until_shutdown(&mut control, || reloader.reload()).await;
-            watcher.abort();
-            bans.abort();
-            let drain_delay = reloader.drain_delay();
-            shutdown::drain(&health, &["", HEALTH_SERVICE], drain_delay).await;
-            stopping.cancel();
-        }
+    let stopping = CancellationToken::new();
+    let stop = async {
+        shutdown::until_shutdown(&mut control, || reloader.reload()).await;
+        watcher.abort();
+        bans.abort();
+        let drain_delay = reloader.drain_delay();
+        shutdown::drain(&health, &["", HEALTH_SERVICE], drain_delay).await;
+        stopping.cancel();
     };
-    tracing::info!(addr = ?listener.local_addr().ok(), tls = grpc_tls.is_some(), "serving");
-    let conns = incoming(listener, grpc_tls, &observer, &cancel, &config.grpc);
-    let serve = router.serve_with_incoming_shutdown(conns, stop);
-    shutdown::serve_with_grace(serve, stopping, cancel, config.shutdown_grace).await?;
+    let serving = cores::Serving {
+        router,
+        tls: grpc_tls,
+        observer: observer.clone(),
+        cancel: CancellationToken::new(),
+        stopping: stopping.clone(),
+    };
+    serve(serving, listener, &config, stop).await?;
     stopped.cancel();
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Serves on the shared runtime, or on a runtime per core (`grpc.cores`),
+/// until `stop` ends and the calls in flight finish or the grace runs out.
+async fn serve(
+    serving: cores::Serving,
+    listener: TcpListener,
+    config: &Config,
+    stop: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let grpc = &config.grpc;
+    let grace = config.shutdown_grace;
+    tracing::info!(addr = ?listener.local_addr().ok(), tls = serving.tls.is_some(), cores = grpc.cores, "serving");
+    let (stopping, cancel) = (serving.stopping.clone(), serving.cancel.clone());
+    if grpc.cores == 0 {
+        let conns = incoming(listener, serving.tls, &serving.observer, &cancel, grpc);
+        let serve = serving.router.serve_with_incoming_shutdown(conns, stop);
+        shutdown::serve_with_grace(serve, stopping, cancel, grace).await?;
+    } else {
+        // Should this future be dropped (a test that drops its server),
+        // the cores stop too.
+        let _guards = (stopping.clone().drop_guard(), cancel.clone().drop_guard());
+        let cores = cores::spawn(serving, listener, grpc)?;
+        let serve = async move { tokio::join!(stop, cores).1 };
+        shutdown::serve_with_grace(serve, stopping, cancel, grace).await?;
+    }
     Ok(())
 }
 

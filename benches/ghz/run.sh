@@ -2,6 +2,7 @@
 # Tollgate under ghz, in one command: ten scenarios, one table, one JSON.
 #
 #   benches/ghz/run.sh [--store memory|redis] [--quick] [--syscalls] [--profile] [--workers N]
+#                      [--cores N] [--connections N]
 #
 # Installs ghz when missing (pinned, into target/go-bin) while it builds
 # release Tollgate and the no-op server (the `noop` binary of benches/tools),
@@ -52,13 +53,18 @@
 # stacks are kept in OUT/profile/ (target/ghz/profile by default).
 # --workers N: Tollgate and the no-op server both run N tokio workers
 # (TOKIO_WORKER_THREADS; the default is one per core), to compare layouts in
-# one run.
+# one run. --cores N: both run N single-threaded runtimes instead, one per
+# thread, connections dealt to them in turn (Tollgate's `grpc.cores`).
+# --connections N: ghz spreads its calls over N connections (default 1);
+# with --cores, one connection would keep every call on one core.
 # Needs redis-server and redis-cli (for redis), python3, and Go (for ghz).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 
 store=redis
+cores=0
+connections=1
 quick=0
 syscalls=0
 profile=0
@@ -71,7 +77,11 @@ while [ $# -gt 0 ]; do
     --profile) profile=1; shift ;;
     --workers) export TOKIO_WORKER_THREADS=$2; shift 2 ;;
     --workers=*) export TOKIO_WORKER_THREADS=${1#--workers=}; shift ;;
-    *) echo "usage: $0 [--store memory|redis] [--quick] [--syscalls] [--profile] [--workers N]" >&2; exit 2 ;;
+    --cores) cores=$2; shift 2 ;;
+    --cores=*) cores=${1#--cores=}; shift ;;
+    --connections) connections=$2; shift 2 ;;
+    --connections=*) connections=${1#--connections=}; shift ;;
+    *) echo "usage: $0 [--store memory|redis] [--quick] [--syscalls] [--profile] [--workers N] [--cores N] [--connections N]" >&2; exit 2 ;;
   esac
 done
 case "$store" in memory|redis) ;; *) echo "--store: memory or redis" >&2; exit 2 ;; esac
@@ -155,6 +165,7 @@ YAML
 cat >"$work/tollgate.yaml" <<YAML
 listen: 127.0.0.1:$grpc_port
 log: { level: warn }
+grpc: { cores: $cores }
 metrics: { listen: 127.0.0.1:$metrics_port }
 $store_yaml
 envoy_ratelimit_configs: [envoy.yaml]
@@ -214,7 +225,7 @@ run() {
   c0=$(cpu_of "$pid"); e0=$(evalsha_calls); u0=$(evalsha_usec); s0=$(switches_of "$pid")
   [ -n "$redis_pid" ] && r0=$(cpu_of "$redis_pid")
   [ "$pid" != "$noop_pid" ] && d0=$(denied_total)
-  timeout 120 "$ghz" --insecure -c "$concurrency" --duration-stop=wait -O json "$@" >"$work/$name.json" 2>"$work/$name.err" || true
+  timeout 120 "$ghz" --insecure -c "$concurrency" --connections "$connections" --duration-stop=wait -O json "$@" >"$work/$name.json" 2>"$work/$name.err" || true
   c1=$(cpu_of "$pid"); e1=$(evalsha_calls); u1=$(evalsha_usec); s1=$(switches_of "$pid")
   [ -n "$redis_pid" ] && r1=$(cpu_of "$redis_pid")
   [ "$pid" != "$noop_pid" ] && d1=$(denied_total)
@@ -288,7 +299,7 @@ echo "ghz: (j) lease release" >&2
 release_phase() {
   local phase=$1 n=$2; shift 2
   local lease='{"target":{"scope":"j","identity":"'"$phase"'-{{.RequestNumber}}","lease_id":"l-{{.RequestNumber}}"}}'
-  timeout 120 "$ghz" --insecure -c "$concurrency" -n "$n" -O json --call tollgate.v1.Leases/Acquire \
+  timeout 120 "$ghz" --insecure -c "$concurrency" --connections "$connections" -n "$n" -O json --call tollgate.v1.Leases/Acquire \
     -d "$lease" "127.0.0.1:$grpc_port" >"$work/j-$phase-acquire.json" 2>"$work/j-$phase-acquire.err" || true
   local ok
   ok=$(ok_of "$work/j-$phase-acquire.json")
@@ -302,7 +313,7 @@ rps=$(python3 -c "import json; print(max(1, int(json.load(open('$work/j-sat.json
 release_phase half $((n_release / 2)) --rps "$rps"
 stop_tollgate
 echo "ghz: (e) no-op handler" >&2
-"$bin/noop" --listen "127.0.0.1:$noop_port" >"$work/noop.log" 2>&1 &
+"$bin/noop" --listen "127.0.0.1:$noop_port" --cores "$cores" >"$work/noop.log" 2>&1 &
 noop_pid=$!
 pids+=("$noop_pid")
 wait_port "$noop_port" || exit 1
@@ -334,12 +345,12 @@ strace_run() {
   strace -c -f -qq -o "$work/$name.strace" -p "$pid" &
   local st=$!
   sleep 1 # strace attaches to every thread before the load starts
-  timeout 120 "$ghz" --insecure -c "$concurrency" -n 20000 -O json "$@" >"$work/$name.json" 2>"$work/$name.err" || true
+  timeout 120 "$ghz" --insecure -c "$concurrency" --connections "$connections" -n 20000 -O json "$@" >"$work/$name.json" 2>"$work/$name.err" || true
   kill -INT "$st"; wait "$st" 2>/dev/null || true
   strace -f -qq -yy -s 0 -e trace=write,writev,sendto,sendmsg -o "$work/$name.writes" -p "$pid" &
   st=$!
   sleep 1
-  timeout 120 "$ghz" --insecure -c "$concurrency" -n 20000 -O json "$@" >"$work/$name-writes.json" 2>>"$work/$name.err" || true
+  timeout 120 "$ghz" --insecure -c "$concurrency" --connections "$connections" -n 20000 -O json "$@" >"$work/$name-writes.json" 2>>"$work/$name.err" || true
   kill -INT "$st"; wait "$st" 2>/dev/null || true
 }
 # profile_run NAME PID ARGS...: a fixed 60,000 calls with PID under `perf
@@ -355,7 +366,7 @@ profile_run() {
     rf=$!
   fi
   sleep 1
-  timeout 120 "$ghz" --insecure -c "$concurrency" -n 60000 -O json "$@" >"$work/$name.json" 2>"$work/$name.err" || true
+  timeout 120 "$ghz" --insecure -c "$concurrency" --connections "$connections" -n 60000 -O json "$@" >"$work/$name.json" 2>"$work/$name.err" || true
   kill -INT "$pf" $rf; wait "$pf" $rf 2>/dev/null || true
   perf script -i "$work/$name.data" --no-inline -F ip,sym,dso >"$work/$name.stacks" 2>/dev/null
   [ -z "$rf" ] || perf script -i "$work/redis-$name.data" --no-inline -F ip,sym,dso >"$work/redis-$name.stacks" 2>/dev/null
@@ -400,6 +411,7 @@ if [ "$profile" = 1 ]; then
   [ -z "$redis_pid" ] || profile_set
 fi
 
+RUN_CORES=$cores RUN_CONNECTIONS=$connections \
 python3 - "$work" "$out" "$store" "$quick" "$concurrency" "$redis_port" "$grpc_port" "$noop_port" <<'PY'
 import json, os, platform, re, subprocess, sys
 work, out, store, quick, conc, redis_port, *grpc_ports = sys.argv[1:]
@@ -435,6 +447,9 @@ machine = {
     "redis": subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip() if store == "redis" else None,
     "store": store, "quick": quick == "1", "concurrency": int(conc),
     "workers": int(os.environ["TOKIO_WORKER_THREADS"]) if os.environ.get("TOKIO_WORKER_THREADS") else os.cpu_count(),
+    # 0: one multi-threaded runtime of `workers`; N: N single-threaded ones.
+    "runtimes_per_core": int(os.environ["RUN_CORES"]),
+    "connections": int(os.environ["RUN_CONNECTIONS"]),
 }
 def row(scenario, phase="saturation"):
     return next(r for r in rows if r["scenario"] == names[scenario] and r["phase"] == phase)
@@ -496,7 +511,8 @@ json.dump({"machine": machine, "rows": rows, "ratios": ratios, "syscalls": sysca
           open(f"{out}/ghz-{store}.json", "w"), indent=1)
 f = lambda v, d=2: "–" if v is None else f"{v:.{d}f}"
 denied = lambda r: "–" if r["denied_share"] is None else f"{r['denied_share']:.1%}"
-print(f"\nstore: {store}, concurrency {conc}, {machine['cores']} cores ({machine['cpu']}), {machine['workers']} tokio workers, {'quick' if quick == '1' else 'full'} run")
+layout = f"{machine['runtimes_per_core']} single-threaded runtimes" if machine["runtimes_per_core"] else f"{machine['workers']} tokio workers"
+print(f"\nstore: {store}, concurrency {conc}, {machine['cores']} cores ({machine['cpu']}), {layout}, {machine['connections']} connection(s), {'quick' if quick == '1' else 'full'} run")
 print("\n| ratio, this run | against | ratio |")
 print("|---|---|---|")
 for q in ratios:

@@ -40,6 +40,9 @@ pub const DEFAULT_MAX_CONNECTION_AGE_GRACE: Duration = Duration::from_secs(30);
 /// Default `grpc.max_in_flight`: calls being handled at once, across all
 /// connections; past it, new calls get RESOURCE_EXHAUSTED at once.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 4096;
+/// The most threads `grpc.cores` may ask for.
+pub const MAX_CORES: usize = 256;
+
 /// Default `grpc.max_batch`: entries in one `ShouldAllowBatch`.
 pub const DEFAULT_MAX_BATCH: usize = 256;
 /// Default `grpc.max_envoy_descriptors`: descriptors in one Envoy request.
@@ -222,6 +225,12 @@ pub struct GrpcConfig {
     /// Descriptors in one Envoy `ShouldRateLimit`.
     #[serde(default = "default_max_envoy_descriptors")]
     pub max_envoy_descriptors: usize,
+    /// 0: serve every connection on one multi-threaded runtime, a worker
+    /// per core. N: serve on N threads, each with its own single-threaded
+    /// runtime, connections dealt to them in turn, so that a call (and on
+    /// Redis, its batch and its connection) stays on one thread.
+    #[serde(default)]
+    pub cores: usize,
 }
 
 impl Default for GrpcConfig {
@@ -237,6 +246,7 @@ impl Default for GrpcConfig {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_batch: DEFAULT_MAX_BATCH,
             max_envoy_descriptors: DEFAULT_MAX_ENVOY_DESCRIPTORS,
+            cores: 0,
         }
     }
 }
@@ -274,7 +284,8 @@ fn default_max_envoy_descriptors() -> usize {
 
 impl GrpcConfig {
     pub(super) fn validate(&self, problems: &mut Vec<String>) {
-        let ranges: [(&str, usize, usize, usize); 6] = [
+        let ranges: [(&str, usize, usize, usize); 7] = [
+            ("cores", self.cores, 0, MAX_CORES),
             ("max_message_size", self.max_message_size, 1024, 1 << 30),
             (
                 "max_header_list_size",

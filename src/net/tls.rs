@@ -31,7 +31,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tokio_stream::StreamExt as _;
+use tokio_stream::{Stream, StreamExt as _};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, TcpIncoming};
 
@@ -228,10 +228,24 @@ pub fn accept(
     tls: Option<Tls>,
     observer: Arc<Observer>,
 ) -> mpsc::Receiver<Conn> {
-    let (tx, rx) = mpsc::channel(64);
-    let mut incoming = TcpIncoming::from(listener)
+    accept_from(incoming(listener), tls, observer)
+}
+
+/// `listener`'s connections, Nagle off and TCP keepalive on.
+pub fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener)
         .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
+        .with_keepalive(Some(Duration::from_secs(60)))
+}
+
+/// As [`accept`], from TCP connections accepted elsewhere: with a runtime
+/// per core, the core's share of the listener's (see `server`).
+pub fn accept_from(
+    mut incoming: impl Stream<Item = io::Result<TcpStream>> + Send + Unpin + 'static,
+    tls: Option<Tls>,
+    observer: Arc<Observer>,
+) -> mpsc::Receiver<Conn> {
+    let (tx, rx) = mpsc::channel(64);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {

@@ -10,6 +10,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
+pub mod affinity;
 pub mod ban_cache;
 pub mod build;
 pub mod charge;

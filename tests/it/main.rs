@@ -9,6 +9,7 @@ mod cli;
 mod cluster_spread;
 mod coalescing;
 mod common;
+mod cores;
 mod deny_cache;
 mod deploy;
 mod docs;

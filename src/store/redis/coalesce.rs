@@ -23,7 +23,7 @@ use std::sync::{Arc, Weak};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::StoreError;
+use crate::store::{StoreError, affinity};
 
 /// The most charges one call carries. Redis runs one script at a time, so
 /// this also bounds how long a batch holds Redis: about 1–2 µs per charge.
@@ -62,11 +62,16 @@ struct Job<W> {
     reply: oneshot::Sender<Result<Reply, StoreError>>,
 }
 
-/// The queues, one per node (or slot), each drained by its own task.
+/// The queues, one per node (or slot), each drained by its own task; with
+/// a runtime per core, one per node and core (see [`affinity`]), so a
+/// charge is batched, sent and answered on the core that took it.
 #[derive(Debug)]
 pub(crate) struct Coalescer<W> {
-    queues: Mutex<HashMap<u16, mpsc::UnboundedSender<Job<W>>>>,
+    queues: Mutex<HashMap<QueueKey, mpsc::UnboundedSender<Job<W>>>>,
 }
+
+/// A queue's core (none on the shared runtime) and node.
+type QueueKey = (Option<u16>, u16);
 
 impl<W> Default for Coalescer<W> {
     fn default() -> Self {
@@ -87,11 +92,12 @@ impl<W: Work> Coalescer<W> {
     ) -> oneshot::Receiver<Result<Reply, StoreError>> {
         let (reply, answer) = oneshot::channel();
         let mut job = Job { charge, reply };
+        let key = (affinity::current(), node);
         let mut queues = self.queues.lock();
         // Twice at most: a task that ended (its runtime shut down, as
         // between tests) is replaced once.
         for _ in 0..2 {
-            let queue = queues.entry(node).or_insert_with(|| {
+            let queue = queues.entry(key).or_insert_with(|| {
                 let (queue, jobs) = mpsc::unbounded_channel();
                 tokio::spawn(drain(Arc::downgrade(owner), node, jobs));
                 queue
@@ -99,7 +105,7 @@ impl<W: Work> Coalescer<W> {
             match queue.send(job) {
                 Ok(()) => break,
                 Err(mpsc::error::SendError(back)) => {
-                    queues.remove(&node);
+                    queues.remove(&key);
                     job = back;
                 }
             }
@@ -231,6 +237,73 @@ mod tests {
                 })
                 .collect()
         }
+    }
+
+    /// With a runtime per core, a charge is batched on its own core: each
+    /// pinned thread's charges are drained by a task on its own runtime,
+    /// even while the other core's task is alive.
+    #[test]
+    fn each_core_drains_its_own_queue_on_its_own_thread() {
+        /// Records the thread each call ran on.
+        #[derive(Default)]
+        struct Threads(Mutex<Vec<String>>);
+        impl BatchCall<Item> for Threads {
+            async fn call(&self, _node: u16, batch: &[&Item]) -> Vec<Result<Reply, StoreError>> {
+                let name = std::thread::current().name().unwrap_or("").to_owned();
+                self.0.lock().push(name);
+                batch
+                    .iter()
+                    .map(|_| {
+                        Ok(Reply {
+                            now: 0,
+                            ints: Vec::new(),
+                        })
+                    })
+                    .collect()
+            }
+        }
+        let owner = Arc::new(Threads::default());
+        let coalescer = Arc::new(Coalescer::<Item>::default());
+        let (first_done, first_waits) = std::sync::mpsc::channel::<()>();
+        let (second_done, second_waits) = tokio::sync::oneshot::channel::<()>();
+        let core = |id: u16,
+                    done: Box<dyn FnOnce() + Send>,
+                    hold: Option<tokio::sync::oneshot::Receiver<()>>| {
+            let (owner, coalescer) = (owner.clone(), coalescer.clone());
+            std::thread::Builder::new()
+                .name(format!("core-{id}"))
+                .spawn(move || {
+                    affinity::pin(id);
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    runtime.block_on(async {
+                        let answer = coalescer.submit(&owner, 0, Item(u32::from(id)));
+                        answer.await.unwrap().unwrap();
+                        done();
+                        // Keeps this runtime (and its queue's task) running
+                        // until the other core has been served.
+                        if let Some(hold) = hold {
+                            hold.await.unwrap();
+                        }
+                    });
+                })
+                .unwrap()
+        };
+        let first = core(
+            0,
+            Box::new(move || first_done.send(()).unwrap()),
+            Some(second_waits),
+        );
+        first_waits.recv().unwrap();
+        let second = core(1, Box::new(move || second_done.send(()).unwrap()), None);
+        second.join().unwrap();
+        first.join().unwrap();
+        assert_eq!(
+            *owner.0.lock(),
+            vec!["core-0".to_owned(), "core-1".to_owned()]
+        );
     }
 
     /// On one thread the order is fixed: the drain task takes item 1, then

@@ -153,8 +153,9 @@ struct Lane<P: Pooled> {
     timeouts: std::sync::atomic::AtomicU32,
 }
 
-/// A lane's connection: `(generation, pooled connection, handle)`.
-type Held<P> = (u64, <P as Pooled>::Conn, <P as Pooled>::Handle);
+/// A lane's connection: `(generation, pooled connection, handle, the core
+/// whose runtime made it)`.
+type Held<P> = (u64, <P as Pooled>::Conn, <P as Pooled>::Handle, Option<u16>);
 
 impl<P: Pooled> Lanes<P> {
     /// How many lanes there are.
@@ -200,11 +201,19 @@ impl<P: Pooled> Lanes<P> {
         Fut: Future<Output = RedisResult<T>>,
     {
         let started = tokio::time::Instant::now();
-        let at = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        // A thread pinned to a core keeps to its own lane, with a
+        // connection it made, so the connection's driver task runs on its
+        // own runtime. With more cores than lanes, the rest share.
+        let pinned =
+            crate::store::affinity::current().filter(|&c| usize::from(c) < self.lanes.len());
+        let at = match pinned {
+            Some(core) => usize::from(core),
+            None => self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len(),
+        };
         let lane = &self.lanes[at];
-        let (generation, conn) = match lane.current() {
+        let (generation, conn) = match lane.current(pinned) {
             Some(held) => held,
-            None => tokio::time::timeout(timeout, lane.fill(&self.pool))
+            None => tokio::time::timeout(timeout, lane.fill(&self.pool, pinned))
                 .await
                 .map_err(|_| CallError::Timeout(timeout))??,
         };
@@ -237,8 +246,8 @@ impl<P: Pooled> Lanes<P> {
     }
 
     pub(super) async fn warm(&self, timeout: Duration) {
-        for lane in self.lanes.iter().filter(|l| l.current().is_none()) {
-            if tokio::time::timeout(timeout, lane.fill(&self.pool))
+        for lane in self.lanes.iter().filter(|l| l.current(None).is_none()) {
+            if tokio::time::timeout(timeout, lane.fill(&self.pool, None))
                 .await
                 .is_err()
             {
@@ -256,21 +265,31 @@ impl<P: Pooled> Lanes<P> {
 }
 
 impl<P: Pooled> Lane<P> {
-    fn current(&self) -> Option<(u64, P::Handle)> {
+    /// The held connection, for any caller; for one pinned to `core`, only
+    /// a connection that core made.
+    fn current(&self, core: Option<u16>) -> Option<(u64, P::Handle)> {
         self.held
             .lock()
             .as_ref()
-            .map(|(generation, _, handle)| (*generation, handle.clone()))
+            .filter(|held| core.is_none() || held.3 == core)
+            .map(|(generation, _, handle, _)| (*generation, handle.clone()))
     }
 
-    async fn fill(&self, pool: &P) -> Result<(u64, P::Handle), CallError> {
+    /// Fills the lane, or for a caller pinned to `core`, replaces a
+    /// connection another runtime made with one of its own.
+    async fn fill(&self, pool: &P, core: Option<u16>) -> Result<(u64, P::Handle), CallError> {
         let failures = self.fill_failures.load(Ordering::Acquire);
         let _filling = self.filling.lock().await;
-        if let Some(held) = self.current() {
+        if let Some(held) = self.current(core) {
             return Ok(held);
         }
         if self.fill_failures.load(Ordering::Acquire) != failures {
             return Err(CallError::ConnectJustFailed);
+        }
+        // A connection another runtime made goes back first, so that the
+        // pool has room for this core's; calls already on it finish.
+        if let Some((_, old, _, _)) = self.held.lock().take() {
+            P::discard(old);
         }
         let conn = match pool.checkout().await {
             Ok(conn) => conn,
@@ -281,7 +300,8 @@ impl<P: Pooled> Lane<P> {
         };
         let handle = P::handle(&conn);
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        *self.held.lock() = Some((generation, conn, handle.clone()));
+        let made_by = crate::store::affinity::current();
+        *self.held.lock() = Some((generation, conn, handle.clone(), made_by));
         Ok((generation, handle))
     }
 
@@ -290,11 +310,11 @@ impl<P: Pooled> Lane<P> {
         let taken = {
             let mut held = self.held.lock();
             match (&*held, generation) {
-                (Some((current, _, _)), Some(g)) if *current != g => None,
+                (Some((current, _, _, _)), Some(g)) if *current != g => None,
                 _ => held.take(),
             }
         };
-        if let Some((_, conn, _)) = taken {
+        if let Some((_, conn, _, _)) = taken {
             self.timeouts.store(0, Ordering::Relaxed);
             P::discard(conn);
         }

@@ -35,7 +35,7 @@ fn bad_tls_and_bounds_are_refused_with_their_field_paths() {
     let e = problems(
         "tls: {cert: /nonexistent/cert.pem, key: /nonexistent/key.pem}
 metrics: {tls: {cert: /nonexistent/c, key: /nonexistent/k}}
-grpc: {max_in_flight: 0, max_batch: 0, max_connection_age: 1ms, max_message_size: 10}
+grpc: {max_in_flight: 0, max_batch: 0, max_connection_age: 1ms, max_message_size: 10, cores: 257}
 ",
     );
     for want in [
@@ -44,6 +44,7 @@ grpc: {max_in_flight: 0, max_batch: 0, max_connection_age: 1ms, max_message_size
         "metrics.tls: needs metrics.listen",
         "grpc.max_in_flight: must be between 1 and",
         "grpc.max_batch: must be between 1 and",
+        "grpc.cores: must be between 0 and 256",
         "grpc.max_connection_age: must be between 10ms and",
         "grpc.max_message_size: must be between 1024 and",
     ] {
