@@ -22,7 +22,7 @@ fn free_addr() -> String {
 
 /// A TLS channel to `addr` trusting `ca`, presenting `identity` if given,
 /// checking the server's name against `domain`.
-async fn tls_channel(
+pub(crate) async fn tls_channel(
     addr: std::net::SocketAddr,
     ca_pem: &str,
     identity: Option<&Leaf>,
