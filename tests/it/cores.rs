@@ -125,7 +125,10 @@ async fn connections_are_dealt_to_every_core_and_decisions_stay_exact() {
             });
         }
         let allowed = hammer(&channels, 200).await;
-        assert_eq!(allowed, CAPACITY, "exactly the capacity, over {CORES} cores ({extra:?})");
+        assert_eq!(
+            allowed, CAPACITY,
+            "exactly the capacity, over {CORES} cores ({extra:?})"
+        );
         every_core_served(&before, 2_000_000);
         drop(channels);
         server.shutdown().await;
