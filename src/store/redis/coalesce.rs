@@ -14,14 +14,20 @@
 //! connection): then Redis decided none of them. A charge whose own keys
 //! fail (a key of another type) fails alone; see the script. A caller that
 //! stopped waiting before its batch left is dropped from it, so it takes
-//! nothing.
+//! nothing; so is an item that waited in the queue past its owner's
+//! patience, which fails. A call still out when its oldest item's patience
+//! ends fails all it carries, at once: the task keeps one timer per batch,
+//! not one per item.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Weak};
 
+use std::time::Duration;
+
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use crate::store::{StoreError, affinity};
 
@@ -47,6 +53,10 @@ pub(crate) trait Work: Send + Sync + 'static {
 /// Decides a batch: one script call, as a rule (see [`split`]), and one
 /// reply per item, in batch order.
 pub(crate) trait BatchCall<W: Work>: Send + Sync + 'static {
+    /// How long an item may wait for its answer, from when it was queued.
+    /// An item queued longer fails without being sent; a call still out
+    /// when its oldest item's time is up fails every item it carries.
+    fn patience(&self) -> Duration;
     /// `node` is the queue's: 0, or on Cluster the batch's hash slot.
     fn call(
         &self,
@@ -60,6 +70,7 @@ pub(crate) trait BatchCall<W: Work>: Send + Sync + 'static {
 struct Job<W> {
     charge: W,
     reply: oneshot::Sender<Result<Reply, StoreError>>,
+    queued: Instant,
 }
 
 /// The queues, one per node (or slot), each drained by its own task; with
@@ -91,7 +102,11 @@ impl<W: Work> Coalescer<W> {
         charge: W,
     ) -> oneshot::Receiver<Result<Reply, StoreError>> {
         let (reply, answer) = oneshot::channel();
-        let mut job = Job { charge, reply };
+        let mut job = Job {
+            charge,
+            reply,
+            queued: Instant::now(),
+        };
         let key = (affinity::current(), node);
         let mut queues = self.queues.lock();
         // Twice at most: a task that ended (its runtime shut down, as
@@ -121,20 +136,56 @@ async fn drain<W: Work, B: BatchCall<W>>(
     mut jobs: mpsc::UnboundedReceiver<Job<W>>,
 ) {
     let mut batch: Vec<Job<W>> = Vec::with_capacity(MAX_BATCH);
+    let mut charges: Vec<W> = Vec::with_capacity(MAX_BATCH);
+    let mut waiting = Vec::with_capacity(MAX_BATCH);
     while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
         gather(&mut jobs, &mut batch).await;
         // Whoever stopped waiting gets nothing taken on their behalf.
         batch.retain(|job| !job.reply.is_closed());
-        if batch.is_empty() {
-            continue;
-        }
         let Some(owner) = owner.upgrade() else { return };
-        let charges: Vec<&W> = batch.iter().map(|job| &job.charge).collect();
-        let replies = owner.call(node, &charges).await;
-        drop(charges);
+        let patience = owner.patience();
+        let now = Instant::now();
+        // Nor does whoever waited out their patience in the queue.
+        for job in batch.extract_if(.., |job| job.queued + patience <= now) {
+            let _ = job.reply.send(Err(overdue(patience)));
+        }
+        let Some(oldest) = batch.iter().map(|job| job.queued).min() else {
+            continue;
+        };
+        for job in batch.drain(..) {
+            charges.push(job.charge);
+            waiting.push(job.reply);
+        }
+        {
+            let carried: Vec<&W> = charges.iter().collect();
+            // One timer per batch, not one per item: each timer that a
+            // single-threaded runtime registers before the earliest one its
+            // driver saw costs a write to its own eventfd.
+            let call = owner.call(node, &carried);
+            tokio::pin!(call);
+            tokio::select! {
+                biased;
+                replies = &mut call => answer(&mut waiting, replies),
+                () = tokio::time::sleep_until(oldest + patience) => {
+                    for reply in waiting.drain(..) {
+                        let _ = reply.send(Err(overdue(patience)));
+                    }
+                    // The call ends by its own bounds, which count its
+                    // timeout against its connection; its replies are no
+                    // one's now.
+                    call.await;
+                }
+            }
+        }
         drop(owner);
-        answer(&mut batch, replies);
+        charges.clear();
     }
+}
+
+/// An item's error when its answer did not come within `patience`: Redis
+/// may or may not have run its call.
+fn overdue(patience: Duration) -> StoreError {
+    StoreError::transient(format!("Redis did not answer within {patience:?}"))
 }
 
 /// Lets the tasks that are ready run once before a batch leaves, and takes
@@ -153,17 +204,20 @@ async fn gather<W>(jobs: &mut mpsc::UnboundedReceiver<Job<W>>, batch: &mut Vec<J
     }
 }
 
-/// Hands each job its reply, in batch order.
-fn answer<W>(batch: &mut Vec<Job<W>>, replies: Vec<Result<Reply, StoreError>>) {
+/// Hands each waiting item its reply, in batch order.
+fn answer(
+    waiting: &mut Vec<oneshot::Sender<Result<Reply, StoreError>>>,
+    replies: Vec<Result<Reply, StoreError>>,
+) {
     let mut replies = replies.into_iter();
-    for job in batch.drain(..) {
+    for reply_to in waiting.drain(..) {
         let reply = replies.next().unwrap_or_else(|| {
             Err(StoreError::permanent(
                 "a batch call answered fewer charges than it carried",
             ))
         });
         // A caller that left meanwhile does not need its answer.
-        let _ = job.reply.send(reply);
+        let _ = reply_to.send(reply);
     }
 }
 
@@ -225,6 +279,9 @@ mod tests {
     }
 
     impl BatchCall<Item> for Recorder {
+        fn patience(&self) -> Duration {
+            Duration::from_secs(5)
+        }
         async fn call(&self, _node: u16, batch: &[&Item]) -> Vec<Result<Reply, StoreError>> {
             self.calls.lock().push(batch.iter().map(|i| i.0).collect());
             batch
@@ -239,6 +296,63 @@ mod tests {
         }
     }
 
+    /// Takes 6 s per call, against a patience of 5 s.
+    #[derive(Default)]
+    struct Slow {
+        calls: Mutex<Vec<Vec<u32>>>,
+        ended: std::sync::atomic::AtomicUsize,
+    }
+
+    impl BatchCall<Item> for Slow {
+        fn patience(&self) -> Duration {
+            Duration::from_secs(5)
+        }
+        async fn call(&self, _node: u16, batch: &[&Item]) -> Vec<Result<Reply, StoreError>> {
+            self.calls.lock().push(batch.iter().map(|i| i.0).collect());
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            self.ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            batch
+                .iter()
+                .map(|_| {
+                    Ok(Reply {
+                        now: 0,
+                        ints: Vec::new(),
+                    })
+                })
+                .collect()
+        }
+    }
+
+    /// A call out past its oldest item's patience fails its items then,
+    /// and still runs to its end; an item that waited in the queue past its
+    /// patience meanwhile fails without being sent.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_call_past_its_patience_fails_its_items_and_an_overdue_item_is_not_sent() {
+        let owner = Arc::new(Slow::default());
+        let coalescer = Arc::new(Coalescer::<Item>::default());
+        let started = Instant::now();
+        let first = coalescer.submit(&owner, 0, Item(1));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let second = coalescer.submit(&owner, 0, Item(2));
+        let e = first.await.unwrap().unwrap_err();
+        assert!(
+            e.transient && e.to_string().contains("did not answer within 5s"),
+            "{e}"
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert_eq!(owner.ended.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let e = second.await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("did not answer within 5s"), "{e}");
+        // Failed when the task was free again: after the first call ended.
+        assert_eq!(started.elapsed(), Duration::from_secs(6));
+        assert_eq!(owner.ended.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(
+            *owner.calls.lock(),
+            vec![vec![1]],
+            "the overdue item was sent"
+        );
+    }
+
     /// With a runtime per core, a charge is batched on its own core: each
     /// pinned thread's charges are drained by a task on its own runtime,
     /// even while the other core's task is alive.
@@ -248,6 +362,9 @@ mod tests {
         #[derive(Default)]
         struct Threads(Mutex<Vec<String>>);
         impl BatchCall<Item> for Threads {
+            fn patience(&self) -> Duration {
+                Duration::from_secs(5)
+            }
             async fn call(&self, _node: u16, batch: &[&Item]) -> Vec<Result<Reply, StoreError>> {
                 let name = std::thread::current().name().unwrap_or("").to_owned();
                 self.0.lock().push(name);

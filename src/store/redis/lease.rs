@@ -241,6 +241,9 @@ impl Inner {
 }
 
 impl BatchCall<Encoded> for Inner {
+    fn patience(&self) -> std::time::Duration {
+        self.batch_patience()
+    }
     async fn call(&self, node: u16, batch: &[&Encoded]) -> Vec<Result<Reply, StoreError>> {
         if self.topology.is_cluster() {
             return self.send_leases_on_cluster(node, batch).await;

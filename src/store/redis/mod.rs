@@ -312,16 +312,21 @@ impl Inner {
     }
 
     /// Waits for an item's part of its batch's reply: queued behind at most
-    /// one call in flight, then its own call.
+    /// one call in flight, then its own call; the coalescer's task bounds
+    /// both by [`Inner::batch_patience`].
     async fn await_batch(
         &self,
         answer: tokio::sync::oneshot::Receiver<Result<Reply, StoreError>>,
     ) -> Result<Reply, StoreError> {
-        let bound = self.response_timeout.saturating_mul(2);
-        tokio::time::timeout(bound, answer)
+        answer
             .await
-            .map_err(|_| call_failed(CallError::Timeout(bound)))?
             .map_err(|_| StoreError::transient("Redis batch task ended"))?
+    }
+
+    /// How long a coalesced item may wait for its answer: one call in
+    /// flight ahead of it, then its own.
+    fn batch_patience(&self) -> Duration {
+        self.response_timeout.saturating_mul(2)
     }
 
     /// Submits what `encode` makes of the offered instant; if no offered
@@ -423,6 +428,10 @@ impl Inner {
 }
 
 impl BatchCall<script::Encoded> for Inner {
+    fn patience(&self) -> Duration {
+        self.batch_patience()
+    }
+
     /// One `EVALSHA` for the whole batch. On standalone and Sentinel, a
     /// `NOSCRIPT` (which ran nothing) loads the script and sends the same
     /// batch once more. On Cluster, `node` is the batch's hash slot; see
