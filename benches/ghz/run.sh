@@ -154,7 +154,12 @@ rcli() { redis-cli -p "$redis_port" "$@"; }
 
 store_yaml="store: { kind: memory }"
 [ "$store" = redis ] && store_yaml="store: { kind: redis, redis: { urls: [\"redis://127.0.0.1:$redis_port\"], key_prefix: \"bench:\" } }"
-cat >"$work/envoy.yaml" <<YAML
+# The config in a directory of its own: Tollgate watches its config's
+# directory for changes, and ghz's reports and strace's output, written
+# into $work during the runs, would otherwise wake it on every write.
+conf=$work/conf
+mkdir -p "$conf"
+cat >"$conf/envoy.yaml" <<YAML
 domain: d
 descriptors:
   - key: user
@@ -162,7 +167,7 @@ descriptors:
   - key: remote_address
     rate_limit: { unit: second, requests_per_unit: 1000 }
 YAML
-cat >"$work/tollgate.yaml" <<YAML
+cat >"$conf/tollgate.yaml" <<YAML
 listen: 127.0.0.1:$grpc_port
 log: { level: warn }
 grpc: { cores: $cores }
@@ -242,7 +247,7 @@ scenario() {
 
 start_tollgate() {
   [ -n "$redis_pid" ] && rcli FLUSHALL >/dev/null
-  "$tollgate" serve --config "$work/tollgate.yaml" >"$work/tollgate-$1.log" 2>&1 &
+  "$tollgate" serve --config "$conf/tollgate.yaml" >"$work/tollgate-$1.log" 2>&1 &
   tg_pid=$!
   pids+=("$tg_pid")
   wait_port "$grpc_port" || { cat "$work/tollgate-$1.log" >&2; exit 1; }
