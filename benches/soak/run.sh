@@ -35,7 +35,10 @@ redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no --dir "$
 pids+=($!)
 until redis-cli -p "$rport" ping >/dev/null 2>&1; do sleep 0.1; done
 
-cat >"$work/tollgate.yaml" <<YAML
+# The config in a directory of its own: Tollgate watches its config's
+# directory, and the logs written into $work would wake it.
+mkdir -p "$work/conf"
+cat >"$work/conf/tollgate.yaml" <<YAML
 listen: 127.0.0.1:$gport
 store:
   kind: redis
@@ -48,7 +51,7 @@ scopes:
       - { name: per-user-op, per: identity_operation, capacity: 5, refill_period: 1s }
       - { name: global, per: scope, capacity: 100000, refill_period: 1s }
 YAML
-"$target/release/tollgate" serve --config "$work/tollgate.yaml" 2>"$work/tollgate.log" &
+"$target/release/tollgate" serve --config "$work/conf/tollgate.yaml" 2>"$work/tollgate.log" &
 tpid=$!; pids+=($tpid)
 until "$target/release/tollgate" allow --addr "http://127.0.0.1:$gport" --scope soak --identity probe >/dev/null 2>&1; do sleep 0.2; done
 
