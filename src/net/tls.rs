@@ -217,20 +217,6 @@ impl Conn {
     }
 }
 
-/// Accepts on `listener` (Nagle off, TCP keepalive on), handshaking TLS
-/// when `tls` is set, each handshake on its own task. Connections arrive on
-/// the returned channel; dropping it stops accepting and closes the socket.
-/// A failed handshake (no client certificate, one from another CA, not
-/// TLS at all) is an access refusal: counted and audited through
-/// `observer` as API `tls`.
-pub fn accept(
-    listener: TcpListener,
-    tls: Option<Tls>,
-    observer: Arc<Observer>,
-) -> mpsc::Receiver<Conn> {
-    accept_from(incoming(listener), tls, observer)
-}
-
 /// `listener`'s connections, Nagle off and TCP keepalive on.
 pub fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener)
@@ -238,9 +224,13 @@ pub fn incoming(listener: TcpListener) -> TcpIncoming {
         .with_keepalive(Some(Duration::from_secs(60)))
 }
 
-/// As [`accept`], from TCP connections accepted elsewhere: with a runtime
-/// per core, the core's share of the listener's (see `server`).
-pub fn accept_from(
+/// Takes the TCP connections of `incoming` (a listener's, see [`incoming`],
+/// or with a runtime per core, the core's share of them), handshaking TLS
+/// when `tls` is set, each handshake on its own task. Connections arrive on
+/// the returned channel; dropping it stops taking them. A failed handshake
+/// (no client certificate, one from another CA, not TLS at all) is an access
+/// refusal: counted and audited through `observer` as API `tls`.
+pub fn accept(
     mut incoming: impl Stream<Item = io::Result<TcpStream>> + Send + Unpin + 'static,
     tls: Option<Tls>,
     observer: Arc<Observer>,
@@ -398,7 +388,7 @@ impl MetricsListener {
     ) -> io::Result<Self> {
         let local = listener.local_addr()?;
         Ok(Self {
-            conns: accept(listener, tls, observer),
+            conns: accept(incoming(listener), tls, observer),
             local,
         })
     }

@@ -20,17 +20,17 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use super::{Routes, ServerError};
 use crate::config::GrpcConfig;
-use crate::net::cancel::Cancellable;
 use crate::net::tls::{self, Tls};
 use crate::observe::Observer;
 use crate::store::affinity;
 
 /// What every core serves with.
+#[derive(Clone)]
 pub(super) struct Serving {
     pub(super) router: Routes,
     pub(super) tls: Option<Tls>,
@@ -48,20 +48,13 @@ pub(super) fn spawn(
     listener: TcpListener,
     grpc: &GrpcConfig,
 ) -> Result<impl Future<Output = Result<(), ServerError>> + use<>, ServerError> {
-    let deadline = grpc.max_connection_age + grpc.max_connection_age_grace;
     let mut shares = Vec::with_capacity(grpc.cores);
     let mut finished = Vec::with_capacity(grpc.cores);
     for core in 0..grpc.cores {
         let (share, taken) = mpsc::unbounded_channel::<std::net::TcpStream>();
         let (done, finish) = oneshot::channel();
         let core_id = u16::try_from(core).unwrap_or(u16::MAX);
-        let serving = Serving {
-            router: serving.router.clone(),
-            tls: serving.tls.clone(),
-            observer: serving.observer.clone(),
-            cancel: serving.cancel.clone(),
-            stopping: serving.stopping.clone(),
-        };
+        let (serving, grpc) = (serving.clone(), grpc.clone());
         std::thread::Builder::new()
             .name(format!("tollgate-core-{core}"))
             .spawn(move || {
@@ -70,7 +63,7 @@ pub(super) fn spawn(
                     .enable_all()
                     .build()
                 {
-                    Ok(runtime) => runtime.block_on(serve_share(serving, taken, deadline)),
+                    Ok(runtime) => runtime.block_on(serve_share(serving, taken, &grpc)),
                     Err(e) => Err(ServerError::Runtime(e)),
                 };
                 let _ = done.send(served);
@@ -99,7 +92,7 @@ pub(super) fn spawn(
 async fn serve_share(
     serving: Serving,
     taken: mpsc::UnboundedReceiver<std::net::TcpStream>,
-    deadline: Duration,
+    grpc: &GrpcConfig,
 ) -> Result<(), ServerError> {
     let Serving {
         router,
@@ -110,9 +103,7 @@ async fn serve_share(
     } = serving;
     // Registered with this core's reactor: the main runtime's let go of it.
     let tcp = UnboundedReceiverStream::new(taken).map(tokio::net::TcpStream::from_std);
-    let conns = ReceiverStream::new(tls::accept_from(tcp, tls, observer)).map(move |conn| {
-        Ok::<_, std::io::Error>(Cancellable::new(conn, &cancel).with_deadline(deadline))
-    });
+    let conns = super::incoming(tcp, tls, &observer, &cancel, grpc);
     router
         .serve_with_incoming_shutdown(conns, stopping.cancelled_owned())
         .await?;

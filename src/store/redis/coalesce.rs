@@ -272,6 +272,19 @@ mod tests {
         }
     }
 
+    /// An empty answer for every item of `batch`.
+    fn answered(batch: &[&Item]) -> Vec<Result<Reply, StoreError>> {
+        batch
+            .iter()
+            .map(|_| {
+                Ok(Reply {
+                    now: 0,
+                    ints: Vec::new(),
+                })
+            })
+            .collect()
+    }
+
     /// Records each call's items and answers every one.
     #[derive(Default)]
     struct Recorder {
@@ -284,15 +297,7 @@ mod tests {
         }
         async fn call(&self, _node: u16, batch: &[&Item]) -> Vec<Result<Reply, StoreError>> {
             self.calls.lock().push(batch.iter().map(|i| i.0).collect());
-            batch
-                .iter()
-                .map(|_| {
-                    Ok(Reply {
-                        now: 0,
-                        ints: Vec::new(),
-                    })
-                })
-                .collect()
+            answered(batch)
         }
     }
 
@@ -311,15 +316,7 @@ mod tests {
             self.calls.lock().push(batch.iter().map(|i| i.0).collect());
             tokio::time::sleep(Duration::from_secs(6)).await;
             self.ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            batch
-                .iter()
-                .map(|_| {
-                    Ok(Reply {
-                        now: 0,
-                        ints: Vec::new(),
-                    })
-                })
-                .collect()
+            answered(batch)
         }
     }
 
@@ -368,15 +365,7 @@ mod tests {
             async fn call(&self, _node: u16, batch: &[&Item]) -> Vec<Result<Reply, StoreError>> {
                 let name = std::thread::current().name().unwrap_or("").to_owned();
                 self.0.lock().push(name);
-                batch
-                    .iter()
-                    .map(|_| {
-                        Ok(Reply {
-                            now: 0,
-                            ints: Vec::new(),
-                        })
-                    })
-                    .collect()
+                answered(batch)
             }
         }
         let owner = Arc::new(Threads::default());
