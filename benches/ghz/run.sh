@@ -49,7 +49,8 @@
 # of the server (benches/ghz/profile_parts.py says which frames make each
 # part); on Redis, the same for redis-server during (a) and during 200,000
 # plain SETs, by part of Redis (running the script, reading calls, writing
-# replies, expiry, waiting for events); needs perf. The `perf script`
+# replies, expiry, waiting for events). strace and perf come from apt when
+# missing (linux-perf), installed before any load runs. The `perf script`
 # stacks are kept in OUT/profile/ (target/ghz/profile by default).
 # --workers N: Tollgate and the no-op server both run N tokio workers
 # (TOKIO_WORKER_THREADS; the default is one per core), to compare layouts in
@@ -103,6 +104,18 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 1' INT TERM
+
+# strace for --syscalls and perf for --profile, from apt when missing,
+# before any load runs.
+apt_tools=()
+if [ "$syscalls" = 1 ] && ! command -v strace >/dev/null; then apt_tools+=(strace); fi
+if [ "$profile" = 1 ] && ! command -v perf >/dev/null; then apt_tools+=(linux-perf); fi
+if [ ${#apt_tools[@]} -gt 0 ]; then
+  echo "ghz: installing ${apt_tools[*]} (apt)" >&2
+  as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${apt_tools[@]}" >/dev/null
+fi
 
 ghz=$target/go-bin/ghz
 # ghz builds while cargo does (a cold cargo build spends long stretches on
@@ -401,12 +414,10 @@ on_a_and_e() {
   stop_tollgate
 }
 if [ "$syscalls" = 1 ]; then
-  command -v strace >/dev/null || { echo "ghz: --syscalls needs strace" >&2; exit 1; }
   echo "ghz: syscalls per decision, (a) and (e), under strace" >&2
   on_a_and_e strace_run strace
 fi
 if [ "$profile" = 1 ]; then
-  command -v perf >/dev/null || { echo "ghz: --profile needs perf" >&2; exit 1; }
   echo "ghz: CPU by part, (a), (b) and (e), under perf" >&2
   on_a_and_e profile_run perf
   start_tollgate b-perf

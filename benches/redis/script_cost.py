@@ -44,7 +44,8 @@ shows where a charge's instructions go (Debian's Redis has no symbols for
 Lua's internals, so some frames are addresses).
 
 About a minute and a half with --baseline and --callgrind. Standard
-library only; needs redis-server on PATH, and valgrind for --callgrind.
+library only; needs redis-server on PATH; --callgrind installs valgrind
+from apt when it is missing.
 """
 
 import argparse
@@ -225,9 +226,22 @@ def instructions(text, keys, cap, period, buckets, calls, work, keep=None):
     return total, in_eval
 
 
+def install_valgrind():
+    """Installs valgrind from apt, as root or through sudo."""
+    print("installing valgrind (apt)", file=sys.stderr)
+    root = [] if os.geteuid() == 0 else ["sudo"]
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    try:
+        subprocess.run(root + ["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(root + ["apt-get", "install", "-y", "-qq", "valgrind"],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
+    except (OSError, subprocess.CalledProcessError) as e:
+        sys.exit(f"--callgrind needs valgrind, and installing it failed: {e}")
+
+
 def callgrind(scripts, keep=None):
     if not shutil.which("valgrind"):
-        sys.exit("--callgrind needs valgrind (apt-get install -y valgrind)")
+        install_valgrind()
     work = tempfile.mkdtemp(prefix="tollgate-script-cost.")
     try:
         print(f"Redis instructions per charge (callgrind; {CG_CALLS} calls of "
