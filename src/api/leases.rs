@@ -212,6 +212,17 @@ pub(super) fn lease_fields(
 
 /// The answer to a ShouldAllow that took a lease with its rates, reported
 /// to `observer` as any decision is.
+/// True when `d` was denied by its concurrency limit alone: the pool had
+/// no room for `lease`, and neither a ban nor a rate denied it.
+fn refused_by_pool_alone(d: &limiter::Decision, lease: &LeaseDecision) -> bool {
+    !d.allowed
+        && !lease.ok
+        && !lease.rule.is_empty()
+        && !d.banned()
+        && !d.deny_listed
+        && !d.buckets.iter().any(|b| b.exhausted && !b.shadow)
+}
+
 pub(super) fn leased_answer(
     observer: &Observer,
     rules: &crate::limiter::Rules,
@@ -239,7 +250,17 @@ pub(super) fn leased_answer(
             .lease(&scope, &l.rule, call, result, l.expired);
         observer.metrics.lease_seen(&scope, l);
     }
+    let by_pool = lease
+        .as_ref()
+        .filter(|l| refused_by_pool_alone(&decision, l));
     let mut out = super::tollgate::to_proto(decision);
+    if let Some(l) = by_pool {
+        out.denial_reason = pb::DenialReason::ConcurrencyLimited.into();
+        out.rule = l.rule.to_string();
+        out.limit = l.limit;
+        out.remaining = 0;
+        out.reset_after = out.retry_after;
+    }
     out.lease = lease.map(|l| pb::LeaseGrant {
         granted: l.ok,
         lease_id: lease_id.to_owned(),

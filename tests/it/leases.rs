@@ -664,7 +664,7 @@ async fn the_in_flight_gauge_on_redis() {
 
 #[tokio::test]
 async fn should_allow_with_a_lease_takes_the_rates_and_the_lease_or_neither() {
-    use tollgate::pb::tollgate::v1::ShouldAllowRequest;
+    use tollgate::pb::tollgate::v1::{DenialReason, ShouldAllowRequest};
     let server = TestServer::start(POOLS).await;
     let mut rates = server.client().await;
     let mut leases = LeasesClient::new(server.channel().await);
@@ -707,6 +707,18 @@ async fn should_allow_with_a_lease_takes_the_rates_and_the_lease_or_neither() {
         .into_inner();
     assert!(!second.allowed && !second.lease.as_ref().expect("a lease").granted);
     assert!(second.retry_after.is_some(), "{second:?}");
+    // Told apart from a rate denial, and named: the limit that refused it.
+    assert_eq!(
+        (
+            second.denial_reason(),
+            second.rule.as_str(),
+            second.limit,
+            second.remaining
+        ),
+        (DenialReason::ConcurrencyLimited, "one-stream", 1, 0),
+        "{second:?}"
+    );
+    assert_eq!(second.reset_after, second.retry_after);
     assert_eq!(
         remaining(&mut rates).await,
         1,
@@ -747,6 +759,11 @@ async fn should_allow_with_a_lease_takes_the_rates_and_the_lease_or_neither() {
         .unwrap()
         .into_inner();
     assert!(!spent.allowed, "{spent:?}");
+    assert_eq!(
+        (spent.denial_reason(), spent.rule.as_str()),
+        (DenialReason::RateLimited, "two-per-hour"),
+        "{spent:?}"
+    );
     let given_back = spent.lease.expect("a lease");
     assert!(!given_back.granted);
     assert_eq!(

@@ -306,6 +306,29 @@ func TestAFullBackendPoolCanAnswer503(t *testing.T) {
 	<-done
 }
 
+// A full pool beside rates that have room is the pool's denial: its own
+// status, not the rates' 429 (the answer carries the rates' buckets too).
+func TestAFullPoolBesideRatesAnswersThePoolsStatus(t *testing.T) {
+	tg := tollgatetest.Start(t, `
+scopes:
+  - name: demo
+    limits:
+      - {name: streams, per: scope, concurrency: 1, max_lease: 1m}
+      - {name: per-scope, per: scope, capacity: 100, refill_period: 1h}
+`)
+	g := newGate()
+	srv := leased(t, tg.Addr, httplimit.Concurrency{DenyStatus: http.StatusServiceUnavailable}, g)
+	done := make(chan struct{})
+	go func() { defer close(done); get(t, srv.URL, "") }()
+	g.wait(t, 1)
+	resp := get(t, srv.URL, "")
+	if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" {
+		t.Errorf("status %d, Retry-After %q: want the pool's 503 with one", resp.StatusCode, resp.Header.Get("Retry-After"))
+	}
+	close(g.open)
+	<-done
+}
+
 // Rates and the lease are all or nothing: a request the rates deny gives
 // its lease back.
 func TestARequestTheRatesDenyHoldsNoSlot(t *testing.T) {

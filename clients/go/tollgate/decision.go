@@ -132,11 +132,14 @@ type Decision struct {
 	// its deny list): RetryAfter runs to the ban's end, and nothing was
 	// taken. Tell the client it is being abusive, not merely fast.
 	Banned bool
+	// ConcurrencyLimited is true when the request's concurrency limit had
+	// no room for its lease (the server's
+	// DENIAL_REASON_CONCURRENCY_LIMITED): then Rule and Limit are that
+	// limit's, and RetryAfter is an upper bound of the wait (the earliest
+	// live lease's expiry), not a lower one. See LeaseDenied.
+	ConcurrencyLimited bool
 	// Lease is set when the Request carried a LeaseID and one of the
-	// scope's concurrency limits matched. A denial with Lease.Granted false
-	// and no exhausted bucket was denied by the concurrency limit: then
-	// RetryAfter is an upper bound of the wait (the earliest live lease's
-	// expiry), not a lower one.
+	// scope's concurrency limits matched.
 	Lease *Lease
 }
 
@@ -213,7 +216,9 @@ func decisionFromProto(p *tollgatev1.ShouldAllowResponse) Decision {
 		Buckets:     bucketsFromProto(p.GetBuckets()),
 		Delay:       p.GetDelay().AsDuration(),
 		Banned:      p.GetDenialReason() == tollgatev1.DenialReason_DENIAL_REASON_BANNED,
-		Lease:       leaseFromProto(p.GetLease()),
+		ConcurrencyLimited: p.GetDenialReason() ==
+			tollgatev1.DenialReason_DENIAL_REASON_CONCURRENCY_LIMITED,
+		Lease: leaseFromProto(p.GetLease()),
 	}
 }
 
@@ -259,10 +264,14 @@ func (d *Decision) DeniedByBatch() bool {
 
 // LeaseDenied reports whether the request was denied by its concurrency
 // limit: it asked for a lease, the pool was full, and no rate was charged.
-// (A request the rates denied has Lease.Granted false too, but carries the
-// buckets that denied it.)
+// (A request the rates denied has Lease.Granted false too, but is not
+// this.) A server older than the denial reason is read by the shape of its
+// answer: an ungranted lease and no bucket.
 func (d *Decision) LeaseDenied() bool {
-	return !d.Allowed && !d.Banned && d.Lease != nil && !d.Lease.Granted && len(d.Buckets) == 0
+	if d.Allowed || d.Banned {
+		return false
+	}
+	return d.ConcurrencyLimited || (d.Lease != nil && !d.Lease.Granted && len(d.Buckets) == 0)
 }
 
 // ViolatedPolicies names the rules that denied: the exhausted buckets of

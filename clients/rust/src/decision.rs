@@ -351,6 +351,10 @@ pub struct Decision {
     /// True when the caller is in the scope's penalty box (or on its deny
     /// list): `retry_after` runs to the ban's end, and nothing was taken.
     pub banned: bool,
+    /// True when the request's concurrency limit had no room for its lease
+    /// (the server's `DENIAL_REASON_CONCURRENCY_LIMITED`): then `rule` and
+    /// `limit` are that limit's, and `retry_after` an upper bound.
+    pub concurrency_limited: bool,
     /// Set when the request carried a lease id and one of the scope's
     /// concurrency limits matched: see [`Decision::lease_denied`].
     pub lease: Option<crate::lease::Lease>,
@@ -360,13 +364,14 @@ impl Decision {
     /// True when the request was denied by its concurrency limit: the pool
     /// was full, and no rate was charged. Then `retry_after` is an upper
     /// bound of the wait (the earliest live lease's expiry), not a lower
-    /// one. (A request the rates denied has an ungranted lease too, but
-    /// carries the buckets that denied it.)
+    /// one. (A request the rates denied has an ungranted lease too, but is
+    /// not this.) A server older than the denial reason is read by the
+    /// shape of its answer: an ungranted lease and no bucket.
     pub fn lease_denied(&self) -> bool {
         !self.allowed
             && !self.banned
-            && self.buckets.is_empty()
-            && self.lease.as_ref().is_some_and(|l| !l.granted)
+            && (self.concurrency_limited
+                || (self.buckets.is_empty() && self.lease.as_ref().is_some_and(|l| !l.granted)))
     }
 
     /// The fail-open answer: allowed, degraded, counted nowhere.
@@ -534,6 +539,7 @@ impl From<pb::ShouldAllowResponse> for Decision {
                 .map(Reservation),
             delay: duration(r.delay).unwrap_or_default(),
             banned: r.denial_reason == pb::DenialReason::Banned as i32,
+            concurrency_limited: r.denial_reason == pb::DenialReason::ConcurrencyLimited as i32,
             lease: r.lease.map(crate::lease::Lease::from),
         }
     }
@@ -626,5 +632,29 @@ mod tests {
         assert_eq!(d.violated_policies().collect::<Vec<_>>(), ["per-user"]);
         d.allowed = true;
         assert_eq!(d.violated_policies().count(), 0);
+    }
+
+    #[test]
+    fn a_full_pool_beside_rates_is_a_lease_denial_by_its_reason() {
+        let answer = |reason: pb::DenialReason| pb::ShouldAllowResponse {
+            rule: "streams".into(),
+            buckets: vec![pb::BucketStatus {
+                rule: "per-user".into(),
+                ..pb::BucketStatus::default()
+            }],
+            denial_reason: reason.into(),
+            lease: Some(pb::LeaseGrant {
+                rule: "streams".into(),
+                ..pb::LeaseGrant::default()
+            }),
+            ..pb::ShouldAllowResponse::default()
+        };
+        let full = Decision::from(answer(pb::DenialReason::ConcurrencyLimited));
+        assert!(full.concurrency_limited && full.lease_denied());
+        assert_eq!(full.violated_policies().collect::<Vec<_>>(), ["streams"]);
+        // Without the reason, an answer that carries buckets is not the
+        // pool's (an older server's rate denial looks so).
+        let rates = Decision::from(answer(pb::DenialReason::RateLimited));
+        assert!(!rates.lease_denied());
     }
 }

@@ -37,6 +37,16 @@ scopes:
     )
 }
 
+/// A pool of `n` beside a rate with room to spare: the pool and the rate
+/// are one store step, and the answer carries the rate's bucket.
+fn pool_beside_rates(n: u32) -> String {
+    format!(
+        "{}      - {{name: per-scope, per: scope, capacity: 100, refill_period: 1h}}
+",
+        pool(n)
+    )
+}
+
 /// What the test server's handlers share.
 #[derive(Clone)]
 struct App {
@@ -302,10 +312,11 @@ async fn a_client_that_goes_away_mid_stream_frees_its_slot_promptly() {
 }
 
 /// rust-proxy with --concurrency: a slow upstream request holds the only
-/// slot; a second is refused with Retry-After until the first ends.
+/// slot; a second is refused with Retry-After until the first ends, with
+/// the pool's status and name though a rate with room applied too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_holds_a_lease_per_request_with_its_flag() {
-    let tollgate = Tollgate::start(&pool(1));
+    let tollgate = Tollgate::start(&pool_beside_rates(1));
     let upstream = Served::start_plain().await;
     let (t, u) = (tollgate.endpoint(), format!("http://{}", upstream.addr));
     let proxy = Proxy::start(&[

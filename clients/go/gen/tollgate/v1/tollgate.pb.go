@@ -94,6 +94,10 @@ const (
 	DenialReason_DENIAL_REASON_RATE_LIMITED DenialReason = 1
 	// The caller is banned by the scope's penalty box until `retry_after`.
 	DenialReason_DENIAL_REASON_BANNED DenialReason = 2
+	// The concurrency limit of a request sent with `lease_id` was full (see
+	// `lease`); its rates took nothing. `retry_after` is then an upper bound:
+	// the earliest live lease's expiry (a release frees a slot sooner).
+	DenialReason_DENIAL_REASON_CONCURRENCY_LIMITED DenialReason = 3
 )
 
 // Enum value maps for DenialReason.
@@ -102,11 +106,13 @@ var (
 		0: "DENIAL_REASON_UNSPECIFIED",
 		1: "DENIAL_REASON_RATE_LIMITED",
 		2: "DENIAL_REASON_BANNED",
+		3: "DENIAL_REASON_CONCURRENCY_LIMITED",
 	}
 	DenialReason_value = map[string]int32{
-		"DENIAL_REASON_UNSPECIFIED":  0,
-		"DENIAL_REASON_RATE_LIMITED": 1,
-		"DENIAL_REASON_BANNED":       2,
+		"DENIAL_REASON_UNSPECIFIED":         0,
+		"DENIAL_REASON_RATE_LIMITED":        1,
+		"DENIAL_REASON_BANNED":              2,
+		"DENIAL_REASON_CONCURRENCY_LIMITED": 3,
 	}
 )
 
@@ -472,7 +478,10 @@ type ShouldAllowResponse struct {
 	// Why the request was denied, to branch on (`reason` is for people).
 	// DENIAL_REASON_BANNED: the caller is in the scope's penalty box;
 	// `retry_after` runs to the ban's end on the store's clock, and nothing
-	// was taken. UNSPECIFIED when allowed.
+	// was taken. DENIAL_REASON_CONCURRENCY_LIMITED: the request's concurrency
+	// limit had no room for its lease; then `rule` and `limit` are that
+	// limit's, `remaining` is 0 and `reset_after` equals `retry_after`.
+	// UNSPECIFIED when allowed.
 	DenialReason DenialReason `protobuf:"varint,30,opt,name=denial_reason,json=denialReason,proto3,enum=tollgate.v1.DenialReason" json:"denial_reason,omitempty"`
 	// Set when the request sent `lease_id` and a concurrency limit applied.
 	// A denial by the concurrency limit carries its `retry_after` above: then
@@ -1004,11 +1013,12 @@ const file_tollgate_v1_tollgate_proto_rawDesc = "" +
 	"\bPriority\x12\x13\n" +
 	"\x0fPRIORITY_NORMAL\x10\x00\x12\x15\n" +
 	"\x11PRIORITY_CRITICAL\x10\x01\x12\x16\n" +
-	"\x12PRIORITY_SHEDDABLE\x10\x02*g\n" +
+	"\x12PRIORITY_SHEDDABLE\x10\x02*\x8e\x01\n" +
 	"\fDenialReason\x12\x1d\n" +
 	"\x19DENIAL_REASON_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aDENIAL_REASON_RATE_LIMITED\x10\x01\x12\x18\n" +
-	"\x14DENIAL_REASON_BANNED\x10\x022\x83\x02\n" +
+	"\x14DENIAL_REASON_BANNED\x10\x02\x12%\n" +
+	"!DENIAL_REASON_CONCURRENCY_LIMITED\x10\x032\x83\x02\n" +
 	"\vRateLimiter\x12P\n" +
 	"\vShouldAllow\x12\x1f.tollgate.v1.ShouldAllowRequest\x1a .tollgate.v1.ShouldAllowResponse\x12_\n" +
 	"\x10ShouldAllowBatch\x12$.tollgate.v1.ShouldAllowBatchRequest\x1a%.tollgate.v1.ShouldAllowBatchResponse\x12A\n" +
