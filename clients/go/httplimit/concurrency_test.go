@@ -292,30 +292,15 @@ func TestAClientThatGoesAwayFreesItsSlotPromptly(t *testing.T) {
 }
 
 func TestAFullBackendPoolCanAnswer503(t *testing.T) {
-	tg := tollgatetest.Start(t, pool(1))
-	g := newGate()
-	srv := leased(t, tg.Addr, httplimit.Concurrency{DenyStatus: http.StatusServiceUnavailable}, g)
-	done := make(chan struct{})
-	go func() { defer close(done); get(t, srv.URL, "") }()
-	g.wait(t, 1)
-	resp := get(t, srv.URL, "")
-	if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" {
-		t.Errorf("status %d, Retry-After %q: want 503 with one", resp.StatusCode, resp.Header.Get("Retry-After"))
-	}
-	close(g.open)
-	<-done
+	fullPoolAnswers503(t, pool(1))
 }
 
-// A full pool beside rates that have room is the pool's denial: its own
-// status, not the rates' 429 (the answer carries the rates' buckets too).
-func TestAFullPoolBesideRatesAnswersThePoolsStatus(t *testing.T) {
-	tg := tollgatetest.Start(t, `
-scopes:
-  - name: demo
-    limits:
-      - {name: streams, per: scope, concurrency: 1, max_lease: 1m}
-      - {name: per-scope, per: scope, capacity: 100, refill_period: 1h}
-`)
+// fullPoolAnswers503 serves config's scope "demo", whose pool holds one,
+// behind a middleware that answers a full pool 503: one request holds the
+// slot, and the next must get 503 with a Retry-After.
+func fullPoolAnswers503(t *testing.T, config string) {
+	t.Helper()
+	tg := tollgatetest.Start(t, config)
 	g := newGate()
 	srv := leased(t, tg.Addr, httplimit.Concurrency{DenyStatus: http.StatusServiceUnavailable}, g)
 	done := make(chan struct{})
@@ -327,6 +312,13 @@ scopes:
 	}
 	close(g.open)
 	<-done
+}
+
+// A full pool beside rates that have room is the pool's denial: its own
+// status, not the rates' 429 (the answer carries the rates' buckets too).
+func TestAFullPoolBesideRatesAnswersThePoolsStatus(t *testing.T) {
+	fullPoolAnswers503(t, pool(1)+`      - {name: per-scope, per: scope, capacity: 100, refill_period: 1h}
+`)
 }
 
 // Rates and the lease are all or nothing: a request the rates deny gives
