@@ -2,7 +2,7 @@
 # Tollgate under ghz, in one command: ten scenarios, one table, one JSON.
 #
 #   benches/ghz/run.sh [--store memory|redis] [--quick] [--syscalls] [--profile] [--workers N]
-#                      [--cores N] [--connections N]
+#                      [--cores N] [--connections N] [--only a,b,...]
 #
 # Installs ghz when missing (pinned, into target/go-bin) while it builds
 # release Tollgate and the no-op server (the `noop` binary of benches/tools),
@@ -58,6 +58,8 @@
 # thread, connections dealt to them in turn (Tollgate's `grpc.cores`).
 # --connections N: ghz spreads its calls over N connections (default 1);
 # with --cores, one connection would keep every call on one core.
+# --only a,b: only these scenarios (and the no-op handler, (e), which every
+# ratio needs), for a before/after of one path in more runs at once.
 # Needs redis-server and redis-cli (for redis), python3, and Go (for ghz).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -66,6 +68,7 @@ cd "$root"
 store=redis
 cores=0
 connections=1
+only=a,b,c,d,f,g,h,i,j
 quick=0
 syscalls=0
 profile=0
@@ -82,10 +85,15 @@ while [ $# -gt 0 ]; do
     --cores=*) cores=${1#--cores=}; shift ;;
     --connections) connections=$2; shift 2 ;;
     --connections=*) connections=${1#--connections=}; shift ;;
-    *) echo "usage: $0 [--store memory|redis] [--quick] [--syscalls] [--profile] [--workers N] [--cores N] [--connections N]" >&2; exit 2 ;;
+    --only) only=$2; shift 2 ;;
+    --only=*) only=${1#--only=}; shift ;;
+    *) echo "usage: $0 [--store memory|redis] [--quick] [--syscalls] [--profile] [--workers N] [--cores N] [--connections N] [--only a,b,...]" >&2; exit 2 ;;
   esac
 done
 case "$store" in memory|redis) ;; *) echo "--store: memory or redis" >&2; exit 2 ;; esac
+[[ "$only" =~ ^[abcdfghij](,[abcdfghij])*$ ]] || { echo "--only: scenario letters among a,b,c,d,f,g,h,i,j, comma-separated (e always runs)" >&2; exit 2; }
+# wants KEY: whether scenario KEY is to run (--only).
+wants() { [[ ",$only," == *",$1,"* ]]; }
 if [ "$quick" = 1 ]; then sat=4s; half=3s; else sat=15s; half=10s; fi
 concurrency=${CONCURRENCY:-50}
 redis_port=${REDIS_PORT:-16579}
@@ -271,65 +279,53 @@ stop_tollgate() { kill "$tg_pid"; wait "$tg_pid" 2>/dev/null || true; }
 
 noop_pid=none
 port=$grpc_port
-echo "ghz: (a) many identities" >&2
-start_tollgate a
-scenario a tollgate.v1.RateLimiter/ShouldAllow "$tg_pid" \
+# one KEY LABEL CALL ARGS...: scenario KEY against a fresh Tollgate, unless
+# --only leaves it out.
+one() {
+  local key=$1 label=$2 call=$3; shift 3
+  wants "$key" || return 0
+  echo "ghz: ($key) $label" >&2
+  start_tollgate "$key"
+  scenario "$key" "$call" "$tg_pid" "$@"
+  stop_tollgate
+}
+one a "many identities" tollgate.v1.RateLimiter/ShouldAllow \
   -d '{"scope":"a","identity":"user-{{randomInt 0 100000}}","operation":"op"}'
-stop_tollgate
-echo "ghz: (b) hot key" >&2
-start_tollgate b
-scenario b tollgate.v1.RateLimiter/ShouldAllow "$tg_pid" \
+one b "hot key" tollgate.v1.RateLimiter/ShouldAllow \
   -d '{"scope":"b","identity":"hot","operation":"op"}'
-stop_tollgate
-echo "ghz: (c) mixed, 4 buckets" >&2
-start_tollgate c
-scenario c tollgate.v1.RateLimiter/ShouldAllow "$tg_pid" --data-file "$work/zipf.json"
-stop_tollgate
-echo "ghz: (d) Envoy RLS" >&2
-start_tollgate d
-scenario d envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit "$tg_pid" \
+one c "mixed, 4 buckets" tollgate.v1.RateLimiter/ShouldAllow --data-file "$work/zipf.json"
+one d "Envoy RLS" envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit \
   --proto benches/ghz/rls.proto \
   -d '{"domain":"d","descriptors":[{"entries":[{"key":"user","value":"u{{randomInt 0 100000}}"}]},{"entries":[{"key":"remote_address","value":"10.{{randomInt 0 250}}.{{randomInt 0 250}}.1"}]}]}'
-stop_tollgate
-echo "ghz: (f) hot key, banned" >&2
-start_tollgate f
-scenario f tollgate.v1.RateLimiter/ShouldAllow "$tg_pid" \
+one f "hot key, banned" tollgate.v1.RateLimiter/ShouldAllow \
   -d '{"scope":"f","identity":"hot","operation":"op"}'
-stop_tollgate
-echo "ghz: (g) lease acquire" >&2
-start_tollgate g
-scenario g tollgate.v1.Leases/Acquire "$tg_pid" \
+one g "lease acquire" tollgate.v1.Leases/Acquire \
   -d '{"target":{"scope":"g","identity":"user-{{randomInt 0 100000}}","lease_id":"{{newUUID}}"}}'
-stop_tollgate
-echo "ghz: (h) budget" >&2
-start_tollgate h
-scenario h tollgate.v1.RateLimiter/ShouldAllow "$tg_pid" \
+one h "budget" tollgate.v1.RateLimiter/ShouldAllow \
   -d '{"scope":"h","identity":"user-{{randomInt 0 100000}}","operation":"op"}'
-stop_tollgate
-echo "ghz: (i) rates and a lease" >&2
-start_tollgate i
-scenario i tollgate.v1.RateLimiter/ShouldAllow "$tg_pid" \
+one i "rates and a lease" tollgate.v1.RateLimiter/ShouldAllow \
   -d '{"scope":"i","identity":"user-{{randomInt 0 100000}}","operation":"op","lease_id":"{{newUUID}}"}'
-stop_tollgate
-echo "ghz: (j) lease release" >&2
-# Each phase releases leases acquired just before it, one identity and one
-# lease per call number, so every release finds its lease live.
-release_phase() {
-  local phase=$1 n=$2; shift 2
-  local lease='{"target":{"scope":"j","identity":"'"$phase"'-{{.RequestNumber}}","lease_id":"l-{{.RequestNumber}}"}}'
-  timeout 120 "$ghz" --insecure -c "$concurrency" --connections "$connections" -n "$n" -O json --call tollgate.v1.Leases/Acquire \
-    -d "$lease" "127.0.0.1:$grpc_port" >"$work/j-$phase-acquire.json" 2>"$work/j-$phase-acquire.err" || true
-  local ok
-  ok=$(ok_of "$work/j-$phase-acquire.json")
-  [ "$ok" = "$n" ] || echo "ghz: (j) $phase: only $ok of $n acquires answered OK" >&2
-  run "j-$phase" "$tg_pid" --call tollgate.v1.Leases/Release -n "$n" "$@" -d "$lease" "127.0.0.1:$grpc_port"
-}
-start_tollgate j
-if [ "$quick" = 1 ]; then n_release=30000; else n_release=100000; fi
-release_phase sat "$n_release"
-rps=$(python3 -c "import json; print(max(1, int(json.load(open('$work/j-sat.json'))['rps'] / 2)))")
-release_phase half $((n_release / 2)) --rps "$rps"
-stop_tollgate
+if wants j; then
+  echo "ghz: (j) lease release" >&2
+  # Each phase releases leases acquired just before it, one identity and one
+  # lease per call number, so every release finds its lease live.
+  release_phase() {
+    local phase=$1 n=$2; shift 2
+    local lease='{"target":{"scope":"j","identity":"'"$phase"'-{{.RequestNumber}}","lease_id":"l-{{.RequestNumber}}"}}'
+    timeout 120 "$ghz" --insecure -c "$concurrency" --connections "$connections" -n "$n" -O json --call tollgate.v1.Leases/Acquire \
+      -d "$lease" "127.0.0.1:$grpc_port" >"$work/j-$phase-acquire.json" 2>"$work/j-$phase-acquire.err" || true
+    local ok
+    ok=$(ok_of "$work/j-$phase-acquire.json")
+    [ "$ok" = "$n" ] || echo "ghz: (j) $phase: only $ok of $n acquires answered OK" >&2
+    run "j-$phase" "$tg_pid" --call tollgate.v1.Leases/Release -n "$n" "$@" -d "$lease" "127.0.0.1:$grpc_port"
+  }
+  start_tollgate j
+  if [ "$quick" = 1 ]; then n_release=30000; else n_release=100000; fi
+  release_phase sat "$n_release"
+  rps=$(python3 -c "import json; print(max(1, int(json.load(open('$work/j-sat.json'))['rps'] / 2)))")
+  release_phase half $((n_release / 2)) --rps "$rps"
+  stop_tollgate
+fi
 echo "ghz: (e) no-op handler" >&2
 "$bin/noop" --listen "127.0.0.1:$noop_port" --cores "$cores" >"$work/noop.log" 2>&1 &
 noop_pid=$!
@@ -436,7 +432,9 @@ names = {"a": "(a) many identities", "b": "(b) hot key", "c": "(c) mixed, 4 buck
          "f": "(f) hot key, banned", "g": "(g) lease acquire", "h": "(h) budget",
          "i": "(i) rates + lease", "j": "(j) lease release"}
 rows = []
-for key in "abcdefghij":
+# The scenarios that ran (--only), and (e) always.
+ran = [key for key in "abcdefghij" if os.path.exists(f"{work}/{key}-sat.json")]
+for key in ran:
     for phase in ("sat", "half"):
         g = json.load(open(f"{work}/{key}-{phase}.json"))
         m = json.load(open(f"{work}/{key}-{phase}.meta"))
@@ -471,14 +469,14 @@ def row(scenario, phase="saturation"):
     return next(r for r in rows if r["scenario"] == names[scenario] and r["phase"] == phase)
 noop = row("e")
 ratios = []
-for key in "abcdfghij":
+for key in (k for k in "abcdfghij" if k in ran):
     r = row(key)
     ratios.append({"what": f"{names[key]}: Tollgate CPU per decision", "against": "no-op handler's CPU per call",
                    "ratio": round(r["tollgate_cpu_us"] / noop["tollgate_cpu_us"], 2)})
 if os.path.exists(f"{work}/set.meta"):
     sm = json.load(open(f"{work}/set.meta"))
     set_us = sm["redis_cpu"] * 1e6 / sm["calls"]
-    for key in "acdghij":
+    for key in (k for k in "acdghij" if k in ran):
         r = row(key)
         ratios.append({"what": f"{names[key]}: Redis CPU per decision", "against": f"a plain SET's ({set_us:.1f} µs, 50 clients)",
                        "ratio": round(r["redis_cpu_us"] / set_us, 2)})
