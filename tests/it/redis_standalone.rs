@@ -129,7 +129,8 @@ fn stored_state(admin: &mut redis::Connection, key: &str) -> (i64, i64) {
 /// fraction carries into a whole microsecond every few takes: each take
 /// must move the stored TAT by exactly one interval, which a wrong
 /// quotient, remainder or carry would not, and no take may be lost or
-/// doubled (over-admission) on the way.
+/// doubled (over-admission) on the way. The denial that follows answers
+/// its `retry_after` and `reset_after` exactly from that state.
 #[tokio::test]
 async fn a_lone_bucket_moves_by_exactly_one_interval_at_an_uneven_rate() {
     let redis = Standalone::start();
@@ -167,6 +168,23 @@ async fn a_lone_bucket_moves_by_exactly_one_interval_at_an_uneven_rate() {
         .unwrap();
     assert!(!out[0].allowed);
     assert_eq!(stored_state(&mut admin, &key), before);
+    // Its waits are exact on Redis's clock, to the microsecond, rounded up:
+    // one token is back at TAT + one interval − the period, the bucket is
+    // full at TAT. An off-by-one in the fraction or a rounding down shows.
+    let (ticks, frac) = before;
+    let now = out[0].now_us as i64;
+    let ceil = |whole: i64, sevenths: i64| whole + sevenths / 7 + i64::from(sevenths % 7 > 0);
+    let retry = ceil(ticks + q - 10_000_000 - now, frac + r);
+    let reset = ceil(ticks - now, frac);
+    let b = &out[0].buckets[0];
+    assert_eq!(
+        (b.retry_after, b.reset_after),
+        (
+            Some(Duration::from_micros(retry as u64)),
+            Duration::from_micros(reset as u64)
+        ),
+        "TAT {ticks} + {frac}/7 µs at {now}"
+    );
 }
 
 /// Fresh buckets of different limits decided in one script call each get
