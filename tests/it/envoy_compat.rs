@@ -6,8 +6,6 @@
 
 use std::path::{Path, PathBuf};
 
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
@@ -16,6 +14,7 @@ use tollgate::config::Config;
 use tonic::transport::Channel;
 
 use crate::common::TestServer;
+use crate::common::envoy::descriptor;
 use crate::common::redis::Standalone;
 
 fn corpus() -> PathBuf {
@@ -44,19 +43,6 @@ async fn start(yaml: &str) -> (TestServer, Client) {
         .await
         .expect("connect");
     (server, client)
-}
-
-fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
-    RateLimitDescriptor {
-        entries: entries
-            .iter()
-            .map(|(k, v)| Entry {
-                key: (*k).to_owned(),
-                value: (*v).to_owned(),
-            })
-            .collect(),
-        ..RateLimitDescriptor::default()
-    }
 }
 
 async fn ask(c: &mut Client, domain: &str, descriptors: &[&[(&str, &str)]]) -> RateLimitResponse {

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
@@ -25,6 +24,7 @@ use tollgate::pb::tollgate::v1::leases_client::LeasesClient;
 use tollgate::pb::tollgate::v1::{AcquireRequest, LeaseTarget, ShouldAllowRequest};
 use tonic::transport::Channel;
 
+use crate::common::envoy::descriptor;
 use crate::common::{self, TestServer};
 use crate::envoy_e2e::{Envoy, Reply, get};
 
@@ -56,19 +56,6 @@ fn backend_with_rates() -> String {
     BACKEND
         .replace("{max_lease}", "30s")
         .replace("{rates}", PER_USER)
-}
-
-fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
-    RateLimitDescriptor {
-        entries: entries
-            .iter()
-            .map(|(k, v)| Entry {
-                key: (*k).to_owned(),
-                value: (*v).to_owned(),
-            })
-            .collect(),
-        ..RateLimitDescriptor::default()
-    }
 }
 
 /// `[user, route=slow, lease_id]`: a request of the slow route.
