@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tollgate under ghz, in one command: ten scenarios, one table, one JSON.
+# Tollgate under ghz, in one command: eleven scenarios, one table, one JSON.
 #
 #   benches/ghz/run.sh [--store memory|redis] [--quick] [--syscalls] [--profile] [--workers N]
 #                      [--cores N] [--connections N] [--only a,b,...]
@@ -68,7 +68,7 @@ cd "$root"
 store=redis
 cores=0
 connections=1
-only=a,b,c,d,f,g,h,i,j
+only=a,b,c,d,f,g,h,i,j,k
 quick=0
 syscalls=0
 profile=0
@@ -91,7 +91,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$store" in memory|redis) ;; *) echo "--store: memory or redis" >&2; exit 2 ;; esac
-[[ "$only" =~ ^[abcdfghij](,[abcdfghij])*$ ]] || { echo "--only: scenario letters among a,b,c,d,f,g,h,i,j, comma-separated (e always runs)" >&2; exit 2; }
+[[ "$only" =~ ^[abcdfghijk](,[abcdfghijk])*$ ]] || { echo "--only: scenario letters among a,b,c,d,f,g,h,i,j,k, comma-separated (e always runs)" >&2; exit 2; }
 # wants KEY: whether scenario KEY is to run (--only).
 wants() { [[ ",$only," == *",$1,"* ]]; }
 if [ "$quick" = 1 ]; then sat=4s; half=3s; else sat=15s; half=10s; fi
@@ -225,6 +225,9 @@ scopes:
   - name: j          # leases acquired, then released
     limits:
       - { name: in-flight, per: identity, concurrency: 10, max_lease: 1h }
+  - name: k          # shaping: 100 identities asking about twice their rate
+    limits:
+      - { name: per-user, per: identity, capacity: 5, refill_period: 100ms, max_delay: 200ms }
 YAML
 # (c): Zipf(1.1) over 100k identities, 4 operations; ghz cycles the list.
 python3 - "$work/zipf.json" <<'PY'
@@ -305,6 +308,8 @@ one h "budget" tollgate.v1.RateLimiter/ShouldAllow \
   -d '{"scope":"h","identity":"user-{{randomInt 0 100000}}","operation":"op"}'
 one i "rates and a lease" tollgate.v1.RateLimiter/ShouldAllow \
   -d '{"scope":"i","identity":"user-{{randomInt 0 100000}}","operation":"op","lease_id":"{{newUUID}}"}'
+one k "shaped" tollgate.v1.RateLimiter/ShouldAllow \
+  -d '{"scope":"k","identity":"user-{{randomInt 0 100}}","operation":"op","max_wait":"1s"}'
 if wants j; then
   echo "ghz: (j) lease release" >&2
   # Each phase releases leases acquired just before it, one identity and one
@@ -430,10 +435,10 @@ work, out, store, quick, conc, redis_port, *grpc_ports = sys.argv[1:]
 names = {"a": "(a) many identities", "b": "(b) hot key", "c": "(c) mixed, 4 buckets",
          "d": "(d) Envoy RLS, 2 descr.", "e": "(e) no-op handler",
          "f": "(f) hot key, banned", "g": "(g) lease acquire", "h": "(h) budget",
-         "i": "(i) rates + lease", "j": "(j) lease release"}
+         "i": "(i) rates + lease", "j": "(j) lease release", "k": "(k) shaped"}
 rows = []
 # The scenarios that ran (--only), and (e) always.
-ran = [key for key in "abcdefghij" if os.path.exists(f"{work}/{key}-sat.json")]
+ran = [key for key in "abcdefghijk" if os.path.exists(f"{work}/{key}-sat.json")]
 for key in ran:
     for phase in ("sat", "half"):
         g = json.load(open(f"{work}/{key}-{phase}.json"))
@@ -469,14 +474,14 @@ def row(scenario, phase="saturation"):
     return next(r for r in rows if r["scenario"] == names[scenario] and r["phase"] == phase)
 noop = row("e")
 ratios = []
-for key in (k for k in "abcdfghij" if k in ran):
+for key in (k for k in "abcdfghijk" if k in ran):
     r = row(key)
     ratios.append({"what": f"{names[key]}: Tollgate CPU per decision", "against": "no-op handler's CPU per call",
                    "ratio": round(r["tollgate_cpu_us"] / noop["tollgate_cpu_us"], 2)})
 if os.path.exists(f"{work}/set.meta"):
     sm = json.load(open(f"{work}/set.meta"))
     set_us = sm["redis_cpu"] * 1e6 / sm["calls"]
-    for key in (k for k in "acdghij" if k in ran):
+    for key in (k for k in "acdghijk" if k in ran):
         r = row(key)
         ratios.append({"what": f"{names[key]}: Redis CPU per decision", "against": f"a plain SET's ({set_us:.1f} µs, 50 clients)",
                        "ratio": round(r["redis_cpu_us"] / set_us, 2)})
