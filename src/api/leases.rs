@@ -210,8 +210,6 @@ pub(super) fn lease_fields(
     Ok(Some((&req.lease_id, ttl)))
 }
 
-/// The answer to a ShouldAllow that took a lease with its rates, reported
-/// to `observer` as any decision is.
 /// True when `d` was denied by its concurrency limit alone: the pool had
 /// no room for `lease`, and neither a ban nor a rate denied it.
 fn refused_by_pool_alone(d: &limiter::Decision, lease: &LeaseDecision) -> bool {
@@ -223,6 +221,9 @@ fn refused_by_pool_alone(d: &limiter::Decision, lease: &LeaseDecision) -> bool {
         && !d.buckets.iter().any(|b| b.exhausted && !b.shadow)
 }
 
+/// The answer to a ShouldAllow that took a lease with its rates, reported
+/// to `observer` as any decision is; a denial by the pool alone says so
+/// (`DENIAL_REASON_CONCURRENCY_LIMITED`) and names the pool's rule.
 pub(super) fn leased_answer(
     observer: &Observer,
     rules: &crate::limiter::Rules,

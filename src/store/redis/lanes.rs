@@ -286,8 +286,9 @@ impl<P: Pooled> Lane<P> {
         if self.fill_failures.load(Ordering::Acquire) != failures {
             return Err(CallError::ConnectJustFailed);
         }
-        // A connection another runtime made goes back first, so that the
-        // pool has room for this core's; calls already on it finish.
+        // A connection another runtime made is let go first (taken out of
+        // the pool, freeing its place for this core's); calls already on it
+        // finish.
         if let Some((_, old, _, _)) = self.held.lock().take() {
             P::discard(old);
         }

@@ -22,7 +22,6 @@
 //! dev-dependencies.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -31,7 +30,6 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tollgate::pb;
 use tollgate::pb::tollgate::v1;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 /// Tollgate's allocator: see the root Cargo.toml.
@@ -131,10 +129,9 @@ async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
-    router()?.serve_with_incoming(incoming).await?;
+    router()?
+        .serve_with_incoming(tollgate::net::tls::incoming(listener))
+        .await?;
     Ok(())
 }
 
